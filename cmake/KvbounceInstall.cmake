@@ -1,6 +1,7 @@
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
-install(TARGETS kvbounce_core EXPORT kvbounceTargets
+get_property(kvbounce_modules GLOBAL PROPERTY KVBOUNCE_MODULES)
+install(TARGETS kvbounce_core ${kvbounce_modules} EXPORT kvbounceTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/kvbounce
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
