@@ -1,0 +1,106 @@
+// Planner speed on real model shapes (Google Benchmark). Planning is on the
+// request path: the figure that matters is nanoseconds per produced run
+// (gather + scatter + direct), reported as the `time_per_run` counter (seconds, with an SI prefix: 15n = 15 ns).
+//
+//   build/bench/planner_bench
+#include <benchmark/benchmark.h>
+
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "layout/planner.h"
+
+namespace kvbounce {
+namespace {
+
+struct Case {
+  Topology ctx;
+  Topology gen;
+  std::vector<PoolLayout> ctx_pools, gen_pools;
+  std::vector<int32_t> ctx_table, gen_table;
+};
+
+Case MakeCase(const char* preset, int ctx_tp, int gen_tp, LayoutKind gen_layout, int64_t tokens,
+              bool sequential_blocks) {
+  auto make = [&](int tp, LayoutKind layout) {
+    InstanceSpec spec;
+    spec.model = *FindModelPreset(preset);
+    spec.tp = tp;
+    spec.layout = layout;
+    return *Topology::Create(spec);
+  };
+  Case c{make(ctx_tp, LayoutKind::kBlockMajorHnd), make(gen_tp, gen_layout), {}, {}, {}, {}};
+  const int64_t blocks = (tokens + 31) / 32;
+  std::mt19937_64 rng(42);
+  for (auto* table : {&c.ctx_table, &c.gen_table}) {
+    std::vector<int32_t> ids(static_cast<size_t>(2 * blocks));
+    std::iota(ids.begin(), ids.end(), 0);
+    if (!sequential_blocks) std::shuffle(ids.begin(), ids.end(), rng);
+    ids.resize(static_cast<size_t>(blocks));
+    *table = ids;
+  }
+  for (int r = 0; r < c.ctx.num_ranks(); ++r) {
+    c.ctx_pools.push_back(*PoolLayout::ForRank(c.ctx, r, 2 * blocks, Addr(uint64_t{1} << 40)));
+  }
+  for (int r = 0; r < c.gen.num_ranks(); ++r) {
+    c.gen_pools.push_back(*PoolLayout::ForRank(c.gen, r, 2 * blocks, Addr(uint64_t{1} << 44)));
+  }
+  return c;
+}
+
+void RunPair(benchmark::State& state, const Case& c, int lists) {
+  const int writer = Writers(c.ctx, c.gen, 0).front();
+  const PlanSide w{&c.ctx, writer, &c.ctx_pools[static_cast<size_t>(writer)], c.ctx_table};
+  const PlanSide r{&c.gen, 0, &c.gen_pools[0], c.gen_table};
+  const TokenRange tokens{0, static_cast<int64_t>(c.ctx_table.size()) * 32};
+  uint64_t runs = 0;
+  for (auto _ : state) {
+    Result<PairPlan> plan = PlanPair(w, r, tokens, static_cast<uint8_t>(lists));
+    runs = plan->gather.size() + plan->scatter.size() + plan->direct.size();
+    benchmark::DoNotOptimize(plan->direct.data());
+  }
+  state.counters["runs"] = static_cast<double>(runs);
+  state.counters["time_per_run"] = benchmark::Counter(
+      static_cast<double>(runs),
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.SetItemsProcessed(static_cast<int64_t>(runs) * state.iterations());
+}
+
+// DESIGN §4's example: llama-3.1-70b, 8192 tokens, ctx TP8 -> gen TP4, both
+// block-major-hnd: 40,960 direct fragments of 8 KiB per pair.
+void BM_Llama70bTp8ToTp4(benchmark::State& state) {
+  static const Case c = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kBlockMajorHnd, 8192, false);
+  RunPair(state, c, static_cast<int>(state.range(0)));
+}
+BENCHMARK(BM_Llama70bTp8ToTp4)->Arg(kPlanAll)->Arg(kPlanGather)->Arg(kPlanScatter)->Arg(kPlanDirect);
+
+// A vLLM-style layer-major-nhd receiver cuts every token into its own 256-byte
+// fragment: 327,680 per list for 2048 tokens.
+void BM_Llama70bTp8ToTp4Nhd(benchmark::State& state) {
+  static const Case c = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kLayerMajorNhd, 2048, false);
+  RunPair(state, c, static_cast<int>(state.range(0)));
+}
+BENCHMARK(BM_Llama70bTp8ToTp4Nhd)->Arg(kPlanAll)->Arg(kPlanDirect);
+
+// Whole blocks that coalesce: TP8 -> TP8 moves 1.25 MiB blocks; with
+// consecutive block ids everything merges into one run per list. The cost is
+// then one step per block, not per element or token.
+void BM_Llama70bTp8ToTp8(benchmark::State& state) {
+  static const Case shuffled = MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, false);
+  static const Case sequential = MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, true);
+  RunPair(state, state.range(0) ? sequential : shuffled, kPlanAll);
+}
+BENCHMARK(BM_Llama70bTp8ToTp8)->ArgName("sequential_blocks")->Arg(0)->Arg(1);
+
+// Token count scaling of the same shape: time should grow with runs.
+void BM_Llama8bTp2ToTp1Tokens(benchmark::State& state) {
+  const Case c = MakeCase("llama-3.1-8b", 2, 1, LayoutKind::kBlockMajorHnd, state.range(0), false);
+  RunPair(state, c, kPlanAll);
+}
+BENCHMARK(BM_Llama8bTp2ToTp1Tokens)->ArgName("tokens")->Arg(1024)->Arg(8192)->Arg(65536);
+
+}  // namespace
+}  // namespace kvbounce
+
+BENCHMARK_MAIN();

@@ -1,0 +1,175 @@
+// kvbounce's configuration (DESIGN §11): the knobs a serving engine sets once
+// per agent, how they are parsed from text, validated, and overridden from the
+// environment.
+//
+// Typical use:
+//
+//   kvbounce::Config config;                       // the library defaults
+//   KVB_RETURN_IF_ERROR(config.Set("bounce_size_mb", "256"));  // CLI, files
+//   config = kvbounce::ApplyEnvironment(config);   // KVBOUNCE_* variables
+//   KVB_RETURN_IF_ERROR(config.Validate());        // Agent::Create does this
+//
+// Every error message names the field, the value and the rule, e.g.
+//   config: bounce_size_mb = -1 is invalid: must be an integer >= 0 and <= 1048576
+//
+// Thread safety: Config is a plain value; the functions here are reentrant.
+// ApplyEnvironment reads the process environment (when no lookup is given),
+// which must not be modified concurrently (a POSIX rule, not a kvbounce one).
+#ifndef KVBOUNCE_CONFIG_H_
+#define KVBOUNCE_CONFIG_H_
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "kvbounce/status.h"
+
+namespace kvbounce {
+
+// How a plan is executed (DESIGN §5).
+enum class TransferPath {
+  // One transport write per direct-list fragment (the baseline).
+  kPerBlock,
+  // Gather into a send slot, one write into the receiver's recv slot, scatter.
+  kBounce,
+  // One batched copy straight from the sender's pool into the receiver's.
+  kDirect,
+  // Config::ResolvePath decides per plan.
+  kAuto,
+};
+
+// "per-block", "bounce", "direct", "auto" ("?" for a value outside the enum).
+std::string_view TransferPathName(TransferPath path);
+
+// The inverse of TransferPathName (exact, lower case).
+// Errors: kInvalidArgument naming the text and the accepted names.
+Result<TransferPath> ParseTransferPath(std::string_view name);
+
+struct Config {
+  // --- Limits beyond DESIGN §11's rules. They keep derived quantities (bytes
+  // of a region, deadlines on the steady clock in nanoseconds) from
+  // overflowing; no real deployment comes near them.
+  static constexpr int64_t kMaxBounceSizeMb = int64_t{1} << 20;      // 1 TiB per region
+  static constexpr int64_t kMaxNumWorkers = 256;
+  static constexpr int64_t kMaxTimeoutMs = int64_t{30} * 24 * 3600 * 1000;  // 30 days
+
+  // Size of each of the agent's two arenas (send, recv), in MiB. 0 turns the
+  // bounce path off, which is the library's default (the CLI's bench turns it
+  // on). Rule: integer >= 0 (and <= kMaxBounceSizeMb).
+  int64_t bounce_size_mb = 0;
+
+  // UCP workers per agent; a large write is striped across them. Rule:
+  // integer >= 1 (and <= kMaxNumWorkers). KVBOUNCE_NUM_WORKERS overrides it
+  // when valid (ApplyEnvironment).
+  int64_t num_workers = 1;
+
+  // Deadline of a whole transfer, from Pull to completion. Rule: > 0 (and <=
+  // kMaxTimeoutMs).
+  int64_t transfer_timeout_ms = 60000;
+
+  // How long Reserve waits for arena space before reporting backpressure
+  // (the caller then falls back or retries). 0 = do not wait. Rule: >= 0
+  // (and <= kMaxTimeoutMs).
+  int64_t reserve_timeout_ms = 200;
+
+  // The path used when a Pull does not name one. Rule: one of the enum.
+  // kBounce additionally needs bounce_size_mb > 0.
+  TransferPath path = TransferPath::kAuto;
+
+  // Thresholds for `auto` (see ResolvePath): bounce when the plan has at least
+  // bounce_min_fragments fragments AND their mean size is at most
+  // bounce_max_mean_fragment_bytes.
+  //
+  // Why these defaults (DESIGN §7's measurements: about c = 6 µs per issued
+  // operation, e.g. one cudaMemcpyAsync, against about 1.3 TB/s for a batched
+  // copy of 4–256 KiB fragments in one launch). For n fragments of B bytes in
+  // all, the link time B / link_bandwidth is the same on both paths, so:
+  //   per-block  ~ n * c
+  //   bounce     ~ 3 * c  (gather launch, one write, scatter launch)
+  //              + 2 * B / 1.3 TB/s  (the gather and scatter passes)
+  // Bounce wins once the mean fragment B / n is below c * 1.3 TB/s / 2, about
+  // 4 MB at 6 µs, or about 650 KB if a transport amortizes its per-op cost to
+  // 1 µs by keeping many writes in flight. 256 KiB stays below both, so the
+  // extra passes cost at most ~0.4 µs per fragment against the >= 1 µs each
+  // saves. Below ~64 fragments the saving is a few hundred µs at most and the
+  // fixed costs of a bounce (slot reservation, arena contention, not being
+  // able to write before the gather finished) take a large share of it, so
+  // small plans stay per-block. Hence: >= 64 fragments, mean <= 256 KiB. On
+  // DESIGN §4's examples: llama-3.1-70b TP8->TP4 (40,960 fragments of 8 KiB)
+  // bounces; TP8->TP8 (256 fragments of 1.25 MiB) stays per-block. Measure
+  // and override them for a given transport.
+  // Rules: both >= 1.
+  int64_t bounce_min_fragments = 64;
+  int64_t bounce_max_mean_fragment_bytes = int64_t{256} << 10;
+
+  // Checks every rule above: the integer fields in declaration order, then
+  // path, then the rules across fields. Returns the first violation as kInvalidArgument
+  // ("config: <field> = <value> is invalid: <rule>"), or OK.
+  Status Validate() const;
+
+  // Sets one field from text (command line, key=value files). `key` is a
+  // field name as above; '-' is accepted for '_' ("bounce-size-mb"). Integer
+  // fields take base-10 integers only: an optional '-', digits, nothing else
+  // (no spaces, no '+', no fraction, no exponent). `path` takes a
+  // TransferPathName. The field's own rule is checked too; rules across
+  // fields are left to Validate, so the order of Set calls never matters.
+  // The field is changed only on success.
+  // Errors (kInvalidArgument): unknown key (the message lists the known
+  // keys); text that is not an integer, out of the 64-bit range, or breaks the
+  // field's rule; an unknown path name.
+  Status Set(std::string_view key, std::string_view value);
+
+  // Defaults, then Set for each (key, value) in order, then Validate.
+  // Errors: the first error of Set or Validate.
+  static Result<Config> FromKeyValues(
+      std::span<const std::pair<std::string_view, std::string_view>> key_values);
+
+  // Defaults, then one "key = value" per line of `text` (blank lines and
+  // lines starting with '#' are ignored; spaces around key and value are
+  // trimmed), then Validate. Errors: those of Set, prefixed with the line
+  // number; a line without '='.
+  static Result<Config> FromText(std::string_view text);
+
+  // The keys Set accepts, in declaration order.
+  static std::span<const std::string_view> Keys();
+
+  // "bounce_size_mb=0 num_workers=1 ..." in declaration order, in the form
+  // Set and FromText accept.
+  std::string ToString() const;
+
+  // DESIGN §5 for one plan: a path other than kAuto is returned as is. For
+  // kAuto: kDirect if `direct_available` (the transport can map the
+  // receiver's memory); else kBounce if bounce_size_mb > 0 and the plan has
+  // at least bounce_min_fragments fragments whose mean size (total_bytes /
+  // fragments) is at most bounce_max_mean_fragment_bytes; else kPerBlock.
+  // Whether the packed stream fits an arena is not checked here (the arena
+  // says so on Reserve, and the caller falls back).
+  TransferPath ResolvePath(bool direct_available, uint64_t fragments,
+                           uint64_t total_bytes) const;
+
+  friend bool operator==(const Config&, const Config&) = default;
+};
+
+// Looks up an environment variable: the value, or nullptr when unset. The
+// returned pointer needs to stay valid only until the next lookup.
+using EnvLookup = std::function<const char*(const char* name)>;
+
+// Returns `config` with the KVBOUNCE_* environment overrides applied, read
+// through `lookup` (std::getenv when empty; tests inject their own).
+//
+//   KVBOUNCE_NUM_WORKERS  overrides num_workers when it is a base-10 integer
+//                         obeying num_workers' rule (>= 1, <= kMaxNumWorkers).
+//                         Anything else (0, negative, a fraction, text, empty,
+//                         out of range) is ignored with a kWarning log that
+//                         names the variable, its value and the rule.
+//
+// An unset variable changes nothing and logs nothing. The result is not
+// validated (other fields may still be wrong): call Validate.
+Config ApplyEnvironment(Config config, const EnvLookup& lookup = EnvLookup());
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_CONFIG_H_

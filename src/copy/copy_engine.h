@@ -1,0 +1,158 @@
+// CopyEngine: executes a batch of fragments (DESIGN §7), asynchronously, with
+// one explicit completion.
+//
+// Every data movement kvbounce does on one machine is a batch of fragments:
+// the sender gathers its pool into a send slot, the receiver scatters its recv
+// slot into its pool, and the `direct` path copies pool to pool. A batch is a
+// plan list (layout/fragment.h) plus one base address per side, so the same
+// list runs against whatever slot the arena handed out:
+//
+//   gather   src_base = 0           dst_base = slot address   (GatherBatch)
+//   scatter  src_base = slot addr.  dst_base = 0              (ScatterBatch)
+//   direct   src_base = 0           dst_base = 0              (DirectBatch)
+//
+// Fragment i copies `bytes` bytes from `src_base + src` to `dst_base + dst`.
+//
+// Completion contract (the one design every engine follows):
+//   * Submit() either rejects the batch now — it returns a non-OK Status and
+//     `done` is never called — or accepts it: it returns OK and `done(status)`
+//     is then called exactly once, from a thread the engine owns, after every
+//     byte of the batch has landed (status OK) or the engine gave up on the
+//     batch (non-OK; the destination may then be partly written).
+//   * `done` is never called inside Submit(), so a caller may hold its own
+//     lock across Submit() as long as `done` does not take that same lock
+//     while the caller waits for it.
+//   * CopySync() (and Gather/Scatter/Copy) submit and wait for `done`.
+//
+// Validation (the same for every engine, done in Submit before the engine
+// sees the batch): zero-byte fragments are skipped and never checked; for the
+// others, base + offset and base + offset + bytes must not overflow 64 bits,
+// neither side may start at address 0, and a fragment's source and
+// destination ranges must not overlap. An empty batch (or one of only
+// zero-byte fragments) is accepted and completes OK.
+//
+// Thread safety: Submit, CopySync and the helpers may be called concurrently
+// from any number of threads, including from inside a `done` callback
+// (Submit only; the waiting calls must not run on an engine thread).
+//
+// Ownership: the engine borrows the fragment list and the memory it names; it
+// copies neither. Fragments run in no particular order and possibly in
+// parallel, so within a batch, and between batches in flight at the same
+// time, no two fragments may write the same byte, and no fragment may read a
+// byte that another one writes (plan lists satisfy this by construction).
+#ifndef KVBOUNCE_COPY_COPY_ENGINE_H_
+#define KVBOUNCE_COPY_COPY_ENGINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string_view>
+
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "layout/fragment.h"
+
+namespace kvbounce {
+
+// One unit of work for a copy engine: see the file comment.
+struct CopyBatch {
+  std::span<const Fragment> fragments;
+  Addr src_base;
+  Addr dst_base;
+};
+
+// A gather list (src = pool address, dst = packed offset) into the slot that
+// starts at `slot`.
+inline CopyBatch GatherBatch(std::span<const Fragment> gather_list, Addr slot) {
+  return CopyBatch{gather_list, Addr(0), slot};
+}
+
+// A scatter list (src = packed offset, dst = pool address) out of the slot
+// that starts at `slot`.
+inline CopyBatch ScatterBatch(std::span<const Fragment> scatter_list, Addr slot) {
+  return CopyBatch{scatter_list, slot, Addr(0)};
+}
+
+// A direct list (src and dst both absolute addresses).
+inline CopyBatch DirectBatch(std::span<const Fragment> direct_list) {
+  return CopyBatch{direct_list, Addr(0), Addr(0)};
+}
+
+// Called exactly once per accepted batch; see the completion contract above.
+// It runs on an engine thread: it should be short and must not block on
+// another batch of the same engine (CopySync from inside it deadlocks).
+using CopyDone = std::function<void(Status status)>;
+
+// Which memory an engine can read and write. A batch whose addresses lie in
+// memory the engine cannot reach is a caller error the engine cannot always
+// detect (a host engine handed a device address crashes): callers check
+// these flags against the memory they pass.
+struct CopyEngineCaps {
+  // Pageable or pinned host memory of this process.
+  bool host_memory = false;
+  // GPU device memory (of the engine's device, or mapped into it).
+  bool device_memory = false;
+};
+
+// What Submit checks before an engine sees a batch (see the file comment).
+// Returns kInvalidArgument naming the first bad fragment by index, or OK.
+// `total_bytes`, when not null, receives the sum of the fragments' bytes
+// (set only on success).
+Status ValidateCopyBatch(const CopyBatch& batch, uint64_t* total_bytes = nullptr);
+
+class CopyEngine {
+ public:
+  CopyEngine() = default;
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+  // Engines finish or fail every accepted batch (calling its `done`) before
+  // their destructor returns; see each engine for which of the two.
+  virtual ~CopyEngine() = default;
+
+  // A short name for logs and metrics, e.g. "cpu".
+  virtual std::string_view Name() const = 0;
+
+  virtual CopyEngineCaps Caps() const = 0;
+
+  // Starts copying `batch`; see the completion contract in the file comment.
+  //
+  // REQUIRES: batch.fragments and every byte it names stay valid (and are not
+  // written by anyone else) until `done` has been called.
+  //
+  // Errors (returned now, `done` not called):
+  //   kInvalidArgument  `done` is empty, or a fragment fails validation.
+  //   kAborted          the engine is shutting down.
+  //   other             engine-specific, documented by the engine.
+  Status Submit(const CopyBatch& batch, CopyDone done);
+
+  // Submits `batch` and blocks until it completed; returns the status that
+  // Submit returned or, if it was accepted, the status passed to `done`.
+  //
+  // REQUIRES: not called on one of this engine's threads (i.e. not from a
+  // `done` callback); the same memory rules as Submit.
+  Status CopySync(const CopyBatch& batch);
+
+  // CopySync of GatherBatch / ScatterBatch / DirectBatch.
+  Status Gather(std::span<const Fragment> gather_list, Addr slot) {
+    return CopySync(GatherBatch(gather_list, slot));
+  }
+  Status Scatter(std::span<const Fragment> scatter_list, Addr slot) {
+    return CopySync(ScatterBatch(scatter_list, slot));
+  }
+  Status Copy(std::span<const Fragment> direct_list) {
+    return CopySync(DirectBatch(direct_list));
+  }
+
+ protected:
+  // Called by Submit with a batch that passed ValidateCopyBatch (it may still
+  // hold zero-byte fragments, which the engine must skip) and a non-empty
+  // `done`. `total_bytes` is the sum of the fragments' bytes. Same contract as
+  // Submit: return non-OK without calling `done`, or OK and call `done`
+  // exactly once from an engine thread.
+  virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
+                                 CopyDone done) = 0;
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_COPY_COPY_ENGINE_H_

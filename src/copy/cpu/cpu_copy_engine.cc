@@ -1,0 +1,147 @@
+#include "copy/cpu/cpu_copy_engine.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <system_error>
+#include <utility>
+
+#include "kvbounce/logging.h"
+
+namespace kvbounce {
+
+Result<std::unique_ptr<CpuCopyEngine>> CpuCopyEngine::Create(const Options& options) {
+  if (options.num_threads < 0 || options.num_threads > Options::kMaxThreads) {
+    return InvalidArgumentError("cpu copy engine: num_threads = " +
+                                std::to_string(options.num_threads) +
+                                " is invalid: must be 0 (automatic) to " +
+                                std::to_string(Options::kMaxThreads));
+  }
+  if (options.min_chunk_bytes == 0) {
+    return InvalidArgumentError("cpu copy engine: min_chunk_bytes = 0 is invalid: must be >= 1");
+  }
+  Options resolved = options;
+  if (resolved.num_threads == 0) {
+    const unsigned hardware = std::thread::hardware_concurrency();
+    resolved.num_threads = static_cast<int>(std::clamp(hardware, 1u, 4u));
+  }
+  std::unique_ptr<CpuCopyEngine> engine(new CpuCopyEngine(resolved));
+  engine->threads_.reserve(static_cast<size_t>(resolved.num_threads));
+  for (int i = 0; i < resolved.num_threads; ++i) {
+    // std::thread reports failure by throwing; the library reports Status.
+    try {
+      engine->threads_.emplace_back([raw = engine.get()] { raw->WorkerLoop(); });
+    } catch (const std::system_error& e) {
+      engine->StopAndJoin();
+      return ResourceExhaustedError(std::string("cpu copy engine: cannot start worker thread: ") +
+                                    e.what());
+    }
+  }
+  return engine;
+}
+
+CpuCopyEngine::CpuCopyEngine(const Options& options) : options_(options) {}
+
+CpuCopyEngine::~CpuCopyEngine() {
+  const std::thread::id self = std::this_thread::get_id();
+  for (const std::thread& t : threads_) {
+    if (t.get_id() == self) {
+      Log(LogLevel::kError,
+          "cpu copy engine destroyed on its own worker thread (from a done callback); aborting");
+      std::abort();
+    }
+  }
+  StopAndJoin();
+}
+
+void CpuCopyEngine::StopAndJoin() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+}
+
+CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
+  Stats stats;
+  stats.batches_completed = batches_completed_.load(std::memory_order_relaxed);
+  stats.chunks_completed = chunks_completed_.load(std::memory_order_relaxed);
+  stats.bytes_copied = bytes_copied_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
+                                      CopyDone done) {
+  const bool large = total_bytes > options_.split_bytes ||
+                     batch.fragments.size() > options_.split_fragments;
+  size_t max_chunks = 1;
+  if (large) {
+    const uint64_t by_bytes = total_bytes / options_.min_chunk_bytes +
+                              (total_bytes % options_.min_chunk_bytes != 0 ? 1 : 0);
+    max_chunks = static_cast<size_t>(
+        std::clamp<uint64_t>(by_bytes, 1, static_cast<uint64_t>(threads_.size())));
+  }
+  std::vector<CopyChunk> chunks = SplitIntoChunks(batch.fragments, total_bytes, max_chunks);
+  if (chunks.empty()) chunks.push_back(CopyChunk{});  // nothing to copy, still complete
+
+  auto state = std::make_shared<BatchState>();
+  state->batch = batch;
+  state->done = std::move(done);
+  state->chunks_left.store(chunks.size(), std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return AbortedError("cpu copy engine: shutting down, batch not accepted");
+    for (const CopyChunk& chunk : chunks) queue_.push_back(Task{state, chunk});
+  }
+  if (chunks.size() == 1) {
+    work_cv_.notify_one();
+  } else {
+    work_cv_.notify_all();
+  }
+  return Status::Ok();
+}
+
+void CpuCopyEngine::WorkerLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    // Accepted work is drained before a stopping worker exits.
+    if (queue_.empty()) return;
+    Task task = std::move(queue_.front());
+    queue_.pop_front();
+    lock.unlock();
+    Run(std::move(task));  // the task (and possibly its done) dies unlocked
+    lock.lock();
+  }
+}
+
+void CpuCopyEngine::Run(Task task) {
+  const CopyChunk& c = task.chunk;
+  if (c.bytes > 0) {
+    const CopyBatch& batch = task.batch->batch;
+    const uint64_t src_base = batch.src_base.value();
+    const uint64_t dst_base = batch.dst_base.value();
+    for (size_t i = c.first; i <= c.last; ++i) {
+      const Fragment& f = batch.fragments[i];
+      const uint64_t lo = i == c.first ? c.first_offset : 0;
+      const uint64_t hi = i == c.last ? c.last_end : f.bytes;
+      if (hi <= lo) continue;
+      std::memcpy(Addr(dst_base + f.dst + lo).ToPointer(),
+                  Addr(src_base + f.src + lo).ToPointer(), hi - lo);
+    }
+  }
+  chunks_completed_.fetch_add(1, std::memory_order_relaxed);
+  bytes_copied_.fetch_add(c.bytes, std::memory_order_relaxed);
+  // acq_rel: the last chunk's finisher sees every other chunk's bytes before
+  // it reports the batch done.
+  if (task.batch->chunks_left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    batches_completed_.fetch_add(1, std::memory_order_relaxed);
+    CopyDone done = std::move(task.batch->done);
+    done(Status::Ok());
+  }
+}
+
+}  // namespace kvbounce

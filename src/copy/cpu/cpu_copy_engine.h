@@ -1,0 +1,126 @@
+// CpuCopyEngine: the host-memory copy engine (DESIGN §7).
+//
+// Every fragment is a memcpy. A small batch runs on one worker thread; a large
+// one (more than `split_bytes` bytes or more than `split_fragments` fragments)
+// is cut into contiguous chunks of nearly equal bytes (batch_split.h; a huge
+// single fragment is cut too) that run on several workers at once, and the
+// batch's `done` fires once, on the worker that finishes the last chunk.
+// Copies cannot fail, so an accepted batch always completes with OK.
+//
+// Memory: host memory only (Caps().host_memory). Handing it a device or
+// remote address is undefined behaviour (a crash, most likely): callers check
+// Caps() against the memory they pass.
+//
+// Threads: the engine owns `num_threads` worker threads, started by Create and
+// joined by the destructor. Submit is thread-safe and never blocks on a copy;
+// queued work is served first come, first served.
+//
+// Shutdown: the destructor stops accepting batches (a Submit that races with
+// it, e.g. from a `done` callback, returns kAborted), lets the workers finish
+// every batch already accepted — every accepted `done` is called — and then
+// joins them. REQUIRES: the engine is not destroyed on one of its own worker
+// threads (from a `done` callback); doing so is reported and aborts.
+#ifndef KVBOUNCE_COPY_CPU_CPU_COPY_ENGINE_H_
+#define KVBOUNCE_COPY_CPU_CPU_COPY_ENGINE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "copy/copy_engine.h"
+#include "copy/cpu/batch_split.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+
+namespace kvbounce {
+
+struct CpuCopyEngineOptions {
+  // Worker threads; 0 picks min(4, hardware threads). At most kMaxThreads.
+  int num_threads = 0;
+  // A batch is split across workers when its bytes exceed split_bytes or its
+  // fragment count exceeds split_fragments ...
+  uint64_t split_bytes = MiB(1);
+  uint64_t split_fragments = 512;
+  // ... into min(num_threads, ceil(bytes / min_chunk_bytes)) chunks, so no
+  // chunk is so small that waking a thread costs more than it saves. >= 1.
+  uint64_t min_chunk_bytes = KiB(64);
+
+  static constexpr int kMaxThreads = 256;
+};
+
+class CpuCopyEngine final : public CopyEngine {
+ public:
+  using Options = CpuCopyEngineOptions;
+
+  // Counters since Create, for tests and metrics. Each is updated before the
+  // batch's `done` runs, so a caller that observed `done` sees its counts.
+  struct Stats {
+    uint64_t batches_completed = 0;
+    uint64_t chunks_completed = 0;  // > batches_completed once batches split
+    uint64_t bytes_copied = 0;
+  };
+
+  // Starts the workers.
+  // Errors: kInvalidArgument for num_threads < 0 or > kMaxThreads, or
+  // min_chunk_bytes == 0; kResourceExhausted when a thread cannot be started
+  // (threads already started are joined first).
+  static Result<std::unique_ptr<CpuCopyEngine>> Create(const Options& options);
+  static Result<std::unique_ptr<CpuCopyEngine>> Create() { return Create(Options()); }
+
+  // Finishes every accepted batch, then joins the workers (see file comment).
+  ~CpuCopyEngine() override;
+
+  std::string_view Name() const override { return "cpu"; }
+  CopyEngineCaps Caps() const override {
+    return CopyEngineCaps{.host_memory = true, .device_memory = false};
+  }
+
+  int num_threads() const { return static_cast<int>(threads_.size()); }
+  const Options& options() const { return options_; }
+  Stats GetStats() const;
+
+ protected:
+  // Errors: kAborted once the destructor has started.
+  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
+                         CopyDone done) override;
+
+ private:
+  // One accepted batch; shared by its chunks' tasks.
+  struct BatchState {
+    CopyBatch batch;
+    CopyDone done;
+    std::atomic<size_t> chunks_left{0};
+  };
+  struct Task {
+    std::shared_ptr<BatchState> batch;
+    CopyChunk chunk;  // bytes == 0: nothing to copy (empty batch)
+  };
+
+  explicit CpuCopyEngine(const Options& options);
+  void WorkerLoop();
+  void Run(Task task);
+  // Stops and joins whatever workers exist.
+  void StopAndJoin();
+
+  const Options options_;
+  std::vector<std::thread> threads_;  // written only by Create and StopAndJoin
+
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::deque<Task> queue_;  // guarded by mu_
+  bool stopping_ = false;   // guarded by mu_
+
+  std::atomic<uint64_t> batches_completed_{0};
+  std::atomic<uint64_t> chunks_completed_{0};
+  std::atomic<uint64_t> bytes_copied_{0};
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_COPY_CPU_CPU_COPY_ENGINE_H_

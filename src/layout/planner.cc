@@ -1,0 +1,414 @@
+#include "layout/planner.h"
+
+#include <algorithm>
+#include <array>
+#include <deque>
+#include <map>
+#include <utility>
+#include <string>
+
+namespace kvbounce {
+namespace {
+
+// Coordinates a walk tracks: sender address, receiver address, packed offset.
+enum Coord : int { kSrc = 0, kDst = 1, kPacked = 2 };
+
+// One dimension of the walk. The offset of index i along coordinate c is
+// table[c][i] when a table is given (per-layer pool bases), else i*stride[c].
+struct Axis {
+  int64_t extent = 1;
+  std::array<uint64_t, 3> stride = {0, 0, 0};
+  std::array<const uint64_t*, 3> table = {nullptr, nullptr, nullptr};
+
+  uint64_t Offset(int c, int64_t i) const {
+    return table[c] != nullptr ? table[c][i] : static_cast<uint64_t>(i) * stride[c];
+  }
+};
+
+// A piece of the token range inside one sender block and one receiver block.
+struct Segment {
+  int64_t tokens = 0;           // tokens in the segment
+  int64_t block_tokens = 0;     // tokens of its receiver block inside the range
+  std::array<uint64_t, 3> offset = {0, 0, 0};  // of its first row, per coordinate
+};
+
+class FragmentSink {
+ public:
+  explicit FragmentSink(std::vector<Fragment>* out) : out_(out) {}
+  void Add(uint64_t x, uint64_t y, uint64_t bytes) {
+    if (!out_->empty()) {
+      Fragment& last = out_->back();
+      if (last.src + last.bytes == x && last.dst + last.bytes == y) {
+        last.bytes += bytes;
+        return;
+      }
+    }
+    out_->push_back(Fragment{x, y, bytes});
+  }
+
+ private:
+  std::vector<Fragment>* out_;
+};
+
+template <int X, int Y>
+void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk,
+              FragmentSink& sink) {
+  const Axis& a = axes[0];
+  if (n == 1 && a.table[X] == nullptr && a.table[Y] == nullptr) {
+    for (int64_t i = 0; i < a.extent; ++i) {
+      sink.Add(x, y, chunk);
+      x += a.stride[X];
+      y += a.stride[Y];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < a.extent; ++i) {
+    const uint64_t xi = x + a.Offset(X, i);
+    const uint64_t yi = y + a.Offset(Y, i);
+    if (n == 1) {
+      sink.Add(xi, yi, chunk);
+    } else {
+      WalkAxes<X, Y>(axes + 1, n - 1, xi, yi, chunk, sink);
+    }
+  }
+}
+
+// Everything a plan's passes share.
+struct Walk {
+  uint64_t row_bytes = 0;
+  std::array<uint64_t, 3> origin = {0, 0, 0};
+  std::vector<Axis> outer;             // receiver-order dims outside the block
+  std::vector<PoolDim> inner_dims;     // receiver-order dims inside the block
+  std::array<Axis, 5> dim_axis;        // per PoolDim, strides for kSrc/kDst
+  std::vector<Segment> segments;
+  uint64_t block_row_bytes = 0;        // packed bytes per token of a block
+};
+
+// How one list walks a segment of a given shape: the axes left after
+// coalescing and the contiguous bytes each innermost step copies. Segments
+// of the same shape (every full block, typically) share one.
+struct SegmentShape {
+  int64_t tokens = 0;
+  int64_t block_tokens = 0;
+  uint64_t x = 0, y = 0;  // offsets of the folded extent-1 axes
+  uint64_t chunk = 0;
+  int num_axes = 0;
+  std::array<Axis, 4> axes;
+};
+
+// A segment as one list sees it: its offsets on the list's two coordinates.
+struct SegmentRef {
+  uint64_t x = 0, y = 0;
+  const SegmentShape* shape = nullptr;
+};
+
+// Builds the shape of a segment for the list (X, Y): packed strides for its
+// receiver block, extent-1 axes folded into offsets, and the innermost axes
+// that are contiguous on both X and Y coalesced into the chunk.
+template <int X, int Y>
+SegmentShape BuildShape(const Walk& w, const Segment& seg) {
+  SegmentShape shape;
+  shape.tokens = seg.tokens;
+  shape.block_tokens = seg.block_tokens;
+  std::array<Axis, 4> axes;
+  const int n = static_cast<int>(w.inner_dims.size());
+  uint64_t packed = w.row_bytes;
+  for (int i = n - 1; i >= 0; --i) {
+    const PoolDim d = w.inner_dims[static_cast<size_t>(i)];
+    Axis a = w.dim_axis[static_cast<size_t>(d)];
+    if (d == PoolDim::kToken) a.extent = seg.tokens;
+    a.stride[kPacked] = packed;
+    packed *= static_cast<uint64_t>(d == PoolDim::kToken ? seg.block_tokens : a.extent);
+    axes[static_cast<size_t>(i)] = a;
+  }
+  int kept = 0;
+  for (int i = 0; i < n; ++i) {
+    const Axis& a = axes[static_cast<size_t>(i)];
+    if (a.extent == 1) {
+      shape.x += a.Offset(X, 0);
+      shape.y += a.Offset(Y, 0);
+    } else {
+      axes[static_cast<size_t>(kept++)] = a;
+    }
+  }
+  uint64_t chunk = w.row_bytes;
+  while (kept > 0) {
+    const Axis& a = axes[static_cast<size_t>(kept - 1)];
+    if (a.table[X] != nullptr || a.table[Y] != nullptr || a.stride[X] != chunk ||
+        a.stride[Y] != chunk) {
+      break;
+    }
+    chunk *= static_cast<uint64_t>(a.extent);
+    --kept;
+  }
+  shape.chunk = chunk;
+  shape.num_axes = kept;
+  shape.axes = axes;
+  return shape;
+}
+
+template <int X, int Y>
+void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level, uint64_t x,
+               uint64_t y, FragmentSink& sink) {
+  if (level == w.outer.size()) {
+    for (const SegmentRef& s : segs) {
+      const SegmentShape& shape = *s.shape;
+      if (shape.num_axes == 0) {
+        sink.Add(x + s.x, y + s.y, shape.chunk);
+      } else {
+        WalkAxes<X, Y>(shape.axes.data(), shape.num_axes, x + s.x, y + s.y, shape.chunk, sink);
+      }
+    }
+    return;
+  }
+  const Axis& a = w.outer[level];
+  for (int64_t i = 0; i < a.extent; ++i) {
+    WalkOuter<X, Y>(w, segs, level + 1, x + a.Offset(X, i), y + a.Offset(Y, i), sink);
+  }
+}
+
+template <int X, int Y>
+void EmitList(const Walk& w, std::vector<Fragment>* out) {
+  // Few distinct shapes exist (full blocks, the range's partial first and
+  // last blocks, blocks cut by the other side's block edges); a deque keeps
+  // pointers to them stable.
+  std::deque<SegmentShape> shapes;
+  std::map<std::pair<int64_t, int64_t>, const SegmentShape*> by_size;
+  std::vector<SegmentRef> segs(w.segments.size());
+  const SegmentShape* last = nullptr;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Segment& seg = w.segments[i];
+    if (last == nullptr || last->tokens != seg.tokens || last->block_tokens != seg.block_tokens) {
+      const SegmentShape*& found = by_size[{seg.tokens, seg.block_tokens}];
+      if (found == nullptr) found = &shapes.emplace_back(BuildShape<X, Y>(w, seg));
+      last = found;
+    }
+    segs[i] = SegmentRef{seg.offset[X] + last->x, seg.offset[Y] + last->y, last};
+  }
+  FragmentSink sink(out);
+  WalkOuter<X, Y>(w, segs, 0, w.origin[X], w.origin[Y], sink);
+}
+
+// FNV-1a over 64-bit words, finished with a 64-bit mix.
+class Fingerprint {
+ public:
+  void Add(uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h_ ^= (v >> (8 * i)) & 0xff;
+      h_ *= 0x100000001b3ULL;
+    }
+  }
+  void AddLayout(const PoolLayout& p, const RankPlacement& r) {
+    const PoolGeometry& g = p.geometry();
+    for (uint64_t v : {uint64_t{static_cast<uint8_t>(p.kind())}, uint64_t(g.num_layers),
+                       uint64_t(g.kv_factor), uint64_t(g.num_heads), uint64_t(g.tokens_per_block),
+                       uint64_t(g.head_dim), uint64_t(g.elem_bytes), uint64_t(g.num_blocks),
+                       uint64_t(p.per_layer_bases()), uint64_t(r.rank), uint64_t(r.tp_rank),
+                       uint64_t(r.tp_size), uint64_t(r.pp_rank), uint64_t(r.pp_size),
+                       uint64_t(r.first_layer), uint64_t(r.first_head)}) {
+      Add(v);
+    }
+  }
+  uint64_t Finish() const {
+    uint64_t z = h_;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+
+ private:
+  uint64_t h_ = 0xcbf29ce484222325ULL;
+};
+
+Status CheckSide(const PlanSide& side, const char* role, RankPlacement* placement) {
+  if (side.topology == nullptr || side.pool == nullptr) {
+    return InvalidArgumentError(std::string(role) + ": topology and pool are required");
+  }
+  Result<RankPlacement> p = side.topology->CheckedPlacement(side.rank);
+  if (!p.ok()) return p.status().WithContext(role);
+  const InstanceSpec& spec = side.topology->spec();
+  const PoolGeometry& g = side.pool->geometry();
+  if (side.pool->kind() != spec.layout || g.num_layers != p->num_layers ||
+      g.num_heads != p->num_heads || g.kv_factor != spec.model.kv_factor ||
+      g.tokens_per_block != spec.tokens_per_block || g.head_dim != spec.model.head_dim ||
+      g.elem_bytes != side.topology->elem_bytes()) {
+    return InvalidArgumentError(
+        std::string(role) + " rank " + std::to_string(side.rank) + ": pool (" +
+        std::string(LayoutKindName(side.pool->kind())) + ", " + std::to_string(g.num_layers) +
+        " layers, " + std::to_string(g.num_heads) + " heads, " +
+        std::to_string(g.tokens_per_block) + " tokens/block) does not match the rank (" +
+        std::string(LayoutKindName(spec.layout)) + ", " + std::to_string(p->num_layers) +
+        " layers, " + std::to_string(p->num_heads) + " heads, " +
+        std::to_string(spec.tokens_per_block) + " tokens/block)");
+  }
+  *placement = *p;
+  return Status::Ok();
+}
+
+Status CheckBlockTable(const PlanSide& side, const char* role, TokenRange tokens) {
+  const int64_t t = side.pool->geometry().tokens_per_block;
+  const int64_t first = tokens.start / t;
+  const int64_t needed = (tokens.end + t - 1) / t;
+  const int64_t have = static_cast<int64_t>(side.block_table.size());
+  if (have < needed) {
+    return OutOfRangeError(std::string(role) + " rank " + std::to_string(side.rank) +
+                           ": token range [" + std::to_string(tokens.start) + ", " +
+                           std::to_string(tokens.end) + ") needs " + std::to_string(needed) +
+                           " blocks of " + std::to_string(t) + " tokens but the block table has " +
+                           std::to_string(have));
+  }
+  const int64_t capacity = side.pool->geometry().num_blocks;
+  for (int64_t i = first; i < needed; ++i) {
+    const int32_t id = side.block_table[static_cast<size_t>(i)];
+    if (id < 0 || id >= capacity) {
+      return OutOfRangeError(std::string(role) + " rank " + std::to_string(side.rank) +
+                             ": block table entry " + std::to_string(i) + " = " +
+                             std::to_string(id) + " is outside the pool of " +
+                             std::to_string(capacity) + " blocks");
+    }
+  }
+  return Status::Ok();
+}
+
+// Offsets of each box layer of one side, when that side's layers have bases of
+// their own (absolute addresses; the origin then carries no layer part).
+std::vector<uint64_t> LayerTable(const PoolLayout& pool, int first_local, int count) {
+  std::vector<uint64_t> table(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) table[static_cast<size_t>(i)] = pool.layer_base(first_local + i).value();
+  return table;
+}
+
+}  // namespace
+
+uint64_t PackedBytes(const Box& box, TokenRange tokens, uint64_t row_bytes) {
+  if (box.empty() || tokens.size() <= 0) return 0;
+  return static_cast<uint64_t>(box.num_layers) * static_cast<uint64_t>(box.kv_factor) *
+         static_cast<uint64_t>(box.num_heads) * static_cast<uint64_t>(tokens.size()) * row_bytes;
+}
+
+Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
+                          uint8_t lists) {
+  RankPlacement c, g;
+  KVB_RETURN_IF_ERROR(CheckSide(writer, "writer", &c));
+  KVB_RETURN_IF_ERROR(CheckSide(receiver, "receiver", &g));
+  KVB_RETURN_IF_ERROR(CheckCompatible(*writer.topology, *receiver.topology));
+  if (tokens.start < 0 || tokens.end <= tokens.start) {
+    return InvalidArgumentError("token range [" + std::to_string(tokens.start) + ", " +
+                                std::to_string(tokens.end) +
+                                ") is invalid: need 0 <= start < end");
+  }
+  const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
+  const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
+  if (need_src) KVB_RETURN_IF_ERROR(CheckBlockTable(writer, "writer", tokens));
+  if (need_dst) KVB_RETURN_IF_ERROR(CheckBlockTable(receiver, "receiver", tokens));
+
+  PairPlan plan;
+  plan.writer_rank = writer.rank;
+  plan.receiver_rank = receiver.rank;
+  plan.tokens = tokens;
+  plan.box = WriterBox(*writer.topology, writer.rank, *receiver.topology, receiver.rank);
+  const Box& box = plan.box;
+
+  Fingerprint fp;
+  fp.AddLayout(*writer.pool, c);
+  fp.AddLayout(*receiver.pool, g);
+  for (int64_t v : {tokens.start, tokens.end, int64_t{box.first_layer}, int64_t{box.num_layers},
+                    int64_t{box.first_head}, int64_t{box.num_heads}, int64_t{box.kv_factor}}) {
+    fp.Add(static_cast<uint64_t>(v));
+  }
+  plan.fingerprint = fp.Finish();
+  if (box.empty()) return plan;
+
+  const PoolLayout& sp = *writer.pool;
+  const PoolLayout& rp = *receiver.pool;
+  const uint64_t row = rp.row_bytes();
+  plan.packed_bytes = PackedBytes(box, tokens, row);
+
+  Walk w;
+  w.row_bytes = row;
+  const int src_l0 = box.first_layer - c.first_layer;
+  const int dst_l0 = box.first_layer - g.first_layer;
+  std::vector<uint64_t> src_layers, dst_layers;
+  if (sp.per_layer_bases()) src_layers = LayerTable(sp, src_l0, box.num_layers);
+  if (rp.per_layer_bases()) dst_layers = LayerTable(rp, dst_l0, box.num_layers);
+  w.origin[kSrc] = (sp.per_layer_bases() ? 0 : sp.layer_base(0).value() + src_l0 * sp.layer_stride()) +
+                   static_cast<uint64_t>(box.first_head - c.first_head) * sp.head_stride();
+  w.origin[kDst] = (rp.per_layer_bases() ? 0 : rp.layer_base(0).value() + dst_l0 * rp.layer_stride()) +
+                   static_cast<uint64_t>(box.first_head - g.first_head) * rp.head_stride();
+  w.origin[kPacked] = 0;
+
+  auto axis = [&](PoolDim d, int64_t extent, uint64_t s_src, uint64_t s_dst) {
+    Axis a;
+    a.extent = extent;
+    a.stride = {s_src, s_dst, 0};
+    w.dim_axis[static_cast<size_t>(d)] = a;
+  };
+  axis(PoolDim::kLayer, box.num_layers, sp.layer_stride(), rp.layer_stride());
+  if (!src_layers.empty()) w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kSrc] = src_layers.data();
+  if (!dst_layers.empty()) w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kDst] = dst_layers.data();
+  axis(PoolDim::kKv, box.kv_factor, sp.kv_stride(), rp.kv_stride());
+  axis(PoolDim::kHead, box.num_heads, sp.head_stride(), rp.head_stride());
+  axis(PoolDim::kToken, 0, sp.token_stride(), rp.token_stride());
+
+  // Split the receiver's order at its block dimension.
+  const auto& order = rp.order();
+  size_t block_pos = 0;
+  while (order[block_pos] != PoolDim::kBlock) ++block_pos;
+  w.block_row_bytes = row;
+  uint64_t token_packed_stride = row;
+  for (size_t i = block_pos + 1; i < order.size(); ++i) {
+    w.inner_dims.push_back(order[i]);
+    if (order[i] != PoolDim::kToken) {
+      w.block_row_bytes *= static_cast<uint64_t>(w.dim_axis[static_cast<size_t>(order[i])].extent);
+    }
+  }
+  for (size_t i = order.size() - 1; order[i] != PoolDim::kToken; --i) {
+    token_packed_stride *= static_cast<uint64_t>(w.dim_axis[static_cast<size_t>(order[i])].extent);
+  }
+  uint64_t outer_packed = w.block_row_bytes * static_cast<uint64_t>(tokens.size());
+  for (size_t i = block_pos; i-- > 0;) {
+    Axis a = w.dim_axis[static_cast<size_t>(order[i])];
+    a.stride[kPacked] = outer_packed;
+    outer_packed *= static_cast<uint64_t>(a.extent);
+    if (a.extent == 1) {
+      for (int k = 0; k < 3; ++k) w.origin[static_cast<size_t>(k)] += a.Offset(k, 0);
+    } else {
+      w.outer.insert(w.outer.begin(), a);
+    }
+  }
+
+  // Segments: the token range cut at every sender and receiver block edge.
+  const int64_t ts = sp.geometry().tokens_per_block;
+  const int64_t tr = rp.geometry().tokens_per_block;
+  w.segments.reserve(static_cast<size_t>(tokens.size() / std::min(ts, tr) + 2));
+  for (int64_t t = tokens.start; t < tokens.end;) {
+    const int64_t rb = t / tr;
+    const int64_t block_start = std::max(tokens.start, rb * tr);
+    const int64_t block_end = std::min(tokens.end, (rb + 1) * tr);
+    const int64_t seg_end = std::min(block_end, (t / ts + 1) * ts);
+    Segment s;
+    s.tokens = seg_end - t;
+    s.block_tokens = block_end - block_start;
+    if (need_src) {
+      s.offset[kSrc] = static_cast<uint64_t>(writer.block_table[static_cast<size_t>(t / ts)]) *
+                           sp.block_stride() +
+                       static_cast<uint64_t>(t % ts) * sp.token_stride();
+    }
+    if (need_dst) {
+      s.offset[kDst] = static_cast<uint64_t>(receiver.block_table[static_cast<size_t>(rb)]) *
+                           rp.block_stride() +
+                       static_cast<uint64_t>(t % tr) * rp.token_stride();
+    }
+    s.offset[kPacked] = static_cast<uint64_t>(block_start - tokens.start) * w.block_row_bytes +
+                        static_cast<uint64_t>(t - block_start) * token_packed_stride;
+    w.segments.push_back(s);
+    t = seg_end;
+  }
+
+  if (lists & kPlanGather) EmitList<kSrc, kPacked>(w, &plan.gather);
+  if (lists & kPlanScatter) EmitList<kPacked, kDst>(w, &plan.scatter);
+  if (lists & kPlanDirect) EmitList<kSrc, kDst>(w, &plan.direct);
+  return plan;
+}
+
+}  // namespace kvbounce

@@ -1,0 +1,104 @@
+// The planner (DESIGN §4): for one writer (a ctx rank) and one receiver (a gen
+// rank) and a token range, the exact lists of contiguous copies that move the
+// writer's box of KV from the writer's pool to the receiver's pool.
+//
+// The box is walked in the receiver's layout order, the token dimension split
+// into the receiver's logical block and the token within it. That walk defines
+// the writer's *packed stream*: the box's bytes, densely packed, in that order.
+// Both sides compute it from the same inputs and so agree on its size and on
+// every offset in it without exchanging anything but the fingerprint.
+//
+//   gather list   (sender)   sender pool address  -> packed offset
+//   scatter list  (receiver) packed offset        -> receiver pool address
+//   direct list   (either)   sender pool address  -> receiver pool address
+//
+// Runs are maximal: dimensions that are contiguous on the relevant sides are
+// coalesced before the walk, and consecutive runs that happen to be adjacent
+// (e.g. consecutive block ids) merge. Planning cost is proportional to the
+// number of runs produced (plus one step per block), never to elements.
+//
+// The receiver scatters where its own plan says: no destination address
+// travels on the wire except the staging slot the receiver granted.
+//
+// Thread safety: pure functions over immutable inputs; safe from any thread.
+#ifndef KVBOUNCE_LAYOUT_PLANNER_H_
+#define KVBOUNCE_LAYOUT_PLANNER_H_
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvbounce/status.h"
+#include "layout/fragment.h"
+#include "layout/pool_layout.h"
+#include "layout/topology.h"
+
+namespace kvbounce {
+
+// Absolute token positions [start, end) of a request.
+struct TokenRange {
+  int64_t start = 0;
+  int64_t end = 0;
+
+  int64_t size() const { return end - start; }
+  friend bool operator==(const TokenRange&, const TokenRange&) = default;
+};
+
+// One end of a transfer. Borrowed pointers: the topology and pool must outlive
+// the call (not the plan).
+struct PlanSide {
+  const Topology* topology = nullptr;
+  int rank = 0;
+  // The rank's pool. Its addresses are used only by the lists that touch this
+  // side (a peer's pool may carry base 0 when only its shape is known).
+  const PoolLayout* pool = nullptr;
+  // Block ids holding tokens [0, n) of the request, in token order. Needed
+  // only by the lists that touch this side; may be empty otherwise.
+  std::span<const int32_t> block_table;
+};
+
+// Which lists to build (bit set).
+enum PlanLists : uint8_t {
+  kPlanGather = 1,
+  kPlanScatter = 2,
+  kPlanDirect = 4,
+  kPlanAll = kPlanGather | kPlanScatter | kPlanDirect,
+};
+
+struct PairPlan {
+  int writer_rank = 0;
+  int receiver_rank = 0;
+  Box box;  // empty: this ctx rank is not a writer of this gen rank
+  TokenRange tokens;
+  // Bytes of the packed stream: the box's payload.
+  uint64_t packed_bytes = 0;
+  // Hash of both layouts, both placements, the token range and the box; the
+  // same on both sides. Block tables and addresses are not part of it.
+  uint64_t fingerprint = 0;
+  std::vector<Fragment> gather;   // src: sender address, dst: packed offset
+  std::vector<Fragment> scatter;  // src: packed offset, dst: receiver address
+  std::vector<Fragment> direct;   // src: sender address, dst: receiver address
+};
+
+// Plans the transfer of `tokens` from `writer` (a ctx rank) to `receiver` (a
+// gen rank), building the lists named in `lists`. When the writer writes
+// nothing to the receiver (an empty box, DESIGN §3), the plan is empty:
+// packed_bytes 0, no lists, fingerprint still set.
+//
+// Errors:
+//   kInvalidArgument  incompatible instances (CheckCompatible), a missing
+//                     topology or pool, a pool whose geometry or layout is not
+//                     the one of its rank, an empty or negative token range.
+//   kOutOfRange       a bad rank; a block table (of a side a requested list
+//                     touches) too short for the token range, or holding a
+//                     block id outside the pool.
+Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
+                          uint8_t lists = kPlanAll);
+
+// Bytes of the packed stream of `box` over `tokens` (the size both sides
+// agree on). REQUIRES: consistent arguments (no overflow checks).
+uint64_t PackedBytes(const Box& box, TokenRange tokens, uint64_t row_bytes);
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_LAYOUT_PLANNER_H_

@@ -1,0 +1,202 @@
+#include "layout/topology.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+namespace kvbounce {
+namespace {
+
+std::string Join(const std::vector<int>& values, char sep) {
+  std::string out;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) out += sep;
+    out += std::to_string(values[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string_view LayoutKindName(LayoutKind kind) {
+  switch (kind) {
+    case LayoutKind::kBlockMajorHnd: return "block-major-hnd";
+    case LayoutKind::kLayerMajorHnd: return "layer-major-hnd";
+    case LayoutKind::kLayerMajorNhd: return "layer-major-nhd";
+  }
+  return "?";
+}
+
+Result<LayoutKind> ParseLayoutKind(std::string_view name) {
+  for (LayoutKind k : {LayoutKind::kBlockMajorHnd, LayoutKind::kLayerMajorHnd,
+                       LayoutKind::kLayerMajorNhd}) {
+    if (name == LayoutKindName(k)) return k;
+  }
+  return InvalidArgumentError("layout '" + std::string(name) +
+                              "' is not known: use block-major-hnd, layer-major-hnd or "
+                              "layer-major-nhd");
+}
+
+std::vector<int> EvenLayerSplit(int layers, int stages) {
+  std::vector<int> split(static_cast<size_t>(stages), layers / stages);
+  for (int s = 0; s < layers % stages; ++s) ++split[static_cast<size_t>(s)];
+  return split;
+}
+
+Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
+  const std::string prefix = std::string(label) + ": ";
+  Status model_status = spec.model.Validate();
+  if (!model_status.ok()) return model_status.WithContext(label);
+  if (spec.tp < 1) {
+    return InvalidArgumentError(prefix + "tp = " + std::to_string(spec.tp) +
+                                " is invalid: must be >= 1");
+  }
+  if (spec.pp < 1) {
+    return InvalidArgumentError(prefix + "pp = " + std::to_string(spec.pp) +
+                                " is invalid: must be >= 1");
+  }
+  if (spec.tokens_per_block < 1) {
+    return InvalidArgumentError(prefix + "tokens_per_block = " +
+                                std::to_string(spec.tokens_per_block) +
+                                " is invalid: must be >= 1");
+  }
+  const int heads = spec.model.num_kv_heads;
+  if (heads >= spec.tp && heads % spec.tp != 0) {
+    return InvalidArgumentError(prefix + "kv heads = " + std::to_string(heads) +
+                                " cannot be split over tp = " + std::to_string(spec.tp) +
+                                ": heads must be a multiple of tp");
+  }
+  if (heads < spec.tp && spec.tp % heads != 0) {
+    return InvalidArgumentError(prefix + "tp = " + std::to_string(spec.tp) +
+                                " cannot duplicate kv heads = " + std::to_string(heads) +
+                                ": tp must be a multiple of the kv heads when it exceeds them");
+  }
+  const int layers = spec.model.num_layers;
+  std::vector<int> stages;
+  if (spec.layers_per_stage.empty()) {
+    if (spec.pp > layers) {
+      return InvalidArgumentError(prefix + "pp = " + std::to_string(spec.pp) +
+                                  " exceeds the model's " + std::to_string(layers) +
+                                  " layers: every stage needs at least one layer");
+    }
+    stages = EvenLayerSplit(layers, spec.pp);
+  } else {
+    stages = spec.layers_per_stage;
+    if (static_cast<int>(stages.size()) != spec.pp) {
+      return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') + " has " +
+                                  std::to_string(stages.size()) +
+                                  " entries: must have one per pipeline stage (pp = " +
+                                  std::to_string(spec.pp) + ")");
+    }
+    long long sum = 0;
+    for (int n : stages) {
+      if (n < 1) {
+        return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') +
+                                    " is invalid: every stage needs at least one layer");
+      }
+      sum += n;
+    }
+    if (sum != layers) {
+      return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') +
+                                  " covers " + std::to_string(sum) +
+                                  " layers: the stages must cover the model's " +
+                                  std::to_string(layers) + " layers exactly");
+    }
+  }
+  std::vector<int> first(stages.size(), 0);
+  for (size_t s = 1; s < stages.size(); ++s) first[s] = first[s - 1] + stages[s - 1];
+  spec.layers_per_stage = stages;
+  return Topology(std::move(spec), std::move(stages), std::move(first));
+}
+
+RankPlacement Topology::Placement(int rank) const {
+  RankPlacement p;
+  p.rank = rank;
+  p.tp_size = spec_.tp;
+  p.pp_size = spec_.pp;
+  p.tp_rank = rank % spec_.tp;
+  p.pp_rank = rank / spec_.tp;
+  p.first_layer = first_layer_[static_cast<size_t>(p.pp_rank)];
+  p.num_layers = layers_per_stage_[static_cast<size_t>(p.pp_rank)];
+  const int heads = spec_.model.num_kv_heads;
+  if (heads >= spec_.tp) {
+    p.num_heads = heads / spec_.tp;
+    p.first_head = p.tp_rank * p.num_heads;
+    p.head_copies = 1;
+    p.copy_index = 0;
+  } else {
+    p.num_heads = 1;
+    p.first_head = p.tp_rank * heads / spec_.tp;
+    p.head_copies = spec_.tp / heads;
+    p.copy_index = p.tp_rank % p.head_copies;
+  }
+  return p;
+}
+
+Result<RankPlacement> Topology::CheckedPlacement(int rank) const {
+  if (rank < 0 || rank >= num_ranks()) {
+    return OutOfRangeError("rank " + std::to_string(rank) + " is not a rank of an instance of " +
+                           std::to_string(num_ranks()) + " ranks (tp " +
+                           std::to_string(spec_.tp) + " x pp " + std::to_string(spec_.pp) + ")");
+  }
+  return Placement(rank);
+}
+
+Status CheckCompatible(const Topology& ctx, const Topology& gen) {
+  const ModelShape& a = ctx.spec().model;
+  const ModelShape& b = gen.spec().model;
+  auto describe = [](const ModelShape& m) {
+    return std::to_string(m.num_layers) + " layers, " + std::to_string(m.num_kv_heads) +
+           " kv heads, head dim " + std::to_string(m.head_dim) + ", kv factor " +
+           std::to_string(m.kv_factor);
+  };
+  if (!(a == b)) {
+    return InvalidArgumentError("ctx and gen models differ: ctx has " + describe(a) +
+                                ", gen has " + describe(b));
+  }
+  if (ctx.elem_bytes() != gen.elem_bytes()) {
+    return InvalidArgumentError(
+        "element sizes differ: ctx " + std::string(DTypeName(ctx.spec().dtype)) + " (" +
+        std::to_string(ctx.elem_bytes()) + " bytes) vs gen " +
+        std::string(DTypeName(gen.spec().dtype)) + " (" + std::to_string(gen.elem_bytes()) +
+        " bytes): dtype conversion is not supported");
+  }
+  return Status::Ok();
+}
+
+Box WriterBox(const Topology& ctx, int ctx_rank, const Topology& gen, int gen_rank) {
+  const RankPlacement c = ctx.Placement(ctx_rank);
+  const RankPlacement g = gen.Placement(gen_rank);
+  Box box;
+  box.kv_factor = ctx.spec().model.kv_factor;
+  const int l0 = std::max(c.first_layer, g.first_layer);
+  const int l1 = std::min(c.first_layer + c.num_layers, g.first_layer + g.num_layers);
+  const int h0 = std::max(c.first_head, g.first_head);
+  const int h1 = std::min(c.first_head + c.num_heads, g.first_head + g.num_heads);
+  if (l1 <= l0 || h1 <= h0) return box;
+  // Of identical copies of a piece, exactly one writes it.
+  if (c.head_copies > 1 && c.copy_index != g.tp_rank % c.head_copies) return box;
+  box.first_layer = l0;
+  box.num_layers = l1 - l0;
+  box.first_head = h0;
+  box.num_heads = h1 - h0;
+  return box;
+}
+
+std::vector<int> Writers(const Topology& ctx, const Topology& gen, int gen_rank) {
+  std::vector<int> writers;
+  for (int c = 0; c < ctx.num_ranks(); ++c) {
+    if (!WriterBox(ctx, c, gen, gen_rank).empty()) writers.push_back(c);
+  }
+  return writers;
+}
+
+std::vector<int> Receivers(const Topology& ctx, int ctx_rank, const Topology& gen) {
+  std::vector<int> receivers;
+  for (int g = 0; g < gen.num_ranks(); ++g) {
+    if (!WriterBox(ctx, ctx_rank, gen, g).empty()) receivers.push_back(g);
+  }
+  return receivers;
+}
+
+}  // namespace kvbounce

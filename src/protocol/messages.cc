@@ -1,0 +1,229 @@
+#include "protocol/messages.h"
+
+#include <string>
+
+namespace kvbounce::protocol {
+namespace {
+
+Status Invalid(std::string_view message_name, std::string_view field, const std::string& what) {
+  std::string message(message_name);
+  message += '.';
+  message += field;
+  message += ": ";
+  message += what;
+  return InvalidArgumentError(message);
+}
+
+std::string N(uint64_t v) { return std::to_string(v); }
+
+Status CheckLength(std::string_view message_name, std::string_view field, size_t size,
+                   size_t limit) {
+  if (size <= limit) return Status::Ok();
+  return Invalid(message_name, field, N(size) + " bytes exceed limit " + N(limit));
+}
+
+Status CheckEntries(std::string_view message_name, std::string_view field, size_t size,
+                    size_t limit) {
+  if (size <= limit) return Status::Ok();
+  return Invalid(message_name, field, N(size) + " entries exceed limit " + N(limit));
+}
+
+Status CheckEnum(std::string_view message_name, std::string_view field, uint8_t value,
+                 uint8_t max) {
+  if (value <= max) return Status::Ok();
+  return Invalid(message_name, field, "value " + N(value) + " out of range 0.." + N(max));
+}
+
+// addr + size must be representable: a range that wraps is never a real one.
+Status CheckRange(std::string_view message_name, std::string_view field, uint64_t addr,
+                  uint64_t size) {
+  if (size <= UINT64_MAX - addr) return Status::Ok();
+  return Invalid(message_name, field,
+                 "address " + N(addr) + " + size " + N(size) + " wraps past 2^64");
+}
+
+Status ValidatePlacement(const Hello& hello) {
+  constexpr std::string_view kMsg = "HELLO";
+  const RankPlacement& p = hello.placement;
+  if (p.tp_size == 0) return Invalid(kMsg, "placement.tp_size", "0, must be at least 1");
+  if (p.tp_rank >= p.tp_size) {
+    return Invalid(kMsg, "placement.tp_rank",
+                   N(p.tp_rank) + " not below tp_size " + N(p.tp_size));
+  }
+  if (p.pp_size == 0) return Invalid(kMsg, "placement.pp_size", "0, must be at least 1");
+  if (p.pp_size > kMaxPipelineStages) {
+    return Invalid(kMsg, "placement.pp_size",
+                   N(p.pp_size) + " exceeds limit " + N(kMaxPipelineStages));
+  }
+  if (p.pp_rank >= p.pp_size) {
+    return Invalid(kMsg, "placement.pp_rank",
+                   N(p.pp_rank) + " not below pp_size " + N(p.pp_size));
+  }
+  KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "placement.layers_per_stage",
+                                   p.layers_per_stage.size(), kMaxPipelineStages));
+  if (p.layers_per_stage.size() != p.pp_size) {
+    return Invalid(kMsg, "placement.layers_per_stage",
+                   N(p.layers_per_stage.size()) + " entries, pp_size is " + N(p.pp_size));
+  }
+  if (hello.model.num_layers > kMaxLayers) {
+    return Invalid(kMsg, "model.num_layers",
+                   N(hello.model.num_layers) + " exceeds limit " + N(kMaxLayers));
+  }
+  uint64_t sum = 0;  // at most kMaxPipelineStages * UINT32_MAX: no overflow
+  for (uint32_t layers : p.layers_per_stage) sum += layers;
+  if (sum != hello.model.num_layers) {
+    return Invalid(kMsg, "placement.layers_per_stage",
+                   "entries sum to " + N(sum) + ", model.num_layers is " +
+                       N(hello.model.num_layers));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string_view RoleName(Role role) {
+  switch (role) {
+    case Role::kCtx: return "CTX";
+    case Role::kGen: return "GEN";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view LayoutKindName(LayoutKind kind) {
+  switch (kind) {
+    case LayoutKind::kBlockMajorHnd: return "BLOCK_MAJOR_HND";
+    case LayoutKind::kLayerMajorHnd: return "LAYER_MAJOR_HND";
+    case LayoutKind::kLayerMajorNhd: return "LAYER_MAJOR_NHD";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view RegionKindName(RegionKind kind) {
+  switch (kind) {
+    case RegionKind::kPool: return "POOL";
+    case RegionKind::kSendArena: return "SEND_ARENA";
+    case RegionKind::kRecvArena: return "RECV_ARENA";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view MemoryKindName(MemoryKind kind) {
+  switch (kind) {
+    case MemoryKind::kHost: return "HOST";
+    case MemoryKind::kPinnedHost: return "PINNED_HOST";
+    case MemoryKind::kCuda: return "CUDA";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view TransferPathName(TransferPath path) {
+  switch (path) {
+    case TransferPath::kPerBlock: return "PER_BLOCK";
+    case TransferPath::kBounce: return "BOUNCE";
+    case TransferPath::kDirect: return "DIRECT";
+    case TransferPath::kAuto: return "AUTO";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view ResultStatusName(ResultStatus status) {
+  switch (status) {
+    case ResultStatus::kSuccess: return "SUCCESS";
+    case ResultStatus::kFailed: return "FAILED";
+    case ResultStatus::kCancelled: return "CANCELLED";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view ByeReasonName(ByeReason reason) {
+  switch (reason) {
+    case ByeReason::kShutdown: return "SHUTDOWN";
+    case ByeReason::kProtocolError: return "PROTOCOL_ERROR";
+    case ByeReason::kIncompatible: return "INCOMPATIBLE";
+  }
+  return "UNKNOWN";
+}
+
+MessageType TypeOf(const Message& message) {
+  return std::visit([](const auto& m) { return TypeOf(m); }, message);
+}
+
+Status Validate(const Hello& hello) {
+  constexpr std::string_view kMsg = "HELLO";
+  if (hello.protocol_version != kProtocolVersion) {
+    return Invalid(kMsg, "protocol_version",
+                   N(hello.protocol_version) + ", this build speaks " + N(kProtocolVersion));
+  }
+  if (hello.instance_id.empty()) return Invalid(kMsg, "instance_id", "empty");
+  KVB_RETURN_IF_ERROR(
+      CheckLength(kMsg, "instance_id", hello.instance_id.size(), kMaxInstanceIdBytes));
+  KVB_RETURN_IF_ERROR(CheckEnum(kMsg, "role", static_cast<uint8_t>(hello.role), kMaxRole));
+  KVB_RETURN_IF_ERROR(ValidatePlacement(hello));
+
+  const LayoutDescriptor& layout = hello.layout;
+  KVB_RETURN_IF_ERROR(
+      CheckEnum(kMsg, "layout.kind", static_cast<uint8_t>(layout.kind), kMaxLayoutKind));
+  KVB_RETURN_IF_ERROR(
+      CheckEntries(kMsg, "layout.layer_bases", layout.layer_bases.size(), kMaxLayers));
+  const uint32_t local_layers = hello.placement.layers_per_stage[hello.placement.pp_rank];
+  if (!layout.layer_bases.empty() && layout.layer_bases.size() != local_layers) {
+    return Invalid(kMsg, "layout.layer_bases",
+                   N(layout.layer_bases.size()) + " entries, must be 0 or the " +
+                       N(local_layers) + " layers of stage " + N(hello.placement.pp_rank));
+  }
+
+  KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "regions", hello.regions.size(), kMaxRegions));
+  for (size_t i = 0; i < hello.regions.size(); ++i) {
+    const RegionDescriptor& region = hello.regions[i];
+    const std::string prefix = "regions[" + N(i) + "].";
+    KVB_RETURN_IF_ERROR(
+        CheckEnum(kMsg, prefix + "kind", static_cast<uint8_t>(region.kind), kMaxRegionKind));
+    KVB_RETURN_IF_ERROR(CheckEnum(kMsg, prefix + "memory", static_cast<uint8_t>(region.memory),
+                                  kMaxMemoryKind));
+    KVB_RETURN_IF_ERROR(CheckRange(kMsg, prefix + "size", region.addr, region.size));
+    KVB_RETURN_IF_ERROR(CheckLength(kMsg, prefix + "remote_key", region.remote_key.size(),
+                                    kMaxRemoteKeyBytes));
+  }
+  return Status::Ok();
+}
+
+Status Validate(const KvRequest& request) {
+  constexpr std::string_view kMsg = "KV_REQUEST";
+  if (request.token_start > request.token_end) {
+    return Invalid(kMsg, "token_range",
+                   "start " + N(request.token_start) + " > end " + N(request.token_end));
+  }
+  KVB_RETURN_IF_ERROR(
+      CheckEntries(kMsg, "block_table", request.block_table.size(), kMaxBlockTableEntries));
+  KVB_RETURN_IF_ERROR(
+      CheckEnum(kMsg, "path", static_cast<uint8_t>(request.path), kMaxTransferPath));
+  KVB_RETURN_IF_ERROR(
+      CheckRange(kMsg, "recv_slot_size", request.recv_slot_addr, request.recv_slot_size));
+  return Status::Ok();
+}
+
+Status Validate(const KvResult& result) {
+  constexpr std::string_view kMsg = "KV_RESULT";
+  KVB_RETURN_IF_ERROR(
+      CheckEnum(kMsg, "status", static_cast<uint8_t>(result.status), kMaxResultStatus));
+  KVB_RETURN_IF_ERROR(
+      CheckLength(kMsg, "error_text", result.error_text.size(), kMaxErrorTextBytes));
+  return Status::Ok();
+}
+
+Status Validate(const Cancel& cancel) {
+  return CheckLength("CANCEL", "reason", cancel.reason.size(), kMaxReasonBytes);
+}
+
+Status Validate(const Bye& bye) {
+  constexpr std::string_view kMsg = "BYE";
+  KVB_RETURN_IF_ERROR(CheckEnum(kMsg, "reason", static_cast<uint8_t>(bye.reason), kMaxByeReason));
+  KVB_RETURN_IF_ERROR(CheckLength(kMsg, "message", bye.message.size(), kMaxReasonBytes));
+  return Status::Ok();
+}
+
+Status Validate(const Message& message) {
+  return std::visit([](const auto& m) { return Validate(m); }, message);
+}
+
+}  // namespace kvbounce::protocol

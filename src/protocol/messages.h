@@ -1,0 +1,294 @@
+// The control messages of DESIGN §9 as plain C++ values.
+//
+// These structs hold only integers, enums, strings and vectors: the protocol
+// module knows nothing of layouts, memory or sessions. The session layer
+// converts between these and its own types (Layout, RankPlacement, Region,
+// Addr ...), and checks what only it can check (that block ids are below the
+// pool's block count, that a layout's strides match its named kind, that a
+// fingerprint matches its own plan).
+//
+// What the protocol itself guarantees about a decoded message, and what an
+// encoder requires of one, is Validate() below (see also docs/wire_format.md):
+// enum values in range, every list and string within the limits of wire.h,
+// a consistent rank placement, a non-inverted token range, no address range
+// that wraps around 2^64.
+//
+// Every struct compares with == field by field (the fuzz targets and tests
+// rely on it). Default-constructed values are valid messages except Hello,
+// whose instance_id must be set (and placement/model made consistent).
+//
+// Thread safety: plain values; see status.h.
+#ifndef KVBOUNCE_PROTOCOL_MESSAGES_H_
+#define KVBOUNCE_PROTOCOL_MESSAGES_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "kvbounce/status.h"
+#include "protocol/wire.h"
+
+namespace kvbounce::protocol {
+
+// ---------------------------------------------------------------------------
+// Enums. Each travels as one u8; a decoder rejects any value not listed.
+// ---------------------------------------------------------------------------
+
+// Which side of the disaggregated pair an instance is.
+enum class Role : uint8_t {
+  kCtx = 0,  // prefill; writes KV
+  kGen = 1,  // decode; receives KV
+};
+inline constexpr uint8_t kMaxRole = 1;
+
+// The named layouts of DESIGN §2. The strides in LayoutDescriptor are what
+// addresses are computed from; the kind says which dimension order they
+// describe (the planner's walk order).
+enum class LayoutKind : uint8_t {
+  kBlockMajorHnd = 0,  // [block][layer][kv][head][token][dim]
+  kLayerMajorHnd = 1,  // per layer [kv][block][head][token][dim]
+  kLayerMajorNhd = 2,  // per layer [kv][block][token][head][dim]
+};
+inline constexpr uint8_t kMaxLayoutKind = 2;
+
+// What a registered region is for (DESIGN §6).
+enum class RegionKind : uint8_t {
+  kPool = 0,       // the rank's KV pool
+  kSendArena = 1,  // staging region the rank gathers into
+  kRecvArena = 2,  // staging region peers write bounce transfers into
+};
+inline constexpr uint8_t kMaxRegionKind = 2;
+
+// Where a region's memory lives.
+enum class MemoryKind : uint8_t {
+  kHost = 0,        // pageable host memory
+  kPinnedHost = 1,  // page-locked host memory
+  kCuda = 2,        // device memory
+};
+inline constexpr uint8_t kMaxMemoryKind = 2;
+
+// How a writer executes a plan (DESIGN §5).
+enum class TransferPath : uint8_t {
+  kPerBlock = 0,
+  kBounce = 1,
+  kDirect = 2,
+  kAuto = 3,
+};
+inline constexpr uint8_t kMaxTransferPath = 3;
+
+// Outcome a KV_RESULT reports.
+enum class ResultStatus : uint8_t {
+  kSuccess = 0,
+  kFailed = 1,
+  kCancelled = 2,
+};
+inline constexpr uint8_t kMaxResultStatus = 2;
+
+// Why a peer says BYE.
+enum class ByeReason : uint8_t {
+  kShutdown = 0,       // orderly shutdown
+  kProtocolError = 1,  // the peer sent something undecodable or unexpected
+  kIncompatible = 2,   // HELLO showed the peers cannot work together
+};
+inline constexpr uint8_t kMaxByeReason = 2;
+
+// Names for logs and error messages ("CTX", "BOUNCE", "SUCCESS" ...).
+// "UNKNOWN" for a value outside the enum.
+std::string_view RoleName(Role role);
+std::string_view LayoutKindName(LayoutKind kind);
+std::string_view RegionKindName(RegionKind kind);
+std::string_view MemoryKindName(MemoryKind kind);
+std::string_view TransferPathName(TransferPath path);
+std::string_view ResultStatusName(ResultStatus status);
+std::string_view ByeReasonName(ByeReason reason);
+
+// HELLO.capabilities bits. Bits not listed here are carried unchanged (a
+// newer peer may set them) and ignored by this version.
+inline constexpr uint64_t kCapabilityBounce = uint64_t{1} << 0;   // has arenas
+inline constexpr uint64_t kCapabilityDirect = uint64_t{1} << 1;   // can map peer memory
+inline constexpr uint64_t kCapabilityHostMemory = uint64_t{1} << 2;    // reaches host memory
+inline constexpr uint64_t kCapabilityDeviceMemory = uint64_t{1} << 3;  // reaches device memory
+
+// KvRequest.deadline_ms value meaning "no deadline".
+inline constexpr uint64_t kNoDeadline = std::numeric_limits<uint64_t>::max();
+
+// ---------------------------------------------------------------------------
+// HELLO: sent by both sides once, on connect.
+// ---------------------------------------------------------------------------
+
+// Where a rank sits in its instance (DESIGN §3).
+struct RankPlacement {
+  uint32_t tp_rank = 0;  // < tp_size
+  uint32_t tp_size = 1;  // >= 1
+  uint32_t pp_rank = 0;  // < pp_size
+  uint32_t pp_size = 1;  // 1 .. kMaxPipelineStages
+  // Layers of each pipeline stage, stage 0 first: exactly pp_size entries,
+  // summing to ModelShape::num_layers. Entries may be 0.
+  std::vector<uint32_t> layers_per_stage;
+
+  friend bool operator==(const RankPlacement&, const RankPlacement&) = default;
+};
+
+// The model's KV shape (DESIGN §2 presets). Global, not rank-local.
+struct ModelShape {
+  uint32_t num_layers = 0;    // <= kMaxLayers
+  uint32_t num_kv_heads = 0;  // global kv heads H
+  uint32_t head_dim = 0;
+  uint32_t kv_factor = 0;     // 2 = K and V, 1 = MLA latent
+  uint32_t elem_bytes = 0;    // bytes per element (bf16 = 2)
+
+  friend bool operator==(const ModelShape&, const ModelShape&) = default;
+};
+
+// A rank's pool layout (DESIGN §2):
+//   address(layer, kv, block, head, token, d) = pool_base(layer)
+//       + layer*s_layer + kv*s_kv + block*s_block + head*s_head
+//       + token*s_token + d*elem_bytes
+// where `layer` is the rank-local layer index and pool_base(layer) =
+// layer_bases[layer] when layer_bases is non-empty, `base` otherwise. Whether
+// the strides are consistent with `kind` and the model is the layout module's
+// to check.
+struct LayoutDescriptor {
+  LayoutKind kind = LayoutKind::kBlockMajorHnd;
+  uint32_t tokens_per_block = 0;
+  uint32_t num_blocks = 0;  // block ids are 0 .. num_blocks-1
+  uint64_t base = 0;        // pool address
+  uint64_t s_layer = 0;
+  uint64_t s_kv = 0;
+  uint64_t s_block = 0;
+  uint64_t s_head = 0;
+  uint64_t s_token = 0;
+  // Empty, or one base address per layer this rank holds
+  // (placement.layers_per_stage[placement.pp_rank] entries).
+  std::vector<uint64_t> layer_bases;
+
+  friend bool operator==(const LayoutDescriptor&, const LayoutDescriptor&) = default;
+};
+
+// One registered region a peer may address (DESIGN §6, §8).
+struct RegionDescriptor {
+  RegionKind kind = RegionKind::kPool;
+  MemoryKind memory = MemoryKind::kHost;
+  uint64_t addr = 0;  // addr + size must not exceed 2^64
+  uint64_t size = 0;
+  // Opaque to the protocol: a packed UCX rkey, a CUDA IPC handle, a VMM
+  // export handle. At most kMaxRemoteKeyBytes; may be empty.
+  std::vector<std::byte> remote_key;
+
+  friend bool operator==(const RegionDescriptor&, const RegionDescriptor&) = default;
+};
+
+struct Hello {
+  // The version the sender speaks; a decoded HELLO always has the header's
+  // version here (the decoder checks they agree).
+  uint16_t protocol_version = kProtocolVersion;
+  std::string instance_id;  // 1 .. kMaxInstanceIdBytes bytes
+  Role role = Role::kCtx;
+  RankPlacement placement;
+  ModelShape model;
+  LayoutDescriptor layout;
+  std::vector<RegionDescriptor> regions;  // at most kMaxRegions
+  uint64_t capabilities = 0;              // kCapability* bits
+
+  friend bool operator==(const Hello&, const Hello&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// KV_REQUEST: gen rank -> each of its writers, one per (request, slice).
+// ---------------------------------------------------------------------------
+struct KvRequest {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint64_t token_start = 0;  // token range [token_start, token_end)
+  uint64_t token_end = 0;    // >= token_start
+  // The receiver's block ids for tokens [0, token_end), in token order. May
+  // be empty. At most kMaxBlockTableEntries.
+  std::vector<uint32_t> block_table;
+  TransferPath path = TransferPath::kAuto;
+  // The receiver-granted recv-arena slot for this writer's packed stream.
+  // Meaningful for the bounce path; 0/0 when none was granted.
+  // recv_slot_addr + recv_slot_size must not exceed 2^64.
+  uint64_t recv_slot_addr = 0;
+  uint64_t recv_slot_size = 0;
+  uint64_t plan_fingerprint = 0;
+  // Milliseconds the writer has, counted from when it receives the frame
+  // (relative, so it survives clock skew between hosts). 0 means already
+  // expired; kNoDeadline means none.
+  uint64_t deadline_ms = kNoDeadline;
+  // Rank indices within their instances (pp_rank * tp_size + tp_rank).
+  uint32_t receiver_rank = 0;
+  uint32_t writer_rank = 0;
+
+  friend bool operator==(const KvRequest&, const KvRequest&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// KV_RESULT: writer -> gen rank; the one frame for every outcome.
+// ---------------------------------------------------------------------------
+struct KvResult {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint32_t writer_rank = 0;
+  ResultStatus status = ResultStatus::kSuccess;
+  uint64_t bytes_written = 0;
+  uint64_t plan_fingerprint = 0;
+  std::string error_text;  // at most kMaxErrorTextBytes; usually empty on success
+
+  friend bool operator==(const KvResult&, const KvResult&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// CANCEL: either side; every slice of the request.
+// ---------------------------------------------------------------------------
+struct Cancel {
+  uint64_t request_id = 0;
+  std::string reason;  // at most kMaxReasonBytes
+
+  friend bool operator==(const Cancel&, const Cancel&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// BYE: either side, before closing the connection.
+// ---------------------------------------------------------------------------
+struct Bye {
+  ByeReason reason = ByeReason::kShutdown;
+  std::string message;  // at most kMaxReasonBytes; free text for logs
+
+  friend bool operator==(const Bye&, const Bye&) = default;
+};
+
+// Any one message.
+using Message = std::variant<Hello, KvRequest, KvResult, Cancel, Bye>;
+
+// The header type of a message.
+constexpr MessageType TypeOf(const Hello&) { return MessageType::kHello; }
+constexpr MessageType TypeOf(const KvRequest&) { return MessageType::kKvRequest; }
+constexpr MessageType TypeOf(const KvResult&) { return MessageType::kKvResult; }
+constexpr MessageType TypeOf(const Cancel&) { return MessageType::kCancel; }
+constexpr MessageType TypeOf(const Bye&) { return MessageType::kBye; }
+MessageType TypeOf(const Message& message);
+
+// ---------------------------------------------------------------------------
+// Validation: the protocol-level invariants every encoded and every decoded
+// message satisfies. Returns OK, or kInvalidArgument whose message names the
+// field and the rule, e.g.
+//   "KV_REQUEST.token_range: start 9 > end 4"
+//   "HELLO.placement.tp_rank: 4 not below tp_size 4"
+//   "HELLO.regions[2].remote_key: 20000 bytes exceed limit 16384"
+// The encoders call these first; the decoders run the same checks on what
+// they decoded and report a failure as kDataLoss.
+// ---------------------------------------------------------------------------
+Status Validate(const Hello& hello);
+Status Validate(const KvRequest& request);
+Status Validate(const KvResult& result);
+Status Validate(const Cancel& cancel);
+Status Validate(const Bye& bye);
+Status Validate(const Message& message);
+
+}  // namespace kvbounce::protocol
+
+#endif  // KVBOUNCE_PROTOCOL_MESSAGES_H_

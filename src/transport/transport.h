@@ -1,0 +1,181 @@
+// Transport: moves bytes between registered memory of two agents and carries
+// their control messages (DESIGN §8).
+//
+// A transport is one agent's endpoint. It connects to peers by address,
+// delivers control frames in order, registers local memory so that peers can
+// write into it, imports the regions a peer exported (from the peer's HELLO),
+// and writes from local registered memory into a peer's registered memory,
+// asynchronously, with a completion. Implementations: `loopback` (agents of
+// one process), `ucx`, `cuda-ipc`; `FaultTransport` decorates any of them.
+//
+// Completion contract (UCX's non-blocking style): every asynchronous call
+// either fails now (returns a non-OK Status; the callback is never called)
+// or accepts the operation (returns OK) and then calls its callback exactly
+// once, from a transport thread, never inside the call that started it.
+// Callbacks must be short and must not block on the transport.
+//
+// Ordering: control messages to one peer are delivered in the order sent.
+// Writes to one peer may complete in any order. A Flush completes after every
+// write to that peer that completed before the Flush was issued is visible in
+// the peer's memory: a KV_RESULT is sent only after its Flush completed.
+//
+// Failure: when a connection dies (the peer vanished, Disconnect was called,
+// a fault was injected), the transport fails that peer's pending writes and
+// flushes with kUnavailable, refuses new ones, and calls on_peer_failure once
+// for the peer, on both ends where both are still alive.
+//
+// Thread safety: every method is thread-safe. Callbacks run on transport
+// threads with no transport lock held; they may call back into the
+// transport (e.g. send a message from on_message).
+//
+// Lifetime: Shutdown() (also run by the destructor) fails everything pending,
+// joins the transport's threads and returns; no callback runs after it
+// returns. Registrations and imported regions must be destroyed before the
+// transport (they borrow it).
+#ifndef KVBOUNCE_TRANSPORT_TRANSPORT_H_
+#define KVBOUNCE_TRANSPORT_TRANSPORT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "memory/allocation.h"
+#include "memory/registration.h"
+
+namespace kvbounce {
+
+// What a transport can do (DESIGN §5, §8).
+struct TransportCaps {
+  std::string name;           // "loopback", "ucx", "cuda-ipc"
+  bool host_memory = false;   // reads and writes host (pageable or pinned) memory
+  bool device_memory = false; // reads and writes CUDA device memory
+  // A peer's region can be mapped into this process, so a copy engine can
+  // read or write it directly (the `direct` path).
+  bool map_remote = false;
+};
+
+// Identifies one connection of this transport. Assigned by the transport
+// (Connect for outgoing, the first message for incoming); never reused.
+using PeerId = uint64_t;
+
+// Everything a peer needs to reach one of our regions; travels in HELLO.
+struct RegionInfo {
+  Addr address;
+  uint64_t size = 0;
+  MemoryKind kind = MemoryKind::kHost;
+  // Opaque, transport-specific: a packed UCX rkey, an IPC handle, a region id.
+  std::vector<std::byte> remote_key;
+};
+
+// A local region registered with the transport. Destroying it deregisters
+// the region: afterwards a peer's write into it fails instead of landing.
+class LocalRegion : public Registration {
+ public:
+  virtual const RegionInfo& info() const = 0;
+};
+
+// A peer's region, imported on this side from its RegionInfo.
+class RemoteRegion {
+ public:
+  virtual ~RemoteRegion() = default;
+  virtual PeerId peer() const = 0;
+  virtual const RegionInfo& info() const = 0;
+  // Where this process can reach the region with a copy engine, when the
+  // transport maps remote memory (caps().map_remote); Addr() otherwise.
+  virtual Addr mapped_address() const = 0;
+};
+
+// One transport write: `bytes` from local address `src` to remote address
+// `dst` (the regions are given to Transport::Write).
+struct WriteOp {
+  Addr src;
+  Addr dst;
+  uint64_t bytes = 0;
+};
+
+using TransportDone = std::function<void(Status status)>;
+
+// Counters since the transport started (for metrics and the bench).
+struct TransportStats {
+  uint64_t write_ops = 0;       // data-plane write operations issued
+  uint64_t write_bytes = 0;
+  uint64_t failed_write_ops = 0;
+  uint64_t flushes = 0;
+  uint64_t messages_sent = 0;
+  uint64_t messages_received = 0;
+};
+
+struct TransportCallbacks {
+  // A complete control frame from `peer` (the transport does not parse it).
+  std::function<void(PeerId peer, std::vector<std::byte> frame)> on_message;
+  // The connection to `peer` is dead; called at most once per peer.
+  std::function<void(PeerId peer, const Status& reason)> on_peer_failure;
+};
+
+class Transport {
+ public:
+  Transport() = default;
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+  virtual ~Transport() = default;
+
+  virtual TransportCaps Caps() const = 0;
+
+  // The address peers pass to Connect.
+  virtual std::string Address() const = 0;
+
+  // Installs the callbacks and starts accepting peers and messages. Called
+  // once, before any other call but Caps/Address/Register. Errors:
+  // kFailedPrecondition when already started.
+  virtual Status Start(TransportCallbacks callbacks) = 0;
+
+  // Opens a connection to the transport at `address`. The peer learns our
+  // PeerId from our first message. Errors: kUnavailable (nobody there),
+  // kInvalidArgument (malformed address), kAborted (shut down).
+  virtual Result<PeerId> Connect(std::string_view address) = 0;
+
+  // Sends one control frame. Errors: kUnavailable when the connection is
+  // dead, kNotFound for an unknown peer.
+  virtual Status Send(PeerId peer, std::span<const std::byte> frame) = 0;
+
+  // Registers [address, address + bytes) of `kind` memory. Errors:
+  // kInvalidArgument (empty region, a kind the transport cannot reach).
+  virtual Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
+                                                        MemoryKind kind) = 0;
+
+  // Imports a region `peer` exported. Errors: kInvalidArgument (a key this
+  // transport cannot read), kNotFound (unknown peer).
+  virtual Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) = 0;
+
+  // Writes every op of `ops` — one transport operation each — from `source`
+  // to `target`; `done` runs once when all completed locally, with the first
+  // error if any failed. REQUIRES: `ops`, `source` and `target` stay valid
+  // until `done` runs; every op lies inside `source` and `target` (checked:
+  // kOutOfRange, nothing issued).
+  virtual Status Write(const LocalRegion& source, const RemoteRegion& target,
+                       std::span<const WriteOp> ops, TransportDone done) = 0;
+
+  // Completes once every write to `target.peer()` that completed before this
+  // call is visible in the peer's memory.
+  virtual Status Flush(PeerId peer, TransportDone done) = 0;
+
+  // Closes the connection: both ends see on_peer_failure(reason).
+  virtual void Disconnect(PeerId peer, const Status& reason) = 0;
+
+  // Fails everything pending, stops and joins the transport's threads.
+  // Idempotent.
+  virtual void Shutdown() = 0;
+
+  virtual TransportStats Stats() const = 0;
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_TRANSPORT_TRANSPORT_H_

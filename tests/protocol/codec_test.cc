@@ -1,0 +1,972 @@
+// Tests of the control-protocol codec: round trips, golden frames, and every
+// way a frame can be malformed.
+#include "protocol/codec.h"
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "protocol/messages.h"
+#include "protocol/wire.h"
+
+// --- Allocation probe -----------------------------------------------------
+// The global allocation functions are replaced so a test can assert that a
+// decoder handed a huge count never asks for a huge buffer. Only allocations
+// made while a probe is active on this thread are recorded.
+namespace {
+thread_local bool g_probe_active = false;
+thread_local size_t g_probe_largest = 0;
+
+void* ProbedAlloc(size_t size) {
+  if (g_probe_active && size > g_probe_largest) g_probe_largest = size;
+  void* p = std::malloc(size == 0 ? 1 : size);
+  if (p == nullptr) std::abort();
+  return p;
+}
+}  // namespace
+
+void* operator new(size_t size) { return ProbedAlloc(size); }
+void* operator new[](size_t size) { return ProbedAlloc(size); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+
+namespace kvbounce::protocol {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+// Records the largest allocation made while it is alive.
+class AllocationProbe {
+ public:
+  AllocationProbe() {
+    g_probe_largest = 0;
+    g_probe_active = true;
+  }
+  ~AllocationProbe() { g_probe_active = false; }
+  size_t largest() const { return g_probe_largest; }
+};
+
+// --- Status matchers --------------------------------------------------------
+
+MATCHER_P(IsErrorCode, code, "") {
+  if (arg.code() == code) return true;
+  *result_listener << "status is " << arg.ToString();
+  return false;
+}
+
+MATCHER_P2(IsError, code, substring, "") {
+  if (arg.code() == code && arg.message().find(substring) != std::string_view::npos) {
+    return true;
+  }
+  *result_listener << "status is " << arg.ToString();
+  return false;
+}
+
+// --- Helpers ---------------------------------------------------------------
+
+using Frame = std::vector<std::byte>;
+
+Frame Bytes(std::initializer_list<int> values) {
+  Frame out;
+  for (int v : values) out.push_back(static_cast<std::byte>(v));
+  return out;
+}
+
+Frame MustEncode(const Message& message) {
+  Result<Frame> frame = EncodeFrame(message);
+  EXPECT_TRUE(frame.ok()) << frame.status();
+  return frame.ok() ? *frame : Frame();
+}
+
+void PatchU8(Frame& f, size_t offset, uint8_t v) { f.at(offset) = static_cast<std::byte>(v); }
+void PatchU16(Frame& f, size_t offset, uint16_t v) {
+  ASSERT_LE(offset + 2, f.size());
+  StoreLe16(f.data() + offset, v);
+}
+void PatchU32(Frame& f, size_t offset, uint32_t v) {
+  ASSERT_LE(offset + 4, f.size());
+  StoreLe32(f.data() + offset, v);
+}
+void PatchU64(Frame& f, size_t offset, uint64_t v) {
+  ASSERT_LE(offset + 8, f.size());
+  StoreLe64(f.data() + offset, v);
+}
+
+// Decodes with the typed decoder of the message's type.
+Status DecodeTyped(MessageType type, std::span<const std::byte> frame) {
+  switch (type) {
+    case MessageType::kHello: return DecodeHello(frame).status();
+    case MessageType::kKvRequest: return DecodeKvRequest(frame).status();
+    case MessageType::kKvResult: return DecodeKvResult(frame).status();
+    case MessageType::kCancel: return DecodeCancel(frame).status();
+    case MessageType::kBye: return DecodeBye(frame).status();
+  }
+  return InternalError("unreachable");
+}
+
+Hello SmallHello() {
+  Hello h;
+  h.instance_id = "ctx-instance-0";
+  h.role = Role::kCtx;
+  h.placement = {.tp_rank = 1, .tp_size = 2, .pp_rank = 1, .pp_size = 2,
+                 .layers_per_stage = {17, 15}};
+  h.model = {.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2,
+             .elem_bytes = 2};
+  h.layout = {.kind = LayoutKind::kBlockMajorHnd, .tokens_per_block = 32, .num_blocks = 1024,
+              .base = 0x7f0000000000, .s_layer = 2 * 4 * 32 * 128 * 2, .s_kv = 4 * 32 * 128 * 2,
+              .s_block = 15ull * 2 * 4 * 32 * 128 * 2, .s_head = 32 * 128 * 2, .s_token = 256,
+              .layer_bases = {}};
+  h.regions = {
+      {.kind = RegionKind::kPool, .memory = MemoryKind::kCuda, .addr = 0x7f0000000000,
+       .size = 1ull << 30, .remote_key = Bytes({1, 2, 3, 4, 5})},
+      {.kind = RegionKind::kSendArena, .memory = MemoryKind::kPinnedHost, .addr = 0x1000,
+       .size = 64 << 20, .remote_key = {}},
+      {.kind = RegionKind::kRecvArena, .memory = MemoryKind::kHost, .addr = 0,
+       .size = UINT64_MAX, .remote_key = Bytes({0xFF})},
+  };
+  h.capabilities = kCapabilityBounce | kCapabilityDeviceMemory | (uint64_t{1} << 63);
+  return h;
+}
+
+// The largest HELLO the limits allow: every list and string at its limit.
+Hello MaxHello(bool max_stages) {
+  Hello h;
+  h.instance_id = std::string(kMaxInstanceIdBytes, 'i');
+  h.role = Role::kGen;
+  if (max_stages) {
+    h.placement = {.tp_rank = UINT32_MAX - 1, .tp_size = UINT32_MAX,
+                   .pp_rank = kMaxPipelineStages - 1, .pp_size = kMaxPipelineStages,
+                   .layers_per_stage = std::vector<uint32_t>(kMaxPipelineStages,
+                                                             kMaxLayers / kMaxPipelineStages)};
+  } else {
+    h.placement = {.tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1,
+                   .layers_per_stage = {kMaxLayers}};
+  }
+  h.model = {.num_layers = kMaxLayers, .num_kv_heads = UINT32_MAX, .head_dim = UINT32_MAX,
+             .kv_factor = UINT32_MAX, .elem_bytes = UINT32_MAX};
+  const uint32_t local = h.placement.layers_per_stage[h.placement.pp_rank];
+  h.layout = {.kind = LayoutKind::kLayerMajorNhd, .tokens_per_block = UINT32_MAX,
+              .num_blocks = UINT32_MAX, .base = UINT64_MAX, .s_layer = UINT64_MAX,
+              .s_kv = UINT64_MAX, .s_block = UINT64_MAX, .s_head = UINT64_MAX,
+              .s_token = UINT64_MAX, .layer_bases = std::vector<uint64_t>(local, UINT64_MAX)};
+  for (uint32_t i = 0; i < kMaxRegions; ++i) {
+    h.regions.push_back({.kind = RegionKind::kRecvArena, .memory = MemoryKind::kCuda,
+                         .addr = UINT64_MAX, .size = 0,
+                         .remote_key = Frame(kMaxRemoteKeyBytes, std::byte{0x5A})});
+  }
+  h.capabilities = UINT64_MAX;
+  return h;
+}
+
+KvRequest SmallKvRequest() {
+  KvRequest r;
+  r.request_id = 0x1122334455667788;
+  r.slice_id = 3;
+  r.token_start = 128;
+  r.token_end = 8192;
+  r.block_table = {0, 1, 2, 7, 1000, 4294967295u};
+  r.path = TransferPath::kBounce;
+  r.recv_slot_addr = 0x7f00deadb000;
+  r.recv_slot_size = 320ull << 20;
+  r.plan_fingerprint = 0xfeedfacecafebeef;
+  r.deadline_ms = 60000;
+  r.receiver_rank = 2;
+  r.writer_rank = 5;
+  return r;
+}
+
+KvResult SmallKvResult() {
+  KvResult r;
+  r.request_id = 99;
+  r.slice_id = 0;
+  r.writer_rank = 7;
+  r.status = ResultStatus::kFailed;
+  r.bytes_written = 1234;
+  r.plan_fingerprint = 42;
+  r.error_text = "plan fingerprint mismatch";
+  return r;
+}
+
+struct Sample {
+  std::string name;
+  Message message;
+  bool big = false;  // too big for the quadratic truncation sweep
+};
+
+std::vector<Sample> Samples() {
+  std::vector<Sample> s;
+  s.push_back({"hello_small", SmallHello()});
+  {
+    Hello h = SmallHello();
+    h.instance_id = "x";
+    h.placement = {.tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1,
+                   .layers_per_stage = {0}};
+    h.model = {};
+    h.layout = {};
+    h.regions.clear();
+    h.capabilities = 0;
+    s.push_back({"hello_minimal", h});
+  }
+  {
+    Hello h = SmallHello();
+    h.layout.kind = LayoutKind::kLayerMajorHnd;
+    h.layout.layer_bases = std::vector<uint64_t>(15);
+    for (size_t i = 0; i < 15; ++i) h.layout.layer_bases[i] = 0x10000000 * (i + 1);
+    s.push_back({"hello_layer_bases", h});
+  }
+  s.push_back({"hello_max_stages", MaxHello(true), true});
+  s.push_back({"hello_max_layers", MaxHello(false), true});
+
+  s.push_back({"kv_request_small", SmallKvRequest()});
+  s.push_back({"kv_request_zero", KvRequest{.deadline_ms = 0}});
+  {
+    KvRequest r;
+    r.request_id = UINT64_MAX;
+    r.slice_id = UINT32_MAX;
+    r.token_start = UINT64_MAX;
+    r.token_end = UINT64_MAX;
+    r.block_table = {UINT32_MAX, 0};
+    r.path = TransferPath::kAuto;
+    r.recv_slot_addr = UINT64_MAX;
+    r.recv_slot_size = 0;
+    r.plan_fingerprint = UINT64_MAX;
+    r.deadline_ms = kNoDeadline;
+    r.receiver_rank = UINT32_MAX;
+    r.writer_rank = UINT32_MAX;
+    s.push_back({"kv_request_max_values", r});
+  }
+  {
+    KvRequest r = SmallKvRequest();
+    r.path = TransferPath::kDirect;
+    r.block_table.resize(100000);
+    for (size_t i = 0; i < r.block_table.size(); ++i) {
+      r.block_table[i] = static_cast<uint32_t>(i * 2654435761u);
+    }
+    s.push_back({"kv_request_long_table", r, true});
+  }
+
+  s.push_back({"kv_result_small", SmallKvResult()});
+  s.push_back({"kv_result_success", KvResult{.request_id = 1, .bytes_written = 1ull << 40}});
+  {
+    KvResult r;
+    r.request_id = UINT64_MAX;
+    r.slice_id = UINT32_MAX;
+    r.writer_rank = UINT32_MAX;
+    r.status = ResultStatus::kCancelled;
+    r.bytes_written = UINT64_MAX;
+    r.plan_fingerprint = UINT64_MAX;
+    r.error_text = std::string(kMaxErrorTextBytes, 'e');
+    s.push_back({"kv_result_max", r});
+  }
+
+  s.push_back({"cancel_empty", Cancel{}});
+  s.push_back({"cancel_small", Cancel{.request_id = 77, .reason = "deadline exceeded"}});
+  s.push_back({"cancel_max",
+               Cancel{.request_id = UINT64_MAX, .reason = std::string(kMaxReasonBytes, 'r')}});
+
+  s.push_back({"bye_default", Bye{}});
+  s.push_back({"bye_error", Bye{.reason = ByeReason::kProtocolError, .message = "bad frame"}});
+  s.push_back({"bye_max", Bye{.reason = ByeReason::kIncompatible,
+                              .message = std::string(kMaxReasonBytes, '\0')}});
+  return s;
+}
+
+// --- Round trips ------------------------------------------------------------
+
+TEST(CodecTest, EveryMessageRoundTripsThroughTypedAndDispatchingDecoders) {
+  for (const Sample& sample : Samples()) {
+    SCOPED_TRACE(sample.name);
+    const Frame frame = MustEncode(sample.message);
+    ASSERT_GE(frame.size(), kHeaderSize);
+    EXPECT_LE(frame.size() - kHeaderSize, MaxPayloadBytes(TypeOf(sample.message)));
+
+    Result<Message> decoded = DecodeFrame(frame);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_TRUE(*decoded == sample.message);
+    EXPECT_EQ(DecodeTyped(TypeOf(sample.message), frame), Status::Ok());
+
+    // Canonical: re-encoding what was decoded gives back the same bytes.
+    EXPECT_TRUE(MustEncode(*decoded) == frame);
+
+    Result<FrameHeader> header = DecodeHeader(frame);
+    ASSERT_TRUE(header.ok()) << header.status();
+    EXPECT_EQ(header->version, kProtocolVersion);
+    EXPECT_EQ(header->type, TypeOf(sample.message));
+    EXPECT_EQ(header->frame_length(), frame.size());
+  }
+}
+
+TEST(CodecTest, TypedEncodersMatchEncodeFrame) {
+  const Hello hello = SmallHello();
+  EXPECT_TRUE(*Encode(hello) == MustEncode(hello));
+  EXPECT_TRUE(*Encode(SmallKvRequest()) == MustEncode(SmallKvRequest()));
+  EXPECT_TRUE(*Encode(SmallKvResult()) == MustEncode(SmallKvResult()));
+  EXPECT_TRUE(*Encode(Cancel{.request_id = 5}) == MustEncode(Cancel{.request_id = 5}));
+  EXPECT_TRUE(*Encode(Bye{}) == MustEncode(Bye{}));
+
+  Result<Hello> h = DecodeHello(*Encode(hello));
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_TRUE(*h == hello);
+  Result<KvResult> r = DecodeKvResult(*Encode(SmallKvResult()));
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(*r == SmallKvResult());
+}
+
+TEST(CodecTest, UnknownCapabilityBitsAreCarriedUnchanged) {
+  Hello h = SmallHello();
+  h.capabilities = 0xA5A5A5A5A5A5A5A5ull;
+  Result<Hello> decoded = DecodeHello(MustEncode(h));
+  ASSERT_TRUE(decoded.ok());
+  EXPECT_EQ(decoded->capabilities, 0xA5A5A5A5A5A5A5A5ull);
+}
+
+// --- Golden frames ------------------------------------------------------------
+// Hand-written expected bytes. If one of these fails, the wire format changed:
+// that needs a new protocol version and an update of docs/wire_format.md.
+
+TEST(CodecGoldenTest, KvResult) {
+  KvResult m;
+  m.request_id = 0x0102030405060708;
+  m.slice_id = 9;
+  m.writer_rank = 3;
+  m.status = ResultStatus::kFailed;
+  m.bytes_written = 0x1000;
+  m.plan_fingerprint = 0xA1B2C3D4E5F60718;
+  m.error_text = "oom";
+  const Frame expected = Bytes({
+      0x4B, 0x56, 0x42, 0x43,                          // magic "KVBC"
+      0x01, 0x00,                                      // version 1
+      0x03, 0x00,                                      // type KV_RESULT
+      0x28, 0x00, 0x00, 0x00,                          // payload length 40
+      0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // request_id
+      0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes_written
+      0x18, 0x07, 0xF6, 0xE5, 0xD4, 0xC3, 0xB2, 0xA1,  // plan_fingerprint
+      0x09, 0x00, 0x00, 0x00,                          // slice_id
+      0x03, 0x00, 0x00, 0x00,                          // writer_rank
+      0x01,                                            // status FAILED
+      0x03, 0x00, 0x00, 0x00, 'o', 'o', 'm',           // error_text
+  });
+  EXPECT_TRUE(MustEncode(m) == expected);
+  Result<KvResult> decoded = DecodeKvResult(expected);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(*decoded == m);
+}
+
+TEST(CodecGoldenTest, KvRequest) {
+  KvRequest m;
+  m.request_id = 7;
+  m.token_start = 16;
+  m.token_end = 48;
+  m.recv_slot_addr = 0x10000000;
+  m.recv_slot_size = 0x2000;
+  m.plan_fingerprint = 0xDEADBEEF;
+  m.deadline_ms = 5000;
+  m.slice_id = 1;
+  m.receiver_rank = 0;
+  m.writer_rank = 2;
+  m.path = TransferPath::kBounce;
+  m.block_table = {5, 0x01020304};
+  const Frame expected = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x02, 0x00,  // magic, version 1, KV_REQUEST
+      0x51, 0x00, 0x00, 0x00,                          // payload length 81
+      0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
+      0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_start
+      0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_end
+      0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00,  // recv_slot_addr
+      0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // recv_slot_size
+      0xEF, 0xBE, 0xAD, 0xDE, 0x00, 0x00, 0x00, 0x00,  // plan_fingerprint
+      0x88, 0x13, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // deadline_ms 5000
+      0x01, 0x00, 0x00, 0x00,                          // slice_id
+      0x00, 0x00, 0x00, 0x00,                          // receiver_rank
+      0x02, 0x00, 0x00, 0x00,                          // writer_rank
+      0x01,                                            // path BOUNCE
+      0x02, 0x00, 0x00, 0x00,                          // block_table count
+      0x05, 0x00, 0x00, 0x00, 0x04, 0x03, 0x02, 0x01,  // block ids
+  });
+  EXPECT_TRUE(MustEncode(m) == expected);
+  Result<KvRequest> decoded = DecodeKvRequest(expected);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(*decoded == m);
+}
+
+TEST(CodecGoldenTest, CancelAndBye) {
+  const Frame cancel = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x04, 0x00,  // magic, version 1, CANCEL
+      0x0F, 0x00, 0x00, 0x00,                          // payload length 15
+      0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
+      0x03, 0x00, 0x00, 0x00, 't', 't', 'l',           // reason
+  });
+  EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
+  const Frame bye = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x05, 0x00,  // magic, version 1, BYE
+      0x05, 0x00, 0x00, 0x00,                          // payload length 5
+      0x00,                                            // reason SHUTDOWN
+      0x00, 0x00, 0x00, 0x00,                          // message ""
+  });
+  EXPECT_TRUE(MustEncode(Bye{}) == bye);
+}
+
+TEST(CodecGoldenTest, Hello) {
+  Hello m;
+  m.instance_id = "g0";
+  m.role = Role::kGen;
+  m.placement = {.tp_rank = 1, .tp_size = 2, .pp_rank = 0, .pp_size = 1,
+                 .layers_per_stage = {2}};
+  m.model = {.num_layers = 2, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2,
+             .elem_bytes = 2};
+  m.layout = {.kind = LayoutKind::kLayerMajorNhd, .tokens_per_block = 16, .num_blocks = 4,
+              .base = 0x100000, .s_layer = 0, .s_kv = 0x10000, .s_block = 0x4000,
+              .s_head = 0x100, .s_token = 0x400, .layer_bases = {0x100000, 0x200000}};
+  m.regions = {{.kind = RegionKind::kRecvArena, .memory = MemoryKind::kCuda,
+                .addr = 0x7F0000000000, .size = 0x400000, .remote_key = Bytes({0xAA, 0xBB})}};
+  m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
+  const Frame expected = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x01, 0x00,  // magic, version 1, HELLO
+      0xA6, 0x00, 0x00, 0x00,                          // payload length 166
+      0x01, 0x00,                                      // protocol_version 1
+      0x01,                                            // role GEN
+      0x02,                                            // layout.kind LAYER_MAJOR_NHD
+      0x01, 0x00, 0x00, 0x00,                          // tp_rank
+      0x02, 0x00, 0x00, 0x00,                          // tp_size
+      0x00, 0x00, 0x00, 0x00,                          // pp_rank
+      0x01, 0x00, 0x00, 0x00,                          // pp_size
+      0x02, 0x00, 0x00, 0x00,                          // num_layers
+      0x08, 0x00, 0x00, 0x00,                          // num_kv_heads
+      0x80, 0x00, 0x00, 0x00,                          // head_dim
+      0x02, 0x00, 0x00, 0x00,                          // kv_factor
+      0x02, 0x00, 0x00, 0x00,                          // elem_bytes
+      0x10, 0x00, 0x00, 0x00,                          // tokens_per_block
+      0x04, 0x00, 0x00, 0x00,                          // num_blocks
+      0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,  // layout.base
+      0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_layer
+      0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_kv
+      0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_block
+      0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_head
+      0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_token
+      0x09, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // capabilities
+      0x02, 0x00, 0x00, 0x00, 'g', '0',                // instance_id
+      0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00,  // layers_per_stage {2}
+      0x02, 0x00, 0x00, 0x00,                          // layer_bases count
+      0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,  //   0x100000
+      0x00, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00,  //   0x200000
+      0x01, 0x00, 0x00, 0x00,                          // regions count
+      0x02,                                            //   kind RECV_ARENA
+      0x02,                                            //   memory CUDA
+      0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00,  //   addr
+      0x00, 0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00,  //   size
+      0x02, 0x00, 0x00, 0x00, 0xAA, 0xBB,              //   remote_key
+  });
+  EXPECT_TRUE(MustEncode(m) == expected);
+  Result<Hello> decoded = DecodeHello(expected);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(*decoded == m);
+}
+
+// --- Truncation -------------------------------------------------------------
+
+TEST(CodecTest, EveryPrefixOfEveryFrameIsRejected) {
+  for (const Sample& sample : Samples()) {
+    SCOPED_TRACE(sample.name);
+    const Frame frame = MustEncode(sample.message);
+    const MessageType type = TypeOf(sample.message);
+    for (size_t n = 0; n < frame.size(); ++n) {
+      // Big frames: every prefix near either end, a stride in between.
+      if (sample.big && n > 4096 && n + 4096 < frame.size() && n % 997 != 0) continue;
+      const std::span<const std::byte> prefix(frame.data(), n);
+      Result<Message> decoded = DecodeFrame(prefix);
+      ASSERT_FALSE(decoded.ok()) << "prefix " << n;
+      ASSERT_EQ(decoded.status().code(), StatusCode::kDataLoss) << decoded.status();
+      ASSERT_EQ(DecodeTyped(type, prefix).code(), StatusCode::kDataLoss) << "prefix " << n;
+      // A stream reader keeps waiting: never an error, never a short length.
+      Result<std::optional<size_t>> length = FrameLength(prefix);
+      ASSERT_TRUE(length.ok()) << length.status();
+      if (n < kHeaderSize) {
+        ASSERT_FALSE(length->has_value());
+      } else {
+        ASSERT_EQ(length->value(), frame.size());
+      }
+    }
+  }
+}
+
+// The header is patched to agree with a cut payload, so the decoder has to
+// find the missing field itself.
+TEST(CodecTest, EveryConsistentlyTruncatedPayloadIsRejected) {
+  for (const Sample& sample : Samples()) {
+    if (sample.big) continue;
+    SCOPED_TRACE(sample.name);
+    const Frame frame = MustEncode(sample.message);
+    const MessageType type = TypeOf(sample.message);
+    const std::string name(MessageTypeName(type));
+    for (size_t cut = 0; cut < frame.size() - kHeaderSize; ++cut) {
+      Frame truncated(frame.begin(), frame.begin() + static_cast<ptrdiff_t>(kHeaderSize + cut));
+      PatchU32(truncated, kLengthOffset, static_cast<uint32_t>(cut));
+      Result<Message> decoded = DecodeFrame(truncated);
+      ASSERT_FALSE(decoded.ok()) << "payload cut at " << cut;
+      ASSERT_EQ(decoded.status().code(), StatusCode::kDataLoss);
+      ASSERT_THAT(std::string(decoded.status().message()), StartsWith(name + "."))
+          << decoded.status();
+    }
+  }
+}
+
+TEST(CodecTest, TruncationNamesFieldAndOffset) {
+  Frame frame = MustEncode(SmallKvResult());
+  // Keep request_id and 3 bytes of bytes_written.
+  frame.resize(kHeaderSize + 8 + 3);
+  PatchU32(frame, kLengthOffset, 11);
+  EXPECT_THAT(DecodeKvResult(frame).status(),
+              IsError(StatusCode::kDataLoss,
+                      "KV_RESULT.bytes_written: truncated at offset 20 (need 8 bytes, have 3)"));
+}
+
+// --- Header -----------------------------------------------------------------
+
+TEST(CodecTest, BadMagicIsRejected) {
+  Frame frame = MustEncode(SmallKvResult());
+  PatchU32(frame, kMagicOffset, 0xDEADBEEF);
+  EXPECT_THAT(DecodeFrame(frame).status(),
+              IsError(StatusCode::kDataLoss, "bad magic 0xdeadbeef (expected 0x4342564b)"));
+  EXPECT_THAT(DecodeKvResult(frame).status(), IsErrorCode(StatusCode::kDataLoss));
+  EXPECT_THAT(DecodeHeader(frame).status(), IsErrorCode(StatusCode::kDataLoss));
+  EXPECT_THAT(FrameLength(frame).status(), IsErrorCode(StatusCode::kDataLoss));
+}
+
+TEST(CodecTest, FrameLengthRejectsBadMagicFromTheFirstByte) {
+  EXPECT_THAT(FrameLength(Bytes({'X'})).status(),
+              IsError(StatusCode::kDataLoss, "byte 0 is 0x58, expected 0x4b"));
+  EXPECT_THAT(FrameLength(Bytes({'K', 'V', 'X'})).status(),
+              IsError(StatusCode::kDataLoss, "byte 2 is 0x58, expected 0x42"));
+  Result<std::optional<size_t>> ok = FrameLength(Bytes({'K', 'V', 'B', 'C', 1}));
+  ASSERT_TRUE(ok.ok());
+  EXPECT_FALSE(ok->has_value());
+  Result<std::optional<size_t>> empty = FrameLength({});
+  ASSERT_TRUE(empty.ok());
+  EXPECT_FALSE(empty->has_value());
+}
+
+TEST(CodecTest, UnknownVersionIsRejectedNamingBothVersions) {
+  Frame frame = MustEncode(SmallKvRequest());
+  PatchU16(frame, kVersionOffset, 2);
+  const std::string want = "unsupported protocol version 2 (this build speaks 1)";
+  EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, want));
+  EXPECT_THAT(DecodeKvRequest(frame).status(), IsError(StatusCode::kDataLoss, want));
+  EXPECT_THAT(FrameLength(frame).status(), IsError(StatusCode::kDataLoss, want));
+  PatchU16(frame, kVersionOffset, 0);
+  EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, "version 0"));
+}
+
+TEST(CodecTest, HelloPayloadVersionMustMatch) {
+  Frame frame = MustEncode(SmallHello());
+  PatchU16(frame, kHeaderSize + 0, 7);
+  EXPECT_THAT(DecodeHello(frame).status(),
+              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 1"));
+  Hello h = SmallHello();
+  h.protocol_version = 2;
+  EXPECT_THAT(Encode(h).status(), IsErrorCode(StatusCode::kInvalidArgument));
+}
+
+TEST(CodecTest, UnknownTypeIsRejected) {
+  for (uint16_t type : {0, 6, 0x100, 0xFFFF}) {
+    Frame frame = MustEncode(Bye{});
+    PatchU16(frame, kTypeOffset, type);
+    EXPECT_THAT(DecodeFrame(frame).status(),
+                IsError(StatusCode::kDataLoss, "unknown message type " + std::to_string(type)));
+    EXPECT_THAT(FrameLength(frame).status(), IsErrorCode(StatusCode::kDataLoss));
+  }
+}
+
+TEST(CodecTest, TypedDecoderRejectsAnotherType) {
+  const Frame cancel = MustEncode(Cancel{.request_id = 1});
+  EXPECT_THAT(DecodeKvResult(cancel).status(),
+              IsError(StatusCode::kDataLoss, "expected a KV_RESULT frame, got CANCEL"));
+  EXPECT_THAT(DecodeHello(cancel).status(), IsErrorCode(StatusCode::kDataLoss));
+  EXPECT_THAT(DecodeKvRequest(cancel).status(), IsErrorCode(StatusCode::kDataLoss));
+  EXPECT_THAT(DecodeBye(cancel).status(), IsErrorCode(StatusCode::kDataLoss));
+  EXPECT_TRUE(DecodeCancel(cancel).ok());
+}
+
+TEST(CodecTest, OversizeLengthIsRejectedFromTheHeaderAlone) {
+  struct Case {
+    Message message;
+    uint32_t length;
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {KvResult{}, 0xFFFFFFFF, "KV_RESULT payload length 4294967295 exceeds limit 4133"},
+      {KvResult{}, kKvResultFixedBytes + kMaxErrorTextBytes + 1, "exceeds limit"},
+      {Cancel{}, kMaxPayloadBytes, "CANCEL payload length"},
+      {Bye{}, 1u << 20, "BYE payload length"},
+      {KvRequest{}, kMaxPayloadBytes + 1, "KV_REQUEST payload length"},
+      {SmallHello(), kMaxPayloadBytes, "HELLO payload length"},
+  };
+  for (const Case& c : cases) {
+    Frame header = MustEncode(c.message);
+    header.resize(kHeaderSize);
+    PatchU32(header, kLengthOffset, c.length);
+    EXPECT_THAT(FrameLength(header).status(), IsError(StatusCode::kDataLoss, c.want));
+    EXPECT_THAT(DecodeHeader(header).status(), IsError(StatusCode::kDataLoss, c.want));
+    EXPECT_THAT(DecodeFrame(header).status(), IsError(StatusCode::kDataLoss, c.want));
+  }
+}
+
+TEST(CodecTest, HeaderLengthMustMatchTheBytesPresent) {
+  const Frame frame = MustEncode(SmallKvResult());
+  const uint32_t length = static_cast<uint32_t>(frame.size() - kHeaderSize);
+  {
+    Frame f = frame;
+    PatchU32(f, kLengthOffset, length + 1);  // claims a byte that is not there
+    EXPECT_THAT(DecodeFrame(f).status(),
+                IsError(StatusCode::kDataLoss,
+                        "KV_RESULT frame: truncated, header says " + std::to_string(length + 1) +
+                            " payload bytes, " + std::to_string(length) + " present"));
+  }
+  {
+    Frame f = frame;
+    PatchU32(f, kLengthOffset, length - 1);  // the last byte becomes trailing
+    EXPECT_THAT(DecodeFrame(f).status(),
+                IsError(StatusCode::kDataLoss, "KV_RESULT frame: 1 trailing bytes"));
+  }
+}
+
+TEST(CodecTest, TrailingBytesAreRejected) {
+  for (const Sample& sample : Samples()) {
+    SCOPED_TRACE(sample.name);
+    const std::string name(MessageTypeName(TypeOf(sample.message)));
+    Frame frame = MustEncode(sample.message);
+    // After the frame, with the header unchanged.
+    Frame longer = frame;
+    longer.push_back(std::byte{0});
+    EXPECT_THAT(DecodeFrame(longer).status(),
+                IsError(StatusCode::kDataLoss, name + " frame: 1 trailing bytes"));
+    // Inside the payload, with the header length covering it.
+    Frame padded = frame;
+    padded.push_back(std::byte{0});
+    padded.push_back(std::byte{0});
+    PatchU32(padded, kLengthOffset, static_cast<uint32_t>(padded.size() - kHeaderSize));
+    const Status status = DecodeFrame(padded).status();
+    if (padded.size() - kHeaderSize > MaxPayloadBytes(TypeOf(sample.message))) {
+      EXPECT_THAT(status, IsError(StatusCode::kDataLoss, "exceeds limit"));
+    } else {
+      EXPECT_THAT(status,
+                  IsError(StatusCode::kDataLoss, name + ": 2 trailing bytes after the last field"));
+    }
+  }
+}
+
+// --- Counts and lengths -----------------------------------------------------
+
+constexpr size_t kKvRequestPathOffset = kHeaderSize + 68;
+constexpr size_t kKvRequestTableOffset = kHeaderSize + 69;
+constexpr size_t kKvResultStatusOffset = kHeaderSize + 32;
+constexpr size_t kKvResultTextOffset = kHeaderSize + 33;
+constexpr size_t kHelloInstanceIdOffset = kHeaderSize + 104;
+
+// Offset of the regions count in an encoded HELLO.
+size_t HelloRegionsOffset(const Hello& h) {
+  return kHelloInstanceIdOffset + 4 + h.instance_id.size() + 4 +
+         4 * h.placement.layers_per_stage.size() + 4 + 8 * h.layout.layer_bases.size();
+}
+
+TEST(CodecTest, HugeCountsAreRejectedBeforeAllocating) {
+  struct Case {
+    std::string name;
+    Frame frame;
+    size_t offset;
+    uint32_t value;
+    std::string want;
+  };
+  const Hello hello = SmallHello();
+  const size_t regions = HelloRegionsOffset(hello);
+  const std::vector<Case> cases = {
+      {"block_table", MustEncode(SmallKvRequest()), kKvRequestTableOffset, 0xFFFFFFFF,
+       "KV_REQUEST.block_table: count 4294967295 exceeds limit 8388608"},
+      {"block_table_at_limit", MustEncode(SmallKvRequest()), kKvRequestTableOffset,
+       kMaxBlockTableEntries, "KV_REQUEST.block_table: count 8388608 needs 33554432 bytes, have 24"},
+      {"error_text", MustEncode(SmallKvResult()), kKvResultTextOffset, 0xFFFFFFFF,
+       "KV_RESULT.error_text: length 4294967295 exceeds limit 4096"},
+      {"error_text_short", MustEncode(SmallKvResult()), kKvResultTextOffset, 4000,
+       "KV_RESULT.error_text: length 4000 needs 4000 bytes, have 25 (offset 45)"},
+      {"cancel_reason", MustEncode(Cancel{.reason = "x"}), kHeaderSize + 8, 0x80000000,
+       "CANCEL.reason: length 2147483648 exceeds limit 4096"},
+      {"bye_message", MustEncode(Bye{}), kHeaderSize + 1, 4096,
+       "BYE.message: length 4096 needs 4096 bytes, have 0"},
+      {"instance_id", MustEncode(hello), kHelloInstanceIdOffset, 0xFFFFFFFF,
+       "HELLO.instance_id: length 4294967295 exceeds limit 256"},
+      {"layers_per_stage", MustEncode(hello), kHelloInstanceIdOffset + 4 + 14, 0xFFFFFFF0,
+       "HELLO.placement.layers_per_stage: count 4294967280 exceeds limit 1024"},
+      {"layer_bases", MustEncode(hello), regions - 4, 4096,
+       "HELLO.layout.layer_bases: count 4096 needs 32768 bytes"},
+      {"regions", MustEncode(hello), regions, 0xFFFFFFFF,
+       "HELLO.regions: count 4294967295 exceeds limit 64"},
+      {"regions_short", MustEncode(hello), regions, 64, "HELLO.regions: count 64 needs 1408 bytes"},
+      {"remote_key", MustEncode(hello), regions + 4 + 18, 0xFFFFFFFF,
+       "HELLO.regions[0].remote_key: length 4294967295 exceeds limit 16384"},
+      {"remote_key_short", MustEncode(hello), regions + 4 + 18, 16384,
+       "HELLO.regions[0].remote_key: length 16384 needs 16384 bytes"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Frame frame = c.frame;
+    PatchU32(frame, c.offset, c.value);
+    Status status;
+    size_t largest = 0;
+    {
+      AllocationProbe probe;
+      status = DecodeFrame(frame).status();
+      largest = probe.largest();
+    }
+    EXPECT_THAT(status, IsError(StatusCode::kDataLoss, c.want));
+    // Error messages and small fields only; never a buffer sized by the count.
+    EXPECT_LT(largest, 4096u) << "largest allocation " << largest;
+  }
+}
+
+TEST(CodecTest, AllocationProbeSeesDecoderAllocations) {
+  KvRequest r = SmallKvRequest();
+  r.block_table.assign(100000, 1);
+  const Frame frame = MustEncode(r);
+  size_t largest = 0;
+  {
+    AllocationProbe probe;
+    ASSERT_TRUE(DecodeFrame(frame).ok());
+    largest = probe.largest();
+  }
+  EXPECT_GE(largest, 4 * r.block_table.size());
+}
+
+// --- Enums and invariants ---------------------------------------------------
+
+TEST(CodecTest, EnumValuesOutOfRangeAreRejected) {
+  struct Case {
+    std::string name;
+    Frame frame;
+    size_t offset;
+    uint8_t value;
+    std::string want;
+  };
+  const Hello hello = SmallHello();
+  const size_t region0 = HelloRegionsOffset(hello) + 4;
+  const std::vector<Case> cases = {
+      {"status3", MustEncode(SmallKvResult()), kKvResultStatusOffset, 3,
+       "KV_RESULT.status: value 3 out of range 0..2"},
+      {"status255", MustEncode(SmallKvResult()), kKvResultStatusOffset, 255,
+       "KV_RESULT.status: value 255 out of range 0..2"},
+      {"path", MustEncode(SmallKvRequest()), kKvRequestPathOffset, 4,
+       "KV_REQUEST.path: value 4 out of range 0..3"},
+      {"role", MustEncode(hello), kHeaderSize + 2, 2, "HELLO.role: value 2 out of range 0..1"},
+      {"layout_kind", MustEncode(hello), kHeaderSize + 3, 3,
+       "HELLO.layout.kind: value 3 out of range 0..2"},
+      {"region_kind", MustEncode(hello), region0, 3,
+       "HELLO.regions[0].kind: value 3 out of range 0..2"},
+      {"memory_kind", MustEncode(hello), region0 + 1, 200,
+       "HELLO.regions[0].memory: value 200 out of range 0..2"},
+      {"bye_reason", MustEncode(Bye{}), kHeaderSize, 3, "BYE.reason: value 3 out of range 0..2"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Frame frame = c.frame;
+    PatchU8(frame, c.offset, c.value);
+    EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, c.want));
+  }
+}
+
+TEST(CodecTest, InvertedTokenRangeIsRejectedBothWays) {
+  KvRequest r = SmallKvRequest();
+  r.token_start = 9;
+  r.token_end = 4;
+  EXPECT_THAT(Encode(r).status(),
+              IsError(StatusCode::kInvalidArgument, "KV_REQUEST.token_range: start 9 > end 4"));
+  Frame frame = MustEncode(SmallKvRequest());
+  PatchU64(frame, kHeaderSize + 8, 9);   // token_start
+  PatchU64(frame, kHeaderSize + 16, 4);  // token_end
+  EXPECT_THAT(DecodeKvRequest(frame).status(),
+              IsError(StatusCode::kDataLoss, "KV_REQUEST.token_range: start 9 > end 4"));
+}
+
+TEST(CodecTest, WrappingAddressRangesAreRejected) {
+  KvRequest r = SmallKvRequest();
+  r.recv_slot_addr = UINT64_MAX - 10;
+  r.recv_slot_size = 11;
+  EXPECT_THAT(Encode(r).status(),
+              IsError(StatusCode::kInvalidArgument, "KV_REQUEST.recv_slot_size"));
+  r.recv_slot_size = 10;
+  EXPECT_TRUE(Encode(r).ok());
+
+  Hello h = SmallHello();
+  h.regions[1].addr = UINT64_MAX;
+  h.regions[1].size = 1;
+  EXPECT_THAT(Encode(h).status(),
+              IsError(StatusCode::kInvalidArgument, "HELLO.regions[1].size: address"));
+  Frame frame = MustEncode(SmallHello());
+  PatchU64(frame, HelloRegionsOffset(SmallHello()) + 4 + 2, UINT64_MAX);  // region 0 addr
+  EXPECT_THAT(DecodeHello(frame).status(),
+              IsError(StatusCode::kDataLoss, "HELLO.regions[0].size: address"));
+}
+
+TEST(CodecTest, InconsistentPlacementIsRejected) {
+  struct Case {
+    std::string name;
+    void (*mutate)(Hello&);
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {"tp_size0", [](Hello& h) { h.placement.tp_size = 0; }, "HELLO.placement.tp_size: 0"},
+      {"tp_rank", [](Hello& h) { h.placement.tp_rank = 2; },
+       "HELLO.placement.tp_rank: 2 not below tp_size 2"},
+      {"pp_size0", [](Hello& h) { h.placement.pp_size = 0; }, "HELLO.placement.pp_size: 0"},
+      {"pp_size_limit",
+       [](Hello& h) {
+         h.placement.pp_size = kMaxPipelineStages + 1;
+         h.placement.layers_per_stage.assign(kMaxPipelineStages + 1, 0);
+       },
+       "HELLO.placement.pp_size: 1025 exceeds limit 1024"},
+      {"pp_rank", [](Hello& h) { h.placement.pp_rank = 5; },
+       "HELLO.placement.pp_rank: 5 not below pp_size 2"},
+      {"stages", [](Hello& h) { h.placement.layers_per_stage = {32}; },
+       "HELLO.placement.layers_per_stage: 1 entries, pp_size is 2"},
+      {"sum", [](Hello& h) { h.placement.layers_per_stage = {16, 15}; },
+       "HELLO.placement.layers_per_stage: entries sum to 31, model.num_layers is 32"},
+      {"num_layers",
+       [](Hello& h) {
+         h.model.num_layers = kMaxLayers + 1;
+         h.placement.layers_per_stage = {kMaxLayers, 1};
+       },
+       "HELLO.model.num_layers: 4097 exceeds limit 4096"},
+      {"layer_bases", [](Hello& h) { h.layout.layer_bases = {1, 2, 3}; },
+       "HELLO.layout.layer_bases: 3 entries, must be 0 or the 15 layers of stage 1"},
+      {"instance_empty", [](Hello& h) { h.instance_id.clear(); }, "HELLO.instance_id: empty"},
+      {"instance_long", [](Hello& h) { h.instance_id.assign(kMaxInstanceIdBytes + 1, 'a'); },
+       "HELLO.instance_id: 257 bytes exceed limit 256"},
+      {"regions",
+       [](Hello& h) { h.regions.resize(kMaxRegions + 1); },
+       "HELLO.regions: 65 entries exceed limit 64"},
+      {"remote_key",
+       [](Hello& h) { h.regions[2].remote_key.resize(kMaxRemoteKeyBytes + 1); },
+       "HELLO.regions[2].remote_key: 16385 bytes exceed limit 16384"},
+      {"role", [](Hello& h) { h.role = static_cast<Role>(9); },
+       "HELLO.role: value 9 out of range 0..1"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Hello h = SmallHello();
+    c.mutate(h);
+    EXPECT_THAT(Validate(h), IsError(StatusCode::kInvalidArgument, c.want));
+    EXPECT_THAT(Encode(h).status(), IsError(StatusCode::kInvalidArgument, c.want));
+    EXPECT_THAT(EncodeFrame(Message(h)).status(), IsErrorCode(StatusCode::kInvalidArgument));
+  }
+}
+
+TEST(CodecTest, DecodedPlacementIsValidated) {
+  Frame frame = MustEncode(SmallHello());
+  PatchU32(frame, kHeaderSize + 4, 2);  // tp_rank = tp_size
+  EXPECT_THAT(DecodeHello(frame).status(),
+              IsError(StatusCode::kDataLoss, "HELLO.placement.tp_rank: 2 not below tp_size 2"));
+}
+
+TEST(CodecTest, EncodersRejectOversizeFields) {
+  KvRequest r;
+  r.block_table.resize(size_t{kMaxBlockTableEntries} + 1);
+  EXPECT_THAT(Encode(r).status(),
+              IsError(StatusCode::kInvalidArgument,
+                      "KV_REQUEST.block_table: 8388609 entries exceed limit 8388608"));
+  r.block_table.resize(kMaxBlockTableEntries);
+  Result<Frame> max_request = Encode(r);
+  ASSERT_TRUE(max_request.ok()) << max_request.status();
+  EXPECT_EQ(max_request->size(), kHeaderSize + kMaxKvRequestPayloadBytes);
+  Result<KvRequest> decoded = DecodeKvRequest(*max_request);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->block_table.size(), kMaxBlockTableEntries);
+
+  KvResult res;
+  res.error_text.assign(kMaxErrorTextBytes + 1, 'x');
+  EXPECT_THAT(Encode(res).status(),
+              IsError(StatusCode::kInvalidArgument,
+                      "KV_RESULT.error_text: 4097 bytes exceed limit 4096"));
+  res.status = static_cast<ResultStatus>(3);
+  EXPECT_THAT(Encode(res).status(),
+              IsError(StatusCode::kInvalidArgument, "KV_RESULT.status: value 3 out of range"));
+  EXPECT_THAT(Encode(Cancel{.reason = std::string(kMaxReasonBytes + 1, 'c')}).status(),
+              IsError(StatusCode::kInvalidArgument, "CANCEL.reason: 4097 bytes"));
+  EXPECT_THAT(Encode(Bye{.message = std::string(kMaxReasonBytes + 1, 'c')}).status(),
+              IsError(StatusCode::kInvalidArgument, "BYE.message: 4097 bytes"));
+  EXPECT_THAT(Encode(Bye{.reason = static_cast<ByeReason>(3)}).status(),
+              IsError(StatusCode::kInvalidArgument, "BYE.reason: value 3"));
+  KvRequest bad_path;
+  bad_path.path = static_cast<TransferPath>(4);
+  EXPECT_THAT(Encode(bad_path).status(),
+              IsError(StatusCode::kInvalidArgument, "KV_REQUEST.path: value 4"));
+}
+
+TEST(CodecTest, LargestHelloFitsItsLimit) {
+  for (bool max_stages : {true, false}) {
+    Result<Frame> frame = Encode(MaxHello(max_stages));
+    ASSERT_TRUE(frame.ok()) << frame.status();
+    EXPECT_LE(frame->size() - kHeaderSize, kMaxHelloPayloadBytes);
+  }
+}
+
+// --- Streaming --------------------------------------------------------------
+
+TEST(CodecTest, FrameLengthSplitsAStreamFedByteByByte) {
+  const std::vector<Message> sent = {SmallHello(), SmallKvRequest(), SmallKvResult(),
+                                     Cancel{.request_id = 3, .reason = "user"}, Bye{}};
+  Frame stream;
+  for (const Message& m : sent) {
+    const Frame f = MustEncode(m);
+    stream.insert(stream.end(), f.begin(), f.end());
+  }
+  Frame buffer;
+  std::vector<Message> received;
+  for (std::byte b : stream) {
+    buffer.push_back(b);
+    for (;;) {
+      Result<std::optional<size_t>> length = FrameLength(buffer);
+      ASSERT_TRUE(length.ok()) << length.status();
+      if (!length->has_value() || buffer.size() < **length) break;
+      Result<Message> m = DecodeFrame(std::span<const std::byte>(buffer).first(**length));
+      ASSERT_TRUE(m.ok()) << m.status();
+      received.push_back(*std::move(m));
+      buffer.erase(buffer.begin(), buffer.begin() + static_cast<ptrdiff_t>(**length));
+    }
+  }
+  EXPECT_TRUE(buffer.empty());
+  ASSERT_EQ(received.size(), sent.size());
+  for (size_t i = 0; i < sent.size(); ++i) EXPECT_TRUE(received[i] == sent[i]) << i;
+}
+
+TEST(CodecTest, FrameLengthLooksOnlyAtTheFirstFrame) {
+  Frame two = MustEncode(Bye{});
+  const size_t first = two.size();
+  const Frame second = MustEncode(Cancel{.request_id = 1});
+  two.insert(two.end(), second.begin(), second.end());
+  Result<std::optional<size_t>> length = FrameLength(two);
+  ASSERT_TRUE(length.ok());
+  EXPECT_EQ(length->value(), first);
+  // A decoder given both frames at once sees trailing bytes.
+  EXPECT_THAT(DecodeFrame(two).status(), IsError(StatusCode::kDataLoss, "trailing bytes"));
+}
+
+TEST(CodecTest, EnumNames) {
+  EXPECT_EQ(ResultStatusName(ResultStatus::kCancelled), "CANCELLED");
+  EXPECT_EQ(TransferPathName(TransferPath::kPerBlock), "PER_BLOCK");
+  EXPECT_EQ(RoleName(Role::kGen), "GEN");
+  EXPECT_EQ(LayoutKindName(LayoutKind::kLayerMajorNhd), "LAYER_MAJOR_NHD");
+  EXPECT_EQ(RegionKindName(RegionKind::kSendArena), "SEND_ARENA");
+  EXPECT_EQ(MemoryKindName(MemoryKind::kPinnedHost), "PINNED_HOST");
+  EXPECT_EQ(ByeReasonName(ByeReason::kIncompatible), "INCOMPATIBLE");
+  EXPECT_EQ(ResultStatusName(static_cast<ResultStatus>(7)), "UNKNOWN");
+  EXPECT_EQ(TypeOf(Message(Cancel{})), MessageType::kCancel);
+}
+
+}  // namespace
+}  // namespace kvbounce::protocol

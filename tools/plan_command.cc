@@ -1,0 +1,134 @@
+#include "tools/plan_command.h"
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "layout/pool_layout.h"
+
+namespace kvbounce::tools {
+namespace {
+
+std::string HumanBytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.2f %s", bytes, units[u]);
+  return buf;
+}
+
+}  // namespace
+
+CLI::App* AddPlanCommand(CLI::App& app, PlanFlags* flags) {
+  CLI::App* cmd = app.add_subcommand(
+      "plan", "Show the transfer plan of one request: per ctx/gen rank pair, bytes, direct "
+              "fragments, gather and scatter runs");
+  flags->scenario.Register(*cmd);
+  cmd->add_flag("--json", flags->json, "Print one JSON object instead of a table");
+  return cmd;
+}
+
+Result<nlohmann::json> PlanScenario(const Scenario& s) {
+  // One block table per instance (a serving engine's block manager gives all
+  // ranks of an instance the same ids), random from a pool twice the size
+  // needed. The counts of bytes and direct fragments do not depend on it.
+  int64_t ctx_blocks = 0, gen_blocks = 0;
+  const std::vector<int32_t> ctx_table =
+      RandomBlockTable(s.tokens.end, s.ctx.spec().tokens_per_block, s.seed, &ctx_blocks);
+  const std::vector<int32_t> gen_table =
+      RandomBlockTable(s.tokens.end, s.gen.spec().tokens_per_block, s.seed + 1, &gen_blocks);
+  std::vector<PoolLayout> ctx_pools, gen_pools;
+  // Ranks get far-apart fake bases: planning only computes addresses.
+  for (int r = 0; r < s.ctx.num_ranks(); ++r) {
+    KVB_ASSIGN_OR_RETURN(PoolLayout p, PoolLayout::ForRank(s.ctx, r, ctx_blocks,
+                                                           Addr(static_cast<uint64_t>(r + 1) << 44)));
+    ctx_pools.push_back(std::move(p));
+  }
+  for (int r = 0; r < s.gen.num_ranks(); ++r) {
+    KVB_ASSIGN_OR_RETURN(PoolLayout p, PoolLayout::ForRank(s.gen, r, gen_blocks,
+                                                           Addr(static_cast<uint64_t>(r + 65) << 44)));
+    gen_pools.push_back(std::move(p));
+  }
+
+  nlohmann::json pairs = nlohmann::json::array();
+  nlohmann::json gen_ranks = nlohmann::json::array();
+  uint64_t total_bytes = 0, total_direct = 0, total_pairs = 0;
+  for (int g = 0; g < s.gen.num_ranks(); ++g) {
+    nlohmann::json writers = nlohmann::json::array();
+    uint64_t gen_bytes = 0;
+    for (int c = 0; c < s.ctx.num_ranks(); ++c) {
+      KVB_ASSIGN_OR_RETURN(PairPlan plan,
+                           PlanPair({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
+                                    {&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table},
+                                    s.tokens));
+      if (plan.packed_bytes == 0) continue;
+      pairs.push_back({{"ctx_rank", c},
+                       {"gen_rank", g},
+                       {"bytes", plan.packed_bytes},
+                       {"direct_fragments", plan.direct.size()},
+                       {"gather_runs", plan.gather.size()},
+                       {"scatter_runs", plan.scatter.size()}});
+      writers.push_back(c);
+      gen_bytes += plan.packed_bytes;
+      total_direct += plan.direct.size();
+      ++total_pairs;
+    }
+    total_bytes += gen_bytes;
+    gen_ranks.push_back({{"gen_rank", g}, {"writers", writers}, {"bytes", gen_bytes}});
+  }
+  nlohmann::json out;
+  out["scenario"] = DescribeScenario(s);
+  out["pairs"] = std::move(pairs);
+  out["gen_ranks"] = std::move(gen_ranks);
+  out["totals"] = {{"bytes", total_bytes},
+                   {"direct_fragments", total_direct},
+                   {"pairs", total_pairs}};
+  return out;
+}
+
+Status RunPlan(const PlanFlags& flags, std::ostream& out) {
+  KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
+  KVB_ASSIGN_OR_RETURN(nlohmann::json plan, PlanScenario(scenario));
+  if (flags.json) {
+    out << plan.dump(2) << "\n";
+    return Status::Ok();
+  }
+  out << "kvbounce plan: " << DescribeScenario(scenario) << "\n\n";
+  char line[256];
+  std::snprintf(line, sizeof(line), "%8s %8s %14s %12s %14s %12s %12s\n", "ctx rank", "gen rank",
+                "bytes", "size", "direct frags", "gather runs", "scatter runs");
+  out << line;
+  for (const auto& p : plan["pairs"]) {
+    const uint64_t bytes = p["bytes"];
+    const uint64_t direct = p["direct_fragments"];
+    std::snprintf(line, sizeof(line), "%8d %8d %14llu %12s %14llu %12llu %12llu\n",
+                  p["ctx_rank"].get<int>(), p["gen_rank"].get<int>(),
+                  static_cast<unsigned long long>(bytes), HumanBytes(static_cast<double>(bytes)).c_str(),
+                  static_cast<unsigned long long>(direct),
+                  static_cast<unsigned long long>(p["gather_runs"].get<uint64_t>()),
+                  static_cast<unsigned long long>(p["scatter_runs"].get<uint64_t>()));
+    out << line;
+  }
+  out << "\n";
+  for (const auto& g : plan["gen_ranks"]) {
+    std::string writers;
+    for (const auto& w : g["writers"]) writers += (writers.empty() ? "" : ",") + std::to_string(w.get<int>());
+    out << "gen rank " << g["gen_rank"].get<int>() << ": writers {" << writers << "}, "
+        << HumanBytes(static_cast<double>(g["bytes"].get<uint64_t>())) << "\n";
+  }
+  const auto& t = plan["totals"];
+  const uint64_t total_bytes = t["bytes"];
+  const uint64_t total_direct = t["direct_fragments"];
+  out << "\ntotal: " << t["pairs"].get<uint64_t>() << " pairs, " << total_bytes << " bytes ("
+      << HumanBytes(static_cast<double>(total_bytes)) << "), " << total_direct
+      << " direct fragments, mean "
+      << HumanBytes(total_direct ? static_cast<double>(total_bytes) / static_cast<double>(total_direct) : 0)
+      << " per fragment\n";
+  return Status::Ok();
+}
+
+}  // namespace kvbounce::tools

@@ -1,0 +1,194 @@
+#include "tools/scenario.h"
+
+#include <algorithm>
+#include <charconv>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+
+namespace kvbounce::tools {
+namespace {
+
+Result<int> ParsePositive(std::string_view what, std::string_view text) {
+  int value = 0;
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  if (ec != std::errc() || ptr != end || text.empty()) {
+    return InvalidArgumentError(std::string(what) + " = '" + std::string(text) +
+                                "' is invalid: must be an integer");
+  }
+  if (value < 1) {
+    return InvalidArgumentError(std::string(what) + " = " + std::to_string(value) +
+                                " is invalid: must be >= 1");
+  }
+  return value;
+}
+
+std::string SideText(const Topology& t) {
+  const InstanceSpec& s = t.spec();
+  std::string out = "tp" + std::to_string(s.tp) + " pp" + std::to_string(s.pp);
+  if (s.pp > 1) {
+    out += " (";
+    for (size_t i = 0; i < t.layers_per_stage().size(); ++i) {
+      if (i > 0) out += '/';
+      out += std::to_string(t.layers_per_stage()[i]);
+    }
+    out += " layers)";
+  }
+  out += " " + std::string(LayoutKindName(s.layout)) + "/" + std::to_string(s.tokens_per_block);
+  return out;
+}
+
+}  // namespace
+
+Result<SideSpec> ParseSideSpec(std::string_view side, std::string_view text) {
+  SideSpec spec;
+  std::set<std::string> seen;
+  const std::string flag = "--" + std::string(side);
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    if (comma == std::string_view::npos) comma = text.size();
+    const std::string_view item = text.substr(pos, comma - pos);
+    pos = comma + 1;
+    if (item.empty()) {
+      return InvalidArgumentError(flag + " '" + std::string(text) +
+                                  "': empty item (expected key=value pairs separated by commas)");
+    }
+    const size_t eq = item.find('=');
+    if (eq == std::string_view::npos) {
+      return InvalidArgumentError(flag + ": '" + std::string(item) + "' is not key=value");
+    }
+    const std::string key(item.substr(0, eq));
+    const std::string_view value = item.substr(eq + 1);
+    const std::string what = flag + " " + key;
+    if (!seen.insert(key).second) {
+      return InvalidArgumentError(flag + ": key '" + key + "' is given twice");
+    }
+    if (key == "tp") {
+      KVB_ASSIGN_OR_RETURN(spec.tp, ParsePositive(what, value));
+    } else if (key == "pp") {
+      KVB_ASSIGN_OR_RETURN(spec.pp, ParsePositive(what, value));
+    } else if (key == "layout") {
+      Result<LayoutKind> kind = ParseLayoutKind(value);
+      if (!kind.ok()) return kind.status().WithContext(flag);
+      spec.layout = *kind;
+    } else if (key == "tokens-per-block") {
+      KVB_ASSIGN_OR_RETURN(spec.tokens_per_block, ParsePositive(what, value));
+    } else if (key == "layers-per-stage") {
+      size_t p = 0;
+      while (p <= value.size()) {
+        size_t slash = value.find('/', p);
+        if (slash == std::string_view::npos) slash = value.size();
+        KVB_ASSIGN_OR_RETURN(int n, ParsePositive(what, value.substr(p, slash - p)));
+        spec.layers_per_stage.push_back(n);
+        p = slash + 1;
+      }
+    } else {
+      return InvalidArgumentError(flag + ": unknown key '" + key +
+                                  "' (known: tp, pp, layout, tokens-per-block, layers-per-stage)");
+    }
+  }
+  return spec;
+}
+
+void ScenarioFlags::Register(CLI::App& app) {
+  app.add_option("--model", model, std::string("Model preset (default ") + kDefaultModel + ")");
+  app.add_option("--layers", layers, "Layers of a custom model");
+  app.add_option("--kv-heads", kv_heads, "KV heads of a custom model");
+  app.add_option("--head-dim", head_dim, "Head dim of a custom model");
+  app.add_flag("--mla", mla, "Custom model keeps one MLA latent cache (kv factor 1)");
+  app.add_option("--dtype", dtype, "Element type: bf16, fp16, fp8, fp32")->capture_default_str();
+  app.add_option("--tokens", tokens, "Tokens of the request")->capture_default_str();
+  app.add_option("--start-token", start_token,
+                 "First token to move (the receiver already holds [0, S))")
+      ->capture_default_str();
+  app.add_option("--tokens-per-block", tokens_per_block, "Tokens per block, both sides")
+      ->capture_default_str();
+  app.add_option("--layout", layout,
+                 "Pool layout, both sides: block-major-hnd, layer-major-hnd, layer-major-nhd")
+      ->capture_default_str();
+  app.add_option("--ctx", ctx,
+                 "Ctx instance: tp=A,pp=B[,layout=NAME][,tokens-per-block=T]"
+                 "[,layers-per-stage=a/b/c]")
+      ->capture_default_str();
+  app.add_option("--gen", gen, "Gen instance, same keys as --ctx")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random block tables")->capture_default_str();
+}
+
+Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
+  const bool explicit_dims =
+      flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 || flags.mla;
+  ModelShape model;
+  if (!flags.model.empty() && explicit_dims) {
+    return InvalidArgumentError(
+        "--model cannot be combined with --layers/--kv-heads/--head-dim/--mla");
+  }
+  if (explicit_dims) {
+    if (flags.layers == 0 || flags.kv_heads == 0 || flags.head_dim == 0) {
+      return InvalidArgumentError(
+          "a custom model needs all of --layers, --kv-heads and --head-dim");
+    }
+    KVB_ASSIGN_OR_RETURN(model, CustomModel(flags.layers, flags.kv_heads, flags.head_dim, flags.mla));
+  } else {
+    KVB_ASSIGN_OR_RETURN(model, FindModelPreset(flags.model.empty() ? kDefaultModel : flags.model));
+  }
+  Result<DType> dtype = ParseDType(flags.dtype);
+  if (!dtype.ok()) return dtype.status().WithContext("--dtype");
+  Result<LayoutKind> layout = ParseLayoutKind(flags.layout);
+  if (!layout.ok()) return layout.status().WithContext("--layout");
+  if (flags.tokens_per_block < 1) {
+    return InvalidArgumentError("--tokens-per-block = " + std::to_string(flags.tokens_per_block) +
+                                " is invalid: must be >= 1");
+  }
+  if (flags.tokens < 1) {
+    return InvalidArgumentError("--tokens = " + std::to_string(flags.tokens) +
+                                " is invalid: must be >= 1");
+  }
+  if (flags.start_token < 0 || flags.start_token >= flags.tokens) {
+    return InvalidArgumentError("--start-token = " + std::to_string(flags.start_token) +
+                                " is invalid: must be in [0, tokens = " +
+                                std::to_string(flags.tokens) + ")");
+  }
+  auto make = [&](std::string_view side, const std::string& text) -> Result<Topology> {
+    KVB_ASSIGN_OR_RETURN(SideSpec s, ParseSideSpec(side, text));
+    InstanceSpec spec;
+    spec.model = model;
+    spec.dtype = *dtype;
+    spec.tp = s.tp;
+    spec.pp = s.pp;
+    spec.layers_per_stage = s.layers_per_stage;
+    spec.layout = s.layout.value_or(*layout);
+    spec.tokens_per_block = s.tokens_per_block.value_or(flags.tokens_per_block);
+    return Topology::Create(spec, "--" + std::string(side));
+  };
+  KVB_ASSIGN_OR_RETURN(Topology ctx, make("ctx", flags.ctx));
+  KVB_ASSIGN_OR_RETURN(Topology gen, make("gen", flags.gen));
+  KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
+  return Scenario{std::move(ctx), std::move(gen), TokenRange{flags.start_token, flags.tokens},
+                  flags.seed};
+}
+
+std::string DescribeScenario(const Scenario& s) {
+  const ModelShape& m = s.ctx.spec().model;
+  return m.name + " " + std::string(DTypeName(s.ctx.spec().dtype)) + ", tokens [" +
+         std::to_string(s.tokens.start) + ", " + std::to_string(s.tokens.end) + "), ctx " +
+         SideText(s.ctx) + " -> gen " + SideText(s.gen);
+}
+
+std::vector<int32_t> RandomBlockTable(int64_t tokens, int tokens_per_block, uint64_t seed,
+                                      int64_t* pool_blocks) {
+  const int64_t needed = (tokens + tokens_per_block - 1) / tokens_per_block;
+  *pool_blocks = 2 * needed;
+  std::vector<int32_t> ids(static_cast<size_t>(*pool_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  // Fisher-Yates with the raw engine: the same table from the same seed with
+  // any standard library (std::shuffle's algorithm is not specified).
+  std::mt19937_64 rng(seed);
+  for (size_t i = ids.size(); i > 1; --i) std::swap(ids[i - 1], ids[rng() % i]);
+  ids.resize(static_cast<size_t>(needed));
+  return ids;
+}
+
+}  // namespace kvbounce::tools
