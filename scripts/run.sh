@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 cmake --preset release >/dev/null
 cmake --build --preset release -j "$(nproc)" --target kvbounce
-exec out/release/tools/kvbounce plan "$@"
+exec out/release/tools/kvbounce bench "$@"

@@ -94,7 +94,7 @@ Result<SideSpec> ParseSideSpec(std::string_view side, std::string_view text) {
 }
 
 void ScenarioFlags::Register(CLI::App& app) {
-  app.add_option("--model", model, std::string("Model preset (default ") + kDefaultModel + ")");
+  app.add_option("--model", model, "Model preset (default " + default_model + ")");
   app.add_option("--layers", layers, "Layers of a custom model");
   app.add_option("--kv-heads", kv_heads, "KV heads of a custom model");
   app.add_option("--head-dim", head_dim, "Head dim of a custom model");
@@ -132,7 +132,7 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
     }
     KVB_ASSIGN_OR_RETURN(model, CustomModel(flags.layers, flags.kv_heads, flags.head_dim, flags.mla));
   } else {
-    KVB_ASSIGN_OR_RETURN(model, FindModelPreset(flags.model.empty() ? kDefaultModel : flags.model));
+    KVB_ASSIGN_OR_RETURN(model, FindModelPreset(flags.model.empty() ? flags.default_model : flags.model));
   }
   Result<DType> dtype = ParseDType(flags.dtype);
   if (!dtype.ok()) return dtype.status().WithContext("--dtype");

@@ -53,12 +53,12 @@ struct ScenarioFlags {
   std::string ctx = "tp=8,pp=1";
   std::string gen = "tp=4,pp=1";
   uint64_t seed = 1;
+  // The preset used when neither --model nor explicit dimensions are given.
+  std::string default_model = "llama-3.1-70b";
 
   // Registers every flag above on `app`.
   void Register(CLI::App& app);
 };
-
-constexpr const char* kDefaultModel = "llama-3.1-70b";
 
 struct Scenario {
   Topology ctx;

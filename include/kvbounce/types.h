@@ -39,6 +39,10 @@ class Addr {
   uint64_t value_ = 0;
 };
 
+// Where bytes live: pageable host memory, pinned (page-locked) host memory,
+// or CUDA device memory.
+enum class MemoryKind { kHost, kPinnedHost, kCuda };
+
 // Bytes from a count in MiB.
 constexpr uint64_t MiB(uint64_t n) { return n << 20; }
 constexpr uint64_t KiB(uint64_t n) { return n << 10; }

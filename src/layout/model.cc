@@ -1,4 +1,4 @@
-#include "layout/model.h"
+#include "kvbounce/model.h"
 
 #include <array>
 #include <string>

@@ -35,15 +35,6 @@
 
 namespace kvbounce {
 
-// Absolute token positions [start, end) of a request.
-struct TokenRange {
-  int64_t start = 0;
-  int64_t end = 0;
-
-  int64_t size() const { return end - start; }
-  friend bool operator==(const TokenRange&, const TokenRange&) = default;
-};
-
 // One end of a transfer. Borrowed pointers: the topology and pool must outlive
 // the call (not the plan).
 struct PlanSide {

@@ -21,32 +21,9 @@
 #include <vector>
 
 #include "kvbounce/status.h"
-#include "layout/model.h"
+#include "kvbounce/model.h"
 
 namespace kvbounce {
-
-// The named pool layouts of DESIGN §2 (outer to inner dimension):
-//   kBlockMajorHnd  [block][layer][kv][head][token][dim]   (TensorRT-LLM)
-//   kLayerMajorHnd  per layer [kv][block][head][token][dim]
-//   kLayerMajorNhd  per layer [kv][block][token][head][dim] (vLLM)
-enum class LayoutKind : uint8_t { kBlockMajorHnd = 0, kLayerMajorHnd = 1, kLayerMajorNhd = 2 };
-
-// "block-major-hnd", "layer-major-hnd", "layer-major-nhd".
-std::string_view LayoutKindName(LayoutKind kind);
-// Errors: kInvalidArgument naming the text and the known names.
-Result<LayoutKind> ParseLayoutKind(std::string_view name);
-
-struct InstanceSpec {
-  ModelShape model;
-  DType dtype = DType::kBf16;
-  int tp = 1;
-  int pp = 1;
-  // Layers of each pipeline stage, in stage order. Empty: as even as possible,
-  // earlier stages take the remainder.
-  std::vector<int> layers_per_stage;
-  LayoutKind layout = LayoutKind::kBlockMajorHnd;
-  int tokens_per_block = 32;
-};
 
 // Where one rank sits and what it holds. Heads are global kv-head indices.
 struct RankPlacement {

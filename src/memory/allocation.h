@@ -35,9 +35,6 @@
 
 namespace kvbounce {
 
-// Where the bytes of an allocation live.
-enum class MemoryKind { kHost, kPinnedHost, kCuda };
-
 // "host", "pinned-host" or "cuda" (used in messages and the wire's HELLO).
 std::string_view MemoryKindName(MemoryKind kind);
 

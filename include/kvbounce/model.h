@@ -1,18 +1,16 @@
-// Model shapes, element types and named presets (DESIGN §2).
-//
-// A ModelShape is the part of a model's config that decides the size of its KV
-// cache: layers, kv heads, head dim and whether K and V are separate (kv
-// factor 2) or one latent cache (MLA, kv factor 1). Element types only matter
-// through their size: kvbounce moves bytes, it never converts a dtype.
+// The model, element type, pool layout and parallel shape of a KV cache: the
+// value types a serving engine fills in to describe one ctx or gen instance
+// (DESIGN §2, §3), with the named presets.
 //
 // Thread safety: plain values and pure functions; safe from any thread.
-#ifndef KVBOUNCE_LAYOUT_MODEL_H_
-#define KVBOUNCE_LAYOUT_MODEL_H_
+#ifndef KVBOUNCE_MODEL_H_
+#define KVBOUNCE_MODEL_H_
 
 #include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "kvbounce/status.h"
 
@@ -56,6 +54,38 @@ Result<ModelShape> FindModelPreset(std::string_view name);
 // head). Errors: as ModelShape::Validate.
 Result<ModelShape> CustomModel(int num_layers, int num_kv_heads, int head_dim, bool mla);
 
+// The named pool layouts of DESIGN §2 (outer to inner dimension):
+//   kBlockMajorHnd  [block][layer][kv][head][token][dim]   (TensorRT-LLM)
+//   kLayerMajorHnd  per layer [kv][block][head][token][dim]
+//   kLayerMajorNhd  per layer [kv][block][token][head][dim] (vLLM)
+enum class LayoutKind : uint8_t { kBlockMajorHnd = 0, kLayerMajorHnd = 1, kLayerMajorNhd = 2 };
+
+// "block-major-hnd", "layer-major-hnd", "layer-major-nhd".
+std::string_view LayoutKindName(LayoutKind kind);
+// Errors: kInvalidArgument naming the text and the known names.
+Result<LayoutKind> ParseLayoutKind(std::string_view name);
+
+struct InstanceSpec {
+  ModelShape model;
+  DType dtype = DType::kBf16;
+  int tp = 1;
+  int pp = 1;
+  // Layers of each pipeline stage, in stage order. Empty: as even as possible,
+  // earlier stages take the remainder.
+  std::vector<int> layers_per_stage;
+  LayoutKind layout = LayoutKind::kBlockMajorHnd;
+  int tokens_per_block = 32;
+};
+
+// Absolute token positions [start, end) of a request.
+struct TokenRange {
+  int64_t start = 0;
+  int64_t end = 0;
+
+  int64_t size() const { return end - start; }
+  friend bool operator==(const TokenRange&, const TokenRange&) = default;
+};
+
 }  // namespace kvbounce
 
-#endif  // KVBOUNCE_LAYOUT_MODEL_H_
+#endif  // KVBOUNCE_MODEL_H_

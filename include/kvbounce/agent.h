@@ -1,0 +1,245 @@
+// Agent: one per rank, the object a serving engine talks to (DESIGN §10, §14).
+//
+// A ctx (prefill) rank's agent publishes the KV cache of its requests; a gen
+// (decode) rank's agent pulls a token range of a request from a ctx instance
+// into its own paged pool. Agents find each other by address, exchange HELLO
+// (placement, layout, registered regions) once, and from then on move KV on
+// the path the receiver asks for:
+//
+//   per-block  one transport write per direct-list fragment (the baseline)
+//   bounce     the writer gathers into a send slot, writes it once into the
+//              slot the receiver granted, the receiver scatters
+//   direct     one batched copy from the writer's pool into the receiver's
+//              (transports that map peer memory only)
+//   auto       direct where available, else bounce when the arena is on and
+//              the plan has many small fragments, else per-block
+//
+//   // ctx rank
+//   auto ctx = Agent::Create(std::move(ctx_options)).value();
+//   ctx->Connect({gen_address});
+//   auto sent = ctx->Publish(request_id, block_table, num_tokens).value();
+//   // gen rank
+//   auto t = gen->Pull(request_id, "ctx0", my_blocks, {0, num_tokens}).value();
+//   Status s = t->Wait();
+//
+// Semantics every request keeps, whatever happens:
+//   * it settles exactly once (OK, or the first error that explains it);
+//   * a receiver request completes only after every writer succeeded and,
+//     on the bounce path, after the scatter into the pool landed;
+//   * once a request has settled its destination blocks are no longer
+//     written: a cancelled or timed-out bounce leaves its staging slot in
+//     quarantine until the writers stop; per-block and direct requests settle
+//     only once their writers stopped (or their connection was declared dead);
+//   * every staging slot is returned (Stats().arena_outstanding_bytes is 0
+//     when nothing is in flight).
+//
+// Threads: each agent owns one control thread that runs every state change
+// and every completion callback, and a CPU copy engine's workers; the
+// transport may own threads of its own. All are joined by Shutdown().
+//
+// Thread safety: every method is thread-safe. Completion callbacks
+// (Transfer::OnDone) run on the control thread with no kvbounce lock held;
+// they must be short and must not call Shutdown() or Wait().
+#ifndef KVBOUNCE_AGENT_H_
+#define KVBOUNCE_AGENT_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvbounce/config.h"
+#include "kvbounce/model.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+
+namespace kvbounce {
+
+class Transport;  // src/transport/transport.h; see kvbounce/transports.h
+
+enum class Role { kCtx, kGen };
+std::string_view RoleName(Role role);  // "ctx", "gen"
+
+// This rank's KV pool: memory the application owns and keeps alive until the
+// agent is shut down.
+struct PoolSpec {
+  // One base address, or one per local layer (layer-major layouts only).
+  std::vector<Addr> bases;
+  int64_t num_blocks = 0;
+  MemoryKind memory = MemoryKind::kHost;
+};
+
+struct AgentOptions {
+  // Names the instance this rank belongs to; gen ranks pull by it.
+  std::string instance_id;
+  Role role = Role::kCtx;
+  // The instance's model, dtype, TP/PP split, pool layout and block size.
+  InstanceSpec instance;
+  // This rank: pp_rank * tp + tp_rank.
+  int rank = 0;
+  PoolSpec pool;
+  // Validated by Create after the KVBOUNCE_* environment overrides. With
+  // bounce_size_mb > 0 a ctx rank gets a send arena and a gen rank a recv
+  // arena of that size (DESIGN §6 gives every agent both; a rank's role is
+  // fixed, so the one it never uses is not allocated).
+  Config config;
+  // The agent takes ownership. Required.
+  std::unique_ptr<Transport> transport;
+  // How long Connect waits for the peers' HELLO.
+  std::chrono::milliseconds connect_timeout{10000};
+  // How long a staging slot stays quarantined after a writer's connection
+  // was declared dead, and how long Shutdown waits for writers to stop.
+  std::chrono::milliseconds grace{1000};
+};
+
+// What happened to one request on one side.
+struct TransferInfo {
+  uint64_t request_id = 0;
+  TransferPath path_requested = TransferPath::kAuto;
+  TransferPath path_taken = TransferPath::kAuto;
+  std::string fallback_reason;  // empty unless a fallback happened
+  uint64_t bytes = 0;           // payload of the request on this rank
+  uint64_t fragments = 0;       // plan runs executed on this rank
+  uint64_t transport_writes = 0;
+  int writers = 0;
+  // Steady-clock durations from the start of the request.
+  std::chrono::nanoseconds latency{0};
+};
+
+// A request in flight: Pull's receiver request, or Publish's publication.
+// Shared between the application and the agent; outlives either.
+class Transfer {
+ public:
+  virtual ~Transfer() = default;
+  virtual uint64_t request_id() const = 0;
+  // Blocks until the request settled (and the OnDone callbacks registered
+  // before that ran); returns its outcome.
+  virtual Status Wait() = 0;
+  // Waits at most `timeout`; true when settled.
+  virtual bool WaitFor(std::chrono::nanoseconds timeout) = 0;
+  // The outcome once settled, nullopt before.
+  virtual std::optional<Status> Poll() const = 0;
+  // Asks the agent to cancel; the request settles with kCancelled unless it
+  // settles otherwise first. Idempotent; never blocks.
+  virtual void Cancel() = 0;
+  // Runs `done` once with the outcome: on the control thread when the
+  // request settles, or at once on the calling thread if it already has.
+  virtual void OnDone(std::function<void(const Status&)> done) = 0;
+  // Path, bytes, fragments and timing; final once settled.
+  virtual TransferInfo info() const = 0;
+};
+
+struct PullOptions {
+  // kAuto: the agent's configured path (Config::path).
+  TransferPath path = TransferPath::kAuto;
+  // 0: the agent's Config::transfer_timeout_ms.
+  std::chrono::milliseconds timeout{0};
+};
+
+struct PublishOptions {
+  // How long the publication waits for its pulls; 0: the agent's
+  // Config::transfer_timeout_ms.
+  std::chrono::milliseconds ttl{0};
+};
+
+// Aggregates of one agent (DESIGN §12).
+struct AgentStats {
+  uint64_t requests_completed = 0;
+  uint64_t requests_failed = 0;
+  uint64_t requests_cancelled = 0;
+  uint64_t requests_timed_out = 0;
+  uint64_t bytes_completed = 0;
+  uint64_t transport_writes = 0;
+  uint64_t rejected_results = 0;
+  uint64_t quarantined_slots = 0;  // slots ever quarantined
+  uint64_t fallbacks = 0;
+  uint64_t arena_outstanding_bytes = 0;  // send + recv, now
+  uint64_t arena_quarantined_bytes = 0;  // now
+  // Everything, as JSON text (counters, per-path counts, fallbacks by
+  // reason, latency percentiles, transport counters).
+  std::string json;
+};
+
+class Agent {
+ public:
+  // Validates everything (config, instance, rank, pool, transport), creates
+  // the arenas, registers the pool and the arenas with the transport and
+  // starts the control thread.
+  //
+  // Errors: kInvalidArgument naming the field (bad config value, impossible
+  // topology, rank outside the instance, pool without bases or with a base
+  // count that does not match the layout, no transport, pool memory the
+  // transport cannot reach); whatever the transport's Register reports.
+  static Result<std::unique_ptr<Agent>> Create(AgentOptions options);
+
+  virtual ~Agent() = default;
+
+  // The transport address peers Connect to.
+  virtual std::string Address() const = 0;
+
+  // Connects to each address and exchanges HELLO both ways; returns once
+  // every peer's HELLO arrived. Peers may also connect to us: their HELLO is
+  // answered automatically.
+  //
+  // Errors: kUnavailable (a peer is not reachable), kDeadlineExceeded (a
+  // HELLO did not arrive within connect_timeout), kInvalidArgument (a peer
+  // is incompatible: same role, another model or element size, a layout we
+  // do not understand), kAborted (shut down).
+  virtual Status Connect(std::span<const std::string> addresses) = 0;
+
+  // ctx side: the KV of `request_id` is ready in `block_table` (pool block
+  // ids of tokens [0, num_tokens)). Pulls that arrived earlier are served
+  // now; later ones as they come. The returned transfer settles OK once every
+  // gen rank of the pulling instance that needs data from this rank has been
+  // served successfully — then the blocks may be reused — or with an error
+  // when the ttl passed first or Retire was called.
+  //
+  // Errors: kAlreadyExists (the id is published), kOutOfRange (a block id
+  // outside the pool, a table too short for num_tokens), kInvalidArgument
+  // (wrong role, num_tokens < 1), kAborted (shut down).
+  virtual Result<std::shared_ptr<Transfer>> Publish(uint64_t request_id,
+                                                    std::span<const int32_t> block_table,
+                                                    int64_t num_tokens,
+                                                    PublishOptions options = {}) = 0;
+
+  // ctx side: forgets a publication (its transfer settles kCancelled);
+  // writes in progress finish first. Errors: kNotFound.
+  virtual Status Retire(uint64_t request_id) = 0;
+
+  // gen side: pulls `tokens` of `request_id` from instance `ctx_instance`
+  // into this rank's blocks `block_table` (ids of tokens [0, tokens.end)).
+  //
+  // Errors (the request is not started): kInvalidArgument (wrong role, empty
+  // range, unknown path), kFailedPrecondition (not connected to every writer
+  // rank of that instance), kNotFound (unknown instance), kOutOfRange (a
+  // block table too short or a block id outside the pool), kAlreadyExists
+  // (the id is in flight here), kUnimplemented (direct requested but the
+  // transport cannot map peer memory), kAborted (shut down). Everything
+  // after that — writer failures, timeouts, cancellation — is the
+  // transfer's outcome.
+  virtual Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id,
+                                                 std::string_view ctx_instance,
+                                                 std::span<const int32_t> block_table,
+                                                 TokenRange tokens,
+                                                 PullOptions options = {}) = 0;
+
+  // The number of gen ranks of `gen_instance` this ctx rank writes to.
+  virtual Result<int> ReceiverCount(std::string_view gen_instance) const = 0;
+
+  virtual AgentStats Stats() const = 0;
+
+  // Stops accepting requests, fails or drains those in flight (waiting up to
+  // `grace` for writers), says BYE to every peer, stops the transport and
+  // the threads, closes the arenas and deregisters the pool. Idempotent;
+  // the destructor calls it. REQUIRES: not called from a completion callback.
+  virtual void Shutdown() = 0;
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_AGENT_H_

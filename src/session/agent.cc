@@ -1,0 +1,718 @@
+// The agent: owns a rank's transport, memory, control loop and sessions,
+// speaks HELLO/BYE with its peers and routes every frame to the sender or
+// receiver session (DESIGN §10, §14).
+#include "kvbounce/agent.h"
+
+#include <condition_variable>
+#include <future>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "copy/cpu/cpu_copy_engine.h"
+#include "kvbounce/logging.h"
+#include "layout/planner.h"
+#include "memory/allocation.h"
+#include "memory/arena.h"
+#include "protocol/codec.h"
+#include "session/event_loop.h"
+#include "session/metrics.h"
+#include "session/receiver.h"
+#include "session/sender.h"
+#include "session/session_context.h"
+#include "transport/transport.h"
+
+namespace kvbounce {
+
+std::string_view RoleName(Role role) { return role == Role::kCtx ? "ctx" : "gen"; }
+
+namespace {
+
+protocol::MemoryKind ToWire(MemoryKind kind) { return static_cast<protocol::MemoryKind>(kind); }
+MemoryKind FromWire(protocol::MemoryKind kind) { return static_cast<MemoryKind>(kind); }
+
+DType DTypeOfSize(uint32_t bytes, DType same_size) {
+  if (DTypeBytes(same_size) == bytes) return same_size;
+  switch (bytes) {
+    case 1: return DType::kFp8;
+    case 4: return DType::kFp32;
+    default: return DType::kBf16;
+  }
+}
+
+// Lets a Transfer handle reach its agent's loop for as long as the agent
+// runs, and nothing afterwards.
+class LoopGate {
+ public:
+  explicit LoopGate(EventLoop* loop) : loop_(loop) {}
+  void Post(EventLoop::Task task) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (loop_ != nullptr) loop_->Post(std::move(task));
+  }
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    loop_ = nullptr;
+  }
+
+ private:
+  std::mutex mu_;
+  EventLoop* loop_;
+};
+
+class AgentImpl final : public Agent {
+ public:
+  AgentImpl() = default;
+  ~AgentImpl() override { Shutdown(); }
+
+  Status Init(AgentOptions options);
+
+  std::string Address() const override { return transport_->Address(); }
+  Status Connect(std::span<const std::string> addresses) override;
+  Result<std::shared_ptr<Transfer>> Publish(uint64_t request_id,
+                                            std::span<const int32_t> block_table,
+                                            int64_t num_tokens, PublishOptions options) override;
+  Status Retire(uint64_t request_id) override;
+  Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, std::string_view ctx_instance,
+                                         std::span<const int32_t> block_table, TokenRange tokens,
+                                         PullOptions options) override;
+  Result<int> ReceiverCount(std::string_view gen_instance) const override;
+  AgentStats Stats() const override;
+  void Shutdown() override;
+
+ private:
+  // Runs `fn` on the control thread and returns its result (inline when
+  // already there). kAborted once the loop has stopped.
+  template <typename T>
+  Result<T> OnLoop(std::function<Result<T>()> fn) const;
+  Status OnLoopStatus(std::function<Status()> fn) const;
+
+  void HandleMessage(PeerId peer, const std::vector<std::byte>& frame);
+  void HandleHello(PeerId id, const protocol::Hello& hello);
+  Status AdoptHello(PeerState& peer, const protocol::Hello& hello);
+  void HandlePeerFailure(PeerId id, const Status& reason);
+  void Refuse(PeerState& peer, protocol::ByeReason reason, const Status& why);
+  protocol::Hello BuildHello() const;
+  void NotifyConnect(PeerId id, const Status& status);
+
+  // Declared so that members are destroyed in a safe order: the transport
+  // last (regions and arenas borrow it), the loop before the sessions'
+  // context goes away.
+  std::unique_ptr<Transport> transport_;
+  std::vector<std::unique_ptr<LocalRegion>> pool_regions_;
+  std::unique_ptr<Arena> send_arena_;
+  std::unique_ptr<Arena> recv_arena_;
+  std::unique_ptr<CopyEngine> copy_;
+  Metrics metrics_;
+  SessionContext ctx_;
+  std::unique_ptr<ReceiverSession> receiver_;
+  std::unique_ptr<SenderSession> sender_;
+  std::shared_ptr<LoopGate> gate_;
+  std::unique_ptr<EventLoop> loop_;
+  std::chrono::milliseconds connect_timeout_{10000};
+
+  // Connect's waiters: the outcome of each peer's HELLO exchange.
+  mutable std::mutex connect_mu_;
+  std::condition_variable connect_cv_;
+  std::map<PeerId, Status> connect_results_;
+
+  std::mutex shutdown_mu_;
+  bool shut_down_ = false;
+};
+
+template <typename T>
+Result<T> AgentImpl::OnLoop(std::function<Result<T>()> fn) const {
+  if (loop_->InLoop()) return fn();
+  auto task = std::make_shared<std::packaged_task<Result<T>()>>(std::move(fn));
+  std::future<Result<T>> result = task->get_future();
+  if (!loop_->Post([task] { (*task)(); })) return AbortedError("the agent has shut down");
+  return result.get();
+}
+
+Status AgentImpl::OnLoopStatus(std::function<Status()> fn) const {
+  Result<bool> r = OnLoop<bool>([&]() -> Result<bool> {
+    Status s = fn();
+    if (!s.ok()) return s;
+    return true;
+  });
+  return r.status();
+}
+
+Status AgentImpl::Init(AgentOptions options) {
+  if (!options.transport) return InvalidArgumentError("AgentOptions.transport is required");
+  if (options.instance_id.empty()) {
+    return InvalidArgumentError("AgentOptions.instance_id must not be empty");
+  }
+  Config config = ApplyEnvironment(options.config);
+  KVB_RETURN_IF_ERROR(config.Validate());
+  KVB_ASSIGN_OR_RETURN(Topology topology, Topology::Create(options.instance, options.instance_id));
+  Result<RankPlacement> placement = topology.CheckedPlacement(options.rank);
+  if (!placement.ok()) return placement.status().WithContext("AgentOptions.rank");
+  const PoolSpec& pool = options.pool;
+  if (pool.bases.empty()) return InvalidArgumentError("AgentOptions.pool.bases is empty");
+  if (pool.num_blocks > std::numeric_limits<uint32_t>::max()) {
+    return InvalidArgumentError("AgentOptions.pool.num_blocks = " + std::to_string(pool.num_blocks) +
+                                " exceeds the protocol's 2^32 - 1 blocks");
+  }
+  KVB_ASSIGN_OR_RETURN(PoolLayout layout,
+                       PoolLayout::ForRank(topology, options.rank, pool.num_blocks, pool.bases[0]));
+  if (pool.bases.size() > 1) {
+    KVB_ASSIGN_OR_RETURN(layout, PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(),
+                                                            pool.bases));
+  }
+  if (pool.memory == MemoryKind::kCuda) {
+    return UnimplementedError("AgentOptions.pool.memory = cuda: this build has no CUDA copy engine");
+  }
+  transport_ = std::move(options.transport);
+  const TransportCaps caps = transport_->Caps();
+  if (!caps.host_memory) {
+    return InvalidArgumentError("the " + caps.name + " transport cannot reach host memory");
+  }
+
+  // Register the pool, one region per allocation.
+  std::vector<LocalRange> ranges;
+  const size_t allocations = layout.per_layer_bases() ? pool.bases.size() : 1;
+  for (size_t i = 0; i < allocations; ++i) {
+    const Addr base = layout.layer_base(static_cast<int>(i));
+    Result<std::unique_ptr<LocalRegion>> region =
+        transport_->Register(base, layout.allocation_bytes(), pool.memory);
+    if (!region.ok()) return region.status().WithContext("registering the KV pool");
+    ranges.push_back(LocalRange{base, layout.allocation_bytes(), region->get()});
+    pool_regions_.push_back(std::move(region).value());
+  }
+
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine, CpuCopyEngine::Create());
+  copy_ = std::move(engine);
+
+  const LocalRegion* send_region = nullptr;
+  const LocalRegion* recv_region = nullptr;
+  if (config.bounce_size_mb > 0) {
+    const uint64_t bytes = MiB(static_cast<uint64_t>(config.bounce_size_mb));
+    auto make_arena = [&](const char* which, std::unique_ptr<Arena>* out,
+                          const LocalRegion** region_out) -> Status {
+      KVB_ASSIGN_OR_RETURN(std::unique_ptr<Allocation> memory, HostAllocation::Create(bytes));
+      Arena::Options arena_options;
+      arena_options.name = options.instance_id + "/" + std::to_string(options.rank) + " " + which;
+      const Addr address = memory->address();
+      KVB_ASSIGN_OR_RETURN(std::unique_ptr<Arena> arena,
+                           Arena::Create(arena_options, std::move(memory)));
+      Result<std::unique_ptr<LocalRegion>> region =
+          transport_->Register(address, bytes, MemoryKind::kHost);
+      if (!region.ok()) return region.status().WithContext(std::string("registering the ") + which);
+      *region_out = region->get();
+      KVB_RETURN_IF_ERROR(arena->AttachRegistration(std::move(region).value()));
+      *out = std::move(arena);
+      return Status::Ok();
+    };
+    // A rank's role is fixed: a ctx rank only ever gathers into a send
+    // arena, a gen rank only grants recv slots. Each gets the one it uses.
+    if (options.role == Role::kCtx) {
+      KVB_RETURN_IF_ERROR(make_arena("send arena", &send_arena_, &send_region));
+    } else {
+      KVB_RETURN_IF_ERROR(make_arena("recv arena", &recv_arena_, &recv_region));
+    }
+  }
+
+  Result<std::unique_ptr<PerfLog>> perf_log = PerfLog::FromEnvironment();
+  if (!perf_log.ok()) return perf_log.status();
+  if (*perf_log) metrics_.SetPerfLog(std::move(perf_log).value());
+
+  connect_timeout_ = options.connect_timeout;
+  loop_ = std::make_unique<EventLoop>();
+  gate_ = std::make_shared<LoopGate>(loop_.get());
+  ctx_.instance_id = options.instance_id;
+  ctx_.role = options.role;
+  ctx_.rank = options.rank;
+  ctx_.topology = std::make_shared<const Topology>(std::move(topology));
+  ctx_.pool = std::move(layout);
+  ctx_.pool_memory = pool.memory;
+  ctx_.config = config;
+  ctx_.grace = options.grace;
+  ctx_.transport = transport_.get();
+  ctx_.copy = copy_.get();
+  ctx_.send_arena = send_arena_.get();
+  ctx_.recv_arena = recv_arena_.get();
+  ctx_.send_region = send_region;
+  ctx_.recv_region = recv_region;
+  ctx_.pool_ranges = std::move(ranges);
+  ctx_.loop = loop_.get();
+  ctx_.metrics = &metrics_;
+  std::weak_ptr<LoopGate> gate = gate_;
+  receiver_ = std::make_unique<ReceiverSession>(ctx_, [this, gate](uint64_t id, uint32_t slice) {
+    if (auto g = gate.lock()) {
+      g->Post([this, id, slice] {
+        receiver_->Cancel(id, slice, CancelledError("request " + std::to_string(id) +
+                                                    " cancelled by the application"));
+      });
+    }
+  });
+  sender_ = std::make_unique<SenderSession>(ctx_, [this, gate](uint64_t id) {
+    if (auto g = gate.lock()) {
+      g->Post([this, id] {
+        sender_->Retire(id, CancelledError("publication of request " + std::to_string(id) +
+                                           " cancelled by the application"))
+            .IgnoreError();
+      });
+    }
+  });
+
+  TransportCallbacks callbacks;
+  callbacks.on_message = [this](PeerId peer, std::vector<std::byte> frame) {
+    loop_->Post([this, peer, frame = std::move(frame)] { HandleMessage(peer, frame); });
+  };
+  callbacks.on_peer_failure = [this](PeerId peer, const Status& reason) {
+    loop_->Post([this, peer, reason] { HandlePeerFailure(peer, reason); });
+  };
+  return transport_->Start(std::move(callbacks));
+}
+
+protocol::Hello AgentImpl::BuildHello() const {
+  protocol::Hello h;
+  h.instance_id = ctx_.instance_id;
+  h.role = ctx_.role == Role::kCtx ? protocol::Role::kCtx : protocol::Role::kGen;
+  const RankPlacement p = ctx_.topology->Placement(ctx_.rank);
+  h.placement.tp_rank = static_cast<uint32_t>(p.tp_rank);
+  h.placement.tp_size = static_cast<uint32_t>(p.tp_size);
+  h.placement.pp_rank = static_cast<uint32_t>(p.pp_rank);
+  h.placement.pp_size = static_cast<uint32_t>(p.pp_size);
+  for (int n : ctx_.topology->layers_per_stage()) h.placement.layers_per_stage.push_back(static_cast<uint32_t>(n));
+  const ModelShape& m = ctx_.topology->spec().model;
+  h.model = {static_cast<uint32_t>(m.num_layers), static_cast<uint32_t>(m.num_kv_heads),
+             static_cast<uint32_t>(m.head_dim), static_cast<uint32_t>(m.kv_factor),
+             ctx_.topology->elem_bytes()};
+  const PoolLayout& pool = *ctx_.pool;
+  h.layout.kind = static_cast<protocol::LayoutKind>(pool.kind());
+  h.layout.tokens_per_block = static_cast<uint32_t>(pool.geometry().tokens_per_block);
+  h.layout.num_blocks = static_cast<uint32_t>(pool.geometry().num_blocks);
+  h.layout.base = pool.layer_base(0).value();
+  h.layout.s_layer = pool.layer_stride();
+  h.layout.s_kv = pool.kv_stride();
+  h.layout.s_block = pool.block_stride();
+  h.layout.s_head = pool.head_stride();
+  h.layout.s_token = pool.token_stride();
+  if (pool.per_layer_bases()) {
+    for (int l = 0; l < pool.geometry().num_layers; ++l) h.layout.layer_bases.push_back(pool.layer_base(l).value());
+  }
+  auto region = [&](protocol::RegionKind kind, const LocalRegion& r) {
+    const RegionInfo& info = r.info();
+    h.regions.push_back(protocol::RegionDescriptor{kind, ToWire(info.kind), info.address.value(),
+                                                   info.size, info.remote_key});
+  };
+  for (const LocalRange& r : ctx_.pool_ranges) region(protocol::RegionKind::kPool, *r.region);
+  if (ctx_.send_region != nullptr) region(protocol::RegionKind::kSendArena, *ctx_.send_region);
+  if (ctx_.recv_region != nullptr) region(protocol::RegionKind::kRecvArena, *ctx_.recv_region);
+  const TransportCaps caps = transport_->Caps();
+  if (ctx_.recv_region != nullptr) h.capabilities |= protocol::kCapabilityBounce;
+  if (caps.map_remote) h.capabilities |= protocol::kCapabilityDirect;
+  if (caps.host_memory) h.capabilities |= protocol::kCapabilityHostMemory;
+  if (caps.device_memory) h.capabilities |= protocol::kCapabilityDeviceMemory;
+  return h;
+}
+
+Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
+  const Role role = h.role == protocol::Role::kCtx ? Role::kCtx : Role::kGen;
+  if (role == ctx_.role) {
+    return InvalidArgumentError("peer '" + h.instance_id + "' is a " + std::string(RoleName(role)) +
+                                " rank like this one: ctx ranks talk to gen ranks");
+  }
+  const InstanceSpec& mine = ctx_.topology->spec();
+  if (static_cast<int>(h.model.num_layers) != mine.model.num_layers ||
+      static_cast<int>(h.model.num_kv_heads) != mine.model.num_kv_heads ||
+      static_cast<int>(h.model.head_dim) != mine.model.head_dim ||
+      static_cast<int>(h.model.kv_factor) != mine.model.kv_factor) {
+    return InvalidArgumentError(
+        "peer '" + h.instance_id + "' serves another model: " + std::to_string(h.model.num_layers) +
+        " layers, " + std::to_string(h.model.num_kv_heads) + " kv heads, head dim " +
+        std::to_string(h.model.head_dim) + ", kv factor " + std::to_string(h.model.kv_factor));
+  }
+  if (h.model.elem_bytes != ctx_.topology->elem_bytes()) {
+    return InvalidArgumentError("peer '" + h.instance_id + "' stores " +
+                                std::to_string(h.model.elem_bytes) + "-byte elements, this rank " +
+                                std::to_string(ctx_.topology->elem_bytes()) +
+                                ": dtype conversion is not supported");
+  }
+  InstanceSpec spec;
+  spec.model = mine.model;
+  spec.dtype = DTypeOfSize(h.model.elem_bytes, mine.dtype);
+  spec.tp = static_cast<int>(h.placement.tp_size);
+  spec.pp = static_cast<int>(h.placement.pp_size);
+  for (uint32_t n : h.placement.layers_per_stage) spec.layers_per_stage.push_back(static_cast<int>(n));
+  spec.layout = static_cast<LayoutKind>(h.layout.kind);
+  spec.tokens_per_block = static_cast<int>(h.layout.tokens_per_block);
+  Result<Topology> topology = Topology::Create(spec, "peer instance '" + h.instance_id + "'");
+  if (!topology.ok()) return topology.status();
+  const int rank = static_cast<int>(h.placement.pp_rank * h.placement.tp_size + h.placement.tp_rank);
+
+  std::shared_ptr<const Topology> shared;
+  auto known = ctx_.instances.find(h.instance_id);
+  if (known != ctx_.instances.end()) {
+    const InstanceSpec& other = known->second->spec();
+    if (other.tp != spec.tp || other.pp != spec.pp ||
+        known->second->layers_per_stage() != topology->layers_per_stage() ||
+        other.layout != spec.layout || other.tokens_per_block != spec.tokens_per_block ||
+        DTypeBytes(other.dtype) != DTypeBytes(spec.dtype)) {
+      return InvalidArgumentError("rank " + std::to_string(rank) + " of instance '" +
+                                  h.instance_id +
+                                  "' describes the instance differently from its other ranks");
+    }
+    shared = known->second;
+  } else {
+    shared = std::make_shared<const Topology>(std::move(topology).value());
+  }
+  if (PeerState* existing = ctx_.FindPeer(h.instance_id, rank);
+      existing != nullptr && existing->id != peer.id) {
+    return AlreadyExistsError("instance '" + h.instance_id + "' rank " + std::to_string(rank) +
+                              " is already connected");
+  }
+
+  Result<PoolLayout> pool = PoolLayout::ForRank(*shared, rank, h.layout.num_blocks, Addr(h.layout.base));
+  if (!pool.ok()) return pool.status().WithContext("peer pool");
+  if (!h.layout.layer_bases.empty()) {
+    std::vector<Addr> bases;
+    for (uint64_t b : h.layout.layer_bases) bases.push_back(Addr(b));
+    pool = PoolLayout::CreatePerLayer(pool->kind(), pool->geometry(), bases);
+    if (!pool.ok()) return pool.status().WithContext("peer pool");
+  }
+  if (pool->layer_stride() != h.layout.s_layer || pool->kv_stride() != h.layout.s_kv ||
+      pool->block_stride() != h.layout.s_block || pool->head_stride() != h.layout.s_head ||
+      pool->token_stride() != h.layout.s_token) {
+    return InvalidArgumentError("peer '" + h.instance_id + "' rank " + std::to_string(rank) +
+                                ": its " + std::string(LayoutKindName(pool->kind())) +
+                                " strides differ from this build's definition of that layout");
+  }
+
+  // Import the regions we may write into: the pool (per allocation) and the
+  // recv arena.
+  std::vector<std::unique_ptr<RemoteRegion>> pool_regions;
+  std::unique_ptr<RemoteRegion> recv_arena;
+  for (const protocol::RegionDescriptor& d : h.regions) {
+    if (d.kind == protocol::RegionKind::kSendArena) continue;
+    RegionInfo info{Addr(d.addr), d.size, FromWire(d.memory), d.remote_key};
+    Result<std::unique_ptr<RemoteRegion>> imported = transport_->Import(peer.id, info);
+    if (!imported.ok()) return imported.status().WithContext("importing a region of peer '" + h.instance_id + "'");
+    if (d.kind == protocol::RegionKind::kPool) {
+      pool_regions.push_back(std::move(imported).value());
+    } else {
+      recv_arena = std::move(imported).value();
+    }
+  }
+  const size_t allocations = pool->per_layer_bases() ? h.layout.layer_bases.size() : 1;
+  if (pool_regions.size() != allocations) {
+    return InvalidArgumentError("peer '" + h.instance_id + "' registered " +
+                                std::to_string(pool_regions.size()) + " pool regions for " +
+                                std::to_string(allocations) + " pool allocations");
+  }
+  std::vector<Addr> mapped;
+  for (size_t i = 0; i < allocations; ++i) {
+    const uint64_t base = pool->layer_base(static_cast<int>(i)).value();
+    const RegionInfo& info = pool_regions[i]->info();
+    if (base < info.address.value() ||
+        base - info.address.value() + pool->allocation_bytes() > info.size) {
+      return InvalidArgumentError("peer '" + h.instance_id + "': pool allocation " +
+                                  std::to_string(i) + " lies outside its registered region");
+    }
+    if (pool_regions[i]->mapped_address() != Addr()) {
+      mapped.push_back(pool_regions[i]->mapped_address() + (base - info.address.value()));
+    }
+  }
+
+  peer.instance_id = h.instance_id;
+  peer.role = role;
+  peer.rank = rank;
+  peer.topology = shared;
+  peer.pool = std::move(pool).value();
+  if (mapped.size() == allocations) {
+    Result<PoolLayout> m = peer.pool->Rebased(mapped);
+    if (m.ok()) peer.mapped_pool = std::move(m).value();
+  }
+  peer.pool_regions = std::move(pool_regions);
+  peer.recv_arena = std::move(recv_arena);
+  peer.capabilities = h.capabilities;
+  peer.hello_received = true;
+  ctx_.instances[h.instance_id] = shared;
+  ctx_.peer_by_rank[{h.instance_id, rank}] = peer.id;
+  return Status::Ok();
+}
+
+void AgentImpl::HandleHello(PeerId id, const protocol::Hello& hello) {
+  PeerState& peer = ctx_.peers[id];
+  peer.id = id;
+  if (peer.dead) return;
+  if (peer.hello_received) {
+    Refuse(peer, protocol::ByeReason::kProtocolError,
+           InvalidArgumentError("second HELLO from " + peer.Describe()));
+    return;
+  }
+  Status adopted = AdoptHello(peer, hello);
+  if (!adopted.ok()) {
+    Log(LogLevel::kWarning, "refusing peer: " + adopted.ToString());
+    Refuse(peer, protocol::ByeReason::kIncompatible, adopted);
+    return;
+  }
+  if (!peer.hello_sent) {
+    peer.hello_sent = true;
+    Status sent = ctx_.Send(id, BuildHello());
+    if (!sent.ok()) Log(LogLevel::kWarning, "HELLO to " + peer.Describe() + ": " + sent.ToString());
+  }
+  NotifyConnect(id, Status::Ok());
+}
+
+void AgentImpl::Refuse(PeerState& peer, protocol::ByeReason reason, const Status& why) {
+  protocol::Bye bye{reason, std::string(why.message()).substr(0, 4000)};
+  const PeerId id = peer.id;
+  ctx_.Send(id, bye).IgnoreError();
+  HandlePeerFailure(id, why);  // settles whatever depended on the peer
+  transport_->Disconnect(id, why);
+}
+
+void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
+  Result<protocol::Message> message = protocol::DecodeFrame(frame);
+  if (!message.ok()) {
+    PeerState& peer = ctx_.peers[id];
+    peer.id = id;
+    Log(LogLevel::kWarning, "malformed frame from " + peer.Describe() + ": " +
+                                message.status().ToString());
+    if (!peer.dead) Refuse(peer, protocol::ByeReason::kProtocolError, message.status());
+    return;
+  }
+  if (const auto* hello = std::get_if<protocol::Hello>(&*message)) {
+    HandleHello(id, *hello);
+    return;
+  }
+  PeerState* peer = ctx_.FindPeer(id);
+  if (const auto* bye = std::get_if<protocol::Bye>(&*message)) {
+    if (peer != nullptr) {
+      const Status why = UnavailableError("peer " + peer->Describe() + " said BYE (" +
+                                          std::string(protocol::ByeReasonName(bye->reason)) +
+                                          "): " + bye->message);
+      HandlePeerFailure(id, why);
+      transport_->Disconnect(id, why);
+    }
+    return;
+  }
+  if (peer == nullptr || !peer->ready()) {
+    PeerState& p = ctx_.peers[id];
+    p.id = id;
+    if (!p.dead) {
+      Refuse(p, protocol::ByeReason::kProtocolError,
+             InvalidArgumentError("a message before HELLO from peer " + std::to_string(id)));
+    }
+    return;
+  }
+  if (const auto* request = std::get_if<protocol::KvRequest>(&*message)) {
+    if (ctx_.role == Role::kCtx) sender_->OnRequest(*peer, *request);
+  } else if (const auto* result = std::get_if<protocol::KvResult>(&*message)) {
+    if (ctx_.role == Role::kGen) receiver_->OnResult(*peer, *result);
+  } else if (const auto* cancel = std::get_if<protocol::Cancel>(&*message)) {
+    if (ctx_.role == Role::kCtx) sender_->OnCancel(*peer, *cancel);
+  }
+}
+
+void AgentImpl::HandlePeerFailure(PeerId id, const Status& reason) {
+  PeerState& peer = ctx_.peers[id];
+  peer.id = id;
+  if (peer.dead) return;
+  peer.dead = true;
+  peer.death = reason;
+  metrics_.Count(Counter::kPeerFailures);
+  if (peer.rank >= 0) {
+    auto it = ctx_.peer_by_rank.find({peer.instance_id, peer.rank});
+    if (it != ctx_.peer_by_rank.end() && it->second == id) ctx_.peer_by_rank.erase(it);
+  }
+  receiver_->OnPeerFailure(peer);
+  sender_->OnPeerFailure(peer);
+  NotifyConnect(id, reason);
+}
+
+void AgentImpl::NotifyConnect(PeerId id, const Status& status) {
+  {
+    std::lock_guard<std::mutex> lock(connect_mu_);
+    connect_results_.emplace(id, status);  // the first outcome counts
+  }
+  connect_cv_.notify_all();
+}
+
+Status AgentImpl::Connect(std::span<const std::string> addresses) {
+  if (ctx_.shutting_down.load()) return AbortedError("Connect: the agent is shutting down");
+  std::vector<std::pair<PeerId, std::string>> pending;
+  for (const std::string& address : addresses) {
+    Result<PeerId> id = transport_->Connect(address);
+    if (!id.ok()) return id.status().WithContext("Connect to '" + address + "'");
+    PeerId peer_id = *id;
+    KVB_RETURN_IF_ERROR(OnLoopStatus([&]() -> Status {
+      PeerState& peer = ctx_.peers[peer_id];
+      peer.id = peer_id;
+      if (peer.hello_sent || peer.dead) return Status::Ok();
+      peer.hello_sent = true;
+      return ctx_.Send(peer_id, BuildHello()).WithContext("HELLO to '" + address + "'");
+    }));
+    pending.emplace_back(peer_id, address);
+  }
+  std::unique_lock<std::mutex> lock(connect_mu_);
+  const auto deadline = std::chrono::steady_clock::now() + connect_timeout_;
+  for (const auto& [id, address] : pending) {
+    const PeerId peer_id = id;
+    if (!connect_cv_.wait_until(lock, deadline, [&] { return connect_results_.count(peer_id) != 0; })) {
+      return DeadlineExceededError("Connect to '" + address + "': no HELLO within " +
+                                   std::to_string(connect_timeout_.count()) + " ms");
+    }
+    const Status& result = connect_results_[peer_id];
+    if (!result.ok()) return result.WithContext("Connect to '" + address + "'");
+  }
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
+                                                     std::span<const int32_t> block_table,
+                                                     int64_t num_tokens, PublishOptions options) {
+  std::vector<int32_t> table(block_table.begin(), block_table.end());
+  return OnLoop<std::shared_ptr<Transfer>>([&]() {
+    return sender_->Publish(request_id, std::move(table), num_tokens, options);
+  });
+}
+
+Status AgentImpl::Retire(uint64_t request_id) {
+  return OnLoopStatus([&] {
+    return sender_->Retire(request_id, CancelledError("publication of request " +
+                                                      std::to_string(request_id) + " retired"));
+  });
+}
+
+Result<std::shared_ptr<Transfer>> AgentImpl::Pull(uint64_t request_id,
+                                                  std::string_view ctx_instance,
+                                                  std::span<const int32_t> block_table,
+                                                  TokenRange tokens, PullOptions options) {
+  std::vector<int32_t> table(block_table.begin(), block_table.end());
+  std::string instance(ctx_instance);
+  return OnLoop<std::shared_ptr<Transfer>>([&]() {
+    return receiver_->Pull(request_id, instance, std::move(table), tokens, options);
+  });
+}
+
+Result<int> AgentImpl::ReceiverCount(std::string_view gen_instance) const {
+  std::string instance(gen_instance);
+  return OnLoop<int>([&]() -> Result<int> {
+    auto it = ctx_.instances.find(instance);
+    if (it == ctx_.instances.end()) {
+      return NotFoundError("no gen instance '" + instance + "' is connected");
+    }
+    return static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *it->second).size());
+  });
+}
+
+AgentStats AgentImpl::Stats() const {
+  const MetricsSnapshot snap = metrics_.Snapshot();
+  AgentStats stats;
+  for (Side side : {Side::kSender, Side::kReceiver}) {
+    const SideMetrics& m = snap.side(side);
+    stats.requests_completed += m.requests_with(Outcome::kCompleted);
+    stats.requests_failed += m.requests_with(Outcome::kFailed);
+    stats.requests_cancelled += m.requests_with(Outcome::kCancelled);
+    stats.requests_timed_out += m.requests_with(Outcome::kTimedOut);
+    stats.bytes_completed += m.bytes_completed;
+    stats.transport_writes += m.transport_writes;
+    for (const auto& [reason, n] : m.fallbacks) stats.fallbacks += n;
+  }
+  stats.rejected_results = snap.counter(Counter::kRejectedResults);
+  stats.quarantined_slots = snap.counter(Counter::kQuarantinedSlots);
+  for (const Arena* arena : {send_arena_.get(), recv_arena_.get()}) {
+    if (arena == nullptr) continue;
+    stats.arena_outstanding_bytes += arena->outstanding_bytes();
+    stats.arena_quarantined_bytes += arena->quarantined_bytes();
+  }
+  nlohmann::json j = ToJson(snap);
+  const TransportStats t = transport_->Stats();
+  j["transport"] = {{"write_ops", t.write_ops},
+                    {"write_bytes", t.write_bytes},
+                    {"failed_write_ops", t.failed_write_ops},
+                    {"flushes", t.flushes},
+                    {"messages_sent", t.messages_sent},
+                    {"messages_received", t.messages_received}};
+  j["arena_outstanding_bytes"] = stats.arena_outstanding_bytes;
+  stats.json = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return stats;
+}
+
+void AgentImpl::Shutdown() {
+  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  if (shut_down_ || loop_ == nullptr) {
+    shut_down_ = true;
+    return;
+  }
+  shut_down_ = true;
+  ctx_.shutting_down.store(true);
+  const Status why = AbortedError(ctx_.instance_id + " rank " + std::to_string(ctx_.rank) +
+                                  " is shutting down");
+
+  // 1. Stop accepting; cancel what is in flight; give writers the grace
+  //    period to stop.
+  OnLoopStatus([&] {
+    receiver_->CancelAll(why);
+    sender_->AbortAll(why);
+    return Status::Ok();
+  }).IgnoreError();
+  const auto deadline = std::chrono::steady_clock::now() + ctx_.grace;
+  while (std::chrono::steady_clock::now() < deadline) {
+    Result<bool> idle = OnLoop<bool>([&]() -> Result<bool> { return receiver_->Idle() && sender_->Idle(); });
+    if (!idle.ok() || *idle) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+
+  // 2. Say goodbye, then stop the transport: pending writes fail, no remote
+  //    write can land afterwards.
+  OnLoopStatus([&] {
+    for (auto& [id, peer] : ctx_.peers) {
+      if (!peer.dead && peer.hello_received) {
+        ctx_.Send(id, protocol::Bye{protocol::ByeReason::kShutdown, std::string(why.message())})
+            .IgnoreError();
+      }
+    }
+    return Status::Ok();
+  }).IgnoreError();
+  gate_->Close();
+  transport_->Shutdown();
+
+  // 3. Drain the copy engine (its completions still reach the loop), then
+  //    settle whatever is left and release every slot.
+  OnLoopStatus([&] {
+    ctx_.copy = nullptr;
+    return Status::Ok();
+  }).IgnoreError();
+  copy_.reset();
+  OnLoopStatus([&] {
+    receiver_->Abandon(why);
+    sender_->Abandon(why);
+    return Status::Ok();
+  }).IgnoreError();
+  loop_->Stop();
+
+  // 4. Close the arenas (each deregisters its region, then frees it),
+  //    release the peers' imported regions, deregister the pool.
+  ctx_.peers.clear();
+  for (std::unique_ptr<Arena>* arena : {&send_arena_, &recv_arena_}) {
+    if (*arena == nullptr) continue;
+    const uint64_t outstanding = (*arena)->Close();
+    if (outstanding != 0) {
+      Log(LogLevel::kError, std::string((*arena)->name()) + ": " + std::to_string(outstanding) +
+                                " bytes still outstanding at shutdown");
+    }
+    arena->reset();
+  }
+  ctx_.send_arena = ctx_.recv_arena = nullptr;
+  pool_regions_.clear();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
+  auto agent = std::make_unique<AgentImpl>();
+  KVB_RETURN_IF_ERROR(agent->Init(std::move(options)));
+  return std::unique_ptr<Agent>(std::move(agent));
+}
+
+}  // namespace kvbounce

@@ -1,0 +1,724 @@
+#include "session/receiver.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "kvbounce/logging.h"
+
+namespace kvbounce {
+
+struct ReceiverSession::Writer {
+  int rank = 0;
+  PeerId peer = 0;
+  std::string name;  // "ctx0 rank 3", for messages
+  uint64_t bytes = 0;
+  uint64_t fingerprint = 0;
+  std::vector<Fragment> scatter;
+  WriterState state = WriterState::kPending;
+  Status error;
+  bool connection_dead = false;
+  SessionContext::Clock::time_point dead_at;
+};
+
+struct ReceiverSession::Request {
+  Key key;
+  std::shared_ptr<TransferState> handle;
+  std::string ctx_instance;
+  TokenRange tokens;
+  std::vector<int32_t> block_table;
+  TransferPath requested = TransferPath::kAuto;
+  TransferPath path = TransferPath::kPerBlock;
+  std::string fallback_reason;
+  std::vector<Writer> writers;
+  uint64_t bytes = 0;
+  uint64_t scatter_runs = 0;
+  State state = State::kReserving;
+  Slot slot;
+  std::optional<QuarantineToken> quarantine;
+  SessionContext::Clock::time_point deadline;
+  EventLoop::TimerId deadline_timer = 0;
+  EventLoop::TimerId reserve_timer = 0;
+  EventLoop::TimerId retire_timer = 0;
+  EventLoop::TimerId grace_timer = 0;
+  // A cancel or timeout of a per-block/direct request waits for its writers
+  // to stop before it settles with this.
+  std::optional<Status> pending_outcome;
+  bool settled = false;
+  int scatters_outstanding = 0;
+  Status scatter_error;
+  // The first writer failure: what the request fails with, rather than the
+  // cancellations the receiver itself caused to drain the other writers.
+  Status root_cause;
+  RequestTimeline timeline;
+
+  bool AllTerminal() const {
+    return std::all_of(writers.begin(), writers.end(),
+                       [](const Writer& w) { return w.state != WriterState::kPending; });
+  }
+};
+
+namespace {
+
+Outcome OutcomeOf(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kOk: return Outcome::kCompleted;
+    case StatusCode::kCancelled:
+    case StatusCode::kAborted: return Outcome::kCancelled;
+    case StatusCode::kDeadlineExceeded: return Outcome::kTimedOut;
+    default: return Outcome::kFailed;
+  }
+}
+
+std::string Id(uint64_t request_id) { return "request " + std::to_string(request_id); }
+
+}  // namespace
+
+ReceiverSession::ReceiverSession(SessionContext& ctx, CancelHook cancel_hook)
+    : ctx_(ctx), cancel_hook_(std::move(cancel_hook)) {}
+
+ReceiverSession::~ReceiverSession() = default;
+
+const char* ReceiverSession::StateName(State state) {
+  switch (state) {
+    case State::kReserving: return "RESERVING";
+    case State::kInFlight: return "IN_FLIGHT";
+    case State::kScattering: return "SCATTERING";
+    case State::kDone: return "DONE";
+    case State::kFailed: return "FAILED";
+    case State::kQuarantined: return "QUARANTINED";
+  }
+  return "?";
+}
+
+void ReceiverSession::Transition(Request& r, State next) {
+  bool allowed = false;
+  switch (r.state) {
+    case State::kReserving:
+      allowed = next == State::kInFlight || next == State::kFailed;
+      break;
+    case State::kInFlight:
+      allowed = next == State::kScattering || next == State::kDone || next == State::kFailed ||
+                next == State::kQuarantined;
+      break;
+    case State::kScattering:
+      allowed = next == State::kDone || next == State::kFailed;
+      break;
+    case State::kQuarantined:
+      allowed = next == State::kFailed;  // the slot was released
+      break;
+    case State::kDone:
+    case State::kFailed:
+      break;
+  }
+  if (!allowed) {
+    Log(LogLevel::kError, Id(r.key.first) + ": invalid receiver transition " +
+                              StateName(r.state) + " -> " + StateName(next));
+    return;
+  }
+  r.state = next;
+}
+
+ReceiverSession::Request* ReceiverSession::Find(Key key) {
+  auto it = requests_.find(key);
+  return it == requests_.end() ? nullptr : it->second.get();
+}
+
+Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
+                                                        const std::string& ctx_instance,
+                                                        std::vector<int32_t> block_table,
+                                                        TokenRange tokens,
+                                                        const PullOptions& options) {
+  if (ctx_.role != Role::kGen) {
+    return InvalidArgumentError("Pull: this agent is a ctx rank; only gen ranks pull");
+  }
+  if (ctx_.shutting_down.load()) return AbortedError("Pull: the agent is shutting down");
+  if (active_.count(request_id) != 0) {
+    return AlreadyExistsError("Pull: " + Id(request_id) + " is already in flight on this rank");
+  }
+  auto inst = ctx_.instances.find(ctx_instance);
+  if (inst == ctx_.instances.end()) {
+    return NotFoundError("Pull: no ctx instance '" + ctx_instance + "' is connected");
+  }
+  const Topology& ctx_topology = *inst->second;
+  const std::vector<int> writer_ranks = Writers(ctx_topology, *ctx_.topology, ctx_.rank);
+  if (writer_ranks.empty()) return InternalError("Pull: no writer covers this rank");
+
+  auto r = std::make_unique<Request>();
+  r->ctx_instance = ctx_instance;
+  r->tokens = tokens;
+  r->block_table = std::move(block_table);
+  r->timeline.request = SessionContext::Clock::now();
+  uint64_t fragments = 0;
+  bool direct_everywhere = true;
+  for (int w : writer_ranks) {
+    PeerState* peer = ctx_.FindPeer(ctx_instance, w);
+    if (peer == nullptr) {
+      return FailedPreconditionError("Pull: not connected to writer " + ctx_instance + " rank " +
+                                     std::to_string(w));
+    }
+    Result<PairPlan> plan =
+        PlanPair(PlanSide{peer->topology.get(), w, &*peer->pool, {}},
+                 PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens,
+                 kPlanScatter);
+    if (!plan.ok()) return plan.status().WithContext("Pull " + Id(request_id));
+    Writer writer;
+    writer.rank = w;
+    writer.peer = peer->id;
+    writer.name = peer->Describe();
+    writer.bytes = plan->packed_bytes;
+    writer.fingerprint = plan->fingerprint;
+    writer.scatter = std::move(plan->scatter);
+    fragments += writer.scatter.size();
+    r->bytes += writer.bytes;
+    // The writer runs the direct copy: its transport must map our pool.
+    direct_everywhere = direct_everywhere && (peer->capabilities & protocol::kCapabilityDirect) != 0;
+    r->writers.push_back(std::move(writer));
+  }
+  r->scatter_runs = fragments;
+
+  r->requested = options.path == TransferPath::kAuto ? ctx_.config.path : options.path;
+  switch (r->requested) {
+    case TransferPath::kAuto:
+      r->path = ctx_.config.ResolvePath(direct_everywhere, fragments, r->bytes);
+      break;
+    case TransferPath::kDirect:
+      if (!direct_everywhere) {
+        return UnimplementedError("Pull: the direct path needs writers that can map this rank's "
+                                  "pool; the " + ctx_.transport->Caps().name +
+                                  " transport cannot");
+      }
+      r->path = TransferPath::kDirect;
+      break;
+    case TransferPath::kBounce:
+      if (ctx_.recv_arena == nullptr) {
+        return InvalidArgumentError("Pull: the bounce path needs bounce_size_mb > 0");
+      }
+      r->path = TransferPath::kBounce;
+      break;
+    case TransferPath::kPerBlock:
+      r->path = TransferPath::kPerBlock;
+      break;
+  }
+  if (r->path == TransferPath::kBounce && ctx_.recv_arena == nullptr) {
+    r->path = TransferPath::kPerBlock;
+  }
+
+  const uint32_t slice = ctx_.next_slice++;
+  r->key = {request_id, slice};
+  const Key key = r->key;
+  r->handle = std::make_shared<TransferState>(
+      request_id, [hook = cancel_hook_, request_id, slice] { hook(request_id, slice); });
+  std::shared_ptr<TransferState> handle = r->handle;
+  r->deadline = ctx_.DeadlineAfter(options.timeout);
+  r->deadline_timer = ctx_.loop->PostAt(r->deadline, [this, key] { OnDeadline(key); });
+  Request& req = *r;
+  requests_.emplace(key, std::move(r));
+  active_.emplace(request_id, slice);
+  handle->SetInfo(Info(req));
+
+  if (req.path == TransferPath::kBounce) {
+    TryReserve(req);  // may settle and erase the request
+  } else {
+    req.timeline.reserve = SessionContext::Clock::now();
+    SendRequests(req);  // may settle and erase the request
+  }
+  return std::shared_ptr<Transfer>(handle);
+}
+
+void ReceiverSession::TryReserve(Request& r) {
+  std::vector<uint64_t> sizes;
+  for (const Writer& w : r.writers) sizes.push_back(w.bytes);
+  Result<Slot> slot = ctx_.recv_arena->TryReserve(sizes);
+  if (slot.ok()) {
+    r.slot = std::move(slot).value();
+    r.timeline.reserve = SessionContext::Clock::now();
+    if (r.reserve_timer != 0) ctx_.loop->CancelTimer(r.reserve_timer);
+    r.reserve_timer = 0;
+    SendRequests(r);
+    return;
+  }
+  switch (slot.status().code()) {
+    case StatusCode::kResourceExhausted: {
+      if (r.reserve_timer == 0) {
+        const Key key = r.key;
+        reserve_waiters_.push_back(key);
+        r.reserve_timer = ctx_.loop->PostAt(
+            SessionContext::Clock::now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+            [this, key] { OnReserveTimeout(key); });
+      }
+      return;
+    }
+    case StatusCode::kOutOfRange:
+      FallBack(r, "request larger than arena");
+      return;
+    default:
+      AbandonUnsent(r, slot.status().WithContext("reserving a recv slot"));
+      return;
+  }
+}
+
+void ReceiverSession::RetryReservations() {
+  // A release inside a retry (a request that settles at once) asks for
+  // another round instead of recursing.
+  if (retrying_) {
+    retry_again_ = true;
+    return;
+  }
+  retrying_ = true;
+  do {
+    retry_again_ = false;
+    // FIFO: the oldest waiter first; stop at the first that still does not
+    // fit, so that a large request is not starved by smaller ones behind it.
+    while (!reserve_waiters_.empty()) {
+      const Key key = reserve_waiters_.front();
+      Request* r = Find(key);
+      if (r != nullptr && r->state == State::kReserving && !r->settled) {
+        TryReserve(*r);
+        r = Find(key);
+        if (r != nullptr && r->state == State::kReserving && !r->settled) break;
+      }
+      reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
+                             reserve_waiters_.end());
+    }
+  } while (retry_again_);
+  retrying_ = false;
+}
+
+void ReceiverSession::OnReserveTimeout(Key key) {
+  Request* r = Find(key);
+  if (r == nullptr || r->state != State::kReserving || r->settled) return;
+  r->reserve_timer = 0;
+  reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
+                         reserve_waiters_.end());
+  FallBack(*r, "recv arena backpressure");
+}
+
+void ReceiverSession::AbandonUnsent(Request& r, const Status& why) {
+  // No writer was asked for anything: each is done without a word.
+  for (Writer& w : r.writers) {
+    w.state = WriterState::kCancelled;
+    w.error = why;
+  }
+  Settle(r, why);
+  MaybeRetire(r);
+}
+
+void ReceiverSession::FallBack(Request& r, const std::string& reason) {
+  r.path = TransferPath::kPerBlock;
+  r.fallback_reason = reason;
+  r.timeline.reserve = SessionContext::Clock::now();
+  SendRequests(r);
+}
+
+void ReceiverSession::SendRequests(Request& r) {
+  Transition(r, State::kInFlight);
+  r.timeline.first_byte = SessionContext::Clock::now();
+  r.handle->SetInfo(Info(r));
+  protocol::KvRequest msg;
+  msg.request_id = r.key.first;
+  msg.slice_id = r.key.second;
+  msg.token_start = static_cast<uint64_t>(r.tokens.start);
+  msg.token_end = static_cast<uint64_t>(r.tokens.end);
+  const size_t needed = static_cast<size_t>(
+      (r.tokens.end + ctx_.topology->spec().tokens_per_block - 1) /
+      ctx_.topology->spec().tokens_per_block);
+  msg.block_table.reserve(needed);
+  for (size_t i = 0; i < needed; ++i) msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
+  msg.path = static_cast<protocol::TransferPath>(r.path);
+  msg.deadline_ms = SessionContext::MillisLeft(r.deadline);
+  msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
+  for (size_t i = 0; i < r.writers.size(); ++i) {
+    Writer& w = r.writers[i];
+    msg.writer_rank = static_cast<uint32_t>(w.rank);
+    msg.plan_fingerprint = w.fingerprint;
+    if (r.path == TransferPath::kBounce) {
+      const SubSlot sub = r.slot.sub_slot(i);
+      msg.recv_slot_addr = sub.address.value();
+      msg.recv_slot_size = sub.size;
+    } else {
+      msg.recv_slot_addr = 0;
+      msg.recv_slot_size = 0;
+    }
+    Status sent = ctx_.Send(w.peer, msg);
+    if (!sent.ok()) {
+      w.state = WriterState::kFailed;
+      w.error = sent.WithContext("sending KV_REQUEST to " + w.name);
+      if (r.root_cause.ok()) r.root_cause = w.error;
+    }
+  }
+  if (!r.root_cause.ok()) StopWriters(r, std::string(r.root_cause.message()));
+  Advance(r);  // a writer that could not be reached may already decide it
+}
+
+void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result) {
+  Request* r = Find({result.request_id, result.slice_id});
+  if (r == nullptr) {
+    if (recent_.count({result.request_id, result.slice_id}) != 0) {
+      ctx_.metrics->Count(Counter::kDuplicateResults);  // a late repeat
+      return;
+    }
+    ctx_.metrics->Count(Counter::kRejectedResults);
+    Log(LogLevel::kWarning, "KV_RESULT for unknown " + Id(result.request_id) + " slice " +
+                                std::to_string(result.slice_id) + " from " + peer.Describe() +
+                                " rejected");
+    return;
+  }
+  Writer* w = nullptr;
+  for (Writer& candidate : r->writers) {
+    if (candidate.rank == static_cast<int>(result.writer_rank) && candidate.peer == peer.id) {
+      w = &candidate;
+    }
+  }
+  if (w == nullptr) {
+    ctx_.metrics->Count(Counter::kRejectedResults);
+    Log(LogLevel::kWarning, "KV_RESULT for " + Id(result.request_id) + " from " +
+                                peer.Describe() + " (writer rank " +
+                                std::to_string(result.writer_rank) +
+                                ") rejected: not a writer of this request");
+    return;
+  }
+  if (w->state != WriterState::kPending) {
+    ctx_.metrics->Count(Counter::kDuplicateResults);
+    return;
+  }
+  switch (result.status) {
+    case protocol::ResultStatus::kSuccess:
+      if (result.plan_fingerprint != w->fingerprint) {
+        ctx_.metrics->Count(Counter::kRejectedResults);
+        WriterDone(*r, *w, WriterState::kFailed,
+                   DataLossError(w->name + " reported plan fingerprint " +
+                                 std::to_string(result.plan_fingerprint) + ", expected " +
+                                 std::to_string(w->fingerprint) +
+                                 ": the two sides planned different transfers"));
+      } else if (result.bytes_written != w->bytes) {
+        ctx_.metrics->Count(Counter::kRejectedResults);
+        WriterDone(*r, *w, WriterState::kFailed,
+                   DataLossError(w->name + " reported " + std::to_string(result.bytes_written) +
+                                 " bytes written, expected " + std::to_string(w->bytes)));
+      } else {
+        WriterDone(*r, *w, WriterState::kSucceeded, Status::Ok());
+      }
+      return;
+    case protocol::ResultStatus::kFailed:
+      WriterDone(*r, *w, WriterState::kFailed,
+                 UnavailableError(w->name + " failed: " + result.error_text));
+      return;
+    case protocol::ResultStatus::kCancelled:
+      WriterDone(*r, *w, WriterState::kCancelled,
+                 CancelledError(w->name + " cancelled: " + result.error_text));
+      return;
+  }
+}
+
+void ReceiverSession::WriterDone(Request& r, Writer& w, WriterState state, const Status& error) {
+  w.state = state;
+  w.error = error;
+  if (state != WriterState::kSucceeded && r.root_cause.ok()) r.root_cause = error;
+  if (state != WriterState::kSucceeded && !r.settled && !r.pending_outcome) {
+    // Drain: the request fails; the other writers need not finish.
+    StopWriters(r, "another writer failed: " + std::string(error.message()));
+  }
+  Advance(r);
+}
+
+void ReceiverSession::Advance(Request& r) {
+  if (!r.AllTerminal()) return;
+  if (r.state == State::kInFlight && r.timeline.write_done == SessionContext::Clock::time_point()) {
+    r.timeline.write_done = SessionContext::Clock::now();
+  }
+  if (r.settled) {
+    MaybeRetire(r);
+    return;
+  }
+  if (r.pending_outcome) {
+    Settle(r, *r.pending_outcome);
+    MaybeRetire(r);
+    return;
+  }
+  if (!r.root_cause.ok()) {
+    Settle(r, r.root_cause);
+    MaybeRetire(r);
+    return;
+  }
+  if (r.path == TransferPath::kBounce) {
+    StartScatter(r);
+    return;
+  }
+  Settle(r, Status::Ok());
+  MaybeRetire(r);
+}
+
+void ReceiverSession::StartScatter(Request& r) {
+  if (ctx_.copy == nullptr) {  // shutting down: the copy engine is gone
+    Settle(r, AbortedError("agent shutting down before the scatter"));
+    MaybeRetire(r);
+    return;
+  }
+  Transition(r, State::kScattering);
+  const Key key = r.key;
+  r.scatters_outstanding = static_cast<int>(r.writers.size());
+  for (size_t i = 0; i < r.writers.size(); ++i) {
+    const SubSlot sub = r.slot.sub_slot(i);
+    Status submitted = ctx_.copy->Submit(
+        ScatterBatch(r.writers[i].scatter, sub.address), [this, key](Status status) {
+          ctx_.loop->Post([this, key, status] { OnScatterDone(key, status); });
+        });
+    if (!submitted.ok()) {
+      if (r.scatter_error.ok()) r.scatter_error = submitted.WithContext("scatter");
+      --r.scatters_outstanding;
+    }
+  }
+  if (r.scatters_outstanding == 0) OnScatterDone(key, Status::Ok());
+}
+
+void ReceiverSession::OnScatterDone(Key key, const Status& status) {
+  Request* r = Find(key);
+  if (r == nullptr) return;
+  if (!status.ok() && r->scatter_error.ok()) r->scatter_error = status.WithContext("scatter");
+  if (r->scatters_outstanding > 0 && --r->scatters_outstanding > 0) return;
+  r->timeline.scatter_done = SessionContext::Clock::now();
+  Settle(*r, r->scatter_error);
+  MaybeRetire(*r);
+}
+
+void ReceiverSession::StopWriters(Request& r, const std::string& reason) {
+  protocol::Cancel cancel{r.key.first, reason};
+  for (const Writer& w : r.writers) {
+    if (w.state != WriterState::kPending) continue;
+    PeerState* peer = ctx_.FindPeer(w.peer);
+    if (peer == nullptr || peer->dead) continue;
+    if (ctx_.Send(w.peer, cancel).ok()) ctx_.metrics->Count(Counter::kCancelsSent);
+  }
+}
+
+void ReceiverSession::OnDeadline(Key key) {
+  Request* r = Find(key);
+  if (r == nullptr) return;
+  r->deadline_timer = 0;
+  if (r->settled) return;
+  Cancel(key.first, key.second,
+         DeadlineExceededError(Id(key.first) + " did not complete within its deadline"));
+}
+
+void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& why) {
+  Request* r = Find({request_id, slice});
+  if (r == nullptr || r->settled || r->pending_outcome) return;
+  switch (r->state) {
+    case State::kReserving:
+      AbandonUnsent(*r, why);
+      return;
+    case State::kScattering:
+      return;  // the data has arrived; the scatter finishes and settles it
+    case State::kInFlight:
+      break;
+    default:
+      return;
+  }
+  StopWriters(*r, std::string(why.message()));
+  if (r->path == TransferPath::kBounce) {
+    // The writers may still be writing into the slot, never into the pool:
+    // settle now and keep the slot out of use until they stop.
+    Settle(*r, why);
+    MaybeRetire(*r);
+    return;
+  }
+  // Per-block and direct writers write into the pool itself: the request
+  // settles once they stopped. A writer that does not answer within the
+  // grace period has its connection declared dead.
+  r->pending_outcome = why;
+  const Key key = r->key;
+  r->grace_timer = ctx_.loop->PostAt(SessionContext::Clock::now() + ctx_.grace, [this, key] {
+    Request* req = Find(key);
+    if (req == nullptr) return;
+    req->grace_timer = 0;
+    for (const Writer& w : req->writers) {
+      if (w.state == WriterState::kPending) {
+        ctx_.transport->Disconnect(
+            w.peer, UnavailableError("writer did not stop within the grace period after " +
+                                     Id(key.first) + " was abandoned"));
+      }
+    }
+  });
+}
+
+void ReceiverSession::OnPeerFailure(PeerState& peer) {
+  std::vector<Key> affected;
+  for (auto& [key, r] : requests_) {
+    for (const Writer& w : r->writers) {
+      if (w.peer == peer.id) affected.push_back(key);
+    }
+  }
+  const auto now = SessionContext::Clock::now();
+  for (const Key& key : affected) {
+    Request* r = Find(key);
+    if (r == nullptr) continue;
+    for (Writer& w : r->writers) {
+      if (w.peer != peer.id) continue;
+      w.connection_dead = true;
+      w.dead_at = now;
+      if (w.state == WriterState::kPending) {
+        w.state = WriterState::kFailed;
+        w.error = UnavailableError("connection to writer " + w.name + " lost: " +
+                                   std::string(peer.death.message()));
+        if (r->root_cause.ok()) r->root_cause = w.error;
+      }
+    }
+    if (!r->settled && !r->pending_outcome) {
+      if (!r->root_cause.ok()) StopWriters(*r, std::string(r->root_cause.message()));
+    }
+    Advance(*r);
+  }
+}
+
+void ReceiverSession::Settle(Request& r, const Status& outcome) {
+  if (r.settled) return;
+  r.settled = true;
+  r.timeline.complete = SessionContext::Clock::now();
+  if (r.deadline_timer != 0) ctx_.loop->CancelTimer(r.deadline_timer);
+  if (r.reserve_timer != 0) ctx_.loop->CancelTimer(r.reserve_timer);
+  r.deadline_timer = r.reserve_timer = 0;
+  auto a = active_.find(r.key.first);
+  if (a != active_.end() && a->second == r.key.second) active_.erase(a);
+  if (r.state == State::kInFlight || r.state == State::kScattering) {
+    if (outcome.ok()) {
+      Transition(r, State::kDone);
+    } else if (r.slot.valid() && !r.AllTerminal()) {
+      // Writers may still write into the slot: quarantine it.
+      Result<QuarantineToken> token = ctx_.recv_arena->Quarantine(std::move(r.slot));
+      if (token.ok()) {
+        r.quarantine = *token;
+        ctx_.metrics->Count(Counter::kQuarantinedSlots);
+      }
+      Transition(r, State::kQuarantined);
+    } else {
+      Transition(r, State::kFailed);
+    }
+  } else if (r.state == State::kReserving) {
+    Transition(r, State::kFailed);
+  }
+
+  RequestRecord rec;
+  rec.request_id = r.key.first;
+  rec.side = Side::kReceiver;
+  rec.rank = ctx_.rank;
+  rec.instance = ctx_.instance_id;
+  rec.peer_instance = r.ctx_instance;
+  rec.path_requested = r.requested;
+  rec.path_taken = r.path;
+  rec.fallback_reason = r.fallback_reason;
+  rec.bytes = r.bytes;
+  rec.fragments = r.path == TransferPath::kBounce ? r.scatter_runs : 0;
+  rec.transport_writes = 0;
+  rec.writers = static_cast<int>(r.writers.size());
+  rec.outcome = OutcomeOf(outcome);
+  rec.error = std::string(outcome.message());
+  rec.timeline = r.timeline;
+  ctx_.metrics->Record(rec);
+  // Return the slot before the application hears of the outcome, so that a
+  // settled request never holds arena bytes it no longer needs.
+  bool released = false;
+  if (r.slot.valid() && r.AllTerminal() && r.scatters_outstanding == 0) {
+    bool dead_recently = false;
+    for (const Writer& w : r.writers) {
+      dead_recently = dead_recently ||
+                      (w.connection_dead && w.dead_at + ctx_.grace > SessionContext::Clock::now());
+    }
+    if (!dead_recently) {
+      r.slot.Release();
+      released = true;
+    }
+  }
+  r.handle->Settle(outcome, Info(r));
+  if (released) RetryReservations();
+}
+
+void ReceiverSession::MaybeRetire(Request& r) {
+  if (!r.settled || !r.AllTerminal() || r.scatters_outstanding > 0) return;
+  // A writer whose connection died may, on some transports, have had a write
+  // in the air: keep the slot out of use for the grace period.
+  auto release_at = SessionContext::Clock::time_point();
+  for (const Writer& w : r.writers) {
+    if (w.connection_dead) release_at = std::max(release_at, w.dead_at + ctx_.grace);
+  }
+  if ((r.slot.valid() || r.quarantine) && release_at > SessionContext::Clock::now()) {
+    if (r.slot.valid()) {
+      Result<QuarantineToken> token = ctx_.recv_arena->Quarantine(std::move(r.slot));
+      if (token.ok()) {
+        r.quarantine = *token;
+        ctx_.metrics->Count(Counter::kQuarantinedSlots);
+      }
+    }
+    if (r.retire_timer == 0) {
+      const Key key = r.key;
+      r.retire_timer = ctx_.loop->PostAt(release_at, [this, key] {
+        Request* req = Find(key);
+        if (req == nullptr) return;
+        req->retire_timer = 0;
+        MaybeRetire(*req);
+      });
+    }
+    return;
+  }
+  if (r.retire_timer != 0) ctx_.loop->CancelTimer(r.retire_timer);
+  if (r.grace_timer != 0) ctx_.loop->CancelTimer(r.grace_timer);
+  if (r.quarantine) {
+    ctx_.recv_arena->ReleaseQuarantined(*r.quarantine).IgnoreError();
+    if (r.state == State::kQuarantined) Transition(r, State::kFailed);
+  }
+  const bool freed = r.quarantine.has_value() || r.slot.valid();
+  // Remember the last retired requests, so that a writer's late repeat of
+  // its result counts as a duplicate rather than as a stranger's.
+  recent_.insert(r.key);
+  recent_order_.push_back(r.key);
+  if (recent_order_.size() > kRecentRetired) {
+    recent_.erase(recent_order_.front());
+    recent_order_.pop_front();
+  }
+  requests_.erase(r.key);  // releases the slot; `r` is gone
+  if (freed) RetryReservations();
+}
+
+TransferInfo ReceiverSession::Info(const Request& r) const {
+  TransferInfo info;
+  info.request_id = r.key.first;
+  info.path_requested = r.requested;
+  info.path_taken = r.path;
+  info.fallback_reason = r.fallback_reason;
+  info.bytes = r.bytes;
+  info.fragments = r.path == TransferPath::kBounce ? r.scatter_runs : 0;
+  info.writers = static_cast<int>(r.writers.size());
+  const auto end = r.timeline.complete != SessionContext::Clock::time_point()
+                       ? r.timeline.complete
+                       : SessionContext::Clock::now();
+  info.latency = end - r.timeline.request;
+  return info;
+}
+
+void ReceiverSession::CancelAll(const Status& why) {
+  std::vector<Key> keys;
+  for (const auto& [key, r] : requests_) keys.push_back(key);
+  for (const Key& key : keys) Cancel(key.first, key.second, why);
+}
+
+void ReceiverSession::Abandon(const Status& why) {
+  std::vector<Key> keys;
+  for (const auto& [key, r] : requests_) keys.push_back(key);
+  for (const Key& key : keys) {
+    Request* r = Find(key);
+    if (r == nullptr) continue;
+    for (Writer& w : r->writers) {
+      if (w.state == WriterState::kPending) {
+        w.state = WriterState::kFailed;
+        w.error = why;
+      }
+      w.connection_dead = false;  // the transport is down: nothing can land
+    }
+    r->scatters_outstanding = 0;
+    Settle(*r, why);
+    MaybeRetire(*r);
+  }
+  reserve_waiters_.clear();
+}
+
+}  // namespace kvbounce

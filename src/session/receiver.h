@@ -1,0 +1,119 @@
+// ReceiverSession: the gen side of an agent (DESIGN §10). One receiver
+// request per Pull, driven through
+//
+//   RESERVING -> IN_FLIGHT -> SCATTERING -> DONE
+//                    \-------------------> FAILED
+//   (a cancel or timeout with writers in flight: the request settles and, on
+//    the bounce path, its slot goes to QUARANTINED until every writer is
+//    terminal or its connection has been dead for the grace period)
+//
+// by one transition function, on the agent's control thread only.
+//
+// Rules it keeps: duplicate results count once; results from unknown writers
+// are rejected; a result with a wrong fingerprint or byte count fails its
+// writer (DataLoss); the scatter starts only when every writer succeeded and
+// the request completes only after the scatter landed; when a writer fails,
+// the others are cancelled and drained before the slot is released; per-block
+// and direct requests that are cancelled or time out settle only once their
+// writers stopped writing into the pool.
+//
+// Reservation: the control thread never blocks. A bounce request that finds
+// no hole waits in a FIFO until a slot is released or reserve_timeout_ms
+// passes, then falls back to per-block ("recv arena backpressure"); one
+// larger than the arena falls back at once ("request larger than arena").
+//
+// Thread safety: every method REQUIRES the control thread.
+#ifndef KVBOUNCE_SESSION_RECEIVER_H_
+#define KVBOUNCE_SESSION_RECEIVER_H_
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kvbounce/agent.h"
+#include "session/session_context.h"
+#include "session/transfer_state.h"
+
+namespace kvbounce {
+
+class ReceiverSession {
+ public:
+  // `cancel_hook(request_id, slice)` is what a Transfer handle calls (from
+  // any thread) to cancel; the agent routes it back to Cancel on the loop.
+  using CancelHook = std::function<void(uint64_t request_id, uint32_t slice)>;
+
+  ReceiverSession(SessionContext& ctx, CancelHook cancel_hook);
+  ~ReceiverSession();
+  ReceiverSession(const ReceiverSession&) = delete;
+  ReceiverSession& operator=(const ReceiverSession&) = delete;
+
+  // Plans and starts a pull; see Agent::Pull for the errors.
+  Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, const std::string& ctx_instance,
+                                         std::vector<int32_t> block_table, TokenRange tokens,
+                                         const PullOptions& options);
+
+  void OnResult(PeerState& peer, const protocol::KvResult& result);
+  void OnPeerFailure(PeerState& peer);
+  // Cancels slice `slice` of `request_id` with `why` (kCancelled, kAborted).
+  void Cancel(uint64_t request_id, uint32_t slice, const Status& why);
+
+  // Shutdown: cancels every request with kAborted.
+  void CancelAll(const Status& why);
+  // True when no request is in flight and no slot waits for writers.
+  bool Idle() const { return requests_.empty(); }
+  // After the transport stopped (no remote write can land any more):
+  // settles whatever is left and releases every quarantined slot.
+  void Abandon(const Status& why);
+
+ private:
+  enum class State { kReserving, kInFlight, kScattering, kDone, kFailed, kQuarantined };
+  enum class WriterState { kPending, kSucceeded, kFailed, kCancelled };
+  struct Writer;
+  struct Request;
+  using Key = std::pair<uint64_t, uint32_t>;  // (request id, slice)
+
+  static const char* StateName(State state);
+  // The one transition function: checks the move is allowed.
+  void Transition(Request& r, State next);
+
+  void TryReserve(Request& r);
+  void OnReserveTimeout(Key key);
+  void FallBack(Request& r, const std::string& reason);
+  // Settles a request none of whose writers was asked anything yet.
+  void AbandonUnsent(Request& r, const Status& why);
+  void SendRequests(Request& r);
+  void OnDeadline(Key key);
+  void WriterDone(Request& r, Writer& w, WriterState state, const Status& error);
+  void Advance(Request& r);
+  void StartScatter(Request& r);
+  void OnScatterDone(Key key, const Status& status);
+  void StopWriters(Request& r, const std::string& reason);
+  // Settles the application's transfer (once) and records metrics.
+  void Settle(Request& r, const Status& outcome);
+  // Erases r when nothing refers to it any more; releases its quarantine.
+  void MaybeRetire(Request& r);
+  void RetryReservations();
+  TransferInfo Info(const Request& r) const;
+  Request* Find(Key key);
+
+  SessionContext& ctx_;
+  CancelHook cancel_hook_;
+  std::map<Key, std::unique_ptr<Request>> requests_;
+  std::map<uint64_t, uint32_t> active_;  // request id -> slice not yet settled
+  std::deque<Key> reserve_waiters_;
+  static constexpr size_t kRecentRetired = 4096;
+  std::set<Key> recent_;
+  std::deque<Key> recent_order_;
+  bool retrying_ = false;
+  bool retry_again_ = false;
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_SESSION_RECEIVER_H_

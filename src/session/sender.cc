@@ -1,0 +1,705 @@
+#include "session/sender.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "kvbounce/logging.h"
+
+namespace kvbounce {
+
+struct SenderSession::Publication {
+  uint64_t request_id = 0;
+  std::shared_ptr<TransferState> handle;
+  std::shared_ptr<const std::vector<int32_t>> block_table;
+  int64_t num_tokens = 0;
+  // (instance, rank) of every gen rank served successfully.
+  std::set<std::pair<std::string, int>> served;
+  std::string pulling_instance;
+  int expected = -1;  // known once the first pull arrives
+  uint64_t bytes = 0;
+  EventLoop::TimerId ttl_timer = 0;
+  SessionContext::Clock::time_point published;
+};
+
+struct SenderSession::Job {
+  enum class State { kParked, kReserving, kGathering, kWriting, kFlushing, kCopying, kDone };
+
+  Key key;
+  PeerId peer = 0;
+  std::string peer_name;
+  std::string peer_instance;
+  int peer_rank = 0;
+  protocol::KvRequest request;
+  State state = State::kParked;
+  SessionContext::Clock::time_point deadline;
+  EventLoop::TimerId deadline_timer = 0;
+  EventLoop::TimerId reserve_timer = 0;
+  bool cancelled = false;
+  std::string cancel_reason;
+  bool finished = false;
+  int async_outstanding = 0;  // copies, write batches, flushes in the air
+
+  TransferPath path = TransferPath::kPerBlock;
+  std::string fallback_reason;
+  std::shared_ptr<const std::vector<int32_t>> block_table;  // keeps the lists' source valid
+  PairPlan plan;
+  Slot send_slot;
+  std::vector<WriteGroup> groups;
+  Status write_error;
+  uint64_t fragments = 0;
+  uint64_t transport_writes = 0;
+  RequestTimeline timeline;
+};
+
+namespace {
+
+std::string Id(uint64_t request_id) { return "request " + std::to_string(request_id); }
+
+Outcome OutcomeOf(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kOk: return Outcome::kCompleted;
+    case StatusCode::kCancelled:
+    case StatusCode::kAborted: return Outcome::kCancelled;
+    case StatusCode::kDeadlineExceeded: return Outcome::kTimedOut;
+    default: return Outcome::kFailed;
+  }
+}
+
+}  // namespace
+
+SenderSession::SenderSession(SessionContext& ctx, RetireHook retire_hook)
+    : ctx_(ctx), retire_hook_(std::move(retire_hook)) {}
+
+SenderSession::~SenderSession() = default;
+
+SenderSession::Job* SenderSession::Find(const Key& key) {
+  auto it = jobs_.find(key);
+  return it == jobs_.end() ? nullptr : it->second.get();
+}
+
+Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
+                                                         std::vector<int32_t> block_table,
+                                                         int64_t num_tokens,
+                                                         const PublishOptions& options) {
+  if (ctx_.role != Role::kCtx) {
+    return InvalidArgumentError("Publish: this agent is a gen rank; only ctx ranks publish");
+  }
+  if (ctx_.shutting_down.load()) return AbortedError("Publish: the agent is shutting down");
+  if (num_tokens < 1) {
+    return InvalidArgumentError("Publish: num_tokens = " + std::to_string(num_tokens) +
+                                " is invalid: must be >= 1");
+  }
+  if (publications_.count(request_id) != 0) {
+    return AlreadyExistsError("Publish: " + Id(request_id) + " is already published");
+  }
+  const int64_t tpb = ctx_.topology->spec().tokens_per_block;
+  const int64_t needed = (num_tokens + tpb - 1) / tpb;
+  if (static_cast<int64_t>(block_table.size()) < needed) {
+    return OutOfRangeError("Publish: " + std::to_string(num_tokens) + " tokens need " +
+                           std::to_string(needed) + " blocks of " + std::to_string(tpb) +
+                           " tokens but the block table has " + std::to_string(block_table.size()));
+  }
+  for (int64_t i = 0; i < needed; ++i) {
+    const int32_t id = block_table[static_cast<size_t>(i)];
+    if (id < 0 || id >= ctx_.pool->geometry().num_blocks) {
+      return OutOfRangeError("Publish: block table entry " + std::to_string(i) + " = " +
+                             std::to_string(id) + " is outside the pool of " +
+                             std::to_string(ctx_.pool->geometry().num_blocks) + " blocks");
+    }
+  }
+  auto pub = std::make_unique<Publication>();
+  pub->request_id = request_id;
+  pub->block_table = std::make_shared<const std::vector<int32_t>>(std::move(block_table));
+  pub->num_tokens = num_tokens;
+  pub->published = SessionContext::Clock::now();
+  pub->handle = std::make_shared<TransferState>(
+      request_id, [hook = retire_hook_, request_id] { hook(request_id); });
+  std::shared_ptr<TransferState> handle = pub->handle;
+  pub->ttl_timer = ctx_.loop->PostAt(ctx_.DeadlineAfter(options.ttl), [this, request_id] {
+    auto it = publications_.find(request_id);
+    if (it == publications_.end()) return;
+    it->second->ttl_timer = 0;
+    Publication& p = *it->second;
+    SettlePublication(p, DeadlineExceededError(
+                             "publication of " + Id(request_id) + " expired with " +
+                             std::to_string(p.served.size()) + " of " +
+                             (p.expected < 0 ? std::string("?") : std::to_string(p.expected)) +
+                             " receivers served"));
+  });
+  publications_.emplace(request_id, std::move(pub));
+
+  // Serve the pulls that arrived first.
+  auto parked = parked_.find(request_id);
+  if (parked != parked_.end()) {
+    std::vector<Key> keys = std::move(parked->second);
+    parked_.erase(parked);
+    for (const Key& key : keys) {
+      if (Job* job = Find(key); job != nullptr && job->state == Job::State::kParked) {
+        if (job->deadline_timer != 0) ctx_.loop->CancelTimer(job->deadline_timer);
+        job->deadline_timer = 0;
+        Start(*job);
+      }
+    }
+  }
+  return std::shared_ptr<Transfer>(handle);
+}
+
+Status SenderSession::Retire(uint64_t request_id, const Status& why) {
+  auto it = publications_.find(request_id);
+  if (it == publications_.end()) {
+    return NotFoundError("Retire: " + Id(request_id) + " is not published");
+  }
+  SettlePublication(*it->second, why);
+  return Status::Ok();
+}
+
+void SenderSession::SettlePublication(Publication& pub, const Status& status) {
+  if (pub.ttl_timer != 0) ctx_.loop->CancelTimer(pub.ttl_timer);
+  TransferInfo info;
+  info.request_id = pub.request_id;
+  info.bytes = pub.bytes;
+  info.writers = 1;
+  info.latency = SessionContext::Clock::now() - pub.published;
+  std::shared_ptr<TransferState> handle = pub.handle;
+  publications_.erase(pub.request_id);  // `pub` is gone
+  handle->Settle(status, info);
+}
+
+void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& request) {
+  const Key key{peer.id, request.request_id, request.slice_id};
+  if (jobs_.count(key) != 0) return;  // a repeated KV_REQUEST: already being served
+  auto job = std::make_unique<Job>();
+  job->key = key;
+  job->peer = peer.id;
+  job->peer_name = peer.Describe();
+  job->peer_instance = peer.instance_id;
+  job->peer_rank = peer.rank;
+  job->request = request;
+  job->timeline.request = SessionContext::Clock::now();
+  // The receiver times its request out itself; the writer's copy of the
+  // deadline, a grace period later, only bounds how long a pull waits here
+  // for its Publish.
+  const uint64_t max_ms = static_cast<uint64_t>(Config::kMaxTimeoutMs);
+  job->deadline = job->timeline.request + ctx_.grace +
+                  std::chrono::milliseconds(request.deadline_ms == protocol::kNoDeadline
+                                                ? static_cast<uint64_t>(ctx_.config.transfer_timeout_ms)
+                                                : std::min(request.deadline_ms, max_ms));
+  Job& j = *job;
+  jobs_.emplace(key, std::move(job));
+
+  if (peer.role != Role::kGen || static_cast<int>(request.receiver_rank) != peer.rank ||
+      static_cast<int>(request.writer_rank) != ctx_.rank) {
+    Finish(j, InvalidArgumentError(
+                  "KV_REQUEST from " + j.peer_name + " names receiver rank " +
+                  std::to_string(request.receiver_rank) + " and writer rank " +
+                  std::to_string(request.writer_rank) + "; this is " + ctx_.instance_id +
+                  " rank " + std::to_string(ctx_.rank)));
+    return;
+  }
+  if (publications_.count(request.request_id) != 0) {
+    Start(j);
+    return;
+  }
+  parked_[request.request_id].push_back(key);
+  j.deadline_timer = ctx_.loop->PostAt(j.deadline, [this, key] {
+    Job* parked = Find(key);
+    if (parked == nullptr || parked->state != Job::State::kParked) return;
+    parked->deadline_timer = 0;
+    auto& list = parked_[std::get<1>(key)];
+    list.erase(std::remove(list.begin(), list.end(), key), list.end());
+    if (list.empty()) parked_.erase(std::get<1>(key));
+    Finish(*parked, DeadlineExceededError(Id(std::get<1>(key)) +
+                                          " was not published before the pull's deadline"));
+  });
+}
+
+void SenderSession::Start(Job& job) {
+  auto pub_it = publications_.find(job.request.request_id);
+  if (pub_it == publications_.end()) {
+    Finish(job, NotFoundError(Id(job.request.request_id) + " is not published"));
+    return;
+  }
+  Publication& pub = *pub_it->second;
+  PeerState* peer = ctx_.FindPeer(job.peer);
+  if (peer == nullptr || !peer->ready()) {
+    Finish(job, UnavailableError("receiver " + job.peer_name + " is gone"));
+    return;
+  }
+  if (pub.expected < 0) {
+    pub.pulling_instance = peer->instance_id;
+    pub.expected = static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *peer->topology).size());
+  }
+  const protocol::KvRequest& req = job.request;
+  if (static_cast<int64_t>(req.token_end) > pub.num_tokens) {
+    Finish(job, OutOfRangeError("tokens [" + std::to_string(req.token_start) + ", " +
+                                std::to_string(req.token_end) + ") asked, but " +
+                                Id(req.request_id) + " was published with " +
+                                std::to_string(pub.num_tokens) + " tokens"));
+    return;
+  }
+  switch (req.path) {
+    case protocol::TransferPath::kPerBlock: job.path = TransferPath::kPerBlock; break;
+    case protocol::TransferPath::kBounce: job.path = TransferPath::kBounce; break;
+    case protocol::TransferPath::kDirect: job.path = TransferPath::kDirect; break;
+    case protocol::TransferPath::kAuto:
+      Finish(job, InvalidArgumentError("KV_REQUEST path auto: the receiver must resolve it"));
+      return;
+  }
+  std::vector<int32_t> receiver_table;
+  receiver_table.reserve(req.block_table.size());
+  for (uint32_t id : req.block_table) {
+    if (id > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
+      Finish(job, OutOfRangeError("receiver block id " + std::to_string(id) + " is out of range"));
+      return;
+    }
+    receiver_table.push_back(static_cast<int32_t>(id));
+  }
+  const PoolLayout* receiver_pool = &*peer->pool;
+  if (job.path == TransferPath::kDirect) {
+    if (!peer->mapped_pool) {
+      Finish(job, UnimplementedError("the direct path needs the receiver's pool mapped here; the " +
+                                     ctx_.transport->Caps().name + " transport cannot"));
+      return;
+    }
+    receiver_pool = &*peer->mapped_pool;
+  }
+  job.block_table = pub.block_table;
+  const uint8_t lists = job.path == TransferPath::kBounce ? kPlanGather : kPlanDirect;
+  Result<PairPlan> plan =
+      PlanPair(PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
+               PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
+               TokenRange{static_cast<int64_t>(req.token_start), static_cast<int64_t>(req.token_end)},
+               lists);
+  if (!plan.ok()) {
+    Finish(job, plan.status().WithContext("planning " + Id(req.request_id)));
+    return;
+  }
+  job.plan = std::move(plan).value();
+  if (job.plan.box.empty()) {
+    Finish(job, InvalidArgumentError(ctx_.instance_id + " rank " + std::to_string(ctx_.rank) +
+                                     " holds nothing " + job.peer_name + " needs"));
+    return;
+  }
+  if (job.plan.fingerprint != req.plan_fingerprint) {
+    Finish(job, DataLossError("plan fingerprint mismatch: receiver " +
+                              std::to_string(req.plan_fingerprint) + ", writer " +
+                              std::to_string(job.plan.fingerprint) +
+                              " (the two sides disagree on layouts, placements or tokens)"));
+    return;
+  }
+  switch (job.path) {
+    case TransferPath::kPerBlock: {
+      job.fragments = job.plan.direct.size();
+      Result<std::vector<WriteGroup>> groups =
+          GroupWrites(job.plan.direct, 0, ctx_.pool_ranges, peer->pool_regions);
+      if (!groups.ok()) {
+        Finish(job, groups.status().WithContext("per-block writes to " + job.peer_name));
+        return;
+      }
+      job.groups = std::move(groups).value();
+      IssueWrites(job);
+      return;
+    }
+    case TransferPath::kBounce:
+      job.fragments = job.plan.gather.size();
+      if (peer->recv_arena == nullptr) {
+        Finish(job, FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
+        return;
+      }
+      if (req.recv_slot_size != job.plan.packed_bytes) {
+        Finish(job, DataLossError("recv slot of " + std::to_string(req.recv_slot_size) +
+                                  " bytes granted for a packed stream of " +
+                                  std::to_string(job.plan.packed_bytes) + " bytes"));
+        return;
+      }
+      Reserve(job);
+      return;
+    case TransferPath::kDirect: {
+      job.fragments = job.plan.direct.size();
+      if (ctx_.copy == nullptr) {
+        Finish(job, AbortedError("agent shutting down"));
+        return;
+      }
+      job.state = Job::State::kCopying;
+      job.timeline.first_byte = SessionContext::Clock::now();
+      const Key key = job.key;
+      ++job.async_outstanding;
+      Status submitted = ctx_.copy->Submit(DirectBatch(job.plan.direct), [this, key](Status s) {
+        ctx_.loop->Post([this, key, s] { OnDirectDone(key, s); });
+      });
+      if (!submitted.ok()) {
+        --job.async_outstanding;
+        Finish(job, submitted.WithContext("direct copy"));
+      }
+      return;
+    }
+    case TransferPath::kAuto:
+      break;
+  }
+}
+
+void SenderSession::Reserve(Job& job) {
+  job.state = Job::State::kReserving;
+  if (ctx_.send_arena == nullptr) {
+    WriteFromPool(job, "no send arena");
+    return;
+  }
+  if (ctx_.copy == nullptr) {
+    Finish(job, AbortedError("agent shutting down"));
+    return;
+  }
+  Result<Slot> slot = ctx_.send_arena->TryReserve(job.plan.packed_bytes);
+  if (slot.ok()) {
+    if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
+    job.reserve_timer = 0;
+    job.send_slot = std::move(slot).value();
+    job.timeline.reserve = SessionContext::Clock::now();
+    job.state = Job::State::kGathering;
+    const Key key = job.key;
+    ++job.async_outstanding;
+    Status submitted = ctx_.copy->Submit(GatherBatch(job.plan.gather, job.send_slot.address()),
+                                         [this, key](Status s) {
+                                           ctx_.loop->Post([this, key, s] { OnGathered(key, s); });
+                                         });
+    if (!submitted.ok()) {
+      --job.async_outstanding;
+      job.send_slot.Release();
+      Finish(job, submitted.WithContext("gather"));
+    }
+    return;
+  }
+  if (slot.status().code() == StatusCode::kResourceExhausted) {
+    if (job.reserve_timer == 0) {
+      const Key key = job.key;
+      reserve_waiters_.push_back(key);
+      job.reserve_timer = ctx_.loop->PostAt(
+          SessionContext::Clock::now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+          [this, key] { OnReserveTimeout(key); });
+    }
+    return;
+  }
+  if (slot.status().code() == StatusCode::kOutOfRange) {
+    WriteFromPool(job, "request larger than send arena");
+    return;
+  }
+  Finish(job, slot.status().WithContext("reserving a send slot"));
+}
+
+void SenderSession::OnReserveTimeout(Key key) {
+  Job* job = Find(key);
+  if (job == nullptr || job->state != Job::State::kReserving) return;
+  job->reserve_timer = 0;
+  reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
+                         reserve_waiters_.end());
+  WriteFromPool(*job, "send arena backpressure");
+}
+
+void SenderSession::RetryReservations() {
+  if (retrying_) {
+    retry_again_ = true;
+    return;
+  }
+  retrying_ = true;
+  do {
+    retry_again_ = false;
+    while (!reserve_waiters_.empty()) {
+      const Key key = reserve_waiters_.front();
+      Job* job = Find(key);
+      if (job != nullptr && job->state == Job::State::kReserving && !job->finished) {
+        Reserve(*job);
+        job = Find(key);
+        if (job != nullptr && job->state == Job::State::kReserving && !job->finished) break;
+      }
+      reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
+                             reserve_waiters_.end());
+    }
+  } while (retry_again_);
+  retrying_ = false;
+}
+
+void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
+  // The gather runs become writes from the pool into the recv slot: the
+  // receiver's packed stream, and so its scatter, are the same.
+  job.fallback_reason = reason;
+  job.timeline.reserve = SessionContext::Clock::now();
+  PeerState* peer = ctx_.FindPeer(job.peer);
+  if (peer == nullptr || !peer->ready()) {
+    Finish(job, UnavailableError("receiver " + job.peer_name + " is gone"));
+    return;
+  }
+  std::vector<std::unique_ptr<RemoteRegion>> none;
+  Result<std::vector<WriteGroup>> groups = GroupWrites(
+      job.plan.gather, job.request.recv_slot_addr, ctx_.pool_ranges,
+      std::span<const std::unique_ptr<RemoteRegion>>(&peer->recv_arena, 1));
+  if (!groups.ok()) {
+    Finish(job, groups.status().WithContext("writes into the recv slot of " + job.peer_name));
+    return;
+  }
+  job.groups = std::move(groups).value();
+  IssueWrites(job);
+}
+
+void SenderSession::OnGathered(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  if (job->finished) {
+    MaybeErase(*job);
+    return;
+  }
+  if (!status.ok()) {
+    job->send_slot.Release();
+    RetryReservations();
+    Finish(*job, status.WithContext("gather"));
+    return;
+  }
+  PeerState* peer = ctx_.FindPeer(job->peer);
+  if (peer == nullptr || !peer->ready()) {
+    job->send_slot.Release();
+    RetryReservations();
+    Finish(*job, UnavailableError("receiver " + job->peer_name + " is gone"));
+    return;
+  }
+  WriteGroup group{ctx_.send_region, peer->recv_arena.get(), {}};
+  group.ops.push_back(WriteOp{job->send_slot.address(), Addr(job->request.recv_slot_addr),
+                              job->plan.packed_bytes});
+  job->groups.clear();
+  job->groups.push_back(std::move(group));
+  IssueWrites(*job);
+}
+
+void SenderSession::IssueWrites(Job& job) {
+  job.state = Job::State::kWriting;
+  job.timeline.first_byte = SessionContext::Clock::now();
+  const Key key = job.key;
+  for (const WriteGroup& g : job.groups) {
+    ++job.async_outstanding;
+    Status issued = ctx_.transport->Write(*g.source, *g.target, g.ops, [this, key](Status s) {
+      ctx_.loop->Post([this, key, s] { OnWriteDone(key, s); });
+    });
+    if (issued.ok()) {
+      job.transport_writes += g.ops.size();
+    } else {
+      --job.async_outstanding;
+      if (job.write_error.ok()) job.write_error = issued.WithContext("write to " + job.peer_name);
+      break;
+    }
+  }
+  if (job.async_outstanding == 0) OnWriteDone(key, Status::Ok());
+}
+
+void SenderSession::OnWriteDone(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  if (job->async_outstanding > 0) --job->async_outstanding;
+  if (!status.ok() && job->write_error.ok()) {
+    job->write_error = status.WithContext("write to " + job->peer_name);
+  }
+  if (job->async_outstanding > 0) return;
+  // Every write completed or failed: the send slot is free again.
+  if (job->send_slot.valid()) {
+    job->send_slot.Release();
+    RetryReservations();
+    job = Find(key);
+    if (job == nullptr) return;
+  }
+  if (job->finished) {
+    MaybeErase(*job);
+    return;
+  }
+  if (!job->write_error.ok()) {
+    Finish(*job, job->write_error);
+    return;
+  }
+  job->state = Job::State::kFlushing;
+  ++job->async_outstanding;
+  Status flushing = ctx_.transport->Flush(job->peer, [this, key](Status s) {
+    ctx_.loop->Post([this, key, s] { OnFlushed(key, s); });
+  });
+  if (!flushing.ok()) {
+    --job->async_outstanding;
+    Finish(*job, flushing.WithContext("flush to " + job->peer_name));
+  }
+}
+
+void SenderSession::OnFlushed(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  job->timeline.write_done = SessionContext::Clock::now();
+  if (job->finished) {
+    MaybeErase(*job);
+    return;
+  }
+  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("flush to " + job->peer_name));
+}
+
+void SenderSession::OnDirectDone(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  job->timeline.write_done = SessionContext::Clock::now();
+  if (job->finished) {
+    MaybeErase(*job);
+    return;
+  }
+  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("direct copy"));
+}
+
+void SenderSession::Finish(Job& job, const Status& status) {
+  if (job.finished) return;
+  job.finished = true;
+  job.state = Job::State::kDone;
+  job.timeline.complete = SessionContext::Clock::now();
+  if (job.deadline_timer != 0) ctx_.loop->CancelTimer(job.deadline_timer);
+  if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
+  job.deadline_timer = job.reserve_timer = 0;
+
+  // What the receiver hears: a cancelled job reports CANCELLED even when its
+  // writes went through (the receiver has stopped caring about them).
+  Status outcome = status;
+  if (job.cancelled && outcome.ok()) outcome = CancelledError(job.cancel_reason);
+  protocol::KvResult result;
+  result.request_id = job.request.request_id;
+  result.slice_id = job.request.slice_id;
+  result.writer_rank = static_cast<uint32_t>(ctx_.rank);
+  result.plan_fingerprint = job.plan.fingerprint;
+  if (outcome.ok()) {
+    result.status = protocol::ResultStatus::kSuccess;
+    result.bytes_written = job.plan.packed_bytes;
+  } else {
+    result.status = outcome.code() == StatusCode::kCancelled ? protocol::ResultStatus::kCancelled
+                                                             : protocol::ResultStatus::kFailed;
+    std::string text(outcome.message());
+    if (text.size() > 4000) text.resize(4000);
+    result.error_text = text;
+  }
+  PeerState* peer = ctx_.FindPeer(job.peer);
+  if (peer != nullptr && !peer->dead) {
+    Status sent = ctx_.Send(job.peer, result);
+    if (!sent.ok()) {
+      Log(LogLevel::kWarning, "KV_RESULT for " + Id(job.request.request_id) + " to " +
+                                  job.peer_name + " not sent: " + sent.ToString());
+    }
+  }
+
+  RequestRecord rec;
+  rec.request_id = job.request.request_id;
+  rec.side = Side::kSender;
+  rec.rank = ctx_.rank;
+  rec.instance = ctx_.instance_id;
+  rec.peer_instance = job.peer_instance;
+  rec.path_requested = job.path;
+  rec.path_taken = job.path;
+  rec.fallback_reason = job.fallback_reason;
+  rec.bytes = job.plan.packed_bytes;
+  rec.fragments = job.fragments;
+  rec.transport_writes = job.transport_writes;
+  rec.writers = 1;
+  rec.outcome = OutcomeOf(outcome);
+  rec.error = std::string(outcome.message());
+  rec.timeline = job.timeline;
+  ctx_.metrics->Record(rec);
+
+  if (outcome.ok()) {
+    auto it = publications_.find(job.request.request_id);
+    if (it != publications_.end()) {
+      Publication& pub = *it->second;
+      pub.served.insert({job.peer_instance, job.peer_rank});
+      pub.bytes += job.plan.packed_bytes;
+      if (job.peer_instance == pub.pulling_instance &&
+          static_cast<int>(pub.served.size()) >= pub.expected) {
+        SettlePublication(pub, Status::Ok());
+      }
+    }
+  }
+  MaybeErase(job);
+}
+
+void SenderSession::MaybeErase(Job& job) {
+  if (!job.finished || job.async_outstanding > 0) return;
+  const bool had_slot = job.send_slot.valid();
+  jobs_.erase(job.key);  // `job` is gone
+  if (had_slot) RetryReservations();
+}
+
+void SenderSession::OnCancel(PeerState& peer, const protocol::Cancel& cancel) {
+  ctx_.metrics->Count(Counter::kCancelsReceived);
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) {
+    if (std::get<0>(key) == peer.id && std::get<1>(key) == cancel.request_id) keys.push_back(key);
+  }
+  for (const Key& key : keys) {
+    Job* job = Find(key);
+    if (job == nullptr || job->finished) continue;
+    const std::string reason = "cancelled by " + job->peer_name + ": " + cancel.reason;
+    if (job->state == Job::State::kParked || job->state == Job::State::kReserving) {
+      if (job->state == Job::State::kParked) {
+        auto& list = parked_[cancel.request_id];
+        list.erase(std::remove(list.begin(), list.end(), key), list.end());
+        if (list.empty()) parked_.erase(cancel.request_id);
+      }
+      Finish(*job, CancelledError(reason));
+    } else {
+      job->cancelled = true;
+      job->cancel_reason = reason;
+    }
+  }
+}
+
+void SenderSession::OnPeerFailure(PeerState& peer) {
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) {
+    if (std::get<0>(key) == peer.id) keys.push_back(key);
+  }
+  for (const Key& key : keys) {
+    Job* job = Find(key);
+    if (job == nullptr || job->finished) continue;
+    if (job->state == Job::State::kParked) {
+      auto& list = parked_[job->request.request_id];
+      list.erase(std::remove(list.begin(), list.end(), key), list.end());
+      if (list.empty()) parked_.erase(job->request.request_id);
+    }
+    // Writes in the air fail at the transport and come back through
+    // OnWriteDone; Finish sends nothing to a dead peer.
+    Finish(*job, UnavailableError("receiver " + job->peer_name + " lost: " +
+                                  std::string(peer.death.message())));
+  }
+}
+
+void SenderSession::AbortAll(const Status& why) {
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) {
+    if (job->state == Job::State::kParked || job->state == Job::State::kReserving) {
+      keys.push_back(key);
+    }
+  }
+  for (const Key& key : keys) {
+    if (Job* job = Find(key); job != nullptr && !job->finished) Finish(*job, why);
+  }
+  parked_.clear();
+  reserve_waiters_.clear();
+  std::vector<uint64_t> ids;
+  for (const auto& [id, pub] : publications_) ids.push_back(id);
+  for (uint64_t id : ids) {
+    auto it = publications_.find(id);
+    if (it != publications_.end()) SettlePublication(*it->second, why);
+  }
+}
+
+void SenderSession::Abandon(const Status& why) {
+  AbortAll(why);
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) keys.push_back(key);
+  for (const Key& key : keys) {
+    Job* job = Find(key);
+    if (job == nullptr) continue;
+    job->async_outstanding = 0;  // the transport and copy engine have stopped
+    if (!job->finished) Finish(*job, why);
+    MaybeErase(*job);
+  }
+}
+
+}  // namespace kvbounce

@@ -1,0 +1,133 @@
+// SessionContext: what an agent's sender and receiver sessions share — the
+// agent's own description, its memory and transport, its control loop and
+// the peers it knows from their HELLO.
+//
+// Threading: everything below "control-thread state" is read and written on
+// the agent's control thread only (EventLoop); the rest is fixed after the
+// agent was created, or thread-safe by itself (Metrics, Arena, Transport,
+// CopyEngine).
+#ifndef KVBOUNCE_SESSION_SESSION_CONTEXT_H_
+#define KVBOUNCE_SESSION_SESSION_CONTEXT_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "copy/copy_engine.h"
+#include "kvbounce/agent.h"
+#include "kvbounce/config.h"
+#include "layout/planner.h"
+#include "layout/pool_layout.h"
+#include "layout/topology.h"
+#include "memory/arena.h"
+#include "protocol/messages.h"
+#include "session/event_loop.h"
+#include "session/metrics.h"
+#include "transport/transport.h"
+
+namespace kvbounce {
+
+// A connected agent, as its HELLO described it.
+struct PeerState {
+  PeerId id = 0;
+  bool hello_sent = false;
+  bool hello_received = false;
+  bool dead = false;
+  Status death;  // why the peer is dead (or was refused)
+
+  std::string instance_id;
+  Role role = Role::kCtx;
+  int rank = -1;
+  std::shared_ptr<const Topology> topology;
+  // The peer's pool at the peer's own addresses (for transport writes), and
+  // at the addresses this process maps it to (for the direct path).
+  std::optional<PoolLayout> pool;
+  std::optional<PoolLayout> mapped_pool;
+  std::vector<std::unique_ptr<RemoteRegion>> pool_regions;  // one per allocation
+  std::unique_ptr<RemoteRegion> recv_arena;                  // null: no bounce into it
+  uint64_t capabilities = 0;
+
+  bool ready() const { return hello_received && !dead; }
+  std::string Describe() const;  // "ctx0 rank 3"
+};
+
+// A local registered region and the address range it covers.
+struct LocalRange {
+  Addr begin;
+  uint64_t bytes = 0;
+  const LocalRegion* region = nullptr;
+};
+
+struct SessionContext {
+  using Clock = std::chrono::steady_clock;
+
+  // --- Fixed after Agent::Create.
+  std::string instance_id;
+  Role role = Role::kCtx;
+  int rank = 0;
+  std::shared_ptr<const Topology> topology;
+  std::optional<PoolLayout> pool;
+  MemoryKind pool_memory = MemoryKind::kHost;
+  Config config;
+  std::chrono::milliseconds grace{1000};
+  Transport* transport = nullptr;
+  CopyEngine* copy = nullptr;
+  Arena* send_arena = nullptr;  // null when bounce_size_mb == 0
+  Arena* recv_arena = nullptr;
+  const LocalRegion* send_region = nullptr;
+  const LocalRegion* recv_region = nullptr;
+  std::vector<LocalRange> pool_ranges;  // the registered pool allocation(s)
+  EventLoop* loop = nullptr;
+  Metrics* metrics = nullptr;
+
+  // Set once shutdown begins: new requests are refused.
+  std::atomic<bool> shutting_down{false};
+
+  // --- Control-thread state.
+  std::map<PeerId, PeerState> peers;
+  std::map<std::pair<std::string, int>, PeerId> peer_by_rank;
+  std::map<std::string, std::shared_ptr<const Topology>> instances;
+  uint32_t next_slice = 1;
+
+  // The live peer of (instance, rank) with a HELLO, or nullptr.
+  PeerState* FindPeer(const std::string& instance, int rank);
+  PeerState* FindPeer(PeerId id);
+
+  // Encodes and sends a message. Errors: encoding (a bug: kInternal),
+  // kUnavailable / kNotFound from the transport.
+  Status Send(PeerId peer, const protocol::Message& message);
+
+  // The deadline `timeout` from now, with 0 meaning the configured transfer
+  // timeout.
+  Clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) const;
+
+  // Milliseconds left until `deadline` (at least 1, so that a live request
+  // never travels as already expired).
+  static uint64_t MillisLeft(Clock::time_point deadline);
+};
+
+// Whole write batches: the ops of one list that fall in one (source region,
+// target region) pair. Every op of a list lies in exactly one registered
+// region on each side; the caller checks the result's status.
+struct WriteGroup {
+  const LocalRegion* source = nullptr;
+  const RemoteRegion* target = nullptr;
+  std::vector<WriteOp> ops;
+};
+
+// Splits `fragments` (absolute addresses, plus dst_offset on the target side)
+// into write groups by the regions that contain them. Errors: kOutOfRange
+// when a fragment lies outside every region (naming it).
+Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments, uint64_t dst_offset,
+                                            std::span<const LocalRange> sources,
+                                            std::span<const std::unique_ptr<RemoteRegion>> targets);
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_SESSION_SESSION_CONTEXT_H_

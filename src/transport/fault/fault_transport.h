@@ -1,0 +1,233 @@
+// FaultTransport: a decorator that injects failures and delays into any
+// Transport, so that the session layer's failure paths can be tested
+// deterministically (STYLE "fakes over mocks"; LevelDB's ErrorEnv).
+//
+// It forwards every call to the transport it wraps (the "inner" one) and adds:
+//
+//   write_fail_rate  Each write OPERATION (one WriteOp) is chosen to fail
+//                    with this probability; a Write batch fails when any of
+//                    its ops is chosen. A failed batch is not issued at all:
+//                    nothing is written, Write returns OK, and its `done`
+//                    later receives kUnavailable with a message containing
+//                    "injected write failure". Flushes and messages are
+//                    never failed by injection. The ops are range-checked
+//                    first (kOutOfRange as for any transport), so a bad
+//                    batch is never "accepted" by an injection; the peer is
+//                    not (a batch for a dead peer that is chosen to fail is
+//                    accepted and fails later, with the same code).
+//   delay            Added to every write and flush completion: `done` runs
+//                    no earlier than `delay` after the inner transport
+//                    reported the completion (so at least `delay` after the
+//                    call), with the inner status. Injected failures are
+//                    delayed too. The delay in force when the call was made
+//                    applies.
+//   message_delay    Added to the delivery of every control message received
+//                    (on_message). Messages of one peer keep their order,
+//                    and an on_peer_failure for a peer with delayed messages
+//                    still pending is held back until after them, so that
+//                    "no on_message after on_peer_failure" still holds.
+//   drop_after_ops   0 = never. Once this many write operations (of batches
+//                    the decorator accepted, injected failures included)
+//                    were counted since the options were last set, the next
+//                    Write drops its connection: the decorator calls
+//                    inner.Disconnect(peer, kUnavailable "injected:
+//                    connection dropped after N operations") — both ends get
+//                    on_peer_failure — and that Write fails at once with
+//                    that kUnavailable status (its `done` never runs).
+//                    Fires once; SetOptions re-arms it.
+//   seed             Seeds the one random generator (used under a mutex),
+//                    so a run is reproducible: the same seed and the same
+//                    sequence of Write calls (from one thread) choose the same
+//                    failures. SetOptions reseeds it.
+//
+// Threads: the decorator owns one timer thread (started by Create, joined
+// by Shutdown). Delayed completions, injected failures and delayed
+// messages run on it; everything else runs on the inner transport's threads
+// exactly as without the decorator. With every fault off, the decorator
+// behaves like the inner transport (callbacks on the same threads).
+//
+// Callbacks exactly once: every Write and Flush that returned OK gets its
+// `done` called exactly once, never inside the call. At Shutdown the inner
+// transport is shut down first (its pending operations complete as it
+// decides), then every completion still waiting for its delay runs at
+// once, on the timer thread, with kAborted (the message says what the inner
+// status was); delayed messages and failure notifications still pending
+// are dropped. No callback runs after Shutdown returns.
+//
+// Stats(): forwarded to the inner transport, so injected failures (never
+// issued) do not appear there; fault_stats() counts them.
+//
+// Thread safety: every method is thread-safe. Shutdown and the destructor
+// must not run on the timer thread or an inner transport thread (from a
+// callback): that is reported and aborts.
+//
+// Ownership: the decorator owns the inner transport. Regions returned by
+// Register and Import are the inner transport's own objects (the decorator
+// does not wrap them); they must be destroyed before the decorator.
+#ifndef KVBOUNCE_TRANSPORT_FAULT_FAULT_TRANSPORT_H_
+#define KVBOUNCE_TRANSPORT_FAULT_FAULT_TRANSPORT_H_
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "transport/transport.h"
+
+namespace kvbounce {
+
+// What to inject. All off by default. See the file comment for each field.
+struct FaultOptions {
+  // Per write operation, in [0, 1].
+  double write_fail_rate = 0;
+  // Before each write and flush completion is reported; >= 0.
+  std::chrono::microseconds delay{0};
+  // Before each received control message is delivered; >= 0.
+  std::chrono::microseconds message_delay{0};
+  // Drop the connection after this many write operations; 0 = never; >= 0.
+  int64_t drop_after_ops = 0;
+  uint64_t seed = 1;
+};
+
+// What was injected since Create.
+struct FaultStats {
+  uint64_t injected_write_failures = 0;  // write OPERATIONS chosen to fail
+  uint64_t failed_batches = 0;           // Write batches failed by injection
+  uint64_t dropped_connections = 0;      // drop_after_ops and InjectDisconnect
+  uint64_t delayed_completions = 0;      // write/flush completions delayed
+  uint64_t delayed_messages = 0;         // control messages delayed
+};
+
+class FaultTransport final : public Transport {
+ public:
+  // Checks `options`. Errors: kInvalidArgument naming the field and its
+  // value: write_fail_rate outside [0, 1] (or NaN), a negative delay,
+  // message_delay or drop_after_ops.
+  static Status ValidateOptions(const FaultOptions& options);
+
+  // Wraps `inner` and starts the timer thread. Errors: kInvalidArgument for
+  // a null `inner` or bad options (see ValidateOptions); kResourceExhausted
+  // when the thread cannot be created.
+  static Result<std::unique_ptr<FaultTransport>> Create(std::unique_ptr<Transport> inner,
+                                                        FaultOptions options = {});
+
+  // Runs Shutdown(), then destroys the inner transport.
+  ~FaultTransport() override;
+
+  // Replaces the options at runtime (for operations started afterwards),
+  // reseeds the generator and re-arms drop_after_ops (its count restarts at
+  // 0). Errors: as ValidateOptions; the old options then stay.
+  Status SetOptions(const FaultOptions& options);
+  FaultOptions options() const;
+
+  // Kills the connection to `peer` now, as a network failure would: calls
+  // inner.Disconnect(peer, kUnavailable "injected disconnect"). Counts in
+  // dropped_connections. Does nothing after Shutdown.
+  void InjectDisconnect(PeerId peer);
+
+  FaultStats fault_stats() const;
+
+  // The wrapped transport (e.g. to read its own counters).
+  Transport& inner() { return *inner_; }
+
+  // Forwarded to the inner transport, with the faults above added.
+  TransportCaps Caps() const override;
+  std::string Address() const override;
+  // Errors: the inner transport's; kFailedPrecondition when already
+  // started; kAborted after Shutdown.
+  Status Start(TransportCallbacks callbacks) override;
+  Result<PeerId> Connect(std::string_view address) override;
+  Status Send(PeerId peer, std::span<const std::byte> frame) override;
+  Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
+                                                MemoryKind kind) override;
+  Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
+  // Errors: kOutOfRange (checked here too), kInvalidArgument for an empty
+  // `done`, kAborted after Shutdown started, and the inner transport's.
+  Status Write(const LocalRegion& source, const RemoteRegion& target,
+               std::span<const WriteOp> ops, TransportDone done) override;
+  // Errors: kInvalidArgument for an empty `done`, kAborted after Shutdown
+  // started, and the inner transport's.
+  Status Flush(PeerId peer, TransportDone done) override;
+  void Disconnect(PeerId peer, const Status& reason) override;
+  // Shuts the inner transport down, then runs every delayed completion
+  // still pending with kAborted and joins the timer thread. Idempotent.
+  void Shutdown() override;
+  TransportStats Stats() const override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  // Something the timer thread runs when due.
+  struct TimerEntry {
+    enum class Kind { kCompletion, kMessage, kPeerFailure };
+    Kind kind = Kind::kCompletion;
+    TransportDone done;  // kCompletion
+    Status status;       // kCompletion: the result; kPeerFailure: the reason
+    PeerId peer = 0;     // kMessage, kPeerFailure
+    std::vector<std::byte> frame;  // kMessage
+  };
+
+  // Delayed deliveries still pending for one peer.
+  struct PeerBacklog {
+    uint64_t pending = 0;
+    Clock::time_point last_due;
+  };
+
+  FaultTransport(std::unique_ptr<Transport> inner, FaultOptions options);
+
+  // Queues `entry` for `due`. False when the timer thread has stopped.
+  bool Post(Clock::time_point due, TimerEntry& entry);
+  // Holds `done` back by `delay` once the inner transport completes.
+  TransportDone DelayCompletion(TransportDone done, std::chrono::microseconds delay);
+  void OnMessage(PeerId peer, std::vector<std::byte> frame);
+  void OnPeerFailure(PeerId peer, const Status& reason);
+  void TimerLoop();
+  bool OnOwnThread() const;
+
+  const std::unique_ptr<Transport> inner_;
+
+  // Options, generator, drop state and fault counters.
+  mutable std::mutex mu_;
+  FaultOptions options_;
+  std::mt19937_64 rng_;
+  uint64_t ops_since_options_ = 0;
+  bool drop_fired_ = false;
+  FaultStats stats_;
+  bool started_ = false;
+
+  std::atomic<bool> stopping_{false};
+  std::mutex shutdown_mu_;  // serializes Shutdown calls
+  bool shut_down_ = false;  // guarded by shutdown_mu_
+
+  // Written by Start before the inner transport starts; read by callbacks.
+  TransportCallbacks callbacks_;
+
+  // The timer queue, ordered by (due time, sequence number) so that entries
+  // due at the same time run in the order they were posted.
+  std::mutex timer_mu_;
+  std::condition_variable timer_cv_;
+  std::map<std::pair<Clock::time_point, uint64_t>, TimerEntry> timers_;
+  uint64_t timer_seq_ = 0;
+  bool timer_stop_ = false;    // Shutdown asks the thread to drain and exit
+  bool timer_closed_ = false;  // drained: Post refuses
+  std::unordered_map<PeerId, PeerBacklog> backlogs_;
+  std::thread timer_thread_;
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_TRANSPORT_FAULT_FAULT_TRANSPORT_H_

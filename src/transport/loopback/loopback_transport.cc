@@ -1,0 +1,826 @@
+#include "transport/loopback/loopback_transport.h"
+
+#include <atomic>
+#include <cinttypes>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvbounce/logging.h"
+#include "transport/write_check.h"
+
+namespace kvbounce {
+namespace loopback_internal {
+namespace {
+
+constexpr size_t kRemoteKeyBytes = 8;
+
+std::vector<std::byte> EncodeRegionKey(uint64_t id) {
+  std::vector<std::byte> key(kRemoteKeyBytes);
+  for (size_t i = 0; i < kRemoteKeyBytes; ++i) {
+    key[i] = static_cast<std::byte>((id >> (8 * i)) & 0xff);
+  }
+  return key;
+}
+
+uint64_t DecodeRegionKey(std::span<const std::byte> key) {
+  uint64_t id = 0;
+  for (size_t i = 0; i < kRemoteKeyBytes; ++i) {
+    id |= static_cast<uint64_t>(key[i]) << (8 * i);
+  }
+  return id;
+}
+
+std::string HexAddr(Addr address) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "0x%" PRIx64, address.value());
+  return buffer;
+}
+
+}  // namespace
+
+// One registered region. The descriptive fields are immutable; `registered`
+// and `pins` are guarded by FabricImpl::regions_mu_.
+struct RegionEntry {
+  uint64_t id = 0;
+  Addr address;
+  uint64_t size = 0;
+  MemoryKind kind = MemoryKind::kHost;
+  uint64_t owner_endpoint_id = 0;
+  bool registered = true;
+  uint64_t pins = 0;  // copies in progress into or out of the region
+};
+
+class FabricImpl {
+ public:
+  uint64_t NextEndpointId() { return next_endpoint_id_.fetch_add(1, std::memory_order_relaxed); }
+  uint64_t NextPeerId() { return next_peer_id_.fetch_add(1, std::memory_order_relaxed); }
+
+  Status AddEndpoint(const std::string& name, const std::shared_ptr<Endpoint>& endpoint) {
+    std::lock_guard<std::mutex> lock(endpoints_mu_);
+    auto it = endpoints_.find(name);
+    if (it != endpoints_.end() && !it->second.expired()) {
+      return AlreadyExistsError("loopback fabric: an endpoint named '" + name +
+                                "' already exists");
+    }
+    endpoints_[name] = endpoint;
+    return Status::Ok();
+  }
+
+  // Removes `name` when it still refers to `endpoint`.
+  void RemoveEndpoint(const std::string& name, const Endpoint* endpoint) {
+    std::lock_guard<std::mutex> lock(endpoints_mu_);
+    auto it = endpoints_.find(name);
+    if (it == endpoints_.end()) return;
+    std::shared_ptr<Endpoint> current = it->second.lock();
+    if (current == nullptr || current.get() == endpoint) endpoints_.erase(it);
+  }
+
+  std::shared_ptr<Endpoint> FindEndpoint(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(endpoints_mu_);
+    auto it = endpoints_.find(name);
+    return it == endpoints_.end() ? nullptr : it->second.lock();
+  }
+
+  size_t num_endpoints() const {
+    std::lock_guard<std::mutex> lock(endpoints_mu_);
+    size_t count = 0;
+    for (const auto& [name, endpoint] : endpoints_) count += endpoint.expired() ? 0 : 1;
+    return count;
+  }
+
+  std::shared_ptr<RegionEntry> AddRegion(Addr address, uint64_t size, MemoryKind kind,
+                                         uint64_t owner_endpoint_id) {
+    auto entry = std::make_shared<RegionEntry>();
+    entry->address = address;
+    entry->size = size;
+    entry->kind = kind;
+    entry->owner_endpoint_id = owner_endpoint_id;
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    entry->id = next_region_id_++;
+    regions_.emplace(entry->id, entry);
+    return entry;
+  }
+
+  // Deregisters `entry`, then waits until no copy touches it any more.
+  void RemoveRegion(RegionEntry& entry) {
+    std::unique_lock<std::mutex> lock(regions_mu_);
+    entry.registered = false;
+    regions_.erase(entry.id);
+    regions_cv_.wait(lock, [&entry] { return entry.pins == 0; });
+  }
+
+  std::shared_ptr<RegionEntry> FindRegion(uint64_t id) const {
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    auto it = regions_.find(id);
+    return it == regions_.end() ? nullptr : it->second;
+  }
+
+  size_t num_regions() const {
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    return regions_.size();
+  }
+
+  // Pins both regions for a copy, or fails when either is deregistered.
+  Status Pin(RegionEntry& source, RegionEntry& target) {
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    if (!source.registered) {
+      return FailedPreconditionError("source region #" + std::to_string(source.id) +
+                                     " was deregistered");
+    }
+    if (!target.registered) {
+      return FailedPreconditionError("target region #" + std::to_string(target.id) +
+                                     " was deregistered by its owner");
+    }
+    ++source.pins;
+    ++target.pins;
+    return Status::Ok();
+  }
+
+  void Unpin(RegionEntry& source, RegionEntry& target) {
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(regions_mu_);
+      --source.pins;
+      --target.pins;
+      wake = (!source.registered && source.pins == 0) || (!target.registered && target.pins == 0);
+    }
+    if (wake) regions_cv_.notify_all();
+  }
+
+ private:
+  std::atomic<uint64_t> next_endpoint_id_{1};
+  std::atomic<uint64_t> next_peer_id_{1};
+
+  mutable std::mutex endpoints_mu_;
+  std::unordered_map<std::string, std::weak_ptr<Endpoint>> endpoints_;
+
+  mutable std::mutex regions_mu_;
+  std::condition_variable regions_cv_;
+  std::unordered_map<uint64_t, std::shared_ptr<RegionEntry>> regions_;
+  uint64_t next_region_id_ = 1;
+};
+
+namespace {
+
+class LoopbackLocalRegion final : public LocalRegion {
+ public:
+  LoopbackLocalRegion(std::shared_ptr<LoopbackFabric> fabric, FabricImpl* fabric_impl,
+                      std::shared_ptr<RegionEntry> entry, const std::string& owner_address)
+      : fabric_(std::move(fabric)), fabric_impl_(fabric_impl), entry_(std::move(entry)) {
+    info_.address = entry_->address;
+    info_.size = entry_->size;
+    info_.kind = entry_->kind;
+    info_.remote_key = EncodeRegionKey(entry_->id);
+    description_ = "loopback region #" + std::to_string(entry_->id) + " " +
+                   HexAddr(entry_->address) + "+" + std::to_string(entry_->size) + " of " +
+                   owner_address;
+  }
+
+  ~LoopbackLocalRegion() override { fabric_impl_->RemoveRegion(*entry_); }
+
+  std::string_view Describe() const override { return description_; }
+  const RegionInfo& info() const override { return info_; }
+
+  const std::shared_ptr<RegionEntry>& entry() const { return entry_; }
+
+ private:
+  const std::shared_ptr<LoopbackFabric> fabric_;  // keeps fabric_impl_ alive
+  FabricImpl* const fabric_impl_;
+  const std::shared_ptr<RegionEntry> entry_;
+  RegionInfo info_;
+  std::string description_;
+};
+
+class LoopbackRemoteRegion final : public RemoteRegion {
+ public:
+  LoopbackRemoteRegion(PeerId peer, RegionInfo info, std::shared_ptr<RegionEntry> entry,
+                       uint64_t importer_endpoint_id)
+      : peer_(peer),
+        info_(std::move(info)),
+        entry_(std::move(entry)),
+        importer_endpoint_id_(importer_endpoint_id) {}
+
+  PeerId peer() const override { return peer_; }
+  const RegionInfo& info() const override { return info_; }
+  Addr mapped_address() const override { return info_.address; }
+
+  const std::shared_ptr<RegionEntry>& entry() const { return entry_; }
+  uint64_t importer_endpoint_id() const { return importer_endpoint_id_; }
+
+ private:
+  const PeerId peer_;
+  const RegionInfo info_;
+  const std::shared_ptr<RegionEntry> entry_;
+  const uint64_t importer_endpoint_id_;
+};
+
+}  // namespace
+
+// Both ends of one connection. `ends` is immutable once the connection is
+// published (inserted into an endpoint's peer table); `alive` and `reason`
+// are guarded by `mu`. Lock order: Connection::mu, then Endpoint::queue_mu_.
+struct Connection {
+  struct End {
+    std::weak_ptr<Endpoint> endpoint;
+    uint64_t endpoint_id = 0;
+    std::string address;
+    PeerId peer = 0;  // the PeerId this end uses for the other end
+  };
+  End ends[2];
+
+  std::mutex mu;
+  bool alive = true;
+  Status reason;  // why it died
+};
+
+// One entry of a transport's queue.
+struct Item {
+  enum class Kind { kWrite, kFlush, kMessage, kPeerFailure };
+
+  Kind kind = Kind::kFlush;
+  PeerId peer = 0;
+  int side = 0;  // which end of `conn` this transport is
+  std::shared_ptr<Connection> conn;
+  // kWrite
+  std::span<const WriteOp> ops;
+  std::shared_ptr<RegionEntry> source;
+  std::shared_ptr<RegionEntry> target;
+  // kWrite, kFlush
+  TransportDone done;
+  // kMessage
+  std::vector<std::byte> frame;
+  // kPeerFailure
+  Status reason;
+};
+
+// All the state of one LoopbackTransport. Shared (weakly) with connections,
+// so that a peer can queue into it while it exists.
+class Endpoint : public std::enable_shared_from_this<Endpoint> {
+ public:
+  Endpoint(std::shared_ptr<LoopbackFabric> fabric, std::string name, uint64_t id)
+      : fabric_(std::move(fabric)),
+        fabric_impl_(*fabric_->impl_),
+        name_(std::move(name)),
+        address_(std::string(LoopbackTransport::kAddressPrefix) + name_),
+        id_(id) {}
+
+  const std::string& name() const { return name_; }
+  const std::string& address() const { return address_; }
+
+  Status Start(TransportCallbacks callbacks);
+  Result<PeerId> Connect(std::string_view address);
+  Status Send(PeerId peer, std::span<const std::byte> frame);
+  Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes, MemoryKind kind);
+  Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
+  Status Write(const LocalRegion& source, const RemoteRegion& target,
+               std::span<const WriteOp> ops, TransportDone done);
+  Status Flush(PeerId peer, TransportDone done);
+  void Disconnect(PeerId peer, const Status& reason);
+  void Shutdown();
+  TransportStats Stats() const;
+
+ private:
+  enum class State { kCreated, kStarted, kShutDown };
+
+  struct PeerEntry {
+    std::shared_ptr<Connection> conn;
+    int side = 0;
+  };
+
+  // Inserts the accepting end of `conn` (side 1) into the peer table.
+  Status Accept(const std::shared_ptr<Connection>& conn);
+  Result<PeerEntry> LookupPeer(PeerId peer) const;
+  // Queues `item` (moved from only on success). False when the queue is
+  // closed (the transport is shutting down).
+  bool Enqueue(Item& item);
+  // Queues an item of our own for a peer, if the connection is alive.
+  Status EnqueueForPeer(Connection& conn, int side, Item& item);
+  Status ClosedError(const Connection& conn, int side) const;
+
+  void Loop();
+  void Process(Item& item);
+  void Abort(Item& item);
+
+  const std::shared_ptr<LoopbackFabric> fabric_;
+  FabricImpl& fabric_impl_;
+  const std::string name_;
+  const std::string address_;
+  const uint64_t id_;
+
+  mutable std::mutex mu_;
+  State state_ = State::kCreated;
+  std::unordered_map<PeerId, PeerEntry> peers_;
+  std::thread thread_;
+  std::thread::id thread_id_;
+
+  std::mutex shutdown_mu_;  // serializes Shutdown calls
+
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<Item> queue_;
+  bool queue_closed_ = false;
+  // Set when Shutdown starts: the thread fails or drops what it pops.
+  std::atomic<bool> aborting_{false};
+
+  // Written by Start before the thread exists, then used by the thread only.
+  TransportCallbacks callbacks_;
+
+  std::atomic<uint64_t> write_ops_{0};
+  std::atomic<uint64_t> write_bytes_{0};
+  std::atomic<uint64_t> failed_write_ops_{0};
+  std::atomic<uint64_t> flushes_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> messages_received_{0};
+
+  friend void KillLocked(Connection& conn, const Status& reason, int initiator_side,
+                         bool notify_initiator);
+};
+
+// Marks `conn` dead and queues on_peer_failure for its ends (the initiator's
+// own end only when `notify_initiator`). REQUIRES: conn.mu held, conn.alive.
+void KillLocked(Connection& conn, const Status& reason, int initiator_side,
+                bool notify_initiator) {
+  conn.alive = false;
+  conn.reason = reason;
+  for (int side = 0; side < 2; ++side) {
+    if (side == initiator_side && !notify_initiator) continue;
+    std::shared_ptr<Endpoint> endpoint = conn.ends[side].endpoint.lock();
+    if (endpoint == nullptr) continue;
+    Item item;
+    item.kind = Item::Kind::kPeerFailure;
+    item.peer = conn.ends[side].peer;
+    item.side = side;
+    item.reason = side == initiator_side
+                      ? reason
+                      : reason.WithContext(conn.ends[initiator_side].address +
+                                           " closed the connection");
+    endpoint->Enqueue(item);
+  }
+}
+
+Status Endpoint::Start(TransportCallbacks callbacks) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
+  if (state_ == State::kStarted) return FailedPreconditionError(address_ + " is already started");
+  callbacks_ = std::move(callbacks);
+  // std::thread reports failure by throwing; the library reports Status.
+  try {
+    thread_ = std::thread([this] { Loop(); });
+  } catch (const std::system_error& e) {
+    callbacks_ = {};
+    return ResourceExhaustedError(address_ + ": cannot start the transport thread: " + e.what());
+  }
+  thread_id_ = thread_.get_id();
+  state_ = State::kStarted;
+  return Status::Ok();
+}
+
+Status Endpoint::Accept(const std::shared_ptr<Connection>& conn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_ != State::kStarted) {
+    return UnavailableError("endpoint " + address_ + " is not accepting connections (" +
+                            (state_ == State::kCreated ? "not started" : "shut down") + ")");
+  }
+  peers_.emplace(conn->ends[1].peer, PeerEntry{conn, 1});
+  return Status::Ok();
+}
+
+Result<PeerId> Endpoint::Connect(std::string_view address) {
+  const std::string_view prefix = LoopbackTransport::kAddressPrefix;
+  if (!address.starts_with(prefix) || address.size() == prefix.size()) {
+    return InvalidArgumentError("malformed loopback address '" + std::string(address) +
+                                "': expected '" + std::string(prefix) + "<name>'");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
+    if (state_ == State::kCreated) return FailedPreconditionError(address_ + " is not started");
+  }
+  std::shared_ptr<Endpoint> remote =
+      fabric_impl_.FindEndpoint(std::string(address.substr(prefix.size())));
+  if (remote == nullptr) {
+    return UnavailableError("no loopback endpoint at '" + std::string(address) + "'");
+  }
+  auto conn = std::make_shared<Connection>();
+  conn->ends[0] = {weak_from_this(), id_, address_, fabric_impl_.NextPeerId()};
+  conn->ends[1] = {remote, remote->id_, remote->address_, fabric_impl_.NextPeerId()};
+  KVB_RETURN_IF_ERROR(remote->Accept(conn));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kStarted) {
+      peers_.emplace(conn->ends[0].peer, PeerEntry{conn, 0});
+      return conn->ends[0].peer;
+    }
+  }
+  // Shut down while connecting: the accepting end holds a dead connection.
+  Status reason = UnavailableError("endpoint " + address_ + " shut down");
+  {
+    std::lock_guard<std::mutex> lock(conn->mu);
+    if (conn->alive) KillLocked(*conn, reason, 0, /*notify_initiator=*/false);
+  }
+  return AbortedError(address_ + " is shut down");
+}
+
+Result<Endpoint::PeerEntry> Endpoint::LookupPeer(PeerId peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_ == State::kCreated) return FailedPreconditionError(address_ + " is not started");
+  if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) {
+    return NotFoundError(address_ + ": unknown peer " + std::to_string(peer));
+  }
+  return it->second;
+}
+
+bool Endpoint::Enqueue(Item& item) {
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    if (queue_closed_) return false;
+    queue_.push_back(std::move(item));
+  }
+  queue_cv_.notify_one();
+  return true;
+}
+
+Status Endpoint::ClosedError(const Connection& conn, int side) const {
+  return UnavailableError(address_ + ": connection to " + conn.ends[1 - side].address +
+                          " (peer " + std::to_string(conn.ends[side].peer) +
+                          ") is closed: " + conn.reason.ToString());
+}
+
+Status Endpoint::EnqueueForPeer(Connection& conn, int side, Item& item) {
+  std::lock_guard<std::mutex> lock(conn.mu);
+  if (!conn.alive) return ClosedError(conn, side);
+  if (!Enqueue(item)) return AbortedError(address_ + " is shut down");
+  return Status::Ok();
+}
+
+Status Endpoint::Send(PeerId peer, std::span<const std::byte> frame) {
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(peer));
+  const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
+  Item item;
+  item.kind = Item::Kind::kMessage;
+  item.peer = remote_end.peer;
+  item.side = 1 - entry.side;
+  item.conn = entry.conn;
+  item.frame.assign(frame.begin(), frame.end());
+  std::shared_ptr<Endpoint> remote = remote_end.endpoint.lock();
+  {
+    std::lock_guard<std::mutex> lock(entry.conn->mu);
+    if (!entry.conn->alive) return ClosedError(*entry.conn, entry.side);
+    // The remote closes its queue only after killing all its connections,
+    // so this only fails in a race with its shutdown.
+    if (remote == nullptr || !remote->Enqueue(item)) {
+      return UnavailableError(address_ + ": " + remote_end.address + " is gone");
+    }
+  }
+  messages_sent_.fetch_add(1, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<LocalRegion>> Endpoint::Register(Addr address, uint64_t bytes,
+                                                        MemoryKind kind) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
+  }
+  if (bytes == 0) return InvalidArgumentError(address_ + ": cannot register an empty region");
+  if (address == Addr()) {
+    return InvalidArgumentError(address_ + ": cannot register a region at address 0");
+  }
+  if (bytes > std::numeric_limits<uint64_t>::max() - address.value()) {
+    return InvalidArgumentError(address_ + ": region " + HexAddr(address) + "+" +
+                                std::to_string(bytes) + " wraps around the address space");
+  }
+  if (!IsHostAccessible(kind)) {
+    return InvalidArgumentError(address_ + ": the loopback transport cannot reach " +
+                                std::string(MemoryKindName(kind)) + " memory");
+  }
+  std::shared_ptr<RegionEntry> entry = fabric_impl_.AddRegion(address, bytes, kind, id_);
+  return std::unique_ptr<LocalRegion>(
+      new LoopbackLocalRegion(fabric_, &fabric_impl_, std::move(entry), address_));
+}
+
+Result<std::unique_ptr<RemoteRegion>> Endpoint::Import(PeerId peer, const RegionInfo& info) {
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(peer));
+  {
+    std::lock_guard<std::mutex> lock(entry.conn->mu);
+    if (!entry.conn->alive) return ClosedError(*entry.conn, entry.side);
+  }
+  const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
+  if (info.remote_key.size() != kRemoteKeyBytes) {
+    return InvalidArgumentError(address_ + ": a loopback remote key has " +
+                                std::to_string(kRemoteKeyBytes) + " bytes, got " +
+                                std::to_string(info.remote_key.size()));
+  }
+  const uint64_t id = DecodeRegionKey(info.remote_key);
+  std::shared_ptr<RegionEntry> region = fabric_impl_.FindRegion(id);
+  if (region == nullptr) {
+    return NotFoundError(address_ + ": region #" + std::to_string(id) + " of " +
+                         remote_end.address + " is not registered");
+  }
+  if (region->owner_endpoint_id != remote_end.endpoint_id) {
+    return InvalidArgumentError(address_ + ": region #" + std::to_string(id) +
+                                " does not belong to peer " + std::to_string(peer) + " (" +
+                                remote_end.address + ")");
+  }
+  if (region->address != info.address || region->size != info.size ||
+      region->kind != info.kind) {
+    return InvalidArgumentError(
+        address_ + ": region #" + std::to_string(id) + " of " + remote_end.address + " is " +
+        HexAddr(region->address) + "+" + std::to_string(region->size) + " (" +
+        std::string(MemoryKindName(region->kind)) + "), but the info says " +
+        HexAddr(info.address) + "+" + std::to_string(info.size) + " (" +
+        std::string(MemoryKindName(info.kind)) + ")");
+  }
+  return std::unique_ptr<RemoteRegion>(
+      new LoopbackRemoteRegion(peer, info, std::move(region), id_));
+}
+
+Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
+                       std::span<const WriteOp> ops, TransportDone done) {
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
+  const auto* src = dynamic_cast<const LoopbackLocalRegion*>(&source);
+  if (src == nullptr || src->entry()->owner_endpoint_id != id_) {
+    return InvalidArgumentError(address_ + ": the write's source region was not registered "
+                                "with this transport");
+  }
+  const auto* dst = dynamic_cast<const LoopbackRemoteRegion*>(&target);
+  if (dst == nullptr || dst->importer_endpoint_id() != id_) {
+    return InvalidArgumentError(address_ + ": the write's target region was not imported "
+                                "by this transport");
+  }
+  if (!done) return InvalidArgumentError(address_ + ": Write needs a done callback");
+  KVB_ASSIGN_OR_RETURN(uint64_t bytes, CheckWriteOps(src->info(), dst->info(), ops));
+
+  Item item;
+  item.kind = Item::Kind::kWrite;
+  item.peer = target.peer();
+  item.side = entry.side;
+  item.conn = entry.conn;
+  item.ops = ops;
+  item.source = src->entry();
+  item.target = dst->entry();
+  item.done = std::move(done);
+  // Counted before queueing, so that a `done` observer sees its own ops.
+  write_ops_.fetch_add(ops.size(), std::memory_order_relaxed);
+  write_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  Status status = EnqueueForPeer(*entry.conn, entry.side, item);
+  if (!status.ok()) {
+    write_ops_.fetch_sub(ops.size(), std::memory_order_relaxed);
+    write_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
+  }
+  return status;
+}
+
+Status Endpoint::Flush(PeerId peer, TransportDone done) {
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(peer));
+  if (!done) return InvalidArgumentError(address_ + ": Flush needs a done callback");
+  Item item;
+  item.kind = Item::Kind::kFlush;
+  item.peer = peer;
+  item.side = entry.side;
+  item.conn = entry.conn;
+  item.done = std::move(done);
+  KVB_RETURN_IF_ERROR(EnqueueForPeer(*entry.conn, entry.side, item));
+  flushes_.fetch_add(1, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
+void Endpoint::Disconnect(PeerId peer, const Status& reason) {
+  Result<PeerEntry> entry = LookupPeer(peer);
+  if (!entry.ok()) {
+    Log(LogLevel::kDebug, "loopback Disconnect ignored: " + entry.status().ToString());
+    return;
+  }
+  Status why = reason.ok() ? UnavailableError("disconnected") : reason;
+  std::lock_guard<std::mutex> lock(entry->conn->mu);
+  if (entry->conn->alive) KillLocked(*entry->conn, why, entry->side, /*notify_initiator=*/true);
+}
+
+void Endpoint::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kStarted && std::this_thread::get_id() == thread_id_) {
+      Log(LogLevel::kError, address_ +
+                                " shut down (or destroyed) on its own thread, from a callback; "
+                                "aborting");
+      std::abort();
+    }
+  }
+  std::lock_guard<std::mutex> shutdown_lock(shutdown_mu_);
+  std::vector<PeerEntry> peers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kShutDown) return;
+    state_ = State::kShutDown;
+    peers.reserve(peers_.size());
+    for (const auto& [id, entry] : peers_) peers.push_back(entry);
+  }
+  aborting_.store(true);
+  fabric_impl_.RemoveEndpoint(name_, this);
+  const Status reason = UnavailableError("endpoint " + address_ + " shut down");
+  for (const PeerEntry& entry : peers) {
+    std::lock_guard<std::mutex> lock(entry.conn->mu);
+    if (entry.conn->alive) KillLocked(*entry.conn, reason, entry.side, /*notify_initiator=*/false);
+  }
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    queue_closed_ = true;
+  }
+  queue_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  // Without a thread nothing could be queued; fail whatever is there anyway.
+  std::deque<Item> left;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    left.swap(queue_);
+  }
+  for (Item& item : left) Abort(item);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    peers_.clear();
+  }
+  callbacks_ = {};
+}
+
+void Endpoint::Loop() {
+  std::deque<Item> batch;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(queue_mu_);
+      queue_cv_.wait(lock, [this] { return !queue_.empty() || queue_closed_; });
+      if (queue_.empty()) return;  // closed and drained
+      batch.swap(queue_);
+    }
+    while (!batch.empty()) {
+      Item item = std::move(batch.front());
+      batch.pop_front();
+      if (aborting_.load()) {
+        Abort(item);
+      } else {
+        Process(item);
+      }
+    }
+  }
+}
+
+void Endpoint::Process(Item& item) {
+  switch (item.kind) {
+    case Item::Kind::kWrite: {
+      Status status;
+      {
+        std::lock_guard<std::mutex> lock(item.conn->mu);
+        if (!item.conn->alive) status = ClosedError(*item.conn, item.side);
+      }
+      if (status.ok()) status = fabric_impl_.Pin(*item.source, *item.target);
+      if (status.ok()) {
+        for (const WriteOp& op : item.ops) {
+          if (op.bytes > 0) std::memcpy(op.dst.ToPointer(), op.src.ToPointer(), op.bytes);
+        }
+        fabric_impl_.Unpin(*item.source, *item.target);
+      } else {
+        failed_write_ops_.fetch_add(item.ops.size(), std::memory_order_relaxed);
+      }
+      item.done(std::move(status));
+      break;
+    }
+    case Item::Kind::kFlush: {
+      Status status;
+      {
+        std::lock_guard<std::mutex> lock(item.conn->mu);
+        if (!item.conn->alive) status = ClosedError(*item.conn, item.side);
+      }
+      item.done(std::move(status));
+      break;
+    }
+    case Item::Kind::kMessage:
+      messages_received_.fetch_add(1, std::memory_order_relaxed);
+      if (callbacks_.on_message) callbacks_.on_message(item.peer, std::move(item.frame));
+      break;
+    case Item::Kind::kPeerFailure:
+      if (callbacks_.on_peer_failure) callbacks_.on_peer_failure(item.peer, item.reason);
+      break;
+  }
+}
+
+void Endpoint::Abort(Item& item) {
+  switch (item.kind) {
+    case Item::Kind::kWrite:
+      failed_write_ops_.fetch_add(item.ops.size(), std::memory_order_relaxed);
+      item.done(AbortedError(address_ + " shut down before the write ran"));
+      break;
+    case Item::Kind::kFlush:
+      item.done(AbortedError(address_ + " shut down before the flush ran"));
+      break;
+    case Item::Kind::kMessage:
+    case Item::Kind::kPeerFailure:
+      break;  // nobody is listening any more
+  }
+}
+
+TransportStats Endpoint::Stats() const {
+  TransportStats stats;
+  stats.write_ops = write_ops_.load(std::memory_order_relaxed);
+  stats.write_bytes = write_bytes_.load(std::memory_order_relaxed);
+  stats.failed_write_ops = failed_write_ops_.load(std::memory_order_relaxed);
+  stats.flushes = flushes_.load(std::memory_order_relaxed);
+  stats.messages_sent = messages_sent_.load(std::memory_order_relaxed);
+  stats.messages_received = messages_received_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+}  // namespace loopback_internal
+
+// ---------------------------------------------------------------------------
+
+LoopbackFabric::LoopbackFabric() : impl_(std::make_unique<loopback_internal::FabricImpl>()) {}
+LoopbackFabric::~LoopbackFabric() = default;
+
+std::shared_ptr<LoopbackFabric> LoopbackFabric::Create() {
+  return std::shared_ptr<LoopbackFabric>(new LoopbackFabric());
+}
+
+size_t LoopbackFabric::num_endpoints() const { return impl_->num_endpoints(); }
+size_t LoopbackFabric::num_regions() const { return impl_->num_regions(); }
+
+Result<std::unique_ptr<LoopbackTransport>> LoopbackTransport::Create(
+    std::shared_ptr<LoopbackFabric> fabric, std::string name) {
+  if (fabric == nullptr) return InvalidArgumentError("loopback transport: the fabric is null");
+  if (name.empty()) return InvalidArgumentError("loopback transport: the name is empty");
+  loopback_internal::FabricImpl& impl = *fabric->impl_;
+  const uint64_t id = impl.NextEndpointId();
+  auto endpoint = std::make_shared<loopback_internal::Endpoint>(std::move(fabric), name, id);
+  KVB_RETURN_IF_ERROR(impl.AddEndpoint(name, endpoint));
+  return std::unique_ptr<LoopbackTransport>(new LoopbackTransport(std::move(endpoint)));
+}
+
+LoopbackTransport::LoopbackTransport(std::shared_ptr<loopback_internal::Endpoint> endpoint)
+    : endpoint_(std::move(endpoint)) {}
+
+LoopbackTransport::~LoopbackTransport() { endpoint_->Shutdown(); }
+
+const std::string& LoopbackTransport::name() const { return endpoint_->name(); }
+
+TransportCaps LoopbackTransport::Caps() const {
+  TransportCaps caps;
+  caps.name = "loopback";
+  caps.host_memory = true;
+  caps.device_memory = false;
+  caps.map_remote = true;
+  return caps;
+}
+
+std::string LoopbackTransport::Address() const { return endpoint_->address(); }
+
+Status LoopbackTransport::Start(TransportCallbacks callbacks) {
+  return endpoint_->Start(std::move(callbacks));
+}
+
+Result<PeerId> LoopbackTransport::Connect(std::string_view address) {
+  return endpoint_->Connect(address);
+}
+
+Status LoopbackTransport::Send(PeerId peer, std::span<const std::byte> frame) {
+  return endpoint_->Send(peer, frame);
+}
+
+Result<std::unique_ptr<LocalRegion>> LoopbackTransport::Register(Addr address, uint64_t bytes,
+                                                                 MemoryKind kind) {
+  return endpoint_->Register(address, bytes, kind);
+}
+
+Result<std::unique_ptr<RemoteRegion>> LoopbackTransport::Import(PeerId peer,
+                                                                const RegionInfo& info) {
+  return endpoint_->Import(peer, info);
+}
+
+Status LoopbackTransport::Write(const LocalRegion& source, const RemoteRegion& target,
+                                std::span<const WriteOp> ops, TransportDone done) {
+  return endpoint_->Write(source, target, ops, std::move(done));
+}
+
+Status LoopbackTransport::Flush(PeerId peer, TransportDone done) {
+  return endpoint_->Flush(peer, std::move(done));
+}
+
+void LoopbackTransport::Disconnect(PeerId peer, const Status& reason) {
+  endpoint_->Disconnect(peer, reason);
+}
+
+void LoopbackTransport::Shutdown() { endpoint_->Shutdown(); }
+
+TransportStats LoopbackTransport::Stats() const { return endpoint_->Stats(); }
+
+}  // namespace kvbounce

@@ -1,0 +1,51 @@
+#include "transport/write_check.h"
+
+#include <cinttypes>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+namespace kvbounce {
+namespace {
+
+std::string RangeText(Addr address, uint64_t bytes) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), "0x%" PRIx64 "+%" PRIu64, address.value(), bytes);
+  return buffer;
+}
+
+Status OpOutOfRange(size_t index, const char* side, Addr address, uint64_t bytes,
+                    const RegionInfo& region) {
+  return OutOfRangeError("write op " + std::to_string(index) + ": " + side + " range " +
+                         RangeText(address, bytes) + " is outside the " + side + " region " +
+                         RangeText(region.address, region.size));
+}
+
+}  // namespace
+
+bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size) {
+  if (address < base) return false;
+  const uint64_t offset = address - base;
+  return offset <= size && bytes <= size - offset;
+}
+
+Result<uint64_t> CheckWriteOps(const RegionInfo& source, const RegionInfo& target,
+                               std::span<const WriteOp> ops) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const WriteOp& op = ops[i];
+    if (!RangeInside(op.src, op.bytes, source.address, source.size)) {
+      return OpOutOfRange(i, "source", op.src, op.bytes, source);
+    }
+    if (!RangeInside(op.dst, op.bytes, target.address, target.size)) {
+      return OpOutOfRange(i, "target", op.dst, op.bytes, target);
+    }
+    if (op.bytes > std::numeric_limits<uint64_t>::max() - total) {
+      return OutOfRangeError("write ops: the total byte count overflows");
+    }
+    total += op.bytes;
+  }
+  return total;
+}
+
+}  // namespace kvbounce

@@ -1,0 +1,31 @@
+// Helpers shared by transport implementations and decorators: the range
+// check every Transport::Write performs before issuing anything.
+//
+// Thread safety: pure functions of their arguments.
+#ifndef KVBOUNCE_TRANSPORT_WRITE_CHECK_H_
+#define KVBOUNCE_TRANSPORT_WRITE_CHECK_H_
+
+#include <cstdint>
+#include <span>
+
+#include "kvbounce/status.h"
+#include "transport/transport.h"
+
+namespace kvbounce {
+
+// True when [address, address + bytes) lies inside [base, base + size). A
+// zero-byte range is inside when base <= address <= base + size. Never
+// overflows, whatever the values.
+bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size);
+
+// Checks that every op reads inside `source` and writes inside `target`.
+// Returns the total number of bytes the ops move.
+//
+// Errors: kOutOfRange naming the first offending op (its index, its range and
+// the region it leaves); also when the total byte count overflows uint64_t.
+Result<uint64_t> CheckWriteOps(const RegionInfo& source, const RegionInfo& target,
+                               std::span<const WriteOp> ops);
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_TRANSPORT_WRITE_CHECK_H_

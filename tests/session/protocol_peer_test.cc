@@ -1,0 +1,251 @@
+// The receiver against a hand-driven writer speaking the wire protocol: what
+// it does with results it must not trust (wrong fingerprint, wrong byte
+// count, unknown writer, duplicates), with malformed frames and with an
+// incompatible peer.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "kvbounce/agent.h"
+#include "layout/pool_layout.h"
+#include "protocol/codec.h"
+#include "transport/loopback/loopback_transport.h"
+
+namespace kvbounce {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::IsOk;
+using testing_util::StatusIs;
+using std::chrono::milliseconds;
+
+InstanceSpec Spec() {
+  InstanceSpec spec;
+  spec.model = *CustomModel(2, 2, 8, false);
+  spec.layout = LayoutKind::kBlockMajorHnd;
+  spec.tokens_per_block = 4;
+  return spec;
+}
+
+// A ctx rank played by the test: it speaks HELLO and answers KV_REQUESTs
+// however the test says.
+class FakeWriter {
+ public:
+  explicit FakeWriter(std::shared_ptr<LoopbackFabric> fabric)
+      : transport_(*LoopbackTransport::Create(std::move(fabric), "fake-ctx")),
+        memory_(4096, std::byte{0}) {
+    TransportCallbacks callbacks;
+    callbacks.on_message = [this](PeerId, std::vector<std::byte> frame) {
+      std::lock_guard<std::mutex> lock(mu_);
+      frames_.push_back(std::move(frame));
+      cv_.notify_all();
+    };
+    callbacks.on_peer_failure = [this](PeerId, const Status&) {
+      std::lock_guard<std::mutex> lock(mu_);
+      disconnected_ = true;
+      cv_.notify_all();
+    };
+    EXPECT_THAT(transport_->Start(callbacks), IsOk());
+    region_ = *transport_->Register(Addr::FromPointer(memory_.data()), memory_.size(),
+                                    MemoryKind::kHost);
+  }
+
+  // Connects and exchanges HELLO; `model_layers` lets a test lie about the model.
+  void Connect(const std::string& address, uint32_t model_layers = 2) {
+    peer_ = *transport_->Connect(address);
+    const Topology topology = *Topology::Create(Spec());
+    const PoolLayout pool = *PoolLayout::ForRank(topology, 0, 2, Addr::FromPointer(memory_.data()));
+    protocol::Hello h;
+    h.instance_id = "ctx0";
+    h.role = protocol::Role::kCtx;
+    h.placement = {0, 1, 0, 1, {model_layers}};
+    h.model = {model_layers, 2, 8, 2, 2};
+    h.layout = {protocol::LayoutKind::kBlockMajorHnd, 4, 2, pool.layer_base(0).value(),
+                pool.layer_stride(), pool.kv_stride(), pool.block_stride(), pool.head_stride(),
+                pool.token_stride(), {}};
+    const RegionInfo& info = region_->info();
+    h.regions.push_back({protocol::RegionKind::kPool, protocol::MemoryKind::kHost,
+                         info.address.value(), info.size, info.remote_key});
+    Send(h);
+  }
+
+  void Send(const protocol::Message& m) {
+    ASSERT_THAT(transport_->Send(peer_, *protocol::EncodeFrame(m)), IsOk());
+  }
+  void SendRaw(std::vector<std::byte> bytes) { ASSERT_THAT(transport_->Send(peer_, bytes), IsOk()); }
+
+  // The next frame, decoded.
+  protocol::Message Next() {
+    std::unique_lock<std::mutex> lock(mu_);
+    EXPECT_TRUE(cv_.wait_for(lock, milliseconds(5000), [&] { return !frames_.empty(); }));
+    if (frames_.empty()) return protocol::Bye{};
+    std::vector<std::byte> frame = std::move(frames_.front());
+    frames_.pop_front();
+    return *protocol::DecodeFrame(frame);
+  }
+  bool WaitDisconnected() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, milliseconds(5000), [&] { return disconnected_; });
+  }
+
+  ~FakeWriter() {
+    region_.reset();
+    transport_->Shutdown();
+  }
+
+ private:
+  std::unique_ptr<LoopbackTransport> transport_;
+  std::vector<std::byte> memory_;
+  std::unique_ptr<LocalRegion> region_;
+  PeerId peer_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::vector<std::byte>> frames_;
+  bool disconnected_ = false;
+};
+
+class ProtocolPeerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fabric_ = LoopbackFabric::Create();
+    pool_.assign(8 * 2 * 2 * 2 * 4 * 16, std::byte{0});
+    AgentOptions o;
+    o.instance_id = "gen0";
+    o.role = Role::kGen;
+    o.instance = Spec();
+    o.pool.bases = {Addr::FromPointer(pool_.data())};
+    o.pool.num_blocks = 8;
+    o.config.bounce_size_mb = 1;
+    o.transport = *LoopbackTransport::Create(fabric_, "gen0-0");
+    o.grace = milliseconds(50);
+    gen_ = *Agent::Create(std::move(o));
+    writer_ = std::make_unique<FakeWriter>(fabric_);
+    writer_->Connect(gen_->Address());
+    ASSERT_TRUE(std::holds_alternative<protocol::Hello>(writer_->Next()));
+  }
+
+  // Starts a pull and returns it with the KV_REQUEST the writer received.
+  std::pair<std::shared_ptr<Transfer>, protocol::KvRequest> StartPull(uint64_t id) {
+    PullOptions p;
+    p.path = TransferPath::kPerBlock;
+    p.timeout = milliseconds(3000);
+    auto pull = gen_->Pull(id, "ctx0", std::vector<int32_t>{3, 5}, {0, 8}, p);
+    EXPECT_THAT(pull, IsOk());
+    protocol::Message m = writer_->Next();
+    EXPECT_TRUE(std::holds_alternative<protocol::KvRequest>(m));
+    return {*pull, std::get<protocol::KvRequest>(m)};
+  }
+
+  static protocol::KvResult Success(const protocol::KvRequest& req, uint64_t bytes) {
+    return protocol::KvResult{req.request_id, req.slice_id, req.writer_rank,
+                              protocol::ResultStatus::kSuccess, bytes, req.plan_fingerprint, ""};
+  }
+
+  static constexpr uint64_t kBytes = 2 * 2 * 2 * 8 * 16;  // layers x kv x heads x tokens x row
+
+  std::shared_ptr<LoopbackFabric> fabric_;
+  std::vector<std::byte> pool_;
+  std::unique_ptr<Agent> gen_;
+  std::unique_ptr<FakeWriter> writer_;
+};
+
+TEST_F(ProtocolPeerTest, KvRequestCarriesWhatTheWriterNeeds) {
+  auto [pull, req] = StartPull(1);
+  EXPECT_EQ(req.request_id, 1u);
+  EXPECT_EQ(req.token_start, 0u);
+  EXPECT_EQ(req.token_end, 8u);
+  EXPECT_EQ(req.block_table, (std::vector<uint32_t>{3, 5}));
+  EXPECT_EQ(req.path, protocol::TransferPath::kPerBlock);
+  EXPECT_EQ(req.writer_rank, 0u);
+  EXPECT_GT(req.deadline_ms, 0u);
+  EXPECT_LE(req.deadline_ms, 3000u);
+  writer_->Send(Success(req, kBytes));
+  EXPECT_THAT(pull->Wait(), IsOk());
+  EXPECT_EQ(pull->info().bytes, kBytes);
+}
+
+TEST_F(ProtocolPeerTest, WrongFingerprintFailsTheTransfer) {
+  auto [pull, req] = StartPull(2);
+  protocol::KvResult result = Success(req, kBytes);
+  result.plan_fingerprint ^= 1;
+  writer_->Send(result);
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("plan fingerprint")));
+  EXPECT_EQ(gen_->Stats().rejected_results, 1u);
+}
+
+TEST_F(ProtocolPeerTest, WrongByteCountFailsTheTransfer) {
+  auto [pull, req] = StartPull(3);
+  writer_->Send(Success(req, kBytes - 1));
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("bytes written")));
+}
+
+TEST_F(ProtocolPeerTest, UnknownWritersAndDuplicatesAreNotCounted) {
+  auto [pull, req] = StartPull(4);
+  int settled = 0;
+  pull->OnDone([&](const Status&) { ++settled; });
+  protocol::KvResult stranger = Success(req, kBytes);
+  stranger.writer_rank = 7;
+  writer_->Send(stranger);  // not a writer of this request: rejected
+  protocol::KvResult unknown = Success(req, kBytes);
+  unknown.request_id = 999;
+  writer_->Send(unknown);  // no such request: rejected
+  EXPECT_FALSE(pull->WaitFor(milliseconds(50)));
+  writer_->Send(Success(req, kBytes));
+  writer_->Send(Success(req, kBytes));  // a duplicate counts once
+  EXPECT_THAT(pull->Wait(), IsOk());
+  EXPECT_EQ(gen_->Stats().rejected_results, 2u);
+  // The duplicate may land after completion (the request is gone by then):
+  // either way it changes nothing.
+  EXPECT_EQ(settled, 1);
+  EXPECT_EQ(gen_->Stats().requests_completed, 1u);
+}
+
+TEST_F(ProtocolPeerTest, WriterFailureReasonReachesTheApplication) {
+  auto [pull, req] = StartPull(5);
+  protocol::KvResult failed = Success(req, 0);
+  failed.status = protocol::ResultStatus::kFailed;
+  failed.error_text = "the pool was evicted";
+  writer_->Send(failed);
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kUnavailable, HasSubstr("the pool was evicted")));
+}
+
+TEST_F(ProtocolPeerTest, MalformedFrameEndsTheConnection) {
+  auto [pull, req] = StartPull(6);
+  std::vector<std::byte> garbage(20, std::byte{0x5a});
+  writer_->SendRaw(garbage);
+  protocol::Message m = writer_->Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::Bye>(m));
+  EXPECT_EQ(std::get<protocol::Bye>(m).reason, protocol::ByeReason::kProtocolError);
+  EXPECT_TRUE(writer_->WaitDisconnected());
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(gen_->Stats().arena_outstanding_bytes, 0u);
+}
+
+TEST(ProtocolPeerHelloTest, IncompatiblePeerIsRefusedWithAReason) {
+  auto fabric = LoopbackFabric::Create();
+  std::vector<std::byte> pool(8 * 2 * 2 * 2 * 4 * 16);
+  AgentOptions o;
+  o.instance_id = "gen0";
+  o.role = Role::kGen;
+  o.instance = Spec();
+  o.pool.bases = {Addr::FromPointer(pool.data())};
+  o.pool.num_blocks = 8;
+  o.transport = *LoopbackTransport::Create(fabric, "gen0-0");
+  auto gen = *Agent::Create(std::move(o));
+  FakeWriter writer(fabric);
+  writer.Connect(gen->Address(), /*model_layers=*/3);
+  protocol::Message m = writer.Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::Bye>(m));
+  EXPECT_EQ(std::get<protocol::Bye>(m).reason, protocol::ByeReason::kIncompatible);
+  EXPECT_THAT(std::get<protocol::Bye>(m).message, HasSubstr("another model"));
+  EXPECT_THAT(gen->Pull(1, "ctx0", std::vector<int32_t>{0, 1}, {0, 8}),
+              StatusIs(StatusCode::kNotFound));
+}
+
+}  // namespace
+}  // namespace kvbounce

@@ -1,0 +1,144 @@
+// `kvbounce bench` as a user runs it: every path, every byte verified, the
+// report's fields, injected faults, and bad flags.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "tools/bench_command.h"
+
+namespace kvbounce::tools {
+namespace {
+
+using ::testing::HasSubstr;
+
+BenchFlags Small() {
+  BenchFlags f;
+  f.scenario.layers = 4;
+  f.scenario.kv_heads = 4;
+  f.scenario.head_dim = 32;
+  f.scenario.tokens = 96;
+  f.scenario.start_token = 5;
+  f.scenario.ctx = "tp=4,pp=1";
+  f.scenario.gen = "tp=2,pp=2,layout=layer-major-nhd,tokens-per-block=16";
+  f.requests = 6;
+  f.concurrency = 3;
+  return f;
+}
+
+TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
+  std::ostringstream log;
+  auto report = RunBench(Small(), log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  const auto& runs = (*report)["runs"];
+  ASSERT_EQ(runs.size(), 4u);
+  const char* paths[] = {"per-block", "bounce", "direct", "auto"};
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto& r = runs[i];
+    EXPECT_EQ(r["path"], paths[i]);
+    EXPECT_EQ(r["transport"], "loopback");
+    EXPECT_EQ(r["memory"], "host");
+    EXPECT_EQ(r["requests"], 6);
+    EXPECT_EQ(r["completed"], 6);
+    EXPECT_EQ(r["failed"], 0);
+    EXPECT_EQ(r["injected_failures"], 0);
+    EXPECT_EQ(r["mismatches"], 0);
+    EXPECT_EQ(r["arena_outstanding_bytes"], 0);
+    // 4 layers x 2 x 4 heads x 91 tokens x 64 B per request, all gen ranks.
+    EXPECT_EQ(r["bytes"], 6u * 4 * 2 * 4 * 91 * 64);
+    EXPECT_GE(r["verified_bytes"].get<uint64_t>(), r["bytes"].get<uint64_t>());
+    EXPECT_GT(r["seconds"].get<double>(), 0);
+    EXPECT_GT(r["throughput_gbps"].get<double>(), 0);
+    for (const char* p : {"p50", "p90", "p99", "max"}) EXPECT_GT(r["latency_ms"][p].get<double>(), 0);
+    EXPECT_LE(r["latency_ms"]["p50"].get<double>(), r["latency_ms"]["max"].get<double>());
+  }
+  // Per-block issues one write per fragment, bounce one per writer and
+  // receiver, direct none at all.
+  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(), runs[1]["transport_writes"].get<uint64_t>());
+  // Bounce: one write per (writer, receiver): 4 gen ranks x 2 writers each.
+  EXPECT_EQ(runs[1]["transport_writes"], 6u * 4 * 2);
+  EXPECT_EQ(runs[2]["transport_writes"], 0);
+  EXPECT_EQ(runs[0]["paths_taken"]["per-block"], 6 * 4);
+  EXPECT_EQ(runs[3]["paths_taken"]["direct"], 6 * 4);
+  std::string why;
+  EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+  std::ostringstream table;
+  PrintBenchTable(*report, table);
+  EXPECT_THAT(table.str(), HasSubstr("per-block"));
+  EXPECT_THAT(table.str(), HasSubstr("GB/s"));
+}
+
+TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
+  BenchFlags f = Small();
+  f.paths = "per-block,bounce";
+  f.requests = 20;
+  f.inject_fail_rate = 0.05;
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  uint64_t injected = 0, failed = 0;
+  for (const auto& r : (*report)["runs"]) {
+    injected += r["injected_failures"].get<uint64_t>();
+    failed += r["failed"].get<uint64_t>();
+    EXPECT_EQ(r["completed"].get<int>() + r["failed"].get<int>(), 20);
+    EXPECT_EQ(r["unexplained_failures"], 0);
+  }
+  EXPECT_GT(injected, 0u);
+  EXPECT_GT(failed, 0u);
+  std::string why;
+  EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+}
+
+TEST(BenchCommandTest, ReportsThatFailTheBench) {
+  nlohmann::json report = {{"runs", nlohmann::json::array()}};
+  nlohmann::json run = {{"path", "bounce"}, {"mismatches", 0}, {"arena_outstanding_bytes", 0},
+                        {"unexplained_failures", 0}};
+  report["runs"].push_back(run);
+  std::string why;
+  EXPECT_TRUE(BenchPassed(report, &why));
+  report["runs"][0]["mismatches"] = 3;
+  EXPECT_FALSE(BenchPassed(report, &why));
+  EXPECT_THAT(why, HasSubstr("3 mismatched"));
+  report["runs"][0]["mismatches"] = 0;
+  report["runs"][0]["arena_outstanding_bytes"] = 256;
+  EXPECT_FALSE(BenchPassed(report, &why));
+  EXPECT_THAT(why, HasSubstr("256 arena bytes"));
+  report["runs"][0]["arena_outstanding_bytes"] = 0;
+  report["runs"][0]["unexplained_failures"] = 1;
+  report["runs"][0]["first_unexplained_failure"] = "DEADLINE_EXCEEDED: x";
+  EXPECT_FALSE(BenchPassed(report, &why));
+  EXPECT_THAT(why, HasSubstr("without an injected fault"));
+}
+
+TEST(BenchCommandTest, BadFlagsNameWhatIsWrong) {
+  std::ostringstream log;
+  auto error = [&](BenchFlags f) { return std::string(RunBench(f, log).status().message()); };
+  BenchFlags f = Small();
+  f.transport = "carrier-pigeon";
+  EXPECT_THAT(error(f), HasSubstr("--transport carrier-pigeon"));
+  f = Small();
+  f.memory = "cuda";
+  EXPECT_THAT(error(f), HasSubstr("--memory cuda"));
+  f = Small();
+  f.paths = "bounce,teleport";
+  EXPECT_THAT(error(f), HasSubstr("--path"));
+  f = Small();
+  f.requests = 0;
+  EXPECT_THAT(error(f), HasSubstr("--requests = 0"));
+  f = Small();
+  f.concurrency = -1;
+  EXPECT_THAT(error(f), HasSubstr("--concurrency = -1"));
+  f = Small();
+  f.inject_fail_rate = 1.5;
+  EXPECT_THAT(error(f), HasSubstr("--inject-fail-rate"));
+  f = Small();
+  f.bounce_size_mb = 0;
+  f.paths = "bounce";
+  EXPECT_THAT(error(f), HasSubstr("--bounce-size-mb > 0"));
+  f = Small();
+  f.scenario.ctx = "tp=3";
+  EXPECT_THAT(error(f), HasSubstr("--ctx"));
+}
+
+}  // namespace
+}  // namespace kvbounce::tools

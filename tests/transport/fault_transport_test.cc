@@ -1,0 +1,424 @@
+// The fault-injecting decorator, over the loopback transport.
+#include "transport/fault/fault_transport.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "transport/loopback/loopback_transport.h"
+#include "transport/transport.h"
+#include "transport/transport_test_util.h"
+
+namespace kvbounce::transport_test {
+namespace {
+
+using ::kvbounce::testing_util::IsOk;
+using ::kvbounce::testing_util::StatusIs;
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+
+// A (fault-wrapped) writer and a plain loopback receiver, connected, with a
+// source region on the writer and a target region on the receiver.
+class FaultTransportTest : public ::testing::Test {
+ protected:
+  static constexpr size_t kBytes = 1 << 16;
+
+  void SetUp() override { src_.FillPattern(3); }
+
+  void Build(FaultOptions options, bool wrap_receiver = false) {
+    auto inner = LoopbackTransport::Create(fabric_, "writer");
+    ASSERT_THAT(inner, IsOk());
+    auto fault = FaultTransport::Create(std::move(inner).value(), options);
+    ASSERT_THAT(fault, IsOk());
+    fault_ = fault->get();
+    writer_ = std::make_unique<TestEndpoint>(std::move(fault).value());
+    ASSERT_THAT(writer_->Start(), IsOk());
+
+    auto receiver = LoopbackTransport::Create(fabric_, "receiver");
+    ASSERT_THAT(receiver, IsOk());
+    std::unique_ptr<Transport> receiver_transport = std::move(receiver).value();
+    if (wrap_receiver) {
+      auto wrapped = FaultTransport::Create(std::move(receiver_transport));
+      ASSERT_THAT(wrapped, IsOk());
+      receiver_fault_ = wrapped->get();
+      receiver_transport = std::move(wrapped).value();
+    }
+    receiver_ = std::make_unique<TestEndpoint>(std::move(receiver_transport));
+    ASSERT_THAT(receiver_->Start(), IsOk());
+
+    auto peer = (*writer_)->Connect((*receiver_)->Address());
+    ASSERT_THAT(peer, IsOk());
+    to_receiver_ = *peer;
+    ASSERT_THAT(writer_->SendText(to_receiver_, "HELLO"), IsOk());
+    ASSERT_TRUE(receiver_->WaitForMessages(1));
+    to_writer_ = receiver_->messages()[0].peer;
+
+    auto source = (*writer_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    source_ = std::move(source).value();
+    auto target_region = (*receiver_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(target_region, IsOk());
+    target_region_ = std::move(target_region).value();
+    auto target = (*writer_)->Import(to_receiver_, target_region_->info());
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+  }
+
+  void TearDown() override {
+    target_.reset();
+    source_.reset();
+    target_region_.reset();
+  }
+
+  Status Write(DoneTracker& tracker, std::span<const WriteOp> ops) {
+    InsideCall inside;
+    Status status = (*writer_)->Write(*source_, *target_, ops, tracker.Make());
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  Status Flush(DoneTracker& tracker) {
+    InsideCall inside;
+    Status status = (*writer_)->Flush(to_receiver_, tracker.Make());
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  // One op of `bytes` at `offset` on both sides.
+  WriteOp Op(uint64_t offset, uint64_t bytes = 64) {
+    return {src_.addr(offset), dst_.addr(offset), bytes};
+  }
+
+  // Issues `count` single-op writes one by one; returns which failed.
+  std::vector<bool> SingleOpWrites(int count) {
+    ops_.assign(count, WriteOp{});
+    DoneTracker tracker;
+    for (int i = 0; i < count; ++i) {
+      ops_[i] = Op((i * 64) % kBytes);
+      EXPECT_THAT(Write(tracker, std::span<const WriteOp>(&ops_[i], 1)), IsOk());
+    }
+    EXPECT_TRUE(tracker.WaitAll());
+    EXPECT_EQ(tracker.Violations(), "");
+    std::vector<bool> failed;
+    for (const Status& status : tracker.statuses()) failed.push_back(!status.ok());
+    return failed;
+  }
+
+  std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();
+  GuardedBuffer src_{kBytes};
+  GuardedBuffer dst_{kBytes, 0};
+  std::unique_ptr<TestEndpoint> writer_;
+  std::unique_ptr<TestEndpoint> receiver_;
+  FaultTransport* fault_ = nullptr;
+  FaultTransport* receiver_fault_ = nullptr;
+  PeerId to_receiver_ = 0;
+  PeerId to_writer_ = 0;
+  std::unique_ptr<LocalRegion> source_;
+  std::unique_ptr<LocalRegion> target_region_;
+  std::unique_ptr<RemoteRegion> target_;
+  std::vector<WriteOp> ops_;
+};
+
+TEST(FaultOptionsTest, BadOptionsAreRejectedNamingTheField) {
+  auto make = [](FaultOptions options) {
+    auto inner = LoopbackTransport::Create(LoopbackFabric::Create(), "x");
+    EXPECT_THAT(inner, IsOk());
+    return FaultTransport::Create(std::move(inner).value(), options).status();
+  };
+  FaultOptions options;
+  options.write_fail_rate = -0.1;
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("write_fail_rate")));
+  options.write_fail_rate = 1.5;
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("write_fail_rate")));
+  options.write_fail_rate = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("write_fail_rate")));
+  options = {};
+  options.delay = std::chrono::microseconds(-1);
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("delay")));
+  options = {};
+  options.message_delay = std::chrono::microseconds(-5);
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("message_delay")));
+  options = {};
+  options.drop_after_ops = -1;
+  EXPECT_THAT(make(options), StatusIs(StatusCode::kInvalidArgument, HasSubstr("drop_after_ops")));
+  options = {};
+  options.write_fail_rate = 1.0;
+  EXPECT_THAT(make(options), IsOk());
+  EXPECT_THAT(FaultTransport::Create(nullptr), StatusIs(StatusCode::kInvalidArgument));
+
+  auto inner = LoopbackTransport::Create(LoopbackFabric::Create(), "y");
+  ASSERT_THAT(inner, IsOk());
+  auto fault = FaultTransport::Create(std::move(inner).value(), {.write_fail_rate = 0.25});
+  ASSERT_THAT(fault, IsOk());
+  EXPECT_THAT((*fault)->SetOptions({.write_fail_rate = 2}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("write_fail_rate")));
+  EXPECT_EQ((*fault)->options().write_fail_rate, 0.25);  // unchanged
+  EXPECT_EQ((*fault)->Caps().name, "loopback");
+  EXPECT_EQ((*fault)->Address(), "loopback:y");
+}
+
+TEST_F(FaultTransportTest, RateOneFailsEveryBatchAndNothingLands) {
+  Build({.write_fail_rate = 1.0});
+  DoneTracker tracker;
+  std::vector<WriteOp> ops;
+  for (int i = 0; i < 5; ++i) ops.push_back(Op(i * 128));
+  for (int batch = 0; batch < 10; ++batch) ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_THAT(Flush(tracker), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_THAT(tracker.status(i),
+                StatusIs(StatusCode::kUnavailable, HasSubstr("injected write failure")));
+  }
+  EXPECT_THAT(tracker.status(10), IsOk());  // flushes are not failed
+  EXPECT_EQ(tracker.Violations(), "");
+  const FaultStats stats = fault_->fault_stats();
+  EXPECT_EQ(stats.injected_write_failures, 50u);
+  EXPECT_EQ(stats.failed_batches, 10u);
+  EXPECT_EQ(stats.dropped_connections, 0u);
+  EXPECT_EQ(stats.delayed_completions, 0u);
+  EXPECT_TRUE(dst_.AllEqual(0));
+  EXPECT_EQ((*writer_)->Stats().write_ops, 0u);  // never issued to the inner transport
+
+  // Range checks still come first.
+  const WriteOp bad[] = {Op(kBytes - 10, 64)};
+  EXPECT_THAT(Write(tracker, bad), StatusIs(StatusCode::kOutOfRange));
+  EXPECT_EQ(fault_->fault_stats().failed_batches, 10u);
+}
+
+TEST_F(FaultTransportTest, RateZeroFailsNothing) {
+  Build({.write_fail_rate = 0.0});
+  const std::vector<bool> failed = SingleOpWrites(200);
+  for (bool f : failed) EXPECT_FALSE(f);
+  EXPECT_EQ(fault_->fault_stats().injected_write_failures, 0u);
+  EXPECT_EQ((*writer_)->Stats().write_ops, 200u);
+}
+
+TEST_F(FaultTransportTest, RateHalfFailsAboutHalfAndIsReproducible) {
+  Build({.write_fail_rate = 0.5, .seed = 42});
+  constexpr int kWrites = 2000;
+  const std::vector<bool> first = SingleOpWrites(kWrites);
+  const auto failures = static_cast<int>(std::count(first.begin(), first.end(), true));
+  EXPECT_GT(failures, kWrites * 4 / 10);
+  EXPECT_LT(failures, kWrites * 6 / 10);
+  EXPECT_EQ(fault_->fault_stats().injected_write_failures, static_cast<uint64_t>(failures));
+  EXPECT_EQ(fault_->fault_stats().failed_batches, static_cast<uint64_t>(failures));
+
+  // Same seed, same choices; another seed, other choices.
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 0.5, .seed = 42}), IsOk());
+  EXPECT_EQ(SingleOpWrites(kWrites), first);
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 0.5, .seed = 43}), IsOk());
+  EXPECT_NE(SingleOpWrites(kWrites), first);
+
+  // A batch fails when any of its ops is chosen: 20-op batches at rate 0.5
+  // essentially always fail.
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 0.5, .seed = 7}), IsOk());
+  std::vector<WriteOp> ops;
+  for (int i = 0; i < 20; ++i) ops.push_back(Op(i * 64));
+  DoneTracker tracker;
+  for (int i = 0; i < 20; ++i) ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  int failed_batches = 0;
+  for (const Status& status : tracker.statuses()) failed_batches += status.ok() ? 0 : 1;
+  EXPECT_GE(failed_batches, 19);
+}
+
+TEST_F(FaultTransportTest, SetOptionsTurnsFaultsOnAndOffAtRuntime) {
+  Build({});
+  EXPECT_FALSE(SingleOpWrites(10)[0]);
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 1.0}), IsOk());
+  EXPECT_TRUE(SingleOpWrites(10)[9]);
+  ASSERT_THAT(fault_->SetOptions({}), IsOk());
+  EXPECT_FALSE(SingleOpWrites(10)[9]);
+  EXPECT_EQ(fault_->fault_stats().failed_batches, 10u);
+}
+
+TEST_F(FaultTransportTest, DropAfterOpsKillsTheConnectionForBothEnds) {
+  Build({.drop_after_ops = 10});
+  DoneTracker tracker;
+  std::vector<WriteOp> ops;
+  for (int i = 0; i < 4; ++i) ops.push_back(Op(i * 64));
+  // 4 + 4 + 4 ops: 12 >= 10 after the third batch, so the fourth drops.
+  for (int batch = 0; batch < 3; ++batch) ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+  EXPECT_EQ(fault_->fault_stats().dropped_connections, 0u);
+
+  EXPECT_THAT(Write(tracker, ops), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(fault_->fault_stats().dropped_connections, 1u);
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  EXPECT_THAT(writer_->failure_reason(to_receiver_),
+              StatusIs(StatusCode::kUnavailable,
+                       HasSubstr("injected: connection dropped after 10 operations")));
+  EXPECT_THAT(receiver_->failure_reason(to_writer_),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("injected")));
+  // Dead for good.
+  EXPECT_THAT(Write(tracker, ops), StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT(writer_->SendText(to_receiver_, "x"), StatusIs(StatusCode::kUnavailable));
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(writer_->failures(to_receiver_), 1);
+  EXPECT_EQ(receiver_->failures(to_writer_), 1);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(FaultTransportTest, DelayHoldsCompletionsBack) {
+  constexpr auto kDelay = 30ms;
+  Build({.delay = kDelay});
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 4096)};
+  const auto start = Clock::now();
+  ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_THAT(Flush(tracker), IsOk());
+  ASSERT_TRUE(tracker.Wait(0));
+  const auto write_done = Clock::now();
+  ASSERT_TRUE(tracker.WaitAll());
+  const auto flush_done = Clock::now();
+  EXPECT_GE(write_done - start, kDelay);
+  EXPECT_GE(flush_done - start, kDelay);
+  EXPECT_LT(flush_done - start, 5s);  // the delay is not a hang
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_THAT(tracker.status(1), IsOk());
+  EXPECT_EQ(std::memcmp(dst_.data(), src_.data(), 4096), 0);
+  EXPECT_EQ(fault_->fault_stats().delayed_completions, 2u);
+
+  // Injected failures are delayed too.
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 1.0, .delay = kDelay}), IsOk());
+  const auto failure_start = Clock::now();
+  DoneTracker failing;
+  ASSERT_THAT(Write(failing, ops), IsOk());
+  ASSERT_TRUE(failing.WaitAll());
+  EXPECT_GE(Clock::now() - failure_start, kDelay);
+  EXPECT_THAT(failing.status(0), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(failing.Violations(), "");
+}
+
+TEST_F(FaultTransportTest, MessageDelayKeepsOrderAndFailureComesLast) {
+  constexpr auto kDelay = 30ms;
+  Build({}, /*wrap_receiver=*/true);
+  ASSERT_THAT(receiver_fault_->SetOptions({.message_delay = kDelay}), IsOk());
+  const auto start = Clock::now();
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_THAT(writer_->SendText(to_receiver_, std::to_string(i)), IsOk());
+  }
+  // Delay off again once those are held back: later messages must not
+  // overtake them.
+  const auto deadline = Clock::now() + kWaitTimeout;
+  while (receiver_fault_->fault_stats().delayed_messages < 50 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(100us);
+  }
+  ASSERT_EQ(receiver_fault_->fault_stats().delayed_messages, 50u);
+  ASSERT_THAT(receiver_fault_->SetOptions({}), IsOk());
+  for (int i = 50; i < 100; ++i) {
+    ASSERT_THAT(writer_->SendText(to_receiver_, std::to_string(i)), IsOk());
+  }
+  (*writer_)->Disconnect(to_receiver_, UnavailableError("bye"));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  const auto failed_at = Clock::now();
+  // The HELLO and 100 messages, all before the failure.
+  const auto messages = receiver_->messages();
+  ASSERT_EQ(messages.size(), 101u);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(Text(messages[i + 1].frame), std::to_string(i));
+  EXPECT_GE(failed_at - start, kDelay);
+  EXPECT_EQ(receiver_fault_->fault_stats().delayed_messages, 50u);
+}
+
+TEST_F(FaultTransportTest, InjectDisconnectNotifiesBothEnds) {
+  Build({});
+  DoneTracker tracker;
+  fault_->InjectDisconnect(to_receiver_);
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  EXPECT_THAT(writer_->failure_reason(to_receiver_),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("injected disconnect")));
+  EXPECT_EQ(fault_->fault_stats().dropped_connections, 1u);
+  const WriteOp ops[] = {Op(0)};
+  EXPECT_THAT(Write(tracker, ops), StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT(Flush(tracker), StatusIs(StatusCode::kUnavailable));
+  fault_->InjectDisconnect(to_receiver_);  // already dead: no second notification
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(writer_->failures(to_receiver_), 1);
+  EXPECT_EQ(receiver_->failures(to_writer_), 1);
+}
+
+TEST_F(FaultTransportTest, ShutdownRunsDelayedCompletionsOnceWithAborted) {
+  Build({.delay = 10s});
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 1024)};
+  for (int i = 0; i < 20; ++i) ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_THAT(Flush(tracker), IsOk());
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 1.0, .delay = 10s}), IsOk());
+  ASSERT_THAT(Write(tracker, ops), IsOk());  // an injected failure, also held
+  // Wait until the inner transport completed everything (held by the delay).
+  const auto deadline = Clock::now() + kWaitTimeout;
+  while (fault_->fault_stats().delayed_completions < 22 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(fault_->fault_stats().delayed_completions, 22u);
+  EXPECT_EQ(tracker.calls(0), 0);
+
+  const auto start = Clock::now();
+  writer_->Shutdown();
+  tracker.Seal();
+  EXPECT_LT(Clock::now() - start, 5s);  // did not wait out the delay
+  EXPECT_TRUE(tracker.WaitAll(0ms));
+  for (const Status& status : tracker.statuses()) {
+    EXPECT_THAT(status, StatusIs(StatusCode::kAborted));
+  }
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kAborted, HasSubstr("OK")));
+  EXPECT_THAT(Write(tracker, ops), StatusIs(StatusCode::kAborted));
+  EXPECT_THAT(Flush(tracker), StatusIs(StatusCode::kAborted));
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(writer_->callbacks_after_shutdown(), 0);
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+}
+
+TEST_F(FaultTransportTest, ShutdownDropsDelayedMessages) {
+  Build({}, /*wrap_receiver=*/true);
+  ASSERT_THAT(receiver_fault_->SetOptions({.message_delay = 10s}), IsOk());
+  for (int i = 0; i < 10; ++i) ASSERT_THAT(writer_->SendText(to_receiver_, "late"), IsOk());
+  const auto deadline = Clock::now() + kWaitTimeout;
+  while (receiver_fault_->fault_stats().delayed_messages < 10 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  const auto start = Clock::now();
+  receiver_->Shutdown();
+  EXPECT_LT(Clock::now() - start, 5s);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(receiver_->messages().size(), 1u);  // only the HELLO
+  EXPECT_EQ(receiver_->callbacks_after_shutdown(), 0);
+}
+
+TEST_F(FaultTransportTest, StatsAndRegionsComeFromTheInnerTransport) {
+  Build({});
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 100), Op(100, 50)};
+  ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_THAT(Flush(tracker), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  const TransportStats outer = (*writer_)->Stats();
+  const TransportStats inner = fault_->inner().Stats();
+  EXPECT_EQ(outer.write_ops, 2u);
+  EXPECT_EQ(outer.write_bytes, 150u);
+  EXPECT_EQ(outer.flushes, 1u);
+  EXPECT_EQ(inner.write_ops, outer.write_ops);
+  EXPECT_EQ(inner.messages_sent, outer.messages_sent);
+  EXPECT_EQ(target_->mapped_address(), dst_.addr());
+}
+
+}  // namespace
+}  // namespace kvbounce::transport_test

@@ -1,0 +1,767 @@
+// The transport conformance suite: the same cases over every transport.
+//
+// To add a transport, write a TransportFactory (a TransportNetwork that makes
+// endpoints able to reach each other) and add it to the
+// INSTANTIATE_TEST_SUITE_P list at the bottom.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "transport/fault/fault_transport.h"
+#include "transport/loopback/loopback_transport.h"
+#include "transport/transport.h"
+#include "transport/transport_test_util.h"
+
+namespace kvbounce::transport_test {
+namespace {
+
+using ::kvbounce::testing_util::IsOk;
+using ::kvbounce::testing_util::StatusIs;
+using ::testing::AnyOf;
+using ::testing::HasSubstr;
+
+// Endpoints that can reach each other (one fabric, one UCX setup, ...).
+class TransportNetwork {
+ public:
+  virtual ~TransportNetwork() = default;
+  virtual Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string& name) = 0;
+  // An address nobody listens on, and one this transport cannot parse.
+  virtual std::string UnreachableAddress() = 0;
+  virtual std::string MalformedAddress() = 0;
+};
+
+struct TransportFactory {
+  std::string name;
+  std::function<std::unique_ptr<TransportNetwork>()> make_network;
+  // Optional behaviours a transport may not be able to offer:
+  // a write into a deregistered target region fails with
+  // kFailedPrecondition instead of landing;
+  bool detects_deregistered_target = true;
+  // Import checks that a key names a live region of that very peer.
+  bool validates_region_owner = true;
+};
+
+class LoopbackNetwork : public TransportNetwork {
+ public:
+  Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string& name) override {
+    KVB_ASSIGN_OR_RETURN(auto transport, LoopbackTransport::Create(fabric_, name));
+    return std::unique_ptr<Transport>(std::move(transport));
+  }
+  std::string UnreachableAddress() override { return "loopback:nobody-here"; }
+  std::string MalformedAddress() override { return "tcp://1.2.3.4:5"; }
+
+ private:
+  std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();
+};
+
+// The fault decorator with every fault off must be indistinguishable.
+class FaultLoopbackNetwork : public LoopbackNetwork {
+ public:
+  Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string& name) override {
+    KVB_ASSIGN_OR_RETURN(auto inner, LoopbackNetwork::CreateEndpoint(name));
+    KVB_ASSIGN_OR_RETURN(auto transport, FaultTransport::Create(std::move(inner), {}));
+    return std::unique_ptr<Transport>(std::move(transport));
+  }
+};
+
+TransportFactory LoopbackFactory() {
+  return {"loopback", [] { return std::make_unique<LoopbackNetwork>(); }};
+}
+
+TransportFactory FaultLoopbackFactory() {
+  return {"fault_loopback", [] { return std::make_unique<FaultLoopbackNetwork>(); }};
+}
+
+// A fake region of a peer this transport never heard of.
+class ForeignRemoteRegion : public RemoteRegion {
+ public:
+  ForeignRemoteRegion(PeerId peer, RegionInfo info) : peer_(peer), info_(std::move(info)) {}
+  PeerId peer() const override { return peer_; }
+  const RegionInfo& info() const override { return info_; }
+  Addr mapped_address() const override { return Addr(); }
+
+ private:
+  PeerId peer_;
+  RegionInfo info_;
+};
+
+class TransportConformanceTest : public ::testing::TestWithParam<TransportFactory> {
+ protected:
+  void SetUp() override { network_ = GetParam().make_network(); }
+
+  std::unique_ptr<TestEndpoint> MakeEndpoint(const std::string& name, bool start = true) {
+    auto transport = network_->CreateEndpoint(name);
+    EXPECT_THAT(transport, IsOk());
+    if (!transport.ok()) return nullptr;
+    auto endpoint = std::make_unique<TestEndpoint>(std::move(transport).value());
+    if (start) {
+      EXPECT_THAT(endpoint->Start(), IsOk());
+    }
+    return endpoint;
+  }
+
+  // Connects `from` to `to` and sends a HELLO so that `to` learns its PeerId
+  // for `from`. Returns {from's id for to, to's id for from}.
+  std::pair<PeerId, PeerId> Connect(TestEndpoint& from, TestEndpoint& to) {
+    const size_t before = to.messages().size();
+    auto peer = from->Connect(to->Address());
+    EXPECT_THAT(peer, IsOk());
+    if (!peer.ok()) return {0, 0};
+    EXPECT_THAT(from.SendText(*peer, "HELLO from " + from->Address()), IsOk());
+    EXPECT_TRUE(to.WaitForMessages(before + 1));
+    return {*peer, to.messages()[before].peer};
+  }
+
+  std::unique_ptr<LocalRegion> Register(TestEndpoint& endpoint, const GuardedBuffer& buffer) {
+    auto region = endpoint->Register(buffer.addr(), buffer.size(), MemoryKind::kHost);
+    EXPECT_THAT(region, IsOk());
+    return region.ok() ? std::move(region).value() : nullptr;
+  }
+
+  std::unique_ptr<RemoteRegion> Import(TestEndpoint& endpoint, PeerId peer,
+                                       const LocalRegion& region) {
+    auto remote = endpoint->Import(peer, region.info());
+    EXPECT_THAT(remote, IsOk());
+    return remote.ok() ? std::move(remote).value() : nullptr;
+  }
+
+  // Write through the tracker; the callback must not run inside the call.
+  Status Write(TestEndpoint& endpoint, DoneTracker& tracker, const LocalRegion& source,
+               const RemoteRegion& target, std::span<const WriteOp> ops) {
+    InsideCall inside;
+    Status status = endpoint->Write(source, target, ops, tracker.Make());
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  Status Flush(TestEndpoint& endpoint, DoneTracker& tracker, PeerId peer) {
+    InsideCall inside;
+    Status status = endpoint->Flush(peer, tracker.Make());
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  // Blocks `endpoint`'s callback thread inside on_message until Release().
+  // Installs the hook; call before Start.
+  class ThreadBlocker {
+   public:
+    void Install(TestEndpoint& endpoint) {
+      endpoint.on_message_hook = [this](PeerId, const std::vector<std::byte>& frame) {
+        if (Text(frame) != "BLOCK") return;
+        std::unique_lock<std::mutex> lock(mu_);
+        entered_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return released_; });
+      };
+    }
+    bool WaitEntered() {
+      std::unique_lock<std::mutex> lock(mu_);
+      return cv_.wait_for(lock, kWaitTimeout, [this] { return entered_; });
+    }
+    void Release() {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+      cv_.notify_all();
+    }
+
+   private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool entered_ = false;
+    bool released_ = false;
+  };
+
+  std::unique_ptr<TransportNetwork> network_;
+};
+
+TEST_P(TransportConformanceTest, HelloRoundTrip) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  EXPECT_FALSE((*a)->Address().empty());
+  EXPECT_NE((*a)->Address(), (*b)->Address());
+
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ASSERT_EQ(b->messages().size(), 1u);
+  EXPECT_EQ(Text(b->messages()[0].frame), "HELLO from " + (*a)->Address());
+
+  ASSERT_THAT(b->SendText(b_to_a, "HELLO from " + (*b)->Address()), IsOk());
+  ASSERT_TRUE(a->WaitForMessages(1));
+  EXPECT_EQ(a->messages()[0].peer, a_to_b);
+  EXPECT_EQ(Text(a->messages()[0].frame), "HELLO from " + (*b)->Address());
+  EXPECT_EQ(a->total_failures(), 0);
+  EXPECT_EQ(b->total_failures(), 0);
+}
+
+TEST_P(TransportConformanceTest, EmptyFrameIsDelivered) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ASSERT_THAT((*a)->Send(a_to_b, {}), IsOk());
+  ASSERT_TRUE(b->WaitForMessages(2));
+  EXPECT_TRUE(b->messages()[1].frame.empty());
+}
+
+TEST_P(TransportConformanceTest, MessagesArriveInOrder) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr int kMessages = 1000;
+  for (int i = 0; i < kMessages; ++i) {
+    ASSERT_THAT(a->SendText(a_to_b, std::to_string(i)), IsOk());
+  }
+  ASSERT_TRUE(b->WaitForMessages(kMessages + 1));
+  const auto messages = b->messages();
+  for (int i = 0; i < kMessages; ++i) {
+    EXPECT_EQ(messages[i + 1].peer, b_to_a);
+    ASSERT_EQ(Text(messages[i + 1].frame), std::to_string(i)) << "message " << i;
+  }
+}
+
+TEST_P(TransportConformanceTest, WriteThenFlushMakesBytesVisible) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(4096);
+  src.FillPattern(7);
+  GuardedBuffer dst(8192, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  EXPECT_EQ(target->peer(), a_to_b);
+  EXPECT_EQ(target->info().address, dst.addr());
+  EXPECT_EQ(target->info().size, dst.size());
+
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(1000), 4096}};
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_THAT(tracker.status(1), IsOk());
+  EXPECT_EQ(std::memcmp(dst.data() + 1000, src.data(), 4096), 0);
+  for (size_t i = 0; i < dst.size(); ++i) {
+    if (i < 1000 || i >= 5096) {
+      ASSERT_EQ(dst.data()[i], 0) << "byte " << i;
+    }
+  }
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, ManySmallOpsInOneBatchLandExactly) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kOps = 10000;
+  constexpr size_t kOpBytes = 16;
+  constexpr size_t kStride = 24;  // 8 untouched bytes between targets
+  GuardedBuffer src(kOps * kOpBytes);
+  src.FillPattern(11);
+  GuardedBuffer dst(kOps * kStride, 0x5A);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+
+  // Source op i goes to target slot perm[i]: scattered, not sequential.
+  std::vector<size_t> perm(kOps);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(3));
+  std::vector<WriteOp> ops(kOps);
+  for (size_t i = 0; i < kOps; ++i) {
+    ops[i] = {src.addr(i * kOpBytes), dst.addr(perm[i] * kStride), kOpBytes};
+  }
+  const TransportStats before = (*a)->Stats();
+  DoneTracker tracker;
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_THAT(tracker.status(1), IsOk());
+
+  for (size_t i = 0; i < kOps; ++i) {
+    const uint8_t* slot = dst.data() + perm[i] * kStride;
+    ASSERT_EQ(std::memcmp(slot, src.data() + i * kOpBytes, kOpBytes), 0) << "op " << i;
+    for (size_t j = kOpBytes; j < kStride; ++j) ASSERT_EQ(slot[j], 0x5A) << "gap after " << i;
+  }
+  EXPECT_TRUE(dst.GuardsIntact());
+  const TransportStats after = (*a)->Stats();
+  EXPECT_EQ(after.write_ops - before.write_ops, kOps);
+  EXPECT_EQ(after.write_bytes - before.write_bytes, kOps * kOpBytes);
+  EXPECT_EQ(after.failed_write_ops, before.failed_write_ops);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, OpOutsideSourceOrTargetIsRejectedAndNothingWritten) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(1024);
+  src.FillPattern(5);
+  GuardedBuffer dst(1024, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+
+  const WriteOp good = {src.addr(), dst.addr(), 64};
+  const std::vector<std::vector<WriteOp>> bad_batches = {
+      {good, {src.addr(1000), dst.addr(), 25}},            // past the source's end
+      {good, {src.addr(), dst.addr(1000), 25}},            // past the target's end
+      {good, {src.addr() + (-1ull), dst.addr(), 1}},       // before the source (wraps)
+      {good, {src.addr(), Addr(dst.addr().value() - 1), 1}},  // before the target
+      {good, {src.addr(), dst.addr(), ~0ull}},             // overflowing length
+      {{src.addr(), dst.addr(1024), 1}},                   // starts at the end
+  };
+  DoneTracker tracker;
+  for (size_t i = 0; i < bad_batches.size(); ++i) {
+    EXPECT_THAT(Write(*a, tracker, *src_region, *target, bad_batches[i]),
+                StatusIs(StatusCode::kOutOfRange))
+        << "batch " << i;
+  }
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_TRUE(dst.AllEqual(0));
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ((*a)->Stats().write_ops, 0u);
+
+  // A zero-byte op at the very end is inside; an empty batch completes OK.
+  const WriteOp edge[] = {{src.addr(1024), dst.addr(1024), 0}};
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, edge), IsOk());
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, {}), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+}
+
+// Documented outcome: kFailedPrecondition, from Write or from its `done`.
+TEST_P(TransportConformanceTest, WriteIntoDeregisteredRegionFailsAndMemoryIsUntouched) {
+  if (!GetParam().detects_deregistered_target) GTEST_SKIP() << "not detected by this transport";
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(256);
+  src.FillPattern(9);
+  GuardedBuffer dst(256, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  dst_region.reset();  // deregistered: a quarantined or freed slot
+
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), 256}};
+  Status status = Write(*a, tracker, *src_region, *target, ops);
+  if (status.ok()) {
+    ASSERT_TRUE(tracker.WaitAll());
+    status = tracker.status(0);
+  }
+  EXPECT_THAT(status, StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_TRUE(dst.AllEqual(0));
+  EXPECT_TRUE(dst.GuardsIntact());
+  // Importing it again fails too.
+  EXPECT_FALSE((*a)->Import(a_to_b, target->info()).ok());
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, ImportRejectsBadKeysAndWrongPeers) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto c = MakeEndpoint("c");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  auto [a_to_c, c_to_a] = Connect(*a, *c);
+  GuardedBuffer b_buffer(512);
+  GuardedBuffer c_buffer(512);
+  auto b_region = Register(*b, b_buffer);
+  auto c_region = Register(*c, c_buffer);
+
+  RegionInfo truncated = b_region->info();
+  truncated.remote_key.resize(truncated.remote_key.size() / 2);
+  EXPECT_FALSE((*a)->Import(a_to_b, truncated).ok());
+  RegionInfo no_key = b_region->info();
+  no_key.remote_key.clear();
+  EXPECT_THAT((*a)->Import(a_to_b, no_key), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT((*a)->Import(999999, b_region->info()), StatusIs(StatusCode::kNotFound));
+
+  if (GetParam().validates_region_owner) {
+    // c's region offered as if it were b's.
+    EXPECT_THAT((*a)->Import(a_to_b, c_region->info()),
+                AnyOf(StatusIs(StatusCode::kInvalidArgument), StatusIs(StatusCode::kNotFound)));
+    RegionInfo moved = b_region->info();
+    moved.address = moved.address + 64;
+    EXPECT_THAT((*a)->Import(a_to_b, moved), StatusIs(StatusCode::kInvalidArgument));
+    RegionInfo grown = b_region->info();
+    grown.size += 1;
+    EXPECT_THAT((*a)->Import(a_to_b, grown), StatusIs(StatusCode::kInvalidArgument));
+  }
+  EXPECT_THAT((*a)->Import(a_to_c, c_region->info()), IsOk());
+}
+
+TEST_P(TransportConformanceTest, UnknownPeerIsNotFound) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  Connect(*a, *b);
+  constexpr PeerId kUnknown = 987654321;
+  EXPECT_THAT((*a)->Send(kUnknown, Bytes("x")), StatusIs(StatusCode::kNotFound));
+  DoneTracker tracker;
+  EXPECT_THAT(Flush(*a, tracker, kUnknown), StatusIs(StatusCode::kNotFound));
+
+  GuardedBuffer src(64);
+  auto src_region = Register(*a, src);
+  RegionInfo info;
+  info.address = Addr(0x10000);
+  info.size = 64;
+  info.remote_key = std::vector<std::byte>(8);
+  ForeignRemoteRegion foreign(kUnknown, info);
+  const WriteOp ops[] = {{src.addr(), Addr(0x10000), 64}};
+  EXPECT_THAT(Write(*a, tracker, *src_region, foreign, ops), StatusIs(StatusCode::kNotFound));
+  (*a)->Disconnect(kUnknown, UnavailableError("nothing"));  // ignored
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(a->total_failures(), 0);
+}
+
+TEST_P(TransportConformanceTest, ConnectAndStartErrors) {
+  auto a = MakeEndpoint("a");
+  EXPECT_THAT((*a)->Connect(network_->UnreachableAddress()), StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT((*a)->Connect(network_->MalformedAddress()),
+              StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT((*a)->Connect(""), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT((*a)->Start({}), StatusIs(StatusCode::kFailedPrecondition));
+
+  auto idle = MakeEndpoint("idle", /*start=*/false);
+  EXPECT_THAT((*idle)->Connect((*a)->Address()), StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_THAT((*idle)->Send(1, Bytes("x")), StatusIs(StatusCode::kFailedPrecondition));
+
+  GuardedBuffer buffer(64);
+  EXPECT_THAT((*a)->Register(buffer.addr(), 0, MemoryKind::kHost),
+              StatusIs(StatusCode::kInvalidArgument));
+
+  a->Shutdown();
+  a->Shutdown();  // idempotent
+  EXPECT_THAT((*a)->Connect((*idle)->Address()), StatusIs(StatusCode::kAborted));
+}
+
+// The core failure contract, with the writer's thread held so that its write
+// and flush are certainly still pending when the connection dies.
+TEST_P(TransportConformanceTest, DisconnectFailsPendingAndNewWorkOnBothEnds) {
+  for (const bool writer_disconnects : {true, false}) {
+    SCOPED_TRACE(writer_disconnects ? "writer disconnects" : "receiver disconnects");
+    ThreadBlocker blocker;
+    auto a = MakeEndpoint("a" + std::to_string(writer_disconnects), /*start=*/false);
+    blocker.Install(*a);
+    ASSERT_THAT(a->Start(), IsOk());
+    auto b = MakeEndpoint("b" + std::to_string(writer_disconnects));
+    auto [a_to_b, b_to_a] = Connect(*a, *b);
+    GuardedBuffer src(4096);
+    src.FillPattern(1);
+    GuardedBuffer dst(4096, 0);
+    auto src_region = Register(*a, src);
+    auto dst_region = Register(*b, dst);
+    auto target = Import(*a, a_to_b, *dst_region);
+    ASSERT_NE(target, nullptr);
+
+    ASSERT_THAT(b->SendText(b_to_a, "BLOCK"), IsOk());
+    ASSERT_TRUE(blocker.WaitEntered());
+    DoneTracker tracker;
+    const WriteOp ops[] = {{src.addr(), dst.addr(), 4096}};
+    ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+    ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+    if (writer_disconnects) {
+      (*a)->Disconnect(a_to_b, UnavailableError("test disconnect"));
+    } else {
+      (*b)->Disconnect(b_to_a, UnavailableError("test disconnect"));
+    }
+    blocker.Release();
+
+    ASSERT_TRUE(tracker.WaitAll());
+    EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(tracker.status(1), StatusIs(StatusCode::kUnavailable));
+    ASSERT_TRUE(a->WaitForFailure(a_to_b));
+    ASSERT_TRUE(b->WaitForFailure(b_to_a));
+    EXPECT_THAT(a->failure_reason(a_to_b), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(b->failure_reason(b_to_a), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(writer_disconnects ? a->failure_reason(a_to_b) : b->failure_reason(b_to_a),
+                StatusIs(StatusCode::kUnavailable, HasSubstr("test disconnect")));
+
+    // New work is refused on both ends; disconnecting again changes nothing.
+    EXPECT_THAT(a->SendText(a_to_b, "late"), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(b->SendText(b_to_a, "late"), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(Write(*a, tracker, *src_region, *target, ops), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(Flush(*a, tracker, a_to_b), StatusIs(StatusCode::kUnavailable));
+    EXPECT_THAT(Flush(*b, tracker, b_to_a), StatusIs(StatusCode::kUnavailable));
+    EXPECT_FALSE((*a)->Import(a_to_b, dst_region->info()).ok());
+    (*a)->Disconnect(a_to_b, UnavailableError("again"));
+    (*b)->Disconnect(b_to_a, UnavailableError("again"));
+
+    // Let any stray callback show up before counting.
+    std::this_thread::sleep_for(50ms);
+    EXPECT_EQ(a->failures(a_to_b), 1);
+    EXPECT_EQ(b->failures(b_to_a), 1);
+    EXPECT_EQ(a->total_failures(), 1);
+    EXPECT_EQ(b->total_failures(), 1);
+    EXPECT_EQ(tracker.Violations(), "");
+    // Pending work failed rather than landed.
+    EXPECT_TRUE(dst.AllEqual(0));
+    EXPECT_EQ((*a)->Stats().failed_write_ops, 1u);
+
+    // The other connections of an endpoint are unaffected.
+    auto c = MakeEndpoint("c" + std::to_string(writer_disconnects));
+    auto [a_to_c, c_to_a] = Connect(*a, *c);
+    EXPECT_THAT(c->SendText(c_to_a, "still here"), IsOk());
+    EXPECT_TRUE(a->WaitForMessages(2));
+  }
+}
+
+TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce) {
+  for (const bool hold_thread : {true, false}) {
+    SCOPED_TRACE(hold_thread ? "thread held" : "thread free");
+    ThreadBlocker blocker;
+    const std::string suffix = std::to_string(hold_thread);
+    auto a = MakeEndpoint("a" + suffix, /*start=*/false);
+    blocker.Install(*a);
+    ASSERT_THAT(a->Start(), IsOk());
+    auto b = MakeEndpoint("b" + suffix);
+    auto [a_to_b, b_to_a] = Connect(*a, *b);
+    constexpr size_t kOps = 1000;
+    GuardedBuffer src(kOps * 64);
+    src.FillPattern(2);
+    GuardedBuffer dst(kOps * 64, 0);
+    auto src_region = Register(*a, src);
+    auto dst_region = Register(*b, dst);
+    auto target = Import(*a, a_to_b, *dst_region);
+    ASSERT_NE(target, nullptr);
+    std::vector<WriteOp> ops(kOps);
+    for (size_t i = 0; i < kOps; ++i) ops[i] = {src.addr(i * 64), dst.addr(i * 64), 64};
+
+    if (hold_thread) {
+      ASSERT_THAT(b->SendText(b_to_a, "BLOCK"), IsOk());
+      ASSERT_TRUE(blocker.WaitEntered());
+    }
+    DoneTracker tracker;
+    for (int i = 0; i < 100; ++i) {
+      ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+      if (i % 10 == 0) {
+        ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+      }
+    }
+    std::thread releaser([&] {
+      std::this_thread::sleep_for(20ms);
+      blocker.Release();
+    });
+    if (!hold_thread) blocker.Release();
+    a->Shutdown();
+    tracker.Seal();
+    releaser.join();
+    // Shutdown returned: every accepted callback already ran exactly once.
+    EXPECT_EQ(tracker.Violations(), "");
+    EXPECT_TRUE(tracker.WaitAll(0ms));
+    size_t failed = 0;
+    for (const Status& status : tracker.statuses()) {
+      if (!status.ok()) {
+        ++failed;
+        EXPECT_THAT(status, AnyOf(StatusIs(StatusCode::kAborted),
+                                  StatusIs(StatusCode::kUnavailable)));
+      }
+    }
+    if (hold_thread) {
+      EXPECT_EQ(failed, tracker.made());
+    }
+
+    ASSERT_TRUE(b->WaitForFailure(b_to_a));
+    EXPECT_THAT(b->failure_reason(b_to_a), StatusIs(StatusCode::kUnavailable));
+    // Calls after Shutdown fail; nothing runs any more.
+    EXPECT_THAT(a->SendText(a_to_b, "late"), StatusIs(StatusCode::kAborted));
+    EXPECT_THAT(Write(*a, tracker, *src_region, *target, ops), StatusIs(StatusCode::kAborted));
+    EXPECT_THAT(Flush(*a, tracker, a_to_b), StatusIs(StatusCode::kAborted));
+    EXPECT_THAT(b->SendText(b_to_a, "late"), StatusIs(StatusCode::kUnavailable));
+    std::this_thread::sleep_for(20ms);
+    EXPECT_EQ(a->callbacks_after_shutdown(), 0);
+    EXPECT_EQ(b->failures(b_to_a), 1);
+    EXPECT_EQ(tracker.Violations(), "");
+  }
+}
+
+TEST_P(TransportConformanceTest, FanInFromTwoWritersIntoOneRegion) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto c = MakeEndpoint("c");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  auto [c_to_b, b_to_c] = Connect(*c, *b);
+  EXPECT_NE(b_to_a, b_to_c);
+  GuardedBuffer a_src(1000);
+  a_src.FillPattern(21);
+  GuardedBuffer c_src(3000);
+  c_src.FillPattern(22);
+  GuardedBuffer dst(4096, 0);
+  auto a_region = Register(*a, a_src);
+  auto c_region = Register(*c, c_src);
+  auto dst_region = Register(*b, dst);
+  auto a_target = Import(*a, a_to_b, *dst_region);
+  auto c_target = Import(*c, c_to_b, *dst_region);
+  ASSERT_NE(a_target, nullptr);
+  ASSERT_NE(c_target, nullptr);
+
+  DoneTracker tracker;
+  const WriteOp a_ops[] = {{a_src.addr(), dst.addr(), 1000}};
+  const WriteOp c_ops[] = {{c_src.addr(), dst.addr(1024), 3000}};
+  ASSERT_THAT(Write(*a, tracker, *a_region, *a_target, a_ops), IsOk());
+  ASSERT_THAT(Write(*c, tracker, *c_region, *c_target, c_ops), IsOk());
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_THAT(Flush(*c, tracker, c_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+  EXPECT_EQ(std::memcmp(dst.data(), a_src.data(), 1000), 0);
+  EXPECT_EQ(std::memcmp(dst.data() + 1024, c_src.data(), 3000), 0);
+  EXPECT_TRUE(dst.GuardsIntact());
+}
+
+TEST_P(TransportConformanceTest, StatsCountOperationsAndMessages) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(256);
+  GuardedBuffer dst(256);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), 100}, {src.addr(100), dst.addr(100), 28}};
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  ASSERT_THAT(b->SendText(b_to_a, "reply"), IsOk());
+  ASSERT_TRUE(a->WaitForMessages(1));
+
+  const TransportStats a_stats = (*a)->Stats();
+  EXPECT_EQ(a_stats.write_ops, 2u);
+  EXPECT_EQ(a_stats.write_bytes, 128u);
+  EXPECT_EQ(a_stats.failed_write_ops, 0u);
+  EXPECT_EQ(a_stats.flushes, 1u);
+  EXPECT_EQ(a_stats.messages_sent, 1u);  // the HELLO
+  EXPECT_EQ(a_stats.messages_received, 1u);
+  const TransportStats b_stats = (*b)->Stats();
+  EXPECT_EQ(b_stats.write_ops, 0u);
+  EXPECT_EQ(b_stats.messages_sent, 1u);
+  EXPECT_EQ(b_stats.messages_received, 1u);
+}
+
+// Writers on several threads, each into its own part of one region, while
+// both ends exchange messages. Runs under ThreadSanitizer in CI.
+TEST_P(TransportConformanceTest, ConcurrentWritesAndSendsFromManyThreads) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  // Plain variables: lambdas below capture them.
+  const std::pair<PeerId, PeerId> peers = Connect(*a, *b);
+  const PeerId a_to_b = peers.first;
+  const PeerId b_to_a = peers.second;
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 50;
+  constexpr size_t kOpsPerWrite = 32;
+  constexpr size_t kOpBytes = 8;
+  constexpr size_t kPerThread = kRounds * kOpsPerWrite * kOpBytes;
+  GuardedBuffer src(kThreads * kPerThread);
+  src.FillPattern(31);
+  GuardedBuffer dst(kThreads * kPerThread, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+
+  // Every op list must outlive its write.
+  std::vector<std::vector<WriteOp>> ops(kThreads * kRounds);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRounds; ++r) {
+      auto& list = ops[t * kRounds + r];
+      for (size_t i = 0; i < kOpsPerWrite; ++i) {
+        const uint64_t offset = t * kPerThread + (r * kOpsPerWrite + i) * kOpBytes;
+        list.push_back({src.addr(offset), dst.addr(offset), kOpBytes});
+      }
+    }
+  }
+  DoneTracker tracker;
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int r = 0; r < kRounds; ++r) {
+        if (!Write(*a, tracker, *src_region, *target, ops[t * kRounds + r]).ok()) ++errors;
+        if (!a->SendText(a_to_b, std::to_string(t) + ":" + std::to_string(r)).ok()) ++errors;
+        if (r % 10 == 0 && !Flush(*a, tracker, a_to_b).ok()) ++errors;
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    for (int r = 0; r < kRounds; ++r) {
+      if (!b->SendText(b_to_a, std::to_string(r)).ok()) ++errors;
+      (void)(*b)->Stats();
+    }
+  });
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(errors.load(), 0);
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) ASSERT_THAT(status, IsOk());
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), dst.size()), 0);
+  EXPECT_TRUE(dst.GuardsIntact());
+
+  // Each sending thread's messages arrive in its own order.
+  ASSERT_TRUE(b->WaitForMessages(1 + kThreads * kRounds));
+  std::vector<int> next(kThreads, 0);
+  for (const auto& message : b->messages()) {
+    const std::string text = Text(message.frame);
+    if (text.starts_with("HELLO")) continue;
+    const int t = std::stoi(text.substr(0, text.find(':')));
+    const int r = std::stoi(text.substr(text.find(':') + 1));
+    EXPECT_EQ(r, next[t]++) << "thread " << t;
+  }
+  ASSERT_TRUE(a->WaitForMessages(kRounds));
+  const auto a_messages = a->messages();
+  for (int r = 0; r < kRounds; ++r) EXPECT_EQ(Text(a_messages[r].frame), std::to_string(r));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, CallbacksMayCallBackIntoTheTransport) {
+  auto a = MakeEndpoint("a", /*start=*/false);
+  auto b = MakeEndpoint("b");
+  // a answers every message from its callback.
+  Transport* a_transport = &a->t();
+  a->on_message_hook = [a_transport](PeerId peer, const std::vector<std::byte>& frame) {
+    if (Text(frame) == "ping") {
+      EXPECT_THAT(a_transport->Send(peer, Bytes("pong")), IsOk());
+    }
+  };
+  ASSERT_THAT(a->Start(), IsOk());
+  auto [b_to_a, a_to_b] = Connect(*b, *a);
+  ASSERT_THAT(b->SendText(b_to_a, "ping"), IsOk());
+  ASSERT_TRUE(b->WaitForMessages(1));
+  EXPECT_EQ(Text(b->messages()[0].frame), "pong");
+  EXPECT_EQ(b->messages()[0].peer, b_to_a);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,
+                         ::testing::Values(LoopbackFactory(), FaultLoopbackFactory()),
+                         [](const ::testing::TestParamInfo<TransportFactory>& param_info) {
+                           return param_info.param.name;
+                         });
+
+}  // namespace
+}  // namespace kvbounce::transport_test

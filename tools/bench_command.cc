@@ -1,0 +1,396 @@
+#include "tools/bench_command.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "layout/planner.h"
+#include "tools/cluster.h"
+
+namespace kvbounce::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Bytes one request moves through the busiest rank of each side: what its
+// arenas must hold per request in flight.
+uint64_t BusiestStream(const Scenario& s, bool ctx_side) {
+  const uint64_t row = static_cast<uint64_t>(s.ctx.spec().model.head_dim) * s.ctx.elem_bytes();
+  uint64_t busiest = 0;
+  const int n = ctx_side ? s.ctx.num_ranks() : s.gen.num_ranks();
+  const int m = ctx_side ? s.gen.num_ranks() : s.ctx.num_ranks();
+  for (int a = 0; a < n; ++a) {
+    uint64_t total = 0;
+    for (int b = 0; b < m; ++b) {
+      const Box box = ctx_side ? WriterBox(s.ctx, a, s.gen, b) : WriterBox(s.ctx, b, s.gen, a);
+      // Each fan-in piece starts aligned: allow a page of padding per piece.
+      if (!box.empty()) total += PackedBytes(box, s.tokens, row) + 4096;
+    }
+    busiest = std::max(busiest, total);
+  }
+  return busiest;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
+  return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+struct PathRun {
+  TransferPath path;
+  int requests = 0;
+  int completed = 0;
+  int failed = 0;
+  int unexplained = 0;
+  std::string first_unexplained;
+  uint64_t bytes = 0;
+  double seconds = 0;
+  std::vector<double> latency_ms;
+  std::map<std::string, uint64_t> taken;
+  uint64_t verified = 0;
+  uint64_t mismatches = 0;
+  std::string first_mismatch;
+};
+
+uint64_t CtxWrites(Cluster& c) {
+  uint64_t n = 0;
+  for (int r = 0; r < c.num_ctx(); ++r) {
+    nlohmann::json j = nlohmann::json::parse(c.ctx(r).Stats().json, nullptr, false);
+    if (j.is_object()) n += j["transport"]["write_ops"].get<uint64_t>();
+  }
+  return n;
+}
+
+uint64_t Injected(Cluster& c) {
+  uint64_t n = 0;
+  for (int r = 0; r < c.num_ctx(); ++r) {
+    if (c.ctx_faults(r) != nullptr) n += c.ctx_faults(r)->fault_stats().injected_write_failures;
+  }
+  return n;
+}
+
+uint64_t Outstanding(Cluster& c) {
+  uint64_t n = 0;
+  for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(r).Stats().arena_outstanding_bytes;
+  for (int r = 0; r < c.num_gen(); ++r) n += c.gen(r).Stats().arena_outstanding_bytes;
+  return n;
+}
+
+// One path: requests in waves of `concurrency`, one per pool slot. Only the
+// transfers are timed; clearing and verifying happen between waves.
+PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRange range,
+                uint64_t first_id, std::mt19937_64& rng) {
+  PathRun run;
+  run.path = path;
+  int issued = 0;
+  uint64_t id = first_id;
+  while (issued < flags.requests) {
+    const int wave = std::min(flags.concurrency, flags.requests - issued);
+    struct Request {
+      uint64_t id = 0;
+      BlockTables tables;
+      std::vector<std::shared_ptr<Transfer>> pubs, pulls;
+      std::vector<std::shared_ptr<std::atomic<int64_t>>> done_ns;
+      Clock::time_point start;
+    };
+    std::vector<Request> reqs(static_cast<size_t>(wave));
+    for (int s = 0; s < wave; ++s) {
+      c.ClearGen(s);
+      reqs[static_cast<size_t>(s)].tables = c.Tables(s, range.end, rng);
+    }
+    PullOptions pull;
+    pull.path = path;
+    const auto wave_start = Clock::now();
+    for (int s = 0; s < wave; ++s) {
+      Request& r = reqs[static_cast<size_t>(s)];
+      r.id = id++;
+      r.start = Clock::now();
+      for (int k = 0; k < c.num_ctx(); ++k) {
+        auto p = c.ctx(k).Publish(r.id, r.tables.ctx, range.end);
+        if (p.ok()) r.pubs.push_back(*p);
+      }
+      for (int g = 0; g < c.num_gen(); ++g) {
+        auto done = std::make_shared<std::atomic<int64_t>>(0);
+        r.done_ns.push_back(done);
+        auto p = c.gen(g).Pull(r.id, c.options().ctx_instance, r.tables.gen, range, pull);
+        if (!p.ok()) {
+          done->store(1);
+          continue;
+        }
+        (*p)->OnDone([done](const Status&) {
+          done->store(Clock::now().time_since_epoch().count());
+        });
+        r.pulls.push_back(*p);
+      }
+    }
+    for (Request& r : reqs) {
+      for (auto& p : r.pulls) p->Wait().IgnoreError();
+    }
+    run.seconds += std::chrono::duration<double>(Clock::now() - wave_start).count();
+
+    for (int s = 0; s < wave; ++s) {
+      Request& r = reqs[static_cast<size_t>(s)];
+      ++run.requests;
+      Status outcome = r.pulls.size() == static_cast<size_t>(c.num_gen())
+                           ? Status::Ok()
+                           : InternalError("a pull could not start");
+      uint64_t bytes = 0;
+      int64_t last_ns = 0;
+      for (auto& p : r.pulls) {
+        const Status st = *p->Poll();
+        if (outcome.ok() && !st.ok()) outcome = st;
+        const TransferInfo info = p->info();
+        bytes += info.bytes;
+        ++run.taken[std::string(TransferPathName(info.path_taken))];
+      }
+      for (auto& d : r.done_ns) last_ns = std::max<int64_t>(last_ns, d->load());
+      if (outcome.ok()) {
+        ++run.completed;
+        run.bytes += bytes;
+        run.latency_ms.push_back(
+            static_cast<double>(last_ns - r.start.time_since_epoch().count()) / 1e6);
+        for (int g = 0; g < c.num_gen(); ++g) {
+          const VerifyResult v = c.VerifyGen(g, r.tables, range);
+          run.verified += v.verified_bytes;
+          run.mismatches += v.mismatches;
+          if (v.mismatches != 0 && run.first_mismatch.empty()) run.first_mismatch = v.first_mismatch;
+        }
+      } else {
+        ++run.failed;
+        if (std::string(outcome.message()).find("injected") == std::string::npos) {
+          if (run.unexplained++ == 0) run.first_unexplained = outcome.ToString();
+        }
+      }
+      for (auto& p : r.pubs) {
+        if (!p->WaitFor(std::chrono::milliseconds(0))) p->Cancel();
+        p->Wait().IgnoreError();
+      }
+    }
+    issued += wave;
+  }
+  return run;
+}
+
+}  // namespace
+
+BenchFlags::BenchFlags() {
+  // A shape that fits a workstation's memory and still shows the TP
+  // mismatch: llama-3.1-8b, ctx TP8 (one kv head per rank) -> gen TP2.
+  scenario.default_model = "llama-3.1-8b";
+  scenario.tokens = 2048;
+  scenario.ctx = "tp=8,pp=1";
+  scenario.gen = "tp=2,pp=1";
+}
+
+CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Move the KV of many requests between an in-process ctx and gen instance on each "
+               "path, verify every byte, report throughput, latency and leaks");
+  flags->scenario.Register(*cmd);
+  cmd->add_option("--transport", flags->transport, "Transport: loopback")->capture_default_str();
+  cmd->add_option("--memory", flags->memory, "Pool memory: host")->capture_default_str();
+  cmd->add_option("--path", flags->paths,
+                  "Comma list of per-block,bounce,direct,auto (default: every path the "
+                  "transport supports, one run each)");
+  cmd->add_option("--requests", flags->requests, "Requests per path run")->capture_default_str();
+  cmd->add_option("--concurrency", flags->concurrency, "Requests in flight at once")
+      ->capture_default_str();
+  cmd->add_option("--bounce-size-mb", flags->bounce_size_mb,
+                  "MiB of each staging arena (default: enough for --concurrency requests; 0 "
+                  "turns the bounce path off)");
+  cmd->add_option("--inject-fail-rate", flags->inject_fail_rate,
+                  "Probability (0..1) that a data-plane write operation fails")
+      ->capture_default_str();
+  cmd->add_option("--json", flags->json_file, "Also write the report to this JSON file");
+  return cmd;
+}
+
+Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
+  KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
+  if (flags.transport != "loopback") {
+    return UnimplementedError("--transport " + flags.transport +
+                              ": this build runs the bench over loopback only");
+  }
+  if (flags.memory != "host") {
+    return UnimplementedError("--memory " + flags.memory + ": this build has host pools only");
+  }
+  if (flags.requests < 1) {
+    return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
+                                " is invalid: must be >= 1");
+  }
+  if (flags.concurrency < 1) {
+    return InvalidArgumentError("--concurrency = " + std::to_string(flags.concurrency) +
+                                " is invalid: must be >= 1");
+  }
+  if (!(flags.inject_fail_rate >= 0 && flags.inject_fail_rate <= 1)) {
+    return InvalidArgumentError("--inject-fail-rate = " + std::to_string(flags.inject_fail_rate) +
+                                " is invalid: must be in [0, 1]");
+  }
+  if (flags.bounce_size_mb < -1) {
+    return InvalidArgumentError("--bounce-size-mb = " + std::to_string(flags.bounce_size_mb) +
+                                " is invalid: must be >= 0");
+  }
+  std::vector<TransferPath> paths;
+  if (flags.paths.empty()) {
+    paths = {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect,
+             TransferPath::kAuto};
+  } else {
+    size_t pos = 0;
+    while (pos <= flags.paths.size()) {
+      size_t comma = flags.paths.find(',', pos);
+      if (comma == std::string::npos) comma = flags.paths.size();
+      Result<TransferPath> p = ParseTransferPath(flags.paths.substr(pos, comma - pos));
+      if (!p.ok()) return p.status().WithContext("--path");
+      paths.push_back(*p);
+      pos = comma + 1;
+    }
+  }
+  const int concurrency = std::min(flags.concurrency, flags.requests);
+  // Default arenas: room for `concurrency` requests on the busiest rank of
+  // each side.
+  auto arena_for = [&](bool ctx_side) -> int64_t {
+    if (flags.bounce_size_mb >= 0) return flags.bounce_size_mb;
+    const uint64_t bytes = BusiestStream(scenario, ctx_side) * static_cast<uint64_t>(concurrency);
+    return static_cast<int64_t>((bytes + MiB(1) - 1) / MiB(1)) + 1;
+  };
+  const int64_t ctx_arena_mb = arena_for(true);
+  const int64_t gen_arena_mb = arena_for(false);
+  for (TransferPath p : paths) {
+    if (p == TransferPath::kBounce && gen_arena_mb == 0) {
+      return InvalidArgumentError("--path bounce needs --bounce-size-mb > 0");
+    }
+  }
+
+  ClusterOptions options;
+  options.ctx = scenario.ctx.spec();
+  options.gen = scenario.gen.spec();
+  options.slots = concurrency;
+  options.max_tokens = scenario.tokens.end;
+  options.ctx_config.bounce_size_mb = ctx_arena_mb;
+  options.gen_config.bounce_size_mb = gen_arena_mb;
+  options.faults = true;
+  options.ctx_faults.write_fail_rate = flags.inject_fail_rate;
+  options.ctx_faults.seed = scenario.seed;
+  log << "kvbounce bench: " << DescribeScenario(scenario) << "\n"
+      << "  transport " << flags.transport << ", memory " << flags.memory << ", "
+      << flags.requests << " requests per path, " << concurrency << " in flight, arenas "
+      << ctx_arena_mb << " MiB (ctx send) / " << gen_arena_mb << " MiB (gen recv)\n"
+      << "  setting up " << scenario.ctx.num_ranks() + scenario.gen.num_ranks()
+      << " agents and filling the ctx pools...\n";
+  log.flush();
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<Cluster> cluster, Cluster::Create(options));
+
+  nlohmann::json runs = nlohmann::json::array();
+  std::mt19937_64 rng(scenario.seed);
+  uint64_t next_id = 1;
+  for (TransferPath path : paths) {
+    const uint64_t writes_before = CtxWrites(*cluster);
+    const uint64_t injected_before = Injected(*cluster);
+    PathRun run = RunPath(*cluster, path, flags, scenario.tokens, next_id, rng);
+    next_id += static_cast<uint64_t>(flags.requests);
+    // Quarantined slots come back once their writers stopped.
+    const auto deadline = Clock::now() + std::chrono::seconds(5);
+    uint64_t outstanding = Outstanding(*cluster);
+    while (outstanding != 0 && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      outstanding = Outstanding(*cluster);
+    }
+    nlohmann::json j;
+    j["transport"] = flags.transport;
+    j["memory"] = flags.memory;
+    j["path"] = std::string(TransferPathName(path));
+    j["requests"] = run.requests;
+    j["completed"] = run.completed;
+    j["failed"] = run.failed;
+    j["unexplained_failures"] = run.unexplained;
+    if (!run.first_unexplained.empty()) j["first_unexplained_failure"] = run.first_unexplained;
+    j["injected_failures"] = Injected(*cluster) - injected_before;
+    j["bytes"] = run.bytes;
+    j["seconds"] = run.seconds;
+    j["throughput_gbps"] = run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
+    j["latency_ms"] = {{"p50", Percentile(run.latency_ms, 50)},
+                       {"p90", Percentile(run.latency_ms, 90)},
+                       {"p99", Percentile(run.latency_ms, 99)},
+                       {"max", Percentile(run.latency_ms, 100)}};
+    j["paths_taken"] = run.taken;
+    j["transport_writes"] = CtxWrites(*cluster) - writes_before;
+    j["verified_bytes"] = run.verified;
+    j["mismatches"] = run.mismatches;
+    if (!run.first_mismatch.empty()) j["first_mismatch"] = run.first_mismatch;
+    j["arena_outstanding_bytes"] = outstanding;
+    runs.push_back(j);
+    log << "  " << TransferPathName(path) << ": done\n";
+    log.flush();
+  }
+  cluster->Shutdown();
+  nlohmann::json report;
+  report["scenario"] = DescribeScenario(scenario);
+  report["bounce_size_mb"] = {{"ctx", ctx_arena_mb}, {"gen", gen_arena_mb}};
+  report["concurrency"] = concurrency;
+  report["runs"] = std::move(runs);
+  return report;
+}
+
+bool BenchPassed(const nlohmann::json& report, std::string* why) {
+  for (const auto& run : report["runs"]) {
+    const std::string path = run["path"];
+    if (run["mismatches"].get<uint64_t>() != 0) {
+      *why = path + ": " + std::to_string(run["mismatches"].get<uint64_t>()) +
+             " mismatched rows" +
+             (run.contains("first_mismatch") ? " (" + run["first_mismatch"].get<std::string>() + ")" : "");
+      return false;
+    }
+    if (run["arena_outstanding_bytes"].get<uint64_t>() != 0) {
+      *why = path + ": " + std::to_string(run["arena_outstanding_bytes"].get<uint64_t>()) +
+             " arena bytes still outstanding";
+      return false;
+    }
+    if (run["unexplained_failures"].get<int>() != 0) {
+      *why = path + ": " + std::to_string(run["unexplained_failures"].get<int>()) +
+             " requests failed without an injected fault (" +
+             run["first_unexplained_failure"].get<std::string>() + ")";
+      return false;
+    }
+  }
+  return true;
+}
+
+void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
+  char line[512];
+  std::snprintf(line, sizeof(line), "\n%-9s %5s %5s %5s %9s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n",
+                "path", "reqs", "done", "fail", "GB/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
+                "writes", "verified", "bad", "leak", "paths taken");
+  out << line;
+  for (const auto& r : report["runs"]) {
+    std::string taken;
+    for (const auto& [name, n] : r["paths_taken"].items()) {
+      taken += (taken.empty() ? "" : " ") + name + "=" + std::to_string(n.get<uint64_t>());
+    }
+    const auto& l = r["latency_ms"];
+    std::snprintf(line, sizeof(line),
+                  "%-9s %5d %5d %5d %9.2f %8.2f %8.2f %8.2f %8.2f %10llu %9.1fM %6llu %6llu  %s\n",
+                  r["path"].get<std::string>().c_str(), r["requests"].get<int>(),
+                  r["completed"].get<int>(), r["failed"].get<int>(),
+                  r["throughput_gbps"].get<double>(), l["p50"].get<double>(),
+                  l["p90"].get<double>(), l["p99"].get<double>(), l["max"].get<double>(),
+                  static_cast<unsigned long long>(r["transport_writes"].get<uint64_t>()),
+                  static_cast<double>(r["verified_bytes"].get<uint64_t>()) / 1e6,
+                  static_cast<unsigned long long>(r["mismatches"].get<uint64_t>()),
+                  static_cast<unsigned long long>(r["arena_outstanding_bytes"].get<uint64_t>()),
+                  taken.c_str());
+    out << line;
+  }
+  out << "\nGB/s: payload delivered by completed requests per second of transfer (10^9 B/s); "
+         "writes: data-plane transport operations; verified: bytes checked element by element.\n";
+}
+
+}  // namespace kvbounce::tools
