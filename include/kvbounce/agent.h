@@ -56,11 +56,10 @@
 #include "kvbounce/config.h"
 #include "kvbounce/model.h"
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 #include "kvbounce/types.h"
 
 namespace kvbounce {
-
-class Transport;  // src/transport/transport.h; see kvbounce/transports.h
 
 enum class Role { kCtx, kGen };
 std::string_view RoleName(Role role);  // "ctx", "gen"
@@ -88,7 +87,7 @@ struct AgentOptions {
   // arena of that size (DESIGN §6 gives every agent both; a rank's role is
   // fixed, so the one it never uses is not allocated).
   Config config;
-  // The agent takes ownership. Required.
+  // The agent takes ownership. Required. kvbounce/transports.h makes one.
   std::unique_ptr<Transport> transport;
   // How long Connect waits for the peers' HELLO.
   std::chrono::milliseconds connect_timeout{10000};

@@ -63,7 +63,7 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
-#include "memory/registration.h"
+#include "kvbounce/registration.h"
 
 namespace kvbounce {
 

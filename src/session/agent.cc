@@ -26,7 +26,7 @@
 #include "session/receiver.h"
 #include "session/sender.h"
 #include "session/session_context.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 

@@ -29,7 +29,7 @@
 #include "protocol/messages.h"
 #include "session/event_loop.h"
 #include "session/metrics.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 

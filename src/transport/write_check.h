@@ -9,7 +9,7 @@
 #include <span>
 
 #include "kvbounce/status.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 

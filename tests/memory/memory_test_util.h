@@ -15,7 +15,7 @@
 #include "kvbounce/status.h"
 #include "common/status_matchers.h"
 #include "memory/allocation.h"
-#include "memory/registration.h"
+#include "kvbounce/registration.h"
 
 namespace kvbounce::testing_util {
 

@@ -19,7 +19,7 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "transport/loopback/loopback_transport.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {

@@ -19,7 +19,7 @@
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {

@@ -26,7 +26,7 @@
 #include "kvbounce/types.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {

@@ -86,7 +86,7 @@
 
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 

@@ -117,7 +117,7 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
-#include "transport/transport.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 

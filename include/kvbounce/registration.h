@@ -20,8 +20,8 @@
 // worker) must outlive it. When the arena owns the registration, that means:
 // close the arena, and release every slot, before closing the transport
 // (DESIGN.md §10 gives that shutdown order).
-#ifndef KVBOUNCE_MEMORY_REGISTRATION_H_
-#define KVBOUNCE_MEMORY_REGISTRATION_H_
+#ifndef KVBOUNCE_REGISTRATION_H_
+#define KVBOUNCE_REGISTRATION_H_
 
 #include <string_view>
 
@@ -45,4 +45,4 @@ class Registration {
 
 }  // namespace kvbounce
 
-#endif  // KVBOUNCE_MEMORY_REGISTRATION_H_
+#endif  // KVBOUNCE_REGISTRATION_H_

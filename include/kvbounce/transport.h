@@ -32,8 +32,8 @@
 // joins the transport's threads and returns; no callback runs after it
 // returns. Registrations and imported regions must be destroyed before the
 // transport (they borrow it).
-#ifndef KVBOUNCE_TRANSPORT_TRANSPORT_H_
-#define KVBOUNCE_TRANSPORT_TRANSPORT_H_
+#ifndef KVBOUNCE_TRANSPORT_H_
+#define KVBOUNCE_TRANSPORT_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -44,10 +44,9 @@
 #include <string_view>
 #include <vector>
 
+#include "kvbounce/registration.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
-#include "memory/allocation.h"
-#include "memory/registration.h"
 
 namespace kvbounce {
 
@@ -178,4 +177,4 @@ class Transport {
 
 }  // namespace kvbounce
 
-#endif  // KVBOUNCE_TRANSPORT_TRANSPORT_H_
+#endif  // KVBOUNCE_TRANSPORT_H_
