@@ -1,6 +1,7 @@
 // Planner speed on real model shapes (Google Benchmark). Planning is on the
 // request path: the figure that matters is nanoseconds per produced run
-// (gather + scatter + direct), reported as the `time_per_run` counter (seconds, with an SI prefix: 15n = 15 ns).
+// (gather + scatter + direct), reported as the `time_per_run` counter (seconds, with an SI prefix:
+// 15n = 15 ns).
 //
 //   build/bench/planner_bench
 #include <benchmark/benchmark.h>
@@ -61,9 +62,9 @@ void RunPair(benchmark::State& state, const Case& c, int lists) {
     benchmark::DoNotOptimize(plan->direct.data());
   }
   state.counters["runs"] = static_cast<double>(runs);
-  state.counters["time_per_run"] = benchmark::Counter(
-      static_cast<double>(runs),
-      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["time_per_run"] =
+      benchmark::Counter(static_cast<double>(runs), benchmark::Counter::kIsIterationInvariantRate |
+                                                        benchmark::Counter::kInvert);
   state.SetItemsProcessed(static_cast<int64_t>(runs) * state.iterations());
 }
 
@@ -73,7 +74,11 @@ void BM_Llama70bTp8ToTp4(benchmark::State& state) {
   static const Case c = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kBlockMajorHnd, 8192, false);
   RunPair(state, c, static_cast<int>(state.range(0)));
 }
-BENCHMARK(BM_Llama70bTp8ToTp4)->Arg(kPlanAll)->Arg(kPlanGather)->Arg(kPlanScatter)->Arg(kPlanDirect);
+BENCHMARK(BM_Llama70bTp8ToTp4)
+    ->Arg(kPlanAll)
+    ->Arg(kPlanGather)
+    ->Arg(kPlanScatter)
+    ->Arg(kPlanDirect);
 
 // A vLLM-style layer-major-nhd receiver cuts every token into its own 256-byte
 // fragment: 327,680 per list for 2048 tokens.
@@ -87,8 +92,10 @@ BENCHMARK(BM_Llama70bTp8ToTp4Nhd)->Arg(kPlanAll)->Arg(kPlanDirect);
 // consecutive block ids everything merges into one run per list. The cost is
 // then one step per block, not per element or token.
 void BM_Llama70bTp8ToTp8(benchmark::State& state) {
-  static const Case shuffled = MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, false);
-  static const Case sequential = MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, true);
+  static const Case shuffled =
+      MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, false);
+  static const Case sequential =
+      MakeCase("llama-3.1-70b", 8, 8, LayoutKind::kBlockMajorHnd, 8192, true);
   RunPair(state, state.range(0) ? sequential : shuffled, kPlanAll);
 }
 BENCHMARK(BM_Llama70bTp8ToTp8)->ArgName("sequential_blocks")->Arg(0)->Arg(1);

@@ -126,9 +126,8 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
           done->store(1);
           continue;
         }
-        (*p)->OnDone([done](const Status&) {
-          done->store(Clock::now().time_since_epoch().count());
-        });
+        (*p)->OnDone(
+            [done](const Status&) { done->store(Clock::now().time_since_epoch().count()); });
         r.pulls.push_back(*p);
       }
     }
@@ -156,13 +155,14 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
       if (outcome.ok()) {
         ++run.completed;
         run.bytes += bytes;
-        run.latency_ms.push_back(
-            static_cast<double>(last_ns - r.start.time_since_epoch().count()) / 1e6);
+        run.latency_ms.push_back(static_cast<double>(last_ns - r.start.time_since_epoch().count()) /
+                                 1e6);
         for (int g = 0; g < c.num_gen(); ++g) {
           const VerifyResult v = c.VerifyGen(g, r.tables, range);
           run.verified += v.verified_bytes;
           run.mismatches += v.mismatches;
-          if (v.mismatches != 0 && run.first_mismatch.empty()) run.first_mismatch = v.first_mismatch;
+          if (v.mismatches != 0 && run.first_mismatch.empty())
+            run.first_mismatch = v.first_mismatch;
         }
       } else {
         ++run.failed;
@@ -193,8 +193,9 @@ BenchFlags::BenchFlags() {
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
   CLI::App* cmd = app.add_subcommand(
-      "bench", "Move the KV of many requests between an in-process ctx and gen instance on each "
-               "path, verify every byte, report throughput, latency and leaks");
+      "bench",
+      "Move the KV of many requests between an in-process ctx and gen instance on each "
+      "path, verify every byte, report throughput, latency and leaks");
   flags->scenario.Register(*cmd);
   cmd->add_option("--transport", flags->transport, "Transport: loopback")->capture_default_str();
   cmd->add_option("--memory", flags->memory, "Pool memory: host")->capture_default_str();
@@ -281,9 +282,9 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   options.ctx_faults.write_fail_rate = flags.inject_fail_rate;
   options.ctx_faults.seed = scenario.seed;
   log << "kvbounce bench: " << DescribeScenario(scenario) << "\n"
-      << "  transport " << flags.transport << ", memory " << flags.memory << ", "
-      << flags.requests << " requests per path, " << concurrency << " in flight, arenas "
-      << ctx_arena_mb << " MiB (ctx send) / " << gen_arena_mb << " MiB (gen recv)\n"
+      << "  transport " << flags.transport << ", memory " << flags.memory << ", " << flags.requests
+      << " requests per path, " << concurrency << " in flight, arenas " << ctx_arena_mb
+      << " MiB (ctx send) / " << gen_arena_mb << " MiB (gen recv)\n"
       << "  setting up " << scenario.ctx.num_ranks() + scenario.gen.num_ranks()
       << " agents and filling the ctx pools...\n";
   log.flush();
@@ -316,7 +317,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     j["injected_failures"] = Injected(*cluster) - injected_before;
     j["bytes"] = run.bytes;
     j["seconds"] = run.seconds;
-    j["throughput_gbps"] = run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
+    j["throughput_gbps"] =
+        run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
     j["latency_ms"] = {{"p50", Percentile(run.latency_ms, 50)},
                        {"p90", Percentile(run.latency_ms, 90)},
                        {"p99", Percentile(run.latency_ms, 99)},
@@ -344,9 +346,9 @@ bool BenchPassed(const nlohmann::json& report, std::string* why) {
   for (const auto& run : report["runs"]) {
     const std::string path = run["path"];
     if (run["mismatches"].get<uint64_t>() != 0) {
-      *why = path + ": " + std::to_string(run["mismatches"].get<uint64_t>()) +
-             " mismatched rows" +
-             (run.contains("first_mismatch") ? " (" + run["first_mismatch"].get<std::string>() + ")" : "");
+      *why = path + ": " + std::to_string(run["mismatches"].get<uint64_t>()) + " mismatched rows" +
+             (run.contains("first_mismatch") ? " (" + run["first_mismatch"].get<std::string>() + ")"
+                                             : "");
       return false;
     }
     if (run["arena_outstanding_bytes"].get<uint64_t>() != 0) {
@@ -366,9 +368,10 @@ bool BenchPassed(const nlohmann::json& report, std::string* why) {
 
 void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
   char line[512];
-  std::snprintf(line, sizeof(line), "\n%-9s %5s %5s %5s %9s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n",
-                "path", "reqs", "done", "fail", "GB/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-                "writes", "verified", "bad", "leak", "paths taken");
+  std::snprintf(line, sizeof(line),
+                "\n%-9s %5s %5s %5s %9s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n", "path", "reqs",
+                "done", "fail", "GB/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "writes",
+                "verified", "bad", "leak", "paths taken");
   out << line;
   for (const auto& r : report["runs"]) {
     std::string taken;

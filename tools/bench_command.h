@@ -4,11 +4,10 @@
 #ifndef KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 #define KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 
-#include <ostream>
-#include <string>
-
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <ostream>
+#include <string>
 
 #include "kvbounce/status.h"
 #include "tools/scenario.h"

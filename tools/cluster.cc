@@ -61,8 +61,10 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
   std::unique_ptr<Cluster> cluster(new Cluster(options, std::move(ctx), std::move(gen)));
   auto fabric = LoopbackFabric::Create();
-  for (int r = 0; r < cluster->num_ctx(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(true, r, fabric));
-  for (int r = 0; r < cluster->num_gen(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(false, r, fabric));
+  for (int r = 0; r < cluster->num_ctx(); ++r)
+    KVB_RETURN_IF_ERROR(cluster->AddRank(true, r, fabric));
+  for (int r = 0; r < cluster->num_gen(); ++r)
+    KVB_RETURN_IF_ERROR(cluster->AddRank(false, r, fabric));
   std::vector<std::string> ctx_addresses;
   for (auto& r : cluster->ctx_) ctx_addresses.push_back(r.agent->Address());
   for (auto& r : cluster->gen_) KVB_RETURN_IF_ERROR(r.agent->Connect(ctx_addresses));
@@ -91,8 +93,9 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
     r.memory.emplace_back(static_cast<size_t>(bytes), kSentinel);
     bases.push_back(Addr::FromPointer(r.memory.back().data()));
   }
-  Result<PoolLayout> placed = per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), bases)
-                                        : layout.Rebased(bases);
+  Result<PoolLayout> placed =
+      per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), bases)
+                : layout.Rebased(bases);
   if (!placed.ok()) return placed.status();
   r.layout = std::make_unique<PoolLayout>(std::move(placed).value());
 
@@ -101,9 +104,10 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
                        LoopbackTransport::Create(fabric, instance + "-" + std::to_string(rank)));
   std::unique_ptr<Transport> transport = std::move(loopback);
   if (options_.faults) {
-    KVB_ASSIGN_OR_RETURN(std::unique_ptr<FaultTransport> faulty,
-                         FaultTransport::Create(std::move(transport),
-                                                ctx_side ? options_.ctx_faults : options_.gen_faults));
+    KVB_ASSIGN_OR_RETURN(
+        std::unique_ptr<FaultTransport> faulty,
+        FaultTransport::Create(std::move(transport),
+                               ctx_side ? options_.ctx_faults : options_.gen_faults));
     r.faults = faulty.get();
     transport = std::move(faulty);
   }
@@ -129,13 +133,13 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
 BlockTables Cluster::Tables(int slot, int64_t tokens, std::mt19937_64& rng) const {
   BlockTables t;
   t.slot = slot;
-  const int64_t ctx_blocks = (tokens + ctx_topology_.spec().tokens_per_block - 1) /
-                             ctx_topology_.spec().tokens_per_block;
+  const int64_t ctx_blocks =
+      (tokens + ctx_topology_.spec().tokens_per_block - 1) / ctx_topology_.spec().tokens_per_block;
   t.ctx.assign(ctx_tables_[static_cast<size_t>(slot)].begin(),
                ctx_tables_[static_cast<size_t>(slot)].begin() + ctx_blocks);
   std::vector<int32_t> gen = Draw(slot, blocks_per_request(false), rng);
-  const int64_t gen_blocks = (tokens + gen_topology_.spec().tokens_per_block - 1) /
-                             gen_topology_.spec().tokens_per_block;
+  const int64_t gen_blocks =
+      (tokens + gen_topology_.spec().tokens_per_block - 1) / gen_topology_.spec().tokens_per_block;
   gen.resize(static_cast<size_t>(gen_blocks));
   t.gen = std::move(gen);
   return t;
@@ -152,9 +156,11 @@ void Cluster::FillCtx(const std::vector<int32_t>& table) {
       for (int kv = 0; kv < layout.geometry().kv_factor; ++kv) {
         for (int h = 0; h < p.num_heads; ++h) {
           for (int64_t t = 0; t < options_.max_tokens; ++t) {
-            auto* row = static_cast<std::byte*>(
-                layout.RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h, static_cast<int>(t % tpb))
-                    .ToPointer());
+            auto* row =
+                static_cast<std::byte*>(layout
+                                            .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)],
+                                                        h, static_cast<int>(t % tpb))
+                                            .ToPointer());
             const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
             for (int d = 0; d < dim; ++d) {
               const uint64_t v = FromSeed(seed, d);

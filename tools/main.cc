@@ -1,8 +1,7 @@
 // kvbounce: the command-line tool (DESIGN §13).
+#include <CLI/CLI.hpp>
 #include <fstream>
 #include <iostream>
-
-#include <CLI/CLI.hpp>
 
 #include "tools/bench_command.h"
 #include "tools/plan_command.h"

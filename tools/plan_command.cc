@@ -25,8 +25,9 @@ std::string HumanBytes(double bytes) {
 
 CLI::App* AddPlanCommand(CLI::App& app, PlanFlags* flags) {
   CLI::App* cmd = app.add_subcommand(
-      "plan", "Show the transfer plan of one request: per ctx/gen rank pair, bytes, direct "
-              "fragments, gather and scatter runs");
+      "plan",
+      "Show the transfer plan of one request: per ctx/gen rank pair, bytes, direct "
+      "fragments, gather and scatter runs");
   flags->scenario.Register(*cmd);
   cmd->add_flag("--json", flags->json, "Print one JSON object instead of a table");
   return cmd;
@@ -44,13 +45,15 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
   std::vector<PoolLayout> ctx_pools, gen_pools;
   // Ranks get far-apart fake bases: planning only computes addresses.
   for (int r = 0; r < s.ctx.num_ranks(); ++r) {
-    KVB_ASSIGN_OR_RETURN(PoolLayout p, PoolLayout::ForRank(s.ctx, r, ctx_blocks,
-                                                           Addr(static_cast<uint64_t>(r + 1) << 44)));
+    KVB_ASSIGN_OR_RETURN(
+        PoolLayout p,
+        PoolLayout::ForRank(s.ctx, r, ctx_blocks, Addr(static_cast<uint64_t>(r + 1) << 44)));
     ctx_pools.push_back(std::move(p));
   }
   for (int r = 0; r < s.gen.num_ranks(); ++r) {
-    KVB_ASSIGN_OR_RETURN(PoolLayout p, PoolLayout::ForRank(s.gen, r, gen_blocks,
-                                                           Addr(static_cast<uint64_t>(r + 65) << 44)));
+    KVB_ASSIGN_OR_RETURN(
+        PoolLayout p,
+        PoolLayout::ForRank(s.gen, r, gen_blocks, Addr(static_cast<uint64_t>(r + 65) << 44)));
     gen_pools.push_back(std::move(p));
   }
 
@@ -61,10 +64,10 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
     nlohmann::json writers = nlohmann::json::array();
     uint64_t gen_bytes = 0;
     for (int c = 0; c < s.ctx.num_ranks(); ++c) {
-      KVB_ASSIGN_OR_RETURN(PairPlan plan,
-                           PlanPair({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
-                                    {&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table},
-                                    s.tokens));
+      KVB_ASSIGN_OR_RETURN(
+          PairPlan plan,
+          PlanPair({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
+                   {&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table}, s.tokens));
       if (plan.packed_bytes == 0) continue;
       pairs.push_back({{"ctx_rank", c},
                        {"gen_rank", g},
@@ -84,9 +87,8 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
   out["scenario"] = DescribeScenario(s);
   out["pairs"] = std::move(pairs);
   out["gen_ranks"] = std::move(gen_ranks);
-  out["totals"] = {{"bytes", total_bytes},
-                   {"direct_fragments", total_direct},
-                   {"pairs", total_pairs}};
+  out["totals"] = {
+      {"bytes", total_bytes}, {"direct_fragments", total_direct}, {"pairs", total_pairs}};
   return out;
 }
 
@@ -105,18 +107,19 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
   for (const auto& p : plan["pairs"]) {
     const uint64_t bytes = p["bytes"];
     const uint64_t direct = p["direct_fragments"];
-    std::snprintf(line, sizeof(line), "%8d %8d %14llu %12s %14llu %12llu %12llu\n",
-                  p["ctx_rank"].get<int>(), p["gen_rank"].get<int>(),
-                  static_cast<unsigned long long>(bytes), HumanBytes(static_cast<double>(bytes)).c_str(),
-                  static_cast<unsigned long long>(direct),
-                  static_cast<unsigned long long>(p["gather_runs"].get<uint64_t>()),
-                  static_cast<unsigned long long>(p["scatter_runs"].get<uint64_t>()));
+    std::snprintf(
+        line, sizeof(line), "%8d %8d %14llu %12s %14llu %12llu %12llu\n", p["ctx_rank"].get<int>(),
+        p["gen_rank"].get<int>(), static_cast<unsigned long long>(bytes),
+        HumanBytes(static_cast<double>(bytes)).c_str(), static_cast<unsigned long long>(direct),
+        static_cast<unsigned long long>(p["gather_runs"].get<uint64_t>()),
+        static_cast<unsigned long long>(p["scatter_runs"].get<uint64_t>()));
     out << line;
   }
   out << "\n";
   for (const auto& g : plan["gen_ranks"]) {
     std::string writers;
-    for (const auto& w : g["writers"]) writers += (writers.empty() ? "" : ",") + std::to_string(w.get<int>());
+    for (const auto& w : g["writers"])
+      writers += (writers.empty() ? "" : ",") + std::to_string(w.get<int>());
     out << "gen rank " << g["gen_rank"].get<int>() << ": writers {" << writers << "}, "
         << HumanBytes(static_cast<double>(g["bytes"].get<uint64_t>())) << "\n";
   }
@@ -126,7 +129,9 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
   out << "\ntotal: " << t["pairs"].get<uint64_t>() << " pairs, " << total_bytes << " bytes ("
       << HumanBytes(static_cast<double>(total_bytes)) << "), " << total_direct
       << " direct fragments, mean "
-      << HumanBytes(total_direct ? static_cast<double>(total_bytes) / static_cast<double>(total_direct) : 0)
+      << HumanBytes(total_direct
+                        ? static_cast<double>(total_bytes) / static_cast<double>(total_direct)
+                        : 0)
       << " per fragment\n";
   return Status::Ok();
 }

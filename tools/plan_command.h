@@ -3,10 +3,9 @@
 #ifndef KVBOUNCE_TOOLS_PLAN_COMMAND_H_
 #define KVBOUNCE_TOOLS_PLAN_COMMAND_H_
 
-#include <ostream>
-
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <ostream>
 
 #include "kvbounce/status.h"
 #include "tools/scenario.h"

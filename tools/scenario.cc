@@ -130,9 +130,11 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
       return InvalidArgumentError(
           "a custom model needs all of --layers, --kv-heads and --head-dim");
     }
-    KVB_ASSIGN_OR_RETURN(model, CustomModel(flags.layers, flags.kv_heads, flags.head_dim, flags.mla));
+    KVB_ASSIGN_OR_RETURN(model,
+                         CustomModel(flags.layers, flags.kv_heads, flags.head_dim, flags.mla));
   } else {
-    KVB_ASSIGN_OR_RETURN(model, FindModelPreset(flags.model.empty() ? flags.default_model : flags.model));
+    KVB_ASSIGN_OR_RETURN(model,
+                         FindModelPreset(flags.model.empty() ? flags.default_model : flags.model));
   }
   Result<DType> dtype = ParseDType(flags.dtype);
   if (!dtype.ok()) return dtype.status().WithContext("--dtype");
@@ -147,9 +149,9 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
                                 " is invalid: must be >= 1");
   }
   if (flags.start_token < 0 || flags.start_token >= flags.tokens) {
-    return InvalidArgumentError("--start-token = " + std::to_string(flags.start_token) +
-                                " is invalid: must be in [0, tokens = " +
-                                std::to_string(flags.tokens) + ")");
+    return InvalidArgumentError(
+        "--start-token = " + std::to_string(flags.start_token) +
+        " is invalid: must be in [0, tokens = " + std::to_string(flags.tokens) + ")");
   }
   auto make = [&](std::string_view side, const std::string& text) -> Result<Topology> {
     KVB_ASSIGN_OR_RETURN(SideSpec s, ParseSideSpec(side, text));

@@ -11,12 +11,11 @@
 #ifndef KVBOUNCE_TOOLS_SCENARIO_H_
 #define KVBOUNCE_TOOLS_SCENARIO_H_
 
+#include <CLI/CLI.hpp>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
 
 #include "kvbounce/status.h"
 #include "layout/planner.h"

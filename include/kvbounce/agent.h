@@ -221,11 +221,9 @@ class Agent {
   // transport cannot map peer memory), kAborted (shut down). Everything
   // after that — writer failures, timeouts, cancellation — is the
   // transfer's outcome.
-  virtual Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id,
-                                                 std::string_view ctx_instance,
+  virtual Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, std::string_view ctx_instance,
                                                  std::span<const int32_t> block_table,
-                                                 TokenRange tokens,
-                                                 PullOptions options = {}) = 0;
+                                                 TokenRange tokens, PullOptions options = {}) = 0;
 
   // The number of gen ranks of `gen_instance` this ctx rank writes to.
   virtual Result<int> ReceiverCount(std::string_view gen_instance) const = 0;

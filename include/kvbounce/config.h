@@ -52,7 +52,7 @@ struct Config {
   // --- Limits beyond DESIGN §11's rules. They keep derived quantities (bytes
   // of a region, deadlines on the steady clock in nanoseconds) from
   // overflowing; no real deployment comes near them.
-  static constexpr int64_t kMaxBounceSizeMb = int64_t{1} << 20;      // 1 TiB per region
+  static constexpr int64_t kMaxBounceSizeMb = int64_t{1} << 20;  // 1 TiB per region
   static constexpr int64_t kMaxNumWorkers = 256;
   static constexpr int64_t kMaxTimeoutMs = int64_t{30} * 24 * 3600 * 1000;  // 30 days
 
@@ -147,8 +147,7 @@ struct Config {
   // fragments) is at most bounce_max_mean_fragment_bytes; else kPerBlock.
   // Whether the packed stream fits an arena is not checked here (the arena
   // says so on Reserve, and the caller falls back).
-  TransferPath ResolvePath(bool direct_available, uint64_t fragments,
-                           uint64_t total_bytes) const;
+  TransferPath ResolvePath(bool direct_available, uint64_t fragments, uint64_t total_bytes) const;
 
   friend bool operator==(const Config&, const Config&) = default;
 };

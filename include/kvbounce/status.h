@@ -125,14 +125,13 @@ Status InternalError(std::string_view message);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(const T& value) : value_(value) {}  // NOLINT: implicit by design
+  Result(const T& value) : value_(value) {}        // NOLINT: implicit by design
   Result(T&& value) : value_(std::move(value)) {}  // NOLINT
-  template <typename U,
-            typename = std::enable_if_t<std::is_constructible_v<T, U&&> &&
-                                        !std::is_same_v<std::decay_t<U>, T> &&
-                                        !std::is_same_v<std::decay_t<U>, Status>>>
+  template <typename U, typename = std::enable_if_t<std::is_constructible_v<T, U&&> &&
+                                                    !std::is_same_v<std::decay_t<U>, T> &&
+                                                    !std::is_same_v<std::decay_t<U>, Status>>>
   Result(U&& value) : value_(std::in_place, std::forward<U>(value)) {}  // NOLINT
-  Result(Status status) : status_(std::move(status)) {  // NOLINT
+  Result(Status status) : status_(std::move(status)) {                  // NOLINT
     if (status_.ok()) {
       status_ = Status(StatusCode::kInternal, "Result built from an OK status without a value");
     }
@@ -166,17 +165,17 @@ class [[nodiscard]] Result {
 #define KVB_CONCAT_(a, b) KVB_CONCAT_INNER_(a, b)
 
 // Returns the status from the enclosing function if `expr` is not OK.
-#define KVB_RETURN_IF_ERROR(expr)                            \
-  do {                                                       \
-    ::kvbounce::Status kvb_status_ = (expr);                 \
-    if (!kvb_status_.ok()) return kvb_status_;               \
+#define KVB_RETURN_IF_ERROR(expr)              \
+  do {                                         \
+    ::kvbounce::Status kvb_status_ = (expr);   \
+    if (!kvb_status_.ok()) return kvb_status_; \
   } while (false)
 
 // `lhs = value of expr`, or returns expr's status from the enclosing function.
 #define KVB_ASSIGN_OR_RETURN(lhs, expr) \
   KVB_ASSIGN_OR_RETURN_IMPL_(KVB_CONCAT_(kvb_result_, __LINE__), lhs, expr)
-#define KVB_ASSIGN_OR_RETURN_IMPL_(result, lhs, expr) \
-  auto result = (expr);                               \
+#define KVB_ASSIGN_OR_RETURN_IMPL_(result, lhs, expr)  \
+  auto result = (expr);                                \
   if (!result.ok()) return std::move(result).status(); \
   lhs = std::move(result).value()
 

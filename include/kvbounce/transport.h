@@ -52,9 +52,9 @@ namespace kvbounce {
 
 // What a transport can do (DESIGN §5, §8).
 struct TransportCaps {
-  std::string name;           // "loopback", "ucx", "cuda-ipc"
-  bool host_memory = false;   // reads and writes host (pageable or pinned) memory
-  bool device_memory = false; // reads and writes CUDA device memory
+  std::string name;            // "loopback", "ucx", "cuda-ipc"
+  bool host_memory = false;    // reads and writes host (pageable or pinned) memory
+  bool device_memory = false;  // reads and writes CUDA device memory
   // A peer's region can be mapped into this process, so a copy engine can
   // read or write it directly (the `direct` path).
   bool map_remote = false;
@@ -103,7 +103,7 @@ using TransportDone = std::function<void(Status status)>;
 
 // Counters since the transport started (for metrics and the bench).
 struct TransportStats {
-  uint64_t write_ops = 0;       // data-plane write operations issued
+  uint64_t write_ops = 0;  // data-plane write operations issued
   uint64_t write_bytes = 0;
   uint64_t failed_write_ops = 0;
   uint64_t flushes = 0;

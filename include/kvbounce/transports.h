@@ -32,9 +32,9 @@ Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<Loopback
 
 // Faults to inject into a transport's data plane (tests, benchmarks).
 struct FaultInjection {
-  double write_fail_rate = 0;                 // per write operation, [0, 1]
-  std::chrono::microseconds delay{0};         // before each write/flush completion
-  int64_t drop_after_ops = 0;                 // drop the connection after N operations
+  double write_fail_rate = 0;          // per write operation, [0, 1]
+  std::chrono::microseconds delay{0};  // before each write/flush completion
+  int64_t drop_after_ops = 0;          // drop the connection after N operations
   uint64_t seed = 1;
 };
 

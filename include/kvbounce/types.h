@@ -18,9 +18,7 @@ class Addr {
  public:
   constexpr Addr() = default;
   constexpr explicit Addr(uint64_t value) : value_(value) {}
-  static Addr FromPointer(const void* p) {
-    return Addr(reinterpret_cast<uintptr_t>(p));
-  }
+  static Addr FromPointer(const void* p) { return Addr(reinterpret_cast<uintptr_t>(p)); }
 
   constexpr uint64_t value() const { return value_; }
   // REQUIRES: the memory behind this address is host-accessible.

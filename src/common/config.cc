@@ -50,9 +50,12 @@ constexpr std::string_view kPathRule = "must be one of per-block, bounce, direct
 
 // Declaration order of Config, which Keys() and ToString() follow.
 constexpr std::array<std::string_view, 7> kKeys = {
-    "bounce_size_mb",       "num_workers",
-    "transfer_timeout_ms",  "reserve_timeout_ms",
-    "path",                 "bounce_min_fragments",
+    "bounce_size_mb",
+    "num_workers",
+    "transfer_timeout_ms",
+    "reserve_timeout_ms",
+    "path",
+    "bounce_min_fragments",
     "bounce_max_mean_fragment_bytes",
 };
 
@@ -91,8 +94,8 @@ std::string Quote(std::string_view text) {
 
 Status CheckIntField(const IntField& field, int64_t value) {
   if (value >= field.min && value <= field.max) return Status::Ok();
-  return InvalidArgumentError("config: " + std::string(field.key) + " = " +
-                              std::to_string(value) + " is invalid: " + std::string(field.rule));
+  return InvalidArgumentError("config: " + std::string(field.key) + " = " + std::to_string(value) +
+                              " is invalid: " + std::string(field.rule));
 }
 
 std::string_view Trim(std::string_view s) {
@@ -107,10 +110,14 @@ std::string_view Trim(std::string_view s) {
 
 std::string_view TransferPathName(TransferPath path) {
   switch (path) {
-    case TransferPath::kPerBlock: return "per-block";
-    case TransferPath::kBounce: return "bounce";
-    case TransferPath::kDirect: return "direct";
-    case TransferPath::kAuto: return "auto";
+    case TransferPath::kPerBlock:
+      return "per-block";
+    case TransferPath::kBounce:
+      return "bounce";
+    case TransferPath::kDirect:
+      return "direct";
+    case TransferPath::kAuto:
+      return "auto";
   }
   return "?";
 }
@@ -119,8 +126,8 @@ Result<TransferPath> ParseTransferPath(std::string_view name) {
   for (TransferPath path : kPaths) {
     if (TransferPathName(path) == name) return path;
   }
-  return InvalidArgumentError("transfer path " + Quote(name) + " is invalid: " +
-                              std::string(kPathRule));
+  return InvalidArgumentError("transfer path " + Quote(name) +
+                              " is invalid: " + std::string(kPathRule));
 }
 
 Status Config::Validate() const {
@@ -147,8 +154,8 @@ Status Config::Set(std::string_view key, std::string_view value) {
   if (normalized == kPathKey) {
     Result<TransferPath> parsed = ParseTransferPath(value);
     if (!parsed.ok()) {
-      return InvalidArgumentError("config: path = " + Quote(value) + " is invalid: " +
-                                  std::string(kPathRule));
+      return InvalidArgumentError("config: path = " + Quote(value) +
+                                  " is invalid: " + std::string(kPathRule));
     }
     path = *parsed;
     return Status::Ok();
@@ -250,8 +257,8 @@ Config ApplyEnvironment(Config config, const EnvLookup& lookup) {
                              " from " + kNumWorkersVar);
     return config;
   }
-  std::string message = std::string(kNumWorkersVar) + " = " + Quote(text) +
-                        " is ignored: " + std::string(field.rule);
+  std::string message =
+      std::string(kNumWorkersVar) + " = " + Quote(text) + " is ignored: " + std::string(field.rule);
   if (!why.empty()) message += " (" + why + ")";
   message += "; num_workers stays " + std::to_string(config.num_workers);
   Log(LogLevel::kWarning, message);

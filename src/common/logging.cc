@@ -38,18 +38,21 @@ LogState& State() {
 
 std::string_view LogLevelName(LogLevel level) {
   switch (level) {
-    case LogLevel::kDebug: return "debug";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kWarning: return "warning";
-    case LogLevel::kError: return "error";
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarning:
+      return "warning";
+    case LogLevel::kError:
+      return "error";
   }
   return "?";
 }
 
 LogSink SetLogSink(LogSink sink) {
   LogState& state = State();
-  std::shared_ptr<LogSink> next =
-      sink ? std::make_shared<LogSink>(std::move(sink)) : nullptr;
+  std::shared_ptr<LogSink> next = sink ? std::make_shared<LogSink>(std::move(sink)) : nullptr;
   std::lock_guard<std::mutex> lock(state.mu);
   std::shared_ptr<LogSink> previous = std::exchange(state.sink, std::move(next));
   return previous ? *previous : LogSink();

@@ -139,9 +139,7 @@ class CopyEngine {
   Status Scatter(std::span<const Fragment> scatter_list, Addr slot) {
     return CopySync(ScatterBatch(scatter_list, slot));
   }
-  Status Copy(std::span<const Fragment> direct_list) {
-    return CopySync(DirectBatch(direct_list));
-  }
+  Status Copy(std::span<const Fragment> direct_list) { return CopySync(DirectBatch(direct_list)); }
 
  protected:
   // Called by Submit with a batch that passed ValidateCopyBatch (it may still
@@ -149,8 +147,7 @@ class CopyEngine {
   // `done`. `total_bytes` is the sum of the fragments' bytes. Same contract as
   // Submit: return non-OK without calling `done`, or OK and call `done`
   // exactly once from an engine thread.
-  virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
-                                 CopyDone done) = 0;
+  virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) = 0;
 };
 
 }  // namespace kvbounce

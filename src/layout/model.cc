@@ -20,10 +20,14 @@ const std::array<ModelShape, 6> kPresets = {{
 
 std::string_view DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kBf16: return "bf16";
-    case DType::kFp16: return "fp16";
-    case DType::kFp8: return "fp8";
-    case DType::kFp32: return "fp32";
+    case DType::kBf16:
+      return "bf16";
+    case DType::kFp16:
+      return "fp16";
+    case DType::kFp8:
+      return "fp8";
+    case DType::kFp32:
+      return "fp32";
   }
   return "?";
 }
@@ -38,10 +42,14 @@ Result<DType> ParseDType(std::string_view name) {
 
 uint32_t DTypeBytes(DType dtype) {
   switch (dtype) {
-    case DType::kBf16: return 2;
-    case DType::kFp16: return 2;
-    case DType::kFp8: return 1;
-    case DType::kFp32: return 4;
+    case DType::kBf16:
+      return 2;
+    case DType::kFp16:
+      return 2;
+    case DType::kFp8:
+      return 1;
+    case DType::kFp32:
+      return 4;
   }
   return 0;
 }
@@ -65,8 +73,8 @@ Status ModelShape::Validate() const {
                                 " is invalid: must be 2 (K and V) or 1 (MLA)");
   }
   if (kv_factor == 1 && num_kv_heads != 1) {
-    return InvalidArgumentError(prefix + "MLA keeps one latent kv head, got kv heads = " +
-                                std::to_string(num_kv_heads));
+    return InvalidArgumentError(
+        prefix + "MLA keeps one latent kv head, got kv heads = " + std::to_string(num_kv_heads));
   }
   return Status::Ok();
 }
@@ -80,8 +88,8 @@ Result<ModelShape> FindModelPreset(std::string_view name) {
     if (!known.empty()) known += ", ";
     known += m.name;
   }
-  return NotFoundError("model preset '" + std::string(name) + "' is not known (known: " +
-                       known + ")");
+  return NotFoundError("model preset '" + std::string(name) + "' is not known (known: " + known +
+                       ")");
 }
 
 Result<ModelShape> CustomModel(int num_layers, int num_kv_heads, int head_dim, bool mla) {

@@ -4,8 +4,8 @@
 #include <array>
 #include <deque>
 #include <map>
-#include <utility>
 #include <string>
+#include <utility>
 
 namespace kvbounce {
 namespace {
@@ -27,8 +27,8 @@ struct Axis {
 
 // A piece of the token range inside one sender block and one receiver block.
 struct Segment {
-  int64_t tokens = 0;           // tokens in the segment
-  int64_t block_tokens = 0;     // tokens of its receiver block inside the range
+  int64_t tokens = 0;                          // tokens in the segment
+  int64_t block_tokens = 0;                    // tokens of its receiver block inside the range
   std::array<uint64_t, 3> offset = {0, 0, 0};  // of its first row, per coordinate
 };
 
@@ -51,8 +51,7 @@ class FragmentSink {
 };
 
 template <int X, int Y>
-void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk,
-              FragmentSink& sink) {
+void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk, FragmentSink& sink) {
   const Axis& a = axes[0];
   if (n == 1 && a.table[X] == nullptr && a.table[Y] == nullptr) {
     for (int64_t i = 0; i < a.extent; ++i) {
@@ -77,11 +76,11 @@ void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk,
 struct Walk {
   uint64_t row_bytes = 0;
   std::array<uint64_t, 3> origin = {0, 0, 0};
-  std::vector<Axis> outer;             // receiver-order dims outside the block
-  std::vector<PoolDim> inner_dims;     // receiver-order dims inside the block
-  std::array<Axis, 5> dim_axis;        // per PoolDim, strides for kSrc/kDst
+  std::vector<Axis> outer;          // receiver-order dims outside the block
+  std::vector<PoolDim> inner_dims;  // receiver-order dims inside the block
+  std::array<Axis, 5> dim_axis;     // per PoolDim, strides for kSrc/kDst
   std::vector<Segment> segments;
-  uint64_t block_row_bytes = 0;        // packed bytes per token of a block
+  uint64_t block_row_bytes = 0;  // packed bytes per token of a block
 };
 
 // How one list walks a segment of a given shape: the axes left after
@@ -200,12 +199,12 @@ class Fingerprint {
   }
   void AddLayout(const PoolLayout& p, const RankPlacement& r) {
     const PoolGeometry& g = p.geometry();
-    for (uint64_t v : {uint64_t{static_cast<uint8_t>(p.kind())}, uint64_t(g.num_layers),
-                       uint64_t(g.kv_factor), uint64_t(g.num_heads), uint64_t(g.tokens_per_block),
-                       uint64_t(g.head_dim), uint64_t(g.elem_bytes), uint64_t(g.num_blocks),
-                       uint64_t(p.per_layer_bases()), uint64_t(r.rank), uint64_t(r.tp_rank),
-                       uint64_t(r.tp_size), uint64_t(r.pp_rank), uint64_t(r.pp_size),
-                       uint64_t(r.first_layer), uint64_t(r.first_head)}) {
+    for (uint64_t v :
+         {uint64_t{static_cast<uint8_t>(p.kind())}, uint64_t(g.num_layers), uint64_t(g.kv_factor),
+          uint64_t(g.num_heads), uint64_t(g.tokens_per_block), uint64_t(g.head_dim),
+          uint64_t(g.elem_bytes), uint64_t(g.num_blocks), uint64_t(p.per_layer_bases()),
+          uint64_t(r.rank), uint64_t(r.tp_rank), uint64_t(r.tp_size), uint64_t(r.pp_rank),
+          uint64_t(r.pp_size), uint64_t(r.first_layer), uint64_t(r.first_head)}) {
       Add(v);
     }
   }
@@ -274,7 +273,8 @@ Status CheckBlockTable(const PlanSide& side, const char* role, TokenRange tokens
 // their own (absolute addresses; the origin then carries no layer part).
 std::vector<uint64_t> LayerTable(const PoolLayout& pool, int first_local, int count) {
   std::vector<uint64_t> table(static_cast<size_t>(count));
-  for (int i = 0; i < count; ++i) table[static_cast<size_t>(i)] = pool.layer_base(first_local + i).value();
+  for (int i = 0; i < count; ++i)
+    table[static_cast<size_t>(i)] = pool.layer_base(first_local + i).value();
   return table;
 }
 
@@ -294,8 +294,7 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
   KVB_RETURN_IF_ERROR(CheckCompatible(*writer.topology, *receiver.topology));
   if (tokens.start < 0 || tokens.end <= tokens.start) {
     return InvalidArgumentError("token range [" + std::to_string(tokens.start) + ", " +
-                                std::to_string(tokens.end) +
-                                ") is invalid: need 0 <= start < end");
+                                std::to_string(tokens.end) + ") is invalid: need 0 <= start < end");
   }
   const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
   const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
@@ -331,10 +330,12 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
   std::vector<uint64_t> src_layers, dst_layers;
   if (sp.per_layer_bases()) src_layers = LayerTable(sp, src_l0, box.num_layers);
   if (rp.per_layer_bases()) dst_layers = LayerTable(rp, dst_l0, box.num_layers);
-  w.origin[kSrc] = (sp.per_layer_bases() ? 0 : sp.layer_base(0).value() + src_l0 * sp.layer_stride()) +
-                   static_cast<uint64_t>(box.first_head - c.first_head) * sp.head_stride();
-  w.origin[kDst] = (rp.per_layer_bases() ? 0 : rp.layer_base(0).value() + dst_l0 * rp.layer_stride()) +
-                   static_cast<uint64_t>(box.first_head - g.first_head) * rp.head_stride();
+  w.origin[kSrc] =
+      (sp.per_layer_bases() ? 0 : sp.layer_base(0).value() + src_l0 * sp.layer_stride()) +
+      static_cast<uint64_t>(box.first_head - c.first_head) * sp.head_stride();
+  w.origin[kDst] =
+      (rp.per_layer_bases() ? 0 : rp.layer_base(0).value() + dst_l0 * rp.layer_stride()) +
+      static_cast<uint64_t>(box.first_head - g.first_head) * rp.head_stride();
   w.origin[kPacked] = 0;
 
   auto axis = [&](PoolDim d, int64_t extent, uint64_t s_src, uint64_t s_dst) {
@@ -344,8 +345,10 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
     w.dim_axis[static_cast<size_t>(d)] = a;
   };
   axis(PoolDim::kLayer, box.num_layers, sp.layer_stride(), rp.layer_stride());
-  if (!src_layers.empty()) w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kSrc] = src_layers.data();
-  if (!dst_layers.empty()) w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kDst] = dst_layers.data();
+  if (!src_layers.empty())
+    w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kSrc] = src_layers.data();
+  if (!dst_layers.empty())
+    w.dim_axis[static_cast<size_t>(PoolDim::kLayer)].table[kDst] = dst_layers.data();
   axis(PoolDim::kKv, box.kv_factor, sp.kv_stride(), rp.kv_stride());
   axis(PoolDim::kHead, box.num_heads, sp.head_stride(), rp.head_stride());
   axis(PoolDim::kToken, 0, sp.token_stride(), rp.token_stride());
@@ -395,9 +398,9 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
                        static_cast<uint64_t>(t % ts) * sp.token_stride();
     }
     if (need_dst) {
-      s.offset[kDst] = static_cast<uint64_t>(receiver.block_table[static_cast<size_t>(rb)]) *
-                           rp.block_stride() +
-                       static_cast<uint64_t>(t % tr) * rp.token_stride();
+      s.offset[kDst] =
+          static_cast<uint64_t>(receiver.block_table[static_cast<size_t>(rb)]) * rp.block_stride() +
+          static_cast<uint64_t>(t % tr) * rp.token_stride();
     }
     s.offset[kPacked] = static_cast<uint64_t>(block_start - tokens.start) * w.block_row_bytes +
                         static_cast<uint64_t>(t - block_start) * token_packed_stride;

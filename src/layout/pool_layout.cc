@@ -27,15 +27,12 @@ Status ValidateGeometry(const PoolGeometry& g) {
   return Status::Ok();
 }
 
-constexpr std::array<PoolDim, 5> kBlockMajorHndOrder = {PoolDim::kBlock, PoolDim::kLayer,
-                                                        PoolDim::kKv, PoolDim::kHead,
-                                                        PoolDim::kToken};
-constexpr std::array<PoolDim, 5> kLayerMajorHndOrder = {PoolDim::kLayer, PoolDim::kKv,
-                                                        PoolDim::kBlock, PoolDim::kHead,
-                                                        PoolDim::kToken};
-constexpr std::array<PoolDim, 5> kLayerMajorNhdOrder = {PoolDim::kLayer, PoolDim::kKv,
-                                                        PoolDim::kBlock, PoolDim::kToken,
-                                                        PoolDim::kHead};
+constexpr std::array<PoolDim, 5> kBlockMajorHndOrder = {
+    PoolDim::kBlock, PoolDim::kLayer, PoolDim::kKv, PoolDim::kHead, PoolDim::kToken};
+constexpr std::array<PoolDim, 5> kLayerMajorHndOrder = {
+    PoolDim::kLayer, PoolDim::kKv, PoolDim::kBlock, PoolDim::kHead, PoolDim::kToken};
+constexpr std::array<PoolDim, 5> kLayerMajorNhdOrder = {
+    PoolDim::kLayer, PoolDim::kKv, PoolDim::kBlock, PoolDim::kToken, PoolDim::kHead};
 
 }  // namespace
 
@@ -93,8 +90,8 @@ Result<PoolLayout> PoolLayout::CreatePerLayer(LayoutKind kind, const PoolGeometr
   }
   if (static_cast<int64_t>(layer_bases.size()) != geometry.num_layers) {
     return InvalidArgumentError("per-layer pool: " + std::to_string(layer_bases.size()) +
-                                " base addresses given for " +
-                                std::to_string(geometry.num_layers) + " layers");
+                                " base addresses given for " + std::to_string(geometry.num_layers) +
+                                " layers");
   }
   KVB_ASSIGN_OR_RETURN(PoolLayout p, Create(kind, geometry, Addr()));
   if (layer_bases.size() > 1) {
@@ -126,9 +123,12 @@ uint64_t PoolLayout::pool_bytes() const {
 
 const std::array<PoolDim, 5>& PoolLayout::order() const {
   switch (kind_) {
-    case LayoutKind::kBlockMajorHnd: return kBlockMajorHndOrder;
-    case LayoutKind::kLayerMajorHnd: return kLayerMajorHndOrder;
-    case LayoutKind::kLayerMajorNhd: return kLayerMajorNhdOrder;
+    case LayoutKind::kBlockMajorHnd:
+      return kBlockMajorHndOrder;
+    case LayoutKind::kLayerMajorHnd:
+      return kLayerMajorHndOrder;
+    case LayoutKind::kLayerMajorNhd:
+      return kLayerMajorNhdOrder;
   }
   return kBlockMajorHndOrder;
 }

@@ -20,16 +20,19 @@ std::string Join(const std::vector<int>& values, char sep) {
 
 std::string_view LayoutKindName(LayoutKind kind) {
   switch (kind) {
-    case LayoutKind::kBlockMajorHnd: return "block-major-hnd";
-    case LayoutKind::kLayerMajorHnd: return "layer-major-hnd";
-    case LayoutKind::kLayerMajorNhd: return "layer-major-nhd";
+    case LayoutKind::kBlockMajorHnd:
+      return "block-major-hnd";
+    case LayoutKind::kLayerMajorHnd:
+      return "layer-major-hnd";
+    case LayoutKind::kLayerMajorNhd:
+      return "layer-major-nhd";
   }
   return "?";
 }
 
 Result<LayoutKind> ParseLayoutKind(std::string_view name) {
-  for (LayoutKind k : {LayoutKind::kBlockMajorHnd, LayoutKind::kLayerMajorHnd,
-                       LayoutKind::kLayerMajorNhd}) {
+  for (LayoutKind k :
+       {LayoutKind::kBlockMajorHnd, LayoutKind::kLayerMajorHnd, LayoutKind::kLayerMajorNhd}) {
     if (name == LayoutKindName(k)) return k;
   }
   return InvalidArgumentError("layout '" + std::string(name) +
@@ -56,8 +59,8 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
                                 " is invalid: must be >= 1");
   }
   if (spec.tokens_per_block < 1) {
-    return InvalidArgumentError(prefix + "tokens_per_block = " +
-                                std::to_string(spec.tokens_per_block) +
+    return InvalidArgumentError(prefix +
+                                "tokens_per_block = " + std::to_string(spec.tokens_per_block) +
                                 " is invalid: must be >= 1");
   }
   const int heads = spec.model.num_kv_heads;
@@ -83,10 +86,10 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
   } else {
     stages = spec.layers_per_stage;
     if (static_cast<int>(stages.size()) != spec.pp) {
-      return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') + " has " +
-                                  std::to_string(stages.size()) +
-                                  " entries: must have one per pipeline stage (pp = " +
-                                  std::to_string(spec.pp) + ")");
+      return InvalidArgumentError(
+          prefix + "layers_per_stage = " + Join(stages, '/') + " has " +
+          std::to_string(stages.size()) +
+          " entries: must have one per pipeline stage (pp = " + std::to_string(spec.pp) + ")");
     }
     long long sum = 0;
     for (int n : stages) {
@@ -97,8 +100,8 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
       sum += n;
     }
     if (sum != layers) {
-      return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') +
-                                  " covers " + std::to_string(sum) +
+      return InvalidArgumentError(prefix + "layers_per_stage = " + Join(stages, '/') + " covers " +
+                                  std::to_string(sum) +
                                   " layers: the stages must cover the model's " +
                                   std::to_string(layers) + " layers exactly");
     }
@@ -136,8 +139,8 @@ RankPlacement Topology::Placement(int rank) const {
 Result<RankPlacement> Topology::CheckedPlacement(int rank) const {
   if (rank < 0 || rank >= num_ranks()) {
     return OutOfRangeError("rank " + std::to_string(rank) + " is not a rank of an instance of " +
-                           std::to_string(num_ranks()) + " ranks (tp " +
-                           std::to_string(spec_.tp) + " x pp " + std::to_string(spec_.pp) + ")");
+                           std::to_string(num_ranks()) + " ranks (tp " + std::to_string(spec_.tp) +
+                           " x pp " + std::to_string(spec_.pp) + ")");
   }
   return Placement(rank);
 }
@@ -151,8 +154,8 @@ Status CheckCompatible(const Topology& ctx, const Topology& gen) {
            std::to_string(m.kv_factor);
   };
   if (!(a == b)) {
-    return InvalidArgumentError("ctx and gen models differ: ctx has " + describe(a) +
-                                ", gen has " + describe(b));
+    return InvalidArgumentError("ctx and gen models differ: ctx has " + describe(a) + ", gen has " +
+                                describe(b));
   }
   if (ctx.elem_bytes() != gen.elem_bytes()) {
     return InvalidArgumentError(

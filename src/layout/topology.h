@@ -20,8 +20,8 @@
 #include <utility>
 #include <vector>
 
-#include "kvbounce/status.h"
 #include "kvbounce/model.h"
+#include "kvbounce/status.h"
 
 namespace kvbounce {
 
@@ -67,7 +67,8 @@ class Topology {
 
  private:
   Topology(InstanceSpec spec, std::vector<int> stages, std::vector<int> first_layers)
-      : spec_(std::move(spec)), layers_per_stage_(std::move(stages)),
+      : spec_(std::move(spec)),
+        layers_per_stage_(std::move(stages)),
         first_layer_(std::move(first_layers)) {}
 
   InstanceSpec spec_;

@@ -9,9 +9,12 @@ namespace kvbounce {
 
 std::string_view MemoryKindName(MemoryKind kind) {
   switch (kind) {
-    case MemoryKind::kHost: return "host";
-    case MemoryKind::kPinnedHost: return "pinned-host";
-    case MemoryKind::kCuda: return "cuda";
+    case MemoryKind::kHost:
+      return "host";
+    case MemoryKind::kPinnedHost:
+      return "pinned-host";
+    case MemoryKind::kCuda:
+      return "cuda";
   }
   return "unknown";
 }
@@ -45,8 +48,6 @@ Result<std::unique_ptr<Allocation>> HostAllocation::Create(size_t bytes, size_t 
   return std::unique_ptr<Allocation>(new HostAllocation(data, bytes, alignment));
 }
 
-HostAllocation::~HostAllocation() {
-  ::operator delete(data_, std::align_val_t(alignment_));
-}
+HostAllocation::~HostAllocation() { ::operator delete(data_, std::align_val_t(alignment_)); }
 
 }  // namespace kvbounce

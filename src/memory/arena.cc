@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cassert>
 #include <condition_variable>
-#include <limits>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -312,8 +312,7 @@ class ArenaCore : public std::enable_shared_from_this<ArenaCore> {
       }
       if (!first && offset <= prev_hole_end) {
         return InternalError(p + "hole at " + std::to_string(offset) +
-                             (offset == prev_hole_end ? " is not coalesced with"
-                                                      : " overlaps") +
+                             (offset == prev_hole_end ? " is not coalesced with" : " overlaps") +
                              " the previous hole");
       }
       first = false;
@@ -457,8 +456,8 @@ class ArenaCore : public std::enable_shared_from_this<ArenaCore> {
   std::unique_ptr<Allocation> allocation_ KVB_GUARDED_BY(mu_);
   std::unique_ptr<Registration> registration_ KVB_GUARDED_BY(mu_);
   std::string registration_description_ KVB_GUARDED_BY(mu_);
-  std::map<uint64_t, uint64_t> holes_ KVB_GUARDED_BY(mu_);          // offset -> bytes
-  std::map<uint64_t, HeldRange> allocated_ KVB_GUARDED_BY(mu_);     // offset -> range
+  std::map<uint64_t, uint64_t> holes_ KVB_GUARDED_BY(mu_);                        // offset -> bytes
+  std::map<uint64_t, HeldRange> allocated_ KVB_GUARDED_BY(mu_);                   // offset -> range
   std::unordered_map<QuarantineToken, uint64_t> quarantine_ KVB_GUARDED_BY(mu_);  // -> offset
   uint64_t outstanding_ KVB_GUARDED_BY(mu_) = 0;
   uint64_t quarantined_ KVB_GUARDED_BY(mu_) = 0;
@@ -547,16 +546,14 @@ Result<std::unique_ptr<Arena>> Arena::Create(Options options,
   if (allocation == nullptr) {
     return InvalidArgumentError(prefix + "allocation is null");
   }
-  if (!memory_internal::IsPowerOfTwo(options.alignment) ||
-      options.alignment < kMinAlignment) {
+  if (!memory_internal::IsPowerOfTwo(options.alignment) || options.alignment < kMinAlignment) {
     return InvalidArgumentError(prefix + "alignment " + std::to_string(options.alignment) +
                                 " must be a power of two >= " + std::to_string(kMinAlignment));
   }
   if (allocation->address().value() % options.alignment != 0) {
-    return InvalidArgumentError(prefix + "allocation address " +
-                                std::to_string(allocation->address().value()) +
-                                " is not a multiple of the alignment " +
-                                std::to_string(options.alignment));
+    return InvalidArgumentError(
+        prefix + "allocation address " + std::to_string(allocation->address().value()) +
+        " is not a multiple of the alignment " + std::to_string(options.alignment));
   }
   const uint64_t capacity = allocation->size() / options.alignment * options.alignment;
   if (capacity == 0) {
@@ -600,8 +597,7 @@ Result<Slot> Arena::Reserve(uint64_t bytes, std::chrono::nanoseconds timeout) {
   return core_->Reserve(bytes, {}, timeout);
 }
 
-Result<Slot> Arena::Reserve(std::span<const uint64_t> sub_sizes,
-                            std::chrono::nanoseconds timeout) {
+Result<Slot> Arena::Reserve(std::span<const uint64_t> sub_sizes, std::chrono::nanoseconds timeout) {
   if (sub_sizes.empty()) {
     return InvalidArgumentError(core_->Prefix() + "fan-in reservation with no sub-slots");
   }
@@ -632,11 +628,10 @@ Result<Slot> Arena::Reserve(std::span<const uint64_t> sub_sizes,
     cursor += AlignUp(size, alignment);  // <= capacity: capacity is aligned
   }
   if (!fits) {
-    return OutOfRangeError(core_->Prefix() + "fan-in request of " +
-                           std::to_string(sub_sizes.size()) + " sub-slots (" +
-                           std::to_string(requested) +
-                           " bytes before alignment) can never fit in the capacity of " +
-                           std::to_string(capacity) + " bytes");
+    return OutOfRangeError(
+        core_->Prefix() + "fan-in request of " + std::to_string(sub_sizes.size()) + " sub-slots (" +
+        std::to_string(requested) + " bytes before alignment) can never fit in the capacity of " +
+        std::to_string(capacity) + " bytes");
   }
   return core_->Reserve(extent, std::move(subs), timeout);
 }
@@ -663,9 +658,7 @@ Result<QuarantineToken> Arena::Quarantine(Slot&& slot) {
   return token;
 }
 
-Status Arena::ReleaseQuarantined(QuarantineToken token) {
-  return core_->ReleaseQuarantined(token);
-}
+Status Arena::ReleaseQuarantined(QuarantineToken token) { return core_->ReleaseQuarantined(token); }
 
 uint64_t Arena::Close() { return core_->Close(); }
 

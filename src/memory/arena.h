@@ -60,10 +60,10 @@
 #include <string_view>
 #include <vector>
 
+#include "kvbounce/registration.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
-#include "kvbounce/registration.h"
 
 namespace kvbounce {
 

@@ -113,8 +113,8 @@ Result<std::vector<std::byte>> EncodeMessage(const M& message) {
   // Validate bounds every list and string, and the limits of wire.h are
   // chosen so the largest valid message fits; this guards that reasoning.
   if (payload > MaxPayloadBytes(type)) {
-    return InternalError(std::string(MessageTypeName(type)) + ": encoded payload of " +
-                         N(payload) + " bytes exceeds limit " + N(MaxPayloadBytes(type)));
+    return InternalError(std::string(MessageTypeName(type)) + ": encoded payload of " + N(payload) +
+                         " bytes exceeds limit " + N(MaxPayloadBytes(type)));
   }
   w.PatchU32(kLengthOffset, static_cast<uint32_t>(payload));
   return Result<std::vector<std::byte>>(std::move(out));
@@ -229,8 +229,7 @@ Result<std::span<const std::byte>> OpenFrame(std::span<const std::byte> frame,
   }
   if (frame.size() > header.frame_length()) {
     return DataLossError(name + " frame: " + N(frame.size() - header.frame_length()) +
-                         " trailing bytes after the " + N(header.payload_length) +
-                         "-byte payload");
+                         " trailing bytes after the " + N(header.payload_length) + "-byte payload");
   }
   return frame.subspan(kHeaderSize);
 }

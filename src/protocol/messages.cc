@@ -47,8 +47,7 @@ Status ValidatePlacement(const Hello& hello) {
   const RankPlacement& p = hello.placement;
   if (p.tp_size == 0) return Invalid(kMsg, "placement.tp_size", "0, must be at least 1");
   if (p.tp_rank >= p.tp_size) {
-    return Invalid(kMsg, "placement.tp_rank",
-                   N(p.tp_rank) + " not below tp_size " + N(p.tp_size));
+    return Invalid(kMsg, "placement.tp_rank", N(p.tp_rank) + " not below tp_size " + N(p.tp_size));
   }
   if (p.pp_size == 0) return Invalid(kMsg, "placement.pp_size", "0, must be at least 1");
   if (p.pp_size > kMaxPipelineStages) {
@@ -56,11 +55,10 @@ Status ValidatePlacement(const Hello& hello) {
                    N(p.pp_size) + " exceeds limit " + N(kMaxPipelineStages));
   }
   if (p.pp_rank >= p.pp_size) {
-    return Invalid(kMsg, "placement.pp_rank",
-                   N(p.pp_rank) + " not below pp_size " + N(p.pp_size));
+    return Invalid(kMsg, "placement.pp_rank", N(p.pp_rank) + " not below pp_size " + N(p.pp_size));
   }
-  KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "placement.layers_per_stage",
-                                   p.layers_per_stage.size(), kMaxPipelineStages));
+  KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "placement.layers_per_stage", p.layers_per_stage.size(),
+                                   kMaxPipelineStages));
   if (p.layers_per_stage.size() != p.pp_size) {
     return Invalid(kMsg, "placement.layers_per_stage",
                    N(p.layers_per_stage.size()) + " entries, pp_size is " + N(p.pp_size));
@@ -72,9 +70,9 @@ Status ValidatePlacement(const Hello& hello) {
   uint64_t sum = 0;  // at most kMaxPipelineStages * UINT32_MAX: no overflow
   for (uint32_t layers : p.layers_per_stage) sum += layers;
   if (sum != hello.model.num_layers) {
-    return Invalid(kMsg, "placement.layers_per_stage",
-                   "entries sum to " + N(sum) + ", model.num_layers is " +
-                       N(hello.model.num_layers));
+    return Invalid(
+        kMsg, "placement.layers_per_stage",
+        "entries sum to " + N(sum) + ", model.num_layers is " + N(hello.model.num_layers));
   }
   return Status::Ok();
 }
@@ -83,63 +81,84 @@ Status ValidatePlacement(const Hello& hello) {
 
 std::string_view RoleName(Role role) {
   switch (role) {
-    case Role::kCtx: return "CTX";
-    case Role::kGen: return "GEN";
+    case Role::kCtx:
+      return "CTX";
+    case Role::kGen:
+      return "GEN";
   }
   return "UNKNOWN";
 }
 
 std::string_view LayoutKindName(LayoutKind kind) {
   switch (kind) {
-    case LayoutKind::kBlockMajorHnd: return "BLOCK_MAJOR_HND";
-    case LayoutKind::kLayerMajorHnd: return "LAYER_MAJOR_HND";
-    case LayoutKind::kLayerMajorNhd: return "LAYER_MAJOR_NHD";
+    case LayoutKind::kBlockMajorHnd:
+      return "BLOCK_MAJOR_HND";
+    case LayoutKind::kLayerMajorHnd:
+      return "LAYER_MAJOR_HND";
+    case LayoutKind::kLayerMajorNhd:
+      return "LAYER_MAJOR_NHD";
   }
   return "UNKNOWN";
 }
 
 std::string_view RegionKindName(RegionKind kind) {
   switch (kind) {
-    case RegionKind::kPool: return "POOL";
-    case RegionKind::kSendArena: return "SEND_ARENA";
-    case RegionKind::kRecvArena: return "RECV_ARENA";
+    case RegionKind::kPool:
+      return "POOL";
+    case RegionKind::kSendArena:
+      return "SEND_ARENA";
+    case RegionKind::kRecvArena:
+      return "RECV_ARENA";
   }
   return "UNKNOWN";
 }
 
 std::string_view MemoryKindName(MemoryKind kind) {
   switch (kind) {
-    case MemoryKind::kHost: return "HOST";
-    case MemoryKind::kPinnedHost: return "PINNED_HOST";
-    case MemoryKind::kCuda: return "CUDA";
+    case MemoryKind::kHost:
+      return "HOST";
+    case MemoryKind::kPinnedHost:
+      return "PINNED_HOST";
+    case MemoryKind::kCuda:
+      return "CUDA";
   }
   return "UNKNOWN";
 }
 
 std::string_view TransferPathName(TransferPath path) {
   switch (path) {
-    case TransferPath::kPerBlock: return "PER_BLOCK";
-    case TransferPath::kBounce: return "BOUNCE";
-    case TransferPath::kDirect: return "DIRECT";
-    case TransferPath::kAuto: return "AUTO";
+    case TransferPath::kPerBlock:
+      return "PER_BLOCK";
+    case TransferPath::kBounce:
+      return "BOUNCE";
+    case TransferPath::kDirect:
+      return "DIRECT";
+    case TransferPath::kAuto:
+      return "AUTO";
   }
   return "UNKNOWN";
 }
 
 std::string_view ResultStatusName(ResultStatus status) {
   switch (status) {
-    case ResultStatus::kSuccess: return "SUCCESS";
-    case ResultStatus::kFailed: return "FAILED";
-    case ResultStatus::kCancelled: return "CANCELLED";
+    case ResultStatus::kSuccess:
+      return "SUCCESS";
+    case ResultStatus::kFailed:
+      return "FAILED";
+    case ResultStatus::kCancelled:
+      return "CANCELLED";
   }
   return "UNKNOWN";
 }
 
 std::string_view ByeReasonName(ByeReason reason) {
   switch (reason) {
-    case ByeReason::kShutdown: return "SHUTDOWN";
-    case ByeReason::kProtocolError: return "PROTOCOL_ERROR";
-    case ByeReason::kIncompatible: return "INCOMPATIBLE";
+    case ByeReason::kShutdown:
+      return "SHUTDOWN";
+    case ByeReason::kProtocolError:
+      return "PROTOCOL_ERROR";
+    case ByeReason::kIncompatible:
+      return "INCOMPATIBLE";
   }
   return "UNKNOWN";
 }
@@ -168,8 +187,8 @@ Status Validate(const Hello& hello) {
   const uint32_t local_layers = hello.placement.layers_per_stage[hello.placement.pp_rank];
   if (!layout.layer_bases.empty() && layout.layer_bases.size() != local_layers) {
     return Invalid(kMsg, "layout.layer_bases",
-                   N(layout.layer_bases.size()) + " entries, must be 0 or the " +
-                       N(local_layers) + " layers of stage " + N(hello.placement.pp_rank));
+                   N(layout.layer_bases.size()) + " entries, must be 0 or the " + N(local_layers) +
+                       " layers of stage " + N(hello.placement.pp_rank));
   }
 
   KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "regions", hello.regions.size(), kMaxRegions));
@@ -178,11 +197,11 @@ Status Validate(const Hello& hello) {
     const std::string prefix = "regions[" + N(i) + "].";
     KVB_RETURN_IF_ERROR(
         CheckEnum(kMsg, prefix + "kind", static_cast<uint8_t>(region.kind), kMaxRegionKind));
-    KVB_RETURN_IF_ERROR(CheckEnum(kMsg, prefix + "memory", static_cast<uint8_t>(region.memory),
-                                  kMaxMemoryKind));
+    KVB_RETURN_IF_ERROR(
+        CheckEnum(kMsg, prefix + "memory", static_cast<uint8_t>(region.memory), kMaxMemoryKind));
     KVB_RETURN_IF_ERROR(CheckRange(kMsg, prefix + "size", region.addr, region.size));
-    KVB_RETURN_IF_ERROR(CheckLength(kMsg, prefix + "remote_key", region.remote_key.size(),
-                                    kMaxRemoteKeyBytes));
+    KVB_RETURN_IF_ERROR(
+        CheckLength(kMsg, prefix + "remote_key", region.remote_key.size(), kMaxRemoteKeyBytes));
   }
   return Status::Ok();
 }

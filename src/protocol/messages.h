@@ -108,8 +108,8 @@ std::string_view ByeReasonName(ByeReason reason);
 
 // HELLO.capabilities bits. Bits not listed here are carried unchanged (a
 // newer peer may set them) and ignored by this version.
-inline constexpr uint64_t kCapabilityBounce = uint64_t{1} << 0;   // has arenas
-inline constexpr uint64_t kCapabilityDirect = uint64_t{1} << 1;   // can map peer memory
+inline constexpr uint64_t kCapabilityBounce = uint64_t{1} << 0;        // has arenas
+inline constexpr uint64_t kCapabilityDirect = uint64_t{1} << 1;        // can map peer memory
 inline constexpr uint64_t kCapabilityHostMemory = uint64_t{1} << 2;    // reaches host memory
 inline constexpr uint64_t kCapabilityDeviceMemory = uint64_t{1} << 3;  // reaches device memory
 
@@ -138,8 +138,8 @@ struct ModelShape {
   uint32_t num_layers = 0;    // <= kMaxLayers
   uint32_t num_kv_heads = 0;  // global kv heads H
   uint32_t head_dim = 0;
-  uint32_t kv_factor = 0;     // 2 = K and V, 1 = MLA latent
-  uint32_t elem_bytes = 0;    // bytes per element (bf16 = 2)
+  uint32_t kv_factor = 0;   // 2 = K and V, 1 = MLA latent
+  uint32_t elem_bytes = 0;  // bytes per element (bf16 = 2)
 
   friend bool operator==(const ModelShape&, const ModelShape&) = default;
 };

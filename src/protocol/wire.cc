@@ -6,11 +6,16 @@ namespace kvbounce::protocol {
 
 std::string_view MessageTypeName(MessageType type) {
   switch (type) {
-    case MessageType::kHello: return "HELLO";
-    case MessageType::kKvRequest: return "KV_REQUEST";
-    case MessageType::kKvResult: return "KV_RESULT";
-    case MessageType::kCancel: return "CANCEL";
-    case MessageType::kBye: return "BYE";
+    case MessageType::kHello:
+      return "HELLO";
+    case MessageType::kKvRequest:
+      return "KV_REQUEST";
+    case MessageType::kKvResult:
+      return "KV_RESULT";
+    case MessageType::kCancel:
+      return "CANCEL";
+    case MessageType::kBye:
+      return "BYE";
   }
   return "UNKNOWN";
 }
@@ -96,8 +101,8 @@ Status WireReader::Error(std::string_view field, std::string_view what) const {
 Status WireReader::Need(std::string_view field, size_t need) const {
   if (need <= remaining()) return Status::Ok();
   return Error(field, "truncated at offset " + std::to_string(offset()) + " (need " +
-                          std::to_string(need) + " bytes, have " +
-                          std::to_string(remaining()) + ")");
+                          std::to_string(need) + " bytes, have " + std::to_string(remaining()) +
+                          ")");
 }
 
 Status WireReader::ReadU8(std::string_view field, uint8_t* out) {
@@ -142,15 +147,15 @@ Status WireReader::CheckCount(std::string_view field, std::string_view noun, uin
   // count <= UINT32_MAX and element_bytes is small, so this cannot overflow.
   const uint64_t need = count * element_bytes;
   if (need > remaining()) {
-    return Error(field, what + " needs " + std::to_string(need) +
-                            " bytes, have " + std::to_string(remaining()) + " (offset " +
+    return Error(field, what + " needs " + std::to_string(need) + " bytes, have " +
+                            std::to_string(remaining()) + " (offset " +
                             std::to_string(count_offset) + ")");
   }
   return Status::Ok();
 }
 
-Status WireReader::ReadCount(std::string_view field, uint32_t max_count,
-                             size_t min_element_bytes, uint32_t* out) {
+Status WireReader::ReadCount(std::string_view field, uint32_t max_count, size_t min_element_bytes,
+                             uint32_t* out) {
   return ReadPrefix(field, "count", max_count, min_element_bytes, out);
 }
 
@@ -211,8 +216,8 @@ Status WireReader::ReadU64Array(std::string_view field, uint32_t max_count,
 Status WireReader::ExpectEnd() const {
   if (remaining() == 0) return Status::Ok();
   return DataLossError(std::string(context_) + ": " + std::to_string(remaining()) +
-                       " trailing bytes after the last field (offset " +
-                       std::to_string(offset()) + ")");
+                       " trailing bytes after the last field (offset " + std::to_string(offset()) +
+                       ")");
 }
 
 }  // namespace kvbounce::protocol

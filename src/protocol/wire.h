@@ -116,13 +116,13 @@ inline constexpr size_t kLengthPrefixBytes = 4;
 // payload each can have within the limits above. docs/wire_format.md gives
 // the field-by-field derivation.
 inline constexpr size_t kHelloFixedBytes =
-    2 + 1 + 1 +     // protocol_version, role, layout kind
-    4 * 4 +         // tp_rank, tp_size, pp_rank, pp_size
-    4 * 5 +         // model shape
-    4 * 2 +         // tokens_per_block, num_blocks
-    8 * 6 +         // layout base, s_layer, s_kv, s_block, s_head, s_token
-    8 +             // capabilities
-    4 * 4;          // prefixes of instance_id, layers_per_stage, layer_bases, regions
+    2 + 1 + 1 +  // protocol_version, role, layout kind
+    4 * 4 +      // tp_rank, tp_size, pp_rank, pp_size
+    4 * 5 +      // model shape
+    4 * 2 +      // tokens_per_block, num_blocks
+    8 * 6 +      // layout base, s_layer, s_kv, s_block, s_head, s_token
+    8 +          // capabilities
+    4 * 4;       // prefixes of instance_id, layers_per_stage, layer_bases, regions
 inline constexpr size_t kRegionFixedBytes = 1 + 1 + 8 + 8 + 4;
 inline constexpr size_t kKvRequestFixedBytes = 8 * 7 + 4 * 3 + 1 + 4;
 inline constexpr size_t kKvResultFixedBytes = 8 * 3 + 4 * 2 + 1 + 4;
@@ -131,12 +131,10 @@ inline constexpr size_t kByeFixedBytes = 1 + 4;
 
 inline constexpr size_t kMaxHelloPayloadBytes =
     kHelloFixedBytes + kMaxInstanceIdBytes + 4 * size_t{kMaxPipelineStages} +
-    8 * size_t{kMaxLayers} +
-    size_t{kMaxRegions} * (kRegionFixedBytes + kMaxRemoteKeyBytes);
+    8 * size_t{kMaxLayers} + size_t{kMaxRegions} * (kRegionFixedBytes + kMaxRemoteKeyBytes);
 inline constexpr size_t kMaxKvRequestPayloadBytes =
     kKvRequestFixedBytes + 4 * size_t{kMaxBlockTableEntries};
-inline constexpr size_t kMaxKvResultPayloadBytes =
-    kKvResultFixedBytes + kMaxErrorTextBytes;
+inline constexpr size_t kMaxKvResultPayloadBytes = kKvResultFixedBytes + kMaxErrorTextBytes;
 inline constexpr size_t kMaxCancelPayloadBytes = kCancelFixedBytes + kMaxReasonBytes;
 inline constexpr size_t kMaxByePayloadBytes = kByeFixedBytes + kMaxReasonBytes;
 
@@ -151,11 +149,16 @@ static_assert(kMaxByePayloadBytes <= kMaxPayloadBytes);
 // any payload byte is awaited.
 constexpr size_t MaxPayloadBytes(MessageType type) {
   switch (type) {
-    case MessageType::kHello: return kMaxHelloPayloadBytes;
-    case MessageType::kKvRequest: return kMaxKvRequestPayloadBytes;
-    case MessageType::kKvResult: return kMaxKvResultPayloadBytes;
-    case MessageType::kCancel: return kMaxCancelPayloadBytes;
-    case MessageType::kBye: return kMaxByePayloadBytes;
+    case MessageType::kHello:
+      return kMaxHelloPayloadBytes;
+    case MessageType::kKvRequest:
+      return kMaxKvRequestPayloadBytes;
+    case MessageType::kKvResult:
+      return kMaxKvResultPayloadBytes;
+    case MessageType::kCancel:
+      return kMaxCancelPayloadBytes;
+    case MessageType::kBye:
+      return kMaxByePayloadBytes;
   }
   return 0;
 }
@@ -176,8 +179,7 @@ inline void StoreLe64(std::byte* p, uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
 }
 inline uint16_t LoadLe16(const std::byte* p) {
-  return static_cast<uint16_t>(static_cast<uint16_t>(p[0]) |
-                               (static_cast<uint16_t>(p[1]) << 8));
+  return static_cast<uint16_t>(static_cast<uint16_t>(p[0]) | (static_cast<uint16_t>(p[1]) << 8));
 }
 inline uint32_t LoadLe32(const std::byte* p) {
   uint32_t v = 0;
@@ -248,8 +250,7 @@ class WireReader {
  public:
   // `data` and `context` must outlive the reader. `context` names the message
   // (e.g. "KV_REQUEST").
-  WireReader(std::span<const std::byte> data, std::string_view context,
-             size_t base_offset = 0)
+  WireReader(std::span<const std::byte> data, std::string_view context, size_t base_offset = 0)
       : data_(data), context_(context), base_offset_(base_offset) {}
 
   Status ReadU8(std::string_view field, uint8_t* out);
@@ -260,21 +261,18 @@ class WireReader {
 
   // A u32 byte count (at most `max_bytes`), then that many bytes.
   Status ReadString(std::string_view field, uint32_t max_bytes, std::string* out);
-  Status ReadBytes(std::string_view field, uint32_t max_bytes,
-                   std::vector<std::byte>* out);
+  Status ReadBytes(std::string_view field, uint32_t max_bytes, std::vector<std::byte>* out);
 
   // A u32 element count (at most `max_count`), then that many u32 / u64.
-  Status ReadU32Array(std::string_view field, uint32_t max_count,
-                      std::vector<uint32_t>* out);
-  Status ReadU64Array(std::string_view field, uint32_t max_count,
-                      std::vector<uint64_t>* out);
+  Status ReadU32Array(std::string_view field, uint32_t max_count, std::vector<uint32_t>* out);
+  Status ReadU64Array(std::string_view field, uint32_t max_count, std::vector<uint64_t>* out);
 
   // A u32 element count for an array whose elements take at least
   // `min_element_bytes` each: checks the count against `max_count` and
   // count * min_element_bytes against the bytes remaining. The caller then
   // reads the elements (each read is bounds-checked again).
-  Status ReadCount(std::string_view field, uint32_t max_count,
-                   size_t min_element_bytes, uint32_t* out);
+  Status ReadCount(std::string_view field, uint32_t max_count, size_t min_element_bytes,
+                   uint32_t* out);
 
   // OK when every byte was consumed; kDataLoss naming the trailing byte count
   // and offset otherwise.
@@ -309,8 +307,8 @@ class WireReader {
   // Checks a count ("count") or byte length ("length") read from the wire
   // against the limit and then the remaining bytes; `count_offset` is where
   // the prefix itself was.
-  Status CheckCount(std::string_view field, std::string_view noun, uint64_t count,
-                    uint64_t limit, size_t element_bytes, size_t count_offset) const;
+  Status CheckCount(std::string_view field, std::string_view noun, uint64_t count, uint64_t limit,
+                    size_t element_bytes, size_t count_offset) const;
 
   std::span<const std::byte> data_;
   std::string_view context_;

@@ -8,15 +8,15 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "copy/cpu/cpu_copy_engine.h"
 #include "kvbounce/logging.h"
+#include "kvbounce/transport.h"
 #include "layout/planner.h"
 #include "memory/allocation.h"
 #include "memory/arena.h"
@@ -26,7 +26,6 @@
 #include "session/receiver.h"
 #include "session/sender.h"
 #include "session/session_context.h"
-#include "kvbounce/transport.h"
 
 namespace kvbounce {
 
@@ -40,9 +39,12 @@ MemoryKind FromWire(protocol::MemoryKind kind) { return static_cast<MemoryKind>(
 DType DTypeOfSize(uint32_t bytes, DType same_size) {
   if (DTypeBytes(same_size) == bytes) return same_size;
   switch (bytes) {
-    case 1: return DType::kFp8;
-    case 4: return DType::kFp32;
-    default: return DType::kBf16;
+    case 1:
+      return DType::kFp8;
+    case 4:
+      return DType::kFp32;
+    default:
+      return DType::kBf16;
   }
 }
 
@@ -156,17 +158,19 @@ Status AgentImpl::Init(AgentOptions options) {
   const PoolSpec& pool = options.pool;
   if (pool.bases.empty()) return InvalidArgumentError("AgentOptions.pool.bases is empty");
   if (pool.num_blocks > std::numeric_limits<uint32_t>::max()) {
-    return InvalidArgumentError("AgentOptions.pool.num_blocks = " + std::to_string(pool.num_blocks) +
-                                " exceeds the protocol's 2^32 - 1 blocks");
+    return InvalidArgumentError(
+        "AgentOptions.pool.num_blocks = " + std::to_string(pool.num_blocks) +
+        " exceeds the protocol's 2^32 - 1 blocks");
   }
   KVB_ASSIGN_OR_RETURN(PoolLayout layout,
                        PoolLayout::ForRank(topology, options.rank, pool.num_blocks, pool.bases[0]));
   if (pool.bases.size() > 1) {
-    KVB_ASSIGN_OR_RETURN(layout, PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(),
-                                                            pool.bases));
+    KVB_ASSIGN_OR_RETURN(layout,
+                         PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), pool.bases));
   }
   if (pool.memory == MemoryKind::kCuda) {
-    return UnimplementedError("AgentOptions.pool.memory = cuda: this build has no CUDA copy engine");
+    return UnimplementedError(
+        "AgentOptions.pool.memory = cuda: this build has no CUDA copy engine");
   }
   transport_ = std::move(options.transport);
   const TransportCaps caps = transport_->Caps();
@@ -246,16 +250,18 @@ Status AgentImpl::Init(AgentOptions options) {
   receiver_ = std::make_unique<ReceiverSession>(ctx_, [this, gate](uint64_t id, uint32_t slice) {
     if (auto g = gate.lock()) {
       g->Post([this, id, slice] {
-        receiver_->Cancel(id, slice, CancelledError("request " + std::to_string(id) +
-                                                    " cancelled by the application"));
+        receiver_->Cancel(
+            id, slice,
+            CancelledError("request " + std::to_string(id) + " cancelled by the application"));
       });
     }
   });
   sender_ = std::make_unique<SenderSession>(ctx_, [this, gate](uint64_t id) {
     if (auto g = gate.lock()) {
       g->Post([this, id] {
-        sender_->Retire(id, CancelledError("publication of request " + std::to_string(id) +
-                                           " cancelled by the application"))
+        sender_
+            ->Retire(id, CancelledError("publication of request " + std::to_string(id) +
+                                        " cancelled by the application"))
             .IgnoreError();
       });
     }
@@ -280,7 +286,8 @@ protocol::Hello AgentImpl::BuildHello() const {
   h.placement.tp_size = static_cast<uint32_t>(p.tp_size);
   h.placement.pp_rank = static_cast<uint32_t>(p.pp_rank);
   h.placement.pp_size = static_cast<uint32_t>(p.pp_size);
-  for (int n : ctx_.topology->layers_per_stage()) h.placement.layers_per_stage.push_back(static_cast<uint32_t>(n));
+  for (int n : ctx_.topology->layers_per_stage())
+    h.placement.layers_per_stage.push_back(static_cast<uint32_t>(n));
   const ModelShape& m = ctx_.topology->spec().model;
   h.model = {static_cast<uint32_t>(m.num_layers), static_cast<uint32_t>(m.num_kv_heads),
              static_cast<uint32_t>(m.head_dim), static_cast<uint32_t>(m.kv_factor),
@@ -296,7 +303,8 @@ protocol::Hello AgentImpl::BuildHello() const {
   h.layout.s_head = pool.head_stride();
   h.layout.s_token = pool.token_stride();
   if (pool.per_layer_bases()) {
-    for (int l = 0; l < pool.geometry().num_layers; ++l) h.layout.layer_bases.push_back(pool.layer_base(l).value());
+    for (int l = 0; l < pool.geometry().num_layers; ++l)
+      h.layout.layer_bases.push_back(pool.layer_base(l).value());
   }
   auto region = [&](protocol::RegionKind kind, const LocalRegion& r) {
     const RegionInfo& info = r.info();
@@ -341,12 +349,14 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   spec.dtype = DTypeOfSize(h.model.elem_bytes, mine.dtype);
   spec.tp = static_cast<int>(h.placement.tp_size);
   spec.pp = static_cast<int>(h.placement.pp_size);
-  for (uint32_t n : h.placement.layers_per_stage) spec.layers_per_stage.push_back(static_cast<int>(n));
+  for (uint32_t n : h.placement.layers_per_stage)
+    spec.layers_per_stage.push_back(static_cast<int>(n));
   spec.layout = static_cast<LayoutKind>(h.layout.kind);
   spec.tokens_per_block = static_cast<int>(h.layout.tokens_per_block);
   Result<Topology> topology = Topology::Create(spec, "peer instance '" + h.instance_id + "'");
   if (!topology.ok()) return topology.status();
-  const int rank = static_cast<int>(h.placement.pp_rank * h.placement.tp_size + h.placement.tp_rank);
+  const int rank =
+      static_cast<int>(h.placement.pp_rank * h.placement.tp_size + h.placement.tp_rank);
 
   std::shared_ptr<const Topology> shared;
   auto known = ctx_.instances.find(h.instance_id);
@@ -370,7 +380,8 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
                               " is already connected");
   }
 
-  Result<PoolLayout> pool = PoolLayout::ForRank(*shared, rank, h.layout.num_blocks, Addr(h.layout.base));
+  Result<PoolLayout> pool =
+      PoolLayout::ForRank(*shared, rank, h.layout.num_blocks, Addr(h.layout.base));
   if (!pool.ok()) return pool.status().WithContext("peer pool");
   if (!h.layout.layer_bases.empty()) {
     std::vector<Addr> bases;
@@ -394,7 +405,8 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
     if (d.kind == protocol::RegionKind::kSendArena) continue;
     RegionInfo info{Addr(d.addr), d.size, FromWire(d.memory), d.remote_key};
     Result<std::unique_ptr<RemoteRegion>> imported = transport_->Import(peer.id, info);
-    if (!imported.ok()) return imported.status().WithContext("importing a region of peer '" + h.instance_id + "'");
+    if (!imported.ok())
+      return imported.status().WithContext("importing a region of peer '" + h.instance_id + "'");
     if (d.kind == protocol::RegionKind::kPool) {
       pool_regions.push_back(std::move(imported).value());
     } else {
@@ -475,8 +487,8 @@ void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
   if (!message.ok()) {
     PeerState& peer = ctx_.peers[id];
     peer.id = id;
-    Log(LogLevel::kWarning, "malformed frame from " + peer.Describe() + ": " +
-                                message.status().ToString());
+    Log(LogLevel::kWarning,
+        "malformed frame from " + peer.Describe() + ": " + message.status().ToString());
     if (!peer.dead) Refuse(peer, protocol::ByeReason::kProtocolError, message.status());
     return;
   }
@@ -557,7 +569,8 @@ Status AgentImpl::Connect(std::span<const std::string> addresses) {
   const auto deadline = std::chrono::steady_clock::now() + connect_timeout_;
   for (const auto& [id, address] : pending) {
     const PeerId peer_id = id;
-    if (!connect_cv_.wait_until(lock, deadline, [&] { return connect_results_.count(peer_id) != 0; })) {
+    if (!connect_cv_.wait_until(lock, deadline,
+                                [&] { return connect_results_.count(peer_id) != 0; })) {
       return DeadlineExceededError("Connect to '" + address + "': no HELLO within " +
                                    std::to_string(connect_timeout_.count()) + " ms");
     }
@@ -571,9 +584,8 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
                                                      std::span<const int32_t> block_table,
                                                      int64_t num_tokens, PublishOptions options) {
   std::vector<int32_t> table(block_table.begin(), block_table.end());
-  return OnLoop<std::shared_ptr<Transfer>>([&]() {
-    return sender_->Publish(request_id, std::move(table), num_tokens, options);
-  });
+  return OnLoop<std::shared_ptr<Transfer>>(
+      [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });
 }
 
 Status AgentImpl::Retire(uint64_t request_id) {
@@ -589,9 +601,8 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Pull(uint64_t request_id,
                                                   TokenRange tokens, PullOptions options) {
   std::vector<int32_t> table(block_table.begin(), block_table.end());
   std::string instance(ctx_instance);
-  return OnLoop<std::shared_ptr<Transfer>>([&]() {
-    return receiver_->Pull(request_id, instance, std::move(table), tokens, options);
-  });
+  return OnLoop<std::shared_ptr<Transfer>>(
+      [&]() { return receiver_->Pull(request_id, instance, std::move(table), tokens, options); });
 }
 
 Result<int> AgentImpl::ReceiverCount(std::string_view gen_instance) const {
@@ -646,8 +657,8 @@ void AgentImpl::Shutdown() {
   }
   shut_down_ = true;
   ctx_.shutting_down.store(true);
-  const Status why = AbortedError(ctx_.instance_id + " rank " + std::to_string(ctx_.rank) +
-                                  " is shutting down");
+  const Status why =
+      AbortedError(ctx_.instance_id + " rank " + std::to_string(ctx_.rank) + " is shutting down");
 
   // 1. Stop accepting; cancel what is in flight; give writers the grace
   //    period to stop.
@@ -658,7 +669,8 @@ void AgentImpl::Shutdown() {
   }).IgnoreError();
   const auto deadline = std::chrono::steady_clock::now() + ctx_.grace;
   while (std::chrono::steady_clock::now() < deadline) {
-    Result<bool> idle = OnLoop<bool>([&]() -> Result<bool> { return receiver_->Idle() && sender_->Idle(); });
+    Result<bool> idle =
+        OnLoop<bool>([&]() -> Result<bool> { return receiver_->Idle() && sender_->Idle(); });
     if (!idle.ok() || *idle) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }

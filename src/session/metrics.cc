@@ -9,10 +9,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <system_error>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 #include "kvbounce/logging.h"
 
@@ -28,8 +27,8 @@ size_t IndexOf(Enum value) {
 
 constexpr std::array<TransferPath, kNumTransferPaths> kPaths = {
     TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect, TransferPath::kAuto};
-constexpr std::array<Outcome, kNumOutcomes> kOutcomes = {
-    Outcome::kCompleted, Outcome::kFailed, Outcome::kCancelled, Outcome::kTimedOut};
+constexpr std::array<Outcome, kNumOutcomes> kOutcomes = {Outcome::kCompleted, Outcome::kFailed,
+                                                         Outcome::kCancelled, Outcome::kTimedOut};
 constexpr std::array<Counter, kNumCounters> kCounters = {
     Counter::kRejectedResults, Counter::kDuplicateResults, Counter::kQuarantinedSlots,
     Counter::kCancelsSent,     Counter::kCancelsReceived,  Counter::kPeerFailures};
@@ -45,8 +44,7 @@ static_assert(static_cast<size_t>(TimelinePoint::kComplete) == kNumTimelinePoint
 static_assert(static_cast<size_t>(Side::kReceiver) == kNumSides - 1);
 
 double Micros(Clock::duration d) {
-  return static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()) /
-         1e3;
+  return static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()) / 1e3;
 }
 
 double Millis(std::chrono::nanoseconds d) { return static_cast<double>(d.count()) / 1e6; }
@@ -95,8 +93,16 @@ nlohmann::json SideJson(const SideMetrics& side) {
 // open(2) failures that are about the path the user gave.
 bool IsPathErrno(int err) {
   switch (err) {
-    case ENOENT: case ENOTDIR: case EISDIR: case EACCES: case EPERM:
-    case EROFS: case ENAMETOOLONG: case ELOOP: case EINVAL: case ETXTBSY:
+    case ENOENT:
+    case ENOTDIR:
+    case EISDIR:
+    case EACCES:
+    case EPERM:
+    case EROFS:
+    case ENAMETOOLONG:
+    case ELOOP:
+    case EINVAL:
+    case ETXTBSY:
       return true;
     default:
       return false;
@@ -107,42 +113,60 @@ bool IsPathErrno(int err) {
 
 std::string_view SideName(Side side) {
   switch (side) {
-    case Side::kSender: return "sender";
-    case Side::kReceiver: return "receiver";
+    case Side::kSender:
+      return "sender";
+    case Side::kReceiver:
+      return "receiver";
   }
   return "?";
 }
 
 std::string_view OutcomeName(Outcome outcome) {
   switch (outcome) {
-    case Outcome::kCompleted: return "completed";
-    case Outcome::kFailed: return "failed";
-    case Outcome::kCancelled: return "cancelled";
-    case Outcome::kTimedOut: return "timed_out";
+    case Outcome::kCompleted:
+      return "completed";
+    case Outcome::kFailed:
+      return "failed";
+    case Outcome::kCancelled:
+      return "cancelled";
+    case Outcome::kTimedOut:
+      return "timed_out";
   }
   return "?";
 }
 
 std::string_view CounterName(Counter counter) {
   switch (counter) {
-    case Counter::kRejectedResults: return "rejected_results";
-    case Counter::kDuplicateResults: return "duplicate_results";
-    case Counter::kQuarantinedSlots: return "quarantined_slots";
-    case Counter::kCancelsSent: return "cancels_sent";
-    case Counter::kCancelsReceived: return "cancels_received";
-    case Counter::kPeerFailures: return "peer_failures";
+    case Counter::kRejectedResults:
+      return "rejected_results";
+    case Counter::kDuplicateResults:
+      return "duplicate_results";
+    case Counter::kQuarantinedSlots:
+      return "quarantined_slots";
+    case Counter::kCancelsSent:
+      return "cancels_sent";
+    case Counter::kCancelsReceived:
+      return "cancels_received";
+    case Counter::kPeerFailures:
+      return "peer_failures";
   }
   return "?";
 }
 
 std::string_view TimelinePointName(TimelinePoint point) {
   switch (point) {
-    case TimelinePoint::kRequest: return "request";
-    case TimelinePoint::kReserve: return "reserve";
-    case TimelinePoint::kFirstByte: return "first_byte";
-    case TimelinePoint::kWriteDone: return "write_done";
-    case TimelinePoint::kScatterDone: return "scatter_done";
-    case TimelinePoint::kComplete: return "complete";
+    case TimelinePoint::kRequest:
+      return "request";
+    case TimelinePoint::kReserve:
+      return "reserve";
+    case TimelinePoint::kFirstByte:
+      return "first_byte";
+    case TimelinePoint::kWriteDone:
+      return "write_done";
+    case TimelinePoint::kScatterDone:
+      return "scatter_done";
+    case TimelinePoint::kComplete:
+      return "complete";
   }
   return "?";
 }
@@ -151,12 +175,18 @@ std::string_view TimelinePointName(TimelinePoint point) {
 
 Clock::time_point RequestTimeline::At(TimelinePoint point) const {
   switch (point) {
-    case TimelinePoint::kRequest: return request;
-    case TimelinePoint::kReserve: return reserve;
-    case TimelinePoint::kFirstByte: return first_byte;
-    case TimelinePoint::kWriteDone: return write_done;
-    case TimelinePoint::kScatterDone: return scatter_done;
-    case TimelinePoint::kComplete: return complete;
+    case TimelinePoint::kRequest:
+      return request;
+    case TimelinePoint::kReserve:
+      return reserve;
+    case TimelinePoint::kFirstByte:
+      return first_byte;
+    case TimelinePoint::kWriteDone:
+      return write_done;
+    case TimelinePoint::kScatterDone:
+      return scatter_done;
+    case TimelinePoint::kComplete:
+      return complete;
   }
   return Clock::time_point();
 }
@@ -222,14 +252,12 @@ std::chrono::nanoseconds LatencyHistogram::Percentile(double p) const {
   if (!(p > 0.0)) return min();  // also NaN
   if (p >= 100.0) return max();
   const double wanted = std::ceil(p / 100.0 * static_cast<double>(count_));
-  const uint64_t rank =
-      std::clamp<uint64_t>(static_cast<uint64_t>(wanted), uint64_t{1}, count_);
+  const uint64_t rank = std::clamp<uint64_t>(static_cast<uint64_t>(wanted), uint64_t{1}, count_);
   uint64_t seen = 0;
   for (size_t i = 0; i < counts_.size(); ++i) {
     seen += counts_[i];
     if (seen >= rank) {
-      return std::chrono::nanoseconds(
-          static_cast<int64_t>(std::min(BucketUpper(i), max_ns_)));
+      return std::chrono::nanoseconds(static_cast<int64_t>(std::min(BucketUpper(i), max_ns_)));
     }
   }
   return max();  // unreachable: the counts add up to count_
@@ -296,8 +324,7 @@ nlohmann::json ToJson(const RequestRecord& record) {
   const bool has_request = RequestTimeline::Reached(t.request);
   if (has_request) {
     j["request_steady_us"] =
-        std::chrono::duration_cast<std::chrono::microseconds>(t.request.time_since_epoch())
-            .count();
+        std::chrono::duration_cast<std::chrono::microseconds>(t.request.time_since_epoch()).count();
   } else {
     j["request_steady_us"] = nullptr;
   }
@@ -321,8 +348,8 @@ PerfLog::PerfLog(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
 PerfLog::~PerfLog() {
   if (::close(fd_) != 0) {
     const int err = errno;
-    Log(LogLevel::kWarning, "perf log: closing '" + path_ + "' failed: " +
-                                std::generic_category().message(err));
+    Log(LogLevel::kWarning,
+        "perf log: closing '" + path_ + "' failed: " + std::generic_category().message(err));
   }
 }
 
@@ -374,8 +401,8 @@ void PerfLog::Write(const RequestRecord& record) {
     if (failed_errno != 0) first_failure = write_failures_++ == 0;
   }
   if (first_failure) {
-    Log(LogLevel::kWarning, "perf log: writing to '" + path_ + "' failed: " +
-                                std::generic_category().message(failed_errno) +
+    Log(LogLevel::kWarning, "perf log: writing to '" + path_ +
+                                "' failed: " + std::generic_category().message(failed_errno) +
                                 " (further failures are counted, not logged)");
   }
 }

@@ -56,12 +56,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 #include "kvbounce/config.h"
 #include "kvbounce/status.h"
@@ -241,8 +240,7 @@ class LatencyHistogram {
   // Values at or above this many nanoseconds share the overflow bucket.
   static constexpr int kMaxExponent = 42;
   static constexpr uint64_t kMaxTrackableNs = uint64_t{1} << kMaxExponent;
-  static constexpr size_t kMaxBuckets =
-      (kMaxExponent - kSubBucketBits + 1) * kSubBuckets + 1;
+  static constexpr size_t kMaxBuckets = (kMaxExponent - kSubBucketBits + 1) * kSubBuckets + 1;
 
   LatencyHistogram() = default;
 
@@ -360,8 +358,7 @@ class PerfLog {
   // Open(value of KVBOUNCE_PERF_LOG), read through `lookup` (std::getenv
   // when empty). Unset or empty: returns nullptr, which is not an error.
   // Errors: those of Open, prefixed with "KVBOUNCE_PERF_LOG".
-  static Result<std::unique_ptr<PerfLog>> FromEnvironment(
-      const EnvLookup& lookup = EnvLookup());
+  static Result<std::unique_ptr<PerfLog>> FromEnvironment(const EnvLookup& lookup = EnvLookup());
 
   // Closes the file.
   ~PerfLog();
@@ -386,7 +383,7 @@ class PerfLog {
   const std::string path_;
   // Guards the file position of our writes and write_failures_.
   mutable std::mutex mu_;
-  const int fd_;  // owned; closed by the destructor
+  const int fd_;                 // owned; closed by the destructor
   uint64_t write_failures_ = 0;  // guarded by mu_
 };
 
@@ -419,7 +416,7 @@ class Metrics {
 
  private:
   mutable std::mutex mu_;
-  MetricsSnapshot state_;             // guarded by mu_
+  MetricsSnapshot state_;              // guarded by mu_
   std::shared_ptr<PerfLog> perf_log_;  // guarded by mu_; shared with writers in flight
 };
 

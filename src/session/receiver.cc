@@ -58,22 +58,6 @@ struct ReceiverSession::Request {
   }
 };
 
-namespace {
-
-Outcome OutcomeOf(const Status& s) {
-  switch (s.code()) {
-    case StatusCode::kOk: return Outcome::kCompleted;
-    case StatusCode::kCancelled:
-    case StatusCode::kAborted: return Outcome::kCancelled;
-    case StatusCode::kDeadlineExceeded: return Outcome::kTimedOut;
-    default: return Outcome::kFailed;
-  }
-}
-
-std::string Id(uint64_t request_id) { return "request " + std::to_string(request_id); }
-
-}  // namespace
-
 ReceiverSession::ReceiverSession(SessionContext& ctx, CancelHook cancel_hook)
     : ctx_(ctx), cancel_hook_(std::move(cancel_hook)) {}
 
@@ -81,12 +65,18 @@ ReceiverSession::~ReceiverSession() = default;
 
 const char* ReceiverSession::StateName(State state) {
   switch (state) {
-    case State::kReserving: return "RESERVING";
-    case State::kInFlight: return "IN_FLIGHT";
-    case State::kScattering: return "SCATTERING";
-    case State::kDone: return "DONE";
-    case State::kFailed: return "FAILED";
-    case State::kQuarantined: return "QUARANTINED";
+    case State::kReserving:
+      return "RESERVING";
+    case State::kInFlight:
+      return "IN_FLIGHT";
+    case State::kScattering:
+      return "SCATTERING";
+    case State::kDone:
+      return "DONE";
+    case State::kFailed:
+      return "FAILED";
+    case State::kQuarantined:
+      return "QUARANTINED";
   }
   return "?";
 }
@@ -112,7 +102,7 @@ void ReceiverSession::Transition(Request& r, State next) {
       break;
   }
   if (!allowed) {
-    Log(LogLevel::kError, Id(r.key.first) + ": invalid receiver transition " +
+    Log(LogLevel::kError, RequestName(r.key.first) + ": invalid receiver transition " +
                               StateName(r.state) + " -> " + StateName(next));
     return;
   }
@@ -134,7 +124,8 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   }
   if (ctx_.shutting_down.load()) return AbortedError("Pull: the agent is shutting down");
   if (active_.count(request_id) != 0) {
-    return AlreadyExistsError("Pull: " + Id(request_id) + " is already in flight on this rank");
+    return AlreadyExistsError("Pull: " + RequestName(request_id) +
+                              " is already in flight on this rank");
   }
   auto inst = ctx_.instances.find(ctx_instance);
   if (inst == ctx_.instances.end()) {
@@ -161,7 +152,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
         PlanPair(PlanSide{peer->topology.get(), w, &*peer->pool, {}},
                  PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens,
                  kPlanScatter);
-    if (!plan.ok()) return plan.status().WithContext("Pull " + Id(request_id));
+    if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
     Writer writer;
     writer.rank = w;
     writer.peer = peer->id;
@@ -172,7 +163,8 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     fragments += writer.scatter.size();
     r->bytes += writer.bytes;
     // The writer runs the direct copy: its transport must map our pool.
-    direct_everywhere = direct_everywhere && (peer->capabilities & protocol::kCapabilityDirect) != 0;
+    direct_everywhere =
+        direct_everywhere && (peer->capabilities & protocol::kCapabilityDirect) != 0;
     r->writers.push_back(std::move(writer));
   }
   r->scatter_runs = fragments;
@@ -184,9 +176,10 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       break;
     case TransferPath::kDirect:
       if (!direct_everywhere) {
-        return UnimplementedError("Pull: the direct path needs writers that can map this rank's "
-                                  "pool; the " + ctx_.transport->Caps().name +
-                                  " transport cannot");
+        return UnimplementedError(
+            "Pull: the direct path needs writers that can map this rank's "
+            "pool; the " +
+            ctx_.transport->Caps().name + " transport cannot");
       }
       r->path = TransferPath::kDirect;
       break;
@@ -242,10 +235,11 @@ void ReceiverSession::TryReserve(Request& r) {
     case StatusCode::kResourceExhausted: {
       if (r.reserve_timer == 0) {
         const Key key = r.key;
-        reserve_waiters_.push_back(key);
-        r.reserve_timer = ctx_.loop->PostAt(
-            SessionContext::Clock::now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
-            [this, key] { OnReserveTimeout(key); });
+        reserve_waiters_.Add(key);
+        r.reserve_timer =
+            ctx_.loop->PostAt(SessionContext::Clock::now() +
+                                  std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+                              [this, key] { OnReserveTimeout(key); });
       }
       return;
     }
@@ -259,38 +253,20 @@ void ReceiverSession::TryReserve(Request& r) {
 }
 
 void ReceiverSession::RetryReservations() {
-  // A release inside a retry (a request that settles at once) asks for
-  // another round instead of recursing.
-  if (retrying_) {
-    retry_again_ = true;
-    return;
-  }
-  retrying_ = true;
-  do {
-    retry_again_ = false;
-    // FIFO: the oldest waiter first; stop at the first that still does not
-    // fit, so that a large request is not starved by smaller ones behind it.
-    while (!reserve_waiters_.empty()) {
-      const Key key = reserve_waiters_.front();
-      Request* r = Find(key);
-      if (r != nullptr && r->state == State::kReserving && !r->settled) {
-        TryReserve(*r);
-        r = Find(key);
-        if (r != nullptr && r->state == State::kReserving && !r->settled) break;
-      }
-      reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
-                             reserve_waiters_.end());
-    }
-  } while (retry_again_);
-  retrying_ = false;
+  reserve_waiters_.Retry([this](const Key& key) {
+    Request* r = Find(key);
+    if (r == nullptr || r->state != State::kReserving || r->settled) return false;
+    TryReserve(*r);
+    r = Find(key);
+    return r != nullptr && r->state == State::kReserving && !r->settled;
+  });
 }
 
 void ReceiverSession::OnReserveTimeout(Key key) {
   Request* r = Find(key);
   if (r == nullptr || r->state != State::kReserving || r->settled) return;
   r->reserve_timer = 0;
-  reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
-                         reserve_waiters_.end());
+  reserve_waiters_.Remove(key);
   FallBack(*r, "recv arena backpressure");
 }
 
@@ -320,11 +296,12 @@ void ReceiverSession::SendRequests(Request& r) {
   msg.slice_id = r.key.second;
   msg.token_start = static_cast<uint64_t>(r.tokens.start);
   msg.token_end = static_cast<uint64_t>(r.tokens.end);
-  const size_t needed = static_cast<size_t>(
-      (r.tokens.end + ctx_.topology->spec().tokens_per_block - 1) /
-      ctx_.topology->spec().tokens_per_block);
+  const size_t needed =
+      static_cast<size_t>((r.tokens.end + ctx_.topology->spec().tokens_per_block - 1) /
+                          ctx_.topology->spec().tokens_per_block);
   msg.block_table.reserve(needed);
-  for (size_t i = 0; i < needed; ++i) msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
+  for (size_t i = 0; i < needed; ++i)
+    msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
   msg.path = static_cast<protocol::TransferPath>(r.path);
   msg.deadline_ms = SessionContext::MillisLeft(r.deadline);
   msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
@@ -359,7 +336,7 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
       return;
     }
     ctx_.metrics->Count(Counter::kRejectedResults);
-    Log(LogLevel::kWarning, "KV_RESULT for unknown " + Id(result.request_id) + " slice " +
+    Log(LogLevel::kWarning, "KV_RESULT for unknown " + RequestName(result.request_id) + " slice " +
                                 std::to_string(result.slice_id) + " from " + peer.Describe() +
                                 " rejected");
     return;
@@ -372,7 +349,7 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
   }
   if (w == nullptr) {
     ctx_.metrics->Count(Counter::kRejectedResults);
-    Log(LogLevel::kWarning, "KV_RESULT for " + Id(result.request_id) + " from " +
+    Log(LogLevel::kWarning, "KV_RESULT for " + RequestName(result.request_id) + " from " +
                                 peer.Describe() + " (writer rank " +
                                 std::to_string(result.writer_rank) +
                                 ") rejected: not a writer of this request");
@@ -498,7 +475,7 @@ void ReceiverSession::OnDeadline(Key key) {
   r->deadline_timer = 0;
   if (r->settled) return;
   Cancel(key.first, key.second,
-         DeadlineExceededError(Id(key.first) + " did not complete within its deadline"));
+         DeadlineExceededError(RequestName(key.first) + " did not complete within its deadline"));
 }
 
 void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& why) {
@@ -536,7 +513,7 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
       if (w.state == WriterState::kPending) {
         ctx_.transport->Disconnect(
             w.peer, UnavailableError("writer did not stop within the grace period after " +
-                                     Id(key.first) + " was abandoned"));
+                                     RequestName(key.first) + " was abandoned"));
       }
     }
   });
@@ -559,8 +536,8 @@ void ReceiverSession::OnPeerFailure(PeerState& peer) {
       w.dead_at = now;
       if (w.state == WriterState::kPending) {
         w.state = WriterState::kFailed;
-        w.error = UnavailableError("connection to writer " + w.name + " lost: " +
-                                   std::string(peer.death.message()));
+        w.error = UnavailableError("connection to writer " + w.name +
+                                   " lost: " + std::string(peer.death.message()));
         if (r->root_cause.ok()) r->root_cause = w.error;
       }
     }
@@ -718,7 +695,7 @@ void ReceiverSession::Abandon(const Status& why) {
     Settle(*r, why);
     MaybeRetire(*r);
   }
-  reserve_waiters_.clear();
+  reserve_waiters_.Clear();
 }
 
 }  // namespace kvbounce

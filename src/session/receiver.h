@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "kvbounce/agent.h"
+#include "session/reservation_queue.h"
 #include "session/session_context.h"
 #include "session/transfer_state.h"
 
@@ -106,12 +107,10 @@ class ReceiverSession {
   CancelHook cancel_hook_;
   std::map<Key, std::unique_ptr<Request>> requests_;
   std::map<uint64_t, uint32_t> active_;  // request id -> slice not yet settled
-  std::deque<Key> reserve_waiters_;
+  ReservationQueue<Key> reserve_waiters_;
   static constexpr size_t kRecentRetired = 4096;
   std::set<Key> recent_;
   std::deque<Key> recent_order_;
-  bool retrying_ = false;
-  bool retry_again_ = false;
 };
 
 }  // namespace kvbounce

@@ -53,22 +53,6 @@ struct SenderSession::Job {
   RequestTimeline timeline;
 };
 
-namespace {
-
-std::string Id(uint64_t request_id) { return "request " + std::to_string(request_id); }
-
-Outcome OutcomeOf(const Status& s) {
-  switch (s.code()) {
-    case StatusCode::kOk: return Outcome::kCompleted;
-    case StatusCode::kCancelled:
-    case StatusCode::kAborted: return Outcome::kCancelled;
-    case StatusCode::kDeadlineExceeded: return Outcome::kTimedOut;
-    default: return Outcome::kFailed;
-  }
-}
-
-}  // namespace
-
 SenderSession::SenderSession(SessionContext& ctx, RetireHook retire_hook)
     : ctx_(ctx), retire_hook_(std::move(retire_hook)) {}
 
@@ -92,7 +76,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
                                 " is invalid: must be >= 1");
   }
   if (publications_.count(request_id) != 0) {
-    return AlreadyExistsError("Publish: " + Id(request_id) + " is already published");
+    return AlreadyExistsError("Publish: " + RequestName(request_id) + " is already published");
   }
   const int64_t tpb = ctx_.topology->spec().tokens_per_block;
   const int64_t needed = (num_tokens + tpb - 1) / tpb;
@@ -122,11 +106,11 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
     if (it == publications_.end()) return;
     it->second->ttl_timer = 0;
     Publication& p = *it->second;
-    SettlePublication(p, DeadlineExceededError(
-                             "publication of " + Id(request_id) + " expired with " +
-                             std::to_string(p.served.size()) + " of " +
-                             (p.expected < 0 ? std::string("?") : std::to_string(p.expected)) +
-                             " receivers served"));
+    SettlePublication(
+        p, DeadlineExceededError("publication of " + RequestName(request_id) + " expired with " +
+                                 std::to_string(p.served.size()) + " of " +
+                                 (p.expected < 0 ? std::string("?") : std::to_string(p.expected)) +
+                                 " receivers served"));
   });
   publications_.emplace(request_id, std::move(pub));
 
@@ -149,7 +133,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
 Status SenderSession::Retire(uint64_t request_id, const Status& why) {
   auto it = publications_.find(request_id);
   if (it == publications_.end()) {
-    return NotFoundError("Retire: " + Id(request_id) + " is not published");
+    return NotFoundError("Retire: " + RequestName(request_id) + " is not published");
   }
   SettlePublication(*it->second, why);
   return Status::Ok();
@@ -182,20 +166,20 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
   // deadline, a grace period later, only bounds how long a pull waits here
   // for its Publish.
   const uint64_t max_ms = static_cast<uint64_t>(Config::kMaxTimeoutMs);
-  job->deadline = job->timeline.request + ctx_.grace +
-                  std::chrono::milliseconds(request.deadline_ms == protocol::kNoDeadline
-                                                ? static_cast<uint64_t>(ctx_.config.transfer_timeout_ms)
-                                                : std::min(request.deadline_ms, max_ms));
+  job->deadline =
+      job->timeline.request + ctx_.grace +
+      std::chrono::milliseconds(request.deadline_ms == protocol::kNoDeadline
+                                    ? static_cast<uint64_t>(ctx_.config.transfer_timeout_ms)
+                                    : std::min(request.deadline_ms, max_ms));
   Job& j = *job;
   jobs_.emplace(key, std::move(job));
 
   if (peer.role != Role::kGen || static_cast<int>(request.receiver_rank) != peer.rank ||
       static_cast<int>(request.writer_rank) != ctx_.rank) {
-    Finish(j, InvalidArgumentError(
-                  "KV_REQUEST from " + j.peer_name + " names receiver rank " +
-                  std::to_string(request.receiver_rank) + " and writer rank " +
-                  std::to_string(request.writer_rank) + "; this is " + ctx_.instance_id +
-                  " rank " + std::to_string(ctx_.rank)));
+    Finish(j, InvalidArgumentError("KV_REQUEST from " + j.peer_name + " names receiver rank " +
+                                   std::to_string(request.receiver_rank) + " and writer rank " +
+                                   std::to_string(request.writer_rank) + "; this is " +
+                                   ctx_.instance_id + " rank " + std::to_string(ctx_.rank)));
     return;
   }
   if (publications_.count(request.request_id) != 0) {
@@ -210,7 +194,7 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
     auto& list = parked_[std::get<1>(key)];
     list.erase(std::remove(list.begin(), list.end(), key), list.end());
     if (list.empty()) parked_.erase(std::get<1>(key));
-    Finish(*parked, DeadlineExceededError(Id(std::get<1>(key)) +
+    Finish(*parked, DeadlineExceededError(RequestName(std::get<1>(key)) +
                                           " was not published before the pull's deadline"));
   });
 }
@@ -218,7 +202,7 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
 void SenderSession::Start(Job& job) {
   auto pub_it = publications_.find(job.request.request_id);
   if (pub_it == publications_.end()) {
-    Finish(job, NotFoundError(Id(job.request.request_id) + " is not published"));
+    Finish(job, NotFoundError(RequestName(job.request.request_id) + " is not published"));
     return;
   }
   Publication& pub = *pub_it->second;
@@ -235,14 +219,20 @@ void SenderSession::Start(Job& job) {
   if (static_cast<int64_t>(req.token_end) > pub.num_tokens) {
     Finish(job, OutOfRangeError("tokens [" + std::to_string(req.token_start) + ", " +
                                 std::to_string(req.token_end) + ") asked, but " +
-                                Id(req.request_id) + " was published with " +
+                                RequestName(req.request_id) + " was published with " +
                                 std::to_string(pub.num_tokens) + " tokens"));
     return;
   }
   switch (req.path) {
-    case protocol::TransferPath::kPerBlock: job.path = TransferPath::kPerBlock; break;
-    case protocol::TransferPath::kBounce: job.path = TransferPath::kBounce; break;
-    case protocol::TransferPath::kDirect: job.path = TransferPath::kDirect; break;
+    case protocol::TransferPath::kPerBlock:
+      job.path = TransferPath::kPerBlock;
+      break;
+    case protocol::TransferPath::kBounce:
+      job.path = TransferPath::kBounce;
+      break;
+    case protocol::TransferPath::kDirect:
+      job.path = TransferPath::kDirect;
+      break;
     case protocol::TransferPath::kAuto:
       Finish(job, InvalidArgumentError("KV_REQUEST path auto: the receiver must resolve it"));
       return;
@@ -267,13 +257,13 @@ void SenderSession::Start(Job& job) {
   }
   job.block_table = pub.block_table;
   const uint8_t lists = job.path == TransferPath::kBounce ? kPlanGather : kPlanDirect;
-  Result<PairPlan> plan =
-      PlanPair(PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
-               PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
-               TokenRange{static_cast<int64_t>(req.token_start), static_cast<int64_t>(req.token_end)},
-               lists);
+  Result<PairPlan> plan = PlanPair(
+      PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
+      PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
+      TokenRange{static_cast<int64_t>(req.token_start), static_cast<int64_t>(req.token_end)},
+      lists);
   if (!plan.ok()) {
-    Finish(job, plan.status().WithContext("planning " + Id(req.request_id)));
+    Finish(job, plan.status().WithContext("planning " + RequestName(req.request_id)));
     return;
   }
   job.plan = std::move(plan).value();
@@ -305,7 +295,8 @@ void SenderSession::Start(Job& job) {
     case TransferPath::kBounce:
       job.fragments = job.plan.gather.size();
       if (peer->recv_arena == nullptr) {
-        Finish(job, FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
+        Finish(job,
+               FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
         return;
       }
       if (req.recv_slot_size != job.plan.packed_bytes) {
@@ -327,7 +318,7 @@ void SenderSession::Start(Job& job) {
       const Key key = job.key;
       ++job.async_outstanding;
       Status submitted = ctx_.copy->Submit(DirectBatch(job.plan.direct), [this, key](Status s) {
-        ctx_.loop->Post([this, key, s] { OnDirectDone(key, s); });
+        ctx_.loop->Post([this, key, s] { OnLanded(key, s, "direct copy"); });
       });
       if (!submitted.ok()) {
         --job.async_outstanding;
@@ -359,10 +350,9 @@ void SenderSession::Reserve(Job& job) {
     job.state = Job::State::kGathering;
     const Key key = job.key;
     ++job.async_outstanding;
-    Status submitted = ctx_.copy->Submit(GatherBatch(job.plan.gather, job.send_slot.address()),
-                                         [this, key](Status s) {
-                                           ctx_.loop->Post([this, key, s] { OnGathered(key, s); });
-                                         });
+    Status submitted = ctx_.copy->Submit(
+        GatherBatch(job.plan.gather, job.send_slot.address()),
+        [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnGathered(key, s); }); });
     if (!submitted.ok()) {
       --job.async_outstanding;
       job.send_slot.Release();
@@ -373,7 +363,7 @@ void SenderSession::Reserve(Job& job) {
   if (slot.status().code() == StatusCode::kResourceExhausted) {
     if (job.reserve_timer == 0) {
       const Key key = job.key;
-      reserve_waiters_.push_back(key);
+      reserve_waiters_.Add(key);
       job.reserve_timer = ctx_.loop->PostAt(
           SessionContext::Clock::now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
           [this, key] { OnReserveTimeout(key); });
@@ -391,32 +381,18 @@ void SenderSession::OnReserveTimeout(Key key) {
   Job* job = Find(key);
   if (job == nullptr || job->state != Job::State::kReserving) return;
   job->reserve_timer = 0;
-  reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
-                         reserve_waiters_.end());
+  reserve_waiters_.Remove(key);
   WriteFromPool(*job, "send arena backpressure");
 }
 
 void SenderSession::RetryReservations() {
-  if (retrying_) {
-    retry_again_ = true;
-    return;
-  }
-  retrying_ = true;
-  do {
-    retry_again_ = false;
-    while (!reserve_waiters_.empty()) {
-      const Key key = reserve_waiters_.front();
-      Job* job = Find(key);
-      if (job != nullptr && job->state == Job::State::kReserving && !job->finished) {
-        Reserve(*job);
-        job = Find(key);
-        if (job != nullptr && job->state == Job::State::kReserving && !job->finished) break;
-      }
-      reserve_waiters_.erase(std::remove(reserve_waiters_.begin(), reserve_waiters_.end(), key),
-                             reserve_waiters_.end());
-    }
-  } while (retry_again_);
-  retrying_ = false;
+  reserve_waiters_.Retry([this](const Key& key) {
+    Job* job = Find(key);
+    if (job == nullptr || job->state != Job::State::kReserving || job->finished) return false;
+    Reserve(*job);
+    job = Find(key);
+    return job != nullptr && job->state == Job::State::kReserving && !job->finished;
+  });
 }
 
 void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
@@ -430,9 +406,9 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
     return;
   }
   std::vector<std::unique_ptr<RemoteRegion>> none;
-  Result<std::vector<WriteGroup>> groups = GroupWrites(
-      job.plan.gather, job.request.recv_slot_addr, ctx_.pool_ranges,
-      std::span<const std::unique_ptr<RemoteRegion>>(&peer->recv_arena, 1));
+  Result<std::vector<WriteGroup>> groups =
+      GroupWrites(job.plan.gather, job.request.recv_slot_addr, ctx_.pool_ranges,
+                  std::span<const std::unique_ptr<RemoteRegion>>(&peer->recv_arena, 1));
   if (!groups.ok()) {
     Finish(job, groups.status().WithContext("writes into the recv slot of " + job.peer_name));
     return;
@@ -463,8 +439,8 @@ void SenderSession::OnGathered(Key key, const Status& status) {
     return;
   }
   WriteGroup group{ctx_.send_region, peer->recv_arena.get(), {}};
-  group.ops.push_back(WriteOp{job->send_slot.address(), Addr(job->request.recv_slot_addr),
-                              job->plan.packed_bytes});
+  group.ops.push_back(
+      WriteOp{job->send_slot.address(), Addr(job->request.recv_slot_addr), job->plan.packed_bytes});
   job->groups.clear();
   job->groups.push_back(std::move(group));
   IssueWrites(*job);
@@ -516,7 +492,7 @@ void SenderSession::OnWriteDone(Key key, const Status& status) {
   job->state = Job::State::kFlushing;
   ++job->async_outstanding;
   Status flushing = ctx_.transport->Flush(job->peer, [this, key](Status s) {
-    ctx_.loop->Post([this, key, s] { OnFlushed(key, s); });
+    ctx_.loop->Post([this, key, s] { OnLanded(key, s, "flush"); });
   });
   if (!flushing.ok()) {
     --job->async_outstanding;
@@ -524,7 +500,7 @@ void SenderSession::OnWriteDone(Key key, const Status& status) {
   }
 }
 
-void SenderSession::OnFlushed(Key key, const Status& status) {
+void SenderSession::OnLanded(Key key, const Status& status, const char* what) {
   Job* job = Find(key);
   if (job == nullptr) return;
   --job->async_outstanding;
@@ -533,19 +509,7 @@ void SenderSession::OnFlushed(Key key, const Status& status) {
     MaybeErase(*job);
     return;
   }
-  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("flush to " + job->peer_name));
-}
-
-void SenderSession::OnDirectDone(Key key, const Status& status) {
-  Job* job = Find(key);
-  if (job == nullptr) return;
-  --job->async_outstanding;
-  job->timeline.write_done = SessionContext::Clock::now();
-  if (job->finished) {
-    MaybeErase(*job);
-    return;
-  }
-  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("direct copy"));
+  Finish(*job, status.ok() ? Status::Ok() : status.WithContext(what));
 }
 
 void SenderSession::Finish(Job& job, const Status& status) {
@@ -580,7 +544,7 @@ void SenderSession::Finish(Job& job, const Status& status) {
   if (peer != nullptr && !peer->dead) {
     Status sent = ctx_.Send(job.peer, result);
     if (!sent.ok()) {
-      Log(LogLevel::kWarning, "KV_RESULT for " + Id(job.request.request_id) + " to " +
+      Log(LogLevel::kWarning, "KV_RESULT for " + RequestName(job.request.request_id) + " to " +
                                   job.peer_name + " not sent: " + sent.ToString());
     }
   }
@@ -664,8 +628,8 @@ void SenderSession::OnPeerFailure(PeerState& peer) {
     }
     // Writes in the air fail at the transport and come back through
     // OnWriteDone; Finish sends nothing to a dead peer.
-    Finish(*job, UnavailableError("receiver " + job->peer_name + " lost: " +
-                                  std::string(peer.death.message())));
+    Finish(*job, UnavailableError("receiver " + job->peer_name +
+                                  " lost: " + std::string(peer.death.message())));
   }
 }
 
@@ -680,7 +644,7 @@ void SenderSession::AbortAll(const Status& why) {
     if (Job* job = Find(key); job != nullptr && !job->finished) Finish(*job, why);
   }
   parked_.clear();
-  reserve_waiters_.clear();
+  reserve_waiters_.Clear();
   std::vector<uint64_t> ids;
   for (const auto& [id, pub] : publications_) ids.push_back(id);
   for (uint64_t id : ids) {

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "kvbounce/agent.h"
+#include "session/reservation_queue.h"
 #include "session/session_context.h"
 #include "session/transfer_state.h"
 
@@ -85,8 +86,9 @@ class SenderSession {
   void OnGathered(Key key, const Status& status);
   void IssueWrites(Job& job);
   void OnWriteDone(Key key, const Status& status);
-  void OnFlushed(Key key, const Status& status);
-  void OnDirectDone(Key key, const Status& status);
+  // The job's bytes are visible at the receiver (its flush or its direct
+  // copy completed), or `what` failed.
+  void OnLanded(Key key, const Status& status, const char* what);
   // Ends a job: sends its KV_RESULT (when the peer is alive), records it,
   // credits its publication, and erases it once nothing async refers to it.
   void Finish(Job& job, const Status& status);
@@ -99,9 +101,7 @@ class SenderSession {
   std::map<Key, std::unique_ptr<Job>> jobs_;
   std::map<uint64_t, std::unique_ptr<Publication>> publications_;
   std::map<uint64_t, std::vector<Key>> parked_;  // request id -> jobs waiting for Publish
-  std::deque<Key> reserve_waiters_;
-  bool retrying_ = false;
-  bool retry_again_ = false;
+  ReservationQueue<Key> reserve_waiters_;
 };
 
 }  // namespace kvbounce

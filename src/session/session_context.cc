@@ -7,6 +7,22 @@
 
 namespace kvbounce {
 
+std::string RequestName(uint64_t request_id) { return "request " + std::to_string(request_id); }
+
+Outcome OutcomeOf(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kOk:
+      return Outcome::kCompleted;
+    case StatusCode::kCancelled:
+    case StatusCode::kAborted:
+      return Outcome::kCancelled;
+    case StatusCode::kDeadlineExceeded:
+      return Outcome::kTimedOut;
+    default:
+      return Outcome::kFailed;
+  }
+}
+
 std::string PeerState::Describe() const {
   if (rank < 0) return "peer " + std::to_string(id);
   return instance_id + " rank " + std::to_string(rank);
@@ -42,9 +58,9 @@ uint64_t SessionContext::MillisLeft(Clock::time_point deadline) {
   return left < 1 ? 1 : static_cast<uint64_t>(left);
 }
 
-Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments, uint64_t dst_offset,
-                                            std::span<const LocalRange> sources,
-                                            std::span<const std::unique_ptr<RemoteRegion>> targets) {
+Result<std::vector<WriteGroup>> GroupWrites(
+    std::span<const Fragment> fragments, uint64_t dst_offset, std::span<const LocalRange> sources,
+    std::span<const std::unique_ptr<RemoteRegion>> targets) {
   std::vector<WriteGroup> groups;
   auto find_source = [&](uint64_t addr, uint64_t bytes) -> int {
     for (size_t i = 0; i < sources.size(); ++i) {
@@ -89,8 +105,8 @@ Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments,
                              (s < 0 ? "source" : "target") + " regions");
     }
     if (group == nullptr || s != last_s || t != last_t) {
-      groups.push_back(WriteGroup{sources[static_cast<size_t>(s)].region,
-                                  targets[static_cast<size_t>(t)].get(), {}});
+      groups.push_back(WriteGroup{
+          sources[static_cast<size_t>(s)].region, targets[static_cast<size_t>(t)].get(), {}});
       group = &groups.back();
       last_s = s;
       last_t = t;

@@ -22,6 +22,7 @@
 #include "copy/copy_engine.h"
 #include "kvbounce/agent.h"
 #include "kvbounce/config.h"
+#include "kvbounce/transport.h"
 #include "layout/planner.h"
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
@@ -29,7 +30,6 @@
 #include "protocol/messages.h"
 #include "session/event_loop.h"
 #include "session/metrics.h"
-#include "kvbounce/transport.h"
 
 namespace kvbounce {
 
@@ -50,7 +50,7 @@ struct PeerState {
   std::optional<PoolLayout> pool;
   std::optional<PoolLayout> mapped_pool;
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;  // one per allocation
-  std::unique_ptr<RemoteRegion> recv_arena;                  // null: no bounce into it
+  std::unique_ptr<RemoteRegion> recv_arena;                 // null: no bounce into it
   uint64_t capabilities = 0;
 
   bool ready() const { return hello_received && !dead; }
@@ -112,6 +112,12 @@ struct SessionContext {
   static uint64_t MillisLeft(Clock::time_point deadline);
 };
 
+// "request <id>", for messages.
+std::string RequestName(uint64_t request_id);
+
+// How a request's final status counts in the metrics.
+Outcome OutcomeOf(const Status& status);
+
 // Whole write batches: the ops of one list that fall in one (source region,
 // target region) pair. Every op of a list lies in exactly one registered
 // region on each side; the caller checks the result's status.
@@ -124,7 +130,8 @@ struct WriteGroup {
 // Splits `fragments` (absolute addresses, plus dst_offset on the target side)
 // into write groups by the regions that contain them. Errors: kOutOfRange
 // when a fragment lies outside every region (naming it).
-Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments, uint64_t dst_offset,
+Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments,
+                                            uint64_t dst_offset,
                                             std::span<const LocalRange> sources,
                                             std::span<const std::unique_ptr<RemoteRegion>> targets);
 

@@ -1,6 +1,5 @@
 // The public factories of kvbounce/transports.h.
 #include "kvbounce/transports.h"
-
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
 

@@ -75,7 +75,8 @@ TEST(ConfigValidateTest, EveryRule) {
   const std::vector<RuleCase> cases = {
       {"bounce_size_mb negative", [](Config& c) { c.bounce_size_mb = -1; },
        "config: bounce_size_mb = -1 is invalid: must be an integer >= 0 and <= 1048576 (1 TiB)"},
-      {"bounce_size_mb too large", [](Config& c) { c.bounce_size_mb = Config::kMaxBounceSizeMb + 1; },
+      {"bounce_size_mb too large",
+       [](Config& c) { c.bounce_size_mb = Config::kMaxBounceSizeMb + 1; },
        "config: bounce_size_mb = 1048577 is invalid: must be an integer >= 0 and <= 1048576 "
        "(1 TiB)"},
       {"bounce_size_mb zero", [](Config& c) { c.bounce_size_mb = 0; }, ""},
@@ -201,11 +202,16 @@ struct BadText {
 
 TEST(ConfigSetTest, BadTextForEveryIntegerField) {
   const std::vector<BadText> not_integers = {
-      {"1.5", "not an integer"},  {"abc", "not an integer"},
-      {"", "not an integer"},     {" 1", "not an integer"},
-      {"1 ", "not an integer"},   {"+1", "not an integer"},
-      {"1e3", "not an integer"},  {"0x10", "not an integer"},
-      {"2k", "not an integer"},   {"-", "not an integer"},
+      {"1.5", "not an integer"},
+      {"abc", "not an integer"},
+      {"", "not an integer"},
+      {" 1", "not an integer"},
+      {"1 ", "not an integer"},
+      {"+1", "not an integer"},
+      {"1e3", "not an integer"},
+      {"0x10", "not an integer"},
+      {"2k", "not an integer"},
+      {"-", "not an integer"},
       {"99999999999999999999", "out of the 64-bit integer range"},
       {"-99999999999999999999", "out of the 64-bit integer range"},
   };
@@ -240,9 +246,8 @@ TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
     const Config before = config;
     const Status status = config.Set(key, value);
     EXPECT_EQ(status.code(), StatusCode::kInvalidArgument);
-    EXPECT_THAT(Message(status),
-                HasSubstr("config: " + std::string(key) + " = " + std::string(value) +
-                          " is invalid: must be an integer"));
+    EXPECT_THAT(Message(status), HasSubstr("config: " + std::string(key) + " = " +
+                                           std::string(value) + " is invalid: must be an integer"));
     EXPECT_EQ(config, before);
   }
 }
@@ -251,8 +256,9 @@ TEST(ConfigSetTest, BadPath) {
   Config config;
   const Status status = config.Set("path", "fastest");
   EXPECT_EQ(status.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(Message(status),
-            "config: path = \"fastest\" is invalid: must be one of per-block, bounce, direct, auto");
+  EXPECT_EQ(
+      Message(status),
+      "config: path = \"fastest\" is invalid: must be one of per-block, bounce, direct, auto");
   EXPECT_EQ(config.path, TransferPath::kAuto);
   EXPECT_FALSE(config.Set("path", "").ok());
 }
@@ -281,9 +287,8 @@ TEST(ConfigSetTest, UnknownKeyListsTheKnownKeys) {
 TEST(ConfigTest, KeysAreTheFieldsInOrder) {
   const std::vector<std::string_view> keys(Config::Keys().begin(), Config::Keys().end());
   EXPECT_EQ(keys, (std::vector<std::string_view>{
-                      "bounce_size_mb", "num_workers", "transfer_timeout_ms",
-                      "reserve_timeout_ms", "path", "bounce_min_fragments",
-                      "bounce_max_mean_fragment_bytes"}));
+                      "bounce_size_mb", "num_workers", "transfer_timeout_ms", "reserve_timeout_ms",
+                      "path", "bounce_min_fragments", "bounce_max_mean_fragment_bytes"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -357,7 +362,8 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
 TEST(ConfigResolvePathTest, ExplicitPathsAreKept) {
   Config config;
   config.bounce_size_mb = 1;
-  for (TransferPath path : {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
+  for (TransferPath path :
+       {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
     config.path = path;
     EXPECT_EQ(config.ResolvePath(true, 1, 1), path);
     EXPECT_EQ(config.ResolvePath(false, 100000, 100000), path);

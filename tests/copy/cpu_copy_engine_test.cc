@@ -96,8 +96,8 @@ std::vector<uint8_t> Expected(const std::vector<uint8_t>& before, uint64_t dst_b
   for (const Fragment& f : batch.fragments) {
     if (f.bytes == 0) continue;
     const uint64_t dst = batch.dst_base.value() + f.dst;
-    std::memcpy(out.data() + (dst - dst_begin),
-                Addr(batch.src_base.value() + f.src).ToPointer(), f.bytes);
+    std::memcpy(out.data() + (dst - dst_begin), Addr(batch.src_base.value() + f.src).ToPointer(),
+                f.bytes);
   }
   return out;
 }
@@ -194,10 +194,10 @@ TEST(CpuCopyEngineTest, GatherThenScatterRoundTripsWithGuards) {
   std::vector<Fragment> gather_list;
   std::vector<Fragment> scatter_list;
   for (size_t i = 0; i < plan.bytes.size(); ++i) {
-    gather_list.push_back({AddrOf(pool_a.data()) + plan.pool_offsets[i], plan.packed_offsets[i],
-                           plan.bytes[i]});
-    scatter_list.push_back({plan.packed_offsets[i], AddrOf(pool_b.data()) + plan.pool_offsets[i],
-                            plan.bytes[i]});
+    gather_list.push_back(
+        {AddrOf(pool_a.data()) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
+    scatter_list.push_back(
+        {plan.packed_offsets[i], AddrOf(pool_b.data()) + plan.pool_offsets[i], plan.bytes[i]});
   }
 
   const CopyBatch gather = GatherBatch(gather_list, slot.addr());
@@ -275,8 +275,8 @@ TEST(CpuCopyEngineTest, ManySmallFragmentsSplitAcrossWorkers) {
   GuardedBuffer slot(plan.packed_size, 0);
   std::vector<Fragment> list;
   for (size_t i = 0; i < plan.bytes.size(); ++i) {
-    list.push_back({AddrOf(pool.data()) + plan.pool_offsets[i], plan.packed_offsets[i],
-                    plan.bytes[i]});
+    list.push_back(
+        {AddrOf(pool.data()) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
   }
   const std::vector<uint8_t> expected =
       Expected(Bytes(slot), AddrOf(slot.data()), GatherBatch(list, slot.addr()));
@@ -367,13 +367,14 @@ TEST(CpuCopyEngineTest, EmptyBatchCompletesOkOnAnEngineThread) {
   std::thread::id caller;
   Status result = InternalError("not called");
   ASSERT_TRUE(engine
-                  ->Submit(CopyBatch{}, [&](Status status) {
-                    std::lock_guard<std::mutex> lock(mu);
-                    called = true;
-                    caller = std::this_thread::get_id();
-                    result = std::move(status);
-                    cv.notify_all();
-                  })
+                  ->Submit(CopyBatch{},
+                           [&](Status status) {
+                             std::lock_guard<std::mutex> lock(mu);
+                             called = true;
+                             caller = std::this_thread::get_id();
+                             result = std::move(status);
+                             cv.notify_all();
+                           })
                   .ok());
   {
     std::unique_lock<std::mutex> lock(mu);
@@ -431,8 +432,11 @@ TEST(CpuCopyEngineTest, InvalidBatchesAreRejectedWithoutCallingDone) {
       {"null destination", {{a, 0, 4}}, Addr(0), Addr(0), "destination address is 0"},
       {"overlap", {{a, a + 8, 16}}, Addr(0), Addr(0), "overlap"},
       // Three disjoint-sided fragments of 3/8 of the address space each.
-      {"total overflows", {{1, 1 + kHuge, kHuge}, {1, 1 + kHuge, kHuge}, {1, 1 + kHuge, kHuge}},
-       Addr(0), Addr(0), "total bytes overflow"},
+      {"total overflows",
+       {{1, 1 + kHuge, kHuge}, {1, 1 + kHuge, kHuge}, {1, 1 + kHuge, kHuge}},
+       Addr(0),
+       Addr(0),
+       "total bytes overflow"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -516,15 +520,16 @@ TEST(CpuCopyEngineTest, SubmitFromDoneCallbackChainsGatherAndScatter) {
   const std::vector<Fragment> scatter_list = {{0, AddrOf(pool_b.data()), 4096}};
   Completions done;
   CopyEngine* raw = engine.get();
-  ASSERT_TRUE(engine
-                  ->Submit(GatherBatch(gather_list, slot.addr()),
-                           [&, raw](Status status) {
-                             ASSERT_TRUE(status.ok());
-                             ASSERT_TRUE(raw->Submit(ScatterBatch(scatter_list, slot.addr()),
-                                                     done.Callback())
-                                             .ok());
-                           })
-                  .ok());
+  ASSERT_TRUE(
+      engine
+          ->Submit(
+              GatherBatch(gather_list, slot.addr()),
+              [&, raw](Status status) {
+                ASSERT_TRUE(status.ok());
+                ASSERT_TRUE(
+                    raw->Submit(ScatterBatch(scatter_list, slot.addr()), done.Callback()).ok());
+              })
+          .ok());
   done.WaitFor(1);
   EXPECT_EQ(0, std::memcmp(pool_b.data(), pool_a.data() + 4096, 4096));
   EXPECT_TRUE(pool_b.GuardsIntact());
@@ -542,10 +547,12 @@ TEST(CpuCopyEngineTest, DestructionFinishesQueuedWorkThenJoins) {
   std::mutex mu;
   std::condition_variable cv;
   bool release = false;
-  ASSERT_TRUE(raw->Submit(CopyBatch{}, [&](Status) {
-                   std::unique_lock<std::mutex> lock(mu);
-                   cv.wait(lock, [&] { return release; });
-                 }).ok());
+  ASSERT_TRUE(raw->Submit(CopyBatch{},
+                          [&](Status) {
+                            std::unique_lock<std::mutex> lock(mu);
+                            cv.wait(lock, [&] { return release; });
+                          })
+                  .ok());
 
   constexpr int kQueued = 20;
   constexpr size_t kBytes = 256 * 1024;

@@ -45,8 +45,7 @@ Result<std::vector<std::byte>> EncodeAny(const M& message) {
 }
 
 template <typename M>
-void CheckOne(std::span<const std::byte> frame,
-              Result<M> (*decode)(std::span<const std::byte>)) {
+void CheckOne(std::span<const std::byte> frame, Result<M> (*decode)(std::span<const std::byte>)) {
   Result<M> decoded = decode(frame);
   Result<std::optional<size_t>> length = FrameLength(frame);
   if (!decoded.ok()) {
@@ -64,8 +63,8 @@ void CheckOne(std::span<const std::byte> frame,
   if (!encoded.ok()) Fail("a decoded message does not encode", encoded.status().ToString());
   if (encoded->size() != frame.size() ||
       !std::equal(encoded->begin(), encoded->end(), frame.begin())) {
-    Fail("re-encoding is not byte-identical", std::to_string(encoded->size()) + " vs " +
-                                                  std::to_string(frame.size()) + " bytes");
+    Fail("re-encoding is not byte-identical",
+         std::to_string(encoded->size()) + " vs " + std::to_string(frame.size()) + " bytes");
   }
   Result<M> again = decode(*encoded);
   if (!again.ok()) Fail("re-encoded frame does not decode", again.status().ToString());

@@ -6,5 +6,6 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   namespace p = kvbounce::protocol;
-  return p::fuzz::FuzzOne<p::KvRequest>(data, size, p::MessageType::kKvRequest, &p::DecodeKvRequest);
+  return p::fuzz::FuzzOne<p::KvRequest>(data, size, p::MessageType::kKvRequest,
+                                        &p::DecodeKvRequest);
 }

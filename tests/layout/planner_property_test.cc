@@ -58,9 +58,15 @@ struct OraclePool {
     int64_t idx = 0;
     const int64_t ll = per_layer ? 0 : l;
     switch (kind) {
-      case LayoutKind::kBlockMajorHnd: idx = (((b * L + l) * K + kv) * H + h) * T + t; break;
-      case LayoutKind::kLayerMajorHnd: idx = (((ll * K + kv) * N + b) * H + h) * T + t; break;
-      case LayoutKind::kLayerMajorNhd: idx = (((ll * K + kv) * N + b) * T + t) * H + h; break;
+      case LayoutKind::kBlockMajorHnd:
+        idx = (((b * L + l) * K + kv) * H + h) * T + t;
+        break;
+      case LayoutKind::kLayerMajorHnd:
+        idx = (((ll * K + kv) * N + b) * H + h) * T + t;
+        break;
+      case LayoutKind::kLayerMajorNhd:
+        idx = (((ll * K + kv) * N + b) * T + t) * H + h;
+        break;
     }
     return {per_layer ? static_cast<size_t>(l) : 0, idx * R};
   }
@@ -89,8 +95,8 @@ std::vector<int> RandomStages(std::mt19937_64& rng, int layers, int pp) {
   return stages;
 }
 
-void BuildSide(std::mt19937_64& rng, const ModelShape& model, DType dtype, int64_t end,
-               bool fill, Side* side) {
+void BuildSide(std::mt19937_64& rng, const ModelShape& model, DType dtype, int64_t end, bool fill,
+               Side* side) {
   InstanceSpec& spec = side->spec;
   spec.model = model;
   spec.dtype = dtype;
@@ -128,8 +134,13 @@ void BuildSide(std::mt19937_64& rng, const ModelShape& model, DType dtype, int64
         for (auto& b : m) b = static_cast<std::byte>(rng());
       }
     }
-    PoolGeometry g{static_cast<int>(pool.L), static_cast<int>(pool.K), static_cast<int>(pool.H),
-                   static_cast<int>(pool.T), model.head_dim, DTypeBytes(dtype), pool.N};
+    PoolGeometry g{static_cast<int>(pool.L),
+                   static_cast<int>(pool.K),
+                   static_cast<int>(pool.H),
+                   static_cast<int>(pool.T),
+                   model.head_dim,
+                   DTypeBytes(dtype),
+                   pool.N};
     Result<PoolLayout> layout = [&]() -> Result<PoolLayout> {
       if (!pool.per_layer) {
         return PoolLayout::Create(spec.layout, g, Addr::FromPointer(pool.memory[0].data()));
@@ -152,7 +163,8 @@ void BuildSide(std::mt19937_64& rng, const ModelShape& model, DType dtype, int64
 }
 
 // Copies `list` with `src_base`/`dst_base` through the engine.
-void RunCopies(CopyEngine& engine, const std::vector<Fragment>& list, Addr src_base, Addr dst_base) {
+void RunCopies(CopyEngine& engine, const std::vector<Fragment>& list, Addr src_base,
+               Addr dst_base) {
   ASSERT_TRUE(engine.CopySync(CopyBatch{list, src_base, dst_base}).ok());
 }
 
@@ -200,7 +212,8 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
     trials_uneven += !ctx.spec.layers_per_stage.empty() || !gen.spec.layers_per_stage.empty();
     trials_fan_in += ctx_tp > gen_tp || ctx.spec.pp > gen.spec.pp;
     trials_fan_out += ctx_tp < gen_tp || ctx.spec.pp < gen.spec.pp;
-    trials_unaligned += start % gen.spec.tokens_per_block != 0 || end % gen.spec.tokens_per_block != 0;
+    trials_unaligned +=
+        start % gen.spec.tokens_per_block != 0 || end % gen.spec.tokens_per_block != 0;
     trials_mixed_tpb += ctx.spec.tokens_per_block != gen.spec.tokens_per_block;
     for (const auto& p : ctx.pools) trials_per_layer += p.per_layer;
 
@@ -237,11 +250,11 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
           const OraclePool& cp = ctx.pools[c];
           for (int64_t kv = 0; kv < gp.K; ++kv) {
             for (int64_t t = start; t < end; ++t) {
-              const auto [sa, so] = cp.Row(gl - co.first_layer, kv,
-                                           ctx.tables[c][static_cast<size_t>(t / cp.T)],
-                                           gh - co.first_head, t % cp.T);
-              const auto [da, dof] = gp.Row(l, kv, gen.tables[g][static_cast<size_t>(t / gp.T)],
-                                            h, t % gp.T);
+              const auto [sa, so] =
+                  cp.Row(gl - co.first_layer, kv, ctx.tables[c][static_cast<size_t>(t / cp.T)],
+                         gh - co.first_head, t % cp.T);
+              const auto [da, dof] =
+                  gp.Row(l, kv, gen.tables[g][static_cast<size_t>(t / gp.T)], h, t % gp.T);
               std::memcpy(expected[da].data() + dof, cp.memory[sa].data() + so,
                           static_cast<size_t>(gp.R));
               expected_bytes_from[c] += static_cast<uint64_t>(gp.R);
@@ -279,8 +292,8 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
                                    Addr());
         const PoolLayout ctx_shape = *ctx.layouts[c].Rebased(ctx_zero);
         const PoolLayout gen_shape = *gen.layouts[g].Rebased(zero_bases);
-        auto sender_only = PlanPair(writer, PlanSide{gen.topology.get(), g, &gen_shape, {}},
-                                    tokens, kPlanGather);
+        auto sender_only =
+            PlanPair(writer, PlanSide{gen.topology.get(), g, &gen_shape, {}}, tokens, kPlanGather);
         auto receiver_only = PlanPair(PlanSide{ctx.topology.get(), c, &ctx_shape, {}}, to_bounce,
                                       tokens, kPlanScatter);
         ASSERT_TRUE(sender_only.ok()) << sender_only.status();

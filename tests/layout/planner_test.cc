@@ -1,14 +1,14 @@
 // Planner behaviour on real model shapes and on bad input. The per-element
 // correctness of the lists is the property test's job; here: the counts a
 // serving engineer can check by hand (DESIGN §4) and the error paths.
+#include "layout/planner.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <numeric>
 #include <random>
 #include <vector>
-
-#include "layout/planner.h"
 
 namespace kvbounce {
 namespace {
@@ -128,7 +128,8 @@ TEST(PlannerTest, FingerprintChangesWithEveryInput) {
   const std::vector<int32_t> table = {0, 1, 2, 3, 4, 5, 6, 7};
   auto fp = [&](const Instance& g, int c, TokenRange r) {
     return PlanPair({&ctx.topology, c, &ctx.pools[c], table}, {&g.topology, 0, &g.pools[0], table},
-                    r)->fingerprint;
+                    r)
+        ->fingerprint;
   };
   const uint64_t base = fp(gen, 0, {0, 64});
   EXPECT_EQ(base, fp(gen, 0, {0, 64}));
@@ -147,14 +148,16 @@ TEST(PlannerTest, BadInputIsAClearError) {
 
   auto past_table = PlanPair(writer, receiver, {0, 129});
   EXPECT_EQ(past_table.status().code(), StatusCode::kOutOfRange);
-  EXPECT_THAT(std::string(past_table.status().message()),
-              HasSubstr("token range [0, 129) needs 5 blocks of 32 tokens but the block table has 4"));
+  EXPECT_THAT(
+      std::string(past_table.status().message()),
+      HasSubstr("token range [0, 129) needs 5 blocks of 32 tokens but the block table has 4"));
 
   const std::vector<int32_t> bad_ids = {0, 1, 8, 3};
   auto bad_block = PlanPair(writer, {&gen.topology, 0, &gen.pools[0], bad_ids}, {0, 128});
   EXPECT_EQ(bad_block.status().code(), StatusCode::kOutOfRange);
-  EXPECT_THAT(std::string(bad_block.status().message()),
-              HasSubstr("receiver rank 0: block table entry 2 = 8 is outside the pool of 8 blocks"));
+  EXPECT_THAT(
+      std::string(bad_block.status().message()),
+      HasSubstr("receiver rank 0: block table entry 2 = 8 is outside the pool of 8 blocks"));
   // Only the blocks of the range matter, and only on the sides the lists touch.
   EXPECT_TRUE(PlanPair(writer, {&gen.topology, 0, &gen.pools[0], bad_ids}, {0, 64}).ok());
   EXPECT_TRUE(PlanPair(writer, {&gen.topology, 0, &gen.pools[0], {}}, {0, 128}, kPlanGather).ok());

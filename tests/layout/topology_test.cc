@@ -1,8 +1,9 @@
+#include "layout/topology.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "layout/pool_layout.h"
-#include "layout/topology.h"
 
 namespace kvbounce {
 namespace {
@@ -212,16 +213,19 @@ TEST(PoolLayoutTest, StridesFollowTheNamedLayouts) {
   EXPECT_EQ(per_layer->RowAddress(1, 1, 2, 3, 4).value(),
             900000 + 1 * 10 * 4 * 16 * row + 2 * 4 * 16 * row + 3 * 16 * row + 4 * row);
   EXPECT_EQ(PoolLayout::CreatePerLayer(LayoutKind::kBlockMajorHnd, g, {Addr(), Addr(), Addr()})
-                .status().code(),
+                .status()
+                .code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(PoolLayout::CreatePerLayer(LayoutKind::kLayerMajorHnd, g, {Addr()}).status().code(),
             StatusCode::kInvalidArgument);
   g.num_blocks = 0;
-  EXPECT_THAT(std::string(PoolLayout::Create(LayoutKind::kLayerMajorHnd, g, Addr()).status().message()),
-              HasSubstr("num_blocks = 0"));
+  EXPECT_THAT(
+      std::string(PoolLayout::Create(LayoutKind::kLayerMajorHnd, g, Addr()).status().message()),
+      HasSubstr("num_blocks = 0"));
   g.num_blocks = int64_t{1} << 60;
-  EXPECT_THAT(std::string(PoolLayout::Create(LayoutKind::kLayerMajorHnd, g, Addr()).status().message()),
-              HasSubstr("too large"));
+  EXPECT_THAT(
+      std::string(PoolLayout::Create(LayoutKind::kLayerMajorHnd, g, Addr()).status().message()),
+      HasSubstr("too large"));
 }
 
 }  // namespace

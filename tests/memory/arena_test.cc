@@ -30,12 +30,12 @@ using ::kvbounce::testing_util::FakeAllocation;
 using ::kvbounce::testing_util::FakeRegistration;
 using ::kvbounce::testing_util::IsOk;
 using ::kvbounce::testing_util::StatusIs;
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
-using std::chrono::milliseconds;
-using std::chrono::nanoseconds;
 using Clock = std::chrono::steady_clock;
 
 constexpr uint64_t kAlign = Arena::kMinAlignment;
@@ -102,8 +102,8 @@ TEST(ArenaCreateTest, RejectsBadOptionsNamingTheArena) {
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("arena 'bad'")));
   EXPECT_THAT(Arena::Create({"", kAlign}, host()),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("name")));
-  for (uint64_t alignment : {uint64_t{0}, uint64_t{1}, uint64_t{128}, uint64_t{300},
-                             uint64_t{1000}, uint64_t{3} << 10}) {
+  for (uint64_t alignment : {uint64_t{0}, uint64_t{1}, uint64_t{128}, uint64_t{300}, uint64_t{1000},
+                             uint64_t{3} << 10}) {
     EXPECT_THAT(Arena::Create({"bad", alignment}, host()),
                 StatusIs(StatusCode::kInvalidArgument,
                          AllOf(HasSubstr("arena 'bad'"), HasSubstr("alignment"))))
@@ -250,8 +250,8 @@ TEST(ArenaFanInTest, SubSlotsAreExactAlignedDisjointAndInsideTheSlot) {
     EXPECT_EQ(sub.offset, expected_offset) << i;  // packed right after the previous one
     EXPECT_EQ(sub.offset % kAlign, 0u) << i;
     EXPECT_EQ(sub.address, arena->base_address() + sub.offset) << i;
-    EXPECT_EQ(sub.host_pointer, static_cast<std::byte*>(arena->base_address().ToPointer()) +
-                                    sub.offset)
+    EXPECT_EQ(sub.host_pointer,
+              static_cast<std::byte*>(arena->base_address().ToPointer()) + sub.offset)
         << i;
     EXPECT_GE(sub.offset, slot->offset());
     EXPECT_LE(sub.offset + sub.size, slot->offset() + slot->size());
@@ -694,9 +694,12 @@ void RunRandomSequence(uint64_t seed, uint64_t alignment, uint64_t region_bytes,
 
   auto random_size = [&]() -> uint64_t {
     switch (uniform(0, 9)) {
-      case 0: return uniform(1, capacity + 4 * alignment);  // sometimes oversize
-      case 1: return uniform(1, 3) * alignment;              // exact multiples
-      default: return uniform(1, 6 * alignment);
+      case 0:
+        return uniform(1, capacity + 4 * alignment);  // sometimes oversize
+      case 1:
+        return uniform(1, 3) * alignment;  // exact multiples
+      default:
+        return uniform(1, 6 * alignment);
     }
   };
   auto check_reserved = [&](Result<Slot>& result, const std::vector<uint64_t>& sizes) {
@@ -820,10 +823,10 @@ TEST(ArenaStressTest, ConcurrentReserveReleaseQuarantineEndsWithNothingOutstandi
       std::vector<Slot> held;
       for (int i = 0; i < kIterations; ++i) {
         const uint64_t bytes = std::uniform_int_distribution<uint64_t>(1, 16 * kAlign)(rng);
-        Result<Slot> slot = (i % 5 == 0)
-                                ? arena->Reserve(std::array<uint64_t, 3>{bytes / 3 + 1, 7, 300},
-                                                 milliseconds(5))
-                                : arena->Reserve(bytes, milliseconds(5));
+        Result<Slot> slot =
+            (i % 5 == 0)
+                ? arena->Reserve(std::array<uint64_t, 3>{bytes / 3 + 1, 7, 300}, milliseconds(5))
+                : arena->Reserve(bytes, milliseconds(5));
         if (!slot.ok()) {
           EXPECT_THAT(slot, StatusIs(StatusCode::kResourceExhausted));
           ++backpressure;

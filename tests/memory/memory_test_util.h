@@ -12,10 +12,10 @@
 #include <utility>
 #include <vector>
 
-#include "kvbounce/status.h"
 #include "common/status_matchers.h"
-#include "memory/allocation.h"
 #include "kvbounce/registration.h"
+#include "kvbounce/status.h"
+#include "memory/allocation.h"
 
 namespace kvbounce::testing_util {
 
@@ -45,9 +45,9 @@ class FakeAllocation final : public Allocation {
                                           std::string label = "mem") {
     auto inner = HostAllocation::Create(bytes, 4096);
     EXPECT_TRUE(inner.ok()) << inner.status();
-    return std::unique_ptr<Allocation>(new FakeAllocation(
-        std::move(inner).value(), Addr(), bytes, MemoryKind::kHost, std::move(log),
-        std::move(label)));
+    return std::unique_ptr<Allocation>(new FakeAllocation(std::move(inner).value(), Addr(), bytes,
+                                                          MemoryKind::kHost, std::move(log),
+                                                          std::move(label)));
   }
   static std::unique_ptr<Allocation> Device(Addr address, size_t bytes,
                                             std::shared_ptr<EventLog> log,

@@ -2,15 +2,15 @@
 // way a frame can be malformed.
 #include "protocol/codec.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "protocol/messages.h"
 #include "protocol/wire.h"
@@ -104,11 +104,16 @@ void PatchU64(Frame& f, size_t offset, uint64_t v) {
 // Decodes with the typed decoder of the message's type.
 Status DecodeTyped(MessageType type, std::span<const std::byte> frame) {
   switch (type) {
-    case MessageType::kHello: return DecodeHello(frame).status();
-    case MessageType::kKvRequest: return DecodeKvRequest(frame).status();
-    case MessageType::kKvResult: return DecodeKvResult(frame).status();
-    case MessageType::kCancel: return DecodeCancel(frame).status();
-    case MessageType::kBye: return DecodeBye(frame).status();
+    case MessageType::kHello:
+      return DecodeHello(frame).status();
+    case MessageType::kKvRequest:
+      return DecodeKvRequest(frame).status();
+    case MessageType::kKvResult:
+      return DecodeKvResult(frame).status();
+    case MessageType::kCancel:
+      return DecodeCancel(frame).status();
+    case MessageType::kBye:
+      return DecodeBye(frame).status();
   }
   return InternalError("unreachable");
 }
@@ -117,21 +122,35 @@ Hello SmallHello() {
   Hello h;
   h.instance_id = "ctx-instance-0";
   h.role = Role::kCtx;
-  h.placement = {.tp_rank = 1, .tp_size = 2, .pp_rank = 1, .pp_size = 2,
-                 .layers_per_stage = {17, 15}};
-  h.model = {.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2,
-             .elem_bytes = 2};
-  h.layout = {.kind = LayoutKind::kBlockMajorHnd, .tokens_per_block = 32, .num_blocks = 1024,
-              .base = 0x7f0000000000, .s_layer = 2 * 4 * 32 * 128 * 2, .s_kv = 4 * 32 * 128 * 2,
-              .s_block = 15ull * 2 * 4 * 32 * 128 * 2, .s_head = 32 * 128 * 2, .s_token = 256,
+  h.placement = {
+      .tp_rank = 1, .tp_size = 2, .pp_rank = 1, .pp_size = 2, .layers_per_stage = {17, 15}};
+  h.model = {.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2, .elem_bytes = 2};
+  h.layout = {.kind = LayoutKind::kBlockMajorHnd,
+              .tokens_per_block = 32,
+              .num_blocks = 1024,
+              .base = 0x7f0000000000,
+              .s_layer = 2 * 4 * 32 * 128 * 2,
+              .s_kv = 4 * 32 * 128 * 2,
+              .s_block = 15ull * 2 * 4 * 32 * 128 * 2,
+              .s_head = 32 * 128 * 2,
+              .s_token = 256,
               .layer_bases = {}};
   h.regions = {
-      {.kind = RegionKind::kPool, .memory = MemoryKind::kCuda, .addr = 0x7f0000000000,
-       .size = 1ull << 30, .remote_key = Bytes({1, 2, 3, 4, 5})},
-      {.kind = RegionKind::kSendArena, .memory = MemoryKind::kPinnedHost, .addr = 0x1000,
-       .size = 64 << 20, .remote_key = {}},
-      {.kind = RegionKind::kRecvArena, .memory = MemoryKind::kHost, .addr = 0,
-       .size = UINT64_MAX, .remote_key = Bytes({0xFF})},
+      {.kind = RegionKind::kPool,
+       .memory = MemoryKind::kCuda,
+       .addr = 0x7f0000000000,
+       .size = 1ull << 30,
+       .remote_key = Bytes({1, 2, 3, 4, 5})},
+      {.kind = RegionKind::kSendArena,
+       .memory = MemoryKind::kPinnedHost,
+       .addr = 0x1000,
+       .size = 64 << 20,
+       .remote_key = {}},
+      {.kind = RegionKind::kRecvArena,
+       .memory = MemoryKind::kHost,
+       .addr = 0,
+       .size = UINT64_MAX,
+       .remote_key = Bytes({0xFF})},
   };
   h.capabilities = kCapabilityBounce | kCapabilityDeviceMemory | (uint64_t{1} << 63);
   return h;
@@ -143,24 +162,37 @@ Hello MaxHello(bool max_stages) {
   h.instance_id = std::string(kMaxInstanceIdBytes, 'i');
   h.role = Role::kGen;
   if (max_stages) {
-    h.placement = {.tp_rank = UINT32_MAX - 1, .tp_size = UINT32_MAX,
-                   .pp_rank = kMaxPipelineStages - 1, .pp_size = kMaxPipelineStages,
-                   .layers_per_stage = std::vector<uint32_t>(kMaxPipelineStages,
-                                                             kMaxLayers / kMaxPipelineStages)};
+    h.placement = {.tp_rank = UINT32_MAX - 1,
+                   .tp_size = UINT32_MAX,
+                   .pp_rank = kMaxPipelineStages - 1,
+                   .pp_size = kMaxPipelineStages,
+                   .layers_per_stage =
+                       std::vector<uint32_t>(kMaxPipelineStages, kMaxLayers / kMaxPipelineStages)};
   } else {
-    h.placement = {.tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1,
-                   .layers_per_stage = {kMaxLayers}};
+    h.placement = {
+        .tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1, .layers_per_stage = {kMaxLayers}};
   }
-  h.model = {.num_layers = kMaxLayers, .num_kv_heads = UINT32_MAX, .head_dim = UINT32_MAX,
-             .kv_factor = UINT32_MAX, .elem_bytes = UINT32_MAX};
+  h.model = {.num_layers = kMaxLayers,
+             .num_kv_heads = UINT32_MAX,
+             .head_dim = UINT32_MAX,
+             .kv_factor = UINT32_MAX,
+             .elem_bytes = UINT32_MAX};
   const uint32_t local = h.placement.layers_per_stage[h.placement.pp_rank];
-  h.layout = {.kind = LayoutKind::kLayerMajorNhd, .tokens_per_block = UINT32_MAX,
-              .num_blocks = UINT32_MAX, .base = UINT64_MAX, .s_layer = UINT64_MAX,
-              .s_kv = UINT64_MAX, .s_block = UINT64_MAX, .s_head = UINT64_MAX,
-              .s_token = UINT64_MAX, .layer_bases = std::vector<uint64_t>(local, UINT64_MAX)};
+  h.layout = {.kind = LayoutKind::kLayerMajorNhd,
+              .tokens_per_block = UINT32_MAX,
+              .num_blocks = UINT32_MAX,
+              .base = UINT64_MAX,
+              .s_layer = UINT64_MAX,
+              .s_kv = UINT64_MAX,
+              .s_block = UINT64_MAX,
+              .s_head = UINT64_MAX,
+              .s_token = UINT64_MAX,
+              .layer_bases = std::vector<uint64_t>(local, UINT64_MAX)};
   for (uint32_t i = 0; i < kMaxRegions; ++i) {
-    h.regions.push_back({.kind = RegionKind::kRecvArena, .memory = MemoryKind::kCuda,
-                         .addr = UINT64_MAX, .size = 0,
+    h.regions.push_back({.kind = RegionKind::kRecvArena,
+                         .memory = MemoryKind::kCuda,
+                         .addr = UINT64_MAX,
+                         .size = 0,
                          .remote_key = Frame(kMaxRemoteKeyBytes, std::byte{0x5A})});
   }
   h.capabilities = UINT64_MAX;
@@ -208,8 +240,7 @@ std::vector<Sample> Samples() {
   {
     Hello h = SmallHello();
     h.instance_id = "x";
-    h.placement = {.tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1,
-                   .layers_per_stage = {0}};
+    h.placement = {.tp_rank = 0, .tp_size = 1, .pp_rank = 0, .pp_size = 1, .layers_per_stage = {0}};
     h.model = {};
     h.layout = {};
     h.regions.clear();
@@ -353,7 +384,7 @@ TEST(CodecGoldenTest, KvResult) {
       0x09, 0x00, 0x00, 0x00,                          // slice_id
       0x03, 0x00, 0x00, 0x00,                          // writer_rank
       0x01,                                            // status FAILED
-      0x03, 0x00, 0x00, 0x00, 'o', 'o', 'm',           // error_text
+      0x03, 0x00, 0x00, 0x00, 'o',  'o',  'm',         // error_text
   });
   EXPECT_TRUE(MustEncode(m) == expected);
   Result<KvResult> decoded = DecodeKvResult(expected);
@@ -403,7 +434,7 @@ TEST(CodecGoldenTest, CancelAndBye) {
       0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x04, 0x00,  // magic, version 1, CANCEL
       0x0F, 0x00, 0x00, 0x00,                          // payload length 15
       0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
-      0x03, 0x00, 0x00, 0x00, 't', 't', 'l',           // reason
+      0x03, 0x00, 0x00, 0x00, 't',  't',  'l',         // reason
   });
   EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
   const Frame bye = Bytes({
@@ -419,15 +450,23 @@ TEST(CodecGoldenTest, Hello) {
   Hello m;
   m.instance_id = "g0";
   m.role = Role::kGen;
-  m.placement = {.tp_rank = 1, .tp_size = 2, .pp_rank = 0, .pp_size = 1,
-                 .layers_per_stage = {2}};
-  m.model = {.num_layers = 2, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2,
-             .elem_bytes = 2};
-  m.layout = {.kind = LayoutKind::kLayerMajorNhd, .tokens_per_block = 16, .num_blocks = 4,
-              .base = 0x100000, .s_layer = 0, .s_kv = 0x10000, .s_block = 0x4000,
-              .s_head = 0x100, .s_token = 0x400, .layer_bases = {0x100000, 0x200000}};
-  m.regions = {{.kind = RegionKind::kRecvArena, .memory = MemoryKind::kCuda,
-                .addr = 0x7F0000000000, .size = 0x400000, .remote_key = Bytes({0xAA, 0xBB})}};
+  m.placement = {.tp_rank = 1, .tp_size = 2, .pp_rank = 0, .pp_size = 1, .layers_per_stage = {2}};
+  m.model = {.num_layers = 2, .num_kv_heads = 8, .head_dim = 128, .kv_factor = 2, .elem_bytes = 2};
+  m.layout = {.kind = LayoutKind::kLayerMajorNhd,
+              .tokens_per_block = 16,
+              .num_blocks = 4,
+              .base = 0x100000,
+              .s_layer = 0,
+              .s_kv = 0x10000,
+              .s_block = 0x4000,
+              .s_head = 0x100,
+              .s_token = 0x400,
+              .layer_bases = {0x100000, 0x200000}};
+  m.regions = {{.kind = RegionKind::kRecvArena,
+                .memory = MemoryKind::kCuda,
+                .addr = 0x7F0000000000,
+                .size = 0x400000,
+                .remote_key = Bytes({0xAA, 0xBB})}};
   m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
   const Frame expected = Bytes({
       0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x01, 0x00,  // magic, version 1, HELLO
@@ -453,7 +492,7 @@ TEST(CodecGoldenTest, Hello) {
       0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_head
       0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // s_token
       0x09, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // capabilities
-      0x02, 0x00, 0x00, 0x00, 'g', '0',                // instance_id
+      0x02, 0x00, 0x00, 0x00, 'g',  '0',               // instance_id
       0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00,  // layers_per_stage {2}
       0x02, 0x00, 0x00, 0x00,                          // layer_bases count
       0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,  //   0x100000
@@ -626,9 +665,9 @@ TEST(CodecTest, HeaderLengthMustMatchTheBytesPresent) {
     Frame f = frame;
     PatchU32(f, kLengthOffset, length + 1);  // claims a byte that is not there
     EXPECT_THAT(DecodeFrame(f).status(),
-                IsError(StatusCode::kDataLoss,
-                        "KV_RESULT frame: truncated, header says " + std::to_string(length + 1) +
-                            " payload bytes, " + std::to_string(length) + " present"));
+                IsError(StatusCode::kDataLoss, "KV_RESULT frame: truncated, header says " +
+                                                   std::to_string(length + 1) + " payload bytes, " +
+                                                   std::to_string(length) + " present"));
   }
   {
     Frame f = frame;
@@ -691,7 +730,8 @@ TEST(CodecTest, HugeCountsAreRejectedBeforeAllocating) {
       {"block_table", MustEncode(SmallKvRequest()), kKvRequestTableOffset, 0xFFFFFFFF,
        "KV_REQUEST.block_table: count 4294967295 exceeds limit 8388608"},
       {"block_table_at_limit", MustEncode(SmallKvRequest()), kKvRequestTableOffset,
-       kMaxBlockTableEntries, "KV_REQUEST.block_table: count 8388608 needs 33554432 bytes, have 24"},
+       kMaxBlockTableEntries,
+       "KV_REQUEST.block_table: count 8388608 needs 33554432 bytes, have 24"},
       {"error_text", MustEncode(SmallKvResult()), kKvResultTextOffset, 0xFFFFFFFF,
        "KV_RESULT.error_text: length 4294967295 exceeds limit 4096"},
       {"error_text_short", MustEncode(SmallKvResult()), kKvResultTextOffset, 4000,
@@ -834,7 +874,10 @@ TEST(CodecTest, InconsistentPlacementIsRejected) {
        "HELLO.placement.pp_rank: 5 not below pp_size 2"},
       {"stages", [](Hello& h) { h.placement.layers_per_stage = {32}; },
        "HELLO.placement.layers_per_stage: 1 entries, pp_size is 2"},
-      {"sum", [](Hello& h) { h.placement.layers_per_stage = {16, 15}; },
+      {"sum",
+       [](Hello& h) {
+         h.placement.layers_per_stage = {16, 15};
+       },
        "HELLO.placement.layers_per_stage: entries sum to 31, model.num_layers is 32"},
       {"num_layers",
        [](Hello& h) {
@@ -842,16 +885,17 @@ TEST(CodecTest, InconsistentPlacementIsRejected) {
          h.placement.layers_per_stage = {kMaxLayers, 1};
        },
        "HELLO.model.num_layers: 4097 exceeds limit 4096"},
-      {"layer_bases", [](Hello& h) { h.layout.layer_bases = {1, 2, 3}; },
+      {"layer_bases",
+       [](Hello& h) {
+         h.layout.layer_bases = {1, 2, 3};
+       },
        "HELLO.layout.layer_bases: 3 entries, must be 0 or the 15 layers of stage 1"},
       {"instance_empty", [](Hello& h) { h.instance_id.clear(); }, "HELLO.instance_id: empty"},
       {"instance_long", [](Hello& h) { h.instance_id.assign(kMaxInstanceIdBytes + 1, 'a'); },
        "HELLO.instance_id: 257 bytes exceed limit 256"},
-      {"regions",
-       [](Hello& h) { h.regions.resize(kMaxRegions + 1); },
+      {"regions", [](Hello& h) { h.regions.resize(kMaxRegions + 1); },
        "HELLO.regions: 65 entries exceed limit 64"},
-      {"remote_key",
-       [](Hello& h) { h.regions[2].remote_key.resize(kMaxRemoteKeyBytes + 1); },
+      {"remote_key", [](Hello& h) { h.regions[2].remote_key.resize(kMaxRemoteKeyBytes + 1); },
        "HELLO.regions[2].remote_key: 16385 bytes exceed limit 16384"},
       {"role", [](Hello& h) { h.role = static_cast<Role>(9); },
        "HELLO.role: value 9 out of range 0..1"},
@@ -889,9 +933,8 @@ TEST(CodecTest, EncodersRejectOversizeFields) {
 
   KvResult res;
   res.error_text.assign(kMaxErrorTextBytes + 1, 'x');
-  EXPECT_THAT(Encode(res).status(),
-              IsError(StatusCode::kInvalidArgument,
-                      "KV_RESULT.error_text: 4097 bytes exceed limit 4096"));
+  EXPECT_THAT(Encode(res).status(), IsError(StatusCode::kInvalidArgument,
+                                            "KV_RESULT.error_text: 4097 bytes exceed limit 4096"));
   res.status = static_cast<ResultStatus>(3);
   EXPECT_THAT(Encode(res).status(),
               IsError(StatusCode::kInvalidArgument, "KV_RESULT.status: value 3 out of range"));

@@ -1,12 +1,12 @@
 // Tests of the little-endian primitives: WireWriter and WireReader.
 #include "protocol/wire.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 namespace kvbounce::protocol {
 namespace {
@@ -37,15 +37,14 @@ TEST(WireTest, StoresAreLittleEndianWhateverTheHost) {
   w.PutU32(0x03040506);
   w.PutU64(0x0708090A0B0C0D0Eull);
   w.PutI64(-2);
-  EXPECT_EQ(out, Bytes({0xAB, 0x02, 0x01, 0x06, 0x05, 0x04, 0x03, 0x0E, 0x0D, 0x0C, 0x0B,
-                        0x0A, 0x09, 0x08, 0x07, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-                        0xFF}));
+  EXPECT_EQ(out, Bytes({0xAB, 0x02, 0x01, 0x06, 0x05, 0x04, 0x03, 0x0E, 0x0D, 0x0C, 0x0B, 0x0A,
+                        0x09, 0x08, 0x07, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF}));
 }
 
 TEST(WireTest, LoadsInvertStores) {
   std::byte b[8];
-  for (uint64_t v : {uint64_t{0}, uint64_t{1}, uint64_t{0x8000000000000000ull},
-                     UINT64_MAX, uint64_t{0x0123456789ABCDEFull}}) {
+  for (uint64_t v : {uint64_t{0}, uint64_t{1}, uint64_t{0x8000000000000000ull}, UINT64_MAX,
+                     uint64_t{0x0123456789ABCDEFull}}) {
     StoreLe64(b, v);
     EXPECT_EQ(LoadLe64(b), v);
     StoreLe32(b, static_cast<uint32_t>(v));
@@ -63,9 +62,9 @@ TEST(WireTest, StringsAndArraysArePrefixedWithU32Counts) {
   w.PutU32Array(u32s);
   const uint64_t u64s[] = {0xFF};
   w.PutU64Array(u64s);
-  EXPECT_EQ(out, Bytes({2, 0, 0, 0, 'a', 'b',                    //
-                        2, 0, 0, 0, 1, 0, 0, 0, 4, 3, 2, 1,      //
-                        1, 0, 0, 0, 0xFF, 0, 0, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(out, Bytes({2, 0, 0, 0, 'a',  'b',                    //
+                        2, 0, 0, 0, 1,    0,   0, 0, 4, 3, 2, 1,  //
+                        1, 0, 0, 0, 0xFF, 0,   0, 0, 0, 0, 0, 0}));
 }
 
 TEST(WireTest, ReaderReadsBackWhatWriterWrote) {

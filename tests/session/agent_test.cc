@@ -5,9 +5,8 @@
 
 #include <cstdlib>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "common/status_matchers.h"
 #include "tools/cluster.h"
@@ -16,13 +15,13 @@
 namespace kvbounce {
 namespace {
 
+using std::chrono::milliseconds;
 using ::testing::HasSubstr;
 using testing_util::IsOk;
 using testing_util::StatusIs;
 using tools::BlockTables;
 using tools::Cluster;
 using tools::ClusterOptions;
-using std::chrono::milliseconds;
 
 class AgentCreateTest : public ::testing::Test {
  protected:
@@ -44,32 +43,38 @@ class AgentCreateTest : public ::testing::Test {
 TEST_F(AgentCreateTest, InvalidOptionsNameTheField) {
   AgentOptions o = Options();
   o.transport.reset();
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("transport")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("transport")));
   o = Options();
   o.instance_id = "";
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("instance_id")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("instance_id")));
   o = Options();
   o.config.bounce_size_mb = -1;
   EXPECT_THAT(Agent::Create(std::move(o)),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("bounce_size_mb = -1")));
   o = Options();
   o.instance.tp = 3;
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("tp = 3")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("tp = 3")));
   o = Options();
   o.rank = 1;
   EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kOutOfRange, HasSubstr("rank 1")));
   o = Options();
   o.pool.bases.clear();
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("pool.bases")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("pool.bases")));
   o = Options();
   o.pool.bases.push_back(Addr::FromPointer(pool_.data() + 4096));  // per layer, block-major
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("per-layer")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("per-layer")));
   o = Options();
   o.pool.memory = MemoryKind::kCuda;
   EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kUnimplemented, HasSubstr("cuda")));
   o = Options();
   o.pool.num_blocks = 0;
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_blocks")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_blocks")));
 }
 
 TEST_F(AgentCreateTest, ConnectToNobodyFails) {
@@ -91,7 +96,8 @@ TEST_F(AgentCreateTest, ConnectTimesOutWhenNoHelloComes) {
   ASSERT_THAT(silent->Start({[](PeerId, std::vector<std::byte>) {}, [](PeerId, const Status&) {}}),
               IsOk());
   const std::vector<std::string> addresses = {silent->Address()};
-  EXPECT_THAT(agent->Connect(addresses), StatusIs(StatusCode::kDeadlineExceeded, HasSubstr("HELLO")));
+  EXPECT_THAT(agent->Connect(addresses),
+              StatusIs(StatusCode::kDeadlineExceeded, HasSubstr("HELLO")));
   agent->Shutdown();
 }
 
@@ -111,20 +117,28 @@ TEST(AgentRequestTest, BadRequestsAreRefusedWithClearErrors) {
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   const std::vector<int32_t> table = {0, 1, 2, 3};
-  EXPECT_THAT(c.gen(0).Publish(1, table, 16), StatusIs(StatusCode::kInvalidArgument, HasSubstr("gen rank")));
-  EXPECT_THAT(c.ctx(0).Pull(1, "ctx0", table, {0, 16}), StatusIs(StatusCode::kInvalidArgument, HasSubstr("ctx rank")));
-  EXPECT_THAT(c.ctx(0).Publish(1, table, 0), StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_tokens")));
-  EXPECT_THAT(c.ctx(0).Publish(1, table, 17), StatusIs(StatusCode::kOutOfRange, HasSubstr("17 tokens need 5 blocks")));
+  EXPECT_THAT(c.gen(0).Publish(1, table, 16),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("gen rank")));
+  EXPECT_THAT(c.ctx(0).Pull(1, "ctx0", table, {0, 16}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("ctx rank")));
+  EXPECT_THAT(c.ctx(0).Publish(1, table, 0),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_tokens")));
+  EXPECT_THAT(c.ctx(0).Publish(1, table, 17),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("17 tokens need 5 blocks")));
   const std::vector<int32_t> outside = {0, 1, 99, 3};
-  EXPECT_THAT(c.ctx(0).Publish(1, outside, 16), StatusIs(StatusCode::kOutOfRange, HasSubstr("= 99")));
+  EXPECT_THAT(c.ctx(0).Publish(1, outside, 16),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("= 99")));
   ASSERT_THAT(c.ctx(0).Publish(1, table, 16), IsOk());
   EXPECT_THAT(c.ctx(0).Publish(1, table, 16), StatusIs(StatusCode::kAlreadyExists));
   EXPECT_THAT(c.ctx(0).Retire(2), StatusIs(StatusCode::kNotFound));
   EXPECT_THAT(c.ctx(0).Retire(1), IsOk());
 
-  EXPECT_THAT(c.gen(0).Pull(1, "ctx9", table, {0, 16}), StatusIs(StatusCode::kNotFound, HasSubstr("ctx9")));
-  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, 17}), StatusIs(StatusCode::kOutOfRange, HasSubstr("block table")));
-  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {5, 5}), StatusIs(StatusCode::kInvalidArgument, HasSubstr("token range")));
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx9", table, {0, 16}),
+              StatusIs(StatusCode::kNotFound, HasSubstr("ctx9")));
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, 17}),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("block table")));
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {5, 5}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("token range")));
   auto first = c.gen(0).Pull(1, "ctx0", table, {0, 16});
   ASSERT_THAT(first, IsOk());
   EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, 16}), StatusIs(StatusCode::kAlreadyExists));
@@ -166,7 +180,8 @@ TEST(AgentRequestTest, PublicationExpiresAfterItsTtl) {
 }
 
 TEST(AgentRequestTest, PerfLogHasOneLinePerRequestAndSide) {
-  const std::string path = ::testing::TempDir() + "/kvbounce_perf_" + std::to_string(::getpid()) + ".jsonl";
+  const std::string path =
+      ::testing::TempDir() + "/kvbounce_perf_" + std::to_string(::getpid()) + ".jsonl";
   std::remove(path.c_str());
   ::setenv("KVBOUNCE_PERF_LOG", path.c_str(), 1);
   auto cluster = Cluster::Create(Small());

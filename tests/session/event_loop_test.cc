@@ -38,10 +38,18 @@ TEST(EventLoopTest, TimersFireInDeadlineOrderAndCanBeCancelled) {
   std::mutex mu;
   std::vector<int> fired;
   const auto now = Clock::now();
-  loop.PostAt(now + milliseconds(30), [&] { std::lock_guard<std::mutex> l(mu); fired.push_back(3); });
-  loop.PostAt(now + milliseconds(10), [&] { std::lock_guard<std::mutex> l(mu); fired.push_back(1); });
-  const EventLoop::TimerId cancelled =
-      loop.PostAt(now + milliseconds(20), [&] { std::lock_guard<std::mutex> l(mu); fired.push_back(2); });
+  loop.PostAt(now + milliseconds(30), [&] {
+    std::lock_guard<std::mutex> l(mu);
+    fired.push_back(3);
+  });
+  loop.PostAt(now + milliseconds(10), [&] {
+    std::lock_guard<std::mutex> l(mu);
+    fired.push_back(1);
+  });
+  const EventLoop::TimerId cancelled = loop.PostAt(now + milliseconds(20), [&] {
+    std::lock_guard<std::mutex> l(mu);
+    fired.push_back(2);
+  });
   loop.CancelTimer(cancelled);
   loop.CancelTimer(cancelled);  // twice: no-op
   std::this_thread::sleep_for(milliseconds(60));

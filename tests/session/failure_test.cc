@@ -42,7 +42,9 @@ ClusterOptions FanIn(int64_t tokens = 64) {
 // Counts how often a transfer's completion callback runs.
 struct Settlements {
   std::atomic<int> count{0};
-  void Watch(Transfer& t) { t.OnDone([this](const Status&) { ++count; }); }
+  void Watch(Transfer& t) {
+    t.OnDone([this](const Status&) { ++count; });
+  }
 };
 
 // Waits until every agent's arenas are empty again (quarantined slots are
@@ -122,7 +124,8 @@ TEST_P(FailureTest, CancelBeforeTheKvIsPublished) {
   settled.Watch(**pull);
   (*pull)->Cancel();
   (*pull)->Cancel();  // idempotent
-  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled, HasSubstr("cancelled by the application")));
+  EXPECT_THAT((*pull)->Wait(),
+              StatusIs(StatusCode::kCancelled, HasSubstr("cancelled by the application")));
   EXPECT_TRUE(ArenasDrain(c));
   // The writers heard of it: a later publication serves nobody and expires
   // only through Retire.

@@ -13,13 +13,12 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "common/status_matchers.h"
 #include "kvbounce/logging.h"
@@ -29,10 +28,10 @@ namespace {
 
 using ::kvbounce::testing_util::IsOk;
 using ::kvbounce::testing_util::StatusIs;
-using ::testing::HasSubstr;
 using std::chrono::microseconds;
 using std::chrono::milliseconds;
 using std::chrono::nanoseconds;
+using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 
 // The nearest-rank percentile of sorted values, as LatencyHistogram defines it.
@@ -53,8 +52,8 @@ void ExpectMatches(const LatencyHistogram& h, std::vector<int64_t> values) {
   double sum = 0;
   for (int64_t v : values) sum += static_cast<double>(v);
   EXPECT_NEAR(h.mean(), sum / static_cast<double>(values.size()), 1e-9 * sum);
-  std::vector<double> ps = {0, 0.001, 0.1, 1, 5, 10, 25, 33.3, 50, 66.6, 75, 90, 95, 99, 99.9,
-                            99.99, 100};
+  std::vector<double> ps = {0,    0.001, 0.1, 1,  5,  10,   25,    33.3, 50,
+                            66.6, 75,    90,  95, 99, 99.9, 99.99, 100};
   std::mt19937_64 rng(7);
   std::uniform_real_distribution<double> any_p(0.0, 100.0);
   for (int i = 0; i < 200; ++i) ps.push_back(any_p(rng));
@@ -110,9 +109,9 @@ TEST(LatencyHistogramTest, PercentilesWithinOnePercentOnNarrowData) {
 TEST(LatencyHistogramTest, EveryValueIsWithinItsBucketBound) {
   // Two values, v and 2v, across bucket edges: p50 is v's bucket's upper end
   // (v itself below 256 ns, where buckets are 1 ns wide), p100 is max.
-  for (int64_t v : {int64_t{0}, int64_t{1}, int64_t{127}, int64_t{128}, int64_t{129},
-                    int64_t{255}, int64_t{256}, int64_t{1000}, int64_t{1023}, int64_t{1024},
-                    int64_t{999'999}, int64_t{3'600'000'000'000}}) {
+  for (int64_t v : {int64_t{0}, int64_t{1}, int64_t{127}, int64_t{128}, int64_t{129}, int64_t{255},
+                    int64_t{256}, int64_t{1000}, int64_t{1023}, int64_t{1024}, int64_t{999'999},
+                    int64_t{3'600'000'000'000}}) {
     LatencyHistogram h;
     h.Add(nanoseconds(v));
     h.Add(nanoseconds(v) * 2);
@@ -259,15 +258,15 @@ TEST(MetricsTest, AggregatesByOutcomeSidePathAndFallback) {
   fallback.fallback_reason = "request larger than arena";
   fallback.outcome = Outcome::kFailed;
   metrics.Record(fallback);
-  metrics.Record(MakeRecord(6, Side::kReceiver, TransferPath::kDirect, Outcome::kTimedOut,
-                            microseconds(100)));
-  metrics.Record(MakeRecord(7, Side::kSender, TransferPath::kBounce, Outcome::kCancelled,
-                            microseconds(100)));
+  metrics.Record(
+      MakeRecord(6, Side::kReceiver, TransferPath::kDirect, Outcome::kTimedOut, microseconds(100)));
+  metrics.Record(
+      MakeRecord(7, Side::kSender, TransferPath::kBounce, Outcome::kCancelled, microseconds(100)));
   metrics.Record(MakeRecord(8, Side::kSender, TransferPath::kBounce, Outcome::kCompleted,
                             microseconds(2000), 7));
   // A completed record that never stamped its request: counted, no latency.
-  RequestRecord unstamped = MakeRecord(9, Side::kSender, TransferPath::kDirect,
-                                       Outcome::kCompleted, microseconds(1), 1);
+  RequestRecord unstamped =
+      MakeRecord(9, Side::kSender, TransferPath::kDirect, Outcome::kCompleted, microseconds(1), 1);
   unstamped.timeline.request = Clock::time_point();
   metrics.Record(unstamped);
   metrics.Count(Counter::kDuplicateResults);
@@ -288,9 +287,9 @@ TEST(MetricsTest, AggregatesByOutcomeSidePathAndFallback) {
   EXPECT_EQ(rx.taken(TransferPath::kPerBlock), 3u);
   EXPECT_EQ(rx.taken(TransferPath::kDirect), 1u);
   EXPECT_EQ(rx.taken(TransferPath::kAuto), 0u);
-  EXPECT_THAT(rx.fallbacks, ::testing::UnorderedElementsAre(
-                                ::testing::Pair("recv arena backpressure", 2u),
-                                ::testing::Pair("request larger than arena", 1u)));
+  EXPECT_THAT(rx.fallbacks,
+              ::testing::UnorderedElementsAre(::testing::Pair("recv arena backpressure", 2u),
+                                              ::testing::Pair("request larger than arena", 1u)));
   EXPECT_EQ(rx.latency.count(), 4u);
   EXPECT_EQ(rx.latency.min(), microseconds(1000));
   EXPECT_EQ(rx.latency.max(), microseconds(5000));
@@ -318,8 +317,8 @@ TEST(MetricsTest, AggregatesByOutcomeSidePathAndFallback) {
 
 TEST(MetricsTest, ValuesOutsideTheEnumsAreNotAggregated) {
   Metrics metrics;
-  RequestRecord r = MakeRecord(1, Side::kSender, TransferPath::kBounce, Outcome::kCompleted,
-                               microseconds(10));
+  RequestRecord r =
+      MakeRecord(1, Side::kSender, TransferPath::kBounce, Outcome::kCompleted, microseconds(10));
   r.side = static_cast<Side>(7);
   metrics.Record(r);
   r.side = Side::kSender;
@@ -398,8 +397,8 @@ TEST(MetricsTest, JsonSnapshotHasEveryField) {
     metrics.Record(MakeRecord(static_cast<uint64_t>(i), Side::kReceiver, TransferPath::kBounce,
                               Outcome::kCompleted, microseconds(i * 100)));
   }
-  RequestRecord bad = MakeRecord(200, Side::kReceiver, TransferPath::kPerBlock,
-                                 Outcome::kFailed, microseconds(1));
+  RequestRecord bad =
+      MakeRecord(200, Side::kReceiver, TransferPath::kPerBlock, Outcome::kFailed, microseconds(1));
   bad.fallback_reason = "recv arena \xff backpressure";  // not UTF-8
   metrics.Record(bad);
   metrics.Count(Counter::kPeerFailures, 3);
@@ -455,8 +454,8 @@ TEST(MetricsTest, JsonSnapshotHasEveryField) {
 class TempPath {
  public:
   explicit TempPath(const std::string& name)
-      : path_(::testing::TempDir() + "kvbounce_metrics_" + std::to_string(::getpid()) + "_" +
-              name + ".jsonl") {
+      : path_(::testing::TempDir() + "kvbounce_metrics_" + std::to_string(::getpid()) + "_" + name +
+              ".jsonl") {
     std::remove(path_.c_str());
   }
   ~TempPath() { std::remove(path_.c_str()); }
@@ -479,13 +478,13 @@ std::vector<nlohmann::json> ReadLines(const std::string& path) {
 
 TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   TempPath file("lines");
-  RequestRecord rx = MakeRecord(42, Side::kReceiver, TransferPath::kPerBlock,
-                                Outcome::kFailed, microseconds(800), 123456);
+  RequestRecord rx = MakeRecord(42, Side::kReceiver, TransferPath::kPerBlock, Outcome::kFailed,
+                                microseconds(800), 123456);
   rx.path_requested = TransferPath::kBounce;
   rx.fallback_reason = "request larger than arena";
   rx.error = "ctx0 rank 1: \"quoted\"\nnewline";
-  RequestRecord tx = MakeRecord(43, Side::kSender, TransferPath::kBounce, Outcome::kCompleted,
-                                microseconds(500));
+  RequestRecord tx =
+      MakeRecord(43, Side::kSender, TransferPath::kBounce, Outcome::kCompleted, microseconds(500));
   {
     auto log = PerfLog::Open(file.path());
     ASSERT_THAT(log, IsOk());
@@ -521,9 +520,9 @@ TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   EXPECT_EQ(a["writers"], 2);
   EXPECT_EQ(a["outcome"], "failed");
   EXPECT_EQ(a["error"], rx.error);
-  EXPECT_EQ(a["request_steady_us"].get<int64_t>(),
-            std::chrono::duration_cast<microseconds>(rx.timeline.request.time_since_epoch())
-                .count());
+  EXPECT_EQ(
+      a["request_steady_us"].get<int64_t>(),
+      std::chrono::duration_cast<microseconds>(rx.timeline.request.time_since_epoch()).count());
   EXPECT_DOUBLE_EQ(a["reserve_us"].get<double>(), 200.0);
   EXPECT_DOUBLE_EQ(a["first_byte_us"].get<double>(), 400.0);
   EXPECT_DOUBLE_EQ(a["write_done_us"].get<double>(), 600.0);
@@ -596,10 +595,9 @@ TEST(PerfLogTest, FromEnvironment) {
   ::unsetenv(PerfLog::kEnvVar);
 
   // An injected lookup is used instead of the process environment.
-  auto injected = PerfLog::FromEnvironment(
-      [&file](const char* name) -> const char* {
-        return std::string(name) == "KVBOUNCE_PERF_LOG" ? file.path().c_str() : nullptr;
-      });
+  auto injected = PerfLog::FromEnvironment([&file](const char* name) -> const char* {
+    return std::string(name) == "KVBOUNCE_PERF_LOG" ? file.path().c_str() : nullptr;
+  });
   ASSERT_THAT(injected, IsOk());
   EXPECT_NE(*injected, nullptr);
 }

@@ -19,10 +19,10 @@
 namespace kvbounce {
 namespace {
 
+using std::chrono::milliseconds;
 using ::testing::HasSubstr;
 using testing_util::IsOk;
 using testing_util::StatusIs;
-using std::chrono::milliseconds;
 
 InstanceSpec Spec() {
   InstanceSpec spec;
@@ -51,8 +51,8 @@ class FakeWriter {
       cv_.notify_all();
     };
     EXPECT_THAT(transport_->Start(callbacks), IsOk());
-    region_ = *transport_->Register(Addr::FromPointer(memory_.data()), memory_.size(),
-                                    MemoryKind::kHost);
+    region_ =
+        *transport_->Register(Addr::FromPointer(memory_.data()), memory_.size(), MemoryKind::kHost);
   }
 
   // Connects and exchanges HELLO; `model_layers` lets a test lie about the model.
@@ -65,9 +65,16 @@ class FakeWriter {
     h.role = protocol::Role::kCtx;
     h.placement = {0, 1, 0, 1, {model_layers}};
     h.model = {model_layers, 2, 8, 2, 2};
-    h.layout = {protocol::LayoutKind::kBlockMajorHnd, 4, 2, pool.layer_base(0).value(),
-                pool.layer_stride(), pool.kv_stride(), pool.block_stride(), pool.head_stride(),
-                pool.token_stride(), {}};
+    h.layout = {protocol::LayoutKind::kBlockMajorHnd,
+                4,
+                2,
+                pool.layer_base(0).value(),
+                pool.layer_stride(),
+                pool.kv_stride(),
+                pool.block_stride(),
+                pool.head_stride(),
+                pool.token_stride(),
+                {}};
     const RegionInfo& info = region_->info();
     h.regions.push_back({protocol::RegionKind::kPool, protocol::MemoryKind::kHost,
                          info.address.value(), info.size, info.remote_key});
@@ -77,7 +84,9 @@ class FakeWriter {
   void Send(const protocol::Message& m) {
     ASSERT_THAT(transport_->Send(peer_, *protocol::EncodeFrame(m)), IsOk());
   }
-  void SendRaw(std::vector<std::byte> bytes) { ASSERT_THAT(transport_->Send(peer_, bytes), IsOk()); }
+  void SendRaw(std::vector<std::byte> bytes) {
+    ASSERT_THAT(transport_->Send(peer_, bytes), IsOk());
+  }
 
   // The next frame, decoded.
   protocol::Message Next() {
@@ -142,8 +151,13 @@ class ProtocolPeerTest : public ::testing::Test {
   }
 
   static protocol::KvResult Success(const protocol::KvRequest& req, uint64_t bytes) {
-    return protocol::KvResult{req.request_id, req.slice_id, req.writer_rank,
-                              protocol::ResultStatus::kSuccess, bytes, req.plan_fingerprint, ""};
+    return protocol::KvResult{req.request_id,
+                              req.slice_id,
+                              req.writer_rank,
+                              protocol::ResultStatus::kSuccess,
+                              bytes,
+                              req.plan_fingerprint,
+                              ""};
   }
 
   static constexpr uint64_t kBytes = 2 * 2 * 2 * 8 * 16;  // layers x kv x heads x tokens x row

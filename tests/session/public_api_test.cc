@@ -51,7 +51,8 @@ TEST(PublicApiTest, PublishAndPullThroughTheInstalledHeaders) {
   ASSERT_TRUE((*t)->Wait().ok());
   EXPECT_TRUE((*published)->Wait().ok());
   EXPECT_EQ((*t)->info().path_taken, kvbounce::TransferPath::kBounce);
-  EXPECT_EQ(std::memcmp(&gen_pool[1 * kBlockFloats], &ctx_pool[2 * kBlockFloats], kBlockFloats * 4), 0);
+  EXPECT_EQ(std::memcmp(&gen_pool[1 * kBlockFloats], &ctx_pool[2 * kBlockFloats], kBlockFloats * 4),
+            0);
   EXPECT_EQ(std::memcmp(&gen_pool[3 * kBlockFloats], &ctx_pool[0], kBlockFloats * 4), 0);
   EXPECT_EQ(gen_pool[0], -1.0f);  // block 0 untouched
   EXPECT_EQ(gen_pool[2 * kBlockFloats], -1.0f);

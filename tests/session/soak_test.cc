@@ -143,13 +143,14 @@ TEST(SoakTest, RandomRequestsCancelsAndFaults) {
   uint64_t gen_settled = 0;
   for (int g = 0; g < c.num_gen(); ++g) {
     const AgentStats s = c.gen(g).Stats();
-    gen_settled += s.requests_completed + s.requests_failed + s.requests_cancelled +
-                   s.requests_timed_out;
+    gen_settled +=
+        s.requests_completed + s.requests_failed + s.requests_cancelled + s.requests_timed_out;
   }
   EXPECT_EQ(gen_settled, static_cast<uint64_t>(pulls));
-  std::printf("soak: %d pulls, %d completed, %d failed (injected), %d cancelled, %llu bytes verified\n",
-              pulls, completed.load(), failed.load(), cancelled.load(),
-              static_cast<unsigned long long>(verified.load()));
+  std::printf(
+      "soak: %d pulls, %d completed, %d failed (injected), %d cancelled, %llu bytes verified\n",
+      pulls, completed.load(), failed.load(), cancelled.load(),
+      static_cast<unsigned long long>(verified.load()));
 }
 
 }  // namespace

@@ -1,11 +1,11 @@
 // `kvbounce bench` as a user runs it: every path, every byte verified, the
 // report's fields, injected faults, and bad flags.
+#include "tools/bench_command.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <sstream>
-
-#include "tools/bench_command.h"
 
 namespace kvbounce::tools {
 namespace {
@@ -49,12 +49,14 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
     EXPECT_GE(r["verified_bytes"].get<uint64_t>(), r["bytes"].get<uint64_t>());
     EXPECT_GT(r["seconds"].get<double>(), 0);
     EXPECT_GT(r["throughput_gbps"].get<double>(), 0);
-    for (const char* p : {"p50", "p90", "p99", "max"}) EXPECT_GT(r["latency_ms"][p].get<double>(), 0);
+    for (const char* p : {"p50", "p90", "p99", "max"})
+      EXPECT_GT(r["latency_ms"][p].get<double>(), 0);
     EXPECT_LE(r["latency_ms"]["p50"].get<double>(), r["latency_ms"]["max"].get<double>());
   }
   // Per-block issues one write per fragment, bounce one per writer and
   // receiver, direct none at all.
-  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(), runs[1]["transport_writes"].get<uint64_t>());
+  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(),
+            runs[1]["transport_writes"].get<uint64_t>());
   // Bounce: one write per (writer, receiver): 4 gen ranks x 2 writers each.
   EXPECT_EQ(runs[1]["transport_writes"], 6u * 4 * 2);
   EXPECT_EQ(runs[2]["transport_writes"], 0);
@@ -91,7 +93,9 @@ TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
 
 TEST(BenchCommandTest, ReportsThatFailTheBench) {
   nlohmann::json report = {{"runs", nlohmann::json::array()}};
-  nlohmann::json run = {{"path", "bounce"}, {"mismatches", 0}, {"arena_outstanding_bytes", 0},
+  nlohmann::json run = {{"path", "bounce"},
+                        {"mismatches", 0},
+                        {"arena_outstanding_bytes", 0},
                         {"unexplained_failures", 0}};
   report["runs"].push_back(run);
   std::string why;

@@ -1,11 +1,11 @@
 // `kvbounce plan` as a user runs it: flags in, table or JSON out, clear errors.
+#include "tools/plan_command.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <set>
 #include <sstream>
-
-#include "tools/plan_command.h"
 
 namespace kvbounce::tools {
 namespace {
@@ -123,8 +123,9 @@ TEST(PlanCommandTest, BadFlagsNameWhatIsWrong) {
 }
 
 TEST(SideSpecTest, ParsesEveryKeyAndRejectsBadText) {
-  auto s = ParseSideSpec("ctx", "tp=8,pp=3,layout=layer-major-nhd,tokens-per-block=16,"
-                                "layers-per-stage=30/30/20");
+  auto s = ParseSideSpec("ctx",
+                         "tp=8,pp=3,layout=layer-major-nhd,tokens-per-block=16,"
+                         "layers-per-stage=30/30/20");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->tp, 8);
   EXPECT_EQ(s->pp, 3);

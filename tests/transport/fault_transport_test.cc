@@ -17,9 +17,9 @@
 
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 #include "kvbounce/types.h"
 #include "transport/loopback/loopback_transport.h"
-#include "kvbounce/transport.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {

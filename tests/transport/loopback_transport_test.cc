@@ -18,8 +18,8 @@
 
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
-#include "kvbounce/types.h"
 #include "kvbounce/transport.h"
+#include "kvbounce/types.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {
@@ -114,8 +114,7 @@ TEST_F(LoopbackTransportTest, RegisterChecksTheRegion) {
   EXPECT_EQ(fabric_->num_regions(), 0u);
 
   a->Shutdown();
-  EXPECT_THAT((*a)->Register(buffer.addr(), 64, MemoryKind::kHost),
-              StatusIs(StatusCode::kAborted));
+  EXPECT_THAT((*a)->Register(buffer.addr(), 64, MemoryKind::kHost), StatusIs(StatusCode::kAborted));
 }
 
 TEST_F(LoopbackTransportTest, RemoteKeyIsTheRegionIdLittleEndian) {
@@ -451,9 +450,8 @@ TEST_F(LoopbackTransportTest, FortyThousandOpBatchIsOneQueueEntry) {
   ASSERT_TRUE(tracker.WaitAll());
   EXPECT_THAT(tracker.status(0), IsOk());
   for (size_t i = 0; i < kOps; ++i) {
-    ASSERT_EQ(std::memcmp(dst.data() + (kOps - 1 - i) * kOpBytes, src.data() + i * kOpBytes,
-                          kOpBytes),
-              0)
+    ASSERT_EQ(
+        std::memcmp(dst.data() + (kOps - 1 - i) * kOpBytes, src.data() + i * kOpBytes, kOpBytes), 0)
         << "op " << i;
   }
   EXPECT_EQ((*a)->Stats().write_ops, kOps);

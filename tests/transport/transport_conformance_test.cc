@@ -23,10 +23,10 @@
 
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 #include "kvbounce/types.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
-#include "kvbounce/transport.h"
 #include "transport/transport_test_util.h"
 
 namespace kvbounce::transport_test {
@@ -324,12 +324,12 @@ TEST_P(TransportConformanceTest, OpOutsideSourceOrTargetIsRejectedAndNothingWrit
 
   const WriteOp good = {src.addr(), dst.addr(), 64};
   const std::vector<std::vector<WriteOp>> bad_batches = {
-      {good, {src.addr(1000), dst.addr(), 25}},            // past the source's end
-      {good, {src.addr(), dst.addr(1000), 25}},            // past the target's end
-      {good, {src.addr() + (-1ull), dst.addr(), 1}},       // before the source (wraps)
+      {good, {src.addr(1000), dst.addr(), 25}},               // past the source's end
+      {good, {src.addr(), dst.addr(1000), 25}},               // past the target's end
+      {good, {src.addr() + (-1ull), dst.addr(), 1}},          // before the source (wraps)
       {good, {src.addr(), Addr(dst.addr().value() - 1), 1}},  // before the target
-      {good, {src.addr(), dst.addr(), ~0ull}},             // overflowing length
-      {{src.addr(), dst.addr(1024), 1}},                   // starts at the end
+      {good, {src.addr(), dst.addr(), ~0ull}},                // overflowing length
+      {{src.addr(), dst.addr(1024), 1}},                      // starts at the end
   };
   DoneTracker tracker;
   for (size_t i = 0; i < bad_batches.size(); ++i) {
@@ -441,8 +441,7 @@ TEST_P(TransportConformanceTest, UnknownPeerIsNotFound) {
 TEST_P(TransportConformanceTest, ConnectAndStartErrors) {
   auto a = MakeEndpoint("a");
   EXPECT_THAT((*a)->Connect(network_->UnreachableAddress()), StatusIs(StatusCode::kUnavailable));
-  EXPECT_THAT((*a)->Connect(network_->MalformedAddress()),
-              StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT((*a)->Connect(network_->MalformedAddress()), StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT((*a)->Connect(""), StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT((*a)->Start({}), StatusIs(StatusCode::kFailedPrecondition));
 
@@ -577,8 +576,8 @@ TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce
     for (const Status& status : tracker.statuses()) {
       if (!status.ok()) {
         ++failed;
-        EXPECT_THAT(status, AnyOf(StatusIs(StatusCode::kAborted),
-                                  StatusIs(StatusCode::kUnavailable)));
+        EXPECT_THAT(status,
+                    AnyOf(StatusIs(StatusCode::kAborted), StatusIs(StatusCode::kUnavailable)));
       }
     }
     if (hold_thread) {

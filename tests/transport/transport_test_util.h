@@ -21,9 +21,9 @@
 #include <vector>
 
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
-#include "kvbounce/transport.h"
 
 namespace kvbounce::transport_test {
 
@@ -164,8 +164,7 @@ class TestEndpoint {
     std::vector<std::byte> frame;
   };
 
-  explicit TestEndpoint(std::unique_ptr<Transport> transport)
-      : transport_(std::move(transport)) {}
+  explicit TestEndpoint(std::unique_ptr<Transport> transport) : transport_(std::move(transport)) {}
 
   ~TestEndpoint() { Shutdown(); }
 

@@ -4,8 +4,8 @@
 
 namespace kvbounce {
 
-std::vector<CopyChunk> SplitIntoChunks(std::span<const Fragment> fragments,
-                                       uint64_t total_bytes, size_t max_chunks) {
+std::vector<CopyChunk> SplitIntoChunks(std::span<const Fragment> fragments, uint64_t total_bytes,
+                                       size_t max_chunks) {
   std::vector<CopyChunk> chunks;
   if (total_bytes == 0 || max_chunks == 0) return chunks;
   const uint64_t count = std::min<uint64_t>(max_chunks, total_bytes);
@@ -15,8 +15,8 @@ std::vector<CopyChunk> SplitIntoChunks(std::span<const Fragment> fragments,
   const uint64_t extra = total_bytes % count;
   chunks.reserve(count);
 
-  size_t i = 0;          // current fragment
-  uint64_t offset = 0;   // bytes of fragments[i] already assigned
+  size_t i = 0;         // current fragment
+  uint64_t offset = 0;  // bytes of fragments[i] already assigned
   for (uint64_t k = 0; k < count; ++k) {
     uint64_t need = base + (k < extra ? 1 : 0);
     while (fragments[i].bytes == offset) {  // skip exhausted and empty ones

@@ -42,8 +42,8 @@ struct CopyChunk {
 //
 // REQUIRES: max_chunks >= 1; total_bytes is the exact sum of the fragments'
 // bytes (ValidateCopyBatch computes it).
-std::vector<CopyChunk> SplitIntoChunks(std::span<const Fragment> fragments,
-                                       uint64_t total_bytes, size_t max_chunks);
+std::vector<CopyChunk> SplitIntoChunks(std::span<const Fragment> fragments, uint64_t total_bytes,
+                                       size_t max_chunks);
 
 }  // namespace kvbounce
 

@@ -13,10 +13,9 @@ namespace kvbounce {
 
 Result<std::unique_ptr<CpuCopyEngine>> CpuCopyEngine::Create(const Options& options) {
   if (options.num_threads < 0 || options.num_threads > Options::kMaxThreads) {
-    return InvalidArgumentError("cpu copy engine: num_threads = " +
-                                std::to_string(options.num_threads) +
-                                " is invalid: must be 0 (automatic) to " +
-                                std::to_string(Options::kMaxThreads));
+    return InvalidArgumentError(
+        "cpu copy engine: num_threads = " + std::to_string(options.num_threads) +
+        " is invalid: must be 0 (automatic) to " + std::to_string(Options::kMaxThreads));
   }
   if (options.min_chunk_bytes == 0) {
     return InvalidArgumentError("cpu copy engine: min_chunk_bytes = 0 is invalid: must be >= 1");
@@ -73,10 +72,9 @@ CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
   return stats;
 }
 
-Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
-                                      CopyDone done) {
-  const bool large = total_bytes > options_.split_bytes ||
-                     batch.fragments.size() > options_.split_fragments;
+Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) {
+  const bool large =
+      total_bytes > options_.split_bytes || batch.fragments.size() > options_.split_fragments;
   size_t max_chunks = 1;
   if (large) {
     const uint64_t by_bytes = total_bytes / options_.min_chunk_bytes +
@@ -129,8 +127,8 @@ void CpuCopyEngine::Run(Task task) {
       const uint64_t lo = i == c.first ? c.first_offset : 0;
       const uint64_t hi = i == c.last ? c.last_end : f.bytes;
       if (hi <= lo) continue;
-      std::memcpy(Addr(dst_base + f.dst + lo).ToPointer(),
-                  Addr(src_base + f.src + lo).ToPointer(), hi - lo);
+      std::memcpy(Addr(dst_base + f.dst + lo).ToPointer(), Addr(src_base + f.src + lo).ToPointer(),
+                  hi - lo);
     }
   }
   chunks_completed_.fetch_add(1, std::memory_order_relaxed);

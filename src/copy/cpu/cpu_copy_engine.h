@@ -87,8 +87,7 @@ class CpuCopyEngine final : public CopyEngine {
 
  protected:
   // Errors: kAborted once the destructor has started.
-  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
-                         CopyDone done) override;
+  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) override;
 
  private:
   // One accepted batch; shared by its chunks' tasks.

@@ -17,9 +17,9 @@ std::string Micros(std::chrono::microseconds d) { return std::to_string(d.count(
 
 Status FaultTransport::ValidateOptions(const FaultOptions& options) {
   if (!(options.write_fail_rate >= 0.0 && options.write_fail_rate <= 1.0)) {
-    return InvalidArgumentError("fault transport: write_fail_rate = " +
-                                std::to_string(options.write_fail_rate) +
-                                " is invalid: must be in [0, 1]");
+    return InvalidArgumentError(
+        "fault transport: write_fail_rate = " + std::to_string(options.write_fail_rate) +
+        " is invalid: must be in [0, 1]");
   }
   if (options.delay.count() < 0) {
     return InvalidArgumentError("fault transport: delay = " + Micros(options.delay) +
@@ -30,9 +30,9 @@ Status FaultTransport::ValidateOptions(const FaultOptions& options) {
                                 Micros(options.message_delay) + " is invalid: must be >= 0");
   }
   if (options.drop_after_ops < 0) {
-    return InvalidArgumentError("fault transport: drop_after_ops = " +
-                                std::to_string(options.drop_after_ops) +
-                                " is invalid: must be >= 0 (0 = never)");
+    return InvalidArgumentError(
+        "fault transport: drop_after_ops = " + std::to_string(options.drop_after_ops) +
+        " is invalid: must be >= 0 (0 = never)");
   }
   return Status::Ok();
 }
@@ -128,8 +128,7 @@ Result<std::unique_ptr<LocalRegion>> FaultTransport::Register(Addr address, uint
   return inner_->Register(address, bytes, kind);
 }
 
-Result<std::unique_ptr<RemoteRegion>> FaultTransport::Import(PeerId peer,
-                                                            const RegionInfo& info) {
+Result<std::unique_ptr<RemoteRegion>> FaultTransport::Import(PeerId peer, const RegionInfo& info) {
   return inner_->Import(peer, info);
 }
 
@@ -147,8 +146,7 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
     std::lock_guard<std::mutex> lock(mu_);
     delay = options_.delay;
     drop_after = options_.drop_after_ops;
-    if (drop_after > 0 && !drop_fired_ &&
-        ops_since_options_ >= static_cast<uint64_t>(drop_after)) {
+    if (drop_after > 0 && !drop_fired_ && ops_since_options_ >= static_cast<uint64_t>(drop_after)) {
       drop_fired_ = true;
       drop = true;
       ++stats_.dropped_connections;
@@ -179,9 +177,8 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
     TimerEntry entry;
     entry.kind = TimerEntry::Kind::kCompletion;
     entry.done = std::move(done);
-    entry.status = UnavailableError("injected write failure: " + std::to_string(failures) +
-                                    " of " + std::to_string(ops.size()) +
-                                    " operations chosen to fail");
+    entry.status = UnavailableError("injected write failure: " + std::to_string(failures) + " of " +
+                                    std::to_string(ops.size()) + " operations chosen to fail");
     if (!Post(Clock::now() + delay, entry)) return AbortedError("fault transport: shut down");
     return Status::Ok();
   }
@@ -205,8 +202,7 @@ void FaultTransport::Disconnect(PeerId peer, const Status& reason) {
 
 TransportStats FaultTransport::Stats() const { return inner_->Stats(); }
 
-TransportDone FaultTransport::DelayCompletion(TransportDone done,
-                                              std::chrono::microseconds delay) {
+TransportDone FaultTransport::DelayCompletion(TransportDone done, std::chrono::microseconds delay) {
   if (delay.count() <= 0) return done;
   return [this, delay, done = std::move(done)](Status status) mutable {
     {
@@ -331,9 +327,10 @@ void FaultTransport::TimerLoop() {
   lock.unlock();
   for (auto& [due, entry] : left) {
     if (entry.kind == TimerEntry::Kind::kCompletion) {
-      entry.done(AbortedError("fault transport shut down before a delayed completion was "
-                              "reported; the operation had completed with " +
-                              entry.status.ToString()));
+      entry.done(
+          AbortedError("fault transport shut down before a delayed completion was "
+                       "reported; the operation had completed with " +
+                       entry.status.ToString()));
     }
   }
 }

@@ -85,8 +85,8 @@
 #include <vector>
 
 #include "kvbounce/status.h"
-#include "kvbounce/types.h"
 #include "kvbounce/transport.h"
+#include "kvbounce/types.h"
 
 namespace kvbounce {
 
@@ -157,8 +157,8 @@ class FaultTransport final : public Transport {
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
   // Errors: kOutOfRange (checked here too), kInvalidArgument for an empty
   // `done`, kAborted after Shutdown started, and the inner transport's.
-  Status Write(const LocalRegion& source, const RemoteRegion& target,
-               std::span<const WriteOp> ops, TransportDone done) override;
+  Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
+               TransportDone done) override;
   // Errors: kInvalidArgument for an empty `done`, kAborted after Shutdown
   // started, and the inner transport's.
   Status Flush(PeerId peer, TransportDone done) override;
@@ -175,9 +175,9 @@ class FaultTransport final : public Transport {
   struct TimerEntry {
     enum class Kind { kCompletion, kMessage, kPeerFailure };
     Kind kind = Kind::kCompletion;
-    TransportDone done;  // kCompletion
-    Status status;       // kCompletion: the result; kPeerFailure: the reason
-    PeerId peer = 0;     // kMessage, kPeerFailure
+    TransportDone done;            // kCompletion
+    Status status;                 // kCompletion: the result; kPeerFailure: the reason
+    PeerId peer = 0;               // kMessage, kPeerFailure
     std::vector<std::byte> frame;  // kMessage
   };
 

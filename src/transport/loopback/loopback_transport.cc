@@ -70,8 +70,7 @@ class FabricImpl {
     std::lock_guard<std::mutex> lock(endpoints_mu_);
     auto it = endpoints_.find(name);
     if (it != endpoints_.end() && !it->second.expired()) {
-      return AlreadyExistsError("loopback fabric: an endpoint named '" + name +
-                                "' already exists");
+      return AlreadyExistsError("loopback fabric: an endpoint named '" + name + "' already exists");
     }
     endpoints_[name] = endpoint;
     return Status::Ok();
@@ -283,8 +282,8 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   Status Send(PeerId peer, std::span<const std::byte> frame);
   Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes, MemoryKind kind);
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
-  Status Write(const LocalRegion& source, const RemoteRegion& target,
-               std::span<const WriteOp> ops, TransportDone done);
+  Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
+               TransportDone done);
   Status Flush(PeerId peer, TransportDone done);
   void Disconnect(PeerId peer, const Status& reason);
   void Shutdown();
@@ -349,8 +348,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
 
 // Marks `conn` dead and queues on_peer_failure for its ends (the initiator's
 // own end only when `notify_initiator`). REQUIRES: conn.mu held, conn.alive.
-void KillLocked(Connection& conn, const Status& reason, int initiator_side,
-                bool notify_initiator) {
+void KillLocked(Connection& conn, const Status& reason, int initiator_side, bool notify_initiator) {
   conn.alive = false;
   conn.reason = reason;
   for (int side = 0; side < 2; ++side) {
@@ -361,10 +359,10 @@ void KillLocked(Connection& conn, const Status& reason, int initiator_side,
     item.kind = Item::Kind::kPeerFailure;
     item.peer = conn.ends[side].peer;
     item.side = side;
-    item.reason = side == initiator_side
-                      ? reason
-                      : reason.WithContext(conn.ends[initiator_side].address +
-                                           " closed the connection");
+    item.reason =
+        side == initiator_side
+            ? reason
+            : reason.WithContext(conn.ends[initiator_side].address + " closed the connection");
     endpoint->Enqueue(item);
   }
 }
@@ -454,8 +452,8 @@ bool Endpoint::Enqueue(Item& item) {
 }
 
 Status Endpoint::ClosedError(const Connection& conn, int side) const {
-  return UnavailableError(address_ + ": connection to " + conn.ends[1 - side].address +
-                          " (peer " + std::to_string(conn.ends[side].peer) +
+  return UnavailableError(address_ + ": connection to " + conn.ends[1 - side].address + " (peer " +
+                          std::to_string(conn.ends[side].peer) +
                           ") is closed: " + conn.reason.ToString());
 }
 
@@ -535,8 +533,7 @@ Result<std::unique_ptr<RemoteRegion>> Endpoint::Import(PeerId peer, const Region
                                 " does not belong to peer " + std::to_string(peer) + " (" +
                                 remote_end.address + ")");
   }
-  if (region->address != info.address || region->size != info.size ||
-      region->kind != info.kind) {
+  if (region->address != info.address || region->size != info.size || region->kind != info.kind) {
     return InvalidArgumentError(
         address_ + ": region #" + std::to_string(id) + " of " + remote_end.address + " is " +
         HexAddr(region->address) + "+" + std::to_string(region->size) + " (" +
@@ -553,12 +550,14 @@ Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
   KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
   const auto* src = dynamic_cast<const LoopbackLocalRegion*>(&source);
   if (src == nullptr || src->entry()->owner_endpoint_id != id_) {
-    return InvalidArgumentError(address_ + ": the write's source region was not registered "
+    return InvalidArgumentError(address_ +
+                                ": the write's source region was not registered "
                                 "with this transport");
   }
   const auto* dst = dynamic_cast<const LoopbackRemoteRegion*>(&target);
   if (dst == nullptr || dst->importer_endpoint_id() != id_) {
-    return InvalidArgumentError(address_ + ": the write's target region was not imported "
+    return InvalidArgumentError(address_ +
+                                ": the write's target region was not imported "
                                 "by this transport");
   }
   if (!done) return InvalidArgumentError(address_ + ": Write needs a done callback");

@@ -115,9 +115,9 @@
 #include <string_view>
 
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
-#include "kvbounce/transport.h"
 
 namespace kvbounce {
 
@@ -184,8 +184,8 @@ class LoopbackTransport final : public Transport {
   Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
                                                 MemoryKind kind) override;
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
-  Status Write(const LocalRegion& source, const RemoteRegion& target,
-               std::span<const WriteOp> ops, TransportDone done) override;
+  Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
+               TransportDone done) override;
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
   void Shutdown() override;
