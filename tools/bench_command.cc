@@ -63,10 +63,7 @@ struct PathRun {
 
 uint64_t CtxWrites(Cluster& c) {
   uint64_t n = 0;
-  for (int r = 0; r < c.num_ctx(); ++r) {
-    nlohmann::json j = nlohmann::json::parse(c.ctx(r).Stats().json, nullptr, false);
-    if (j.is_object()) n += j["transport"]["write_ops"].get<uint64_t>();
-  }
+  for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(r).Stats().transport_write_ops;
   return n;
 }
 

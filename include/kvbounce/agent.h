@@ -153,7 +153,9 @@ struct AgentStats {
   uint64_t requests_cancelled = 0;
   uint64_t requests_timed_out = 0;
   uint64_t bytes_completed = 0;
-  uint64_t transport_writes = 0;
+  uint64_t transport_writes = 0;  // by settled requests (metrics)
+  // Write operations the transport issued so far, finished or not.
+  uint64_t transport_write_ops = 0;
   uint64_t rejected_results = 0;
   uint64_t quarantined_slots = 0;  // slots ever quarantined
   uint64_t fallbacks = 0;

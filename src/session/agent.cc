@@ -638,6 +638,7 @@ AgentStats AgentImpl::Stats() const {
   }
   nlohmann::json j = ToJson(snap);
   const TransportStats t = transport_->Stats();
+  stats.transport_write_ops = t.write_ops;
   j["transport"] = {{"write_ops", t.write_ops},
                     {"write_bytes", t.write_bytes},
                     {"failed_write_ops", t.failed_write_ops},

@@ -585,7 +585,7 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   rec.path_taken = r.path;
   rec.fallback_reason = r.fallback_reason;
   rec.bytes = r.bytes;
-  rec.fragments = r.path == TransferPath::kBounce ? r.scatter_runs : 0;
+  rec.fragments = Info(r).fragments;
   rec.transport_writes = 0;
   rec.writers = static_cast<int>(r.writers.size());
   rec.outcome = OutcomeOf(outcome);

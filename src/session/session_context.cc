@@ -4,6 +4,7 @@
 #include <string>
 
 #include "protocol/codec.h"
+#include "transport/write_check.h"
 
 namespace kvbounce {
 
@@ -61,57 +62,40 @@ uint64_t SessionContext::MillisLeft(Clock::time_point deadline) {
 Result<std::vector<WriteGroup>> GroupWrites(
     std::span<const Fragment> fragments, uint64_t dst_offset, std::span<const LocalRange> sources,
     std::span<const std::unique_ptr<RemoteRegion>> targets) {
+  // The region holding [addr, addr + bytes): `last` first, since consecutive
+  // fragments usually stay in one pair of regions; -1 when none does.
+  auto find = [](size_t count, int last, auto&& contains) -> int {
+    if (last >= 0 && contains(static_cast<size_t>(last))) return last;
+    for (size_t i = 0; i < count; ++i) {
+      if (contains(i)) return static_cast<int>(i);
+    }
+    return -1;
+  };
   std::vector<WriteGroup> groups;
-  auto find_source = [&](uint64_t addr, uint64_t bytes) -> int {
-    for (size_t i = 0; i < sources.size(); ++i) {
-      const uint64_t b = sources[i].begin.value();
-      if (addr >= b && addr - b <= sources[i].bytes && bytes <= sources[i].bytes - (addr - b)) {
-        return static_cast<int>(i);
-      }
-    }
-    return -1;
-  };
-  auto find_target = [&](uint64_t addr, uint64_t bytes) -> int {
-    for (size_t i = 0; i < targets.size(); ++i) {
-      const uint64_t b = targets[i]->info().address.value();
-      const uint64_t size = targets[i]->info().size;
-      if (addr >= b && addr - b <= size && bytes <= size - (addr - b)) return static_cast<int>(i);
-    }
-    return -1;
-  };
   int last_s = -1, last_t = -1;
-  WriteGroup* group = nullptr;
   for (size_t i = 0; i < fragments.size(); ++i) {
     const Fragment& f = fragments[i];
-    const uint64_t dst = f.dst + dst_offset;
-    // Consecutive fragments usually stay in one pair of regions.
-    auto in = [](const LocalRange& r, uint64_t a, uint64_t n) {
-      const uint64_t b = r.begin.value();
-      return a >= b && a - b <= r.bytes && n <= r.bytes - (a - b);
-    };
-    int s = last_s >= 0 && in(sources[static_cast<size_t>(last_s)], f.src, f.bytes)
-                ? last_s
-                : find_source(f.src, f.bytes);
-    int t = -1;
-    if (last_t >= 0) {
-      const RegionInfo& info = targets[static_cast<size_t>(last_t)]->info();
-      const uint64_t b = info.address.value();
-      if (dst >= b && dst - b <= info.size && f.bytes <= info.size - (dst - b)) t = last_t;
-    }
-    if (t < 0) t = find_target(dst, f.bytes);
+    const Addr src(f.src);
+    const Addr dst(f.dst + dst_offset);
+    const int s = find(sources.size(), last_s, [&](size_t k) {
+      return RangeInside(src, f.bytes, sources[k].begin, sources[k].bytes);
+    });
+    const int t = find(targets.size(), last_t, [&](size_t k) {
+      const RegionInfo& info = targets[k]->info();
+      return RangeInside(dst, f.bytes, info.address, info.size);
+    });
     if (s < 0 || t < 0) {
       return OutOfRangeError("fragment " + std::to_string(i) + " (" + std::to_string(f.bytes) +
                              " bytes) lies outside the registered " +
                              (s < 0 ? "source" : "target") + " regions");
     }
-    if (group == nullptr || s != last_s || t != last_t) {
+    if (groups.empty() || s != last_s || t != last_t) {
       groups.push_back(WriteGroup{
           sources[static_cast<size_t>(s)].region, targets[static_cast<size_t>(t)].get(), {}});
-      group = &groups.back();
       last_s = s;
       last_t = t;
     }
-    group->ops.push_back(WriteOp{Addr(f.src), Addr(dst), f.bytes});
+    groups.back().ops.push_back(WriteOp{src, dst, f.bytes});
   }
   return groups;
 }

@@ -32,24 +32,11 @@ using ::testing::HasSubstr;
 class LoopbackTransportTest : public ::testing::Test {
  protected:
   std::unique_ptr<TestEndpoint> MakeEndpoint(const std::string& name, bool start = true) {
-    auto transport = LoopbackTransport::Create(fabric_, name);
-    EXPECT_THAT(transport, IsOk());
-    if (!transport.ok()) return nullptr;
-    auto endpoint = std::make_unique<TestEndpoint>(std::move(transport).value());
-    if (start) {
-      EXPECT_THAT(endpoint->Start(), IsOk());
-    }
-    return endpoint;
+    return MakeTestEndpoint(LoopbackTransport::Create(fabric_, name), start);
   }
 
   std::pair<PeerId, PeerId> Connect(TestEndpoint& from, TestEndpoint& to) {
-    const size_t before = to.messages().size();
-    auto peer = from->Connect(to->Address());
-    EXPECT_THAT(peer, IsOk());
-    if (!peer.ok()) return {0, 0};
-    EXPECT_THAT(from.SendText(*peer, "HELLO"), IsOk());
-    EXPECT_TRUE(to.WaitForMessages(before + 1));
-    return {*peer, to.messages()[before].peer};
+    return ConnectTestEndpoints(from, to);
   }
 
   std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();

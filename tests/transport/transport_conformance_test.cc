@@ -107,26 +107,11 @@ class TransportConformanceTest : public ::testing::TestWithParam<TransportFactor
   void SetUp() override { network_ = GetParam().make_network(); }
 
   std::unique_ptr<TestEndpoint> MakeEndpoint(const std::string& name, bool start = true) {
-    auto transport = network_->CreateEndpoint(name);
-    EXPECT_THAT(transport, IsOk());
-    if (!transport.ok()) return nullptr;
-    auto endpoint = std::make_unique<TestEndpoint>(std::move(transport).value());
-    if (start) {
-      EXPECT_THAT(endpoint->Start(), IsOk());
-    }
-    return endpoint;
+    return MakeTestEndpoint(network_->CreateEndpoint(name), start);
   }
 
-  // Connects `from` to `to` and sends a HELLO so that `to` learns its PeerId
-  // for `from`. Returns {from's id for to, to's id for from}.
   std::pair<PeerId, PeerId> Connect(TestEndpoint& from, TestEndpoint& to) {
-    const size_t before = to.messages().size();
-    auto peer = from->Connect(to->Address());
-    EXPECT_THAT(peer, IsOk());
-    if (!peer.ok()) return {0, 0};
-    EXPECT_THAT(from.SendText(*peer, "HELLO from " + from->Address()), IsOk());
-    EXPECT_TRUE(to.WaitForMessages(before + 1));
-    return {*peer, to.messages()[before].peer};
+    return ConnectTestEndpoints(from, to);
   }
 
   std::unique_ptr<LocalRegion> Register(TestEndpoint& endpoint, const GuardedBuffer& buffer) {

@@ -308,6 +308,36 @@ class GuardedBuffer {
   uint8_t* base_ = nullptr;
 };
 
+// Wraps a freshly created transport (any Transport subclass) in a
+// TestEndpoint, started unless `start` is false; nullptr (and a test
+// failure) when creation failed.
+template <typename T>
+std::unique_ptr<TestEndpoint> MakeTestEndpoint(Result<std::unique_ptr<T>> transport,
+                                               bool start = true) {
+  EXPECT_TRUE(transport.ok()) << transport.status();
+  if (!transport.ok()) return nullptr;
+  auto endpoint =
+      std::make_unique<TestEndpoint>(std::unique_ptr<Transport>(std::move(transport).value()));
+  if (start) {
+    const Status started = endpoint->Start();
+    EXPECT_TRUE(started.ok()) << started;
+  }
+  return endpoint;
+}
+
+// Connects `from` to `to` and sends a HELLO so that `to` learns its PeerId
+// for `from`. Returns {from's id for to, to's id for from}.
+inline std::pair<PeerId, PeerId> ConnectTestEndpoints(TestEndpoint& from, TestEndpoint& to) {
+  const size_t before = to.messages().size();
+  auto peer = from->Connect(to->Address());
+  EXPECT_TRUE(peer.ok()) << peer.status();
+  if (!peer.ok()) return {0, 0};
+  const Status sent = from.SendText(*peer, "HELLO from " + from->Address());
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_TRUE(to.WaitForMessages(before + 1));
+  return {*peer, to.messages()[before].peer};
+}
+
 }  // namespace kvbounce::transport_test
 
 #endif  // KVBOUNCE_TESTS_TRANSPORT_TRANSPORT_TEST_UTIL_H_
