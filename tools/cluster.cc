@@ -121,7 +121,8 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
   agent.config = ctx_side ? options_.ctx_config : options_.gen_config;
   agent.transport = std::move(transport);
   agent.grace = options_.grace;
-  Result<std::unique_ptr<Agent>> created = Agent::Create(std::move(agent));
+  Result<std::unique_ptr<Agent>> created =
+      CreateAgent(std::move(agent), ctx_side ? options_.ctx_hooks : options_.gen_hooks);
   if (!created.ok()) {
     return created.status().WithContext(instance + " rank " + std::to_string(rank));
   }

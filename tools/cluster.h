@@ -29,6 +29,7 @@
 #include "kvbounce/agent.h"
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
+#include "session/agent_internal.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
 
@@ -50,6 +51,9 @@ struct ClusterOptions {
   // Give layer-major pools one allocation per layer.
   bool per_layer_pools = false;
   std::chrono::milliseconds grace{200};
+  // Test seams applied to every agent of the side (see session/agent_internal.h).
+  AgentHooks ctx_hooks;
+  AgentHooks gen_hooks;
   std::string ctx_instance = "ctx0";
   std::string gen_instance = "gen0";
 };

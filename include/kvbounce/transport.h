@@ -19,10 +19,23 @@
 // write to that peer that completed before the Flush was issued is visible in
 // the peer's memory: a KV_RESULT is sent only after its Flush completed.
 //
-// Failure: when a connection dies (the peer vanished, Disconnect was called,
-// a fault was injected), the transport fails that peer's pending writes and
-// flushes with kUnavailable, refuses new ones, and calls on_peer_failure once
-// for the peer, on both ends where both are still alive.
+// Cancellation: Write takes a std::stop_token. Once a stop is requested, the
+// ops of that batch that have not started are skipped and `done` runs with
+// kCancelled as soon as those already started have completed; an op that
+// started is never recalled (a put on the wire lands). A batch that had
+// completed before the request reports its own status. Transports may start
+// a large op in pieces and check between them (each documents its grain).
+//
+// Failure and the fence: when a connection dies (the peer vanished,
+// Disconnect was called, a fault was injected), the transport fails that
+// peer's pending writes and flushes with kUnavailable, refuses new ones, and
+// calls on_peer_failure once for the peer, on both ends where both are still
+// alive. on_peer_failure is a FENCE: it runs only once nothing of that
+// connection can read or write this agent's memory any more — every write of
+// the connection, in either direction, has completed or been stopped, and
+// every MappedAccess of it has ended (across processes: the peer process is
+// gone, or its access was revoked). A session may therefore treat
+// on_peer_failure as proof that a dead writer's bytes will not land later.
 //
 // Thread safety: every method is thread-safe. Callbacks run on transport
 // threads with no transport lock held; they may call back into the
@@ -30,8 +43,11 @@
 //
 // Lifetime: Shutdown() (also run by the destructor) fails everything pending,
 // joins the transport's threads and returns; no callback runs after it
-// returns. Registrations and imported regions must be destroyed before the
-// transport (they borrow it).
+// returns and no write of this transport is still reading or writing memory.
+// Writes of peers into this transport's regions are fenced by
+// deregistration: destroying a LocalRegion waits until no write or mapped
+// access of any peer touches it. Registrations, imported regions and mapped
+// accesses must be destroyed before the transport (they borrow it).
 #ifndef KVBOUNCE_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_H_
 
@@ -40,6 +56,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <stop_token>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -89,6 +106,17 @@ class RemoteRegion {
   // Where this process can reach the region with a copy engine, when the
   // transport maps remote memory (caps().map_remote); Addr() otherwise.
   virtual Addr mapped_address() const = 0;
+};
+
+// A copy engine's access to a peer's region through its mapped_address()
+// (the `direct` path), from Transport::BeginMappedAccess until this object
+// is destroyed. While it lives, the region's owner cannot finish
+// deregistering the region, and the connection's failure is not reported
+// (on either end): see the fence above. Destroying it ends the access; it
+// may be destroyed on any thread, also after the transport shut down.
+class MappedAccess {
+ public:
+  virtual ~MappedAccess() = default;
 };
 
 // One transport write: `bytes` from local address `src` to remote address
@@ -154,12 +182,27 @@ class Transport {
   virtual Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) = 0;
 
   // Writes every op of `ops` — one transport operation each — from `source`
-  // to `target`; `done` runs once when all completed locally, with the first
-  // error if any failed. REQUIRES: `ops`, `source` and `target` stay valid
-  // until `done` runs; every op lies inside `source` and `target` (checked:
-  // kOutOfRange, nothing issued).
+  // to `target`; `done` runs once when all completed locally (the source may
+  // be reused), with the first error if any failed, or kCancelled when
+  // `stop` skipped some (see Cancellation above). REQUIRES: `ops`, `source`
+  // and `target` stay valid until `done` runs; every op lies inside `source`
+  // and `target` (checked: kOutOfRange, nothing issued).
   virtual Status Write(const LocalRegion& source, const RemoteRegion& target,
-                       std::span<const WriteOp> ops, TransportDone done) = 0;
+                       std::span<const WriteOp> ops, TransportDone done,
+                       std::stop_token stop) = 0;
+  // The same without cancellation.
+  Status Write(const LocalRegion& source, const RemoteRegion& target,
+               std::span<const WriteOp> ops, TransportDone done) {
+    return Write(source, target, ops, std::move(done), std::stop_token());
+  }
+
+  // Begins a mapped access to `target` (see MappedAccess); the caller holds
+  // it for as long as a copy engine may touch target.mapped_address().
+  // Errors: kUnimplemented when the transport cannot map peer memory,
+  // kUnavailable when the connection is dead, kFailedPrecondition when the
+  // region was deregistered by its owner, kAborted after Shutdown,
+  // kInvalidArgument for a region another transport imported.
+  virtual Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) = 0;
 
   // Completes once every write to `target.peer()` that completed before this
   // call is visible in the peer's memory.

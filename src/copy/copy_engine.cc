@@ -51,11 +51,11 @@ Status ValidateCopyBatch(const CopyBatch& batch, uint64_t* total_bytes) {
   return Status::Ok();
 }
 
-Status CopyEngine::Submit(const CopyBatch& batch, CopyDone done) {
+Status CopyEngine::Submit(const CopyBatch& batch, CopyDone done, std::stop_token stop) {
   if (!done) return InvalidArgumentError("copy batch: the completion callback is empty");
   uint64_t total_bytes = 0;
   KVB_RETURN_IF_ERROR(ValidateCopyBatch(batch, &total_bytes));
-  return SubmitValidated(batch, total_bytes, std::move(done));
+  return SubmitValidated(batch, total_bytes, std::move(done), std::move(stop));
 }
 
 Status CopyEngine::CopySync(const CopyBatch& batch) {

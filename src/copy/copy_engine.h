@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <stop_token>
 #include <string_view>
 
 #include "kvbounce/status.h"
@@ -123,7 +124,12 @@ class CopyEngine {
   //   kInvalidArgument  `done` is empty, or a fragment fails validation.
   //   kAborted          the engine is shutting down.
   //   other             engine-specific, documented by the engine.
-  Status Submit(const CopyBatch& batch, CopyDone done);
+  //
+  // Cancellation: once `stop` is requested, the parts of the batch that
+  // have not started are skipped and `done` runs with kCancelled after the
+  // parts already started finished (each engine documents its grain); a
+  // batch that had finished before the request reports its own status.
+  Status Submit(const CopyBatch& batch, CopyDone done, std::stop_token stop = {});
 
   // Submits `batch` and blocks until it completed; returns the status that
   // Submit returned or, if it was accepted, the status passed to `done`.
@@ -147,7 +153,8 @@ class CopyEngine {
   // `done`. `total_bytes` is the sum of the fragments' bytes. Same contract as
   // Submit: return non-OK without calling `done`, or OK and call `done`
   // exactly once from an engine thread.
-  virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) = 0;
+  virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
+                                 std::stop_token stop) = 0;
 };
 
 }  // namespace kvbounce

@@ -21,6 +21,7 @@
 #include "memory/allocation.h"
 #include "memory/arena.h"
 #include "protocol/codec.h"
+#include "session/agent_internal.h"
 #include "session/event_loop.h"
 #include "session/metrics.h"
 #include "session/receiver.h"
@@ -72,7 +73,7 @@ class AgentImpl final : public Agent {
   AgentImpl() = default;
   ~AgentImpl() override { Shutdown(); }
 
-  Status Init(AgentOptions options);
+  Status Init(AgentOptions options, AgentHooks hooks);
 
   std::string Address() const override { return transport_->Address(); }
   Status Connect(std::span<const std::string> addresses) override;
@@ -145,7 +146,7 @@ Status AgentImpl::OnLoopStatus(std::function<Status()> fn) const {
   return r.status();
 }
 
-Status AgentImpl::Init(AgentOptions options) {
+Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   if (!options.transport) return InvalidArgumentError("AgentOptions.transport is required");
   if (options.instance_id.empty()) {
     return InvalidArgumentError("AgentOptions.instance_id must not be empty");
@@ -192,6 +193,10 @@ Status AgentImpl::Init(AgentOptions options) {
 
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine, CpuCopyEngine::Create());
   copy_ = std::move(engine);
+  if (hooks.wrap_copy_engine) {
+    copy_ = hooks.wrap_copy_engine(std::move(copy_));
+    if (copy_ == nullptr) return InvalidArgumentError("AgentHooks.wrap_copy_engine returned null");
+  }
 
   const LocalRegion* send_region = nullptr;
   const LocalRegion* recv_region = nullptr;
@@ -722,10 +727,14 @@ void AgentImpl::Shutdown() {
 
 }  // namespace
 
-Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
+Result<std::unique_ptr<Agent>> CreateAgent(AgentOptions options, AgentHooks hooks) {
   auto agent = std::make_unique<AgentImpl>();
-  KVB_RETURN_IF_ERROR(agent->Init(std::move(options)));
+  KVB_RETURN_IF_ERROR(agent->Init(std::move(options), std::move(hooks)));
   return std::unique_ptr<Agent>(std::move(agent));
+}
+
+Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {
+  return CreateAgent(std::move(options), AgentHooks());
 }
 
 }  // namespace kvbounce

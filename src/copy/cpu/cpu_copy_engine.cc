@@ -72,7 +72,8 @@ CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
   return stats;
 }
 
-Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) {
+Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
+                                      std::stop_token /*stop*/) {
   const bool large =
       total_bytes > options_.split_bytes || batch.fragments.size() > options_.split_fragments;
   size_t max_chunks = 1;

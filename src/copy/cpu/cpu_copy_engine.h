@@ -87,7 +87,8 @@ class CpuCopyEngine final : public CopyEngine {
 
  protected:
   // Errors: kAborted once the destructor has started.
-  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done) override;
+  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
+                         std::stop_token stop) override;
 
  private:
   // One accepted batch; shared by its chunks' tasks.

@@ -132,8 +132,15 @@ Result<std::unique_ptr<RemoteRegion>> FaultTransport::Import(PeerId peer, const 
   return inner_->Import(peer, info);
 }
 
+Result<std::unique_ptr<MappedAccess>> FaultTransport::BeginMappedAccess(
+    const RemoteRegion& target) {
+  if (stopping_.load()) return AbortedError("fault transport: shut down");
+  return inner_->BeginMappedAccess(target);
+}
+
 Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& target,
-                             std::span<const WriteOp> ops, TransportDone done) {
+                             std::span<const WriteOp> ops, TransportDone done,
+                             std::stop_token stop) {
   if (stopping_.load()) return AbortedError("fault transport: shut down");
   if (!done) return InvalidArgumentError("fault transport: Write needs a done callback");
   KVB_RETURN_IF_ERROR(CheckWriteOps(source.info(), target.info(), ops).status());
@@ -182,7 +189,8 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
     if (!Post(Clock::now() + delay, entry)) return AbortedError("fault transport: shut down");
     return Status::Ok();
   }
-  return inner_->Write(source, target, ops, DelayCompletion(std::move(done), delay));
+  return inner_->Write(source, target, ops, DelayCompletion(std::move(done), delay),
+                       std::move(stop));
 }
 
 Status FaultTransport::Flush(PeerId peer, TransportDone done) {

@@ -157,8 +157,11 @@ class FaultTransport final : public Transport {
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
   // Errors: kOutOfRange (checked here too), kInvalidArgument for an empty
   // `done`, kAborted after Shutdown started, and the inner transport's.
+  using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
-               TransportDone done) override;
+               TransportDone done, std::stop_token stop) override;
+  // Forwarded to the inner transport.
+  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   // Errors: kInvalidArgument for an empty `done`, kAborted after Shutdown
   // started, and the inner transport's.
   Status Flush(PeerId peer, TransportDone done) override;

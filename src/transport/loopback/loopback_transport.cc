@@ -806,8 +806,16 @@ Result<std::unique_ptr<RemoteRegion>> LoopbackTransport::Import(PeerId peer,
 }
 
 Status LoopbackTransport::Write(const LocalRegion& source, const RemoteRegion& target,
-                                std::span<const WriteOp> ops, TransportDone done) {
+                                std::span<const WriteOp> ops, TransportDone done,
+                                std::stop_token /*stop*/) {
   return endpoint_->Write(source, target, ops, std::move(done));
+}
+
+Result<std::unique_ptr<MappedAccess>> LoopbackTransport::BeginMappedAccess(
+    const RemoteRegion& /*target*/) {
+  // TODO(fence): pin the region and the connection.
+  class NoAccess final : public MappedAccess {};
+  return std::unique_ptr<MappedAccess>(new NoAccess());
 }
 
 Status LoopbackTransport::Flush(PeerId peer, TransportDone done) {

@@ -184,8 +184,10 @@ class LoopbackTransport final : public Transport {
   Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
                                                 MemoryKind kind) override;
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
+  using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
-               TransportDone done) override;
+               TransportDone done, std::stop_token stop) override;
+  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
   void Shutdown() override;
