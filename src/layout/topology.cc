@@ -50,6 +50,16 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
   const std::string prefix = std::string(label) + ": ";
   Status model_status = spec.model.Validate();
   if (!model_status.ok()) return model_status.WithContext(label);
+  if (DTypeBytes(spec.dtype) == 0) {
+    return InvalidArgumentError(prefix + "dtype = " + std::to_string(static_cast<int>(spec.dtype)) +
+                                " is not a DType: use bf16, fp16, fp8 or fp32");
+  }
+  if (LayoutKindName(spec.layout) == "?") {
+    return InvalidArgumentError(prefix + "layout = " +
+                                std::to_string(static_cast<int>(spec.layout)) +
+                                " is not a LayoutKind: use block-major-hnd, layer-major-hnd or "
+                                "layer-major-nhd");
+  }
   if (spec.tp < 1) {
     return InvalidArgumentError(prefix + "tp = " + std::to_string(spec.tp) +
                                 " is invalid: must be >= 1");
@@ -57,6 +67,13 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
   if (spec.pp < 1) {
     return InvalidArgumentError(prefix + "pp = " + std::to_string(spec.pp) +
                                 " is invalid: must be >= 1");
+  }
+  if (spec.tp > kMaxTp || spec.pp > kMaxPp ||
+      static_cast<int64_t>(spec.tp) * spec.pp > kMaxRanks) {
+    return InvalidArgumentError(prefix + "tp = " + std::to_string(spec.tp) + ", pp = " +
+                                std::to_string(spec.pp) + " is invalid: must be tp <= " +
+                                std::to_string(kMaxTp) + ", pp <= " + std::to_string(kMaxPp) +
+                                " and tp * pp <= " + std::to_string(kMaxRanks));
   }
   if (spec.tokens_per_block < 1) {
     return InvalidArgumentError(prefix +

@@ -47,12 +47,20 @@ class Topology {
  public:
   // Validates the spec. Errors (kInvalidArgument, the message names the
   // instance `label`, the field, its value and the rule):
-  //   the model is invalid; tp or pp < 1; tokens_per_block < 1;
+  //   the model is invalid; dtype or layout outside their enums; tp or pp
+  //   < 1, tp > kMaxTp, pp > kMaxPp or tp * pp > kMaxRanks; tokens_per_block
+  //   < 1;
   //   kv heads not divisible by tp (heads >= tp) or tp not divisible by kv
   //   heads (heads < tp); pp greater than the number of layers;
   //   layers_per_stage with the wrong number of entries, a stage with no
   //   layer, or stages that do not add up to the model's layers.
   static Result<Topology> Create(InstanceSpec spec, std::string_view label = "instance");
+
+  // Limits that keep rank arithmetic in range; far beyond any deployment
+  // (kMaxPp is the wire protocol's limit on pipeline stages).
+  static constexpr int kMaxTp = 1 << 16;
+  static constexpr int kMaxPp = 1024;
+  static constexpr int kMaxRanks = 1 << 20;
 
   const InstanceSpec& spec() const { return spec_; }
   int num_ranks() const { return spec_.tp * spec_.pp; }

@@ -84,6 +84,7 @@ void WritePayload(WireWriter& w, const KvResult& m) {
   w.PutU32(m.slice_id);
   w.PutU32(m.writer_rank);
   w.PutU8(static_cast<uint8_t>(m.status));
+  w.PutU8(m.error_code);
   w.PutString(m.error_text);
 }
 
@@ -197,6 +198,7 @@ Status ReadPayload(WireReader& r, KvResult* m) {
   KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
   KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
   KVB_RETURN_IF_ERROR(ReadEnum(r, "status", kMaxResultStatus, &m->status));
+  KVB_RETURN_IF_ERROR(r.ReadU8("error_code", &m->error_code));
   KVB_RETURN_IF_ERROR(r.ReadString("error_text", kMaxErrorTextBytes, &m->error_text));
   return Status::Ok();
 }

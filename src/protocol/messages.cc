@@ -225,6 +225,12 @@ Status Validate(const KvResult& result) {
   constexpr std::string_view kMsg = "KV_RESULT";
   KVB_RETURN_IF_ERROR(
       CheckEnum(kMsg, "status", static_cast<uint8_t>(result.status), kMaxResultStatus));
+  KVB_RETURN_IF_ERROR(CheckEnum(kMsg, "error_code", result.error_code, kMaxErrorCode));
+  if ((result.status == ResultStatus::kSuccess) != (result.error_code == 0)) {
+    return InvalidArgumentError("KV_RESULT.error_code: " + std::to_string(result.error_code) +
+                                " with status " + std::string(ResultStatusName(result.status)) +
+                                ": must be 0 exactly when the status is SUCCESS");
+  }
   KVB_RETURN_IF_ERROR(
       CheckLength(kMsg, "error_text", result.error_text.size(), kMaxErrorTextBytes));
   return Status::Ok();

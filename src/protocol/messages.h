@@ -88,6 +88,13 @@ enum class ResultStatus : uint8_t {
 };
 inline constexpr uint8_t kMaxResultStatus = 2;
 
+// KV_RESULT.error_code: the writer's status code, numbered as kvbounce's
+// StatusCode (status.h: 0 OK, 1 INVALID_ARGUMENT ... 13 INTERNAL), so the
+// receiver reports a refusal as what it is (OUT_OF_RANGE, DATA_LOSS ...)
+// rather than as a generic failure. The session layer converts through one
+// checked function (a static_assert ties the two numberings together).
+inline constexpr uint8_t kMaxErrorCode = 13;
+
 // Why a peer says BYE.
 enum class ByeReason : uint8_t {
   kShutdown = 0,       // orderly shutdown
@@ -234,6 +241,8 @@ struct KvResult {
   uint32_t slice_id = 0;
   uint32_t writer_rank = 0;
   ResultStatus status = ResultStatus::kSuccess;
+  // 0 with SUCCESS; the writer's error code otherwise (kMaxErrorCode).
+  uint8_t error_code = 0;
   uint64_t bytes_written = 0;
   uint64_t plan_fingerprint = 0;
   std::string error_text;  // at most kMaxErrorTextBytes; usually empty on success

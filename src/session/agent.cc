@@ -4,6 +4,8 @@
 #include "kvbounce/agent.h"
 
 #include <condition_variable>
+#include <exception>
+#include <new>
 #include <future>
 #include <limits>
 #include <map>
@@ -14,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/checked_math.h"
 #include "copy/cpu/cpu_copy_engine.h"
 #include "kvbounce/logging.h"
 #include "kvbounce/transport.h"
@@ -47,6 +50,39 @@ DType DTypeOfSize(uint32_t bytes, DType same_size) {
     default:
       return DType::kBf16;
   }
+}
+
+// The API edge: no exception leaves the library. Everything that could throw
+// (allocation, a thread that cannot start) is checked or caught where it
+// happens; this is the last net, turning what slipped through into a Status.
+template <typename F>
+auto Guarded(const char* what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return ResourceExhaustedError(std::string(what) + ": out of memory");
+  } catch (const std::exception& e) {
+    return InternalError(std::string(what) + ": " + e.what());
+  }
+}
+
+// A duration field of the API: `min_ms` <= value <= Config::kMaxTimeoutMs.
+Status CheckDuration(const char* field, std::chrono::milliseconds value, int64_t min_ms) {
+  if (value.count() < min_ms || value.count() > Config::kMaxTimeoutMs) {
+    return InvalidArgumentError(std::string(field) + " = " + std::to_string(value.count()) +
+                                " ms is invalid: must be in [" + std::to_string(min_ms) + ", " +
+                                std::to_string(Config::kMaxTimeoutMs) + "] ms");
+  }
+  return Status::Ok();
+}
+
+bool IsTransferPath(TransferPath path) {
+  return path == TransferPath::kPerBlock || path == TransferPath::kBounce ||
+         path == TransferPath::kDirect || path == TransferPath::kAuto;
+}
+
+bool IsMemoryKind(MemoryKind kind) {
+  return kind == MemoryKind::kHost || kind == MemoryKind::kPinnedHost || kind == MemoryKind::kCuda;
 }
 
 // Lets a Transfer handle reach its agent's loop for as long as the agent
@@ -94,6 +130,12 @@ class AgentImpl final : public Agent {
   template <typename T>
   Result<T> OnLoop(std::function<Result<T>()> fn) const;
   Status OnLoopStatus(std::function<Status()> fn) const;
+  Status ConnectAll(std::span<const std::string> addresses);
+  AgentStats CollectStats() const;
+  void ShutdownLocked();
+  // Pull's API-edge checks (see Agent::Pull's errors).
+  Status CheckPull(std::span<const int32_t> block_table, TokenRange tokens,
+                   const PullOptions& options) const;
 
   void HandleMessage(PeerId peer, const std::vector<std::byte>& frame);
   void HandleHello(PeerId id, const protocol::Hello& hello);
@@ -123,6 +165,7 @@ class AgentImpl final : public Agent {
   mutable std::mutex connect_mu_;
   std::condition_variable connect_cv_;
   std::map<PeerId, Status> connect_results_;
+  bool connect_aborted_ = false;  // Shutdown: waiters return kAborted
 
   std::mutex shutdown_mu_;
   bool shut_down_ = false;
@@ -151,13 +194,36 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   if (options.instance_id.empty()) {
     return InvalidArgumentError("AgentOptions.instance_id must not be empty");
   }
+  if (options.role != Role::kCtx && options.role != Role::kGen) {
+    return InvalidArgumentError("AgentOptions.role = " +
+                                std::to_string(static_cast<int>(options.role)) +
+                                " is not a Role: use kCtx or kGen");
+  }
+  KVB_RETURN_IF_ERROR(CheckDuration("AgentOptions.grace", options.grace, 0));
+  KVB_RETURN_IF_ERROR(CheckDuration("AgentOptions.connect_timeout", options.connect_timeout, 1));
   Config config = ApplyEnvironment(options.config);
   KVB_RETURN_IF_ERROR(config.Validate());
   KVB_ASSIGN_OR_RETURN(Topology topology, Topology::Create(options.instance, options.instance_id));
   Result<RankPlacement> placement = topology.CheckedPlacement(options.rank);
-  if (!placement.ok()) return placement.status().WithContext("AgentOptions.rank");
+  if (!placement.ok()) {
+    return InvalidArgumentError("AgentOptions.rank: " + std::string(placement.status().message()));
+  }
   const PoolSpec& pool = options.pool;
   if (pool.bases.empty()) return InvalidArgumentError("AgentOptions.pool.bases is empty");
+  for (size_t i = 0; i < pool.bases.size(); ++i) {
+    if (pool.bases[i] == Addr()) {
+      return InvalidArgumentError("AgentOptions.pool.bases[" + std::to_string(i) + "] is null");
+    }
+  }
+  if (!IsMemoryKind(pool.memory)) {
+    return InvalidArgumentError("AgentOptions.pool.memory = " +
+                                std::to_string(static_cast<int>(pool.memory)) +
+                                " is not a MemoryKind");
+  }
+  if (pool.num_blocks < 1) {
+    return InvalidArgumentError("AgentOptions.pool.num_blocks = " +
+                                std::to_string(pool.num_blocks) + " is invalid: must be >= 1");
+  }
   if (pool.num_blocks > std::numeric_limits<uint32_t>::max()) {
     return InvalidArgumentError(
         "AgentOptions.pool.num_blocks = " + std::to_string(pool.num_blocks) +
@@ -232,7 +298,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   if (*perf_log) metrics_.SetPerfLog(std::move(perf_log).value());
 
   connect_timeout_ = options.connect_timeout;
-  loop_ = std::make_unique<EventLoop>();
+  KVB_ASSIGN_OR_RETURN(loop_, EventLoop::Create());
   gate_ = std::make_shared<LoopGate>(loop_.get());
   ctx_.instance_id = options.instance_id;
   ctx_.role = options.role;
@@ -504,9 +570,16 @@ void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
   PeerState* peer = ctx_.FindPeer(id);
   if (const auto* bye = std::get_if<protocol::Bye>(&*message)) {
     if (peer != nullptr) {
-      const Status why = UnavailableError("peer " + peer->Describe() + " said BYE (" +
-                                          std::string(protocol::ByeReasonName(bye->reason)) +
-                                          "): " + bye->message);
+      // What Connect reports: the peer refused us as incompatible
+      // (kInvalidArgument), found our frames malformed (kDataLoss), or left.
+      const std::string text = "peer " + peer->Describe() + " said BYE (" +
+                               std::string(protocol::ByeReasonName(bye->reason)) +
+                               "): " + bye->message;
+      const Status why = bye->reason == protocol::ByeReason::kIncompatible
+                             ? InvalidArgumentError(text)
+                         : bye->reason == protocol::ByeReason::kProtocolError
+                             ? DataLossError(text)
+                             : UnavailableError(text);
       HandlePeerFailure(id, why);
       transport_->Disconnect(id, why);
     }
@@ -555,6 +628,10 @@ void AgentImpl::NotifyConnect(PeerId id, const Status& status) {
 }
 
 Status AgentImpl::Connect(std::span<const std::string> addresses) {
+  return Guarded("Connect", [&] { return ConnectAll(addresses); });
+}
+
+Status AgentImpl::ConnectAll(std::span<const std::string> addresses) {
   if (ctx_.shutting_down.load()) return AbortedError("Connect: the agent is shutting down");
   std::vector<std::pair<PeerId, std::string>> pending;
   for (const std::string& address : addresses) {
@@ -574,10 +651,14 @@ Status AgentImpl::Connect(std::span<const std::string> addresses) {
   const auto deadline = std::chrono::steady_clock::now() + connect_timeout_;
   for (const auto& [id, address] : pending) {
     const PeerId peer_id = id;
-    if (!connect_cv_.wait_until(lock, deadline,
-                                [&] { return connect_results_.count(peer_id) != 0; })) {
+    if (!connect_cv_.wait_until(lock, deadline, [&] {
+          return connect_results_.count(peer_id) != 0 || connect_aborted_;
+        })) {
       return DeadlineExceededError("Connect to '" + address + "': no HELLO within " +
                                    std::to_string(connect_timeout_.count()) + " ms");
+    }
+    if (connect_results_.count(peer_id) == 0) {
+      return AbortedError("Connect to '" + address + "': the agent is shutting down");
     }
     const Status& result = connect_results_[peer_id];
     if (!result.ok()) return result.WithContext("Connect to '" + address + "'");
@@ -588,40 +669,122 @@ Status AgentImpl::Connect(std::span<const std::string> addresses) {
 Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
                                                      std::span<const int32_t> block_table,
                                                      int64_t num_tokens, PublishOptions options) {
-  std::vector<int32_t> table(block_table.begin(), block_table.end());
-  return OnLoop<std::shared_ptr<Transfer>>(
-      [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });
+  return Guarded("Publish", [&]() -> Result<std::shared_ptr<Transfer>> {
+    if (ctx_.shutting_down.load()) return AbortedError("Publish: the agent is shutting down");
+    if (ctx_.role != Role::kCtx) {
+      return InvalidArgumentError("Publish: this agent is a gen rank; only ctx ranks publish");
+    }
+    KVB_RETURN_IF_ERROR(CheckDuration("Publish: PublishOptions.ttl", options.ttl, 0));
+    if (num_tokens < 1) {
+      return InvalidArgumentError("Publish: num_tokens = " + std::to_string(num_tokens) +
+                                  " is invalid: must be >= 1");
+    }
+    // The table must cover ceil(num_tokens / tokens_per_block) blocks; a
+    // count no table can reach is refused before anything is copied.
+    const int64_t tpb = ctx_.topology->spec().tokens_per_block;
+    const int64_t needed = *CheckedCeilDiv(num_tokens, tpb);
+    if (needed > static_cast<int64_t>(block_table.size())) {
+      return OutOfRangeError("Publish: " + std::to_string(num_tokens) + " tokens need " +
+                             std::to_string(needed) + " blocks of " + std::to_string(tpb) +
+                             " tokens but the block table has " +
+                             std::to_string(block_table.size()));
+    }
+    std::vector<int32_t> table(block_table.begin(), block_table.end());
+    return OnLoop<std::shared_ptr<Transfer>>(
+        [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });
+  });
 }
 
 Status AgentImpl::Retire(uint64_t request_id) {
-  return OnLoopStatus([&] {
-    return sender_->Retire(request_id, CancelledError("publication of request " +
-                                                      std::to_string(request_id) + " retired"));
+  return Guarded("Retire", [&] {
+    return OnLoopStatus([&] {
+      return sender_->Retire(request_id, CancelledError("publication of request " +
+                                                        std::to_string(request_id) + " retired"));
+    });
   });
+}
+
+Status AgentImpl::CheckPull(std::span<const int32_t> block_table, TokenRange tokens,
+                            const PullOptions& options) const {
+  if (!IsTransferPath(options.path)) {
+    return InvalidArgumentError("Pull: PullOptions.path = " +
+                                std::to_string(static_cast<int>(options.path)) +
+                                " is not a TransferPath");
+  }
+  KVB_RETURN_IF_ERROR(CheckDuration("Pull: PullOptions.timeout", options.timeout, 0));
+  if (tokens.start < 0 || tokens.end <= tokens.start) {
+    return InvalidArgumentError("Pull: token range [" + std::to_string(tokens.start) + ", " +
+                                std::to_string(tokens.end) +
+                                ") is invalid: must be non-empty and start at >= 0");
+  }
+  const int64_t tpb = ctx_.topology->spec().tokens_per_block;
+  const int64_t needed = *CheckedCeilDiv(tokens.end, tpb);
+  if (needed > static_cast<int64_t>(protocol::kMaxBlockTableEntries)) {
+    return OutOfRangeError("Pull: tokens [" + std::to_string(tokens.start) + ", " +
+                           std::to_string(tokens.end) + ") need " + std::to_string(needed) +
+                           " blocks; a request carries at most " +
+                           std::to_string(protocol::kMaxBlockTableEntries));
+  }
+  if (needed > static_cast<int64_t>(block_table.size())) {
+    return OutOfRangeError("Pull: tokens [0, " + std::to_string(tokens.end) + ") need " +
+                           std::to_string(needed) + " blocks of " + std::to_string(tpb) +
+                           " tokens but the block table has " +
+                           std::to_string(block_table.size()));
+  }
+  // Every entry the request carries is checked, also those below the range
+  // (the writers plan with the whole table).
+  const int64_t pool_blocks = ctx_.pool->geometry().num_blocks;
+  for (int64_t i = 0; i < needed; ++i) {
+    const int32_t id = block_table[static_cast<size_t>(i)];
+    if (id < 0 || id >= pool_blocks) {
+      return OutOfRangeError("Pull: block table entry " + std::to_string(i) + " = " +
+                             std::to_string(id) + " is outside the pool of " +
+                             std::to_string(pool_blocks) + " blocks");
+    }
+  }
+  return Status::Ok();
 }
 
 Result<std::shared_ptr<Transfer>> AgentImpl::Pull(uint64_t request_id,
                                                   std::string_view ctx_instance,
                                                   std::span<const int32_t> block_table,
                                                   TokenRange tokens, PullOptions options) {
-  std::vector<int32_t> table(block_table.begin(), block_table.end());
-  std::string instance(ctx_instance);
-  return OnLoop<std::shared_ptr<Transfer>>(
-      [&]() { return receiver_->Pull(request_id, instance, std::move(table), tokens, options); });
+  return Guarded("Pull", [&]() -> Result<std::shared_ptr<Transfer>> {
+    if (ctx_.shutting_down.load()) return AbortedError("Pull: the agent is shutting down");
+    if (ctx_.role != Role::kGen) {
+      return InvalidArgumentError("Pull: this agent is a ctx rank; only gen ranks pull");
+    }
+    KVB_RETURN_IF_ERROR(CheckPull(block_table, tokens, options));
+    std::vector<int32_t> table(block_table.begin(), block_table.end());
+    std::string instance(ctx_instance);
+    return OnLoop<std::shared_ptr<Transfer>>(
+        [&]() { return receiver_->Pull(request_id, instance, std::move(table), tokens, options); });
+  });
 }
 
 Result<int> AgentImpl::ReceiverCount(std::string_view gen_instance) const {
-  std::string instance(gen_instance);
-  return OnLoop<int>([&]() -> Result<int> {
-    auto it = ctx_.instances.find(instance);
-    if (it == ctx_.instances.end()) {
-      return NotFoundError("no gen instance '" + instance + "' is connected");
-    }
-    return static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *it->second).size());
+  return Guarded("ReceiverCount", [&]() -> Result<int> {
+    std::string instance(gen_instance);
+    return OnLoop<int>([&]() -> Result<int> {
+      auto it = ctx_.instances.find(instance);
+      if (it == ctx_.instances.end()) {
+        return NotFoundError("no gen instance '" + instance + "' is connected");
+      }
+      return static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *it->second).size());
+    });
   });
 }
 
 AgentStats AgentImpl::Stats() const {
+  try {
+    return CollectStats();
+  } catch (const std::exception& e) {
+    Log(LogLevel::kError, std::string("Stats: ") + e.what());
+    return AgentStats();
+  }
+}
+
+AgentStats AgentImpl::CollectStats() const {
   const MetricsSnapshot snap = metrics_.Snapshot();
   AgentStats stats;
   for (Side side : {Side::kSender, Side::kReceiver}) {
@@ -662,12 +825,24 @@ void AgentImpl::Shutdown() {
     return;
   }
   shut_down_ = true;
+  try {
+    ShutdownLocked();
+  } catch (const std::exception& e) {
+    Log(LogLevel::kError, std::string("Shutdown: ") + e.what());
+  }
+}
+
+// The order is what makes "settled means settled" hold at shutdown
+// (docs/sessions.md "Shutdown"): nothing settles until no operation of this
+// agent, and no peer's operation into its memory, can run any more.
+void AgentImpl::ShutdownLocked() {
   ctx_.shutting_down.store(true);
   const Status why =
       AbortedError(ctx_.instance_id + " rank " + std::to_string(ctx_.rank) + " is shutting down");
 
-  // 1. Stop accepting; cancel what is in flight; give writers the grace
-  //    period to stop.
+  // 1. Stop accepting; cancel pulls and stop jobs (their operations end at
+  //    the next grain); give writers and readers the grace period to finish
+  //    on their own, so that most requests settle with their real outcome.
   OnLoopStatus([&] {
     receiver_->CancelAll(why);
     sender_->AbortAll(why);
@@ -678,11 +853,12 @@ void AgentImpl::Shutdown() {
     Result<bool> idle =
         OnLoop<bool>([&]() -> Result<bool> { return receiver_->Idle() && sender_->Idle(); });
     if (!idle.ok() || *idle) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 
-  // 2. Say goodbye, then stop the transport: pending writes fail, no remote
-  //    write can land afterwards.
+  // 2. Say goodbye and stop the transport: its own writes have ended when
+  //    it returns (their completions are posted to the loop), and every peer
+  //    sees our connections die.
   OnLoopStatus([&] {
     for (auto& [id, peer] : ctx_.peers) {
       if (!peer.dead && peer.hello_received) {
@@ -694,43 +870,55 @@ void AgentImpl::Shutdown() {
   }).IgnoreError();
   gate_->Close();
   transport_->Shutdown();
+  {
+    std::lock_guard<std::mutex> connect_lock(connect_mu_);
+    connect_aborted_ = true;
+  }
+  connect_cv_.notify_all();
 
-  // 3. Drain the copy engine (its completions still reach the loop), then
-  //    settle whatever is left and release every slot.
+  // 3. Drain the copy engine: accepted batches finish (or stop at their
+  //    grain); their completions still reach the loop.
   OnLoopStatus([&] {
     ctx_.copy = nullptr;
     return Status::Ok();
   }).IgnoreError();
   copy_.reset();
-  OnLoopStatus([&] {
-    receiver_->Abandon(why);
-    sender_->Abandon(why);
-    return Status::Ok();
-  }).IgnoreError();
+
+  // 4. Stop the loop: every completion posted so far runs first. From here
+  //    this thread stands in for the control thread.
   loop_->Stop();
 
-  // 4. Close the arenas (each deregisters its region, then frees it),
-  //    release the peers' imported regions, deregister the pool.
+  // 5. Deregister what peers can reach: the imported regions, the pool and
+  //    the arenas. Destroying a registration waits until no peer's write or
+  //    mapped access touches it, so after this nothing lands in our memory.
   ctx_.peers.clear();
-  for (std::unique_ptr<Arena>* arena : {&send_arena_, &recv_arena_}) {
-    if (*arena == nullptr) continue;
-    const uint64_t outstanding = (*arena)->Close();
-    if (outstanding != 0) {
-      Log(LogLevel::kError, std::string((*arena)->name()) + ": " + std::to_string(outstanding) +
+  ctx_.peer_by_rank.clear();
+  pool_regions_.clear();
+  for (Arena* arena : {send_arena_.get(), recv_arena_.get()}) {
+    if (arena != nullptr) arena->Close();  // deregisters once nothing is outstanding
+  }
+
+  // 6. Settle what is left: its blocks can no longer be touched.
+  receiver_->Abandon(why);
+  sender_->Abandon(why);
+  for (Arena* arena : {send_arena_.get(), recv_arena_.get()}) {
+    if (arena != nullptr && arena->outstanding_bytes() != 0) {
+      Log(LogLevel::kError, std::string(arena->name()) + ": " +
+                                std::to_string(arena->outstanding_bytes()) +
                                 " bytes still outstanding at shutdown");
     }
-    arena->reset();
   }
   ctx_.send_arena = ctx_.recv_arena = nullptr;
-  pool_regions_.clear();
 }
 
 }  // namespace
 
 Result<std::unique_ptr<Agent>> CreateAgent(AgentOptions options, AgentHooks hooks) {
-  auto agent = std::make_unique<AgentImpl>();
-  KVB_RETURN_IF_ERROR(agent->Init(std::move(options), std::move(hooks)));
-  return std::unique_ptr<Agent>(std::move(agent));
+  return Guarded("Agent::Create", [&]() -> Result<std::unique_ptr<Agent>> {
+    auto agent = std::make_unique<AgentImpl>();
+    KVB_RETURN_IF_ERROR(agent->Init(std::move(options), std::move(hooks)));
+    return std::unique_ptr<Agent>(std::move(agent));
+  });
 }
 
 Result<std::unique_ptr<Agent>> Agent::Create(AgentOptions options) {

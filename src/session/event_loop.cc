@@ -1,8 +1,19 @@
 #include "session/event_loop.h"
 
+#include <string>
+#include <system_error>
+
 namespace kvbounce {
 
-EventLoop::EventLoop() : thread_([this] { Run(); }) {}
+Result<std::unique_ptr<EventLoop>> EventLoop::Create() {
+  std::unique_ptr<EventLoop> loop(new EventLoop());
+  try {
+    loop->thread_ = std::thread([raw = loop.get()] { raw->Run(); });
+  } catch (const std::system_error& e) {
+    return ResourceExhaustedError(std::string("cannot start the control thread: ") + e.what());
+  }
+  return loop;
+}
 
 EventLoop::~EventLoop() { Stop(); }
 

@@ -21,11 +21,14 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
 #include <utility>
+
+#include "kvbounce/status.h"
 
 namespace kvbounce {
 
@@ -36,7 +39,9 @@ class EventLoop {
   // 0 is never a valid timer id.
   using TimerId = uint64_t;
 
-  EventLoop();
+  // Starts the loop thread. Errors: kResourceExhausted when the thread
+  // cannot be created (std::thread's exception does not escape).
+  static Result<std::unique_ptr<EventLoop>> Create();
   ~EventLoop();
   EventLoop(const EventLoop&) = delete;
   EventLoop& operator=(const EventLoop&) = delete;
@@ -58,6 +63,7 @@ class EventLoop {
   void Stop();
 
  private:
+  EventLoop() = default;
   void Run();
 
   mutable std::mutex mu_;

@@ -31,7 +31,8 @@ constexpr std::array<Outcome, kNumOutcomes> kOutcomes = {Outcome::kCompleted, Ou
                                                          Outcome::kCancelled, Outcome::kTimedOut};
 constexpr std::array<Counter, kNumCounters> kCounters = {
     Counter::kRejectedResults, Counter::kDuplicateResults, Counter::kQuarantinedSlots,
-    Counter::kCancelsSent,     Counter::kCancelsReceived,  Counter::kPeerFailures};
+    Counter::kCancelsSent,     Counter::kCancelsReceived,  Counter::kPeerFailures,
+    Counter::kInvalidTransitions};
 constexpr std::array<TimelinePoint, kNumTimelinePoints> kPoints = {
     TimelinePoint::kRequest,   TimelinePoint::kReserve,     TimelinePoint::kFirstByte,
     TimelinePoint::kWriteDone, TimelinePoint::kScatterDone, TimelinePoint::kComplete};
@@ -39,7 +40,7 @@ constexpr std::array<TimelinePoint, kNumTimelinePoints> kPoints = {
 // Arrays indexed by these enums rely on the values being 0..n-1 in order.
 static_assert(static_cast<size_t>(TransferPath::kAuto) == kNumTransferPaths - 1);
 static_assert(static_cast<size_t>(Outcome::kTimedOut) == kNumOutcomes - 1);
-static_assert(static_cast<size_t>(Counter::kPeerFailures) == kNumCounters - 1);
+static_assert(static_cast<size_t>(Counter::kInvalidTransitions) == kNumCounters - 1);
 static_assert(static_cast<size_t>(TimelinePoint::kComplete) == kNumTimelinePoints - 1);
 static_assert(static_cast<size_t>(Side::kReceiver) == kNumSides - 1);
 
@@ -149,6 +150,8 @@ std::string_view CounterName(Counter counter) {
       return "cancels_received";
     case Counter::kPeerFailures:
       return "peer_failures";
+    case Counter::kInvalidTransitions:
+      return "invalid_transitions";
   }
   return "?";
 }

@@ -110,11 +110,15 @@ enum class Counter {
   kCancelsReceived,
   // Peers declared failed (connection lost, no answer).
   kPeerFailures,
+  // A state machine was asked for a move it does not allow: a bug. Tests
+  // assert it stays 0.
+  kInvalidTransitions,
 };
-inline constexpr size_t kNumCounters = 6;
+inline constexpr size_t kNumCounters = 7;
 
 // "rejected_results", "duplicate_results", "quarantined_slots",
-// "cancels_sent", "cancels_received", "peer_failures" ("?" outside the enum).
+// "cancels_sent", "cancels_received", "peer_failures",
+// "invalid_transitions" ("?" outside the enum).
 std::string_view CounterName(Counter counter);
 
 // ---------------------------------------------------------------------------

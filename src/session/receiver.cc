@@ -17,8 +17,6 @@ struct ReceiverSession::Writer {
   std::vector<Fragment> scatter;
   WriterState state = WriterState::kPending;
   Status error;
-  bool connection_dead = false;
-  SessionContext::Clock::time_point dead_at;
 };
 
 struct ReceiverSession::Request {
@@ -39,7 +37,6 @@ struct ReceiverSession::Request {
   SessionContext::Clock::time_point deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
-  EventLoop::TimerId retire_timer = 0;
   EventLoop::TimerId grace_timer = 0;
   // A cancel or timeout of a per-block/direct request waits for its writers
   // to stop before it settles with this.
@@ -377,10 +374,15 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
         WriterDone(*r, *w, WriterState::kSucceeded, Status::Ok());
       }
       return;
-    case protocol::ResultStatus::kFailed:
+    case protocol::ResultStatus::kFailed: {
+      // The writer's own code: a refusal (OUT_OF_RANGE, DATA_LOSS ...) is
+      // reported as what it is, not as a retryable UNAVAILABLE.
+      const StatusCode code =
+          FromWireErrorCode(result.error_code).value_or(StatusCode::kInternal);
       WriterDone(*r, *w, WriterState::kFailed,
-                 UnavailableError(w->name + " failed: " + result.error_text));
+                 Status(code, w->name + " failed: " + result.error_text));
       return;
+    }
     case protocol::ResultStatus::kCancelled:
       WriterDone(*r, *w, WriterState::kCancelled,
                  CancelledError(w->name + " cancelled: " + result.error_text));
@@ -493,17 +495,9 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
       return;
   }
   StopWriters(*r, std::string(why.message()));
-  if (r->path == TransferPath::kBounce) {
-    // The writers may still be writing into the slot, never into the pool:
-    // settle now and keep the slot out of use until they stop.
-    Settle(*r, why);
-    MaybeRetire(*r);
-    return;
-  }
-  // Per-block and direct writers write into the pool itself: the request
-  // settles once they stopped. A writer that does not answer within the
-  // grace period has its connection declared dead.
-  r->pending_outcome = why;
+  // A writer that does not answer within the grace period has its
+  // connection declared dead; the transport's fence (on_peer_failure) then
+  // proves that nothing of it lands any more.
   const Key key = r->key;
   r->grace_timer = ctx_.loop->PostAt(SessionContext::Clock::now() + ctx_.grace, [this, key] {
     Request* req = Find(key);
@@ -517,6 +511,16 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
       }
     }
   });
+  if (r->path == TransferPath::kBounce) {
+    // The writers may still be writing into the slot, never into the pool:
+    // settle now and keep the slot out of use until they stop.
+    Settle(*r, why);
+    MaybeRetire(*r);
+    return;
+  }
+  // Per-block and direct writers write into the pool itself: the request
+  // settles once they stopped.
+  r->pending_outcome = why;
 }
 
 void ReceiverSession::OnPeerFailure(PeerState& peer) {
@@ -526,14 +530,13 @@ void ReceiverSession::OnPeerFailure(PeerState& peer) {
       if (w.peer == peer.id) affected.push_back(key);
     }
   }
-  const auto now = SessionContext::Clock::now();
   for (const Key& key : affected) {
     Request* r = Find(key);
     if (r == nullptr) continue;
     for (Writer& w : r->writers) {
       if (w.peer != peer.id) continue;
-      w.connection_dead = true;
-      w.dead_at = now;
+      // The transport reports a failure only behind its fence: nothing of
+      // this writer can land any more, so it is terminal.
       if (w.state == WriterState::kPending) {
         w.state = WriterState::kFailed;
         w.error = UnavailableError("connection to writer " + w.name +
@@ -596,48 +599,17 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   // settled request never holds arena bytes it no longer needs.
   bool released = false;
   if (r.slot.valid() && r.AllTerminal() && r.scatters_outstanding == 0) {
-    bool dead_recently = false;
-    for (const Writer& w : r.writers) {
-      dead_recently = dead_recently ||
-                      (w.connection_dead && w.dead_at + ctx_.grace > SessionContext::Clock::now());
-    }
-    if (!dead_recently) {
-      r.slot.Release();
-      released = true;
-    }
+    r.slot.Release();
+    released = true;
   }
   r.handle->Settle(outcome, Info(r));
   if (released) RetryReservations();
 }
 
 void ReceiverSession::MaybeRetire(Request& r) {
+  // Every writer is terminal (its KV_RESULT, sent after its writes ended,
+  // or its connection's fenced failure): nothing can land in the slot.
   if (!r.settled || !r.AllTerminal() || r.scatters_outstanding > 0) return;
-  // A writer whose connection died may, on some transports, have had a write
-  // in the air: keep the slot out of use for the grace period.
-  auto release_at = SessionContext::Clock::time_point();
-  for (const Writer& w : r.writers) {
-    if (w.connection_dead) release_at = std::max(release_at, w.dead_at + ctx_.grace);
-  }
-  if ((r.slot.valid() || r.quarantine) && release_at > SessionContext::Clock::now()) {
-    if (r.slot.valid()) {
-      Result<QuarantineToken> token = ctx_.recv_arena->Quarantine(std::move(r.slot));
-      if (token.ok()) {
-        r.quarantine = *token;
-        ctx_.metrics->Count(Counter::kQuarantinedSlots);
-      }
-    }
-    if (r.retire_timer == 0) {
-      const Key key = r.key;
-      r.retire_timer = ctx_.loop->PostAt(release_at, [this, key] {
-        Request* req = Find(key);
-        if (req == nullptr) return;
-        req->retire_timer = 0;
-        MaybeRetire(*req);
-      });
-    }
-    return;
-  }
-  if (r.retire_timer != 0) ctx_.loop->CancelTimer(r.retire_timer);
   if (r.grace_timer != 0) ctx_.loop->CancelTimer(r.grace_timer);
   if (r.quarantine) {
     ctx_.recv_arena->ReleaseQuarantined(*r.quarantine).IgnoreError();
@@ -689,7 +661,6 @@ void ReceiverSession::Abandon(const Status& why) {
         w.state = WriterState::kFailed;
         w.error = why;
       }
-      w.connection_dead = false;  // the transport is down: nothing can land
     }
     r->scatters_outstanding = 0;
     Settle(*r, why);

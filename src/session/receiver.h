@@ -3,9 +3,13 @@
 //
 //   RESERVING -> IN_FLIGHT -> SCATTERING -> DONE
 //                    \-------------------> FAILED
-//   (a cancel or timeout with writers in flight: the request settles and, on
-//    the bounce path, its slot goes to QUARANTINED until every writer is
-//    terminal or its connection has been dead for the grace period)
+//   (a cancel or timeout with writers in flight: on the bounce path the
+//    request settles at once and its slot goes to QUARANTINED until every
+//    writer is terminal; on per-block and direct it settles only once every
+//    writer is terminal. A writer is terminal with its KV_RESULT — sent only
+//    after its writes ended — or with its connection's failure, which the
+//    transport reports only behind its fence; a writer silent for the grace
+//    period after a cancel has its connection declared dead.)
 //
 // by one transition function, on the agent's control thread only.
 //
@@ -68,8 +72,10 @@ class ReceiverSession {
   void CancelAll(const Status& why);
   // True when no request is in flight and no slot waits for writers.
   bool Idle() const { return requests_.empty(); }
-  // After the transport stopped (no remote write can land any more):
-  // settles whatever is left and releases every quarantined slot.
+  // After the transport stopped and this agent's regions were deregistered
+  // (which waits for every peer's write and mapped access into them): no
+  // byte can land any more. Settles whatever is left and releases every
+  // quarantined slot.
   void Abandon(const Status& why);
 
  private:

@@ -5,6 +5,7 @@
 #include <string>
 #include <utility>
 
+#include "common/checked_math.h"
 #include "kvbounce/logging.h"
 
 namespace kvbounce {
@@ -21,24 +22,36 @@ struct SenderSession::Publication {
   uint64_t bytes = 0;
   EventLoop::TimerId ttl_timer = 0;
   SessionContext::Clock::time_point published;
+  // Decided once (served, retired, expired, shut down); from then on no job
+  // starts reading the blocks and the transfer settles when `readers` is 0.
+  std::optional<Status> outcome;
+  int readers = 0;  // jobs whose operations may still read the blocks
 };
 
 struct SenderSession::Job {
-  enum class State { kParked, kReserving, kGathering, kWriting, kFlushing, kCopying, kDone };
-
   Key key;
   PeerId peer = 0;
   std::string peer_name;
   std::string peer_instance;
   int peer_rank = 0;
   protocol::KvRequest request;
-  State state = State::kParked;
+  JobState state = JobState::kParked;
   SessionContext::Clock::time_point deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
-  bool cancelled = false;
-  std::string cancel_reason;
-  bool finished = false;
+
+  // Decided once; reported when nothing is in flight (MaybeReport).
+  std::optional<Status> outcome;
+  // The publication was decided before this job reported: report CANCELLED.
+  bool retired = false;
+  bool reads_blocks = false;  // counted in the publication's readers
+  bool wrote = false;         // a write was accepted: flush before reporting
+  bool flushed = false;
+  // Report nothing to the peer: a flush failed (nothing proves the writes
+  // stopped landing; the peer was disconnected instead) or the transport is
+  // down.
+  bool silent = false;
+  std::stop_source stop;      // every copy and write of the job
   int async_outstanding = 0;  // copies, write batches, flushes in the air
 
   TransferPath path = TransferPath::kPerBlock;
@@ -58,6 +71,60 @@ SenderSession::SenderSession(SessionContext& ctx, RetireHook retire_hook)
 
 SenderSession::~SenderSession() = default;
 
+const char* SenderSession::StateName(JobState state) {
+  switch (state) {
+    case JobState::kParked:
+      return "PARKED";
+    case JobState::kReserving:
+      return "RESERVING";
+    case JobState::kGathering:
+      return "GATHERING";
+    case JobState::kWriting:
+      return "WRITING";
+    case JobState::kCopying:
+      return "COPYING";
+    case JobState::kFlushing:
+      return "FLUSHING";
+    case JobState::kDone:
+      return "DONE";
+  }
+  return "?";
+}
+
+void SenderSession::Transition(Job& job, JobState next) {
+  bool allowed = false;
+  switch (job.state) {
+    case JobState::kParked:
+      allowed = next == JobState::kReserving || next == JobState::kWriting ||
+                next == JobState::kCopying || next == JobState::kDone;
+      break;
+    case JobState::kReserving:
+      allowed = next == JobState::kGathering || next == JobState::kWriting ||
+                next == JobState::kDone;
+      break;
+    case JobState::kGathering:
+      allowed = next == JobState::kWriting || next == JobState::kFlushing ||
+                next == JobState::kDone;
+      break;
+    case JobState::kWriting:
+    case JobState::kCopying:
+      allowed = next == JobState::kFlushing || next == JobState::kDone;
+      break;
+    case JobState::kFlushing:
+      allowed = next == JobState::kDone;
+      break;
+    case JobState::kDone:
+      break;
+  }
+  if (!allowed) {
+    ctx_.metrics->Count(Counter::kInvalidTransitions);
+    Log(LogLevel::kError, RequestName(job.request.request_id) + ": invalid sender transition " +
+                              StateName(job.state) + " -> " + StateName(next));
+    return;
+  }
+  job.state = next;
+}
+
 SenderSession::Job* SenderSession::Find(const Key& key) {
   auto it = jobs_.find(key);
   return it == jobs_.end() ? nullptr : it->second.get();
@@ -75,11 +142,15 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
     return InvalidArgumentError("Publish: num_tokens = " + std::to_string(num_tokens) +
                                 " is invalid: must be >= 1");
   }
-  if (publications_.count(request_id) != 0) {
-    return AlreadyExistsError("Publish: " + RequestName(request_id) + " is already published");
+  if (auto it = publications_.find(request_id); it != publications_.end()) {
+    return AlreadyExistsError(
+        "Publish: " + RequestName(request_id) +
+        (it->second->outcome ? " is still settling: publish it again once its transfer settled"
+                             : " is already published"));
   }
   const int64_t tpb = ctx_.topology->spec().tokens_per_block;
-  const int64_t needed = (num_tokens + tpb - 1) / tpb;
+  // tpb >= 1 and num_tokens >= 1, so the division is defined.
+  const int64_t needed = *CheckedCeilDiv(num_tokens, tpb);
   if (static_cast<int64_t>(block_table.size()) < needed) {
     return OutOfRangeError("Publish: " + std::to_string(num_tokens) + " tokens need " +
                            std::to_string(needed) + " blocks of " + std::to_string(tpb) +
@@ -106,7 +177,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
     if (it == publications_.end()) return;
     it->second->ttl_timer = 0;
     Publication& p = *it->second;
-    SettlePublication(
+    DecidePublication(
         p, DeadlineExceededError("publication of " + RequestName(request_id) + " expired with " +
                                  std::to_string(p.served.size()) + " of " +
                                  (p.expected < 0 ? std::string("?") : std::to_string(p.expected)) +
@@ -120,7 +191,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
     std::vector<Key> keys = std::move(parked->second);
     parked_.erase(parked);
     for (const Key& key : keys) {
-      if (Job* job = Find(key); job != nullptr && job->state == Job::State::kParked) {
+      if (Job* job = Find(key); job != nullptr && job->state == JobState::kParked && !job->outcome) {
         if (job->deadline_timer != 0) ctx_.loop->CancelTimer(job->deadline_timer);
         job->deadline_timer = 0;
         Start(*job);
@@ -135,20 +206,79 @@ Status SenderSession::Retire(uint64_t request_id, const Status& why) {
   if (it == publications_.end()) {
     return NotFoundError("Retire: " + RequestName(request_id) + " is not published");
   }
-  SettlePublication(*it->second, why);
+  DecidePublication(*it->second, why);
   return Status::Ok();
 }
 
-void SenderSession::SettlePublication(Publication& pub, const Status& status) {
+void SenderSession::DecidePublication(Publication& pub, const Status& outcome) {
+  if (pub.outcome) return;
+  pub.outcome = outcome;
   if (pub.ttl_timer != 0) ctx_.loop->CancelTimer(pub.ttl_timer);
+  pub.ttl_timer = 0;
+  const uint64_t id = pub.request_id;
+  // Every job of this request still running stops: its receiver hears
+  // CANCELLED once the job's operations ended.
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) {
+    if (std::get<1>(key) == id && job->state != JobState::kParked && !job->outcome) {
+      keys.push_back(key);
+    }
+  }
+  const std::string why = "publication of " + RequestName(id) + " " +
+                          (outcome.ok() ? "was served to every receiver"
+                                        : "settled: " + std::string(outcome.message()));
+  for (const Key& key : keys) {
+    if (Job* job = Find(key); job != nullptr && !job->outcome) {
+      job->retired = true;
+      Finish(*job, CancelledError(why));
+    }
+  }
+  MaybeSettlePublication(id);  // `pub` may be gone
+}
+
+void SenderSession::MaybeSettlePublication(uint64_t request_id) {
+  auto it = publications_.find(request_id);
+  if (it == publications_.end()) return;
+  Publication& pub = *it->second;
+  if (!pub.outcome || pub.readers > 0) return;
   TransferInfo info;
   info.request_id = pub.request_id;
   info.bytes = pub.bytes;
   info.writers = 1;
   info.latency = SessionContext::Clock::now() - pub.published;
   std::shared_ptr<TransferState> handle = pub.handle;
-  publications_.erase(pub.request_id);  // `pub` is gone
-  handle->Settle(status, info);
+  const Status outcome = *pub.outcome;
+  publications_.erase(it);  // `pub` is gone
+  handle->Settle(outcome, info);
+}
+
+void SenderSession::AcquireBlocks(Job& job) {
+  if (job.reads_blocks) return;
+  auto it = publications_.find(job.request.request_id);
+  if (it == publications_.end()) return;  // unreachable: Start checked it
+  ++it->second->readers;
+  job.reads_blocks = true;
+}
+
+void SenderSession::ReleaseBlocks(Job& job) {
+  if (!job.reads_blocks) return;
+  job.reads_blocks = false;
+  auto it = publications_.find(job.request.request_id);
+  if (it == publications_.end()) {
+    Log(LogLevel::kError, RequestName(job.request.request_id) +
+                              ": a job released blocks of a publication that is gone");
+    return;
+  }
+  --it->second->readers;
+  MaybeSettlePublication(job.request.request_id);
+}
+
+void SenderSession::Unpark(const Key& key, uint64_t request_id) {
+  auto it = parked_.find(request_id);
+  if (it == parked_.end()) return;
+  auto& list = it->second;
+  list.erase(std::remove(list.begin(), list.end(), key), list.end());
+  if (list.empty()) parked_.erase(it);
 }
 
 void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& request) {
@@ -164,7 +294,7 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
   job->timeline.request = SessionContext::Clock::now();
   // The receiver times its request out itself; the writer's copy of the
   // deadline, a grace period later, only bounds how long a pull waits here
-  // for its Publish.
+  // for its Publish. Both terms are bounded, so the sum cannot overflow.
   const uint64_t max_ms = static_cast<uint64_t>(Config::kMaxTimeoutMs);
   job->deadline =
       job->timeline.request + ctx_.grace +
@@ -174,26 +304,26 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
   Job& j = *job;
   jobs_.emplace(key, std::move(job));
 
-  if (peer.role != Role::kGen || static_cast<int>(request.receiver_rank) != peer.rank ||
-      static_cast<int>(request.writer_rank) != ctx_.rank) {
+  if (peer.role != Role::kGen || static_cast<int64_t>(request.receiver_rank) != peer.rank ||
+      static_cast<int64_t>(request.writer_rank) != ctx_.rank) {
     Finish(j, InvalidArgumentError("KV_REQUEST from " + j.peer_name + " names receiver rank " +
                                    std::to_string(request.receiver_rank) + " and writer rank " +
                                    std::to_string(request.writer_rank) + "; this is " +
                                    ctx_.instance_id + " rank " + std::to_string(ctx_.rank)));
     return;
   }
-  if (publications_.count(request.request_id) != 0) {
+  auto pub = publications_.find(request.request_id);
+  if (pub != publications_.end() && !pub->second->outcome) {
     Start(j);
     return;
   }
+  // Not published yet (or its last publication is still settling): wait
+  // for a Publish until the deadline.
   parked_[request.request_id].push_back(key);
   j.deadline_timer = ctx_.loop->PostAt(j.deadline, [this, key] {
     Job* parked = Find(key);
-    if (parked == nullptr || parked->state != Job::State::kParked) return;
+    if (parked == nullptr || parked->state != JobState::kParked || parked->outcome) return;
     parked->deadline_timer = 0;
-    auto& list = parked_[std::get<1>(key)];
-    list.erase(std::remove(list.begin(), list.end(), key), list.end());
-    if (list.empty()) parked_.erase(std::get<1>(key));
     Finish(*parked, DeadlineExceededError(RequestName(std::get<1>(key)) +
                                           " was not published before the pull's deadline"));
   });
@@ -201,7 +331,7 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
 
 void SenderSession::Start(Job& job) {
   auto pub_it = publications_.find(job.request.request_id);
-  if (pub_it == publications_.end()) {
+  if (pub_it == publications_.end() || pub_it->second->outcome) {
     Finish(job, NotFoundError(RequestName(job.request.request_id) + " is not published"));
     return;
   }
@@ -216,7 +346,7 @@ void SenderSession::Start(Job& job) {
     pub.expected = static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *peer->topology).size());
   }
   const protocol::KvRequest& req = job.request;
-  if (static_cast<int64_t>(req.token_end) > pub.num_tokens) {
+  if (req.token_end > static_cast<uint64_t>(pub.num_tokens)) {
     Finish(job, OutOfRangeError("tokens [" + std::to_string(req.token_start) + ", " +
                                 std::to_string(req.token_end) + ") asked, but " +
                                 RequestName(req.request_id) + " was published with " +
@@ -239,9 +369,11 @@ void SenderSession::Start(Job& job) {
   }
   std::vector<int32_t> receiver_table;
   receiver_table.reserve(req.block_table.size());
-  for (uint32_t id : req.block_table) {
+  for (size_t i = 0; i < req.block_table.size(); ++i) {
+    const uint32_t id = req.block_table[i];
     if (id > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
-      Finish(job, OutOfRangeError("receiver block id " + std::to_string(id) + " is out of range"));
+      Finish(job, OutOfRangeError("receiver block table entry " + std::to_string(i) + " = " +
+                                  std::to_string(id) + " is out of range"));
       return;
     }
     receiver_table.push_back(static_cast<int32_t>(id));
@@ -289,6 +421,7 @@ void SenderSession::Start(Job& job) {
         return;
       }
       job.groups = std::move(groups).value();
+      AcquireBlocks(job);
       IssueWrites(job);
       return;
     }
@@ -305,34 +438,69 @@ void SenderSession::Start(Job& job) {
                                   std::to_string(job.plan.packed_bytes) + " bytes"));
         return;
       }
+      Transition(job, JobState::kReserving);
       Reserve(job);
       return;
-    case TransferPath::kDirect: {
+    case TransferPath::kDirect:
       job.fragments = job.plan.direct.size();
-      if (ctx_.copy == nullptr) {
-        Finish(job, AbortedError("agent shutting down"));
-        return;
-      }
-      job.state = Job::State::kCopying;
-      job.timeline.first_byte = SessionContext::Clock::now();
-      const Key key = job.key;
-      ++job.async_outstanding;
-      Status submitted = ctx_.copy->Submit(DirectBatch(job.plan.direct), [this, key](Status s) {
-        ctx_.loop->Post([this, key, s] { OnLanded(key, s, "direct copy"); });
-      });
-      if (!submitted.ok()) {
-        --job.async_outstanding;
-        Finish(job, submitted.WithContext("direct copy"));
-      }
+      StartDirect(job, *peer);
       return;
-    }
     case TransferPath::kAuto:
       break;
   }
 }
 
+void SenderSession::StartDirect(Job& job, PeerState& peer) {
+  if (ctx_.copy == nullptr) {
+    Finish(job, AbortedError("agent shutting down"));
+    return;
+  }
+  // Hold a mapped access to every region of the receiver's pool for as
+  // long as the copy may touch it: the receiver's deregistration (its
+  // shutdown) and the connection's failure wait for it. Released on the
+  // engine thread the moment the copy ended, not on this loop.
+  auto access = std::make_shared<std::vector<std::unique_ptr<MappedAccess>>>();
+  for (const std::unique_ptr<RemoteRegion>& region : peer.pool_regions) {
+    Result<std::unique_ptr<MappedAccess>> a = ctx_.transport->BeginMappedAccess(*region);
+    if (!a.ok()) {
+      Finish(job, a.status().WithContext("mapping the pool of " + job.peer_name));
+      return;
+    }
+    access->push_back(std::move(a).value());
+  }
+  Transition(job, JobState::kCopying);
+  job.timeline.first_byte = SessionContext::Clock::now();
+  AcquireBlocks(job);
+  const Key key = job.key;
+  ++job.async_outstanding;
+  Status submitted = ctx_.copy->Submit(
+      DirectBatch(job.plan.direct),
+      [this, key, access](Status s) {
+        access->clear();
+        ctx_.loop->Post([this, key, s] { OnCopied(key, s); });
+      },
+      job.stop.get_token());
+  if (!submitted.ok()) {
+    --job.async_outstanding;
+    access->clear();
+    ReleaseBlocks(job);
+    Finish(job, submitted.WithContext("direct copy"));
+  }
+}
+
+void SenderSession::OnCopied(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  job->timeline.write_done = SessionContext::Clock::now();
+  ReleaseBlocks(*job);
+  job = Find(key);
+  if (job == nullptr) return;
+  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("direct copy"));
+  if (Job* j = Find(key); j != nullptr) MaybeReport(*j);
+}
+
 void SenderSession::Reserve(Job& job) {
-  job.state = Job::State::kReserving;
   if (ctx_.send_arena == nullptr) {
     WriteFromPool(job, "no send arena");
     return;
@@ -347,15 +515,18 @@ void SenderSession::Reserve(Job& job) {
     job.reserve_timer = 0;
     job.send_slot = std::move(slot).value();
     job.timeline.reserve = SessionContext::Clock::now();
-    job.state = Job::State::kGathering;
+    Transition(job, JobState::kGathering);
+    AcquireBlocks(job);
     const Key key = job.key;
     ++job.async_outstanding;
     Status submitted = ctx_.copy->Submit(
         GatherBatch(job.plan.gather, job.send_slot.address()),
-        [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnGathered(key, s); }); });
+        [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnGathered(key, s); }); },
+        job.stop.get_token());
     if (!submitted.ok()) {
       --job.async_outstanding;
       job.send_slot.Release();
+      ReleaseBlocks(job);
       Finish(job, submitted.WithContext("gather"));
     }
     return;
@@ -379,7 +550,7 @@ void SenderSession::Reserve(Job& job) {
 
 void SenderSession::OnReserveTimeout(Key key) {
   Job* job = Find(key);
-  if (job == nullptr || job->state != Job::State::kReserving) return;
+  if (job == nullptr || job->state != JobState::kReserving || job->outcome) return;
   job->reserve_timer = 0;
   reserve_waiters_.Remove(key);
   WriteFromPool(*job, "send arena backpressure");
@@ -388,10 +559,10 @@ void SenderSession::OnReserveTimeout(Key key) {
 void SenderSession::RetryReservations() {
   reserve_waiters_.Retry([this](const Key& key) {
     Job* job = Find(key);
-    if (job == nullptr || job->state != Job::State::kReserving || job->finished) return false;
+    if (job == nullptr || job->state != JobState::kReserving || job->outcome) return false;
     Reserve(*job);
     job = Find(key);
-    return job != nullptr && job->state == Job::State::kReserving && !job->finished;
+    return job != nullptr && job->state == JobState::kReserving && !job->outcome;
   });
 }
 
@@ -405,7 +576,6 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
     Finish(job, UnavailableError("receiver " + job.peer_name + " is gone"));
     return;
   }
-  std::vector<std::unique_ptr<RemoteRegion>> none;
   Result<std::vector<WriteGroup>> groups =
       GroupWrites(job.plan.gather, job.request.recv_slot_addr, ctx_.pool_ranges,
                   std::span<const std::unique_ptr<RemoteRegion>>(&peer->recv_arena, 1));
@@ -414,6 +584,7 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
     return;
   }
   job.groups = std::move(groups).value();
+  AcquireBlocks(job);
   IssueWrites(job);
 }
 
@@ -421,21 +592,29 @@ void SenderSession::OnGathered(Key key, const Status& status) {
   Job* job = Find(key);
   if (job == nullptr) return;
   --job->async_outstanding;
-  if (job->finished) {
-    MaybeErase(*job);
+  // The pool has been read: the send slot holds the packed stream now.
+  ReleaseBlocks(*job);
+  job = Find(key);
+  if (job == nullptr) return;
+  if (job->outcome) {  // stopped meanwhile (cancel, retire, peer gone)
+    job->send_slot.Release();
+    RetryReservations();
+    if (Job* j = Find(key); j != nullptr) MaybeReport(*j);
     return;
   }
   if (!status.ok()) {
     job->send_slot.Release();
     RetryReservations();
-    Finish(*job, status.WithContext("gather"));
+    if (Job* j = Find(key); j != nullptr) Finish(*j, status.WithContext("gather"));
     return;
   }
   PeerState* peer = ctx_.FindPeer(job->peer);
   if (peer == nullptr || !peer->ready()) {
     job->send_slot.Release();
     RetryReservations();
-    Finish(*job, UnavailableError("receiver " + job->peer_name + " is gone"));
+    if (Job* j = Find(key); j != nullptr) {
+      Finish(*j, UnavailableError("receiver " + j->peer_name + " is gone"));
+    }
     return;
   }
   WriteGroup group{ctx_.send_region, peer->recv_arena.get(), {}};
@@ -447,15 +626,17 @@ void SenderSession::OnGathered(Key key, const Status& status) {
 }
 
 void SenderSession::IssueWrites(Job& job) {
-  job.state = Job::State::kWriting;
+  Transition(job, JobState::kWriting);
   job.timeline.first_byte = SessionContext::Clock::now();
   const Key key = job.key;
   for (const WriteGroup& g : job.groups) {
     ++job.async_outstanding;
-    Status issued = ctx_.transport->Write(*g.source, *g.target, g.ops, [this, key](Status s) {
-      ctx_.loop->Post([this, key, s] { OnWriteDone(key, s); });
-    });
+    Status issued = ctx_.transport->Write(
+        *g.source, *g.target, g.ops,
+        [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnWriteDone(key, s); }); },
+        job.stop.get_token());
     if (issued.ok()) {
+      job.wrote = true;
       job.transport_writes += g.ops.size();
     } else {
       --job.async_outstanding;
@@ -463,7 +644,7 @@ void SenderSession::IssueWrites(Job& job) {
       break;
     }
   }
-  if (job.async_outstanding == 0) OnWriteDone(key, Status::Ok());
+  if (job.async_outstanding == 0) OnWritesDone(job);
 }
 
 void SenderSession::OnWriteDone(Key key, const Status& status) {
@@ -474,57 +655,90 @@ void SenderSession::OnWriteDone(Key key, const Status& status) {
     job->write_error = status.WithContext("write to " + job->peer_name);
   }
   if (job->async_outstanding > 0) return;
-  // Every write completed or failed: the send slot is free again.
-  if (job->send_slot.valid()) {
-    job->send_slot.Release();
-    RetryReservations();
-    job = Find(key);
-    if (job == nullptr) return;
-  }
-  if (job->finished) {
-    MaybeErase(*job);
-    return;
-  }
-  if (!job->write_error.ok()) {
-    Finish(*job, job->write_error);
-    return;
-  }
-  job->state = Job::State::kFlushing;
-  ++job->async_outstanding;
-  Status flushing = ctx_.transport->Flush(job->peer, [this, key](Status s) {
-    ctx_.loop->Post([this, key, s] { OnLanded(key, s, "flush"); });
-  });
-  if (!flushing.ok()) {
-    --job->async_outstanding;
-    Finish(*job, flushing.WithContext("flush to " + job->peer_name));
-  }
+  OnWritesDone(*job);
 }
 
-void SenderSession::OnLanded(Key key, const Status& status, const char* what) {
-  Job* job = Find(key);
-  if (job == nullptr) return;
-  --job->async_outstanding;
-  job->timeline.write_done = SessionContext::Clock::now();
-  if (job->finished) {
-    MaybeErase(*job);
-    return;
+void SenderSession::OnWritesDone(Job& job) {
+  // Every write completed or failed: the send slot is free again and the
+  // pool is no longer read.
+  const Key key = job.key;
+  job.timeline.write_done = SessionContext::Clock::now();
+  if (job.send_slot.valid()) {
+    job.send_slot.Release();
+    RetryReservations();
   }
-  Finish(*job, status.ok() ? Status::Ok() : status.WithContext(what));
+  if (Job* j = Find(key); j != nullptr) ReleaseBlocks(*j);
+  Job* j = Find(key);
+  if (j == nullptr) return;
+  Finish(*j, j->write_error);
+  if (Job* again = Find(key); again != nullptr) MaybeReport(*again);
 }
 
 void SenderSession::Finish(Job& job, const Status& status) {
-  if (job.finished) return;
-  job.finished = true;
-  job.state = Job::State::kDone;
+  if (job.outcome) return;
+  job.outcome = status;
   job.timeline.complete = SessionContext::Clock::now();
   if (job.deadline_timer != 0) ctx_.loop->CancelTimer(job.deadline_timer);
   if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
   job.deadline_timer = job.reserve_timer = 0;
+  if (job.state == JobState::kParked) Unpark(job.key, job.request.request_id);
+  if (job.state == JobState::kReserving) reserve_waiters_.Remove(job.key);
+  if (job.async_outstanding > 0) {
+    // Its operations end at their next grain; their completions report it.
+    job.stop.request_stop();
+    return;
+  }
+  MaybeReport(job);
+}
 
-  // What the receiver hears: a cancelled job reports CANCELLED even when its
-  // writes went through (the receiver has stopped caring about them).
-  Status outcome = status;
-  if (job.cancelled && outcome.ok()) outcome = CancelledError(job.cancel_reason);
+void SenderSession::MaybeReport(Job& job) {
+  if (!job.outcome || job.async_outstanding > 0 || job.state == JobState::kDone) return;
+  PeerState* peer = ctx_.FindPeer(job.peer);
+  const bool alive = peer != nullptr && !peer->dead;
+  if (job.wrote && !job.flushed && alive) {
+    // Whatever the outcome, the receiver may reuse its memory once it hears
+    // from us: every write must be visible (or known dead) first.
+    Transition(job, JobState::kFlushing);
+    const Key key = job.key;
+    ++job.async_outstanding;
+    Status flushing = ctx_.transport->Flush(job.peer, [this, key](Status s) {
+      ctx_.loop->Post([this, key, s] { OnFlushed(key, s); });
+    });
+    if (flushing.ok()) return;
+    --job.async_outstanding;
+    OnFlushed(key, flushing);
+    return;
+  }
+  Report(job);
+}
+
+void SenderSession::OnFlushed(Key key, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  if (job->async_outstanding > 0) --job->async_outstanding;
+  job->flushed = true;
+  if (!status.ok()) {
+    // Without a completed flush nothing proves the writes landed or
+    // stopped: say nothing and let the transport's fence speak for us.
+    const Status why = status.WithContext("flush to " + job->peer_name);
+    if (job->outcome->ok()) job->outcome = why;
+    job->silent = true;
+    PeerState* peer = ctx_.FindPeer(job->peer);
+    if (peer != nullptr && !peer->dead) ctx_.transport->Disconnect(job->peer, why);
+  }
+  job->timeline.write_done = SessionContext::Clock::now();
+  Report(*job);
+}
+
+void SenderSession::Report(Job& job) {
+  Transition(job, JobState::kDone);
+  // What the receiver hears: a job cancelled or retired reports CANCELLED
+  // even when its writes went through (nobody may rely on them).
+  Status outcome = *job.outcome;
+  if (job.retired && outcome.ok()) {
+    outcome = CancelledError("publication of " + RequestName(job.request.request_id) +
+                             " settled before the job reported");
+  }
   protocol::KvResult result;
   result.request_id = job.request.request_id;
   result.slice_id = job.request.slice_id;
@@ -532,16 +746,18 @@ void SenderSession::Finish(Job& job, const Status& status) {
   result.plan_fingerprint = job.plan.fingerprint;
   if (outcome.ok()) {
     result.status = protocol::ResultStatus::kSuccess;
+    result.error_code = 0;
     result.bytes_written = job.plan.packed_bytes;
   } else {
     result.status = outcome.code() == StatusCode::kCancelled ? protocol::ResultStatus::kCancelled
                                                              : protocol::ResultStatus::kFailed;
+    result.error_code = ToWireErrorCode(outcome.code());
     std::string text(outcome.message());
-    if (text.size() > 4000) text.resize(4000);
+    if (text.size() > protocol::kMaxErrorTextBytes) text.resize(protocol::kMaxErrorTextBytes);
     result.error_text = text;
   }
   PeerState* peer = ctx_.FindPeer(job.peer);
-  if (peer != nullptr && !peer->dead) {
+  if (!job.silent && peer != nullptr && !peer->dead) {
     Status sent = ctx_.Send(job.peer, result);
     if (!sent.ok()) {
       Log(LogLevel::kWarning, "KV_RESULT for " + RequestName(job.request.request_id) + " to " +
@@ -567,26 +783,27 @@ void SenderSession::Finish(Job& job, const Status& status) {
   rec.timeline = job.timeline;
   ctx_.metrics->Record(rec);
 
+  const uint64_t request_id = job.request.request_id;
+  const bool had_slot = job.send_slot.valid();
+  const std::string peer_instance = job.peer_instance;
+  const int peer_rank = job.peer_rank;
+  const uint64_t bytes = job.plan.packed_bytes;
+  ReleaseBlocks(job);  // normally released already; never leak a reader
+  jobs_.erase(job.key);  // `job` is gone
+  if (had_slot) RetryReservations();
+
   if (outcome.ok()) {
-    auto it = publications_.find(job.request.request_id);
-    if (it != publications_.end()) {
+    auto it = publications_.find(request_id);
+    if (it != publications_.end() && !it->second->outcome) {
       Publication& pub = *it->second;
-      pub.served.insert({job.peer_instance, job.peer_rank});
-      pub.bytes += job.plan.packed_bytes;
-      if (job.peer_instance == pub.pulling_instance &&
+      pub.served.insert({peer_instance, peer_rank});
+      pub.bytes += bytes;
+      if (peer_instance == pub.pulling_instance &&
           static_cast<int>(pub.served.size()) >= pub.expected) {
-        SettlePublication(pub, Status::Ok());
+        DecidePublication(pub, Status::Ok());
       }
     }
   }
-  MaybeErase(job);
-}
-
-void SenderSession::MaybeErase(Job& job) {
-  if (!job.finished || job.async_outstanding > 0) return;
-  const bool had_slot = job.send_slot.valid();
-  jobs_.erase(job.key);  // `job` is gone
-  if (had_slot) RetryReservations();
 }
 
 void SenderSession::OnCancel(PeerState& peer, const protocol::Cancel& cancel) {
@@ -597,19 +814,8 @@ void SenderSession::OnCancel(PeerState& peer, const protocol::Cancel& cancel) {
   }
   for (const Key& key : keys) {
     Job* job = Find(key);
-    if (job == nullptr || job->finished) continue;
-    const std::string reason = "cancelled by " + job->peer_name + ": " + cancel.reason;
-    if (job->state == Job::State::kParked || job->state == Job::State::kReserving) {
-      if (job->state == Job::State::kParked) {
-        auto& list = parked_[cancel.request_id];
-        list.erase(std::remove(list.begin(), list.end(), key), list.end());
-        if (list.empty()) parked_.erase(cancel.request_id);
-      }
-      Finish(*job, CancelledError(reason));
-    } else {
-      job->cancelled = true;
-      job->cancel_reason = reason;
-    }
+    if (job == nullptr || job->outcome) continue;
+    Finish(*job, CancelledError("cancelled by " + job->peer_name + ": " + cancel.reason));
   }
 }
 
@@ -620,37 +826,28 @@ void SenderSession::OnPeerFailure(PeerState& peer) {
   }
   for (const Key& key : keys) {
     Job* job = Find(key);
-    if (job == nullptr || job->finished) continue;
-    if (job->state == Job::State::kParked) {
-      auto& list = parked_[job->request.request_id];
-      list.erase(std::remove(list.begin(), list.end(), key), list.end());
-      if (list.empty()) parked_.erase(job->request.request_id);
-    }
+    if (job == nullptr || job->outcome) continue;
     // Writes in the air fail at the transport and come back through
-    // OnWriteDone; Finish sends nothing to a dead peer.
+    // OnWriteDone; nothing is sent to a dead peer.
     Finish(*job, UnavailableError("receiver " + job->peer_name +
                                   " lost: " + std::string(peer.death.message())));
   }
 }
 
 void SenderSession::AbortAll(const Status& why) {
-  std::vector<Key> keys;
-  for (const auto& [key, job] : jobs_) {
-    if (job->state == Job::State::kParked || job->state == Job::State::kReserving) {
-      keys.push_back(key);
-    }
-  }
-  for (const Key& key : keys) {
-    if (Job* job = Find(key); job != nullptr && !job->finished) Finish(*job, why);
-  }
-  parked_.clear();
-  reserve_waiters_.Clear();
   std::vector<uint64_t> ids;
   for (const auto& [id, pub] : publications_) ids.push_back(id);
   for (uint64_t id : ids) {
     auto it = publications_.find(id);
-    if (it != publications_.end()) SettlePublication(*it->second, why);
+    if (it != publications_.end()) DecidePublication(*it->second, why);
   }
+  std::vector<Key> keys;
+  for (const auto& [key, job] : jobs_) keys.push_back(key);
+  for (const Key& key : keys) {
+    if (Job* job = Find(key); job != nullptr && !job->outcome) Finish(*job, why);
+  }
+  parked_.clear();
+  reserve_waiters_.Clear();
 }
 
 void SenderSession::Abandon(const Status& why) {
@@ -660,9 +857,26 @@ void SenderSession::Abandon(const Status& why) {
   for (const Key& key : keys) {
     Job* job = Find(key);
     if (job == nullptr) continue;
-    job->async_outstanding = 0;  // the transport and copy engine have stopped
-    if (!job->finished) Finish(*job, why);
-    MaybeErase(*job);
+    if (job->async_outstanding > 0) {
+      // The transport and the copy engine have stopped and every completion
+      // they owed has run: nothing can still be in flight.
+      Log(LogLevel::kError, RequestName(job->request.request_id) + ": " +
+                                std::to_string(job->async_outstanding) +
+                                " operations unaccounted for at shutdown");
+      job->async_outstanding = 0;
+    }
+    job->wrote = false;  // the transport is down: there is nobody to flush to
+    job->silent = true;
+    ReleaseBlocks(*job);
+    if (Job* j = Find(key); j != nullptr) MaybeReport(*j);
+  }
+  std::vector<uint64_t> ids;
+  for (const auto& [id, pub] : publications_) ids.push_back(id);
+  for (uint64_t id : ids) {
+    auto it = publications_.find(id);
+    if (it == publications_.end()) continue;
+    it->second->readers = 0;
+    MaybeSettlePublication(id);
   }
 }
 

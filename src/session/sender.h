@@ -1,4 +1,4 @@
-// SenderSession: the ctx side of an agent (DESIGN §10).
+// SenderSession: the ctx side of an agent (DESIGN §10; docs/sessions.md).
 //
 // A request's KV becomes available with Publish; KV_REQUESTs for it may
 // arrive before or after that — they rendezvous by request id, a KV_REQUEST
@@ -13,27 +13,38 @@
 //              are written from the pool straight into the recv slot instead
 //              ("send arena backpressure"), so the receiver's scatter is the
 //              same either way
-//   direct     one batched copy from the pool into the mapped receiver pool
+//   direct     one batched copy from the pool into the mapped receiver pool,
+//              under a MappedAccess of the receiver's regions
 //
-// and ends with exactly one KV_RESULT — sent only after the transport's
-// Flush, so the bytes it reports are visible — unless the receiver's
-// connection died. A send slot is released once its write completed or
-// failed. A CANCEL stops jobs that have not started writing; jobs already
-// writing finish their writes and report CANCELLED.
+// Settle-safety (docs/sessions.md "Settled means settled"):
+//   * A job reports exactly one KV_RESULT, and only once none of its
+//     operations can touch memory any more: every copy and write it issued
+//     completed or was stopped (stop tokens make that prompt) and, when any
+//     write was issued, a transport Flush completed. A KV_RESULT of any
+//     status is therefore the writer's promise that nothing more of the job
+//     lands at the receiver. A job whose flush fails reports nothing and
+//     disconnects the peer instead (the transport's fence then speaks).
+//   * A publication counts its readers: the jobs whose operations may still
+//     read its blocks (per-block and write-from-pool writes, a gather, a
+//     direct copy). Once its outcome is decided — every receiver served,
+//     Retire, the Transfer's Cancel, its ttl, shutdown — no new job reads
+//     its blocks, the jobs still running are stopped, and the transfer
+//     settles as soon as the readers are 0. A job whose publication was
+//     decided before it reported reports CANCELLED, never SUCCESS.
 //
-// A publication settles OK once every gen rank of the pulling instance that
-// this rank writes to has been served successfully (then its blocks may be
-// reused), kDeadlineExceeded when its ttl passes first, kCancelled on Retire.
+// A send slot is released once its write completed or failed.
 //
-// Thread safety: every method REQUIRES the control thread.
+// Thread safety: every method REQUIRES the control thread (or, for Abandon,
+// a thread that has taken the control thread's place after it stopped).
 #ifndef KVBOUNCE_SESSION_SENDER_H_
 #define KVBOUNCE_SESSION_SENDER_H_
 
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
+#include <stop_token>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -56,29 +67,40 @@ class SenderSession {
   SenderSession(const SenderSession&) = delete;
   SenderSession& operator=(const SenderSession&) = delete;
 
-  // See Agent::Publish / Agent::Retire.
+  // See Agent::Publish. REQUIRES: the arguments passed the agent's API-edge
+  // checks (a valid ttl).
   Result<std::shared_ptr<Transfer>> Publish(uint64_t request_id, std::vector<int32_t> block_table,
                                             int64_t num_tokens, const PublishOptions& options);
+  // Decides the publication's outcome (`why`) and stops its jobs; its
+  // transfer settles once no job reads its blocks. OK when it was already
+  // being settled. Errors: kNotFound.
   Status Retire(uint64_t request_id, const Status& why);
 
   void OnRequest(PeerState& peer, const protocol::KvRequest& request);
   void OnCancel(PeerState& peer, const protocol::Cancel& cancel);
   void OnPeerFailure(PeerState& peer);
 
-  // Shutdown: fails jobs that have not started writing and settles every
-  // publication with `why`; jobs already writing finish.
+  // Shutdown: settles every publication with `why` (once its readers are
+  // done) and stops every job.
   void AbortAll(const Status& why);
-  // True when no job is in flight.
-  bool Idle() const { return jobs_.empty(); }
-  // After the transport stopped: drops every job.
+  // True when no job is in flight and every publication has settled.
+  bool Idle() const { return jobs_.empty() && publications_.empty(); }
+  // After the transport and the copy engine stopped and every completion
+  // ran: settles and drops whatever is left.
   void Abandon(const Status& why);
 
  private:
   struct Job;
   struct Publication;
   using Key = std::tuple<PeerId, uint64_t, uint32_t>;  // (peer, request, slice)
+  enum class JobState { kParked, kReserving, kGathering, kWriting, kCopying, kFlushing, kDone };
+
+  static const char* StateName(JobState state);
+  // The one transition function of a job: checks the move is allowed.
+  void Transition(Job& job, JobState next);
 
   void Start(Job& job);
+  void StartDirect(Job& job, PeerState& peer);
   void Reserve(Job& job);
   void OnReserveTimeout(Key key);
   void RetryReservations();
@@ -86,15 +108,29 @@ class SenderSession {
   void OnGathered(Key key, const Status& status);
   void IssueWrites(Job& job);
   void OnWriteDone(Key key, const Status& status);
-  // The job's bytes are visible at the receiver (its flush or its direct
-  // copy completed), or `what` failed.
-  void OnLanded(Key key, const Status& status, const char* what);
-  // Ends a job: sends its KV_RESULT (when the peer is alive), records it,
-  // credits its publication, and erases it once nothing async refers to it.
+  void OnWritesDone(Job& job);
+  void OnCopied(Key key, const Status& status);
+  void OnFlushed(Key key, const Status& status);
+
+  // The job now may read its publication's blocks / no longer does.
+  void AcquireBlocks(Job& job);
+  void ReleaseBlocks(Job& job);
+
+  // Decides the job's outcome (the first one counts) and stops its
+  // operations; the job reports once they all ended (MaybeReport).
   void Finish(Job& job, const Status& status);
-  void MaybeErase(Job& job);
+  // Reports the job when its outcome is decided and nothing is in flight:
+  // flushes first when it wrote, then sends KV_RESULT, records it, credits
+  // its publication and erases it.
+  void MaybeReport(Job& job);
+  void Report(Job& job);
   Job* Find(const Key& key);
-  void SettlePublication(Publication& pub, const Status& status);
+  void Unpark(const Key& key, uint64_t request_id);
+
+  // Decides a publication's outcome once; settles it when no job reads its
+  // blocks any more.
+  void DecidePublication(Publication& pub, const Status& outcome);
+  void MaybeSettlePublication(uint64_t request_id);
 
   SessionContext& ctx_;
   RetireHook retire_hook_;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "common/checked_math.h"
 #include "protocol/codec.h"
 #include "transport/write_check.h"
 
@@ -50,7 +51,18 @@ Status SessionContext::Send(PeerId peer, const protocol::Message& message) {
 SessionContext::Clock::time_point SessionContext::DeadlineAfter(
     std::chrono::milliseconds timeout) const {
   if (timeout.count() <= 0) timeout = std::chrono::milliseconds(config.transfer_timeout_ms);
-  return Clock::now() + timeout;
+  return CheckedDeadline<Clock>(Clock::now(), timeout).value_or(Clock::time_point::max());
+}
+
+uint8_t ToWireErrorCode(StatusCode code) {
+  static_assert(static_cast<int>(StatusCode::kInternal) == protocol::kMaxErrorCode,
+                "KV_RESULT.error_code numbers the codes as StatusCode does");
+  return static_cast<uint8_t>(code);
+}
+
+std::optional<StatusCode> FromWireErrorCode(uint8_t code) {
+  if (code == 0 || code > protocol::kMaxErrorCode) return std::nullopt;
+  return static_cast<StatusCode>(code);
 }
 
 uint64_t SessionContext::MillisLeft(Clock::time_point deadline) {

@@ -104,7 +104,8 @@ struct SessionContext {
   Status Send(PeerId peer, const protocol::Message& message);
 
   // The deadline `timeout` from now, with 0 meaning the configured transfer
-  // timeout.
+  // timeout. REQUIRES: 0 <= timeout <= Config::kMaxTimeoutMs (the API edge
+  // checks); anything the clock cannot represent saturates at its maximum.
   Clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) const;
 
   // Milliseconds left until `deadline` (at least 1, so that a live request
@@ -117,6 +118,12 @@ std::string RequestName(uint64_t request_id);
 
 // How a request's final status counts in the metrics.
 Outcome OutcomeOf(const Status& status);
+
+// KV_RESULT.error_code <-> StatusCode (protocol/messages.h numbers the wire
+// codes as status.h numbers StatusCode). ToWireErrorCode(kOk) is 0;
+// FromWireErrorCode returns nullopt for a value outside 1..kMaxErrorCode.
+uint8_t ToWireErrorCode(StatusCode code);
+std::optional<StatusCode> FromWireErrorCode(uint8_t code);
 
 // Whole write batches: the ops of one list that fall in one (source region,
 // target region) pair. Every op of a list lies in exactly one registered

@@ -222,6 +222,7 @@ KvResult SmallKvResult() {
   r.slice_id = 0;
   r.writer_rank = 7;
   r.status = ResultStatus::kFailed;
+  r.error_code = 6;  // DATA_LOSS
   r.bytes_written = 1234;
   r.plan_fingerprint = 42;
   r.error_text = "plan fingerprint mismatch";
@@ -293,6 +294,7 @@ std::vector<Sample> Samples() {
     r.slice_id = UINT32_MAX;
     r.writer_rank = UINT32_MAX;
     r.status = ResultStatus::kCancelled;
+    r.error_code = kMaxErrorCode;
     r.bytes_written = UINT64_MAX;
     r.plan_fingerprint = UINT64_MAX;
     r.error_text = std::string(kMaxErrorTextBytes, 'e');
@@ -370,20 +372,22 @@ TEST(CodecGoldenTest, KvResult) {
   m.slice_id = 9;
   m.writer_rank = 3;
   m.status = ResultStatus::kFailed;
+  m.error_code = 3;  // RESOURCE_EXHAUSTED
   m.bytes_written = 0x1000;
   m.plan_fingerprint = 0xA1B2C3D4E5F60718;
   m.error_text = "oom";
   const Frame expected = Bytes({
       0x4B, 0x56, 0x42, 0x43,                          // magic "KVBC"
-      0x01, 0x00,                                      // version 1
+      0x02, 0x00,                                      // version 2
       0x03, 0x00,                                      // type KV_RESULT
-      0x28, 0x00, 0x00, 0x00,                          // payload length 40
+      0x29, 0x00, 0x00, 0x00,                          // payload length 41
       0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // request_id
       0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes_written
       0x18, 0x07, 0xF6, 0xE5, 0xD4, 0xC3, 0xB2, 0xA1,  // plan_fingerprint
       0x09, 0x00, 0x00, 0x00,                          // slice_id
       0x03, 0x00, 0x00, 0x00,                          // writer_rank
       0x01,                                            // status FAILED
+      0x03,                                            // error_code RESOURCE_EXHAUSTED
       0x03, 0x00, 0x00, 0x00, 'o',  'o',  'm',         // error_text
   });
   EXPECT_TRUE(MustEncode(m) == expected);
@@ -407,7 +411,7 @@ TEST(CodecGoldenTest, KvRequest) {
   m.path = TransferPath::kBounce;
   m.block_table = {5, 0x01020304};
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x02, 0x00,  // magic, version 1, KV_REQUEST
+      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x02, 0x00,  // magic, version 2, KV_REQUEST
       0x51, 0x00, 0x00, 0x00,                          // payload length 81
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_start
@@ -431,14 +435,14 @@ TEST(CodecGoldenTest, KvRequest) {
 
 TEST(CodecGoldenTest, CancelAndBye) {
   const Frame cancel = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x04, 0x00,  // magic, version 1, CANCEL
+      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x04, 0x00,  // magic, version 2, CANCEL
       0x0F, 0x00, 0x00, 0x00,                          // payload length 15
       0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
       0x03, 0x00, 0x00, 0x00, 't',  't',  'l',         // reason
   });
   EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
   const Frame bye = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x05, 0x00,  // magic, version 1, BYE
+      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x05, 0x00,  // magic, version 2, BYE
       0x05, 0x00, 0x00, 0x00,                          // payload length 5
       0x00,                                            // reason SHUTDOWN
       0x00, 0x00, 0x00, 0x00,                          // message ""
@@ -469,9 +473,9 @@ TEST(CodecGoldenTest, Hello) {
                 .remote_key = Bytes({0xAA, 0xBB})}};
   m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x01, 0x00, 0x01, 0x00,  // magic, version 1, HELLO
+      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x01, 0x00,  // magic, version 2, HELLO
       0xA6, 0x00, 0x00, 0x00,                          // payload length 166
-      0x01, 0x00,                                      // protocol_version 1
+      0x02, 0x00,                                      // protocol_version 2
       0x01,                                            // role GEN
       0x02,                                            // layout.kind LAYER_MAJOR_NHD
       0x01, 0x00, 0x00, 0x00,                          // tp_rank
@@ -595,8 +599,8 @@ TEST(CodecTest, FrameLengthRejectsBadMagicFromTheFirstByte) {
 
 TEST(CodecTest, UnknownVersionIsRejectedNamingBothVersions) {
   Frame frame = MustEncode(SmallKvRequest());
-  PatchU16(frame, kVersionOffset, 2);
-  const std::string want = "unsupported protocol version 2 (this build speaks 1)";
+  PatchU16(frame, kVersionOffset, 1);
+  const std::string want = "unsupported protocol version 1 (this build speaks 2)";
   EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(DecodeKvRequest(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(FrameLength(frame).status(), IsError(StatusCode::kDataLoss, want));
@@ -608,9 +612,9 @@ TEST(CodecTest, HelloPayloadVersionMustMatch) {
   Frame frame = MustEncode(SmallHello());
   PatchU16(frame, kHeaderSize + 0, 7);
   EXPECT_THAT(DecodeHello(frame).status(),
-              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 1"));
+              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 2"));
   Hello h = SmallHello();
-  h.protocol_version = 2;
+  h.protocol_version = 1;
   EXPECT_THAT(Encode(h).status(), IsErrorCode(StatusCode::kInvalidArgument));
 }
 
@@ -641,7 +645,7 @@ TEST(CodecTest, OversizeLengthIsRejectedFromTheHeaderAlone) {
     std::string want;
   };
   const std::vector<Case> cases = {
-      {KvResult{}, 0xFFFFFFFF, "KV_RESULT payload length 4294967295 exceeds limit 4133"},
+      {KvResult{}, 0xFFFFFFFF, "KV_RESULT payload length 4294967295 exceeds limit 4134"},
       {KvResult{}, kKvResultFixedBytes + kMaxErrorTextBytes + 1, "exceeds limit"},
       {Cancel{}, kMaxPayloadBytes, "CANCEL payload length"},
       {Bye{}, 1u << 20, "BYE payload length"},
@@ -707,7 +711,7 @@ TEST(CodecTest, TrailingBytesAreRejected) {
 constexpr size_t kKvRequestPathOffset = kHeaderSize + 68;
 constexpr size_t kKvRequestTableOffset = kHeaderSize + 69;
 constexpr size_t kKvResultStatusOffset = kHeaderSize + 32;
-constexpr size_t kKvResultTextOffset = kHeaderSize + 33;
+constexpr size_t kKvResultTextOffset = kHeaderSize + 34;
 constexpr size_t kHelloInstanceIdOffset = kHeaderSize + 104;
 
 // Offset of the regions count in an encoded HELLO.
@@ -735,7 +739,7 @@ TEST(CodecTest, HugeCountsAreRejectedBeforeAllocating) {
       {"error_text", MustEncode(SmallKvResult()), kKvResultTextOffset, 0xFFFFFFFF,
        "KV_RESULT.error_text: length 4294967295 exceeds limit 4096"},
       {"error_text_short", MustEncode(SmallKvResult()), kKvResultTextOffset, 4000,
-       "KV_RESULT.error_text: length 4000 needs 4000 bytes, have 25 (offset 45)"},
+       "KV_RESULT.error_text: length 4000 needs 4000 bytes, have 25 (offset 46)"},
       {"cancel_reason", MustEncode(Cancel{.reason = "x"}), kHeaderSize + 8, 0x80000000,
        "CANCEL.reason: length 2147483648 exceeds limit 4096"},
       {"bye_message", MustEncode(Bye{}), kHeaderSize + 1, 4096,

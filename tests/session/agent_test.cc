@@ -59,7 +59,8 @@ TEST_F(AgentCreateTest, InvalidOptionsNameTheField) {
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("tp = 3")));
   o = Options();
   o.rank = 1;
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kOutOfRange, HasSubstr("rank 1")));
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("rank 1")));
   o = Options();
   o.pool.bases.clear();
   EXPECT_THAT(Agent::Create(std::move(o)),

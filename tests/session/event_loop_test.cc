@@ -15,7 +15,9 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 TEST(EventLoopTest, TasksRunInOrderOnTheLoopThread) {
-  EventLoop loop;
+  auto created = EventLoop::Create();
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
   std::vector<int> order;
   std::atomic<bool> on_loop{true};
   for (int i = 0; i < 100; ++i) {
@@ -34,7 +36,9 @@ TEST(EventLoopTest, TasksRunInOrderOnTheLoopThread) {
 }
 
 TEST(EventLoopTest, TimersFireInDeadlineOrderAndCanBeCancelled) {
-  EventLoop loop;
+  auto created = EventLoop::Create();
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
   std::mutex mu;
   std::vector<int> fired;
   const auto now = Clock::now();
@@ -65,7 +69,9 @@ TEST(EventLoopTest, TimersFireInDeadlineOrderAndCanBeCancelled) {
 }
 
 TEST(EventLoopTest, ATimerDoesNotFireEarly) {
-  EventLoop loop;
+  auto created = EventLoop::Create();
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
   std::atomic<int64_t> at{0};
   const auto start = Clock::now();
   loop.PostAt(start + milliseconds(25), [&] { at = (Clock::now() - start).count(); });
@@ -74,7 +80,9 @@ TEST(EventLoopTest, ATimerDoesNotFireEarly) {
 }
 
 TEST(EventLoopTest, PostFromManyThreadsAndFromTasks) {
-  EventLoop loop;
+  auto created = EventLoop::Create();
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
   std::atomic<int> ran{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {

@@ -155,6 +155,7 @@ class ProtocolPeerTest : public ::testing::Test {
                               req.slice_id,
                               req.writer_rank,
                               protocol::ResultStatus::kSuccess,
+                              0,
                               bytes,
                               req.plan_fingerprint,
                               ""};
@@ -223,9 +224,23 @@ TEST_F(ProtocolPeerTest, WriterFailureReasonReachesTheApplication) {
   auto [pull, req] = StartPull(5);
   protocol::KvResult failed = Success(req, 0);
   failed.status = protocol::ResultStatus::kFailed;
+  failed.error_code = 7;  // UNAVAILABLE
   failed.error_text = "the pool was evicted";
   writer_->Send(failed);
   EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kUnavailable, HasSubstr("the pool was evicted")));
+}
+
+TEST_F(ProtocolPeerTest, WriterRefusalKeepsItsCode) {
+  // A refusal is not a retryable failure: the writer's code reaches the
+  // application unchanged.
+  auto [pull, req] = StartPull(15);
+  protocol::KvResult refused = Success(req, 0);
+  refused.status = protocol::ResultStatus::kFailed;
+  refused.error_code = 2;  // OUT_OF_RANGE
+  refused.error_text = "tokens [0, 8) asked, but request 15 was published with 4 tokens";
+  writer_->Send(refused);
+  EXPECT_THAT(pull->Wait(),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("published with 4 tokens")));
 }
 
 TEST_F(ProtocolPeerTest, MalformedFrameEndsTheConnection) {
