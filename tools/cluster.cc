@@ -61,6 +61,7 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
   std::unique_ptr<Cluster> cluster(new Cluster(options, std::move(ctx), std::move(gen)));
   auto fabric = LoopbackFabric::Create();
+  cluster->fabric_ = fabric;
   for (int r = 0; r < cluster->num_ctx(); ++r)
     KVB_RETURN_IF_ERROR(cluster->AddRank(true, r, fabric));
   for (int r = 0; r < cluster->num_gen(); ++r)
@@ -283,6 +284,14 @@ Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, Token
     t->Wait().IgnoreError();
   }
   return first;
+}
+
+std::vector<std::span<std::byte>> Cluster::PoolMemory(bool ctx_side, int rank) {
+  std::vector<std::span<std::byte>> out;
+  for (auto& allocation : (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].memory) {
+    out.emplace_back(allocation.data(), allocation.size());
+  }
+  return out;
 }
 
 void Cluster::Shutdown() {

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,12 @@ class Cluster {
   // Shuts every agent down (gen first).
   void Shutdown();
 
+  // The bytes of a rank's pool, one span per allocation: the memory the
+  // application owns (tests snapshot it, poison it, compare it).
+  std::vector<std::span<std::byte>> PoolMemory(bool ctx_side, int rank);
+  // The loopback fabric of every rank (its test seams and observers).
+  LoopbackFabric& fabric() { return *fabric_; }
+
  private:
   struct Rank {
     std::vector<std::vector<std::byte>> memory;  // one allocation, or one per layer
@@ -123,6 +130,7 @@ class Cluster {
   void FillCtx(const std::vector<int32_t>& table);
 
   ClusterOptions options_;
+  std::shared_ptr<LoopbackFabric> fabric_;
   Topology ctx_topology_;
   Topology gen_topology_;
   std::vector<Rank> ctx_;

@@ -24,22 +24,47 @@
 //
 // Semantics every request keeps, whatever happens:
 //   * it settles exactly once (OK, or the first error that explains it);
+//   * SETTLED MEANS SETTLED: a request — a pull or a publication — settles
+//     only when no operation of kvbounce can read or write its blocks any
+//     more, on every path and for every way of settling (success, failure,
+//     cancel, deadline, retire, ttl, peer death, shutdown). From the moment
+//     its transfer reports an outcome (Wait returns, Poll has a value, the
+//     OnDone callbacks run) the application owns those blocks again: it may
+//     reuse, overwrite or free them. There is no separate "released" event.
+//     Where the proof needs the other side, the agent waits for the writer's
+//     KV_RESULT (sent only after the writer's operations ended and a flush
+//     completed) or for the transport's fence (a dead connection whose
+//     operations all ended); a writer silent for `grace` after a cancel has
+//     its connection declared dead. Operations are stopped at a fine grain
+//     (transports and copy engines check a stop token), so this is prompt;
+//     an operation that has started is never recalled, so a settle may wait
+//     for it to end;
 //   * a receiver request completes only after every writer succeeded and,
 //     on the bounce path, after the scatter into the pool landed;
-//   * once a request has settled its destination blocks are no longer
-//     written: a cancelled or timed-out bounce leaves its staging slot in
-//     quarantine until the writers stop; per-block and direct requests settle
-//     only once their writers stopped (or their connection was declared dead);
+//   * a cancelled or timed-out bounce pull settles at once (its writers
+//     write the staging slot, never the pool) and leaves the slot in
+//     quarantine until they stop;
+//   * a writer whose publication settled before it reported reports
+//     CANCELLED, never SUCCESS: no receiver hears OK for blocks the
+//     application may already have reused;
 //   * every staging slot is returned (Stats().arena_outstanding_bytes is 0
 //     when nothing is in flight).
+// docs/sessions.md follows one request through these rules.
 //
 // Threads: each agent owns one control thread that runs every state change
 // and every completion callback, and a CPU copy engine's workers; the
 // transport may own threads of its own. All are joined by Shutdown().
 //
-// Thread safety: every method is thread-safe. Completion callbacks
-// (Transfer::OnDone) run on the control thread with no kvbounce lock held;
-// they must be short and must not call Shutdown() or Wait().
+// Thread safety: every method is thread-safe, Stats() also while and after
+// Shutdown() runs. Completion callbacks (Transfer::OnDone) run on the
+// control thread with no kvbounce lock held — or, for the requests that
+// Shutdown itself settles, on the thread calling Shutdown; they must be
+// short and must not call Shutdown() or Wait().
+//
+// Errors: no exception leaves the library. Every enum, duration and size of
+// the API is checked with overflow-safe arithmetic; durations must lie in
+// [0, Config::kMaxTimeoutMs] (30 days). A thread that cannot start or
+// memory that cannot be allocated is reported as kResourceExhausted.
 #ifndef KVBOUNCE_AGENT_H_
 #define KVBOUNCE_AGENT_H_
 
@@ -89,10 +114,11 @@ struct AgentOptions {
   Config config;
   // The agent takes ownership. Required. kvbounce/transports.h makes one.
   std::unique_ptr<Transport> transport;
-  // How long Connect waits for the peers' HELLO.
+  // How long Connect waits for the peers' HELLO. In (0, kMaxTimeoutMs].
   std::chrono::milliseconds connect_timeout{10000};
-  // How long a staging slot stays quarantined after a writer's connection
-  // was declared dead, and how long Shutdown waits for writers to stop.
+  // How long a writer may stay silent after a cancel or deadline before its
+  // connection is declared dead, and how long Shutdown lets requests in
+  // flight finish on their own. In [0, kMaxTimeoutMs].
   std::chrono::milliseconds grace{1000};
 };
 
@@ -172,10 +198,14 @@ class Agent {
   // the arenas, registers the pool and the arenas with the transport and
   // starts the control thread.
   //
-  // Errors: kInvalidArgument naming the field (bad config value, impossible
-  // topology, rank outside the instance, pool without bases or with a base
-  // count that does not match the layout, no transport, pool memory the
-  // transport cannot reach); whatever the transport's Register reports.
+  // Errors: kInvalidArgument naming the field (bad config value, a value
+  // outside its enum — role, dtype, layout, memory kind —, grace or
+  // connect_timeout out of range, impossible topology, rank outside the
+  // instance, pool without bases, a null base, a base count that does not
+  // match the layout, num_blocks < 1 or too large, no transport, pool memory
+  // the transport cannot reach); kUnimplemented (CUDA pools in this build);
+  // kResourceExhausted (a thread cannot start); whatever the transport's
+  // Register reports.
   static Result<std::unique_ptr<Agent>> Create(AgentOptions options);
 
   virtual ~Agent() = default;
@@ -187,42 +217,55 @@ class Agent {
   // every peer's HELLO arrived. Peers may also connect to us: their HELLO is
   // answered automatically.
   //
-  // Errors: kUnavailable (a peer is not reachable), kDeadlineExceeded (a
-  // HELLO did not arrive within connect_timeout), kInvalidArgument (a peer
-  // is incompatible: same role, another model or element size, a layout we
-  // do not understand), kAborted (shut down).
+  // Errors: kUnavailable (a peer is not reachable, or left), kDeadlineExceeded
+  // (a HELLO did not arrive within connect_timeout), kInvalidArgument (a peer
+  // is incompatible — same role, another model or element size, a layout we
+  // do not understand — whichever side found out), kDataLoss (the peer found
+  // our frames malformed), kAborted (shut down).
   virtual Status Connect(std::span<const std::string> addresses) = 0;
 
   // ctx side: the KV of `request_id` is ready in `block_table` (pool block
   // ids of tokens [0, num_tokens)). Pulls that arrived earlier are served
   // now; later ones as they come. The returned transfer settles OK once every
   // gen rank of the pulling instance that needs data from this rank has been
-  // served successfully — then the blocks may be reused — or with an error
-  // when the ttl passed first or Retire was called.
+  // served successfully, or with an error when the ttl passed first
+  // (kDeadlineExceeded), Retire or the transfer's Cancel was called
+  // (kCancelled) or the agent shut down (kAborted). In every case it
+  // settles only once no operation reads the blocks any more (those still
+  // running are stopped first, and their receivers hear CANCELLED): then the
+  // blocks may be reused.
   //
-  // Errors: kAlreadyExists (the id is published), kOutOfRange (a block id
-  // outside the pool, a table too short for num_tokens), kInvalidArgument
-  // (wrong role, num_tokens < 1), kAborted (shut down).
+  // Errors: kAlreadyExists (the id is published, or its last publication is
+  // still settling), kOutOfRange (a block id outside the pool, a table too
+  // short for num_tokens), kInvalidArgument (wrong role, num_tokens < 1, a
+  // ttl outside [0, kMaxTimeoutMs]), kAborted (shut down).
   virtual Result<std::shared_ptr<Transfer>> Publish(uint64_t request_id,
                                                     std::span<const int32_t> block_table,
                                                     int64_t num_tokens,
                                                     PublishOptions options = {}) = 0;
 
-  // ctx side: forgets a publication (its transfer settles kCancelled);
-  // writes in progress finish first. Errors: kNotFound.
+  // ctx side: forgets a publication: its transfer will settle kCancelled,
+  // once the operations still reading its blocks have stopped (at their next
+  // grain; see Publish). Returns at once; OK also when the publication was
+  // already settling. Errors: kNotFound.
   virtual Status Retire(uint64_t request_id) = 0;
 
   // gen side: pulls `tokens` of `request_id` from instance `ctx_instance`
   // into this rank's blocks `block_table` (ids of tokens [0, tokens.end)).
   //
-  // Errors (the request is not started): kInvalidArgument (wrong role, empty
-  // range, unknown path), kFailedPrecondition (not connected to every writer
-  // rank of that instance), kNotFound (unknown instance), kOutOfRange (a
-  // block table too short or a block id outside the pool), kAlreadyExists
-  // (the id is in flight here), kUnimplemented (direct requested but the
-  // transport cannot map peer memory), kAborted (shut down). Everything
-  // after that — writer failures, timeouts, cancellation — is the
-  // transfer's outcome.
+  // Errors (the request is not started): kInvalidArgument (wrong role, an
+  // empty range or one starting below 0, a path outside the enum, a timeout
+  // outside [0, kMaxTimeoutMs]), kFailedPrecondition (not connected to every
+  // writer rank of that instance), kNotFound (unknown instance), kOutOfRange
+  // (a block table too short for tokens.end, a block id outside the pool
+  // among the table's first ceil(tokens.end / tokens_per_block) entries —
+  // all of them travel, also those below tokens.start —, or a range needing
+  // more blocks than a request carries), kAlreadyExists (the id is in flight
+  // here), kUnimplemented (direct requested but the transport cannot map
+  // peer memory), kAborted (shut down). Everything after that — writer
+  // failures (with the writer's own code: a refusal such as a range the
+  // publication does not hold is kOutOfRange), timeouts, cancellation — is
+  // the transfer's outcome.
   virtual Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, std::string_view ctx_instance,
                                                  std::span<const int32_t> block_table,
                                                  TokenRange tokens, PullOptions options = {}) = 0;
@@ -232,10 +275,15 @@ class Agent {
 
   virtual AgentStats Stats() const = 0;
 
-  // Stops accepting requests, fails or drains those in flight (waiting up to
-  // `grace` for writers), says BYE to every peer, stops the transport and
-  // the threads, closes the arenas and deregisters the pool. Idempotent;
-  // the destructor calls it. REQUIRES: not called from a completion callback.
+  // Stops accepting requests, cancels those in flight and lets them finish
+  // for up to `grace`, says BYE to every peer, stops the transport, the copy
+  // engine and the control thread, deregisters the pool and the arenas, and
+  // settles (kAborted, kCancelled) whatever is left. Returns only when no
+  // operation of this agent reads or writes application memory and no other
+  // agent's write or direct copy touches this agent's pool or arenas — so
+  // the pool may be freed as soon as it returns; that may take longer than
+  // `grace` when such an operation is slow to end. Idempotent; the
+  // destructor calls it. REQUIRES: not called from a completion callback.
   virtual void Shutdown() = 0;
 };
 

@@ -42,7 +42,10 @@ constexpr std::optional<T> CheckedMul(T a, T b) {
 // overflows near the type's maximum). nullopt for a < 0 or b <= 0.
 template <std::integral T>
 constexpr std::optional<T> CheckedCeilDiv(T a, T b) {
-  if (a < 0 || b <= 0) return std::nullopt;
+  if constexpr (std::is_signed_v<T>) {
+    if (a < 0 || b < 0) return std::nullopt;
+  }
+  if (b == 0) return std::nullopt;
   return static_cast<T>(a / b + (a % b != 0 ? 1 : 0));
 }
 

@@ -8,6 +8,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <new>
 #include <string>
 #include <vector>
@@ -1013,6 +1016,57 @@ TEST(CodecTest, EnumNames) {
   EXPECT_EQ(ByeReasonName(ByeReason::kIncompatible), "INCOMPATIBLE");
   EXPECT_EQ(ResultStatusName(static_cast<ResultStatus>(7)), "UNKNOWN");
   EXPECT_EQ(TypeOf(Message(Cancel{})), MessageType::kCancel);
+}
+
+}  // namespace
+}  // namespace kvbounce::protocol
+
+namespace kvbounce::protocol {
+namespace {
+
+// The fuzzers' seed corpus speaks the current version: every seed frame
+// decodes and re-encodes to itself (a stale corpus would only exercise the
+// header check).
+TEST(CodecCorpusTest, EverySeedFrameDecodes) {
+  int frames = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(KVBOUNCE_FUZZ_CORPUS)) {
+    if (entry.path().extension() != ".frame") continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    const std::vector<char> raw((std::istreambuf_iterator<char>(in)),
+                                std::istreambuf_iterator<char>());
+    std::vector<std::byte> frame(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) frame[i] = static_cast<std::byte>(raw[i]);
+    SCOPED_TRACE(entry.path().string());
+    Result<Message> decoded = DecodeFrame(frame);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    Result<std::vector<std::byte>> again = EncodeFrame(*decoded);
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(*again == frame);
+    ++frames;
+  }
+  EXPECT_GE(frames, 20);
+}
+
+TEST(CodecTest, ErrorCodeMustMatchTheStatus) {
+  KvResult r;
+  r.status = ResultStatus::kSuccess;
+  r.error_code = 2;
+  EXPECT_THAT(Encode(r).status(), IsError(StatusCode::kInvalidArgument, "KV_RESULT.error_code"));
+  r.status = ResultStatus::kFailed;
+  r.error_code = 0;
+  EXPECT_THAT(Encode(r).status(), IsError(StatusCode::kInvalidArgument, "KV_RESULT.error_code"));
+  r.error_code = kMaxErrorCode + 1;
+  EXPECT_THAT(Encode(r).status(), IsErrorCode(StatusCode::kInvalidArgument));
+  r.error_code = kMaxErrorCode;
+  ASSERT_TRUE(Encode(r).ok());
+  // A decoder refuses the same on the wire, as DATA_LOSS.
+  std::vector<std::byte> frame = *Encode(r);
+  frame[kHeaderSize + 33] = std::byte{kMaxErrorCode + 1};
+  EXPECT_THAT(DecodeKvResult(frame).status(),
+              IsError(StatusCode::kDataLoss, "KV_RESULT.error_code"));
+  frame[kHeaderSize + 33] = std::byte{0};
+  EXPECT_THAT(DecodeKvResult(frame).status(),
+              IsError(StatusCode::kDataLoss, "KV_RESULT.error_code"));
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <functional>
+#include <limits>
 
 #include "common/status_matchers.h"
 #include "tools/cluster.h"
@@ -223,6 +225,133 @@ TEST(AgentRequestTest, StatsAfterShutdownShowNothingOutstanding) {
   EXPECT_EQ(s.arena_outstanding_bytes, 0u);
   const nlohmann::json j = nlohmann::json::parse(s.json);
   EXPECT_TRUE(j.contains("transport"));
+}
+
+}  // namespace
+}  // namespace kvbounce
+
+namespace kvbounce {
+namespace {
+
+// --- The API edge: every enum, duration and size is checked with
+//     overflow-safe arithmetic, errors carry the documented code, and no
+//     exception leaves the library.
+
+TEST_F(AgentCreateTest, EnumsDurationsAndSizesAreCheckedAtCreate) {
+  struct Case {
+    const char* name;
+    std::function<void(AgentOptions&)> spoil;
+    const char* field;
+  };
+  const std::vector<Case> cases = {
+      {"role", [](AgentOptions& o) { o.role = static_cast<Role>(7); }, "role = 7"},
+      {"dtype", [](AgentOptions& o) { o.instance.dtype = static_cast<DType>(9); }, "dtype = 9"},
+      {"layout", [](AgentOptions& o) { o.instance.layout = static_cast<LayoutKind>(5); },
+       "layout = 5"},
+      {"memory", [](AgentOptions& o) { o.pool.memory = static_cast<MemoryKind>(4); },
+       "pool.memory = 4"},
+      {"grace<0", [](AgentOptions& o) { o.grace = milliseconds(-1); }, "grace = -1 ms"},
+      {"grace=max", [](AgentOptions& o) { o.grace = milliseconds::max(); }, "AgentOptions.grace"},
+      {"connect=0", [](AgentOptions& o) { o.connect_timeout = milliseconds(0); },
+       "connect_timeout = 0 ms"},
+      {"connect<0", [](AgentOptions& o) { o.connect_timeout = milliseconds(-5); },
+       "connect_timeout = -5 ms"},
+      {"connect=1000y",
+       [](AgentOptions& o) {
+         o.connect_timeout = std::chrono::duration_cast<milliseconds>(
+             std::chrono::hours(24 * 365 * 1000));
+       },
+       "connect_timeout"},
+      {"null base", [](AgentOptions& o) { o.pool.bases = {Addr()}; }, "pool.bases[0] is null"},
+      {"tp huge", [](AgentOptions& o) { o.instance.tp = 1 << 20; }, "tp = 1048576"},
+      {"rank<0", [](AgentOptions& o) { o.rank = -1; }, "rank -1"},
+      {"blocks huge",
+       [](AgentOptions& o) { o.pool.num_blocks = std::numeric_limits<int64_t>::max(); },
+       "num_blocks"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    AgentOptions o = Options();
+    c.spoil(o);
+    EXPECT_THAT(Agent::Create(std::move(o)),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr(c.field)));
+  }
+}
+
+TEST(AgentEdgeTest, HugeAndInvalidRequestsAreRefusedWithTheirCodes) {
+  auto cluster = Cluster::Create(Small());
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const std::vector<int32_t> table = {0, 1, 2, 3};
+
+  // Publish: a token count near the limit needs more blocks than any table.
+  EXPECT_THAT(c.ctx(0).Publish(1, table, kMax),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("blocks")));
+  PublishOptions forever;
+  forever.ttl = milliseconds::max();
+  EXPECT_THAT(c.ctx(0).Publish(1, table, 16, forever),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("ttl")));
+  forever.ttl =
+      std::chrono::duration_cast<milliseconds>(std::chrono::hours(24 * 365 * 1000));
+  EXPECT_THAT(c.ctx(0).Publish(1, table, 16, forever),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("ttl")));
+  forever.ttl = milliseconds(-1);
+  EXPECT_THAT(c.ctx(0).Publish(1, table, 16, forever),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("ttl = -1")));
+
+  // Pull: ranges near INT64_MAX, negative starts, unknown paths, timeouts.
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, kMax}),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("blocks")));
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {kMax - 1, kMax}),
+              StatusIs(StatusCode::kOutOfRange));
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {-1, 4}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("token range")));
+  PullOptions bad_path;
+  bad_path.path = static_cast<TransferPath>(9);
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, 16}, bad_path),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("path = 9")));
+  PullOptions endless;
+  endless.timeout = milliseconds::max();
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", table, {0, 16}, endless),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("timeout")));
+  // Every entry the request carries is checked, also below the range.
+  const std::vector<int32_t> negative_below = {-1, 1, 2, 3};
+  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", negative_below, {8, 16}),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("entry 0 = -1")));
+  EXPECT_EQ(c.gen(0).Stats().requests_failed, 0u);
+}
+
+TEST(AgentEdgeTest, AWritersRefusalKeepsItsCode) {
+  auto cluster = Cluster::Create(Small());
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(1);
+  const BlockTables t = c.Tables(0, 16, rng);
+  // Published with 8 tokens, pulled with 16: the writers refuse.
+  std::vector<std::shared_ptr<Transfer>> pubs;
+  for (int r = 0; r < c.num_ctx(); ++r) pubs.push_back(*c.ctx(r).Publish(1, t.ctx, 8));
+  auto pull = c.gen(0).Pull(1, "ctx0", t.gen, {0, 16});
+  ASSERT_THAT(pull, IsOk());
+  EXPECT_THAT((*pull)->Wait(),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("published with 8 tokens")));
+  for (int r = 0; r < c.num_ctx(); ++r) EXPECT_THAT(c.ctx(r).Retire(1), IsOk());
+  for (auto& p : pubs) EXPECT_THAT(p->Wait(), StatusIs(StatusCode::kCancelled));
+}
+
+TEST_F(AgentCreateTest, AnIncompatiblePeerIsAnInvalidArgument) {
+  AgentOptions ctx = Options();
+  auto ctx_agent = Agent::Create(std::move(ctx));
+  ASSERT_THAT(ctx_agent, IsOk());
+  AgentOptions gen = Options();
+  gen.instance_id = "gen0";
+  gen.role = Role::kGen;
+  gen.instance.model = *CustomModel(2, 2, 16, false);  // another head dim
+  auto gen_agent = Agent::Create(std::move(gen));
+  ASSERT_THAT(gen_agent, IsOk());
+  const std::vector<std::string> address = {(*ctx_agent)->Address()};
+  EXPECT_THAT((*gen_agent)->Connect(address),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("another model")));
 }
 
 }  // namespace
