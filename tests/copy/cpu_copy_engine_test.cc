@@ -8,11 +8,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <stop_token>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -588,6 +591,277 @@ TEST(CpuCopyEngineTest, DestructionFinishesQueuedWorkThenJoins) {
   EXPECT_EQ(done.count(), kQueued + accepted_late);
   EXPECT_EQ(done.failures(), 0);
   EXPECT_EQ(0, std::memcmp(src.data(), dst.data(), kQueued * kBytes));
+}
+
+// --- Cancellation ------------------------------------------------------------
+
+// Records a batch's completion status.
+class StatusWaiter {
+ public:
+  CopyDone Callback() {
+    return [this](Status status) {
+      std::lock_guard<std::mutex> lock(mu_);
+      status_ = std::move(status);
+      ++calls_;
+      cv_.notify_all();
+    };
+  }
+  Status Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return calls_ > 0; });
+    return status_;
+  }
+  int calls() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  Status status_;
+  int calls_ = 0;
+};
+
+// Holds the piece hook's `block_at`-th call (0-based) until Release().
+class PieceGate {
+ public:
+  explicit PieceGate(size_t block_at) : state_(std::make_shared<State>()) {
+    state_->block_at = block_at;
+  }
+  ~PieceGate() { Release(); }
+  std::function<void(size_t)> Hook() {
+    return [state = state_](size_t fragment_index) {
+      std::unique_lock<std::mutex> lock(state->mu);
+      if (state->calls++ != state->block_at) return;
+      state->entered_fragment = fragment_index;
+      state->entered = true;
+      state->cv.notify_all();
+      state->cv.wait(lock, [&] { return state->released; });
+    };
+  }
+  size_t WaitEntered() {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    state_->cv.wait(lock, [this] { return state_->entered; });
+    return state_->entered_fragment;
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->released = true;
+    state_->cv.notify_all();
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t block_at = 0;
+    size_t calls = 0;
+    size_t entered_fragment = 0;
+    bool entered = false;
+    bool released = false;
+  };
+  std::shared_ptr<State> state_;
+};
+
+// A one-thread engine whose only worker is held in a gate batch's `done`
+// until Open(), so batches submitted meanwhile are certainly still queued.
+class GatedEngine {
+ public:
+  explicit GatedEngine(CpuCopyEngine::Options options = {}) {
+    options.num_threads = 1;
+    engine_ = MakeEngine(options);
+    EXPECT_TRUE(engine_
+                    ->Submit(CopyBatch{},
+                             [this](Status) {
+                               std::unique_lock<std::mutex> lock(mu_);
+                               cv_.wait(lock, [this] { return open_; });
+                             })
+                    .ok());
+  }
+  ~GatedEngine() { Open(); }
+  CpuCopyEngine& operator*() { return *engine_; }
+  CpuCopyEngine* operator->() { return engine_.get(); }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+  std::unique_ptr<CpuCopyEngine> engine_;
+};
+
+std::vector<Fragment> EvenFragments(size_t count, uint64_t bytes) {
+  std::vector<Fragment> list;
+  for (size_t i = 0; i < count; ++i) list.push_back({i * bytes, i * bytes, bytes});
+  return list;
+}
+
+TEST(CpuCopyEngineCancelTest, StopRequestedBeforeSubmitCopiesNothing) {
+  auto engine = MakeEngine(FourThreads());
+  GuardedBuffer src(64 * 1024);
+  src.FillRandom(31);
+  GuardedBuffer dst(64 * 1024, 0);
+  const std::vector<Fragment> list = EvenFragments(16, 4096);
+  std::stop_source stop;
+  stop.request_stop();
+  StatusWaiter waiter;
+  ASSERT_TRUE(
+      engine->Submit(CopyBatch{list, src.addr(), dst.addr()}, waiter.Callback(), stop.get_token())
+          .ok());
+  const Status status = waiter.Wait();
+  EXPECT_EQ(status.code(), StatusCode::kCancelled) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("65536 of 65536 bytes not copied"));
+  EXPECT_EQ(std::count(dst.data(), dst.data() + dst.size(), 0), 64 * 1024);
+  EXPECT_TRUE(dst.GuardsIntact());
+}
+
+// Stopped while queued behind another batch: every chunk is skipped when a
+// worker reaches it, and `done` runs once.
+TEST(CpuCopyEngineCancelTest, StopRequestedWhileQueuedSkipsEveryChunk) {
+  GatedEngine engine;
+  constexpr size_t kBytes = 4 << 20;
+  GuardedBuffer src(kBytes);
+  src.FillRandom(32);
+  GuardedBuffer dst(kBytes, 0);
+  const std::vector<Fragment> list = EvenFragments(64, kBytes / 64);
+  std::stop_source stop;
+  StatusWaiter waiter;
+  ASSERT_TRUE(
+      engine->Submit(CopyBatch{list, src.addr(), dst.addr()}, waiter.Callback(), stop.get_token())
+          .ok());
+  stop.request_stop();
+  engine.Open();
+  const Status status = waiter.Wait();
+  EXPECT_EQ(status.code(), StatusCode::kCancelled) << status;
+  EXPECT_EQ(std::count(dst.data(), dst.data() + dst.size(), 0), static_cast<long>(kBytes));
+  const CpuCopyEngine::Stats stats = engine->GetStats();
+  EXPECT_EQ(stats.batches_cancelled, 1u);
+  EXPECT_EQ(stats.bytes_copied, 0u);
+  EXPECT_EQ(waiter.calls(), 1);
+}
+
+// The hook holds the worker before fragment 5; the stop requested meanwhile
+// is seen by that fragment's own check.
+TEST(CpuCopyEngineCancelTest, StopRequestedMidBatchSkipsTheFragmentsNotStarted) {
+  PieceGate gate(/*block_at=*/5);
+  CpuCopyEngine::Options options;
+  options.num_threads = 1;
+  options.piece_hook_for_testing = gate.Hook();
+  auto engine = MakeEngine(options);
+  constexpr size_t kFragments = 16;
+  constexpr size_t kFragmentBytes = 4096;
+  GuardedBuffer src(kFragments * kFragmentBytes);
+  src.FillRandom(33);
+  GuardedBuffer dst(kFragments * kFragmentBytes, 0);
+  const std::vector<Fragment> list = EvenFragments(kFragments, kFragmentBytes);
+  std::stop_source stop;
+  StatusWaiter waiter;
+  ASSERT_TRUE(
+      engine->Submit(CopyBatch{list, src.addr(), dst.addr()}, waiter.Callback(), stop.get_token())
+          .ok());
+  EXPECT_EQ(gate.WaitEntered(), 5u);
+  stop.request_stop();
+  gate.Release();
+  const Status status = waiter.Wait();
+  EXPECT_EQ(status.code(), StatusCode::kCancelled) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("45056 of 65536 bytes not copied"));
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 5 * kFragmentBytes), 0);
+  for (size_t i = 5 * kFragmentBytes; i < dst.size(); ++i) ASSERT_EQ(dst.data()[i], 0) << i;
+  EXPECT_EQ(engine->GetStats().bytes_copied, 5 * kFragmentBytes);
+  EXPECT_TRUE(dst.GuardsIntact());
+}
+
+// A fragment larger than the grain is copied in pieces, checked one by one.
+TEST(CpuCopyEngineCancelTest, StopInsideAHugeFragmentEndsAtTheNextPiece) {
+  static_assert(CpuCopyEngine::kCopyGrainBytes == MiB(1));
+  PieceGate gate(/*block_at=*/2);  // before the third piece
+  CpuCopyEngine::Options options;
+  options.num_threads = 1;
+  options.piece_hook_for_testing = gate.Hook();
+  auto engine = MakeEngine(options);
+  constexpr size_t kBytes = (4 << 20) + 10;
+  GuardedBuffer src(kBytes);
+  src.FillRandom(34);
+  GuardedBuffer dst(kBytes, 0);
+  const std::vector<Fragment> list = {{0, 0, kBytes}};
+  std::stop_source stop;
+  StatusWaiter waiter;
+  ASSERT_TRUE(
+      engine->Submit(CopyBatch{list, src.addr(), dst.addr()}, waiter.Callback(), stop.get_token())
+          .ok());
+  EXPECT_EQ(gate.WaitEntered(), 0u);
+  stop.request_stop();
+  gate.Release();
+  const Status status = waiter.Wait();
+  EXPECT_EQ(status.code(), StatusCode::kCancelled) << status;
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), MiB(2)), 0);
+  for (size_t i = MiB(2); i < kBytes; ++i) ASSERT_EQ(dst.data()[i], 0) << i;
+  EXPECT_EQ(engine->GetStats().bytes_copied, MiB(2));
+}
+
+TEST(CpuCopyEngineCancelTest, StopRequestedAfterCompletionReportsOk) {
+  auto engine = MakeEngine(FourThreads());
+  constexpr size_t kBytes = 4 << 20;
+  GuardedBuffer src(kBytes);
+  src.FillRandom(35);
+  GuardedBuffer dst(kBytes, 0);
+  const std::vector<Fragment> list = EvenFragments(256, kBytes / 256);
+  std::stop_source stop;
+  StatusWaiter waiter;
+  ASSERT_TRUE(
+      engine->Submit(CopyBatch{list, src.addr(), dst.addr()}, waiter.Callback(), stop.get_token())
+          .ok());
+  EXPECT_TRUE(waiter.Wait().ok());
+  stop.request_stop();
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), kBytes), 0);
+  EXPECT_EQ(engine->GetStats().batches_cancelled, 0u);
+  EXPECT_EQ(waiter.calls(), 1);
+}
+
+// A stop requested after a batch's last piece was copied (here, from its own
+// `done`) leaves it OK; a batch sharing the token, still queued, is skipped.
+TEST(CpuCopyEngineCancelTest, StopFromALaterBatchDoesNotCancelAnEarlierOne) {
+  GatedEngine engine;
+  GuardedBuffer src(8192);
+  src.FillRandom(36);
+  GuardedBuffer dst(8192, 0);
+  const std::vector<Fragment> first = {{0, 0, 4096}};
+  const std::vector<Fragment> second = {{4096, 4096, 4096}};
+  std::stop_source stop;
+  StatusWaiter first_done;
+  StatusWaiter second_done;
+  ASSERT_TRUE(engine
+                  ->Submit(
+                      CopyBatch{first, src.addr(), dst.addr()},
+                      [&](Status status) {
+                        stop.request_stop();  // the second batch is still queued
+                        first_done.Callback()(std::move(status));
+                      },
+                      stop.get_token())
+                  .ok());
+  ASSERT_TRUE(engine
+                  ->Submit(CopyBatch{second, src.addr(), dst.addr()}, second_done.Callback(),
+                           stop.get_token())
+                  .ok());
+  engine.Open();
+  EXPECT_TRUE(first_done.Wait().ok());
+  EXPECT_EQ(second_done.Wait().code(), StatusCode::kCancelled);
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 4096), 0);
+  EXPECT_EQ(std::count(dst.data() + 4096, dst.data() + 8192, 0), 4096);
+}
+
+TEST(CpuCopyEngineCancelTest, EmptyBatchCompletesOkEvenWhenStopped) {
+  auto engine = MakeEngine();
+  std::stop_source stop;
+  stop.request_stop();
+  StatusWaiter waiter;
+  ASSERT_TRUE(engine->Submit(CopyBatch{}, waiter.Callback(), stop.get_token()).ok());
+  EXPECT_TRUE(waiter.Wait().ok());
 }
 
 // --- SplitIntoChunks ---------------------------------------------------------

@@ -9,8 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <stop_token>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,13 +41,16 @@ class FaultTransportTest : public ::testing::Test {
 
   void SetUp() override { src_.FillPattern(3); }
 
-  void Build(FaultOptions options, bool wrap_receiver = false) {
+  // `before_start` may install hooks on the writer's endpoint.
+  void Build(FaultOptions options, bool wrap_receiver = false,
+             const std::function<void(TestEndpoint&)>& before_start = nullptr) {
     auto inner = LoopbackTransport::Create(fabric_, "writer");
     ASSERT_THAT(inner, IsOk());
     auto fault = FaultTransport::Create(std::move(inner).value(), options);
     ASSERT_THAT(fault, IsOk());
     fault_ = fault->get();
     writer_ = std::make_unique<TestEndpoint>(std::move(fault).value());
+    if (before_start) before_start(*writer_);
     ASSERT_THAT(writer_->Start(), IsOk());
 
     auto receiver = LoopbackTransport::Create(fabric_, "receiver");
@@ -83,9 +89,9 @@ class FaultTransportTest : public ::testing::Test {
     target_region_.reset();
   }
 
-  Status Write(DoneTracker& tracker, std::span<const WriteOp> ops) {
+  Status Write(DoneTracker& tracker, std::span<const WriteOp> ops, std::stop_token stop = {}) {
     InsideCall inside;
-    Status status = (*writer_)->Write(*source_, *target_, ops, tracker.Make());
+    Status status = (*writer_)->Write(*source_, *target_, ops, tracker.Make(), std::move(stop));
     if (!status.ok()) tracker.Forget();
     return status;
   }
@@ -418,6 +424,357 @@ TEST_F(FaultTransportTest, StatsAndRegionsComeFromTheInnerTransport) {
   EXPECT_EQ(inner.write_ops, outer.write_ops);
   EXPECT_EQ(inner.messages_sent, outer.messages_sent);
   EXPECT_EQ(target_->mapped_address(), dst_.addr());
+}
+
+// --- Cancellation -------------------------------------------------------------
+
+TEST_F(FaultTransportTest, StopTokenIsForwardedToTheInnerTransport) {
+  Build({});
+  std::stop_source stop;
+  stop.request_stop();
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 4096)};
+  ASSERT_THAT(Write(tracker, ops, stop.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kCancelled));
+  EXPECT_TRUE(dst_.AllEqual(0));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(FaultTransportTest, InjectedFailureIgnoresTheStopToken) {
+  Build({.write_fail_rate = 1.0, .delay = 10ms});
+  std::stop_source stop;
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 4096)};
+  ASSERT_THAT(Write(tracker, ops, stop.get_token()), IsOk());
+  stop.request_stop();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("injected write failure")));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// --- Holding writes -------------------------------------------------------------
+
+// Three batches into the same bytes: the last one issued wins, so the
+// contents show the order; the stop requested while held is ignored.
+TEST_F(FaultTransportTest, ReleasedWritesLandInOrderIgnoringTheirStopTokens) {
+  Build({});
+  GuardedBuffer other(kBytes);
+  other.FillPattern(99);
+  auto other_source = (*writer_)->Register(other.addr(), kBytes, MemoryKind::kHost);
+  ASSERT_THAT(other_source, IsOk());
+  const WriteOp from_src[] = {Op(0, 4096)};
+  const WriteOp from_other[] = {{other.addr(), dst_.addr(), 4096}};
+
+  fault_->HoldWrites();
+  std::stop_source stop;
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker, from_src, stop.get_token()), IsOk());
+  {
+    InsideCall inside;
+    ASSERT_THAT(
+        (*writer_)->Write(**other_source, *target_, from_other, tracker.Make(), stop.get_token()),
+        IsOk());
+  }
+  ASSERT_THAT(Write(tracker, from_src, stop.get_token()), IsOk());
+  EXPECT_TRUE(fault_->WaitForHeldWrites(3, kWaitTimeout));
+  EXPECT_EQ(fault_->held_writes(), 3u);
+  EXPECT_FALSE(fault_->WaitForHeldWrites(4, 0ms));
+  stop.request_stop();
+  EXPECT_EQ(tracker.calls(0), 0);
+  EXPECT_TRUE(dst_.AllEqual(0));  // nothing issued
+  EXPECT_EQ((*writer_)->Stats().write_ops, 0u);
+
+  {
+    InsideCall inside;
+    fault_->ReleaseWrites();
+  }
+  EXPECT_EQ(fault_->held_writes(), 0u);
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+  EXPECT_EQ(std::memcmp(dst_.data(), src_.data(), 4096), 0);  // the third, issued last
+  EXPECT_EQ((*writer_)->Stats().write_ops, 3u);
+
+  // No longer holding: the next write goes straight through (and its stop
+  // token is honoured again).
+  DoneTracker after;
+  ASSERT_THAT(Write(after, from_src, stop.get_token()), IsOk());
+  ASSERT_TRUE(after.WaitAll());
+  EXPECT_THAT(after.status(0), StatusIs(StatusCode::kCancelled));
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(after.Violations(), "");
+  other_source->reset();
+}
+
+TEST_F(FaultTransportTest, ShutdownFailsHeldWritesWithAbortedNeverIssuingThem) {
+  Build({});
+  fault_->HoldWrites();
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 4096)};
+  for (int i = 0; i < 3; ++i) ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_TRUE(fault_->WaitForHeldWrites(3, kWaitTimeout));
+  writer_->Shutdown();
+  tracker.Seal();
+  EXPECT_TRUE(tracker.WaitAll(0ms));  // every one ran, before Shutdown returned
+  for (const Status& status : tracker.statuses()) {
+    EXPECT_THAT(status, StatusIs(StatusCode::kAborted, HasSubstr("never issued")));
+  }
+  EXPECT_EQ(fault_->held_writes(), 0u);
+  fault_->ReleaseWrites();  // nothing left to release
+  EXPECT_TRUE(dst_.AllEqual(0));
+  EXPECT_EQ(fault_->inner().Stats().write_ops, 0u);
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(writer_->callbacks_after_shutdown(), 0);
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+}
+
+// The connection dies while batches are held: the inner transport reports
+// the failure at once, the decorator holds it back until the released
+// batches (refused by the inner transport, reported on the timer thread)
+// have completed.
+TEST_F(FaultTransportTest, FailureWaitsForHeldWritesToBeReleasedAndCompleted) {
+  std::mutex mu;
+  std::vector<std::string> events;
+  Build({}, /*wrap_receiver=*/false, [&](TestEndpoint& writer) {
+    writer.on_peer_failure_hook = [&](PeerId, const Status&) {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back("failure");
+    };
+  });
+  auto c = MakeTestEndpoint(LoopbackTransport::Create(fabric_, "c"));
+  auto [c_to_writer, writer_to_c] = ConnectTestEndpoints(*c, *writer_);
+
+  fault_->HoldWrites();
+  const WriteOp ops[] = {Op(0, 4096)};
+  auto record = [&](std::string name) {
+    return [&, name](Status status) {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back(name + " " + std::string(StatusCodeName(status.code())));
+    };
+  };
+  ASSERT_THAT((*writer_)->Write(*source_, *target_, ops, record("done1")), IsOk());
+  ASSERT_THAT((*writer_)->Write(*source_, *target_, ops, record("done2")), IsOk());
+  ASSERT_TRUE(fault_->WaitForHeldWrites(2, kWaitTimeout));
+
+  (*receiver_)->Disconnect(to_writer_, UnavailableError("receiver left"));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  // The inner transport delivers in order: once c's message is through, the
+  // failure before it reached the decorator (and was held back).
+  const size_t before = writer_->messages().size();
+  ASSERT_THAT(c->SendText(c_to_writer, "SYNC"), IsOk());
+  ASSERT_TRUE(writer_->WaitForMessages(before + 1));
+  EXPECT_EQ(writer_->total_failures(), 0);
+  // A write for the dead peer is not held: the inner transport refuses it.
+  DoneTracker refused;
+  EXPECT_THAT(Write(refused, ops), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(fault_->held_writes(), 2u);
+
+  {
+    InsideCall inside;  // nothing may run inside ReleaseWrites
+    fault_->ReleaseWrites();
+  }
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  EXPECT_THAT(writer_->failure_reason(to_receiver_),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("receiver left")));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const std::string unavailable(StatusCodeName(StatusCode::kUnavailable));
+    EXPECT_EQ(events, (std::vector<std::string>{"done1 " + unavailable, "done2 " + unavailable,
+                                                "failure"}));
+  }
+  EXPECT_TRUE(dst_.AllEqual(0));
+  EXPECT_EQ(refused.Violations(), "");
+  writer_->Shutdown();
+  EXPECT_EQ(writer_->failures(to_receiver_), 1);
+}
+
+// Released batches that the inner transport accepts land; the failure that
+// comes later follows their completions as usual.
+TEST_F(FaultTransportTest, HeldWritesReleasedOnALiveConnectionLandBeforeTheFailure) {
+  Build({.delay = 1ms});
+  fault_->HoldWrites();
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 8192)};
+  ASSERT_THAT(Write(tracker, ops), IsOk());
+  ASSERT_TRUE(fault_->WaitForHeldWrites(1, kWaitTimeout));
+  fault_->ReleaseWrites();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_EQ(std::memcmp(dst_.data(), src_.data(), 8192), 0);
+  fault_->InjectDisconnect(to_receiver_);
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// Every accepted callback exactly once, whatever mix of held, released,
+// injected and plain writes and a Shutdown racing with ReleaseWrites.
+TEST_F(FaultTransportTest, HoldReleaseAndShutdownRunEveryCallbackOnce) {
+  Build({.write_fail_rate = 0.3, .seed = 5});
+  DoneTracker tracker;
+  const WriteOp ops[] = {Op(0, 256), Op(256, 256)};
+  std::atomic<bool> stop_threads{false};
+  std::thread toggler([&] {
+    while (!stop_threads.load()) {
+      fault_->HoldWrites();
+      std::this_thread::yield();
+      fault_->ReleaseWrites();
+    }
+  });
+  for (int i = 0; i < 300; ++i) {
+    const Status status = Write(tracker, ops);
+    EXPECT_TRUE(status.ok() || status.code() == StatusCode::kAborted) << status;
+  }
+  fault_->HoldWrites();
+  for (int i = 0; i < 5; ++i) (void)Write(tracker, ops);
+  writer_->Shutdown();
+  tracker.Seal();
+  stop_threads = true;
+  toggler.join();
+  EXPECT_TRUE(tracker.WaitAll(0ms));
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(writer_->callbacks_after_shutdown(), 0);
+}
+
+// Completions the decorator holds back (delay, injected failures) are
+// completions of the peer's writes too: the failure follows them.
+TEST_F(FaultTransportTest, FailureFollowsDelayedAndInjectedCompletions) {
+  std::mutex mu;
+  std::vector<std::string> events;
+  Build({.delay = 30ms}, /*wrap_receiver=*/false, [&](TestEndpoint& writer) {
+    writer.on_peer_failure_hook = [&](PeerId, const Status&) {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back("failure");
+    };
+  });
+  auto record = [&](std::string name) {
+    return [&, name](Status status) {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back(name + " " + std::string(StatusCodeName(status.code())));
+    };
+  };
+  const WriteOp ops[] = {Op(0, 1024)};
+  ASSERT_THAT((*writer_)->Write(*source_, *target_, ops, record("write")), IsOk());
+  ASSERT_THAT((*writer_)->Flush(to_receiver_, record("flush")), IsOk());
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 1.0, .delay = 30ms}), IsOk());
+  ASSERT_THAT((*writer_)->Write(*source_, *target_, ops, record("injected")), IsOk());
+  // The inner transport completed the write and the flush; the decorator
+  // holds all three completions for their delay.
+  const auto deadline = Clock::now() + kWaitTimeout;
+  while (fault_->fault_stats().delayed_completions < 3 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(100us);
+  }
+  ASSERT_EQ(fault_->fault_stats().delayed_completions, 3u);
+  fault_->InjectDisconnect(to_receiver_);
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  std::lock_guard<std::mutex> lock(mu);
+  const std::string ok(StatusCodeName(StatusCode::kOk));
+  const std::string unavailable(StatusCodeName(StatusCode::kUnavailable));
+  // The three completions in any order (their delays start at different
+  // moments), then the failure.
+  ASSERT_EQ(events.size(), 4u);
+  EXPECT_THAT(
+      std::vector<std::string>(events.begin(), events.begin() + 3),
+      ::testing::UnorderedElementsAre("write " + ok, "flush " + ok, "injected " + unavailable));
+  EXPECT_EQ(events[3], "failure");
+}
+
+// --- Injection on many threads ------------------------------------------------
+
+// Several decorators injecting at once, from several threads. With
+// std::binomial_distribution this raced on glibc's global `signgam` (inside
+// lgamma) under ThreadSanitizer; the choice must use no global state.
+TEST(FaultInjectionConcurrencyTest, SeveralDecoratorsInjectFromSeveralThreads) {
+  constexpr int kDecorators = 4;
+  constexpr int kWrites = 100;
+  constexpr size_t kOps = 64;  // n * rate >= 8: binomial's lgamma path
+  auto fabric = LoopbackFabric::Create();
+  auto receiver = MakeTestEndpoint(LoopbackTransport::Create(fabric, "receiver"));
+  GuardedBuffer dst(kOps * 16, 0);
+  auto dst_region = (*receiver)->Register(dst.addr(), dst.size(), MemoryKind::kHost);
+  ASSERT_THAT(dst_region, IsOk());
+  GuardedBuffer src(kOps * 16);
+  src.FillPattern(8);
+  std::vector<WriteOp> ops;
+  for (size_t i = 0; i < kOps; ++i) ops.push_back({src.addr(i * 16), dst.addr(i * 16), 16});
+
+  struct Writer {
+    std::unique_ptr<TestEndpoint> endpoint;
+    FaultTransport* fault = nullptr;
+    std::unique_ptr<LocalRegion> source;
+    std::unique_ptr<RemoteRegion> target;
+  };
+  std::vector<Writer> writers(kDecorators);
+  for (int d = 0; d < kDecorators; ++d) {
+    auto inner = LoopbackTransport::Create(fabric, "w" + std::to_string(d));
+    ASSERT_THAT(inner, IsOk());
+    auto fault = FaultTransport::Create(std::move(inner).value(),
+                                        {.write_fail_rate = 0.5, .seed = uint64_t(d + 1)});
+    ASSERT_THAT(fault, IsOk());
+    writers[d].fault = fault->get();
+    writers[d].endpoint = MakeTestEndpoint(std::move(fault));
+    auto [to_receiver, unused] = ConnectTestEndpoints(*writers[d].endpoint, *receiver);
+    auto source = (*writers[d].endpoint)->Register(src.addr(), src.size(), MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    writers[d].source = std::move(source).value();
+    auto target = (*writers[d].endpoint)->Import(to_receiver, (*dst_region)->info());
+    ASSERT_THAT(target, IsOk());
+    writers[d].target = std::move(target).value();
+  }
+  // One tracker per thread: a shared one would order the threads' calls
+  // (through its mutex) and hide a race from ThreadSanitizer.
+  std::vector<DoneTracker> trackers(kDecorators);
+  std::vector<std::thread> threads;
+  for (int d = 0; d < kDecorators; ++d) {
+    threads.emplace_back([&, d] {
+      for (int i = 0; i < kWrites; ++i) {
+        Status status =
+            (*writers[d].endpoint)
+                ->Write(*writers[d].source, *writers[d].target, ops, trackers[d].Make());
+        EXPECT_THAT(status, IsOk());
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (const DoneTracker& tracker : trackers) ASSERT_TRUE(tracker.WaitAll());
+  uint64_t chosen = 0;
+  for (const Writer& writer : writers) {
+    const FaultStats stats = writer.fault->fault_stats();
+    EXPECT_GE(stats.failed_batches, kWrites - 1u);  // 64 ops at 0.5: all but surely fail
+    chosen += stats.injected_write_failures;
+  }
+  const double total_ops = double(kDecorators) * kWrites * kOps;
+  EXPECT_NEAR(double(chosen) / total_ops, 0.5, 0.05);
+  for (const DoneTracker& tracker : trackers) EXPECT_EQ(tracker.Violations(), "");
+  for (Writer& writer : writers) {
+    writer.target.reset();
+    writer.source.reset();
+  }
+  dst_region->reset();
+}
+
+// The chosen ops follow the rate also for small rates and large batches, and
+// the same seed makes the same choices.
+TEST_F(FaultTransportTest, ChosenOpsFollowTheRateAndTheSeed) {
+  Build({.write_fail_rate = 0.02, .seed = 11});
+  std::vector<WriteOp> ops;
+  for (size_t i = 0; i < 100; ++i) ops.push_back(Op(i * 64, 64));
+  auto run = [&] {
+    DoneTracker tracker;
+    for (int i = 0; i < 500; ++i) EXPECT_THAT(Write(tracker, ops), IsOk());
+    EXPECT_TRUE(tracker.WaitAll());
+    std::vector<bool> failed;
+    for (const Status& status : tracker.statuses()) failed.push_back(!status.ok());
+    return failed;
+  };
+  const std::vector<bool> first = run();
+  const FaultStats stats = fault_->fault_stats();
+  // 50,000 ops at 2%: about 1,000 chosen; a batch fails with 1 - 0.98^100.
+  EXPECT_NEAR(double(stats.injected_write_failures), 1000.0, 150.0);
+  EXPECT_NEAR(double(stats.failed_batches), 500 * (1 - std::pow(0.98, 100)), 40.0);
+  ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 0.02, .seed = 11}), IsOk());
+  EXPECT_EQ(run(), first);
 }
 
 }  // namespace

@@ -12,8 +12,11 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stop_token>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/status_matchers.h"
@@ -29,6 +32,56 @@ using ::kvbounce::testing_util::IsOk;
 using ::kvbounce::testing_util::StatusIs;
 using ::testing::HasSubstr;
 
+using ::testing::AllOf;
+
+// Holds a write of one writer inside the fabric's write hook: the
+// `block_at`-th hook call of `writer` (0-based) blocks until Release().
+// Declare it after the endpoints, so that it releases (on destruction)
+// before they shut down.
+class WriteGate {
+ public:
+  WriteGate(LoopbackFabric& fabric, std::string writer_address, size_t block_at)
+      : state_(std::make_shared<State>()) {
+    fabric.SetWriteHook([state = state_, writer = std::move(writer_address), block_at](
+                            std::string_view address, size_t op_index) {
+      if (address != writer) return;
+      std::unique_lock<std::mutex> lock(state->mu);
+      const size_t call = state->calls++;
+      if (call != block_at) return;
+      state->entered_op = op_index;
+      state->entered = true;
+      state->cv.notify_all();
+      state->cv.wait(lock, [&] { return state->released; });
+    });
+  }
+  ~WriteGate() { Release(); }
+
+  bool WaitEntered() {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    return state_->cv.wait_for(lock, kWaitTimeout, [this] { return state_->entered; });
+  }
+  size_t entered_op() const {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    return state_->entered_op;
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->released = true;
+    state_->cv.notify_all();
+  }
+
+ private:
+  struct State {
+    mutable std::mutex mu;
+    std::condition_variable cv;
+    size_t calls = 0;
+    size_t entered_op = 0;
+    bool entered = false;
+    bool released = false;
+  };
+  std::shared_ptr<State> state_;
+};
+
 class LoopbackTransportTest : public ::testing::Test {
  protected:
   std::unique_ptr<TestEndpoint> MakeEndpoint(const std::string& name, bool start = true) {
@@ -39,7 +92,79 @@ class LoopbackTransportTest : public ::testing::Test {
     return ConnectTestEndpoints(from, to);
   }
 
+  // Waits until `endpoint` delivered a message `from` just sent it: every
+  // item queued for `endpoint` before that message has been processed.
+  void SyncThread(TestEndpoint& from, PeerId to_endpoint, TestEndpoint& endpoint) {
+    const size_t before = endpoint.messages().size();
+    ASSERT_THAT(from.SendText(to_endpoint, "SYNC"), IsOk());
+    ASSERT_TRUE(endpoint.WaitForMessages(before + 1));
+  }
+
   std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();
+};
+
+// A writer `a` and a receiver `b`, connected, with a source region on a, a
+// target region on b (imported by a) and `kOps` ops of `kOpBytes` each.
+class LoopbackWriteTest : public LoopbackTransportTest {
+ protected:
+  static constexpr size_t kOps = 8;
+  static constexpr size_t kOpBytes = 4096;
+  static constexpr size_t kBytes = kOps * kOpBytes;
+
+  void SetUp() override {
+    a_ = MakeEndpoint("a");
+    b_ = MakeEndpoint("b");
+    std::tie(a_to_b_, b_to_a_) = Connect(*a_, *b_);
+    src_.FillPattern(17);
+    auto source = (*a_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    source_ = std::move(source).value();
+    auto region = (*b_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(region, IsOk());
+    dst_region_ = std::move(region).value();
+    auto target = (*a_)->Import(a_to_b_, dst_region_->info());
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+    for (size_t i = 0; i < kOps; ++i) {
+      ops_.push_back({src_.addr(i * kOpBytes), dst_.addr(i * kOpBytes), kOpBytes});
+    }
+  }
+
+  void TearDown() override {
+    target_.reset();
+    dst_region_.reset();
+    source_.reset();
+  }
+
+  Status Write(DoneTracker& tracker, std::stop_token stop = {}) {
+    InsideCall inside;
+    Status status = (*a_)->Write(*source_, *target_, ops_, tracker.Make(), std::move(stop));
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  // Whether op i landed (true), was left untouched (false); fails the test
+  // for anything in between.
+  bool OpLanded(size_t i) {
+    const uint8_t* got = dst_.data() + i * kOpBytes;
+    if (std::memcmp(got, src_.data() + i * kOpBytes, kOpBytes) == 0) return true;
+    for (size_t j = 0; j < kOpBytes; ++j) {
+      EXPECT_EQ(got[j], 0) << "op " << i << " byte " << j;
+      if (got[j] != 0) break;
+    }
+    return false;
+  }
+
+  GuardedBuffer src_{kBytes};
+  GuardedBuffer dst_{kBytes, 0};
+  std::unique_ptr<TestEndpoint> a_;
+  std::unique_ptr<TestEndpoint> b_;
+  PeerId a_to_b_ = 0;
+  PeerId b_to_a_ = 0;
+  std::unique_ptr<LocalRegion> source_;
+  std::unique_ptr<LocalRegion> dst_region_;
+  std::unique_ptr<RemoteRegion> target_;
+  std::vector<WriteOp> ops_;
 };
 
 TEST_F(LoopbackTransportTest, CreateValidatesNameAndFabric) {
@@ -457,6 +582,419 @@ TEST_F(LoopbackTransportTest, RegionsMayOutliveTheirTransport) {
   EXPECT_EQ(fabric_->num_regions(), 1u);
   region.reset();
   EXPECT_EQ(fabric_->num_regions(), 0u);
+}
+
+// --- Cancellation ------------------------------------------------------------
+
+TEST_F(LoopbackWriteTest, StopRequestedBeforeTheBatchStartsCopiesNothing) {
+  std::stop_source stop;
+  stop.request_stop();
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker, stop.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kCancelled,
+                       AllOf(HasSubstr("before it started"),
+                             HasSubstr("8 of 8 ops (32768 of 32768 bytes) not copied"))));
+  EXPECT_TRUE(dst_.AllEqual(0));
+  const TransportStats stats = (*a_)->Stats();
+  EXPECT_EQ(stats.write_ops, kOps);
+  EXPECT_EQ(stats.failed_write_ops, kOps);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The hook holds the batch before op 3; the stop requested meanwhile is seen
+// by op 3's own check: ops 0-2 landed, 3-7 did not.
+TEST_F(LoopbackWriteTest, StopRequestedMidBatchSkipsTheOpsNotStarted) {
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/3);
+  std::stop_source stop;
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker, stop.get_token()), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  EXPECT_EQ(gate.entered_op(), 3u);
+  stop.request_stop();
+  gate.Release();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kCancelled,
+                       AllOf(HasSubstr("stopped"),
+                             HasSubstr("5 of 8 ops (20480 of 32768 bytes) not copied"))));
+  for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 3) << "op " << i;
+  EXPECT_TRUE(dst_.GuardsIntact());
+  const TransportStats stats = (*a_)->Stats();
+  EXPECT_EQ(stats.write_ops - stats.failed_write_ops, 3u);  // landed whole
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(LoopbackWriteTest, StopRequestedAfterCompletionChangesNothing) {
+  std::stop_source stop;
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker, stop.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  stop.request_stop();
+  EXPECT_THAT(tracker.status(0), IsOk());
+  for (size_t i = 0; i < kOps; ++i) EXPECT_TRUE(OpLanded(i)) << "op " << i;
+  EXPECT_EQ((*a_)->Stats().failed_write_ops, 0u);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// A large op is copied in pieces of kWriteGrainBytes, checked one by one.
+TEST_F(LoopbackTransportTest, StopInsideALargeOpEndsAtTheNextPiece) {
+  static_assert(LoopbackTransport::kWriteGrainBytes == MiB(1));
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kBytes = MiB(3) + 100;  // pieces: 1 MiB, 1 MiB, 1 MiB, 100 B
+  GuardedBuffer src(kBytes);
+  src.FillPattern(5);
+  GuardedBuffer dst(kBytes, 0);
+  auto source = (*a)->Register(src.addr(), kBytes, MemoryKind::kHost);
+  auto region = (*b)->Register(dst.addr(), kBytes, MemoryKind::kHost);
+  ASSERT_THAT(source, IsOk());
+  ASSERT_THAT(region, IsOk());
+  auto target = (*a)->Import(a_to_b, (*region)->info());
+  ASSERT_THAT(target, IsOk());
+  WriteGate gate(*fabric_, (*a)->Address(), /*block_at=*/2);  // before the third piece
+  std::stop_source stop;
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), kBytes}};
+  ASSERT_THAT((*a)->Write(**source, **target, ops, tracker.Make(), stop.get_token()), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  EXPECT_EQ(gate.entered_op(), 0u);
+  stop.request_stop();
+  gate.Release();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kCancelled,
+                       HasSubstr("1 of 1 ops (" + std::to_string(MiB(1) + 100) + " of " +
+                                 std::to_string(kBytes) + " bytes) not copied")));
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), MiB(2)), 0);
+  for (size_t i = MiB(2); i < kBytes; ++i) ASSERT_EQ(dst.data()[i], 0) << "byte " << i;
+  EXPECT_EQ((*a)->Stats().failed_write_ops, 1u);
+  target->reset();
+  region->reset();
+  source->reset();
+}
+
+// --- The fence ---------------------------------------------------------------
+
+TEST_F(LoopbackWriteTest, DisconnectDuringAWriteDefersBothFailuresUntilItStops) {
+  for (const bool writer_disconnects : {true, false}) {
+    SCOPED_TRACE(writer_disconnects ? "writer disconnects" : "receiver disconnects");
+    if (!writer_disconnects) {
+      // A fresh pair: the first round killed the connection.
+      TearDown();
+      a_->Shutdown();
+      b_->Shutdown();
+      ops_.clear();
+      std::memset(dst_.data(), 0, kBytes);
+      a_.reset();
+      b_.reset();
+      SetUp();
+    }
+    auto c = MakeEndpoint(writer_disconnects ? "c1" : "c2");
+    auto [c_to_a, a_to_c] = Connect(*c, *a_);
+    auto [c_to_b, b_to_c] = Connect(*c, *b_);
+    EXPECT_EQ(fabric_->num_live_connections(), 3u);
+
+    WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/3);
+    DoneTracker tracker;
+    ASSERT_THAT(Write(tracker), IsOk());
+    ASSERT_TRUE(gate.WaitEntered());
+    if (writer_disconnects) {
+      (*a_)->Disconnect(a_to_b_, UnavailableError("test disconnect"));
+    } else {
+      (*b_)->Disconnect(b_to_a_, UnavailableError("test disconnect"));
+    }
+    // Dead at once, its notifications held by the write in progress.
+    EXPECT_EQ(fabric_->num_live_connections(), 2u);
+    EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+    EXPECT_THAT(b_->SendText(b_to_a_, "late"), StatusIs(StatusCode::kUnavailable));
+    // b's thread is free: anything queued for it before c's message has run.
+    SyncThread(*c, c_to_b, *b_);
+    EXPECT_EQ(b_->total_failures(), 0);
+    EXPECT_EQ(a_->total_failures(), 0);
+    EXPECT_EQ(tracker.calls(0), 0);
+
+    gate.Release();
+    ASSERT_TRUE(tracker.WaitAll());
+    EXPECT_THAT(tracker.status(0),
+                StatusIs(StatusCode::kUnavailable,
+                         AllOf(HasSubstr("test disconnect"),
+                               HasSubstr("5 of 8 ops (20480 of 32768 bytes) not copied"))));
+    for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 3) << "op " << i;
+    ASSERT_TRUE(a_->WaitForFailure(a_to_b_));
+    ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+    EXPECT_THAT(b_->failure_reason(b_to_a_), StatusIs(StatusCode::kUnavailable));
+    EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+    EXPECT_EQ((*a_)->Stats().failed_write_ops, 5u);
+    EXPECT_EQ(tracker.Violations(), "");
+    // The other connections still work.
+    SyncThread(*c, c_to_a, *a_);
+    EXPECT_EQ(a_->total_failures(), 1);
+    EXPECT_EQ(b_->total_failures(), 1);
+  }
+}
+
+// The writer's own thread: the write's `done` runs before on_peer_failure.
+TEST_F(LoopbackWriteTest, TheWritersDoneRunsBeforeItsFailureNotification) {
+  std::mutex mu;
+  std::vector<std::string> events;
+  a_->Shutdown();
+  auto a = MakeEndpoint("a2", /*start=*/false);
+  a->on_peer_failure_hook = [&](PeerId, const Status&) {
+    std::lock_guard<std::mutex> lock(mu);
+    events.push_back("failure");
+  };
+  ASSERT_THAT(a->Start(), IsOk());
+  auto [a_to_b, b_to_a] = Connect(*a, *b_);
+  auto source = (*a)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+  ASSERT_THAT(source, IsOk());
+  auto target = (*a)->Import(a_to_b, dst_region_->info());
+  ASSERT_THAT(target, IsOk());
+  WriteGate gate(*fabric_, (*a)->Address(), /*block_at=*/1);
+  ASSERT_THAT((*a)->Write(**source, **target, ops_,
+                          [&](Status status) {
+                            std::lock_guard<std::mutex> lock(mu);
+                            events.push_back("done " + std::string(StatusCodeName(status.code())));
+                          }),
+              IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  (*b_)->Disconnect(b_to_a, UnavailableError("bye"));
+  gate.Release();
+  ASSERT_TRUE(a->WaitForFailure(a_to_b));
+  a->Shutdown();
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0], "done " + std::string(StatusCodeName(StatusCode::kUnavailable)));
+  EXPECT_EQ(events[1], "failure");
+  target->reset();
+  source->reset();
+}
+
+TEST_F(LoopbackWriteTest, MappedAccessDefersTheFailureUntilItIsDestroyed) {
+  auto c = MakeEndpoint("c");
+  auto [c_to_a, a_to_c] = Connect(*c, *a_);
+  auto [c_to_b, b_to_c] = Connect(*c, *b_);
+  auto access = (*a_)->BeginMappedAccess(*target_);
+  ASSERT_THAT(access, IsOk());
+  // The direct path: a copy engine writes through mapped_address().
+  std::memcpy(target_->mapped_address().ToPointer(), src_.data(), kOpBytes);
+
+  (*b_)->Disconnect(b_to_a_, UnavailableError("gone"));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  EXPECT_THAT((*a_)->BeginMappedAccess(*target_), StatusIs(StatusCode::kUnavailable));
+  SyncThread(*c, c_to_a, *a_);
+  SyncThread(*c, c_to_b, *b_);
+  EXPECT_EQ(a_->total_failures(), 0);
+  EXPECT_EQ(b_->total_failures(), 0);
+
+  access->reset();  // on the test thread: whoever ends the last operation
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  ASSERT_TRUE(a_->WaitForFailure(a_to_b_));
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+  EXPECT_THAT(b_->failure_reason(b_to_a_), StatusIs(StatusCode::kUnavailable, "gone"));
+  EXPECT_THAT(a_->failure_reason(a_to_b_), StatusIs(StatusCode::kUnavailable, HasSubstr("gone")));
+  EXPECT_TRUE(OpLanded(0));
+}
+
+// A write and a mapped access at once: the failure waits for both.
+TEST_F(LoopbackWriteTest, TheFenceWaitsForEveryOperationOfTheConnection) {
+  auto c = MakeEndpoint("c");
+  auto [c_to_b, b_to_c] = Connect(*c, *b_);
+  auto access = (*a_)->BeginMappedAccess(*target_);
+  ASSERT_THAT(access, IsOk());
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/0);
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  (*a_)->Disconnect(a_to_b_, UnavailableError("bye"));
+  gate.Release();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kUnavailable, HasSubstr("8 of 8 ops")));
+  SyncThread(*c, c_to_b, *b_);
+  EXPECT_EQ(b_->total_failures(), 0);
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  access->reset();
+  ASSERT_TRUE(a_->WaitForFailure(a_to_b_));
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+  EXPECT_TRUE(dst_.AllEqual(0));
+}
+
+TEST_F(LoopbackWriteTest, BeginMappedAccessErrors) {
+  // Not imported by this transport: b's own region seen through a's import
+  // is fine for a, not for b; nor is another transport's region object.
+  EXPECT_THAT((*b_)->BeginMappedAccess(*target_), StatusIs(StatusCode::kInvalidArgument));
+  class ForeignRegion final : public RemoteRegion {
+   public:
+    PeerId peer() const override { return 1; }
+    const RegionInfo& info() const override { return info_; }
+    Addr mapped_address() const override { return Addr(); }
+
+   private:
+    RegionInfo info_;
+  };
+  EXPECT_THAT((*a_)->BeginMappedAccess(ForeignRegion()), StatusIs(StatusCode::kInvalidArgument));
+
+  // Deregistered by its owner.
+  GuardedBuffer other(256);
+  auto other_region = (*b_)->Register(other.addr(), 256, MemoryKind::kHost);
+  ASSERT_THAT(other_region, IsOk());
+  auto other_target = (*a_)->Import(a_to_b_, (*other_region)->info());
+  ASSERT_THAT(other_target, IsOk());
+  other_region->reset();
+  EXPECT_THAT((*a_)->BeginMappedAccess(**other_target),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("deregistered")));
+  // A failed attempt leaves nothing counted: the failure is not held back.
+  (*a_)->Disconnect(a_to_b_, UnavailableError("bye"));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+
+  // Dead connection.
+  EXPECT_THAT((*a_)->BeginMappedAccess(*target_), StatusIs(StatusCode::kUnavailable));
+  // Shut down.
+  a_->Shutdown();
+  EXPECT_THAT((*a_)->BeginMappedAccess(*target_), StatusIs(StatusCode::kAborted));
+  other_target->reset();
+}
+
+// The owner's deregistration waits for a mapped access of the region.
+TEST_F(LoopbackWriteTest, DeregistrationWaitsForAMappedAccess) {
+  auto access = (*a_)->BeginMappedAccess(*target_);
+  ASSERT_THAT(access, IsOk());
+  const size_t regions = fabric_->num_regions();
+  std::atomic<bool> access_ended{false};
+  std::atomic<bool> ended_before_deregistered{false};
+  std::thread owner([&] {
+    dst_region_.reset();
+    ended_before_deregistered = access_ended.load();
+  });
+  // Deregistration began (the region left the registry) and now waits.
+  const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+  while (fabric_->num_regions() == regions && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(fabric_->num_regions(), regions - 1);
+  // Still usable until the access ends.
+  std::memcpy(target_->mapped_address().ToPointer(), src_.data(), kBytes);
+  access_ended = true;
+  access->reset();
+  owner.join();
+  EXPECT_TRUE(ended_before_deregistered.load());
+  EXPECT_THAT((*a_)->BeginMappedAccess(*target_), StatusIs(StatusCode::kFailedPrecondition));
+}
+
+// A guard shares what it needs: it may outlive both transports.
+TEST_F(LoopbackWriteTest, MappedAccessMayOutliveBothTransports) {
+  auto access = (*a_)->BeginMappedAccess(*target_);
+  ASSERT_THAT(access, IsOk());
+  target_.reset();
+  a_->Shutdown();
+  b_->Shutdown();
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  a_.reset();
+  b_.reset();
+  std::thread([&] { access->reset(); }).join();  // any thread
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  EXPECT_EQ(fabric_->num_live_connections(), 0u);
+}
+
+// A peer's write into a region of an endpoint that shuts down runs on the
+// peer's thread; it ends at its next piece, and the region's destructor waits
+// for it.
+TEST_F(LoopbackTransportTest, PeerWriteIntoAShuttingDownEndpointEndsAtTheNextPiece) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kBytes = MiB(4);
+  GuardedBuffer src(kBytes);
+  src.FillPattern(9);
+  GuardedBuffer dst(kBytes, 0);
+  auto source = (*a)->Register(src.addr(), kBytes, MemoryKind::kHost);
+  auto region = (*b)->Register(dst.addr(), kBytes, MemoryKind::kHost);
+  ASSERT_THAT(source, IsOk());
+  ASSERT_THAT(region, IsOk());
+  auto target = (*a)->Import(a_to_b, (*region)->info());
+  ASSERT_THAT(target, IsOk());
+  WriteGate gate(*fabric_, (*a)->Address(), /*block_at=*/1);  // before the second piece
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), kBytes}};
+  ASSERT_THAT((*a)->Write(**source, **target, ops, tracker.Make()), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+
+  b->Shutdown();  // does not wait for a's thread
+  EXPECT_EQ(b->total_failures(), 0);
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  const size_t regions = fabric_->num_regions();
+  std::atomic<bool> released{false};
+  std::atomic<bool> released_before_deregistered{false};
+  std::thread owner([&] {
+    region->reset();  // waits for the write's pin
+    released_before_deregistered = released.load();
+  });
+  const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+  while (fabric_->num_regions() == regions && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(fabric_->num_regions(), regions - 1);  // deregistration began, and waits
+  released = true;
+  gate.Release();
+  owner.join();
+  EXPECT_TRUE(released_before_deregistered.load());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kUnavailable,
+                       AllOf(HasSubstr("endpoint loopback:b shut down"),
+                             HasSubstr("1 of 1 ops (3145728 of 4194304 bytes) not copied"))));
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), MiB(1)), 0);
+  for (size_t i = MiB(1); i < kBytes; ++i) ASSERT_EQ(dst.data()[i], 0) << "byte " << i;
+  ASSERT_TRUE(a->WaitForFailure(a_to_b));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  target->reset();
+  source->reset();
+}
+
+// Shutdown joins the transport's thread: its own write in progress ends at
+// its next piece and its `done` has run when Shutdown returns.
+TEST_F(LoopbackWriteTest, ShutdownEndsItsOwnWriteInProgress) {
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/2);
+  DoneTracker tracker;
+  ASSERT_THAT(Write(tracker), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  std::thread shutdown([&] { a_->Shutdown(); });
+  // Shutdown killed the connection (and now waits for a's thread).
+  const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+  while (fabric_->num_connections_awaiting_fence() == 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  gate.Release();
+  shutdown.join();
+  tracker.Seal();
+  EXPECT_TRUE(tracker.WaitAll(0ms));
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kUnavailable, HasSubstr("6 of 8 ops")));
+  for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 2) << "op " << i;
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+  EXPECT_EQ(a_->total_failures(), 0);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(LoopbackTransportTest, ConnectionCountersFollowConnectAndDisconnect) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  EXPECT_EQ(fabric_->num_live_connections(), 0u);
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  Connect(*b, *a);
+  EXPECT_EQ(fabric_->num_live_connections(), 2u);
+  EXPECT_THAT((*a)->Connect("loopback:nobody"), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(fabric_->num_live_connections(), 2u);
+  (*a)->Disconnect(a_to_b, UnavailableError("one"));
+  EXPECT_EQ(fabric_->num_live_connections(), 1u);
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);  // nothing in progress
+  b->Shutdown();
+  EXPECT_EQ(fabric_->num_live_connections(), 0u);
+  ASSERT_TRUE(a->WaitForTotalFailures(2));
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <stop_token>
 #include <string>
 #include <thread>
 #include <vector>
@@ -129,9 +130,10 @@ class TransportConformanceTest : public ::testing::TestWithParam<TransportFactor
 
   // Write through the tracker; the callback must not run inside the call.
   Status Write(TestEndpoint& endpoint, DoneTracker& tracker, const LocalRegion& source,
-               const RemoteRegion& target, std::span<const WriteOp> ops) {
+               const RemoteRegion& target, std::span<const WriteOp> ops,
+               std::stop_token stop = {}) {
     InsideCall inside;
-    Status status = endpoint->Write(source, target, ops, tracker.Make());
+    Status status = endpoint->Write(source, target, ops, tracker.Make(), std::move(stop));
     if (!status.ok()) tracker.Forget();
     return status;
   }
@@ -739,6 +741,125 @@ TEST_P(TransportConformanceTest, CallbacksMayCallBackIntoTheTransport) {
   ASSERT_TRUE(b->WaitForMessages(1));
   EXPECT_EQ(Text(b->messages()[0].frame), "pong");
   EXPECT_EQ(b->messages()[0].peer, b_to_a);
+}
+
+// --- Cancellation and the fence (transport.h) ---------------------------------
+
+TEST_P(TransportConformanceTest, StopRequestedBeforeTheWriteCopiesNothing) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(8192);
+  src.FillPattern(41);
+  GuardedBuffer dst(8192, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  std::vector<WriteOp> ops;
+  for (size_t i = 0; i < 8; ++i) ops.push_back({src.addr(i * 1024), dst.addr(i * 1024), 1024});
+  std::stop_source stop;
+  stop.request_stop();
+  DoneTracker tracker;
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops, stop.get_token()), IsOk());
+  ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kCancelled));
+  EXPECT_THAT(tracker.status(1), IsOk());
+  EXPECT_TRUE(dst.AllEqual(0));
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+  // The connection is not affected.
+  EXPECT_EQ(a->total_failures(), 0);
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(2), IsOk());
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 8192), 0);
+}
+
+TEST_P(TransportConformanceTest, StopRequestedAfterCompletionReportsOk) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(4096);
+  src.FillPattern(43);
+  GuardedBuffer dst(4096, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  std::stop_source stop;
+  DoneTracker tracker;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), 4096}};
+  ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops, stop.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  stop.request_stop();
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 4096), 0);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// A mapped access holds the connection's failure back, on both ends, until
+// it is destroyed; the errors of BeginMappedAccess.
+TEST_P(TransportConformanceTest, MappedAccessHoldsTheFailureBackUntilItEnds) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(4096);
+  src.FillPattern(47);
+  GuardedBuffer dst(4096, 0);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  if (!(*a)->Caps().map_remote) {
+    EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kUnimplemented));
+    return;
+  }
+  EXPECT_THAT((*b)->BeginMappedAccess(*target), StatusIs(StatusCode::kInvalidArgument));
+  auto access = (*a)->BeginMappedAccess(*target);
+  ASSERT_THAT(access, IsOk());
+  std::memcpy(target->mapped_address().ToPointer(), src.data(), 4096);  // the direct path
+
+  (*b)->Disconnect(b_to_a, UnavailableError("gone"));
+  EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kUnavailable));
+  // Both ends are free to run callbacks; neither may report the failure yet.
+  ASSERT_THAT(a->SendText(a_to_b, "late"), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(a->total_failures(), 0);
+  EXPECT_EQ(b->total_failures(), 0);
+  access->reset();
+  ASSERT_TRUE(a->WaitForFailure(a_to_b));
+  ASSERT_TRUE(b->WaitForFailure(b_to_a));
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 4096), 0);
+
+  a->Shutdown();
+  EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kAborted));
+}
+
+TEST_P(TransportConformanceTest, DeregistrationWaitsForAMappedAccess) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  if (!(*a)->Caps().map_remote) GTEST_SKIP() << "no mapped access";
+  GuardedBuffer dst(4096, 0);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  auto access = (*a)->BeginMappedAccess(*target);
+  ASSERT_THAT(access, IsOk());
+  std::atomic<bool> access_ended{false};
+  std::atomic<bool> ended_before_deregistered{false};
+  std::thread owner([&] {
+    dst_region.reset();
+    ended_before_deregistered = access_ended.load();
+  });
+  // Still ours to write while the owner's destructor runs.
+  std::memset(target->mapped_address().ToPointer(), 0x77, 4096);
+  access_ended = true;
+  access->reset();
+  owner.join();
+  EXPECT_TRUE(ended_before_deregistered.load());
+  EXPECT_TRUE(dst.AllEqual(0x77));
+  EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kFailedPrecondition));
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,

@@ -174,6 +174,9 @@ class TestEndpoint {
   // Runs inside on_message before the message is recorded (set before
   // Start). May block the transport's thread.
   std::function<void(PeerId, const std::vector<std::byte>&)> on_message_hook;
+  // Runs inside on_peer_failure before the failure is recorded (set before
+  // Start).
+  std::function<void(PeerId, const Status&)> on_peer_failure_hook;
 
   Status Start() {
     TransportCallbacks callbacks;
@@ -185,6 +188,7 @@ class TestEndpoint {
       cv_.notify_all();
     };
     callbacks.on_peer_failure = [this](PeerId peer, const Status& reason) {
+      if (on_peer_failure_hook) on_peer_failure_hook(peer, reason);
       std::lock_guard<std::mutex> lock(mu_);
       if (sealed_) ++after_seal_;
       ++failures_[peer];

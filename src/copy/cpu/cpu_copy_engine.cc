@@ -67,13 +67,14 @@ void CpuCopyEngine::StopAndJoin() {
 CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
   Stats stats;
   stats.batches_completed = batches_completed_.load(std::memory_order_relaxed);
+  stats.batches_cancelled = batches_cancelled_.load(std::memory_order_relaxed);
   stats.chunks_completed = chunks_completed_.load(std::memory_order_relaxed);
   stats.bytes_copied = bytes_copied_.load(std::memory_order_relaxed);
   return stats;
 }
 
 Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
-                                      std::stop_token /*stop*/) {
+                                      std::stop_token stop) {
   const bool large =
       total_bytes > options_.split_bytes || batch.fragments.size() > options_.split_fragments;
   size_t max_chunks = 1;
@@ -88,7 +89,9 @@ Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_byt
 
   auto state = std::make_shared<BatchState>();
   state->batch = batch;
+  state->total_bytes = total_bytes;
   state->done = std::move(done);
+  state->stop = std::move(stop);
   state->chunks_left.store(chunks.size(), std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -118,28 +121,49 @@ void CpuCopyEngine::WorkerLoop() {
 }
 
 void CpuCopyEngine::Run(Task task) {
+  BatchState& state = *task.batch;
   const CopyChunk& c = task.chunk;
+  uint64_t copied = 0;
   if (c.bytes > 0) {
-    const CopyBatch& batch = task.batch->batch;
+    const CopyBatch& batch = state.batch;
     const uint64_t src_base = batch.src_base.value();
     const uint64_t dst_base = batch.dst_base.value();
-    for (size_t i = c.first; i <= c.last; ++i) {
+    const auto& hook = options_.piece_hook_for_testing;
+    bool stopped = false;
+    for (size_t i = c.first; i <= c.last && !stopped; ++i) {
       const Fragment& f = batch.fragments[i];
       const uint64_t lo = i == c.first ? c.first_offset : 0;
       const uint64_t hi = i == c.last ? c.last_end : f.bytes;
-      if (hi <= lo) continue;
-      std::memcpy(Addr(dst_base + f.dst + lo).ToPointer(), Addr(src_base + f.src + lo).ToPointer(),
-                  hi - lo);
+      for (uint64_t at = lo; at < hi;) {
+        if (hook) hook(i);
+        if (state.stop.stop_requested()) {
+          stopped = true;
+          break;
+        }
+        const uint64_t piece = std::min(hi - at, kCopyGrainBytes);
+        std::memcpy(Addr(dst_base + f.dst + at).ToPointer(),
+                    Addr(src_base + f.src + at).ToPointer(), piece);
+        at += piece;
+        copied += piece;
+      }
     }
   }
   chunks_completed_.fetch_add(1, std::memory_order_relaxed);
-  bytes_copied_.fetch_add(c.bytes, std::memory_order_relaxed);
-  // acq_rel: the last chunk's finisher sees every other chunk's bytes before
-  // it reports the batch done.
-  if (task.batch->chunks_left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+  bytes_copied_.fetch_add(copied, std::memory_order_relaxed);
+  if (copied < c.bytes) state.bytes_skipped.fetch_add(c.bytes - copied, std::memory_order_relaxed);
+  // acq_rel: the last chunk's finisher sees every other chunk's bytes (and
+  // skipped count) before it reports the batch done.
+  if (state.chunks_left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
     batches_completed_.fetch_add(1, std::memory_order_relaxed);
-    CopyDone done = std::move(task.batch->done);
-    done(Status::Ok());
+    const uint64_t skipped = state.bytes_skipped.load(std::memory_order_relaxed);
+    Status status;
+    if (skipped > 0) {
+      batches_cancelled_.fetch_add(1, std::memory_order_relaxed);
+      status = CancelledError("cpu copy engine: batch stopped: " + std::to_string(skipped) +
+                              " of " + std::to_string(state.total_bytes) + " bytes not copied");
+    }
+    CopyDone done = std::move(state.done);
+    done(std::move(status));
   }
 }
 

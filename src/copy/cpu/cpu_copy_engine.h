@@ -5,7 +5,21 @@
 // is cut into contiguous chunks of nearly equal bytes (batch_split.h; a huge
 // single fragment is cut too) that run on several workers at once, and the
 // batch's `done` fires once, on the worker that finishes the last chunk.
-// Copies cannot fail, so an accepted batch always completes with OK.
+// Copies cannot fail, so an accepted batch completes with OK unless it was
+// stopped (below).
+//
+// Cancellation (Submit's std::stop_token): a fragment is copied in pieces of
+// at most kCopyGrainBytes (1 MiB) — the engine's grain — and before every
+// piece (so before every fragment of a chunk, and every 1 MiB inside a large
+// fragment) the worker checks the batch's stop token: one atomic load, no
+// lock. Once a stop is requested, the piece being copied completes and every
+// piece not yet begun is skipped, in every chunk of the batch (a chunk still
+// queued is skipped whole when a worker reaches it, in its turn). The batch's
+// `done` then gets kCancelled when anything was skipped, with the message
+// "cpu copy engine: batch stopped: <s> of <t> bytes not copied", and OK when
+// every byte had been copied (the stop came too late to skip anything). A
+// batch of no bytes completes with OK. The destination of a cancelled batch
+// is partly written: which bytes landed is unspecified.
 //
 // Memory: host memory only (Caps().host_memory). Handing it a device or
 // remote address is undefined behaviour (a crash, most likely): callers check
@@ -27,8 +41,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <stop_token>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -51,6 +67,13 @@ struct CpuCopyEngineOptions {
   // chunk is so small that waking a thread costs more than it saves. >= 1.
   uint64_t min_chunk_bytes = KiB(64);
 
+  // For tests only: when set, called on the worker before each piece (see
+  // the file comment) of every batch is checked and copied, with the index
+  // of the piece's fragment in its batch. A test may block in it to hold a
+  // batch part-way, or request the batch's stop from it; that very piece
+  // then sees the stop. Left empty it costs one branch per piece.
+  std::function<void(size_t fragment_index)> piece_hook_for_testing;
+
   static constexpr int kMaxThreads = 256;
 };
 
@@ -58,12 +81,17 @@ class CpuCopyEngine final : public CopyEngine {
  public:
   using Options = CpuCopyEngineOptions;
 
+  // The engine's grain: fragments are copied in pieces of at most this many
+  // bytes, the stop token checked before each (see the file comment).
+  static constexpr uint64_t kCopyGrainBytes = MiB(1);
+
   // Counters since Create, for tests and metrics. Each is updated before the
   // batch's `done` runs, so a caller that observed `done` sees its counts.
   struct Stats {
-    uint64_t batches_completed = 0;
-    uint64_t chunks_completed = 0;  // > batches_completed once batches split
-    uint64_t bytes_copied = 0;
+    uint64_t batches_completed = 0;  // `done` called, with OK or kCancelled
+    uint64_t batches_cancelled = 0;  // of those, completed with kCancelled
+    uint64_t chunks_completed = 0;   // > batches_completed once batches split
+    uint64_t bytes_copied = 0;       // bytes actually copied (not skipped ones)
   };
 
   // Starts the workers.
@@ -94,8 +122,11 @@ class CpuCopyEngine final : public CopyEngine {
   // One accepted batch; shared by its chunks' tasks.
   struct BatchState {
     CopyBatch batch;
+    uint64_t total_bytes = 0;
     CopyDone done;
+    std::stop_token stop;
     std::atomic<size_t> chunks_left{0};
+    std::atomic<uint64_t> bytes_skipped{0};
   };
   struct Task {
     std::shared_ptr<BatchState> batch;
@@ -117,6 +148,7 @@ class CpuCopyEngine final : public CopyEngine {
   bool stopping_ = false;   // guarded by mu_
 
   std::atomic<uint64_t> batches_completed_{0};
+  std::atomic<uint64_t> batches_cancelled_{0};
   std::atomic<uint64_t> chunks_completed_{0};
   std::atomic<uint64_t> bytes_copied_{0};
 };

@@ -77,6 +77,98 @@ FaultStats FaultTransport::fault_stats() const {
   return stats_;
 }
 
+void FaultTransport::HoldWrites() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!parking_closed_) holding_ = true;
+}
+
+void FaultTransport::ReleaseWrites() {
+  std::lock_guard<std::mutex> release_lock(release_mu_);
+  std::deque<ParkedWrite> released;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    holding_ = false;
+    released.swap(parked_);
+    ++releasing_;
+  }
+  for (ParkedWrite& write : released) IssueParked(write);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --releasing_;
+  }
+  parked_cv_.notify_all();
+}
+
+size_t FaultTransport::held_writes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return parked_.size();
+}
+
+bool FaultTransport::WaitForHeldWrites(size_t n, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return parked_cv_.wait_for(lock, timeout, [&] { return parked_.size() >= n; });
+}
+
+void FaultTransport::IssueParked(ParkedWrite& write) {
+  // The inner transport gets a copy: when it refuses, `write.done` is still
+  // ours to call.
+  Status status = inner_->Write(*write.source, *write.target, write.ops,
+                                DelayCompletion(write.done, write.delay), std::stop_token());
+  if (status.ok()) return;
+  if (write.delay.count() > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.delayed_completions;
+  }
+  TimerEntry entry;
+  entry.kind = TimerEntry::Kind::kCompletion;
+  entry.done = std::move(write.done);
+  entry.status = std::move(status);
+  if (!Post(Clock::now() + write.delay, entry)) {
+    // Unreachable: Shutdown keeps the timer running until no release issues.
+    entry.done(AbortedError("fault transport: shut down; the held write was refused with " +
+                            entry.status.ToString()));
+  }
+}
+
+TransportDone FaultTransport::Settling(PeerId peer, TransportDone done) {
+  return [this, peer, done = std::move(done)](Status status) {
+    done(std::move(status));
+    Settle(peer, /*in_call=*/false);
+  };
+}
+
+void FaultTransport::Settle(PeerId peer, bool in_call) {
+  Status reason;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = unsettled_.find(peer);
+    if (it == unsettled_.end() || --it->second > 0) return;
+    unsettled_.erase(it);
+    auto held = held_failures_.find(peer);
+    if (held == held_failures_.end()) return;
+    reason = std::move(held->second);
+    held_failures_.erase(held);
+  }
+  // Shutting down: the failure is dropped like any pending notification.
+  if (!stopping_.load()) DeliverPeerFailure(peer, reason, /*via_timer=*/in_call);
+}
+
+uint64_t FaultTransport::CountChosenLocked(uint64_t num_ops, double rate) {
+  // Bernoulli(rate) per op, drawn as the geometric gaps between chosen ops:
+  // P(gap >= k) = P(u <= (1 - rate)^k) for u uniform in (0, 1].
+  const double log_keep = std::log1p(-rate);
+  uint64_t chosen = 0;
+  uint64_t next = 0;  // the first op not yet decided
+  while (next < num_ops) {
+    const double u = (static_cast<double>(rng_() >> 11) + 1.0) * 0x1.0p-53;
+    const double gap = std::floor(std::log(u) / log_keep);
+    if (!(gap < static_cast<double>(num_ops - next))) break;
+    next += static_cast<uint64_t>(gap) + 1;
+    ++chosen;
+  }
+  return chosen;
+}
+
 void FaultTransport::InjectDisconnect(PeerId peer) {
   if (stopping_.load()) return;
   {
@@ -145,12 +237,15 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
   if (!done) return InvalidArgumentError("fault transport: Write needs a done callback");
   KVB_RETURN_IF_ERROR(CheckWriteOps(source.info(), target.info(), ops).status());
 
+  const PeerId peer = target.peer();
   bool drop = false;
+  bool parked = false;
   uint64_t failures = 0;
   int64_t drop_after = 0;
   std::chrono::microseconds delay{0};
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (parking_closed_) return AbortedError("fault transport: shut down");
     delay = options_.delay;
     drop_after = options_.drop_after_ops;
     if (drop_after > 0 && !drop_fired_ && ops_since_options_ >= static_cast<uint64_t>(drop_after)) {
@@ -162,22 +257,37 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
       if (rate >= 1.0) {
         failures = ops.size();
       } else if (rate > 0.0 && !ops.empty()) {
-        std::binomial_distribution<uint64_t> chosen(ops.size(), rate);
-        failures = chosen(rng_);
+        failures = CountChosenLocked(ops.size(), rate);
       }
       ops_since_options_ += ops.size();
+      // Counted until its `done` returned (or the inner transport refused it).
+      ++unsettled_[peer];
+      done = Settling(peer, std::move(done));
       if (failures > 0) {
         stats_.injected_write_failures += failures;
         ++stats_.failed_batches;
         if (delay.count() > 0) ++stats_.delayed_completions;
+      } else if (holding_ && !failed_peers_.contains(peer)) {
+        ParkedWrite write;
+        write.source = &source;
+        write.target = &target;
+        write.ops = ops;
+        write.done = std::move(done);
+        write.delay = delay;
+        parked_.push_back(std::move(write));
+        parked = true;
       }
     }
+  }
+  if (parked) {
+    parked_cv_.notify_all();
+    return Status::Ok();
   }
 
   if (drop) {
     Status reason = UnavailableError("injected: connection dropped after " +
                                      std::to_string(drop_after) + " operations");
-    inner_->Disconnect(target.peer(), reason);
+    inner_->Disconnect(peer, reason);
     return reason;
   }
   if (failures > 0) {
@@ -186,11 +296,16 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
     entry.done = std::move(done);
     entry.status = UnavailableError("injected write failure: " + std::to_string(failures) + " of " +
                                     std::to_string(ops.size()) + " operations chosen to fail");
-    if (!Post(Clock::now() + delay, entry)) return AbortedError("fault transport: shut down");
+    if (!Post(Clock::now() + delay, entry)) {
+      Settle(peer, /*in_call=*/true);
+      return AbortedError("fault transport: shut down");
+    }
     return Status::Ok();
   }
-  return inner_->Write(source, target, ops, DelayCompletion(std::move(done), delay),
-                       std::move(stop));
+  Status status =
+      inner_->Write(source, target, ops, DelayCompletion(std::move(done), delay), std::move(stop));
+  if (!status.ok()) Settle(peer, /*in_call=*/true);
+  return status;
 }
 
 Status FaultTransport::Flush(PeerId peer, TransportDone done) {
@@ -200,8 +315,11 @@ Status FaultTransport::Flush(PeerId peer, TransportDone done) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     delay = options_.delay;
+    ++unsettled_[peer];
   }
-  return inner_->Flush(peer, DelayCompletion(std::move(done), delay));
+  Status status = inner_->Flush(peer, DelayCompletion(Settling(peer, std::move(done)), delay));
+  if (!status.ok()) Settle(peer, /*in_call=*/true);
+  return status;
 }
 
 void FaultTransport::Disconnect(PeerId peer, const Status& reason) {
@@ -272,17 +390,32 @@ void FaultTransport::OnMessage(PeerId peer, std::vector<std::byte> frame) {
 
 void FaultTransport::OnPeerFailure(PeerId peer, const Status& reason) {
   {
+    std::lock_guard<std::mutex> lock(mu_);
+    failed_peers_.insert(peer);
+    if (unsettled_.contains(peer)) {
+      held_failures_[peer] = reason;  // Settle delivers it
+      return;
+    }
+  }
+  DeliverPeerFailure(peer, reason, /*via_timer=*/false);
+}
+
+void FaultTransport::DeliverPeerFailure(PeerId peer, const Status& reason, bool via_timer) {
+  {
     std::lock_guard<std::mutex> lock(timer_mu_);
     if (timer_closed_) return;
     auto backlog = backlogs_.find(peer);
-    if (backlog != backlogs_.end()) {
+    if (backlog != backlogs_.end() || via_timer) {
       // After the delayed messages still pending for this peer.
-      ++backlog->second.pending;
+      PeerBacklog& b = backlogs_[peer];
+      const Clock::time_point due = b.pending > 0 ? b.last_due : Clock::now();
+      ++b.pending;
+      b.last_due = due;
       TimerEntry entry;
       entry.kind = TimerEntry::Kind::kPeerFailure;
       entry.peer = peer;
       entry.status = reason;
-      timers_.emplace(std::make_pair(backlog->second.last_due, timer_seq_++), std::move(entry));
+      timers_.emplace(std::make_pair(due, timer_seq_++), std::move(entry));
       timer_cv_.notify_one();
       return;
     }
@@ -334,7 +467,9 @@ void FaultTransport::TimerLoop() {
   backlogs_.clear();
   lock.unlock();
   for (auto& [due, entry] : left) {
-    if (entry.kind == TimerEntry::Kind::kCompletion) {
+    if (entry.kind == TimerEntry::Kind::kCompletion && entry.final_status) {
+      entry.done(std::move(entry.status));
+    } else if (entry.kind == TimerEntry::Kind::kCompletion) {
       entry.done(
           AbortedError("fault transport shut down before a delayed completion was "
                        "reported; the operation had completed with " +
@@ -358,7 +493,30 @@ void FaultTransport::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   stopping_.store(true);
+  std::deque<ParkedWrite> parked;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    parking_closed_ = true;
+    holding_ = false;
+    parked.swap(parked_);
+  }
   inner_->Shutdown();
+  {
+    // A ReleaseWrites still issuing may need the timer for a refusal.
+    std::unique_lock<std::mutex> lock(mu_);
+    parked_cv_.wait(lock, [this] { return releasing_ == 0; });
+  }
+  for (ParkedWrite& write : parked) {
+    TimerEntry entry;
+    entry.kind = TimerEntry::Kind::kCompletion;
+    entry.done = std::move(write.done);
+    entry.status =
+        AbortedError("fault transport shut down while the write was held; it was never issued");
+    entry.final_status = true;
+    if (!Post(Clock::now(), entry)) {
+      entry.done(std::move(entry.status));  // unreachable: the timer runs until below
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(timer_mu_);
     timer_stop_ = true;

@@ -35,24 +35,72 @@
 //                    on_peer_failure — and that Write fails at once with
 //                    that kUnavailable status (its `done` never runs).
 //                    Fires once; SetOptions re-arms it.
-//   seed             Seeds the one random generator (used under a mutex),
-//                    so a run is reproducible: the same seed and the same
-//                    sequence of Write calls (from one thread) choose the same
-//                    failures. SetOptions reseeds it.
+//   seed             Seeds the one random generator (a std::mt19937_64
+//                    used under a mutex), so a run is reproducible: the same
+//                    seed and the same sequence of Write calls (from one
+//                    thread) choose the same failures. SetOptions reseeds it.
+//                    The ops of a batch are chosen by drawing the gaps
+//                    between chosen ops (geometric, from one uniform draw
+//                    each, through std::log): the draws use no global state,
+//                    so decorators may inject on many threads at once
+//                    (std::binomial_distribution's lgamma writes the global
+//                    `signgam`, a data race).
+//
+// Cancellation: Write forwards its std::stop_token to the inner transport,
+// which honours it as it documents. A batch failed by injection is never
+// issued and ignores its stop token: its `done` gets the injected
+// kUnavailable even when a stop was requested before it ran. A held batch
+// (below) ignores its stop token too.
+//
+// Holding writes (a seam for the session's tests): between HoldWrites() and
+// ReleaseWrites(), every Write batch the decorator accepts and does not fail
+// by injection is PARKED in the decorator instead of being passed to the
+// inner transport (Write returns OK). Parked batches model operations
+// already on the wire: their stop tokens are NOT honoured, and
+// ReleaseWrites() issues them to the inner transport, in the order they were
+// accepted, WITHOUT their stop tokens, so they land if the connection is
+// still alive. When the inner transport refuses one at release (e.g. its
+// connection died meanwhile: kUnavailable), that batch's `done` gets the
+// inner error, once, on the timer thread (after the delay in force when the
+// batch was accepted), never inside a caller's call. Shutdown fails every
+// batch still parked with kAborted, on the timer thread, never issuing it.
+// While holding, a Write for a peer whose on_peer_failure the decorator
+// already received from the inner transport is not parked but passed to the
+// inner transport (which refuses it now). A batch parked for a peer that
+// was never reachable is accepted and fails at release, as above.
+//
+// The fence (see transport.h, "Failure and the fence"): the inner transport
+// reports on_peer_failure only after its own operations of the connection
+// ended, but it does not know of parked batches, nor of completions the
+// decorator still holds back (delay, injected failures). So while any Write
+// or Flush the decorator accepted for a peer has not completed — parked,
+// released and in the inner transport, or its `done` waiting for its delay
+// or not yet returned — the decorator holds that peer's on_peer_failure
+// from the inner transport back, and delivers it right after the last such
+// `done` returned, on that thread (or behind that peer's delayed messages,
+// on the timer thread; or on the timer thread when the last one was a call
+// the inner transport refused). So on_peer_failure still follows every
+// completion of that peer's writes and flushes, and no on_message follows
+// it.
 //
 // Threads: the decorator owns one timer thread (started by Create, joined
-// by Shutdown). Delayed completions, injected failures and delayed
-// messages run on it; everything else runs on the inner transport's threads
-// exactly as without the decorator. With every fault off, the decorator
-// behaves like the inner transport (callbacks on the same threads).
+// by Shutdown). Delayed completions, injected failures, delayed messages,
+// released batches the inner transport refused and parked batches aborted
+// by Shutdown run on it; everything else runs on the inner transport's
+// threads exactly as without the decorator (an on_peer_failure held back by
+// the fence runs where the batch that lifted the fence completed). With
+// every fault off and no writes held, the decorator behaves like the inner
+// transport (callbacks on the same threads).
 //
 // Callbacks exactly once: every Write and Flush that returned OK gets its
-// `done` called exactly once, never inside the call. At Shutdown the inner
-// transport is shut down first (its pending operations complete as it
-// decides), then every completion still waiting for its delay runs at
-// once, on the timer thread, with kAborted (the message says what the inner
-// status was); delayed messages and failure notifications still pending
-// are dropped. No callback runs after Shutdown returns.
+// `done` called exactly once, never inside the call. At Shutdown the parked
+// batches are taken (never to be issued), the inner transport is shut down
+// (its pending operations complete as it decides), then every completion
+// still waiting for its delay runs at once, on the timer thread, with
+// kAborted (the message says what the inner status was), and so does every
+// parked batch (kAborted "... held ... never issued"); delayed messages and
+// failure notifications still pending or held back by the fence are
+// dropped. No callback runs after Shutdown returns.
 //
 // Stats(): forwarded to the inner transport, so injected failures (never
 // issued) do not appear there; fault_stats() counts them.
@@ -72,15 +120,18 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <span>
+#include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -141,6 +192,19 @@ class FaultTransport final : public Transport {
 
   FaultStats fault_stats() const;
 
+  // Starts parking accepted Write batches (see "Holding writes" in the file
+  // comment). Does nothing after Shutdown started.
+  void HoldWrites();
+  // Stops parking and issues every parked batch to the inner transport, in
+  // the order accepted, without its stop token (see the file comment). May
+  // be called from any thread, also from a callback; concurrent calls issue
+  // in one order.
+  void ReleaseWrites();
+  // Batches parked now.
+  size_t held_writes() const;
+  // Waits until at least `n` batches are parked; false on timeout.
+  bool WaitForHeldWrites(size_t n, std::chrono::milliseconds timeout);
+
   // The wrapped transport (e.g. to read its own counters).
   Transport& inner() { return *inner_; }
 
@@ -157,6 +221,8 @@ class FaultTransport final : public Transport {
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
   // Errors: kOutOfRange (checked here too), kInvalidArgument for an empty
   // `done`, kAborted after Shutdown started, and the inner transport's.
+  // `stop` goes to the inner transport; injected failures and held batches
+  // ignore it (see the file comment).
   using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
                TransportDone done, std::stop_token stop) override;
@@ -166,8 +232,9 @@ class FaultTransport final : public Transport {
   // started, and the inner transport's.
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
-  // Shuts the inner transport down, then runs every delayed completion
-  // still pending with kAborted and joins the timer thread. Idempotent.
+  // Takes the parked batches, shuts the inner transport down, then runs
+  // every delayed completion still pending and every parked batch with
+  // kAborted and joins the timer thread. Idempotent.
   void Shutdown() override;
   TransportStats Stats() const override;
 
@@ -182,6 +249,9 @@ class FaultTransport final : public Transport {
     Status status;                 // kCompletion: the result; kPeerFailure: the reason
     PeerId peer = 0;               // kMessage, kPeerFailure
     std::vector<std::byte> frame;  // kMessage
+    // kCompletion: report `status` as it is also when Shutdown drains the
+    // timer (it already says kAborted), instead of wrapping it.
+    bool final_status = false;
   };
 
   // Delayed deliveries still pending for one peer.
@@ -190,8 +260,31 @@ class FaultTransport final : public Transport {
     Clock::time_point last_due;
   };
 
+  // A batch parked by HoldWrites.
+  struct ParkedWrite {
+    const LocalRegion* source = nullptr;
+    const RemoteRegion* target = nullptr;
+    std::span<const WriteOp> ops;
+    TransportDone done;  // the caller's, wrapped by Settling
+    std::chrono::microseconds delay{0};
+  };
+
   FaultTransport(std::unique_ptr<Transport> inner, FaultOptions options);
 
+  // How many of `num_ops` ops are chosen to fail at `rate` (in (0, 1)).
+  // REQUIRES: mu_ held.
+  uint64_t CountChosenLocked(uint64_t num_ops, double rate);
+  // Issues one released batch to the inner transport.
+  void IssueParked(ParkedWrite& write);
+  // Wraps `done` so that Settle(peer) runs after it returned.
+  TransportDone Settling(PeerId peer, TransportDone done);
+  // An operation of `peer` counted in unsettled_ completed (or was refused,
+  // `in_call`); the last one delivers a held on_peer_failure (through the
+  // timer thread when `in_call`, so never inside the caller's call).
+  void Settle(PeerId peer, bool in_call);
+  // Delivers on_peer_failure: now, on this thread, or, when `via_timer` or
+  // behind that peer's delayed messages, on the timer thread.
+  void DeliverPeerFailure(PeerId peer, const Status& reason, bool via_timer);
   // Queues `entry` for `due`. False when the timer thread has stopped.
   bool Post(Clock::time_point due, TimerEntry& entry);
   // Holds `done` back by `delay` once the inner transport completes.
@@ -211,6 +304,16 @@ class FaultTransport final : public Transport {
   bool drop_fired_ = false;
   FaultStats stats_;
   bool started_ = false;
+  // Holding writes and the fence (see the file comment).
+  bool holding_ = false;
+  bool parking_closed_ = false;  // Shutdown took the parked batches
+  std::deque<ParkedWrite> parked_;
+  std::condition_variable parked_cv_;                 // parked_ grew; releasing_ fell to 0
+  int releasing_ = 0;                                 // ReleaseWrites calls issuing now
+  std::unordered_map<PeerId, uint64_t> unsettled_;    // accepted, `done` not yet returned
+  std::unordered_map<PeerId, Status> held_failures_;  // on_peer_failure held by the fence
+  std::unordered_set<PeerId> failed_peers_;           // on_peer_failure received from inner
+  std::mutex release_mu_;  // serializes ReleaseWrites, keeping one issue order
 
   std::atomic<bool> stopping_{false};
   std::mutex shutdown_mu_;  // serializes Shutdown calls

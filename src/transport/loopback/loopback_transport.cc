@@ -1,5 +1,6 @@
 #include "transport/loopback/loopback_transport.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cinttypes>
 #include <condition_variable>
@@ -9,6 +10,7 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <stop_token>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -157,6 +159,47 @@ class FabricImpl {
     if (wake) regions_cv_.notify_all();
   }
 
+  // The same for one region (a mapped access).
+  Status PinOne(RegionEntry& region) {
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    if (!region.registered) {
+      return FailedPreconditionError("region #" + std::to_string(region.id) +
+                                     " was deregistered by its owner");
+    }
+    ++region.pins;
+    return Status::Ok();
+  }
+
+  void UnpinOne(RegionEntry& region) {
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(regions_mu_);
+      wake = --region.pins == 0 && !region.registered;
+    }
+    if (wake) regions_cv_.notify_all();
+  }
+
+  // Connection counters (see num_live_connections and
+  // num_connections_awaiting_fence).
+  void ConnectionOpened() { live_connections_.fetch_add(1, std::memory_order_relaxed); }
+  void ConnectionClosed() { live_connections_.fetch_sub(1, std::memory_order_relaxed); }
+  void FenceDeferred() { awaiting_fence_.fetch_add(1, std::memory_order_relaxed); }
+  void FenceLifted() { awaiting_fence_.fetch_sub(1, std::memory_order_relaxed); }
+  size_t num_live_connections() const { return live_connections_.load(std::memory_order_relaxed); }
+  size_t num_awaiting_fence() const { return awaiting_fence_.load(std::memory_order_relaxed); }
+
+  void SetWriteHook(LoopbackFabric::WriteHook hook) {
+    auto shared =
+        hook ? std::make_shared<const LoopbackFabric::WriteHook>(std::move(hook)) : nullptr;
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    write_hook_ = std::move(shared);
+  }
+
+  std::shared_ptr<const LoopbackFabric::WriteHook> write_hook() const {
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    return write_hook_;
+  }
+
  private:
   std::atomic<uint64_t> next_endpoint_id_{1};
   std::atomic<uint64_t> next_peer_id_{1};
@@ -168,6 +211,12 @@ class FabricImpl {
   std::condition_variable regions_cv_;
   std::unordered_map<uint64_t, std::shared_ptr<RegionEntry>> regions_;
   uint64_t next_region_id_ = 1;
+
+  std::atomic<size_t> live_connections_{0};
+  std::atomic<size_t> awaiting_fence_{0};
+
+  mutable std::mutex hook_mu_;
+  std::shared_ptr<const LoopbackFabric::WriteHook> write_hook_;
 };
 
 namespace {
@@ -226,9 +275,10 @@ class LoopbackRemoteRegion final : public RemoteRegion {
 
 }  // namespace
 
-// Both ends of one connection. `ends` is immutable once the connection is
-// published (inserted into an endpoint's peer table); `alive` and `reason`
-// are guarded by `mu`. Lock order: Connection::mu, then Endpoint::queue_mu_.
+// Both ends of one connection. `ends` and `fabric_impl` are immutable once
+// the connection is published (inserted into an endpoint's peer table); the
+// rest is guarded by `mu`. Lock order: Connection::mu, then
+// Endpoint::queue_mu_ (then FabricImpl's counters, which are atomics).
 struct Connection {
   struct End {
     std::weak_ptr<Endpoint> endpoint;
@@ -237,10 +287,21 @@ struct Connection {
     PeerId peer = 0;  // the PeerId this end uses for the other end
   };
   End ends[2];
+  // Whoever holds a connection also holds the fabric (an endpoint, or a
+  // mapped access), so this outlives the connection's users.
+  FabricImpl* fabric_impl = nullptr;
 
   std::mutex mu;
-  bool alive = true;
-  Status reason;  // why it died
+  // Written under `mu`; also read without it, between the pieces of a write.
+  std::atomic<bool> alive{true};
+  Status reason;  // why it died; set once, with `alive` = false
+  // The fence: write batches running and mapped accesses alive. When the
+  // connection dies while this is not zero, the failure notifications wait
+  // (`fence_pending`) until it is.
+  uint64_t in_progress = 0;
+  bool fence_pending = false;
+  int initiator_side = 0;
+  bool notify_initiator = false;
 };
 
 // One entry of a transport's queue.
@@ -253,8 +314,10 @@ struct Item {
   std::shared_ptr<Connection> conn;
   // kWrite
   std::span<const WriteOp> ops;
+  uint64_t bytes = 0;  // of all ops
   std::shared_ptr<RegionEntry> source;
   std::shared_ptr<RegionEntry> target;
+  std::stop_token stop;
   // kWrite, kFlush
   TransportDone done;
   // kMessage
@@ -283,11 +346,16 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes, MemoryKind kind);
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
-               TransportDone done);
+               TransportDone done, std::stop_token stop);
+  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target);
   Status Flush(PeerId peer, TransportDone done);
   void Disconnect(PeerId peer, const Status& reason);
   void Shutdown();
   TransportStats Stats() const;
+
+  // Queues `item` (moved from only on success). False when the queue is
+  // closed (the transport is shutting down).
+  bool Enqueue(Item& item);
 
  private:
   enum class State { kCreated, kStarted, kShutDown };
@@ -297,19 +365,29 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
     int side = 0;
   };
 
+  // How far a write batch got.
+  struct Progress {
+    enum class End { kCompleted, kStopped, kDied };
+    End end = End::kCompleted;
+    size_t ops_copied = 0;  // ops copied whole
+    uint64_t bytes_copied = 0;
+  };
+
   // Inserts the accepting end of `conn` (side 1) into the peer table.
   Status Accept(const std::shared_ptr<Connection>& conn);
   Result<PeerEntry> LookupPeer(PeerId peer) const;
-  // Queues `item` (moved from only on success). False when the queue is
-  // closed (the transport is shutting down).
-  bool Enqueue(Item& item);
   // Queues an item of our own for a peer, if the connection is alive.
   Status EnqueueForPeer(Connection& conn, int side, Item& item);
-  Status ClosedError(const Connection& conn, int side) const;
+  // kUnavailable naming the dead connection; `detail` is appended.
+  // REQUIRES: conn.mu held.
+  Status ClosedErrorLocked(const Connection& conn, int side, std::string_view detail = {}) const;
 
   void Loop();
   void Process(Item& item);
   void Abort(Item& item);
+  void ExecuteWrite(Item& item);
+  // Copies the ops of a pinned, counted batch piece by piece (see the header).
+  Progress CopyOps(const Item& item) const;
 
   const std::shared_ptr<LoopbackFabric> fabric_;
   FabricImpl& fabric_impl_;
@@ -341,18 +419,16 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   std::atomic<uint64_t> flushes_{0};
   std::atomic<uint64_t> messages_sent_{0};
   std::atomic<uint64_t> messages_received_{0};
-
-  friend void KillLocked(Connection& conn, const Status& reason, int initiator_side,
-                         bool notify_initiator);
 };
 
-// Marks `conn` dead and queues on_peer_failure for its ends (the initiator's
-// own end only when `notify_initiator`). REQUIRES: conn.mu held, conn.alive.
-void KillLocked(Connection& conn, const Status& reason, int initiator_side, bool notify_initiator) {
-  conn.alive = false;
-  conn.reason = reason;
+namespace {
+
+// Queues on_peer_failure for the ends of dead `conn` (the initiator's own
+// end only when it asked). REQUIRES: conn.mu held, conn dead.
+void NotifyLocked(Connection& conn) {
+  const int initiator = conn.initiator_side;
   for (int side = 0; side < 2; ++side) {
-    if (side == initiator_side && !notify_initiator) continue;
+    if (side == initiator && !conn.notify_initiator) continue;
     std::shared_ptr<Endpoint> endpoint = conn.ends[side].endpoint.lock();
     if (endpoint == nullptr) continue;
     Item item;
@@ -360,12 +436,73 @@ void KillLocked(Connection& conn, const Status& reason, int initiator_side, bool
     item.peer = conn.ends[side].peer;
     item.side = side;
     item.reason =
-        side == initiator_side
-            ? reason
-            : reason.WithContext(conn.ends[initiator_side].address + " closed the connection");
+        side == initiator
+            ? conn.reason
+            : conn.reason.WithContext(conn.ends[initiator].address + " closed the connection");
     endpoint->Enqueue(item);
   }
 }
+
+// Counts an operation of `conn` in progress; false when it is dead.
+// REQUIRES: conn.mu held.
+bool EnterLocked(Connection& conn) {
+  if (!conn.alive.load(std::memory_order_relaxed)) return false;
+  ++conn.in_progress;
+  return true;
+}
+
+// Ends an operation counted by EnterLocked; the last one out of a dead
+// connection lifts the fence. REQUIRES: conn.mu held.
+void ExitLocked(Connection& conn) {
+  if (--conn.in_progress == 0 && conn.fence_pending) {
+    conn.fence_pending = false;
+    conn.fabric_impl->FenceLifted();
+    NotifyLocked(conn);
+  }
+}
+
+// Marks `conn` dead and queues on_peer_failure for its ends (the initiator's
+// own end only when `notify_initiator`), at once or, while operations of it
+// are in progress, when the last one ends. REQUIRES: conn.mu held, alive.
+void KillLocked(Connection& conn, const Status& reason, int initiator_side, bool notify_initiator) {
+  conn.reason = reason;
+  conn.alive.store(false, std::memory_order_release);
+  conn.initiator_side = initiator_side;
+  conn.notify_initiator = notify_initiator;
+  conn.fabric_impl->ConnectionClosed();
+  if (conn.in_progress == 0) {
+    NotifyLocked(conn);
+  } else {
+    conn.fence_pending = true;
+    conn.fabric_impl->FenceDeferred();
+  }
+}
+
+// The guard BeginMappedAccess returns: a pin on the region and an operation
+// in progress on the connection, both released by the destructor.
+class LoopbackMappedAccess final : public MappedAccess {
+ public:
+  LoopbackMappedAccess(std::shared_ptr<LoopbackFabric> fabric, FabricImpl* fabric_impl,
+                       std::shared_ptr<Connection> conn, std::shared_ptr<RegionEntry> region)
+      : fabric_(std::move(fabric)),
+        fabric_impl_(fabric_impl),
+        conn_(std::move(conn)),
+        region_(std::move(region)) {}
+
+  ~LoopbackMappedAccess() override {
+    fabric_impl_->UnpinOne(*region_);
+    std::lock_guard<std::mutex> lock(conn_->mu);
+    ExitLocked(*conn_);
+  }
+
+ private:
+  const std::shared_ptr<LoopbackFabric> fabric_;  // keeps fabric_impl_ alive
+  FabricImpl* const fabric_impl_;
+  const std::shared_ptr<Connection> conn_;
+  const std::shared_ptr<RegionEntry> region_;
+};
+
+}  // namespace
 
 Status Endpoint::Start(TransportCallbacks callbacks) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -413,7 +550,13 @@ Result<PeerId> Endpoint::Connect(std::string_view address) {
   auto conn = std::make_shared<Connection>();
   conn->ends[0] = {weak_from_this(), id_, address_, fabric_impl_.NextPeerId()};
   conn->ends[1] = {remote, remote->id_, remote->address_, fabric_impl_.NextPeerId()};
-  KVB_RETURN_IF_ERROR(remote->Accept(conn));
+  conn->fabric_impl = &fabric_impl_;
+  // Counted before it is published: whoever kills it may do so at once.
+  fabric_impl_.ConnectionOpened();
+  if (Status accepted = remote->Accept(conn); !accepted.ok()) {
+    fabric_impl_.ConnectionClosed();
+    return accepted;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (state_ == State::kStarted) {
@@ -451,15 +594,18 @@ bool Endpoint::Enqueue(Item& item) {
   return true;
 }
 
-Status Endpoint::ClosedError(const Connection& conn, int side) const {
-  return UnavailableError(address_ + ": connection to " + conn.ends[1 - side].address + " (peer " +
-                          std::to_string(conn.ends[side].peer) +
-                          ") is closed: " + conn.reason.ToString());
+Status Endpoint::ClosedErrorLocked(const Connection& conn, int side,
+                                   std::string_view detail) const {
+  std::string message = address_ + ": connection to " + conn.ends[1 - side].address + " (peer " +
+                        std::to_string(conn.ends[side].peer) +
+                        ") is closed: " + conn.reason.ToString();
+  message += detail;
+  return UnavailableError(message);
 }
 
 Status Endpoint::EnqueueForPeer(Connection& conn, int side, Item& item) {
   std::lock_guard<std::mutex> lock(conn.mu);
-  if (!conn.alive) return ClosedError(conn, side);
+  if (!conn.alive) return ClosedErrorLocked(conn, side);
   if (!Enqueue(item)) return AbortedError(address_ + " is shut down");
   return Status::Ok();
 }
@@ -476,7 +622,7 @@ Status Endpoint::Send(PeerId peer, std::span<const std::byte> frame) {
   std::shared_ptr<Endpoint> remote = remote_end.endpoint.lock();
   {
     std::lock_guard<std::mutex> lock(entry.conn->mu);
-    if (!entry.conn->alive) return ClosedError(*entry.conn, entry.side);
+    if (!entry.conn->alive) return ClosedErrorLocked(*entry.conn, entry.side);
     // The remote closes its queue only after killing all its connections,
     // so this only fails in a race with its shutdown.
     if (remote == nullptr || !remote->Enqueue(item)) {
@@ -514,7 +660,7 @@ Result<std::unique_ptr<RemoteRegion>> Endpoint::Import(PeerId peer, const Region
   KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(peer));
   {
     std::lock_guard<std::mutex> lock(entry.conn->mu);
-    if (!entry.conn->alive) return ClosedError(*entry.conn, entry.side);
+    if (!entry.conn->alive) return ClosedErrorLocked(*entry.conn, entry.side);
   }
   const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
   if (info.remote_key.size() != kRemoteKeyBytes) {
@@ -546,7 +692,7 @@ Result<std::unique_ptr<RemoteRegion>> Endpoint::Import(PeerId peer, const Region
 }
 
 Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
-                       std::span<const WriteOp> ops, TransportDone done) {
+                       std::span<const WriteOp> ops, TransportDone done, std::stop_token stop) {
   KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
   const auto* src = dynamic_cast<const LoopbackLocalRegion*>(&source);
   if (src == nullptr || src->entry()->owner_endpoint_id != id_) {
@@ -569,8 +715,10 @@ Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
   item.side = entry.side;
   item.conn = entry.conn;
   item.ops = ops;
+  item.bytes = bytes;
   item.source = src->entry();
   item.target = dst->entry();
+  item.stop = std::move(stop);
   item.done = std::move(done);
   // Counted before queueing, so that a `done` observer sees its own ops.
   write_ops_.fetch_add(ops.size(), std::memory_order_relaxed);
@@ -581,6 +729,32 @@ Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
     write_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
   }
   return status;
+}
+
+Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRegion& target) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
+  }
+  const auto* region = dynamic_cast<const LoopbackRemoteRegion*>(&target);
+  if (region == nullptr || region->importer_endpoint_id() != id_) {
+    return InvalidArgumentError(address_ +
+                                ": the mapped region was not imported by this transport");
+  }
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
+  {
+    std::lock_guard<std::mutex> lock(entry.conn->mu);
+    if (!EnterLocked(*entry.conn)) return ClosedErrorLocked(*entry.conn, entry.side);
+  }
+  // Counted first: from here on a failure of the connection waits for us.
+  if (Status pinned = fabric_impl_.PinOne(*region->entry()); !pinned.ok()) {
+    std::lock_guard<std::mutex> lock(entry.conn->mu);
+    ExitLocked(*entry.conn);
+    return pinned.WithContext(address_ + ": cannot map " +
+                              entry.conn->ends[1 - entry.side].address + "'s region");
+  }
+  return std::unique_ptr<MappedAccess>(
+      new LoopbackMappedAccess(fabric_, &fabric_impl_, entry.conn, region->entry()));
 }
 
 Status Endpoint::Flush(PeerId peer, TransportDone done) {
@@ -677,29 +851,14 @@ void Endpoint::Loop() {
 
 void Endpoint::Process(Item& item) {
   switch (item.kind) {
-    case Item::Kind::kWrite: {
-      Status status;
-      {
-        std::lock_guard<std::mutex> lock(item.conn->mu);
-        if (!item.conn->alive) status = ClosedError(*item.conn, item.side);
-      }
-      if (status.ok()) status = fabric_impl_.Pin(*item.source, *item.target);
-      if (status.ok()) {
-        for (const WriteOp& op : item.ops) {
-          if (op.bytes > 0) std::memcpy(op.dst.ToPointer(), op.src.ToPointer(), op.bytes);
-        }
-        fabric_impl_.Unpin(*item.source, *item.target);
-      } else {
-        failed_write_ops_.fetch_add(item.ops.size(), std::memory_order_relaxed);
-      }
-      item.done(std::move(status));
+    case Item::Kind::kWrite:
+      ExecuteWrite(item);
       break;
-    }
     case Item::Kind::kFlush: {
       Status status;
       {
         std::lock_guard<std::mutex> lock(item.conn->mu);
-        if (!item.conn->alive) status = ClosedError(*item.conn, item.side);
+        if (!item.conn->alive) status = ClosedErrorLocked(*item.conn, item.side);
       }
       item.done(std::move(status));
       break;
@@ -712,6 +871,89 @@ void Endpoint::Process(Item& item) {
       if (callbacks_.on_peer_failure) callbacks_.on_peer_failure(item.peer, item.reason);
       break;
   }
+}
+
+void Endpoint::ExecuteWrite(Item& item) {
+  Connection& conn = *item.conn;
+  const size_t num_ops = item.ops.size();
+  const std::string& peer_address = conn.ends[1 - item.side].address;
+  // What was not copied, for the messages of a batch that ended early.
+  auto skipped = [&](const Progress& progress) {
+    return std::to_string(num_ops - progress.ops_copied) + " of " + std::to_string(num_ops) +
+           " ops (" + std::to_string(item.bytes - progress.bytes_copied) + " of " +
+           std::to_string(item.bytes) + " bytes) not copied";
+  };
+  auto fail = [&](Status status) {
+    failed_write_ops_.fetch_add(num_ops, std::memory_order_relaxed);
+    item.done(std::move(status));
+  };
+
+  Status refused;
+  {
+    std::lock_guard<std::mutex> lock(conn.mu);
+    if (!EnterLocked(conn)) refused = ClosedErrorLocked(conn, item.side);
+  }
+  if (!refused.ok()) return fail(std::move(refused));
+  Progress progress;
+  if (num_ops > 0 && item.stop.stop_requested()) {
+    refused = CancelledError(address_ + ": write to " + peer_address +
+                             " stopped before it started: " + skipped(progress));
+  } else {
+    refused = fabric_impl_.Pin(*item.source, *item.target);
+    if (refused.ok()) {
+      progress = CopyOps(item);
+      fabric_impl_.Unpin(*item.source, *item.target);
+    }
+  }
+  Status status;
+  {
+    std::lock_guard<std::mutex> lock(conn.mu);
+    if (progress.end == Progress::End::kDied) {
+      status = ClosedErrorLocked(conn, item.side, "; " + skipped(progress));
+    }
+    // The memcpys are over: the fence may lift (and queue our own
+    // notification behind the `done` below).
+    ExitLocked(conn);
+  }
+  if (!refused.ok()) return fail(std::move(refused));
+  if (progress.end == Progress::End::kStopped) {
+    status =
+        CancelledError(address_ + ": write to " + peer_address + " stopped: " + skipped(progress));
+  }
+  if (!status.ok()) {
+    failed_write_ops_.fetch_add(num_ops - progress.ops_copied, std::memory_order_relaxed);
+  }
+  item.done(std::move(status));
+}
+
+Endpoint::Progress Endpoint::CopyOps(const Item& item) const {
+  const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
+  const Connection& conn = *item.conn;
+  Progress progress;
+  for (size_t i = 0; i < item.ops.size(); ++i) {
+    const WriteOp& op = item.ops[i];
+    uint64_t offset = 0;
+    do {
+      if (hook != nullptr) (*hook)(address_, i);
+      if (!conn.alive.load(std::memory_order_acquire)) {
+        progress.end = Progress::End::kDied;
+      } else if (item.stop.stop_requested()) {
+        progress.end = Progress::End::kStopped;
+      }
+      if (progress.end != Progress::End::kCompleted) {
+        progress.bytes_copied += offset;
+        return progress;
+      }
+      const uint64_t piece = std::min(op.bytes - offset, LoopbackTransport::kWriteGrainBytes);
+      if (piece > 0) {
+        std::memcpy((op.dst + offset).ToPointer(), (op.src + offset).ToPointer(), piece);
+      }
+      offset += piece;
+    } while (offset < op.bytes);
+    progress.bytes_copied += op.bytes;
+    ++progress.ops_copied;
+  }
+  return progress;
 }
 
 void Endpoint::Abort(Item& item) {
@@ -753,6 +995,12 @@ std::shared_ptr<LoopbackFabric> LoopbackFabric::Create() {
 
 size_t LoopbackFabric::num_endpoints() const { return impl_->num_endpoints(); }
 size_t LoopbackFabric::num_regions() const { return impl_->num_regions(); }
+size_t LoopbackFabric::num_live_connections() const { return impl_->num_live_connections(); }
+size_t LoopbackFabric::num_connections_awaiting_fence() const {
+  return impl_->num_awaiting_fence();
+}
+
+void LoopbackFabric::SetWriteHook(WriteHook hook) { impl_->SetWriteHook(std::move(hook)); }
 
 Result<std::unique_ptr<LoopbackTransport>> LoopbackTransport::Create(
     std::shared_ptr<LoopbackFabric> fabric, std::string name) {
@@ -807,15 +1055,13 @@ Result<std::unique_ptr<RemoteRegion>> LoopbackTransport::Import(PeerId peer,
 
 Status LoopbackTransport::Write(const LocalRegion& source, const RemoteRegion& target,
                                 std::span<const WriteOp> ops, TransportDone done,
-                                std::stop_token /*stop*/) {
-  return endpoint_->Write(source, target, ops, std::move(done));
+                                std::stop_token stop) {
+  return endpoint_->Write(source, target, ops, std::move(done), std::move(stop));
 }
 
 Result<std::unique_ptr<MappedAccess>> LoopbackTransport::BeginMappedAccess(
-    const RemoteRegion& /*target*/) {
-  // TODO(fence): pin the region and the connection.
-  class NoAccess final : public MappedAccess {};
-  return std::unique_ptr<MappedAccess>(new NoAccess());
+    const RemoteRegion& target) {
+  return endpoint_->BeginMappedAccess(target);
 }
 
 Status LoopbackTransport::Flush(PeerId peer, TransportDone done) {

@@ -36,13 +36,16 @@
 //     little-endian. Ids are never reused.
 //   * Same process, so a RemoteRegion's mapped_address() is the region's own
 //     address (Caps().map_remote): a copy engine can write it directly (the
-//     `direct` path). Such direct copies bypass the transport and so are NOT
-//     protected by the deregistration rules below.
-//   * Destroying a LocalRegion deregisters it: it first WAITS for every copy
-//     into or out of it that is in progress to finish, so the memory may be
-//     freed as soon as the destructor returns; every write that reaches the
-//     region afterwards fails (kFailedPrecondition) without touching memory.
-//     A LocalRegion only needs the fabric (not the transport) to deregister,
+//     `direct` path). Such a copy is protected like a write only while its
+//     caller holds a MappedAccess (see "Mapped access" below).
+//   * Destroying a LocalRegion deregisters it: it first WAITS for every write
+//     into or out of it that is in progress and for every MappedAccess of it
+//     to end, so the memory may be freed as soon as the destructor returns;
+//     every write that reaches the region afterwards fails
+//     (kFailedPrecondition) without touching memory. Deregistration does not
+//     cut a running write short: the destructor waits until the batch ended
+//     (completed, or stopped by a stop request or a dead connection). A
+//     LocalRegion only needs the fabric (not the transport) to deregister,
 //     so it may be destroyed after the transport, though the Transport
 //     contract asks for the opposite order.
 //
@@ -52,35 +55,98 @@
 //     transport for a live peer, every op lies inside both: kOutOfRange,
 //     nothing issued), then queues ONE entry for the whole batch: no per-op
 //     allocation; `ops` itself is borrowed (see the Transport contract).
-//   * The thread executes the batch in op order as memcpy, after checking
-//     that the connection is alive (else kUnavailable) and that both regions
-//     are still registered (else kFailedPrecondition, nothing copied), and
-//     holding a pin on both regions for the duration (what deregistration
-//     waits for). Then it calls `done`.
-//   * Each op counts as one transport operation in Stats().write_ops.
+//   * When the thread reaches the batch it checks, in this order, that the
+//     connection is alive (else kUnavailable), that no stop was requested
+//     (else kCancelled) and that both regions are still registered (else
+//     kFailedPrecondition); nothing is copied in each case. Otherwise it
+//     pins both regions (what deregistration waits for) and copies the ops
+//     in order, each in pieces of at most kWriteGrainBytes (one piece for an
+//     op of that size or less, so also one for a zero-byte op). Before EVERY
+//     piece it checks the connection's liveness and then the stop token, and
+//     ends the batch there when either says so: a piece once begun is copied
+//     whole, nothing after it is. Then it unpins and calls `done`.
 //   * Flush(peer) is queued behind every earlier Write of this transport (one
 //     FIFO), so when its `done` runs with OK every write to that peer issued
 //     before it has landed.
 //
-// Failure
-//   * Disconnect(peer, reason) kills the connection for both ends, once:
-//     each end's writes and flushes for it still queued fail with
-//     kUnavailable (their callbacks run, in queue order, before the
-//     failure notification), new Send/Write/Flush/Import for it fail with
-//     kUnavailable, and on_peer_failure runs once on each end, on each end's
-//     own thread. The initiating end gets `reason` itself; the other end
-//     gets the same code with the initiator's address as context. An OK
-//     `reason` is replaced by kUnavailable "disconnected". Disconnect of an
-//     unknown or already dead peer does nothing.
+// Cancellation (Write's std::stop_token)
+//   * Requested before the thread starts the batch (also while the batch is
+//     still queued: it then completes in its turn, behind earlier items):
+//     nothing is copied, `done` gets kCancelled.
+//   * Requested while the batch runs: the piece being copied completes, the
+//     rest is skipped, `done` gets kCancelled. The message says what was
+//     skipped: "... stopped: <k> of <n> ops (<b> of <B> bytes) not copied",
+//     where an op cut short after some of its pieces counts as not copied
+//     (its bytes that were copied do not count in <b>).
+//   * Requested after the last piece was copied: `done` gets OK. A batch of
+//     no ops has nothing to skip: OK as well.
+//   * When the connection is also dead, the batch reports kUnavailable.
+//
+// Stats() (TransportStats)
+//   * write_ops, write_bytes: ops and bytes of every batch Write accepted,
+//     counted when it accepts it, whatever becomes of the batch.
+//   * failed_write_ops: ops of accepted batches that did not land whole:
+//     every op of a batch that ended before copying anything (dead
+//     connection, stop, deregistered region, Shutdown), and the ops skipped
+//     or cut short when a batch ended part-way. Once every `done` ran,
+//     write_ops - failed_write_ops ops landed in full.
+//   * flushes: flushes accepted; messages_sent: frames accepted by Send;
+//     messages_received: frames delivered to on_message.
+//
+// Failure and the fence
+//   * Disconnect(peer, reason) kills the connection for both ends, once. It
+//     is dead from that moment: each end's writes and flushes for it still
+//     queued fail with kUnavailable without copying (their callbacks run, in
+//     queue order, before the failure notification); a write of it in
+//     progress on either end's thread ends before its next piece with
+//     kUnavailable (the message also says, as above, what was not copied);
+//     new Send/Write/Flush/Import/BeginMappedAccess for it fail with
+//     kUnavailable. on_peer_failure runs once on each end, on each end's own
+//     thread. The initiating end gets `reason` itself; the other end gets
+//     the same code with the initiator's address as context. An OK `reason`
+//     is replaced by kUnavailable "disconnected". Disconnect of an unknown or
+//     already dead peer does nothing.
+//   * The fence: each connection counts its operations in progress: a write
+//     batch (of either end) from the moment its thread decided to run it
+//     (its liveness check passed) until its memcpys stopped, and every live
+//     MappedAccess of it. The on_peer_failure notifications of BOTH ends are
+//     queued only once the connection is dead AND that count is zero, by
+//     whoever brings it to zero (the writing thread, or the thread that
+//     destroys the last MappedAccess). So on_peer_failure proves that
+//     nothing of the connection touches either end's memory any more. A
+//     dead connection whose notifications wait for its count is reported by
+//     LoopbackFabric::num_connections_awaiting_fence().
 //   * Shutdown(): removes the endpoint from the fabric (its name can be
 //     reused at once), kills every connection (each remote end gets
 //     on_peer_failure with kUnavailable "endpoint loopback:<name> shut
-//     down"), fails this transport's queued writes and flushes with kAborted
-//     and drops queued messages and failure notifications (the shutting-down
-//     end gets NO on_peer_failure for its own peers), joins the thread.
+//     down", behind the fence above), fails this transport's queued writes
+//     and flushes with kAborted and drops queued messages and failure
+//     notifications (the shutting-down end gets NO on_peer_failure for its
+//     own peers), joins the thread. A write of this transport in progress
+//     ends at its next piece (its connection is dead), so once Shutdown
+//     returns no write of this transport touches memory. Writes of PEERS
+//     into this endpoint's regions run on the peers' threads: they too end
+//     at their next piece, and destroying the region waits until they did.
 //     Idempotent; the destructor calls it. No callback runs after it
 //     returns. Every call made after it started fails with kAborted (Send,
-//     Write, Flush, Connect, Import, Register).
+//     Write, Flush, Connect, Import, Register, BeginMappedAccess).
+//
+// Mapped access (BeginMappedAccess)
+//   * For a region this transport imported, on a live connection, while the
+//     region is registered, BeginMappedAccess returns a guard that pins the
+//     region (its owner's LocalRegion destructor waits until the guard is
+//     destroyed) and counts in its connection's operations in progress (so
+//     a failure of the connection is reported, on either end, only after the
+//     guard is destroyed). Nothing revokes it: its holder destroys it when
+//     its copies are done, and so must not wait for on_peer_failure or for
+//     the region's deregistration while holding it. The guard shares
+//     ownership of what it needs (fabric, connection, region entry), so it
+//     may be destroyed on any thread, at any time, also after both
+//     transports shut down.
+//   * Errors: kInvalidArgument for a region this transport did not import,
+//     kUnavailable when the connection is dead, kFailedPrecondition when the
+//     owner deregistered the region, kAborted after Shutdown,
+//     kFailedPrecondition before Start.
 //
 // Errors of each call (besides those above):
 //   * Before Start: Connect/Send/Write/Flush/Import fail with
@@ -103,14 +169,17 @@
 // except Shutdown and the destructor, which must not run on this transport's
 // own thread (from one of its callbacks): that is reported and aborts.
 //
-// Ownership: a LoopbackTransport and each of its regions hold a reference to
-// the fabric, so the fabric lives as long as any of them.
+// Ownership: a LoopbackTransport, each of its regions and each MappedAccess
+// hold a reference to the fabric, so the fabric lives as long as any of them.
 #ifndef KVBOUNCE_TRANSPORT_LOOPBACK_LOOPBACK_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_LOOPBACK_LOOPBACK_TRANSPORT_H_
 
 #include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <stop_token>
 #include <string>
 #include <string_view>
 
@@ -131,6 +200,9 @@ class Endpoint;
 // Thread safety: all methods are thread-safe.
 class LoopbackFabric {
  public:
+  // See SetWriteHook.
+  using WriteHook = std::function<void(std::string_view writer_address, size_t op_index)>;
+
   static std::shared_ptr<LoopbackFabric> Create();
   ~LoopbackFabric();
 
@@ -138,9 +210,30 @@ class LoopbackFabric {
   LoopbackFabric& operator=(const LoopbackFabric&) = delete;
 
   // Observers for tests: endpoints created and not yet shut down, and regions
-  // registered and not yet deregistered.
+  // registered and not yet deregistered (a region leaves this count when its
+  // deregistration BEGINS, before the destructor waits for its pins).
   size_t num_endpoints() const;
   size_t num_regions() const;
+
+  // Observers for tests: connections not yet killed, and connections killed
+  // whose on_peer_failure notifications still wait for the fence (a write
+  // in progress or a MappedAccess alive; see the file comment).
+  size_t num_live_connections() const;
+  size_t num_connections_awaiting_fence() const;
+
+  // A test seam, for tests only: `hook` is called on the writing endpoint's
+  // thread before each piece of every write op of every endpoint of this
+  // fabric is checked and copied (see "Writes": once per op of at most
+  // kWriteGrainBytes, once per piece of a larger one), with the writer's
+  // address and the op's index in its batch. It runs with both regions
+  // pinned and the batch counted in its connection's operations in progress,
+  // and no lock held, so a test may block inside it to hold a write
+  // part-way through its batch; whatever it changes (a stop requested, a
+  // connection killed) is seen by the checks of that very piece. A batch
+  // uses the hook in force when its thread started running it. An empty
+  // function removes it. Blocking in it blocks the writer's thread, so
+  // that endpoint's Shutdown waits for it.
+  void SetWriteHook(WriteHook hook);
 
  private:
   friend class LoopbackTransport;
@@ -155,6 +248,11 @@ class LoopbackTransport final : public Transport {
  public:
   // The prefix of every loopback address.
   static constexpr std::string_view kAddressPrefix = "loopback:";
+
+  // The loopback's grain: a write op is copied in pieces of at most this
+  // many bytes, and the stop token and the connection's liveness are
+  // checked before each piece (see "Writes" in the file comment).
+  static constexpr uint64_t kWriteGrainBytes = MiB(1);
 
   // Creates the endpoint `name` on `fabric`. The transport is not started:
   // call Start before connecting or sending (peers cannot connect to it
@@ -184,13 +282,16 @@ class LoopbackTransport final : public Transport {
   Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
                                                 MemoryKind kind) override;
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override;
+  // See "Writes" and "Cancellation" in the file comment.
   using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
                TransportDone done, std::stop_token stop) override;
+  // See "Mapped access" in the file comment.
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
   void Shutdown() override;
+  // See "Stats()" in the file comment.
   TransportStats Stats() const override;
 
  private:
