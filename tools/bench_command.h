@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <ostream>
 #include <string>
 
@@ -20,27 +21,52 @@ struct BenchFlags {
   ScenarioFlags scenario;
   std::string transport = "loopback";
   std::string memory = "host";
-  std::string paths;  // empty: every path the transport supports
+  std::string paths;  // empty: every path the transport supports (bounce only when on)
   int requests = 16;
   int concurrency = 2;
-  int64_t bounce_size_mb = -1;  // -1: large enough for `concurrency` requests
+  // MiB of each staging arena. Unset: enough for `concurrency` requests on
+  // the busiest rank; 0: the bounce path is off; negative: an error.
+  std::optional<int64_t> bounce_size_mb;
   double inject_fail_rate = 0;
-  std::string json_file;
+  std::string json_file;  // checked for writability before the run
+
+  // Chaos mode (tools/chaos.h): one run that mixes every path with random
+  // cancels, deadlines, retires and restarts, bounded by chaos_seconds and,
+  // when > 0, chaos_requests.
+  bool chaos = false;
+  double chaos_seconds = 20;
+  int64_t chaos_requests = 0;
+  int64_t chaos_restart_ms = 500;  // 0: no restarts
+  // Not a flag: the CLI sets it so that a run stuck inside the library ends
+  // the process with a report (ChaosOptions::exit_when_stuck).
+  bool chaos_exit_when_stuck = false;
 };
+
+// Requests in flight at once: at most this many (each owns pool slots).
+inline constexpr int kMaxConcurrency = 1024;
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
 
-// Runs the bench. `report` receives {"runs": [...]} (one object per path
-// run). Errors: bad flags, a cluster that cannot be built. A run that
-// mismatched or leaked is not an error here: see BenchPassed.
+// Runs the bench. The report holds {"runs": [...]} (one object per path
+// run) or, with --chaos, {"chaos": {...}}, plus "fault_injection" and the
+// scenario (README "kvbounce bench" lists every field).
+//
+// Errors, all before anything is allocated: kInvalidArgument /
+// kUnimplemented / kNotFound for a bad flag (named), kResourceExhausted when
+// the run would need more memory than the machine has (tools/
+// resource_limits.h), kInvalidArgument for a --json file that cannot be
+// written; afterwards, a cluster that cannot be built. A run that
+// mismatched, leaked or violated a chaos check is not an error here: see
+// BenchPassed.
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log);
 
 // True when no byte mismatched, no arena byte is outstanding, and every
-// request completed or failed because of an injected fault. `why` receives
-// the reason when false.
+// request completed or failed because of an injected fault; for a chaos
+// report, when no check found a violation. `why` receives the reasons (one
+// line per kind) when false.
 bool BenchPassed(const nlohmann::json& report, std::string* why);
 
-// Prints the runs as a table.
+// Prints the runs (or the chaos summary) as a table.
 void PrintBenchTable(const nlohmann::json& report, std::ostream& out);
 
 }  // namespace kvbounce::tools

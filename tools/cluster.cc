@@ -4,6 +4,7 @@
 #include <cstring>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <utility>
 
 namespace kvbounce::tools {
@@ -60,12 +61,9 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   KVB_ASSIGN_OR_RETURN(Topology gen, Topology::Create(options.gen, "--gen"));
   KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
   std::unique_ptr<Cluster> cluster(new Cluster(options, std::move(ctx), std::move(gen)));
-  auto fabric = LoopbackFabric::Create();
-  cluster->fabric_ = fabric;
-  for (int r = 0; r < cluster->num_ctx(); ++r)
-    KVB_RETURN_IF_ERROR(cluster->AddRank(true, r, fabric));
-  for (int r = 0; r < cluster->num_gen(); ++r)
-    KVB_RETURN_IF_ERROR(cluster->AddRank(false, r, fabric));
+  cluster->fabric_ = LoopbackFabric::Create();
+  for (int r = 0; r < cluster->num_ctx(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(true, r));
+  for (int r = 0; r < cluster->num_gen(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(false, r));
   std::vector<std::string> ctx_addresses;
   for (auto& r : cluster->ctx_) ctx_addresses.push_back(r.agent->Address());
   for (auto& r : cluster->gen_) KVB_RETURN_IF_ERROR(r.agent->Connect(ctx_addresses));
@@ -80,7 +78,7 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   return cluster;
 }
 
-Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackFabric>& fabric) {
+Status Cluster::AddRank(bool ctx_side, int rank) {
   const Topology& topology = ctx_side ? ctx_topology_ : gen_topology_;
   Rank r;
   const int64_t num_blocks = options_.slots * 2 * blocks_per_request(ctx_side);
@@ -89,36 +87,48 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
                          layout.geometry().num_layers > 1;
   const size_t allocations = per_layer ? static_cast<size_t>(layout.geometry().num_layers) : 1;
   const uint64_t bytes = per_layer ? layout.layer_stride() : layout.allocation_bytes();
-  std::vector<Addr> bases;
   for (size_t i = 0; i < allocations; ++i) {
     r.memory.emplace_back(static_cast<size_t>(bytes), kSentinel);
-    bases.push_back(Addr::FromPointer(r.memory.back().data()));
+    r.bases.push_back(Addr::FromPointer(r.memory.back().data()));
   }
   Result<PoolLayout> placed =
-      per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), bases)
-                : layout.Rebased(bases);
+      per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), r.bases)
+                : layout.Rebased(r.bases);
   if (!placed.ok()) return placed.status();
   r.layout = std::make_unique<PoolLayout>(std::move(placed).value());
 
   const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
+  const FaultOptions& faults = ctx_side ? options_.ctx_faults : options_.gen_faults;
+  KVB_ASSIGN_OR_RETURN(r.agent, MakeAgent(ctx_side, rank, r, instance + "-" + std::to_string(rank),
+                                          faults.seed, &r.faults));
+  (ctx_side ? ctx_ : gen_).push_back(std::move(r));
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, int rank, const Rank& r,
+                                                  const std::string& name, uint64_t fault_seed,
+                                                  FaultTransport** faults) {
+  *faults = nullptr;
+  const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> loopback,
-                       LoopbackTransport::Create(fabric, instance + "-" + std::to_string(rank)));
+                       LoopbackTransport::Create(fabric_, name));
   std::unique_ptr<Transport> transport = std::move(loopback);
+  FaultTransport* decorator = nullptr;
   if (options_.faults) {
-    KVB_ASSIGN_OR_RETURN(
-        std::unique_ptr<FaultTransport> faulty,
-        FaultTransport::Create(std::move(transport),
-                               ctx_side ? options_.ctx_faults : options_.gen_faults));
-    r.faults = faulty.get();
+    FaultOptions fault_options = ctx_side ? options_.ctx_faults : options_.gen_faults;
+    fault_options.seed = fault_seed;
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<FaultTransport> faulty,
+                         FaultTransport::Create(std::move(transport), fault_options));
+    decorator = faulty.get();
     transport = std::move(faulty);
   }
   AgentOptions agent;
   agent.instance_id = instance;
   agent.role = ctx_side ? Role::kCtx : Role::kGen;
-  agent.instance = topology.spec();
+  agent.instance = (ctx_side ? ctx_topology_ : gen_topology_).spec();
   agent.rank = rank;
-  agent.pool.bases = bases;
-  agent.pool.num_blocks = num_blocks;
+  agent.pool.bases = r.bases;
+  agent.pool.num_blocks = options_.slots * 2 * blocks_per_request(ctx_side);
   agent.config = ctx_side ? options_.ctx_config : options_.gen_config;
   agent.transport = std::move(transport);
   agent.grace = options_.grace;
@@ -127,9 +137,115 @@ Status Cluster::AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackF
   if (!created.ok()) {
     return created.status().WithContext(instance + " rank " + std::to_string(rank));
   }
-  r.agent = std::move(created).value();
-  (ctx_side ? ctx_ : gen_).push_back(std::move(r));
+  *faults = decorator;
+  return std::shared_ptr<Agent>(std::move(created).value());
+}
+
+std::shared_ptr<Agent> Cluster::CtxAgent(int rank) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ctx_[static_cast<size_t>(rank)].agent;
+}
+
+std::shared_ptr<Agent> Cluster::GenAgent(int rank) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return gen_[static_cast<size_t>(rank)].agent;
+}
+
+FaultStats Cluster::FaultTotals(bool ctx_side) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  FaultStats total = retired_faults_[ctx_side ? 1 : 0];
+  for (const Rank& r : ctx_side ? ctx_ : gen_) {
+    if (r.faults == nullptr) continue;
+    const FaultStats f = r.faults->fault_stats();
+    total.injected_write_failures += f.injected_write_failures;
+    total.failed_batches += f.failed_batches;
+    total.dropped_connections += f.dropped_connections;
+    total.delayed_completions += f.delayed_completions;
+    total.delayed_messages += f.delayed_messages;
+  }
+  return total;
+}
+
+Status Cluster::RestartRank(bool ctx_side, int rank, RestartInfo* info) {
+  std::lock_guard<std::mutex> restart_lock(restart_mu_);
+  RestartInfo local;
+  if (info == nullptr) info = &local;
+  Rank& r = (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)];
+  std::shared_ptr<Agent> old;
+  FaultTransport* old_faults = nullptr;
+  int generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    old = r.agent;
+    old_faults = r.faults;
+    generation = ++r.generation;
+  }
+  info->old_address = old->Address();
+  const auto start = std::chrono::steady_clock::now();
+  old->Shutdown();
+  info->shutdown_time = std::chrono::steady_clock::now() - start;
+  info->outstanding_after_shutdown = old->Stats().arena_outstanding_bytes;
+
+  const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
+  const FaultOptions& fault_options = ctx_side ? options_.ctx_faults : options_.gen_faults;
+  FaultTransport* faults = nullptr;
+  KVB_ASSIGN_OR_RETURN(
+      std::shared_ptr<Agent> fresh,
+      MakeAgent(ctx_side, rank, r,
+                instance + "-" + std::to_string(rank) + ".r" + std::to_string(generation),
+                fault_options.seed + static_cast<uint64_t>(generation), &faults));
+  info->new_address = fresh->Address();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (old_faults != nullptr) {
+      const FaultStats f = old_faults->fault_stats();  // `old` keeps it alive
+      FaultStats& total = retired_faults_[ctx_side ? 1 : 0];
+      total.injected_write_failures += f.injected_write_failures;
+      total.failed_batches += f.failed_batches;
+      total.dropped_connections += f.dropped_connections;
+      total.delayed_completions += f.delayed_completions;
+      total.delayed_messages += f.delayed_messages;
+    }
+    r.agent = fresh;
+    r.faults = faults;
+  }
+  old.reset();
+
+  // Gen ranks connect to ctx ranks. The peers learn of the old agent's end
+  // on their own threads; until they did, the new HELLO for the same rank is
+  // refused as a duplicate (kAlreadyExists), so retry that briefly.
+  auto connect = [](Agent& from, std::vector<std::string> addresses) -> Status {
+    Status s;
+    for (int attempt = 0; attempt < 50; ++attempt) {
+      s = from.Connect(addresses);
+      if (s.code() != StatusCode::kAlreadyExists) return s;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return s;
+  };
+  if (ctx_side) {
+    for (int g = 0; g < num_gen(); ++g) {
+      KVB_RETURN_IF_ERROR(
+          connect(*GenAgent(g), {info->new_address}).WithContext("gen rank " + std::to_string(g)));
+    }
+  } else {
+    std::vector<std::string> ctx_addresses;
+    for (int c = 0; c < num_ctx(); ++c) ctx_addresses.push_back(CtxAgent(c)->Address());
+    KVB_RETURN_IF_ERROR(
+        connect(*fresh, ctx_addresses).WithContext("restarted gen rank " + std::to_string(rank)));
+  }
   return Status::Ok();
+}
+
+Status Cluster::Reconnect(int gen_rank, int ctx_rank) {
+  std::lock_guard<std::mutex> restart_lock(restart_mu_);
+  const std::vector<std::string> address = {CtxAgent(ctx_rank)->Address()};
+  const Status s = GenAgent(gen_rank)->Connect(address);
+  // The writer refused a second connection: the first one is alive.
+  if (std::string_view(s.message()).find("is already connected") != std::string_view::npos) {
+    return Status::Ok();
+  }
+  return s;
 }
 
 BlockTables Cluster::Tables(int slot, int64_t tokens, std::mt19937_64& rng) const {
@@ -148,26 +264,28 @@ BlockTables Cluster::Tables(int slot, int64_t tokens, std::mt19937_64& rng) cons
 }
 
 void Cluster::FillCtx(const std::vector<int32_t>& table) {
+  for (int rank = 0; rank < num_ctx(); ++rank) FillCtxRank(rank, table);
+}
+
+void Cluster::FillCtxRank(int rank, const std::vector<int32_t>& table) {
   const int e = static_cast<int>(ctx_topology_.elem_bytes());
   const int dim = ctx_topology_.spec().model.head_dim;
   const int64_t tpb = ctx_topology_.spec().tokens_per_block;
-  for (int rank = 0; rank < num_ctx(); ++rank) {
-    const RankPlacement p = ctx_topology_.Placement(rank);
-    const PoolLayout& layout = *ctx_[static_cast<size_t>(rank)].layout;
-    for (int l = 0; l < p.num_layers; ++l) {
-      for (int kv = 0; kv < layout.geometry().kv_factor; ++kv) {
-        for (int h = 0; h < p.num_heads; ++h) {
-          for (int64_t t = 0; t < options_.max_tokens; ++t) {
-            auto* row =
-                static_cast<std::byte*>(layout
-                                            .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)],
-                                                        h, static_cast<int>(t % tpb))
-                                            .ToPointer());
-            const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
-            for (int d = 0; d < dim; ++d) {
-              const uint64_t v = FromSeed(seed, d);
-              for (int b = 0; b < e; ++b) row[d * e + b] = static_cast<std::byte>(v >> (8 * b));
-            }
+  const RankPlacement p = ctx_topology_.Placement(rank);
+  const PoolLayout& layout = *ctx_[static_cast<size_t>(rank)].layout;
+  for (int l = 0; l < p.num_layers; ++l) {
+    for (int kv = 0; kv < layout.geometry().kv_factor; ++kv) {
+      for (int h = 0; h < p.num_heads; ++h) {
+        for (int64_t t = 0; t < options_.max_tokens; ++t) {
+          auto* row =
+              static_cast<std::byte*>(layout
+                                          .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
+                                                      static_cast<int>(t % tpb))
+                                          .ToPointer());
+          const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
+          for (int d = 0; d < dim; ++d) {
+            const uint64_t v = FromSeed(seed, d);
+            for (int b = 0; b < e; ++b) row[d * e + b] = static_cast<std::byte>(v >> (8 * b));
           }
         }
       }
@@ -175,24 +293,41 @@ void Cluster::FillCtx(const std::vector<int32_t>& table) {
   }
 }
 
-void Cluster::ClearGen(int slot) {
-  const int64_t blocks = 2 * blocks_per_request(false);
-  for (Rank& r : gen_) {
-    const PoolLayout& layout = *r.layout;
-    const PoolGeometry& g = layout.geometry();
-    const int32_t first = static_cast<int32_t>(slot * blocks);
-    if (layout.kind() == LayoutKind::kBlockMajorHnd) {
-      std::memset(layout.RowAddress(0, 0, first, 0, 0).ToPointer(), static_cast<int>(kSentinel),
-                  static_cast<size_t>(blocks * layout.block_stride()));
-      continue;
-    }
-    for (int l = 0; l < g.num_layers; ++l) {
-      for (int kv = 0; kv < g.kv_factor; ++kv) {
-        std::memset(layout.RowAddress(l, kv, first, 0, 0).ToPointer(), static_cast<int>(kSentinel),
-                    static_cast<size_t>(blocks * layout.block_stride()));
-      }
+std::vector<std::span<std::byte>> Cluster::SlotMemory(bool ctx_side, int rank, int slot) const {
+  const Rank& r = (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)];
+  const PoolLayout& layout = *r.layout;
+  const int64_t blocks = 2 * blocks_per_request(ctx_side);
+  const int32_t first = static_cast<int32_t>(slot * blocks);
+  const size_t bytes = static_cast<size_t>(blocks * static_cast<int64_t>(layout.block_stride()));
+  std::vector<std::span<std::byte>> out;
+  if (layout.kind() == LayoutKind::kBlockMajorHnd) {
+    out.emplace_back(static_cast<std::byte*>(layout.RowAddress(0, 0, first, 0, 0).ToPointer()),
+                     bytes);
+    return out;
+  }
+  const PoolGeometry& g = layout.geometry();
+  for (int l = 0; l < g.num_layers; ++l) {
+    for (int kv = 0; kv < g.kv_factor; ++kv) {
+      out.emplace_back(static_cast<std::byte*>(layout.RowAddress(l, kv, first, 0, 0).ToPointer()),
+                       bytes);
     }
   }
+  return out;
+}
+
+void Cluster::FillSlot(bool ctx_side, int rank, int slot, std::byte value) {
+  for (std::span<std::byte> m : SlotMemory(ctx_side, rank, slot)) {
+    std::memset(m.data(), static_cast<int>(value), m.size());
+  }
+}
+
+void Cluster::RefillCtx(int rank, int slot) {
+  FillSlot(true, rank, slot, kSentinel);
+  FillCtxRank(rank, ctx_tables_[static_cast<size_t>(slot)]);
+}
+
+void Cluster::ClearGen(int slot) {
+  for (int rank = 0; rank < num_gen(); ++rank) FillSlot(false, rank, slot, kSentinel);
 }
 
 VerifyResult Cluster::VerifyGen(int rank, const BlockTables& tables, TokenRange range) const {
@@ -295,11 +430,11 @@ std::vector<std::span<std::byte>> Cluster::PoolMemory(bool ctx_side, int rank) {
 }
 
 void Cluster::Shutdown() {
-  for (auto& r : gen_) {
-    if (r.agent) r.agent->Shutdown();
+  for (int r = 0; r < num_gen() && r < static_cast<int>(gen_.size()); ++r) {
+    if (std::shared_ptr<Agent> a = GenAgent(r)) a->Shutdown();
   }
-  for (auto& r : ctx_) {
-    if (r.agent) r.agent->Shutdown();
+  for (int r = 0; r < num_ctx() && r < static_cast<int>(ctx_.size()); ++r) {
+    if (std::shared_ptr<Agent> a = CtxAgent(r)) a->Shutdown();
   }
 }
 

@@ -15,13 +15,24 @@
 // only the gen pool's layout definition, and every other byte of the slot
 // must still hold the sentinel the slot was cleared to.
 //
-// Thread safety: Fill, Clear and Verify of distinct slots may run
-// concurrently; the agents are thread-safe.
+// Ranks can be restarted (RestartRank): the agent is shut down and a new one
+// is created on the same pool memory behind a new loopback endpoint, then
+// reconnected, the way a serving engine restarts a worker process that keeps
+// its GPU memory.
+//
+// Thread safety: Fill, Clear, Verify and the slot-memory helpers of distinct
+// slots may run concurrently; the agents are thread-safe. CtxAgent/GenAgent,
+// FaultTotals and RestartRank may run concurrently with each other and with
+// everything else; the reference accessors ctx()/gen()/ctx_faults()/
+// gen_faults() must not race with RestartRank.
 #ifndef KVBOUNCE_TOOLS_CLUSTER_H_
 #define KVBOUNCE_TOOLS_CLUSTER_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -67,6 +78,16 @@ struct BlockTables {
   std::vector<int32_t> gen;
 };
 
+// What RestartRank did.
+struct RestartInfo {
+  std::string old_address;
+  std::string new_address;
+  // The old agent's Stats().arena_outstanding_bytes after its Shutdown
+  // returned (a staging slot it never got back).
+  uint64_t outstanding_after_shutdown = 0;
+  std::chrono::nanoseconds shutdown_time{0};
+};
+
 struct VerifyResult {
   uint64_t verified_bytes = 0;
   uint64_t mismatches = 0;
@@ -85,10 +106,33 @@ class Cluster {
   int num_gen() const { return gen_topology_.num_ranks(); }
   Agent& ctx(int rank) { return *ctx_[static_cast<size_t>(rank)].agent; }
   Agent& gen(int rank) { return *gen_[static_cast<size_t>(rank)].agent; }
+  // The rank's current agent, safe against a concurrent RestartRank (the
+  // returned agent may be shut down by one, and then answers kAborted).
+  std::shared_ptr<Agent> CtxAgent(int rank) const;
+  std::shared_ptr<Agent> GenAgent(int rank) const;
   // The rank's fault decorator (null unless options.faults).
   FaultTransport* ctx_faults(int rank) { return ctx_[static_cast<size_t>(rank)].faults; }
   FaultTransport* gen_faults(int rank) { return gen_[static_cast<size_t>(rank)].faults; }
   int64_t blocks_per_request(bool ctx_side) const;
+  // Fault counters of every transport the side ever had (restarted ranks'
+  // included).
+  FaultStats FaultTotals(bool ctx_side) const;
+
+  // Shuts the rank's agent down (gen ranks' pulls and ctx ranks'
+  // publications settle with kAborted), creates a new agent on the same pool
+  // memory and config behind the endpoint "<instance>-<rank>.r<n>", and
+  // reconnects: a new ctx rank is connected to by every gen rank, a new gen
+  // rank connects to every ctx rank. One restart at a time (calls
+  // serialize). REQUIRES: not called from a completion callback.
+  // Errors: whatever creating the agent or Connect reports.
+  Status RestartRank(bool ctx_side, int rank, RestartInfo* info = nullptr);
+
+  // Connects gen rank `gen_rank` to ctx rank `ctx_rank` again, after the gen
+  // rank declared that writer's connection dead (a writer that did not stop
+  // within the grace period). OK when the two are connected already.
+  // Serialized with RestartRank. REQUIRES: not called from a completion
+  // callback. Errors: Connect's.
+  Status Reconnect(int gen_rank, int ctx_rank);
 
   // The tables of a request of `tokens` tokens in `slot`: the slot's ctx
   // table (drawn once, its KV filled at Create for max_tokens tokens) and a
@@ -99,6 +143,15 @@ class Cluster {
   // Checks gen rank `rank` after a pull of `range` into `tables` (see the
   // file comment). Tokens [0, range.start) must be untouched too.
   VerifyResult VerifyGen(int rank, const BlockTables& tables, TokenRange range) const;
+
+  // The memory of `slot`'s blocks in one rank's pool: one range
+  // (block-major) or one per (layer, k/v) (layer-major), in address order.
+  std::vector<std::span<std::byte>> SlotMemory(bool ctx_side, int rank, int slot) const;
+  // Sets every byte of `slot` in one rank's pool to `value`.
+  void FillSlot(bool ctx_side, int rank, int slot, std::byte value);
+  // Restores a ctx rank's `slot`: the sentinel everywhere, then the semantic
+  // values of the slot's table (as Create wrote them).
+  void RefillCtx(int rank, int slot);
 
   // Publishes on every ctx rank and pulls on every gen rank; waits for all.
   // Returns the first pull error (OK when every pull completed); `infos`,
@@ -118,24 +171,37 @@ class Cluster {
  private:
   struct Rank {
     std::vector<std::vector<std::byte>> memory;  // one allocation, or one per layer
+    std::vector<Addr> bases;
     std::unique_ptr<PoolLayout> layout;
-    std::unique_ptr<Agent> agent;
-    FaultTransport* faults = nullptr;
+    // agent, faults and generation are guarded by mu_ once Create returned.
+    std::shared_ptr<Agent> agent;
+    FaultTransport* faults = nullptr;  // owned by the agent
+    int generation = 0;                // restarts so far
   };
 
   Cluster(const ClusterOptions& options, Topology ctx, Topology gen);
-  Status AddRank(bool ctx_side, int rank, const std::shared_ptr<LoopbackFabric>& fabric);
+  Status AddRank(bool ctx_side, int rank);
+  // A started agent for `r` (its memory placed) behind endpoint `name`;
+  // `faults` receives its fault decorator (or null).
+  Result<std::shared_ptr<Agent>> MakeAgent(bool ctx_side, int rank, const Rank& r,
+                                           const std::string& name, uint64_t fault_seed,
+                                           FaultTransport** faults);
   // Writes the semantic values of tokens [0, max_tokens) into every ctx
   // rank's blocks of `table`.
   void FillCtx(const std::vector<int32_t>& table);
+  void FillCtxRank(int rank, const std::vector<int32_t>& table);
 
   ClusterOptions options_;
-  std::shared_ptr<LoopbackFabric> fabric_;
   Topology ctx_topology_;
   Topology gen_topology_;
   std::vector<Rank> ctx_;
   std::vector<Rank> gen_;
   std::vector<std::vector<int32_t>> ctx_tables_;  // per slot
+  std::shared_ptr<LoopbackFabric> fabric_;
+
+  mutable std::mutex mu_;         // the agents, faults and generations of the ranks
+  FaultStats retired_faults_[2];  // [ctx_side]: of transports shut down by restarts
+  std::mutex restart_mu_;         // serializes RestartRank
 };
 
 // The semantic value of one element's bytes: element `d` of the row

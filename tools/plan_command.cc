@@ -5,23 +5,9 @@
 #include <vector>
 
 #include "layout/pool_layout.h"
+#include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
-namespace {
-
-std::string HumanBytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) {
-    bytes /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.2f %s", bytes, units[u]);
-  return buf;
-}
-
-}  // namespace
 
 CLI::App* AddPlanCommand(CLI::App& app, PlanFlags* flags) {
   CLI::App* cmd = app.add_subcommand(
@@ -34,6 +20,10 @@ CLI::App* AddPlanCommand(CLI::App& app, PlanFlags* flags) {
 }
 
 Result<nlohmann::json> PlanScenario(const Scenario& s) {
+  std::string cap_name;
+  const uint64_t cap = MemoryCap(s.memory_cap_bytes, &cap_name);
+  KVB_RETURN_IF_ERROR(CheckMemory(PlanMemory(s.ctx, s.gen, s.tokens), cap, cap_name,
+                                  "plan fewer --tokens or use larger blocks"));
   // One block table per instance (a serving engine's block manager gives all
   // ranks of an instance the same ids), random from a pool twice the size
   // needed. The counts of bytes and direct fragments do not depend on it.
@@ -107,12 +97,12 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
   for (const auto& p : plan["pairs"]) {
     const uint64_t bytes = p["bytes"];
     const uint64_t direct = p["direct_fragments"];
-    std::snprintf(
-        line, sizeof(line), "%8d %8d %14llu %12s %14llu %12llu %12llu\n", p["ctx_rank"].get<int>(),
-        p["gen_rank"].get<int>(), static_cast<unsigned long long>(bytes),
-        HumanBytes(static_cast<double>(bytes)).c_str(), static_cast<unsigned long long>(direct),
-        static_cast<unsigned long long>(p["gather_runs"].get<uint64_t>()),
-        static_cast<unsigned long long>(p["scatter_runs"].get<uint64_t>()));
+    std::snprintf(line, sizeof(line), "%8d %8d %14llu %12s %14llu %12llu %12llu\n",
+                  p["ctx_rank"].get<int>(), p["gen_rank"].get<int>(),
+                  static_cast<unsigned long long>(bytes), HumanBytes(bytes).c_str(),
+                  static_cast<unsigned long long>(direct),
+                  static_cast<unsigned long long>(p["gather_runs"].get<uint64_t>()),
+                  static_cast<unsigned long long>(p["scatter_runs"].get<uint64_t>()));
     out << line;
   }
   out << "\n";
@@ -121,18 +111,14 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
     for (const auto& w : g["writers"])
       writers += (writers.empty() ? "" : ",") + std::to_string(w.get<int>());
     out << "gen rank " << g["gen_rank"].get<int>() << ": writers {" << writers << "}, "
-        << HumanBytes(static_cast<double>(g["bytes"].get<uint64_t>())) << "\n";
+        << HumanBytes(g["bytes"].get<uint64_t>()) << "\n";
   }
   const auto& t = plan["totals"];
   const uint64_t total_bytes = t["bytes"];
   const uint64_t total_direct = t["direct_fragments"];
   out << "\ntotal: " << t["pairs"].get<uint64_t>() << " pairs, " << total_bytes << " bytes ("
-      << HumanBytes(static_cast<double>(total_bytes)) << "), " << total_direct
-      << " direct fragments, mean "
-      << HumanBytes(total_direct
-                        ? static_cast<double>(total_bytes) / static_cast<double>(total_direct)
-                        : 0)
-      << " per fragment\n";
+      << HumanBytes(total_bytes) << "), " << total_direct << " direct fragments, mean "
+      << HumanBytes(total_direct ? total_bytes / total_direct : 0) << " per fragment\n";
   return Status::Ok();
 }
 

@@ -7,6 +7,8 @@
 #include <set>
 #include <string>
 
+#include "tools/resource_limits.h"
+
 namespace kvbounce::tools {
 namespace {
 
@@ -114,7 +116,16 @@ void ScenarioFlags::Register(CLI::App& app) {
                  "[,layers-per-stage=a/b/c]")
       ->capture_default_str();
   app.add_option("--gen", gen, "Gen instance, same keys as --ctx")->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random block tables")->capture_default_str();
+  // An unsigned option would take "-1" as 2^64 - 1: refuse the sign instead.
+  app.add_option("--seed", seed, "Seed of the random block tables")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            return text.find('-') == std::string::npos
+                       ? std::string()
+                       : "'" + text + "' is invalid: must be an integer >= 0";
+          },
+          "UINT"));
 }
 
 Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
@@ -155,6 +166,28 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   }
   auto make = [&](std::string_view side, const std::string& text) -> Result<Topology> {
     KVB_ASSIGN_OR_RETURN(SideSpec s, ParseSideSpec(side, text));
+    const int cap = flags.max_ranks_per_instance;
+    if (static_cast<int64_t>(s.tp) * s.pp > cap) {
+      return InvalidArgumentError(
+          "--" + std::string(side) + " tp=" + std::to_string(s.tp) + ",pp=" + std::to_string(s.pp) +
+          " is invalid: an instance has at most " + std::to_string(cap) +
+          " ranks (tp x pp <= " + std::to_string(cap) + ")" +
+          (cap < kPlanMaxRanksPerInstance
+               ? ": the bench runs every rank as an agent with its own threads in this process"
+               : ""));
+    }
+    const int tpb = s.tokens_per_block.value_or(flags.tokens_per_block);
+    // RandomBlockTable and the bench's pools hold twice the table.
+    constexpr int64_t kMaxTableBlocks = (kMaxPoolBlocks + 1) / 2;
+    if (const int64_t blocks = CeilDiv(flags.tokens, tpb); blocks > kMaxTableBlocks) {
+      return InvalidArgumentError("--tokens = " + std::to_string(flags.tokens) +
+                                  " is invalid: it needs " + std::to_string(blocks) +
+                                  " blocks of " + std::to_string(tpb) + " tokens on the " +
+                                  std::string(side) +
+                                  " side; block ids are 32-bit and a pool holds twice the table, "
+                                  "so a request has at most " +
+                                  std::to_string(kMaxTableBlocks) + " blocks");
+    }
     InstanceSpec spec;
     spec.model = model;
     spec.dtype = *dtype;
@@ -168,8 +201,20 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   KVB_ASSIGN_OR_RETURN(Topology ctx, make("ctx", flags.ctx));
   KVB_ASSIGN_OR_RETURN(Topology gen, make("gen", flags.gen));
   KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
+  // Every byte count of the request (packed streams, pools, offsets) must fit
+  // in 63 bits; the planner and the layouts compute with uint64_t.
+  const ModelShape& m = ctx.spec().model;
+  uint64_t kv_bytes = SatMul(SatMul(static_cast<uint64_t>(m.num_layers),
+                                    static_cast<uint64_t>(m.kv_factor * m.num_kv_heads)),
+                             SatMul(static_cast<uint64_t>(flags.tokens),
+                                    SatMul(static_cast<uint64_t>(m.head_dim), ctx.elem_bytes())));
+  if (kv_bytes > static_cast<uint64_t>(INT64_MAX)) {
+    return InvalidArgumentError("--tokens = " + std::to_string(flags.tokens) +
+                                " is invalid: the request's KV would be " + HumanBytes(kv_bytes) +
+                                ", more than the 2^63 bytes a byte count can hold");
+  }
   return Scenario{std::move(ctx), std::move(gen), TokenRange{flags.start_token, flags.tokens},
-                  flags.seed};
+                  flags.seed, flags.memory_cap_bytes};
 }
 
 std::string DescribeScenario(const Scenario& s) {

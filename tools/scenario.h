@@ -54,6 +54,11 @@ struct ScenarioFlags {
   uint64_t seed = 1;
   // The preset used when neither --model nor explicit dimensions are given.
   std::string default_model = "llama-3.1-70b";
+  // Ranks (tp × pp) an instance may have (see tools/resource_limits.h).
+  int max_ranks_per_instance = 1024;
+  // The memory a run may need; 0: the machine's physical memory. Not a flag
+  // (tests set it).
+  uint64_t memory_cap_bytes = 0;
 
   // Registers every flag above on `app`.
   void Register(CLI::App& app);
@@ -64,13 +69,16 @@ struct Scenario {
   Topology gen;
   TokenRange tokens;
   uint64_t seed = 1;
+  uint64_t memory_cap_bytes = 0;  // ScenarioFlags::memory_cap_bytes
 };
 
 // Validates the flags into a scenario. Errors (kInvalidArgument / kNotFound)
 // name the flag: --model together with explicit dimensions, an incomplete
 // set of dimensions, an unknown preset / dtype / layout, tokens < 1, a start
-// token outside [0, tokens), a bad --ctx/--gen, an impossible topology, or
-// ctx and gen that cannot exchange KV.
+// token outside [0, tokens), a bad --ctx/--gen, more ranks than
+// max_ranks_per_instance, a request of more blocks than 32-bit block ids can
+// name (its pool holds twice the table: at most 2^30 blocks), an impossible
+// topology, or ctx and gen that cannot exchange KV.
 Result<Scenario> BuildScenario(const ScenarioFlags& flags);
 
 // One line: "llama-3.1-70b bf16, tokens [0, 8192), ctx tp8 pp1 block-major-hnd/32 ->

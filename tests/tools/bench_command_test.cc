@@ -5,7 +5,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 namespace kvbounce::tools {
 namespace {
@@ -41,7 +45,9 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
     EXPECT_EQ(r["requests"], 6);
     EXPECT_EQ(r["completed"], 6);
     EXPECT_EQ(r["failed"], 0);
-    EXPECT_EQ(r["injected_failures"], 0);
+    EXPECT_EQ(r["injected_write_failures"], 0);
+    EXPECT_EQ(r["requests_failed_by_injection"], 0);
+    EXPECT_EQ(r["fault_injection_applies"], false);
     EXPECT_EQ(r["mismatches"], 0);
     EXPECT_EQ(r["arena_outstanding_bytes"], 0);
     // 4 layers x 2 x 4 heads x 91 tokens x 64 B per request, all gen ranks.
@@ -72,7 +78,7 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
 
 TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
   BenchFlags f = Small();
-  f.paths = "per-block,bounce";
+  f.paths = "per-block,bounce,direct";
   f.requests = 20;
   f.inject_fail_rate = 0.05;
   std::ostringstream log;
@@ -80,15 +86,114 @@ TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
   ASSERT_TRUE(report.ok()) << report.status();
   uint64_t injected = 0, failed = 0;
   for (const auto& r : (*report)["runs"]) {
-    injected += r["injected_failures"].get<uint64_t>();
-    failed += r["failed"].get<uint64_t>();
     EXPECT_EQ(r["completed"].get<int>() + r["failed"].get<int>(), 20);
     EXPECT_EQ(r["unexplained_failures"], 0);
+    // Requests and operations are counted apart: every failed request here
+    // failed by injection, and each needed at least one injected operation.
+    EXPECT_EQ(r["requests_failed_by_injection"], r["failed"]);
+    EXPECT_GE(r["injected_write_failures"].get<uint64_t>(),
+              r["requests_failed_by_injection"].get<uint64_t>());
+    EXPECT_GE(r["injected_write_failures"].get<uint64_t>(),
+              r["injected_failed_batches"].get<uint64_t>());
+    if (r["path"] == "direct") {
+      // Direct copies without the transport: the injector never acts.
+      EXPECT_EQ(r["fault_injection_applies"], false);
+      EXPECT_EQ(r["injected_write_failures"], 0);
+      EXPECT_EQ(r["failed"], 0);
+    } else {
+      EXPECT_EQ(r["fault_injection_applies"], true);
+      injected += r["injected_write_failures"].get<uint64_t>();
+      failed += r["failed"].get<uint64_t>();
+    }
   }
   EXPECT_GT(injected, 0u);
   EXPECT_GT(failed, 0u);
+  const auto& fi = (*report)["fault_injection"];
+  EXPECT_EQ(fi["write_fail_rate"], 0.05);
+  EXPECT_EQ(fi["acts_on"], "transport write operations");
+  EXPECT_EQ(fi["paths_touched"], nlohmann::json::array({"per-block", "bounce"}));
+  EXPECT_EQ(fi["paths_untouched"], nlohmann::json::array({"direct"}));
+  EXPECT_THAT(log.str(), HasSubstr("touches per-block and bounce"));
+  EXPECT_THAT(log.str(), HasSubstr("direct: done (no transport writes: fault injection did not "
+                                   "apply)"));
   std::string why;
   EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+}
+
+TEST(BenchCommandTest, BounceSizeZeroTurnsTheBouncePathOff) {
+  BenchFlags f = Small();
+  f.requests = 2;
+  f.bounce_size_mb = 0;
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  std::vector<std::string> paths;
+  for (const auto& r : (*report)["runs"]) paths.push_back(r["path"]);
+  EXPECT_EQ(paths, (std::vector<std::string>{"per-block", "direct", "auto"}));
+  EXPECT_EQ((*report)["bounce_size_mb"]["ctx"], 0);
+  EXPECT_EQ((*report)["bounce_size_mb"]["gen"], 0);
+  EXPECT_THAT(log.str(), HasSubstr("bounce path off (--bounce-size-mb 0): not run"));
+  EXPECT_THAT(log.str(), HasSubstr("arenas off"));
+
+  // auto with the arena off is fine: it just never picks bounce.
+  f.paths = "auto";
+  EXPECT_TRUE(RunBench(f, log).ok());
+  // Naming bounce with the arena off is an error, alone or in a list.
+  for (const char* p : {"bounce", "per-block,bounce"}) {
+    f.paths = p;
+    auto bad = RunBench(f, log);
+    EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(bad.status().message()),
+                HasSubstr("--path bounce needs --bounce-size-mb > 0"));
+  }
+}
+
+TEST(BenchCommandTest, BounceSizeDefaultsToEnoughForTheConcurrency) {
+  BenchFlags f = Small();
+  f.requests = 2;
+  f.paths = "bounce";
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_GT((*report)["bounce_size_mb"]["ctx"].get<int64_t>(), 0);
+  EXPECT_GT((*report)["bounce_size_mb"]["gen"].get<int64_t>(), 0);
+  f.bounce_size_mb = 3;
+  report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ((*report)["bounce_size_mb"]["gen"], 3);
+}
+
+TEST(BenchCommandTest, TheMemoryCapIsCheckedBeforeAnythingIsAllocated) {
+  BenchFlags f = Small();
+  f.scenario.memory_cap_bytes = 64 * 1024;  // less than the pools
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  EXPECT_EQ(report.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(report.status().message()),
+              HasSubstr("more than the 64.00 KiB memory cap"));
+  EXPECT_THAT(std::string(report.status().message()), HasSubstr("pools of 8 ranks"));
+  EXPECT_THAT(log.str(), ::testing::Not(HasSubstr("setting up")));
+  f.scenario.memory_cap_bytes = uint64_t{1} << 30;
+  f.requests = 1;
+  EXPECT_TRUE(RunBench(f, log).ok());
+}
+
+TEST(BenchCommandTest, TheJsonPathIsCheckedBeforeTheRunAndLeftAsItWas) {
+  BenchFlags f = Small();
+  f.json_file = "/nonexistent-kvbounce-dir/x.json";
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  EXPECT_EQ(report.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(report.status().message()), HasSubstr("cannot write"));
+  EXPECT_THAT(log.str(), ::testing::Not(HasSubstr("setting up")));
+  // A writable path passes, and the check leaves no file behind (the CLI
+  // writes the report after the run).
+  f.json_file = ::testing::TempDir() + "/kvbounce_bench_json_check.json";
+  std::remove(f.json_file.c_str());
+  f.requests = 1;
+  f.paths = "direct";
+  EXPECT_TRUE(RunBench(f, log).ok());
+  EXPECT_FALSE(std::ifstream(f.json_file).good());
 }
 
 TEST(BenchCommandTest, ReportsThatFailTheBench) {
@@ -139,6 +244,17 @@ TEST(BenchCommandTest, BadFlagsNameWhatIsWrong) {
   f.bounce_size_mb = 0;
   f.paths = "bounce";
   EXPECT_THAT(error(f), HasSubstr("--bounce-size-mb > 0"));
+  for (int64_t bad : {int64_t{-1}, int64_t{-2}, -(int64_t{1} << 40)}) {
+    f = Small();
+    f.bounce_size_mb = bad;
+    EXPECT_THAT(error(f), HasSubstr("--bounce-size-mb = " + std::to_string(bad) + " is invalid"));
+  }
+  f = Small();
+  f.concurrency = kMaxConcurrency + 1;
+  EXPECT_THAT(error(f), HasSubstr("--concurrency"));
+  f = Small();
+  f.scenario.ctx = "tp=128";
+  EXPECT_THAT(error(f), HasSubstr("at most 64 ranks"));
   f = Small();
   f.scenario.ctx = "tp=3";
   EXPECT_THAT(error(f), HasSubstr("--ctx"));

@@ -122,6 +122,27 @@ TEST(PlanCommandTest, BadFlagsNameWhatIsWrong) {
   EXPECT_THAT(PlanError(flags), HasSubstr("--tokens = 0 is invalid"));
 }
 
+TEST(PlanCommandTest, LimitsAreCheckedBeforePlanning) {
+  PlanFlags flags;
+  flags.scenario.ctx = "tp=1024,pp=2";
+  EXPECT_THAT(PlanError(flags), HasSubstr("an instance has at most 1024 ranks (tp x pp <= 1024)"));
+  flags = PlanFlags();
+  flags.scenario.gen = "tp=2147483647";
+  EXPECT_THAT(PlanError(flags), HasSubstr("--gen tp=2147483647,pp=1 is invalid"));
+  flags = PlanFlags();
+  flags.scenario.tokens = INT64_MAX;
+  EXPECT_THAT(PlanError(flags), HasSubstr("block ids are 32-bit"));
+  flags = PlanFlags();
+  flags.scenario.tokens = int64_t{1} << 35;  // 2^30 blocks of 32: the most there is
+  flags.scenario.memory_cap_bytes = uint64_t{1} << 30;
+  EXPECT_THAT(PlanError(flags), HasSubstr("more than the 1.00 GiB memory cap"));
+  // The cap counts: the llama-70b example fits in 64 MiB.
+  flags = PlanFlags();
+  flags.scenario.memory_cap_bytes = uint64_t{64} << 20;
+  std::ostringstream out;
+  EXPECT_TRUE(RunPlan(flags, out).ok());
+}
+
 TEST(SideSpecTest, ParsesEveryKeyAndRejectsBadText) {
   auto s = ParseSideSpec("ctx",
                          "tp=8,pp=3,layout=layer-major-nhd,tokens-per-block=16,"

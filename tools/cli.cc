@@ -1,0 +1,100 @@
+#include "tools/cli.h"
+
+#include <CLI/CLI.hpp>
+#include <exception>
+#include <fstream>
+#include <new>
+#include <string>
+#include <string_view>
+
+#include "kvbounce/logging.h"
+#include "tools/bench_command.h"
+#include "tools/plan_command.h"
+
+namespace kvbounce::tools {
+namespace {
+
+// "kvbounce plan" / "kvbounce bench", from the first argument that names a
+// command (a parse error can come before CLI11 knows which one ran).
+std::string CommandName(int argc, const char* const* argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a(argv[i]);
+    if (a == "plan" || a == "bench") return "kvbounce " + std::string(a);
+  }
+  return "kvbounce";
+}
+
+int Run(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
+  // Reports a bad KVBOUNCE_LOG_LEVEL (once) before anything else is printed.
+  MinLogLevel();
+  CLI::App app("kvbounce: moves paged KV cache from prefill (ctx) to decode (gen) workers");
+  app.require_subcommand(1);
+  PlanFlags plan_flags;
+  CLI::App* plan = AddPlanCommand(app, &plan_flags);
+  BenchFlags bench_flags;
+  CLI::App* bench = AddBenchCommand(app, &bench_flags);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help
+    return app.exit(e, out, err);
+  } catch (const CLI::ParseError& e) {
+    const std::string command = CommandName(argc, argv);
+    if (command == "kvbounce" && argc > 1 && argv[1][0] != '-') {
+      err << "kvbounce: error: unknown command '" << argv[1]
+          << "' (known: plan, bench; see kvbounce --help)\n";
+      return 2;
+    }
+    err << command << ": error: " << e.what() << " (see " << command << " --help)\n";
+    return 2;
+  }
+
+  if (plan->parsed()) {
+    const Status status = RunPlan(plan_flags, out);
+    if (!status.ok()) {
+      err << "kvbounce plan: error: " << status.message() << "\n";
+      return 2;
+    }
+    return 0;
+  }
+  if (bench->parsed()) {
+    bench_flags.chaos_exit_when_stuck = true;
+    Result<nlohmann::json> report = RunBench(bench_flags, out);
+    if (!report.ok()) {
+      err << "kvbounce bench: error: " << report.status().message() << "\n";
+      return 2;
+    }
+    PrintBenchTable(*report, out);
+    if (!bench_flags.json_file.empty()) {
+      std::ofstream file(bench_flags.json_file);
+      file << report->dump(2) << "\n";
+      if (!file) {
+        err << "kvbounce bench: error: cannot write " << bench_flags.json_file << "\n";
+        return 2;
+      }
+    }
+    std::string why;
+    if (!BenchPassed(*report, &why)) {
+      err << "kvbounce bench: FAILED: " << why << "\n";
+      return 1;
+    }
+    return 0;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
+  try {
+    return Run(argc, argv, out, err);
+  } catch (const std::bad_alloc&) {
+    err << CommandName(argc, argv) << ": error: out of memory\n";
+  } catch (const std::exception& e) {
+    err << CommandName(argc, argv) << ": error: " << e.what() << "\n";
+  } catch (...) {
+    err << CommandName(argc, argv) << ": error: unknown exception\n";
+  }
+  return 2;
+}
+
+}  // namespace kvbounce::tools
