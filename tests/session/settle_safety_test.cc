@@ -65,6 +65,15 @@ std::vector<std::byte> Snapshot(Cluster& c, bool ctx_side, int rank) {
   return out;
 }
 
+// The tail every test shares: from the pull's settle on, the gen pool never
+// changes, not even while the ctx agent finishes whatever it still runs
+// (its Shutdown returns only once none of its operations is left).
+void ExpectGenPoolFrozen(Cluster& c) {
+  const std::vector<std::byte> after = Snapshot(c, false, 0);
+  c.ctx(0).Shutdown();
+  EXPECT_TRUE(Snapshot(c, false, 0) == after) << "the gen pool changed after the pull settled";
+}
+
 // What an application does with blocks it got back: reuse them.
 void Poison(Cluster& c, int ctx_rank) {
   for (std::span<std::byte> s : c.PoolMemory(true, ctx_rank)) std::memset(s.data(), 0x5a, s.size());
@@ -205,10 +214,7 @@ TEST_P(PublicationSettleTest, WaitsForTheReadsAndTheReceiverIsNotToldOk) {
   EXPECT_THAT(pulled, StatusIs(StatusCode::kCancelled, HasSubstr("publication of request 1")))
       << "a receiver of a retired publication must not hear OK";
 
-  // From the pull's settle on, the gen blocks never change.
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after) << "the gen pool changed after the pull settled";
+  ExpectGenPoolFrozen(c);
   EXPECT_EQ(c.ctx(0).Stats().arena_outstanding_bytes, 0u);
   EXPECT_EQ(c.gen(0).Stats().arena_outstanding_bytes, 0u);
 }
@@ -270,9 +276,7 @@ TEST(PullSettleTest, PerBlockCancelWaitsForABatchStillCopying) {
       << "the pull settled while a write into its blocks was still copying";
   gate.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after) << "the gen pool changed after the pull settled";
+  ExpectGenPoolFrozen(c);
   (*pub)->Wait().IgnoreError();
 }
 
@@ -300,9 +304,7 @@ TEST(PullSettleTest, DirectCancelWaitsForTheCopyIntoItsBlocks) {
       << "the pull settled while a direct copy into its blocks was pending";
   copies.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after) << "the gen pool changed after the pull settled";
+  ExpectGenPoolFrozen(c);
   (*pub)->Wait().IgnoreError();
 }
 
@@ -325,9 +327,7 @@ TEST(PullSettleTest, DeadlineOfADirectPullWaitsForTheCopy) {
   EXPECT_FALSE((*pull)->WaitFor(milliseconds(300)));
   copies.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kDeadlineExceeded));
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after);
+  ExpectGenPoolFrozen(c);
   (*pub)->Wait().IgnoreError();
 }
 
@@ -362,9 +362,7 @@ TEST(ShutdownSettleTest, GenShutdownWaitsForADirectCopyIntoItsPool) {
   EXPECT_TRUE(returned.load());
   ASSERT_TRUE((*pull)->Poll().has_value());
   EXPECT_FALSE((*pull)->Poll()->ok());
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after);
+  ExpectGenPoolFrozen(c);
   (*pub)->Wait().IgnoreError();
 }
 
@@ -389,9 +387,7 @@ TEST(ShutdownSettleTest, GenShutdownWaitsForAPerBlockBatchIntoItsPool) {
   gate->Release();
   shutdown.join();
   ASSERT_TRUE((*pull)->Poll().has_value());
-  const std::vector<std::byte> after = Snapshot(c, false, 0);
-  c.ctx(0).Shutdown();
-  EXPECT_TRUE(Snapshot(c, false, 0) == after);
+  ExpectGenPoolFrozen(c);
   gate.reset();
   (*pub)->Wait().IgnoreError();
 }
