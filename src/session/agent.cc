@@ -689,6 +689,15 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
                              " tokens but the block table has " +
                              std::to_string(block_table.size()));
     }
+    const int64_t pool_blocks = ctx_.pool->geometry().num_blocks;
+    for (int64_t i = 0; i < needed; ++i) {
+      const int32_t id = block_table[static_cast<size_t>(i)];
+      if (id < 0 || id >= pool_blocks) {
+        return OutOfRangeError("Publish: block table entry " + std::to_string(i) + " = " +
+                               std::to_string(id) + " is outside the pool of " +
+                               std::to_string(pool_blocks) + " blocks");
+      }
+    }
     std::vector<int32_t> table(block_table.begin(), block_table.end());
     return OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });

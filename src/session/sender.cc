@@ -5,7 +5,6 @@
 #include <string>
 #include <utility>
 
-#include "common/checked_math.h"
 #include "kvbounce/logging.h"
 
 namespace kvbounce {
@@ -134,35 +133,12 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
                                                          std::vector<int32_t> block_table,
                                                          int64_t num_tokens,
                                                          const PublishOptions& options) {
-  if (ctx_.role != Role::kCtx) {
-    return InvalidArgumentError("Publish: this agent is a gen rank; only ctx ranks publish");
-  }
   if (ctx_.shutting_down.load()) return AbortedError("Publish: the agent is shutting down");
-  if (num_tokens < 1) {
-    return InvalidArgumentError("Publish: num_tokens = " + std::to_string(num_tokens) +
-                                " is invalid: must be >= 1");
-  }
   if (auto it = publications_.find(request_id); it != publications_.end()) {
     return AlreadyExistsError(
         "Publish: " + RequestName(request_id) +
         (it->second->outcome ? " is still settling: publish it again once its transfer settled"
                              : " is already published"));
-  }
-  const int64_t tpb = ctx_.topology->spec().tokens_per_block;
-  // tpb >= 1 and num_tokens >= 1, so the division is defined.
-  const int64_t needed = *CheckedCeilDiv(num_tokens, tpb);
-  if (static_cast<int64_t>(block_table.size()) < needed) {
-    return OutOfRangeError("Publish: " + std::to_string(num_tokens) + " tokens need " +
-                           std::to_string(needed) + " blocks of " + std::to_string(tpb) +
-                           " tokens but the block table has " + std::to_string(block_table.size()));
-  }
-  for (int64_t i = 0; i < needed; ++i) {
-    const int32_t id = block_table[static_cast<size_t>(i)];
-    if (id < 0 || id >= ctx_.pool->geometry().num_blocks) {
-      return OutOfRangeError("Publish: block table entry " + std::to_string(i) + " = " +
-                             std::to_string(id) + " is outside the pool of " +
-                             std::to_string(ctx_.pool->geometry().num_blocks) + " blocks");
-    }
   }
   auto pub = std::make_unique<Publication>();
   pub->request_id = request_id;
@@ -756,15 +732,8 @@ void SenderSession::Report(Job& job) {
     if (text.size() > protocol::kMaxErrorTextBytes) text.resize(protocol::kMaxErrorTextBytes);
     result.error_text = text;
   }
-  PeerState* peer = ctx_.FindPeer(job.peer);
-  if (!job.silent && peer != nullptr && !peer->dead) {
-    Status sent = ctx_.Send(job.peer, result);
-    if (!sent.ok()) {
-      Log(LogLevel::kWarning, "KV_RESULT for " + RequestName(job.request.request_id) + " to " +
-                                  job.peer_name + " not sent: " + sent.ToString());
-    }
-  }
-
+  // Recorded before the peer hears of it: whoever sees the result sees the
+  // job finished in this agent's metrics.
   RequestRecord rec;
   rec.request_id = job.request.request_id;
   rec.side = Side::kSender;
@@ -782,6 +751,18 @@ void SenderSession::Report(Job& job) {
   rec.error = std::string(outcome.message());
   rec.timeline = job.timeline;
   ctx_.metrics->Record(rec);
+
+  PeerState* peer = ctx_.FindPeer(job.peer);
+  if (!job.silent && peer != nullptr && !peer->dead) {
+    Status sent = ctx_.Send(job.peer, result);
+    if (!sent.ok()) {
+      // A connection that just died is ordinary (its failure is on its way
+      // to the loop); anything else is worth a warning.
+      Log(sent.code() == StatusCode::kUnavailable ? LogLevel::kDebug : LogLevel::kWarning,
+          "KV_RESULT for " + RequestName(job.request.request_id) + " to " + job.peer_name +
+              " not sent: " + sent.ToString());
+    }
+  }
 
   const uint64_t request_id = job.request.request_id;
   const bool had_slot = job.send_slot.valid();

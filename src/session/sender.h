@@ -68,7 +68,7 @@ class SenderSession {
   SenderSession& operator=(const SenderSession&) = delete;
 
   // See Agent::Publish. REQUIRES: the arguments passed the agent's API-edge
-  // checks (a valid ttl).
+  // checks (role, num_tokens, the block table, the ttl).
   Result<std::shared_ptr<Transfer>> Publish(uint64_t request_id, std::vector<int32_t> block_table,
                                             int64_t num_tokens, const PublishOptions& options);
   // Decides the publication's outcome (`why`) and stops its jobs; its
