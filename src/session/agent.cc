@@ -133,6 +133,10 @@ class AgentImpl final : public Agent {
   Status ConnectAll(std::span<const std::string> addresses);
   AgentStats CollectStats() const;
   void ShutdownLocked();
+  // The block table of Publish or Pull covers tokens [0, tokens_end) with
+  // ids inside the pool (kOutOfRange otherwise, naming `call`).
+  Status CheckBlockTable(const char* call, std::span<const int32_t> block_table,
+                         int64_t tokens_end, const std::string& tokens_text) const;
   // Pull's API-edge checks (see Agent::Pull's errors).
   Status CheckPull(std::span<const int32_t> block_table, TokenRange tokens,
                    const PullOptions& options) const;
@@ -679,25 +683,8 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
       return InvalidArgumentError("Publish: num_tokens = " + std::to_string(num_tokens) +
                                   " is invalid: must be >= 1");
     }
-    // The table must cover ceil(num_tokens / tokens_per_block) blocks; a
-    // count no table can reach is refused before anything is copied.
-    const int64_t tpb = ctx_.topology->spec().tokens_per_block;
-    const int64_t needed = *CheckedCeilDiv(num_tokens, tpb);
-    if (needed > static_cast<int64_t>(block_table.size())) {
-      return OutOfRangeError("Publish: " + std::to_string(num_tokens) + " tokens need " +
-                             std::to_string(needed) + " blocks of " + std::to_string(tpb) +
-                             " tokens but the block table has " +
-                             std::to_string(block_table.size()));
-    }
-    const int64_t pool_blocks = ctx_.pool->geometry().num_blocks;
-    for (int64_t i = 0; i < needed; ++i) {
-      const int32_t id = block_table[static_cast<size_t>(i)];
-      if (id < 0 || id >= pool_blocks) {
-        return OutOfRangeError("Publish: block table entry " + std::to_string(i) + " = " +
-                               std::to_string(id) + " is outside the pool of " +
-                               std::to_string(pool_blocks) + " blocks");
-      }
-    }
+    KVB_RETURN_IF_ERROR(CheckBlockTable("Publish", block_table, num_tokens,
+                                        std::to_string(num_tokens) + " tokens"));
     std::vector<int32_t> table(block_table.begin(), block_table.end());
     return OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });
@@ -734,20 +721,31 @@ Status AgentImpl::CheckPull(std::span<const int32_t> block_table, TokenRange tok
                            " blocks; a request carries at most " +
                            std::to_string(protocol::kMaxBlockTableEntries));
   }
+  // Every entry the request carries is checked, also those below the range
+  // (the writers plan with the whole table).
+  return CheckBlockTable("Pull", block_table, tokens.end,
+                         "tokens [0, " + std::to_string(tokens.end) + ")");
+}
+
+Status AgentImpl::CheckBlockTable(const char* call, std::span<const int32_t> block_table,
+                                  int64_t tokens_end, const std::string& tokens_text) const {
+  // The table must cover ceil(tokens_end / tokens_per_block) blocks, each
+  // inside the pool; a count no table can reach is refused before anything
+  // is copied.
+  const int64_t tpb = ctx_.topology->spec().tokens_per_block;
+  const int64_t needed = *CheckedCeilDiv(tokens_end, tpb);
   if (needed > static_cast<int64_t>(block_table.size())) {
-    return OutOfRangeError("Pull: tokens [0, " + std::to_string(tokens.end) + ") need " +
+    return OutOfRangeError(std::string(call) + ": " + tokens_text + " need " +
                            std::to_string(needed) + " blocks of " + std::to_string(tpb) +
                            " tokens but the block table has " +
                            std::to_string(block_table.size()));
   }
-  // Every entry the request carries is checked, also those below the range
-  // (the writers plan with the whole table).
   const int64_t pool_blocks = ctx_.pool->geometry().num_blocks;
   for (int64_t i = 0; i < needed; ++i) {
     const int32_t id = block_table[static_cast<size_t>(i)];
     if (id < 0 || id >= pool_blocks) {
-      return OutOfRangeError("Pull: block table entry " + std::to_string(i) + " = " +
-                             std::to_string(id) + " is outside the pool of " +
+      return OutOfRangeError(std::string(call) + ": block table entry " + std::to_string(i) +
+                             " = " + std::to_string(id) + " is outside the pool of " +
                              std::to_string(pool_blocks) + " blocks");
     }
   }
