@@ -82,6 +82,7 @@
 #include "kvbounce/model.h"
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
+#include "kvbounce/transports.h"
 #include "kvbounce/types.h"
 
 namespace kvbounce {
@@ -98,6 +99,22 @@ struct PoolSpec {
   MemoryKind memory = MemoryKind::kHost;
 };
 
+// Which transport Agent::Create builds for this rank (when
+// AgentOptions::transport is not given). The worker count of a UCX transport
+// is Config::num_workers, after KVBOUNCE_NUM_WORKERS.
+struct TransportSpec {
+  // "ucx" or "loopback".
+  std::string kind = "ucx";
+  // loopback: the fabric shared by the agents of this process, and this
+  // endpoint's name on it (empty: "<instance>-<rank>").
+  std::shared_ptr<LoopbackFabric> fabric;
+  std::string loopback_name;
+  // ucx: see UcxTransportOptions.
+  std::string listen_address = "127.0.0.1:0";
+  uint64_t put_chunk_bytes = 0;
+  bool same_host_shared_memory = true;
+};
+
 struct AgentOptions {
   // Names the instance this rank belongs to; gen ranks pull by it.
   std::string instance_id;
@@ -112,7 +129,10 @@ struct AgentOptions {
   // arena of that size (DESIGN §6 gives every agent both; a rank's role is
   // fixed, so the one it never uses is not allocated).
   Config config;
-  // The agent takes ownership. Required. kvbounce/transports.h makes one.
+  // The transport Create builds (see TransportSpec)...
+  TransportSpec transport_spec;
+  // ...unless a ready-made one is given here (tests, the fault decorator);
+  // the agent takes ownership. kvbounce/transports.h makes them.
   std::unique_ptr<Transport> transport;
   // How long Connect waits for the peers' HELLO. In (0, kMaxTimeoutMs].
   std::chrono::milliseconds connect_timeout{10000};

@@ -67,7 +67,18 @@
 
 namespace kvbounce {
 
-// What a transport can do (DESIGN §5, §8).
+// What one transport operation costs on a link: a fixed price per write
+// operation plus the bytes at the link's sustained rate. `auto` compares the
+// paths with it (docs/paths.md). Zero means "unknown" for either figure.
+struct TransportCost {
+  double op_us = 0;         // fixed cost of one write operation, microseconds
+  double bytes_per_us = 0;  // sustained rate of large writes, bytes per µs (= MB/s)
+};
+
+// What a transport can do (docs/transports.md). Caps() answers for the
+// transport as a whole; PeerCaps() for one connection, where the answer
+// depends on the peer (same host or not: whether `direct` works, which link
+// the bytes take and what it costs).
 struct TransportCaps {
   std::string name;            // "loopback", "ucx", "cuda-ipc"
   bool host_memory = false;    // reads and writes host (pageable or pinned) memory
@@ -75,6 +86,14 @@ struct TransportCaps {
   // A peer's region can be mapped into this process, so a copy engine can
   // read or write it directly (the `direct` path).
   bool map_remote = false;
+  // Control callbacks and write completions may run on several transport
+  // threads at once (UCX: one progress thread per worker); loopback uses one.
+  bool concurrent_callbacks = false;
+  // Writes still queued when a connection dies are failed, never landed. A
+  // transport that hands bytes to a network stack cannot promise this for
+  // bytes already sent; the fence (below) holds either way.
+  bool pending_writes_fail = false;
+  TransportCost cost;
 };
 
 // Identifies one connection of this transport. Assigned by the transport
@@ -154,6 +173,10 @@ class Transport {
   virtual ~Transport() = default;
 
   virtual TransportCaps Caps() const = 0;
+
+  // The capabilities of the connection to `peer` (see TransportCaps). The
+  // default is Caps(). Errors: kNotFound for an unknown peer.
+  virtual Result<TransportCaps> PeerCaps(PeerId /*peer*/) const { return Caps(); }
 
   // The address peers pass to Connect.
   virtual std::string Address() const = 0;

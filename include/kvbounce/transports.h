@@ -30,6 +30,37 @@ std::shared_ptr<LoopbackFabric> NewLoopbackFabric();
 Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
                                                         std::string name);
 
+// The UCX transport (docs/transports.md): one agent's UCP context with
+// `num_workers` workers (rails), a listener at `listen_address`, active
+// messages for control frames and RMA puts for data.
+struct UcxTransportOptions {
+  // "host:port" to listen on; port 0 picks a free port (Address() then tells
+  // the one chosen). A host of 0.0.0.0 listens on every interface and
+  // advertises this host's name.
+  std::string listen_address = "127.0.0.1:0";
+  // UCP workers, each with its own progress thread; a large write is striped
+  // across them. In [1, Config::kMaxNumWorkers].
+  int num_workers = 1;
+  // A write op larger than this goes out as a pipeline of puts of this size.
+  // 0 = the default (kDefaultUcxPutChunkBytes). In [4 KiB, 1 GiB] otherwise.
+  uint64_t put_chunk_bytes = 0;
+  // Puts to a peer on the same host use UCX's shared-memory transports
+  // (cross-memory attach), with liveness from the TCP control connection.
+  // Off: every byte takes the error-handling endpoints (TCP here).
+  bool same_host_shared_memory = true;
+  // How long Connect waits for the peer's transport handshake.
+  std::chrono::milliseconds connect_timeout{10000};
+};
+inline constexpr uint64_t kDefaultUcxPutChunkBytes = uint64_t{1} << 20;
+
+// True when this build has the UCX transport.
+bool UcxTransportAvailable();
+
+// A UCX transport listening at options.listen_address. Errors:
+// kInvalidArgument (a malformed address or option), kUnavailable (UCX could
+// not start or listen there), kUnimplemented (a build without UCX).
+Result<std::unique_ptr<Transport>> NewUcxTransport(const UcxTransportOptions& options);
+
 // Faults to inject into a transport's data plane (tests, benchmarks).
 struct FaultInjection {
   double write_fail_rate = 0;          // per write operation, [0, 1]
