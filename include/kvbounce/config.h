@@ -37,7 +37,9 @@ enum class TransferPath {
   kBounce,
   // One batched copy straight from the sender's pool into the receiver's.
   kDirect,
-  // Config::ResolvePath decides per plan.
+  // The receiver estimates what each available path costs for the plan at
+  // hand, from the transport's and the copy engine's stated costs (and the
+  // overrides below), and takes the cheapest (docs/paths.md).
   kAuto,
 };
 
@@ -55,6 +57,8 @@ struct Config {
   static constexpr int64_t kMaxBounceSizeMb = int64_t{1} << 20;  // 1 TiB per region
   static constexpr int64_t kMaxNumWorkers = 256;
   static constexpr int64_t kMaxTimeoutMs = int64_t{30} * 24 * 3600 * 1000;  // 30 days
+  static constexpr int64_t kMaxOpNs = 1000000000;                           // 1 s per operation
+  static constexpr int64_t kMaxMbPerS = 1000000000;                         // 1 PB/s
 
   // Size of each of the agent's two arenas (send, recv), in MiB. 0 turns the
   // bounce path off, which is the library's default (the CLI's bench turns it
@@ -79,31 +83,20 @@ struct Config {
   // kBounce additionally needs bounce_size_mb > 0.
   TransferPath path = TransferPath::kAuto;
 
-  // Thresholds for `auto` (see ResolvePath): bounce when the plan has at least
-  // bounce_min_fragments fragments AND their mean size is at most
-  // bounce_max_mean_fragment_bytes.
-  //
-  // Why these defaults (DESIGN §7's measurements: about c = 6 µs per issued
-  // operation, e.g. one cudaMemcpyAsync, against about 1.3 TB/s for a batched
-  // copy of 4–256 KiB fragments in one launch). For n fragments of B bytes in
-  // all, the link time B / link_bandwidth is the same on both paths, so:
-  //   per-block  ~ n * c
-  //   bounce     ~ 3 * c  (gather launch, one write, scatter launch)
-  //              + 2 * B / 1.3 TB/s  (the gather and scatter passes)
-  // Bounce wins once the mean fragment B / n is below c * 1.3 TB/s / 2, about
-  // 4 MB at 6 µs, or about 650 KB if a transport amortizes its per-op cost to
-  // 1 µs by keeping many writes in flight. 256 KiB stays below both, so the
-  // extra passes cost at most ~0.4 µs per fragment against the >= 1 µs each
-  // saves. Below ~64 fragments the saving is a few hundred µs at most and the
-  // fixed costs of a bounce (slot reservation, arena contention, not being
-  // able to write before the gather finished) take a large share of it, so
-  // small plans stay per-block. Hence: >= 64 fragments, mean <= 256 KiB. On
-  // DESIGN §4's examples: llama-3.1-70b TP8->TP4 (40,960 fragments of 8 KiB)
-  // bounces; TP8->TP8 (256 fragments of 1.25 MiB) stays per-block. Measure
-  // and override them for a given transport.
-  // Rules: both >= 1.
-  int64_t bounce_min_fragments = 64;
-  int64_t bounce_max_mean_fragment_bytes = int64_t{256} << 10;
+  // The figures `auto` prices the paths with (docs/paths.md), each 0 by
+  // default: "use the figure the transport (per connection) or the copy
+  // engine states". A non-zero value replaces that figure for every
+  // connection, e.g. with one measured on the deployment's link.
+  //   transport_op_ns     fixed cost of one transport write operation, ns
+  //   transport_mb_per_s  the link's sustained rate, MB/s (10^6 bytes/s)
+  //   copy_run_ns         the copy engine's cost per fragment (run), ns
+  //   copy_mb_per_s       the copy engine's sustained rate, MB/s
+  // Rules: integers >= 0, the _ns ones <= kMaxOpNs (1 s), the _mb_per_s ones
+  // <= kMaxMbPerS (1 PB/s).
+  int64_t transport_op_ns = 0;
+  int64_t transport_mb_per_s = 0;
+  int64_t copy_run_ns = 0;
+  int64_t copy_mb_per_s = 0;
 
   // Checks every rule above: the integer fields in declaration order, then
   // path, then the rules across fields. Returns the first violation as kInvalidArgument
@@ -139,15 +132,6 @@ struct Config {
   // "bounce_size_mb=0 num_workers=1 ..." in declaration order, in the form
   // Set and FromText accept.
   std::string ToString() const;
-
-  // DESIGN §5 for one plan: a path other than kAuto is returned as is. For
-  // kAuto: kDirect if `direct_available` (the transport can map the
-  // receiver's memory); else kBounce if bounce_size_mb > 0 and the plan has
-  // at least bounce_min_fragments fragments whose mean size (total_bytes /
-  // fragments) is at most bounce_max_mean_fragment_bytes; else kPerBlock.
-  // Whether the packed stream fits an arena is not checked here (the arena
-  // says so on Reserve, and the caller falls back).
-  TransferPath ResolvePath(bool direct_available, uint64_t fragments, uint64_t total_bytes) const;
 
   friend bool operator==(const Config&, const Config&) = default;
 };

@@ -3,7 +3,6 @@
 #include <array>
 #include <charconv>
 #include <cstdlib>
-#include <limits>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -12,8 +11,6 @@
 
 namespace kvbounce {
 namespace {
-
-constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
 
 // One integer field: its key, where it lives, and its rule.
 struct IntField {
@@ -29,8 +26,10 @@ struct IntField {
 static_assert(Config::kMaxBounceSizeMb == 1048576);
 static_assert(Config::kMaxNumWorkers == 256);
 static_assert(Config::kMaxTimeoutMs == 2592000000);
+static_assert(Config::kMaxOpNs == 1000000000);
+static_assert(Config::kMaxMbPerS == 1000000000);
 
-constexpr std::array<IntField, 6> kIntFields = {{
+constexpr std::array<IntField, 8> kIntFields = {{
     {"bounce_size_mb", &Config::bounce_size_mb, 0, Config::kMaxBounceSizeMb,
      "must be an integer >= 0 and <= 1048576 (1 TiB)"},
     {"num_workers", &Config::num_workers, 1, Config::kMaxNumWorkers,
@@ -39,24 +38,23 @@ constexpr std::array<IntField, 6> kIntFields = {{
      "must be an integer > 0 and <= 2592000000 (30 days)"},
     {"reserve_timeout_ms", &Config::reserve_timeout_ms, 0, Config::kMaxTimeoutMs,
      "must be an integer >= 0 and <= 2592000000 (30 days)"},
-    {"bounce_min_fragments", &Config::bounce_min_fragments, 1, kInt64Max,
-     "must be an integer >= 1"},
-    {"bounce_max_mean_fragment_bytes", &Config::bounce_max_mean_fragment_bytes, 1, kInt64Max,
-     "must be an integer >= 1"},
+    {"transport_op_ns", &Config::transport_op_ns, 0, Config::kMaxOpNs,
+     "must be an integer >= 0 and <= 1000000000 (0: the transport's own figure)"},
+    {"transport_mb_per_s", &Config::transport_mb_per_s, 0, Config::kMaxMbPerS,
+     "must be an integer >= 0 and <= 1000000000 (0: the transport's own figure)"},
+    {"copy_run_ns", &Config::copy_run_ns, 0, Config::kMaxOpNs,
+     "must be an integer >= 0 and <= 1000000000 (0: the copy engine's own figure)"},
+    {"copy_mb_per_s", &Config::copy_mb_per_s, 0, Config::kMaxMbPerS,
+     "must be an integer >= 0 and <= 1000000000 (0: the copy engine's own figure)"},
 }};
 
 constexpr std::string_view kPathKey = "path";
 constexpr std::string_view kPathRule = "must be one of per-block, bounce, direct, auto";
 
 // Declaration order of Config, which Keys() and ToString() follow.
-constexpr std::array<std::string_view, 7> kKeys = {
-    "bounce_size_mb",
-    "num_workers",
-    "transfer_timeout_ms",
-    "reserve_timeout_ms",
-    "path",
-    "bounce_min_fragments",
-    "bounce_max_mean_fragment_bytes",
+constexpr std::array<std::string_view, 9> kKeys = {
+    "bounce_size_mb",  "num_workers",        "transfer_timeout_ms", "reserve_timeout_ms", "path",
+    "transport_op_ns", "transport_mb_per_s", "copy_run_ns",         "copy_mb_per_s",
 };
 
 constexpr std::array<TransferPath, 4> kPaths = {TransferPath::kPerBlock, TransferPath::kBounce,
@@ -226,21 +224,6 @@ std::string Config::ToString() const {
     }
   }
   return out;
-}
-
-TransferPath Config::ResolvePath(bool direct_available, uint64_t fragments,
-                                 uint64_t total_bytes) const {
-  if (path != TransferPath::kAuto) return path;
-  if (direct_available) return TransferPath::kDirect;
-  if (bounce_size_mb > 0 && fragments > 0 &&
-      fragments >= static_cast<uint64_t>(bounce_min_fragments)) {
-    // The mean rounded up, so a mean just above the threshold does not pass.
-    const uint64_t mean = total_bytes / fragments + (total_bytes % fragments != 0 ? 1 : 0);
-    if (mean <= static_cast<uint64_t>(bounce_max_mean_fragment_bytes)) {
-      return TransferPath::kBounce;
-    }
-  }
-  return TransferPath::kPerBlock;
 }
 
 Config ApplyEnvironment(Config config, const EnvLookup& lookup) {

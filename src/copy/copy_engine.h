@@ -84,15 +84,26 @@ inline CopyBatch DirectBatch(std::span<const Fragment> direct_list) {
 // another batch of the same engine (CopySync from inside it deadlocks).
 using CopyDone = std::function<void(Status status)>;
 
-// Which memory an engine can read and write. A batch whose addresses lie in
-// memory the engine cannot reach is a caller error the engine cannot always
-// detect (a host engine handed a device address crashes): callers check
-// these flags against the memory they pass.
+// What a batch costs an engine, the copy side of `auto`'s estimate
+// (docs/paths.md): batch_us + runs * run_us + bytes / bytes_per_us. Each
+// engine says in its header whether its figures are measured or calibrated.
+// Zero means "unknown" for a figure (the estimate then uses a default).
+struct CopyCost {
+  double batch_us = 0;      // fixed cost of one batch (a launch; not the hand-off back)
+  double run_us = 0;        // per fragment (run) of the batch
+  double bytes_per_us = 0;  // sustained rate of large copies, bytes per µs (= MB/s)
+};
+
+// Which memory an engine can read and write, and what it costs. A batch
+// whose addresses lie in memory the engine cannot reach is a caller error
+// the engine cannot always detect (a host engine handed a device address
+// crashes): callers check these flags against the memory they pass.
 struct CopyEngineCaps {
   // Pageable or pinned host memory of this process.
   bool host_memory = false;
   // GPU device memory (of the engine's device, or mapped into it).
   bool device_memory = false;
+  CopyCost cost;
 };
 
 // What Submit checks before an engine sees a batch (see the file comment).

@@ -4,6 +4,7 @@
 #include <array>
 #include <deque>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -32,22 +33,27 @@ struct Segment {
   std::array<uint64_t, 3> offset = {0, 0, 0};  // of its first row, per coordinate
 };
 
+// Collects a list's runs, merging each with the one before when they are
+// adjacent on both sides; with no `out` it only counts them.
 class FragmentSink {
  public:
   explicit FragmentSink(std::vector<Fragment>* out) : out_(out) {}
   void Add(uint64_t x, uint64_t y, uint64_t bytes) {
-    if (!out_->empty()) {
-      Fragment& last = out_->back();
-      if (last.src + last.bytes == x && last.dst + last.bytes == y) {
-        last.bytes += bytes;
-        return;
-      }
+    if (runs_ > 0 && last_.src + last_.bytes == x && last_.dst + last_.bytes == y) {
+      last_.bytes += bytes;
+      if (out_ != nullptr) out_->back().bytes += bytes;
+      return;
     }
-    out_->push_back(Fragment{x, y, bytes});
+    last_ = Fragment{x, y, bytes};
+    ++runs_;
+    if (out_ != nullptr) out_->push_back(last_);
   }
+  uint64_t runs() const { return runs_; }
 
  private:
   std::vector<Fragment>* out_;
+  Fragment last_;
+  uint64_t runs_ = 0;
 };
 
 template <int X, int Y>
@@ -166,8 +172,10 @@ void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level,
   }
 }
 
+// Walks the list (X, Y) into `out`, or only counts its runs when `out` is
+// null; returns the number of runs.
 template <int X, int Y>
-void EmitList(const Walk& w, std::vector<Fragment>* out) {
+uint64_t EmitList(const Walk& w, std::vector<Fragment>* out) {
   // Few distinct shapes exist (full blocks, the range's partial first and
   // last blocks, blocks cut by the other side's block edges); a deque keeps
   // pointers to them stable.
@@ -186,6 +194,7 @@ void EmitList(const Walk& w, std::vector<Fragment>* out) {
   }
   FragmentSink sink(out);
   WalkOuter<X, Y>(w, segs, 0, w.origin[X], w.origin[Y], sink);
+  return sink.runs();
 }
 
 // FNV-1a over 64-bit words, finished with a 64-bit mix.
@@ -286,8 +295,23 @@ uint64_t PackedBytes(const Box& box, TokenRange tokens, uint64_t row_bytes) {
          static_cast<uint64_t>(box.num_heads) * static_cast<uint64_t>(tokens.size()) * row_bytes;
 }
 
-Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
-                          uint8_t lists) {
+namespace {
+
+// A plan's walk, ready to emit lists from. Walk's axes point into the layer
+// tables, so a Prepared is filled in place and never moved.
+struct Prepared {
+  PairPlan plan;  // everything but the lists
+  Walk w;
+  std::vector<uint64_t> src_layers, dst_layers;
+};
+
+// Checks the sides and builds the walk. `need_src` / `need_dst`: the lists
+// to emit touch that side's addresses (its block table must cover the
+// range). `unknown_writer_table`: the writer's block table is not known;
+// its blocks are given ids that are nowhere adjacent (descending), so no run
+// merges across two of them.
+Status Prepare(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens, bool need_src,
+               bool need_dst, bool unknown_writer_table, Prepared* out) {
   RankPlacement c, g;
   KVB_RETURN_IF_ERROR(CheckSide(writer, "writer", &c));
   KVB_RETURN_IF_ERROR(CheckSide(receiver, "receiver", &g));
@@ -296,12 +320,12 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
     return InvalidArgumentError("token range [" + std::to_string(tokens.start) + ", " +
                                 std::to_string(tokens.end) + ") is invalid: need 0 <= start < end");
   }
-  const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
-  const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
-  if (need_src) KVB_RETURN_IF_ERROR(CheckBlockTable(writer, "writer", tokens));
+  if (need_src && !unknown_writer_table) {
+    KVB_RETURN_IF_ERROR(CheckBlockTable(writer, "writer", tokens));
+  }
   if (need_dst) KVB_RETURN_IF_ERROR(CheckBlockTable(receiver, "receiver", tokens));
 
-  PairPlan plan;
+  PairPlan& plan = out->plan;
   plan.writer_rank = writer.rank;
   plan.receiver_rank = receiver.rank;
   plan.tokens = tokens;
@@ -316,18 +340,19 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
     fp.Add(static_cast<uint64_t>(v));
   }
   plan.fingerprint = fp.Finish();
-  if (box.empty()) return plan;
+  if (box.empty()) return Status::Ok();
 
   const PoolLayout& sp = *writer.pool;
   const PoolLayout& rp = *receiver.pool;
   const uint64_t row = rp.row_bytes();
   plan.packed_bytes = PackedBytes(box, tokens, row);
 
-  Walk w;
+  Walk& w = out->w;
   w.row_bytes = row;
   const int src_l0 = box.first_layer - c.first_layer;
   const int dst_l0 = box.first_layer - g.first_layer;
-  std::vector<uint64_t> src_layers, dst_layers;
+  std::vector<uint64_t>& src_layers = out->src_layers;
+  std::vector<uint64_t>& dst_layers = out->dst_layers;
   if (sp.per_layer_bases()) src_layers = LayerTable(sp, src_l0, box.num_layers);
   if (rp.per_layer_bases()) dst_layers = LayerTable(rp, dst_l0, box.num_layers);
   w.origin[kSrc] =
@@ -383,6 +408,7 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
   // Segments: the token range cut at every sender and receiver block edge.
   const int64_t ts = sp.geometry().tokens_per_block;
   const int64_t tr = rp.geometry().tokens_per_block;
+  const int64_t unknown_last_block = (tokens.end - 1) / ts;
   w.segments.reserve(static_cast<size_t>(tokens.size() / std::min(ts, tr) + 2));
   for (int64_t t = tokens.start; t < tokens.end;) {
     const int64_t rb = t / tr;
@@ -393,9 +419,12 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
     s.tokens = seg_end - t;
     s.block_tokens = block_end - block_start;
     if (need_src) {
-      s.offset[kSrc] = static_cast<uint64_t>(writer.block_table[static_cast<size_t>(t / ts)]) *
-                           sp.block_stride() +
-                       static_cast<uint64_t>(t % ts) * sp.token_stride();
+      const uint64_t block =
+          unknown_writer_table
+              ? static_cast<uint64_t>(unknown_last_block - t / ts)
+              : static_cast<uint64_t>(writer.block_table[static_cast<size_t>(t / ts)]);
+      s.offset[kSrc] =
+          block * sp.block_stride() + static_cast<uint64_t>(t % ts) * sp.token_stride();
     }
     if (need_dst) {
       s.offset[kDst] =
@@ -408,10 +437,40 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
     t = seg_end;
   }
 
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
+                          uint8_t lists) {
+  const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
+  const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
+  auto p = std::make_unique<Prepared>();
+  KVB_RETURN_IF_ERROR(Prepare(writer, receiver, tokens, need_src, need_dst, false, p.get()));
+  PairPlan& plan = p->plan;
+  if (plan.box.empty()) return std::move(plan);
+  const Walk& w = p->w;
   if (lists & kPlanGather) EmitList<kSrc, kPacked>(w, &plan.gather);
   if (lists & kPlanScatter) EmitList<kPacked, kDst>(w, &plan.scatter);
   if (lists & kPlanDirect) EmitList<kSrc, kDst>(w, &plan.direct);
-  return plan;
+  return std::move(plan);
+}
+
+Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
+                               uint8_t lists) {
+  const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
+  const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
+  auto p = std::make_unique<Prepared>();
+  KVB_RETURN_IF_ERROR(
+      Prepare(writer, receiver, tokens, need_src, need_dst, writer.block_table.empty(), p.get()));
+  PlanRuns runs;
+  runs.packed_bytes = p->plan.packed_bytes;
+  if (p->plan.box.empty()) return runs;
+  if (lists & kPlanGather) runs.gather = EmitList<kSrc, kPacked>(p->w, nullptr);
+  if (lists & kPlanScatter) runs.scatter = EmitList<kPacked, kDst>(p->w, nullptr);
+  if (lists & kPlanDirect) runs.direct = EmitList<kSrc, kDst>(p->w, nullptr);
+  return runs;
 }
 
 }  // namespace kvbounce

@@ -86,6 +86,27 @@ struct PairPlan {
 Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
                           uint8_t lists = kPlanAll);
 
+// How many runs each list of a plan has, and its packed bytes: what the
+// receiver's path estimate needs (docs/paths.md), without building lists.
+struct PlanRuns {
+  uint64_t packed_bytes = 0;
+  uint64_t gather = 0;
+  uint64_t scatter = 0;
+  uint64_t direct = 0;
+};
+
+// The runs PlanPair(writer, receiver, tokens, lists) would produce, only
+// counted (no list is built; the walk is the same, so is the cost per run).
+// The receiver does not know the writer's block table: with an empty
+// writer.block_table the writer's blocks are taken to be nowhere adjacent —
+// the usual state of a paged pool — (descending ids stand in for them), so
+// no run merges across two of them; a real table with adjacent blocks
+// merges more. The writer's pool must still be given (its shape and
+// strides). Errors: PlanPair's, except that an empty writer table is fine.
+// Only the lists named in `lists` are counted (the others stay 0).
+Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
+                               uint8_t lists = kPlanAll);
+
 // Bytes of the packed stream of `box` over `tokens` (the size both sides
 // agree on). REQUIRES: consistent arguments (no overflow checks).
 uint64_t PackedBytes(const Box& box, TokenRange tokens, uint64_t row_bytes);

@@ -85,6 +85,59 @@ bool IsMemoryKind(MemoryKind kind) {
   return kind == MemoryKind::kHost || kind == MemoryKind::kPinnedHost || kind == MemoryKind::kCuda;
 }
 
+}  // namespace
+
+// Defined by the UCX transport (src/transport/ucx/). Until it is linked into
+// every build, the agent links without it: a weak reference is null when no
+// definition was linked in, and a "ucx" spec is then kUnimplemented.
+// TODO(ucx): drop `weak` once NewUcxTransport is always defined.
+extern Result<std::unique_ptr<Transport>> NewUcxTransport(const UcxTransportOptions& options)
+    __attribute__((weak));
+
+namespace {
+
+Result<std::unique_ptr<Transport>> CallNewUcxTransport(const UcxTransportOptions& options) {
+  if (&NewUcxTransport == nullptr) {
+    return UnimplementedError("this build has no UCX transport");
+  }
+  return NewUcxTransport(options);
+}
+
+// The transport AgentOptions::transport_spec describes (see TransportSpec).
+// `config` is the validated config, after the environment's overrides.
+Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, const Config& config,
+                                                  const AgentHooks& hooks) {
+  const TransportSpec& spec = options.transport_spec;
+  if (spec.kind == "loopback") {
+    if (spec.fabric == nullptr) {
+      return InvalidArgumentError(
+          "AgentOptions.transport_spec.fabric is null: a loopback transport needs the fabric its "
+          "peers share (NewLoopbackFabric)");
+    }
+    const std::string name = spec.loopback_name.empty()
+                                 ? options.instance_id + "-" + std::to_string(options.rank)
+                                 : spec.loopback_name;
+    Result<std::unique_ptr<Transport>> made = NewLoopbackTransport(spec.fabric, name);
+    if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (loopback)");
+    return made;
+  }
+  if (spec.kind == "ucx") {
+    UcxTransportOptions ucx;
+    ucx.listen_address = spec.listen_address;
+    ucx.num_workers = static_cast<int>(config.num_workers);  // <= kMaxNumWorkers: validated
+    ucx.put_chunk_bytes = spec.put_chunk_bytes;
+    ucx.same_host_shared_memory = spec.same_host_shared_memory;
+    ucx.connect_timeout = options.connect_timeout;
+    Result<std::unique_ptr<Transport>> made =
+        hooks.make_ucx_transport ? hooks.make_ucx_transport(ucx) : CallNewUcxTransport(ucx);
+    if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (ucx)");
+    if (*made == nullptr) return InternalError("the ucx transport factory returned null");
+    return made;
+  }
+  return InvalidArgumentError("AgentOptions.transport_spec.kind = \"" + spec.kind +
+                              "\" is invalid: must be one of ucx, loopback");
+}
+
 // Lets a Transfer handle reach its agent's loop for as long as the agent
 // runs, and nothing afterwards.
 class LoopGate {
@@ -146,12 +199,14 @@ class AgentImpl final : public Agent {
   Status AdoptHello(PeerState& peer, const protocol::Hello& hello);
   void HandlePeerFailure(PeerId id, const Status& reason);
   void Refuse(PeerState& peer, protocol::ByeReason reason, const Status& why);
-  protocol::Hello BuildHello() const;
+  // The HELLO for `peer`, with the capabilities of our connection to it.
+  protocol::Hello BuildHello(PeerId peer) const;
   void NotifyConnect(PeerId id, const Status& status);
 
-  // Declared so that members are destroyed in a safe order: the transport
-  // last (regions and arenas borrow it), the loop before the sessions'
-  // context goes away.
+  // Declared so that members are destroyed in a safe order: the clock and
+  // the transport last (the loop borrows the one, regions and arenas the
+  // other), the loop before the sessions' context goes away.
+  std::shared_ptr<Clock> clock_;
   std::unique_ptr<Transport> transport_;
   std::vector<std::unique_ptr<LocalRegion>> pool_regions_;
   std::unique_ptr<Arena> send_arena_;
@@ -194,7 +249,6 @@ Status AgentImpl::OnLoopStatus(std::function<Status()> fn) const {
 }
 
 Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
-  if (!options.transport) return InvalidArgumentError("AgentOptions.transport is required");
   if (options.instance_id.empty()) {
     return InvalidArgumentError("AgentOptions.instance_id must not be empty");
   }
@@ -243,7 +297,11 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     return UnimplementedError(
         "AgentOptions.pool.memory = cuda: this build has no CUDA copy engine");
   }
-  transport_ = std::move(options.transport);
+  if (options.transport != nullptr) {
+    transport_ = std::move(options.transport);
+  } else {
+    KVB_ASSIGN_OR_RETURN(transport_, BuildTransport(options, config, hooks));
+  }
   const TransportCaps caps = transport_->Caps();
   if (!caps.host_memory) {
     return InvalidArgumentError("the " + caps.name + " transport cannot reach host memory");
@@ -302,7 +360,10 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   if (*perf_log) metrics_.SetPerfLog(std::move(perf_log).value());
 
   connect_timeout_ = options.connect_timeout;
-  KVB_ASSIGN_OR_RETURN(loop_, EventLoop::Create());
+  clock_ = hooks.clock != nullptr
+               ? std::move(hooks.clock)
+               : std::shared_ptr<Clock>(std::shared_ptr<Clock>(), Clock::Steady());
+  KVB_ASSIGN_OR_RETURN(loop_, EventLoop::Create(clock_.get()));
   gate_ = std::make_shared<LoopGate>(loop_.get());
   ctx_.instance_id = options.instance_id;
   ctx_.role = options.role;
@@ -320,6 +381,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   ctx_.recv_region = recv_region;
   ctx_.pool_ranges = std::move(ranges);
   ctx_.loop = loop_.get();
+  ctx_.clock = clock_.get();
   ctx_.metrics = &metrics_;
   std::weak_ptr<LoopGate> gate = gate_;
   receiver_ = std::make_unique<ReceiverSession>(ctx_, [this, gate](uint64_t id, uint32_t slice) {
@@ -352,7 +414,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   return transport_->Start(std::move(callbacks));
 }
 
-protocol::Hello AgentImpl::BuildHello() const {
+protocol::Hello AgentImpl::BuildHello(PeerId peer) const {
   protocol::Hello h;
   h.instance_id = ctx_.instance_id;
   h.role = ctx_.role == Role::kCtx ? protocol::Role::kCtx : protocol::Role::kGen;
@@ -389,7 +451,10 @@ protocol::Hello AgentImpl::BuildHello() const {
   for (const LocalRange& r : ctx_.pool_ranges) region(protocol::RegionKind::kPool, *r.region);
   if (ctx_.send_region != nullptr) region(protocol::RegionKind::kSendArena, *ctx_.send_region);
   if (ctx_.recv_region != nullptr) region(protocol::RegionKind::kRecvArena, *ctx_.recv_region);
-  const TransportCaps caps = transport_->Caps();
+  // Per connection: whether this end can map the peer's memory may depend
+  // on the peer (same host or not).
+  Result<TransportCaps> peer_caps = transport_->PeerCaps(peer);
+  const TransportCaps caps = peer_caps.ok() ? *peer_caps : transport_->Caps();
   if (ctx_.recv_region != nullptr) h.capabilities |= protocol::kCapabilityBounce;
   if (caps.map_remote) h.capabilities |= protocol::kCapabilityDirect;
   if (caps.host_memory) h.capabilities |= protocol::kCapabilityHostMemory;
@@ -476,8 +541,12 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   // recv arena.
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;
   std::unique_ptr<RemoteRegion> recv_arena;
+  bool send_arena = false;
   for (const protocol::RegionDescriptor& d : h.regions) {
-    if (d.kind == protocol::RegionKind::kSendArena) continue;
+    if (d.kind == protocol::RegionKind::kSendArena) {
+      send_arena = true;  // the peer gathers there; nothing to import
+      continue;
+    }
     RegionInfo info{Addr(d.addr), d.size, FromWire(d.memory), d.remote_key};
     Result<std::unique_ptr<RemoteRegion>> imported = transport_->Import(peer.id, info);
     if (!imported.ok())
@@ -519,6 +588,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   }
   peer.pool_regions = std::move(pool_regions);
   peer.recv_arena = std::move(recv_arena);
+  peer.send_arena = send_arena;
   peer.capabilities = h.capabilities;
   peer.hello_received = true;
   ctx_.instances[h.instance_id] = shared;
@@ -543,7 +613,7 @@ void AgentImpl::HandleHello(PeerId id, const protocol::Hello& hello) {
   }
   if (!peer.hello_sent) {
     peer.hello_sent = true;
-    Status sent = ctx_.Send(id, BuildHello());
+    Status sent = ctx_.Send(id, BuildHello(id));
     if (!sent.ok()) Log(LogLevel::kWarning, "HELLO to " + peer.Describe() + ": " + sent.ToString());
   }
   NotifyConnect(id, Status::Ok());
@@ -647,7 +717,7 @@ Status AgentImpl::ConnectAll(std::span<const std::string> addresses) {
       peer.id = peer_id;
       if (peer.hello_sent || peer.dead) return Status::Ok();
       peer.hello_sent = true;
-      return ctx_.Send(peer_id, BuildHello()).WithContext("HELLO to '" + address + "'");
+      return ctx_.Send(peer_id, BuildHello(peer_id)).WithContext("HELLO to '" + address + "'");
     }));
     pending.emplace_back(peer_id, address);
   }

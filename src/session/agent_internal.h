@@ -7,8 +7,10 @@
 #include <functional>
 #include <memory>
 
+#include "common/clock.h"
 #include "copy/copy_engine.h"
 #include "kvbounce/agent.h"
+#include "kvbounce/transports.h"
 
 namespace kvbounce {
 
@@ -19,6 +21,18 @@ struct AgentHooks {
   // agent owns what it returns and destroys it during Shutdown, after its
   // last batch completed. Empty: the agent's own engine.
   std::function<std::unique_ptr<CopyEngine>(std::unique_ptr<CopyEngine>)> wrap_copy_engine;
+
+  // The clock of the agent's timers: request deadlines, publication ttls,
+  // reserve timeouts, the grace before a silent writer is disconnected
+  // (a ManualClock makes them deterministic: see common/clock.h). Metrics
+  // timestamps, Connect's timeout and Shutdown's grace stay in real time.
+  // Shared by the agent until it is destroyed. Null: the steady clock.
+  std::shared_ptr<Clock> clock;
+
+  // Builds the transport of a TransportSpec of kind "ucx" in place of
+  // NewUcxTransport, with the options Create derived (a test checks them,
+  // and returns any transport). Empty: NewUcxTransport.
+  std::function<Result<std::unique_ptr<Transport>>(const UcxTransportOptions&)> make_ucx_transport;
 };
 
 // Agent::Create with `hooks` applied; the same validation and errors.

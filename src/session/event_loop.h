@@ -1,17 +1,31 @@
 // EventLoop: the agent's control thread (DESIGN §10 "Threads").
 //
-// One thread runs posted tasks in order and fires timers at their steady-clock
-// deadlines. Every state change of an agent's requests runs on it, so the
-// state machines need no lock of their own; transports, copy engines and the
-// application only post tasks.
+// One thread runs posted tasks in order and fires timers at their deadlines
+// on the loop's Clock (common/clock.h): the steady clock in production, a
+// ManualClock in tests. Every state change of an agent's requests runs on
+// it, so the state machines need no lock of their own; transports, copy
+// engines and the application only post tasks.
+//
+// Order: queued tasks run before due timers; due timers fire in deadline
+// order, timers of one deadline in the order they were posted.
+//
+// Manual clocks: the loop listens to its clock's jumps. ManualClock::Advance
+// returns only once the loop has caught up with the new time: it fired every
+// timer due by then and ran every task queued meanwhile (those the timers
+// posted included), up to the moment it found nothing left to do. A test can
+// thus advance to just before a deadline and check that nothing happened,
+// then advance past it and check that it did, without sleeping. (When
+// Advance is called on the loop thread itself, from a task, it cannot wait
+// for the loop: the timers then fire once the task returned.)
 //
 // Thread safety: Post, PostAt, CancelTimer and Stop may be called from any
 // thread, including from a task. Tasks run one at a time on the loop thread,
 // with no loop lock held.
 //
 // Lifetime: Stop() runs every task already posted, drops timers that have not
-// fired, and joins the thread; tasks posted afterwards are refused (Post
-// returns false). The destructor calls Stop().
+// fired, stops listening to the clock and joins the thread; tasks posted
+// afterwards are refused (Post returns false). The destructor calls Stop().
+// The clock must outlive the loop.
 #ifndef KVBOUNCE_SESSION_EVENT_LOOP_H_
 #define KVBOUNCE_SESSION_EVENT_LOOP_H_
 
@@ -28,20 +42,22 @@
 #include <unordered_map>
 #include <utility>
 
+#include "common/clock.h"
 #include "kvbounce/status.h"
 
 namespace kvbounce {
 
 class EventLoop {
  public:
-  using Clock = std::chrono::steady_clock;
+  using TimePoint = Clock::TimePoint;
   using Task = std::function<void()>;
   // 0 is never a valid timer id.
   using TimerId = uint64_t;
 
-  // Starts the loop thread. Errors: kResourceExhausted when the thread
-  // cannot be created (std::thread's exception does not escape).
-  static Result<std::unique_ptr<EventLoop>> Create();
+  // Starts the loop thread, with timers on `clock` (borrowed; it must
+  // outlive the loop). Errors: kResourceExhausted when the thread cannot be
+  // created (std::thread's exception does not escape).
+  static Result<std::unique_ptr<EventLoop>> Create(Clock* clock = Clock::Steady());
   ~EventLoop();
   EventLoop(const EventLoop&) = delete;
   EventLoop& operator=(const EventLoop&) = delete;
@@ -49,9 +65,9 @@ class EventLoop {
   // Queues `task`; false (and the task is dropped) once Stop has begun.
   bool Post(Task task);
 
-  // Runs `task` on the loop at `deadline` (at once if it has passed);
-  // returns 0 once Stop has begun.
-  TimerId PostAt(Clock::time_point deadline, Task task);
+  // Runs `task` on the loop once the clock reaches `deadline` (at once if it
+  // has); returns 0 once Stop has begun.
+  TimerId PostAt(TimePoint deadline, Task task);
 
   // Cancels a timer that has not fired; a no-op otherwise.
   void CancelTimer(TimerId id);
@@ -59,21 +75,34 @@ class EventLoop {
   // True on the loop thread.
   bool InLoop() const { return std::this_thread::get_id() == thread_.get_id(); }
 
+  Clock& clock() const { return *clock_; }
+
   // See the file comment. Idempotent. REQUIRES: not called on the loop thread.
   void Stop();
 
  private:
-  EventLoop() = default;
+  explicit EventLoop(Clock* clock) : clock_(clock) {}
   void Run();
+  // The clock jumped: wait until the loop caught up (see the file comment).
+  void OnClockJump();
+
+  Clock* const clock_;
+  Clock::ListenerId clock_listener_ = 0;  // written before the thread starts
 
   mutable std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;         // wakes the loop
+  std::condition_variable caught_up_;  // wakes OnClockJump
   std::deque<Task> tasks_;
-  std::map<std::pair<Clock::time_point, TimerId>, Task> timers_;
-  std::unordered_map<TimerId, Clock::time_point> timer_deadlines_;
+  std::map<std::pair<TimePoint, TimerId>, Task> timers_;
+  std::unordered_map<TimerId, TimePoint> timer_deadlines_;
   TimerId next_timer_ = 1;
+  // Clock jumps seen by OnClockJump, and those the loop had caught up with
+  // when it last went idle.
+  uint64_t jumps_ = 0;
+  uint64_t jumps_caught_up_ = 0;
   bool stopping_ = false;
-  std::mutex join_mu_;  // one Stop joins, concurrent ones wait for it
+  bool stopped_ = false;  // the thread has left Run
+  std::mutex join_mu_;    // one Stop joins, concurrent ones wait for it
   std::thread thread_;
 };
 

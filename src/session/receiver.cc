@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "kvbounce/logging.h"
+#include "session/path_choice.h"
 
 namespace kvbounce {
 
@@ -34,7 +35,7 @@ struct ReceiverSession::Request {
   State state = State::kReserving;
   Slot slot;
   std::optional<QuarantineToken> quarantine;
-  SessionContext::Clock::time_point deadline;
+  SessionContext::TimePoint deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
   EventLoop::TimerId grace_timer = 0;
@@ -136,9 +137,9 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->ctx_instance = ctx_instance;
   r->tokens = tokens;
   r->block_table = std::move(block_table);
-  r->timeline.request = SessionContext::Clock::now();
+  r->timeline.request = SessionContext::MetricsClock::now();
   uint64_t fragments = 0;
-  bool direct_everywhere = true;
+  std::vector<WriterLoad> loads;
   for (int w : writer_ranks) {
     PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
@@ -159,39 +160,36 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     writer.scatter = std::move(plan->scatter);
     fragments += writer.scatter.size();
     r->bytes += writer.bytes;
-    // The writer runs the direct copy: its transport must map our pool.
-    direct_everywhere =
-        direct_everywhere && (peer->capabilities & protocol::kCapabilityDirect) != 0;
+    WriterLoad load;
+    load.bytes = writer.bytes;
+    load.scatter_runs = writer.scatter.size();
+    Result<TransportCaps> caps = ctx_.transport->PeerCaps(peer->id);
+    const TransportCaps link = caps.ok() ? *std::move(caps) : ctx_.transport->Caps();
+    load.link = link.cost;
+    // The writer runs the direct copy: its transport must map our pool (its
+    // HELLO says whether it can), over this connection.
+    load.direct = (peer->capabilities & protocol::kCapabilityDirect) != 0 && link.map_remote;
+    load.send_arena = peer->send_arena;
+    loads.push_back(load);
     r->writers.push_back(std::move(writer));
   }
   r->scatter_runs = fragments;
 
   r->requested = options.path == TransferPath::kAuto ? ctx_.config.path : options.path;
-  switch (r->requested) {
-    case TransferPath::kAuto:
-      r->path = ctx_.config.ResolvePath(direct_everywhere, fragments, r->bytes);
-      break;
-    case TransferPath::kDirect:
-      if (!direct_everywhere) {
-        return UnimplementedError(
-            "Pull: the direct path needs writers that can map this rank's "
-            "pool; the " +
-            ctx_.transport->Caps().name + " transport cannot");
-      }
-      r->path = TransferPath::kDirect;
-      break;
-    case TransferPath::kBounce:
-      if (ctx_.recv_arena == nullptr) {
-        return InvalidArgumentError("Pull: the bounce path needs bounce_size_mb > 0");
-      }
-      r->path = TransferPath::kBounce;
-      break;
-    case TransferPath::kPerBlock:
-      r->path = TransferPath::kPerBlock;
-      break;
+  const bool recv_arena = ctx_.recv_arena != nullptr;
+  if (r->requested == TransferPath::kAuto) {
+    KVB_RETURN_IF_ERROR(
+        CountWriterRuns(*r, recv_arena, loads).WithContext("Pull " + RequestName(request_id)));
   }
-  if (r->path == TransferPath::kBounce && ctx_.recv_arena == nullptr) {
-    r->path = TransferPath::kPerBlock;
+  Result<PathChoice> choice = ChoosePath(ctx_.config, r->requested, loads,
+                                         ctx_.copy != nullptr ? ctx_.copy->Caps().cost : CopyCost(),
+                                         recv_arena, ctx_.transport->Caps().name);
+  if (!choice.ok()) return choice.status();
+  r->path = choice->path;
+  if (r->requested == TransferPath::kAuto && MinLogLevel() <= LogLevel::kDebug) {
+    Log(LogLevel::kDebug, "Pull " + RequestName(request_id) + ": auto takes " +
+                              std::string(TransferPathName(r->path)) + " (" +
+                              DescribeEstimate(choice->estimate) + ")");
   }
 
   const uint32_t slice = ctx_.next_slice++;
@@ -210,10 +208,35 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   if (req.path == TransferPath::kBounce) {
     TryReserve(req);  // may settle and erase the request
   } else {
-    req.timeline.reserve = SessionContext::Clock::now();
+    req.timeline.reserve = SessionContext::MetricsClock::now();
     SendRequests(req);  // may settle and erase the request
   }
   return std::shared_ptr<Transfer>(handle);
+}
+
+Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
+                                        std::span<WriterLoad> loads) const {
+  // Counting walks the plan again (without building it): worth it only
+  // when there is a choice to make.
+  const bool direct =
+      std::all_of(loads.begin(), loads.end(), [](const WriterLoad& l) { return l.direct; });
+  const bool bounce = recv_arena && std::all_of(loads.begin(), loads.end(),
+                                                [](const WriterLoad& l) { return l.send_arena; });
+  if (!direct && !bounce) return Status::Ok();
+  for (size_t i = 0; i < r.writers.size(); ++i) {
+    const PeerState* peer = ctx_.FindPeer(r.writers[i].peer);
+    if (peer == nullptr) return InternalError("writer " + r.writers[i].name + " vanished");
+    // The writer's block table is not known here: its runs are counted as
+    // if none of its blocks were adjacent (planner.h).
+    Result<PlanRuns> runs =
+        CountPlanRuns(PlanSide{peer->topology.get(), r.writers[i].rank, &*peer->pool, {}},
+                      PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r.block_table},
+                      r.tokens, kPlanGather | kPlanDirect);
+    if (!runs.ok()) return runs.status();
+    loads[i].gather_runs = runs->gather;
+    loads[i].direct_runs = runs->direct;
+  }
+  return Status::Ok();
 }
 
 void ReceiverSession::TryReserve(Request& r) {
@@ -222,7 +245,7 @@ void ReceiverSession::TryReserve(Request& r) {
   Result<Slot> slot = ctx_.recv_arena->TryReserve(sizes);
   if (slot.ok()) {
     r.slot = std::move(slot).value();
-    r.timeline.reserve = SessionContext::Clock::now();
+    r.timeline.reserve = SessionContext::MetricsClock::now();
     if (r.reserve_timer != 0) ctx_.loop->CancelTimer(r.reserve_timer);
     r.reserve_timer = 0;
     SendRequests(r);
@@ -233,10 +256,9 @@ void ReceiverSession::TryReserve(Request& r) {
       if (r.reserve_timer == 0) {
         const Key key = r.key;
         reserve_waiters_.Add(key);
-        r.reserve_timer =
-            ctx_.loop->PostAt(SessionContext::Clock::now() +
-                                  std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
-                              [this, key] { OnReserveTimeout(key); });
+        r.reserve_timer = ctx_.loop->PostAt(
+            ctx_.Now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+            [this, key] { OnReserveTimeout(key); });
       }
       return;
     }
@@ -280,13 +302,13 @@ void ReceiverSession::AbandonUnsent(Request& r, const Status& why) {
 void ReceiverSession::FallBack(Request& r, const std::string& reason) {
   r.path = TransferPath::kPerBlock;
   r.fallback_reason = reason;
-  r.timeline.reserve = SessionContext::Clock::now();
+  r.timeline.reserve = SessionContext::MetricsClock::now();
   SendRequests(r);
 }
 
 void ReceiverSession::SendRequests(Request& r) {
   Transition(r, State::kInFlight);
-  r.timeline.first_byte = SessionContext::Clock::now();
+  r.timeline.first_byte = SessionContext::MetricsClock::now();
   r.handle->SetInfo(Info(r));
   protocol::KvRequest msg;
   msg.request_id = r.key.first;
@@ -300,7 +322,7 @@ void ReceiverSession::SendRequests(Request& r) {
   for (size_t i = 0; i < needed; ++i)
     msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
   msg.path = static_cast<protocol::TransferPath>(r.path);
-  msg.deadline_ms = SessionContext::MillisLeft(r.deadline);
+  msg.deadline_ms = ctx_.MillisLeft(r.deadline);
   msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
   for (size_t i = 0; i < r.writers.size(); ++i) {
     Writer& w = r.writers[i];
@@ -403,8 +425,9 @@ void ReceiverSession::WriterDone(Request& r, Writer& w, WriterState state, const
 
 void ReceiverSession::Advance(Request& r) {
   if (!r.AllTerminal()) return;
-  if (r.state == State::kInFlight && r.timeline.write_done == SessionContext::Clock::time_point()) {
-    r.timeline.write_done = SessionContext::Clock::now();
+  if (r.state == State::kInFlight &&
+      r.timeline.write_done == SessionContext::MetricsClock::time_point()) {
+    r.timeline.write_done = SessionContext::MetricsClock::now();
   }
   if (r.settled) {
     MaybeRetire(r);
@@ -456,7 +479,7 @@ void ReceiverSession::OnScatterDone(Key key, const Status& status) {
   if (r == nullptr) return;
   if (!status.ok() && r->scatter_error.ok()) r->scatter_error = status.WithContext("scatter");
   if (r->scatters_outstanding > 0 && --r->scatters_outstanding > 0) return;
-  r->timeline.scatter_done = SessionContext::Clock::now();
+  r->timeline.scatter_done = SessionContext::MetricsClock::now();
   Settle(*r, r->scatter_error);
   MaybeRetire(*r);
 }
@@ -499,7 +522,7 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
   // connection declared dead; the transport's fence (on_peer_failure) then
   // proves that nothing of it lands any more.
   const Key key = r->key;
-  r->grace_timer = ctx_.loop->PostAt(SessionContext::Clock::now() + ctx_.grace, [this, key] {
+  r->grace_timer = ctx_.loop->PostAt(ctx_.Now() + ctx_.grace, [this, key] {
     Request* req = Find(key);
     if (req == nullptr) return;
     req->grace_timer = 0;
@@ -554,7 +577,7 @@ void ReceiverSession::OnPeerFailure(PeerState& peer) {
 void ReceiverSession::Settle(Request& r, const Status& outcome) {
   if (r.settled) return;
   r.settled = true;
-  r.timeline.complete = SessionContext::Clock::now();
+  r.timeline.complete = SessionContext::MetricsClock::now();
   if (r.deadline_timer != 0) ctx_.loop->CancelTimer(r.deadline_timer);
   if (r.reserve_timer != 0) ctx_.loop->CancelTimer(r.reserve_timer);
   r.deadline_timer = r.reserve_timer = 0;
@@ -637,9 +660,9 @@ TransferInfo ReceiverSession::Info(const Request& r) const {
   info.bytes = r.bytes;
   info.fragments = r.path == TransferPath::kBounce ? r.scatter_runs : 0;
   info.writers = static_cast<int>(r.writers.size());
-  const auto end = r.timeline.complete != SessionContext::Clock::time_point()
+  const auto end = r.timeline.complete != SessionContext::MetricsClock::time_point()
                        ? r.timeline.complete
-                       : SessionContext::Clock::now();
+                       : SessionContext::MetricsClock::now();
   info.latency = end - r.timeline.request;
   return info;
 }

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "kvbounce/agent.h"
+#include "session/path_choice.h"
 #include "session/reservation_queue.h"
 #include "session/session_context.h"
 #include "session/transfer_state.h"
@@ -89,6 +90,9 @@ class ReceiverSession {
   // The one transition function: checks the move is allowed.
   void Transition(Request& r, State next);
 
+  // `auto`'s inputs: fills each writer's gather and direct run counts in
+  // `loads` (one per writer, in order) when more than per-block is possible.
+  Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;
   void TryReserve(Request& r);
   void OnReserveTimeout(Key key);
   void FallBack(Request& r, const std::string& reason);

@@ -20,7 +20,7 @@ struct SenderSession::Publication {
   int expected = -1;  // known once the first pull arrives
   uint64_t bytes = 0;
   EventLoop::TimerId ttl_timer = 0;
-  SessionContext::Clock::time_point published;
+  SessionContext::MetricsClock::time_point published;
   // Decided once (served, retired, expired, shut down); from then on no job
   // starts reading the blocks and the transfer settles when `readers` is 0.
   std::optional<Status> outcome;
@@ -35,7 +35,7 @@ struct SenderSession::Job {
   int peer_rank = 0;
   protocol::KvRequest request;
   JobState state = JobState::kParked;
-  SessionContext::Clock::time_point deadline;
+  SessionContext::TimePoint deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
 
@@ -144,7 +144,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
   pub->request_id = request_id;
   pub->block_table = std::make_shared<const std::vector<int32_t>>(std::move(block_table));
   pub->num_tokens = num_tokens;
-  pub->published = SessionContext::Clock::now();
+  pub->published = SessionContext::MetricsClock::now();
   pub->handle = std::make_shared<TransferState>(
       request_id, [hook = retire_hook_, request_id] { hook(request_id); });
   std::shared_ptr<TransferState> handle = pub->handle;
@@ -221,7 +221,7 @@ void SenderSession::MaybeSettlePublication(uint64_t request_id) {
   info.request_id = pub.request_id;
   info.bytes = pub.bytes;
   info.writers = 1;
-  info.latency = SessionContext::Clock::now() - pub.published;
+  info.latency = SessionContext::MetricsClock::now() - pub.published;
   std::shared_ptr<TransferState> handle = pub.handle;
   const Status outcome = *pub.outcome;
   publications_.erase(it);  // `pub` is gone
@@ -267,13 +267,13 @@ void SenderSession::OnRequest(PeerState& peer, const protocol::KvRequest& reques
   job->peer_instance = peer.instance_id;
   job->peer_rank = peer.rank;
   job->request = request;
-  job->timeline.request = SessionContext::Clock::now();
+  job->timeline.request = SessionContext::MetricsClock::now();
   // The receiver times its request out itself; the writer's copy of the
   // deadline, a grace period later, only bounds how long a pull waits here
   // for its Publish. Both terms are bounded, so the sum cannot overflow.
   const uint64_t max_ms = static_cast<uint64_t>(Config::kMaxTimeoutMs);
   job->deadline =
-      job->timeline.request + ctx_.grace +
+      ctx_.Now() + ctx_.grace +
       std::chrono::milliseconds(request.deadline_ms == protocol::kNoDeadline
                                     ? static_cast<uint64_t>(ctx_.config.transfer_timeout_ms)
                                     : std::min(request.deadline_ms, max_ms));
@@ -445,7 +445,7 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
     access->push_back(std::move(a).value());
   }
   Transition(job, JobState::kCopying);
-  job.timeline.first_byte = SessionContext::Clock::now();
+  job.timeline.first_byte = SessionContext::MetricsClock::now();
   AcquireBlocks(job);
   const Key key = job.key;
   ++job.async_outstanding;
@@ -468,7 +468,7 @@ void SenderSession::OnCopied(Key key, const Status& status) {
   Job* job = Find(key);
   if (job == nullptr) return;
   --job->async_outstanding;
-  job->timeline.write_done = SessionContext::Clock::now();
+  job->timeline.write_done = SessionContext::MetricsClock::now();
   ReleaseBlocks(*job);
   job = Find(key);
   if (job == nullptr) return;
@@ -490,7 +490,7 @@ void SenderSession::Reserve(Job& job) {
     if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
     job.reserve_timer = 0;
     job.send_slot = std::move(slot).value();
-    job.timeline.reserve = SessionContext::Clock::now();
+    job.timeline.reserve = SessionContext::MetricsClock::now();
     Transition(job, JobState::kGathering);
     AcquireBlocks(job);
     const Key key = job.key;
@@ -511,9 +511,9 @@ void SenderSession::Reserve(Job& job) {
     if (job.reserve_timer == 0) {
       const Key key = job.key;
       reserve_waiters_.Add(key);
-      job.reserve_timer = ctx_.loop->PostAt(
-          SessionContext::Clock::now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
-          [this, key] { OnReserveTimeout(key); });
+      job.reserve_timer =
+          ctx_.loop->PostAt(ctx_.Now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+                            [this, key] { OnReserveTimeout(key); });
     }
     return;
   }
@@ -546,7 +546,7 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
   // The gather runs become writes from the pool into the recv slot: the
   // receiver's packed stream, and so its scatter, are the same.
   job.fallback_reason = reason;
-  job.timeline.reserve = SessionContext::Clock::now();
+  job.timeline.reserve = SessionContext::MetricsClock::now();
   PeerState* peer = ctx_.FindPeer(job.peer);
   if (peer == nullptr || !peer->ready()) {
     Finish(job, UnavailableError("receiver " + job.peer_name + " is gone"));
@@ -603,7 +603,7 @@ void SenderSession::OnGathered(Key key, const Status& status) {
 
 void SenderSession::IssueWrites(Job& job) {
   Transition(job, JobState::kWriting);
-  job.timeline.first_byte = SessionContext::Clock::now();
+  job.timeline.first_byte = SessionContext::MetricsClock::now();
   const Key key = job.key;
   for (const WriteGroup& g : job.groups) {
     ++job.async_outstanding;
@@ -638,7 +638,7 @@ void SenderSession::OnWritesDone(Job& job) {
   // Every write completed or failed: the send slot is free again and the
   // pool is no longer read.
   const Key key = job.key;
-  job.timeline.write_done = SessionContext::Clock::now();
+  job.timeline.write_done = SessionContext::MetricsClock::now();
   if (job.send_slot.valid()) {
     job.send_slot.Release();
     RetryReservations();
@@ -653,7 +653,7 @@ void SenderSession::OnWritesDone(Job& job) {
 void SenderSession::Finish(Job& job, const Status& status) {
   if (job.outcome) return;
   job.outcome = status;
-  job.timeline.complete = SessionContext::Clock::now();
+  job.timeline.complete = SessionContext::MetricsClock::now();
   if (job.deadline_timer != 0) ctx_.loop->CancelTimer(job.deadline_timer);
   if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
   job.deadline_timer = job.reserve_timer = 0;
@@ -702,7 +702,7 @@ void SenderSession::OnFlushed(Key key, const Status& status) {
     PeerState* peer = ctx_.FindPeer(job->peer);
     if (peer != nullptr && !peer->dead) ctx_.transport->Disconnect(job->peer, why);
   }
-  job->timeline.write_done = SessionContext::Clock::now();
+  job->timeline.write_done = SessionContext::MetricsClock::now();
   Report(*job);
 }
 

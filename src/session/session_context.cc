@@ -48,10 +48,9 @@ Status SessionContext::Send(PeerId peer, const protocol::Message& message) {
   return transport->Send(peer, *frame);
 }
 
-SessionContext::Clock::time_point SessionContext::DeadlineAfter(
-    std::chrono::milliseconds timeout) const {
+SessionContext::TimePoint SessionContext::DeadlineAfter(std::chrono::milliseconds timeout) const {
   if (timeout.count() <= 0) timeout = std::chrono::milliseconds(config.transfer_timeout_ms);
-  return CheckedDeadline<Clock>(Clock::now(), timeout).value_or(Clock::time_point::max());
+  return CheckedDeadline<std::chrono::steady_clock>(Now(), timeout).value_or(TimePoint::max());
 }
 
 uint8_t ToWireErrorCode(StatusCode code) {
@@ -65,9 +64,8 @@ std::optional<StatusCode> FromWireErrorCode(uint8_t code) {
   return static_cast<StatusCode>(code);
 }
 
-uint64_t SessionContext::MillisLeft(Clock::time_point deadline) {
-  const auto left =
-      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+uint64_t SessionContext::MillisLeft(TimePoint deadline) const {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Now()).count();
   return left < 1 ? 1 : static_cast<uint64_t>(left);
 }
 

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "copy/copy_engine.h"
 #include "kvbounce/agent.h"
 #include "kvbounce/config.h"
@@ -51,6 +52,7 @@ struct PeerState {
   std::optional<PoolLayout> mapped_pool;
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;  // one per allocation
   std::unique_ptr<RemoteRegion> recv_arena;                 // null: no bounce into it
+  bool send_arena = false;  // it announced a send arena (it can gather to bounce)
   uint64_t capabilities = 0;
 
   bool ready() const { return hello_received && !dead; }
@@ -65,7 +67,9 @@ struct LocalRange {
 };
 
 struct SessionContext {
-  using Clock = std::chrono::steady_clock;
+  // Metrics timestamps: real time, whatever clock the timers run on.
+  using MetricsClock = std::chrono::steady_clock;
+  using TimePoint = Clock::TimePoint;
 
   // --- Fixed after Agent::Create.
   std::string instance_id;
@@ -84,6 +88,8 @@ struct SessionContext {
   const LocalRegion* recv_region = nullptr;
   std::vector<LocalRange> pool_ranges;  // the registered pool allocation(s)
   EventLoop* loop = nullptr;
+  // Deadlines and timers (loop->clock(): the steady clock in production).
+  Clock* clock = nullptr;
   Metrics* metrics = nullptr;
 
   // Set once shutdown begins: new requests are refused.
@@ -103,14 +109,17 @@ struct SessionContext {
   // kUnavailable / kNotFound from the transport.
   Status Send(PeerId peer, const protocol::Message& message);
 
+  // Now on the agent's clock.
+  TimePoint Now() const { return clock->Now(); }
+
   // The deadline `timeout` from now, with 0 meaning the configured transfer
   // timeout. REQUIRES: 0 <= timeout <= Config::kMaxTimeoutMs (the API edge
   // checks); anything the clock cannot represent saturates at its maximum.
-  Clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) const;
+  TimePoint DeadlineAfter(std::chrono::milliseconds timeout) const;
 
   // Milliseconds left until `deadline` (at least 1, so that a live request
   // never travels as already expired).
-  static uint64_t MillisLeft(Clock::time_point deadline);
+  uint64_t MillisLeft(TimePoint deadline) const;
 };
 
 // "request <id>", for messages.

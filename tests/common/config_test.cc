@@ -20,8 +20,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-constexpr int64_t kKiB = 1024;
-
 std::string Message(const Status& status) { return std::string(status.message()); }
 
 TEST(TransferPathTest, NamesRoundTrip) {
@@ -57,8 +55,11 @@ TEST(ConfigTest, Defaults) {
   EXPECT_EQ(config.transfer_timeout_ms, 60000);
   EXPECT_EQ(config.reserve_timeout_ms, 200);
   EXPECT_EQ(config.path, TransferPath::kAuto);
-  EXPECT_EQ(config.bounce_min_fragments, 64);
-  EXPECT_EQ(config.bounce_max_mean_fragment_bytes, 256 * kKiB);
+  // The cost figures of `auto`: the transport's and copy engine's own.
+  EXPECT_EQ(config.transport_op_ns, 0);
+  EXPECT_EQ(config.transport_mb_per_s, 0);
+  EXPECT_EQ(config.copy_run_ns, 0);
+  EXPECT_EQ(config.copy_mb_per_s, 0);
   EXPECT_TRUE(config.Validate().ok()) << config.Validate();
 }
 
@@ -120,17 +121,32 @@ TEST(ConfigValidateTest, EveryRule) {
          c.bounce_size_mb = 64;
        },
        ""},
-      {"bounce_min_fragments zero", [](Config& c) { c.bounce_min_fragments = 0; },
-       "config: bounce_min_fragments = 0 is invalid: must be an integer >= 1"},
-      {"bounce_min_fragments negative", [](Config& c) { c.bounce_min_fragments = -64; },
-       "config: bounce_min_fragments = -64 is invalid: must be an integer >= 1"},
-      {"bounce_min_fragments one", [](Config& c) { c.bounce_min_fragments = 1; }, ""},
-      {"bounce_max_mean_fragment_bytes zero",
-       [](Config& c) { c.bounce_max_mean_fragment_bytes = 0; },
-       "config: bounce_max_mean_fragment_bytes = 0 is invalid: must be an integer >= 1"},
-      {"bounce_max_mean_fragment_bytes negative",
-       [](Config& c) { c.bounce_max_mean_fragment_bytes = -1; },
-       "config: bounce_max_mean_fragment_bytes = -1 is invalid: must be an integer >= 1"},
+      {"transport_op_ns negative", [](Config& c) { c.transport_op_ns = -1; },
+       "config: transport_op_ns = -1 is invalid: must be an integer >= 0 and <= 1000000000 (0: "
+       "the transport's own figure)"},
+      {"transport_op_ns too large", [](Config& c) { c.transport_op_ns = Config::kMaxOpNs + 1; },
+       "config: transport_op_ns = 1000000001 is invalid: must be an integer >= 0 and <= "
+       "1000000000 (0: the transport's own figure)"},
+      {"transport_op_ns max", [](Config& c) { c.transport_op_ns = Config::kMaxOpNs; }, ""},
+      {"transport_mb_per_s negative", [](Config& c) { c.transport_mb_per_s = -5; },
+       "config: transport_mb_per_s = -5 is invalid: must be an integer >= 0 and <= 1000000000 "
+       "(0: the transport's own figure)"},
+      {"transport_mb_per_s too large",
+       [](Config& c) { c.transport_mb_per_s = Config::kMaxMbPerS + 1; },
+       "config: transport_mb_per_s = 1000000001 is invalid: must be an integer >= 0 and <= "
+       "1000000000 (0: the transport's own figure)"},
+      {"transport_mb_per_s one", [](Config& c) { c.transport_mb_per_s = 1; }, ""},
+      {"copy_run_ns negative", [](Config& c) { c.copy_run_ns = -1; },
+       "config: copy_run_ns = -1 is invalid: must be an integer >= 0 and <= 1000000000 (0: the "
+       "copy engine's own figure)"},
+      {"copy_run_ns max", [](Config& c) { c.copy_run_ns = Config::kMaxOpNs; }, ""},
+      {"copy_mb_per_s negative", [](Config& c) { c.copy_mb_per_s = -1; },
+       "config: copy_mb_per_s = -1 is invalid: must be an integer >= 0 and <= 1000000000 (0: "
+       "the copy engine's own figure)"},
+      {"copy_mb_per_s too large", [](Config& c) { c.copy_mb_per_s = INT64_MAX; },
+       "config: copy_mb_per_s = 9223372036854775807 is invalid: must be an integer >= 0 and <= "
+       "1000000000 (0: the copy engine's own figure)"},
+      {"copy_mb_per_s max", [](Config& c) { c.copy_mb_per_s = Config::kMaxMbPerS; }, ""},
   };
   for (const RuleCase& c : cases) {
     SCOPED_TRACE(c.name);
@@ -162,15 +178,19 @@ TEST(ConfigSetTest, GoodTextForEveryField) {
   ASSERT_TRUE(config.Set("transfer_timeout_ms", "1500").ok());
   ASSERT_TRUE(config.Set("reserve_timeout_ms", "0").ok());
   ASSERT_TRUE(config.Set("path", "bounce").ok());
-  ASSERT_TRUE(config.Set("bounce_min_fragments", "16").ok());
-  ASSERT_TRUE(config.Set("bounce_max_mean_fragment_bytes", "65536").ok());
+  ASSERT_TRUE(config.Set("transport_op_ns", "2500").ok());
+  ASSERT_TRUE(config.Set("transport_mb_per_s", "12000").ok());
+  ASSERT_TRUE(config.Set("copy_run_ns", "40").ok());
+  ASSERT_TRUE(config.Set("copy_mb_per_s", "9000").ok());
   EXPECT_EQ(config.bounce_size_mb, 256);
   EXPECT_EQ(config.num_workers, 4);
   EXPECT_EQ(config.transfer_timeout_ms, 1500);
   EXPECT_EQ(config.reserve_timeout_ms, 0);
   EXPECT_EQ(config.path, TransferPath::kBounce);
-  EXPECT_EQ(config.bounce_min_fragments, 16);
-  EXPECT_EQ(config.bounce_max_mean_fragment_bytes, 65536);
+  EXPECT_EQ(config.transport_op_ns, 2500);
+  EXPECT_EQ(config.transport_mb_per_s, 12000);
+  EXPECT_EQ(config.copy_run_ns, 40);
+  EXPECT_EQ(config.copy_mb_per_s, 9000);
   EXPECT_TRUE(config.Validate().ok());
 
   for (std::string_view name : {"per-block", "direct", "auto"}) {
@@ -182,17 +202,17 @@ TEST(ConfigSetTest, GoodTextForEveryField) {
   EXPECT_EQ(config.num_workers, 7);
   ASSERT_TRUE(config.Set("bounce_size_mb", "-0").ok());
   EXPECT_EQ(config.bounce_size_mb, 0);
-  // Large but in range.
-  ASSERT_TRUE(config.Set("bounce_min_fragments", "9223372036854775807").ok());
-  EXPECT_EQ(config.bounce_min_fragments, INT64_MAX);
+  // At the limit.
+  ASSERT_TRUE(config.Set("transport_mb_per_s", "1000000000").ok());
+  EXPECT_EQ(config.transport_mb_per_s, 1000000000);
 }
 
 TEST(ConfigSetTest, DashesAreAcceptedForUnderscores) {
   Config config;
   ASSERT_TRUE(config.Set("bounce-size-mb", "8").ok());
-  ASSERT_TRUE(config.Set("bounce-max-mean-fragment-bytes", "1024").ok());
+  ASSERT_TRUE(config.Set("transport-op-ns", "1024").ok());
   EXPECT_EQ(config.bounce_size_mb, 8);
-  EXPECT_EQ(config.bounce_max_mean_fragment_bytes, 1024);
+  EXPECT_EQ(config.transport_op_ns, 1024);
 }
 
 struct BadText {
@@ -238,7 +258,8 @@ TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
       {"num_workers", "257"},        {"transfer_timeout_ms", "0"},
       {"transfer_timeout_ms", "-1"}, {"transfer_timeout_ms", "2592000001"},
       {"reserve_timeout_ms", "-1"},  {"reserve_timeout_ms", "2592000001"},
-      {"bounce_min_fragments", "0"}, {"bounce_max_mean_fragment_bytes", "0"},
+      {"transport_op_ns", "-1"},     {"transport_mb_per_s", "1000000001"},
+      {"copy_run_ns", "-7"},         {"copy_mb_per_s", "1000000001"},
   };
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(std::string(key) + " = " + std::string(value));
@@ -286,9 +307,10 @@ TEST(ConfigSetTest, UnknownKeyListsTheKnownKeys) {
 
 TEST(ConfigTest, KeysAreTheFieldsInOrder) {
   const std::vector<std::string_view> keys(Config::Keys().begin(), Config::Keys().end());
-  EXPECT_EQ(keys, (std::vector<std::string_view>{
-                      "bounce_size_mb", "num_workers", "transfer_timeout_ms", "reserve_timeout_ms",
-                      "path", "bounce_min_fragments", "bounce_max_mean_fragment_bytes"}));
+  EXPECT_EQ(keys,
+            (std::vector<std::string_view>{"bounce_size_mb", "num_workers", "transfer_timeout_ms",
+                                           "reserve_timeout_ms", "path", "transport_op_ns",
+                                           "transport_mb_per_s", "copy_run_ns", "copy_mb_per_s"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -343,11 +365,13 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   config.bounce_size_mb = 64;
   config.num_workers = 3;
   config.path = TransferPath::kPerBlock;
-  config.bounce_max_mean_fragment_bytes = 4096;
+  config.transport_op_ns = 4096;
+  config.copy_mb_per_s = 20000;
   const std::string text = config.ToString();
   EXPECT_EQ(text,
             "bounce_size_mb=64 num_workers=3 transfer_timeout_ms=60000 reserve_timeout_ms=200 "
-            "path=per-block bounce_min_fragments=64 bounce_max_mean_fragment_bytes=4096");
+            "path=per-block transport_op_ns=4096 transport_mb_per_s=0 copy_run_ns=0 "
+            "copy_mb_per_s=20000");
   std::string lines = text;
   for (char& c : lines) {
     if (c == ' ') c = '\n';
@@ -355,36 +379,6 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   Result<Config> parsed = Config::FromText(lines);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(*parsed, config);
-}
-
-// --- ResolvePath ------------------------------------------------------------------
-
-TEST(ConfigResolvePathTest, ExplicitPathsAreKept) {
-  Config config;
-  config.bounce_size_mb = 1;
-  for (TransferPath path :
-       {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
-    config.path = path;
-    EXPECT_EQ(config.ResolvePath(true, 1, 1), path);
-    EXPECT_EQ(config.ResolvePath(false, 100000, 100000), path);
-  }
-}
-
-TEST(ConfigResolvePathTest, AutoFollowsTheThresholds) {
-  Config config;
-  config.bounce_size_mb = 256;
-  const uint64_t kMean = 256 * kKiB;
-  EXPECT_EQ(config.ResolvePath(true, 40960, 40960 * 8 * kKiB), TransferPath::kDirect);
-  EXPECT_EQ(config.ResolvePath(false, 64, 64 * kMean), TransferPath::kBounce);
-  EXPECT_EQ(config.ResolvePath(false, 63, 63 * kMean), TransferPath::kPerBlock);
-  EXPECT_EQ(config.ResolvePath(false, 64, 64 * kMean + 1), TransferPath::kPerBlock);
-  EXPECT_EQ(config.ResolvePath(false, 0, 0), TransferPath::kPerBlock);
-  // DESIGN §4's examples.
-  EXPECT_EQ(config.ResolvePath(false, 40960, 40960 * 8 * kKiB), TransferPath::kBounce);
-  EXPECT_EQ(config.ResolvePath(false, 256, 256 * 1280 * kKiB), TransferPath::kPerBlock);
-  // Arena off: never bounce.
-  config.bounce_size_mb = 0;
-  EXPECT_EQ(config.ResolvePath(false, 40960, 40960 * 8 * kKiB), TransferPath::kPerBlock);
 }
 
 // --- ApplyEnvironment ----------------------------------------------------------------

@@ -304,6 +304,29 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         EXPECT_EQ(sender_only->gather, full->gather);
         EXPECT_EQ(receiver_only->scatter, full->scatter);
 
+        // Counting walks the same lists without building them.
+        auto counted = CountPlanRuns(writer, to_direct, tokens);
+        ASSERT_TRUE(counted.ok()) << counted.status();
+        EXPECT_EQ(counted->packed_bytes, full->packed_bytes);
+        EXPECT_EQ(counted->gather, full->gather.size());
+        EXPECT_EQ(counted->scatter, full->scatter.size());
+        EXPECT_EQ(counted->direct, dir->direct.size());
+        // The receiver's count, without the writer's table, is that of a
+        // table of descending (never adjacent) blocks.
+        std::vector<int32_t> descending(ctx.tables[c].size());
+        for (size_t i = 0; i < descending.size(); ++i) {
+          descending[i] = static_cast<int32_t>(descending.size() - 1 - i);
+        }
+        auto unknown = CountPlanRuns(PlanSide{ctx.topology.get(), c, &ctx.layouts[c], {}},
+                                     to_direct, tokens, kPlanGather | kPlanDirect);
+        auto stand_in = PlanPair(PlanSide{ctx.topology.get(), c, &ctx.layouts[c], descending},
+                                 to_direct, tokens, kPlanGather | kPlanDirect);
+        ASSERT_TRUE(unknown.ok()) << unknown.status();
+        ASSERT_TRUE(stand_in.ok()) << stand_in.status();
+        EXPECT_EQ(unknown->gather, stand_in->gather.size());
+        EXPECT_EQ(unknown->direct, stand_in->direct.size());
+        EXPECT_EQ(unknown->scatter, 0u);  // not asked for
+
         if (full->packed_bytes == 0) {
           EXPECT_TRUE(full->gather.empty() && full->scatter.empty() && dir->direct.empty());
           continue;

@@ -66,6 +66,31 @@ TEST(PlannerTest, Llama70bTp8ToTp4MatchesTheDesignExample) {
   }
 }
 
+TEST(PlannerTest, CountsWithoutTheWritersTableAssumeScatteredBlocks) {
+  // What the receiver estimates for DESIGN §4's example: the writer's table
+  // is unknown to it.
+  const Instance ctx = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 512);
+  const Instance gen = Make("llama-3.1-70b", 4, 1, LayoutKind::kBlockMajorHnd, 512);
+  auto runs = CountPlanRuns({&ctx.topology, 0, &ctx.pools[0], {}},
+                            {&gen.topology, 0, &gen.pools[0], Shuffled(512, 2)}, {0, 8192});
+  ASSERT_TRUE(runs.ok()) << runs.status();
+  EXPECT_EQ(runs->packed_bytes, 335544320u);
+  EXPECT_EQ(runs->direct, 40960u);
+  EXPECT_EQ(runs->scatter, 40960u);
+  EXPECT_EQ(runs->gather, 256u);  // one run per writer block
+  // A known, sequential writer table merges the gather runs into one.
+  std::vector<int32_t> sequential(256);
+  std::iota(sequential.begin(), sequential.end(), 0);
+  auto merged = CountPlanRuns({&ctx.topology, 0, &ctx.pools[0], sequential},
+                              {&gen.topology, 0, &gen.pools[0], Shuffled(512, 2)}, {0, 8192});
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->gather, 1u);
+  // Errors are PlanPair's.
+  EXPECT_FALSE(CountPlanRuns({&ctx.topology, 0, &ctx.pools[0], {}},
+                             {&gen.topology, 0, &gen.pools[0], {}}, {0, 8192})
+                   .ok());
+}
+
 TEST(PlannerTest, SameTpMovesWholeBlocksAndMergesConsecutiveOnes) {
   const Instance ctx = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 256);
   const Instance gen = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 256);

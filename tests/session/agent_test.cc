@@ -4,13 +4,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
-#include <nlohmann/json.hpp>
-#include <random>
 #include <functional>
 #include <limits>
+#include <nlohmann/json.hpp>
+#include <random>
 
 #include "common/status_matchers.h"
+#include "kvbounce/transports.h"
+#include "session/agent_internal.h"
 #include "tools/cluster.h"
 #include "transport/loopback/loopback_transport.h"
 
@@ -44,9 +47,13 @@ class AgentCreateTest : public ::testing::Test {
 
 TEST_F(AgentCreateTest, InvalidOptionsNameTheField) {
   AgentOptions o = Options();
-  o.transport.reset();
+  o.config.transport_op_ns = -1;
   EXPECT_THAT(Agent::Create(std::move(o)),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("transport")));
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("transport_op_ns = -1")));
+  o = Options();
+  o.config.copy_mb_per_s = Config::kMaxMbPerS + 1;
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("copy_mb_per_s = 1000000001")));
   o = Options();
   o.instance_id = "";
   EXPECT_THAT(Agent::Create(std::move(o)),
@@ -352,6 +359,277 @@ TEST_F(AgentCreateTest, AnIncompatiblePeerIsAnInvalidArgument) {
   const std::vector<std::string> address = {(*ctx_agent)->Address()};
   EXPECT_THAT((*gen_agent)->Connect(address),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("another model")));
+}
+
+}  // namespace
+}  // namespace kvbounce
+
+namespace kvbounce {
+namespace {
+
+// --- Agent::Create builds the transport from AgentOptions::transport_spec.
+
+// Sets an environment variable for the scope of a test.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name_); }
+
+ private:
+  const char* name_;
+};
+
+// One ctx and one gen rank of CustomModel(2, 2, 8): tp 1 each, block-major,
+// 32 tokens per block, 4 blocks of 4 KiB each.
+class TransportSpecTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kBlockBytes = 2 * 2 * 2 * 32 * 8 * 2;
+
+  AgentOptions Options(Role role, std::vector<std::byte>& pool) {
+    AgentOptions o;
+    o.instance_id = role == Role::kCtx ? "ctx0" : "gen0";
+    o.role = role;
+    o.instance.model = *CustomModel(2, 2, 8, false);
+    o.pool.bases = {Addr::FromPointer(pool.data())};
+    o.pool.num_blocks = 4;
+    return o;
+  }
+
+  std::shared_ptr<LoopbackFabric> fabric_ = NewLoopbackFabric();
+  std::vector<std::byte> ctx_pool_ = std::vector<std::byte>(4 * kBlockBytes);
+  std::vector<std::byte> gen_pool_ = std::vector<std::byte>(4 * kBlockBytes, std::byte{0});
+};
+
+TEST_F(TransportSpecTest, LoopbackSpecWorksEndToEnd) {
+  for (size_t i = 0; i < ctx_pool_.size(); ++i) ctx_pool_[i] = static_cast<std::byte>(i * 7 + 1);
+  AgentOptions c = Options(Role::kCtx, ctx_pool_);
+  c.transport_spec.kind = "loopback";
+  c.transport_spec.fabric = fabric_;  // name: "<instance>-<rank>"
+  AgentOptions g = Options(Role::kGen, gen_pool_);
+  g.transport_spec.kind = "loopback";
+  g.transport_spec.fabric = fabric_;
+  g.transport_spec.loopback_name = "decode";
+  auto ctx = Agent::Create(std::move(c));
+  ASSERT_THAT(ctx, IsOk());
+  auto gen = Agent::Create(std::move(g));
+  ASSERT_THAT(gen, IsOk());
+  EXPECT_EQ((*ctx)->Address(), "loopback:ctx0-0");
+  EXPECT_EQ((*gen)->Address(), "loopback:decode");
+  const std::vector<std::string> address = {(*ctx)->Address()};
+  ASSERT_THAT((*gen)->Connect(address), IsOk());
+
+  const std::vector<int32_t> ctx_table = {2, 0};
+  const std::vector<int32_t> gen_table = {1, 3};
+  auto published = (*ctx)->Publish(1, ctx_table, 64);
+  ASSERT_THAT(published, IsOk());
+  auto pull = (*gen)->Pull(1, "ctx0", gen_table, {0, 64});
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_THAT((*pull)->Wait(), IsOk());
+  EXPECT_THAT((*published)->Wait(), IsOk());
+  for (size_t b = 0; b < 2; ++b) {
+    const std::byte* from = ctx_pool_.data() + static_cast<size_t>(ctx_table[b]) * kBlockBytes;
+    const std::byte* to = gen_pool_.data() + static_cast<size_t>(gen_table[b]) * kBlockBytes;
+    EXPECT_EQ(std::memcmp(from, to, kBlockBytes), 0) << "block " << b;
+  }
+}
+
+TEST_F(TransportSpecTest, BadSpecsNameTheField) {
+  AgentOptions o = Options(Role::kCtx, ctx_pool_);
+  o.transport_spec.kind = "tcp";
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument,
+                       HasSubstr("transport_spec.kind = \"tcp\" is invalid: must be one of ucx, "
+                                 "loopback")));
+  o = Options(Role::kCtx, ctx_pool_);
+  o.transport_spec.kind = "loopback";  // no fabric
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("transport_spec.fabric")));
+  // A name taken on the fabric.
+  auto taken = *NewLoopbackTransport(fabric_, "ctx0-0");
+  o = Options(Role::kCtx, ctx_pool_);
+  o.transport_spec.kind = "loopback";
+  o.transport_spec.fabric = fabric_;
+  EXPECT_THAT(Agent::Create(std::move(o)),
+              StatusIs(StatusCode::kAlreadyExists, HasSubstr("transport_spec (loopback)")));
+}
+
+TEST_F(TransportSpecTest, AReadyMadeTransportWins) {
+  AgentOptions o = Options(Role::kCtx, ctx_pool_);
+  o.transport_spec.kind = "no such transport";
+  o.transport = *NewLoopbackTransport(fabric_, "given");
+  auto agent = Agent::Create(std::move(o));
+  ASSERT_THAT(agent, IsOk());
+  EXPECT_EQ((*agent)->Address(), "loopback:given");
+}
+
+TEST_F(TransportSpecTest, UcxSpecGetsTheWorkersAfterTheEnvironment) {
+  std::vector<UcxTransportOptions> made;
+  AgentHooks hooks;
+  hooks.make_ucx_transport =
+      [&](const UcxTransportOptions& options) -> Result<std::unique_ptr<Transport>> {
+    made.push_back(options);
+    return NewLoopbackTransport(fabric_, "ucx-stand-in-" + std::to_string(made.size()));
+  };
+  auto options = [&] {
+    AgentOptions o = Options(Role::kCtx, ctx_pool_);
+    o.transport_spec.kind = "ucx";
+    o.transport_spec.listen_address = "0.0.0.0:4711";
+    o.transport_spec.put_chunk_bytes = 256 << 10;
+    o.transport_spec.same_host_shared_memory = false;
+    o.connect_timeout = milliseconds(1234);
+    o.config.num_workers = 2;
+    return o;
+  };
+  {
+    ScopedEnv env("KVBOUNCE_NUM_WORKERS", "3");
+    ASSERT_THAT(CreateAgent(options(), hooks), IsOk());
+  }
+  ASSERT_EQ(made.size(), 1u);
+  EXPECT_EQ(made[0].num_workers, 3);  // the override reached the transport
+  EXPECT_EQ(made[0].listen_address, "0.0.0.0:4711");
+  EXPECT_EQ(made[0].put_chunk_bytes, uint64_t{256} << 10);
+  EXPECT_FALSE(made[0].same_host_shared_memory);
+  EXPECT_EQ(made[0].connect_timeout, milliseconds(1234));
+  {
+    ScopedEnv env("KVBOUNCE_NUM_WORKERS", "0");  // invalid: ignored
+    ASSERT_THAT(CreateAgent(options(), hooks), IsOk());
+  }
+  ASSERT_EQ(made.size(), 2u);
+  EXPECT_EQ(made[1].num_workers, 2);
+
+  // The factory's error reaches the caller, naming the spec.
+  hooks.make_ucx_transport = [](const UcxTransportOptions&) -> Result<std::unique_ptr<Transport>> {
+    return UnavailableError("cannot listen");
+  };
+  EXPECT_THAT(CreateAgent(options(), hooks),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("transport_spec (ucx)")));
+}
+
+// --- `auto` over real agents: the receiver prices each path with its
+//     connections' and copy engine's figures and the config's overrides.
+
+// A loopback transport that cannot map peer memory (as UCX between hosts):
+// every call is forwarded, Caps and PeerCaps say map_remote = false.
+class UnmappedTransport final : public Transport {
+ public:
+  explicit UnmappedTransport(std::unique_ptr<Transport> inner) : inner_(std::move(inner)) {}
+  TransportCaps Caps() const override {
+    TransportCaps caps = inner_->Caps();
+    caps.map_remote = false;
+    return caps;
+  }
+  Result<TransportCaps> PeerCaps(PeerId peer) const override {
+    KVB_ASSIGN_OR_RETURN(TransportCaps caps, inner_->PeerCaps(peer));
+    caps.map_remote = false;
+    return caps;
+  }
+  std::string Address() const override { return inner_->Address(); }
+  Status Start(TransportCallbacks callbacks) override {
+    return inner_->Start(std::move(callbacks));
+  }
+  Result<PeerId> Connect(std::string_view address) override { return inner_->Connect(address); }
+  Status Send(PeerId peer, std::span<const std::byte> frame) override {
+    return inner_->Send(peer, frame);
+  }
+  Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
+                                                MemoryKind kind) override {
+    return inner_->Register(address, bytes, kind);
+  }
+  Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override {
+    return inner_->Import(peer, info);
+  }
+  using Transport::Write;
+  Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
+               TransportDone done, std::stop_token stop) override {
+    return inner_->Write(source, target, ops, std::move(done), std::move(stop));
+  }
+  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion&) override {
+    return UnimplementedError("unmapped transport");
+  }
+  Status Flush(PeerId peer, TransportDone done) override {
+    return inner_->Flush(peer, std::move(done));
+  }
+  void Disconnect(PeerId peer, const Status& reason) override { inner_->Disconnect(peer, reason); }
+  void Shutdown() override { inner_->Shutdown(); }
+  TransportStats Stats() const override { return inner_->Stats(); }
+
+ private:
+  std::unique_ptr<Transport> inner_;
+};
+
+class AutoPathTest : public TransportSpecTest {
+ protected:
+  // Connects a ctx and a gen agent with `gen_config`, both with 1 MiB
+  // arenas; `mapped`: on plain loopback transports (direct available), else
+  // on UnmappedTransports.
+  void Connect(Config gen_config, bool mapped) {
+    auto transport = [&](const char* name) -> std::unique_ptr<Transport> {
+      std::unique_ptr<Transport> t = *NewLoopbackTransport(fabric_, name);
+      if (mapped) return t;
+      return std::make_unique<UnmappedTransport>(std::move(t));
+    };
+    AgentOptions c = Options(Role::kCtx, ctx_pool_);
+    c.config.bounce_size_mb = 1;
+    c.transport = transport("ctx");
+    AgentOptions g = Options(Role::kGen, gen_pool_);
+    gen_config.bounce_size_mb = 1;
+    g.config = gen_config;
+    g.transport = transport("gen");
+    ctx_ = *Agent::Create(std::move(c));
+    gen_ = *Agent::Create(std::move(g));
+    const std::vector<std::string> address = {ctx_->Address()};
+    ASSERT_THAT(gen_->Connect(address), IsOk());
+  }
+
+  // Moves 4 blocks (scattered, so 4 runs) and returns the path auto took.
+  TransferPath RunAuto(uint64_t id) {
+    const std::vector<int32_t> ctx_table = {3, 1, 2, 0};
+    const std::vector<int32_t> gen_table = {0, 2, 1, 3};
+    auto published = ctx_->Publish(id, ctx_table, 128);
+    auto pull = gen_->Pull(id, "ctx0", gen_table, {0, 128});
+    EXPECT_THAT(pull, IsOk());
+    if (!pull.ok()) return TransferPath::kAuto;
+    EXPECT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_THAT((*published)->Wait(), IsOk());
+    EXPECT_EQ((*pull)->info().path_requested, TransferPath::kAuto);
+    return (*pull)->info().path_taken;
+  }
+
+  std::unique_ptr<Agent> ctx_;
+  std::unique_ptr<Agent> gen_;
+};
+
+TEST_F(AutoPathTest, LoopbackTakesDirect) {
+  Connect(Config(), /*mapped=*/true);
+  EXPECT_EQ(RunAuto(1), TransferPath::kDirect);
+}
+
+TEST_F(AutoPathTest, ASlowCopyEngineMakesItWrite) {
+  Config config;
+  config.copy_mb_per_s = 1;  // the copy engine is said to move 1 byte per µs
+  Connect(config, /*mapped=*/true);
+  EXPECT_EQ(RunAuto(1), TransferPath::kPerBlock);
+}
+
+TEST_F(AutoPathTest, WithoutMappingACostlyLinkBounces) {
+  // Four runs: per-block pays 5 ops and 2 steps, bounce 2 ops and 4 steps
+  // plus two passes over 16 KiB.
+  Config costly;
+  costly.transport_op_ns = 100000;  // 100 µs per write op
+  Connect(costly, /*mapped=*/false);
+  EXPECT_EQ(RunAuto(1), TransferPath::kBounce);
+}
+
+TEST_F(AutoPathTest, WithoutMappingACheapLinkWrites) {
+  Config cheap;
+  cheap.transport_op_ns = 1000;  // 1 µs per write op
+  Connect(cheap, /*mapped=*/false);
+  EXPECT_EQ(RunAuto(1), TransferPath::kPerBlock);
+  // A forced direct is refused: the writer cannot map this pool.
+  PullOptions direct;
+  direct.path = TransferPath::kDirect;
+  EXPECT_THAT(gen_->Pull(2, "ctx0", std::vector<int32_t>{0, 1, 2, 3}, {0, 128}, direct),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("cannot")));
 }
 
 }  // namespace

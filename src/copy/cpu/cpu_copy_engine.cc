@@ -7,6 +7,7 @@
 #include <system_error>
 #include <utility>
 
+#include "common/memcpy_rate.h"
 #include "kvbounce/logging.h"
 
 namespace kvbounce {
@@ -20,6 +21,7 @@ Result<std::unique_ptr<CpuCopyEngine>> CpuCopyEngine::Create(const Options& opti
   if (options.min_chunk_bytes == 0) {
     return InvalidArgumentError("cpu copy engine: min_chunk_bytes = 0 is invalid: must be >= 1");
   }
+  MemcpyBytesPerUs();  // measure now (once per process), not on a request's path
   Options resolved = options;
   if (resolved.num_threads == 0) {
     const unsigned hardware = std::thread::hardware_concurrency();
@@ -41,6 +43,13 @@ Result<std::unique_ptr<CpuCopyEngine>> CpuCopyEngine::Create(const Options& opti
 }
 
 CpuCopyEngine::CpuCopyEngine(const Options& options) : options_(options) {}
+
+CopyEngineCaps CpuCopyEngine::Caps() const {
+  return CopyEngineCaps{
+      .host_memory = true,
+      .device_memory = false,
+      .cost = CopyCost{.batch_us = 0, .run_us = kRunUs, .bytes_per_us = MemcpyBytesPerUs()}};
+}
 
 CpuCopyEngine::~CpuCopyEngine() {
   const std::thread::id self = std::this_thread::get_id();

@@ -25,6 +25,14 @@
 // remote address is undefined behaviour (a crash, most likely): callers check
 // Caps() against the memory they pass.
 //
+// Cost (Caps().cost, for `auto`, docs/paths.md): no batch cost beyond the
+// hand-off to a worker (which the estimate counts separately); kRunUs per
+// fragment (calibrated: the stop-token check and the call around each
+// memcpy, ~10-50 ns on the development machine); and the host's
+// single-thread memcpy rate, MEASURED once per process when the first engine
+// is created (common/memcpy_rate.h: a few ms). Splitting a batch across
+// workers may beat that rate; the estimate does not count on it.
+//
 // Threads: the engine owns `num_threads` worker threads, started by Create and
 // joined by the destructor. Submit is thread-safe and never blocks on a copy;
 // queued work is served first come, first served.
@@ -104,10 +112,11 @@ class CpuCopyEngine final : public CopyEngine {
   // Finishes every accepted batch, then joins the workers (see file comment).
   ~CpuCopyEngine() override;
 
+  // Per fragment, in µs (see "Cost" in the file comment).
+  static constexpr double kRunUs = 0.05;
+
   std::string_view Name() const override { return "cpu"; }
-  CopyEngineCaps Caps() const override {
-    return CopyEngineCaps{.host_memory = true, .device_memory = false};
-  }
+  CopyEngineCaps Caps() const override;
 
   int num_threads() const { return static_cast<int>(threads_.size()); }
   const Options& options() const { return options_; }

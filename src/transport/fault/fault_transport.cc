@@ -178,7 +178,17 @@ void FaultTransport::InjectDisconnect(PeerId peer) {
   inner_->Disconnect(peer, UnavailableError("injected disconnect"));
 }
 
-TransportCaps FaultTransport::Caps() const { return inner_->Caps(); }
+TransportCaps FaultTransport::Caps() const {
+  TransportCaps caps = inner_->Caps();
+  caps.concurrent_callbacks = true;
+  return caps;
+}
+
+Result<TransportCaps> FaultTransport::PeerCaps(PeerId peer) const {
+  KVB_ASSIGN_OR_RETURN(TransportCaps caps, inner_->PeerCaps(peer));
+  caps.concurrent_callbacks = true;
+  return caps;
+}
 
 std::string FaultTransport::Address() const { return inner_->Address(); }
 

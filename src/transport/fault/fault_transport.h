@@ -208,8 +208,13 @@ class FaultTransport final : public Transport {
   // The wrapped transport (e.g. to read its own counters).
   Transport& inner() { return *inner_; }
 
-  // Forwarded to the inner transport, with the faults above added.
+  // Forwarded to the inner transport (its cost included: injected delays
+  // are faults, not the link's price), except concurrent_callbacks, which
+  // is true: the timer thread runs callbacks alongside the inner
+  // transport's threads.
   TransportCaps Caps() const override;
+  // The inner transport's PeerCaps, adjusted as Caps() is.
+  Result<TransportCaps> PeerCaps(PeerId peer) const override;
   std::string Address() const override;
   // Errors: the inner transport's; kFailedPrecondition when already
   // started; kAborted after Shutdown.

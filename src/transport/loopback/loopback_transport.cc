@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/memcpy_rate.h"
 #include "kvbounce/logging.h"
 #include "transport/write_check.h"
 
@@ -1026,6 +1027,10 @@ TransportCaps LoopbackTransport::Caps() const {
   caps.host_memory = true;
   caps.device_memory = false;
   caps.map_remote = true;
+  caps.concurrent_callbacks = false;
+  caps.pending_writes_fail = true;
+  caps.cost.op_us = kLoopbackOpUs;
+  caps.cost.bytes_per_us = MemcpyBytesPerUs();
   return caps;
 }
 

@@ -269,8 +269,14 @@ class LoopbackTransport final : public Transport {
   // The endpoint's name on its fabric.
   const std::string& name() const;
 
-  // name "loopback", host_memory, map_remote; no device memory.
+  // name "loopback", host_memory, map_remote; no device memory; callbacks
+  // on one thread (concurrent_callbacks false); writes queued on a dead
+  // connection fail (pending_writes_fail). Cost: a write op is a memcpy on
+  // the transport's thread, so kLoopbackOpUs per op (calibrated: the
+  // liveness and stop checks around the call) and the host's memcpy rate
+  // (common/memcpy_rate.h, measured once per process) per byte.
   TransportCaps Caps() const override;
+  static constexpr double kLoopbackOpUs = 0.05;
   // "loopback:<name>".
   std::string Address() const override;
   // Starts the transport's thread. Errors: kFailedPrecondition when already

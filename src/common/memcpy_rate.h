@@ -1,0 +1,28 @@
+// The host's memcpy rate, measured once per process: the figure the CPU copy
+// engine and the loopback transport state as their byte rate (copy_engine.h
+// CopyCost, transport.h TransportCost), which `auto` compares the paths with
+// (docs/paths.md).
+//
+// The first call allocates 8 MiB, touches it, and copies 4 MiB three times on
+// the calling thread (a few ms: mostly the page faults); it keeps the fastest
+// copy's rate. Later calls return that figure. On a loaded machine the
+// figure may come out low; Config::copy_mb_per_s overrides it where a
+// reproducible choice matters.
+//
+// Thread safety: thread-safe; concurrent first calls measure once.
+#ifndef KVBOUNCE_COMMON_MEMCPY_RATE_H_
+#define KVBOUNCE_COMMON_MEMCPY_RATE_H_
+
+namespace kvbounce {
+
+// Bytes per microsecond (= MB/s) of one thread's memcpy of a few MiB; > 0.
+// When the buffer cannot be allocated, kFallbackMemcpyBytesPerUs.
+double MemcpyBytesPerUs();
+
+// What MemcpyBytesPerUs reports when it cannot measure (10 GB/s, a
+// conservative figure for one thread of a current server).
+inline constexpr double kFallbackMemcpyBytesPerUs = 10000;
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_COMMON_MEMCPY_RATE_H_

@@ -1,0 +1,117 @@
+#include "session/path_choice.h"
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
+namespace kvbounce {
+namespace {
+
+constexpr double kUnavailable = std::numeric_limits<double>::infinity();
+
+// Overrides first, then the stated figure, then the fallback.
+double Figure(int64_t override_value, double scale, double stated, double unknown) {
+  if (override_value > 0) return static_cast<double>(override_value) * scale;
+  if (stated > 0 && std::isfinite(stated)) return stated;
+  return unknown;
+}
+
+}  // namespace
+
+TransportCost EffectiveLinkCost(const Config& config, TransportCost stated) {
+  TransportCost cost;
+  cost.op_us = Figure(config.transport_op_ns, 1e-3, stated.op_us, kUnknownOpUs);
+  // 1 MB/s is one byte per µs.
+  cost.bytes_per_us =
+      Figure(config.transport_mb_per_s, 1, stated.bytes_per_us, kUnknownLinkBytesPerUs);
+  return cost;
+}
+
+CopyCost EffectiveCopyCost(const Config& config, CopyCost stated) {
+  CopyCost cost;
+  cost.batch_us = stated.batch_us > 0 && std::isfinite(stated.batch_us) ? stated.batch_us : 0;
+  cost.run_us = Figure(config.copy_run_ns, 1e-3, stated.run_us, kUnknownRunUs);
+  cost.bytes_per_us = Figure(config.copy_mb_per_s, 1, stated.bytes_per_us, kUnknownCopyBytesPerUs);
+  return cost;
+}
+
+PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> writers,
+                           const CopyCost& stated_copy, bool recv_arena) {
+  const CopyCost copy = EffectiveCopyCost(config, stated_copy);
+  PathEstimate e;
+  bool direct = !writers.empty();
+  bool bounce = recv_arena && !writers.empty();
+  for (const WriterLoad& w : writers) {
+    const TransportCost link = EffectiveLinkCost(config, w.link);
+    const double bytes = static_cast<double>(w.bytes);
+    const double on_link = bytes / link.bytes_per_us;
+    const double copied = bytes / copy.bytes_per_us;
+    e.per_block_us +=
+        2 * kHandOffUs + static_cast<double>(w.direct_runs + 1) * link.op_us + on_link;
+    e.bounce_us += 4 * kHandOffUs + 2 * link.op_us + on_link + 2 * copy.batch_us +
+                   static_cast<double>(w.gather_runs + w.scatter_runs) * copy.run_us + 2 * copied;
+    e.direct_us +=
+        kHandOffUs + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
+    direct = direct && w.direct;
+    bounce = bounce && w.send_arena;
+  }
+  if (!direct) e.direct_us = kUnavailable;
+  if (!bounce) e.bounce_us = kUnavailable;
+  return e;
+}
+
+Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
+                              std::span<const WriterLoad> writers, const CopyCost& copy,
+                              bool recv_arena, std::string_view transport_name) {
+  PathChoice choice;
+  switch (requested) {
+    case TransferPath::kPerBlock:
+      choice.path = TransferPath::kPerBlock;
+      return choice;
+    case TransferPath::kBounce:
+      if (!recv_arena) {
+        return InvalidArgumentError("Pull: the bounce path needs bounce_size_mb > 0");
+      }
+      choice.path = TransferPath::kBounce;
+      return choice;
+    case TransferPath::kDirect:
+      for (const WriterLoad& w : writers) {
+        if (!w.direct) {
+          return UnimplementedError(
+              "Pull: the direct path needs writers that can map this rank's pool; the " +
+              std::string(transport_name) + " transport cannot");
+        }
+      }
+      choice.path = TransferPath::kDirect;
+      return choice;
+    case TransferPath::kAuto:
+      break;
+  }
+  choice.estimate = EstimatePaths(config, writers, copy, recv_arena);
+  const PathEstimate& e = choice.estimate;
+  // Ties: direct (no transport), then per-block (no arena), then bounce.
+  choice.path = TransferPath::kPerBlock;
+  double best = e.per_block_us;
+  if (e.direct_us <= best) {
+    choice.path = TransferPath::kDirect;
+    best = e.direct_us;
+  }
+  if (e.bounce_us < best) choice.path = TransferPath::kBounce;
+  return choice;
+}
+
+std::string DescribeEstimate(const PathEstimate& estimate) {
+  auto one = [](const char* name, double us) {
+    char text[64];
+    if (std::isinf(us)) {
+      std::snprintf(text, sizeof(text), "%s n/a", name);
+    } else {
+      std::snprintf(text, sizeof(text), "%s %.1f us", name, us);
+    }
+    return std::string(text);
+  };
+  return one("per-block", estimate.per_block_us) + ", " + one("bounce", estimate.bounce_us) + ", " +
+         one("direct", estimate.direct_us);
+}
+
+}  // namespace kvbounce

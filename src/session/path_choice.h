@@ -1,0 +1,111 @@
+// The path a pull takes (DESIGN §5, docs/paths.md): a forced path is checked
+// and kept; `auto` estimates what each available path would cost for the
+// plan at hand and takes the cheapest.
+//
+// The estimate of one pull is the sum over its writers of
+//
+//   per-block  2 H + (D + 1) op + B / link
+//   bounce     4 H + 2 op + B / link                      (one write, a flush)
+//              + 2 batch + (G + S) run + 2 B / copy       (gather, scatter)
+//   direct     H + batch + D run + B / copy               (one batched copy)
+//
+// where, per writer, B is its packed bytes, D its direct-list runs (one
+// transport write each on per-block, one copy run each on direct), G and S
+// its gather and scatter runs; op and link are the connection's cost
+// (Transport::PeerCaps(peer).cost: fixed µs per write operation, bytes per
+// µs), batch, run and copy the copy engine's (CopyEngineCaps::cost), and H =
+// kHandOffUs the price of one asynchronous step: every copy batch, write
+// batch and flush ends with a completion posted back to the control thread.
+// The "+ 1 op" and "2 op" are the flush before the writer's KV_RESULT.
+//
+// Writers run in parallel on their own ranks, but every term scales alike
+// with their number, so the sum ranks the paths as the slowest writer would,
+// and it also charges the receiver's scatter, which serves all of them.
+// The writer's copy engine is priced with the receiver's figures (same
+// build, usually the same kind of host).
+//
+// Availability: direct only when every writer can map this rank's pool
+// (its HELLO says its transport can, and PeerCaps(peer).map_remote agrees);
+// bounce only with a recv arena here and a send arena at every writer (a
+// writer without one would write its gather runs one by one). A path that
+// is not available costs +infinity. Ties go to direct, then per-block.
+//
+// Thread safety: pure functions.
+#ifndef KVBOUNCE_SESSION_PATH_CHOICE_H_
+#define KVBOUNCE_SESSION_PATH_CHOICE_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "copy/copy_engine.h"
+#include "kvbounce/config.h"
+#include "kvbounce/status.h"
+#include "kvbounce/transport.h"
+
+namespace kvbounce {
+
+// The price of one hand-off between threads (µs): waking the thread that
+// takes a step and posting its completion back. Calibrated on the
+// development machine (docs/PERFORMANCE.md: a one-block request takes about
+// 0.10 ms on direct and 0.14 ms on per-block, which has two more steps).
+inline constexpr double kHandOffUs = 10;
+
+// The figures used for one the transport or the copy engine leaves at 0
+// (unknown) and the config does not override.
+inline constexpr double kUnknownOpUs = 5;                // a network or DMA op
+inline constexpr double kUnknownLinkBytesPerUs = 10000;  // 10 GB/s
+inline constexpr double kUnknownRunUs = 0.05;
+inline constexpr double kUnknownCopyBytesPerUs = 10000;  // 10 GB/s
+
+// What one writer of a pull moves, and over what.
+struct WriterLoad {
+  uint64_t bytes = 0;         // its packed stream
+  uint64_t direct_runs = 0;   // D above
+  uint64_t gather_runs = 0;   // G
+  uint64_t scatter_runs = 0;  // S
+  TransportCost link;         // as the transport states it for the connection
+  bool direct = false;        // direct is available with this writer
+  bool send_arena = false;    // the writer can gather (bounce)
+};
+
+// The estimate of each path, in µs; +infinity when it is not available.
+struct PathEstimate {
+  double per_block_us = 0;
+  double bounce_us = 0;
+  double direct_us = 0;
+};
+
+struct PathChoice {
+  TransferPath path = TransferPath::kPerBlock;
+  PathEstimate estimate;  // filled for kAuto only
+};
+
+// `stated` with the config's overrides (transport_op_ns, transport_mb_per_s)
+// applied, and the kUnknown* figures for what is still 0.
+TransportCost EffectiveLinkCost(const Config& config, TransportCost stated);
+// `stated` with copy_run_ns and copy_mb_per_s applied, and the kUnknown*
+// figures for what is still 0 (batch_us stays as stated).
+CopyCost EffectiveCopyCost(const Config& config, CopyCost stated);
+
+// The formula above, with the effective figures. `recv_arena`: this rank
+// has one.
+PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> writers,
+                           const CopyCost& copy, bool recv_arena);
+
+// The path of a pull that asked for `requested` (kAuto: the config's path
+// already substituted, so kAuto means "choose"). Forced paths are returned
+// as they are, when available. Errors: kUnimplemented (direct asked, a
+// writer cannot map this rank's pool; the message names `transport_name`),
+// kInvalidArgument (bounce asked without a recv arena: bounce_size_mb = 0).
+Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
+                              std::span<const WriterLoad> writers, const CopyCost& copy,
+                              bool recv_arena, std::string_view transport_name);
+
+// "per-block 120.5 us, bounce 80.1 us, direct n/a", for logs.
+std::string DescribeEstimate(const PathEstimate& estimate);
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_SESSION_PATH_CHOICE_H_

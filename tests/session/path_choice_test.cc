@@ -1,0 +1,183 @@
+// `auto`'s chooser (session/path_choice.h): the path with the lowest
+// estimate, from the transport's and the copy engine's figures and the
+// config's overrides; forced paths as asked, when available.
+#include "session/path_choice.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/status_matchers.h"
+
+namespace kvbounce {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::IsOk;
+using testing_util::StatusIs;
+
+constexpr uint64_t kKiB = 1024;
+constexpr uint64_t kMiB = 1024 * kKiB;
+
+// A network link: 5 µs per write op, 10 GB/s.
+constexpr TransportCost kNetwork{.op_us = 5, .bytes_per_us = 10000};
+// Loopback: a memcpy per op.
+constexpr TransportCost kMemcpyLink{.op_us = 0.05, .bytes_per_us = 10000};
+// The CPU engine: 50 ns per run, 10 GB/s.
+constexpr CopyCost kCpu{.batch_us = 0, .run_us = 0.05, .bytes_per_us = 10000};
+
+// `writers` writers, each `runs` fragments of `fragment` bytes (direct,
+// gather and scatter lists alike).
+std::vector<WriterLoad> Loads(int writers, uint64_t runs, uint64_t fragment, TransportCost link,
+                              bool direct = false) {
+  WriterLoad load;
+  load.bytes = runs * fragment;
+  load.direct_runs = load.gather_runs = load.scatter_runs = runs;
+  load.link = link;
+  load.direct = direct;
+  load.send_arena = true;
+  return std::vector<WriterLoad>(static_cast<size_t>(writers), load);
+}
+
+TransferPath Auto(const Config& config, const std::vector<WriterLoad>& loads,
+                  bool recv_arena = true, CopyCost copy = kCpu) {
+  Result<PathChoice> choice =
+      ChoosePath(config, TransferPath::kAuto, loads, copy, recv_arena, "test");
+  EXPECT_THAT(choice, IsOk());
+  return choice.ok() ? choice->path : TransferPath::kAuto;
+}
+
+TEST(PathChoiceTest, FewLargeFragmentsStayPerBlock) {
+  // DESIGN §4: llama-3.1-70b TP8 -> TP8, 256 fragments of 1.25 MiB.
+  EXPECT_EQ(Auto(Config(), Loads(1, 256, 1280 * kKiB, kNetwork)), TransferPath::kPerBlock);
+  // A one-block request: the extra steps of a bounce cost more than one op.
+  EXPECT_EQ(Auto(Config(), Loads(1, 1, 64, kNetwork)), TransferPath::kPerBlock);
+}
+
+TEST(PathChoiceTest, ManyTinyFragmentsOnACostlyLinkBounce) {
+  // DESIGN §4: TP8 -> TP4, 40,960 fragments of 8 KiB per writer, two writers.
+  const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork);
+  EXPECT_EQ(Auto(Config(), loads), TransferPath::kBounce);
+  const PathEstimate e = EstimatePaths(Config(), loads, kCpu, true);
+  // per-block: 2 x (20 + 40,961 x 5 + 320 MiB / 10,000) µs.
+  EXPECT_NEAR(e.per_block_us, 2 * (20 + 40961 * 5.0 + 320.0 * kMiB / 10000), 1);
+  // bounce: 2 x (40 + 2 x 5 + 320 MiB / 10,000 + 81,920 x 0.05 + 2 x 320 MiB / 10,000) µs.
+  EXPECT_NEAR(e.bounce_us, 2 * (40 + 10 + 3 * 320.0 * kMiB / 10000 + 81920 * 0.05), 1);
+  EXPECT_TRUE(std::isinf(e.direct_us));
+}
+
+TEST(PathChoiceTest, ACheapLinkNeverBounces) {
+  // A memcpy per op: the extra passes of a bounce never pay.
+  EXPECT_EQ(Auto(Config(), Loads(4, 4096, 8 * kKiB, kMemcpyLink)), TransferPath::kPerBlock);
+  EXPECT_EQ(Auto(Config(), Loads(1, 100000, 64, kMemcpyLink)), TransferPath::kPerBlock);
+}
+
+TEST(PathChoiceTest, DirectWhenAvailableAndCheapest) {
+  // Loopback: one batched copy against one memcpy per op plus a flush.
+  EXPECT_EQ(Auto(Config(), Loads(4, 4096, 8 * kKiB, kMemcpyLink, true)), TransferPath::kDirect);
+  EXPECT_EQ(Auto(Config(), Loads(1, 1, 64, kMemcpyLink, true)), TransferPath::kDirect);
+  // Only when every writer can map this pool.
+  std::vector<WriterLoad> mixed = Loads(2, 4096, 8 * kKiB, kMemcpyLink, true);
+  mixed[1].direct = false;
+  EXPECT_EQ(Auto(Config(), mixed), TransferPath::kPerBlock);
+  // Available but not the cheapest: a copy engine far slower than the link.
+  const CopyCost slow_copy{.batch_us = 0, .run_us = 0.05, .bytes_per_us = 100};
+  EXPECT_EQ(Auto(Config(), Loads(1, 16, 1 * kMiB, kNetwork, true), true, slow_copy),
+            TransferPath::kPerBlock);
+}
+
+TEST(PathChoiceTest, BounceNeedsBothArenas) {
+  const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork);
+  EXPECT_EQ(Auto(Config(), loads, /*recv_arena=*/false), TransferPath::kPerBlock);
+  std::vector<WriterLoad> no_send = loads;
+  no_send[0].send_arena = false;  // it would write its gather runs one by one
+  EXPECT_EQ(Auto(Config(), no_send), TransferPath::kPerBlock);
+  EXPECT_TRUE(std::isinf(EstimatePaths(Config(), no_send, kCpu, true).bounce_us));
+}
+
+TEST(PathChoiceTest, OverridesReplaceTheStatedFigures) {
+  // 4,096 fragments of 8 KiB: per-block on a memcpy link ...
+  const std::vector<WriterLoad> loads = Loads(1, 4096, 8 * kKiB, kMemcpyLink);
+  EXPECT_EQ(Auto(Config(), loads), TransferPath::kPerBlock);
+  // ... bounce once the config says a write op costs 20 µs ...
+  Config costly;
+  costly.transport_op_ns = 20000;
+  EXPECT_EQ(Auto(costly, loads), TransferPath::kBounce);
+  // ... and per-block again when the copy engine is said to be slow.
+  costly.copy_mb_per_s = 500;
+  EXPECT_EQ(Auto(costly, loads), TransferPath::kPerBlock);
+  // A slow link with direct available: direct.
+  Config slow_link;
+  slow_link.transport_mb_per_s = 100;
+  EXPECT_EQ(Auto(slow_link, Loads(1, 16, 1 * kMiB, kNetwork, true), true,
+                 CopyCost{.batch_us = 0, .run_us = 0.05, .bytes_per_us = 1000}),
+            TransferPath::kDirect);
+
+  const TransportCost link = EffectiveLinkCost(costly, kMemcpyLink);
+  EXPECT_DOUBLE_EQ(link.op_us, 20);
+  EXPECT_DOUBLE_EQ(link.bytes_per_us, kMemcpyLink.bytes_per_us);
+  const CopyCost copy = EffectiveCopyCost(costly, kCpu);
+  EXPECT_DOUBLE_EQ(copy.run_us, kCpu.run_us);
+  EXPECT_DOUBLE_EQ(copy.bytes_per_us, 500);
+  Config run;
+  run.copy_run_ns = 1500;
+  EXPECT_DOUBLE_EQ(EffectiveCopyCost(run, kCpu).run_us, 1.5);
+}
+
+TEST(PathChoiceTest, UnknownFiguresTakeTheDefaults) {
+  const TransportCost link = EffectiveLinkCost(Config(), TransportCost{});
+  EXPECT_DOUBLE_EQ(link.op_us, kUnknownOpUs);
+  EXPECT_DOUBLE_EQ(link.bytes_per_us, kUnknownLinkBytesPerUs);
+  const CopyCost copy = EffectiveCopyCost(Config(), CopyCost{});
+  EXPECT_DOUBLE_EQ(copy.batch_us, 0);
+  EXPECT_DOUBLE_EQ(copy.run_us, kUnknownRunUs);
+  EXPECT_DOUBLE_EQ(copy.bytes_per_us, kUnknownCopyBytesPerUs);
+  // Nonsense figures are unknown ones.
+  const TransportCost nonsense = EffectiveLinkCost(Config(), TransportCost{-1, -3});
+  EXPECT_DOUBLE_EQ(nonsense.op_us, kUnknownOpUs);
+  EXPECT_DOUBLE_EQ(nonsense.bytes_per_us, kUnknownLinkBytesPerUs);
+}
+
+TEST(PathChoiceTest, ForcedPathsAreKeptWhenAvailable) {
+  // Bounce would be the cheapest; forced paths do not care.
+  const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork, true);
+  for (TransferPath path :
+       {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
+    Result<PathChoice> choice = ChoosePath(Config(), path, loads, kCpu, true, "test");
+    ASSERT_THAT(choice, IsOk());
+    EXPECT_EQ(choice->path, path);
+  }
+  EXPECT_THAT(ChoosePath(Config(), TransferPath::kBounce, loads, kCpu, false, "test"),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("bounce_size_mb > 0")));
+  std::vector<WriterLoad> unmappable = loads;
+  unmappable[1].direct = false;
+  EXPECT_THAT(ChoosePath(Config(), TransferPath::kDirect, unmappable, kCpu, true, "ucx"),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("the ucx transport cannot")));
+  // A writer without a send arena does not stop a forced bounce (it writes
+  // from its pool instead).
+  std::vector<WriterLoad> no_send = loads;
+  no_send[0].send_arena = false;
+  Result<PathChoice> bounce = ChoosePath(Config(), TransferPath::kBounce, no_send, kCpu, true, "t");
+  ASSERT_THAT(bounce, IsOk());
+  EXPECT_EQ(bounce->path, TransferPath::kBounce);
+}
+
+TEST(PathChoiceTest, OnAFreeLinkTheFewestStepsWin) {
+  // With a free link and free copies, every path costs only its hand-offs:
+  // direct has the fewest.
+  const TransportCost free_link{.op_us = 1e-9, .bytes_per_us = 1e12};
+  const CopyCost free_copy{.batch_us = 0, .run_us = 1e-9, .bytes_per_us = 1e12};
+  EXPECT_EQ(Auto(Config(), Loads(1, 1, 1, free_link, true), true, free_copy),
+            TransferPath::kDirect);
+  EXPECT_EQ(Auto(Config(), Loads(1, 1, 1, free_link), true, free_copy), TransferPath::kPerBlock);
+}
+
+TEST(PathChoiceTest, DescribeEstimate) {
+  PathEstimate e{.per_block_us = 12.34, .bounce_us = INFINITY, .direct_us = 3};
+  EXPECT_EQ(DescribeEstimate(e), "per-block 12.3 us, bounce n/a, direct 3.0 us");
+}
+
+}  // namespace
+}  // namespace kvbounce
