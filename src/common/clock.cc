@@ -1,6 +1,7 @@
 #include "common/clock.h"
 
 #include <utility>
+#include <vector>
 
 namespace kvbounce {
 namespace {
@@ -21,29 +22,48 @@ Clock* Clock::Steady() {
 }
 
 Clock::TimePoint ManualClock::Now() const {
-  std::lock_guard<std::mutex> lock(time_mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return now_;
 }
 
 Clock::ListenerId ManualClock::AddJumpListener(std::function<void()> on_jump) {
-  std::lock_guard<std::mutex> lock(listeners_mu_);
+  auto listener = std::make_shared<Listener>();
+  listener->on_jump = std::move(on_jump);
+  std::lock_guard<std::mutex> lock(mu_);
   const ListenerId id = next_id_++;
-  listeners_.emplace(id, std::move(on_jump));
+  listeners_.emplace(id, std::move(listener));
   return id;
 }
 
 void ManualClock::RemoveJumpListener(ListenerId id) {
-  std::lock_guard<std::mutex> lock(listeners_mu_);
-  listeners_.erase(id);
+  std::unique_lock<std::mutex> lock(mu_);
+  auto it = listeners_.find(id);
+  if (it == listeners_.end()) return;
+  std::shared_ptr<Listener> listener = std::move(it->second);
+  listeners_.erase(it);
+  calls_done_.wait(lock, [&] { return listener->calls == 0; });
 }
 
 void ManualClock::Advance(Duration by) {
-  std::lock_guard<std::mutex> lock(listeners_mu_);
-  if (by > Duration::zero()) {
-    std::lock_guard<std::mutex> time_lock(time_mu_);
-    now_ += by;
+  std::vector<std::shared_ptr<Listener>> to_call;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (by > Duration::zero()) now_ += by;
+    for (auto& [id, listener] : listeners_) {
+      ++listener->calls;
+      to_call.push_back(listener);
+    }
   }
-  for (auto& [id, on_jump] : listeners_) on_jump();
+  // Unlocked: a listener may wait for a thread that reads the time or
+  // advances it itself.
+  for (const std::shared_ptr<Listener>& listener : to_call) {
+    listener->on_jump();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --listener->calls;
+    }
+    calls_done_.notify_all();
+  }
 }
 
 }  // namespace kvbounce

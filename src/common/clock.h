@@ -20,9 +20,11 @@
 #define KVBOUNCE_COMMON_CLOCK_H_
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 
 namespace kvbounce {
@@ -42,12 +44,12 @@ class Clock {
   virtual TimePoint Now() const = 0;
 
   // Calls `on_jump` after every jump of this clock's time (see the file
-  // comment), on the thread that moved it, until RemoveJumpListener(id)
-  // returned. It runs with the clock's listener lock held: it must not add or
-  // remove listeners, and may block only on threads that never do.
+  // comment), on the thread that moved it, with no clock lock held, until
+  // RemoveJumpListener(id) returned. It may block (an EventLoop's waits for
+  // the loop to catch up), but must not remove itself.
   virtual ListenerId AddJumpListener(std::function<void()> on_jump) = 0;
-  // Returns once a call of that listener in progress has returned; no call
-  // follows. Unknown ids are ignored.
+  // Returns once the calls of that listener in progress have returned; no
+  // call follows. Unknown ids are ignored.
   virtual void RemoveJumpListener(ListenerId id) = 0;
 
   // The process's steady clock; never destroyed.
@@ -69,16 +71,21 @@ class ManualClock final : public Clock {
   // nothing), then calls every jump listener in turn and returns once they
   // returned. An EventLoop on this clock listens: Advance returns only after
   // that loop fired every timer due at the new time and ran the tasks queued
-  // before it went idle (see session/event_loop.h). Calls serialize.
+  // before it went idle (see session/event_loop.h). Calls may overlap (also
+  // one from a loop's task: that loop does not wait for itself).
   void Advance(Duration by);
 
  private:
-  mutable std::mutex time_mu_;
-  TimePoint now_;  // guarded by time_mu_
+  struct Listener {
+    std::function<void()> on_jump;
+    int calls = 0;  // in progress; guarded by mu_
+  };
 
-  std::mutex listeners_mu_;  // held while listeners run; serializes Advance
-  std::map<ListenerId, std::function<void()>> listeners_;  // guarded by listeners_mu_
-  ListenerId next_id_ = 1;                                 // guarded by listeners_mu_
+  mutable std::mutex mu_;
+  std::condition_variable calls_done_;  // a listener call returned
+  TimePoint now_;                       // guarded by mu_
+  std::map<ListenerId, std::shared_ptr<Listener>> listeners_;  // guarded by mu_
+  ListenerId next_id_ = 1;                                     // guarded by mu_
 };
 
 }  // namespace kvbounce

@@ -4,15 +4,34 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "common/clock.h"
+
 namespace kvbounce {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+// What the loop's tasks and timers recorded, read by the test thread.
+class Record {
+ public:
+  void Add(int value) {
+    std::lock_guard<std::mutex> lock(mu_);
+    values_.push_back(value);
+  }
+  std::vector<int> values() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return values_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<int> values_;
+};
 
 TEST(EventLoopTest, TasksRunInOrderOnTheLoopThread) {
   auto created = EventLoop::Create();
@@ -32,73 +51,155 @@ TEST(EventLoopTest, TasksRunInOrderOnTheLoopThread) {
   EXPECT_TRUE(on_loop);
   EXPECT_FALSE(loop.InLoop());
   EXPECT_FALSE(loop.Post([] {}));
-  EXPECT_EQ(loop.PostAt(Clock::now(), [] {}), 0u);
+  EXPECT_EQ(loop.PostAt(loop.clock().Now(), [] {}), 0u);
 }
 
 TEST(EventLoopTest, TimersFireInDeadlineOrderAndCanBeCancelled) {
+  ManualClock clock;
+  auto created = EventLoop::Create(&clock);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
+  Record fired;
+  const auto start = clock.Now();
+  loop.PostAt(start + milliseconds(30), [&] { fired.Add(3); });
+  loop.PostAt(start + milliseconds(10), [&] { fired.Add(1); });
+  const EventLoop::TimerId cancelled =
+      loop.PostAt(start + milliseconds(20), [&] { fired.Add(2); });
+  loop.PostAt(start + milliseconds(10), [&] { fired.Add(11); });  // same deadline: posted later
+  loop.CancelTimer(cancelled);
+  loop.CancelTimer(cancelled);  // twice: no-op
+
+  // Advance returns once the loop caught up: what is due has fired, nothing else.
+  clock.Advance(milliseconds(9));
+  EXPECT_EQ(fired.values(), (std::vector<int>{}));
+  clock.Advance(milliseconds(1));
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 11}));
+  clock.Advance(milliseconds(19));
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 11}));
+  clock.Advance(milliseconds(100));
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 11, 3}));
+
+  // A timer not yet due when the loop stops never fires.
+  std::atomic<bool> late{false};
+  loop.PostAt(clock.Now() + milliseconds(500), [&] { late = true; });
+  loop.Stop();
+  EXPECT_FALSE(late);
+  clock.Advance(milliseconds(1000));  // no loop listens any more
+  EXPECT_FALSE(late);
+}
+
+TEST(EventLoopTest, ATimerDueAlreadyFiresAtOnce) {
+  ManualClock clock;
+  auto created = EventLoop::Create(&clock);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
+  Record fired;
+  loop.PostAt(clock.Now() - milliseconds(5), [&] { fired.Add(1); });
+  loop.PostAt(clock.Now(), [&] { fired.Add(2); });
+  clock.Advance(milliseconds(0));  // no time passes; the loop still catches up
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 2}));
+}
+
+TEST(EventLoopTest, AdvanceWaitsForWhatTheTimersPosted) {
+  ManualClock clock;
+  auto created = EventLoop::Create(&clock);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
+  Record fired;
+  // A timer whose task posts a task that posts a timer already due.
+  loop.PostAt(clock.Now() + milliseconds(10), [&] {
+    fired.Add(1);
+    loop.Post([&] {
+      fired.Add(2);
+      loop.PostAt(clock.Now(), [&] { fired.Add(3); });
+    });
+  });
+  clock.Advance(milliseconds(10));
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 2, 3}));
+}
+
+TEST(EventLoopTest, AdvanceFromATaskDoesNotWaitForItself) {
+  ManualClock clock;
+  auto created = EventLoop::Create(&clock);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EventLoop& loop = **created;
+  Record fired;
+  loop.PostAt(clock.Now() + milliseconds(10), [&] { fired.Add(2); });
+  loop.Post([&] {
+    clock.Advance(milliseconds(10));  // returns at once on the loop thread
+    fired.Add(1);
+  });
+  clock.Advance(milliseconds(0));  // from here: waits for both
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 2}));
+}
+
+TEST(EventLoopTest, OneClockDrivesSeveralLoops) {
+  ManualClock clock;
+  auto a = EventLoop::Create(&clock);
+  auto b = EventLoop::Create(&clock);
+  ASSERT_TRUE(a.ok() && b.ok());
+  Record fired;
+  (*a)->PostAt(clock.Now() + milliseconds(5), [&] { fired.Add(1); });
+  (*b)->PostAt(clock.Now() + milliseconds(5), [&] { fired.Add(1); });
+  clock.Advance(milliseconds(5));
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 1}));
+  (*a)->Stop();
+  (*b)->PostAt(clock.Now() + milliseconds(5), [&] { fired.Add(2); });
+  clock.Advance(milliseconds(5));  // the stopped loop no longer listens
+  EXPECT_EQ(fired.values(), (std::vector<int>{1, 1, 2}));
+}
+
+TEST(EventLoopTest, TheSteadyClockFiresTimersByItself) {
+  // Production's clock: a timer fires without anybody advancing anything.
   auto created = EventLoop::Create();
   ASSERT_TRUE(created.ok()) << created.status();
   EventLoop& loop = **created;
   std::mutex mu;
-  std::vector<int> fired;
-  const auto now = Clock::now();
-  loop.PostAt(now + milliseconds(30), [&] {
-    std::lock_guard<std::mutex> l(mu);
-    fired.push_back(3);
+  std::condition_variable cv;
+  bool fired = false;
+  const auto deadline = std::chrono::steady_clock::now() + milliseconds(2);
+  loop.PostAt(deadline, [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    fired = true;
+    cv.notify_all();
   });
-  loop.PostAt(now + milliseconds(10), [&] {
-    std::lock_guard<std::mutex> l(mu);
-    fired.push_back(1);
-  });
-  const EventLoop::TimerId cancelled = loop.PostAt(now + milliseconds(20), [&] {
-    std::lock_guard<std::mutex> l(mu);
-    fired.push_back(2);
-  });
-  loop.CancelTimer(cancelled);
-  loop.CancelTimer(cancelled);  // twice: no-op
-  std::this_thread::sleep_for(milliseconds(60));
-  {
-    std::lock_guard<std::mutex> l(mu);
-    EXPECT_EQ(fired, (std::vector<int>{1, 3}));
-  }
-  // A timer not yet due when the loop stops never fires.
-  std::atomic<bool> late{false};
-  loop.PostAt(Clock::now() + milliseconds(500), [&] { late = true; });
-  loop.Stop();
-  EXPECT_FALSE(late);
-}
-
-TEST(EventLoopTest, ATimerDoesNotFireEarly) {
-  auto created = EventLoop::Create();
-  ASSERT_TRUE(created.ok()) << created.status();
-  EventLoop& loop = **created;
-  std::atomic<int64_t> at{0};
-  const auto start = Clock::now();
-  loop.PostAt(start + milliseconds(25), [&] { at = (Clock::now() - start).count(); });
-  std::this_thread::sleep_for(milliseconds(60));
-  EXPECT_GE(at.load(), std::chrono::nanoseconds(milliseconds(25)).count());
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return fired; }));
+  EXPECT_GE(std::chrono::steady_clock::now(), deadline);  // never early
 }
 
 TEST(EventLoopTest, PostFromManyThreadsAndFromTasks) {
   auto created = EventLoop::Create();
   ASSERT_TRUE(created.ok()) << created.status();
   EventLoop& loop = **created;
-  std::atomic<int> ran{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int ran = 0;
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
-      for (int i = 0; i < 1000; ++i) loop.Post([&] { loop.Post([&] { ++ran; }); });
+      for (int i = 0; i < 1000; ++i) {
+        loop.Post([&] {
+          loop.Post([&] {
+            std::lock_guard<std::mutex> lock(mu);
+            if (++ran == 4000) cv.notify_all();
+          });
+        });
+      }
     });
   }
   for (auto& t : threads) t.join();
   // Tasks posted by tasks run too (while the loop is not stopping).
-  const auto deadline = Clock::now() + std::chrono::seconds(10);
-  while (ran.load() < 4000 && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(1));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return ran == 4000; }));
+  }
   // Concurrent Stop calls: one joins, the other waits for it.
   std::thread other([&] { loop.Stop(); });
   loop.Stop();
   other.join();
-  EXPECT_EQ(ran.load(), 4000);
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(ran, 4000);
 }
 
 }  // namespace

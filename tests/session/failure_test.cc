@@ -1,14 +1,22 @@
 // Failure paths of the sessions: each test checks that every request settles
 // exactly once, that the application sees the right outcome and reason, and
 // that no staging byte stays outstanding.
+//
+// Nothing here is proved by sleeping. The agents' timers run on a manual
+// clock that the tests advance (a deadline "not yet" is checked at 99 ms, and
+// "now" at 100 ms); writes in flight are held in the fault decorator until a
+// test releases them; and "X has happened on that agent" is awaited, never
+// assumed after a pause.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
+#include "common/clock.h"
 #include "common/status_matchers.h"
 #include "tools/cluster.h"
 
@@ -21,11 +29,14 @@ using testing_util::StatusIs;
 using tools::BlockTables;
 using tools::Cluster;
 using tools::ClusterOptions;
-using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-// ctx TP2 -> gen TP1: two writers fan into one receiver.
-ClusterOptions FanIn(int64_t tokens = 64) {
+// "Never" for a wait on something that must happen.
+constexpr milliseconds kLong(30000);
+
+// ctx TP2 -> gen TP1: two writers fan into one receiver. Every agent's
+// timers run on `clock` (when given).
+ClusterOptions FanIn(int64_t tokens = 64, std::shared_ptr<ManualClock> clock = nullptr) {
   ClusterOptions o;
   const ModelShape model = *CustomModel(4, 4, 32, false);
   o.ctx = {model, DType::kBf16, 2, 1, {}, LayoutKind::kBlockMajorHnd, 16};
@@ -36,7 +47,44 @@ ClusterOptions FanIn(int64_t tokens = 64) {
   o.ctx_config.bounce_size_mb = 2;
   o.gen_config.bounce_size_mb = 2;
   o.grace = milliseconds(200);
+  o.ctx_hooks.clock = clock;
+  o.gen_hooks.clock = clock;
   return o;
+}
+
+// Polls `pred` until it holds or `limit` passed: for something that must
+// happen, not a pause.
+template <typename Pred>
+bool WaitUntil(Pred pred, milliseconds limit = kLong) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  return true;
+}
+
+// One of an agent's metrics counters (AgentStats::json "counters").
+uint64_t CounterOf(Agent& agent, const char* name) {
+  return nlohmann::json::parse(agent.Stats().json)["counters"][name].get<uint64_t>();
+}
+
+// Control frames the agent's transport delivered so far.
+uint64_t MessagesReceived(Agent& agent) {
+  return nlohmann::json::parse(agent.Stats().json)["transport"]["messages_received"]
+      .get<uint64_t>();
+}
+
+// Returns once every task posted to the agent's control thread before the
+// call has run (any call that runs there does: ReceiverCount is one).
+void SyncLoop(Agent& agent) { agent.ReceiverCount("no such instance").status().IgnoreError(); }
+
+// Holds every write of the ctx ranks in their fault decorators.
+void HoldCtxWrites(Cluster& c) {
+  for (int r = 0; r < c.num_ctx(); ++r) c.ctx_faults(r)->HoldWrites();
+}
+void ReleaseCtxWrites(Cluster& c) {
+  for (int r = 0; r < c.num_ctx(); ++r) c.ctx_faults(r)->ReleaseWrites();
 }
 
 // Counts how often a transfer's completion callback runs.
@@ -49,22 +97,21 @@ struct Settlements {
 
 // Waits until every agent's arenas are empty again (quarantined slots are
 // released once their writers stop or the grace period passes).
-bool ArenasDrain(Cluster& c, milliseconds limit = milliseconds(3000)) {
-  const auto deadline = Clock::now() + limit;
-  while (Clock::now() < deadline) {
+bool ArenasDrain(Cluster& c) {
+  return WaitUntil([&] {
     uint64_t outstanding = 0;
     for (int r = 0; r < c.num_ctx(); ++r) outstanding += c.ctx(r).Stats().arena_outstanding_bytes;
     for (int r = 0; r < c.num_gen(); ++r) outstanding += c.gen(r).Stats().arena_outstanding_bytes;
-    if (outstanding == 0) return true;
-    std::this_thread::sleep_for(milliseconds(5));
-  }
-  return false;
+    return outstanding == 0;
+  });
 }
 
 std::vector<std::shared_ptr<Transfer>> PublishAll(Cluster& c, uint64_t id, const BlockTables& t,
-                                                  int64_t tokens) {
+                                                  int64_t tokens, PublishOptions options = {}) {
   std::vector<std::shared_ptr<Transfer>> out;
-  for (int r = 0; r < c.num_ctx(); ++r) out.push_back(*c.ctx(r).Publish(id, t.ctx, tokens));
+  for (int r = 0; r < c.num_ctx(); ++r) {
+    out.push_back(*c.ctx(r).Publish(id, t.ctx, tokens, options));
+  }
   return out;
 }
 
@@ -91,7 +138,7 @@ TEST_P(TransportFailureTest, WriterFailureInFanInDrainsTheOtherWriter) {
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   ASSERT_THAT(c.ctx_faults(0)->SetOptions({.write_fail_rate = 1.0}), IsOk());
-  ASSERT_THAT(c.ctx_faults(1)->SetOptions({.delay = std::chrono::microseconds(150000)}), IsOk());
+  c.ctx_faults(1)->HoldWrites();  // the slow writer: its write stays on the wire
   std::mt19937_64 rng(1);
   const BlockTables tables = c.Tables(0, 64, rng);
   auto published = PublishAll(c, 1, tables, 64);
@@ -99,7 +146,19 @@ TEST_P(TransportFailureTest, WriterFailureInFanInDrainsTheOtherWriter) {
   ASSERT_THAT(pull, IsOk());
   Settlements settled;
   settled.Watch(**pull);
+  std::atomic<bool> released{false};
+  std::atomic<bool> settled_before_release{false};
+  (*pull)->OnDone([&](const Status&) { settled_before_release = !released.load(); });
+  // The receiver heard of writer 0's failure (and cancelled writer 1) while
+  // writer 1's write is still held: the request must wait for it.
+  ASSERT_TRUE(c.ctx_faults(1)->WaitForHeldWrites(1, kLong));
+  ASSERT_TRUE(WaitUntil([&] { return CounterOf(c.gen(0), "cancels_sent") >= 1; }));
+  SyncLoop(c.gen(0));
+  EXPECT_FALSE((*pull)->Poll().has_value());
+  released = true;
+  c.ctx_faults(1)->ReleaseWrites();
   const Status outcome = (*pull)->Wait();
+  EXPECT_FALSE(settled_before_release.load());
   EXPECT_THAT(outcome, StatusIs(StatusCode::kUnavailable, HasSubstr("injected write failure")));
   EXPECT_THAT(std::string(outcome.message()), HasSubstr("ctx0 rank 0"));
   // The request settled only after the slow writer was drained: its job had
@@ -114,7 +173,8 @@ TEST_P(TransportFailureTest, WriterFailureInFanInDrainsTheOtherWriter) {
 }
 
 TEST_P(FailureTest, CancelBeforeTheKvIsPublished) {
-  auto cluster = Cluster::Create(FanIn());
+  auto clock = std::make_shared<ManualClock>();
+  auto cluster = Cluster::Create(FanIn(64, clock));
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   std::mt19937_64 rng(2);
@@ -128,12 +188,17 @@ TEST_P(FailureTest, CancelBeforeTheKvIsPublished) {
   EXPECT_THAT((*pull)->Wait(),
               StatusIs(StatusCode::kCancelled, HasSubstr("cancelled by the application")));
   EXPECT_TRUE(ArenasDrain(c));
-  // The writers heard of it: a later publication serves nobody and expires
-  // only through Retire.
-  auto published = PublishAll(c, 7, tables, 64);
-  for (auto& p : published) EXPECT_FALSE(p->WaitFor(milliseconds(50)));
-  for (int r = 0; r < c.num_ctx(); ++r) EXPECT_THAT(c.ctx(r).Retire(7), IsOk());
-  for (auto& p : published) EXPECT_THAT(p->Wait(), StatusIs(StatusCode::kCancelled));
+  // The writers heard of it: a later publication serves nobody, so it lives
+  // until its ttl and then expires with no receiver served.
+  PublishOptions ttl;
+  ttl.ttl = milliseconds(1000);
+  auto published = PublishAll(c, 7, tables, 64, ttl);
+  clock->Advance(milliseconds(999));
+  for (auto& p : published) EXPECT_FALSE(p->Poll().has_value());
+  clock->Advance(milliseconds(1));
+  for (auto& p : published) {
+    EXPECT_THAT(p->Wait(), StatusIs(StatusCode::kDeadlineExceeded, HasSubstr("with 0 of")));
+  }
   EXPECT_EQ(settled.count.load(), 1);
   // Nothing reached the pool.
   const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 0});
@@ -146,12 +211,12 @@ TEST_P(FailureTest, CancelBeforeTheKvIsPublished) {
 }
 
 TEST_P(TransportFailureTest, CancelDuringTheTransfer) {
-  auto cluster = Cluster::Create(FanIn());
+  // A manual clock: the grace period never disconnects the held writers.
+  auto clock = std::make_shared<ManualClock>();
+  auto cluster = Cluster::Create(FanIn(64, clock));
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  for (int r = 0; r < 2; ++r) {
-    ASSERT_THAT(c.ctx_faults(r)->SetOptions({.delay = std::chrono::microseconds(200000)}), IsOk());
-  }
+  HoldCtxWrites(c);
   std::mt19937_64 rng(3);
   const BlockTables tables = c.Tables(0, 64, rng);
   auto published = PublishAll(c, 9, tables, 64);
@@ -159,21 +224,33 @@ TEST_P(TransportFailureTest, CancelDuringTheTransfer) {
   ASSERT_THAT(pull, IsOk());
   Settlements settled;
   settled.Watch(**pull);
-  std::this_thread::sleep_for(milliseconds(50));
-  const auto cancelled_at = Clock::now();
+  std::atomic<bool> released{false};
+  std::atomic<bool> settled_while_held{false};
+  (*pull)->OnDone([&](const Status&) { settled_while_held = !released.load(); });
+  // Both writers' writes are on the wire (held).
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(1, kLong));
   (*pull)->Cancel();
-  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
   if (GetParam() == TransferPath::kBounce) {
     // Bounce settles at once: the writers can only reach the slot, which is
     // quarantined until they stop — and the pool was never written.
-    EXPECT_LT(Clock::now() - cancelled_at, milliseconds(100));
+    ASSERT_TRUE((*pull)->WaitFor(kLong));
+    EXPECT_TRUE(settled_while_held.load());
+    EXPECT_THAT(*(*pull)->Poll(), StatusIs(StatusCode::kCancelled));
     EXPECT_EQ(c.gen(0).Stats().quarantined_slots, 1u);
+    EXPECT_GT(c.gen(0).Stats().arena_outstanding_bytes, 0u);  // quarantined
     const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 0});
     EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    released = true;
+    ReleaseCtxWrites(c);
   } else {
     // Per-block and direct writers write into the pool: the request settles
-    // only once they stopped.
-    EXPECT_GE(Clock::now() - cancelled_at, milliseconds(100));
+    // only once they stopped, which the held writes cannot before release.
+    SyncLoop(c.gen(0));  // the cancel was handled: CANCELs sent, nothing settled
+    EXPECT_FALSE((*pull)->Poll().has_value());
+    released = true;
+    ReleaseCtxWrites(c);
+    EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
+    EXPECT_FALSE(settled_while_held.load());
   }
   EXPECT_TRUE(ArenasDrain(c));
   EXPECT_EQ(settled.count.load(), 1);
@@ -181,19 +258,21 @@ TEST_P(TransportFailureTest, CancelDuringTheTransfer) {
 }
 
 TEST_P(FailureTest, TimeoutWhenTheKvNeverComes) {
-  auto cluster = Cluster::Create(FanIn());
+  auto clock = std::make_shared<ManualClock>();
+  auto cluster = Cluster::Create(FanIn(64, clock));
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   std::mt19937_64 rng(4);
   const BlockTables tables = c.Tables(0, 64, rng);
-  const auto start = Clock::now();
   auto pull = c.gen(0).Pull(11, "ctx0", tables.gen, {0, 64}, Pull(milliseconds(100)));
   ASSERT_THAT(pull, IsOk());
   Settlements settled;
   settled.Watch(**pull);
+  // Advance returns once the agents' loops caught up with the new time.
+  clock->Advance(milliseconds(99));
+  EXPECT_FALSE((*pull)->Poll().has_value());
+  clock->Advance(milliseconds(1));
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kDeadlineExceeded, HasSubstr("request 11")));
-  EXPECT_GE(Clock::now() - start, milliseconds(100));
-  EXPECT_LT(Clock::now() - start, milliseconds(2000));
   EXPECT_TRUE(ArenasDrain(c));
   EXPECT_EQ(c.gen(0).Stats().requests_timed_out, 1u);
   EXPECT_EQ(settled.count.load(), 1);
@@ -232,9 +311,7 @@ TEST_P(TransportFailureTest, GenShutdownWithRequestsInFlight) {
   auto cluster = Cluster::Create(FanIn());
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  for (int r = 0; r < 2; ++r) {
-    ASSERT_THAT(c.ctx_faults(r)->SetOptions({.delay = std::chrono::microseconds(100000)}), IsOk());
-  }
+  HoldCtxWrites(c);  // the requests stay in flight until the shutdown
   std::mt19937_64 rng(6);
   std::vector<std::shared_ptr<Transfer>> pulls;
   Settlements settled;
@@ -262,11 +339,14 @@ TEST_P(FailureTest, CtxShutdownFailsThePullsItServes) {
   Cluster& c = **cluster;
   std::mt19937_64 rng(7);
   const BlockTables tables = c.Tables(0, 64, rng);
+  const uint64_t before = MessagesReceived(c.ctx(1));
   auto pull = c.gen(0).Pull(40, "ctx0", tables.gen, {0, 64}, Pull());  // parked on ctx
   ASSERT_THAT(pull, IsOk());
   Settlements settled;
   settled.Watch(**pull);
-  std::this_thread::sleep_for(milliseconds(20));
+  // The KV_REQUEST reached ctx rank 1 (its handling is queued ahead of
+  // anything Shutdown does on the control thread).
+  ASSERT_TRUE(WaitUntil([&] { return MessagesReceived(c.ctx(1)) > before; }));
   c.ctx(1).Shutdown();
   const Status outcome = (*pull)->Wait();
   EXPECT_FALSE(outcome.ok());
@@ -290,13 +370,16 @@ INSTANTIATE_TEST_SUITE_P(Paths, TransportFailureTest,
                          PathName);
 
 // Arena exhaustion. FanIn(512): each writer streams 512 KiB per request, the
-// receiver's fan-in slot is 1 MiB.
+// receiver's fan-in slot is 1 MiB. The writes are held, so the slots stay
+// taken for as long as the test says; reserve timeouts run on the manual
+// clock, so they fire exactly when the test advances it.
 struct Bounced {
   std::vector<BlockTables> tables;
   std::vector<std::shared_ptr<Transfer>> pulls;
 };
 
-Bounced PullMany(Cluster& c, int n, int64_t tokens, std::mt19937_64& rng) {
+// Publishes and pulls `n` bounce requests; does not wait for them.
+Bounced StartMany(Cluster& c, int n, int64_t tokens, std::mt19937_64& rng) {
   Bounced b;
   PullOptions bounce;
   bounce.path = TransferPath::kBounce;
@@ -308,58 +391,79 @@ Bounced PullMany(Cluster& c, int n, int64_t tokens, std::mt19937_64& rng) {
     b.pulls.push_back(*c.gen(0).Pull(static_cast<uint64_t>(i + 1), "ctx0",
                                      b.tables[static_cast<size_t>(i)].gen, {0, tokens}, bounce));
   }
+  return b;
+}
+
+// Waits for every pull and checks the bytes.
+void FinishMany(Cluster& c, const Bounced& b, int64_t tokens) {
   for (auto& p : b.pulls) EXPECT_THAT(p->Wait(), IsOk());
   for (size_t i = 0; i < b.tables.size(); ++i) {
     const tools::VerifyResult v = c.VerifyGen(0, b.tables[i], {0, tokens});
     EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
   }
-  return b;
 }
 
 TEST(ArenaExhaustionTest, BackpressureWaitsForASlot) {
-  ClusterOptions o = FanIn(512);
+  auto clock = std::make_shared<ManualClock>();
+  ClusterOptions o = FanIn(512, clock);
   o.gen_config.bounce_size_mb = 1;
   o.gen_config.reserve_timeout_ms = 5000;
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  for (int r = 0; r < 2; ++r) {
-    ASSERT_THAT(c.ctx_faults(r)->SetOptions({.delay = std::chrono::microseconds(60000)}), IsOk());
-  }
+  HoldCtxWrites(c);
   std::mt19937_64 rng(8);
-  const Bounced b = PullMany(c, 2, 512, rng);
-  // The second waited for the first's slot, then bounced too.
+  const Bounced b = StartMany(c, 2, 512, rng);
+  // The first holds the only slot (its writes are on the wire); the second
+  // waits for it: its reserve timeout has not come.
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(1, kLong));
+  clock->Advance(milliseconds(4999));
+  EXPECT_FALSE(b.pulls[1]->Poll().has_value());
+  EXPECT_EQ(b.pulls[1]->info().path_taken, TransferPath::kBounce);
+  EXPECT_EQ(b.pulls[1]->info().fallback_reason, "");
+  ReleaseCtxWrites(c);
+  FinishMany(c, b, 512);
+  // The second got the first's slot, then bounced too.
   for (const auto& p : b.pulls) {
     EXPECT_EQ(p->info().path_taken, TransferPath::kBounce);
     EXPECT_EQ(p->info().fallback_reason, "");
   }
-  EXPECT_GE(b.pulls[1]->info().latency, milliseconds(110));
+  EXPECT_EQ(c.gen(0).Stats().fallbacks, 0u);
   EXPECT_TRUE(ArenasDrain(c));
 }
 
 TEST(ArenaExhaustionTest, FullArenaFallsBackAfterTheReserveTimeout) {
-  ClusterOptions o = FanIn(512);
+  auto clock = std::make_shared<ManualClock>();
+  ClusterOptions o = FanIn(512, clock);
   o.gen_config.bounce_size_mb = 1;
   o.gen_config.reserve_timeout_ms = 30;
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  for (int r = 0; r < 2; ++r) {
-    ASSERT_THAT(c.ctx_faults(r)->SetOptions({.delay = std::chrono::microseconds(150000)}), IsOk());
-  }
+  HoldCtxWrites(c);
   std::mt19937_64 rng(9);
-  const Bounced b = PullMany(c, 2, 512, rng);
-  EXPECT_EQ(b.pulls[0]->info().path_taken, TransferPath::kBounce);
+  const Bounced b = StartMany(c, 2, 512, rng);
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(1, kLong));
+  clock->Advance(milliseconds(29));
+  EXPECT_EQ(b.pulls[1]->info().path_taken, TransferPath::kBounce);  // still waiting
+  clock->Advance(milliseconds(1));
   EXPECT_EQ(b.pulls[1]->info().path_taken, TransferPath::kPerBlock);
   EXPECT_EQ(b.pulls[1]->info().fallback_reason, "recv arena backpressure");
+  ReleaseCtxWrites(c);
+  FinishMany(c, b, 512);
+  EXPECT_EQ(b.pulls[0]->info().path_taken, TransferPath::kBounce);
+  EXPECT_EQ(b.pulls[1]->info().path_taken, TransferPath::kPerBlock);
   EXPECT_EQ(c.gen(0).Stats().fallbacks, 1u);
   EXPECT_TRUE(ArenasDrain(c));
 }
 
 TEST(ArenaExhaustionTest, RequestLargerThanTheArenaFallsBackAtOnce) {
-  ClusterOptions o = FanIn(1100);  // 2 x 550 KiB > 1 MiB
+  // On a manual clock that nobody advances, a request that waited for
+  // space would never settle.
+  auto clock = std::make_shared<ManualClock>();
+  ClusterOptions o = FanIn(1100, clock);  // 2 x 550 KiB > 1 MiB
   o.gen_config.bounce_size_mb = 1;
-  o.gen_config.reserve_timeout_ms = 10000;  // would show if it waited
+  o.gen_config.reserve_timeout_ms = 10000;
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
@@ -367,17 +471,19 @@ TEST(ArenaExhaustionTest, RequestLargerThanTheArenaFallsBackAtOnce) {
   const BlockTables tables = c.Tables(0, 1100, rng);
   PullOptions bounce;
   bounce.path = TransferPath::kBounce;
-  std::vector<TransferInfo> infos;
-  const auto start = Clock::now();
-  ASSERT_THAT(c.RunRequest(1, tables, {0, 1100}, bounce, &infos), IsOk());
-  EXPECT_LT(Clock::now() - start, milliseconds(5000));
-  EXPECT_EQ(infos[0].fallback_reason, "request larger than arena");
-  EXPECT_EQ(infos[0].path_taken, TransferPath::kPerBlock);
+  auto published = PublishAll(c, 1, tables, 1100);
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 1100}, bounce);
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_TRUE((*pull)->WaitFor(kLong));
+  EXPECT_THAT(*(*pull)->Poll(), IsOk());
+  EXPECT_EQ((*pull)->info().fallback_reason, "request larger than arena");
+  EXPECT_EQ((*pull)->info().path_taken, TransferPath::kPerBlock);
   EXPECT_EQ(c.VerifyGen(0, tables, {0, 1100}).mismatches, 0u);
 }
 
 TEST(ArenaExhaustionTest, SendArenaBackpressureWritesFromThePool) {
-  ClusterOptions o = FanIn(512);
+  auto clock = std::make_shared<ManualClock>();
+  ClusterOptions o = FanIn(512, clock);
   o.ctx_config.bounce_size_mb = 1;  // two 512 KiB send slots per writer
   o.ctx_config.reserve_timeout_ms = 0;
   o.gen_config.bounce_size_mb = 4;
@@ -385,15 +491,19 @@ TEST(ArenaExhaustionTest, SendArenaBackpressureWritesFromThePool) {
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  for (int r = 0; r < 2; ++r) {
-    ASSERT_THAT(c.ctx_faults(r)->SetOptions({.delay = std::chrono::microseconds(100000)}), IsOk());
-  }
+  HoldCtxWrites(c);
   std::mt19937_64 rng(11);
-  const Bounced b = PullMany(c, 3, 512, rng);
-  // The receiver still bounced (and scattered) every request; one writer-side
-  // stream went from the pool straight into the recv slot.
+  const Bounced b = StartMany(c, 3, 512, rng);
+  // Each writer's first two streams hold its send slots (their writes are
+  // held); the third found none and writes from the pool (held too).
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(3, kLong));
+  ReleaseCtxWrites(c);
+  FinishMany(c, b, 512);
+  // The receiver still bounced (and scattered) every request; one stream
+  // per writer went from the pool straight into the recv slot.
   for (const auto& p : b.pulls) EXPECT_EQ(p->info().path_taken, TransferPath::kBounce);
-  EXPECT_GE(c.ctx(0).Stats().fallbacks + c.ctx(1).Stats().fallbacks, 2u);
+  EXPECT_EQ(c.ctx(0).Stats().fallbacks, 1u);
+  EXPECT_EQ(c.ctx(1).Stats().fallbacks, 1u);
   EXPECT_THAT(c.ctx(0).Stats().json, HasSubstr("send arena backpressure"));
   EXPECT_TRUE(ArenasDrain(c));
 }

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/status_matchers.h"
 #include "session/holding_copy_engine.h"
 #include "tools/cluster.h"
@@ -153,6 +154,9 @@ TEST_P(PublicationSettleTest, WaitsForTheReadsAndTheReceiverIsNotToldOk) {
   HoldingCopyEngine::Gate copies;
   ClusterOptions o = OneToOne(milliseconds(2000));
   o.ctx_hooks = copies.Hooks();
+  auto clock = std::make_shared<ManualClock>();  // the ttl expires when the test says
+  o.ctx_hooks.clock = clock;
+  o.gen_hooks.clock = clock;
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
@@ -168,8 +172,6 @@ TEST_P(PublicationSettleTest, WaitsForTheReadsAndTheReceiverIsNotToldOk) {
     c.ctx_faults(0)->HoldWrites();
   }
   PublishOptions publish;
-  // Long enough for the pull to reach the writer first, even under a
-  // sanitizer on a loaded machine.
   if (param.how == SettleBy::kTtl) publish.ttl = milliseconds(400);
   auto pub = c.ctx(0).Publish(1, tables.ctx, 64, publish);
   ASSERT_THAT(pub, IsOk());
@@ -191,9 +193,9 @@ TEST_P(PublicationSettleTest, WaitsForTheReadsAndTheReceiverIsNotToldOk) {
       ASSERT_THAT(c.ctx(0).Retire(1), IsOk());
       break;
     case SettleBy::kTtl:
-      // Nothing can settle it while the read is held; the window only gives
-      // an old bug the time to show.
-      EXPECT_FALSE((*pub)->WaitFor(milliseconds(800)));
+      // The ttl expires now (Advance returns once the ctx rank's loop ran
+      // it), but nothing can settle the publication while the read is held.
+      clock->Advance(milliseconds(400));
       break;
   }
   EXPECT_FALSE((*pub)->Poll().has_value())
@@ -312,6 +314,9 @@ TEST(PullSettleTest, DeadlineOfADirectPullWaitsForTheCopy) {
   HoldingCopyEngine::Gate copies;
   ClusterOptions o = OneToOne(milliseconds(5000));
   o.ctx_hooks = copies.Hooks();
+  auto clock = std::make_shared<ManualClock>();
+  o.ctx_hooks.clock = clock;
+  o.gen_hooks.clock = clock;
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
@@ -324,7 +329,11 @@ TEST(PullSettleTest, DeadlineOfADirectPullWaitsForTheCopy) {
                             Path(TransferPath::kDirect, milliseconds(30)));
   ASSERT_THAT(pull, IsOk());
   ASSERT_TRUE(copies.WaitForParked(1, kLong));
-  EXPECT_FALSE((*pull)->WaitFor(milliseconds(300)));
+  // The deadline passes while the copy into the pull's blocks is held: once
+  // Advance returns the receiver has handled it (and cancelled the writer),
+  // and the pull must not have settled.
+  clock->Advance(milliseconds(30));
+  EXPECT_FALSE((*pull)->Poll().has_value());
   copies.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kDeadlineExceeded));
   ExpectGenPoolFrozen(c);
