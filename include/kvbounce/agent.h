@@ -11,8 +11,10 @@
 //              slot the receiver granted, the receiver scatters
 //   direct     one batched copy from the writer's pool into the receiver's
 //              (transports that map peer memory only)
-//   auto       direct where available, else bounce when the arena is on and
-//              the plan has many small fragments, else per-block
+//   auto       the receiver prices the available paths for the pull at
+//              hand — each connection's stated cost per write and per
+//              byte, the copy engine's per fragment and per byte, the
+//              config's overrides — and takes the cheapest (docs/paths.md)
 //
 //   // ctx rank
 //   auto ctx = Agent::Create(std::move(ctx_options)).value();
@@ -99,9 +101,15 @@ struct PoolSpec {
   MemoryKind memory = MemoryKind::kHost;
 };
 
-// Which transport Agent::Create builds for this rank (when
-// AgentOptions::transport is not given). The worker count of a UCX transport
-// is Config::num_workers, after KVBOUNCE_NUM_WORKERS.
+// Which transport Agent::Create builds for this rank when
+// AgentOptions::transport is not given:
+//   "loopback"  NewLoopbackTransport(fabric, loopback_name, or
+//               "<instance_id>-<rank>" when empty); `fabric` is required.
+//   "ucx"       NewUcxTransport with listen_address, put_chunk_bytes and
+//               same_host_shared_memory from here, num_workers =
+//               Config::num_workers after KVBOUNCE_NUM_WORKERS (so the
+//               override reaches the transport), and connect_timeout =
+//               AgentOptions::connect_timeout.
 struct TransportSpec {
   // "ucx" or "loopback".
   std::string kind = "ucx";
@@ -131,10 +139,12 @@ struct AgentOptions {
   Config config;
   // The transport Create builds (see TransportSpec)...
   TransportSpec transport_spec;
-  // ...unless a ready-made one is given here (tests, the fault decorator);
-  // the agent takes ownership. kvbounce/transports.h makes them.
+  // ...unless a ready-made one is given here (tests, the fault decorator):
+  // then transport_spec is ignored. The agent takes ownership.
+  // kvbounce/transports.h makes them.
   std::unique_ptr<Transport> transport;
-  // How long Connect waits for the peers' HELLO. In (0, kMaxTimeoutMs].
+  // How long Connect waits for the peers' HELLO (and a UCX transport built
+  // from transport_spec for its handshake). In (0, kMaxTimeoutMs].
   std::chrono::milliseconds connect_timeout{10000};
   // How long a writer may stay silent after a cancel or deadline before its
   // connection is declared dead, and how long Shutdown lets requests in
@@ -214,17 +224,23 @@ struct AgentStats {
 
 class Agent {
  public:
-  // Validates everything (config, instance, rank, pool, transport), creates
-  // the arenas, registers the pool and the arenas with the transport and
-  // starts the control thread.
+  // Validates everything (config, instance, rank, pool), builds the
+  // transport from options.transport_spec unless options.transport is given,
+  // creates the arenas, registers the pool and the arenas with the transport
+  // and starts the control thread.
   //
   // Errors: kInvalidArgument naming the field (bad config value, a value
   // outside its enum — role, dtype, layout, memory kind —, grace or
   // connect_timeout out of range, impossible topology, rank outside the
   // instance, pool without bases, a null base, a base count that does not
-  // match the layout, num_blocks < 1 or too large, no transport, pool memory
-  // the transport cannot reach); kUnimplemented (CUDA pools in this build);
-  // kResourceExhausted (a thread cannot start); whatever the transport's
+  // match the layout, num_blocks < 1 or too large, pool memory the transport
+  // cannot reach; transport_spec.kind other than "ucx" or "loopback", a
+  // loopback spec without a fabric); kUnimplemented (CUDA pools in this
+  // build; a "ucx" spec in a build without UCX); kResourceExhausted (a
+  // thread cannot start); whatever building the transport from the spec
+  // reports (e.g. kAlreadyExists for a loopback name taken on the fabric,
+  // kUnavailable for a UCX address it cannot listen on), with
+  // "AgentOptions.transport_spec" as context; whatever the transport's
   // Register reports.
   static Result<std::unique_ptr<Agent>> Create(AgentOptions options);
 

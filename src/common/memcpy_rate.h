@@ -3,11 +3,14 @@
 // CopyCost, transport.h TransportCost), which `auto` compares the paths with
 // (docs/paths.md).
 //
-// The first call allocates 8 MiB, touches it, and copies 4 MiB three times on
-// the calling thread (a few ms: mostly the page faults); it keeps the fastest
-// copy's rate. Later calls return that figure. On a loaded machine the
-// figure may come out low; Config::copy_mb_per_s overrides it where a
-// reproducible choice matters.
+// The first call allocates 4 MiB, touches it, and copies 2 MiB three times on
+// the calling thread, each time after evicting both buffers from the caches
+// (x86-64: clflush), so that the figure is that of memory, as for a pool far
+// larger than the caches (on the development machine it matches a 64 MiB
+// copy, ~22 GB/s, where a cached copy shows 40-60 GB/s); it keeps the
+// fastest copy's rate. About 2 ms, once. Later calls return that figure. On
+// a loaded machine the figure may come out low; Config::copy_mb_per_s
+// overrides it where a reproducible choice matters.
 //
 // Thread safety: thread-safe; concurrent first calls measure once.
 #ifndef KVBOUNCE_COMMON_MEMCPY_RATE_H_
