@@ -920,14 +920,17 @@ TEST_P(TransportConformanceTest, DeregistrationWaitsForAMappedAccess) {
   EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kFailedPrecondition));
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,
-                         ::testing::Values(LoopbackFactory(), FaultLoopbackFactory()
+std::vector<TransportFactory> AllFactories() {
+  std::vector<TransportFactory> factories = {LoopbackFactory(), FaultLoopbackFactory()};
 #if defined(KVBOUNCE_HAVE_UCX)
-                                               ,
-                                           UcxTcpFactory(), UcxSharedMemoryFactory(),
-                                           UcxTcpRailsFactory()
+  factories.push_back(UcxTcpFactory());
+  factories.push_back(UcxSharedMemoryFactory());
+  factories.push_back(UcxTcpRailsFactory());
 #endif
-                                               ),
+  return factories;
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest, ::testing::ValuesIn(AllFactories()),
                          [](const ::testing::TestParamInfo<TransportFactory>& param_info) {
                            return param_info.param.name;
                          });
