@@ -85,24 +85,6 @@ bool IsMemoryKind(MemoryKind kind) {
   return kind == MemoryKind::kHost || kind == MemoryKind::kPinnedHost || kind == MemoryKind::kCuda;
 }
 
-}  // namespace
-
-// Defined by the UCX transport (src/transport/ucx/). Until it is linked into
-// every build, the agent links without it: a weak reference is null when no
-// definition was linked in, and a "ucx" spec is then kUnimplemented.
-// TODO(ucx): drop `weak` once NewUcxTransport is always defined.
-extern Result<std::unique_ptr<Transport>> NewUcxTransport(const UcxTransportOptions& options)
-    __attribute__((weak));
-
-namespace {
-
-Result<std::unique_ptr<Transport>> CallNewUcxTransport(const UcxTransportOptions& options) {
-  if (&NewUcxTransport == nullptr) {
-    return UnimplementedError("this build has no UCX transport");
-  }
-  return NewUcxTransport(options);
-}
-
 // The transport AgentOptions::transport_spec describes (see TransportSpec).
 // `config` is the validated config, after the environment's overrides.
 Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, const Config& config,
@@ -129,7 +111,7 @@ Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, c
     ucx.same_host_shared_memory = spec.same_host_shared_memory;
     ucx.connect_timeout = options.connect_timeout;
     Result<std::unique_ptr<Transport>> made =
-        hooks.make_ucx_transport ? hooks.make_ucx_transport(ucx) : CallNewUcxTransport(ucx);
+        hooks.make_ucx_transport ? hooks.make_ucx_transport(ucx) : NewUcxTransport(ucx);
     if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (ucx)");
     if (*made == nullptr) return InternalError("the ucx transport factory returned null");
     return made;

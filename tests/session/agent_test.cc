@@ -516,6 +516,51 @@ TEST_F(TransportSpecTest, UcxSpecGetsTheWorkersAfterTheEnvironment) {
               StatusIs(StatusCode::kUnavailable, HasSubstr("transport_spec (ucx)")));
 }
 
+TEST_F(TransportSpecTest, UcxSpecWorksEndToEnd) {
+  if (!UcxTransportAvailable()) GTEST_SKIP() << "this build has no UCX transport";
+  for (size_t i = 0; i < ctx_pool_.size(); ++i) ctx_pool_[i] = static_cast<std::byte>(i * 5 + 3);
+  AgentOptions c = Options(Role::kCtx, ctx_pool_);
+  c.transport_spec.kind = "ucx";  // listens on 127.0.0.1, a free port
+  c.config.bounce_size_mb = 1;
+  AgentOptions g = Options(Role::kGen, gen_pool_);
+  g.transport_spec.kind = "ucx";
+  g.config.bounce_size_mb = 1;
+  auto ctx = Agent::Create(std::move(c));
+  ASSERT_THAT(ctx, IsOk());
+  auto gen = Agent::Create(std::move(g));
+  ASSERT_THAT(gen, IsOk());
+  const std::vector<std::string> address = {(*ctx)->Address()};
+  ASSERT_THAT((*gen)->Connect(address), IsOk());
+  // Every path UCX offers, auto included: the bytes arrive.
+  uint64_t id = 1;
+  for (TransferPath path : {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kAuto}) {
+    SCOPED_TRACE(std::string(TransferPathName(path)));
+    std::fill(gen_pool_.begin(), gen_pool_.end(), std::byte{0});
+    const std::vector<int32_t> ctx_table = {3, 0, 2, 1};
+    const std::vector<int32_t> gen_table = {1, 2, 0, 3};
+    auto published = (*ctx)->Publish(id, ctx_table, 128);
+    ASSERT_THAT(published, IsOk());
+    PullOptions options;
+    options.path = path;
+    auto pull = (*gen)->Pull(id, "ctx0", gen_table, {0, 128}, options);
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_THAT((*published)->Wait(), IsOk());
+    EXPECT_NE((*pull)->info().path_taken, TransferPath::kDirect);  // UCX maps nothing
+    for (size_t b = 0; b < 4; ++b) {
+      const std::byte* from = ctx_pool_.data() + static_cast<size_t>(ctx_table[b]) * kBlockBytes;
+      const std::byte* to = gen_pool_.data() + static_cast<size_t>(gen_table[b]) * kBlockBytes;
+      EXPECT_EQ(std::memcmp(from, to, kBlockBytes), 0) << "block " << b;
+    }
+    ++id;
+  }
+  // Direct needs a transport that maps the peer's memory.
+  PullOptions direct;
+  direct.path = TransferPath::kDirect;
+  EXPECT_THAT((*gen)->Pull(id, "ctx0", std::vector<int32_t>{0, 1, 2, 3}, {0, 128}, direct),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("the ucx transport cannot")));
+}
+
 // --- `auto` over real agents: the receiver prices each path with its
 //     connections' and copy engine's figures and the config's overrides.
 

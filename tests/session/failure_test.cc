@@ -141,7 +141,10 @@ TEST_P(TransportFailureTest, WriterFailureInFanInDrainsTheOtherWriter) {
   c.ctx_faults(1)->HoldWrites();  // the slow writer: its write stays on the wire
   std::mt19937_64 rng(1);
   const BlockTables tables = c.Tables(0, 64, rng);
-  auto published = PublishAll(c, 1, tables, 64);
+  // Writer 1 is published first and its write is held before writer 0, the
+  // failing one, may start: the failure always finds writer 1 in flight.
+  auto published_1 = c.ctx(1).Publish(1, tables.ctx, 64);
+  ASSERT_THAT(published_1, IsOk());
   auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 64}, Pull());
   ASSERT_THAT(pull, IsOk());
   Settlements settled;
@@ -149,9 +152,11 @@ TEST_P(TransportFailureTest, WriterFailureInFanInDrainsTheOtherWriter) {
   std::atomic<bool> released{false};
   std::atomic<bool> settled_before_release{false};
   (*pull)->OnDone([&](const Status&) { settled_before_release = !released.load(); });
+  ASSERT_TRUE(c.ctx_faults(1)->WaitForHeldWrites(1, kLong));
+  auto published_0 = c.ctx(0).Publish(1, tables.ctx, 64);
+  ASSERT_THAT(published_0, IsOk());
   // The receiver heard of writer 0's failure (and cancelled writer 1) while
   // writer 1's write is still held: the request must wait for it.
-  ASSERT_TRUE(c.ctx_faults(1)->WaitForHeldWrites(1, kLong));
   ASSERT_TRUE(WaitUntil([&] { return CounterOf(c.gen(0), "cancels_sent") >= 1; }));
   SyncLoop(c.gen(0));
   EXPECT_FALSE((*pull)->Poll().has_value());
