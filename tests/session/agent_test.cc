@@ -564,19 +564,24 @@ TEST_F(TransportSpecTest, UcxSpecWorksEndToEnd) {
 // --- `auto` over real agents: the receiver prices each path with its
 //     connections' and copy engine's figures and the config's overrides.
 
-// A loopback transport that cannot map peer memory (as UCX between hosts):
-// every call is forwarded, Caps and PeerCaps say map_remote = false.
+// A loopback transport whose connections cannot map peer memory (as UCX
+// between hosts): every call is forwarded; PeerCaps says map_remote = false
+// and, when `peer_op_us` is set, that a write op costs that much. Caps()
+// (the transport as a whole) says what loopback says unless `caps_too`.
 class UnmappedTransport final : public Transport {
  public:
-  explicit UnmappedTransport(std::unique_ptr<Transport> inner) : inner_(std::move(inner)) {}
+  explicit UnmappedTransport(std::unique_ptr<Transport> inner, bool caps_too = true,
+                             double peer_op_us = 0)
+      : inner_(std::move(inner)), caps_too_(caps_too), peer_op_us_(peer_op_us) {}
   TransportCaps Caps() const override {
     TransportCaps caps = inner_->Caps();
-    caps.map_remote = false;
+    if (caps_too_) caps.map_remote = false;
     return caps;
   }
   Result<TransportCaps> PeerCaps(PeerId peer) const override {
     KVB_ASSIGN_OR_RETURN(TransportCaps caps, inner_->PeerCaps(peer));
     caps.map_remote = false;
+    if (peer_op_us_ > 0) caps.cost.op_us = peer_op_us_;
     return caps;
   }
   std::string Address() const override { return inner_->Address(); }
@@ -611,6 +616,8 @@ class UnmappedTransport final : public Transport {
 
  private:
   std::unique_ptr<Transport> inner_;
+  const bool caps_too_;
+  const double peer_op_us_;
 };
 
 class AutoPathTest : public TransportSpecTest {
@@ -618,11 +625,11 @@ class AutoPathTest : public TransportSpecTest {
   // Connects a ctx and a gen agent with `gen_config`, both with 1 MiB
   // arenas; `mapped`: on plain loopback transports (direct available), else
   // on UnmappedTransports.
-  void Connect(Config gen_config, bool mapped) {
+  void Connect(Config gen_config, bool mapped, bool caps_too = true, double peer_op_us = 0) {
     auto transport = [&](const char* name) -> std::unique_ptr<Transport> {
       std::unique_ptr<Transport> t = *NewLoopbackTransport(fabric_, name);
       if (mapped) return t;
-      return std::make_unique<UnmappedTransport>(std::move(t));
+      return std::make_unique<UnmappedTransport>(std::move(t), caps_too, peer_op_us);
     };
     AgentOptions c = Options(Role::kCtx, ctx_pool_);
     c.config.bounce_size_mb = 1;
@@ -674,6 +681,18 @@ TEST_F(AutoPathTest, WithoutMappingACostlyLinkBounces) {
   costly.transport_op_ns = 100000;  // 100 µs per write op
   Connect(costly, /*mapped=*/false);
   EXPECT_EQ(RunAuto(1), TransferPath::kBounce);
+}
+
+TEST_F(AutoPathTest, EachConnectionsOwnCapsDecide) {
+  // The transports as a whole say "loopback" (map_remote, 0.05 µs per op);
+  // their connections say no mapping and 100 µs per op: the receiver prices
+  // the connection, so it bounces.
+  Connect(Config(), /*mapped=*/false, /*caps_too=*/false, /*peer_op_us=*/100);
+  EXPECT_EQ(RunAuto(1), TransferPath::kBounce);
+  PullOptions direct;
+  direct.path = TransferPath::kDirect;
+  EXPECT_THAT(gen_->Pull(2, "ctx0", std::vector<int32_t>{0, 1, 2, 3}, {0, 128}, direct),
+              StatusIs(StatusCode::kUnimplemented));
 }
 
 TEST_F(AutoPathTest, WithoutMappingACheapLinkWrites) {
