@@ -100,6 +100,30 @@ void BM_Llama70bTp8ToTp8(benchmark::State& state) {
 }
 BENCHMARK(BM_Llama70bTp8ToTp8)->ArgName("sequential_blocks")->Arg(0)->Arg(1);
 
+// What `auto` adds to a pull on the receiver (docs/paths.md): counting the
+// gather and direct runs of a writer whose block table it does not know,
+// building no list. The same walk as planning; per run it should cost less.
+void BM_CountRunsForAuto(benchmark::State& state) {
+  static const Case hnd = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kBlockMajorHnd, 8192, false);
+  static const Case nhd = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kLayerMajorNhd, 2048, false);
+  const Case& c = state.range(0) ? nhd : hnd;
+  const int writer = Writers(c.ctx, c.gen, 0).front();
+  const PlanSide w{&c.ctx, writer, &c.ctx_pools[static_cast<size_t>(writer)], {}};
+  const PlanSide r{&c.gen, 0, &c.gen_pools[0], c.gen_table};
+  const TokenRange tokens{0, static_cast<int64_t>(c.ctx_table.size()) * 32};
+  uint64_t runs = 0;
+  for (auto _ : state) {
+    Result<PlanRuns> counted = CountPlanRuns(w, r, tokens, kPlanGather | kPlanDirect);
+    runs = counted->gather + counted->direct;
+    benchmark::DoNotOptimize(runs);
+  }
+  state.counters["runs"] = static_cast<double>(runs);
+  state.counters["time_per_run"] =
+      benchmark::Counter(static_cast<double>(runs), benchmark::Counter::kIsIterationInvariantRate |
+                                                        benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_CountRunsForAuto)->ArgName("nhd")->Arg(0)->Arg(1);
+
 // Token count scaling of the same shape: time should grow with runs.
 void BM_Llama8bTp2ToTp1Tokens(benchmark::State& state) {
   const Case c = MakeCase("llama-3.1-8b", 2, 1, LayoutKind::kBlockMajorHnd, state.range(0), false);

@@ -34,30 +34,45 @@ struct Segment {
 };
 
 // Collects a list's runs, merging each with the one before when they are
-// adjacent on both sides; with no `out` it only counts them.
+// adjacent on both sides.
 class FragmentSink {
  public:
   explicit FragmentSink(std::vector<Fragment>* out) : out_(out) {}
   void Add(uint64_t x, uint64_t y, uint64_t bytes) {
+    if (!out_->empty()) {
+      Fragment& last = out_->back();
+      if (last.src + last.bytes == x && last.dst + last.bytes == y) {
+        last.bytes += bytes;
+        return;
+      }
+    }
+    out_->push_back(Fragment{x, y, bytes});
+  }
+
+ private:
+  std::vector<Fragment>* out_;
+};
+
+// Counts the runs FragmentSink would collect, storing none.
+class CountingSink {
+ public:
+  void Add(uint64_t x, uint64_t y, uint64_t bytes) {
     if (runs_ > 0 && last_.src + last_.bytes == x && last_.dst + last_.bytes == y) {
       last_.bytes += bytes;
-      if (out_ != nullptr) out_->back().bytes += bytes;
       return;
     }
     last_ = Fragment{x, y, bytes};
     ++runs_;
-    if (out_ != nullptr) out_->push_back(last_);
   }
   uint64_t runs() const { return runs_; }
 
  private:
-  std::vector<Fragment>* out_;
   Fragment last_;
   uint64_t runs_ = 0;
 };
 
-template <int X, int Y>
-void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk, FragmentSink& sink) {
+template <int X, int Y, typename Sink>
+void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk, Sink& sink) {
   const Axis& a = axes[0];
   if (n == 1 && a.table[X] == nullptr && a.table[Y] == nullptr) {
     for (int64_t i = 0; i < a.extent; ++i) {
@@ -73,7 +88,7 @@ void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk, F
     if (n == 1) {
       sink.Add(xi, yi, chunk);
     } else {
-      WalkAxes<X, Y>(axes + 1, n - 1, xi, yi, chunk, sink);
+      WalkAxes<X, Y, Sink>(axes + 1, n - 1, xi, yi, chunk, sink);
     }
   }
 }
@@ -152,30 +167,30 @@ SegmentShape BuildShape(const Walk& w, const Segment& seg) {
   return shape;
 }
 
-template <int X, int Y>
+template <int X, int Y, typename Sink>
 void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level, uint64_t x,
-               uint64_t y, FragmentSink& sink) {
+               uint64_t y, Sink& sink) {
   if (level == w.outer.size()) {
     for (const SegmentRef& s : segs) {
       const SegmentShape& shape = *s.shape;
       if (shape.num_axes == 0) {
         sink.Add(x + s.x, y + s.y, shape.chunk);
       } else {
-        WalkAxes<X, Y>(shape.axes.data(), shape.num_axes, x + s.x, y + s.y, shape.chunk, sink);
+        WalkAxes<X, Y, Sink>(shape.axes.data(), shape.num_axes, x + s.x, y + s.y, shape.chunk,
+                             sink);
       }
     }
     return;
   }
   const Axis& a = w.outer[level];
   for (int64_t i = 0; i < a.extent; ++i) {
-    WalkOuter<X, Y>(w, segs, level + 1, x + a.Offset(X, i), y + a.Offset(Y, i), sink);
+    WalkOuter<X, Y, Sink>(w, segs, level + 1, x + a.Offset(X, i), y + a.Offset(Y, i), sink);
   }
 }
 
-// Walks the list (X, Y) into `out`, or only counts its runs when `out` is
-// null; returns the number of runs.
-template <int X, int Y>
-uint64_t EmitList(const Walk& w, std::vector<Fragment>* out) {
+// Walks the list (X, Y) into `sink`.
+template <int X, int Y, typename Sink>
+void WalkList(const Walk& w, Sink& sink) {
   // Few distinct shapes exist (full blocks, the range's partial first and
   // last blocks, blocks cut by the other side's block edges); a deque keeps
   // pointers to them stable.
@@ -192,8 +207,19 @@ uint64_t EmitList(const Walk& w, std::vector<Fragment>* out) {
     }
     segs[i] = SegmentRef{seg.offset[X] + last->x, seg.offset[Y] + last->y, last};
   }
+  WalkOuter<X, Y, Sink>(w, segs, 0, w.origin[X], w.origin[Y], sink);
+}
+
+template <int X, int Y>
+void EmitList(const Walk& w, std::vector<Fragment>* out) {
   FragmentSink sink(out);
-  WalkOuter<X, Y>(w, segs, 0, w.origin[X], w.origin[Y], sink);
+  WalkList<X, Y>(w, sink);
+}
+
+template <int X, int Y>
+uint64_t CountList(const Walk& w) {
+  CountingSink sink;
+  WalkList<X, Y>(w, sink);
   return sink.runs();
 }
 
@@ -467,9 +493,9 @@ Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver,
   PlanRuns runs;
   runs.packed_bytes = p->plan.packed_bytes;
   if (p->plan.box.empty()) return runs;
-  if (lists & kPlanGather) runs.gather = EmitList<kSrc, kPacked>(p->w, nullptr);
-  if (lists & kPlanScatter) runs.scatter = EmitList<kPacked, kDst>(p->w, nullptr);
-  if (lists & kPlanDirect) runs.direct = EmitList<kSrc, kDst>(p->w, nullptr);
+  if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(p->w);
+  if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(p->w);
+  if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(p->w);
   return runs;
 }
 
