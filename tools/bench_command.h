@@ -9,7 +9,9 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
+#include "kvbounce/config.h"
 #include "kvbounce/status.h"
 #include "tools/scenario.h"
 
@@ -30,6 +32,15 @@ struct BenchFlags {
   double inject_fail_rate = 0;
   std::string json_file;  // checked for writability before the run
 
+  // --transport ucx: every rank is a `kvbounce worker` process
+  // (tools/process_bench.h).
+  std::string ucx_tls;                  // UCX_TLS of the workers; empty: inherited
+  int num_workers = 0;                  // Config::num_workers of the workers; 0: default
+  std::optional<double> step_timeout_s;  // unset: kDefaultStepTimeoutS
+  // Not a flag: the program the workers run ("worker" is its first
+  // argument). Empty: this process's own executable (/proc/self/exe).
+  std::string worker_executable;
+
   // Chaos mode (tools/chaos.h): one run that mixes every path with random
   // cancels, deadlines, retires and restarts, bounded by chaos_seconds and,
   // when > 0, chaos_requests.
@@ -44,6 +55,23 @@ struct BenchFlags {
 
 // Requests in flight at once: at most this many (each owns pool slots).
 inline constexpr int kMaxConcurrency = 1024;
+// How long one step of a multi-process bench may take by default.
+inline constexpr double kDefaultStepTimeoutS = 120;
+
+// What RunBench validated and derived from the flags, for the driver that
+// runs it (in-process, or tools/process_bench.h).
+struct BenchPlan {
+  Scenario scenario;
+  std::vector<TransferPath> paths;
+  int concurrency = 1;  // requests in flight
+  int slots = 1;        // pool slots per rank
+  int64_t ctx_arena_mb = 0;
+  int64_t gen_arena_mb = 0;
+};
+
+// The staging arena (MiB) that holds `concurrency` requests on the busiest
+// rank of one side: the bench's and the worker's default --bounce-size-mb.
+int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency);
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
 
