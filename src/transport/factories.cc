@@ -2,6 +2,9 @@
 #include "kvbounce/transports.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
+#if defined(KVBOUNCE_HAVE_UCX)
+#include "transport/ucx/ucx_transport.h"
+#endif
 
 namespace kvbounce {
 
@@ -12,6 +15,24 @@ Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<Loopback
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> t,
                        LoopbackTransport::Create(std::move(fabric), std::move(name)));
   return std::unique_ptr<Transport>(std::move(t));
+}
+
+bool UcxTransportAvailable() {
+#if defined(KVBOUNCE_HAVE_UCX)
+  return true;
+#else
+  return false;
+#endif
+}
+
+Result<std::unique_ptr<Transport>> NewUcxTransport(const UcxTransportOptions& options) {
+#if defined(KVBOUNCE_HAVE_UCX)
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<UcxTransport> t, UcxTransport::Create(options));
+  return std::unique_ptr<Transport>(std::move(t));
+#else
+  (void)options;
+  return UnimplementedError("this build of kvbounce has no UCX transport (UCX was not found)");
+#endif
 }
 
 Result<std::unique_ptr<Transport>> NewFaultTransport(std::unique_ptr<Transport> inner,

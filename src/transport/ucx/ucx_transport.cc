@@ -1,0 +1,1779 @@
+// The UCX transport. The header and docs/transports.md describe the design;
+// this file keeps to it: every UCP call on a worker runs on that worker's
+// rail thread; UCX callbacks only record what happened or post a command to
+// the rail's own queue, so nothing re-enters UCX from inside a UCX callback.
+#include "transport/ucx/ucx_transport.h"
+
+#include <netdb.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <ucp/api/ucp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "common/checked_math.h"
+#include "kvbounce/config.h"
+#include "kvbounce/logging.h"
+#include "transport/write_check.h"
+
+namespace kvbounce {
+namespace ucx_internal {
+namespace {
+
+// The transport's own messages on the control endpoint (one UCP active
+// message id; the message type is the one-byte AM header).
+constexpr unsigned kAmId = 11;
+enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3 };
+constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
+constexpr uint16_t kHelloVersion = 1;
+constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
+constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
+constexpr size_t kMaxWorkerAddressBytes = 64 << 10;
+constexpr size_t kMaxHostIdBytes = 512;
+
+// Calibrated on the development machine with ucx_perftest (UCX 1.13.1,
+// docs/PERFORMANCE.md): a put over TCP costs ~4 µs and large puts stream at
+// ~1.2 GB/s; over cross-memory attach a put costs ~1 µs and large puts run at
+// memcpy speed (~20 GB/s, less on a loaded host).
+constexpr TransportCost kTcpCost{.op_us = 4.0, .bytes_per_us = 1200.0};
+constexpr TransportCost kSharedMemoryCost{.op_us = 1.0, .bytes_per_us = 10000.0};
+
+Status UcsError(StatusCode code, std::string_view what, ucs_status_t status) {
+  return Status(code, std::string(what) + ": " + ucs_status_string(status));
+}
+
+// Little-endian field writer and reader for the handshake.
+class Writer {
+ public:
+  void U8(uint8_t v) { bytes_.push_back(static_cast<std::byte>(v)); }
+  void U16(uint16_t v) { Le(v, 2); }
+  void U32(uint32_t v) { Le(v, 4); }
+  void U64(uint64_t v) { Le(v, 8); }
+  void Blob(std::span<const std::byte> b) {
+    U32(static_cast<uint32_t>(b.size()));
+    bytes_.insert(bytes_.end(), b.begin(), b.end());
+  }
+  std::vector<std::byte> Take() { return std::move(bytes_); }
+
+ private:
+  void Le(uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) bytes_.push_back(static_cast<std::byte>(v >> (8 * i)));
+  }
+  std::vector<std::byte> bytes_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const std::byte> bytes) : bytes_(bytes) {}
+  bool U8(uint8_t* v) { return Le(v, 1); }
+  bool U16(uint16_t* v) { return Le(v, 2); }
+  bool U32(uint32_t* v) { return Le(v, 4); }
+  bool U64(uint64_t* v) { return Le(v, 8); }
+  bool Blob(size_t limit, std::vector<std::byte>* out) {
+    uint32_t n = 0;
+    if (!U32(&n) || n > limit || n > bytes_.size() - pos_) return false;
+    out->assign(bytes_.begin() + static_cast<ptrdiff_t>(pos_),
+                bytes_.begin() + static_cast<ptrdiff_t>(pos_ + n));
+    pos_ += n;
+    return true;
+  }
+  size_t left() const { return bytes_.size() - pos_; }
+
+ private:
+  template <typename T>
+  bool Le(T* v, size_t n) {
+    if (bytes_.size() - pos_ < n) return false;
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; ++i) x |= static_cast<uint64_t>(bytes_[pos_ + i]) << (8 * i);
+    *v = static_cast<T>(x);
+    pos_ += n;
+    return true;
+  }
+  std::span<const std::byte> bytes_;
+  size_t pos_ = 0;
+};
+
+std::span<const std::byte> AsBytes(const std::string& s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+// Processes that share a kernel and a pid namespace can reach each other's
+// memory with cross-memory attach.
+std::string HostIdentity() {
+  std::string id;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::getline(boot, id);
+  std::array<char, 256> ns{};
+  const ssize_t n = readlink("/proc/self/ns/pid", ns.data(), ns.size() - 1);
+  if (n > 0) id += "/" + std::string(ns.data(), static_cast<size_t>(n));
+  return id;
+}
+
+// UCX_TLS, when set, must leave a shared-memory transport in for the
+// same-host data endpoints (they have no error handling; over TCP they would
+// lose the dead-peer report).
+bool EnvAllowsSharedMemory() {
+  const char* tls = std::getenv("UCX_TLS");
+  if (tls == nullptr || *tls == '\0') return true;
+  std::string_view list(tls);
+  const bool exclude = list.front() == '^';
+  if (exclude) list.remove_prefix(1);
+  bool named = false;
+  while (!list.empty()) {
+    const size_t comma = list.find(',');
+    const std::string_view item = list.substr(0, comma);
+    if (item == "all") return !exclude;
+    if (item == "shm" || item == "sm" || item == "cma" || item == "posix" || item == "sysv") {
+      named = true;
+    }
+    if (comma == std::string_view::npos) break;
+    list.remove_prefix(comma + 1);
+  }
+  return exclude ? !named : named;
+}
+
+}  // namespace
+
+// --- Completion aggregation -------------------------------------------------
+
+// Counts the parts of one Write or Flush down to zero, keeps the first error,
+// and runs `done` once, on the thread that finished the last part.
+class Countdown {
+ public:
+  Countdown(int64_t parts, TransportDone done) : remaining_(parts), done_(std::move(done)) {}
+
+  void Fail(const Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (first_error_.ok()) first_error_ = status;
+  }
+  void MarkSkipped() { skipped_.store(true, std::memory_order_relaxed); }
+
+  // One part ended (`n` parts at once).
+  void Arrive(int64_t n = 1) {
+    if (remaining_.fetch_sub(n, std::memory_order_acq_rel) != n) return;
+    Status status;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status = first_error_;
+    }
+    if (status.ok() && skipped_.load(std::memory_order_relaxed)) {
+      status = CancelledError("write stopped before every operation was issued");
+    }
+    TransportDone done = std::move(done_);
+    done(status);
+  }
+
+ private:
+  std::atomic<int64_t> remaining_;
+  std::mutex mu_;
+  Status first_error_;
+  std::atomic<bool> skipped_{false};
+  TransportDone done_;
+};
+
+// A LocalRegion's count of this transport's writes reading from it.
+struct SourceUse {
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t writes = 0;
+  void Add() {
+    std::lock_guard<std::mutex> lock(mu);
+    ++writes;
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (--writes == 0) cv.notify_all();
+  }
+};
+
+// One Write: its countdown (in puts) and the source region's use count.
+// The source region's use ends before `done` runs, so the callback may
+// destroy the region.
+struct Batch {
+  Batch(int64_t puts, TransportDone done, std::stop_token stop_token,
+        std::shared_ptr<SourceUse> use)
+      : countdown(puts,
+                  [use = std::move(use), done = std::move(done)](Status status) {
+                    use->Release();
+                    done(std::move(status));
+                  }),
+        stop(std::move(stop_token)) {}
+  Countdown countdown;
+  std::stop_token stop;
+};
+
+// The packed key of an imported region, shared with the rails that unpack it.
+struct ImportedKey {
+  uint64_t id = 0;
+  std::vector<std::byte> packed;
+};
+
+struct Piece {
+  const std::byte* src = nullptr;
+  uint64_t remote = 0;
+  uint64_t bytes = 0;
+};
+
+// A write's puts for one rail, or (with `flush` set) a flush queued behind
+// the puts before it.
+struct WorkItem {
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<Countdown> flush;
+  PeerId peer = 0;
+  std::shared_ptr<const ImportedKey> key;
+  std::vector<Piece> pieces;
+  size_t next = 0;
+};
+
+// Lives in the memory UCX reserves in front of... behind each request handle
+// (ucp_params_t::request_size); built after ucp_*_nbx returned the request.
+struct RequestContext {
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<Countdown> flush;
+  PeerId peer = 0;
+};
+
+class Engine;
+
+// What an endpoint's error handler needs.
+struct EpErrorArg {
+  Engine* engine = nullptr;
+  int rail = 0;
+  PeerId peer = 0;
+  bool control = false;
+};
+
+// A rail's view of one peer (owned by the rail thread).
+struct RailPeer {
+  ucp_ep_h ep = nullptr;
+  std::unique_ptr<EpErrorArg> err_arg;
+  std::unordered_map<uint64_t, ucp_rkey_h> rkeys;
+  int64_t outstanding = 0;  // puts and flushes started, not completed
+  bool aborting = false;    // no new puts; fence pending or done
+  bool closing = false;     // ucp_ep_close_nbx in progress
+  bool flushing = false;    // the flush of a graceful abort was issued
+  bool flushed = false;     // ... and completed
+  std::function<void()> on_fenced;
+};
+
+// One UCP worker and its progress thread.
+class Rail {
+ public:
+  Rail(Engine* engine, int index) : engine_(engine), index_(index) {}
+  ~Rail();
+
+  Status Init(ucp_context_h context);
+  void StartThread() {
+    thread_ = std::thread([this] { Run(); });
+  }
+  // Queues `command` for the rail thread. False when the rail has stopped
+  // for good (the command did not and will not run).
+  bool Post(std::function<void()> command);
+  // Ends the loop once every peer is fenced, then joins.
+  void StopAndJoin();
+
+  ucp_worker_h worker() const { return worker_; }
+  const std::vector<std::byte>& address() const { return address_; }
+  int index() const { return index_; }
+  bool stopping() const { return stopping_; }
+
+  // --- Rail-thread operations --------------------------------------------
+  void CreateDataEp(PeerId peer, const std::vector<std::byte>& remote_address, bool with_errors);
+  void Enqueue(WorkItem item);
+  // Flushes the peer's data endpoint once the puts queued before are issued.
+  void Flush(PeerId peer, std::shared_ptr<Countdown> countdown);
+  // Stops this rail's writes to `peer`; runs `fenced` (on this thread) once
+  // none is left and the data endpoint is closed.
+  void AbortPeer(PeerId peer, bool graceful, std::function<void()> fenced);
+  // Force-closes the data endpoint to `peer` (after the fence, or at once
+  // when the peer is gone).
+  void ClosePeer(PeerId peer);
+  void ForgetKey(PeerId peer, uint64_t key_id);
+
+ private:
+  void Run();
+  bool RunCommands();
+  void IssueWork();
+  void FinishItem(WorkItem& item, const Status& status, bool skipped);
+  void IssueFlush(PeerId peer, std::shared_ptr<Countdown> countdown, bool even_aborting);
+  void CheckFence(PeerId peer);
+  bool Quiesced() const;
+  static void PutDone(void* request, ucs_status_t status, void* user_data);
+  static void FlushDone(void* request, ucs_status_t status, void* user_data);
+  static void CloseDone(void* request, ucs_status_t status, void* user_data);
+  void Completed(void* request, ucs_status_t status, bool is_flush);
+
+  Engine* engine_;
+  const int index_;
+  ucp_worker_h worker_ = nullptr;
+  std::vector<std::byte> address_;
+  int event_fd_ = -1;  // ucp_worker_get_efd, owned by UCX
+  int wake_fd_ = -1;
+  int epoll_fd_ = -1;
+  std::thread thread_;
+
+  std::mutex mu_;
+  std::deque<std::function<void()>> commands_;
+  bool closed_ = false;  // guarded by mu_: no command is accepted any more
+
+  // Rail-thread state.
+  bool stopping_ = false;
+  std::unordered_map<PeerId, RailPeer> peers_;
+  std::deque<WorkItem> work_;
+  int64_t in_flight_ = 0;
+};
+
+// One connection (rail 0 owns the fields marked so; the others are guarded
+// by Engine::conns_mu_).
+struct Conn {
+  enum State : int { kHandshake, kOpen, kClosing, kDead };
+  PeerId id = 0;
+  bool outgoing = false;
+  std::string where;  // the address for messages
+  std::atomic<int> state{kHandshake};
+  // Guarded by conns_mu_.
+  uint64_t peer_nonce = 0;
+  bool shared_memory = false;
+  Status connect_error;
+  // Rail 0.
+  ucp_ep_h ctrl_ep = nullptr;
+  std::unique_ptr<EpErrorArg> ctrl_err_arg;
+  bool ctrl_failed = false;
+  bool peer_fenced = false;
+  bool sent_fenced = false;
+  bool teardown = false;
+  bool completed = false;
+  bool was_open = false;
+  int rails_unfenced = 0;
+  Status reason;
+};
+
+class Engine : public std::enable_shared_from_this<Engine> {
+ public:
+  explicit Engine(UcxTransportOptions options) : options_(std::move(options)) {}
+  ~Engine();
+
+  Status Init();
+  TransportCaps Caps() const;
+  Result<TransportCaps> PeerCaps(PeerId peer) const;
+  std::string Address() const { return address_; }
+  Status Start(TransportCallbacks callbacks);
+  Result<PeerId> Connect(std::string_view address);
+  Status Send(PeerId peer, std::span<const std::byte> frame);
+  Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes, MemoryKind kind);
+  Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
+  Status Write(const LocalRegion& source, const RemoteRegion& target,
+               std::span<const WriteOp> ops, TransportDone done, std::stop_token stop);
+  Status Flush(PeerId peer, TransportDone done);
+  void Disconnect(PeerId peer, const Status& reason);
+  void Shutdown();
+  TransportStats Stats() const;
+
+  // For the rails and the regions.
+  ucp_context_h context() const { return context_; }
+  Rail& rail(int i) { return *rails_[static_cast<size_t>(i)]; }
+  int num_rails() const { return static_cast<int>(rails_.size()); }
+  void OnDataEpError(PeerId peer, ucs_status_t status);
+  void OnControlEpError(PeerId peer, ucs_status_t status);
+  void ForgetKey(PeerId peer, uint64_t key_id);
+  uint64_t nonce() const { return nonce_; }
+  bool shut() const { return shut_.load(std::memory_order_acquire); }
+  void CountPut(uint64_t bytes) {
+    write_ops_.fetch_add(1, std::memory_order_relaxed);
+    write_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  void CountFailedPut() { failed_write_ops_.fetch_add(1, std::memory_order_relaxed); }
+
+  // Rail 0: the last step of a shutdown.
+  bool ControlQuiesced() const;
+  void DestroyListener();
+
+ private:
+  static void OnConnRequest(ucp_conn_request_h request, void* arg);
+  static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
+                           size_t length, const ucp_am_recv_param_t* param);
+  static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t status);
+  static void SendDone(void* request, ucs_status_t status, void* user_data);
+  static void CtrlCloseDone(void* request, ucs_status_t status, void* user_data);
+
+  std::shared_ptr<Conn> FindConn(PeerId peer) const;
+  std::shared_ptr<Conn> NewConn(bool outgoing, std::string where);
+
+  // Rail 0.
+  void AcceptConn(ucp_conn_request_h request);
+  void StartConnect(const std::shared_ptr<Conn>& conn, sockaddr_storage addr, socklen_t len);
+  void HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload);
+  void HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std::byte> payload);
+  bool SendMessage(const std::shared_ptr<Conn>& conn, MsgType type, std::vector<std::byte> body);
+  std::vector<std::byte> HelloMessage() const;
+  void OpenDataEps(const std::shared_ptr<Conn>& conn, std::vector<std::vector<std::byte>> rails,
+                   bool shared_memory);
+  void BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, bool graceful);
+  void RailFenced(const std::shared_ptr<Conn>& conn);
+  void MaybeComplete(const std::shared_ptr<Conn>& conn);
+  void SetState(Conn& conn, int state);
+
+  const UcxTransportOptions options_;
+  uint64_t put_chunk_ = kDefaultUcxPutChunkBytes;
+  ucp_context_h context_ = nullptr;
+  std::vector<std::unique_ptr<Rail>> rails_;
+  ucp_listener_h listener_ = nullptr;
+  std::string address_;
+  uint64_t nonce_ = 0;
+  std::string host_id_;
+  bool shared_memory_allowed_ = false;
+
+  // Held shared by every call that posts work, exclusively by Shutdown, so
+  // no post races the rails' last drain.
+  mutable std::shared_mutex api_mu_;
+  std::atomic<bool> started_{false};
+  std::atomic<bool> shut_{false};
+  TransportCallbacks callbacks_;
+
+  mutable std::mutex conns_mu_;
+  std::condition_variable conns_cv_;
+  std::unordered_map<PeerId, std::shared_ptr<Conn>> conns_;
+  PeerId next_peer_ = 1;
+  std::atomic<uint64_t> next_key_{1};
+
+  // Rail 0.
+  std::unordered_map<ucp_ep_h, PeerId> by_ep_;
+  int64_t ctrl_closing_ = 0;
+
+  std::atomic<uint64_t> write_ops_{0};
+  std::atomic<uint64_t> write_bytes_{0};
+  std::atomic<uint64_t> failed_write_ops_{0};
+  std::atomic<uint64_t> flushes_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> messages_received_{0};
+};
+
+// --- Rail -----------------------------------------------------------------
+
+Rail::~Rail() {
+  if (worker_ != nullptr) ucp_worker_destroy(worker_);
+  if (wake_fd_ >= 0) close(wake_fd_);
+  if (epoll_fd_ >= 0) close(epoll_fd_);
+}
+
+Status Rail::Init(ucp_context_h context) {
+  ucp_worker_params_t params{};
+  params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  params.thread_mode = UCS_THREAD_MODE_SINGLE;
+  ucs_status_t s = ucp_worker_create(context, &params, &worker_);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_create", s);
+  ucp_address_t* address = nullptr;
+  size_t length = 0;
+  s = ucp_worker_get_address(worker_, &address, &length);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_get_address", s);
+  const auto* begin = reinterpret_cast<const std::byte*>(address);
+  address_.assign(begin, begin + length);
+  ucp_worker_release_address(worker_, address);
+  s = ucp_worker_get_efd(worker_, &event_fd_);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_get_efd", s);
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  if (wake_fd_ < 0 || epoll_fd_ < 0) {
+    return UnavailableError(std::string("eventfd/epoll: ") + std::strerror(errno));
+  }
+  for (int fd : {event_fd_, wake_fd_}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      return UnavailableError(std::string("epoll_ctl: ") + std::strerror(errno));
+    }
+  }
+  return Status();
+}
+
+bool Rail::Post(std::function<void()> command) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return false;
+    commands_.push_back(std::move(command));
+  }
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  return true;
+}
+
+void Rail::StopAndJoin() {
+  Post([this] {
+    stopping_ = true;
+    // Shutdown: whatever peer is still connected is cut off now.
+    std::vector<PeerId> ids;
+    for (auto& [id, peer] : peers_) ids.push_back(id);
+    for (PeerId id : ids) AbortPeer(id, /*graceful=*/false, nullptr);
+  });
+  if (thread_.joinable()) thread_.join();
+}
+
+bool Rail::RunCommands() {
+  std::deque<std::function<void()>> batch;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    batch.swap(commands_);
+  }
+  for (auto& command : batch) command();
+  return !batch.empty();
+}
+
+bool Rail::Quiesced() const {
+  if (!work_.empty() || in_flight_ != 0) return false;
+  for (const auto& [id, peer] : peers_) {
+    if (peer.closing || peer.ep != nullptr) return false;
+  }
+  return index_ != 0 || engine_->ControlQuiesced();
+}
+
+void Rail::Run() {
+  using Clock = std::chrono::steady_clock;
+  std::optional<Clock::time_point> stop_deadline;
+  for (;;) {
+    bool busy = RunCommands();
+    IssueWork();
+    if (stopping_) {
+      if (!stop_deadline) stop_deadline = Clock::now() + std::chrono::seconds(5);
+      if (Quiesced()) break;
+      if (Clock::now() > *stop_deadline) {
+        Log(LogLevel::kWarning, "ucx: rail " + std::to_string(index_) +
+                                    " stops with endpoints still closing after 5 s");
+        break;
+      }
+    }
+    while (ucp_worker_progress(worker_) != 0) busy = true;
+    if (busy) continue;
+    if (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) continue;
+    const ucs_status_t armed = ucp_worker_arm(worker_);
+    if (armed == UCS_ERR_BUSY) continue;
+    std::array<epoll_event, 2> events;
+    const int timeout_ms = stopping_ ? 10 : -1;
+    const int n = epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()), timeout_ms);
+    if (n < 0 && errno != EINTR) {
+      Log(LogLevel::kError, std::string("ucx: epoll_wait: ") + std::strerror(errno));
+    }
+    uint64_t drained = 0;
+    [[maybe_unused]] ssize_t r = read(wake_fd_, &drained, sizeof(drained));
+  }
+  if (index_ == 0) engine_->DestroyListener();
+  // Last drain: commands posted before the engine refused new ones run now,
+  // against a stopped rail (they fail their work).
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (commands_.empty()) {
+        closed_ = true;
+        break;
+      }
+    }
+    RunCommands();
+  }
+  for (auto& item : work_) FinishItem(item, AbortedError("transport shut down"), false);
+  work_.clear();
+  for (auto& [id, peer] : peers_) {
+    for (auto& [key, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
+    peer.rkeys.clear();
+  }
+}
+
+void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_address,
+                        bool with_errors) {
+  RailPeer& peer = peers_[peer_id];
+  if (peer.aborting || stopping_ || peer.ep != nullptr) return;
+  peer.err_arg = std::make_unique<EpErrorArg>(
+      EpErrorArg{.engine = engine_, .rail = index_, .peer = peer_id, .control = false});
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  params.address = reinterpret_cast<const ucp_address_t*>(remote_address.data());
+  params.err_mode = with_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+  if (with_errors) {
+    params.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    params.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t status) {
+      auto* a = static_cast<EpErrorArg*>(arg);
+      a->engine->OnDataEpError(a->peer, status);
+    };
+    params.err_handler.arg = peer.err_arg.get();
+  }
+  const ucs_status_t s = ucp_ep_create(worker_, &params, &peer.ep);
+  if (s != UCS_OK) {
+    peer.ep = nullptr;
+    engine_->OnDataEpError(peer_id, s);
+  }
+}
+
+void Rail::Enqueue(WorkItem item) {
+  auto it = peers_.find(item.peer);
+  if (stopping_) {
+    FinishItem(item, AbortedError("transport shut down"), false);
+    return;
+  }
+  if (it == peers_.end() || it->second.aborting || it->second.ep == nullptr) {
+    FinishItem(item, UnavailableError("connection to peer " + std::to_string(item.peer) +
+                                      " is closed"),
+               false);
+    return;
+  }
+  work_.push_back(std::move(item));
+}
+
+void Rail::FinishItem(WorkItem& item, const Status& status, bool skipped) {
+  if (item.flush) {
+    std::shared_ptr<Countdown> flush = std::move(item.flush);
+    flush->Fail(status.ok() ? AbortedError("flush dropped") : status);
+    flush->Arrive();
+    return;
+  }
+  const int64_t left = static_cast<int64_t>(item.pieces.size() - item.next);
+  item.next = item.pieces.size();
+  if (left == 0) return;
+  if (skipped) {
+    item.batch->countdown.MarkSkipped();
+  } else {
+    item.batch->countdown.Fail(status);
+  }
+  item.batch->countdown.Arrive(left);
+}
+
+void Rail::IssueWork() {
+  while (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) {
+    WorkItem& item = work_.front();
+    auto it = peers_.find(item.peer);
+    if (it == peers_.end() || it->second.aborting || it->second.ep == nullptr) {
+      FinishItem(item,
+                 UnavailableError("connection to peer " + std::to_string(item.peer) + " closed"),
+                 false);
+      work_.pop_front();
+      continue;
+    }
+    if (item.flush) {
+      std::shared_ptr<Countdown> flush = std::move(item.flush);
+      const PeerId peer = item.peer;
+      work_.pop_front();
+      IssueFlush(peer, std::move(flush), false);
+      continue;
+    }
+    if (item.batch->stop.stop_requested()) {
+      FinishItem(item, Status(), /*skipped=*/true);
+      work_.pop_front();
+      continue;
+    }
+    RailPeer& peer = it->second;
+    auto key = peer.rkeys.find(item.key->id);
+    if (key == peer.rkeys.end()) {
+      ucp_rkey_h rkey = nullptr;
+      const ucs_status_t s = ucp_ep_rkey_unpack(peer.ep, item.key->packed.data(), &rkey);
+      if (s != UCS_OK) {
+        FinishItem(item, UcsError(StatusCode::kInvalidArgument, "ucp_ep_rkey_unpack", s), false);
+        work_.pop_front();
+        continue;
+      }
+      key = peer.rkeys.emplace(item.key->id, rkey).first;
+    }
+    const Piece& piece = item.pieces[item.next++];
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    param.cb.send = &Rail::PutDone;
+    param.user_data = this;
+    engine_->CountPut(piece.bytes);
+    void* request =
+        ucp_put_nbx(peer.ep, piece.src, piece.bytes, piece.remote, key->second, &param);
+    if (request == nullptr) {
+      item.batch->countdown.Arrive();
+    } else if (UCS_PTR_IS_ERR(request)) {
+      engine_->CountFailedPut();
+      item.batch->countdown.Fail(
+          UcsError(StatusCode::kUnavailable, "ucp_put_nbx", UCS_PTR_STATUS(request)));
+      item.batch->countdown.Arrive();
+    } else {
+      new (request) RequestContext{.batch = item.batch, .flush = nullptr, .peer = item.peer};
+      ++in_flight_;
+      ++peer.outstanding;
+    }
+    if (item.next == item.pieces.size()) work_.pop_front();
+  }
+}
+
+void Rail::PutDone(void* request, ucs_status_t status, void* user_data) {
+  static_cast<Rail*>(user_data)->Completed(request, status, false);
+}
+
+void Rail::FlushDone(void* request, ucs_status_t status, void* user_data) {
+  static_cast<Rail*>(user_data)->Completed(request, status, true);
+}
+
+void Rail::Completed(void* request, ucs_status_t status, bool is_flush) {
+  auto* context = static_cast<RequestContext*>(request);
+  RequestContext taken = std::move(*context);
+  context->~RequestContext();
+  ucp_request_free(request);
+  --in_flight_;
+  auto it = peers_.find(taken.peer);
+  if (it != peers_.end()) --it->second.outstanding;
+  if (is_flush) {
+    if (status != UCS_OK) {
+      taken.flush->Fail(UcsError(StatusCode::kUnavailable, "flush", status));
+    }
+    taken.flush->Arrive();
+  } else {
+    if (status != UCS_OK) {
+      engine_->CountFailedPut();
+      taken.batch->countdown.Fail(UcsError(StatusCode::kUnavailable, "put", status));
+    }
+    taken.batch->countdown.Arrive();
+  }
+  if (it != peers_.end() && it->second.aborting) CheckFence(taken.peer);
+}
+
+void Rail::Flush(PeerId peer_id, std::shared_ptr<Countdown> countdown) {
+  WorkItem item;
+  item.flush = std::move(countdown);
+  item.peer = peer_id;
+  Enqueue(std::move(item));
+}
+
+void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown, bool even_aborting) {
+  auto it = peers_.find(peer_id);
+  if (stopping_) {
+    countdown->Fail(AbortedError("transport shut down"));
+    countdown->Arrive();
+    return;
+  }
+  if (it == peers_.end() || it->second.ep == nullptr || it->second.closing ||
+      (it->second.aborting && !even_aborting)) {
+    countdown->Fail(UnavailableError("connection to peer " + std::to_string(peer_id) + " closed"));
+    countdown->Arrive();
+    return;
+  }
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = &Rail::FlushDone;
+  param.user_data = this;
+  void* request = ucp_ep_flush_nbx(it->second.ep, &param);
+  if (request == nullptr) {
+    countdown->Arrive();
+  } else if (UCS_PTR_IS_ERR(request)) {
+    countdown->Fail(UcsError(StatusCode::kUnavailable, "ucp_ep_flush_nbx", UCS_PTR_STATUS(request)));
+    countdown->Arrive();
+  } else {
+    new (request) RequestContext{.batch = nullptr, .flush = std::move(countdown), .peer = peer_id};
+    ++in_flight_;
+    ++it->second.outstanding;
+  }
+}
+
+void Rail::AbortPeer(PeerId peer_id, bool graceful, std::function<void()> fenced) {
+  RailPeer& peer = peers_[peer_id];
+  if (fenced) peer.on_fenced = std::move(fenced);
+  if (!peer.aborting) {
+    peer.aborting = true;
+    // Queued puts to this peer are never started.
+    for (auto it = work_.begin(); it != work_.end();) {
+      if (it->peer == peer_id) {
+        FinishItem(*it,
+                   UnavailableError("connection to peer " + std::to_string(peer_id) + " closed"),
+                   false);
+        it = work_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (!graceful || stopping_) {
+    ClosePeer(peer_id);
+  } else if (peer.ep != nullptr && !peer.closing && !peer.flushing) {
+    // A live peer: our puts must be remotely complete before we say so. The
+    // endpoint stays open until the peer said the same (ClosePeer), so that
+    // neither side's flush loses its partner; if the peer dies meanwhile, a
+    // forced abort cancels the flush.
+    peer.flushing = true;
+    Rail* rail = this;
+    auto countdown = std::make_shared<Countdown>(1, [rail, peer_id](const Status&) {
+      rail->Post([rail, peer_id] {
+        rail->peers_[peer_id].flushed = true;
+        rail->CheckFence(peer_id);
+      });
+    });
+    IssueFlush(peer_id, std::move(countdown), /*even_aborting=*/true);
+  }
+  CheckFence(peer_id);
+}
+
+void Rail::ClosePeer(PeerId peer_id) {
+  RailPeer& peer = peers_[peer_id];
+  peer.aborting = true;
+  if (peer.ep == nullptr || peer.closing) return;
+  ucp_request_param_t param{};
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.cb.send = &Rail::CloseDone;
+  param.user_data = &peer;  // RailPeer nodes are stable in an unordered_map
+  param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  void* request = ucp_ep_close_nbx(peer.ep, &param);
+  if (request == nullptr || UCS_PTR_IS_ERR(request)) {
+    peer.ep = nullptr;
+  } else {
+    peer.closing = true;
+  }
+  CheckFence(peer_id);
+}
+
+void Rail::CloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
+  auto* peer = static_cast<RailPeer*>(user_data);
+  ucp_request_free(request);
+  peer->closing = false;
+  peer->ep = nullptr;
+  // The fence check runs from the loop (CheckFence needs the peer id); a
+  // command keeps it out of the UCX callback.
+  if (peer->err_arg) {
+    Rail& rail = peer->err_arg->engine->rail(peer->err_arg->rail);
+    const PeerId id = peer->err_arg->peer;
+    rail.Post([&rail, id] { rail.CheckFence(id); });
+  }
+}
+
+void Rail::CheckFence(PeerId peer_id) {
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end()) return;
+  RailPeer& peer = it->second;
+  if (!peer.aborting || peer.closing || peer.outstanding != 0) return;
+  if (peer.ep != nullptr && !peer.flushed) return;
+  for (auto& [key, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
+  peer.rkeys.clear();
+  if (peer.on_fenced) {
+    std::function<void()> fenced = std::move(peer.on_fenced);
+    peer.on_fenced = nullptr;
+    fenced();
+  }
+}
+
+void Rail::ForgetKey(PeerId peer_id, uint64_t key_id) {
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end()) return;
+  auto key = it->second.rkeys.find(key_id);
+  if (key == it->second.rkeys.end()) return;
+  ucp_rkey_destroy(key->second);
+  it->second.rkeys.erase(key);
+}
+
+// --- Regions ----------------------------------------------------------------
+
+class UcxLocalRegion final : public LocalRegion {
+ public:
+  UcxLocalRegion(std::shared_ptr<Engine> engine, ucp_mem_h memh, RegionInfo info)
+      : engine_(std::move(engine)), memh_(memh), info_(std::move(info)),
+        use_(std::make_shared<SourceUse>()) {
+    describe_ = "ucx memh " + std::to_string(info_.address.value()) + "+" +
+                std::to_string(info_.size);
+  }
+  ~UcxLocalRegion() override {
+    {
+      std::unique_lock<std::mutex> lock(use_->mu);
+      use_->cv.wait(lock, [this] { return use_->writes == 0; });
+    }
+    ucp_mem_unmap(engine_->context(), memh_);
+  }
+  const RegionInfo& info() const override { return info_; }
+  std::string_view Describe() const override { return describe_; }
+  const Engine* engine() const { return engine_.get(); }
+  const std::shared_ptr<SourceUse>& use() const { return use_; }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  ucp_mem_h memh_;
+  RegionInfo info_;
+  std::shared_ptr<SourceUse> use_;
+  std::string describe_;
+};
+
+class UcxRemoteRegion final : public RemoteRegion {
+ public:
+  UcxRemoteRegion(std::shared_ptr<Engine> engine, PeerId peer, RegionInfo info,
+                  std::shared_ptr<const ImportedKey> key)
+      : engine_(std::move(engine)), peer_(peer), info_(std::move(info)), key_(std::move(key)) {}
+  ~UcxRemoteRegion() override { engine_->ForgetKey(peer_, key_->id); }
+  PeerId peer() const override { return peer_; }
+  const RegionInfo& info() const override { return info_; }
+  Addr mapped_address() const override { return Addr(); }
+  const Engine* engine() const { return engine_.get(); }
+  const std::shared_ptr<const ImportedKey>& key() const { return key_; }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  PeerId peer_;
+  RegionInfo info_;
+  std::shared_ptr<const ImportedKey> key_;
+};
+
+// --- Engine -----------------------------------------------------------------
+
+Engine::~Engine() {
+  Shutdown();
+  DestroyListener();
+  rails_.clear();
+  if (context_ != nullptr) ucp_cleanup(context_);
+}
+
+Status Engine::Init() {
+  if (options_.num_workers < 1 || options_.num_workers > Config::kMaxNumWorkers) {
+    return InvalidArgumentError("num_workers = " + std::to_string(options_.num_workers) +
+                                ": must be in [1, " + std::to_string(Config::kMaxNumWorkers) +
+                                "]");
+  }
+  if (options_.put_chunk_bytes != 0) {
+    if (options_.put_chunk_bytes < UcxTransport::kMinPutChunkBytes ||
+        options_.put_chunk_bytes > UcxTransport::kMaxPutChunkBytes) {
+      return InvalidArgumentError("put_chunk_bytes = " + std::to_string(options_.put_chunk_bytes) +
+                                  ": must be 0 (the default) or in [4 KiB, 1 GiB]");
+    }
+    put_chunk_ = options_.put_chunk_bytes;
+  }
+  if (options_.connect_timeout.count() <= 0 ||
+      options_.connect_timeout.count() > Config::kMaxTimeoutMs) {
+    return InvalidArgumentError("connect_timeout must be in (0, " +
+                                std::to_string(Config::kMaxTimeoutMs) + "] ms");
+  }
+  KVB_ASSIGN_OR_RETURN(HostPort listen, ParseHostPort(options_.listen_address));
+
+  ucp_config_t* config = nullptr;
+  ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_config_read", s);
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_REQUEST_SIZE |
+                      UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.request_size = sizeof(RequestContext);
+  params.mt_workers_shared = 1;
+  params.name = "kvbounce";
+  s = ucp_init(&params, config, &context_);
+  ucp_config_release(config);
+  if (s != UCS_OK) {
+    context_ = nullptr;
+    return UcsError(StatusCode::kUnavailable, "ucp_init", s);
+  }
+  for (int i = 0; i < options_.num_workers; ++i) {
+    rails_.push_back(std::make_unique<Rail>(this, i));
+    KVB_RETURN_IF_ERROR(rails_.back()->Init(context_));
+  }
+
+  // The transport's identity, and whether same-host peers may share memory.
+  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+  nonce_ = (static_cast<uint64_t>(getpid()) << 40) ^ static_cast<uint64_t>(now) ^
+           reinterpret_cast<uintptr_t>(this);
+  host_id_ = HostIdentity();
+  shared_memory_allowed_ = options_.same_host_shared_memory && EnvAllowsSharedMemory();
+
+  // The listener, on rail 0.
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(listen.port);
+  if (getaddrinfo(listen.host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
+    return UnavailableError("cannot resolve listen address '" + options_.listen_address + "'");
+  }
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = found->ai_addr;
+  lp.sockaddr.addrlen = found->ai_addrlen;
+  lp.conn_handler.cb = &Engine::OnConnRequest;
+  lp.conn_handler.arg = this;
+  s = ucp_listener_create(rails_[0]->worker(), &lp, &listener_);
+  freeaddrinfo(found);
+  if (s != UCS_OK) {
+    listener_ = nullptr;
+    return UcsError(StatusCode::kUnavailable,
+                    "cannot listen at '" + options_.listen_address + "' (ucp_listener_create)", s);
+  }
+  ucp_listener_attr_t attr{};
+  attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  s = ucp_listener_query(listener_, &attr);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_listener_query", s);
+  uint16_t bound_port = 0;
+  if (attr.sockaddr.ss_family == AF_INET) {
+    bound_port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
+  } else if (attr.sockaddr.ss_family == AF_INET6) {
+    bound_port = ntohs(reinterpret_cast<const sockaddr_in6*>(&attr.sockaddr)->sin6_port);
+  }
+  std::string host = listen.host;
+  if (host == "0.0.0.0" || host == "::") {
+    std::array<char, 256> name{};
+    host = gethostname(name.data(), name.size() - 1) == 0 ? std::string(name.data()) : "127.0.0.1";
+  }
+  address_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
+             std::to_string(bound_port);
+
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = kAmId;
+  am.cb = &Engine::OnAm;
+  am.arg = this;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  s = ucp_worker_set_am_recv_handler(rails_[0]->worker(), &am);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_set_am_recv_handler", s);
+  for (auto& rail : rails_) rail->StartThread();
+  return Status();
+}
+
+TransportCaps Engine::Caps() const {
+  TransportCaps caps;
+  caps.name = "ucx";
+  caps.host_memory = true;
+  caps.device_memory = false;
+  caps.map_remote = false;
+  caps.concurrent_callbacks = rails_.size() > 1;
+  caps.pending_writes_fail = false;
+  caps.cost = kTcpCost;
+  return caps;
+}
+
+Result<TransportCaps> Engine::PeerCaps(PeerId peer) const {
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
+  TransportCaps caps = Caps();
+  std::lock_guard<std::mutex> lock(conns_mu_);
+  if (conn->shared_memory) caps.cost = kSharedMemoryCost;
+  return caps;
+}
+
+Status Engine::Start(TransportCallbacks callbacks) {
+  std::unique_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  if (started_) return FailedPreconditionError("the ucx transport is already started");
+  callbacks_ = std::move(callbacks);
+  started_ = true;
+  return Status();
+}
+
+std::shared_ptr<Conn> Engine::FindConn(PeerId peer) const {
+  std::lock_guard<std::mutex> lock(conns_mu_);
+  auto it = conns_.find(peer);
+  return it == conns_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Conn> Engine::NewConn(bool outgoing, std::string where) {
+  auto conn = std::make_shared<Conn>();
+  conn->outgoing = outgoing;
+  conn->where = std::move(where);
+  std::lock_guard<std::mutex> lock(conns_mu_);
+  conn->id = next_peer_++;
+  conns_.emplace(conn->id, conn);
+  return conn;
+}
+
+void Engine::SetState(Conn& conn, int state) {
+  {
+    std::lock_guard<std::mutex> lock(conns_mu_);
+    conn.state.store(state, std::memory_order_release);
+  }
+  conns_cv_.notify_all();
+}
+
+Result<PeerId> Engine::Connect(std::string_view address) {
+  KVB_ASSIGN_OR_RETURN(HostPort target, ParseHostPort(address));
+  if (!started_) return FailedPreconditionError("Connect before Start");
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(target.port);
+  if (target.port == 0) return InvalidArgumentError("address '" + std::string(address) +
+                                                    "': port 0 names no listener");
+  if (getaddrinfo(target.host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
+    return UnavailableError("cannot resolve host of '" + std::string(address) + "'");
+  }
+  sockaddr_storage storage{};
+  const socklen_t length = found->ai_addrlen;
+  std::memcpy(&storage, found->ai_addr, found->ai_addrlen);
+  freeaddrinfo(found);
+
+  std::shared_ptr<Conn> conn;
+  {
+    std::shared_lock<std::shared_mutex> lock(api_mu_);
+    if (shut_) return AbortedError("the ucx transport is shut down");
+    conn = NewConn(true, std::string(address));
+    rails_[0]->Post([this, conn, storage, length] { StartConnect(conn, storage, length); });
+  }
+  std::unique_lock<std::mutex> lock(conns_mu_);
+  const bool settled = conns_cv_.wait_for(lock, options_.connect_timeout, [&] {
+    return conn->state.load() != Conn::kHandshake;
+  });
+  if (settled && conn->state.load() == Conn::kOpen) return conn->id;
+  Status error = conn->connect_error;
+  lock.unlock();
+  if (!settled) {
+    error = UnavailableError("no transport handshake from '" + std::string(address) + "' within " +
+                             std::to_string(options_.connect_timeout.count()) + " ms");
+    std::shared_lock<std::shared_mutex> api(api_mu_);
+    if (!shut_) {
+      rails_[0]->Post([this, conn, error] { BeginTeardown(conn, error, false); });
+    }
+  }
+  if (error.ok()) error = UnavailableError("connection to '" + std::string(address) + "' closed");
+  return error;
+}
+
+void Engine::StartConnect(const std::shared_ptr<Conn>& conn, sockaddr_storage addr,
+                          socklen_t len) {
+  if (conn->teardown) return;
+  conn->ctrl_err_arg = std::make_unique<EpErrorArg>(
+      EpErrorArg{.engine = this, .rail = 0, .peer = conn->id, .control = true});
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  params.sockaddr.addrlen = len;
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.cb = &Engine::OnEpError;
+  params.err_handler.arg = conn->ctrl_err_arg.get();
+  const ucs_status_t s = ucp_ep_create(rails_[0]->worker(), &params, &conn->ctrl_ep);
+  if (s != UCS_OK) {
+    conn->ctrl_ep = nullptr;
+    conn->ctrl_failed = true;
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "cannot reach '" + conn->where + "'", s),
+                  false);
+    return;
+  }
+  by_ep_[conn->ctrl_ep] = conn->id;
+  SendMessage(conn, MsgType::kHello, HelloMessage());
+}
+
+void Engine::OnConnRequest(ucp_conn_request_h request, void* arg) {
+  auto* engine = static_cast<Engine*>(arg);
+  engine->rails_[0]->Post([engine, request] { engine->AcceptConn(request); });
+}
+
+void Engine::AcceptConn(ucp_conn_request_h request) {
+  if (shut_) {
+    ucp_listener_reject(listener_, request);
+    return;
+  }
+  std::shared_ptr<Conn> conn = NewConn(false, "incoming peer");
+  conn->where = "peer " + std::to_string(conn->id);
+  conn->ctrl_err_arg = std::make_unique<EpErrorArg>(
+      EpErrorArg{.engine = this, .rail = 0, .peer = conn->id, .control = true});
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.conn_request = request;
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.cb = &Engine::OnEpError;
+  params.err_handler.arg = conn->ctrl_err_arg.get();
+  const ucs_status_t s = ucp_ep_create(rails_[0]->worker(), &params, &conn->ctrl_ep);
+  if (s != UCS_OK) {
+    conn->ctrl_ep = nullptr;
+    conn->ctrl_failed = true;
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "cannot accept a connection", s), false);
+    return;
+  }
+  by_ep_[conn->ctrl_ep] = conn->id;
+}
+
+std::vector<std::byte> Engine::HelloMessage() const {
+  Writer w;
+  w.U32(kHelloMagic);
+  w.U16(kHelloVersion);
+  w.U64(nonce_);
+  w.Blob(AsBytes(host_id_));
+  w.U8(shared_memory_allowed_ ? 1 : 0);
+  w.U16(static_cast<uint16_t>(rails_.size()));
+  for (const auto& rail : rails_) w.Blob(rail->address());
+  return w.Take();
+}
+
+bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
+                         std::vector<std::byte> body) {
+  if (conn->ctrl_ep == nullptr || conn->ctrl_failed) return false;
+  auto buffer = std::make_unique<std::vector<std::byte>>(std::move(body));
+  static_assert(sizeof(MsgType) == 1);
+  static const std::array<MsgType, 4> kHeaders = {MsgType{0}, MsgType::kHello, MsgType::kFrame,
+                                                   MsgType::kFenced};
+  ucp_request_param_t param{};
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
+  param.cb.send = &Engine::SendDone;
+  param.user_data = buffer.get();
+  void* request = ucp_am_send_nbx(conn->ctrl_ep, kAmId, &kHeaders[static_cast<size_t>(type)], 1,
+                                  buffer->data(), buffer->size(), &param);
+  if (request == nullptr) return true;
+  if (UCS_PTR_IS_ERR(request)) {
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "ucp_am_send_nbx", UCS_PTR_STATUS(request)),
+                  false);
+    return false;
+  }
+  buffer.release();  // SendDone frees it
+  return true;
+}
+
+void Engine::SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
+  // A failed send also fails the control endpoint, whose error handler
+  // tears the connection down.
+  delete static_cast<std::vector<std::byte>*>(user_data);
+  ucp_request_free(request);
+}
+
+ucs_status_t Engine::OnAm(void* arg, const void* header, size_t header_length, void* data,
+                          size_t length, const ucp_am_recv_param_t* param) {
+  auto* engine = static_cast<Engine*>(arg);
+  if (header_length != 1 || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0 ||
+      (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+    Log(LogLevel::kWarning, "ucx: dropped a control message of unexpected shape");
+    return UCS_OK;
+  }
+  const auto type = static_cast<MsgType>(*static_cast<const uint8_t*>(header));
+  const auto* begin = static_cast<const std::byte*>(data);
+  std::vector<std::byte> payload(begin, begin + length);
+  ucp_ep_h ep = param->reply_ep;
+  engine->rails_[0]->Post([engine, ep, type, payload = std::move(payload)]() mutable {
+    engine->HandleAm(ep, type, std::move(payload));
+  });
+  return UCS_OK;
+}
+
+void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload) {
+  auto it = by_ep_.find(ep);
+  if (it == by_ep_.end()) return;  // a connection already torn down
+  std::shared_ptr<Conn> conn = FindConn(it->second);
+  if (!conn) return;
+  switch (type) {
+    case MsgType::kHello:
+      HandleHello(conn, payload);
+      return;
+    case MsgType::kFrame:
+      if (conn->state.load() != Conn::kOpen) return;
+      messages_received_.fetch_add(1, std::memory_order_relaxed);
+      if (callbacks_.on_message) callbacks_.on_message(conn->id, std::move(payload));
+      return;
+    case MsgType::kFenced:
+      conn->peer_fenced = true;
+      BeginTeardown(conn, UnavailableError(conn->where + " closed the connection"), true);
+      MaybeComplete(conn);
+      return;
+  }
+  BeginTeardown(conn, DataLossError(conn->where + " sent an unknown transport message"), false);
+}
+
+void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std::byte> payload) {
+  if (conn->teardown || conn->state.load() != Conn::kHandshake) return;
+  Reader r(payload);
+  uint32_t magic = 0;
+  uint16_t version = 0;
+  uint64_t nonce = 0;
+  std::vector<std::byte> host;
+  uint8_t shm = 0;
+  uint16_t num_rails = 0;
+  std::vector<std::vector<std::byte>> rails;
+  bool ok = r.U32(&magic) && magic == kHelloMagic && r.U16(&version);
+  if (ok && version != kHelloVersion) {
+    Status error = InvalidArgumentError(conn->where + " speaks ucx transport version " +
+                                        std::to_string(version) + ", this one " +
+                                        std::to_string(kHelloVersion));
+    {
+      std::lock_guard<std::mutex> lock(conns_mu_);
+      conn->connect_error = error;
+    }
+    BeginTeardown(conn, error, true);
+    return;
+  }
+  ok = ok && r.U64(&nonce) && r.Blob(kMaxHostIdBytes, &host) && r.U8(&shm) && r.U16(&num_rails) &&
+       num_rails >= 1 && num_rails <= kMaxHelloRails;
+  for (uint16_t i = 0; ok && i < num_rails; ++i) {
+    rails.emplace_back();
+    ok = r.Blob(kMaxWorkerAddressBytes, &rails.back());
+  }
+  ok = ok && r.left() == 0;
+  if (!ok) {
+    Status error = DataLossError(conn->where + " sent a malformed transport handshake");
+    {
+      std::lock_guard<std::mutex> lock(conns_mu_);
+      conn->connect_error = error;
+    }
+    BeginTeardown(conn, error, true);
+    return;
+  }
+  const std::string peer_host(reinterpret_cast<const char*>(host.data()), host.size());
+  const bool shared_memory =
+      shared_memory_allowed_ && shm != 0 && !host_id_.empty() && peer_host == host_id_;
+  if (!conn->outgoing) SendMessage(conn, MsgType::kHello, HelloMessage());
+  {
+    std::lock_guard<std::mutex> lock(conns_mu_);
+    conn->peer_nonce = nonce;
+    conn->shared_memory = shared_memory;
+  }
+  OpenDataEps(conn, std::move(rails), shared_memory);
+  conn->was_open = true;
+  SetState(*conn, Conn::kOpen);
+}
+
+void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn,
+                         std::vector<std::vector<std::byte>> peer_rails, bool shared_memory) {
+  // Rail i writes to the peer's rail (i mod its rail count).
+  for (size_t i = 0; i < rails_.size(); ++i) {
+    const std::vector<std::byte>& address = peer_rails[i % peer_rails.size()];
+    Rail& rail = *rails_[i];
+    const PeerId id = conn->id;
+    rail.Post([&rail, id, address, shared_memory] {
+      rail.CreateDataEp(id, address, /*with_errors=*/!shared_memory);
+    });
+  }
+}
+
+void Engine::OnEpError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
+  auto* a = static_cast<EpErrorArg*>(arg);
+  a->engine->OnControlEpError(a->peer, status);
+}
+
+void Engine::OnControlEpError(PeerId peer, ucs_status_t status) {
+  rails_[0]->Post([this, peer, status] {
+    std::shared_ptr<Conn> conn = FindConn(peer);
+    if (!conn) return;
+    conn->ctrl_failed = true;
+    {
+      std::lock_guard<std::mutex> lock(conns_mu_);
+      if (conn->connect_error.ok()) {
+        conn->connect_error =
+            UcsError(StatusCode::kUnavailable, "cannot reach '" + conn->where + "'", status);
+      }
+    }
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "connection to " + conn->where + " lost",
+                                 status),
+                  false);
+    MaybeComplete(conn);
+  });
+}
+
+void Engine::OnDataEpError(PeerId peer, ucs_status_t status) {
+  rails_[0]->Post([this, peer, status] {
+    std::shared_ptr<Conn> conn = FindConn(peer);
+    if (!conn) return;
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable,
+                                 "data connection to " + conn->where + " lost", status),
+                  false);
+  });
+}
+
+void Engine::BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, bool graceful) {
+  if (conn->teardown) {
+    // Escalate a graceful teardown whose peer turned out to be gone.
+    if (!graceful) {
+      for (auto& rail_ptr : rails_) {
+        Rail& rail = *rail_ptr;
+        const PeerId id = conn->id;
+        rail.Post([&rail, id] { rail.AbortPeer(id, false, nullptr); });
+      }
+    }
+    return;
+  }
+  conn->teardown = true;
+  conn->reason = std::move(reason);
+  if (conn->state.load() != Conn::kHandshake) SetState(*conn, Conn::kClosing);
+  conn->rails_unfenced = static_cast<int>(rails_.size());
+  for (auto& rail_ptr : rails_) {
+    Rail& rail = *rail_ptr;
+    const PeerId id = conn->id;
+    const bool posted = rail.Post([this, &rail, id, conn, graceful] {
+      rail.AbortPeer(id, graceful && !shut_, [this, conn] {
+        rails_[0]->Post([this, conn] { RailFenced(conn); });
+      });
+    });
+    if (!posted) --conn->rails_unfenced;
+  }
+  if (conn->rails_unfenced == 0) RailFenced(conn);
+}
+
+void Engine::RailFenced(const std::shared_ptr<Conn>& conn) {
+  if (conn->rails_unfenced > 0) --conn->rails_unfenced;
+  if (conn->rails_unfenced > 0) return;
+  // Every write of ours to the peer has ended: tell it.
+  if (!conn->sent_fenced && conn->was_open) {
+    conn->sent_fenced = true;
+    SendMessage(conn, MsgType::kFenced, {});
+  }
+  MaybeComplete(conn);
+}
+
+void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
+  if (conn->completed || !conn->teardown || conn->rails_unfenced > 0) return;
+  // A connection that never opened wrote nothing; during a shutdown the
+  // peer's confirmation is not awaited (its writes are the sessions' concern
+  // and the endpoints are closed).
+  if (!(conn->peer_fenced || conn->ctrl_failed || !conn->was_open || shut_)) return;
+  conn->completed = true;
+  for (auto& rail_ptr : rails_) {
+    Rail& rail = *rail_ptr;
+    const PeerId id = conn->id;
+    rail.Post([&rail, id] { rail.ClosePeer(id); });
+  }
+  if (conn->ctrl_ep != nullptr) {
+    by_ep_.erase(conn->ctrl_ep);
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    param.cb.send = &Engine::CtrlCloseDone;
+    param.user_data = this;
+    if (conn->ctrl_failed) {
+      param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    }
+    void* request = ucp_ep_close_nbx(conn->ctrl_ep, &param);
+    if (request != nullptr && !UCS_PTR_IS_ERR(request)) ++ctrl_closing_;
+    conn->ctrl_ep = nullptr;
+  }
+  SetState(*conn, Conn::kDead);
+  if (conn->was_open && !shut_ && callbacks_.on_peer_failure) {
+    callbacks_.on_peer_failure(conn->id, conn->reason);
+  }
+}
+
+void Engine::CtrlCloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
+  auto* engine = static_cast<Engine*>(user_data);
+  ucp_request_free(request);
+  --engine->ctrl_closing_;
+}
+
+bool Engine::ControlQuiesced() const {
+  if (ctrl_closing_ != 0) return false;
+  std::lock_guard<std::mutex> lock(conns_mu_);
+  for (const auto& [id, conn] : conns_) {
+    if (conn->teardown && !conn->completed) return false;
+  }
+  return true;
+}
+
+void Engine::DestroyListener() {
+  if (listener_ != nullptr) ucp_listener_destroy(listener_);
+  listener_ = nullptr;
+  // Endpoints whose close did not finish are released with the worker.
+}
+
+Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  if (!started_) return FailedPreconditionError("the ucx transport is not started");
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
+  if (conn->state.load() != Conn::kOpen) {
+    return UnavailableError("connection to " + conn->where + " is closed");
+  }
+  std::vector<std::byte> body(frame.begin(), frame.end());
+  messages_sent_.fetch_add(1, std::memory_order_relaxed);
+  rails_[0]->Post([this, conn, body = std::move(body)]() mutable {
+    if (conn->state.load() != Conn::kOpen) return;
+    SendMessage(conn, MsgType::kFrame, std::move(body));
+  });
+  return Status();
+}
+
+Result<std::unique_ptr<LocalRegion>> Engine::Register(Addr address, uint64_t bytes,
+                                                      MemoryKind kind) {
+  if (bytes == 0) return InvalidArgumentError("cannot register an empty region");
+  if (kind != MemoryKind::kHost) {
+    return InvalidArgumentError("the ucx transport of this build reaches host memory only");
+  }
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  ucp_mem_map_params_t params{};
+  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  params.address = address.ToPointer();
+  params.length = bytes;
+  ucp_mem_h memh = nullptr;
+  ucs_status_t s = ucp_mem_map(context_, &params, &memh);
+  if (s != UCS_OK) return UcsError(StatusCode::kInvalidArgument, "ucp_mem_map", s);
+  void* packed = nullptr;
+  size_t packed_size = 0;
+  s = ucp_rkey_pack(context_, memh, &packed, &packed_size);
+  if (s != UCS_OK) {
+    ucp_mem_unmap(context_, memh);
+    return UcsError(StatusCode::kInvalidArgument, "ucp_rkey_pack", s);
+  }
+  Writer w;
+  w.U32(kKeyMagic);
+  w.U64(nonce_);
+  w.U64(address.value());
+  w.U64(bytes);
+  w.Blob({static_cast<const std::byte*>(packed), packed_size});
+  ucp_rkey_buffer_release(packed);
+  RegionInfo info{.address = address, .size = bytes, .kind = kind, .remote_key = w.Take()};
+  return std::unique_ptr<LocalRegion>(
+      std::make_unique<UcxLocalRegion>(shared_from_this(), memh, std::move(info)));
+}
+
+Result<std::unique_ptr<RemoteRegion>> Engine::Import(PeerId peer, const RegionInfo& info) {
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
+  if (info.kind != MemoryKind::kHost) {
+    return InvalidArgumentError("the ucx transport of this build reaches host memory only");
+  }
+  if (conn->state.load() != Conn::kOpen) {
+    return UnavailableError("connection to " + conn->where + " is closed");
+  }
+  uint64_t peer_nonce = 0;
+  {
+    std::lock_guard<std::mutex> lock(conns_mu_);
+    peer_nonce = conn->peer_nonce;
+  }
+  Reader r(info.remote_key);
+  uint32_t magic = 0;
+  uint64_t nonce = 0;
+  uint64_t address = 0;
+  uint64_t size = 0;
+  auto key = std::make_shared<ImportedKey>();
+  if (!r.U32(&magic) || magic != kKeyMagic || !r.U64(&nonce) || !r.U64(&address) ||
+      !r.U64(&size) || !r.Blob(info.remote_key.size(), &key->packed) || r.left() != 0 ||
+      key->packed.empty()) {
+    return InvalidArgumentError("not a ucx remote key of this transport version");
+  }
+  if (nonce != peer_nonce) {
+    return InvalidArgumentError("the remote key was not exported by " + conn->where);
+  }
+  if (address != info.address.value() || size != info.size) {
+    return InvalidArgumentError("the region's address or size does not match its remote key");
+  }
+  key->id = next_key_.fetch_add(1, std::memory_order_relaxed);
+  return std::unique_ptr<RemoteRegion>(
+      std::make_unique<UcxRemoteRegion>(shared_from_this(), peer, info, std::move(key)));
+}
+
+void Engine::ForgetKey(PeerId peer, uint64_t key_id) {
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return;
+  for (auto& rail_ptr : rails_) {
+    Rail& rail = *rail_ptr;
+    rail.Post([&rail, peer, key_id] { rail.ForgetKey(peer, key_id); });
+  }
+}
+
+Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
+                     std::span<const WriteOp> ops, TransportDone done, std::stop_token stop) {
+  if (!FindConn(target.peer())) return NotFoundError("unknown peer " + std::to_string(target.peer()));
+  const auto* local = dynamic_cast<const UcxLocalRegion*>(&source);
+  const auto* remote = dynamic_cast<const UcxRemoteRegion*>(&target);
+  if (local == nullptr || local->engine() != this) {
+    return InvalidArgumentError("the source region is not registered with this ucx transport");
+  }
+  if (remote == nullptr || remote->engine() != this) {
+    return InvalidArgumentError("the target region was not imported by this ucx transport");
+  }
+  KVB_RETURN_IF_ERROR(CheckWriteOps(source.info(), target.info(), ops).status());
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  if (!started_) return FailedPreconditionError("the ucx transport is not started");
+  std::shared_ptr<Conn> conn = FindConn(target.peer());
+  if (!conn) return NotFoundError("unknown peer " + std::to_string(target.peer()));
+  if (conn->state.load() != Conn::kOpen) {
+    return UnavailableError("connection to " + conn->where + " is closed");
+  }
+
+  // Cut the ops into puts and deal them across the rails.
+  const size_t num_rails = rails_.size();
+  std::vector<WorkItem> items(num_rails);
+  static std::atomic<uint64_t> rotation{0};
+  size_t next_rail = rotation.fetch_add(1, std::memory_order_relaxed) % num_rails;
+  int64_t puts = 0;
+  for (const WriteOp& op : ops) {
+    const auto* src = static_cast<const std::byte*>(op.src.ToPointer());
+    for (uint64_t off = 0; off < op.bytes; off += put_chunk_) {
+      const uint64_t n = std::min(put_chunk_, op.bytes - off);
+      items[next_rail].pieces.push_back(Piece{src + off, op.dst.value() + off, n});
+      next_rail = (next_rail + 1) % num_rails;
+      ++puts;
+    }
+  }
+  local->use()->Add();
+  auto batch = std::make_shared<Batch>(puts, std::move(done), std::move(stop), local->use());
+  if (puts == 0) {
+    // Nothing to move; complete from the rail, never inside this call.
+    rails_[0]->Post([batch] {
+      batch->countdown.Arrive(0);
+    });
+    return Status();
+  }
+  for (size_t i = 0; i < num_rails; ++i) {
+    if (items[i].pieces.empty()) continue;
+    items[i].batch = batch;
+    items[i].peer = target.peer();
+    items[i].key = remote->key();
+    Rail& rail = *rails_[i];
+    rail.Post([&rail, item = std::move(items[i])]() mutable { rail.Enqueue(std::move(item)); });
+  }
+  return Status();
+}
+
+Status Engine::Flush(PeerId peer, TransportDone done) {
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  if (!started_) return FailedPreconditionError("the ucx transport is not started");
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
+  if (conn->state.load() != Conn::kOpen) {
+    return UnavailableError("connection to " + conn->where + " is closed");
+  }
+  flushes_.fetch_add(1, std::memory_order_relaxed);
+  auto countdown = std::make_shared<Countdown>(static_cast<int64_t>(rails_.size()), std::move(done));
+  for (auto& rail_ptr : rails_) {
+    Rail& rail = *rail_ptr;
+    rail.Post([&rail, peer, countdown] { rail.Flush(peer, countdown); });
+  }
+  return Status();
+}
+
+void Engine::Disconnect(PeerId peer, const Status& reason) {
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_) return;
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn) return;
+  rails_[0]->Post([this, conn, reason] { BeginTeardown(conn, reason, /*graceful=*/true); });
+}
+
+void Engine::Shutdown() {
+  {
+    std::unique_lock<std::shared_mutex> lock(api_mu_);
+    if (shut_) return;
+    shut_ = true;
+  }
+  if (rails_.empty()) return;
+  // Rail 0 tears every connection down (telling live peers); then every rail
+  // cuts what is left and stops.
+  std::vector<std::shared_ptr<Conn>> all;
+  {
+    std::lock_guard<std::mutex> lock(conns_mu_);
+    for (auto& [id, conn] : conns_) all.push_back(conn);
+  }
+  rails_[0]->Post([this, all] {
+    for (const auto& conn : all) {
+      BeginTeardown(conn, AbortedError("the ucx transport is shut down"), false);
+      MaybeComplete(conn);
+    }
+  });
+  for (size_t i = rails_.size(); i-- > 0;) rails_[i]->StopAndJoin();
+  conns_cv_.notify_all();
+}
+
+TransportStats Engine::Stats() const {
+  TransportStats stats;
+  stats.write_ops = write_ops_.load(std::memory_order_relaxed);
+  stats.write_bytes = write_bytes_.load(std::memory_order_relaxed);
+  stats.failed_write_ops = failed_write_ops_.load(std::memory_order_relaxed);
+  stats.flushes = flushes_.load(std::memory_order_relaxed);
+  stats.messages_sent = messages_sent_.load(std::memory_order_relaxed);
+  stats.messages_received = messages_received_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+}  // namespace ucx_internal
+
+// --- UcxTransport ---------------------------------------------------------
+
+Result<HostPort> ParseHostPort(std::string_view address) {
+  const std::string quoted = "'" + std::string(address) + "'";
+  std::string_view host;
+  std::string_view port;
+  if (!address.empty() && address.front() == '[') {
+    const size_t close = address.find(']');
+    if (close == std::string_view::npos || close + 1 >= address.size() ||
+        address[close + 1] != ':') {
+      return InvalidArgumentError("address " + quoted + ": expected [ipv6]:port");
+    }
+    host = address.substr(1, close - 1);
+    port = address.substr(close + 2);
+  } else {
+    const size_t colon = address.rfind(':');
+    if (colon == std::string_view::npos) {
+      return InvalidArgumentError("address " + quoted + ": expected host:port");
+    }
+    host = address.substr(0, colon);
+    port = address.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos) {
+      return InvalidArgumentError("address " + quoted + ": put an IPv6 host in brackets");
+    }
+  }
+  if (host.empty()) return InvalidArgumentError("address " + quoted + ": empty host");
+  for (char c : host) {
+    const bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
+                    c == '_' || c == ':' || c == '%';
+    if (!ok) return InvalidArgumentError("address " + quoted + ": bad character in host");
+  }
+  uint32_t value = 0;
+  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (port.empty() || ec != std::errc() || end != port.data() + port.size() || value > 65535) {
+    return InvalidArgumentError("address " + quoted + ": port must be an integer in [0, 65535]");
+  }
+  return HostPort{std::string(host), static_cast<uint16_t>(value)};
+}
+
+UcxTransport::UcxTransport(std::shared_ptr<ucx_internal::Engine> engine)
+    : engine_(std::move(engine)) {}
+
+UcxTransport::~UcxTransport() { Shutdown(); }
+
+Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxTransportOptions& options) {
+  auto engine = std::make_shared<ucx_internal::Engine>(options);
+  KVB_RETURN_IF_ERROR(engine->Init());
+  return std::unique_ptr<UcxTransport>(new UcxTransport(std::move(engine)));
+}
+
+TransportCaps UcxTransport::Caps() const { return engine_->Caps(); }
+Result<TransportCaps> UcxTransport::PeerCaps(PeerId peer) const { return engine_->PeerCaps(peer); }
+std::string UcxTransport::Address() const { return engine_->Address(); }
+Status UcxTransport::Start(TransportCallbacks callbacks) {
+  return engine_->Start(std::move(callbacks));
+}
+Result<PeerId> UcxTransport::Connect(std::string_view address) {
+  return engine_->Connect(address);
+}
+Status UcxTransport::Send(PeerId peer, std::span<const std::byte> frame) {
+  return engine_->Send(peer, frame);
+}
+Result<std::unique_ptr<LocalRegion>> UcxTransport::Register(Addr address, uint64_t bytes,
+                                                            MemoryKind kind) {
+  return engine_->Register(address, bytes, kind);
+}
+Result<std::unique_ptr<RemoteRegion>> UcxTransport::Import(PeerId peer, const RegionInfo& info) {
+  return engine_->Import(peer, info);
+}
+Status UcxTransport::Write(const LocalRegion& source, const RemoteRegion& target,
+                           std::span<const WriteOp> ops, TransportDone done,
+                           std::stop_token stop) {
+  return engine_->Write(source, target, ops, std::move(done), std::move(stop));
+}
+Result<std::unique_ptr<MappedAccess>> UcxTransport::BeginMappedAccess(const RemoteRegion&) {
+  return UnimplementedError("the ucx transport cannot map peer memory (no direct path over ucx)");
+}
+Status UcxTransport::Flush(PeerId peer, TransportDone done) {
+  return engine_->Flush(peer, std::move(done));
+}
+void UcxTransport::Disconnect(PeerId peer, const Status& reason) {
+  engine_->Disconnect(peer, reason);
+}
+void UcxTransport::Shutdown() { engine_->Shutdown(); }
+TransportStats UcxTransport::Stats() const { return engine_->Stats(); }
+
+}  // namespace kvbounce
