@@ -16,13 +16,13 @@
 #include <thread>
 #include <vector>
 
+#include "kvbounce/transports.h"
 #include "layout/planner.h"
 #include "tools/bench_report.h"
 #include "tools/chaos.h"
 #include "tools/cluster.h"
 #include "tools/process_bench.h"
 #include "tools/resource_limits.h"
-#include "tools/ucx_link.h"
 
 namespace kvbounce::tools {
 namespace {
@@ -274,18 +274,21 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
   if (flags.transport == "ucx") {
-    if (!UcxAvailable()) {
-      return UnimplementedError("--transport ucx: this build has no UCX transport (build with "
-                                "UCX installed: libucx-dev / ucx-devel)");
+    if (!UcxTransportAvailable()) {
+      return UnimplementedError(
+          "--transport ucx: this build has no UCX transport (build with "
+          "UCX installed: libucx-dev / ucx-devel)");
     }
     if (flags.chaos) {
-      return UnimplementedError("--chaos runs over --transport loopback only (it restarts agents "
-                                "inside one process)");
+      return UnimplementedError(
+          "--chaos runs over --transport loopback only (it restarts agents "
+          "inside one process)");
     }
   } else if (flags.transport == "loopback") {
-    for (const auto& [set, name] : {std::pair{!flags.ucx_tls.empty(), "--ucx-tls"},
-                                    std::pair{flags.num_workers != 0, "--num-workers"},
-                                    std::pair{flags.step_timeout_s.has_value(), "--step-timeout"}}) {
+    for (const auto& [set, name] :
+         {std::pair{!flags.ucx_tls.empty(), "--ucx-tls"},
+          std::pair{flags.num_workers != 0, "--num-workers"},
+          std::pair{flags.step_timeout_s.has_value(), "--step-timeout"}}) {
       if (set) return InvalidArgumentError(std::string(name) + " applies to --transport ucx only");
     }
   } else {
@@ -365,8 +368,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
       flags.chaos ? flags.concurrency : std::min(flags.concurrency, flags.requests);
   // Chaos drivers alternate between two slots each.
   const int slots = flags.chaos ? 2 * concurrency : concurrency;
-  const int64_t ctx_arena_mb = flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, true, concurrency));
-  const int64_t gen_arena_mb = flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, false, concurrency));
+  const int64_t ctx_arena_mb =
+      flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, true, concurrency));
+  const int64_t gen_arena_mb =
+      flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, false, concurrency));
 
   // Block ids are int32: every slot holds twice a request's blocks.
   for (const Topology* t : {&scenario.ctx, &scenario.gen}) {
@@ -492,7 +497,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     run.injected_failed_batches = faults_after.failed_batches - faults_before.failed_batches;
     run.transport_writes = CtxWrites(*cluster) - writes_before;
     run.arena_outstanding_bytes = outstanding;
-    const nlohmann::json j = PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
+    const nlohmann::json j =
+        PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
     runs.push_back(j);
     LogPathDone(j, flags.inject_fail_rate, log);
   }

@@ -34,8 +34,8 @@ struct BenchFlags {
 
   // --transport ucx: every rank is a `kvbounce worker` process
   // (tools/process_bench.h).
-  std::string ucx_tls;                  // UCX_TLS of the workers; empty: inherited
-  int num_workers = 0;                  // Config::num_workers of the workers; 0: default
+  std::string ucx_tls;                   // UCX_TLS of the workers; empty: inherited
+  int num_workers = 0;                   // Config::num_workers of the workers; 0: default
   std::optional<double> step_timeout_s;  // unset: kDefaultStepTimeoutS
   // Not a flag: the program the workers run ("worker" is its first
   // argument). Empty: this process's own executable (/proc/self/exe).

@@ -32,9 +32,9 @@
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
 #include "session/agent_internal.h"
+#include "tools/rank_harness.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
-#include "tools/rank_harness.h"
 
 namespace kvbounce::tools {
 

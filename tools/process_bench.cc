@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -19,8 +20,7 @@ namespace kvbounce::tools {
 namespace {
 
 int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             SteadyClock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(SteadyClock::now().time_since_epoch())
       .count();
 }
 
@@ -33,7 +33,7 @@ Result<std::string> SelfExecutable() {
 
 // Appends "(during ...)" to an error's message.
 Status During(const Status& s, const std::string& during) {
-  return Status(s.code(), std::string(s.message()) + " (" + during + ")");
+  return Status(s.code(), std::string(s.message()) + " (during " + during + ")");
 }
 
 struct Worker {
@@ -76,6 +76,9 @@ class Driver {
   Result<ChildGroup::Line> Next(SteadyClock::time_point deadline, const std::string& during,
                                 const std::set<size_t>& waiting);
   std::string Names(const std::set<size_t>& workers);
+  // After a step timed out: the workers that do not answer "stats" within
+  // `wait` (stopped, or stuck in a call).
+  std::set<size_t> Unresponsive(std::chrono::milliseconds wait);
 
   const BenchFlags& flags_;
   const BenchPlan& plan_;
@@ -102,8 +105,8 @@ std::string Driver::Names(const std::set<size_t>& workers) {
 Status Driver::Gone(size_t w) {
   Child& c = group_.at(w);
   c.Reap(SteadyClock::now() + std::chrono::seconds(1));
-  return UnavailableError(c.Who() + " died: " +
-                          (c.reaped() ? c.DescribeExit() : "it stopped reading commands"));
+  return UnavailableError(
+      c.Who() + " died: " + (c.reaped() ? c.DescribeExit() : "it stopped reading commands"));
 }
 
 Status Driver::Send(size_t w, const std::string& line) {
@@ -116,18 +119,40 @@ Result<ChildGroup::Line> Driver::Next(SteadyClock::time_point deadline, const st
   Result<ChildGroup::Line> line = group_.Next(deadline);
   if (line.ok()) return line;
   if (line.status().code() == StatusCode::kDeadlineExceeded) {
-    return DeadlineExceededError("no answer within " + std::to_string(step_.count() / 1000.0) +
-                                 " s (--step-timeout) from " + Names(waiting) + " (" + during +
-                                 ")");
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%g", static_cast<double>(step_.count()) / 1000);
+    const std::set<size_t> silent =
+        Unresponsive(std::min<std::chrono::milliseconds>(step_, std::chrono::seconds(3)));
+    return DeadlineExceededError(
+        "no answer within " + std::string(seconds) + " s (--step-timeout) from " + Names(waiting) +
+        " (during " + during + "); " +
+        (silent.empty() ? std::string("every worker still answers commands")
+                        : Names(silent) + (silent.size() == 1 ? " does" : " do") +
+                              " not answer commands at all"));
   }
   return During(line.status(), during);
 }
 
+std::set<size_t> Driver::Unresponsive(std::chrono::milliseconds wait) {
+  std::set<size_t> waiting;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (group_.at(w).Send("stats").ok()) waiting.insert(w);
+  }
+  const auto deadline = SteadyClock::now() + wait;
+  while (!waiting.empty()) {
+    Result<ChildGroup::Line> line = group_.Next(deadline);
+    if (!line.ok()) break;
+    if (SplitReply(line->text).keyword == "stats") waiting.erase(line->child);
+  }
+  return waiting;
+}
+
 Status Driver::Start(const std::string& executable) {
   std::vector<std::string> common = flags_.scenario.ToArgs();
-  const std::vector<std::string> more = {"--concurrency", std::to_string(plan_.slots), "--listen",
-                                         "127.0.0.1:0", "--connect-timeout",
-                                         std::to_string(std::max<int64_t>(1, step_.count() / 1000))};
+  const std::vector<std::string> more = {
+      "--concurrency",     std::to_string(plan_.slots),
+      "--listen",          "127.0.0.1:0",
+      "--connect-timeout", std::to_string(std::max<int64_t>(1, step_.count() / 1000))};
   common.insert(common.end(), more.begin(), more.end());
   if (flags_.num_workers != 0) {
     common.push_back("--num-workers");
@@ -143,8 +168,14 @@ Status Driver::Start(const std::string& executable) {
     for (int r = 0; r < (ctx ? num_ctx() : num_gen()); ++r) {
       Child::Options o;
       o.executable = executable;
-      o.args = {"worker", "--role", ctx ? "ctx" : "gen", "--instance", ctx ? "ctx0" : "gen0",
-                "--rank", std::to_string(r), "--bounce-size-mb",
+      o.args = {"worker",
+                "--role",
+                ctx ? "ctx" : "gen",
+                "--instance",
+                ctx ? "ctx0" : "gen0",
+                "--rank",
+                std::to_string(r),
+                "--bounce-size-mb",
                 std::to_string(ctx ? plan_.ctx_arena_mb : plan_.gen_arena_mb)};
       if (ctx && flags_.inject_fail_rate > 0) {
         o.args.push_back("--inject-fail-rate");
@@ -166,8 +197,7 @@ Status Driver::Start(const std::string& executable) {
   for (size_t w = 0; w < workers_.size(); ++w) waiting.insert(w);
   const auto deadline = Deadline();
   while (!waiting.empty()) {
-    KVB_ASSIGN_OR_RETURN(ChildGroup::Line line,
-                         Next(deadline, "starting the workers", waiting));
+    KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, "starting the workers", waiting));
     const ReplyLine reply = SplitReply(line.text);
     Worker& w = workers_[line.child];
     if (reply.keyword != "ready" || waiting.count(line.child) == 0) {
@@ -371,8 +401,8 @@ Status Driver::FinishPath(PathRun& run, const nlohmann::json& before) {
     if (run.arena_outstanding_bytes == 0 || SteadyClock::now() >= deadline) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  run.transport_writes = sum(stats, "transport_write_ops", true) -
-                         before.value("transport_write_ops", uint64_t{0});
+  run.transport_writes =
+      sum(stats, "transport_write_ops", true) - before.value("transport_write_ops", uint64_t{0});
   run.injected_write_failures = sum(stats, "injected_write_failures", true) -
                                 before.value("injected_write_failures", uint64_t{0});
   run.injected_failed_batches = sum(stats, "injected_failed_batches", true) -
@@ -383,7 +413,12 @@ Status Driver::FinishPath(PathRun& run, const nlohmann::json& before) {
 std::string Driver::Stop(bool expect_clean) {
   std::vector<bool> before(workers_.size());
   for (size_t w = 0; w < workers_.size(); ++w) before[w] = group_.at(w).reaped();
-  group_.Stop(step_, std::chrono::seconds(5));
+  // After a failure the survivors may wait on a dead or stuck peer: shorter.
+  using std::chrono::milliseconds;
+  const milliseconds quit_wait =
+      expect_clean ? step_ : std::min<milliseconds>(step_, std::chrono::seconds(5));
+  const milliseconds term_wait = expect_clean ? milliseconds(5000) : milliseconds(2000);
+  group_.Stop(quit_wait, term_wait);
   if (!expect_clean) return "";
   for (size_t w = 0; w < workers_.size(); ++w) {
     const std::optional<int> status = group_.at(w).wait_status();
@@ -464,8 +499,8 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
       }
       const Status finished = driver.FinishPath(*run, totals);
       if (finished.ok()) {
-        const nlohmann::json j = PathRunJson(*run, flags.transport, flags.memory,
-                                             flags.inject_fail_rate);
+        const nlohmann::json j =
+            PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate);
         runs.push_back(j);
         log << "  " << TransferPathName(path) << ": done";
         if (flags.inject_fail_rate > 0 && !j["fault_injection_applies"].get<bool>()) {

@@ -10,7 +10,9 @@
 //      "done" (already verified by the worker), cancel the publications
 //      still open, collect the ctx workers' "done"; then "stats" from every
 //      worker (transport writes, staging bytes still outstanding);
-//   4. "quit" to every worker, then SIGTERM, then SIGKILL, and reap them.
+//   4. "quit" to every worker, then SIGTERM, then SIGKILL, and reap them
+//      (a step to quit after a clean run; at most 5 s, then 2 s after
+//      SIGTERM, once something failed).
 //
 // Every step has a deadline (--step-timeout). A worker that dies, stops
 // answering or prints something unexpected ends the run: the bench stops

@@ -72,8 +72,8 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
   }
   const int64_t per_request = CeilDiv(options.max_tokens, topology.spec().tokens_per_block);
   if (per_request > kMaxPoolBlocks / 2 / options.slots) {
-    return InvalidArgumentError("rank harness: " + std::to_string(options.slots) +
-                                " slots of " + std::to_string(per_request) +
+    return InvalidArgumentError("rank harness: " + std::to_string(options.slots) + " slots of " +
+                                std::to_string(per_request) +
                                 " x 2 blocks are more than 32-bit block ids name");
   }
   const int64_t num_blocks = options.slots * 2 * per_request;
@@ -168,11 +168,11 @@ void RankHarness::FillCtx(const std::vector<int32_t>& table) {
     for (int kv = 0; kv < layout_.geometry().kv_factor; ++kv) {
       for (int h = 0; h < p.num_heads; ++h) {
         for (int64_t t = 0; t < options_.max_tokens; ++t) {
-          auto* row = static_cast<std::byte*>(
-              layout_
-                  .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
-                              static_cast<int>(t % tpb))
-                  .ToPointer());
+          auto* row =
+              static_cast<std::byte*>(layout_
+                                          .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
+                                                      static_cast<int>(t % tpb))
+                                          .ToPointer());
           const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
           for (int d = 0; d < dim; ++d) {
             const uint64_t v = FromSeed(seed, d);
@@ -236,8 +236,8 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
               for (int i = 0; i < dim * e; ++i) {
                 if (row[i] != kSlotSentinel) {
                   mismatch(who + ": block " + std::to_string(block) + " layer " +
-                           std::to_string(p.first_layer + l) + " token slot " +
-                           std::to_string(tt) + " outside the request was written");
+                           std::to_string(p.first_layer + l) + " token slot " + std::to_string(tt) +
+                           " outside the request was written");
                   break;
                 }
               }

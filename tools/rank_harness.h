@@ -118,8 +118,7 @@ class RankHarness {
   // The gen table of request `request_id` in `slot`, for `tokens` tokens, in
   // a run seeded by `seed` (TablePrefix of SlotTable(slot, ...,
   // RequestTableSeed(seed, request_id))).
-  std::vector<int32_t> GenTable(int slot, int64_t tokens, uint64_t seed,
-                                uint64_t request_id) const;
+  std::vector<int32_t> GenTable(int slot, int64_t tokens, uint64_t seed, uint64_t request_id) const;
 
   // The memory of `slot`'s blocks: one range (block-major) or one per
   // (layer, k/v) (layer-major), in address order.

@@ -132,7 +132,7 @@ std::vector<std::string> ScenarioFlags::ToArgs() const {
   std::vector<std::string> args;
   const bool explicit_dims = layers != 0 || kv_heads != 0 || head_dim != 0 || mla;
   if (explicit_dims) {
-    args = {"--layers", std::to_string(layers), "--kv-heads", std::to_string(kv_heads),
+    args = {"--layers",   std::to_string(layers),  "--kv-heads", std::to_string(kv_heads),
             "--head-dim", std::to_string(head_dim)};
     if (mla) args.push_back("--mla");
   } else {

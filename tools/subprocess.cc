@@ -18,9 +18,7 @@ extern char** environ;
 namespace kvbounce::tools {
 namespace {
 
-Status Errno(const std::string& what) {
-  return InternalError(what + ": " + std::strerror(errno));
-}
+Status Errno(const std::string& what) { return InternalError(what + ": " + std::strerror(errno)); }
 
 int MillisUntil(SteadyClock::time_point deadline) {
   const auto left =
@@ -110,10 +108,11 @@ Result<std::unique_ptr<Child>> Child::Spawn(const Options& options) {
   std::vector<std::string> env_storage;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string_view entry(*e);
-    const bool overridden = std::any_of(options.env.begin(), options.env.end(), [&](const auto& kv) {
-      return entry.size() > kv.first.size() && entry.substr(0, kv.first.size()) == kv.first &&
-             entry[kv.first.size()] == '=';
-    });
+    const bool overridden =
+        std::any_of(options.env.begin(), options.env.end(), [&](const auto& kv) {
+          return entry.size() > kv.first.size() && entry.substr(0, kv.first.size()) == kv.first &&
+                 entry[kv.first.size()] == '=';
+        });
     if (!overridden) env_storage.emplace_back(entry);
   }
   for (const auto& [key, value] : options.env) env_storage.push_back(key + "=" + value);
@@ -173,8 +172,7 @@ Status Child::Send(std::string_view line) {
     const ssize_t n = send(fd_, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      return UnavailableError(Who() + " does not take commands any more: " +
-                              std::strerror(errno));
+      return UnavailableError(Who() + " does not take commands any more: " + std::strerror(errno));
     }
     sent += static_cast<size_t>(n);
   }
@@ -258,8 +256,8 @@ Result<ChildGroup::Line> ChildGroup::Next(SteadyClock::time_point deadline,
       Child& c = *children_[i];
       if (c.eof()) {
         c.Reap(SteadyClock::now() + std::chrono::seconds(1));
-        return UnavailableError(c.Who() + " died: " +
-                                (c.reaped() ? c.DescribeExit() : "it closed its output"));
+        return UnavailableError(
+            c.Who() + " died: " + (c.reaped() ? c.DescribeExit() : "it closed its output"));
       }
     }
     if (signals_ != nullptr) {

@@ -71,10 +71,10 @@ std::string DescribeWaitStatus(int status);
 class Child {
  public:
   struct Options {
-    std::string executable;                                   // a path, run with execv
-    std::vector<std::string> args;                            // argv[1..]
-    std::vector<std::pair<std::string, std::string>> env;     // set in the child
-    std::string name;                                         // for messages: "ctx rank 1"
+    std::string executable;                                // a path, run with execv
+    std::vector<std::string> args;                         // argv[1..]
+    std::vector<std::pair<std::string, std::string>> env;  // set in the child
+    std::string name;                                      // for messages: "ctx rank 1"
   };
 
   // Errors: kInternal (socketpair or fork failed). A failed exec shows as

@@ -12,11 +12,11 @@
 #include <map>
 #include <sstream>
 
+#include "kvbounce/transports.h"
 #include "layout/pool_layout.h"
 #include "tools/bench_command.h"
 #include "tools/bench_report.h"
 #include "tools/resource_limits.h"
-#include "tools/ucx_link.h"
 #include "transport/fault/fault_transport.h"
 
 namespace kvbounce::tools {
@@ -148,8 +148,8 @@ WorkerEnd PullAlone(WorkerRank& rank, const WorkerPlan& plan, SignalWatch* signa
   WorkerEnd e;
   e.stopped_by = stopped_by.empty() ? "requests done" : stopped_by;
   e.arena_outstanding_bytes = ShutDown(rank, count);
-  run->seconds = last_settled > first_start ? static_cast<double>(last_settled - first_start) / 1e9
-                                            : 0.0;
+  run->seconds =
+      last_settled > first_start ? static_cast<double>(last_settled - first_start) / 1e9 : 0.0;
   run->arena_outstanding_bytes = e.arena_outstanding_bytes;
   const nlohmann::json stats = rank.Stats();
   run->injected_write_failures = stats.value("injected_write_failures", uint64_t{0});
@@ -190,9 +190,8 @@ Result<WorkerEnd> PublishAlone(WorkerRank& rank, const WorkerPlan& plan, const W
         << " reads from this rank (another rank writes its heads): nothing to publish\n";
     next = end;
   } else {
-    log << "kvbounce worker: " << rank.Who() << ": publishing requests " << next << ".."
-        << end - 1 << " for " << *receivers << " gen rank(s), " << plan.rank.harness.slots
-        << " in flight\n";
+    log << "kvbounce worker: " << rank.Who() << ": publishing requests " << next << ".." << end - 1
+        << " for " << *receivers << " gen rank(s), " << plan.rank.harness.slots << " in flight\n";
   }
   log.flush();
   const int slots = plan.rank.harness.slots;
@@ -228,15 +227,14 @@ CLI::App* AddWorkerCommand(CLI::App& app, WorkerFlags* flags) {
       "worker",
       "Run one rank of a ctx or gen instance as its own process over UCX: driven by "
       "commands on stdin, or on its own with --requests");
-  cmd->add_option("--role", flags->role, "ctx (publishes) or gen (pulls and verifies)")
-      ->required();
+  cmd->add_option("--role", flags->role, "ctx (publishes) or gen (pulls and verifies)")->required();
   cmd->add_option("--instance", flags->instance, "This rank's instance (default ctx0 / gen0)");
   cmd->add_option("--rank", flags->rank, "This rank: pp_rank * tp + tp_rank")
       ->capture_default_str();
   flags->scenario.Register(*cmd);
-  cmd->add_option("--concurrency", flags->concurrency,
-                  "Pool slots: requests in flight at once (1.." + std::to_string(kMaxConcurrency) +
-                      ")")
+  cmd->add_option(
+         "--concurrency", flags->concurrency,
+         "Pool slots: requests in flight at once (1.." + std::to_string(kMaxConcurrency) + ")")
       ->capture_default_str();
   cmd->add_option("--listen", flags->listen,
                   "host:port to listen on (port 0: any free port; 0.0.0.0: every interface)")
@@ -287,10 +285,9 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   plan.ctx_side = flags.role == "ctx";
   const Topology& topology = plan.ctx_side ? plan.scenario.ctx : plan.scenario.gen;
   if (flags.rank < 0 || flags.rank >= topology.num_ranks()) {
-    return InvalidArgumentError("--rank = " + std::to_string(flags.rank) +
-                                " is invalid: the " + flags.role + " instance has " +
-                                std::to_string(topology.num_ranks()) + " ranks (--" + flags.role +
-                                ")");
+    return InvalidArgumentError(
+        "--rank = " + std::to_string(flags.rank) + " is invalid: the " + flags.role +
+        " instance has " + std::to_string(topology.num_ranks()) + " ranks (--" + flags.role + ")");
   }
   if (flags.concurrency < 1 || flags.concurrency > kMaxConcurrency) {
     return InvalidArgumentError("--concurrency = " + std::to_string(flags.concurrency) +
@@ -353,9 +350,32 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
         "addresses)");
   }
 
-  Config config;
-  config.bounce_size_mb = flags.bounce_size_mb.value_or(
+  // The pool (twice a request's blocks per slot) and the staging arena.
+  const int64_t per_request = CeilDiv(plan.scenario.tokens.end, topology.spec().tokens_per_block);
+  if (per_request > kMaxPoolBlocks / 2 / flags.concurrency) {
+    return InvalidArgumentError("--tokens = " + std::to_string(plan.scenario.tokens.end) +
+                                " with --concurrency " + std::to_string(flags.concurrency) +
+                                " needs more pool blocks than 32-bit block ids name");
+  }
+  Result<PoolLayout> layout =
+      PoolLayout::ForRank(topology, flags.rank, 2 * flags.concurrency * per_request, Addr());
+  if (!layout.ok()) return layout.status().WithContext("--" + flags.role);
+  auto check_memory = [&](int64_t arena_mb) {
+    MemoryNeed need;
+    need.Add("the pool", layout->allocation_bytes());
+    need.Add("the staging arena", SatMul(static_cast<uint64_t>(arena_mb), MiB(1)));
+    std::string cap_name;
+    const uint64_t cap = MemoryCap(plan.scenario.memory_cap_bytes, &cap_name);
+    return CheckMemory(need, cap, cap_name,
+                       "use fewer --tokens, a smaller model, more ranks, a lower "
+                       "--concurrency or a smaller --bounce-size-mb");
+  };
+  const int64_t arena_mb = flags.bounce_size_mb.value_or(
       DefaultArenaMb(plan.scenario, plan.ctx_side, flags.concurrency));
+  KVB_RETURN_IF_ERROR(check_memory(arena_mb));
+
+  Config config;
+  config.bounce_size_mb = arena_mb;
   for (const std::string& kv : flags.config) {
     const size_t eq = kv.find('=');
     if (eq == std::string::npos) {
@@ -368,25 +388,7 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   config = ApplyEnvironment(config);
   if (Status s = config.Validate(); !s.ok()) return s.WithContext("--config");
   plan.num_workers = static_cast<int>(config.num_workers);
-
-  // The pool (twice a request's blocks per slot) and the staging arena.
-  const int64_t per_request = CeilDiv(plan.scenario.tokens.end, topology.spec().tokens_per_block);
-  if (per_request > kMaxPoolBlocks / 2 / flags.concurrency) {
-    return InvalidArgumentError("--tokens = " + std::to_string(plan.scenario.tokens.end) +
-                                " with --concurrency " + std::to_string(flags.concurrency) +
-                                " needs more pool blocks than 32-bit block ids name");
-  }
-  Result<PoolLayout> layout =
-      PoolLayout::ForRank(topology, flags.rank, 2 * flags.concurrency * per_request, Addr());
-  if (!layout.ok()) return layout.status().WithContext("--" + flags.role);
-  MemoryNeed need;
-  need.Add("the pool", layout->allocation_bytes());
-  need.Add("the staging arena", SatMul(static_cast<uint64_t>(config.bounce_size_mb), MiB(1)));
-  std::string cap_name;
-  const uint64_t cap = MemoryCap(plan.scenario.memory_cap_bytes, &cap_name);
-  KVB_RETURN_IF_ERROR(CheckMemory(need, cap, cap_name,
-                                  "use fewer --tokens, a smaller model, more ranks, a lower "
-                                  "--concurrency or a smaller --bounce-size-mb"));
+  if (config.bounce_size_mb != arena_mb) KVB_RETURN_IF_ERROR(check_memory(config.bounce_size_mb));
 
   plan.rank.harness.role = plan.ctx_side ? Role::kCtx : Role::kGen;
   plan.rank.harness.rank = flags.rank;
@@ -492,8 +494,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
   }
   WorkerEnd e;
   e.stopped_by = stopped_by;
-  e.arena_outstanding_bytes =
-      ShutDown(rank, [&](const DoneReply& d) { emit(FormatDone(d)); });
+  e.arena_outstanding_bytes = ShutDown(rank, [&](const DoneReply& d) { emit(FormatDone(d)); });
   e.summary = Summary(rank, stopped_by, e.arena_outstanding_bytes);
   emit("bye " + e.summary.dump());
   return e;
@@ -501,7 +502,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
 
 Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, std::ostream& log) {
   KVB_ASSIGN_OR_RETURN(WorkerPlan plan, PlanWorker(flags));
-  if (!UcxAvailable()) {
+  if (!UcxTransportAvailable()) {
     return UnimplementedError(
         "this build has no UCX transport (build with UCX installed: libucx-dev / ucx-devel)");
   }
@@ -514,7 +515,7 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
   ucx.listen_address = plan.listen;
   ucx.num_workers = plan.num_workers;
   ucx.connect_timeout = plan.connect_timeout;
-  Result<std::unique_ptr<Transport>> transport = MakeUcxTransport(ucx);
+  Result<std::unique_ptr<Transport>> transport = NewUcxTransport(ucx);
   if (!transport.ok()) return transport.status().WithContext("--listen " + plan.listen);
   FaultTransport* faults = nullptr;
   if (plan.inject_fail_rate > 0) {
@@ -527,8 +528,9 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
     transport = std::unique_ptr<Transport>(std::move(faulty));
   }
   const Topology& topology = plan.ctx_side ? plan.scenario.ctx : plan.scenario.gen;
-  KVB_ASSIGN_OR_RETURN(std::unique_ptr<WorkerRank> rank,
-                       WorkerRank::Create(topology, plan.rank, std::move(transport).value(), faults));
+  KVB_ASSIGN_OR_RETURN(
+      std::unique_ptr<WorkerRank> rank,
+      WorkerRank::Create(topology, plan.rank, std::move(transport).value(), faults));
   out << "ready " << rank->Address() << " " << rank->caps().dump() << std::endl;
   if (!plan.peers.empty()) {
     KVB_RETURN_IF_ERROR(rank->Connect(plan.peers, Clock::now() + plan.connect_timeout));
@@ -552,8 +554,8 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
       PathRun run;
       end = PullAlone(*rank, plan, signals.get(), log, &run);
       report["scenario"] = DescribeScenario(plan.scenario);
-      report["runs"] = nlohmann::json::array({PathRunJson(run, "ucx", "host",
-                                                          plan.inject_fail_rate)});
+      report["runs"] =
+          nlohmann::json::array({PathRunJson(run, "ucx", "host", plan.inject_fail_rate)});
       PrintBenchTable(report, out);
       std::string why;
       passed = BenchPassed(report, &why) && run.completed == plan.requests &&

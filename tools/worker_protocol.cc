@@ -70,8 +70,7 @@ Result<WorkerCommand> ParseWorkerCommand(std::string_view line) {
     KVB_ASSIGN_OR_RETURN(c.tokens, ParseNumber<int64_t>("tokens", w[3], 1));
   } else if (name == "pull") {
     c.kind = WorkerCommandKind::kPull;
-    KVB_RETURN_IF_ERROR(
-        Arity(name, w, 5, 6, "pull <request_id> <slot> <tokens> <path> [<start>]"));
+    KVB_RETURN_IF_ERROR(Arity(name, w, 5, 6, "pull <request_id> <slot> <tokens> <path> [<start>]"));
     KVB_ASSIGN_OR_RETURN(c.request_id, ParseNumber<uint64_t>("request_id", w[1], 0));
     KVB_ASSIGN_OR_RETURN(c.slot, ParseNumber<int>("slot", w[2], 0));
     KVB_ASSIGN_OR_RETURN(c.tokens, ParseNumber<int64_t>("tokens", w[3], 1));

@@ -50,11 +50,11 @@ enum class WorkerCommandKind { kConnect, kPublish, kPull, kCancel, kStats, kQuit
 
 struct WorkerCommand {
   WorkerCommandKind kind = WorkerCommandKind::kQuit;
-  std::vector<std::string> addresses;  // connect
-  uint64_t request_id = 0;             // publish, pull, cancel
-  int slot = 0;                        // publish, pull
-  int64_t tokens = 0;                  // publish, pull: the end of the range
-  int64_t start = -1;                  // pull: -1 when not given
+  std::vector<std::string> addresses;       // connect
+  uint64_t request_id = 0;                  // publish, pull, cancel
+  int slot = 0;                             // publish, pull
+  int64_t tokens = 0;                       // publish, pull: the end of the range
+  int64_t start = -1;                       // pull: -1 when not given
   TransferPath path = TransferPath::kAuto;  // pull
 };
 

@@ -36,8 +36,8 @@ Result<std::unique_ptr<WorkerRank>> WorkerRank::Create(const Topology& topology,
   w->queue_->fd = w->wake_fd_;
   const TransportCaps caps = transport->Caps();
   w->caps_ = {{"transport", caps.name}, {"map_remote", caps.map_remote}};
-  AgentOptions agent = w->harness_->MakeAgentOptions(options.instance_id, options.config,
-                                                     options.grace);
+  AgentOptions agent =
+      w->harness_->MakeAgentOptions(options.instance_id, options.config, options.grace);
   agent.transport = std::move(transport);
   agent.connect_timeout = options.connect_timeout;
   Result<std::unique_ptr<Agent>> created = Agent::Create(std::move(agent));
@@ -60,14 +60,22 @@ std::string WorkerRank::Who() const {
 Status WorkerRank::Connect(const std::vector<std::string>& addresses,
                            std::chrono::steady_clock::time_point deadline) {
   // One peer at a time, so that a retry never repeats a HELLO that arrived.
+  const auto start = std::chrono::steady_clock::now();
   for (const std::string& address : addresses) {
     const std::vector<std::string> one = {address};
-    while (true) {
+    for (int attempt = 1;; ++attempt) {
       const Status s = agent_->Connect(one);
       if (s.ok()) break;
       const bool starting = s.code() == StatusCode::kUnavailable;
-      if (!starting || std::chrono::steady_clock::now() + std::chrono::milliseconds(200) >= deadline) {
-        return s.WithContext(Who() + ": connect to " + address);
+      const auto now = std::chrono::steady_clock::now();
+      if (!starting || now + std::chrono::milliseconds(200) >= deadline) {
+        const auto tried =
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - start).count();
+        return Status(s.code(), Who() + ": connect to " + address + ": " +
+                                    std::string(s.message()) +
+                                    (attempt > 1 ? " (tried " + std::to_string(attempt) +
+                                                       " times in " + std::to_string(tried) + " ms)"
+                                                 : ""));
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
@@ -104,11 +112,12 @@ void WorkerRank::Track(uint64_t request_id, Request request, bool occupies_slot)
 }
 
 void WorkerRank::Publish(uint64_t request_id, int slot, int64_t tokens) {
-  if (!ctx_side()) return Refuse(request_id, FailedPreconditionError("publish: this is a gen rank"));
+  if (!ctx_side())
+    return Refuse(request_id, FailedPreconditionError("publish: this is a gen rank"));
   if (slot < 0 || slot >= options_.harness.slots) {
-    return Refuse(request_id, OutOfRangeError("publish: slot " + std::to_string(slot) +
-                                              " is outside [0, " +
-                                              std::to_string(options_.harness.slots) + ")"));
+    return Refuse(request_id,
+                  OutOfRangeError("publish: slot " + std::to_string(slot) + " is outside [0, " +
+                                  std::to_string(options_.harness.slots) + ")"));
   }
   if (tokens > options_.harness.max_tokens) {
     return Refuse(request_id, OutOfRangeError("publish: " + std::to_string(tokens) +
@@ -122,8 +131,8 @@ void WorkerRank::Publish(uint64_t request_id, int slot, int64_t tokens) {
   Request r;
   r.slot = slot;
   r.range = {0, tokens};
-  r.table = TablePrefix(harness_->CtxTable(slot), tokens,
-                        harness_->topology().spec().tokens_per_block);
+  r.table =
+      TablePrefix(harness_->CtxTable(slot), tokens, harness_->topology().spec().tokens_per_block);
   Result<std::shared_ptr<Transfer>> t = agent_->Publish(request_id, r.table, tokens);
   if (!t.ok()) return Refuse(request_id, t.status().WithContext("publish"));
   r.transfer = std::move(t).value();
@@ -134,9 +143,9 @@ void WorkerRank::Publish(uint64_t request_id, int slot, int64_t tokens) {
 void WorkerRank::Pull(uint64_t request_id, int slot, TokenRange range, TransferPath path) {
   if (ctx_side()) return Refuse(request_id, FailedPreconditionError("pull: this is a ctx rank"));
   if (slot < 0 || slot >= options_.harness.slots) {
-    return Refuse(request_id, OutOfRangeError("pull: slot " + std::to_string(slot) +
-                                              " is outside [0, " +
-                                              std::to_string(options_.harness.slots) + ")"));
+    return Refuse(request_id,
+                  OutOfRangeError("pull: slot " + std::to_string(slot) + " is outside [0, " +
+                                  std::to_string(options_.harness.slots) + ")"));
   }
   if (range.end > options_.harness.max_tokens || range.start < 0 || range.start >= range.end) {
     return Refuse(request_id,
