@@ -33,6 +33,7 @@
 #include <shared_mutex>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -256,6 +257,9 @@ struct RequestContext {
   std::shared_ptr<Batch> batch;
   std::shared_ptr<Countdown> flush;
   PeerId peer = 0;
+  // Settled without UCX (see Rail::Abandon); UCX's late completion only
+  // frees the request.
+  bool abandoned = false;
 };
 
 class Engine;
@@ -271,6 +275,8 @@ struct EpErrorArg {
 // A rail's view of one peer (owned by the rail thread).
 struct RailPeer {
   ucp_ep_h ep = nullptr;
+  bool with_errors = true;  // peer error handling; false: shared memory
+  std::unordered_set<void*> requests;  // started, not completed
   std::unique_ptr<EpErrorArg> err_arg;
   std::unordered_map<uint64_t, ucp_rkey_h> rkeys;
   int64_t outstanding = 0;  // puts and flushes started, not completed
@@ -312,7 +318,11 @@ class Rail {
   void AbortPeer(PeerId peer, bool graceful, std::function<void()> fenced);
   // Force-closes the data endpoint to `peer` (after the fence, or at once
   // when the peer is gone).
-  void ClosePeer(PeerId peer);
+  void ClosePeer(PeerId peer, bool peer_alive);
+  // Settles the requests to `peer` still in flight on an endpoint without
+  // error handling, whose peer is gone or whose transport is stopping
+  // (UCX can neither cancel them nor force-close such an endpoint).
+  void Abandon(PeerId peer);
   void ForgetKey(PeerId peer, uint64_t key_id);
 
  private:
@@ -547,7 +557,7 @@ bool Rail::RunCommands() {
 bool Rail::Quiesced() const {
   if (!work_.empty() || in_flight_ != 0) return false;
   for (const auto& [id, peer] : peers_) {
-    if (peer.closing || peer.ep != nullptr) return false;
+    if (peer.closing || (peer.ep != nullptr && peer.with_errors)) return false;
   }
   return index_ != 0 || engine_->ControlQuiesced();
 }
@@ -567,7 +577,9 @@ void Rail::Run() {
         break;
       }
     }
-    while (ucp_worker_progress(worker_) != 0) busy = true;
+    // Bounded, so commands (a peer's failure among them) are never starved
+    // by a worker that always has something to retry.
+    for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) busy = true;
     if (busy) continue;
     if (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) continue;
     const ucs_status_t armed = ucp_worker_arm(worker_);
@@ -606,6 +618,7 @@ void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_add
                         bool with_errors) {
   RailPeer& peer = peers_[peer_id];
   if (peer.aborting || stopping_ || peer.ep != nullptr) return;
+  peer.with_errors = with_errors;
   peer.err_arg = std::make_unique<EpErrorArg>(
       EpErrorArg{.engine = engine_, .rail = index_, .peer = peer_id, .control = false});
   ucp_ep_params_t params{};
@@ -714,6 +727,7 @@ void Rail::IssueWork() {
       new (request) RequestContext{.batch = item.batch, .flush = nullptr, .peer = item.peer};
       ++in_flight_;
       ++peer.outstanding;
+      peer.requests.insert(request);
     }
     if (item.next == item.pieces.size()) work_.pop_front();
   }
@@ -732,9 +746,13 @@ void Rail::Completed(void* request, ucs_status_t status, bool is_flush) {
   RequestContext taken = std::move(*context);
   context->~RequestContext();
   ucp_request_free(request);
+  if (taken.abandoned) return;
   --in_flight_;
   auto it = peers_.find(taken.peer);
-  if (it != peers_.end()) --it->second.outstanding;
+  if (it != peers_.end()) {
+    --it->second.outstanding;
+    it->second.requests.erase(request);
+  }
   if (is_flush) {
     if (status != UCS_OK) {
       taken.flush->Fail(UcsError(StatusCode::kUnavailable, "flush", status));
@@ -784,6 +802,7 @@ void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown, bool
     new (request) RequestContext{.batch = nullptr, .flush = std::move(countdown), .peer = peer_id};
     ++in_flight_;
     ++it->second.outstanding;
+    it->second.requests.insert(request);
   }
 }
 
@@ -805,7 +824,11 @@ void Rail::AbortPeer(PeerId peer_id, bool graceful, std::function<void()> fenced
     }
   }
   if (!graceful || stopping_) {
-    ClosePeer(peer_id);
+    if (peer.with_errors) {
+      ClosePeer(peer_id, /*peer_alive=*/false);
+    } else {
+      Abandon(peer_id);
+    }
   } else if (peer.ep != nullptr && !peer.closing && !peer.flushing) {
     // A live peer: our puts must be remotely complete before we say so. The
     // endpoint stays open until the peer said the same (ClosePeer), so that
@@ -824,22 +847,56 @@ void Rail::AbortPeer(PeerId peer_id, bool graceful, std::function<void()> fenced
   CheckFence(peer_id);
 }
 
-void Rail::ClosePeer(PeerId peer_id) {
+void Rail::ClosePeer(PeerId peer_id, bool peer_alive) {
   RailPeer& peer = peers_[peer_id];
   peer.aborting = true;
   if (peer.ep == nullptr || peer.closing) return;
+  if (!peer.with_errors && !peer_alive) {
+    // UCX cannot force-close an endpoint without error handling; the worker
+    // releases it when the transport stops.
+    CheckFence(peer_id);
+    return;
+  }
   ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   param.cb.send = &Rail::CloseDone;
   param.user_data = &peer;  // RailPeer nodes are stable in an unordered_map
-  param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  if (peer.with_errors) {
+    param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  }
   void* request = ucp_ep_close_nbx(peer.ep, &param);
   if (request == nullptr || UCS_PTR_IS_ERR(request)) {
     peer.ep = nullptr;
   } else {
     peer.closing = true;
   }
+  CheckFence(peer_id);
+}
+
+void Rail::Abandon(PeerId peer_id) {
+  RailPeer& peer = peers_[peer_id];
+  for (void* request : peer.requests) {
+    auto* context = static_cast<RequestContext*>(request);
+    context->abandoned = true;
+    const Status gone = UnavailableError("connection to peer " + std::to_string(peer_id) +
+                                         " closed with the operation in flight");
+    if (context->batch) {
+      engine_->CountFailedPut();
+      context->batch->countdown.Fail(gone);
+      context->batch->countdown.Arrive();
+      context->batch.reset();
+    }
+    if (context->flush) {
+      context->flush->Fail(gone);
+      context->flush->Arrive();
+      context->flush.reset();
+    }
+    --in_flight_;
+    --peer.outstanding;
+  }
+  peer.requests.clear();
+  peer.flushed = true;
   CheckFence(peer_id);
 }
 
@@ -1432,7 +1489,8 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
   for (auto& rail_ptr : rails_) {
     Rail& rail = *rail_ptr;
     const PeerId id = conn->id;
-    rail.Post([&rail, id] { rail.ClosePeer(id); });
+    const bool alive = conn->peer_fenced && !conn->ctrl_failed;
+    rail.Post([&rail, id, alive] { rail.ClosePeer(id, alive); });
   }
   if (conn->ctrl_ep != nullptr) {
     by_ep_.erase(conn->ctrl_ep);

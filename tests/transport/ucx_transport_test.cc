@@ -1,0 +1,245 @@
+// The UCX transport beyond the conformance suite: its options and address
+// parsing, per-peer capabilities, and peers in other processes that are
+// killed in the middle of a transfer (the peer program is ucx_test_peer).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "kvbounce/transports.h"
+#include "transport/transport_test_util.h"
+#include "transport/ucx/ucx_transport.h"
+#include "transport/ucx_peer_frames.h"
+
+extern char** environ;
+
+namespace kvbounce::transport_test {
+namespace {
+
+using ::kvbounce::testing_util::IsOk;
+using ::kvbounce::testing_util::StatusIs;
+using ::testing::HasSubstr;
+
+TEST(ParseHostPortTest, AcceptsNamesAddressesAndBracketedIpv6) {
+  auto a = ParseHostPort("127.0.0.1:5000");
+  ASSERT_THAT(a, IsOk());
+  EXPECT_EQ(a->host, "127.0.0.1");
+  EXPECT_EQ(a->port, 5000);
+  auto b = ParseHostPort("node-7.cluster:0");
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(b->host, "node-7.cluster");
+  EXPECT_EQ(b->port, 0);
+  auto c = ParseHostPort("[::1]:65535");
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->host, "::1");
+  EXPECT_EQ(c->port, 65535);
+}
+
+TEST(ParseHostPortTest, RejectsMalformedAddressesWithTheReason) {
+  EXPECT_THAT(ParseHostPort(""), StatusIs(StatusCode::kInvalidArgument, HasSubstr("host:port")));
+  EXPECT_THAT(ParseHostPort("host"), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseHostPort(":80"), StatusIs(StatusCode::kInvalidArgument, HasSubstr("empty host")));
+  EXPECT_THAT(ParseHostPort("h:65536"), StatusIs(StatusCode::kInvalidArgument, HasSubstr("port")));
+  EXPECT_THAT(ParseHostPort("h:-1"), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseHostPort("h:80x"), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseHostPort("::1:80"), StatusIs(StatusCode::kInvalidArgument, HasSubstr("brackets")));
+  EXPECT_THAT(ParseHostPort("[::1]80"), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseHostPort("a b:80"), StatusIs(StatusCode::kInvalidArgument));
+}
+
+TEST(UcxTransportTest, CreateRejectsBadOptionsNamingThem) {
+  UcxTransportOptions options;
+  options.num_workers = 0;
+  EXPECT_THAT(UcxTransport::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("num_workers")));
+  options = {};
+  options.put_chunk_bytes = 100;
+  EXPECT_THAT(UcxTransport::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("put_chunk_bytes")));
+  options = {};
+  options.connect_timeout = std::chrono::milliseconds(0);
+  EXPECT_THAT(UcxTransport::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("connect_timeout")));
+  options = {};
+  options.listen_address = "no-port";
+  EXPECT_THAT(UcxTransport::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("no-port")));
+}
+
+TEST(UcxTransportTest, ATakenPortIsUnavailable) {
+  auto first = UcxTransport::Create({});
+  ASSERT_THAT(first, IsOk());
+  const std::string taken = (*first)->Address();
+  UcxTransportOptions options;
+  options.listen_address = taken;
+  EXPECT_THAT(UcxTransport::Create(options),
+              StatusIs(StatusCode::kUnavailable, HasSubstr(taken)));
+}
+
+TEST(UcxTransportTest, CapabilitiesPerPeer) {
+  for (const bool shm : {false, true}) {
+    UcxTransportOptions options;
+    options.same_host_shared_memory = shm;
+    auto a = MakeTestEndpoint(NewUcxTransport(options), true);
+    auto b = MakeTestEndpoint(NewUcxTransport(options), true);
+    auto [a_to_b, b_to_a] = ConnectTestEndpoints(*a, *b);
+    const TransportCaps caps = (*a)->Caps();
+    EXPECT_EQ(caps.name, "ucx");
+    EXPECT_TRUE(caps.host_memory);
+    EXPECT_FALSE(caps.device_memory);
+    EXPECT_FALSE(caps.map_remote);
+    EXPECT_FALSE(caps.pending_writes_fail);
+    auto peer = (*a)->PeerCaps(a_to_b);
+    ASSERT_THAT(peer, IsOk());
+    // Shared memory (same host, allowed): a cheaper operation, a faster link.
+    if (shm) {
+      EXPECT_LT(peer->cost.op_us, caps.cost.op_us);
+      EXPECT_GT(peer->cost.bytes_per_us, caps.cost.bytes_per_us);
+    } else {
+      EXPECT_EQ(peer->cost.op_us, caps.cost.op_us);
+    }
+    EXPECT_THAT((*a)->PeerCaps(424242), StatusIs(StatusCode::kNotFound));
+    EXPECT_THAT((*a)->Register(Addr(4096), 4096, MemoryKind::kCuda),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("host memory")));
+  }
+}
+
+// --- Peers in other processes ----------------------------------------------
+
+class PeerProcess {
+ public:
+  PeerProcess(const std::string& address, const char* mode, bool shm) {
+    std::vector<std::string> args = {KVBOUNCE_UCX_TEST_PEER, address, mode, shm ? "1" : "0"};
+    std::vector<char*> argv;
+    for (auto& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) != 0) pid_ = -1;
+  }
+  ~PeerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  bool started() const { return pid_ > 0; }
+  void Kill() {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// Waits for `count` messages and returns the peer of the last.
+PeerId WaitForPeer(TestEndpoint& endpoint, size_t count) {
+  if (!endpoint.WaitForMessages(count, 20s)) return 0;
+  return endpoint.messages()[count - 1].peer;
+}
+
+class UcxPeerDeathTest : public ::testing::TestWithParam<bool> {};
+
+// We write into a peer process that is killed: every write settles, the
+// failure is reported once and names the connection, new work is refused,
+// and a restarted peer connects again.
+TEST_P(UcxPeerDeathTest, ReceiverKilledMidWrite) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = GetParam();
+  options.put_chunk_bytes = 64 << 10;
+  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
+  PeerProcess child((*a)->Address(), "receiver", GetParam());
+  ASSERT_TRUE(child.started());
+  const PeerId peer = WaitForPeer(*a, 2);  // READY, REGION
+  ASSERT_NE(peer, 0u);
+  auto info = test_peer::DecodeRegion(a->messages()[1].frame);
+  ASSERT_TRUE(info.has_value());
+  auto target = (*a)->Import(peer, *info);
+  ASSERT_THAT(target, IsOk());
+  GuardedBuffer src(info->size);
+  src.FillPattern(3);
+  auto source = (*a)->Register(src.addr(), src.size(), MemoryKind::kHost);
+  ASSERT_THAT(source, IsOk());
+
+  // Writes in flight without pause until the peer is gone.
+  DoneTracker tracker;
+  const WriteOp op{src.addr(), info->address, info->size};
+  std::atomic<bool> stop{false};
+  std::atomic<int> refused{0};
+  std::thread writer([&] {
+    while (!stop) {
+      Status status = (*a)->Write(**source, **target, {&op, 1}, tracker.Make());
+      if (!status.ok()) {
+        tracker.Forget();
+        ++refused;
+        EXPECT_THAT(status, StatusIs(StatusCode::kUnavailable));
+        return;
+      }
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  std::this_thread::sleep_for(100ms);
+  child.Kill();
+  ASSERT_TRUE(a->WaitForFailure(peer, 20s));
+  stop = true;
+  writer.join();
+  ASSERT_TRUE(tracker.WaitAll(20s));
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(a->failures(peer), 1);
+  EXPECT_THAT(a->failure_reason(peer), StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT((*a)->Write(**source, **target, {&op, 1}, [](Status) {}),
+              StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT((*a)->Send(peer, test_peer::Bytes("late")), StatusIs(StatusCode::kUnavailable));
+  target->reset();
+
+  // A restarted peer connects again.
+  PeerProcess again((*a)->Address(), "receiver", GetParam());
+  const PeerId second = WaitForPeer(*a, 4);
+  EXPECT_NE(second, 0u);
+  EXPECT_NE(second, peer);
+}
+
+// A peer process writing into our memory is killed: the failure is reported
+// once (the fence: the process is gone), and the connection's writes are over.
+TEST_P(UcxPeerDeathTest, WriterKilledMidWrite) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = GetParam();
+  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
+  GuardedBuffer dst(8 << 20, 0);
+  auto region = (*a)->Register(dst.addr(), dst.size(), MemoryKind::kHost);
+  ASSERT_THAT(region, IsOk());
+  PeerProcess child((*a)->Address(), "writer", GetParam());
+  ASSERT_TRUE(child.started());
+  const PeerId peer = WaitForPeer(*a, 1);  // READY
+  ASSERT_NE(peer, 0u);
+  ASSERT_THAT((*a)->Send(peer, test_peer::EncodeRegion((*region)->info())), IsOk());
+  // Wait until its bytes arrive, then kill it mid-stream.
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (dst.AllEqual(0) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_FALSE(dst.AllEqual(0)) << "the writer's bytes never arrived";
+  child.Kill();
+  ASSERT_TRUE(a->WaitForFailure(peer, 20s));
+  EXPECT_EQ(a->failures(peer), 1);
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_THAT((*a)->Flush(peer, [](Status) {}), StatusIs(StatusCode::kUnavailable));
+}
+
+INSTANTIATE_TEST_SUITE_P(Links, UcxPeerDeathTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& param_info) {
+                           return param_info.param ? "shared_memory" : "tcp";
+                         });
+
+}  // namespace
+}  // namespace kvbounce::transport_test
