@@ -2,9 +2,10 @@
 # The README's two-host recipe ("Running across processes and hosts") on one
 # host: two ctx workers and one gen worker run 12 requests on their own, with
 # no controller; every request completes and verifies, every worker exits 0.
-# Usage: two_host_recipe.sh path/to/kvbounce
+# Usage: two_host_recipe.sh path/to/kvbounce [path]
 set -u
 KVBOUNCE=$1
+PULL_PATH=${2:-per-block}
 DIR=$(mktemp -d)
 PIDS=""
 cleanup() {
@@ -33,7 +34,7 @@ for r in 0 1; do
 done
 
 # Host B: the gen rank pulls requests 1..12 from both ctx ranks and verifies.
-"$KVBOUNCE" worker --role gen --rank 0 $SHAPE --peers "$PEERS" --requests 12 --path bounce \
+"$KVBOUNCE" worker --role gen --rank 0 $SHAPE --peers "$PEERS" --requests 12 --path "$PULL_PATH" \
   --json "$DIR/gen.json" >"$DIR/gen.out" 2>"$DIR/gen.err"
 GEN=$?
 STATUS=0
