@@ -13,7 +13,7 @@ cleanup() {
   rm -rf "$DIR"
 }
 trap cleanup EXIT
-SHAPE="--layers 4 --kv-heads 8 --head-dim 64 --tokens 1024 --ctx tp=2 --gen tp=1,layout=layer-major-nhd"
+SHAPE="--layers 4 --kv-heads 8 --head-dim 64 --tokens 512 --ctx tp=2 --gen tp=1"
 
 # Host A: one process per ctx rank; port 0 here (the README uses fixed ports).
 for r in 0 1; do
