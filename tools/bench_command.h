@@ -1,6 +1,8 @@
-// `kvbounce bench`: runs every rank of one ctx instance and one gen instance,
-// moves the KV of many requests on each path, verifies every received byte
-// semantically and reports throughput, latency, writes, path and leaks.
+// `kvbounce bench`: runs every rank of one ctx instance and one gen instance
+// (agents of this process over loopback, or `kvbounce worker` processes over
+// UCX: tools/process_bench.h), moves the KV of many requests on each path,
+// verifies every received byte semantically and reports throughput, latency,
+// writes, path and leaks.
 #ifndef KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 #define KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 
@@ -77,21 +79,24 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
 
 // Runs the bench. The report holds {"runs": [...]} (one object per path
 // run) or, with --chaos, {"chaos": {...}}, plus "fault_injection" and the
-// scenario (README "kvbounce bench" lists every field).
+// scenario (README "kvbounce bench" lists every field); over UCX also
+// "workers" and, when a worker died or hung, "failure".
 //
 // Errors, all before anything is allocated: kInvalidArgument /
-// kUnimplemented / kNotFound for a bad flag (named), kResourceExhausted when
-// the run would need more memory than the machine has (tools/
-// resource_limits.h), kInvalidArgument for a --json file that cannot be
-// written; afterwards, a cluster that cannot be built. A run that
-// mismatched, leaked or violated a chaos check is not an error here: see
+// kUnimplemented / kNotFound for a bad flag (named; --transport ucx in a
+// build without UCX, --chaos with ucx, a ucx-only flag with loopback),
+// kResourceExhausted when the run would need more memory than the machine
+// has (tools/resource_limits.h), kInvalidArgument for a --json file that
+// cannot be written; afterwards, a cluster that cannot be built, or worker
+// processes that cannot start or connect. A run that mismatched, leaked,
+// lost a worker or violated a chaos check is not an error here: see
 // BenchPassed.
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log);
 
-// True when no byte mismatched, no arena byte is outstanding, and every
-// request completed or failed because of an injected fault; for a chaos
-// report, when no check found a violation. `why` receives the reasons (one
-// line per kind) when false.
+// True when no worker failed ("failure"), no byte mismatched, no arena byte
+// is outstanding, and every request completed or failed because of an
+// injected fault; for a chaos report, when no check found a violation. `why`
+// receives the reasons (one line per kind) when false.
 bool BenchPassed(const nlohmann::json& report, std::string* why);
 
 // Prints the runs (or the chaos summary) as a table.
