@@ -557,10 +557,13 @@ TEST_P(TransportConformanceTest, DisconnectFailsPendingAndNewWorkOnBothEnds) {
       // Pending work failed rather than landed.
       EXPECT_TRUE(dst.AllEqual(0));
       EXPECT_EQ((*a)->Stats().failed_write_ops, 1u);
-    } else if (tracker.status(0).ok()) {
-      // It landed whole, before the failure was reported.
-      EXPECT_EQ(std::memcmp(dst.data(), src.data(), 4096), 0);
+    } else {
+      // Whatever landed is the write's own bytes, nothing else.
+      for (size_t i = 0; i < dst.size(); ++i) {
+        ASSERT_TRUE(dst.data()[i] == 0 || dst.data()[i] == src.data()[i]) << "byte " << i;
+      }
     }
+    EXPECT_TRUE(dst.GuardsIntact());
 
     // The other connections of an endpoint are unaffected.
     auto c = MakeEndpoint("c" + std::to_string(writer_disconnects));
@@ -581,23 +584,29 @@ TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce
     auto b = MakeEndpoint("b" + suffix);
     auto [a_to_b, b_to_a] = Connect(*a, *b);
     constexpr size_t kOps = 1000;
+    constexpr int kWrites = 100;
     GuardedBuffer src(kOps * 64);
     src.FillPattern(2);
-    GuardedBuffer dst(kOps * 64, 0);
+    // Each write into its own part: writes may run on several threads.
+    GuardedBuffer dst(kWrites * kOps * 64, 0);
     auto src_region = Register(*a, src);
     auto dst_region = Register(*b, dst);
     auto target = Import(*a, a_to_b, *dst_region);
     ASSERT_NE(target, nullptr);
-    std::vector<WriteOp> ops(kOps);
-    for (size_t i = 0; i < kOps; ++i) ops[i] = {src.addr(i * 64), dst.addr(i * 64), 64};
+    std::vector<std::vector<WriteOp>> ops(kWrites, std::vector<WriteOp>(kOps));
+    for (int w = 0; w < kWrites; ++w) {
+      for (size_t i = 0; i < kOps; ++i) {
+        ops[w][i] = {src.addr(i * 64), dst.addr((w * kOps + i) * 64), 64};
+      }
+    }
 
     if (hold_thread) {
       ASSERT_THAT(b->SendText(b_to_a, "BLOCK"), IsOk());
       ASSERT_TRUE(blocker.WaitEntered());
     }
     DoneTracker tracker;
-    for (int i = 0; i < 100; ++i) {
-      ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops), IsOk());
+    for (int i = 0; i < kWrites; ++i) {
+      ASSERT_THAT(Write(*a, tracker, *src_region, *target, ops[i]), IsOk());
       if (i % 10 == 0) {
         ASSERT_THAT(Flush(*a, tracker, a_to_b), IsOk());
       }
@@ -621,7 +630,9 @@ TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce
                     AnyOf(StatusIs(StatusCode::kAborted), StatusIs(StatusCode::kUnavailable)));
       }
     }
-    if (hold_thread) {
+    // Holding the one callback thread holds every write; with callbacks on
+    // several threads (UCX rails) the other threads keep writing.
+    if (hold_thread && !(*a)->Caps().concurrent_callbacks) {
       EXPECT_EQ(failed, tracker.made());
     }
 
@@ -629,7 +640,7 @@ TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce
     EXPECT_THAT(b->failure_reason(b_to_a), StatusIs(StatusCode::kUnavailable));
     // Calls after Shutdown fail; nothing runs any more.
     EXPECT_THAT(a->SendText(a_to_b, "late"), StatusIs(StatusCode::kAborted));
-    EXPECT_THAT(Write(*a, tracker, *src_region, *target, ops), StatusIs(StatusCode::kAborted));
+    EXPECT_THAT(Write(*a, tracker, *src_region, *target, ops[0]), StatusIs(StatusCode::kAborted));
     EXPECT_THAT(Flush(*a, tracker, a_to_b), StatusIs(StatusCode::kAborted));
     EXPECT_THAT(b->SendText(b_to_a, "late"), StatusIs(StatusCode::kUnavailable));
     std::this_thread::sleep_for(20ms);

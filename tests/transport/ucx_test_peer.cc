@@ -5,7 +5,8 @@
 //     RegionInfo; then serves until killed.
 //   ucx_test_peer <address> writer <shm 0|1>
 //     connects, waits for the parent's "REGION" frame and writes into that
-//     region without pause until the connection dies; exits 0 then.
+//     region without pause until the connection dies; exits 0 then. After
+//     its first write is flushed it sends "WROTE".
 //
 // Frames: "READY" after connecting; "REGION" + address u64 + size u64 + key.
 #include <chrono>
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
   if (!target.ok()) return 1;
   const uint64_t bytes = std::min<uint64_t>(info->size, uint64_t{8} << 20);
   const WriteOp op{base, info->address, bytes};
+  bool announced = false;
   for (;;) {
     std::mutex done_mu;
     std::condition_variable done_cv;
@@ -98,5 +100,24 @@ int main(int argc, char** argv) {
     std::unique_lock<std::mutex> g(done_mu);
     done_cv.wait(g, [&] { return finished; });
     if (!result.ok()) return 0;
+    g.unlock();
+    if (!announced) {
+      // The first write is visible: say so, then keep writing.
+      finished = false;
+      if (!transport->Flush(*peer, [&](Status s) {
+            std::lock_guard<std::mutex> f(done_mu);
+            result = s;
+            finished = true;
+            done_cv.notify_all();
+          }).ok()) {
+        return 0;
+      }
+      g.lock();
+      done_cv.wait(g, [&] { return finished; });
+      if (!result.ok()) return 0;
+      g.unlock();
+      if (!transport->Send(*peer, test_peer::Bytes("WROTE")).ok()) return 0;
+      announced = true;
+    }
   }
 }

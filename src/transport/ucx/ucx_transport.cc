@@ -26,6 +26,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <map>
 #include <functional>
 #include <mutex>
 #include <new>
@@ -49,10 +50,17 @@ namespace {
 // The transport's own messages on the control endpoint (one UCP active
 // message id; the message type is the one-byte AM header).
 constexpr unsigned kAmId = 11;
-enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3 };
+enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3, kFlushAck = 4 };
+// Data travels as active messages of their own id on the rails' data
+// endpoints: header = kind u8 | sender identity u64 | destination address
+// (kData) or flush sequence number (kFlush) u64; payload = the bytes.
+constexpr unsigned kDataAmId = 12;
+enum class DataKind : uint8_t { kData = 1, kFlush = 2 };
+constexpr size_t kDataHeaderBytes = 17;
 constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
 constexpr uint16_t kHelloVersion = 1;
 constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
+constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
 constexpr size_t kMaxWorkerAddressBytes = 64 << 10;
 constexpr size_t kMaxHostIdBytes = 512;
@@ -228,26 +236,30 @@ struct Batch {
   std::stop_token stop;
 };
 
-// The packed key of an imported region, shared with the rails that unpack it.
-struct ImportedKey {
-  uint64_t id = 0;
-  std::vector<std::byte> packed;
-};
-
 struct Piece {
   const std::byte* src = nullptr;
-  uint64_t remote = 0;
   uint64_t bytes = 0;
+  std::array<std::byte, kDataHeaderBytes> header{};  // lives until the send completed
 };
 
-// A write's puts for one rail, or (with `flush` set) a flush queued behind
-// the puts before it.
+std::array<std::byte, kDataHeaderBytes> DataHeader(DataKind kind, uint64_t nonce,
+                                                   uint64_t value) {
+  std::array<std::byte, kDataHeaderBytes> h{};
+  h[0] = static_cast<std::byte>(kind);
+  for (int i = 0; i < 8; ++i) {
+    h[1 + i] = static_cast<std::byte>(nonce >> (8 * i));
+    h[9 + i] = static_cast<std::byte>(value >> (8 * i));
+  }
+  return h;
+}
+
+// A write's sends for one rail, or (with `flush` set) a flush queued behind
+// the sends before it.
 struct WorkItem {
   std::shared_ptr<Batch> batch;
   std::shared_ptr<Countdown> flush;
   PeerId peer = 0;
-  std::shared_ptr<const ImportedKey> key;
-  std::vector<Piece> pieces;
+  std::shared_ptr<std::vector<Piece>> pieces;
   size_t next = 0;
 };
 
@@ -255,8 +267,9 @@ struct WorkItem {
 // (ucp_params_t::request_size); built after ucp_*_nbx returned the request.
 struct RequestContext {
   std::shared_ptr<Batch> batch;
-  std::shared_ptr<Countdown> flush;
+  std::shared_ptr<std::vector<Piece>> pieces;  // the headers UCX may still read
   PeerId peer = 0;
+  uint64_t flush_seq = 0;  // a flush message's sequence number; 0 for data
   // Settled without UCX (see Rail::Abandon); UCX's late completion only
   // frees the request.
   bool abandoned = false;
@@ -278,12 +291,11 @@ struct RailPeer {
   bool with_errors = true;  // peer error handling; false: shared memory
   std::unordered_set<void*> requests;  // started, not completed
   std::unique_ptr<EpErrorArg> err_arg;
-  std::unordered_map<uint64_t, ucp_rkey_h> rkeys;
-  int64_t outstanding = 0;  // puts and flushes started, not completed
-  bool aborting = false;    // no new puts; fence pending or done
+  uint64_t nonce = 0;       // the peer's identity in its data messages
+  int64_t outstanding = 0;  // sends started and flushes awaiting their ack
+  bool aborting = false;    // no new sends, nothing received; fence pending or done
   bool closing = false;     // ucp_ep_close_nbx in progress
-  bool flushing = false;    // the flush of a graceful abort was issued
-  bool flushed = false;     // ... and completed
+  bool abandoned = false;   // in-flight sends settled without UCX (Abandon)
   std::function<void()> on_fenced;
 };
 
@@ -311,7 +323,7 @@ class Rail {
   // --- Rail-thread operations --------------------------------------------
   void CreateDataEp(PeerId peer, const std::vector<std::byte>& remote_address, bool with_errors);
   void Enqueue(WorkItem item);
-  // Flushes the peer's data endpoint once the puts queued before are issued.
+  // Sends a flush behind the data queued before it; completes on the ack.
   void Flush(PeerId peer, std::shared_ptr<Countdown> countdown);
   // Stops this rail's writes to `peer`; runs `fenced` (on this thread) once
   // none is left and the data endpoint is closed.
@@ -323,20 +335,26 @@ class Rail {
   // error handling, whose peer is gone or whose transport is stopping
   // (UCX can neither cancel them nor force-close such an endpoint).
   void Abandon(PeerId peer);
-  void ForgetKey(PeerId peer, uint64_t key_id);
+  // Accepts `peer`'s data messages (its identity `nonce`) from now on.
+  void AcceptFrom(PeerId peer, uint64_t nonce);
+  // The receiver's answer to a flush: every data message before it landed
+  // (ok) or some fell outside a registered region.
+  void FlushAcked(uint64_t seq, bool ok);
 
  private:
+  static ucs_status_t OnData(void* arg, const void* header, size_t header_length, void* data,
+                             size_t length, const ucp_am_recv_param_t* param);
+  void FailPendingFlushes(PeerId peer, const Status& status);
   void Run();
   bool RunCommands();
   void IssueWork();
   void FinishItem(WorkItem& item, const Status& status, bool skipped);
-  void IssueFlush(PeerId peer, std::shared_ptr<Countdown> countdown, bool even_aborting);
+  void IssueFlush(PeerId peer, std::shared_ptr<Countdown> countdown);
   void CheckFence(PeerId peer);
   bool Quiesced() const;
-  static void PutDone(void* request, ucs_status_t status, void* user_data);
-  static void FlushDone(void* request, ucs_status_t status, void* user_data);
+  static void SendDone(void* request, ucs_status_t status, void* user_data);
   static void CloseDone(void* request, ucs_status_t status, void* user_data);
-  void Completed(void* request, ucs_status_t status, bool is_flush);
+  void Completed(void* request, ucs_status_t status);
 
   Engine* engine_;
   const int index_;
@@ -352,6 +370,19 @@ class Rail {
   bool closed_ = false;  // guarded by mu_: no command is accepted any more
 
   // Rail-thread state.
+  // Peers whose data messages this rail accepts, by their identity.
+  struct Inbound {
+    PeerId peer = 0;
+    bool accepting = false;
+    bool dropped = false;  // bytes dropped since the last flush
+  };
+  std::unordered_map<uint64_t, Inbound> inbound_;
+  struct PendingFlush {
+    PeerId peer = 0;
+    std::shared_ptr<Countdown> countdown;
+  };
+  std::unordered_map<uint64_t, PendingFlush> pending_flushes_;
+  uint64_t next_flush_seq_ = 1;
   bool stopping_ = false;
   std::unordered_map<PeerId, RailPeer> peers_;
   std::deque<WorkItem> work_;
@@ -380,6 +411,8 @@ struct Conn {
   bool completed = false;
   bool was_open = false;
   int rails_unfenced = 0;
+  int rails_to_accept = 0;
+  std::vector<std::vector<std::byte>> peer_rails;
   Status reason;
 };
 
@@ -410,8 +443,15 @@ class Engine : public std::enable_shared_from_this<Engine> {
   int num_rails() const { return static_cast<int>(rails_.size()); }
   void OnDataEpError(PeerId peer, ucs_status_t status);
   void OnControlEpError(PeerId peer, ucs_status_t status);
-  void ForgetKey(PeerId peer, uint64_t key_id);
   uint64_t nonce() const { return nonce_; }
+  // The registry of local regions a data message may land in.
+  void AddRegion(uint64_t address, uint64_t size);
+  void RemoveRegion(uint64_t address, uint64_t size);
+  // Copies a data message to `address` when the whole range lies inside a
+  // registered region; false (and nothing written) otherwise.
+  bool CopyIn(uint64_t address, const void* data, size_t length);
+  // Rail 0: answers a peer's flush received on `rail`.
+  void SendFlushAck(PeerId peer, int rail, uint64_t seq, bool ok);
   bool shut() const { return shut_.load(std::memory_order_acquire); }
   void CountPut(uint64_t bytes) {
     write_ops_.fetch_add(1, std::memory_order_relaxed);
@@ -441,8 +481,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std::byte> payload);
   bool SendMessage(const std::shared_ptr<Conn>& conn, MsgType type, std::vector<std::byte> body);
   std::vector<std::byte> HelloMessage() const;
-  void OpenDataEps(const std::shared_ptr<Conn>& conn, std::vector<std::vector<std::byte>> rails,
-                   bool shared_memory);
+  void OpenDataEps(const std::shared_ptr<Conn>& conn);
+  void RailAccepted(const std::shared_ptr<Conn>& conn);
   void BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, bool graceful);
   void RailFenced(const std::shared_ptr<Conn>& conn);
   void MaybeComplete(const std::shared_ptr<Conn>& conn);
@@ -469,7 +509,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::condition_variable conns_cv_;
   std::unordered_map<PeerId, std::shared_ptr<Conn>> conns_;
   PeerId next_peer_ = 1;
-  std::atomic<uint64_t> next_key_{1};
+  std::shared_mutex regions_mu_;
+  std::map<uint64_t, std::vector<uint64_t>> regions_;  // start -> sizes
 
   // Rail 0.
   std::unordered_map<ucp_ep_h, PeerId> by_ep_;
@@ -504,6 +545,15 @@ Status Rail::Init(ucp_context_h context) {
   const auto* begin = reinterpret_cast<const std::byte*>(address);
   address_.assign(begin, begin + length);
   ucp_worker_release_address(worker_, address);
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = kDataAmId;
+  am.cb = &Rail::OnData;
+  am.arg = this;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  s = ucp_worker_set_am_recv_handler(worker_, &am);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_set_am_recv_handler", s);
   s = ucp_worker_get_efd(worker_, &event_fd_);
   if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_get_efd", s);
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -594,6 +644,8 @@ void Rail::Run() {
     [[maybe_unused]] ssize_t r = read(wake_fd_, &drained, sizeof(drained));
   }
   if (index_ == 0) engine_->DestroyListener();
+  // Nothing is received from here on.
+  inbound_.clear();
   // Last drain: commands posted before the engine refused new ones run now,
   // against a stopped rail (they fail their work).
   for (;;) {
@@ -608,10 +660,7 @@ void Rail::Run() {
   }
   for (auto& item : work_) FinishItem(item, AbortedError("transport shut down"), false);
   work_.clear();
-  for (auto& [id, peer] : peers_) {
-    for (auto& [key, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
-    peer.rkeys.clear();
-  }
+  for (auto& [id, peer] : peers_) Abandon(id);
 }
 
 void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_address,
@@ -640,6 +689,50 @@ void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_add
   }
 }
 
+void Rail::AcceptFrom(PeerId peer_id, uint64_t nonce) {
+  RailPeer& peer = peers_[peer_id];
+  peer.nonce = nonce;
+  if (peer.aborting || stopping_) return;
+  inbound_[nonce] = Inbound{.peer = peer_id, .accepting = true, .dropped = false};
+}
+
+ucs_status_t Rail::OnData(void* arg, const void* header, size_t header_length, void* data,
+                          size_t length, const ucp_am_recv_param_t* param) {
+  auto* rail = static_cast<Rail*>(arg);
+  if (header_length != kDataHeaderBytes) return UCS_OK;
+  const auto* h = static_cast<const std::byte*>(header);
+  uint64_t nonce = 0;
+  uint64_t value = 0;
+  for (int i = 0; i < 8; ++i) {
+    nonce |= static_cast<uint64_t>(h[1 + i]) << (8 * i);
+    value |= static_cast<uint64_t>(h[9 + i]) << (8 * i);
+  }
+  auto it = rail->inbound_.find(nonce);
+  // A peer this rail does not accept (unknown, or fenced): dropped.
+  if (it == rail->inbound_.end() || !it->second.accepting) return UCS_OK;
+  Inbound& in = it->second;
+  switch (static_cast<DataKind>(h[0])) {
+    case DataKind::kData:
+      if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 ||
+          !rail->engine_->CopyIn(value, data, length)) {
+        in.dropped = true;
+      }
+      return UCS_OK;
+    case DataKind::kFlush: {
+      const bool ok = !in.dropped;
+      in.dropped = false;
+      Engine* engine = rail->engine_;
+      const PeerId peer = in.peer;
+      const int index = rail->index_;
+      engine->rail(0).Post([engine, peer, index, value, ok] {
+        engine->SendFlushAck(peer, index, value, ok);
+      });
+      return UCS_OK;
+    }
+  }
+  return UCS_OK;
+}
+
 void Rail::Enqueue(WorkItem item) {
   auto it = peers_.find(item.peer);
   if (stopping_) {
@@ -662,8 +755,8 @@ void Rail::FinishItem(WorkItem& item, const Status& status, bool skipped) {
     flush->Arrive();
     return;
   }
-  const int64_t left = static_cast<int64_t>(item.pieces.size() - item.next);
-  item.next = item.pieces.size();
+  const int64_t left = static_cast<int64_t>(item.pieces->size() - item.next);
+  item.next = item.pieces->size();
   if (left == 0) return;
   if (skipped) {
     item.batch->countdown.MarkSkipped();
@@ -688,7 +781,7 @@ void Rail::IssueWork() {
       std::shared_ptr<Countdown> flush = std::move(item.flush);
       const PeerId peer = item.peer;
       work_.pop_front();
-      IssueFlush(peer, std::move(flush), false);
+      IssueFlush(peer, std::move(flush));
       continue;
     }
     if (item.batch->stop.stop_requested()) {
@@ -697,51 +790,39 @@ void Rail::IssueWork() {
       continue;
     }
     RailPeer& peer = it->second;
-    auto key = peer.rkeys.find(item.key->id);
-    if (key == peer.rkeys.end()) {
-      ucp_rkey_h rkey = nullptr;
-      const ucs_status_t s = ucp_ep_rkey_unpack(peer.ep, item.key->packed.data(), &rkey);
-      if (s != UCS_OK) {
-        FinishItem(item, UcsError(StatusCode::kInvalidArgument, "ucp_ep_rkey_unpack", s), false);
-        work_.pop_front();
-        continue;
-      }
-      key = peer.rkeys.emplace(item.key->id, rkey).first;
-    }
-    const Piece& piece = item.pieces[item.next++];
+    const Piece& piece = (*item.pieces)[item.next++];
     ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    param.cb.send = &Rail::PutDone;
+    param.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_EAGER;
+    param.cb.send = &Rail::SendDone;
     param.user_data = this;
     engine_->CountPut(piece.bytes);
-    void* request =
-        ucp_put_nbx(peer.ep, piece.src, piece.bytes, piece.remote, key->second, &param);
+    void* request = ucp_am_send_nbx(peer.ep, kDataAmId, piece.header.data(), kDataHeaderBytes,
+                                    piece.src, piece.bytes, &param);
     if (request == nullptr) {
       item.batch->countdown.Arrive();
     } else if (UCS_PTR_IS_ERR(request)) {
       engine_->CountFailedPut();
       item.batch->countdown.Fail(
-          UcsError(StatusCode::kUnavailable, "ucp_put_nbx", UCS_PTR_STATUS(request)));
+          UcsError(StatusCode::kUnavailable, "ucp_am_send_nbx", UCS_PTR_STATUS(request)));
       item.batch->countdown.Arrive();
     } else {
-      new (request) RequestContext{.batch = item.batch, .flush = nullptr, .peer = item.peer};
+      new (request) RequestContext{
+          .batch = item.batch, .pieces = item.pieces, .peer = item.peer, .flush_seq = 0};
       ++in_flight_;
       ++peer.outstanding;
       peer.requests.insert(request);
     }
-    if (item.next == item.pieces.size()) work_.pop_front();
+    if (item.next == item.pieces->size()) work_.pop_front();
   }
 }
 
-void Rail::PutDone(void* request, ucs_status_t status, void* user_data) {
-  static_cast<Rail*>(user_data)->Completed(request, status, false);
+void Rail::SendDone(void* request, ucs_status_t status, void* user_data) {
+  static_cast<Rail*>(user_data)->Completed(request, status);
 }
 
-void Rail::FlushDone(void* request, ucs_status_t status, void* user_data) {
-  static_cast<Rail*>(user_data)->Completed(request, status, true);
-}
-
-void Rail::Completed(void* request, ucs_status_t status, bool is_flush) {
+void Rail::Completed(void* request, ucs_status_t status) {
   auto* context = static_cast<RequestContext*>(request);
   RequestContext taken = std::move(*context);
   context->~RequestContext();
@@ -753,15 +834,15 @@ void Rail::Completed(void* request, ucs_status_t status, bool is_flush) {
     --it->second.outstanding;
     it->second.requests.erase(request);
   }
-  if (is_flush) {
+  if (taken.flush_seq != 0) {
+    // The flush message left; its ack settles the flush, unless it failed.
     if (status != UCS_OK) {
-      taken.flush->Fail(UcsError(StatusCode::kUnavailable, "flush", status));
+      FlushAcked(taken.flush_seq, false);
     }
-    taken.flush->Arrive();
   } else {
     if (status != UCS_OK) {
       engine_->CountFailedPut();
-      taken.batch->countdown.Fail(UcsError(StatusCode::kUnavailable, "put", status));
+      taken.batch->countdown.Fail(UcsError(StatusCode::kUnavailable, "send", status));
     }
     taken.batch->countdown.Arrive();
   }
@@ -775,74 +856,95 @@ void Rail::Flush(PeerId peer_id, std::shared_ptr<Countdown> countdown) {
   Enqueue(std::move(item));
 }
 
-void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown, bool even_aborting) {
-  auto it = peers_.find(peer_id);
-  if (stopping_) {
-    countdown->Fail(AbortedError("transport shut down"));
-    countdown->Arrive();
-    return;
-  }
-  if (it == peers_.end() || it->second.ep == nullptr || it->second.closing ||
-      (it->second.aborting && !even_aborting)) {
-    countdown->Fail(UnavailableError("connection to peer " + std::to_string(peer_id) + " closed"));
-    countdown->Arrive();
-    return;
-  }
+void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown) {
+  RailPeer& peer = peers_[peer_id];
+  const uint64_t seq = next_flush_seq_++;
+  pending_flushes_[seq] = PendingFlush{.peer = peer_id, .countdown = std::move(countdown)};
+  ++peer.outstanding;
+  auto pieces = std::make_shared<std::vector<Piece>>(1);
+  (*pieces)[0].header = DataHeader(DataKind::kFlush, engine_->nonce(), seq);
   ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  param.cb.send = &Rail::FlushDone;
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_AM_SEND_FLAG_EAGER;
+  param.cb.send = &Rail::SendDone;
   param.user_data = this;
-  void* request = ucp_ep_flush_nbx(it->second.ep, &param);
-  if (request == nullptr) {
-    countdown->Arrive();
-  } else if (UCS_PTR_IS_ERR(request)) {
-    countdown->Fail(UcsError(StatusCode::kUnavailable, "ucp_ep_flush_nbx", UCS_PTR_STATUS(request)));
-    countdown->Arrive();
-  } else {
-    new (request) RequestContext{.batch = nullptr, .flush = std::move(countdown), .peer = peer_id};
+  void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(),
+                                  kDataHeaderBytes, nullptr, 0, &param);
+  if (UCS_PTR_IS_ERR(request)) {
+    FlushAcked(seq, false);
+  } else if (request != nullptr) {
+    new (request) RequestContext{
+        .batch = nullptr, .pieces = std::move(pieces), .peer = peer_id, .flush_seq = seq};
     ++in_flight_;
-    ++it->second.outstanding;
-    it->second.requests.insert(request);
+    ++peer.outstanding;
+    peer.requests.insert(request);
+  }
+}
+
+void Rail::FlushAcked(uint64_t seq, bool ok) {
+  auto it = pending_flushes_.find(seq);
+  if (it == pending_flushes_.end()) return;  // failed already
+  PendingFlush pending = std::move(it->second);
+  pending_flushes_.erase(it);
+  auto peer = peers_.find(pending.peer);
+  if (peer != peers_.end()) --peer->second.outstanding;
+  if (!ok) {
+    pending.countdown->Fail(FailedPreconditionError(
+        "a write to peer " + std::to_string(pending.peer) +
+        " did not land: its target is not a registered region of the peer (any more), or the "
+        "flush could not be sent"));
+  }
+  pending.countdown->Arrive();
+  if (peer != peers_.end() && peer->second.aborting) CheckFence(pending.peer);
+}
+
+void Rail::FailPendingFlushes(PeerId peer_id, const Status& status) {
+  RailPeer& peer = peers_[peer_id];
+  for (auto it = pending_flushes_.begin(); it != pending_flushes_.end();) {
+    if (it->second.peer != peer_id) {
+      ++it;
+      continue;
+    }
+    std::shared_ptr<Countdown> countdown = std::move(it->second.countdown);
+    it = pending_flushes_.erase(it);
+    --peer.outstanding;
+    countdown->Fail(status);
+    countdown->Arrive();
   }
 }
 
 void Rail::AbortPeer(PeerId peer_id, bool graceful, std::function<void()> fenced) {
   RailPeer& peer = peers_[peer_id];
   if (fenced) peer.on_fenced = std::move(fenced);
+  const Status closed =
+      UnavailableError("connection to peer " + std::to_string(peer_id) + " closed");
   if (!peer.aborting) {
     peer.aborting = true;
-    // Queued puts to this peer are never started.
+    // Nothing of the peer lands here from now on: the receiving half of the
+    // fence, whatever the peer still sends.
+    auto in = inbound_.find(peer.nonce);
+    if (in != inbound_.end() && in->second.peer == peer_id) inbound_.erase(in);
+    // Queued sends to the peer are never started; flushes awaiting an ack
+    // will not get one.
     for (auto it = work_.begin(); it != work_.end();) {
       if (it->peer == peer_id) {
-        FinishItem(*it,
-                   UnavailableError("connection to peer " + std::to_string(peer_id) + " closed"),
-                   false);
+        FinishItem(*it, closed, false);
         it = work_.erase(it);
       } else {
         ++it;
       }
     }
+    FailPendingFlushes(peer_id, closed);
   }
+  // The sending half: a live peer lets the sends in flight complete; a gone
+  // one (or a shutdown) has them cancelled or abandoned.
   if (!graceful || stopping_) {
     if (peer.with_errors) {
       ClosePeer(peer_id, /*peer_alive=*/false);
     } else {
       Abandon(peer_id);
     }
-  } else if (peer.ep != nullptr && !peer.closing && !peer.flushing) {
-    // A live peer: our puts must be remotely complete before we say so. The
-    // endpoint stays open until the peer said the same (ClosePeer), so that
-    // neither side's flush loses its partner; if the peer dies meanwhile, a
-    // forced abort cancels the flush.
-    peer.flushing = true;
-    Rail* rail = this;
-    auto countdown = std::make_shared<Countdown>(1, [rail, peer_id](const Status&) {
-      rail->Post([rail, peer_id] {
-        rail->peers_[peer_id].flushed = true;
-        rail->CheckFence(peer_id);
-      });
-    });
-    IssueFlush(peer_id, std::move(countdown), /*even_aborting=*/true);
   }
   CheckFence(peer_id);
 }
@@ -876,27 +978,23 @@ void Rail::ClosePeer(PeerId peer_id, bool peer_alive) {
 
 void Rail::Abandon(PeerId peer_id) {
   RailPeer& peer = peers_[peer_id];
+  peer.abandoned = true;
   for (void* request : peer.requests) {
     auto* context = static_cast<RequestContext*>(request);
     context->abandoned = true;
-    const Status gone = UnavailableError("connection to peer " + std::to_string(peer_id) +
-                                         " closed with the operation in flight");
     if (context->batch) {
       engine_->CountFailedPut();
-      context->batch->countdown.Fail(gone);
+      context->batch->countdown.Fail(UnavailableError(
+          "connection to peer " + std::to_string(peer_id) + " closed with the write in flight"));
       context->batch->countdown.Arrive();
       context->batch.reset();
-    }
-    if (context->flush) {
-      context->flush->Fail(gone);
-      context->flush->Arrive();
-      context->flush.reset();
     }
     --in_flight_;
     --peer.outstanding;
   }
   peer.requests.clear();
-  peer.flushed = true;
+  FailPendingFlushes(peer_id, UnavailableError("connection to peer " + std::to_string(peer_id) +
+                                               " closed"));
   CheckFence(peer_id);
 }
 
@@ -918,42 +1016,28 @@ void Rail::CheckFence(PeerId peer_id) {
   auto it = peers_.find(peer_id);
   if (it == peers_.end()) return;
   RailPeer& peer = it->second;
-  if (!peer.aborting || peer.closing || peer.outstanding != 0) return;
-  if (peer.ep != nullptr && !peer.flushed) return;
-  for (auto& [key, rkey] : peer.rkeys) ucp_rkey_destroy(rkey);
-  peer.rkeys.clear();
-  if (peer.on_fenced) {
-    std::function<void()> fenced = std::move(peer.on_fenced);
-    peer.on_fenced = nullptr;
-    fenced();
-  }
-}
-
-void Rail::ForgetKey(PeerId peer_id, uint64_t key_id) {
-  auto it = peers_.find(peer_id);
-  if (it == peers_.end()) return;
-  auto key = it->second.rkeys.find(key_id);
-  if (key == it->second.rkeys.end()) return;
-  ucp_rkey_destroy(key->second);
-  it->second.rkeys.erase(key);
+  if (!peer.aborting || peer.outstanding != 0 || !peer.on_fenced) return;
+  std::function<void()> fenced = std::move(peer.on_fenced);
+  peer.on_fenced = nullptr;
+  fenced();
 }
 
 // --- Regions ----------------------------------------------------------------
 
 class UcxLocalRegion final : public LocalRegion {
  public:
-  UcxLocalRegion(std::shared_ptr<Engine> engine, ucp_mem_h memh, RegionInfo info)
-      : engine_(std::move(engine)), memh_(memh), info_(std::move(info)),
-        use_(std::make_shared<SourceUse>()) {
-    describe_ = "ucx memh " + std::to_string(info_.address.value()) + "+" +
+  UcxLocalRegion(std::shared_ptr<Engine> engine, RegionInfo info)
+      : engine_(std::move(engine)), info_(std::move(info)), use_(std::make_shared<SourceUse>()) {
+    describe_ = "ucx region " + std::to_string(info_.address.value()) + "+" +
                 std::to_string(info_.size);
   }
   ~UcxLocalRegion() override {
-    {
-      std::unique_lock<std::mutex> lock(use_->mu);
-      use_->cv.wait(lock, [this] { return use_->writes == 0; });
-    }
-    ucp_mem_unmap(engine_->context(), memh_);
+    // No data message lands in it once this returns (a copy in progress is
+    // waited for)...
+    engine_->RemoveRegion(info_.address.value(), info_.size);
+    // ...and no write of ours reads from it any more.
+    std::unique_lock<std::mutex> lock(use_->mu);
+    use_->cv.wait(lock, [this] { return use_->writes == 0; });
   }
   const RegionInfo& info() const override { return info_; }
   std::string_view Describe() const override { return describe_; }
@@ -962,7 +1046,6 @@ class UcxLocalRegion final : public LocalRegion {
 
  private:
   std::shared_ptr<Engine> engine_;
-  ucp_mem_h memh_;
   RegionInfo info_;
   std::shared_ptr<SourceUse> use_;
   std::string describe_;
@@ -970,21 +1053,17 @@ class UcxLocalRegion final : public LocalRegion {
 
 class UcxRemoteRegion final : public RemoteRegion {
  public:
-  UcxRemoteRegion(std::shared_ptr<Engine> engine, PeerId peer, RegionInfo info,
-                  std::shared_ptr<const ImportedKey> key)
-      : engine_(std::move(engine)), peer_(peer), info_(std::move(info)), key_(std::move(key)) {}
-  ~UcxRemoteRegion() override { engine_->ForgetKey(peer_, key_->id); }
+  UcxRemoteRegion(std::shared_ptr<Engine> engine, PeerId peer, RegionInfo info)
+      : engine_(std::move(engine)), peer_(peer), info_(std::move(info)) {}
   PeerId peer() const override { return peer_; }
   const RegionInfo& info() const override { return info_; }
   Addr mapped_address() const override { return Addr(); }
   const Engine* engine() const { return engine_.get(); }
-  const std::shared_ptr<const ImportedKey>& key() const { return key_; }
 
  private:
   std::shared_ptr<Engine> engine_;
   PeerId peer_;
   RegionInfo info_;
-  std::shared_ptr<const ImportedKey> key_;
 };
 
 // --- Engine -----------------------------------------------------------------
@@ -1020,10 +1099,15 @@ Status Engine::Init() {
   ucp_config_t* config = nullptr;
   ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
   if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_config_read", s);
+  // Host memory only, never registered with UCX: the memory-type cache has
+  // nothing to learn.
+  if (std::getenv("UCX_MEMTYPE_CACHE") == nullptr) {
+    (void)ucp_config_modify(config, "MEMTYPE_CACHE", "n");
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_REQUEST_SIZE |
                       UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
-  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   params.request_size = sizeof(RequestContext);
   params.mt_workers_shared = 1;
   params.name = "kvbounce";
@@ -1230,7 +1314,8 @@ void Engine::OnConnRequest(ucp_conn_request_h request, void* arg) {
 }
 
 void Engine::AcceptConn(ucp_conn_request_h request) {
-  if (shut_) {
+  // Peers are accepted from Start on (transport.h).
+  if (shut_ || !started_.load(std::memory_order_acquire)) {
     ucp_listener_reject(listener_, request);
     return;
   }
@@ -1272,8 +1357,8 @@ bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
   if (conn->ctrl_ep == nullptr || conn->ctrl_failed) return false;
   auto buffer = std::make_unique<std::vector<std::byte>>(std::move(body));
   static_assert(sizeof(MsgType) == 1);
-  static const std::array<MsgType, 4> kHeaders = {MsgType{0}, MsgType::kHello, MsgType::kFrame,
-                                                   MsgType::kFenced};
+  static const std::array<MsgType, 5> kHeaders = {MsgType{0}, MsgType::kHello, MsgType::kFrame,
+                                                   MsgType::kFenced, MsgType::kFlushAck};
   ucp_request_param_t param{};
   param.op_attr_mask =
       UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -1327,10 +1412,24 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       HandleHello(conn, payload);
       return;
     case MsgType::kFrame:
-      if (conn->state.load() != Conn::kOpen) return;
+      // started_ (acquire) orders this read of callbacks_ after Start's write.
+      if (conn->state.load() != Conn::kOpen || !started_.load(std::memory_order_acquire)) return;
       messages_received_.fetch_add(1, std::memory_order_relaxed);
       if (callbacks_.on_message) callbacks_.on_message(conn->id, std::move(payload));
       return;
+    case MsgType::kFlushAck: {
+      Reader r(payload);
+      uint16_t rail = 0;
+      uint64_t seq = 0;
+      uint8_t ok = 0;
+      if (!r.U16(&rail) || !r.U64(&seq) || !r.U8(&ok) || r.left() != 0 || rail >= rails_.size()) {
+        BeginTeardown(conn, DataLossError(conn->where + " sent a malformed flush ack"), false);
+        return;
+      }
+      Rail& target = *rails_[rail];
+      target.Post([&target, seq, ok] { target.FlushAcked(seq, ok != 0); });
+      return;
+    }
     case MsgType::kFenced:
       conn->peer_fenced = true;
       BeginTeardown(conn, UnavailableError(conn->where + " closed the connection"), true);
@@ -1381,22 +1480,42 @@ void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std:
   const std::string peer_host(reinterpret_cast<const char*>(host.data()), host.size());
   const bool shared_memory =
       shared_memory_allowed_ && shm != 0 && !host_id_.empty() && peer_host == host_id_;
-  if (!conn->outgoing) SendMessage(conn, MsgType::kHello, HelloMessage());
   {
     std::lock_guard<std::mutex> lock(conns_mu_);
     conn->peer_nonce = nonce;
     conn->shared_memory = shared_memory;
   }
-  OpenDataEps(conn, std::move(rails), shared_memory);
+  conn->peer_rails = std::move(rails);
+  // Every rail accepts the peer's data before the peer can learn that it
+  // may send (our HELLO, or Connect returning).
+  conn->rails_to_accept = static_cast<int>(rails_.size());
+  for (auto& rail_ptr : rails_) {
+    Rail& rail = *rail_ptr;
+    const PeerId id = conn->id;
+    rail.Post([this, &rail, id, nonce, conn] {
+      rail.AcceptFrom(id, nonce);
+      rails_[0]->Post([this, conn] { RailAccepted(conn); });
+    });
+  }
+}
+
+void Engine::RailAccepted(const std::shared_ptr<Conn>& conn) {
+  if (--conn->rails_to_accept > 0 || conn->teardown) return;
+  if (!conn->outgoing) SendMessage(conn, MsgType::kHello, HelloMessage());
+  OpenDataEps(conn);
   conn->was_open = true;
   SetState(*conn, Conn::kOpen);
 }
 
-void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn,
-                         std::vector<std::vector<std::byte>> peer_rails, bool shared_memory) {
+void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
+  bool shared_memory = false;
+  {
+    std::lock_guard<std::mutex> lock(conns_mu_);
+    shared_memory = conn->shared_memory;
+  }
   // Rail i writes to the peer's rail (i mod its rail count).
   for (size_t i = 0; i < rails_.size(); ++i) {
-    const std::vector<std::byte>& address = peer_rails[i % peer_rails.size()];
+    const std::vector<std::byte>& address = conn->peer_rails[i % conn->peer_rails.size()];
     Rail& rail = *rails_[i];
     const PeerId id = conn->id;
     rail.Post([&rail, id, address, shared_memory] {
@@ -1481,10 +1600,8 @@ void Engine::RailFenced(const std::shared_ptr<Conn>& conn) {
 
 void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
   if (conn->completed || !conn->teardown || conn->rails_unfenced > 0) return;
-  // A connection that never opened wrote nothing; during a shutdown the
-  // peer's confirmation is not awaited (its writes are the sessions' concern
-  // and the endpoints are closed).
-  if (!(conn->peer_fenced || conn->ctrl_failed || !conn->was_open || shut_)) return;
+  // Both halves of the fence hold once every rail fenced: our sends ended
+  // and nothing the peer sends lands here any more.
   conn->completed = true;
   for (auto& rail_ptr : rails_) {
     Rail& rail = *rail_ptr;
@@ -1507,7 +1624,8 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
     conn->ctrl_ep = nullptr;
   }
   SetState(*conn, Conn::kDead);
-  if (conn->was_open && !shut_ && callbacks_.on_peer_failure) {
+  if (conn->was_open && !shut_ && started_.load(std::memory_order_acquire) &&
+      callbacks_.on_peer_failure) {
     callbacks_.on_peer_failure(conn->id, conn->reason);
   }
 }
@@ -1531,6 +1649,46 @@ void Engine::DestroyListener() {
   if (listener_ != nullptr) ucp_listener_destroy(listener_);
   listener_ = nullptr;
   // Endpoints whose close did not finish are released with the worker.
+}
+
+void Engine::SendFlushAck(PeerId peer, int rail, uint64_t seq, bool ok) {
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn || conn->teardown) return;
+  Writer w;
+  w.U16(static_cast<uint16_t>(rail));
+  w.U64(seq);
+  w.U8(ok ? 1 : 0);
+  SendMessage(conn, MsgType::kFlushAck, w.Take());
+}
+
+void Engine::AddRegion(uint64_t address, uint64_t size) {
+  std::unique_lock<std::shared_mutex> lock(regions_mu_);
+  regions_[address].push_back(size);
+}
+
+void Engine::RemoveRegion(uint64_t address, uint64_t size) {
+  std::unique_lock<std::shared_mutex> lock(regions_mu_);
+  auto it = regions_.find(address);
+  if (it == regions_.end()) return;
+  auto& sizes = it->second;
+  auto one = std::find(sizes.begin(), sizes.end(), size);
+  if (one != sizes.end()) sizes.erase(one);
+  if (sizes.empty()) regions_.erase(it);
+}
+
+bool Engine::CopyIn(uint64_t address, const void* data, size_t length) {
+  std::shared_lock<std::shared_mutex> lock(regions_mu_);
+  auto it = regions_.upper_bound(address);
+  while (it != regions_.begin()) {
+    --it;
+    for (uint64_t size : it->second) {
+      if (RangeInside(Addr(address), length, Addr(it->first), size)) {
+        if (length != 0) std::memcpy(Addr(address).ToPointer(), data, length);
+        return true;
+      }
+    }
+  }
+  return false;
 }
 
 Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
@@ -1557,31 +1715,22 @@ Result<std::unique_ptr<LocalRegion>> Engine::Register(Addr address, uint64_t byt
   if (kind != MemoryKind::kHost) {
     return InvalidArgumentError("the ucx transport of this build reaches host memory only");
   }
-  if (shut_) return AbortedError("the ucx transport is shut down");
-  ucp_mem_map_params_t params{};
-  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
-  params.address = address.ToPointer();
-  params.length = bytes;
-  ucp_mem_h memh = nullptr;
-  ucs_status_t s = ucp_mem_map(context_, &params, &memh);
-  if (s != UCS_OK) return UcsError(StatusCode::kInvalidArgument, "ucp_mem_map", s);
-  void* packed = nullptr;
-  size_t packed_size = 0;
-  s = ucp_rkey_pack(context_, memh, &packed, &packed_size);
-  if (s != UCS_OK) {
-    ucp_mem_unmap(context_, memh);
-    return UcsError(StatusCode::kInvalidArgument, "ucp_rkey_pack", s);
+  if (address.value() == 0 || !RangeInside(address, bytes, Addr(0), ~uint64_t{0})) {
+    return InvalidArgumentError("the region's address range is invalid");
   }
+  if (shut_) return AbortedError("the ucx transport is shut down");
+  // The key names the region by its exporter, address and size: the
+  // receiving side checks every data message against its live regions.
   Writer w;
   w.U32(kKeyMagic);
+  w.U16(kKeyVersion);
   w.U64(nonce_);
   w.U64(address.value());
   w.U64(bytes);
-  w.Blob({static_cast<const std::byte*>(packed), packed_size});
-  ucp_rkey_buffer_release(packed);
   RegionInfo info{.address = address, .size = bytes, .kind = kind, .remote_key = w.Take()};
+  AddRegion(address.value(), bytes);
   return std::unique_ptr<LocalRegion>(
-      std::make_unique<UcxLocalRegion>(shared_from_this(), memh, std::move(info)));
+      std::make_unique<UcxLocalRegion>(shared_from_this(), std::move(info)));
 }
 
 Result<std::unique_ptr<RemoteRegion>> Engine::Import(PeerId peer, const RegionInfo& info) {
@@ -1600,13 +1749,12 @@ Result<std::unique_ptr<RemoteRegion>> Engine::Import(PeerId peer, const RegionIn
   }
   Reader r(info.remote_key);
   uint32_t magic = 0;
+  uint16_t version = 0;
   uint64_t nonce = 0;
   uint64_t address = 0;
   uint64_t size = 0;
-  auto key = std::make_shared<ImportedKey>();
-  if (!r.U32(&magic) || magic != kKeyMagic || !r.U64(&nonce) || !r.U64(&address) ||
-      !r.U64(&size) || !r.Blob(info.remote_key.size(), &key->packed) || r.left() != 0 ||
-      key->packed.empty()) {
+  if (!r.U32(&magic) || magic != kKeyMagic || !r.U16(&version) || version != kKeyVersion ||
+      !r.U64(&nonce) || !r.U64(&address) || !r.U64(&size) || r.left() != 0) {
     return InvalidArgumentError("not a ucx remote key of this transport version");
   }
   if (nonce != peer_nonce) {
@@ -1615,18 +1763,8 @@ Result<std::unique_ptr<RemoteRegion>> Engine::Import(PeerId peer, const RegionIn
   if (address != info.address.value() || size != info.size) {
     return InvalidArgumentError("the region's address or size does not match its remote key");
   }
-  key->id = next_key_.fetch_add(1, std::memory_order_relaxed);
   return std::unique_ptr<RemoteRegion>(
-      std::make_unique<UcxRemoteRegion>(shared_from_this(), peer, info, std::move(key)));
-}
-
-void Engine::ForgetKey(PeerId peer, uint64_t key_id) {
-  std::shared_lock<std::shared_mutex> lock(api_mu_);
-  if (shut_) return;
-  for (auto& rail_ptr : rails_) {
-    Rail& rail = *rail_ptr;
-    rail.Post([&rail, peer, key_id] { rail.ForgetKey(peer, key_id); });
-  }
+      std::make_unique<UcxRemoteRegion>(shared_from_this(), peer, info));
 }
 
 Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
@@ -1650,9 +1788,10 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
     return UnavailableError("connection to " + conn->where + " is closed");
   }
 
-  // Cut the ops into puts and deal them across the rails.
+  // Cut the ops into sends and deal them across the rails.
   const size_t num_rails = rails_.size();
   std::vector<WorkItem> items(num_rails);
+  for (auto& item : items) item.pieces = std::make_shared<std::vector<Piece>>();
   static std::atomic<uint64_t> rotation{0};
   size_t next_rail = rotation.fetch_add(1, std::memory_order_relaxed) % num_rails;
   int64_t puts = 0;
@@ -1660,7 +1799,8 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
     const auto* src = static_cast<const std::byte*>(op.src.ToPointer());
     for (uint64_t off = 0; off < op.bytes; off += put_chunk_) {
       const uint64_t n = std::min(put_chunk_, op.bytes - off);
-      items[next_rail].pieces.push_back(Piece{src + off, op.dst.value() + off, n});
+      items[next_rail].pieces->push_back(
+          Piece{src + off, n, DataHeader(DataKind::kData, nonce_, op.dst.value() + off)});
       next_rail = (next_rail + 1) % num_rails;
       ++puts;
     }
@@ -1675,10 +1815,9 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
     return Status();
   }
   for (size_t i = 0; i < num_rails; ++i) {
-    if (items[i].pieces.empty()) continue;
+    if (items[i].pieces->empty()) continue;
     items[i].batch = batch;
     items[i].peer = target.peer();
-    items[i].key = remote->key();
     Rail& rail = *rails_[i];
     rail.Post([&rail, item = std::move(items[i])]() mutable { rail.Enqueue(std::move(item)); });
   }
