@@ -9,7 +9,6 @@
 #include <csignal>
 #include <cstring>
 #include <fstream>
-#include <map>
 #include <sstream>
 
 #include "kvbounce/transports.h"
@@ -109,7 +108,6 @@ WorkerEnd PullAlone(WorkerRank& rank, const WorkerPlan& plan, SignalWatch* signa
   const TokenRange range = plan.scenario.tokens;
   const uint64_t end = plan.first_request_id + static_cast<uint64_t>(plan.requests);
   uint64_t next = plan.first_request_id;
-  std::map<uint64_t, int64_t> started;  // request id -> start (ns)
   int64_t first_start = 0, last_settled = 0;
   log << "kvbounce worker: " << rank.Who() << ": pulling requests " << next << ".." << end - 1
       << " of " << plan.rank.ctx_instance << " on path " << TransferPathName(plan.path) << ", "
@@ -135,8 +133,7 @@ WorkerEnd PullAlone(WorkerRank& rank, const WorkerPlan& plan, SignalWatch* signa
   while (static_cast<uint64_t>(run->requests) < static_cast<uint64_t>(plan.requests)) {
     for (int slot : rank.FreeSlots()) {
       if (next == end) break;
-      started[next] = NowNs();
-      if (first_start == 0) first_start = started[next];
+      if (first_start == 0) first_start = NowNs();
       rank.Pull(next++, slot, range, plan.path);
     }
     if (const int sig = WaitReadable(rank.wake_fd(), signals, -1); sig != 0) {
@@ -427,7 +424,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
     if (line.find_first_not_of(" \r") == std::string_view::npos) return;
     Result<WorkerCommand> c = ParseWorkerCommand(line);
     if (!c.ok()) {
-      const ReplyLine words = SplitReply(line);
+      const ReplyLine words = SplitReply(line.substr(line.find_first_not_of(' ')));
       emit("error " + std::string(words.keyword) + " " + std::string(c.status().message()));
       return;
     }
