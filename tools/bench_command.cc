@@ -16,9 +16,12 @@
 #include <thread>
 #include <vector>
 
+#include "kvbounce/transports.h"
 #include "layout/planner.h"
+#include "tools/bench_report.h"
 #include "tools/chaos.h"
 #include "tools/cluster.h"
+#include "tools/process_bench.h"
 #include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
@@ -45,30 +48,6 @@ uint64_t BusiestStream(const Scenario& s, bool ctx_side) {
   return busiest;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
-  return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
-}
-
-struct PathRun {
-  TransferPath path;
-  int requests = 0;
-  int completed = 0;
-  int failed = 0;
-  int unexplained = 0;
-  int failed_by_injection = 0;
-  std::string first_unexplained;
-  uint64_t bytes = 0;
-  double seconds = 0;
-  std::vector<double> latency_ms;
-  std::map<std::string, uint64_t> taken;
-  uint64_t verified = 0;
-  uint64_t mismatches = 0;
-  std::string first_mismatch;
-};
-
 uint64_t CtxWrites(Cluster& c) {
   uint64_t n = 0;
   for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(r).Stats().transport_write_ops;
@@ -85,7 +64,7 @@ uint64_t Outstanding(Cluster& c) {
 // One path: requests in waves of `concurrency`, one per pool slot. Only the
 // transfers are timed; clearing and verifying happen between waves.
 PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRange range,
-                uint64_t first_id, std::mt19937_64& rng) {
+                uint64_t first_id, uint64_t seed) {
   PathRun run;
   run.path = path;
   int issued = 0;
@@ -102,14 +81,15 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
     std::vector<Request> reqs(static_cast<size_t>(wave));
     for (int s = 0; s < wave; ++s) {
       c.ClearGen(s);
-      reqs[static_cast<size_t>(s)].tables = c.Tables(s, range.end, rng);
+      Request& r = reqs[static_cast<size_t>(s)];
+      r.id = id++;
+      r.tables = c.Tables(s, range.end, seed, r.id);
     }
     PullOptions pull;
     pull.path = path;
     const auto wave_start = Clock::now();
     for (int s = 0; s < wave; ++s) {
       Request& r = reqs[static_cast<size_t>(s)];
-      r.id = id++;
       r.start = Clock::now();
       for (int k = 0; k < c.num_ctx(); ++k) {
         auto p = c.ctx(k).Publish(r.id, r.tables.ctx, range.end);
@@ -162,12 +142,7 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
             run.first_mismatch = v.first_mismatch;
         }
       } else {
-        ++run.failed;
-        if (std::string(outcome.message()).find("injected") == std::string::npos) {
-          if (run.unexplained++ == 0) run.first_unexplained = outcome.ToString();
-        } else {
-          ++run.failed_by_injection;
-        }
+        run.CountFailure(outcome);
       }
       for (auto& p : r.pubs) {
         if (!p->WaitFor(std::chrono::milliseconds(0))) p->Cancel();
@@ -177,6 +152,15 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
     issued += wave;
   }
   return run;
+}
+
+void LogPathDone(const nlohmann::json& run, double inject_fail_rate, std::ostream& log) {
+  log << "  " << run["path"].get<std::string>() << ": done";
+  if (inject_fail_rate > 0 && !run["fault_injection_applies"].get<bool>()) {
+    log << " (no transport writes: fault injection did not apply)";
+  }
+  log << "\n";
+  log.flush();
 }
 
 // The paths the fault injector reaches: it fails transport write
@@ -217,6 +201,12 @@ Status CheckWritable(const std::string& path) {
 
 }  // namespace
 
+int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency) {
+  const uint64_t bytes =
+      SatMul(BusiestStream(scenario, ctx_side), static_cast<uint64_t>(concurrency));
+  return static_cast<int64_t>(std::min<uint64_t>(bytes / MiB(1) + 2, uint64_t{1} << 62));
+}
+
 BenchFlags::BenchFlags() {
   // A shape that fits a workstation's memory and still shows the TP
   // mismatch: llama-3.1-8b, ctx TP8 (one kv head per rank) -> gen TP2.
@@ -233,7 +223,10 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
       "Move the KV of many requests between an in-process ctx and gen instance on each "
       "path, verify every byte, report throughput, latency and leaks");
   flags->scenario.Register(*cmd);
-  cmd->add_option("--transport", flags->transport, "Transport: loopback")->capture_default_str();
+  cmd->add_option("--transport", flags->transport,
+                  "Transport: loopback (every rank a thread of this process) or ucx (every rank "
+                  "a `kvbounce worker` process)")
+      ->capture_default_str();
   cmd->add_option("--memory", flags->memory, "Pool memory: host")->capture_default_str();
   cmd->add_option("--path", flags->paths,
                   "Comma list of per-block,bounce,direct,auto (default: every path the "
@@ -251,6 +244,15 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "bounce write through the transport; direct does not)")
       ->capture_default_str();
   cmd->add_option("--json", flags->json_file, "Also write the report to this JSON file");
+  cmd->add_option("--ucx-tls", flags->ucx_tls,
+                  "ucx: UCX_TLS for the worker processes (e.g. tcp, or shm,tcp)");
+  cmd->add_option("--num-workers", flags->num_workers,
+                  "ucx: UCP workers per agent (default: the config's num_workers)");
+  cmd->add_option_function<double>(
+      "--step-timeout", [flags](const double& v) { flags->step_timeout_s = v; },
+      "ucx: seconds one step (start, connect, a wave of requests, shutdown) may take before "
+      "the bench ends every worker (default " +
+          std::to_string(static_cast<int>(kDefaultStepTimeoutS)) + ")");
   CLI::Option* chaos =
       cmd->add_flag("--chaos", flags->chaos,
                     "Chaos mode: random cancels, deadlines, retires and agent restarts on every "
@@ -271,9 +273,36 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
 
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
-  if (flags.transport != "loopback") {
-    return UnimplementedError("--transport " + flags.transport +
-                              ": this build runs the bench over loopback only");
+  if (flags.transport == "ucx") {
+    if (!UcxTransportAvailable()) {
+      return UnimplementedError(
+          "--transport ucx: this build has no UCX transport (build with "
+          "UCX installed: libucx-dev / ucx-devel)");
+    }
+    if (flags.chaos) {
+      return UnimplementedError(
+          "--chaos runs over --transport loopback only (it restarts agents "
+          "inside one process)");
+    }
+  } else if (flags.transport == "loopback") {
+    for (const auto& [set, name] :
+         {std::pair{!flags.ucx_tls.empty(), "--ucx-tls"},
+          std::pair{flags.num_workers != 0, "--num-workers"},
+          std::pair{flags.step_timeout_s.has_value(), "--step-timeout"}}) {
+      if (set) return InvalidArgumentError(std::string(name) + " applies to --transport ucx only");
+    }
+  } else {
+    return InvalidArgumentError("--transport " + flags.transport +
+                                ": unknown transport (known: loopback, ucx)");
+  }
+  if (flags.num_workers < 0 || flags.num_workers > Config::kMaxNumWorkers) {
+    return InvalidArgumentError("--num-workers = " + std::to_string(flags.num_workers) +
+                                " is invalid: must be in [1, " +
+                                std::to_string(Config::kMaxNumWorkers) + "]");
+  }
+  if (flags.step_timeout_s && !(*flags.step_timeout_s > 0 && *flags.step_timeout_s <= 86400)) {
+    return InvalidArgumentError("--step-timeout = " + std::to_string(*flags.step_timeout_s) +
+                                " is invalid: must be in (0, 86400] seconds");
   }
   if (flags.memory != "host") {
     return UnimplementedError("--memory " + flags.memory + ": this build has host pools only");
@@ -339,16 +368,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
       flags.chaos ? flags.concurrency : std::min(flags.concurrency, flags.requests);
   // Chaos drivers alternate between two slots each.
   const int slots = flags.chaos ? 2 * concurrency : concurrency;
-  // Default arenas: room for `concurrency` requests on the busiest rank of
-  // each side.
-  auto arena_for = [&](bool ctx_side) -> int64_t {
-    if (flags.bounce_size_mb) return *flags.bounce_size_mb;
-    const uint64_t bytes =
-        SatMul(BusiestStream(scenario, ctx_side), static_cast<uint64_t>(concurrency));
-    return static_cast<int64_t>(std::min<uint64_t>(bytes / MiB(1) + 2, uint64_t{1} << 62));
-  };
-  const int64_t ctx_arena_mb = arena_for(true);
-  const int64_t gen_arena_mb = arena_for(false);
+  const int64_t ctx_arena_mb =
+      flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, true, concurrency));
+  const int64_t gen_arena_mb =
+      flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, false, concurrency));
 
   // Block ids are int32: every slot holds twice a request's blocks.
   for (const Topology* t : {&scenario.ctx, &scenario.gen}) {
@@ -426,16 +449,22 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
         << "; it touches per-block and bounce (they write through the transport), not direct "
            "(it copies without the transport), and auto only when it picks per-block or bounce\n";
   }
-  log << "  setting up " << scenario.ctx.num_ranks() + scenario.gen.num_ranks()
-      << " agents and filling the ctx pools...\n";
-  log.flush();
-  KVB_ASSIGN_OR_RETURN(std::unique_ptr<Cluster> cluster, Cluster::Create(options));
-
   nlohmann::json report;
   report["scenario"] = DescribeScenario(scenario);
   report["bounce_size_mb"] = {{"ctx", ctx_arena_mb}, {"gen", gen_arena_mb}};
   report["concurrency"] = concurrency;
   report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths);
+  if (flags.transport == "ucx") {
+    BenchPlan plan{std::move(scenario), paths, concurrency, slots, ctx_arena_mb, gen_arena_mb};
+    KVB_ASSIGN_OR_RETURN(nlohmann::json result, RunProcessBench(flags, plan, log));
+    report.update(result);
+    return report;
+  }
+  log << "  setting up " << scenario.ctx.num_ranks() + scenario.gen.num_ranks()
+      << " agents and filling the ctx pools...\n";
+  log.flush();
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<Cluster> cluster, Cluster::Create(options));
+
   if (flags.chaos) {
     chaos.exit_when_stuck = flags.chaos_exit_when_stuck;
     const FaultStats before = cluster->FaultTotals(true);
@@ -449,12 +478,11 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   }
 
   nlohmann::json runs = nlohmann::json::array();
-  std::mt19937_64 rng(scenario.seed);
   uint64_t next_id = 1;
   for (TransferPath path : paths) {
     const uint64_t writes_before = CtxWrites(*cluster);
     const FaultStats faults_before = cluster->FaultTotals(true);
-    PathRun run = RunPath(*cluster, path, flags, scenario.tokens, next_id, rng);
+    PathRun run = RunPath(*cluster, path, flags, scenario.tokens, next_id, scenario.seed);
     next_id += static_cast<uint64_t>(flags.requests);
     // Quarantined slots come back once their writers stopped.
     const auto deadline = Clock::now() + std::chrono::seconds(5);
@@ -464,43 +492,15 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
       outstanding = Outstanding(*cluster);
     }
     const FaultStats faults_after = cluster->FaultTotals(true);
-    const bool through_transport =
-        run.taken.count("per-block") != 0 || run.taken.count("bounce") != 0;
-    nlohmann::json j;
-    j["transport"] = flags.transport;
-    j["memory"] = flags.memory;
-    j["path"] = std::string(TransferPathName(path));
-    j["requests"] = run.requests;
-    j["completed"] = run.completed;
-    j["failed"] = run.failed;
-    j["unexplained_failures"] = run.unexplained;
-    if (!run.first_unexplained.empty()) j["first_unexplained_failure"] = run.first_unexplained;
-    j["requests_failed_by_injection"] = run.failed_by_injection;
-    j["injected_write_failures"] =
+    run.injected_write_failures =
         faults_after.injected_write_failures - faults_before.injected_write_failures;
-    j["injected_failed_batches"] = faults_after.failed_batches - faults_before.failed_batches;
-    j["fault_injection_applies"] = flags.inject_fail_rate > 0 && through_transport;
-    j["bytes"] = run.bytes;
-    j["seconds"] = run.seconds;
-    j["throughput_gbps"] =
-        run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
-    j["latency_ms"] = {{"p50", Percentile(run.latency_ms, 50)},
-                       {"p90", Percentile(run.latency_ms, 90)},
-                       {"p99", Percentile(run.latency_ms, 99)},
-                       {"max", Percentile(run.latency_ms, 100)}};
-    j["paths_taken"] = run.taken;
-    j["transport_writes"] = CtxWrites(*cluster) - writes_before;
-    j["verified_bytes"] = run.verified;
-    j["mismatches"] = run.mismatches;
-    if (!run.first_mismatch.empty()) j["first_mismatch"] = run.first_mismatch;
-    j["arena_outstanding_bytes"] = outstanding;
+    run.injected_failed_batches = faults_after.failed_batches - faults_before.failed_batches;
+    run.transport_writes = CtxWrites(*cluster) - writes_before;
+    run.arena_outstanding_bytes = outstanding;
+    const nlohmann::json j =
+        PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
     runs.push_back(j);
-    log << "  " << TransferPathName(path) << ": done";
-    if (flags.inject_fail_rate > 0 && !through_transport) {
-      log << " (no transport writes: fault injection did not apply)";
-    }
-    log << "\n";
-    log.flush();
+    LogPathDone(j, flags.inject_fail_rate, log);
   }
   cluster->Shutdown();
   report["runs"] = std::move(runs);
@@ -510,6 +510,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
 bool BenchPassed(const nlohmann::json& report, std::string* why) {
   if (report.contains("chaos")) {
     return ChaosViolations(report["chaos"], why) == 0;
+  }
+  if (report.contains("failure")) {
+    *why = report["failure"].get<std::string>();
+    return false;
   }
   for (const auto& run : report["runs"]) {
     const std::string path = run["path"];

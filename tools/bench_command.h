@@ -1,6 +1,8 @@
-// `kvbounce bench`: runs every rank of one ctx instance and one gen instance,
-// moves the KV of many requests on each path, verifies every received byte
-// semantically and reports throughput, latency, writes, path and leaks.
+// `kvbounce bench`: runs every rank of one ctx instance and one gen instance
+// (agents of this process over loopback, or `kvbounce worker` processes over
+// UCX: tools/process_bench.h), moves the KV of many requests on each path,
+// verifies every received byte semantically and reports throughput, latency,
+// writes, path and leaks.
 #ifndef KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 #define KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 
@@ -9,7 +11,9 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
+#include "kvbounce/config.h"
 #include "kvbounce/status.h"
 #include "tools/scenario.h"
 
@@ -30,6 +34,15 @@ struct BenchFlags {
   double inject_fail_rate = 0;
   std::string json_file;  // checked for writability before the run
 
+  // --transport ucx: every rank is a `kvbounce worker` process
+  // (tools/process_bench.h).
+  std::string ucx_tls;                   // UCX_TLS of the workers; empty: inherited
+  int num_workers = 0;                   // Config::num_workers of the workers; 0: default
+  std::optional<double> step_timeout_s;  // unset: kDefaultStepTimeoutS
+  // Not a flag: the program the workers run ("worker" is its first
+  // argument). Empty: this process's own executable (/proc/self/exe).
+  std::string worker_executable;
+
   // Chaos mode (tools/chaos.h): one run that mixes every path with random
   // cancels, deadlines, retires and restarts, bounded by chaos_seconds and,
   // when > 0, chaos_requests.
@@ -44,26 +57,46 @@ struct BenchFlags {
 
 // Requests in flight at once: at most this many (each owns pool slots).
 inline constexpr int kMaxConcurrency = 1024;
+// How long one step of a multi-process bench may take by default.
+inline constexpr double kDefaultStepTimeoutS = 120;
+
+// What RunBench validated and derived from the flags, for the driver that
+// runs it (in-process, or tools/process_bench.h).
+struct BenchPlan {
+  Scenario scenario;
+  std::vector<TransferPath> paths;
+  int concurrency = 1;  // requests in flight
+  int slots = 1;        // pool slots per rank
+  int64_t ctx_arena_mb = 0;
+  int64_t gen_arena_mb = 0;
+};
+
+// The staging arena (MiB) that holds `concurrency` requests on the busiest
+// rank of one side: the bench's and the worker's default --bounce-size-mb.
+int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency);
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
 
 // Runs the bench. The report holds {"runs": [...]} (one object per path
 // run) or, with --chaos, {"chaos": {...}}, plus "fault_injection" and the
-// scenario (README "kvbounce bench" lists every field).
+// scenario (README "kvbounce bench" lists every field); over UCX also
+// "workers" and, when a worker died or hung, "failure".
 //
 // Errors, all before anything is allocated: kInvalidArgument /
-// kUnimplemented / kNotFound for a bad flag (named), kResourceExhausted when
-// the run would need more memory than the machine has (tools/
-// resource_limits.h), kInvalidArgument for a --json file that cannot be
-// written; afterwards, a cluster that cannot be built. A run that
-// mismatched, leaked or violated a chaos check is not an error here: see
+// kUnimplemented / kNotFound for a bad flag (named; --transport ucx in a
+// build without UCX, --chaos with ucx, a ucx-only flag with loopback),
+// kResourceExhausted when the run would need more memory than the machine
+// has (tools/resource_limits.h), kInvalidArgument for a --json file that
+// cannot be written; afterwards, a cluster that cannot be built, or worker
+// processes that cannot start or connect. A run that mismatched, leaked,
+// lost a worker or violated a chaos check is not an error here: see
 // BenchPassed.
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log);
 
-// True when no byte mismatched, no arena byte is outstanding, and every
-// request completed or failed because of an injected fault; for a chaos
-// report, when no check found a violation. `why` receives the reasons (one
-// line per kind) when false.
+// True when no worker failed ("failure"), no byte mismatched, no arena byte
+// is outstanding, and every request completed or failed because of an
+// injected fault; for a chaos report, when no check found a violation. `why`
+// receives the reasons (one line per kind) when false.
 bool BenchPassed(const nlohmann::json& report, std::string* why);
 
 // Prints the runs (or the chaos summary) as a table.

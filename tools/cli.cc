@@ -10,6 +10,7 @@
 #include "kvbounce/logging.h"
 #include "tools/bench_command.h"
 #include "tools/plan_command.h"
+#include "tools/worker_command.h"
 
 namespace kvbounce::tools {
 namespace {
@@ -19,7 +20,7 @@ namespace {
 std::string CommandName(int argc, const char* const* argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view a(argv[i]);
-    if (a == "plan" || a == "bench") return "kvbounce " + std::string(a);
+    if (a == "plan" || a == "bench" || a == "worker") return "kvbounce " + std::string(a);
   }
   return "kvbounce";
 }
@@ -33,6 +34,8 @@ int Run(int argc, const char* const* argv, std::ostream& out, std::ostream& err)
   CLI::App* plan = AddPlanCommand(app, &plan_flags);
   BenchFlags bench_flags;
   CLI::App* bench = AddBenchCommand(app, &bench_flags);
+  WorkerFlags worker_flags;
+  CLI::App* worker = AddWorkerCommand(app, &worker_flags);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {  // --help
@@ -41,7 +44,7 @@ int Run(int argc, const char* const* argv, std::ostream& out, std::ostream& err)
     const std::string command = CommandName(argc, argv);
     if (command == "kvbounce" && argc > 1 && argv[1][0] != '-') {
       err << "kvbounce: error: unknown command '" << argv[1]
-          << "' (known: plan, bench; see kvbounce --help)\n";
+          << "' (known: plan, bench, worker; see kvbounce --help)\n";
       return 2;
     }
     err << command << ": error: " << e.what() << " (see " << command << " --help)\n";
@@ -78,6 +81,14 @@ int Run(int argc, const char* const* argv, std::ostream& out, std::ostream& err)
       return 1;
     }
     return 0;
+  }
+  if (worker->parsed()) {
+    Result<bool> passed = RunWorker(worker_flags, /*in_fd=*/0, out, err);
+    if (!passed.ok()) {
+      err << "kvbounce worker: error: " << passed.status().message() << "\n";
+      return 2;
+    }
+    return *passed ? 0 : 1;
   }
   return 0;
 }

@@ -3,7 +3,8 @@
 //
 // Exit status: 0 success (and --help); 1 the bench ran and failed (a byte
 // mismatched, an arena leaked, a request failed without an explanation, a
-// chaos check found a violation); 2 an error: every bad flag — CLI11's parse
+// chaos check found a violation, a worker process died or hung) or a worker
+// failed (tools/worker_command.h); 2 an error: every bad flag — CLI11's parse
 // errors included — and any error before or while setting up the run, each
 // printed to `err` as one "kvbounce <command>: error: ..." line ("kvbounce:
 // error: ..." before a command is known).

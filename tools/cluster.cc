@@ -2,46 +2,13 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 #include <string>
 #include <thread>
 #include <utility>
 
+#include "tools/resource_limits.h"
+
 namespace kvbounce::tools {
-namespace {
-
-constexpr std::byte kSentinel{0xC3};
-
-uint64_t Mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-uint64_t RowSeed(int layer, int kv, int head, int64_t token) {
-  return Mix((static_cast<uint64_t>(layer) << 48) ^ (static_cast<uint64_t>(kv) << 44) ^
-             (static_cast<uint64_t>(head) << 32) ^ static_cast<uint64_t>(token));
-}
-
-// Element d of a row from the row's seed (cheap, and distinct per element).
-inline uint64_t FromSeed(uint64_t seed, int d) {
-  return seed + static_cast<uint64_t>(d) * 0xd1342543de82ef95ULL;
-}
-
-std::vector<int32_t> Draw(int slot, int64_t blocks, std::mt19937_64& rng) {
-  std::vector<int32_t> ids(static_cast<size_t>(2 * blocks));
-  std::iota(ids.begin(), ids.end(), static_cast<int32_t>(slot * 2 * blocks));
-  for (size_t i = ids.size(); i > 1; --i) std::swap(ids[i - 1], ids[rng() % i]);
-  ids.resize(static_cast<size_t>(blocks));
-  return ids;
-}
-
-}  // namespace
-
-uint64_t ElementValue(int layer, int kv, int head, int64_t token, int d) {
-  return FromSeed(RowSeed(layer, kv, head, token), d);
-}
 
 Cluster::Cluster(const ClusterOptions& options, Topology ctx, Topology gen)
     : options_(options), ctx_topology_(std::move(ctx)), gen_topology_(std::move(gen)) {}
@@ -50,7 +17,7 @@ Cluster::~Cluster() { Shutdown(); }
 
 int64_t Cluster::blocks_per_request(bool ctx_side) const {
   const int64_t t = (ctx_side ? ctx_topology_ : gen_topology_).spec().tokens_per_block;
-  return (options_.max_tokens + t - 1) / t;
+  return CeilDiv(options_.max_tokens, t);
 }
 
 Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) {
@@ -67,36 +34,20 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   std::vector<std::string> ctx_addresses;
   for (auto& r : cluster->ctx_) ctx_addresses.push_back(r.agent->Address());
   for (auto& r : cluster->gen_) KVB_RETURN_IF_ERROR(r.agent->Connect(ctx_addresses));
-
-  std::mt19937_64 rng(0x6b76626f756e6365ULL);
-  const int64_t blocks = cluster->blocks_per_request(true);
-  for (int s = 0; s < options.slots; ++s) {
-    cluster->ctx_tables_.push_back(Draw(s, blocks, rng));
-    cluster->FillCtx(cluster->ctx_tables_.back());
-  }
-  for (int s = 0; s < options.slots; ++s) cluster->ClearGen(s);
   return cluster;
 }
 
 Status Cluster::AddRank(bool ctx_side, int rank) {
-  const Topology& topology = ctx_side ? ctx_topology_ : gen_topology_;
+  RankHarnessOptions harness;
+  harness.role = ctx_side ? Role::kCtx : Role::kGen;
+  harness.rank = rank;
+  harness.slots = options_.slots;
+  harness.max_tokens = options_.max_tokens;
+  harness.per_layer_pools = options_.per_layer_pools;
+  harness.table_seed = options_.table_seed;
   Rank r;
-  const int64_t num_blocks = options_.slots * 2 * blocks_per_request(ctx_side);
-  KVB_ASSIGN_OR_RETURN(PoolLayout layout, PoolLayout::ForRank(topology, rank, num_blocks, Addr()));
-  const bool per_layer = options_.per_layer_pools && layout.kind() != LayoutKind::kBlockMajorHnd &&
-                         layout.geometry().num_layers > 1;
-  const size_t allocations = per_layer ? static_cast<size_t>(layout.geometry().num_layers) : 1;
-  const uint64_t bytes = per_layer ? layout.layer_stride() : layout.allocation_bytes();
-  for (size_t i = 0; i < allocations; ++i) {
-    r.memory.emplace_back(static_cast<size_t>(bytes), kSentinel);
-    r.bases.push_back(Addr::FromPointer(r.memory.back().data()));
-  }
-  Result<PoolLayout> placed =
-      per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), r.bases)
-                : layout.Rebased(r.bases);
-  if (!placed.ok()) return placed.status();
-  r.layout = std::make_unique<PoolLayout>(std::move(placed).value());
-
+  KVB_ASSIGN_OR_RETURN(r.harness,
+                       RankHarness::Create(ctx_side ? ctx_topology_ : gen_topology_, harness));
   const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
   const FaultOptions& faults = ctx_side ? options_.ctx_faults : options_.gen_faults;
   KVB_ASSIGN_OR_RETURN(r.agent, MakeAgent(ctx_side, rank, r, instance + "-" + std::to_string(rank),
@@ -122,16 +73,9 @@ Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, int rank, const
     decorator = faulty.get();
     transport = std::move(faulty);
   }
-  AgentOptions agent;
-  agent.instance_id = instance;
-  agent.role = ctx_side ? Role::kCtx : Role::kGen;
-  agent.instance = (ctx_side ? ctx_topology_ : gen_topology_).spec();
-  agent.rank = rank;
-  agent.pool.bases = r.bases;
-  agent.pool.num_blocks = options_.slots * 2 * blocks_per_request(ctx_side);
-  agent.config = ctx_side ? options_.ctx_config : options_.gen_config;
+  AgentOptions agent = r.harness->MakeAgentOptions(
+      instance, ctx_side ? options_.ctx_config : options_.gen_config, options_.grace);
   agent.transport = std::move(transport);
-  agent.grace = options_.grace;
   Result<std::unique_ptr<Agent>> created =
       CreateAgent(std::move(agent), ctx_side ? options_.ctx_hooks : options_.gen_hooks);
   if (!created.ok()) {
@@ -251,145 +195,38 @@ Status Cluster::Reconnect(int gen_rank, int ctx_rank) {
 BlockTables Cluster::Tables(int slot, int64_t tokens, std::mt19937_64& rng) const {
   BlockTables t;
   t.slot = slot;
-  const int64_t ctx_blocks =
-      (tokens + ctx_topology_.spec().tokens_per_block - 1) / ctx_topology_.spec().tokens_per_block;
-  t.ctx.assign(ctx_tables_[static_cast<size_t>(slot)].begin(),
-               ctx_tables_[static_cast<size_t>(slot)].begin() + ctx_blocks);
-  std::vector<int32_t> gen = Draw(slot, blocks_per_request(false), rng);
-  const int64_t gen_blocks =
-      (tokens + gen_topology_.spec().tokens_per_block - 1) / gen_topology_.spec().tokens_per_block;
-  gen.resize(static_cast<size_t>(gen_blocks));
-  t.gen = std::move(gen);
+  t.ctx = TablePrefix(ctx_.front().harness->CtxTable(slot), tokens,
+                      ctx_topology_.spec().tokens_per_block);
+  t.gen = TablePrefix(SlotTable(slot, blocks_per_request(false), rng()), tokens,
+                      gen_topology_.spec().tokens_per_block);
   return t;
 }
 
-void Cluster::FillCtx(const std::vector<int32_t>& table) {
-  for (int rank = 0; rank < num_ctx(); ++rank) FillCtxRank(rank, table);
-}
-
-void Cluster::FillCtxRank(int rank, const std::vector<int32_t>& table) {
-  const int e = static_cast<int>(ctx_topology_.elem_bytes());
-  const int dim = ctx_topology_.spec().model.head_dim;
-  const int64_t tpb = ctx_topology_.spec().tokens_per_block;
-  const RankPlacement p = ctx_topology_.Placement(rank);
-  const PoolLayout& layout = *ctx_[static_cast<size_t>(rank)].layout;
-  for (int l = 0; l < p.num_layers; ++l) {
-    for (int kv = 0; kv < layout.geometry().kv_factor; ++kv) {
-      for (int h = 0; h < p.num_heads; ++h) {
-        for (int64_t t = 0; t < options_.max_tokens; ++t) {
-          auto* row =
-              static_cast<std::byte*>(layout
-                                          .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
-                                                      static_cast<int>(t % tpb))
-                                          .ToPointer());
-          const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
-          for (int d = 0; d < dim; ++d) {
-            const uint64_t v = FromSeed(seed, d);
-            for (int b = 0; b < e; ++b) row[d * e + b] = static_cast<std::byte>(v >> (8 * b));
-          }
-        }
-      }
-    }
-  }
+BlockTables Cluster::Tables(int slot, int64_t tokens, uint64_t seed, uint64_t request_id) const {
+  BlockTables t;
+  t.slot = slot;
+  t.ctx = TablePrefix(ctx_.front().harness->CtxTable(slot), tokens,
+                      ctx_topology_.spec().tokens_per_block);
+  t.gen = gen_.front().harness->GenTable(slot, tokens, seed, request_id);
+  return t;
 }
 
 std::vector<std::span<std::byte>> Cluster::SlotMemory(bool ctx_side, int rank, int slot) const {
-  const Rank& r = (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)];
-  const PoolLayout& layout = *r.layout;
-  const int64_t blocks = 2 * blocks_per_request(ctx_side);
-  const int32_t first = static_cast<int32_t>(slot * blocks);
-  const size_t bytes = static_cast<size_t>(blocks * static_cast<int64_t>(layout.block_stride()));
-  std::vector<std::span<std::byte>> out;
-  if (layout.kind() == LayoutKind::kBlockMajorHnd) {
-    out.emplace_back(static_cast<std::byte*>(layout.RowAddress(0, 0, first, 0, 0).ToPointer()),
-                     bytes);
-    return out;
-  }
-  const PoolGeometry& g = layout.geometry();
-  for (int l = 0; l < g.num_layers; ++l) {
-    for (int kv = 0; kv < g.kv_factor; ++kv) {
-      out.emplace_back(static_cast<std::byte*>(layout.RowAddress(l, kv, first, 0, 0).ToPointer()),
-                       bytes);
-    }
-  }
-  return out;
+  return (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].harness->SlotMemory(slot);
 }
 
 void Cluster::FillSlot(bool ctx_side, int rank, int slot, std::byte value) {
-  for (std::span<std::byte> m : SlotMemory(ctx_side, rank, slot)) {
-    std::memset(m.data(), static_cast<int>(value), m.size());
-  }
+  harness(ctx_side, rank).FillSlot(slot, value);
 }
 
-void Cluster::RefillCtx(int rank, int slot) {
-  FillSlot(true, rank, slot, kSentinel);
-  FillCtxRank(rank, ctx_tables_[static_cast<size_t>(slot)]);
-}
+void Cluster::RefillCtx(int rank, int slot) { harness(true, rank).RefillCtx(slot); }
 
 void Cluster::ClearGen(int slot) {
-  for (int rank = 0; rank < num_gen(); ++rank) FillSlot(false, rank, slot, kSentinel);
+  for (int rank = 0; rank < num_gen(); ++rank) harness(false, rank).ClearSlot(slot);
 }
 
 VerifyResult Cluster::VerifyGen(int rank, const BlockTables& tables, TokenRange range) const {
-  VerifyResult result;
-  const Rank& r = gen_[static_cast<size_t>(rank)];
-  const PoolLayout& layout = *r.layout;
-  const PoolGeometry& g = layout.geometry();
-  const RankPlacement p = gen_topology_.Placement(rank);
-  const int e = static_cast<int>(gen_topology_.elem_bytes());
-  const int dim = g.head_dim;
-  const int64_t tpb = g.tokens_per_block;
-  const int64_t blocks = 2 * blocks_per_request(false);
-  const int32_t first = static_cast<int32_t>(tables.slot * blocks);
-  std::vector<int64_t> logical(static_cast<size_t>(blocks), -1);  // block -> table index
-  for (size_t i = 0; i < tables.gen.size(); ++i) {
-    logical[static_cast<size_t>(tables.gen[i] - first)] = static_cast<int64_t>(i);
-  }
-  auto mismatch = [&](const std::string& what) {
-    if (result.mismatches++ == 0) result.first_mismatch = what;
-  };
-  for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int32_t block = first + static_cast<int32_t>(bi);
-    const int64_t index = logical[static_cast<size_t>(bi)];
-    for (int l = 0; l < g.num_layers; ++l) {
-      for (int kv = 0; kv < g.kv_factor; ++kv) {
-        for (int h = 0; h < g.num_heads; ++h) {
-          for (int tt = 0; tt < tpb; ++tt) {
-            const auto* row =
-                static_cast<const std::byte*>(layout.RowAddress(l, kv, block, h, tt).ToPointer());
-            const int64_t token = index < 0 ? -1 : index * tpb + tt;
-            if (token >= range.start && token < range.end) {
-              const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, token);
-              bool ok = true;
-              for (int d = 0; d < dim && ok; ++d) {
-                const uint64_t v = FromSeed(seed, d);
-                for (int b = 0; b < e; ++b) {
-                  if (row[d * e + b] != static_cast<std::byte>(v >> (8 * b))) ok = false;
-                }
-              }
-              result.verified_bytes += static_cast<uint64_t>(dim * e);
-              if (!ok) {
-                mismatch("gen rank " + std::to_string(rank) + ": layer " +
-                         std::to_string(p.first_layer + l) + " kv " + std::to_string(kv) +
-                         " head " + std::to_string(p.first_head + h) + " token " +
-                         std::to_string(token) + " holds wrong bytes");
-              }
-            } else {
-              for (int i = 0; i < dim * e; ++i) {
-                if (row[i] != kSentinel) {
-                  mismatch("gen rank " + std::to_string(rank) + ": block " + std::to_string(block) +
-                           " layer " + std::to_string(p.first_layer + l) + " token slot " +
-                           std::to_string(tt) + " outside the request was written");
-                  break;
-                }
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-  return result;
+  return gen_[static_cast<size_t>(rank)].harness->VerifyGen(tables.slot, tables.gen, range);
 }
 
 Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, TokenRange range,
@@ -422,11 +259,7 @@ Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, Token
 }
 
 std::vector<std::span<std::byte>> Cluster::PoolMemory(bool ctx_side, int rank) {
-  std::vector<std::span<std::byte>> out;
-  for (auto& allocation : (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].memory) {
-    out.emplace_back(allocation.data(), allocation.size());
-  }
-  return out;
+  return harness(ctx_side, rank).PoolMemory();
 }
 
 void Cluster::Shutdown() {

@@ -1,19 +1,9 @@
 // An in-process cluster for the bench and the end-to-end tests: one ctx
 // instance and one gen instance, every rank an Agent on its own loopback
 // transport (optionally behind a fault-injecting decorator), every pool real
-// host memory.
-//
-// Pools are cut into `slots`, one per request in flight: slot s of a rank
-// owns 2 * blocks_per_request consecutive blocks, and a request's block
-// table is a random half of them (so neighbours of its blocks are blocks it
-// must not touch).
-//
-// Verification is semantic and independent of the planner: every element a
-// ctx rank holds is a deterministic function of (global layer, k/v, global
-// kv head, absolute token, dim); after a request, every element of the gen
-// rank's blocks in the token range is checked against that function using
-// only the gen pool's layout definition, and every other byte of the slot
-// must still hold the sentinel the slot was cleared to.
+// host memory. Each rank's pool, its slots, block tables, fill and
+// verification are a RankHarness (tools/rank_harness.h, which `kvbounce
+// worker` shares); the cluster wires the ranks' agents together.
 //
 // Ranks can be restarted (RestartRank): the agent is shut down and a new one
 // is created on the same pool memory behind a new loopback endpoint, then
@@ -42,6 +32,7 @@
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
 #include "session/agent_internal.h"
+#include "tools/rank_harness.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
 
@@ -68,6 +59,8 @@ struct ClusterOptions {
   AgentHooks gen_hooks;
   std::string ctx_instance = "ctx0";
   std::string gen_instance = "gen0";
+  // Seeds the ctx slot tables (RankHarnessOptions::table_seed).
+  uint64_t table_seed = 1;
 };
 
 // A request's block tables: one for the ctx instance, one for the gen
@@ -86,12 +79,6 @@ struct RestartInfo {
   // returned (a staging slot it never got back).
   uint64_t outstanding_after_shutdown = 0;
   std::chrono::nanoseconds shutdown_time{0};
-};
-
-struct VerifyResult {
-  uint64_t verified_bytes = 0;
-  uint64_t mismatches = 0;
-  std::string first_mismatch;  // empty when none
 };
 
 class Cluster {
@@ -114,6 +101,10 @@ class Cluster {
   FaultTransport* ctx_faults(int rank) { return ctx_[static_cast<size_t>(rank)].faults; }
   FaultTransport* gen_faults(int rank) { return gen_[static_cast<size_t>(rank)].faults; }
   int64_t blocks_per_request(bool ctx_side) const;
+  // The rank's pool, slots, fill and verification.
+  RankHarness& harness(bool ctx_side, int rank) {
+    return *(ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].harness;
+  }
   // Fault counters of every transport the side ever had (restarted ranks'
   // included).
   FaultStats FaultTotals(bool ctx_side) const;
@@ -138,6 +129,9 @@ class Cluster {
   // table (drawn once, its KV filled at Create for max_tokens tokens) and a
   // fresh random gen table.
   BlockTables Tables(int slot, int64_t tokens, std::mt19937_64& rng) const;
+  // The same with the gen table of request `request_id` in a run seeded by
+  // `seed` (RankHarness::GenTable): what `kvbounce worker` derives.
+  BlockTables Tables(int slot, int64_t tokens, uint64_t seed, uint64_t request_id) const;
   // Sets every byte of `slot` in every gen rank's pool to the sentinel.
   void ClearGen(int slot);
   // Checks gen rank `rank` after a pull of `range` into `tables` (see the
@@ -170,9 +164,7 @@ class Cluster {
 
  private:
   struct Rank {
-    std::vector<std::vector<std::byte>> memory;  // one allocation, or one per layer
-    std::vector<Addr> bases;
-    std::unique_ptr<PoolLayout> layout;
+    std::unique_ptr<RankHarness> harness;
     // agent, faults and generation are guarded by mu_ once Create returned.
     std::shared_ptr<Agent> agent;
     FaultTransport* faults = nullptr;  // owned by the agent
@@ -186,27 +178,17 @@ class Cluster {
   Result<std::shared_ptr<Agent>> MakeAgent(bool ctx_side, int rank, const Rank& r,
                                            const std::string& name, uint64_t fault_seed,
                                            FaultTransport** faults);
-  // Writes the semantic values of tokens [0, max_tokens) into every ctx
-  // rank's blocks of `table`.
-  void FillCtx(const std::vector<int32_t>& table);
-  void FillCtxRank(int rank, const std::vector<int32_t>& table);
-
   ClusterOptions options_;
   Topology ctx_topology_;
   Topology gen_topology_;
   std::vector<Rank> ctx_;
   std::vector<Rank> gen_;
-  std::vector<std::vector<int32_t>> ctx_tables_;  // per slot
   std::shared_ptr<LoopbackFabric> fabric_;
 
   mutable std::mutex mu_;         // the agents, faults and generations of the ranks
   FaultStats retired_faults_[2];  // [ctx_side]: of transports shut down by restarts
   std::mutex restart_mu_;         // serializes RestartRank
 };
-
-// The semantic value of one element's bytes: element `d` of the row
-// (layer, kv, head, token), all global indices; `elem_bytes` of it are used.
-uint64_t ElementValue(int layer, int kv, int head, int64_t token, int d);
 
 }  // namespace kvbounce::tools
 

@@ -128,6 +128,36 @@ void ScenarioFlags::Register(CLI::App& app) {
           "UINT"));
 }
 
+std::vector<std::string> ScenarioFlags::ToArgs() const {
+  std::vector<std::string> args;
+  const bool explicit_dims = layers != 0 || kv_heads != 0 || head_dim != 0 || mla;
+  if (explicit_dims) {
+    args = {"--layers",   std::to_string(layers),  "--kv-heads", std::to_string(kv_heads),
+            "--head-dim", std::to_string(head_dim)};
+    if (mla) args.push_back("--mla");
+  } else {
+    args = {"--model", model.empty() ? default_model : model};
+  }
+  const std::vector<std::string> rest = {"--dtype",
+                                         dtype,
+                                         "--tokens",
+                                         std::to_string(tokens),
+                                         "--start-token",
+                                         std::to_string(start_token),
+                                         "--tokens-per-block",
+                                         std::to_string(tokens_per_block),
+                                         "--layout",
+                                         layout,
+                                         "--ctx",
+                                         ctx,
+                                         "--gen",
+                                         gen,
+                                         "--seed",
+                                         std::to_string(seed)};
+  args.insert(args.end(), rest.begin(), rest.end());
+  return args;
+}
+
 Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   const bool explicit_dims =
       flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 || flags.mla;

@@ -62,6 +62,9 @@ struct ScenarioFlags {
 
   // Registers every flag above on `app`.
   void Register(CLI::App& app);
+  // The flags that describe the same scenario to another process (every
+  // value explicit, so the other side's defaults do not matter).
+  std::vector<std::string> ToArgs() const;
 };
 
 struct Scenario {

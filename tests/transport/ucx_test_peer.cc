@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   }
   const std::string address = argv[1];
   const std::string mode = argv[2];
+  // The memory outlives the transport (declared first, destroyed last).
+  auto buffer = HostAllocation::Create(size_t{8} << 20);
+  if (!buffer.ok()) return 1;
   UcxTransportOptions options;
   options.same_host_shared_memory = std::string(argv[3]) == "1";
   auto created = NewUcxTransport(options);
@@ -60,8 +63,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peer: %s\n", peer.status().ToString().c_str());
     return 1;
   }
-  auto buffer = HostAllocation::Create(size_t{8} << 20);
-  if (!buffer.ok()) return 1;
   std::memset((*buffer)->host_pointer(), 0x5A, size_t{8} << 20);  // what a writer writes
   const Addr base = Addr::FromPointer((*buffer)->host_pointer());
   auto region = transport->Register(base, size_t{8} << 20, MemoryKind::kHost);

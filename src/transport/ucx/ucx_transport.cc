@@ -333,7 +333,9 @@ class Rail {
   void ClosePeer(PeerId peer, bool peer_alive);
   // Settles the requests to `peer` still in flight on an endpoint without
   // error handling, whose peer is gone or whose transport is stopping
-  // (UCX can neither cancel them nor force-close such an endpoint).
+  // (UCX can neither cancel them nor force-close such an endpoint). Such a
+  // send is never resumed: a dead peer's receive queue does not drain, and
+  // after a shutdown nothing progresses the worker.
   void Abandon(PeerId peer);
   // Accepts `peer`'s data messages (its identity `nonce`) from now on.
   void AcceptFrom(PeerId peer, uint64_t nonce);
@@ -808,8 +810,10 @@ void Rail::IssueWork() {
           UcsError(StatusCode::kUnavailable, "ucp_am_send_nbx", UCS_PTR_STATUS(request)));
       item.batch->countdown.Arrive();
     } else {
-      new (request) RequestContext{
-          .batch = item.batch, .pieces = item.pieces, .peer = item.peer, .flush_seq = 0};
+      new (request) RequestContext{.batch = item.batch,
+                                   .pieces = item.pieces,
+                                   .peer = item.peer,
+                                   .flush_seq = 0};
       ++in_flight_;
       ++peer.outstanding;
       peer.requests.insert(request);
@@ -874,8 +878,10 @@ void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown) {
   if (UCS_PTR_IS_ERR(request)) {
     FlushAcked(seq, false);
   } else if (request != nullptr) {
-    new (request) RequestContext{
-        .batch = nullptr, .pieces = std::move(pieces), .peer = peer_id, .flush_seq = seq};
+    new (request) RequestContext{.batch = nullptr,
+                                 .pieces = std::move(pieces),
+                                 .peer = peer_id,
+                                 .flush_seq = seq};
     ++in_flight_;
     ++peer.outstanding;
     peer.requests.insert(request);
@@ -1423,7 +1429,7 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       uint64_t seq = 0;
       uint8_t ok = 0;
       if (!r.U16(&rail) || !r.U64(&seq) || !r.U8(&ok) || r.left() != 0 || rail >= rails_.size()) {
-        BeginTeardown(conn, DataLossError(conn->where + " sent a malformed flush ack"), false);
+        BeginTeardown(conn, DataLossError(conn->where + " sent a malformed flush ack"), true);
         return;
       }
       Rail& target = *rails_[rail];
@@ -1436,7 +1442,7 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       MaybeComplete(conn);
       return;
   }
-  BeginTeardown(conn, DataLossError(conn->where + " sent an unknown transport message"), false);
+  BeginTeardown(conn, DataLossError(conn->where + " sent an unknown transport message"), true);
 }
 
 void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std::byte> payload) {

@@ -15,41 +15,30 @@
 // addresses, each side opens one data endpoint per rail to the peer's rail
 // of the same index. Between processes of one host (same boot id) with
 // `same_host_shared_memory`, data endpoints have no error handling, so UCX
-// takes its shared-memory transports (cross-memory attach for RMA); otherwise
+// takes its shared-memory transports; otherwise
 // they use peer error handling like the control endpoint (TCP here, RDMA
 // verbs where present). UCX 1.13 cannot give a shared-memory endpoint error
 // handling, which is why liveness always comes from the control endpoint.
 //
-// Writes. Each op is cut into puts of at most `put_chunk_bytes`; the puts of
-// a batch are dealt round-robin across the rails; a rail keeps at most
-// kPutWindow puts in flight and checks the batch's stop token before each
-// put it starts (the grain of a stop is one put). A put that UCX completes
-// inside ucp_put_nbx counts at once; completions never run inside the
-// caller's Write (the rails issue the puts). Flush flushes the peer's data
-// endpoint on every rail.
+// Data. Each op is cut into sends of at most `put_chunk_bytes`, dealt
+// round-robin across the rails; a send is an active message naming the
+// writer and the destination address, and the receiving rail copies it in
+// only when it still accepts that writer and the range lies inside a live
+// registered region (not RMA puts: docs/transports.md says why). A rail
+// keeps at most kPutWindow sends in flight and checks the write's stop token
+// before each. Flush sends a flush message behind the data on every rail and
+// completes when every receiving rail acknowledged it.
 //
-// The fence. When a connection ends — Disconnect, a malformed handshake, a
-// control endpoint error (the peer died), the peer's close — the transport
-// first stops its own writes to the peer (queued puts are skipped; each rail
-// closes its data endpoint, flushing it when the peer is alive, and waits for
-// every put it had started), then tells the peer with a FENCED message on
-// the control endpoint. on_peer_failure runs once both halves hold: this
-// side's writes ended, and the peer confirmed the same for its writes (its
-// FENCED arrived) or the control endpoint failed (the peer is gone). A live
-// peer that stops answering holds the fence until it answers or dies: across
-// processes nothing else can prove that its writes ended.
+// The fence. When a connection ends, each rail first stops accepting the
+// peer's data (nothing of it lands here afterwards), then ends its own sends
+// to the peer (completed, cancelled, or settled as failed when the peer is
+// gone); then the transport tells the peer (FENCED) and raises
+// on_peer_failure.
 //
-// Departures from the contract in kvbounce/transport.h, which the
-// conformance suite gates on the capabilities:
-//   * pending_writes_fail is false: a put already handed to the network may
-//     land after its peer is gone; the fence above still holds.
-//   * Destroying a LocalRegion waits for this transport's own writes that
-//     read from it; a peer's writes into it cannot be revoked from here (TCP
-//     and cross-memory attach do not check registrations) and are fenced by
-//     the session protocol (a KV_RESULT, or on_peer_failure).
-//   * map_remote is false: there is no `direct` path over UCX yet.
-//   * Import checks a key's format and that it was exported by that very
-//     peer, not that the region is still registered.
+// Departures from kvbounce/transport.h (the conformance suite gates on the
+// capabilities): pending_writes_fail is false; a write into a deregistered
+// region lands nothing but is reported by the next Flush, not by its own
+// `done`; map_remote is false (no `direct` over UCX yet).
 //
 // Thread safety: every public method is thread-safe. Callbacks run on the
 // rail threads (control callbacks on rail 0), with no transport lock held.

@@ -1,0 +1,56 @@
+// What one path run of the bench counted, and its JSON object in the report
+// (README "kvbounce bench" lists the fields). Shared by the in-process bench,
+// the multi-process bench (`--transport ucx`) and a `kvbounce worker` that
+// runs requests on its own, so all three report the same way.
+//
+// Thread safety: plain values and pure functions.
+#ifndef KVBOUNCE_TOOLS_BENCH_REPORT_H_
+#define KVBOUNCE_TOOLS_BENCH_REPORT_H_
+
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "kvbounce/config.h"
+#include "kvbounce/status.h"
+
+namespace kvbounce::tools {
+
+struct PathRun {
+  TransferPath path = TransferPath::kAuto;
+  int requests = 0;
+  int completed = 0;
+  int failed = 0;
+  int unexplained = 0;
+  int failed_by_injection = 0;
+  std::string first_unexplained;
+  uint64_t bytes = 0;
+  double seconds = 0;
+  std::vector<double> latency_ms;
+  std::map<std::string, uint64_t> taken;
+  uint64_t verified = 0;
+  uint64_t mismatches = 0;
+  std::string first_mismatch;
+  // Filled in after the run.
+  uint64_t transport_writes = 0;
+  uint64_t arena_outstanding_bytes = 0;
+  uint64_t injected_write_failures = 0;
+  uint64_t injected_failed_batches = 0;
+
+  // A request that failed with `outcome`: explained when the fault injector
+  // caused it (its message says "injected").
+  void CountFailure(const Status& outcome);
+};
+
+// The p-th percentile (nearest rank) of `v`; 0 when empty.
+double Percentile(std::vector<double> v, double p);
+
+// The run's object in the report's "runs" array.
+nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
+                           const std::string& memory, double inject_fail_rate);
+
+}  // namespace kvbounce::tools
+
+#endif  // KVBOUNCE_TOOLS_BENCH_REPORT_H_

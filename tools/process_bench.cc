@@ -1,0 +1,529 @@
+#include "tools/process_bench.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tools/bench_report.h"
+#include "tools/subprocess.h"
+#include "tools/worker_protocol.h"
+
+namespace kvbounce::tools {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(SteadyClock::now().time_since_epoch())
+      .count();
+}
+
+Result<std::string> SelfExecutable() {
+  char path[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return InternalError("cannot find this program's executable (/proc/self/exe)");
+  return std::string(path, static_cast<size_t>(n));
+}
+
+// Appends "(during ...)" to an error's message.
+Status During(const Status& s, const std::string& during) {
+  return Status(s.code(), std::string(s.message()) + " (during " + during + ")");
+}
+
+struct Worker {
+  bool ctx = true;
+  int rank = 0;
+  std::string address;
+};
+
+class Driver {
+ public:
+  Driver(const BenchFlags& flags, const BenchPlan& plan, std::ostream& log, SignalWatch* signals)
+      : flags_(flags), plan_(plan), log_(log), group_(signals) {
+    step_ = std::chrono::milliseconds(
+        static_cast<int64_t>(flags.step_timeout_s.value_or(kDefaultStepTimeoutS) * 1000));
+  }
+
+  int num_ctx() const { return plan_.scenario.ctx.num_ranks(); }
+  int num_gen() const { return plan_.scenario.gen.num_ranks(); }
+  bool map_remote() const { return map_remote_; }
+
+  Status Start(const std::string& executable);
+  Status ConnectGen();
+  Result<PathRun> RunPath(TransferPath path, uint64_t first_id);
+  // Fills the run's counters that come from the workers' stats.
+  Status FinishPath(PathRun& run, const nlohmann::json& before);
+  // Every worker's stats, in worker order.
+  Result<std::vector<nlohmann::json>> Stats(const std::string& during);
+  // Quits, terminates or kills every worker; the first worker that did not
+  // exit with status 0 on its own, when `expect_clean`.
+  std::string Stop(bool expect_clean);
+  nlohmann::json WorkersJson() const;
+
+ private:
+  SteadyClock::time_point Deadline() const { return SteadyClock::now() + step_; }
+  // The error for a worker we could not write to.
+  Status Gone(size_t w);
+  Status Send(size_t w, const std::string& line);
+  // The next line, with the context of `during` on errors; `waiting`
+  // names the workers whose answers are missing on a timeout.
+  Result<ChildGroup::Line> Next(SteadyClock::time_point deadline, const std::string& during,
+                                const std::set<size_t>& waiting);
+  std::string Names(const std::set<size_t>& workers);
+  // After a step timed out: the workers that do not answer "stats" within
+  // `wait` (stopped, or stuck in a call).
+  std::set<size_t> Unresponsive(std::chrono::milliseconds wait);
+
+  const BenchFlags& flags_;
+  const BenchPlan& plan_;
+  std::ostream& log_;
+  ChildGroup group_;
+  std::vector<Worker> workers_;  // ctx ranks, then gen ranks: index = child index
+  std::chrono::milliseconds step_{0};
+  bool map_remote_ = false;
+};
+
+std::string Driver::Names(const std::set<size_t>& workers) {
+  std::string out;
+  size_t shown = 0;
+  for (size_t w : workers) {
+    if (shown++ == 4) {
+      out += " and " + std::to_string(workers.size() - 4) + " more";
+      break;
+    }
+    out += (out.empty() ? "" : ", ") + group_.at(w).Who();
+  }
+  return out;
+}
+
+Status Driver::Gone(size_t w) {
+  Child& c = group_.at(w);
+  c.Reap(SteadyClock::now() + std::chrono::seconds(1));
+  return UnavailableError(
+      c.Who() + " died: " + (c.reaped() ? c.DescribeExit() : "it stopped reading commands"));
+}
+
+Status Driver::Send(size_t w, const std::string& line) {
+  if (!group_.at(w).Send(line).ok()) return Gone(w);
+  return Status::Ok();
+}
+
+Result<ChildGroup::Line> Driver::Next(SteadyClock::time_point deadline, const std::string& during,
+                                      const std::set<size_t>& waiting) {
+  Result<ChildGroup::Line> line = group_.Next(deadline);
+  if (line.ok()) return line;
+  if (line.status().code() == StatusCode::kDeadlineExceeded) {
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%g", static_cast<double>(step_.count()) / 1000);
+    const std::set<size_t> silent =
+        Unresponsive(std::min<std::chrono::milliseconds>(step_, std::chrono::seconds(3)));
+    return DeadlineExceededError(
+        "no answer within " + std::string(seconds) + " s (--step-timeout) from " + Names(waiting) +
+        " (during " + during + "); " +
+        (silent.empty() ? std::string("every worker still answers commands")
+                        : Names(silent) + (silent.size() == 1 ? " does" : " do") +
+                              " not answer commands at all"));
+  }
+  return During(line.status(), during);
+}
+
+std::set<size_t> Driver::Unresponsive(std::chrono::milliseconds wait) {
+  std::set<size_t> waiting;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (group_.at(w).Send("stats").ok()) waiting.insert(w);
+  }
+  const auto deadline = SteadyClock::now() + wait;
+  while (!waiting.empty()) {
+    Result<ChildGroup::Line> line = group_.Next(deadline);
+    if (!line.ok()) break;
+    if (SplitReply(line->text).keyword == "stats") waiting.erase(line->child);
+  }
+  return waiting;
+}
+
+Status Driver::Start(const std::string& executable) {
+  std::vector<std::string> common = flags_.scenario.ToArgs();
+  const std::vector<std::string> more = {
+      "--concurrency",     std::to_string(plan_.slots),
+      "--listen",          "127.0.0.1:0",
+      "--connect-timeout", std::to_string(std::max<int64_t>(1, step_.count() / 1000))};
+  common.insert(common.end(), more.begin(), more.end());
+  if (flags_.num_workers != 0) {
+    common.push_back("--num-workers");
+    common.push_back(std::to_string(flags_.num_workers));
+  }
+  std::vector<std::pair<std::string, std::string>> env;
+  if (!flags_.ucx_tls.empty()) env.emplace_back("UCX_TLS", flags_.ucx_tls);
+  log_ << "  starting " << num_ctx() + num_gen() << " worker processes (" << executable
+       << " worker ...)" << (flags_.ucx_tls.empty() ? "" : ", UCX_TLS=" + flags_.ucx_tls) << "\n";
+  log_.flush();
+  for (int side = 0; side < 2; ++side) {
+    const bool ctx = side == 0;
+    for (int r = 0; r < (ctx ? num_ctx() : num_gen()); ++r) {
+      Child::Options o;
+      o.executable = executable;
+      o.args = {"worker",
+                "--role",
+                ctx ? "ctx" : "gen",
+                "--instance",
+                ctx ? "ctx0" : "gen0",
+                "--rank",
+                std::to_string(r),
+                "--bounce-size-mb",
+                std::to_string(ctx ? plan_.ctx_arena_mb : plan_.gen_arena_mb)};
+      if (ctx && flags_.inject_fail_rate > 0) {
+        o.args.push_back("--inject-fail-rate");
+        o.args.push_back(std::to_string(flags_.inject_fail_rate));
+      }
+      if (!ctx) {
+        o.args.push_back("--ctx-instance");
+        o.args.push_back("ctx0");
+      }
+      o.args.insert(o.args.end(), common.begin(), common.end());
+      o.env = env;
+      o.name = std::string(ctx ? "ctx" : "gen") + " rank " + std::to_string(r);
+      KVB_ASSIGN_OR_RETURN(std::unique_ptr<Child> child, Child::Spawn(o));
+      group_.Add(std::move(child));
+      workers_.push_back({ctx, r, ""});
+    }
+  }
+  std::set<size_t> waiting;
+  for (size_t w = 0; w < workers_.size(); ++w) waiting.insert(w);
+  const auto deadline = Deadline();
+  while (!waiting.empty()) {
+    KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, "starting the workers", waiting));
+    const ReplyLine reply = SplitReply(line.text);
+    Worker& w = workers_[line.child];
+    if (reply.keyword != "ready" || waiting.count(line.child) == 0) {
+      return InternalError(group_.at(line.child).Who() + " said '" + line.text +
+                           "' where 'ready <address>' was expected");
+    }
+    const size_t space = reply.rest.find(' ');
+    w.address = std::string(reply.rest.substr(0, space));
+    if (!w.ctx && space != std::string_view::npos) {
+      const nlohmann::json caps =
+          nlohmann::json::parse(reply.rest.substr(space + 1), nullptr, false);
+      map_remote_ = caps.is_object() && caps.value("map_remote", false);
+    }
+    waiting.erase(line.child);
+  }
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    log_ << "  " << group_.at(w).Who() << " at " << workers_[w].address << "\n";
+  }
+  log_.flush();
+  return Status::Ok();
+}
+
+Status Driver::ConnectGen() {
+  std::string command = "connect";
+  for (const Worker& w : workers_) {
+    if (w.ctx) command += " " + w.address;
+  }
+  std::set<size_t> waiting;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (workers_[w].ctx) continue;
+    KVB_RETURN_IF_ERROR(During(Send(w, command), "connecting"));
+    waiting.insert(w);
+  }
+  const auto deadline = Deadline();
+  while (!waiting.empty()) {
+    KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, "connecting", waiting));
+    const ReplyLine reply = SplitReply(line.text);
+    if (reply.keyword == "connected" && waiting.count(line.child) != 0) {
+      waiting.erase(line.child);
+      continue;
+    }
+    return UnavailableError(group_.at(line.child).Who() + " could not connect: " + line.text);
+  }
+  log_ << "  every gen rank connected to the " << num_ctx() << " ctx ranks\n";
+  log_.flush();
+  return Status::Ok();
+}
+
+Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
+  PathRun run;
+  run.path = path;
+  const TokenRange range = plan_.scenario.tokens;
+  const std::string during = "the " + std::string(TransferPathName(path)) + " run";
+  int issued = 0;
+  uint64_t id = first_id;
+  while (issued < flags_.requests) {
+    const int wave = std::min(plan_.concurrency, flags_.requests - issued);
+    struct Request {
+      int64_t start_ns = 0;
+      std::vector<DoneReply> gen;  // by gen rank
+      std::vector<bool> answered;  // by gen rank
+    };
+    std::map<uint64_t, Request> reqs;
+    std::set<std::pair<size_t, uint64_t>> open_gen, open_ctx;  // (worker, request id)
+    const int64_t wave_start = NowNs();
+    for (int s = 0; s < wave; ++s, ++id) {
+      Request& r = reqs[id];
+      r.start_ns = NowNs();
+      r.gen.resize(static_cast<size_t>(num_gen()));
+      r.answered.assign(static_cast<size_t>(num_gen()), false);
+      WorkerCommand publish;
+      publish.kind = WorkerCommandKind::kPublish;
+      publish.request_id = id;
+      publish.slot = s;
+      publish.tokens = range.end;
+      WorkerCommand pull = publish;
+      pull.kind = WorkerCommandKind::kPull;
+      pull.path = path;
+      pull.start = range.start;
+      for (size_t w = 0; w < workers_.size(); ++w) {
+        const bool ctx = workers_[w].ctx;
+        KVB_RETURN_IF_ERROR(During(Send(w, FormatWorkerCommand(ctx ? publish : pull)), during));
+        (ctx ? open_ctx : open_gen).insert({w, id});
+      }
+    }
+    auto waiting = [&](const std::set<std::pair<size_t, uint64_t>>& open) {
+      std::set<size_t> out;
+      for (const auto& [w, unused] : open) out.insert(w);
+      return out;
+    };
+    auto take = [&](const ChildGroup::Line& line) -> Status {
+      Result<DoneReply> done = ParseDone(line.text);
+      if (!done.ok()) {
+        return InternalError(group_.at(line.child).Who() + " said '" + line.text +
+                             "' where 'done ...' was expected (" + during + ")");
+      }
+      const Worker& w = workers_[line.child];
+      auto& open = w.ctx ? open_ctx : open_gen;
+      if (open.erase({line.child, done->request_id}) == 0) {
+        return InternalError(group_.at(line.child).Who() + " answered for request " +
+                             std::to_string(done->request_id) + ", which it does not hold (" +
+                             during + ")");
+      }
+      if (!w.ctx) {
+        Request& r = reqs[done->request_id];
+        r.gen[static_cast<size_t>(w.rank)] = *done;
+        r.answered[static_cast<size_t>(w.rank)] = true;
+      }
+      return Status::Ok();
+    };
+    auto deadline = Deadline();
+    while (!open_gen.empty()) {
+      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_gen)));
+      KVB_RETURN_IF_ERROR(take(line));
+    }
+    const int64_t wave_end = NowNs();
+    // Publications no pull needs (a duplicated head's spare writer) or whose
+    // pulls failed wait for their ttl: cancel them, as the loopback bench does.
+    for (const auto& [w, request_id] : open_ctx) {
+      WorkerCommand cancel;
+      cancel.kind = WorkerCommandKind::kCancel;
+      cancel.request_id = request_id;
+      KVB_RETURN_IF_ERROR(During(Send(w, FormatWorkerCommand(cancel)), during));
+    }
+    deadline = Deadline();
+    while (!open_ctx.empty()) {
+      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_ctx)));
+      KVB_RETURN_IF_ERROR(take(line));
+    }
+
+    int64_t last_settled = wave_start;
+    for (auto& [request_id, r] : reqs) {
+      ++run.requests;
+      Status outcome;
+      int64_t settled = r.start_ns;
+      uint64_t bytes = 0;
+      for (const DoneReply& d : r.gen) {
+        if (outcome.ok() && d.code != StatusCode::kOk) outcome = Status(d.code, d.message);
+        bytes += d.bytes;
+        settled = std::max(settled, d.settled_ns);
+        ++run.taken[d.path_taken];
+        run.verified += d.verified_bytes;
+        run.mismatches += d.mismatches;
+        if (d.mismatches != 0 && run.first_mismatch.empty()) run.first_mismatch = d.message;
+      }
+      // Another host's clock, or none: the parent's own.
+      if (settled > wave_end) settled = wave_end;
+      last_settled = std::max(last_settled, settled);
+      if (outcome.ok()) {
+        ++run.completed;
+        run.bytes += bytes;
+        run.latency_ms.push_back(static_cast<double>(settled - r.start_ns) / 1e6);
+      } else {
+        run.CountFailure(outcome);
+      }
+    }
+    run.seconds += static_cast<double>(last_settled - wave_start) / 1e9;
+    issued += wave;
+  }
+  return run;
+}
+
+Result<std::vector<nlohmann::json>> Driver::Stats(const std::string& during) {
+  std::set<size_t> waiting;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    KVB_RETURN_IF_ERROR(During(Send(w, "stats"), during));
+    waiting.insert(w);
+  }
+  std::vector<nlohmann::json> out(workers_.size());
+  const auto deadline = Deadline();
+  while (!waiting.empty()) {
+    KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting));
+    const ReplyLine reply = SplitReply(line.text);
+    nlohmann::json j = nlohmann::json::parse(reply.rest, nullptr, false);
+    if (reply.keyword != "stats" || !j.is_object() || waiting.count(line.child) == 0) {
+      return InternalError(group_.at(line.child).Who() + " said '" + line.text +
+                           "' where 'stats <json>' was expected (" + during + ")");
+    }
+    out[line.child] = std::move(j);
+    waiting.erase(line.child);
+  }
+  return out;
+}
+
+Status Driver::FinishPath(PathRun& run, const nlohmann::json& before) {
+  const std::string during = "the " + std::string(TransferPathName(run.path)) + " run's counters";
+  auto sum = [&](const std::vector<nlohmann::json>& stats, const char* key, bool ctx_only) {
+    uint64_t total = 0;
+    for (size_t w = 0; w < stats.size(); ++w) {
+      if (ctx_only && !workers_[w].ctx) continue;
+      total += stats[w].value(key, uint64_t{0});
+    }
+    return total;
+  };
+  std::vector<nlohmann::json> stats;
+  // Quarantined slots come back once their writers stopped.
+  const auto deadline = SteadyClock::now() + std::chrono::seconds(5);
+  while (true) {
+    KVB_ASSIGN_OR_RETURN(stats, Stats(during));
+    run.arena_outstanding_bytes = sum(stats, "arena_outstanding_bytes", false);
+    if (run.arena_outstanding_bytes == 0 || SteadyClock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  run.transport_writes =
+      sum(stats, "transport_write_ops", true) - before.value("transport_write_ops", uint64_t{0});
+  run.injected_write_failures = sum(stats, "injected_write_failures", true) -
+                                before.value("injected_write_failures", uint64_t{0});
+  run.injected_failed_batches = sum(stats, "injected_failed_batches", true) -
+                                before.value("injected_failed_batches", uint64_t{0});
+  return Status::Ok();
+}
+
+std::string Driver::Stop(bool expect_clean) {
+  std::vector<bool> before(workers_.size());
+  for (size_t w = 0; w < workers_.size(); ++w) before[w] = group_.at(w).reaped();
+  // After a failure the survivors may wait on a dead or stuck peer: shorter.
+  using std::chrono::milliseconds;
+  const milliseconds quit_wait =
+      expect_clean ? step_ : std::min<milliseconds>(step_, std::chrono::seconds(5));
+  const milliseconds term_wait = expect_clean ? milliseconds(5000) : milliseconds(2000);
+  group_.Stop(quit_wait, term_wait);
+  if (!expect_clean) return "";
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    const std::optional<int> status = group_.at(w).wait_status();
+    if (!before[w] && status && *status != 0) {
+      return group_.at(w).Who() + " " + group_.at(w).DescribeExit() +
+             " when asked to quit (see its messages above)";
+    }
+  }
+  return "";
+}
+
+nlohmann::json Driver::WorkersJson() const {
+  nlohmann::json out = nlohmann::json::array();
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    const Child& c = group_.at(w);
+    out.push_back({{"name", c.name()},
+                   {"pid", c.pid()},
+                   {"address", workers_[w].address},
+                   {"exit", c.DescribeExit()}});
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan& plan,
+                                       std::ostream& log) {
+  std::string executable = flags.worker_executable;
+  if (executable.empty()) {
+    KVB_ASSIGN_OR_RETURN(executable, SelfExecutable());
+  }
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<SignalWatch> signals,
+                       SignalWatch::Create({SIGINT, SIGTERM}));
+  Driver driver(flags, plan, log, signals.get());
+  auto setup = [&]() -> Status {
+    KVB_RETURN_IF_ERROR(driver.Start(executable));
+    return driver.ConnectGen();
+  };
+  if (Status s = setup(); !s.ok()) {
+    driver.Stop(false);
+    return s;
+  }
+  std::vector<TransferPath> paths;
+  for (TransferPath p : plan.paths) {
+    if (p == TransferPath::kDirect && !driver.map_remote()) {
+      if (!flags.paths.empty()) {
+        driver.Stop(false);
+        return UnimplementedError(
+            "--path direct: the ucx transport between these workers cannot map peer memory "
+            "(the direct path needs a transport that can)");
+      }
+      log << "  direct: not run (the ucx transport cannot map peer memory)\n";
+      continue;
+    }
+    paths.push_back(p);
+  }
+
+  nlohmann::json result;
+  nlohmann::json runs = nlohmann::json::array();
+  std::string failure;
+  uint64_t next_id = 1;
+  for (TransferPath path : paths) {
+    log << "  " << TransferPathName(path) << ": running\n";
+    log.flush();
+    Result<std::vector<nlohmann::json>> before = driver.Stats("before the run");
+    Result<PathRun> run =
+        before.ok() ? driver.RunPath(path, next_id) : Result<PathRun>(before.status());
+    next_id += static_cast<uint64_t>(flags.requests);
+    if (run.ok()) {
+      nlohmann::json totals;
+      for (const char* key :
+           {"transport_write_ops", "injected_write_failures", "injected_failed_batches"}) {
+        uint64_t total = 0;
+        for (int w = 0; w < plan.scenario.ctx.num_ranks(); ++w) {
+          total += (*before)[static_cast<size_t>(w)].value(key, uint64_t{0});
+        }
+        totals[key] = total;
+      }
+      const Status finished = driver.FinishPath(*run, totals);
+      if (finished.ok()) {
+        const nlohmann::json j =
+            PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate);
+        runs.push_back(j);
+        log << "  " << TransferPathName(path) << ": done";
+        if (flags.inject_fail_rate > 0 && !j["fault_injection_applies"].get<bool>()) {
+          log << " (no transport writes: fault injection did not apply)";
+        }
+        log << "\n";
+        log.flush();
+        continue;
+      }
+      failure = std::string(finished.message());
+    } else {
+      failure = std::string(run.status().message());
+    }
+    break;
+  }
+  log << "  stopping the workers\n";
+  log.flush();
+  const std::string at_exit = driver.Stop(failure.empty());
+  if (failure.empty()) failure = at_exit;
+  result["runs"] = std::move(runs);
+  result["workers"] = driver.WorkersJson();
+  if (!failure.empty()) result["failure"] = failure;
+  return result;
+}
+
+}  // namespace kvbounce::tools

@@ -1,0 +1,259 @@
+#include "tools/rank_harness.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <utility>
+
+#include "tools/resource_limits.h"
+
+namespace kvbounce::tools {
+namespace {
+
+uint64_t Mix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+uint64_t RowSeed(int layer, int kv, int head, int64_t token) {
+  return Mix((static_cast<uint64_t>(layer) << 48) ^ (static_cast<uint64_t>(kv) << 44) ^
+             (static_cast<uint64_t>(head) << 32) ^ static_cast<uint64_t>(token));
+}
+
+// Element d of a row from the row's seed (cheap, and distinct per element).
+inline uint64_t FromSeed(uint64_t seed, int d) {
+  return seed + static_cast<uint64_t>(d) * 0xd1342543de82ef95ULL;
+}
+
+}  // namespace
+
+uint64_t ElementValue(int layer, int kv, int head, int64_t token, int d) {
+  return FromSeed(RowSeed(layer, kv, head, token), d);
+}
+
+std::vector<int32_t> SlotTable(int slot, int64_t blocks_per_request, uint64_t seed) {
+  std::vector<int32_t> ids(static_cast<size_t>(2 * blocks_per_request));
+  std::iota(ids.begin(), ids.end(), static_cast<int32_t>(slot * 2 * blocks_per_request));
+  // Fisher-Yates with the raw engine: std::shuffle's algorithm is not
+  // specified, and every process must draw the same table.
+  std::mt19937_64 rng(Mix(seed ^ Mix(static_cast<uint64_t>(slot))));
+  for (size_t i = ids.size(); i > 1; --i) std::swap(ids[i - 1], ids[rng() % i]);
+  ids.resize(static_cast<size_t>(blocks_per_request));
+  return ids;
+}
+
+uint64_t CtxTableSeed(uint64_t seed) { return Mix(seed ^ 0x6b76626f756e6365ULL); }
+
+uint64_t RequestTableSeed(uint64_t seed, uint64_t request_id) {
+  return Mix(Mix(seed) ^ request_id);
+}
+
+std::vector<int32_t> TablePrefix(const std::vector<int32_t>& table, int64_t tokens,
+                                 int tokens_per_block) {
+  const size_t n = static_cast<size_t>(CeilDiv(tokens, tokens_per_block));
+  return std::vector<int32_t>(table.begin(), table.begin() + static_cast<ptrdiff_t>(n));
+}
+
+RankHarness::RankHarness(const Topology& topology, const RankHarnessOptions& options,
+                         PoolLayout layout)
+    : topology_(topology), options_(options), layout_(std::move(layout)) {}
+
+Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topology,
+                                                         const RankHarnessOptions& options) {
+  if (options.slots < 1 || options.max_tokens < 1) {
+    return InvalidArgumentError("rank harness: slots and max_tokens must be >= 1");
+  }
+  if (options.rank < 0 || options.rank >= topology.num_ranks()) {
+    return OutOfRangeError("rank " + std::to_string(options.rank) + " is outside the instance (" +
+                           std::to_string(topology.num_ranks()) + " ranks)");
+  }
+  const int64_t per_request = CeilDiv(options.max_tokens, topology.spec().tokens_per_block);
+  if (per_request > kMaxPoolBlocks / 2 / options.slots) {
+    return InvalidArgumentError("rank harness: " + std::to_string(options.slots) + " slots of " +
+                                std::to_string(per_request) +
+                                " x 2 blocks are more than 32-bit block ids name");
+  }
+  const int64_t num_blocks = options.slots * 2 * per_request;
+  KVB_ASSIGN_OR_RETURN(PoolLayout layout,
+                       PoolLayout::ForRank(topology, options.rank, num_blocks, Addr()));
+  std::unique_ptr<RankHarness> h(new RankHarness(topology, options, layout));
+  const bool per_layer = options.per_layer_pools && layout.kind() != LayoutKind::kBlockMajorHnd &&
+                         layout.geometry().num_layers > 1;
+  const size_t allocations = per_layer ? static_cast<size_t>(layout.geometry().num_layers) : 1;
+  const uint64_t bytes = per_layer ? layout.layer_stride() : layout.allocation_bytes();
+  for (size_t i = 0; i < allocations; ++i) {
+    h->memory_.emplace_back(static_cast<size_t>(bytes), kSlotSentinel);
+    h->bases_.push_back(Addr::FromPointer(h->memory_.back().data()));
+  }
+  Result<PoolLayout> placed =
+      per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), h->bases_)
+                : layout.Rebased(h->bases_);
+  if (!placed.ok()) return placed.status();
+  h->layout_ = std::move(placed).value();
+  if (h->ctx_side()) {
+    const uint64_t seed = CtxTableSeed(options.table_seed);
+    for (int s = 0; s < options.slots; ++s) {
+      h->ctx_tables_.push_back(SlotTable(s, per_request, seed));
+      h->FillCtx(h->ctx_tables_.back());
+    }
+  }
+  return h;
+}
+
+int64_t RankHarness::blocks_per_request() const {
+  return CeilDiv(options_.max_tokens, topology_.spec().tokens_per_block);
+}
+
+int64_t RankHarness::num_blocks() const { return options_.slots * 2 * blocks_per_request(); }
+
+AgentOptions RankHarness::MakeAgentOptions(const std::string& instance_id, const Config& config,
+                                           std::chrono::milliseconds grace) const {
+  AgentOptions agent;
+  agent.instance_id = instance_id;
+  agent.role = options_.role;
+  agent.instance = topology_.spec();
+  agent.rank = options_.rank;
+  agent.pool.bases = bases_;
+  agent.pool.num_blocks = num_blocks();
+  agent.config = config;
+  agent.grace = grace;
+  return agent;
+}
+
+const std::vector<int32_t>& RankHarness::CtxTable(int slot) const {
+  return ctx_tables_[static_cast<size_t>(slot)];
+}
+
+std::vector<int32_t> RankHarness::GenTable(int slot, int64_t tokens, uint64_t seed,
+                                           uint64_t request_id) const {
+  return TablePrefix(SlotTable(slot, blocks_per_request(), RequestTableSeed(seed, request_id)),
+                     tokens, topology_.spec().tokens_per_block);
+}
+
+std::vector<std::span<std::byte>> RankHarness::SlotMemory(int slot) const {
+  const int64_t blocks = 2 * blocks_per_request();
+  const int32_t first = static_cast<int32_t>(slot * blocks);
+  const size_t bytes = static_cast<size_t>(blocks * static_cast<int64_t>(layout_.block_stride()));
+  std::vector<std::span<std::byte>> out;
+  if (layout_.kind() == LayoutKind::kBlockMajorHnd) {
+    out.emplace_back(static_cast<std::byte*>(layout_.RowAddress(0, 0, first, 0, 0).ToPointer()),
+                     bytes);
+    return out;
+  }
+  const PoolGeometry& g = layout_.geometry();
+  for (int l = 0; l < g.num_layers; ++l) {
+    for (int kv = 0; kv < g.kv_factor; ++kv) {
+      out.emplace_back(static_cast<std::byte*>(layout_.RowAddress(l, kv, first, 0, 0).ToPointer()),
+                       bytes);
+    }
+  }
+  return out;
+}
+
+void RankHarness::FillSlot(int slot, std::byte value) {
+  for (std::span<std::byte> m : SlotMemory(slot)) {
+    std::memset(m.data(), static_cast<int>(value), m.size());
+  }
+}
+
+void RankHarness::FillCtx(const std::vector<int32_t>& table) {
+  const int e = static_cast<int>(topology_.elem_bytes());
+  const int dim = topology_.spec().model.head_dim;
+  const int64_t tpb = topology_.spec().tokens_per_block;
+  const RankPlacement p = topology_.Placement(options_.rank);
+  for (int l = 0; l < p.num_layers; ++l) {
+    for (int kv = 0; kv < layout_.geometry().kv_factor; ++kv) {
+      for (int h = 0; h < p.num_heads; ++h) {
+        for (int64_t t = 0; t < options_.max_tokens; ++t) {
+          auto* row =
+              static_cast<std::byte*>(layout_
+                                          .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
+                                                      static_cast<int>(t % tpb))
+                                          .ToPointer());
+          const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
+          for (int d = 0; d < dim; ++d) {
+            const uint64_t v = FromSeed(seed, d);
+            for (int b = 0; b < e; ++b) row[d * e + b] = static_cast<std::byte>(v >> (8 * b));
+          }
+        }
+      }
+    }
+  }
+}
+
+void RankHarness::RefillCtx(int slot) {
+  ClearSlot(slot);
+  FillCtx(ctx_tables_[static_cast<size_t>(slot)]);
+}
+
+VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table,
+                                    TokenRange range) const {
+  VerifyResult result;
+  const PoolGeometry& g = layout_.geometry();
+  const RankPlacement p = topology_.Placement(options_.rank);
+  const int e = static_cast<int>(topology_.elem_bytes());
+  const int dim = g.head_dim;
+  const int64_t tpb = g.tokens_per_block;
+  const int64_t blocks = 2 * blocks_per_request();
+  const int32_t first = static_cast<int32_t>(slot * blocks);
+  std::vector<int64_t> logical(static_cast<size_t>(blocks), -1);  // block -> table index
+  for (size_t i = 0; i < gen_table.size(); ++i) {
+    logical[static_cast<size_t>(gen_table[i] - first)] = static_cast<int64_t>(i);
+  }
+  const std::string who = "gen rank " + std::to_string(options_.rank);
+  auto mismatch = [&](const std::string& what) {
+    if (result.mismatches++ == 0) result.first_mismatch = what;
+  };
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int32_t block = first + static_cast<int32_t>(bi);
+    const int64_t index = logical[static_cast<size_t>(bi)];
+    for (int l = 0; l < g.num_layers; ++l) {
+      for (int kv = 0; kv < g.kv_factor; ++kv) {
+        for (int h = 0; h < g.num_heads; ++h) {
+          for (int tt = 0; tt < tpb; ++tt) {
+            const auto* row =
+                static_cast<const std::byte*>(layout_.RowAddress(l, kv, block, h, tt).ToPointer());
+            const int64_t token = index < 0 ? -1 : index * tpb + tt;
+            if (token >= range.start && token < range.end) {
+              const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, token);
+              bool ok = true;
+              for (int d = 0; d < dim && ok; ++d) {
+                const uint64_t v = FromSeed(seed, d);
+                for (int b = 0; b < e; ++b) {
+                  if (row[d * e + b] != static_cast<std::byte>(v >> (8 * b))) ok = false;
+                }
+              }
+              result.verified_bytes += static_cast<uint64_t>(dim * e);
+              if (!ok) {
+                mismatch(who + ": layer " + std::to_string(p.first_layer + l) + " kv " +
+                         std::to_string(kv) + " head " + std::to_string(p.first_head + h) +
+                         " token " + std::to_string(token) + " holds wrong bytes");
+              }
+            } else {
+              for (int i = 0; i < dim * e; ++i) {
+                if (row[i] != kSlotSentinel) {
+                  mismatch(who + ": block " + std::to_string(block) + " layer " +
+                           std::to_string(p.first_layer + l) + " token slot " + std::to_string(tt) +
+                           " outside the request was written");
+                  break;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return result;
+}
+
+std::vector<std::span<std::byte>> RankHarness::PoolMemory() {
+  std::vector<std::span<std::byte>> out;
+  for (auto& allocation : memory_) out.emplace_back(allocation.data(), allocation.size());
+  return out;
+}
+
+}  // namespace kvbounce::tools
