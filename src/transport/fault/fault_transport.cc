@@ -178,17 +178,9 @@ void FaultTransport::InjectDisconnect(PeerId peer) {
   inner_->Disconnect(peer, UnavailableError("injected disconnect"));
 }
 
-TransportCaps FaultTransport::Caps() const {
-  TransportCaps caps = inner_->Caps();
-  caps.concurrent_callbacks = true;
-  return caps;
-}
+TransportCaps FaultTransport::Caps() const { return inner_->Caps(); }
 
-Result<TransportCaps> FaultTransport::PeerCaps(PeerId peer) const {
-  KVB_ASSIGN_OR_RETURN(TransportCaps caps, inner_->PeerCaps(peer));
-  caps.concurrent_callbacks = true;
-  return caps;
-}
+Result<TransportCaps> FaultTransport::PeerCaps(PeerId peer) const { return inner_->PeerCaps(peer); }
 
 std::string FaultTransport::Address() const { return inner_->Address(); }
 

@@ -208,12 +208,11 @@ class FaultTransport final : public Transport {
   // The wrapped transport (e.g. to read its own counters).
   Transport& inner() { return *inner_; }
 
-  // Forwarded to the inner transport (its cost included: injected delays
-  // are faults, not the link's price), except concurrent_callbacks, which
-  // is true: the timer thread runs callbacks alongside the inner
-  // transport's threads.
+  // Forwarded to the inner transport as they are, cost included (injected
+  // delays are faults, not the link's price). concurrent_callbacks is the
+  // inner transport's, which is exact with every fault off (see "Threads");
+  // with faults on, the timer thread may also run a callback.
   TransportCaps Caps() const override;
-  // The inner transport's PeerCaps, adjusted as Caps() is.
   Result<TransportCaps> PeerCaps(PeerId peer) const override;
   std::string Address() const override;
   // Errors: the inner transport's; kFailedPrecondition when already
