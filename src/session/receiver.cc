@@ -433,6 +433,10 @@ void ReceiverSession::Advance(Request& r) {
     MaybeRetire(r);
     return;
   }
+  // Every writer reported SUCCESS and the scatter runs; its completion
+  // settles the request. A writer's connection failing now (say, after its
+  // BYE) changes nothing.
+  if (r.state == State::kScattering) return;
   if (r.pending_outcome) {
     Settle(r, *r.pending_outcome);
     MaybeRetire(r);

@@ -255,6 +255,38 @@ TEST(PublicationSettleTest, BounceWriteLandingAfterRetireIsNotReportedOk) {
   EXPECT_TRUE(WaitUntil([&] { return c.gen(0).Stats().arena_outstanding_bytes == 0; }));
 }
 
+// Every bounce writer reported SUCCESS and the scatter runs when the
+// writer's connection ends (its agent shut down and said BYE): the request
+// is not advanced again, so the scatter runs once and settles it OK.
+TEST(PullSettleTest, WriterLeavingDuringTheScatterDoesNotScatterTwice) {
+  HoldingCopyEngine::Gate copies;
+  ClusterOptions o = OneToOne(milliseconds(200));
+  o.gen_hooks = copies.Hooks();
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(3);
+  const BlockTables tables = c.Tables(0, 64, rng);
+  copies.Hold();  // the gen side's scatter
+  auto pub = c.ctx(0).Publish(3, tables.ctx, 64);
+  ASSERT_THAT(pub, IsOk());
+  auto pull = c.gen(0).Pull(3, "ctx0", tables.gen, {0, 64}, Path(TransferPath::kBounce));
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_TRUE(copies.WaitForParked(1, kLong));
+  EXPECT_THAT((*pub)->Wait(), IsOk());
+  c.ctx(0).Shutdown();  // BYE: the gen side sees the writer's connection end
+  (void)c.gen(0).Stats();  // a round trip through the gen's control loop
+  EXPECT_EQ(copies.parked_total(), 1u) << "the scatter was started again";
+  EXPECT_FALSE((*pull)->Poll().has_value()) << "settled while its scatter was held";
+  copies.Release();
+  EXPECT_THAT((*pull)->Wait(), IsOk());
+  EXPECT_EQ(copies.parked_total(), 1u);
+  const tools::VerifyResult verified = c.VerifyGen(0, tables, {0, 64});
+  EXPECT_GT(verified.verified_bytes, 0u);
+  EXPECT_EQ(verified.mismatches, 0u) << verified.first_mismatch;
+  EXPECT_EQ(c.gen(0).Stats().arena_outstanding_bytes, 0u);
+}
+
 // --- 2. A cancelled per-block or direct pull settles only once its writer's
 //        operations ended, even after the grace-period disconnect.
 
