@@ -65,12 +65,13 @@ constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
 constexpr size_t kMaxWorkerAddressBytes = 64 << 10;
 constexpr size_t kMaxHostIdBytes = 512;
 
-// Calibrated on the development machine with ucx_perftest (UCX 1.13.1,
-// docs/PERFORMANCE.md): a put over TCP costs ~4 µs and large puts stream at
-// ~1.2 GB/s; over cross-memory attach a put costs ~1 µs and large puts run at
-// memcpy speed (~20 GB/s, less on a loaded host).
-constexpr TransportCost kTcpCost{.op_us = 4.0, .bytes_per_us = 1200.0};
-constexpr TransportCost kSharedMemoryCost{.op_us = 1.0, .bytes_per_us = 10000.0};
+// Calibrated with scripts/bench_ucx.sh on the 2-core development machine
+// (UCX 1.13.1, both processes on one host; docs/PERFORMANCE.md): over TCP a
+// data message costs ~1.5 µs (per-block with 256-byte fragments) and large
+// ones stream at ~3 GB/s; over shared memory ~0.6 µs and ~10 GB/s. A real
+// network's rate is its own; Config's transport_* overrides say so.
+constexpr TransportCost kTcpCost{.op_us = 1.5, .bytes_per_us = 3000.0};
+constexpr TransportCost kSharedMemoryCost{.op_us = 0.6, .bytes_per_us = 10000.0};
 
 Status UcsError(StatusCode code, std::string_view what, ucs_status_t status) {
   return Status(code, std::string(what) + ": " + ucs_status_string(status));
