@@ -271,8 +271,8 @@ struct RequestContext {
   std::shared_ptr<std::vector<Piece>> pieces;  // the headers UCX may still read
   PeerId peer = 0;
   uint64_t flush_seq = 0;  // a flush message's sequence number; 0 for data
-  // Settled without UCX (see Rail::Abandon); UCX's late completion only
-  // frees the request.
+  // Settled without UCX and handed back with ucp_request_free (see
+  // Rail::Abandon): UCX's late completion, if any, only ends the context.
   bool abandoned = false;
 };
 
@@ -296,6 +296,8 @@ struct RailPeer {
   int64_t outstanding = 0;  // sends started and flushes awaiting their ack
   bool aborting = false;    // no new sends, nothing received; fence pending or done
   bool closing = false;     // ucp_ep_close_nbx in progress
+  void* close_request = nullptr;
+  bool close_released = false;  // handed back to UCX unfinished at a stop
   bool abandoned = false;   // in-flight sends settled without UCX (Abandon)
   std::function<void()> on_fenced;
 };
@@ -419,6 +421,16 @@ struct Conn {
   Status reason;
 };
 
+// A request of rail 0 on a control endpoint (a message or a close), until
+// UCX completes it or a stopping transport hands it back unfinished.
+struct ControlRequest {
+  Engine* engine = nullptr;
+  void* request = nullptr;
+  std::vector<std::byte> buffer;  // a message's bytes
+  bool close = false;
+  bool released = false;  // handed back with ucp_request_free before completion
+};
+
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
   explicit Engine(UcxTransportOptions options) : options_(std::move(options)) {}
@@ -462,8 +474,11 @@ class Engine : public std::enable_shared_from_this<Engine> {
   }
   void CountFailedPut() { failed_write_ops_.fetch_add(1, std::memory_order_relaxed); }
 
-  // Rail 0: the last step of a shutdown.
+  // Rail 0: the last steps of a shutdown.
   bool ControlQuiesced() const;
+  // Hands every control request UCX has not completed back to it, so that
+  // the worker can be destroyed (a stuck peer never completes them).
+  void ReleaseControlRequests();
   void DestroyListener();
 
  private:
@@ -471,8 +486,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
                            size_t length, const ucp_am_recv_param_t* param);
   static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t status);
-  static void SendDone(void* request, ucs_status_t status, void* user_data);
-  static void CtrlCloseDone(void* request, ucs_status_t status, void* user_data);
+  static void ControlDone(void* request, ucs_status_t status, void* user_data);
 
   std::shared_ptr<Conn> FindConn(PeerId peer) const;
   std::shared_ptr<Conn> NewConn(bool outgoing, std::string where);
@@ -517,7 +531,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   // Rail 0.
   std::unordered_map<ucp_ep_h, PeerId> by_ep_;
-  int64_t ctrl_closing_ = 0;
+  std::unordered_set<ControlRequest*> control_requests_;
 
   std::atomic<uint64_t> write_ops_{0};
   std::atomic<uint64_t> write_bytes_{0};
@@ -622,11 +636,27 @@ void Rail::Run() {
     bool busy = RunCommands();
     IssueWork();
     if (stopping_) {
-      if (!stop_deadline) stop_deadline = Clock::now() + std::chrono::seconds(5);
+      if (!stop_deadline) stop_deadline = Clock::now() + std::chrono::seconds(2);
       if (Quiesced()) break;
       if (Clock::now() > *stop_deadline) {
+        // A peer that stopped answering (alive, but not reading) never lets
+        // a graceful close finish: hand what is left back to UCX, which
+        // releases it with the worker.
+        int closing = 0;
+        for (auto& [id, peer] : peers_) {
+          if (!peer.closing) continue;
+          ++closing;
+          peer.close_released = true;
+          ucp_request_free(peer.close_request);
+          peer.close_request = nullptr;
+          peer.closing = false;
+          peer.ep = nullptr;
+        }
+        if (index_ == 0) engine_->ReleaseControlRequests();
         Log(LogLevel::kWarning, "ucx: rail " + std::to_string(index_) +
-                                    " stops with endpoints still closing after 5 s");
+                                    " stops after 2 s with " + std::to_string(in_flight_) +
+                                    " operations in flight and " + std::to_string(closing) +
+                                    " data endpoints closing; a peer stopped answering");
         break;
       }
     }
@@ -831,8 +861,8 @@ void Rail::Completed(void* request, ucs_status_t status) {
   auto* context = static_cast<RequestContext*>(request);
   RequestContext taken = std::move(*context);
   context->~RequestContext();
+  if (taken.abandoned) return;  // released already
   ucp_request_free(request);
-  if (taken.abandoned) return;
   --in_flight_;
   auto it = peers_.find(taken.peer);
   if (it != peers_.end()) {
@@ -979,6 +1009,7 @@ void Rail::ClosePeer(PeerId peer_id, bool peer_alive) {
     peer.ep = nullptr;
   } else {
     peer.closing = true;
+    peer.close_request = request;
   }
   CheckFence(peer_id);
 }
@@ -989,6 +1020,9 @@ void Rail::Abandon(PeerId peer_id) {
   for (void* request : peer.requests) {
     auto* context = static_cast<RequestContext*>(request);
     context->abandoned = true;
+    // Released now: UCX may destroy the endpoint (and the worker) with it
+    // still pending.
+    ucp_request_free(request);
     if (context->batch) {
       engine_->CountFailedPut();
       context->batch->countdown.Fail(UnavailableError(
@@ -1007,7 +1041,9 @@ void Rail::Abandon(PeerId peer_id) {
 
 void Rail::CloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
   auto* peer = static_cast<RailPeer*>(user_data);
+  if (peer->close_released) return;  // handed back at a stop
   ucp_request_free(request);
+  peer->close_request = nullptr;
   peer->closing = false;
   peer->ep = nullptr;
   // The fence check runs from the loop (CheckFence needs the peer id); a
@@ -1362,7 +1398,9 @@ std::vector<std::byte> Engine::HelloMessage() const {
 bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
                          std::vector<std::byte> body) {
   if (conn->ctrl_ep == nullptr || conn->ctrl_failed) return false;
-  auto buffer = std::make_unique<std::vector<std::byte>>(std::move(body));
+  auto pending = std::make_unique<ControlRequest>();
+  pending->engine = this;
+  pending->buffer = std::move(body);
   static_assert(sizeof(MsgType) == 1);
   static const std::array<MsgType, 5> kHeaders = {MsgType{0}, MsgType::kHello, MsgType::kFrame,
                                                    MsgType::kFenced, MsgType::kFlushAck};
@@ -1370,25 +1408,39 @@ bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
   param.op_attr_mask =
       UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
-  param.cb.send = &Engine::SendDone;
-  param.user_data = buffer.get();
+  param.cb.send = &Engine::ControlDone;
+  param.user_data = pending.get();
   void* request = ucp_am_send_nbx(conn->ctrl_ep, kAmId, &kHeaders[static_cast<size_t>(type)], 1,
-                                  buffer->data(), buffer->size(), &param);
+                                  pending->buffer.data(), pending->buffer.size(), &param);
   if (request == nullptr) return true;
   if (UCS_PTR_IS_ERR(request)) {
     BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "ucp_am_send_nbx", UCS_PTR_STATUS(request)),
                   false);
     return false;
   }
-  buffer.release();  // SendDone frees it
+  // A failed send also fails the control endpoint, whose error handler
+  // tears the connection down; ControlDone only ends the request.
+  pending->request = request;
+  control_requests_.insert(pending.release());
   return true;
 }
 
-void Engine::SendDone(void* request, ucs_status_t /*status*/, void* user_data) {
-  // A failed send also fails the control endpoint, whose error handler
-  // tears the connection down.
-  delete static_cast<std::vector<std::byte>*>(user_data);
-  ucp_request_free(request);
+void Engine::ControlDone(void* request, ucs_status_t /*status*/, void* user_data) {
+  auto* pending = static_cast<ControlRequest*>(user_data);
+  if (!pending->released) {
+    pending->engine->control_requests_.erase(pending);
+    ucp_request_free(request);
+  }
+  delete pending;
+}
+
+void Engine::ReleaseControlRequests() {
+  for (ControlRequest* pending : control_requests_) {
+    // UCX frees it when (if ever) it completes; ControlDone then deletes it.
+    pending->released = true;
+    ucp_request_free(pending->request);
+  }
+  control_requests_.clear();
 }
 
 ucs_status_t Engine::OnAm(void* arg, const void* header, size_t header_length, void* data,
@@ -1620,14 +1672,22 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
     by_ep_.erase(conn->ctrl_ep);
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    param.cb.send = &Engine::CtrlCloseDone;
-    param.user_data = this;
-    if (conn->ctrl_failed) {
+    auto pending = std::make_unique<ControlRequest>();
+    pending->engine = this;
+    pending->close = true;
+    param.cb.send = &Engine::ControlDone;
+    param.user_data = pending.get();
+    // A live peer gets our FENCED before the close; a gone one, or a
+    // shutdown (which waits for no peer), closes at once.
+    if (conn->ctrl_failed || shut_) {
       param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
       param.flags = UCP_EP_CLOSE_FLAG_FORCE;
     }
     void* request = ucp_ep_close_nbx(conn->ctrl_ep, &param);
-    if (request != nullptr && !UCS_PTR_IS_ERR(request)) ++ctrl_closing_;
+    if (request != nullptr && !UCS_PTR_IS_ERR(request)) {
+      pending->request = request;
+      control_requests_.insert(pending.release());
+    }
     conn->ctrl_ep = nullptr;
   }
   SetState(*conn, Conn::kDead);
@@ -1637,14 +1697,10 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
   }
 }
 
-void Engine::CtrlCloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
-  auto* engine = static_cast<Engine*>(user_data);
-  ucp_request_free(request);
-  --engine->ctrl_closing_;
-}
-
 bool Engine::ControlQuiesced() const {
-  if (ctrl_closing_ != 0) return false;
+  for (const ControlRequest* pending : control_requests_) {
+    if (pending->close) return false;
+  }
   std::lock_guard<std::mutex> lock(conns_mu_);
   for (const auto& [id, conn] : conns_) {
     if (conn->teardown && !conn->completed) return false;
