@@ -188,29 +188,56 @@ PeerId WaitForPeer(TestEndpoint& endpoint, size_t count) {
   return endpoint.messages()[count - 1].peer;
 }
 
-class UcxPeerDeathTest : public ::testing::TestWithParam<bool> {};
+class UcxPeerDeathTest : public ::testing::TestWithParam<bool> {
+ protected:
+  // Endpoint a_ (shared memory or not, per the parameter), a "receiver" peer
+  // process connected to it, the peer's region imported (target_) and a
+  // source of the same size registered (source_).
+  void ConnectReceiver() {
+    UcxTransportOptions options;
+    options.same_host_shared_memory = GetParam();
+    options.put_chunk_bytes = 64 << 10;
+    a_ = MakeTestEndpoint(NewUcxTransport(options), true);
+    ASSERT_NE(a_, nullptr);
+    child_ = std::make_unique<PeerProcess>((*a_)->Address(), "receiver", GetParam());
+    ASSERT_TRUE(child_->started());
+    peer_ = WaitForPeer(*a_, 2);  // READY, REGION
+    ASSERT_NE(peer_, 0u);
+    auto info = test_peer::DecodeRegion(a_->messages()[1].frame);
+    ASSERT_TRUE(info.has_value());
+    info_ = *info;
+    auto target = (*a_)->Import(peer_, info_);
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+    src_ = std::make_unique<GuardedBuffer>(info_.size);
+    src_->FillPattern(3);
+    auto source = (*a_)->Register(src_->addr(), src_->size(), MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    source_ = std::move(source).value();
+  }
+
+  std::unique_ptr<TestEndpoint> a_;
+  std::unique_ptr<PeerProcess> child_;
+  PeerId peer_ = 0;
+  RegionInfo info_;
+  std::unique_ptr<RemoteRegion> target_;
+  std::unique_ptr<GuardedBuffer> src_;
+  std::unique_ptr<LocalRegion> source_;
+};
 
 // We write into a peer process that is killed: every write settles, the
 // failure is reported once and names the connection, new work is refused,
 // and a restarted peer connects again.
 TEST_P(UcxPeerDeathTest, ReceiverKilledMidWrite) {
-  UcxTransportOptions options;
-  options.same_host_shared_memory = GetParam();
-  options.put_chunk_bytes = 64 << 10;
-  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
-  PeerProcess child((*a)->Address(), "receiver", GetParam());
-  ASSERT_TRUE(child.started());
-  const PeerId peer = WaitForPeer(*a, 2);  // READY, REGION
-  ASSERT_NE(peer, 0u);
-  auto info = test_peer::DecodeRegion(a->messages()[1].frame);
-  ASSERT_TRUE(info.has_value());
-  auto target = (*a)->Import(peer, *info);
-  ASSERT_THAT(target, IsOk());
-  GuardedBuffer src(info->size);
-  src.FillPattern(3);
-  auto source = (*a)->Register(src.addr(), src.size(), MemoryKind::kHost);
-  ASSERT_THAT(source, IsOk());
-
+  ConnectReceiver();
+  ASSERT_FALSE(HasFatalFailure());
+  auto& a = a_;
+  auto& child = *child_;
+  const PeerId peer = peer_;
+  auto* target = &target_;
+  auto* source = &source_;
+  GuardedBuffer& src = *src_;
+  const RegionInfo* info = &info_;
   // Writes in flight without pause until the peer is gone.
   DoneTracker tracker;
   const WriteOp op{src.addr(), info->address, info->size};
@@ -302,22 +329,15 @@ TEST_P(UcxPeerDeathTest, NothingLandsAfterTheFenceOfALiveWriter) {
 // still ends within a bound, runs every callback once, and does not crash
 // UCX with requests the peer never completed.
 TEST_P(UcxPeerDeathTest, AStoppedPeerDoesNotHoldTheShutdown) {
-  UcxTransportOptions options;
-  options.same_host_shared_memory = GetParam();
-  options.put_chunk_bytes = 64 << 10;
-  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
-  PeerProcess child((*a)->Address(), "receiver", GetParam());
-  ASSERT_TRUE(child.started());
-  const PeerId peer = WaitForPeer(*a, 2);  // READY, REGION
-  ASSERT_NE(peer, 0u);
-  auto info = test_peer::DecodeRegion(a->messages()[1].frame);
-  ASSERT_TRUE(info.has_value());
-  auto target = (*a)->Import(peer, *info);
-  ASSERT_THAT(target, IsOk());
-  GuardedBuffer src(info->size);
-  auto source = (*a)->Register(src.addr(), src.size(), MemoryKind::kHost);
-  ASSERT_THAT(source, IsOk());
-
+  ConnectReceiver();
+  ASSERT_FALSE(HasFatalFailure());
+  auto& a = a_;
+  auto& child = *child_;
+  const PeerId peer = peer_;
+  auto* target = &target_;
+  auto* source = &source_;
+  GuardedBuffer& src = *src_;
+  const RegionInfo* info = &info_;
   child.Stop();
   // Enough writes that some cannot leave while the peer does not read.
   DoneTracker tracker;

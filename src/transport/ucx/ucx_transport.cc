@@ -77,6 +77,20 @@ Status UcsError(StatusCode code, std::string_view what, ucs_status_t status) {
   return Status(code, std::string(what) + ": " + ucs_status_string(status));
 }
 
+// Routes active messages `id` of `worker` to `cb`, whole messages only.
+Status SetAmHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t cb, void* arg) {
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = id;
+  am.cb = cb;
+  am.arg = arg;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  const ucs_status_t s = ucp_worker_set_am_recv_handler(worker, &am);
+  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_set_am_recv_handler", s);
+  return Status();
+}
+
 // Little-endian field writer and reader for the handshake.
 class Writer {
  public:
@@ -562,15 +576,7 @@ Status Rail::Init(ucp_context_h context) {
   const auto* begin = reinterpret_cast<const std::byte*>(address);
   address_.assign(begin, begin + length);
   ucp_worker_release_address(worker_, address);
-  ucp_am_handler_param_t am{};
-  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-  am.id = kDataAmId;
-  am.cb = &Rail::OnData;
-  am.arg = this;
-  am.flags = UCP_AM_FLAG_WHOLE_MSG;
-  s = ucp_worker_set_am_recv_handler(worker_, &am);
-  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_set_am_recv_handler", s);
+  KVB_RETURN_IF_ERROR(SetAmHandler(worker_, kDataAmId, &Rail::OnData, this));
   s = ucp_worker_get_efd(worker_, &event_fd_);
   if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_get_efd", s);
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1213,15 +1219,7 @@ Status Engine::Init() {
   address_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
              std::to_string(bound_port);
 
-  ucp_am_handler_param_t am{};
-  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-  am.id = kAmId;
-  am.cb = &Engine::OnAm;
-  am.arg = this;
-  am.flags = UCP_AM_FLAG_WHOLE_MSG;
-  s = ucp_worker_set_am_recv_handler(rails_[0]->worker(), &am);
-  if (s != UCS_OK) return UcsError(StatusCode::kUnavailable, "ucp_worker_set_am_recv_handler", s);
+  KVB_RETURN_IF_ERROR(SetAmHandler(rails_[0]->worker(), kAmId, &Engine::OnAm, this));
   for (auto& rail : rails_) rail->StartThread();
   return Status();
 }
