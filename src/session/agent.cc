@@ -628,7 +628,7 @@ void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
     if (peer != nullptr) {
       // What Connect reports: the peer refused us as incompatible
       // (kInvalidArgument), found our frames malformed (kDataLoss), or left.
-      const std::string text = "peer " + peer->Describe() + " said BYE (" +
+      const std::string text = peer->Describe() + " said BYE (" +
                                std::string(protocol::ByeReasonName(bye->reason)) +
                                "): " + bye->message;
       const Status why = bye->reason == protocol::ByeReason::kIncompatible
