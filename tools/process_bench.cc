@@ -7,6 +7,7 @@
 #include <climits>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <set>
@@ -186,6 +187,10 @@ Status Driver::Start(const std::string& executable) {
   }
   std::vector<std::pair<std::string, std::string>> env;
   if (!flags_.ucx_tls.empty()) env.emplace_back("UCX_TLS", flags_.ucx_tls);
+  // UCX logs to stdout unless told otherwise, and a worker's stdout is its
+  // protocol: a UCX error there (say, on a peer that just died) would read
+  // as a garbled answer. UCX reads this before main(), so it is set here.
+  if (std::getenv("UCX_LOG_FILE") == nullptr) env.emplace_back("UCX_LOG_FILE", "stderr");
   log_ << "  starting " << num_ctx() + num_gen() << " worker processes (" << executable
        << " worker ...)" << (flags_.ucx_tls.empty() ? "" : ", UCX_TLS=" + flags_.ucx_tls) << "\n";
   log_.flush();
