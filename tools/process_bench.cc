@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -61,9 +64,23 @@ class Driver {
   Status FinishPath(PathRun& run, const nlohmann::json& before);
   // Every worker's stats, in worker order.
   Result<std::vector<nlohmann::json>> Stats(const std::string& during);
-  // Quits, terminates or kills every worker; the first worker that did not
-  // exit with status 0 on its own, when `expect_clean`.
-  std::string Stop(bool expect_clean);
+  // After a worker died mid-wave: lets the others finish the requests they
+  // hold, the way a wave ends (their pulls settle; the publications still
+  // open then are cancelled and settle), until `deadline` at most. So their
+  // summaries say how the failure reached them (a pull from the dead rank
+  // fails with its connection lost; the others complete) rather than how
+  // the shutdown cut them off. Answers are discarded; a second death or the
+  // deadline ends it early.
+  void SettleSurvivors(SteadyClock::time_point deadline);
+  // Quits, terminates or kills every worker and keeps the "bye" summary of
+  // each that had one; the first worker that did not exit with status 0 on
+  // its own, when `expect_clean`. After a failure the survivors first
+  // settle what they hold (SettleSurvivors) when `settle`, for at most 1 s
+  // of the time they are given to quit.
+  std::string Stop(bool expect_clean, bool settle = false);
+  // One line per worker that was still running when Stop began: how it
+  // settled (its summary), or how it ended without one.
+  void LogSettlement();
   nlohmann::json WorkersJson() const;
 
  private:
@@ -85,8 +102,18 @@ class Driver {
   std::ostream& log_;
   ChildGroup group_;
   std::vector<Worker> workers_;  // ctx ranks, then gen ranks: index = child index
+  // Filled by Stop, by worker: whether it still ran when Stop began, and
+  // its "bye" summary.
+  std::vector<bool> survived_;
+  std::vector<std::optional<nlohmann::json>> summaries_;
+  // What Stop gave the workers to quit, and then after SIGTERM.
+  std::chrono::milliseconds quit_wait_{0};
+  std::chrono::milliseconds term_wait_{0};
   std::chrono::milliseconds step_{0};
   bool map_remote_ = false;
+  // The requests of the wave RunPath runs that are not settled yet:
+  // (worker, request id); what the survivors still hold when it fails.
+  std::set<std::pair<size_t, uint64_t>> open_gen_, open_ctx_;
 };
 
 std::string Driver::Names(const std::set<size_t>& workers) {
@@ -160,6 +187,10 @@ Status Driver::Start(const std::string& executable) {
   }
   std::vector<std::pair<std::string, std::string>> env;
   if (!flags_.ucx_tls.empty()) env.emplace_back("UCX_TLS", flags_.ucx_tls);
+  // UCX logs to stdout unless told otherwise, and a worker's stdout is its
+  // protocol: a UCX error there (say, on a peer that just died) would read
+  // as a garbled answer. UCX reads this before main(), so it is set here.
+  if (std::getenv("UCX_LOG_FILE") == nullptr) env.emplace_back("UCX_LOG_FILE", "stderr");
   log_ << "  starting " << num_ctx() + num_gen() << " worker processes (" << executable
        << " worker ...)" << (flags_.ucx_tls.empty() ? "" : ", UCX_TLS=" + flags_.ucx_tls) << "\n";
   log_.flush();
@@ -261,7 +292,8 @@ Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
       std::vector<bool> answered;  // by gen rank
     };
     std::map<uint64_t, Request> reqs;
-    std::set<std::pair<size_t, uint64_t>> open_gen, open_ctx;  // (worker, request id)
+    open_gen_.clear();
+    open_ctx_.clear();
     const int64_t wave_start = NowNs();
     for (int s = 0; s < wave; ++s, ++id) {
       Request& r = reqs[id];
@@ -280,7 +312,7 @@ Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
       for (size_t w = 0; w < workers_.size(); ++w) {
         const bool ctx = workers_[w].ctx;
         KVB_RETURN_IF_ERROR(During(Send(w, FormatWorkerCommand(ctx ? publish : pull)), during));
-        (ctx ? open_ctx : open_gen).insert({w, id});
+        (ctx ? open_ctx_ : open_gen_).insert({w, id});
       }
     }
     auto waiting = [&](const std::set<std::pair<size_t, uint64_t>>& open) {
@@ -295,7 +327,7 @@ Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
                              "' where 'done ...' was expected (" + during + ")");
       }
       const Worker& w = workers_[line.child];
-      auto& open = w.ctx ? open_ctx : open_gen;
+      auto& open = w.ctx ? open_ctx_ : open_gen_;
       if (open.erase({line.child, done->request_id}) == 0) {
         return InternalError(group_.at(line.child).Who() + " answered for request " +
                              std::to_string(done->request_id) + ", which it does not hold (" +
@@ -309,22 +341,22 @@ Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
       return Status::Ok();
     };
     auto deadline = Deadline();
-    while (!open_gen.empty()) {
-      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_gen)));
+    while (!open_gen_.empty()) {
+      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_gen_)));
       KVB_RETURN_IF_ERROR(take(line));
     }
     const int64_t wave_end = NowNs();
     // Publications no pull needs (a duplicated head's spare writer) or whose
     // pulls failed wait for their ttl: cancel them, as the loopback bench does.
-    for (const auto& [w, request_id] : open_ctx) {
+    for (const auto& [w, request_id] : open_ctx_) {
       WorkerCommand cancel;
       cancel.kind = WorkerCommandKind::kCancel;
       cancel.request_id = request_id;
       KVB_RETURN_IF_ERROR(During(Send(w, FormatWorkerCommand(cancel)), during));
     }
     deadline = Deadline();
-    while (!open_ctx.empty()) {
-      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_ctx)));
+    while (!open_ctx_.empty()) {
+      KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, during, waiting(open_ctx_)));
       KVB_RETURN_IF_ERROR(take(line));
     }
 
@@ -410,15 +442,68 @@ Status Driver::FinishPath(PathRun& run, const nlohmann::json& before) {
   return Status::Ok();
 }
 
-std::string Driver::Stop(bool expect_clean) {
-  std::vector<bool> before(workers_.size());
-  for (size_t w = 0; w < workers_.size(); ++w) before[w] = group_.at(w).reaped();
+void Driver::SettleSurvivors(SteadyClock::time_point deadline) {
+  std::vector<size_t> alive;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (!group_.at(w).reaped() && !group_.at(w).eof()) alive.push_back(w);
+  }
+  auto dead = [&](const std::pair<size_t, uint64_t>& open) {
+    return std::find(alive.begin(), alive.end(), open.first) == alive.end();
+  };
+  std::erase_if(open_gen_, dead);
+  std::erase_if(open_ctx_, dead);
+  auto settle = [&](const std::set<std::pair<size_t, uint64_t>>& open) {
+    while (!open.empty()) {
+      Result<ChildGroup::Line> line = group_.Next(deadline, alive);
+      if (!line.ok()) return false;
+      Result<DoneReply> done = ParseDone(line->text);
+      if (!done.ok()) continue;  // an answer to a command of the broken step
+      open_gen_.erase({line->child, done->request_id});
+      open_ctx_.erase({line->child, done->request_id});
+    }
+    return true;
+  };
+  if (alive.empty() || !settle(open_gen_)) return;
+  for (const auto& [w, request_id] : open_ctx_) {
+    WorkerCommand cancel;
+    cancel.kind = WorkerCommandKind::kCancel;
+    cancel.request_id = request_id;
+    group_.at(w).Send(FormatWorkerCommand(cancel)).IgnoreError();
+  }
+  settle(open_ctx_);
+}
+
+std::string Driver::Stop(bool expect_clean, bool settle) {
+  if (survived_.empty()) {
+    survived_.resize(workers_.size());
+    for (size_t w = 0; w < workers_.size(); ++w) survived_[w] = !group_.at(w).reaped();
+  }
   // After a failure the survivors may wait on a dead or stuck peer: shorter.
   using std::chrono::milliseconds;
-  const milliseconds quit_wait =
-      expect_clean ? step_ : std::min<milliseconds>(step_, std::chrono::seconds(5));
-  const milliseconds term_wait = expect_clean ? milliseconds(5000) : milliseconds(2000);
-  group_.Stop(quit_wait, term_wait);
+  quit_wait_ = expect_clean ? step_ : std::min<milliseconds>(step_, std::chrono::seconds(5));
+  term_wait_ = expect_clean ? milliseconds(5000) : milliseconds(2000);
+  if (settle) {
+    // As long as an agent's shutdown lets requests in flight finish (its
+    // default grace), and at most half the time to quit: a survivor that
+    // cannot settle (its peer is stuck) still has time for its shutdown.
+    const auto start = SteadyClock::now();
+    SettleSurvivors(start + std::min<milliseconds>(quit_wait_ / 2, std::chrono::seconds(1)));
+    quit_wait_ -= std::chrono::duration_cast<milliseconds>(SteadyClock::now() - start);
+  }
+  std::vector<bool> before(workers_.size());
+  for (size_t w = 0; w < workers_.size(); ++w) before[w] = group_.at(w).reaped();
+  group_.Stop(quit_wait_, term_wait_);
+  // The summary is a worker's last line; what came before it (answers the
+  // run no longer waited for) is of no use now.
+  summaries_.resize(workers_.size());
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    while (std::optional<std::string> line = group_.at(w).NextLine()) {
+      const ReplyLine reply = SplitReply(*line);
+      if (reply.keyword != "bye") continue;
+      nlohmann::json j = nlohmann::json::parse(reply.rest, nullptr, false);
+      if (j.is_object()) summaries_[w] = std::move(j);
+    }
+  }
   if (!expect_clean) return "";
   for (size_t w = 0; w < workers_.size(); ++w) {
     const std::optional<int> status = group_.at(w).wait_status();
@@ -430,6 +515,47 @@ std::string Driver::Stop(bool expect_clean) {
   return "";
 }
 
+void Driver::LogSettlement() {
+  auto seconds = [](std::chrono::milliseconds ms) {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%.3g s", static_cast<double>(ms.count()) / 1000);
+    return std::string(text);
+  };
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (w >= survived_.size() || !survived_[w]) continue;
+    const Child& c = group_.at(w);
+    std::string late;
+    if (c.signalled() == SIGKILL) {
+      late = " (it did not quit within " + seconds(quit_wait_) + " of 'quit', nor " +
+             seconds(term_wait_) + " after SIGTERM)";
+    } else if (c.signalled() == SIGTERM) {
+      late = " (it did not quit within " + seconds(quit_wait_) + " of 'quit': sent SIGTERM)";
+    }
+    log_ << "  " << c.name() << ": ";
+    if (!summaries_[w]) {
+      // Killed, or it died, before it could say how it settled.
+      log_ << "no summary: " << c.DescribeExit() << late << "\n";
+      continue;
+    }
+    const nlohmann::json& j = *summaries_[w];
+    log_ << "settled " << j.value("completed", uint64_t{0}) << " completed, "
+         << j.value("failed", uint64_t{0}) << " failed";
+    if (const std::string first = j.value("first_failure", std::string()); !first.empty()) {
+      log_ << " (first: " << first << ")";
+    }
+    if (const uint64_t bad = j.value("mismatches", uint64_t{0}); bad != 0) {
+      log_ << ", " << bad << " mismatches (first: " << j.value("first_mismatch", std::string())
+           << ")";
+    }
+    log_ << ", staging bytes left " << j.value("arena_outstanding_bytes", uint64_t{0});
+    if (const std::string by = j.value("stopped_by", std::string()); by != "quit") {
+      log_ << " (stopped by " << by << ")";
+    }
+    log_ << late << "\n";
+  }
+  log_.flush();
+}
+
 nlohmann::json Driver::WorkersJson() const {
   nlohmann::json out = nlohmann::json::array();
   for (size_t w = 0; w < workers_.size(); ++w) {
@@ -438,6 +564,7 @@ nlohmann::json Driver::WorkersJson() const {
                    {"pid", c.pid()},
                    {"address", workers_[w].address},
                    {"exit", c.DescribeExit()}});
+    if (w < summaries_.size() && summaries_[w]) out.back()["summary"] = *summaries_[w];
   }
   return out;
 }
@@ -478,7 +605,7 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
 
   nlohmann::json result;
   nlohmann::json runs = nlohmann::json::array();
-  std::string failure;
+  Status failed;
   uint64_t next_id = 1;
   for (TransferPath path : paths) {
     log << "  " << TransferPathName(path) << ": running\n";
@@ -510,16 +637,21 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
         log.flush();
         continue;
       }
-      failure = std::string(finished.message());
+      failed = finished;
     } else {
-      failure = std::string(run.status().message());
+      failed = run.status();
     }
     break;
   }
-  log << "  stopping the workers\n";
+  // A worker died: the others finish what they hold before they quit. Not
+  // after a timeout (a worker is stuck) or an interruption (stop now).
+  const bool settle = failed.code() == StatusCode::kUnavailable;
+  log << "  stopping the workers" << (settle ? " (the others settle what they hold first)" : "")
+      << "\n";
   log.flush();
-  const std::string at_exit = driver.Stop(failure.empty());
-  if (failure.empty()) failure = at_exit;
+  const std::string at_exit = driver.Stop(failed.ok(), settle);
+  driver.LogSettlement();
+  std::string failure = failed.ok() ? at_exit : std::string(failed.message());
   result["runs"] = std::move(runs);
   result["workers"] = driver.WorkersJson();
   if (!failure.empty()) result["failure"] = failure;

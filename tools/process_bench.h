@@ -12,7 +12,13 @@
 //      worker (transport writes, staging bytes still outstanding);
 //   4. "quit" to every worker, then SIGTERM, then SIGKILL, and reap them
 //      (a step to quit after a clean run; at most 5 s, then 2 s after
-//      SIGTERM, once something failed).
+//      SIGTERM, once something failed). When a worker died, the others
+//      first finish the requests they hold, within 1 s of those 5 s: their
+//      pulls settle, the publications still open are cancelled and settle.
+//      Each worker's "bye" summary is kept, and the log gets one line per
+//      worker that still ran: "gen rank 1: settled 40 completed, 2 failed
+//      (first: ...), staging bytes left 0", or "gen rank 1: no summary:
+//      killed by SIGKILL (...)".
 //
 // Every step has a deadline (--step-timeout). A worker that dies, stops
 // answering or prints something unexpected ends the run: the bench stops
@@ -41,8 +47,9 @@
 namespace kvbounce::tools {
 
 // Runs `plan` (validated by RunBench) with one process per rank. Returns
-// {"runs": [...], "workers": [{"name", "pid", "address", "exit"}], and, when
-// the run broke off, "failure": "..."}. Errors: kInternal (no
+// {"runs": [...], "workers": [{"name", "pid", "address", "exit", and
+// "summary": the worker's "bye" JSON when it gave one}], and, when the run
+// broke off, "failure": "..."}. Errors: kInternal (no
 // executable, a failed fork), and anything that goes wrong before the
 // first request (a worker that fails to start or connect, a --path the
 // transport cannot take), named.

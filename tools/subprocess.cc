@@ -200,6 +200,13 @@ bool Child::ReadSome() {
   return true;
 }
 
+void Child::Drain() {
+  while (!eof_) {
+    const size_t lines = lines_.size(), partial = buffer_.size();
+    if (!ReadSome() || (lines_.size() == lines && buffer_.size() == partial)) break;
+  }
+}
+
 std::optional<std::string> Child::NextLine() {
   if (lines_.empty()) return std::nullopt;
   std::string line = std::move(lines_.front());
@@ -230,7 +237,11 @@ std::string Child::DescribeExit() const {
 }
 
 void Child::Signal(int sig) {
-  if (!reaped()) kill(pid_, sig);
+  // One that already exited is reaped instead, so signalled() names only
+  // signals that reached a running child.
+  if (Reap()) return;
+  kill(pid_, sig);
+  signalled_ = sig;
 }
 
 // --- ChildGroup ------------------------------------------------------------
@@ -309,11 +320,18 @@ void ChildGroup::Stop(std::chrono::milliseconds quit_wait, std::chrono::millisec
   for (auto& c : children_) {
     if (!c->reaped() && !c->eof()) c->Send("quit").IgnoreError();
   }
-  if (WaitAll(SteadyClock::now() + quit_wait)) return;
-  for (auto& c : children_) c->Signal(SIGTERM);
-  if (WaitAll(SteadyClock::now() + term_wait)) return;
-  for (auto& c : children_) c->Signal(SIGKILL);
-  for (auto& c : children_) c->Reap(SteadyClock::now() + std::chrono::seconds(10));
+  if (!WaitAll(SteadyClock::now() + quit_wait)) {
+    for (auto& c : children_) c->Signal(SIGTERM);
+    if (!WaitAll(SteadyClock::now() + term_wait)) {
+      for (auto& c : children_) c->Signal(SIGKILL);
+      for (auto& c : children_) c->Reap(SteadyClock::now() + std::chrono::seconds(10));
+    }
+  }
+  // What a child wrote before it went and nobody read yet (killed, or reaped
+  // before its output reached EOF) is still in the socket.
+  for (auto& c : children_) {
+    if (c->reaped()) c->Drain();
+  }
 }
 
 }  // namespace kvbounce::tools

@@ -98,6 +98,9 @@ class Child {
   // Reads what the socket holds now (call when poll says readable); false
   // at EOF.
   bool ReadSome();
+  // Reads everything the socket holds now, without waiting: after the child
+  // was reaped, the rest of its output (nothing more can come).
+  void Drain();
   // The next complete line read so far, without its newline.
   std::optional<std::string> NextLine();
 
@@ -108,8 +111,10 @@ class Child {
   // DescribeWaitStatus of the reaped child, or "still running".
   std::string DescribeExit() const;
   std::optional<int> wait_status() const { return status_; }
-  // kill(pid, sig) unless reaped.
+  // kill(pid, sig) unless it has exited (then it is reaped instead).
   void Signal(int sig);
+  // The last signal Signal() sent; 0 if none.
+  int signalled() const { return signalled_; }
 
  private:
   Child() = default;
@@ -121,6 +126,7 @@ class Child {
   std::string buffer_;
   std::deque<std::string> lines_;
   std::optional<int> status_;
+  int signalled_ = 0;
 };
 
 // Children read together: the next line from any of them, with a deadline.
@@ -151,9 +157,11 @@ class ChildGroup {
 
   // Ends every child within about quit_wait + term_wait (+ the kernel's
   // time to deliver SIGKILL): sends "quit" to those still running, waits
-  // until `quit_wait` for them to exit (reading and discarding their
-  // output), sends SIGTERM to the rest, waits `term_wait`, sends SIGKILL
-  // and reaps. Lines read meanwhile stay in each child's buffer. Idempotent.
+  // until `quit_wait` for them to exit (reading their output), sends
+  // SIGTERM to the rest, waits `term_wait`, sends SIGKILL and reaps. Lines
+  // read meanwhile stay in each child's buffer (NextLine), and so does what
+  // a child wrote before it went, killed or not: its output is read to the
+  // end (a worker's parting "bye" is there). Idempotent.
   void Stop(std::chrono::milliseconds quit_wait, std::chrono::milliseconds term_wait);
 
  private:
