@@ -508,6 +508,11 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Rail 0.
   void AcceptConn(ucp_conn_request_h request);
   void StartConnect(const std::shared_ptr<Conn>& conn, sockaddr_storage addr, socklen_t len);
+  // The control endpoint of `conn` from `params` (a socket address or a
+  // connection request), with peer error handling; on failure the
+  // connection is torn down with `what` and false returned.
+  bool CreateControlEp(const std::shared_ptr<Conn>& conn, ucp_ep_params_t params,
+                       const std::string& what);
   void HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload);
   void HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std::byte> payload);
   bool SendMessage(const std::shared_ptr<Conn>& conn, MsgType type, std::vector<std::byte> body);
@@ -1326,14 +1331,21 @@ Result<PeerId> Engine::Connect(std::string_view address) {
 void Engine::StartConnect(const std::shared_ptr<Conn>& conn, sockaddr_storage addr,
                           socklen_t len) {
   if (conn->teardown) return;
-  conn->ctrl_err_arg = std::make_unique<EpErrorArg>(
-      EpErrorArg{.engine = this, .rail = 0, .peer = conn->id, .control = true});
   ucp_ep_params_t params{};
-  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
   params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
   params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
   params.sockaddr.addrlen = len;
+  if (CreateControlEp(conn, params, "cannot reach '" + conn->where + "'")) {
+    SendMessage(conn, MsgType::kHello, HelloMessage());
+  }
+}
+
+bool Engine::CreateControlEp(const std::shared_ptr<Conn>& conn, ucp_ep_params_t params,
+                             const std::string& what) {
+  conn->ctrl_err_arg = std::make_unique<EpErrorArg>(
+      EpErrorArg{.engine = this, .rail = 0, .peer = conn->id, .control = true});
+  params.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
   params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   params.err_handler.cb = &Engine::OnEpError;
   params.err_handler.arg = conn->ctrl_err_arg.get();
@@ -1341,12 +1353,11 @@ void Engine::StartConnect(const std::shared_ptr<Conn>& conn, sockaddr_storage ad
   if (s != UCS_OK) {
     conn->ctrl_ep = nullptr;
     conn->ctrl_failed = true;
-    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "cannot reach '" + conn->where + "'", s),
-                  false);
-    return;
+    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, what, s), false);
+    return false;
   }
   by_ep_[conn->ctrl_ep] = conn->id;
-  SendMessage(conn, MsgType::kHello, HelloMessage());
+  return true;
 }
 
 void Engine::OnConnRequest(ucp_conn_request_h request, void* arg) {
@@ -1362,23 +1373,10 @@ void Engine::AcceptConn(ucp_conn_request_h request) {
   }
   std::shared_ptr<Conn> conn = NewConn(false, "incoming peer");
   conn->where = "peer " + std::to_string(conn->id);
-  conn->ctrl_err_arg = std::make_unique<EpErrorArg>(
-      EpErrorArg{.engine = this, .rail = 0, .peer = conn->id, .control = true});
   ucp_ep_params_t params{};
-  params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
   params.conn_request = request;
-  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  params.err_handler.cb = &Engine::OnEpError;
-  params.err_handler.arg = conn->ctrl_err_arg.get();
-  const ucs_status_t s = ucp_ep_create(rails_[0]->worker(), &params, &conn->ctrl_ep);
-  if (s != UCS_OK) {
-    conn->ctrl_ep = nullptr;
-    conn->ctrl_failed = true;
-    BeginTeardown(conn, UcsError(StatusCode::kUnavailable, "cannot accept a connection", s), false);
-    return;
-  }
-  by_ep_[conn->ctrl_ep] = conn->id;
+  CreateControlEp(conn, params, "cannot accept a connection");
 }
 
 std::vector<std::byte> Engine::HelloMessage() const {
