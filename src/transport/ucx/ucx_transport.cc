@@ -401,6 +401,9 @@ class Rail {
     std::shared_ptr<Countdown> countdown;
   };
   std::unordered_map<uint64_t, PendingFlush> pending_flushes_;
+  // The headers of abandoned sends; freed after the worker (members are
+  // destroyed after ~Rail's body destroyed it).
+  std::vector<std::shared_ptr<std::vector<Piece>>> abandoned_pieces_;
   uint64_t next_flush_seq_ = 1;
   bool stopping_ = false;
   std::unordered_map<PeerId, RailPeer> peers_;
@@ -551,6 +554,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Rail 0.
   std::unordered_map<ucp_ep_h, PeerId> by_ep_;
   std::unordered_set<ControlRequest*> control_requests_;
+  std::vector<ControlRequest*> released_control_requests_;  // deleted after the workers
 
   std::atomic<uint64_t> write_ops_{0};
   std::atomic<uint64_t> write_bytes_{0};
@@ -1032,8 +1036,11 @@ void Rail::Abandon(PeerId peer_id) {
     auto* context = static_cast<RequestContext*>(request);
     context->abandoned = true;
     // Released now: UCX may destroy the endpoint (and the worker) with it
-    // still pending.
+    // still pending and never complete it. UCX may still read the message
+    // header (a send it replays), so the pieces live until the worker is
+    // gone; the context keeps nothing that needs freeing.
     ucp_request_free(request);
+    if (context->pieces) abandoned_pieces_.push_back(std::move(context->pieces));
     if (context->batch) {
       engine_->CountFailedPut();
       context->batch->countdown.Fail(UnavailableError(
@@ -1125,7 +1132,8 @@ class UcxRemoteRegion final : public RemoteRegion {
 Engine::~Engine() {
   Shutdown();
   DestroyListener();
-  rails_.clear();
+  rails_.clear();  // destroys the workers: no UCX callback runs after this
+  for (ControlRequest* pending : released_control_requests_) delete pending;
   if (context_ != nullptr) ucp_cleanup(context_);
 }
 
@@ -1423,18 +1431,19 @@ bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
 
 void Engine::ControlDone(void* request, ucs_status_t /*status*/, void* user_data) {
   auto* pending = static_cast<ControlRequest*>(user_data);
-  if (!pending->released) {
-    pending->engine->control_requests_.erase(pending);
-    ucp_request_free(request);
-  }
+  if (pending->released) return;  // the engine deletes it after the worker
+  pending->engine->control_requests_.erase(pending);
+  ucp_request_free(request);
   delete pending;
 }
 
 void Engine::ReleaseControlRequests() {
   for (ControlRequest* pending : control_requests_) {
-    // UCX frees it when (if ever) it completes; ControlDone then deletes it.
+    // UCX frees the request when (if ever) it completes; `pending` stays
+    // until the worker is gone, since a late completion still names it.
     pending->released = true;
     ucp_request_free(pending->request);
+    released_control_requests_.push_back(pending);
   }
   control_requests_.clear();
 }
