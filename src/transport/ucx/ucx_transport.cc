@@ -506,6 +506,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   static void ControlDone(void* request, ucs_status_t status, void* user_data);
 
   std::shared_ptr<Conn> FindConn(PeerId peer) const;
+  // The connection to `peer` for new work (the caller holds api_mu_
+  // shared). Errors: kAborted, kFailedPrecondition (not started),
+  // kNotFound, kUnavailable (not open).
+  Result<std::shared_ptr<Conn>> OpenConn(PeerId peer) const;
   std::shared_ptr<Conn> NewConn(bool outgoing, std::string where);
 
   // Rail 0.
@@ -1759,8 +1763,7 @@ bool Engine::CopyIn(uint64_t address, const void* data, size_t length) {
   return false;
 }
 
-Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
-  std::shared_lock<std::shared_mutex> lock(api_mu_);
+Result<std::shared_ptr<Conn>> Engine::OpenConn(PeerId peer) const {
   if (shut_) return AbortedError("the ucx transport is shut down");
   if (!started_) return FailedPreconditionError("the ucx transport is not started");
   std::shared_ptr<Conn> conn = FindConn(peer);
@@ -1768,6 +1771,12 @@ Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
   if (conn->state.load() != Conn::kOpen) {
     return UnavailableError("connection to " + conn->where + " is closed");
   }
+  return conn;
+}
+
+Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  KVB_ASSIGN_OR_RETURN(std::shared_ptr<Conn> conn, OpenConn(peer));
   std::vector<std::byte> body(frame.begin(), frame.end());
   messages_sent_.fetch_add(1, std::memory_order_relaxed);
   rails_[0]->Post([this, conn, body = std::move(body)]() mutable {
@@ -1848,13 +1857,7 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
   }
   KVB_RETURN_IF_ERROR(CheckWriteOps(source.info(), target.info(), ops).status());
   std::shared_lock<std::shared_mutex> lock(api_mu_);
-  if (shut_) return AbortedError("the ucx transport is shut down");
-  if (!started_) return FailedPreconditionError("the ucx transport is not started");
-  std::shared_ptr<Conn> conn = FindConn(target.peer());
-  if (!conn) return NotFoundError("unknown peer " + std::to_string(target.peer()));
-  if (conn->state.load() != Conn::kOpen) {
-    return UnavailableError("connection to " + conn->where + " is closed");
-  }
+  KVB_ASSIGN_OR_RETURN(std::shared_ptr<Conn> conn, OpenConn(target.peer()));
 
   // Cut the ops into sends and deal them across the rails.
   const size_t num_rails = rails_.size();
@@ -1894,13 +1897,7 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
 
 Status Engine::Flush(PeerId peer, TransportDone done) {
   std::shared_lock<std::shared_mutex> lock(api_mu_);
-  if (shut_) return AbortedError("the ucx transport is shut down");
-  if (!started_) return FailedPreconditionError("the ucx transport is not started");
-  std::shared_ptr<Conn> conn = FindConn(peer);
-  if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
-  if (conn->state.load() != Conn::kOpen) {
-    return UnavailableError("connection to " + conn->where + " is closed");
-  }
+  KVB_ASSIGN_OR_RETURN(std::shared_ptr<Conn> conn, OpenConn(peer));
   flushes_.fetch_add(1, std::memory_order_relaxed);
   auto countdown = std::make_shared<Countdown>(static_cast<int64_t>(rails_.size()), std::move(done));
   for (auto& rail_ptr : rails_) {
