@@ -32,7 +32,8 @@
 // calls on_peer_failure once for the peer, on both ends where both are still
 // alive. on_peer_failure is a FENCE: it runs only once nothing of that
 // connection can read or write this agent's memory any more — every write of
-// the connection, in either direction, has completed or been stopped, and
+// the connection, in either direction, and every Read of this agent from
+// the peer, has completed or been stopped, and
 // every MappedAccess of it has ended (across processes: the peer process is
 // gone, or its access was revoked). A session may therefore treat
 // on_peer_failure as proof that a dead writer's bytes will not land later.
@@ -94,6 +95,13 @@ struct TransportCaps {
   // bytes already sent; the fence (below) holds either way.
   bool pending_writes_fail = false;
   TransportCost cost;
+  // This process can copy a peer's registered memory into its own with
+  // Read (between processes of one host: the kernel copies straight from the
+  // peer's address space, many ranges per call). The receiver-side `direct`
+  // path ("direct read", docs/paths.md) uses it where map_remote is false.
+  bool read_remote = false;
+  // What Read costs: a fixed price per range (op_us) and the copy rate.
+  TransportCost read_cost;
 };
 
 // Identifies one connection of this transport. Assigned by the transport
@@ -146,6 +154,14 @@ struct WriteOp {
   uint64_t bytes = 0;
 };
 
+// One transport read: `bytes` from the peer's address `src` to local address
+// `dst` (the regions are given to Transport::Read).
+struct ReadOp {
+  Addr src;
+  Addr dst;
+  uint64_t bytes = 0;
+};
+
 using TransportDone = std::function<void(Status status)>;
 
 // Counters since the transport started (for metrics and the bench).
@@ -153,6 +169,8 @@ struct TransportStats {
   uint64_t write_ops = 0;  // data-plane write operations issued
   uint64_t write_bytes = 0;
   uint64_t failed_write_ops = 0;
+  uint64_t read_ops = 0;  // ranges copied by Read
+  uint64_t read_bytes = 0;
   uint64_t flushes = 0;
   uint64_t messages_sent = 0;
   uint64_t messages_received = 0;
@@ -226,6 +244,26 @@ class Transport {
   // region was deregistered by its owner, kAborted after Shutdown,
   // kInvalidArgument for a region another transport imported.
   virtual Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) = 0;
+
+  // Copies every op of `ops` from the peer's region `source` into the local
+  // region `target`; `done` runs once when all have landed here, with the
+  // first error if any failed, or kCancelled when `stop` skipped some (the
+  // Write rules above). A read writes only this process's memory and only
+  // reads the peer's, so it needs no fence on the peer's side: what it read
+  // after the peer stopped caring is garbage the session discards (the
+  // writer's KV_RESULT says whether its blocks were held throughout,
+  // docs/sessions.md). On this side the fence holds: on_peer_failure for
+  // the peer runs only after its reads ended. REQUIRES: `ops`, `source` and
+  // `target` stay valid until `done` runs. Errors (nothing issued):
+  // kUnimplemented when PeerCaps(peer).read_remote is false, kOutOfRange for
+  // an op outside the regions, kUnavailable when the connection is dead,
+  // kInvalidArgument for a region another transport made, kAborted after
+  // Shutdown.
+  virtual Status Read(const RemoteRegion& /*source*/, const LocalRegion& /*target*/,
+                      std::span<const ReadOp> /*ops*/, TransportDone /*done*/,
+                      std::stop_token /*stop*/) {
+    return UnimplementedError(Caps().name + " transport cannot read peer memory");
+  }
 
   // Completes once every write to `target.peer()` that completed before this
   // call is visible in the peer's memory.

@@ -30,6 +30,17 @@ std::shared_ptr<LoopbackFabric> NewLoopbackFabric();
 Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
                                                         std::string name);
 
+// What a loopback transport offers its agents; both on by default. Turning
+// one off makes the transport behave like a link without it (tests of the
+// paths and of `auto`).
+struct LoopbackOptions {
+  bool map_remote = true;   // BeginMappedAccess: `direct` copies by the writer
+  bool read_remote = true;  // Read: `direct` copies by the receiver
+};
+Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
+                                                        std::string name,
+                                                        const LoopbackOptions& options);
+
 // The UCX transport (docs/transports.md): one agent's UCP context with
 // `num_workers` workers (rails), a listener at `listen_address`, active
 // messages for control frames and RMA puts for data.
