@@ -62,7 +62,7 @@ Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, int rank, const
   *faults = nullptr;
   const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> loopback,
-                       LoopbackTransport::Create(fabric_, name));
+                       LoopbackTransport::Create(fabric_, name, options_.loopback));
   std::unique_ptr<Transport> transport = std::move(loopback);
   FaultTransport* decorator = nullptr;
   if (options_.faults) {

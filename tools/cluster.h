@@ -51,6 +51,8 @@ struct ClusterOptions {
   bool faults = false;
   FaultOptions ctx_faults;
   FaultOptions gen_faults;
+  // What every loopback transport offers (mapped access, reads).
+  LoopbackOptions loopback;
   // Give layer-major pools one allocation per layer.
   bool per_layer_pools = false;
   std::chrono::milliseconds grace{200};

@@ -55,7 +55,9 @@ class Driver {
 
   int num_ctx() const { return plan_.scenario.ctx.num_ranks(); }
   int num_gen() const { return plan_.scenario.gen.num_ranks(); }
-  bool map_remote() const { return map_remote_; }
+  // Whether `direct` can run: the writers map the receivers' pools, or the
+  // receivers read the writers' (between processes of one host).
+  bool direct() const { return direct_; }
 
   Status Start(const std::string& executable);
   Status ConnectGen();
@@ -110,7 +112,7 @@ class Driver {
   std::chrono::milliseconds quit_wait_{0};
   std::chrono::milliseconds term_wait_{0};
   std::chrono::milliseconds step_{0};
-  bool map_remote_ = false;
+  bool direct_ = false;
   // The requests of the wave RunPath runs that are not settled yet:
   // (worker, request id); what the survivors still hold when it fails.
   std::set<std::pair<size_t, uint64_t>> open_gen_, open_ctx_;
@@ -240,7 +242,8 @@ Status Driver::Start(const std::string& executable) {
     if (!w.ctx && space != std::string_view::npos) {
       const nlohmann::json caps =
           nlohmann::json::parse(reply.rest.substr(space + 1), nullptr, false);
-      map_remote_ = caps.is_object() && caps.value("map_remote", false);
+      direct_ = caps.is_object() &&
+                (caps.value("map_remote", false) || caps.value("read_remote", false));
     }
     waiting.erase(line.child);
   }
@@ -590,14 +593,14 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
   }
   std::vector<TransferPath> paths;
   for (TransferPath p : plan.paths) {
-    if (p == TransferPath::kDirect && !driver.map_remote()) {
+    if (p == TransferPath::kDirect && !driver.direct()) {
       if (!flags.paths.empty()) {
         driver.Stop(false);
         return UnimplementedError(
-            "--path direct: the ucx transport between these workers cannot map peer memory "
-            "(the direct path needs a transport that can)");
+            "--path direct: the ucx transport between these workers can neither map nor read "
+            "peer memory (the direct path needs one of the two)");
       }
-      log << "  direct: not run (the ucx transport cannot map peer memory)\n";
+      log << "  direct: not run (the ucx transport can neither map nor read peer memory)\n";
       continue;
     }
     paths.push_back(p);

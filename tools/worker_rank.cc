@@ -35,7 +35,9 @@ Result<std::unique_ptr<WorkerRank>> WorkerRank::Create(const Topology& topology,
   if (w->wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
   w->queue_->fd = w->wake_fd_;
   const TransportCaps caps = transport->Caps();
-  w->caps_ = {{"transport", caps.name}, {"map_remote", caps.map_remote}};
+  w->caps_ = {{"transport", caps.name},
+              {"map_remote", caps.map_remote},
+              {"read_remote", caps.read_remote}};
   AgentOptions agent =
       w->harness_->MakeAgentOptions(options.instance_id, options.config, options.grace);
   agent.transport = std::move(transport);

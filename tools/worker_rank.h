@@ -80,7 +80,8 @@ class WorkerRank {
   std::string Who() const;
   Agent& agent() { return *agent_; }
   std::string Address() const { return agent_->Address(); }
-  // The transport's capabilities: {"transport": name, "map_remote": bool}.
+  // The transport's capabilities: {"transport": name, "map_remote": bool,
+  // "read_remote": bool}.
   const nlohmann::json& caps() const { return caps_; }
 
   // Connects to `addresses`, retrying a refused or unreachable peer every

@@ -196,6 +196,25 @@ class Transport {
   // default is Caps(). Errors: kNotFound for an unknown peer.
   virtual Result<TransportCaps> PeerCaps(PeerId /*peer*/) const { return Caps(); }
 
+  // The capabilities of the connection to `peer` for memory of `kind`: what
+  // the transport can do with a region of that kind on this connection
+  // (whether `direct` maps or reads it, what it costs). The default is
+  // PeerCaps(peer) with map_remote and read_remote cleared when the
+  // transport cannot reach `kind` at all (host_memory, device_memory);
+  // transports whose answer depends on the kind (a host-only read of a
+  // transport that also moves device memory) override it. Errors: kNotFound
+  // for an unknown peer.
+  virtual Result<TransportCaps> PeerCapsFor(PeerId peer, MemoryKind kind) const {
+    Result<TransportCaps> caps = PeerCaps(peer);
+    if (!caps.ok()) return caps;
+    const bool host = kind != MemoryKind::kCuda;
+    if (host ? !caps->host_memory : !caps->device_memory) {
+      caps->map_remote = false;
+      caps->read_remote = false;
+    }
+    return caps;
+  }
+
   // The address peers pass to Connect.
   virtual std::string Address() const = 0;
 

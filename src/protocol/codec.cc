@@ -98,6 +98,23 @@ void WritePayload(WireWriter& w, const Bye& m) {
   w.PutString(m.message);
 }
 
+void WritePayload(WireWriter& w, const KvReady& m) {
+  w.PutU64(m.request_id);
+  w.PutU64(m.plan_fingerprint);
+  w.PutU32(m.slice_id);
+  w.PutU32(m.writer_rank);
+  w.PutU32Array(m.block_table);
+}
+
+void WritePayload(WireWriter& w, const KvReadDone& m) {
+  w.PutU64(m.request_id);
+  w.PutU64(m.bytes_read);
+  w.PutU32(m.slice_id);
+  w.PutU32(m.writer_rank);
+  w.PutU8(static_cast<uint8_t>(m.status));
+  w.PutString(m.error_text);
+}
+
 template <typename M>
 Result<std::vector<std::byte>> EncodeMessage(const M& message) {
   KVB_RETURN_IF_ERROR(Validate(message));
@@ -215,6 +232,25 @@ Status ReadPayload(WireReader& r, Bye* m) {
   return Status::Ok();
 }
 
+Status ReadPayload(WireReader& r, KvReady* m) {
+  KVB_RETURN_IF_ERROR(r.ReadU64("request_id", &m->request_id));
+  KVB_RETURN_IF_ERROR(r.ReadU64("plan_fingerprint", &m->plan_fingerprint));
+  KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
+  KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  KVB_RETURN_IF_ERROR(r.ReadU32Array("block_table", kMaxBlockTableEntries, &m->block_table));
+  return Status::Ok();
+}
+
+Status ReadPayload(WireReader& r, KvReadDone* m) {
+  KVB_RETURN_IF_ERROR(r.ReadU64("request_id", &m->request_id));
+  KVB_RETURN_IF_ERROR(r.ReadU64("bytes_read", &m->bytes_read));
+  KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
+  KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  KVB_RETURN_IF_ERROR(ReadEnum(r, "status", kMaxResultStatus, &m->status));
+  KVB_RETURN_IF_ERROR(r.ReadString("error_text", kMaxErrorTextBytes, &m->error_text));
+  return Status::Ok();
+}
+
 // The payload of `frame` after checking its header names `expected` and that
 // the frame holds exactly the payload the header announces.
 Result<std::span<const std::byte>> OpenFrame(std::span<const std::byte> frame,
@@ -256,6 +292,8 @@ Result<std::vector<std::byte>> Encode(const KvRequest& request) { return EncodeM
 Result<std::vector<std::byte>> Encode(const KvResult& result) { return EncodeMessage(result); }
 Result<std::vector<std::byte>> Encode(const Cancel& cancel) { return EncodeMessage(cancel); }
 Result<std::vector<std::byte>> Encode(const Bye& bye) { return EncodeMessage(bye); }
+Result<std::vector<std::byte>> Encode(const KvReady& ready) { return EncodeMessage(ready); }
+Result<std::vector<std::byte>> Encode(const KvReadDone& done) { return EncodeMessage(done); }
 
 Result<std::vector<std::byte>> EncodeFrame(const Message& message) {
   return std::visit([](const auto& m) { return EncodeMessage(m); }, message);
@@ -328,6 +366,14 @@ Result<Bye> DecodeBye(std::span<const std::byte> frame) {
   return DecodeMessage<Bye>(frame, MessageType::kBye);
 }
 
+Result<KvReady> DecodeKvReady(std::span<const std::byte> frame) {
+  return DecodeMessage<KvReady>(frame, MessageType::kKvReady);
+}
+
+Result<KvReadDone> DecodeKvReadDone(std::span<const std::byte> frame) {
+  return DecodeMessage<KvReadDone>(frame, MessageType::kKvReadDone);
+}
+
 Result<Message> DecodeFrame(std::span<const std::byte> frame) {
   KVB_ASSIGN_OR_RETURN(FrameHeader header, DecodeHeader(frame));
   switch (header.type) {
@@ -349,6 +395,14 @@ Result<Message> DecodeFrame(std::span<const std::byte> frame) {
     }
     case MessageType::kBye: {
       KVB_ASSIGN_OR_RETURN(Bye m, DecodeBye(frame));
+      return Message(std::move(m));
+    }
+    case MessageType::kKvReady: {
+      KVB_ASSIGN_OR_RETURN(KvReady m, DecodeKvReady(frame));
+      return Message(std::move(m));
+    }
+    case MessageType::kKvReadDone: {
+      KVB_ASSIGN_OR_RETURN(KvReadDone m, DecodeKvReadDone(frame));
       return Message(std::move(m));
     }
   }

@@ -70,6 +70,8 @@ Result<std::vector<std::byte>> Encode(const KvRequest& request);
 Result<std::vector<std::byte>> Encode(const KvResult& result);
 Result<std::vector<std::byte>> Encode(const Cancel& cancel);
 Result<std::vector<std::byte>> Encode(const Bye& bye);
+Result<std::vector<std::byte>> Encode(const KvReady& ready);
+Result<std::vector<std::byte>> Encode(const KvReadDone& done);
 // Dispatches on the alternative held.
 Result<std::vector<std::byte>> EncodeFrame(const Message& message);
 
@@ -98,6 +100,8 @@ Result<KvRequest> DecodeKvRequest(std::span<const std::byte> frame);
 Result<KvResult> DecodeKvResult(std::span<const std::byte> frame);
 Result<Cancel> DecodeCancel(std::span<const std::byte> frame);
 Result<Bye> DecodeBye(std::span<const std::byte> frame);
+Result<KvReady> DecodeKvReady(std::span<const std::byte> frame);
+Result<KvReadDone> DecodeKvReadDone(std::span<const std::byte> frame);
 
 // Decodes one complete frame of any type, dispatching on its header.
 Result<Message> DecodeFrame(std::span<const std::byte> frame);

@@ -135,6 +135,8 @@ std::string_view TransferPathName(TransferPath path) {
       return "DIRECT";
     case TransferPath::kAuto:
       return "AUTO";
+    case TransferPath::kDirectRead:
+      return "DIRECT_READ";
   }
   return "UNKNOWN";
 }
@@ -244,6 +246,18 @@ Status Validate(const Bye& bye) {
   constexpr std::string_view kMsg = "BYE";
   KVB_RETURN_IF_ERROR(CheckEnum(kMsg, "reason", static_cast<uint8_t>(bye.reason), kMaxByeReason));
   KVB_RETURN_IF_ERROR(CheckLength(kMsg, "message", bye.message.size(), kMaxReasonBytes));
+  return Status::Ok();
+}
+
+Status Validate(const KvReady& ready) {
+  return CheckEntries("KV_READY", "block_table", ready.block_table.size(), kMaxBlockTableEntries);
+}
+
+Status Validate(const KvReadDone& done) {
+  constexpr std::string_view kMsg = "KV_READ_DONE";
+  KVB_RETURN_IF_ERROR(
+      CheckEnum(kMsg, "status", static_cast<uint8_t>(done.status), kMaxResultStatus));
+  KVB_RETURN_IF_ERROR(CheckLength(kMsg, "error_text", done.error_text.size(), kMaxErrorTextBytes));
   return Status::Ok();
 }
 

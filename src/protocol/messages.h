@@ -77,8 +77,11 @@ enum class TransferPath : uint8_t {
   kBounce = 1,
   kDirect = 2,
   kAuto = 3,
+  // `direct` copied by the receiver: the writer lends its blocks (KV_READY)
+  // and the receiver reads them into its own pool (docs/sessions.md).
+  kDirectRead = 4,
 };
-inline constexpr uint8_t kMaxTransferPath = 3;
+inline constexpr uint8_t kMaxTransferPath = 4;
 
 // Outcome a KV_RESULT reports.
 enum class ResultStatus : uint8_t {
@@ -251,6 +254,38 @@ struct KvResult {
 };
 
 // ---------------------------------------------------------------------------
+// KV_READY: writer -> gen rank, for a KV_REQUEST on the DIRECT_READ path: the
+// writer's blocks are lent to the receiver, which reads them itself.
+// ---------------------------------------------------------------------------
+struct KvReady {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint32_t writer_rank = 0;
+  uint64_t plan_fingerprint = 0;
+  // The writer's block ids for tokens [0, token_end) of the request, in
+  // token order. At most kMaxBlockTableEntries.
+  std::vector<uint32_t> block_table;
+
+  friend bool operator==(const KvReady&, const KvReady&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// KV_READ_DONE: gen rank -> writer, once its reads of a KV_READY's blocks
+// ended. The writer answers with KV_RESULT: SUCCESS only when it held the
+// blocks until this arrived (the bytes read are then the request's KV).
+// ---------------------------------------------------------------------------
+struct KvReadDone {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint32_t writer_rank = 0;
+  ResultStatus status = ResultStatus::kSuccess;
+  uint64_t bytes_read = 0;
+  std::string error_text;  // at most kMaxErrorTextBytes; empty on success
+
+  friend bool operator==(const KvReadDone&, const KvReadDone&) = default;
+};
+
+// ---------------------------------------------------------------------------
 // CANCEL: either side; every slice of the request.
 // ---------------------------------------------------------------------------
 struct Cancel {
@@ -271,7 +306,7 @@ struct Bye {
 };
 
 // Any one message.
-using Message = std::variant<Hello, KvRequest, KvResult, Cancel, Bye>;
+using Message = std::variant<Hello, KvRequest, KvResult, Cancel, Bye, KvReady, KvReadDone>;
 
 // The header type of a message.
 constexpr MessageType TypeOf(const Hello&) { return MessageType::kHello; }
@@ -279,6 +314,8 @@ constexpr MessageType TypeOf(const KvRequest&) { return MessageType::kKvRequest;
 constexpr MessageType TypeOf(const KvResult&) { return MessageType::kKvResult; }
 constexpr MessageType TypeOf(const Cancel&) { return MessageType::kCancel; }
 constexpr MessageType TypeOf(const Bye&) { return MessageType::kBye; }
+constexpr MessageType TypeOf(const KvReady&) { return MessageType::kKvReady; }
+constexpr MessageType TypeOf(const KvReadDone&) { return MessageType::kKvReadDone; }
 MessageType TypeOf(const Message& message);
 
 // ---------------------------------------------------------------------------
@@ -296,6 +333,8 @@ Status Validate(const KvRequest& request);
 Status Validate(const KvResult& result);
 Status Validate(const Cancel& cancel);
 Status Validate(const Bye& bye);
+Status Validate(const KvReady& ready);
+Status Validate(const KvReadDone& done);
 Status Validate(const Message& message);
 
 }  // namespace kvbounce::protocol

@@ -16,6 +16,10 @@ std::string_view MessageTypeName(MessageType type) {
       return "CANCEL";
     case MessageType::kBye:
       return "BYE";
+    case MessageType::kKvReady:
+      return "KV_READY";
+    case MessageType::kKvReadDone:
+      return "KV_READ_DONE";
   }
   return "UNKNOWN";
 }

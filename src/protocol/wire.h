@@ -46,7 +46,7 @@ inline constexpr uint32_t kMagic = 0x4342564Bu;
 // The version this build speaks. A decoder rejects any frame whose header
 // carries another version (docs/wire_format.md, "Versioning"): any change of
 // the encoding, a new field or a changed limit, takes a new version.
-inline constexpr uint16_t kProtocolVersion = 2;
+inline constexpr uint16_t kProtocolVersion = 3;
 
 // Bytes of the frame header: magic u32 | version u16 | type u16 | length u32.
 inline constexpr size_t kHeaderSize = 12;
@@ -64,13 +64,16 @@ enum class MessageType : uint16_t {
   kKvResult = 3,
   kCancel = 4,
   kBye = 5,
+  kKvReady = 6,
+  kKvReadDone = 7,
 };
 
 // Lowest and highest valid MessageType values.
 inline constexpr uint16_t kMinMessageType = 1;
-inline constexpr uint16_t kMaxMessageType = 5;
+inline constexpr uint16_t kMaxMessageType = 7;
 
-// "HELLO", "KV_REQUEST", "KV_RESULT", "CANCEL", "BYE", or "UNKNOWN" for a value
+// "HELLO", "KV_REQUEST", "KV_RESULT", "CANCEL", "BYE", "KV_READY",
+// "KV_READ_DONE", or "UNKNOWN" for a value
 // outside the enum. Used as the prefix of every codec error message.
 std::string_view MessageTypeName(MessageType type);
 
@@ -128,6 +131,8 @@ inline constexpr size_t kKvRequestFixedBytes = 8 * 7 + 4 * 3 + 1 + 4;
 inline constexpr size_t kKvResultFixedBytes = 8 * 3 + 4 * 2 + 1 + 1 + 4;
 inline constexpr size_t kCancelFixedBytes = 8 + 4;
 inline constexpr size_t kByeFixedBytes = 1 + 4;
+inline constexpr size_t kKvReadyFixedBytes = 8 * 2 + 4 * 2 + 4;
+inline constexpr size_t kKvReadDoneFixedBytes = 8 * 2 + 4 * 2 + 1 + 4;
 
 inline constexpr size_t kMaxHelloPayloadBytes =
     kHelloFixedBytes + kMaxInstanceIdBytes + 4 * size_t{kMaxPipelineStages} +
@@ -137,12 +142,17 @@ inline constexpr size_t kMaxKvRequestPayloadBytes =
 inline constexpr size_t kMaxKvResultPayloadBytes = kKvResultFixedBytes + kMaxErrorTextBytes;
 inline constexpr size_t kMaxCancelPayloadBytes = kCancelFixedBytes + kMaxReasonBytes;
 inline constexpr size_t kMaxByePayloadBytes = kByeFixedBytes + kMaxReasonBytes;
+inline constexpr size_t kMaxKvReadyPayloadBytes =
+    kKvReadyFixedBytes + 4 * size_t{kMaxBlockTableEntries};
+inline constexpr size_t kMaxKvReadDonePayloadBytes = kKvReadDoneFixedBytes + kMaxErrorTextBytes;
 
 static_assert(kMaxHelloPayloadBytes <= kMaxPayloadBytes);
 static_assert(kMaxKvRequestPayloadBytes <= kMaxPayloadBytes);
 static_assert(kMaxKvResultPayloadBytes <= kMaxPayloadBytes);
 static_assert(kMaxCancelPayloadBytes <= kMaxPayloadBytes);
 static_assert(kMaxByePayloadBytes <= kMaxPayloadBytes);
+static_assert(kMaxKvReadyPayloadBytes <= kMaxPayloadBytes);
+static_assert(kMaxKvReadDonePayloadBytes <= kMaxPayloadBytes);
 
 // The largest payload a frame of `type` can carry within the limits; 0 for a
 // type outside the enum. A header whose length exceeds this is rejected before
@@ -159,6 +169,10 @@ constexpr size_t MaxPayloadBytes(MessageType type) {
       return kMaxCancelPayloadBytes;
     case MessageType::kBye:
       return kMaxByePayloadBytes;
+    case MessageType::kKvReady:
+      return kMaxKvReadyPayloadBytes;
+    case MessageType::kKvReadDone:
+      return kMaxKvReadDonePayloadBytes;
   }
   return 0;
 }

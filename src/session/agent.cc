@@ -524,6 +524,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;
   std::unique_ptr<RemoteRegion> recv_arena;
   bool send_arena = false;
+  MemoryKind pool_memory = MemoryKind::kHost;
   for (const protocol::RegionDescriptor& d : h.regions) {
     if (d.kind == protocol::RegionKind::kSendArena) {
       send_arena = true;  // the peer gathers there; nothing to import
@@ -534,6 +535,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
     if (!imported.ok())
       return imported.status().WithContext("importing a region of peer '" + h.instance_id + "'");
     if (d.kind == protocol::RegionKind::kPool) {
+      pool_memory = FromWire(d.memory);
       pool_regions.push_back(std::move(imported).value());
     } else {
       recv_arena = std::move(imported).value();
@@ -571,6 +573,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   peer.pool_regions = std::move(pool_regions);
   peer.recv_arena = std::move(recv_arena);
   peer.send_arena = send_arena;
+  peer.pool_memory = pool_memory;
   peer.capabilities = h.capabilities;
   peer.hello_received = true;
   ctx_.instances[h.instance_id] = shared;
@@ -656,6 +659,10 @@ void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
     if (ctx_.role == Role::kGen) receiver_->OnResult(*peer, *result);
   } else if (const auto* cancel = std::get_if<protocol::Cancel>(&*message)) {
     if (ctx_.role == Role::kCtx) sender_->OnCancel(*peer, *cancel);
+  } else if (const auto* ready = std::get_if<protocol::KvReady>(&*message)) {
+    if (ctx_.role == Role::kGen) receiver_->OnReady(*peer, *ready);
+  } else if (const auto* read_done = std::get_if<protocol::KvReadDone>(&*message)) {
+    if (ctx_.role == Role::kCtx) sender_->OnReadDone(*peer, *read_done);
   }
 }
 

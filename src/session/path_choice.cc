@@ -35,6 +35,17 @@ CopyCost EffectiveCopyCost(const Config& config, CopyCost stated) {
   return cost;
 }
 
+TransportCost EffectiveReadCost(const Config& config, TransportCost stated,
+                                const CopyCost& copy) {
+  const CopyCost effective = EffectiveCopyCost(config, copy);
+  TransportCost cost;
+  cost.op_us = stated.op_us > 0 && std::isfinite(stated.op_us) ? stated.op_us : effective.run_us;
+  cost.bytes_per_us = stated.bytes_per_us > 0 && std::isfinite(stated.bytes_per_us)
+                          ? stated.bytes_per_us
+                          : effective.bytes_per_us;
+  return cost;
+}
+
 PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> writers,
                            const CopyCost& stated_copy, bool recv_arena) {
   const CopyCost copy = EffectiveCopyCost(config, stated_copy);
@@ -50,9 +61,15 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
         2 * kHandOffUs + static_cast<double>(w.direct_runs + 1) * link.op_us + on_link;
     e.bounce_us += 4 * kHandOffUs + 2 * link.op_us + on_link + 2 * copy.batch_us +
                    static_cast<double>(w.gather_runs + w.scatter_runs) * copy.run_us + 2 * copied;
-    e.direct_us +=
-        kHandOffUs + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
-    direct = direct && w.direct;
+    if (w.direct) {
+      e.direct_us +=
+          kHandOffUs + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
+    } else {
+      const TransportCost read = EffectiveReadCost(config, w.read, stated_copy);
+      e.direct_us += 3 * kHandOffUs + static_cast<double>(w.direct_runs) * read.op_us +
+                     bytes / read.bytes_per_us;
+    }
+    direct = direct && (w.direct || w.direct_read);
     bounce = bounce && w.send_arena;
   }
   if (!direct) e.direct_us = kUnavailable;
@@ -76,10 +93,11 @@ Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
       return choice;
     case TransferPath::kDirect:
       for (const WriterLoad& w : writers) {
-        if (!w.direct) {
+        if (!w.direct && !w.direct_read) {
           return UnimplementedError(
-              "Pull: the direct path needs writers that can map this rank's pool; the " +
-              std::string(transport_name) + " transport cannot");
+              "Pull: the direct path needs writers that can map this rank's pool, or whose "
+              "pool this rank can read; the " +
+              std::string(transport_name) + " transport cannot here");
         }
       }
       choice.path = TransferPath::kDirect;

@@ -8,6 +8,7 @@
 //   bounce     4 H + 2 op + B / link                      (one write, a flush)
 //              + 2 batch + (G + S) run + 2 B / copy       (gather, scatter)
 //   direct     H + batch + D run + B / copy               (one batched copy)
+//              3 H + D read_op + B / read                 (read by this rank)
 //
 // where, per writer, B is its packed bytes, D its direct-list runs (one
 // transport write each on per-block, one copy run each on direct), G and S
@@ -16,7 +17,11 @@
 // µs), batch, run and copy the copy engine's (CopyEngineCaps::cost), and H =
 // kHandOffUs the price of one asynchronous step: every copy batch, write
 // batch and flush ends with a completion posted back to the control thread.
-// The "+ 1 op" and "2 op" are the flush before the writer's KV_RESULT.
+// The "+ 1 op" and "2 op" are the flush before the writer's KV_RESULT. On
+// direct read (the writer lends its blocks and this rank copies them with
+// Transport::Read: KV_READY, the reads, KV_READ_DONE and KV_RESULT), read_op
+// and read are the connection's read cost (PeerCaps(peer).read_cost), or the
+// copy engine's figures where it states none.
 //
 // Writers run in parallel on their own ranks, but every term scales alike
 // with their number, so the sum ranks the paths as the slowest writer would,
@@ -25,7 +30,9 @@
 // build, usually the same kind of host).
 //
 // Availability: direct only when every writer can map this rank's pool
-// (its HELLO says its transport can, and PeerCaps(peer).map_remote agrees);
+// (its HELLO says its transport can, and PeerCaps(peer).map_remote agrees)
+// or be read by this rank (PeerCaps(peer).read_remote, host pools on both
+// sides);
 // bounce only with a recv arena here and a send arena at every writer (a
 // writer without one would write its gather runs one by one). A path that
 // is not available costs +infinity. Ties go to direct, then per-block.
@@ -66,7 +73,9 @@ struct WriterLoad {
   uint64_t gather_runs = 0;   // G
   uint64_t scatter_runs = 0;  // S
   TransportCost link;         // as the transport states it for the connection
-  bool direct = false;        // direct is available with this writer
+  bool direct = false;        // the writer can copy into this rank's pool
+  bool direct_read = false;   // this rank can read the writer's pool
+  TransportCost read;         // what such a read costs, as stated
   bool send_arena = false;    // the writer can gather (bounce)
 };
 
@@ -102,6 +111,10 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
 Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
                               std::span<const WriterLoad> writers, const CopyCost& copy,
                               bool recv_arena, std::string_view transport_name);
+
+// `stated` read cost with the copy engine's per-run and per-byte figures for
+// what is 0.
+TransportCost EffectiveReadCost(const Config& config, TransportCost stated, const CopyCost& copy);
 
 // "per-block 120.5 us, bounce 80.1 us, direct n/a", for logs.
 std::string DescribeEstimate(const PathEstimate& estimate);

@@ -1,6 +1,7 @@
 #include "session/receiver.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -18,6 +19,13 @@ struct ReceiverSession::Writer {
   std::vector<Fragment> scatter;
   WriterState state = WriterState::kPending;
   Status error;
+  // Direct read: this rank copies the writer's blocks (KV_READY) itself.
+  bool reads = false;
+  bool ready_seen = false;
+  bool read_complete = false;  // every read landed and KV_READ_DONE went out
+  int reads_outstanding = 0;   // read batches in the transport
+  Status read_error;
+  std::stop_source read_stop;
 };
 
 struct ReceiverSession::Request {
@@ -50,9 +58,12 @@ struct ReceiverSession::Request {
   Status root_cause;
   RequestTimeline timeline;
 
+  // No writer can touch the pool or the slot any more, and no read of this
+  // rank writes into the pool.
   bool AllTerminal() const {
-    return std::all_of(writers.begin(), writers.end(),
-                       [](const Writer& w) { return w.state != WriterState::kPending; });
+    return std::all_of(writers.begin(), writers.end(), [](const Writer& w) {
+      return w.state != WriterState::kPending && w.reads_outstanding == 0;
+    });
   }
 };
 
@@ -166,9 +177,21 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     Result<TransportCaps> caps = ctx_.transport->PeerCaps(peer->id);
     const TransportCaps link = caps.ok() ? *std::move(caps) : ctx_.transport->Caps();
     load.link = link.cost;
-    // The writer runs the direct copy: its transport must map our pool (its
-    // HELLO says whether it can), over this connection.
-    load.direct = (peer->capabilities & protocol::kCapabilityDirect) != 0 && link.map_remote;
+    // Direct: the writer copies into our pool where its transport maps it
+    // (its HELLO says whether it can, over this connection); otherwise this
+    // rank reads the writer's pool where our transport can (between
+    // processes of one host).
+    // Each asked for the memory kind at stake: ours written by the writer,
+    // the writer's read by us (a read lands in our pool, so ours must be
+    // host memory too when the read is a CPU one).
+    Result<TransportCaps> ours = ctx_.transport->PeerCapsFor(peer->id, ctx_.pool_memory);
+    Result<TransportCaps> theirs = ctx_.transport->PeerCapsFor(peer->id, peer->pool_memory);
+    load.direct = (peer->capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() &&
+                  ours->map_remote;
+    load.direct_read = !load.direct && theirs.ok() && theirs->read_remote && ours.ok() &&
+                       ours->read_remote;
+    if (theirs.ok()) load.read = theirs->read_cost;
+    writer.reads = load.direct_read;
     load.send_arena = peer->send_arena;
     loads.push_back(load);
     r->writers.push_back(std::move(writer));
@@ -219,7 +242,8 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
   // Counting walks the plan again (without building it): worth it only
   // when there is a choice to make.
   const bool direct =
-      std::all_of(loads.begin(), loads.end(), [](const WriterLoad& l) { return l.direct; });
+      std::all_of(loads.begin(), loads.end(),
+                  [](const WriterLoad& l) { return l.direct || l.direct_read; });
   const bool bounce = recv_arena && std::all_of(loads.begin(), loads.end(),
                                                 [](const WriterLoad& l) { return l.send_arena; });
   if (!direct && !bounce) return Status::Ok();
@@ -321,11 +345,13 @@ void ReceiverSession::SendRequests(Request& r) {
   msg.block_table.reserve(needed);
   for (size_t i = 0; i < needed; ++i)
     msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
-  msg.path = static_cast<protocol::TransferPath>(r.path);
   msg.deadline_ms = ctx_.MillisLeft(r.deadline);
   msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
   for (size_t i = 0; i < r.writers.size(); ++i) {
     Writer& w = r.writers[i];
+    if (r.path != TransferPath::kDirect) w.reads = false;
+    msg.path = w.reads ? protocol::TransferPath::kDirectRead
+                       : static_cast<protocol::TransferPath>(r.path);
     msg.writer_rank = static_cast<uint32_t>(w.rank);
     msg.plan_fingerprint = w.fingerprint;
     if (r.path == TransferPath::kBounce) {
@@ -347,6 +373,155 @@ void ReceiverSession::SendRequests(Request& r) {
   Advance(r);  // a writer that could not be reached may already decide it
 }
 
+ReceiverSession::Writer* ReceiverSession::FindWriter(Request& r, const PeerState& peer,
+                                                     uint32_t writer_rank) {
+  for (Writer& candidate : r.writers) {
+    if (candidate.rank == static_cast<int>(writer_rank) && candidate.peer == peer.id) {
+      return &candidate;
+    }
+  }
+  ctx_.metrics->Count(Counter::kRejectedResults);
+  Log(LogLevel::kWarning, "answer for " + RequestName(r.key.first) + " from " + peer.Describe() +
+                              " (writer rank " + std::to_string(writer_rank) +
+                              ") rejected: not a writer of this request");
+  return nullptr;
+}
+
+void ReceiverSession::OnReady(PeerState& peer, const protocol::KvReady& ready) {
+  Request* r = Find({ready.request_id, ready.slice_id});
+  if (r == nullptr) {
+    // Settled already (it was cancelled or timed out, and the writer heard
+    // CANCEL): nothing to read.
+    Log(LogLevel::kDebug, "KV_READY for " + RequestName(ready.request_id) + " from " +
+                              peer.Describe() + " ignored: the request is gone");
+    return;
+  }
+  Writer* w = FindWriter(*r, peer, ready.writer_rank);
+  if (w == nullptr) return;
+  const size_t index = static_cast<size_t>(w - r->writers.data());
+  if (!w->reads || w->ready_seen || w->state != WriterState::kPending) {
+    if (w->state == WriterState::kPending && !w->ready_seen) {
+      WriterDone(*r, *w, WriterState::kFailed,
+                 DataLossError(w->name + " lent its blocks, but this rank asked it to write"));
+    }
+    ctx_.metrics->Count(Counter::kRejectedResults);
+    return;
+  }
+  w->ready_seen = true;
+  if (r->settled || r->pending_outcome) return;  // cancelled: the writer heard CANCEL
+  StartReads(*r, index, ready);
+}
+
+void ReceiverSession::StartReads(Request& r, size_t index, const protocol::KvReady& ready) {
+  Writer& w = r.writers[index];
+  auto fail = [&](const Status& why) {
+    EndLoan(r, w, why);
+    WriterDone(r, w, WriterState::kFailed, why);
+  };
+  if (ready.plan_fingerprint != w.fingerprint) {
+    fail(DataLossError(w.name + " lent blocks for plan fingerprint " +
+                       std::to_string(ready.plan_fingerprint) + ", expected " +
+                       std::to_string(w.fingerprint) +
+                       ": the two sides planned different transfers"));
+    return;
+  }
+  PeerState* peer = ctx_.FindPeer(w.peer);
+  if (peer == nullptr || !peer->ready()) return;  // its failure settles the writer
+  std::vector<int32_t> writer_table;
+  writer_table.reserve(ready.block_table.size());
+  for (size_t i = 0; i < ready.block_table.size(); ++i) {
+    const uint32_t id = ready.block_table[i];
+    if (id > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
+      fail(OutOfRangeError(w.name + " lent block table entry " + std::to_string(i) + " = " +
+                           std::to_string(id) + ", out of range"));
+      return;
+    }
+    writer_table.push_back(static_cast<int32_t>(id));
+  }
+  // The same plan the writer made, with both block tables known here.
+  Result<PairPlan> plan = PlanPair(PlanSide{peer->topology.get(), w.rank, &*peer->pool, writer_table},
+                                   PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r.block_table},
+                                   r.tokens, kPlanDirect);
+  if (!plan.ok()) {
+    fail(plan.status().WithContext("planning the reads from " + w.name));
+    return;
+  }
+  Result<std::vector<ReadGroup>> grouped =
+      GroupReads(plan->direct, peer->pool_regions, ctx_.pool_ranges);
+  if (!grouped.ok()) {
+    fail(grouped.status().WithContext("reads from " + w.name));
+    return;
+  }
+  // The ops live until the last completion has run.
+  auto groups = std::make_shared<std::vector<ReadGroup>>(std::move(grouped).value());
+  const Key key = r.key;
+  for (const ReadGroup& g : *groups) {
+    ++w.reads_outstanding;
+    Status issued = ctx_.transport->Read(
+        *g.source, *g.target, g.ops,
+        [this, key, index, groups](Status s) {
+          ctx_.loop->Post([this, key, index, s] { OnReadDone(key, index, s); });
+        },
+        w.read_stop.get_token());
+    if (!issued.ok()) {
+      --w.reads_outstanding;
+      if (w.read_error.ok()) w.read_error = issued.WithContext("reading from " + w.name);
+      w.read_stop.request_stop();
+      break;
+    }
+  }
+  if (w.reads_outstanding == 0) {
+    // Nothing in the air: settle the writer now (posted, so that this
+    // call never re-enters the request's state machine).
+    ++w.reads_outstanding;
+    ctx_.loop->Post([this, key, index] { OnReadDone(key, index, Status::Ok()); });
+  }
+}
+
+void ReceiverSession::OnReadDone(Key key, size_t index, const Status& status) {
+  Request* r = Find(key);
+  if (r == nullptr || index >= r->writers.size()) return;
+  Writer& w = r->writers[index];
+  if (!status.ok() && w.read_error.ok()) w.read_error = status.WithContext("reading from " + w.name);
+  if (w.reads_outstanding > 0 && --w.reads_outstanding > 0) return;
+  // Every read from this writer ended: nothing of it writes the pool.
+  if (w.state != WriterState::kPending || r->settled || r->pending_outcome) {
+    if (w.state == WriterState::kPending) {
+      w.state = WriterState::kCancelled;
+      w.error = r->pending_outcome ? *r->pending_outcome : CancelledError("request settled");
+    }
+    Advance(*r);
+    return;
+  }
+  if (!w.read_error.ok()) {
+    const Status why = w.read_error;
+    EndLoan(*r, w, why);
+    WriterDone(*r, w, WriterState::kFailed, why);
+    return;
+  }
+  w.read_complete = true;
+  protocol::KvReadDone done;
+  done.request_id = key.first;
+  done.slice_id = key.second;
+  done.writer_rank = static_cast<uint32_t>(w.rank);
+  done.status = protocol::ResultStatus::kSuccess;
+  done.bytes_read = w.bytes;
+  Status sent = ctx_.Send(w.peer, done);
+  if (!sent.ok()) {
+    WriterDone(*r, w, WriterState::kFailed, sent.WithContext("KV_READ_DONE to " + w.name));
+  }
+  // The writer's KV_RESULT decides: SUCCESS only if it held the blocks
+  // until our KV_READ_DONE arrived.
+}
+
+void ReceiverSession::EndLoan(Request& r, const Writer& w, const Status& why) {
+  PeerState* peer = ctx_.FindPeer(w.peer);
+  if (peer == nullptr || peer->dead) return;
+  if (ctx_.Send(w.peer, protocol::Cancel{r.key.first, std::string(why.message())}).ok()) {
+    ctx_.metrics->Count(Counter::kCancelsSent);
+  }
+}
+
 void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result) {
   Request* r = Find({result.request_id, result.slice_id});
   if (r == nullptr) {
@@ -360,20 +535,8 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
                                 " rejected");
     return;
   }
-  Writer* w = nullptr;
-  for (Writer& candidate : r->writers) {
-    if (candidate.rank == static_cast<int>(result.writer_rank) && candidate.peer == peer.id) {
-      w = &candidate;
-    }
-  }
-  if (w == nullptr) {
-    ctx_.metrics->Count(Counter::kRejectedResults);
-    Log(LogLevel::kWarning, "KV_RESULT for " + RequestName(result.request_id) + " from " +
-                                peer.Describe() + " (writer rank " +
-                                std::to_string(result.writer_rank) +
-                                ") rejected: not a writer of this request");
-    return;
-  }
+  Writer* w = FindWriter(*r, peer, result.writer_rank);
+  if (w == nullptr) return;
   if (w->state != WriterState::kPending) {
     ctx_.metrics->Count(Counter::kDuplicateResults);
     return;
@@ -387,6 +550,10 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
                                  std::to_string(result.plan_fingerprint) + ", expected " +
                                  std::to_string(w->fingerprint) +
                                  ": the two sides planned different transfers"));
+      } else if (w->reads && !w->read_complete) {
+        ctx_.metrics->Count(Counter::kRejectedResults);
+        WriterDone(*r, *w, WriterState::kFailed,
+                   DataLossError(w->name + " reported SUCCESS before this rank read its blocks"));
       } else if (result.bytes_written != w->bytes) {
         ctx_.metrics->Count(Counter::kRejectedResults);
         WriterDone(*r, *w, WriterState::kFailed,
@@ -415,6 +582,9 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
 void ReceiverSession::WriterDone(Request& r, Writer& w, WriterState state, const Status& error) {
   w.state = state;
   w.error = error;
+  // Reads from a writer that failed or was cancelled stop at their next
+  // piece; the request settles once they did (AllTerminal).
+  if (state != WriterState::kSucceeded) w.read_stop.request_stop();
   if (state != WriterState::kSucceeded && r.root_cause.ok()) r.root_cause = error;
   if (state != WriterState::kSucceeded && !r.settled && !r.pending_outcome) {
     // Drain: the request fails; the other writers need not finish.
@@ -522,11 +692,24 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
       return;
   }
   StopWriters(*r, std::string(why.message()));
+  // A writer whose blocks this rank reads never writes here: it is done
+  // with the request as soon as our reads of it stopped (AllTerminal).
+  bool writes_here = false;
+  for (Writer& w : r->writers) {
+    if (w.state != WriterState::kPending) continue;
+    if (w.reads) {
+      w.read_stop.request_stop();
+      w.state = WriterState::kCancelled;
+      w.error = why;
+    } else {
+      writes_here = true;
+    }
+  }
   // A writer that does not answer within the grace period has its
   // connection declared dead; the transport's fence (on_peer_failure) then
   // proves that nothing of it lands any more.
   const Key key = r->key;
-  r->grace_timer = ctx_.loop->PostAt(ctx_.Now() + ctx_.grace, [this, key] {
+  if (writes_here) r->grace_timer = ctx_.loop->PostAt(ctx_.Now() + ctx_.grace, [this, key] {
     Request* req = Find(key);
     if (req == nullptr) return;
     req->grace_timer = 0;
@@ -545,9 +728,11 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
     MaybeRetire(*r);
     return;
   }
-  // Per-block and direct writers write into the pool itself: the request
-  // settles once they stopped.
+  // Per-block and direct writers write into the pool itself (and this
+  // rank's own reads do on direct read): the request settles once they
+  // stopped.
   r->pending_outcome = why;
+  Advance(*r);
 }
 
 void ReceiverSession::OnPeerFailure(PeerState& peer) {
@@ -688,6 +873,7 @@ void ReceiverSession::Abandon(const Status& why) {
         w.state = WriterState::kFailed;
         w.error = why;
       }
+      w.reads_outstanding = 0;  // the transport stopped: every read ended
     }
     r->scatters_outstanding = 0;
     Settle(*r, why);

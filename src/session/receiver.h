@@ -3,7 +3,11 @@
 //
 //   RESERVING -> IN_FLIGHT -> SCATTERING -> DONE
 //                    \-------------------> FAILED
-//   (a cancel or timeout with writers in flight: on the bounce path the
+//   (the direct path where this rank reads the writers' blocks itself
+//    (DIRECT_READ: KV_READY -> reads -> KV_READ_DONE -> KV_RESULT) writes
+//    this rank's pool only from its own reads, so a cancel or timeout
+//    settles as soon as those reads stopped, whatever the writers do;
+//    a cancel or timeout with writers in flight: on the bounce path the
 //    request settles at once and its slot goes to QUARANTINED until every
 //    writer is terminal; on per-block and direct it settles only once every
 //    writer is terminal. A writer is terminal with its KV_RESULT — sent only
@@ -65,6 +69,7 @@ class ReceiverSession {
                                          const PullOptions& options);
 
   void OnResult(PeerState& peer, const protocol::KvResult& result);
+  void OnReady(PeerState& peer, const protocol::KvReady& ready);
   void OnPeerFailure(PeerState& peer);
   // Cancels slice `slice` of `request_id` with `why` (kCancelled, kAborted).
   void Cancel(uint64_t request_id, uint32_t slice, const Status& why);
@@ -101,6 +106,13 @@ class ReceiverSession {
   void SendRequests(Request& r);
   void OnDeadline(Key key);
   void WriterDone(Request& r, Writer& w, WriterState state, const Status& error);
+  // The writer of a KV_RESULT, KV_READY: checked against the request.
+  Writer* FindWriter(Request& r, const PeerState& peer, uint32_t writer_rank);
+  // Direct read: copies writer `index`'s lent blocks into the pool.
+  void StartReads(Request& r, size_t index, const protocol::KvReady& ready);
+  void OnReadDone(Key key, size_t index, const Status& status);
+  // Tells a writer whose loan this rank gave up that it may end it.
+  void EndLoan(Request& r, const Writer& w, const Status& why);
   void Advance(Request& r);
   void StartScatter(Request& r);
   void OnScatterDone(Key key, const Status& status);

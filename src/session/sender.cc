@@ -44,6 +44,7 @@ struct SenderSession::Job {
   // The publication was decided before this job reported: report CANCELLED.
   bool retired = false;
   bool reads_blocks = false;  // counted in the publication's readers
+  bool lent = false;          // direct read: the receiver copies
   bool wrote = false;         // a write was accepted: flush before reporting
   bool flushed = false;
   // Report nothing to the peer: a flush failed (nothing proves the writes
@@ -82,6 +83,8 @@ const char* SenderSession::StateName(JobState state) {
       return "WRITING";
     case JobState::kCopying:
       return "COPYING";
+    case JobState::kLent:
+      return "LENT";
     case JobState::kFlushing:
       return "FLUSHING";
     case JobState::kDone:
@@ -95,7 +98,7 @@ void SenderSession::Transition(Job& job, JobState next) {
   switch (job.state) {
     case JobState::kParked:
       allowed = next == JobState::kReserving || next == JobState::kWriting ||
-                next == JobState::kCopying || next == JobState::kDone;
+                next == JobState::kCopying || next == JobState::kLent || next == JobState::kDone;
       break;
     case JobState::kReserving:
       allowed = next == JobState::kGathering || next == JobState::kWriting ||
@@ -109,6 +112,7 @@ void SenderSession::Transition(Job& job, JobState next) {
     case JobState::kCopying:
       allowed = next == JobState::kFlushing || next == JobState::kDone;
       break;
+    case JobState::kLent:
     case JobState::kFlushing:
       allowed = next == JobState::kDone;
       break;
@@ -339,6 +343,10 @@ void SenderSession::Start(Job& job) {
     case protocol::TransferPath::kDirect:
       job.path = TransferPath::kDirect;
       break;
+    case protocol::TransferPath::kDirectRead:
+      job.path = TransferPath::kDirect;
+      job.lent = true;
+      break;
     case protocol::TransferPath::kAuto:
       Finish(job, InvalidArgumentError("KV_REQUEST path auto: the receiver must resolve it"));
       return;
@@ -355,7 +363,7 @@ void SenderSession::Start(Job& job) {
     receiver_table.push_back(static_cast<int32_t>(id));
   }
   const PoolLayout* receiver_pool = &*peer->pool;
-  if (job.path == TransferPath::kDirect) {
+  if (job.path == TransferPath::kDirect && !job.lent) {
     if (!peer->mapped_pool) {
       Finish(job, UnimplementedError("the direct path needs the receiver's pool mapped here; the " +
                                      ctx_.transport->Caps().name + " transport cannot"));
@@ -419,7 +427,11 @@ void SenderSession::Start(Job& job) {
       return;
     case TransferPath::kDirect:
       job.fragments = job.plan.direct.size();
-      StartDirect(job, *peer);
+      if (job.lent) {
+        Lend(job);
+      } else {
+        StartDirect(job, *peer);
+      }
       return;
     case TransferPath::kAuto:
       break;
@@ -462,6 +474,70 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
     ReleaseBlocks(job);
     Finish(job, submitted.WithContext("direct copy"));
   }
+}
+
+void SenderSession::Lend(Job& job) {
+  auto pub = publications_.find(job.request.request_id);
+  if (pub == publications_.end()) {  // unreachable: Start checked it
+    Finish(job, NotFoundError(RequestName(job.request.request_id) + " is not published"));
+    return;
+  }
+  // The writer's block ids for tokens [0, token_end): what the receiver
+  // needs to plan the same copy from its side.
+  const int64_t per_block = ctx_.topology->spec().tokens_per_block;
+  const size_t needed =
+      static_cast<size_t>((static_cast<int64_t>(job.request.token_end) + per_block - 1) / per_block);
+  const std::vector<int32_t>& table = *pub->second->block_table;
+  if (needed > table.size()) {  // unreachable: the plan covered these tokens
+    Finish(job, InternalError("the block table does not cover the tokens asked"));
+    return;
+  }
+  protocol::KvReady ready;
+  ready.request_id = job.request.request_id;
+  ready.slice_id = job.request.slice_id;
+  ready.writer_rank = static_cast<uint32_t>(ctx_.rank);
+  ready.plan_fingerprint = job.plan.fingerprint;
+  ready.block_table.reserve(needed);
+  for (size_t i = 0; i < needed; ++i) ready.block_table.push_back(static_cast<uint32_t>(table[i]));
+  // Lent until the receiver's KV_READ_DONE, its cancel, the publication's
+  // own outcome or the job's deadline: whichever comes first ends the loan
+  // at once (a read after that copies garbage the receiver discards).
+  AcquireBlocks(job);
+  Transition(job, JobState::kLent);
+  job.timeline.first_byte = SessionContext::MetricsClock::now();
+  const Key key = job.key;
+  job.deadline_timer = ctx_.loop->PostAt(job.deadline, [this, key] {
+    Job* lent = Find(key);
+    if (lent == nullptr || lent->state != JobState::kLent || lent->outcome) return;
+    lent->deadline_timer = 0;
+    Finish(*lent, DeadlineExceededError("the receiver did not finish reading " +
+                                        RequestName(std::get<1>(key)) + " before its deadline"));
+  });
+  Status sent = ctx_.Send(job.peer, ready);
+  if (!sent.ok()) Finish(job, sent.WithContext("KV_READY to " + job.peer_name));
+}
+
+void SenderSession::OnReadDone(PeerState& peer, const protocol::KvReadDone& done) {
+  Job* job = Find({peer.id, done.request_id, done.slice_id});
+  if (job == nullptr || job->outcome || job->state != JobState::kLent ||
+      static_cast<int64_t>(done.writer_rank) != ctx_.rank) {
+    // A loan that already ended (cancel, ttl, retire): its KV_RESULT said so.
+    Log(LogLevel::kDebug, "KV_READ_DONE for " + RequestName(done.request_id) + " from " +
+                              peer.Describe() + " ignored: no loan of it is open");
+    return;
+  }
+  job->timeline.write_done = SessionContext::MetricsClock::now();
+  if (done.status != protocol::ResultStatus::kSuccess) {
+    Finish(*job, AbortedError(job->peer_name + " could not read the blocks: " + done.error_text));
+    return;
+  }
+  if (done.bytes_read != job->plan.packed_bytes) {
+    Finish(*job, DataLossError(job->peer_name + " read " + std::to_string(done.bytes_read) +
+                               " bytes, the plan has " + std::to_string(job->plan.packed_bytes)));
+    return;
+  }
+  // Still lent, so the publication held the blocks throughout the reads.
+  Finish(*job, Status::Ok());
 }
 
 void SenderSession::OnCopied(Key key, const Status& status) {

@@ -14,7 +14,13 @@
 //              ("send arena backpressure"), so the receiver's scatter is the
 //              same either way
 //   direct     one batched copy from the pool into the mapped receiver pool,
-//              under a MappedAccess of the receiver's regions
+//              under a MappedAccess of the receiver's regions; or, where the
+//              receiver reads instead (the DIRECT_READ request of a
+//              transport that reads peer memory, between processes), the
+//              job lends its blocks: KV_READY names them, the receiver
+//              copies them into its own pool and says KV_READ_DONE, and the
+//              job reports SUCCESS only if its publication still held the
+//              blocks then (the receiver discards what it read otherwise)
 //
 // Settle-safety (docs/sessions.md "Settled means settled"):
 //   * A job reports exactly one KV_RESULT, and only once none of its
@@ -26,7 +32,7 @@
 //     disconnects the peer instead (the transport's fence then speaks).
 //   * A publication counts its readers: the jobs whose operations may still
 //     read its blocks (per-block and write-from-pool writes, a gather, a
-//     direct copy). Once its outcome is decided — every receiver served,
+//     direct copy, a lending). Once its outcome is decided — every receiver served,
 //     Retire, the Transfer's Cancel, its ttl, shutdown — no new job reads
 //     its blocks, the jobs still running are stopped, and the transfer
 //     settles as soon as the readers are 0. A job whose publication was
@@ -78,6 +84,7 @@ class SenderSession {
 
   void OnRequest(PeerState& peer, const protocol::KvRequest& request);
   void OnCancel(PeerState& peer, const protocol::Cancel& cancel);
+  void OnReadDone(PeerState& peer, const protocol::KvReadDone& done);
   void OnPeerFailure(PeerState& peer);
 
   // Shutdown: settles every publication with `why` (once its readers are
@@ -93,7 +100,16 @@ class SenderSession {
   struct Job;
   struct Publication;
   using Key = std::tuple<PeerId, uint64_t, uint32_t>;  // (peer, request, slice)
-  enum class JobState { kParked, kReserving, kGathering, kWriting, kCopying, kFlushing, kDone };
+  enum class JobState {
+    kParked,
+    kReserving,
+    kGathering,
+    kWriting,
+    kCopying,
+    kLent,  // the receiver reads the blocks (direct read)
+    kFlushing,
+    kDone
+  };
 
   static const char* StateName(JobState state);
   // The one transition function of a job: checks the move is allowed.
@@ -101,6 +117,7 @@ class SenderSession {
 
   void Start(Job& job);
   void StartDirect(Job& job, PeerState& peer);
+  void Lend(Job& job);
   void Reserve(Job& job);
   void OnReserveTimeout(Key key);
   void RetryReservations();

@@ -69,45 +69,72 @@ uint64_t SessionContext::MillisLeft(TimePoint deadline) const {
   return left < 1 ? 1 : static_cast<uint64_t>(left);
 }
 
-Result<std::vector<WriteGroup>> GroupWrites(
-    std::span<const Fragment> fragments, uint64_t dst_offset, std::span<const LocalRange> sources,
-    std::span<const std::unique_ptr<RemoteRegion>> targets) {
-  // The region holding [addr, addr + bytes): `last` first, since consecutive
-  // fragments usually stay in one pair of regions; -1 when none does.
-  auto find = [](size_t count, int last, auto&& contains) -> int {
-    if (last >= 0 && contains(static_cast<size_t>(last))) return last;
-    for (size_t i = 0; i < count; ++i) {
-      if (contains(i)) return static_cast<int>(i);
+namespace {
+
+// Where [addr, addr + bytes) lies: a local range or a peer's region.
+bool Holds(const LocalRange& r, Addr addr, uint64_t bytes) {
+  return RangeInside(addr, bytes, r.begin, r.bytes);
+}
+bool Holds(const std::unique_ptr<RemoteRegion>& r, Addr addr, uint64_t bytes) {
+  return RangeInside(addr, bytes, r->info().address, r->info().size);
+}
+const LocalRegion* RegionOf(const LocalRange& r) { return r.region; }
+const RemoteRegion* RegionOf(const std::unique_ptr<RemoteRegion>& r) { return r.get(); }
+
+// Splits `fragments` into groups of one (source region, target region) pair
+// each; `make(source, target)` starts a group, `op(src, dst, bytes)` makes
+// one of its ops.
+template <typename GroupT, typename Sources, typename Targets, typename Op>
+Result<std::vector<GroupT>> Group(std::span<const Fragment> fragments, uint64_t dst_offset,
+                                 const Sources& sources, const Targets& targets, Op op) {
+  // The region holding the range: `last` first, since consecutive fragments
+  // usually stay in one pair of regions; -1 when none does.
+  auto find = [](const auto& regions, int last, Addr addr, uint64_t bytes) -> int {
+    if (last >= 0 && Holds(regions[static_cast<size_t>(last)], addr, bytes)) return last;
+    for (size_t i = 0; i < regions.size(); ++i) {
+      if (Holds(regions[i], addr, bytes)) return static_cast<int>(i);
     }
     return -1;
   };
-  std::vector<WriteGroup> groups;
+  std::vector<GroupT> groups;
   int last_s = -1, last_t = -1;
   for (size_t i = 0; i < fragments.size(); ++i) {
     const Fragment& f = fragments[i];
     const Addr src(f.src);
     const Addr dst(f.dst + dst_offset);
-    const int s = find(sources.size(), last_s, [&](size_t k) {
-      return RangeInside(src, f.bytes, sources[k].begin, sources[k].bytes);
-    });
-    const int t = find(targets.size(), last_t, [&](size_t k) {
-      const RegionInfo& info = targets[k]->info();
-      return RangeInside(dst, f.bytes, info.address, info.size);
-    });
+    const int s = find(sources, last_s, src, f.bytes);
+    const int t = find(targets, last_t, dst, f.bytes);
     if (s < 0 || t < 0) {
       return OutOfRangeError("fragment " + std::to_string(i) + " (" + std::to_string(f.bytes) +
                              " bytes) lies outside the registered " +
                              (s < 0 ? "source" : "target") + " regions");
     }
     if (groups.empty() || s != last_s || t != last_t) {
-      groups.push_back(WriteGroup{
-          sources[static_cast<size_t>(s)].region, targets[static_cast<size_t>(t)].get(), {}});
+      groups.push_back(GroupT{RegionOf(sources[static_cast<size_t>(s)]),
+                             RegionOf(targets[static_cast<size_t>(t)]),
+                             {}});
       last_s = s;
       last_t = t;
     }
-    groups.back().ops.push_back(WriteOp{src, dst, f.bytes});
+    groups.back().ops.push_back(op(src, dst, f.bytes));
   }
   return groups;
+}
+
+}  // namespace
+
+Result<std::vector<WriteGroup>> GroupWrites(
+    std::span<const Fragment> fragments, uint64_t dst_offset, std::span<const LocalRange> sources,
+    std::span<const std::unique_ptr<RemoteRegion>> targets) {
+  return Group<WriteGroup>(fragments, dst_offset, sources, targets,
+                           [](Addr src, Addr dst, uint64_t bytes) { return WriteOp{src, dst, bytes}; });
+}
+
+Result<std::vector<ReadGroup>> GroupReads(std::span<const Fragment> fragments,
+                                          std::span<const std::unique_ptr<RemoteRegion>> sources,
+                                          std::span<const LocalRange> targets) {
+  return Group<ReadGroup>(fragments, 0, sources, targets,
+                          [](Addr src, Addr dst, uint64_t bytes) { return ReadOp{src, dst, bytes}; });
 }
 
 }  // namespace kvbounce

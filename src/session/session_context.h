@@ -53,6 +53,7 @@ struct PeerState {
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;  // one per allocation
   std::unique_ptr<RemoteRegion> recv_arena;                 // null: no bounce into it
   bool send_arena = false;  // it announced a send arena (it can gather to bounce)
+  MemoryKind pool_memory = MemoryKind::kHost;  // its pool's memory, from HELLO
   uint64_t capabilities = 0;
 
   bool ready() const { return hello_received && !dead; }
@@ -150,6 +151,17 @@ Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments,
                                             uint64_t dst_offset,
                                             std::span<const LocalRange> sources,
                                             std::span<const std::unique_ptr<RemoteRegion>> targets);
+
+// The same for reads (the `direct` path copied by the receiver): fragments
+// whose source lies in a peer's regions and whose target is local.
+struct ReadGroup {
+  const RemoteRegion* source = nullptr;
+  const LocalRegion* target = nullptr;
+  std::vector<ReadOp> ops;
+};
+Result<std::vector<ReadGroup>> GroupReads(std::span<const Fragment> fragments,
+                                          std::span<const std::unique_ptr<RemoteRegion>> sources,
+                                          std::span<const LocalRange> targets);
 
 }  // namespace kvbounce
 

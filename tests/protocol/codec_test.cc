@@ -117,6 +117,10 @@ Status DecodeTyped(MessageType type, std::span<const std::byte> frame) {
       return DecodeCancel(frame).status();
     case MessageType::kBye:
       return DecodeBye(frame).status();
+    case MessageType::kKvReady:
+      return DecodeKvReady(frame).status();
+    case MessageType::kKvReadDone:
+      return DecodeKvReadDone(frame).status();
   }
   return InternalError("unreachable");
 }
@@ -304,6 +308,30 @@ std::vector<Sample> Samples() {
     s.push_back({"kv_result_max", r});
   }
 
+  s.push_back({"kv_ready_empty", KvReady{}});
+  s.push_back({"kv_ready_small", KvReady{.request_id = 3,
+                                         .slice_id = 1,
+                                         .writer_rank = 2,
+                                         .plan_fingerprint = 0xFEED,
+                                         .block_table = {4, 9, 1}}});
+  {
+    KvReady r;
+    r.request_id = UINT64_MAX;
+    r.slice_id = UINT32_MAX;
+    r.writer_rank = UINT32_MAX;
+    r.plan_fingerprint = UINT64_MAX;
+    r.block_table.assign(100000, UINT32_MAX);
+    s.push_back({"kv_ready_long_table", r, true});
+  }
+  s.push_back({"kv_read_done_success",
+               KvReadDone{.request_id = 8, .slice_id = 2, .writer_rank = 1, .bytes_read = 4096}});
+  s.push_back({"kv_read_done_max", KvReadDone{.request_id = UINT64_MAX,
+                                              .slice_id = UINT32_MAX,
+                                              .writer_rank = UINT32_MAX,
+                                              .status = ResultStatus::kCancelled,
+                                              .bytes_read = UINT64_MAX,
+                                              .error_text = std::string(kMaxErrorTextBytes, 'x')}});
+
   s.push_back({"cancel_empty", Cancel{}});
   s.push_back({"cancel_small", Cancel{.request_id = 77, .reason = "deadline exceeded"}});
   s.push_back({"cancel_max",
@@ -381,7 +409,7 @@ TEST(CodecGoldenTest, KvResult) {
   m.error_text = "oom";
   const Frame expected = Bytes({
       0x4B, 0x56, 0x42, 0x43,                          // magic "KVBC"
-      0x02, 0x00,                                      // version 2
+      0x03, 0x00,                                      // version 3
       0x03, 0x00,                                      // type KV_RESULT
       0x29, 0x00, 0x00, 0x00,                          // payload length 41
       0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // request_id
@@ -399,6 +427,53 @@ TEST(CodecGoldenTest, KvResult) {
   EXPECT_TRUE(*decoded == m);
 }
 
+TEST(CodecGoldenTest, KvReadyAndKvReadDone) {
+  const KvReady ready{.request_id = 7,
+                      .slice_id = 1,
+                      .writer_rank = 2,
+                      .plan_fingerprint = 0xDEADBEEF,
+                      .block_table = {5, 0x01020304}};
+  const Frame ready_frame = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x06, 0x00,  // magic, version 3, KV_READY
+      0x24, 0x00, 0x00, 0x00,                          // payload length 36
+      0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
+      0xEF, 0xBE, 0xAD, 0xDE, 0x00, 0x00, 0x00, 0x00,  // plan_fingerprint
+      0x01, 0x00, 0x00, 0x00,                          // slice_id
+      0x02, 0x00, 0x00, 0x00,                          // writer_rank
+      0x02, 0x00, 0x00, 0x00,                          // block_table count
+      0x05, 0x00, 0x00, 0x00, 0x04, 0x03, 0x02, 0x01,  // block ids
+  });
+  EXPECT_TRUE(MustEncode(ready) == ready_frame);
+  Result<KvReady> decoded_ready = DecodeKvReady(ready_frame);
+  ASSERT_TRUE(decoded_ready.ok()) << decoded_ready.status();
+  EXPECT_TRUE(*decoded_ready == ready);
+
+  const KvReadDone done{.request_id = 7,
+                        .slice_id = 1,
+                        .writer_rank = 2,
+                        .status = ResultStatus::kFailed,
+                        .bytes_read = 0x1000,
+                        .error_text = "io"};
+  const Frame done_frame = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x07, 0x00,  // magic, version 3, KV_READ_DONE
+      0x1F, 0x00, 0x00, 0x00,                          // payload length 31
+      0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
+      0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes_read
+      0x01, 0x00, 0x00, 0x00,                          // slice_id
+      0x02, 0x00, 0x00, 0x00,                          // writer_rank
+      0x01,                                            // status FAILED
+      0x02, 0x00, 0x00, 0x00, 'i',  'o',               // error_text
+  });
+  EXPECT_TRUE(MustEncode(done) == done_frame);
+  Result<KvReadDone> decoded_done = DecodeKvReadDone(done_frame);
+  ASSERT_TRUE(decoded_done.ok()) << decoded_done.status();
+  EXPECT_TRUE(*decoded_done == done);
+  // A status outside the enum is refused.
+  Frame bad = done_frame;
+  bad[kHeaderSize + 24] = std::byte{9};
+  EXPECT_THAT(DecodeKvReadDone(bad).status(), IsErrorCode(StatusCode::kDataLoss));
+}
+
 TEST(CodecGoldenTest, KvRequest) {
   KvRequest m;
   m.request_id = 7;
@@ -414,7 +489,7 @@ TEST(CodecGoldenTest, KvRequest) {
   m.path = TransferPath::kBounce;
   m.block_table = {5, 0x01020304};
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x02, 0x00,  // magic, version 2, KV_REQUEST
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x02, 0x00,  // magic, version 3, KV_REQUEST
       0x51, 0x00, 0x00, 0x00,                          // payload length 81
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_start
@@ -438,14 +513,14 @@ TEST(CodecGoldenTest, KvRequest) {
 
 TEST(CodecGoldenTest, CancelAndBye) {
   const Frame cancel = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x04, 0x00,  // magic, version 2, CANCEL
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x04, 0x00,  // magic, version 3, CANCEL
       0x0F, 0x00, 0x00, 0x00,                          // payload length 15
       0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
       0x03, 0x00, 0x00, 0x00, 't',  't',  'l',         // reason
   });
   EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
   const Frame bye = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x05, 0x00,  // magic, version 2, BYE
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x05, 0x00,  // magic, version 3, BYE
       0x05, 0x00, 0x00, 0x00,                          // payload length 5
       0x00,                                            // reason SHUTDOWN
       0x00, 0x00, 0x00, 0x00,                          // message ""
@@ -476,9 +551,9 @@ TEST(CodecGoldenTest, Hello) {
                 .remote_key = Bytes({0xAA, 0xBB})}};
   m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x02, 0x00, 0x01, 0x00,  // magic, version 2, HELLO
+      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x01, 0x00,  // magic, version 3, HELLO
       0xA6, 0x00, 0x00, 0x00,                          // payload length 166
-      0x02, 0x00,                                      // protocol_version 2
+      0x03, 0x00,                                      // protocol_version 3
       0x01,                                            // role GEN
       0x02,                                            // layout.kind LAYER_MAJOR_NHD
       0x01, 0x00, 0x00, 0x00,                          // tp_rank
@@ -603,7 +678,7 @@ TEST(CodecTest, FrameLengthRejectsBadMagicFromTheFirstByte) {
 TEST(CodecTest, UnknownVersionIsRejectedNamingBothVersions) {
   Frame frame = MustEncode(SmallKvRequest());
   PatchU16(frame, kVersionOffset, 1);
-  const std::string want = "unsupported protocol version 1 (this build speaks 2)";
+  const std::string want = "unsupported protocol version 1 (this build speaks 3)";
   EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(DecodeKvRequest(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(FrameLength(frame).status(), IsError(StatusCode::kDataLoss, want));
@@ -615,14 +690,14 @@ TEST(CodecTest, HelloPayloadVersionMustMatch) {
   Frame frame = MustEncode(SmallHello());
   PatchU16(frame, kHeaderSize + 0, 7);
   EXPECT_THAT(DecodeHello(frame).status(),
-              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 2"));
+              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 3"));
   Hello h = SmallHello();
   h.protocol_version = 1;
   EXPECT_THAT(Encode(h).status(), IsErrorCode(StatusCode::kInvalidArgument));
 }
 
 TEST(CodecTest, UnknownTypeIsRejected) {
-  for (uint16_t type : {0, 6, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 8, 0x100, 0xFFFF}) {
     Frame frame = MustEncode(Bye{});
     PatchU16(frame, kTypeOffset, type);
     EXPECT_THAT(DecodeFrame(frame).status(),
@@ -808,8 +883,8 @@ TEST(CodecTest, EnumValuesOutOfRangeAreRejected) {
        "KV_RESULT.status: value 3 out of range 0..2"},
       {"status255", MustEncode(SmallKvResult()), kKvResultStatusOffset, 255,
        "KV_RESULT.status: value 255 out of range 0..2"},
-      {"path", MustEncode(SmallKvRequest()), kKvRequestPathOffset, 4,
-       "KV_REQUEST.path: value 4 out of range 0..3"},
+      {"path", MustEncode(SmallKvRequest()), kKvRequestPathOffset, 5,
+       "KV_REQUEST.path: value 5 out of range 0..4"},
       {"role", MustEncode(hello), kHeaderSize + 2, 2, "HELLO.role: value 2 out of range 0..1"},
       {"layout_kind", MustEncode(hello), kHeaderSize + 3, 3,
        "HELLO.layout.kind: value 3 out of range 0..2"},
@@ -952,9 +1027,9 @@ TEST(CodecTest, EncodersRejectOversizeFields) {
   EXPECT_THAT(Encode(Bye{.reason = static_cast<ByeReason>(3)}).status(),
               IsError(StatusCode::kInvalidArgument, "BYE.reason: value 3"));
   KvRequest bad_path;
-  bad_path.path = static_cast<TransferPath>(4);
+  bad_path.path = static_cast<TransferPath>(5);
   EXPECT_THAT(Encode(bad_path).status(),
-              IsError(StatusCode::kInvalidArgument, "KV_REQUEST.path: value 4"));
+              IsError(StatusCode::kInvalidArgument, "KV_REQUEST.path: value 5"));
 }
 
 TEST(CodecTest, LargestHelloFitsItsLimit) {
