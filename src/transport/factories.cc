@@ -17,6 +17,14 @@ Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<Loopback
   return std::unique_ptr<Transport>(std::move(t));
 }
 
+Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
+                                                        std::string name,
+                                                        const LoopbackOptions& options) {
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> t,
+                       LoopbackTransport::Create(std::move(fabric), std::move(name), options));
+  return std::unique_ptr<Transport>(std::move(t));
+}
+
 bool UcxTransportAvailable() {
 #if defined(KVBOUNCE_HAVE_UCX)
   return true;

@@ -1,5 +1,6 @@
 // Helpers shared by transport implementations and decorators: the range
-// check every Transport::Write performs before issuing anything.
+// check every Transport::Write and Transport::Read performs before issuing
+// anything.
 //
 // Thread safety: pure functions of their arguments.
 #ifndef KVBOUNCE_TRANSPORT_WRITE_CHECK_H_
@@ -25,6 +26,11 @@ bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size);
 // the region it leaves); also when the total byte count overflows uint64_t.
 Result<uint64_t> CheckWriteOps(const RegionInfo& source, const RegionInfo& target,
                                std::span<const WriteOp> ops);
+
+// The same for Read: every op reads inside the peer's region `source` and
+// writes inside the local region `target`. The messages say "read op".
+Result<uint64_t> CheckReadOps(const RegionInfo& source, const RegionInfo& target,
+                              std::span<const ReadOp> ops);
 
 }  // namespace kvbounce
 

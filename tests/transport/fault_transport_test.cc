@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -106,6 +107,18 @@ class FaultTransportTest : public ::testing::Test {
   // One op of `bytes` at `offset` on both sides.
   WriteOp Op(uint64_t offset, uint64_t bytes = 64) {
     return {src_.addr(offset), dst_.addr(offset), bytes};
+  }
+
+  // The writer reads back: from the receiver's region (target_, as the
+  // source) into its own (source_, as the target).
+  Status Read(DoneTracker& tracker, std::span<const ReadOp> ops, std::stop_token stop = {}) {
+    InsideCall inside;
+    Status status = (*writer_)->Read(*target_, *source_, ops, tracker.Make(), std::move(stop));
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+  ReadOp ReadBackOp(uint64_t offset, uint64_t bytes = 64) {
+    return {dst_.addr(offset), src_.addr(offset), bytes};
   }
 
   // Issues `count` single-op writes one by one; returns which failed.
@@ -775,6 +788,138 @@ TEST_F(FaultTransportTest, ChosenOpsFollowTheRateAndTheSeed) {
   EXPECT_NEAR(double(stats.failed_batches), 500 * (1 - std::pow(0.98, 100)), 40.0);
   ASSERT_THAT(fault_->SetOptions({.write_fail_rate = 0.02, .seed = 11}), IsOk());
   EXPECT_EQ(run(), first);
+}
+
+// --- Read: forwarded, with the faults of a write ------------------------------
+
+TEST_F(FaultTransportTest, ReadIsForwardedToTheInnerTransport) {
+  Build({});
+  std::memset(dst_.data(), 0x3C, kBytes);
+  DoneTracker tracker;
+  const ReadOp ops[] = {ReadBackOp(0, 4096), ReadBackOp(8192, 100)};
+  ASSERT_THAT(Read(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(src_.data()[i], 0x3C) << "byte " << i;
+  for (size_t i = 8192; i < 8292; ++i) ASSERT_EQ(src_.data()[i], 0x3C) << "byte " << i;
+  EXPECT_EQ((*writer_)->Stats().read_ops, 2u);  // the inner transport's counters
+  EXPECT_EQ((*writer_)->Stats().read_bytes, 4196u);
+  EXPECT_TRUE((*writer_)->Caps().read_remote);
+  auto caps = (*writer_)->PeerCaps(to_receiver_);
+  ASSERT_THAT(caps, IsOk());
+  EXPECT_TRUE(caps->read_remote);
+  // Range checks and the done callback are checked here too.
+  const ReadOp bad[] = {ReadBackOp(kBytes - 10, 64)};
+  EXPECT_THAT(Read(tracker, bad), StatusIs(StatusCode::kOutOfRange, HasSubstr("read op 0")));
+  EXPECT_THAT((*writer_)->Read(*target_, *source_, ops, TransportDone(), {}),
+              StatusIs(StatusCode::kInvalidArgument));
+  // Held writes do not hold reads.
+  fault_->HoldWrites();
+  ASSERT_THAT(Read(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(2), IsOk());
+  EXPECT_EQ(fault_->held_writes(), 0u);
+  fault_->ReleaseWrites();
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(FaultTransportTest, RateOneFailsEveryReadAndNothingIsRead) {
+  Build({.write_fail_rate = 1.0});
+  std::memset(dst_.data(), 0x3C, kBytes);
+  const std::vector<uint8_t> before(src_.data(), src_.data() + kBytes);
+  DoneTracker tracker;
+  std::vector<ReadOp> ops;
+  for (int i = 0; i < 5; ++i) ops.push_back(ReadBackOp(i * 128));
+  for (int batch = 0; batch < 4; ++batch) ASSERT_THAT(Read(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_THAT(tracker.status(i),
+                StatusIs(StatusCode::kUnavailable, HasSubstr("injected read failure: 5 of 5")));
+  }
+  const FaultStats stats = fault_->fault_stats();
+  EXPECT_EQ(stats.injected_read_failures, 20u);
+  EXPECT_EQ(stats.injected_write_failures, 0u);
+  EXPECT_EQ(stats.failed_batches, 4u);
+  EXPECT_EQ((*writer_)->Stats().read_ops, 0u);                    // never issued
+  EXPECT_EQ(std::memcmp(src_.data(), before.data(), kBytes), 0);  // nothing read
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// drop_after_ops counts write and read ops alike; a Read may fire it.
+TEST_F(FaultTransportTest, DropAfterOpsCountsReadOps) {
+  Build({.drop_after_ops = 6});
+  DoneTracker tracker;
+  std::vector<WriteOp> writes = {Op(0), Op(64), Op(128), Op(192)};
+  std::vector<ReadOp> reads = {ReadBackOp(0), ReadBackOp(64), ReadBackOp(128)};
+  ASSERT_THAT(Write(tracker, writes), IsOk());  // 4
+  ASSERT_THAT(Read(tracker, reads), IsOk());    // 7 >= 6: the next call drops
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+  EXPECT_THAT(Read(tracker, reads),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("dropped after 6 operations")));
+  EXPECT_EQ(fault_->fault_stats().dropped_connections, 1u);
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  ASSERT_TRUE(receiver_->WaitForFailure(to_writer_));
+  EXPECT_THAT(Read(tracker, reads), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// A delayed read completion is reported no earlier than the delay, and the
+// connection's failure waits for it (the fence).
+TEST_F(FaultTransportTest, DelayHoldsReadCompletionsAndTheFailureBehindThem) {
+  constexpr auto kDelay = 30ms;
+  Build({.delay = kDelay});
+  std::memset(dst_.data(), 0x3C, kBytes);
+  std::atomic<bool> done_ran{false};
+  std::atomic<int> done_before_failure{-1};
+  DoneTracker tracker;
+  const ReadOp ops[] = {ReadBackOp(0, 4096)};
+  const auto start = Clock::now();
+  {
+    InsideCall inside;
+    auto done = tracker.Make();
+    ASSERT_THAT((*writer_)->Read(*target_, *source_, ops,
+                                 [&, done](Status status) {
+                                   done_before_failure = writer_->failures(to_receiver_);
+                                   done_ran = true;
+                                   done(std::move(status));
+                                 },
+                                 {}),
+                IsOk());
+  }
+  (*receiver_)->Disconnect(to_writer_, UnavailableError("test disconnect"));
+  ASSERT_TRUE(writer_->WaitForFailure(to_receiver_));
+  EXPECT_TRUE(done_ran.load());
+  EXPECT_EQ(done_before_failure.load(), 0);
+  EXPECT_GE(Clock::now() - start, kDelay);
+  ASSERT_TRUE(tracker.WaitAll());
+  // Read at once by the inner transport, or refused as the connection died.
+  EXPECT_THAT(tracker.status(0), testing::AnyOf(IsOk(), StatusIs(StatusCode::kUnavailable)));
+  EXPECT_EQ(fault_->fault_stats().delayed_completions, 1u);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_F(FaultTransportTest, ReadTheInnerTransportCannotDoIsUnimplementedNotInjected) {
+  auto inner =
+      LoopbackTransport::Create(fabric_, "plain-writer", LoopbackOptions{.read_remote = false});
+  ASSERT_THAT(inner, IsOk());
+  auto fault = FaultTransport::Create(std::move(inner).value(), {.write_fail_rate = 1.0});
+  ASSERT_THAT(fault, IsOk());
+  TestEndpoint reader(std::move(fault).value());
+  ASSERT_THAT(reader.Start(), IsOk());
+  auto peer = MakeTestEndpoint(LoopbackTransport::Create(fabric_, "plain-peer"));
+  auto [to_peer, to_reader] = ConnectTestEndpoints(reader, *peer);
+  auto peer_region = (*peer)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+  auto own_region = reader->Register(src_.addr(), kBytes, MemoryKind::kHost);
+  ASSERT_THAT(peer_region, IsOk());
+  ASSERT_THAT(own_region, IsOk());
+  auto source = reader->Import(to_peer, (*peer_region)->info());
+  ASSERT_THAT(source, IsOk());
+  const ReadOp ops[] = {ReadBackOp(0)};
+  EXPECT_THAT(reader->Read(**source, **own_region, ops, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnimplemented));
+  EXPECT_THAT(reader->Read(**source, **own_region, ops, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnimplemented));
 }
 
 }  // namespace

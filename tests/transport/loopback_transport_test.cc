@@ -22,6 +22,7 @@
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
+#include "kvbounce/transports.h"
 #include "kvbounce/types.h"
 #include "transport/transport_test_util.h"
 
@@ -995,6 +996,287 @@ TEST_F(LoopbackTransportTest, ConnectionCountersFollowConnectAndDisconnect) {
   b->Shutdown();
   EXPECT_EQ(fabric_->num_live_connections(), 0u);
   ASSERT_TRUE(a->WaitForTotalFailures(2));
+}
+
+// --- LoopbackOptions and Read ------------------------------------------------
+
+TEST_F(LoopbackTransportTest, CapsAndPeerCapsFollowTheOptionsOfBothEnds) {
+  auto a = MakeTestEndpoint(LoopbackTransport::Create(fabric_, "a"));
+  auto no_read = MakeTestEndpoint(
+      LoopbackTransport::Create(fabric_, "no-read", LoopbackOptions{.read_remote = false}));
+  auto no_map = MakeTestEndpoint(
+      LoopbackTransport::Create(fabric_, "no-map", LoopbackOptions{.map_remote = false}));
+  const TransportCaps caps = (*a)->Caps();
+  EXPECT_TRUE(caps.map_remote);
+  EXPECT_TRUE(caps.read_remote);
+  EXPECT_EQ(caps.read_cost.op_us, caps.cost.op_us);
+  EXPECT_EQ(caps.read_cost.bytes_per_us, caps.cost.bytes_per_us);
+  EXPECT_GT(caps.read_cost.bytes_per_us, 0);
+  EXPECT_FALSE((*no_read)->Caps().read_remote);
+  EXPECT_TRUE((*no_read)->Caps().map_remote);
+  EXPECT_FALSE((*no_map)->Caps().map_remote);
+  EXPECT_TRUE((*no_map)->Caps().read_remote);
+
+  auto [a_to_nr, nr_to_a] = Connect(*a, *no_read);
+  auto [a_to_nm, nm_to_a] = Connect(*a, *no_map);
+  // A link has a capability only when both ends offer it.
+  auto a_nr = (*a)->PeerCaps(a_to_nr);
+  ASSERT_THAT(a_nr, IsOk());
+  EXPECT_FALSE(a_nr->read_remote);
+  EXPECT_TRUE(a_nr->map_remote);
+  auto nr_a = (*no_read)->PeerCaps(nr_to_a);
+  ASSERT_THAT(nr_a, IsOk());
+  EXPECT_FALSE(nr_a->read_remote);
+  auto a_nm = (*a)->PeerCaps(a_to_nm);
+  ASSERT_THAT(a_nm, IsOk());
+  EXPECT_FALSE(a_nm->map_remote);
+  EXPECT_TRUE(a_nm->read_remote);
+  EXPECT_THAT((*a)->PeerCaps(424242), StatusIs(StatusCode::kNotFound));
+
+  // The public factory takes the options too (and keeps its two-argument form).
+  auto made = NewLoopbackTransport(fabric_, "made",
+                                   LoopbackOptions{.map_remote = false, .read_remote = false});
+  ASSERT_THAT(made, IsOk());
+  EXPECT_FALSE((*made)->Caps().map_remote);
+  EXPECT_FALSE((*made)->Caps().read_remote);
+  auto plain = NewLoopbackTransport(fabric_, "plain");
+  ASSERT_THAT(plain, IsOk());
+  EXPECT_TRUE((*plain)->Caps().read_remote);
+  EXPECT_TRUE((*plain)->Caps().map_remote);
+}
+
+TEST_F(LoopbackTransportTest, ReadAndMappedAccessAreUnimplementedWhereAnEndTurnedThemOff) {
+  auto a = MakeEndpoint("a");
+  auto off = MakeTestEndpoint(LoopbackTransport::Create(
+      fabric_, "off", LoopbackOptions{.map_remote = false, .read_remote = false}));
+  auto [a_to_off, off_to_a] = Connect(*a, *off);
+  GuardedBuffer a_buffer(256);
+  GuardedBuffer off_buffer(256);
+  auto a_region = (*a)->Register(a_buffer.addr(), 256, MemoryKind::kHost);
+  auto off_region = (*off)->Register(off_buffer.addr(), 256, MemoryKind::kHost);
+  ASSERT_THAT(a_region, IsOk());
+  ASSERT_THAT(off_region, IsOk());
+  auto off_in_a = (*a)->Import(a_to_off, (*off_region)->info());
+  auto a_in_off = (*off)->Import(off_to_a, (*a_region)->info());
+  ASSERT_THAT(off_in_a, IsOk());
+  ASSERT_THAT(a_in_off, IsOk());
+
+  DoneTracker tracker;
+  const ReadOp a_reads[] = {{off_buffer.addr(), a_buffer.addr(), 256}};
+  const ReadOp off_reads[] = {{a_buffer.addr(), off_buffer.addr(), 256}};
+  // The peer does not offer it; this end does not.
+  EXPECT_THAT((*a)->Read(**off_in_a, **a_region, a_reads, tracker.Make(), {}),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("loopback:off")));
+  tracker.Forget();
+  EXPECT_THAT((*off)->Read(**a_in_off, **off_region, off_reads, tracker.Make(), {}),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("read_remote")));
+  tracker.Forget();
+  EXPECT_THAT((*a)->BeginMappedAccess(**off_in_a), StatusIs(StatusCode::kUnimplemented));
+  EXPECT_THAT((*off)->BeginMappedAccess(**a_in_off),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("map_remote")));
+  // Writes are unaffected.
+  const WriteOp writes[] = {{a_buffer.addr(), off_buffer.addr(), 256}};
+  ASSERT_THAT((*a)->Write(**a_region, **off_in_a, writes, tracker.Make()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(2), IsOk());
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// `a` reads b's region (the source) into its own (the target), kOps ops of
+// kOpBytes; the write hook holds the read part-way.
+class LoopbackReadTest : public LoopbackTransportTest {
+ protected:
+  static constexpr size_t kOps = 8;
+  static constexpr size_t kOpBytes = 4096;
+  static constexpr size_t kBytes = kOps * kOpBytes;
+
+  void SetUp() override {
+    a_ = MakeEndpoint("a");
+    b_ = MakeEndpoint("b");
+    std::tie(a_to_b_, b_to_a_) = Connect(*a_, *b_);
+    src_.FillPattern(19);
+    auto source_region = (*b_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(source_region, IsOk());
+    source_region_ = std::move(source_region).value();
+    auto target = (*a_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+    auto source = (*a_)->Import(a_to_b_, source_region_->info());
+    ASSERT_THAT(source, IsOk());
+    source_ = std::move(source).value();
+    for (size_t i = 0; i < kOps; ++i) {
+      ops_.push_back({src_.addr(i * kOpBytes), dst_.addr(i * kOpBytes), kOpBytes});
+    }
+  }
+
+  void TearDown() override {
+    source_.reset();
+    target_.reset();
+    source_region_.reset();
+  }
+
+  Status Read(DoneTracker& tracker, std::stop_token stop = {}) {
+    InsideCall inside;
+    Status status = (*a_)->Read(*source_, *target_, ops_, tracker.Make(), std::move(stop));
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  bool OpLanded(size_t i) {
+    const uint8_t* got = dst_.data() + i * kOpBytes;
+    if (std::memcmp(got, src_.data() + i * kOpBytes, kOpBytes) == 0) return true;
+    for (size_t j = 0; j < kOpBytes; ++j) {
+      EXPECT_EQ(got[j], 0) << "op " << i << " byte " << j;
+      if (got[j] != 0) break;
+    }
+    return false;
+  }
+
+  GuardedBuffer src_{kBytes};
+  GuardedBuffer dst_{kBytes, 0};
+  std::unique_ptr<TestEndpoint> a_;
+  std::unique_ptr<TestEndpoint> b_;
+  PeerId a_to_b_ = 0;
+  PeerId b_to_a_ = 0;
+  std::unique_ptr<LocalRegion> source_region_;  // b's
+  std::unique_ptr<LocalRegion> target_;         // a's
+  std::unique_ptr<RemoteRegion> source_;        // b's, imported by a
+  std::vector<ReadOp> ops_;
+};
+
+TEST_F(LoopbackReadTest, ReadLandsOnTheTransportsThreadAndCounts) {
+  std::thread::id done_thread;
+  DoneTracker tracker;
+  {
+    InsideCall inside;
+    auto done = tracker.Make();
+    ASSERT_THAT((*a_)->Read(*source_, *target_, ops_,
+                            [&done_thread, done](Status status) {
+                              done_thread = std::this_thread::get_id();
+                              done(std::move(status));
+                            },
+                            {}),
+                IsOk());
+  }
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  EXPECT_NE(done_thread, std::this_thread::get_id());
+  for (size_t i = 0; i < kOps; ++i) EXPECT_TRUE(OpLanded(i)) << "op " << i;
+  const TransportStats stats = (*a_)->Stats();
+  EXPECT_EQ(stats.read_ops, kOps);
+  EXPECT_EQ(stats.read_bytes, kBytes);
+  EXPECT_EQ(stats.write_ops, 0u);
+  EXPECT_EQ((*b_)->Stats().read_ops, 0u);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The hook holds the read before op 3; the stop requested meanwhile is seen
+// by op 3's own check: ops 0-2 landed, 3-7 did not.
+TEST_F(LoopbackReadTest, StopRequestedMidReadSkipsTheOpsNotStarted) {
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/3);
+  std::stop_source stop;
+  DoneTracker tracker;
+  ASSERT_THAT(Read(tracker, stop.get_token()), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  EXPECT_EQ(gate.entered_op(), 3u);
+  stop.request_stop();
+  gate.Release();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kCancelled,
+                       AllOf(HasSubstr("read from loopback:b stopped"),
+                             HasSubstr("5 of 8 ops (20480 of 32768 bytes) not copied"))));
+  for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 3) << "op " << i;
+  EXPECT_EQ((*a_)->Stats().read_ops, 3u);
+  EXPECT_EQ((*a_)->Stats().read_bytes, 3 * kOpBytes);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// A read in progress holds both ends' failure notifications back.
+TEST_F(LoopbackReadTest, DisconnectDuringAReadDefersBothFailuresUntilItStops) {
+  auto c = MakeEndpoint("c");
+  auto [c_to_b, b_to_c] = Connect(*c, *b_);
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/3);
+  DoneTracker tracker;
+  ASSERT_THAT(Read(tracker), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  (*b_)->Disconnect(b_to_a_, UnavailableError("test disconnect"));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  // b's thread is free: anything queued for it before c's message has run.
+  SyncThread(*c, c_to_b, *b_);
+  EXPECT_EQ(b_->total_failures(), 0);
+  EXPECT_EQ(a_->total_failures(), 0);
+  EXPECT_EQ(tracker.calls(0), 0);
+
+  gate.Release();
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kUnavailable,
+                       AllOf(HasSubstr("test disconnect"),
+                             HasSubstr("5 of 8 ops (20480 of 32768 bytes) not copied"))));
+  for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 3) << "op " << i;
+  ASSERT_TRUE(a_->WaitForFailure(a_to_b_));
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The peer's region stays registered while a read copies from it: its
+// owner's deregistration waits; a read that reaches it afterwards fails.
+TEST_F(LoopbackReadTest, TheSourcesDeregistrationWaitsForAReadInProgress) {
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/3);
+  DoneTracker tracker;
+  ASSERT_THAT(Read(tracker), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  std::atomic<bool> released{false};
+  std::atomic<bool> deregistered_before_release{false};
+  std::thread owner([&] {
+    source_region_.reset();
+    deregistered_before_release = !released.load();
+  });
+  // The owner's deregistration began (b's region left the registry; a's
+  // target is left) and now waits for the read.
+  const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+  while (fabric_->num_regions() != 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(fabric_->num_regions(), 1u);
+  released = true;
+  gate.Release();
+  owner.join();
+  EXPECT_FALSE(deregistered_before_release.load());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());  // deregistration does not cut a read short
+  for (size_t i = 0; i < kOps; ++i) EXPECT_TRUE(OpLanded(i)) << "op " << i;
+
+  std::memset(dst_.data(), 0, kBytes);
+  ASSERT_THAT(Read(tracker), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(1),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("deregistered by its owner")));
+  EXPECT_TRUE(dst_.AllEqual(0));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The reader's own target: a's Shutdown ends its read at the next piece.
+TEST_F(LoopbackReadTest, ShutdownEndsItsOwnReadInProgress) {
+  WriteGate gate(*fabric_, (*a_)->Address(), /*block_at=*/2);
+  DoneTracker tracker;
+  ASSERT_THAT(Read(tracker), IsOk());
+  ASSERT_TRUE(gate.WaitEntered());
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(20ms);
+    gate.Release();
+  });
+  a_->Shutdown();
+  tracker.Seal();
+  releaser.join();
+  EXPECT_TRUE(tracker.WaitAll(0ms));
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kUnavailable));
+  for (size_t i = 0; i < kOps; ++i) EXPECT_EQ(OpLanded(i), i < 2) << "op " << i;
+  ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_THAT(Read(tracker), StatusIs(StatusCode::kAborted));
 }
 
 }  // namespace

@@ -60,6 +60,10 @@ struct TransportFactory {
   bool detects_deregistered_target = true;
   // Import checks that a key names a live region of that very peer.
   bool validates_region_owner = true;
+  // A read from a region its owner deregistered fails with
+  // kFailedPrecondition (the owner's deregistration waits for reads, as for
+  // writes) instead of reading what is there.
+  bool detects_deregistered_source = true;
 };
 
 class LoopbackNetwork : public TransportNetwork {
@@ -117,17 +121,23 @@ class UcxNetwork : public TransportNetwork {
 
 // TCP for every byte (endpoints with peer error handling), one rail; shared
 // memory for the data between these same-host endpoints; TCP over 3 rails.
+// Reads (process_vm_readv) are on in every configuration: these endpoints
+// are processes of one host (the same process, in fact), and
+// same_host_read, not same_host_shared_memory, governs them.
 TransportFactory UcxTcpFactory() {
   return {"ucx_tcp", [] { return std::make_unique<UcxNetwork>(false, 1); },
-          /*detects_deregistered_target=*/false};
+          /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
+          /*detects_deregistered_source=*/false};
 }
 TransportFactory UcxSharedMemoryFactory() {
   return {"ucx_shm", [] { return std::make_unique<UcxNetwork>(true, 1); },
-          /*detects_deregistered_target=*/false};
+          /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
+          /*detects_deregistered_source=*/false};
 }
 TransportFactory UcxTcpRailsFactory() {
   return {"ucx_tcp_3rails", [] { return std::make_unique<UcxNetwork>(false, 3); },
-          /*detects_deregistered_target=*/false};
+          /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
+          /*detects_deregistered_source=*/false};
 }
 #endif
 
@@ -177,6 +187,32 @@ class TransportConformanceTest : public ::testing::TestWithParam<TransportFactor
     Status status = endpoint->Write(source, target, ops, tracker.Make(), std::move(stop));
     if (!status.ok()) tracker.Forget();
     return status;
+  }
+
+  // Read through the tracker; the callback must not run inside the call.
+  Status Read(TestEndpoint& endpoint, DoneTracker& tracker, const RemoteRegion& source,
+              const LocalRegion& target, std::span<const ReadOp> ops, std::stop_token stop = {}) {
+    InsideCall inside;
+    Status status = endpoint->Read(source, target, ops, tracker.Make(), std::move(stop));
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
+  // Whether `endpoint` may Read from `peer` (PeerCaps); when it may not, a
+  // Read must say kUnimplemented, which this checks with a zero-byte read.
+  bool CanRead(TestEndpoint& endpoint, PeerId peer, const RemoteRegion& source,
+               const LocalRegion& target) {
+    auto caps = endpoint->PeerCaps(peer);
+    EXPECT_THAT(caps, IsOk());
+    if (caps.ok() && caps->read_remote) {
+      EXPECT_TRUE(endpoint->Caps().read_remote);
+      EXPECT_GT(caps->read_cost.bytes_per_us, 0);
+      EXPECT_GT(caps->read_cost.op_us, 0);
+      return true;
+    }
+    DoneTracker tracker;
+    EXPECT_THAT(Read(endpoint, tracker, source, target, {}), StatusIs(StatusCode::kUnimplemented));
+    return false;
   }
 
   Status Flush(TestEndpoint& endpoint, DoneTracker& tracker, PeerId peer) {
@@ -930,6 +966,439 @@ TEST_P(TransportConformanceTest, DeregistrationWaitsForAMappedAccess) {
   EXPECT_TRUE(dst.AllEqual(0x77));
   EXPECT_THAT((*a)->BeginMappedAccess(*target), StatusIs(StatusCode::kFailedPrecondition));
 }
+
+// --- Read (transport.h): the receiver copies the peer's memory into its own --
+
+// `a` reads from `b`: b's region `src` (the source, imported by a) and a's
+// region `dst` (the target).
+class ReadSetup {
+ public:
+  ReadSetup(size_t src_bytes, size_t dst_bytes, uint8_t dst_fill = 0)
+      : src(src_bytes), dst(dst_bytes, dst_fill) {}
+  GuardedBuffer src;
+  GuardedBuffer dst;
+  std::unique_ptr<LocalRegion> src_region;  // b's
+  std::unique_ptr<LocalRegion> dst_region;  // a's
+  std::unique_ptr<RemoteRegion> source;     // b's region, imported by a
+};
+
+#define KVB_READ_SETUP(setup, a, a_to_b, b)                                         \
+  do {                                                                              \
+    (setup).src_region = Register(b, (setup).src);                                  \
+    (setup).dst_region = Register(a, (setup).dst);                                  \
+    ASSERT_NE((setup).src_region, nullptr);                                         \
+    ASSERT_NE((setup).dst_region, nullptr);                                         \
+    (setup).source = Import(a, a_to_b, *(setup).src_region);                        \
+    ASSERT_NE((setup).source, nullptr);                                             \
+    if (!CanRead(a, a_to_b, *(setup).source, *(setup).dst_region)) {                \
+      GTEST_SKIP() << "this link cannot read peer memory (kUnimplemented checked)"; \
+    }                                                                               \
+  } while (false)
+
+TEST_P(TransportConformanceTest, ReadCopiesThePeersBytesIntoTheTarget) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ReadSetup r(4096, 8192);
+  r.src.FillPattern(51);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+
+  DoneTracker tracker;
+  const ReadOp ops[] = {{r.src.addr(), r.dst.addr(1000), 4096}};
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+  // Landed when `done` ran: no flush needed for a read.
+  EXPECT_EQ(std::memcmp(r.dst.data() + 1000, r.src.data(), 4096), 0);
+  for (size_t i = 0; i < r.dst.size(); ++i) {
+    if (i < 1000 || i >= 5096) {
+      ASSERT_EQ(r.dst.data()[i], 0) << "byte " << i;
+    }
+  }
+  EXPECT_TRUE(r.dst.GuardsIntact());
+  EXPECT_TRUE(r.src.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(a->total_failures(), 0);
+}
+
+TEST_P(TransportConformanceTest, ManyRangesInOneReadLandExactly) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kOps = 10000;
+  constexpr size_t kOpBytes = 16;
+  constexpr size_t kStride = 24;  // 8 untouched bytes between targets
+  // Three large ops after the small ones: each several pieces of any grain.
+  constexpr size_t kLargeOps = 3;
+  constexpr size_t kLargeBytes = (size_t{1} << 20) + 4321;
+  const size_t small_area = kOps * kOpBytes;
+  ReadSetup r(small_area + kLargeOps * kLargeBytes, kOps * kStride + kLargeOps * kLargeBytes, 0x5A);
+  r.src.FillPattern(53);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+
+  // Source op i goes to target slot perm[i]: scattered, not sequential.
+  std::vector<size_t> perm(kOps);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(5));
+  std::vector<ReadOp> ops;
+  for (size_t i = 0; i < kOps; ++i) {
+    ops.push_back({r.src.addr(i * kOpBytes), r.dst.addr(perm[i] * kStride), kOpBytes});
+  }
+  for (size_t i = 0; i < kLargeOps; ++i) {
+    ops.push_back({r.src.addr(small_area + i * kLargeBytes),
+                   r.dst.addr(kOps * kStride + (kLargeOps - 1 - i) * kLargeBytes), kLargeBytes});
+  }
+  const TransportStats a_before = (*a)->Stats();
+  const TransportStats b_before = (*b)->Stats();
+  DoneTracker tracker;
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), IsOk());
+
+  for (size_t i = 0; i < kOps; ++i) {
+    const uint8_t* slot = r.dst.data() + perm[i] * kStride;
+    ASSERT_EQ(std::memcmp(slot, r.src.data() + i * kOpBytes, kOpBytes), 0) << "op " << i;
+    for (size_t j = kOpBytes; j < kStride; ++j) ASSERT_EQ(slot[j], 0x5A) << "gap after " << i;
+  }
+  for (size_t i = 0; i < kLargeOps; ++i) {
+    EXPECT_EQ(std::memcmp(r.dst.data() + kOps * kStride + (kLargeOps - 1 - i) * kLargeBytes,
+                          r.src.data() + small_area + i * kLargeBytes, kLargeBytes),
+              0)
+        << "large op " << i;
+  }
+  EXPECT_TRUE(r.dst.GuardsIntact());
+  const TransportStats a_after = (*a)->Stats();
+  const TransportStats b_after = (*b)->Stats();
+  EXPECT_EQ(a_after.read_ops - a_before.read_ops, kOps + kLargeOps);
+  EXPECT_EQ(a_after.read_bytes - a_before.read_bytes, small_area + kLargeOps * kLargeBytes);
+  EXPECT_EQ(a_after.write_ops, a_before.write_ops);
+  EXPECT_EQ(b_after.read_ops, b_before.read_ops);  // the reader counts, not the peer
+  EXPECT_EQ(b_after.write_ops, b_before.write_ops);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, ReadOpOutsideSourceOrTargetIsRejectedAndNothingRead) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ReadSetup r(1024, 1024);
+  r.src.FillPattern(55);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  const GuardedBuffer& src = r.src;
+  const GuardedBuffer& dst = r.dst;
+
+  const ReadOp good = {src.addr(), dst.addr(), 64};
+  const std::vector<std::vector<ReadOp>> bad_batches = {
+      {good, {src.addr(1000), dst.addr(), 25}},               // past the source's end
+      {good, {src.addr(), dst.addr(1000), 25}},               // past the target's end
+      {good, {src.addr() + (-1ull), dst.addr(), 1}},          // before the source (wraps)
+      {good, {src.addr(), Addr(dst.addr().value() - 1), 1}},  // before the target
+      {good, {src.addr(), dst.addr(), ~0ull}},                // overflowing length
+      {{src.addr(1024), dst.addr(), 1}},                      // starts at the end
+  };
+  DoneTracker tracker;
+  for (size_t i = 0; i < bad_batches.size(); ++i) {
+    EXPECT_THAT(Read(*a, tracker, *r.source, *r.dst_region, bad_batches[i]),
+                StatusIs(StatusCode::kOutOfRange))
+        << "batch " << i;
+  }
+  // Regions swapped: a's own region is no import, b's is not a's.
+  const ReadOp one[] = {good};
+  EXPECT_THAT(Read(*b, tracker, *r.source, *r.dst_region, one),
+              AnyOf(StatusIs(StatusCode::kInvalidArgument), StatusIs(StatusCode::kNotFound)));
+  EXPECT_THAT((*a)->Read(*r.source, *r.dst_region, one, TransportDone(), {}),
+              StatusIs(StatusCode::kInvalidArgument));
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_TRUE(dst.AllEqual(0));
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ((*a)->Stats().read_ops, 0u);
+  EXPECT_EQ((*a)->Stats().read_bytes, 0u);
+
+  // A zero-byte op at the very end is inside; an empty batch completes OK.
+  const ReadOp edge[] = {{src.addr(1024), dst.addr(1024), 0}};
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, edge), IsOk());
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, {}), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) EXPECT_THAT(status, IsOk());
+  EXPECT_TRUE(dst.AllEqual(0));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+TEST_P(TransportConformanceTest, StopRequestedBeforeTheReadCopiesNothing) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ReadSetup r(8192, 8192);
+  r.src.FillPattern(57);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  std::vector<ReadOp> ops;
+  for (size_t i = 0; i < 8; ++i) ops.push_back({r.src.addr(i * 1024), r.dst.addr(i * 1024), 1024});
+  std::stop_source stop;
+  stop.request_stop();
+  DoneTracker tracker;
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops, stop.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0), StatusIs(StatusCode::kCancelled));
+  EXPECT_TRUE(r.dst.AllEqual(0));
+  EXPECT_EQ((*a)->Stats().read_ops, 0u);
+  // The connection is not affected; a stop after completion changes nothing.
+  EXPECT_EQ(a->total_failures(), 0);
+  std::stop_source late;
+  ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops, late.get_token()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  late.request_stop();
+  EXPECT_THAT(tracker.status(1), IsOk());
+  EXPECT_EQ(std::memcmp(r.dst.data(), r.src.data(), 8192), 0);
+  EXPECT_EQ((*a)->Stats().read_ops, 8u);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// A stop requested while large reads run: each ends OK (it finished first)
+// or kCancelled, and the bytes of every one that reported OK are all there.
+TEST_P(TransportConformanceTest, StopDuringReadsEndsThemCleanly) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kReads = 16;
+  constexpr size_t kBytesPerRead = size_t{2} << 20;
+  ReadSetup r(kBytesPerRead, kReads * kBytesPerRead);
+  r.src.FillPattern(59);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  std::vector<std::vector<ReadOp>> ops(kReads);
+  for (size_t i = 0; i < kReads; ++i) {
+    ops[i] = {{r.src.addr(), r.dst.addr(i * kBytesPerRead), kBytesPerRead}};
+  }
+  std::stop_source stop;
+  DoneTracker tracker;
+  for (size_t i = 0; i < kReads; ++i) {
+    ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops[i], stop.get_token()), IsOk());
+  }
+  stop.request_stop();
+  ASSERT_TRUE(tracker.WaitAll());
+  size_t cancelled = 0;
+  for (size_t i = 0; i < kReads; ++i) {
+    const Status status = tracker.status(i);
+    if (status.ok()) {
+      EXPECT_EQ(std::memcmp(r.dst.data() + i * kBytesPerRead, r.src.data(), kBytesPerRead), 0)
+          << "read " << i;
+    } else {
+      EXPECT_THAT(status, StatusIs(StatusCode::kCancelled)) << "read " << i;
+      ++cancelled;
+    }
+  }
+  EXPECT_EQ((*a)->Stats().read_ops, kReads - cancelled);
+  EXPECT_TRUE(r.dst.GuardsIntact());
+  EXPECT_EQ(tracker.Violations(), "");
+  EXPECT_EQ(a->total_failures(), 0);
+}
+
+TEST_P(TransportConformanceTest, ReadFromAnUnknownOrDeadPeerIsRefused) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ReadSetup r(256, 256);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  constexpr PeerId kUnknown = 987654321;
+  RegionInfo info;
+  info.address = Addr(0x10000);
+  info.size = 64;
+  info.remote_key = std::vector<std::byte>(8);
+  ForeignRemoteRegion foreign(kUnknown, info);
+  DoneTracker tracker;
+  const ReadOp unknown_ops[] = {{Addr(0x10000), r.dst.addr(), 64}};
+  EXPECT_THAT(Read(*a, tracker, foreign, *r.dst_region, unknown_ops),
+              AnyOf(StatusIs(StatusCode::kNotFound), StatusIs(StatusCode::kInvalidArgument)));
+
+  (*b)->Disconnect(b_to_a, UnavailableError("gone"));
+  ASSERT_TRUE(a->WaitForFailure(a_to_b));
+  const ReadOp ops[] = {{r.src.addr(), r.dst.addr(), 256}};
+  EXPECT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops), StatusIs(StatusCode::kUnavailable));
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_TRUE(r.dst.AllEqual(0));
+  EXPECT_EQ(tracker.Violations(), "");
+  a->Shutdown();
+  EXPECT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops), StatusIs(StatusCode::kAborted));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The fence: the reader's on_peer_failure runs only after every read of
+// that peer ended, whichever end closes the connection.
+TEST_P(TransportConformanceTest, PeerFailureFollowsTheEndOfEveryRead) {
+  for (const bool reader_disconnects : {true, false}) {
+    SCOPED_TRACE(reader_disconnects ? "reader disconnects" : "peer disconnects");
+    const std::string suffix = std::to_string(reader_disconnects);
+    std::atomic<int> reads_ended{0};
+    std::atomic<int> ended_at_failure{-1};
+    auto a = MakeEndpoint("a" + suffix, /*start=*/false);
+    a->on_peer_failure_hook = [&](PeerId, const Status&) { ended_at_failure = reads_ended.load(); };
+    ASSERT_THAT(a->Start(), IsOk());
+    auto b = MakeEndpoint("b" + suffix);
+    auto [a_to_b, b_to_a] = Connect(*a, *b);
+    constexpr size_t kReads = 32;
+    constexpr size_t kBytesPerRead = size_t{1} << 20;
+    ReadSetup r(kBytesPerRead, kReads * kBytesPerRead);
+    r.src.FillPattern(61);
+    KVB_READ_SETUP(r, *a, a_to_b, *b);
+    std::vector<std::vector<ReadOp>> ops(kReads);
+    DoneTracker tracker;
+    int accepted = 0;
+    for (size_t i = 0; i < kReads; ++i) {
+      ops[i] = {{r.src.addr(), r.dst.addr(i * kBytesPerRead), kBytesPerRead}};
+      InsideCall inside;
+      TransportDone counted = [&reads_ended, done = tracker.Make()](Status status) {
+        ++reads_ended;
+        done(std::move(status));
+      };
+      ASSERT_THAT((*a)->Read(*r.source, *r.dst_region, ops[i], std::move(counted), {}), IsOk());
+      ++accepted;
+    }
+    if (reader_disconnects) {
+      (*a)->Disconnect(a_to_b, UnavailableError("test disconnect"));
+    } else {
+      (*b)->Disconnect(b_to_a, UnavailableError("test disconnect"));
+    }
+    ASSERT_TRUE(a->WaitForFailure(a_to_b));
+    ASSERT_TRUE(b->WaitForFailure(b_to_a));
+    EXPECT_EQ(ended_at_failure.load(), accepted);
+    ASSERT_TRUE(tracker.WaitAll(0ms));
+    for (size_t i = 0; i < kReads; ++i) {
+      const Status status = tracker.status(i);
+      if (status.ok()) {
+        EXPECT_EQ(std::memcmp(r.dst.data() + i * kBytesPerRead, r.src.data(), kBytesPerRead), 0);
+      } else {
+        EXPECT_THAT(status, StatusIs(StatusCode::kUnavailable)) << "read " << i;
+      }
+    }
+    EXPECT_EQ(tracker.Violations(), "");
+    EXPECT_EQ(a->failures(a_to_b), 1);
+  }
+}
+
+// Shutdown ends the reads in progress and fails the queued ones; every
+// `done` ran once before it returned.
+TEST_P(TransportConformanceTest, ShutdownEndsReadsInProgress) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr size_t kReads = 32;
+  constexpr size_t kBytesPerRead = size_t{1} << 20;
+  ReadSetup r(kBytesPerRead, kReads * kBytesPerRead);
+  r.src.FillPattern(63);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  std::vector<std::vector<ReadOp>> ops(kReads);
+  DoneTracker tracker;
+  for (size_t i = 0; i < kReads; ++i) {
+    ops[i] = {{r.src.addr(), r.dst.addr(i * kBytesPerRead), kBytesPerRead}};
+    ASSERT_THAT(Read(*a, tracker, *r.source, *r.dst_region, ops[i]), IsOk());
+  }
+  a->Shutdown();
+  tracker.Seal();
+  EXPECT_TRUE(tracker.WaitAll(0ms));
+  EXPECT_EQ(tracker.Violations(), "");
+  for (const Status& status : tracker.statuses()) {
+    EXPECT_THAT(status,
+                AnyOf(IsOk(), StatusIs(StatusCode::kAborted), StatusIs(StatusCode::kUnavailable)));
+  }
+  ASSERT_TRUE(b->WaitForFailure(b_to_a));
+  EXPECT_EQ(a->callbacks_after_shutdown(), 0);
+}
+
+// Documented outcome where the owner's deregistration fences reads too:
+// kFailedPrecondition, from Read or from its `done`, nothing copied.
+TEST_P(TransportConformanceTest, ReadFromADeregisteredRegionFails) {
+  if (!GetParam().detects_deregistered_source) GTEST_SKIP() << "not detected by this transport";
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  ReadSetup r(256, 256);
+  r.src.FillPattern(65);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  r.src_region.reset();  // deregistered by its owner
+  DoneTracker tracker;
+  const ReadOp ops[] = {{r.src.addr(), r.dst.addr(), 256}};
+  Status status = Read(*a, tracker, *r.source, *r.dst_region, ops);
+  if (status.ok()) {
+    ASSERT_TRUE(tracker.WaitAll());
+    status = tracker.status(0);
+  }
+  EXPECT_THAT(status, StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_TRUE(r.dst.AllEqual(0));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// Many threads read while the peer writes into the reader and both send.
+// Runs under ThreadSanitizer in CI.
+TEST_P(TransportConformanceTest, ConcurrentReadsFromManyThreads) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  const std::pair<PeerId, PeerId> peers = Connect(*a, *b);
+  const PeerId a_to_b = peers.first;
+  const PeerId b_to_a = peers.second;
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 25;
+  constexpr size_t kOpsPerRead = 32;
+  constexpr size_t kOpBytes = 64;
+  constexpr size_t kPerThread = kRounds * kOpsPerRead * kOpBytes;
+  ReadSetup r(kThreads * kPerThread, kThreads * kPerThread);
+  r.src.FillPattern(67);
+  KVB_READ_SETUP(r, *a, a_to_b, *b);
+  // b writes into a region of a's meanwhile, each write into its own part
+  // (writes may run on several threads).
+  constexpr size_t kWriteBytes = 256;
+  GuardedBuffer b_src(kRounds * kWriteBytes);
+  b_src.FillPattern(68);
+  GuardedBuffer a_dst(kRounds * kWriteBytes);
+  auto b_src_region = Register(*b, b_src);
+  auto a_dst_region = Register(*a, a_dst);
+  auto b_target = Import(*b, b_to_a, *a_dst_region);
+  ASSERT_NE(b_target, nullptr);
+
+  std::vector<std::vector<ReadOp>> ops(kThreads * kRounds);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int round = 0; round < kRounds; ++round) {
+      auto& list = ops[t * kRounds + round];
+      for (size_t i = 0; i < kOpsPerRead; ++i) {
+        const uint64_t offset = t * kPerThread + (round * kOpsPerRead + i) * kOpBytes;
+        list.push_back({r.src.addr(offset), r.dst.addr(offset), kOpBytes});
+      }
+    }
+  }
+  std::vector<WriteOp> write_ops;
+  for (int round = 0; round < kRounds; ++round) {
+    write_ops.push_back(
+        {b_src.addr(round * kWriteBytes), a_dst.addr(round * kWriteBytes), kWriteBytes});
+  }
+  DoneTracker tracker;
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < kRounds; ++round) {
+        if (!Read(*a, tracker, *r.source, *r.dst_region, ops[t * kRounds + round]).ok()) ++errors;
+        if (!a->SendText(a_to_b, std::to_string(t)).ok()) ++errors;
+        (void)(*a)->Stats();
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    for (int round = 0; round < kRounds; ++round) {
+      if (!Write(*b, tracker, *b_src_region, *b_target, {&write_ops[round], 1}).ok()) ++errors;
+      if (!b->SendText(b_to_a, std::to_string(round)).ok()) ++errors;
+    }
+  });
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(errors.load(), 0);
+  ASSERT_THAT(Flush(*b, tracker, b_to_a), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  for (const Status& status : tracker.statuses()) ASSERT_THAT(status, IsOk());
+  EXPECT_EQ(std::memcmp(r.dst.data(), r.src.data(), r.dst.size()), 0);
+  EXPECT_EQ(std::memcmp(a_dst.data(), b_src.data(), a_dst.size()), 0);
+  EXPECT_EQ((*a)->Stats().read_ops, static_cast<uint64_t>(kThreads * kRounds * kOpsPerRead));
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+#undef KVB_READ_SETUP
 
 std::vector<TransportFactory> AllFactories() {
   std::vector<TransportFactory> factories = {LoopbackFactory(), FaultLoopbackFactory()};

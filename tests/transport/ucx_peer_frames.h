@@ -32,6 +32,9 @@ inline std::vector<std::byte> EncodeRegion(const RegionInfo& info) {
   return out;
 }
 
+// The bytes a receiver's and a reader's buffer hold: byte i of a region.
+inline uint8_t PatternByte(uint64_t i) { return static_cast<uint8_t>((i * 131 + 7) ^ (i >> 9)); }
+
 inline std::optional<RegionInfo> DecodeRegion(std::span<const std::byte> frame) {
   constexpr size_t kHeader = 6 + 16;
   if (frame.size() <= kHeader || std::memcmp(frame.data(), "REGION", 6) != 0) return std::nullopt;

@@ -1,16 +1,20 @@
 // The UCX transport beyond the conformance suite: its options and address
 // parsing, per-peer capabilities, and peers in other processes that are
-// killed in the middle of a transfer (the peer program is ucx_test_peer).
+// killed in the middle of a transfer or read from (the peer program is
+// ucx_test_peer).
+#include "transport/ucx/ucx_transport.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -19,7 +23,6 @@
 #include "common/status_matchers.h"
 #include "kvbounce/transports.h"
 #include "transport/transport_test_util.h"
-#include "transport/ucx/ucx_transport.h"
 #include "transport/ucx_peer_frames.h"
 
 extern char** environ;
@@ -112,7 +115,60 @@ TEST(UcxTransportTest, CapabilitiesPerPeer) {
     EXPECT_THAT((*a)->PeerCaps(424242), StatusIs(StatusCode::kNotFound));
     EXPECT_THAT((*a)->Register(Addr(4096), 4096, MemoryKind::kCuda),
                 StatusIs(StatusCode::kInvalidArgument, HasSubstr("host memory")));
+    // Reads: on by default, whatever the data endpoints; this process may
+    // read itself, so the probe passes. Their completions run on the reader
+    // thread, beside the rail.
+    EXPECT_TRUE(caps.read_remote);
+    EXPECT_TRUE(caps.concurrent_callbacks);
+    EXPECT_TRUE(peer->read_remote);
+    EXPECT_GT(peer->read_cost.op_us, 0);
+    EXPECT_GT(peer->read_cost.bytes_per_us, 0);
   }
+}
+
+// same_host_read off on either end: no reads on that link, either way.
+TEST(UcxTransportTest, SameHostReadOffMakesReadUnimplemented) {
+  UcxTransportOptions off;
+  off.same_host_read = false;
+  auto a = MakeTestEndpoint(NewUcxTransport(off), true);
+  auto b = MakeTestEndpoint(NewUcxTransport({}), true);
+  auto [a_to_b, b_to_a] = ConnectTestEndpoints(*a, *b);
+  EXPECT_FALSE((*a)->Caps().read_remote);
+  EXPECT_FALSE((*a)->Caps().concurrent_callbacks);  // one rail, no reader thread
+  EXPECT_TRUE((*b)->Caps().read_remote);
+  auto a_caps = (*a)->PeerCaps(a_to_b);
+  auto b_caps = (*b)->PeerCaps(b_to_a);
+  ASSERT_THAT(a_caps, IsOk());
+  ASSERT_THAT(b_caps, IsOk());
+  EXPECT_FALSE(a_caps->read_remote);
+  EXPECT_FALSE(b_caps->read_remote);  // a does not offer its memory
+
+  GuardedBuffer a_buffer(4096);
+  GuardedBuffer b_buffer(4096);
+  b_buffer.FillPattern(9);
+  auto a_region = (*a)->Register(a_buffer.addr(), 4096, MemoryKind::kHost);
+  auto b_region = (*b)->Register(b_buffer.addr(), 4096, MemoryKind::kHost);
+  ASSERT_THAT(a_region, IsOk());
+  ASSERT_THAT(b_region, IsOk());
+  auto b_in_a = (*a)->Import(a_to_b, (*b_region)->info());
+  auto a_in_b = (*b)->Import(b_to_a, (*a_region)->info());
+  ASSERT_THAT(b_in_a, IsOk());
+  ASSERT_THAT(a_in_b, IsOk());
+  const ReadOp a_reads[] = {{b_buffer.addr(), a_buffer.addr(), 4096}};
+  const ReadOp b_reads[] = {{a_buffer.addr(), b_buffer.addr(), 4096}};
+  EXPECT_THAT((*a)->Read(**b_in_a, **a_region, a_reads, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("same_host_read")));
+  EXPECT_THAT((*b)->Read(**a_in_b, **b_region, b_reads, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnimplemented));
+  EXPECT_TRUE(a_buffer.AllEqual(0));
+  // Writes do not care.
+  DoneTracker tracker;
+  const WriteOp writes[] = {{b_buffer.addr(), a_buffer.addr(), 4096}};
+  ASSERT_THAT((*b)->Write(**b_region, **a_in_b, writes, tracker.Make()), IsOk());
+  ASSERT_THAT((*b)->Flush(b_to_a, tracker.Make()), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(1), IsOk());
+  EXPECT_EQ(std::memcmp(a_buffer.data(), b_buffer.data(), 4096), 0);
 }
 
 // The receiving side checks every data message against its live regions:
@@ -153,12 +209,54 @@ TEST(UcxTransportTest, WriteIntoADeregisteredRegionLandsNothingAndFailsTheFlush)
   }
 }
 
+// A read of a peer range that is no longer mapped (its owner deregistered
+// and freed it) fails with kFailedPrecondition; what came before it in the
+// same call landed.
+TEST(UcxTransportTest, ReadOfAnUnmappedPeerRangeFails) {
+  auto a = MakeTestEndpoint(NewUcxTransport({}), true);
+  auto b = MakeTestEndpoint(NewUcxTransport({}), true);
+  auto [a_to_b, b_to_a] = ConnectTestEndpoints(*a, *b);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* mapped =
+      mmap(nullptr, 3 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  auto* peer_bytes = static_cast<uint8_t*>(mapped);
+  std::memset(peer_bytes, 0x42, 3 * page);
+  GuardedBuffer dst(3 * page, 0);
+  auto peer_region = (*b)->Register(Addr::FromPointer(peer_bytes), 3 * page, MemoryKind::kHost);
+  auto target = (*a)->Register(dst.addr(), dst.size(), MemoryKind::kHost);
+  ASSERT_THAT(peer_region, IsOk());
+  ASSERT_THAT(target, IsOk());
+  auto source = (*a)->Import(a_to_b, (*peer_region)->info());
+  ASSERT_THAT(source, IsOk());
+  peer_region->reset();
+  ASSERT_EQ(munmap(peer_bytes + page, page), 0);  // the middle page is gone
+
+  const Addr base = Addr::FromPointer(peer_bytes);
+  const ReadOp ops[] = {{base, dst.addr(), page},
+                        {base + page, dst.addr(page), page},
+                        {base + 2 * page, dst.addr(2 * page), page}};
+  DoneTracker tracker;
+  ASSERT_THAT((*a)->Read(**source, **target, ops, tracker.Make(), {}), IsOk());
+  ASSERT_TRUE(tracker.WaitAll());
+  EXPECT_THAT(tracker.status(0),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("not mapped")));
+  for (size_t i = 0; i < page; ++i) ASSERT_EQ(dst.data()[i], 0x42) << "byte " << i;
+  for (size_t i = page; i < 3 * page; ++i) ASSERT_EQ(dst.data()[i], 0) << "byte " << i;
+  EXPECT_EQ(a->total_failures(), 0);  // the connection is fine
+  EXPECT_EQ(tracker.Violations(), "");
+  munmap(peer_bytes, page);
+  munmap(peer_bytes + 2 * page, page);
+}
+
 // --- Peers in other processes ----------------------------------------------
 
 class PeerProcess {
  public:
-  PeerProcess(const std::string& address, const char* mode, bool shm) {
+  PeerProcess(const std::string& address, const char* mode, bool shm,
+              std::vector<std::string> extra = {}) {
     std::vector<std::string> args = {KVBOUNCE_UCX_TEST_PEER, address, mode, shm ? "1" : "0"};
+    args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (auto& arg : args) argv.push_back(arg.data());
     argv.push_back(nullptr);
@@ -359,6 +457,188 @@ TEST_P(UcxPeerDeathTest, AStoppedPeerDoesNotHoldTheShutdown) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, UcxPeerDeathTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& param_info) {
+                           return param_info.param ? "shared_memory" : "tcp";
+                         });
+
+// --- Reads from peer processes (process_vm_readv) ---------------------------
+
+class UcxPeerReadTest : public UcxPeerDeathTest {
+ protected:
+  // a_ reads the receiver's region (target_, the source here) into a
+  // region of its own (src_/source_, the target here).
+  Status Read(DoneTracker& tracker, std::span<const ReadOp> ops) {
+    InsideCall inside;
+    Status status = (*a_)->Read(*target_, *source_, ops, tracker.Make(), {});
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+};
+
+// The receiver process holds PatternByte(i) at byte i of its region.
+TEST_P(UcxPeerReadTest, ReadsAPeerProcessesMemory) {
+  ConnectReceiver();
+  ASSERT_FALSE(HasFatalFailure());
+  auto caps = (*a_)->PeerCaps(peer_);
+  ASSERT_THAT(caps, IsOk());
+  ASSERT_TRUE(caps->read_remote) << "the probe of a child process failed";
+  std::memset(src_->data(), 0, src_->size());
+  // Scattered 256-byte ranges over the first MiB (many per call), then the
+  // rest as one range (several calls).
+  constexpr uint64_t kSmall = 256;
+  constexpr uint64_t kSmallArea = uint64_t{1} << 20;
+  std::vector<ReadOp> ops;
+  for (uint64_t i = 0; i < kSmallArea / kSmall; ++i) {
+    const uint64_t from = ((i * 7919) % (kSmallArea / kSmall)) * kSmall;
+    ops.push_back({info_.address + from, src_->addr(i * kSmall), kSmall});
+  }
+  ops.push_back({info_.address + kSmallArea, src_->addr(kSmallArea), info_.size - kSmallArea});
+  DoneTracker tracker;
+  ASSERT_THAT(Read(tracker, ops), IsOk());
+  ASSERT_TRUE(tracker.WaitAll(20s));
+  ASSERT_THAT(tracker.status(0), IsOk());
+  for (uint64_t i = 0; i < kSmallArea / kSmall; ++i) {
+    const uint64_t from = ((i * 7919) % (kSmallArea / kSmall)) * kSmall;
+    for (uint64_t j = 0; j < kSmall; ++j) {
+      ASSERT_EQ(src_->data()[i * kSmall + j], test_peer::PatternByte(from + j)) << "range " << i;
+    }
+  }
+  for (uint64_t i = kSmallArea; i < info_.size; ++i) {
+    ASSERT_EQ(src_->data()[i], test_peer::PatternByte(i)) << "byte " << i;
+  }
+  EXPECT_TRUE(src_->GuardsIntact());
+  const TransportStats stats = (*a_)->Stats();
+  EXPECT_EQ(stats.read_ops, ops.size());
+  EXPECT_EQ(stats.read_bytes, info_.size);
+  EXPECT_EQ(tracker.Violations(), "");
+}
+
+// The peer process dies while we read it: every read ends within a bound
+// (kUnavailable once it is gone), and on_peer_failure comes once, after the
+// last of them ended (the fence).
+TEST_P(UcxPeerReadTest, PeerKilledMidRead) {
+  ConnectReceiver();
+  ASSERT_FALSE(HasFatalFailure());
+  auto caps = (*a_)->PeerCaps(peer_);
+  ASSERT_THAT(caps, IsOk());
+  ASSERT_TRUE(caps->read_remote);
+  // Reads in flight without pause until the peer is gone; each `done`
+  // notes whether the failure was already reported (it must not be).
+  const ReadOp op{info_.address, src_->addr(), info_.size};
+  DoneTracker tracker;
+  std::atomic<int> accepted{0};
+  std::atomic<int> ended{0};
+  std::atomic<int> ended_after_failure{0};
+  std::atomic<bool> stop{false};
+  std::thread reader([&] {
+    while (!stop) {
+      InsideCall inside;
+      TransportDone done = [this, &ended, &ended_after_failure,
+                            inner = tracker.Make()](Status status) {
+        if (a_->failures(peer_) > 0) ++ended_after_failure;
+        ++ended;
+        inner(std::move(status));
+      };
+      Status status = (*a_)->Read(*target_, *source_, {&op, 1}, std::move(done), {});
+      if (!status.ok()) {
+        tracker.Forget();
+        EXPECT_THAT(status, StatusIs(StatusCode::kUnavailable));
+        return;
+      }
+      ++accepted;
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  std::this_thread::sleep_for(100ms);
+  const auto killed = std::chrono::steady_clock::now();
+  child_->Kill();
+  ASSERT_TRUE(a_->WaitForFailure(peer_, 20s));
+  stop = true;
+  reader.join();
+  ASSERT_TRUE(tracker.WaitAll(20s));
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, 20s);
+  EXPECT_GT(accepted.load(), 0);
+  EXPECT_EQ(ended.load(), accepted.load());
+  EXPECT_EQ(ended_after_failure.load(), 0) << "a read ended after on_peer_failure";
+  EXPECT_EQ(a_->failures(peer_), 1);
+  EXPECT_THAT(a_->failure_reason(peer_), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(tracker.Violations(), "");
+  // A read that did not finish says the peer or its connection is gone.
+  for (const Status& status : tracker.statuses()) {
+    if (!status.ok()) {
+      EXPECT_THAT(status, StatusIs(StatusCode::kUnavailable));
+    }
+  }
+  EXPECT_THAT((*a_)->Read(*target_, *source_, {&op, 1}, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnavailable));
+  target_.reset();
+}
+
+// A peer process with same_host_read off offers nothing to read.
+TEST_P(UcxPeerReadTest, APeerWithSameHostReadOffIsNotRead) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = GetParam();
+  a_ = MakeTestEndpoint(NewUcxTransport(options), true);
+  PeerProcess child((*a_)->Address(), "receiver", GetParam(), {"0"});
+  ASSERT_TRUE(child.started());
+  const PeerId peer = WaitForPeer(*a_, 2);
+  ASSERT_NE(peer, 0u);
+  auto caps = (*a_)->PeerCaps(peer);
+  ASSERT_THAT(caps, IsOk());
+  EXPECT_FALSE(caps->read_remote);
+  auto info = test_peer::DecodeRegion(a_->messages()[1].frame);
+  ASSERT_TRUE(info.has_value());
+  auto source = (*a_)->Import(peer, *info);
+  ASSERT_THAT(source, IsOk());
+  GuardedBuffer dst(4096);
+  auto target = (*a_)->Register(dst.addr(), dst.size(), MemoryKind::kHost);
+  ASSERT_THAT(target, IsOk());
+  const ReadOp op{info->address, dst.addr(), 4096};
+  EXPECT_THAT((*a_)->Read(**source, **target, {&op, 1}, [](Status) {}, {}),
+              StatusIs(StatusCode::kUnimplemented));
+  source->reset();
+}
+
+// The peer process reads us (the child reads its parent). A seccomp
+// profile that refuses process_vm_readv turns reads off at the probe, for
+// that peer only, and Read then says kUnimplemented.
+TEST_P(UcxPeerReadTest, APeerProcessReadsUsUnlessTheKernelRefuses) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = GetParam();
+  a_ = MakeTestEndpoint(NewUcxTransport(options), true);
+  GuardedBuffer region_buffer(size_t{1} << 20);
+  for (size_t i = 0; i < region_buffer.size(); ++i) {
+    region_buffer.data()[i] = test_peer::PatternByte(i);
+  }
+  auto region = (*a_)->Register(region_buffer.addr(), region_buffer.size(), MemoryKind::kHost);
+  ASSERT_THAT(region, IsOk());
+  size_t seen = 0;
+  for (const char* mode : {"reader", "reader-denied"}) {
+    SCOPED_TRACE(mode);
+    // reader-denied takes TCP for its data: UCX's own cross-memory attach
+    // would meet the same filter.
+    const bool shm = GetParam() && std::string(mode) == "reader";
+    PeerProcess child((*a_)->Address(), mode, shm);
+    ASSERT_TRUE(child.started());
+    const PeerId peer = WaitForPeer(*a_, seen + 2);  // READY, then CAPS or NOSECCOMP
+    ASSERT_NE(peer, 0u);
+    const std::string answer = Text(a_->messages()[seen + 1].frame);
+    seen += 2;
+    if (answer == "NOSECCOMP") {
+      GTEST_SKIP() << "seccomp filters are not available here";
+    }
+    const bool denied = std::string(mode) == "reader-denied";
+    EXPECT_EQ(answer, denied ? "CAPS 0" : "CAPS 1");
+    ASSERT_THAT((*a_)->Send(peer, test_peer::EncodeRegion((*region)->info())), IsOk());
+    ASSERT_EQ(WaitForPeer(*a_, seen + 1), peer);
+    EXPECT_EQ(Text(a_->messages()[seen].frame), denied ? "READ UNIMPLEMENTED 0" : "READ OK 1");
+    seen += 1;
+    (*a_)->Disconnect(peer, UnavailableError("done"));
+    ASSERT_TRUE(a_->WaitForFailure(peer, 20s));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Links, UcxPeerReadTest, ::testing::Values(false, true),
                          [](const ::testing::TestParamInfo<bool>& param_info) {
                            return param_info.param ? "shared_memory" : "tcp";
                          });

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <system_error>
 
@@ -232,6 +233,59 @@ Result<std::unique_ptr<MappedAccess>> FaultTransport::BeginMappedAccess(
   return inner_->BeginMappedAccess(target);
 }
 
+FaultTransport::Decision FaultTransport::DecideLocked(PeerId peer, size_t num_ops, bool read,
+                                                      TransportDone& done) {
+  Decision decision;
+  decision.delay = options_.delay;
+  decision.drop_after = options_.drop_after_ops;
+  if (decision.drop_after > 0 && !drop_fired_ &&
+      ops_since_options_ >= static_cast<uint64_t>(decision.drop_after)) {
+    drop_fired_ = true;
+    decision.drop = true;
+    ++stats_.dropped_connections;
+    return decision;
+  }
+  const double rate = options_.write_fail_rate;
+  if (rate >= 1.0) {
+    decision.failures = num_ops;
+  } else if (rate > 0.0 && num_ops > 0) {
+    decision.failures = CountChosenLocked(num_ops, rate);
+  }
+  ops_since_options_ += num_ops;
+  // Counted until its `done` returned (or the inner transport refused it).
+  ++unsettled_[peer];
+  done = Settling(peer, std::move(done));
+  if (decision.failures > 0) {
+    (read ? stats_.injected_read_failures : stats_.injected_write_failures) += decision.failures;
+    ++stats_.failed_batches;
+    if (decision.delay.count() > 0) ++stats_.delayed_completions;
+  }
+  return decision;
+}
+
+std::optional<Status> FaultTransport::Inject(const Decision& decision, PeerId peer,
+                                             TransportDone& done, bool read, size_t num_ops) {
+  if (decision.drop) {
+    Status reason = UnavailableError("injected: connection dropped after " +
+                                     std::to_string(decision.drop_after) + " operations");
+    inner_->Disconnect(peer, reason);
+    return reason;
+  }
+  if (decision.failures == 0) return std::nullopt;
+  TimerEntry entry;
+  entry.kind = TimerEntry::Kind::kCompletion;
+  entry.done = std::move(done);
+  entry.status =
+      UnavailableError(std::string(read ? "injected read failure: " : "injected write failure: ") +
+                       std::to_string(decision.failures) + " of " + std::to_string(num_ops) +
+                       " operations chosen to fail");
+  if (!Post(Clock::now() + decision.delay, entry)) {
+    Settle(peer, /*in_call=*/true);
+    return AbortedError("fault transport: shut down");
+  }
+  return Status::Ok();
+}
+
 Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& target,
                              std::span<const WriteOp> ops, TransportDone done,
                              std::stop_token stop) {
@@ -240,72 +294,60 @@ Status FaultTransport::Write(const LocalRegion& source, const RemoteRegion& targ
   KVB_RETURN_IF_ERROR(CheckWriteOps(source.info(), target.info(), ops).status());
 
   const PeerId peer = target.peer();
-  bool drop = false;
   bool parked = false;
-  uint64_t failures = 0;
-  int64_t drop_after = 0;
-  std::chrono::microseconds delay{0};
+  Decision decision;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (parking_closed_) return AbortedError("fault transport: shut down");
-    delay = options_.delay;
-    drop_after = options_.drop_after_ops;
-    if (drop_after > 0 && !drop_fired_ && ops_since_options_ >= static_cast<uint64_t>(drop_after)) {
-      drop_fired_ = true;
-      drop = true;
-      ++stats_.dropped_connections;
-    } else {
-      const double rate = options_.write_fail_rate;
-      if (rate >= 1.0) {
-        failures = ops.size();
-      } else if (rate > 0.0 && !ops.empty()) {
-        failures = CountChosenLocked(ops.size(), rate);
-      }
-      ops_since_options_ += ops.size();
-      // Counted until its `done` returned (or the inner transport refused it).
-      ++unsettled_[peer];
-      done = Settling(peer, std::move(done));
-      if (failures > 0) {
-        stats_.injected_write_failures += failures;
-        ++stats_.failed_batches;
-        if (delay.count() > 0) ++stats_.delayed_completions;
-      } else if (holding_ && !failed_peers_.contains(peer)) {
-        ParkedWrite write;
-        write.source = &source;
-        write.target = &target;
-        write.ops = ops;
-        write.done = std::move(done);
-        write.delay = delay;
-        parked_.push_back(std::move(write));
-        parked = true;
-      }
+    decision = DecideLocked(peer, ops.size(), /*read=*/false, done);
+    if (!decision.drop && decision.failures == 0 && holding_ && !failed_peers_.contains(peer)) {
+      ParkedWrite write;
+      write.source = &source;
+      write.target = &target;
+      write.ops = ops;
+      write.done = std::move(done);
+      write.delay = decision.delay;
+      parked_.push_back(std::move(write));
+      parked = true;
     }
   }
   if (parked) {
     parked_cv_.notify_all();
     return Status::Ok();
   }
+  if (std::optional<Status> injected = Inject(decision, peer, done, /*read=*/false, ops.size())) {
+    return *injected;
+  }
+  Status status = inner_->Write(source, target, ops,
+                                DelayCompletion(std::move(done), decision.delay), std::move(stop));
+  if (!status.ok()) Settle(peer, /*in_call=*/true);
+  return status;
+}
 
-  if (drop) {
-    Status reason = UnavailableError("injected: connection dropped after " +
-                                     std::to_string(drop_after) + " operations");
-    inner_->Disconnect(peer, reason);
-    return reason;
+Status FaultTransport::Read(const RemoteRegion& source, const LocalRegion& target,
+                            std::span<const ReadOp> ops, TransportDone done, std::stop_token stop) {
+  if (stopping_.load()) return AbortedError("fault transport: shut down");
+  if (!done) return InvalidArgumentError("fault transport: Read needs a done callback");
+  KVB_RETURN_IF_ERROR(CheckReadOps(source.info(), target.info(), ops).status());
+  const PeerId peer = source.peer();
+  // A read the inner transport cannot do is refused, never "failed by
+  // injection" later.
+  if (Result<TransportCaps> caps = inner_->PeerCaps(peer); caps.ok() && !caps->read_remote) {
+    return UnimplementedError("fault transport: the inner " + caps->name +
+                              " transport cannot read the memory of peer " + std::to_string(peer));
   }
-  if (failures > 0) {
-    TimerEntry entry;
-    entry.kind = TimerEntry::Kind::kCompletion;
-    entry.done = std::move(done);
-    entry.status = UnavailableError("injected write failure: " + std::to_string(failures) + " of " +
-                                    std::to_string(ops.size()) + " operations chosen to fail");
-    if (!Post(Clock::now() + delay, entry)) {
-      Settle(peer, /*in_call=*/true);
-      return AbortedError("fault transport: shut down");
-    }
-    return Status::Ok();
+
+  Decision decision;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (parking_closed_) return AbortedError("fault transport: shut down");
+    decision = DecideLocked(peer, ops.size(), /*read=*/true, done);
   }
-  Status status =
-      inner_->Write(source, target, ops, DelayCompletion(std::move(done), delay), std::move(stop));
+  if (std::optional<Status> injected = Inject(decision, peer, done, /*read=*/true, ops.size())) {
+    return *injected;
+  }
+  Status status = inner_->Read(source, target, ops,
+                               DelayCompletion(std::move(done), decision.delay), std::move(stop));
   if (!status.ok()) Settle(peer, /*in_call=*/true);
   return status;
 }

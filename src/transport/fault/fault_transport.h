@@ -2,21 +2,28 @@
 // Transport, so that the session layer's failure paths can be tested
 // deterministically (STYLE "fakes over mocks"; LevelDB's ErrorEnv).
 //
-// It forwards every call to the transport it wraps (the "inner" one) and adds:
+// It forwards every call to the transport it wraps (the "inner" one) and adds
+// the faults below to the data plane: Write and Read are treated alike (a
+// Read batch is injected exactly as a Write batch, op for op), except that
+// reads are never held (see "Holding writes").
 //
-//   write_fail_rate  Each write OPERATION (one WriteOp) is chosen to fail
-//                    with this probability; a Write batch fails when any of
-//                    its ops is chosen. A failed batch is not issued at all:
-//                    nothing is written, Write returns OK, and its `done`
-//                    later receives kUnavailable with a message containing
-//                    "injected write failure". Flushes and messages are
+//   write_fail_rate  Each data OPERATION (one WriteOp or ReadOp) is chosen to
+//                    fail with this probability; a Write or Read batch fails
+//                    when any of its ops is chosen. A failed batch is not
+//                    issued at all: nothing is written or read, the call
+//                    returns OK, and its `done` later receives kUnavailable
+//                    with a message containing "injected write failure" (or
+//                    "injected read failure"). Flushes and messages are
 //                    never failed by injection. The ops are range-checked
-//                    first (kOutOfRange as for any transport), so a bad
-//                    batch is never "accepted" by an injection; the peer is
-//                    not (a batch for a dead peer that is chosen to fail is
-//                    accepted and fails later, with the same code).
-//   delay            Added to every write and flush completion: `done` runs
-//                    no earlier than `delay` after the inner transport
+//                    first (kOutOfRange as for any transport), and a Read
+//                    the inner transport cannot do (its PeerCaps(peer) says
+//                    read_remote false) is refused with kUnimplemented, so a
+//                    bad batch is never "accepted" by an injection; the peer
+//                    is not checked (a batch for a dead peer that is chosen
+//                    to fail is accepted and fails later, with the same
+//                    code).
+//   delay            Added to every write, read and flush completion: `done`
+//                    runs no earlier than `delay` after the inner transport
 //                    reported the completion (so at least `delay` after the
 //                    call), with the inner status. Injected failures are
 //                    delayed too. The delay in force when the call was made
@@ -26,29 +33,29 @@
 //                    and an on_peer_failure for a peer with delayed messages
 //                    still pending is held back until after them, so that
 //                    "no on_message after on_peer_failure" still holds.
-//   drop_after_ops   0 = never. Once this many write operations (of batches
-//                    the decorator accepted, injected failures included)
-//                    were counted since the options were last set, the next
-//                    Write drops its connection: the decorator calls
-//                    inner.Disconnect(peer, kUnavailable "injected:
-//                    connection dropped after N operations") — both ends get
-//                    on_peer_failure — and that Write fails at once with
-//                    that kUnavailable status (its `done` never runs).
-//                    Fires once; SetOptions re-arms it.
+//   drop_after_ops   0 = never. Once this many data operations (write and
+//                    read ops of batches the decorator accepted, injected
+//                    failures included) were counted since the options were
+//                    last set, the next Write or Read drops its connection:
+//                    the decorator calls inner.Disconnect(peer, kUnavailable
+//                    "injected: connection dropped after N operations") —
+//                    both ends get on_peer_failure — and that call fails at
+//                    once with that kUnavailable status (its `done` never
+//                    runs). Fires once; SetOptions re-arms it.
 //   seed             Seeds the one random generator (a std::mt19937_64
 //                    used under a mutex), so a run is reproducible: the same
-//                    seed and the same sequence of Write calls (from one
-//                    thread) choose the same failures. SetOptions reseeds it.
-//                    The ops of a batch are chosen by drawing the gaps
-//                    between chosen ops (geometric, from one uniform draw
-//                    each, through std::log): the draws use no global state,
-//                    so decorators may inject on many threads at once
-//                    (std::binomial_distribution's lgamma writes the global
-//                    `signgam`, a data race).
+//                    seed and the same sequence of Write and Read calls (from
+//                    one thread) choose the same failures. SetOptions
+//                    reseeds it. The ops of a batch are chosen by drawing
+//                    the gaps between chosen ops (geometric, from one
+//                    uniform draw each, through std::log): the draws use no
+//                    global state, so decorators may inject on many threads
+//                    at once (std::binomial_distribution's lgamma writes the
+//                    global `signgam`, a data race).
 //
-// Cancellation: Write forwards its std::stop_token to the inner transport,
-// which honours it as it documents. A batch failed by injection is never
-// issued and ignores its stop token: its `done` gets the injected
+// Cancellation: Write and Read forward their std::stop_token to the inner
+// transport, which honours it as it documents. A batch failed by injection is
+// never issued and ignores its stop token: its `done` gets the injected
 // kUnavailable even when a stop was requested before it ran. A held batch
 // (below) ignores its stop token too.
 //
@@ -64,6 +71,8 @@
 // inner error, once, on the timer thread (after the delay in force when the
 // batch was accepted), never inside a caller's call. Shutdown fails every
 // batch still parked with kAborted, on the timer thread, never issuing it.
+// Reads are never parked: a held write models bytes on the wire towards the
+// peer, and a Read goes to the inner transport at once (faults apply).
 // While holding, a Write for a peer whose on_peer_failure the decorator
 // already received from the inner transport is not parked but passed to the
 // inner transport (which refuses it now). A batch parked for a peer that
@@ -72,16 +81,16 @@
 // The fence (see transport.h, "Failure and the fence"): the inner transport
 // reports on_peer_failure only after its own operations of the connection
 // ended, but it does not know of parked batches, nor of completions the
-// decorator still holds back (delay, injected failures). So while any Write
-// or Flush the decorator accepted for a peer has not completed — parked,
+// decorator still holds back (delay, injected failures). So while any Write,
+// Read or Flush the decorator accepted for a peer has not completed — parked,
 // released and in the inner transport, or its `done` waiting for its delay
 // or not yet returned — the decorator holds that peer's on_peer_failure
 // from the inner transport back, and delivers it right after the last such
 // `done` returned, on that thread (or behind that peer's delayed messages,
 // on the timer thread; or on the timer thread when the last one was a call
 // the inner transport refused). So on_peer_failure still follows every
-// completion of that peer's writes and flushes, and no on_message follows
-// it.
+// completion of that peer's writes, reads and flushes, and no on_message
+// follows it.
 //
 // Threads: the decorator owns one timer thread (started by Create, joined
 // by Shutdown). Delayed completions, injected failures, delayed messages,
@@ -92,7 +101,7 @@
 // every fault off and no writes held, the decorator behaves like the inner
 // transport (callbacks on the same threads).
 //
-// Callbacks exactly once: every Write and Flush that returned OK gets its
+// Callbacks exactly once: every Write, Read and Flush that returned OK gets its
 // `done` called exactly once, never inside the call. At Shutdown the parked
 // batches are taken (never to be issued), the inner transport is shut down
 // (its pending operations complete as it decides), then every completion
@@ -124,6 +133,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <span>
 #include <stop_token>
@@ -143,13 +153,14 @@ namespace kvbounce {
 
 // What to inject. All off by default. See the file comment for each field.
 struct FaultOptions {
-  // Per write operation, in [0, 1].
+  // Per data operation (write and read ops alike), in [0, 1].
   double write_fail_rate = 0;
-  // Before each write and flush completion is reported; >= 0.
+  // Before each write, read and flush completion is reported; >= 0.
   std::chrono::microseconds delay{0};
   // Before each received control message is delivered; >= 0.
   std::chrono::microseconds message_delay{0};
-  // Drop the connection after this many write operations; 0 = never; >= 0.
+  // Drop the connection after this many data (write and read) operations;
+  // 0 = never; >= 0.
   int64_t drop_after_ops = 0;
   uint64_t seed = 1;
 };
@@ -157,9 +168,10 @@ struct FaultOptions {
 // What was injected since Create.
 struct FaultStats {
   uint64_t injected_write_failures = 0;  // write OPERATIONS chosen to fail
-  uint64_t failed_batches = 0;           // Write batches failed by injection
+  uint64_t injected_read_failures = 0;   // read OPERATIONS chosen to fail
+  uint64_t failed_batches = 0;           // Write and Read batches failed by injection
   uint64_t dropped_connections = 0;      // drop_after_ops and InjectDisconnect
-  uint64_t delayed_completions = 0;      // write/flush completions delayed
+  uint64_t delayed_completions = 0;      // write/read/flush completions delayed
   uint64_t delayed_messages = 0;         // control messages delayed
 };
 
@@ -230,6 +242,13 @@ class FaultTransport final : public Transport {
   using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
                TransportDone done, std::stop_token stop) override;
+  // Errors: kOutOfRange (checked here too), kInvalidArgument for an empty
+  // `done`, kUnimplemented when the inner transport's PeerCaps(peer) says
+  // read_remote false, kAborted after Shutdown started, and the inner
+  // transport's. `stop` goes to the inner transport; injected failures
+  // ignore it. Never held (see the file comment).
+  Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
+              TransportDone done, std::stop_token stop) override;
   // Forwarded to the inner transport.
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   // Errors: kInvalidArgument for an empty `done`, kAborted after Shutdown
@@ -273,7 +292,25 @@ class FaultTransport final : public Transport {
     std::chrono::microseconds delay{0};
   };
 
+  // What the decorator decided for one Write or Read batch.
+  struct Decision {
+    bool drop = false;      // drop_after_ops fired: drop the connection
+    uint64_t failures = 0;  // ops chosen to fail (the batch is not issued)
+    int64_t drop_after = 0;
+    std::chrono::microseconds delay{0};
+  };
+
   FaultTransport(std::unique_ptr<Transport> inner, FaultOptions options);
+
+  // Draws the faults of a batch of `num_ops` ops for `peer` and counts them.
+  // Unless it drops the connection, the batch counts as unsettled from here
+  // on and `done` is wrapped by Settling. REQUIRES: mu_ held.
+  Decision DecideLocked(PeerId peer, size_t num_ops, bool read, TransportDone& done);
+  // Carries out a drop (the status the call returns) or an injected failure
+  // (`done` posted to the timer; OK). nullopt when the batch is to be
+  // issued to the inner transport.
+  std::optional<Status> Inject(const Decision& decision, PeerId peer, TransportDone& done,
+                               bool read, size_t num_ops);
 
   // How many of `num_ops` ops are chosen to fail at `rate` (in (0, 1)).
   // REQUIRES: mu_ held.

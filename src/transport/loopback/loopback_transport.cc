@@ -50,6 +50,22 @@ std::string HexAddr(Addr address) {
   return buffer;
 }
 
+// What an endpoint with `options` offers (see LoopbackTransport::Caps).
+TransportCaps LoopbackCaps(const LoopbackOptions& options) {
+  TransportCaps caps;
+  caps.name = "loopback";
+  caps.host_memory = true;
+  caps.device_memory = false;
+  caps.map_remote = options.map_remote;
+  caps.concurrent_callbacks = false;
+  caps.pending_writes_fail = true;
+  caps.cost.op_us = LoopbackTransport::kLoopbackOpUs;
+  caps.cost.bytes_per_us = MemcpyBytesPerUs();
+  caps.read_remote = options.read_remote;
+  caps.read_cost = caps.cost;  // the same memcpy on the same thread
+  return caps;
+}
+
 }  // namespace
 
 // One registered region. The descriptive fields are immutable; `registered`
@@ -133,29 +149,32 @@ class FabricImpl {
     return regions_.size();
   }
 
-  // Pins both regions for a copy, or fails when either is deregistered.
-  Status Pin(RegionEntry& source, RegionEntry& target) {
+  // Pins both regions of a copy (the copying endpoint's own region and the
+  // peer's), or fails when either is deregistered. `local_role` and
+  // `remote_role` name them in the message ("source", "target").
+  Status Pin(RegionEntry& local, const char* local_role, RegionEntry& remote,
+             const char* remote_role) {
     std::lock_guard<std::mutex> lock(regions_mu_);
-    if (!source.registered) {
-      return FailedPreconditionError("source region #" + std::to_string(source.id) +
-                                     " was deregistered");
+    if (!local.registered) {
+      return FailedPreconditionError(std::string(local_role) + " region #" +
+                                     std::to_string(local.id) + " was deregistered");
     }
-    if (!target.registered) {
-      return FailedPreconditionError("target region #" + std::to_string(target.id) +
-                                     " was deregistered by its owner");
+    if (!remote.registered) {
+      return FailedPreconditionError(std::string(remote_role) + " region #" +
+                                     std::to_string(remote.id) + " was deregistered by its owner");
     }
-    ++source.pins;
-    ++target.pins;
+    ++local.pins;
+    ++remote.pins;
     return Status::Ok();
   }
 
-  void Unpin(RegionEntry& source, RegionEntry& target) {
+  void Unpin(RegionEntry& local, RegionEntry& remote) {
     bool wake = false;
     {
       std::lock_guard<std::mutex> lock(regions_mu_);
-      --source.pins;
-      --target.pins;
-      wake = (!source.registered && source.pins == 0) || (!target.registered && target.pins == 0);
+      --local.pins;
+      --remote.pins;
+      wake = (!local.registered && local.pins == 0) || (!remote.registered && remote.pins == 0);
     }
     if (wake) regions_cv_.notify_all();
   }
@@ -286,6 +305,7 @@ struct Connection {
     uint64_t endpoint_id = 0;
     std::string address;
     PeerId peer = 0;  // the PeerId this end uses for the other end
+    LoopbackOptions options;  // what this end offers (PeerCaps: both ends')
   };
   End ends[2];
   // Whoever holds a connection also holds the fabric (an endpoint, or a
@@ -296,7 +316,7 @@ struct Connection {
   // Written under `mu`; also read without it, between the pieces of a write.
   std::atomic<bool> alive{true};
   Status reason;  // why it died; set once, with `alive` = false
-  // The fence: write batches running and mapped accesses alive. When the
+  // The fence: write and read batches running and mapped accesses alive. When the
   // connection dies while this is not zero, the failure notifications wait
   // (`fence_pending`) until it is.
   uint64_t in_progress = 0;
@@ -307,19 +327,20 @@ struct Connection {
 
 // One entry of a transport's queue.
 struct Item {
-  enum class Kind { kWrite, kFlush, kMessage, kPeerFailure };
+  enum class Kind { kWrite, kRead, kFlush, kMessage, kPeerFailure };
 
   Kind kind = Kind::kFlush;
   PeerId peer = 0;
   int side = 0;  // which end of `conn` this transport is
   std::shared_ptr<Connection> conn;
-  // kWrite
+  // kWrite (ops) and kRead (read_ops): every op copies src -> dst.
   std::span<const WriteOp> ops;
+  std::span<const ReadOp> read_ops;
   uint64_t bytes = 0;  // of all ops
-  std::shared_ptr<RegionEntry> source;
-  std::shared_ptr<RegionEntry> target;
+  std::shared_ptr<RegionEntry> local;   // kWrite: the source; kRead: the target
+  std::shared_ptr<RegionEntry> remote;  // the peer's region
   std::stop_token stop;
-  // kWrite, kFlush
+  // kWrite, kRead, kFlush
   TransportDone done;
   // kMessage
   std::vector<std::byte> frame;
@@ -331,15 +352,18 @@ struct Item {
 // so that a peer can queue into it while it exists.
 class Endpoint : public std::enable_shared_from_this<Endpoint> {
  public:
-  Endpoint(std::shared_ptr<LoopbackFabric> fabric, std::string name, uint64_t id)
+  Endpoint(std::shared_ptr<LoopbackFabric> fabric, std::string name, uint64_t id,
+           LoopbackOptions options)
       : fabric_(std::move(fabric)),
         fabric_impl_(*fabric_->impl_),
         name_(std::move(name)),
         address_(std::string(LoopbackTransport::kAddressPrefix) + name_),
-        id_(id) {}
+        id_(id),
+        options_(options) {}
 
   const std::string& name() const { return name_; }
   const std::string& address() const { return address_; }
+  const LoopbackOptions& options() const { return options_; }
 
   Status Start(TransportCallbacks callbacks);
   Result<PeerId> Connect(std::string_view address);
@@ -348,7 +372,10 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
                TransportDone done, std::stop_token stop);
+  Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
+              TransportDone done, std::stop_token stop);
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target);
+  Result<TransportCaps> PeerCaps(PeerId peer) const;
   Status Flush(PeerId peer, TransportDone done);
   void Disconnect(PeerId peer, const Status& reason);
   void Shutdown();
@@ -366,7 +393,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
     int side = 0;
   };
 
-  // How far a write batch got.
+  // How far a write or read batch got.
   struct Progress {
     enum class End { kCompleted, kStopped, kDied };
     End end = End::kCompleted;
@@ -386,15 +413,18 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   void Loop();
   void Process(Item& item);
   void Abort(Item& item);
-  void ExecuteWrite(Item& item);
+  // Runs a write or read batch (see "Writes" and "Reads" in the header).
+  void ExecuteCopy(Item& item);
   // Copies the ops of a pinned, counted batch piece by piece (see the header).
-  Progress CopyOps(const Item& item) const;
+  template <typename Op>
+  Progress CopyOps(const Item& item, std::span<const Op> ops) const;
 
   const std::shared_ptr<LoopbackFabric> fabric_;
   FabricImpl& fabric_impl_;
   const std::string name_;
   const std::string address_;
   const uint64_t id_;
+  const LoopbackOptions options_;
 
   mutable std::mutex mu_;
   State state_ = State::kCreated;
@@ -417,6 +447,8 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   std::atomic<uint64_t> write_ops_{0};
   std::atomic<uint64_t> write_bytes_{0};
   std::atomic<uint64_t> failed_write_ops_{0};
+  std::atomic<uint64_t> read_ops_{0};
+  std::atomic<uint64_t> read_bytes_{0};
   std::atomic<uint64_t> flushes_{0};
   std::atomic<uint64_t> messages_sent_{0};
   std::atomic<uint64_t> messages_received_{0};
@@ -549,8 +581,9 @@ Result<PeerId> Endpoint::Connect(std::string_view address) {
     return UnavailableError("no loopback endpoint at '" + std::string(address) + "'");
   }
   auto conn = std::make_shared<Connection>();
-  conn->ends[0] = {weak_from_this(), id_, address_, fabric_impl_.NextPeerId()};
-  conn->ends[1] = {remote, remote->id_, remote->address_, fabric_impl_.NextPeerId()};
+  conn->ends[0] = {weak_from_this(), id_, address_, fabric_impl_.NextPeerId(), options_};
+  conn->ends[1] = {remote, remote->id_, remote->address_, fabric_impl_.NextPeerId(),
+                   remote->options_};
   conn->fabric_impl = &fabric_impl_;
   // Counted before it is published: whoever kills it may do so at once.
   fabric_impl_.ConnectionOpened();
@@ -717,8 +750,8 @@ Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
   item.conn = entry.conn;
   item.ops = ops;
   item.bytes = bytes;
-  item.source = src->entry();
-  item.target = dst->entry();
+  item.local = src->entry();
+  item.remote = dst->entry();
   item.stop = std::move(stop);
   item.done = std::move(done);
   // Counted before queueing, so that a `done` observer sees its own ops.
@@ -732,7 +765,58 @@ Status Endpoint::Write(const LocalRegion& source, const RemoteRegion& target,
   return status;
 }
 
+Status Endpoint::Read(const RemoteRegion& source, const LocalRegion& target,
+                      std::span<const ReadOp> ops, TransportDone done, std::stop_token stop) {
+  if (!options_.read_remote) {
+    return UnimplementedError(address_ + ": reading peer memory is turned off (read_remote)");
+  }
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(source.peer()));
+  const auto* src = dynamic_cast<const LoopbackRemoteRegion*>(&source);
+  if (src == nullptr || src->importer_endpoint_id() != id_) {
+    return InvalidArgumentError(address_ +
+                                ": the read's source region was not imported by this transport");
+  }
+  const auto* dst = dynamic_cast<const LoopbackLocalRegion*>(&target);
+  if (dst == nullptr || dst->entry()->owner_endpoint_id != id_) {
+    return InvalidArgumentError(address_ +
+                                ": the read's target region was not registered "
+                                "with this transport");
+  }
+  const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
+  if (!remote_end.options.read_remote) {
+    return UnimplementedError(address_ + ": " + remote_end.address +
+                              " does not offer its memory to be read (read_remote)");
+  }
+  if (!done) return InvalidArgumentError(address_ + ": Read needs a done callback");
+  KVB_ASSIGN_OR_RETURN(uint64_t bytes, CheckReadOps(src->info(), dst->info(), ops));
+
+  Item item;
+  item.kind = Item::Kind::kRead;
+  item.peer = source.peer();
+  item.side = entry.side;
+  item.conn = entry.conn;
+  item.read_ops = ops;
+  item.bytes = bytes;
+  item.local = dst->entry();
+  item.remote = src->entry();
+  item.stop = std::move(stop);
+  item.done = std::move(done);
+  return EnqueueForPeer(*entry.conn, entry.side, item);
+}
+
+Result<TransportCaps> Endpoint::PeerCaps(PeerId peer) const {
+  KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(peer));
+  const LoopbackOptions& remote = entry.conn->ends[1 - entry.side].options;
+  TransportCaps caps = LoopbackCaps(options_);
+  caps.map_remote = caps.map_remote && remote.map_remote;
+  caps.read_remote = caps.read_remote && remote.read_remote;
+  return caps;
+}
+
 Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRegion& target) {
+  if (!options_.map_remote) {
+    return UnimplementedError(address_ + ": mapping peer memory is turned off (map_remote)");
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (state_ == State::kShutDown) return AbortedError(address_ + " is shut down");
@@ -743,6 +827,11 @@ Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRe
                                 ": the mapped region was not imported by this transport");
   }
   KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
+  if (const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
+      !remote_end.options.map_remote) {
+    return UnimplementedError(address_ + ": " + remote_end.address +
+                              " does not offer its memory to be mapped (map_remote)");
+  }
   {
     std::lock_guard<std::mutex> lock(entry.conn->mu);
     if (!EnterLocked(*entry.conn)) return ClosedErrorLocked(*entry.conn, entry.side);
@@ -853,7 +942,8 @@ void Endpoint::Loop() {
 void Endpoint::Process(Item& item) {
   switch (item.kind) {
     case Item::Kind::kWrite:
-      ExecuteWrite(item);
+    case Item::Kind::kRead:
+      ExecuteCopy(item);
       break;
     case Item::Kind::kFlush: {
       Status status;
@@ -874,19 +964,26 @@ void Endpoint::Process(Item& item) {
   }
 }
 
-void Endpoint::ExecuteWrite(Item& item) {
+void Endpoint::ExecuteCopy(Item& item) {
   Connection& conn = *item.conn;
-  const size_t num_ops = item.ops.size();
-  const std::string& peer_address = conn.ends[1 - item.side].address;
+  const bool read = item.kind == Item::Kind::kRead;
+  const size_t num_ops = read ? item.read_ops.size() : item.ops.size();
+  const std::string what =
+      std::string(read ? "read from " : "write to ") + conn.ends[1 - item.side].address;
   // What was not copied, for the messages of a batch that ended early.
   auto skipped = [&](const Progress& progress) {
     return std::to_string(num_ops - progress.ops_copied) + " of " + std::to_string(num_ops) +
            " ops (" + std::to_string(item.bytes - progress.bytes_copied) + " of " +
            std::to_string(item.bytes) + " bytes) not copied";
   };
-  auto fail = [&](Status status) {
-    failed_write_ops_.fetch_add(num_ops, std::memory_order_relaxed);
-    item.done(std::move(status));
+  // Counted before `done` runs, so that its observer sees its own ops.
+  auto count = [&](const Progress& progress) {
+    if (read) {
+      read_ops_.fetch_add(progress.ops_copied, std::memory_order_relaxed);
+      read_bytes_.fetch_add(progress.bytes_copied, std::memory_order_relaxed);
+    } else if (progress.ops_copied < num_ops) {
+      failed_write_ops_.fetch_add(num_ops - progress.ops_copied, std::memory_order_relaxed);
+    }
   };
 
   Status refused;
@@ -894,16 +991,20 @@ void Endpoint::ExecuteWrite(Item& item) {
     std::lock_guard<std::mutex> lock(conn.mu);
     if (!EnterLocked(conn)) refused = ClosedErrorLocked(conn, item.side);
   }
-  if (!refused.ok()) return fail(std::move(refused));
+  if (!refused.ok()) {
+    count(Progress{});
+    return item.done(std::move(refused));
+  }
   Progress progress;
   if (num_ops > 0 && item.stop.stop_requested()) {
-    refused = CancelledError(address_ + ": write to " + peer_address +
-                             " stopped before it started: " + skipped(progress));
+    refused =
+        CancelledError(address_ + ": " + what + " stopped before it started: " + skipped(progress));
   } else {
-    refused = fabric_impl_.Pin(*item.source, *item.target);
+    refused = read ? fabric_impl_.Pin(*item.local, "target", *item.remote, "source")
+                   : fabric_impl_.Pin(*item.local, "source", *item.remote, "target");
     if (refused.ok()) {
-      progress = CopyOps(item);
-      fabric_impl_.Unpin(*item.source, *item.target);
+      progress = read ? CopyOps(item, item.read_ops) : CopyOps(item, item.ops);
+      fabric_impl_.Unpin(*item.local, *item.remote);
     }
   }
   Status status;
@@ -916,23 +1017,24 @@ void Endpoint::ExecuteWrite(Item& item) {
     // notification behind the `done` below).
     ExitLocked(conn);
   }
-  if (!refused.ok()) return fail(std::move(refused));
+  if (!refused.ok()) {
+    count(Progress{});
+    return item.done(std::move(refused));
+  }
   if (progress.end == Progress::End::kStopped) {
-    status =
-        CancelledError(address_ + ": write to " + peer_address + " stopped: " + skipped(progress));
+    status = CancelledError(address_ + ": " + what + " stopped: " + skipped(progress));
   }
-  if (!status.ok()) {
-    failed_write_ops_.fetch_add(num_ops - progress.ops_copied, std::memory_order_relaxed);
-  }
+  count(progress);
   item.done(std::move(status));
 }
 
-Endpoint::Progress Endpoint::CopyOps(const Item& item) const {
+template <typename Op>
+Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) const {
   const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
   const Connection& conn = *item.conn;
   Progress progress;
-  for (size_t i = 0; i < item.ops.size(); ++i) {
-    const WriteOp& op = item.ops[i];
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const Op& op = ops[i];
     uint64_t offset = 0;
     do {
       if (hook != nullptr) (*hook)(address_, i);
@@ -963,6 +1065,9 @@ void Endpoint::Abort(Item& item) {
       failed_write_ops_.fetch_add(item.ops.size(), std::memory_order_relaxed);
       item.done(AbortedError(address_ + " shut down before the write ran"));
       break;
+    case Item::Kind::kRead:
+      item.done(AbortedError(address_ + " shut down before the read ran"));
+      break;
     case Item::Kind::kFlush:
       item.done(AbortedError(address_ + " shut down before the flush ran"));
       break;
@@ -977,6 +1082,8 @@ TransportStats Endpoint::Stats() const {
   stats.write_ops = write_ops_.load(std::memory_order_relaxed);
   stats.write_bytes = write_bytes_.load(std::memory_order_relaxed);
   stats.failed_write_ops = failed_write_ops_.load(std::memory_order_relaxed);
+  stats.read_ops = read_ops_.load(std::memory_order_relaxed);
+  stats.read_bytes = read_bytes_.load(std::memory_order_relaxed);
   stats.flushes = flushes_.load(std::memory_order_relaxed);
   stats.messages_sent = messages_sent_.load(std::memory_order_relaxed);
   stats.messages_received = messages_received_.load(std::memory_order_relaxed);
@@ -1004,12 +1111,13 @@ size_t LoopbackFabric::num_connections_awaiting_fence() const {
 void LoopbackFabric::SetWriteHook(WriteHook hook) { impl_->SetWriteHook(std::move(hook)); }
 
 Result<std::unique_ptr<LoopbackTransport>> LoopbackTransport::Create(
-    std::shared_ptr<LoopbackFabric> fabric, std::string name) {
+    std::shared_ptr<LoopbackFabric> fabric, std::string name, const LoopbackOptions& options) {
   if (fabric == nullptr) return InvalidArgumentError("loopback transport: the fabric is null");
   if (name.empty()) return InvalidArgumentError("loopback transport: the name is empty");
   loopback_internal::FabricImpl& impl = *fabric->impl_;
   const uint64_t id = impl.NextEndpointId();
-  auto endpoint = std::make_shared<loopback_internal::Endpoint>(std::move(fabric), name, id);
+  auto endpoint =
+      std::make_shared<loopback_internal::Endpoint>(std::move(fabric), name, id, options);
   KVB_RETURN_IF_ERROR(impl.AddEndpoint(name, endpoint));
   return std::unique_ptr<LoopbackTransport>(new LoopbackTransport(std::move(endpoint)));
 }
@@ -1022,16 +1130,11 @@ LoopbackTransport::~LoopbackTransport() { endpoint_->Shutdown(); }
 const std::string& LoopbackTransport::name() const { return endpoint_->name(); }
 
 TransportCaps LoopbackTransport::Caps() const {
-  TransportCaps caps;
-  caps.name = "loopback";
-  caps.host_memory = true;
-  caps.device_memory = false;
-  caps.map_remote = true;
-  caps.concurrent_callbacks = false;
-  caps.pending_writes_fail = true;
-  caps.cost.op_us = kLoopbackOpUs;
-  caps.cost.bytes_per_us = MemcpyBytesPerUs();
-  return caps;
+  return loopback_internal::LoopbackCaps(endpoint_->options());
+}
+
+Result<TransportCaps> LoopbackTransport::PeerCaps(PeerId peer) const {
+  return endpoint_->PeerCaps(peer);
 }
 
 std::string LoopbackTransport::Address() const { return endpoint_->address(); }
@@ -1062,6 +1165,12 @@ Status LoopbackTransport::Write(const LocalRegion& source, const RemoteRegion& t
                                 std::span<const WriteOp> ops, TransportDone done,
                                 std::stop_token stop) {
   return endpoint_->Write(source, target, ops, std::move(done), std::move(stop));
+}
+
+Status LoopbackTransport::Read(const RemoteRegion& source, const LocalRegion& target,
+                               std::span<const ReadOp> ops, TransportDone done,
+                               std::stop_token stop) {
+  return endpoint_->Read(source, target, ops, std::move(done), std::move(stop));
 }
 
 Result<std::unique_ptr<MappedAccess>> LoopbackTransport::BeginMappedAccess(

@@ -11,8 +11,17 @@
 //   * Each transport owns exactly one thread (created by Start, joined by
 //     Shutdown) that serves one FIFO queue. That thread runs EVERY callback
 //     of this transport: on_message, on_peer_failure, and the `done` of this
-//     transport's own Write and Flush calls. It also performs this
-//     transport's writes (memcpy into the peer's memory).
+//     transport's own Write, Read and Flush calls. It also performs this
+//     transport's writes (memcpy into the peer's memory) and reads (memcpy
+//     from the peer's memory into its own).
+//   * LoopbackOptions (kvbounce/transports.h) say what an endpoint offers:
+//     map_remote (BeginMappedAccess) and read_remote (Read), both on by
+//     default. Caps() reports this endpoint's options; PeerCaps(peer)
+//     reports what the connection offers: a capability only when BOTH ends
+//     have it on, as a link either has it or not. BeginMappedAccess and Read
+//     fail with kUnimplemented when PeerCaps(peer) says no (checked before
+//     anything else when this end has it off; after the peer lookup when
+//     only the peer has).
 //
 // Connections
 //   * Connect(address) creates a bidirectional connection with one PeerId on
@@ -39,12 +48,13 @@
 //     `direct` path). Such a copy is protected like a write only while its
 //     caller holds a MappedAccess (see "Mapped access" below).
 //   * Destroying a LocalRegion deregisters it: it first WAITS for every write
-//     into or out of it that is in progress and for every MappedAccess of it
-//     to end, so the memory may be freed as soon as the destructor returns;
-//     every write that reaches the region afterwards fails
-//     (kFailedPrecondition) without touching memory. Deregistration does not
-//     cut a running write short: the destructor waits until the batch ended
-//     (completed, or stopped by a stop request or a dead connection). A
+//     or read into or out of it that is in progress and for every
+//     MappedAccess of it to end, so the memory may be freed as soon as the
+//     destructor returns; every write or read that reaches the region
+//     afterwards fails (kFailedPrecondition) without touching memory.
+//     Deregistration does not cut a running batch short: the destructor
+//     waits until the batch ended (completed, or stopped by a stop request
+//     or a dead connection). A
 //     LocalRegion only needs the fabric (not the transport) to deregister,
 //     so it may be destroyed after the transport, though the Transport
 //     contract asks for the opposite order.
@@ -69,6 +79,24 @@
 //     FIFO), so when its `done` runs with OK every write to that peer issued
 //     before it has landed.
 //
+// Reads (Read: the peer's region into one of ours)
+//   * Exactly as a write with the roles swapped, on this transport's thread
+//     and queue: Read checks what it can before accepting (kUnimplemented as
+//     above; the source was imported by this transport for a live peer and
+//     the target registered by it, else kInvalidArgument; an empty `done`,
+//     kInvalidArgument; every op inside both regions, else kOutOfRange,
+//     nothing issued; kUnavailable for a dead connection, kNotFound for an
+//     unknown peer, kAborted after Shutdown) and queues one entry for the
+//     batch. The thread then runs the checks, pins, pieces, hook calls,
+//     cancellation and liveness rules of "Writes" and "Cancellation" below
+//     (messages say "read from <peer>"): a peer region deregistered by its
+//     owner fails the read with kFailedPrecondition; while the read copies,
+//     that region's deregistration waits, so the peer's memory stays
+//     readable; the read counts in its connection's operations in progress
+//     (see the fence), so on_peer_failure, on either end, follows its end.
+//     Its `done` runs on this transport's thread, before the failure
+//     notification of its connection when that dies.
+//
 // Cancellation (Write's std::stop_token)
 //   * Requested before the thread starts the batch (also while the batch is
 //     still queued: it then completes in its turn, behind earlier items):
@@ -85,6 +113,9 @@
 // Stats() (TransportStats)
 //   * write_ops, write_bytes: ops and bytes of every batch Write accepted,
 //     counted when it accepts it, whatever becomes of the batch.
+//   * read_ops, read_bytes: ops of Read batches copied whole, and the bytes
+//     copied (also of an op cut short), counted when the batch ends, before
+//     its `done` runs.
 //   * failed_write_ops: ops of accepted batches that did not land whole:
 //     every op of a batch that ended before copying anything (dead
 //     connection, stop, deregistered region, Shutdown), and the ops skipped
@@ -95,21 +126,21 @@
 //
 // Failure and the fence
 //   * Disconnect(peer, reason) kills the connection for both ends, once. It
-//     is dead from that moment: each end's writes and flushes for it still
-//     queued fail with kUnavailable without copying (their callbacks run, in
-//     queue order, before the failure notification); a write of it in
-//     progress on either end's thread ends before its next piece with
-//     kUnavailable (the message also says, as above, what was not copied);
-//     new Send/Write/Flush/Import/BeginMappedAccess for it fail with
-//     kUnavailable. on_peer_failure runs once on each end, on each end's own
+//     is dead from that moment: each end's writes, reads and flushes for it
+//     still queued fail with kUnavailable without copying (their callbacks
+//     run, in queue order, before the failure notification); a write or
+//     read of it in progress on either end's thread ends before its next
+//     piece with kUnavailable (the message also says, as above, what was not
+//     copied); new Send/Write/Read/Flush/Import/BeginMappedAccess for it
+//     fail with kUnavailable. on_peer_failure runs once on each end, on each end's own
 //     thread. The initiating end gets `reason` itself; the other end gets
 //     the same code with the initiator's address as context. An OK `reason`
 //     is replaced by kUnavailable "disconnected". Disconnect of an unknown or
 //     already dead peer does nothing.
 //   * The fence: each connection counts its operations in progress: a write
-//     batch (of either end) from the moment its thread decided to run it
-//     (its liveness check passed) until its memcpys stopped, and every live
-//     MappedAccess of it. The on_peer_failure notifications of BOTH ends are
+//     or read batch (of either end) from the moment its thread decided to
+//     run it (its liveness check passed) until its memcpys stopped, and
+//     every live MappedAccess of it. The on_peer_failure notifications of BOTH ends are
 //     queued only once the connection is dead AND that count is zero, by
 //     whoever brings it to zero (the writing thread, or the thread that
 //     destroys the last MappedAccess). So on_peer_failure proves that
@@ -120,16 +151,18 @@
 //     reused at once), kills every connection (each remote end gets
 //     on_peer_failure with kUnavailable "endpoint loopback:<name> shut
 //     down", behind the fence above), fails this transport's queued writes
-//     and flushes with kAborted and drops queued messages and failure
+//     reads and flushes with kAborted and drops queued messages and failure
 //     notifications (the shutting-down end gets NO on_peer_failure for its
-//     own peers), joins the thread. A write of this transport in progress
-//     ends at its next piece (its connection is dead), so once Shutdown
-//     returns no write of this transport touches memory. Writes of PEERS
-//     into this endpoint's regions run on the peers' threads: they too end
-//     at their next piece, and destroying the region waits until they did.
-//     Idempotent; the destructor calls it. No callback runs after it
-//     returns. Every call made after it started fails with kAborted (Send,
-//     Write, Flush, Connect, Import, Register, BeginMappedAccess).
+//     own peers), joins the thread. A write or read of this transport in
+//     progress ends at its next piece (its connection is dead), so once
+//     Shutdown returns no copy of this transport touches memory. Writes and
+//     reads of PEERS into and out of this endpoint's regions run on the
+//     peers' threads: they too end at their next piece, and destroying the
+//     region waits until they did. Idempotent; the destructor calls it. No
+//     callback runs after it returns. Every call made after it started fails
+//     with kAborted (Send, Write, Read, Flush, Connect, Import, Register,
+//     BeginMappedAccess), except that Read and BeginMappedAccess say
+//     kUnimplemented first when this end has them turned off.
 //
 // Mapped access (BeginMappedAccess)
 //   * For a region this transport imported, on a live connection, while the
@@ -143,15 +176,16 @@
 //     ownership of what it needs (fabric, connection, region entry), so it
 //     may be destroyed on any thread, at any time, also after both
 //     transports shut down.
-//   * Errors: kInvalidArgument for a region this transport did not import,
-//     kUnavailable when the connection is dead, kFailedPrecondition when the
-//     owner deregistered the region, kAborted after Shutdown,
-//     kFailedPrecondition before Start.
+//   * Errors: kUnimplemented when PeerCaps(peer).map_remote is false (see
+//     LoopbackOptions above), kInvalidArgument for a region this transport
+//     did not import, kUnavailable when the connection is dead,
+//     kFailedPrecondition when the owner deregistered the region, kAborted
+//     after Shutdown, kFailedPrecondition before Start.
 //
 // Errors of each call (besides those above):
-//   * Before Start: Connect/Send/Write/Flush/Import fail with
+//   * Before Start: Connect/Send/Write/Read/Flush/Import/PeerCaps fail with
 //     kFailedPrecondition. Start twice: kFailedPrecondition.
-//   * Unknown PeerId: kNotFound (Send, Write, Flush, Import).
+//   * Unknown PeerId: kNotFound (Send, Write, Read, Flush, Import, PeerCaps).
 //   * Connect: kInvalidArgument for an address not of the form
 //     "loopback:<name>".
 //   * Register: kInvalidArgument for 0 bytes, a null address, a range that
@@ -185,6 +219,7 @@
 
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
+#include "kvbounce/transports.h"
 #include "kvbounce/types.h"
 #include "memory/allocation.h"
 
@@ -221,11 +256,12 @@ class LoopbackFabric {
   size_t num_live_connections() const;
   size_t num_connections_awaiting_fence() const;
 
-  // A test seam, for tests only: `hook` is called on the writing endpoint's
-  // thread before each piece of every write op of every endpoint of this
-  // fabric is checked and copied (see "Writes": once per op of at most
-  // kWriteGrainBytes, once per piece of a larger one), with the writer's
-  // address and the op's index in its batch. It runs with both regions
+  // A test seam, for tests only: `hook` is called on the copying endpoint's
+  // thread before each piece of every write or read op of every endpoint of
+  // this fabric is checked and copied (see "Writes": once per op of at most
+  // kWriteGrainBytes, once per piece of a larger one), with the address of
+  // the endpoint that copies (the writer, or the reader) and the op's index
+  // in its batch. It runs with both regions
   // pinned and the batch counted in its connection's operations in progress,
   // and no lock held, so a test may block inside it to hold a write
   // part-way through its batch; whatever it changes (a stop requested, a
@@ -249,19 +285,20 @@ class LoopbackTransport final : public Transport {
   // The prefix of every loopback address.
   static constexpr std::string_view kAddressPrefix = "loopback:";
 
-  // The loopback's grain: a write op is copied in pieces of at most this
-  // many bytes, and the stop token and the connection's liveness are
+  // The loopback's grain: a write or read op is copied in pieces of at most
+  // this many bytes, and the stop token and the connection's liveness are
   // checked before each piece (see "Writes" in the file comment).
   static constexpr uint64_t kWriteGrainBytes = MiB(1);
 
-  // Creates the endpoint `name` on `fabric`. The transport is not started:
-  // call Start before connecting or sending (peers cannot connect to it
-  // until then).
+  // Creates the endpoint `name` on `fabric`, offering what `options` say.
+  // The transport is not started: call Start before connecting or sending
+  // (peers cannot connect to it until then).
   //
   // Errors: kInvalidArgument when `fabric` is null or `name` is empty;
   // kAlreadyExists when a live endpoint of that name exists on the fabric.
   static Result<std::unique_ptr<LoopbackTransport>> Create(std::shared_ptr<LoopbackFabric> fabric,
-                                                           std::string name);
+                                                           std::string name,
+                                                           const LoopbackOptions& options = {});
 
   // Runs Shutdown(). REQUIRES: not called on this transport's own thread.
   ~LoopbackTransport() override;
@@ -269,14 +306,20 @@ class LoopbackTransport final : public Transport {
   // The endpoint's name on its fabric.
   const std::string& name() const;
 
-  // name "loopback", host_memory, map_remote; no device memory; callbacks
-  // on one thread (concurrent_callbacks false); writes queued on a dead
-  // connection fail (pending_writes_fail). Cost: a write op is a memcpy on
-  // the transport's thread, so kLoopbackOpUs per op (calibrated: the
-  // liveness and stop checks around the call) and the host's memcpy rate
-  // (common/memcpy_rate.h, measured once per process) per byte.
+  // name "loopback", host_memory; map_remote and read_remote as the
+  // options say; no device memory; callbacks on one thread
+  // (concurrent_callbacks false); writes queued on a dead connection fail
+  // (pending_writes_fail). Cost: a write op is a memcpy on the transport's
+  // thread, so kLoopbackOpUs per op (calibrated: the liveness and stop
+  // checks around the call) and the host's memcpy rate
+  // (common/memcpy_rate.h, measured once per process) per byte; a read op
+  // is the same memcpy, so read_cost is the same figures.
   TransportCaps Caps() const override;
   static constexpr double kLoopbackOpUs = 0.05;
+  // Caps() with map_remote and read_remote true only where both ends of the
+  // connection offer them. Errors: kNotFound for an unknown peer,
+  // kFailedPrecondition before Start, kAborted after Shutdown.
+  Result<TransportCaps> PeerCaps(PeerId peer) const override;
   // "loopback:<name>".
   std::string Address() const override;
   // Starts the transport's thread. Errors: kFailedPrecondition when already
@@ -292,6 +335,9 @@ class LoopbackTransport final : public Transport {
   using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target, std::span<const WriteOp> ops,
                TransportDone done, std::stop_token stop) override;
+  // See "Reads" in the file comment.
+  Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
+              TransportDone done, std::stop_token stop) override;
   // See "Mapped access" in the file comment.
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   Status Flush(PeerId peer, TransportDone done) override;

@@ -5,9 +5,12 @@
 #include "transport/ucx/ucx_transport.h"
 
 #include <netdb.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <arpa/inet.h>
@@ -21,6 +24,7 @@
 #include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -31,7 +35,10 @@
 #include <mutex>
 #include <new>
 #include <optional>
+#include <random>
 #include <shared_mutex>
+#include <span>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -58,7 +65,8 @@ constexpr unsigned kDataAmId = 12;
 enum class DataKind : uint8_t { kData = 1, kFlush = 2 };
 constexpr size_t kDataHeaderBytes = 17;
 constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
-constexpr uint16_t kHelloVersion = 1;
+// 2: the peer's pid and read cookie (same-host reads).
+constexpr uint16_t kHelloVersion = 2;
 constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
 constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
@@ -72,6 +80,14 @@ constexpr size_t kMaxHostIdBytes = 512;
 // network's rate is its own; Config's transport_* overrides say so.
 constexpr TransportCost kTcpCost{.op_us = 1.5, .bytes_per_us = 3000.0};
 constexpr TransportCost kSharedMemoryCost{.op_us = 0.6, .bytes_per_us = 10000.0};
+// Read (process_vm_readv), measured with bench/read_remote_bench.cc on the
+// same machine (docs/transports.md, "Reads"): a 256-byte range costs
+// ~0.35-0.55 µs (the kernel pins the peer's pages range by range; 1024
+// ranges per call amortize the call's ~1.25 µs), and 1 MiB ranges stream at
+// ~7.7-9.5 GB/s.
+constexpr TransportCost kCrossMemoryReadCost{.op_us = 0.5, .bytes_per_us = 8500.0};
+// Ranges per process_vm_readv call (the kernel's limit on either iovec list).
+constexpr size_t kMaxReadRanges = IOV_MAX;
 
 Status UcsError(StatusCode code, std::string_view what, ucs_status_t status) {
   return Status(code, std::string(what) + ": " + ucs_status_string(status));
@@ -181,6 +197,109 @@ bool EnvAllowsSharedMemory() {
   return exclude ? !named : named;
 }
 
+std::string ErrnoText(int error) {
+  return std::error_code(error, std::generic_category()).message();
+}
+
+// An owned file descriptor (a pidfd here); -1 when none.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { Reset(); }
+  int get() const { return fd_; }
+
+ private:
+  void Reset() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+  int fd_ = -1;
+};
+
+// A pidfd for `pid` (whose exit it reports), or none where the kernel (or a
+// seccomp profile) has no pidfd_open.
+UniqueFd OpenPidFd(pid_t pid) {
+#if defined(SYS_pidfd_open)
+  const long fd = syscall(SYS_pidfd_open, pid, 0);
+  if (fd >= 0) return UniqueFd(static_cast<int>(fd));
+#else
+  (void)pid;
+#endif
+  return UniqueFd();
+}
+
+// True when the process behind `pidfd` has exited (a pid can be reused only
+// after that, so a read that ended before this says false came from it).
+bool ProcessExited(int pidfd) {
+  if (pidfd < 0) return false;
+  pollfd p{.fd = pidfd, .events = POLLIN, .revents = 0};
+  return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
+}
+
+// Copies `count` (local, remote) pairs of equal lengths, `total` bytes in
+// all, from process `pid` into this one, continuing after partial
+// transfers. Returns 0 or the errno of the call that failed (EFAULT for a
+// call that copied nothing). The iovecs are consumed.
+int ReadVectors(pid_t pid, iovec* local, iovec* remote, size_t count, uint64_t total) {
+  size_t first = 0;
+  while (total > 0) {
+    const ssize_t got =
+        process_vm_readv(pid, local + first, count - first, remote + first, count - first, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return errno;
+    if (got == 0) return EFAULT;
+    auto left = static_cast<uint64_t>(got);
+    total -= left;
+    while (left > 0) {
+      if (left >= local[first].iov_len) {
+        left -= local[first].iov_len;
+        ++first;
+        continue;
+      }
+      local[first].iov_base = static_cast<std::byte*>(local[first].iov_base) + left;
+      local[first].iov_len -= left;
+      remote[first].iov_base = static_cast<std::byte*>(remote[first].iov_base) + left;
+      remote[first].iov_len -= left;
+      left = 0;
+    }
+  }
+  return 0;
+}
+
+// Whether this process may read process `pid`: reads the 8-byte cookie the
+// peer advertised at `address` and compares it with `expected`. Errors:
+// kUnavailable with the errno text when the call fails (EPERM: Yama's
+// ptrace_scope, a seccomp profile, other credentials), kFailedPrecondition
+// when the value differs.
+Status ProbeRead(pid_t pid, uint64_t address, uint64_t expected) {
+  uint64_t value = 0;
+  iovec local{.iov_base = &value, .iov_len = sizeof(value)};
+  iovec remote{.iov_base = reinterpret_cast<void*>(static_cast<uintptr_t>(address)),
+               .iov_len = sizeof(value)};
+  if (const int error = ReadVectors(pid, &local, &remote, 1, sizeof(value)); error != 0) {
+    std::string hint;
+    if (error == EPERM) hint = " (ptrace access denied: Yama ptrace_scope or a seccomp profile?)";
+    return UnavailableError("process_vm_readv of pid " + std::to_string(pid) + ": " +
+                            ErrnoText(error) + hint);
+  }
+  if (value != expected) {
+    return FailedPreconditionError("pid " + std::to_string(pid) +
+                                   " is not the peer (its read cookie does not match)");
+  }
+  return Status();
+}
+
 }  // namespace
 
 // --- Completion aggregation -------------------------------------------------
@@ -220,18 +339,19 @@ class Countdown {
   TransportDone done_;
 };
 
-// A LocalRegion's count of this transport's writes reading from it.
-struct SourceUse {
+// A LocalRegion's count of this transport's operations using it: writes
+// reading from it and reads writing into it. Deregistration waits for zero.
+struct RegionUse {
   std::mutex mu;
   std::condition_variable cv;
-  int64_t writes = 0;
+  int64_t uses = 0;
   void Add() {
     std::lock_guard<std::mutex> lock(mu);
-    ++writes;
+    ++uses;
   }
   void Release() {
     std::lock_guard<std::mutex> lock(mu);
-    if (--writes == 0) cv.notify_all();
+    if (--uses == 0) cv.notify_all();
   }
 };
 
@@ -240,7 +360,7 @@ struct SourceUse {
 // destroy the region.
 struct Batch {
   Batch(int64_t puts, TransportDone done, std::stop_token stop_token,
-        std::shared_ptr<SourceUse> use)
+        std::shared_ptr<RegionUse> use)
       : countdown(puts,
                   [use = std::move(use), done = std::move(done)](Status status) {
                     use->Release();
@@ -422,6 +542,12 @@ struct Conn {
   // Guarded by conns_mu_.
   uint64_t peer_nonce = 0;
   bool shared_memory = false;
+  // Read: this process may read the peer's memory (the probe passed); the
+  // peer's pid, and a pidfd that tells its exit. Set by the handshake,
+  // before the connection opens; immutable afterwards.
+  bool read_remote = false;
+  pid_t peer_pid = 0;
+  UniqueFd peer_pidfd;
   Status connect_error;
   // Rail 0.
   ucp_ep_h ctrl_ep = nullptr;
@@ -436,6 +562,54 @@ struct Conn {
   int rails_to_accept = 0;
   std::vector<std::vector<std::byte>> peer_rails;
   Status reason;
+  // The reads of the fence: accepted Reads not yet ended, and whether new
+  // ones are refused (set by the teardown; the reader stops at its next
+  // piece). Guarded by read_mu; reads_closed is also read without it.
+  std::mutex read_mu;
+  int64_t reads_pending = 0;
+  std::atomic<bool> reads_closed{false};
+};
+
+// --- Reads ------------------------------------------------------------------
+
+// One accepted Read.
+struct ReadJob {
+  std::shared_ptr<Conn> conn;  // keeps the pidfd open
+  std::span<const ReadOp> ops;
+  uint64_t bytes = 0;
+  std::shared_ptr<RegionUse> use;  // the target region's
+  TransportDone done;
+  std::stop_token stop;
+};
+
+// The reader thread: runs every Read's process_vm_readv calls, off the rail
+// threads, one job at a time in the order accepted, and their `done`.
+class RemoteReader {
+ public:
+  RemoteReader(Engine* engine, uint64_t piece_bytes) : engine_(engine), piece_bytes_(piece_bytes) {}
+  ~RemoteReader() { StopAndJoin(); }
+
+  // Errors: kResourceExhausted when the thread cannot be created.
+  Status Start();
+  // Queues `job` (moved from only on success). False once stopping.
+  bool Post(ReadJob& job);
+  // Ends the job in progress at its next piece and fails the queued ones
+  // with kAborted (their `done` runs on the reader thread), then joins.
+  // Idempotent.
+  void StopAndJoin();
+
+ private:
+  void Run();
+  void Execute(ReadJob& job);
+
+  Engine* const engine_;
+  const uint64_t piece_bytes_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<ReadJob> queue_;
+  bool closed_ = false;  // guarded by mu_
+  std::atomic<bool> aborting_{false};
+  std::thread thread_;
 };
 
 // A request of rail 0 on a control endpoint (a message or a close), until
@@ -464,6 +638,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info);
   Status Write(const LocalRegion& source, const RemoteRegion& target,
                std::span<const WriteOp> ops, TransportDone done, std::stop_token stop);
+  Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
+              TransportDone done, std::stop_token stop);
   Status Flush(PeerId peer, TransportDone done);
   void Disconnect(PeerId peer, const Status& reason);
   void Shutdown();
@@ -490,6 +666,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
     write_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   }
   void CountFailedPut() { failed_write_ops_.fetch_add(1, std::memory_order_relaxed); }
+  void CountRead(uint64_t ops, uint64_t bytes) {
+    read_ops_.fetch_add(ops, std::memory_order_relaxed);
+    read_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  // The reader: a Read of `conn` ended (its `done` returned); the last one
+  // of a connection being torn down lets the teardown complete.
+  void ReadEnded(const std::shared_ptr<Conn>& conn);
 
   // Rail 0: the last steps of a shutdown.
   bool ControlQuiesced() const;
@@ -540,6 +723,12 @@ class Engine : public std::enable_shared_from_this<Engine> {
   uint64_t nonce_ = 0;
   std::string host_id_;
   bool shared_memory_allowed_ = false;
+  // Same-host reads: on here (options.same_host_read), and the random value
+  // whose address and value the HELLO advertises, which a peer reads back to
+  // prove that it may read this process. Written by Init only.
+  bool read_allowed_ = false;
+  uint64_t read_cookie_ = 0;
+  std::unique_ptr<RemoteReader> reader_;  // when read_allowed_
 
   // Held shared by every call that posts work, exclusively by Shutdown, so
   // no post races the rails' last drain.
@@ -563,6 +752,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::atomic<uint64_t> write_ops_{0};
   std::atomic<uint64_t> write_bytes_{0};
   std::atomic<uint64_t> failed_write_ops_{0};
+  std::atomic<uint64_t> read_ops_{0};
+  std::atomic<uint64_t> read_bytes_{0};
   std::atomic<uint64_t> flushes_{0};
   std::atomic<uint64_t> messages_sent_{0};
   std::atomic<uint64_t> messages_received_{0};
@@ -1087,12 +1278,142 @@ void Rail::CheckFence(PeerId peer_id) {
   fenced();
 }
 
+// --- RemoteReader -----------------------------------------------------------
+
+Status RemoteReader::Start() {
+  // std::thread reports failure by throwing; the library reports Status.
+  try {
+    thread_ = std::thread([this] { Run(); });
+  } catch (const std::system_error& e) {
+    return ResourceExhaustedError(std::string("ucx: cannot start the reader thread: ") + e.what());
+  }
+  return Status();
+}
+
+bool RemoteReader::Post(ReadJob& job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return false;
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+  return true;
+}
+
+void RemoteReader::StopAndJoin() {
+  aborting_.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void RemoteReader::Run() {
+  for (;;) {
+    ReadJob job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return !queue_.empty() || closed_; });
+      if (queue_.empty()) return;  // closed and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    Execute(job);
+  }
+}
+
+void RemoteReader::Execute(ReadJob& job) {
+  Conn& conn = *job.conn;
+  const size_t num_ops = job.ops.size();
+  const std::string what =
+      "read from " + conn.where + " (pid " + std::to_string(conn.peer_pid) + ")";
+  size_t ops_read = 0;  // ops read whole
+  uint64_t bytes_read = 0;
+  auto skipped = [&] {
+    return std::to_string(num_ops - ops_read) + " of " + std::to_string(num_ops) + " ops (" +
+           std::to_string(job.bytes - bytes_read) + " of " + std::to_string(job.bytes) +
+           " bytes) not read";
+  };
+  std::array<iovec, kMaxReadRanges> local;
+  std::array<iovec, kMaxReadRanges> remote;
+  Status status;
+  size_t next = 0;      // the first op not yet handed to a call
+  uint64_t offset = 0;  // how much of ops[next] was
+  while (next < num_ops) {
+    // Between pieces: a shutdown, the connection's end, a stop.
+    if (aborting_.load(std::memory_order_acquire)) {
+      status = AbortedError("ucx: the transport shut down: " + what + " ended, " + skipped());
+      break;
+    }
+    if (conn.reads_closed.load(std::memory_order_acquire)) {
+      status = UnavailableError("ucx: connection to " + conn.where + " closed: " + what +
+                                " ended, " + skipped());
+      break;
+    }
+    if (job.stop.stop_requested()) {
+      status = CancelledError("ucx: " + what + " stopped: " + skipped());
+      break;
+    }
+    // One piece: up to kMaxReadRanges ranges and piece_bytes_ bytes.
+    size_t count = 0;
+    uint64_t total = 0;
+    size_t ends = 0;  // ops this piece completes
+    while (next < num_ops && count < kMaxReadRanges && total < piece_bytes_) {
+      const ReadOp& op = job.ops[next];
+      const uint64_t n = std::min(op.bytes - offset, piece_bytes_ - total);
+      if (n > 0) {
+        local[count] = {.iov_base = (op.dst + offset).ToPointer(), .iov_len = n};
+        remote[count] = {.iov_base = (op.src + offset).ToPointer(), .iov_len = n};
+        ++count;
+        total += n;
+      }
+      offset += n;
+      if (offset == op.bytes) {
+        ++next;
+        offset = 0;
+        ++ends;
+      }
+    }
+    if (const int error = ReadVectors(conn.peer_pid, local.data(), remote.data(), count, total);
+        error != 0) {
+      const std::string text = "ucx: " + what + ": process_vm_readv: " + ErrnoText(error);
+      if (error == ESRCH) {
+        status = UnavailableError(text + " (the peer process is gone); " + skipped());
+      } else if (error == EFAULT) {
+        status = FailedPreconditionError(text + " (the peer's range is not mapped: freed?); " +
+                                         skipped());
+      } else if (error == ENOMEM) {
+        status = ResourceExhaustedError(text + "; " + skipped());
+      } else {
+        status = UnavailableError(text + "; " + skipped());
+      }
+      break;
+    }
+    // What a pid names once its process exited is not the peer.
+    if (ProcessExited(conn.peer_pidfd.get())) {
+      status = UnavailableError("ucx: " + what + ": the peer process exited; " + skipped());
+      break;
+    }
+    ops_read += ends;
+    bytes_read += total;
+    engine_->CountRead(ends, total);
+  }
+  // The target's use ends before `done`, so the callback may deregister it.
+  job.use->Release();
+  job.use.reset();
+  TransportDone done = std::move(job.done);
+  done(std::move(status));
+  engine_->ReadEnded(job.conn);
+}
+
 // --- Regions ----------------------------------------------------------------
 
 class UcxLocalRegion final : public LocalRegion {
  public:
   UcxLocalRegion(std::shared_ptr<Engine> engine, RegionInfo info)
-      : engine_(std::move(engine)), info_(std::move(info)), use_(std::make_shared<SourceUse>()) {
+      : engine_(std::move(engine)), info_(std::move(info)), use_(std::make_shared<RegionUse>()) {
     describe_ = "ucx region " + std::to_string(info_.address.value()) + "+" +
                 std::to_string(info_.size);
   }
@@ -1100,19 +1421,19 @@ class UcxLocalRegion final : public LocalRegion {
     // No data message lands in it once this returns (a copy in progress is
     // waited for)...
     engine_->RemoveRegion(info_.address.value(), info_.size);
-    // ...and no write of ours reads from it any more.
+    // ...and no write of ours reads from it, no read of ours writes into it.
     std::unique_lock<std::mutex> lock(use_->mu);
-    use_->cv.wait(lock, [this] { return use_->writes == 0; });
+    use_->cv.wait(lock, [this] { return use_->uses == 0; });
   }
   const RegionInfo& info() const override { return info_; }
   std::string_view Describe() const override { return describe_; }
   const Engine* engine() const { return engine_.get(); }
-  const std::shared_ptr<SourceUse>& use() const { return use_; }
+  const std::shared_ptr<RegionUse>& use() const { return use_; }
 
  private:
   std::shared_ptr<Engine> engine_;
   RegionInfo info_;
-  std::shared_ptr<SourceUse> use_;
+  std::shared_ptr<RegionUse> use_;
   std::string describe_;
 };
 
@@ -1194,6 +1515,13 @@ Status Engine::Init() {
            reinterpret_cast<uintptr_t>(this);
   host_id_ = HostIdentity();
   shared_memory_allowed_ = options_.same_host_shared_memory && EnvAllowsSharedMemory();
+  read_allowed_ = options_.same_host_read;
+  if (read_allowed_) {
+    std::random_device random;
+    read_cookie_ = ((static_cast<uint64_t>(random()) << 32) ^ random() ^ nonce_) | 1;
+    reader_ = std::make_unique<RemoteReader>(this, put_chunk_);
+    KVB_RETURN_IF_ERROR(reader_->Start());
+  }
 
   // The listener, on rail 0.
   addrinfo hints{};
@@ -1247,9 +1575,13 @@ TransportCaps Engine::Caps() const {
   caps.host_memory = true;
   caps.device_memory = false;
   caps.map_remote = false;
-  caps.concurrent_callbacks = rails_.size() > 1;
+  // Read completions run on the reader thread, beside the rails.
+  caps.concurrent_callbacks = rails_.size() > 1 || read_allowed_;
   caps.pending_writes_fail = false;
   caps.cost = kTcpCost;
+  // Some peers (same host, probe passed) may be read; PeerCaps says which.
+  caps.read_remote = read_allowed_;
+  if (read_allowed_) caps.read_cost = kCrossMemoryReadCost;
   return caps;
 }
 
@@ -1259,6 +1591,7 @@ Result<TransportCaps> Engine::PeerCaps(PeerId peer) const {
   TransportCaps caps = Caps();
   std::lock_guard<std::mutex> lock(conns_mu_);
   if (conn->shared_memory) caps.cost = kSharedMemoryCost;
+  caps.read_remote = conn->read_remote;
   return caps;
 }
 
@@ -1398,6 +1731,12 @@ std::vector<std::byte> Engine::HelloMessage() const {
   w.U64(nonce_);
   w.Blob(AsBytes(host_id_));
   w.U8(shared_memory_allowed_ ? 1 : 0);
+  // Same-host reads: offered or not, this process's pid, and where to find
+  // which cookie (0, 0 when not offered).
+  w.U8(read_allowed_ ? 1 : 0);
+  w.U32(static_cast<uint32_t>(getpid()));
+  w.U64(read_allowed_ ? reinterpret_cast<uintptr_t>(&read_cookie_) : 0);
+  w.U64(read_allowed_ ? read_cookie_ : 0);
   w.U16(static_cast<uint16_t>(rails_.size()));
   for (const auto& rail : rails_) w.Blob(rail->address());
   return w.Take();
@@ -1515,6 +1854,10 @@ void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std:
   uint64_t nonce = 0;
   std::vector<std::byte> host;
   uint8_t shm = 0;
+  uint8_t read_offered = 0;
+  uint32_t pid = 0;
+  uint64_t cookie_address = 0;
+  uint64_t cookie = 0;
   uint16_t num_rails = 0;
   std::vector<std::vector<std::byte>> rails;
   bool ok = r.U32(&magic) && magic == kHelloMagic && r.U16(&version);
@@ -1529,7 +1872,8 @@ void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std:
     BeginTeardown(conn, error, true);
     return;
   }
-  ok = ok && r.U64(&nonce) && r.Blob(kMaxHostIdBytes, &host) && r.U8(&shm) && r.U16(&num_rails) &&
+  ok = ok && r.U64(&nonce) && r.Blob(kMaxHostIdBytes, &host) && r.U8(&shm) && r.U8(&read_offered) &&
+       r.U32(&pid) && r.U64(&cookie_address) && r.U64(&cookie) && r.U16(&num_rails) &&
        num_rails >= 1 && num_rails <= kMaxHelloRails;
   for (uint16_t i = 0; ok && i < num_rails; ++i) {
     rails.emplace_back();
@@ -1546,12 +1890,38 @@ void Engine::HandleHello(const std::shared_ptr<Conn>& conn, std::span<const std:
     return;
   }
   const std::string peer_host(reinterpret_cast<const char*>(host.data()), host.size());
-  const bool shared_memory =
-      shared_memory_allowed_ && shm != 0 && !host_id_.empty() && peer_host == host_id_;
+  const bool same_host = !host_id_.empty() && peer_host == host_id_;
+  const bool shared_memory = shared_memory_allowed_ && shm != 0 && same_host;
+  // Reads: same host, offered by both, and the probe reads the peer's cookie.
+  // (One syscall of 8 bytes, once per connection: on rail 0, so that the
+  // answer is settled before the connection opens.)
+  std::string no_read;
+  LogLevel level = LogLevel::kDebug;
+  UniqueFd pidfd;
+  if (!read_allowed_) {
+    no_read = "same_host_read is off here";
+  } else if (!same_host) {
+    no_read = "the peer is on another host (or in another pid namespace)";
+  } else if (read_offered == 0 || pid == 0 || cookie_address == 0) {
+    no_read = "the peer does not offer it (same_host_read is off there)";
+  } else {
+    // The pidfd first: if the probe then reads the cookie, it names the peer.
+    pidfd = OpenPidFd(static_cast<pid_t>(pid));
+    if (Status probe = ProbeRead(static_cast<pid_t>(pid), cookie_address, cookie); !probe.ok()) {
+      no_read = probe.message();
+      level = LogLevel::kInfo;
+    }
+  }
+  if (!no_read.empty()) {
+    Log(level, "ucx: no same-host reads from " + conn->where + ": " + no_read);
+  }
   {
     std::lock_guard<std::mutex> lock(conns_mu_);
     conn->peer_nonce = nonce;
     conn->shared_memory = shared_memory;
+    conn->read_remote = no_read.empty();
+    conn->peer_pid = static_cast<pid_t>(pid);
+    conn->peer_pidfd = std::move(pidfd);
   }
   conn->peer_rails = std::move(rails);
   // Every rail accepts the peer's data before the peer can learn that it
@@ -1640,6 +2010,12 @@ void Engine::BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, boo
   }
   conn->teardown = true;
   conn->reason = std::move(reason);
+  {
+    // No new Read of the peer from here on; those running end at their next
+    // piece, and MaybeComplete waits for them.
+    std::lock_guard<std::mutex> lock(conn->read_mu);
+    conn->reads_closed.store(true, std::memory_order_release);
+  }
   if (conn->state.load() != Conn::kHandshake) SetState(*conn, Conn::kClosing);
   conn->rails_unfenced = static_cast<int>(rails_.size());
   for (auto& rail_ptr : rails_) {
@@ -1668,6 +2044,12 @@ void Engine::RailFenced(const std::shared_ptr<Conn>& conn) {
 
 void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
   if (conn->completed || !conn->teardown || conn->rails_unfenced > 0) return;
+  {
+    // Our reads of the peer write our memory: they end first (ReadEnded
+    // calls again).
+    std::lock_guard<std::mutex> lock(conn->read_mu);
+    if (conn->reads_pending > 0) return;
+  }
   // Both halves of the fence hold once every rail fenced: our sends ended
   // and nothing the peer sends lands here any more.
   conn->completed = true;
@@ -1704,6 +2086,16 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
       callbacks_.on_peer_failure) {
     callbacks_.on_peer_failure(conn->id, conn->reason);
   }
+}
+
+void Engine::ReadEnded(const std::shared_ptr<Conn>& conn) {
+  bool last = false;
+  {
+    std::lock_guard<std::mutex> lock(conn->read_mu);
+    last = --conn->reads_pending == 0 && conn->reads_closed.load(std::memory_order_relaxed);
+  }
+  // Rail 0 runs until every teardown completed, so it takes this.
+  if (last) rails_[0]->Post([this, conn] { MaybeComplete(conn); });
 }
 
 bool Engine::ControlQuiesced() const {
@@ -1895,6 +2287,57 @@ Status Engine::Write(const LocalRegion& source, const RemoteRegion& target,
   return Status();
 }
 
+Status Engine::Read(const RemoteRegion& source, const LocalRegion& target,
+                    std::span<const ReadOp> ops, TransportDone done, std::stop_token stop) {
+  if (!FindConn(source.peer())) {
+    return NotFoundError("unknown peer " + std::to_string(source.peer()));
+  }
+  const auto* remote = dynamic_cast<const UcxRemoteRegion*>(&source);
+  const auto* local = dynamic_cast<const UcxLocalRegion*>(&target);
+  if (remote == nullptr || remote->engine() != this) {
+    return InvalidArgumentError("the read's source region was not imported by this ucx transport");
+  }
+  if (local == nullptr || local->engine() != this) {
+    return InvalidArgumentError(
+        "the read's target region is not registered with this ucx transport");
+  }
+  if (!done) return InvalidArgumentError("Read needs a done callback");
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  KVB_ASSIGN_OR_RETURN(std::shared_ptr<Conn> conn, OpenConn(source.peer()));
+  bool readable = false;
+  {
+    std::lock_guard<std::mutex> conns_lock(conns_mu_);
+    readable = conn->read_remote;
+  }
+  if (!readable || reader_ == nullptr) {
+    return UnimplementedError("the ucx transport cannot read the memory of " + conn->where +
+                              (read_allowed_ ? " (not a same-host peer this process may read)"
+                                             : " (same_host_read is off)"));
+  }
+  KVB_ASSIGN_OR_RETURN(uint64_t bytes, CheckReadOps(source.info(), target.info(), ops));
+  {
+    std::lock_guard<std::mutex> read_lock(conn->read_mu);
+    if (conn->reads_closed.load(std::memory_order_relaxed)) {
+      return UnavailableError("connection to " + conn->where + " is closed");
+    }
+    ++conn->reads_pending;
+  }
+  local->use()->Add();
+  ReadJob job{.conn = conn,
+              .ops = ops,
+              .bytes = bytes,
+              .use = local->use(),
+              .done = std::move(done),
+              .stop = std::move(stop)};
+  if (!reader_->Post(job)) {
+    // Unreachable: the reader stops only after Shutdown took api_mu_.
+    local->use()->Release();
+    ReadEnded(conn);
+    return AbortedError("the ucx transport is shut down");
+  }
+  return Status();
+}
+
 Status Engine::Flush(PeerId peer, TransportDone done) {
   std::shared_lock<std::shared_mutex> lock(api_mu_);
   KVB_ASSIGN_OR_RETURN(std::shared_ptr<Conn> conn, OpenConn(peer));
@@ -1935,6 +2378,9 @@ void Engine::Shutdown() {
       MaybeComplete(conn);
     }
   });
+  // The reads end (at their next piece) and report to rail 0 while it still
+  // runs: it stops only once every teardown completed.
+  if (reader_) reader_->StopAndJoin();
   for (size_t i = rails_.size(); i-- > 0;) rails_[i]->StopAndJoin();
   conns_cv_.notify_all();
 }
@@ -1944,6 +2390,8 @@ TransportStats Engine::Stats() const {
   stats.write_ops = write_ops_.load(std::memory_order_relaxed);
   stats.write_bytes = write_bytes_.load(std::memory_order_relaxed);
   stats.failed_write_ops = failed_write_ops_.load(std::memory_order_relaxed);
+  stats.read_ops = read_ops_.load(std::memory_order_relaxed);
+  stats.read_bytes = read_bytes_.load(std::memory_order_relaxed);
   stats.flushes = flushes_.load(std::memory_order_relaxed);
   stats.messages_sent = messages_sent_.load(std::memory_order_relaxed);
   stats.messages_received = messages_received_.load(std::memory_order_relaxed);
@@ -2025,6 +2473,10 @@ Status UcxTransport::Write(const LocalRegion& source, const RemoteRegion& target
                            std::span<const WriteOp> ops, TransportDone done,
                            std::stop_token stop) {
   return engine_->Write(source, target, ops, std::move(done), std::move(stop));
+}
+Status UcxTransport::Read(const RemoteRegion& source, const LocalRegion& target,
+                          std::span<const ReadOp> ops, TransportDone done, std::stop_token stop) {
+  return engine_->Read(source, target, ops, std::move(done), std::move(stop));
 }
 Result<std::unique_ptr<MappedAccess>> UcxTransport::BeginMappedAccess(const RemoteRegion&) {
   return UnimplementedError("the ucx transport cannot map peer memory (no direct path over ucx)");

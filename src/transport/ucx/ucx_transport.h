@@ -29,19 +29,56 @@
 // before each. Flush sends a flush message behind the data on every rail and
 // completes when every receiving rail acknowledged it.
 //
+// Reads. Between processes of one host, Read copies a peer's registered
+// memory into this process with process_vm_readv(2) (cross-memory attach:
+// the kernel copies from the peer's address space, no link involved). The
+// handshake carries each side's pid and the address and value of a random
+// "read cookie" in its memory; the side that may read reads the peer's
+// cookie back once (a probe) and PeerCaps(peer).read_remote is true only
+// when it matched: same host identity (boot id and pid namespace),
+// `same_host_read` on both ends, and the kernel allows it (EPERM from Yama's
+// ptrace_scope, a container's seccomp profile or other credentials turns it
+// off for that peer, with an info line in the log saying why). Caps() says
+// read_remote when `same_host_read` is on: some peers may be readable.
+// One reader thread per transport (started by Create, joined by Shutdown)
+// runs every Read, one at a time in the order accepted, off the rails (UCX
+// progress never waits for a copy): each call copies up to IOV_MAX ranges
+// and at most `put_chunk_bytes` bytes (a larger op takes several calls),
+// and before each call the reader checks the transport's shutdown, the
+// connection's end and the stop token, so a Read ends at its next call. A
+// read's `done` runs on the reader thread. Errors in `done`: kUnavailable
+// when the connection ended or the peer process is gone (ESRCH, or its
+// pidfd says it exited: a pid is never trusted after its process exited),
+// kFailedPrecondition when the peer's range is not mapped (EFAULT: the
+// peer freed it), kCancelled, kAborted (Shutdown), kResourceExhausted
+// (ENOMEM); every message names the peer and its pid and carries the errno
+// text. The peer's region is not pinned: a peer that deregistered it may
+// be read anyway (its old contents or garbage, which the session discards).
+// Read refuses at once: kUnimplemented (PeerCaps(peer).read_remote false),
+// kOutOfRange, kInvalidArgument (foreign regions, empty `done`), kNotFound,
+// kUnavailable (connection closed), kAborted, kFailedPrecondition (before
+// Start). The target region's deregistration waits for the reads into it.
+//
 // The fence. When a connection ends, each rail first stops accepting the
 // peer's data (nothing of it lands here afterwards), then ends its own sends
 // to the peer (completed, cancelled, or settled as failed when the peer is
-// gone); then the transport tells the peer (FENCED) and raises
+// gone); then the transport tells the peer (FENCED); once also every Read of
+// the peer ended (stopped at its next call; its `done` returned), it raises
 // on_peer_failure.
 //
 // Departures from kvbounce/transport.h (the conformance suite gates on the
 // capabilities): pending_writes_fail is false; a write into a deregistered
 // region lands nothing but is reported by the next Flush, not by its own
-// `done`; map_remote is false (no `direct` over UCX yet).
+// `done`; map_remote is false (no `direct` over UCX yet); a Read of a region
+// its owner deregistered is not refused (see Reads). Stats: read_ops and
+// read_bytes count the ranges read whole and the bytes of the calls that
+// succeeded.
 //
 // Thread safety: every public method is thread-safe. Callbacks run on the
-// rail threads (control callbacks on rail 0), with no transport lock held.
+// rail threads (control callbacks on rail 0) and on the reader thread (read
+// completions), with no transport lock held; concurrent_callbacks is true
+// with more than one rail or with same_host_read. Shutdown must not be
+// called from a callback.
 #ifndef KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 
@@ -88,6 +125,9 @@ class UcxTransport final : public Transport {
   using Transport::Write;
   Status Write(const LocalRegion& source, const RemoteRegion& target,
                std::span<const WriteOp> ops, TransportDone done, std::stop_token stop) override;
+  // See "Reads" in the file comment.
+  Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
+              TransportDone done, std::stop_token stop) override;
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
