@@ -242,6 +242,7 @@ Status Driver::Start(const std::string& executable) {
     if (!w.ctx && space != std::string_view::npos) {
       const nlohmann::json caps =
           nlohmann::json::parse(reply.rest.substr(space + 1), nullptr, false);
+      // A first guess from the transport; the connected replies decide.
       direct_ = caps.is_object() &&
                 (caps.value("map_remote", false) || caps.value("read_remote", false));
     }
@@ -270,6 +271,12 @@ Status Driver::ConnectGen() {
     KVB_ASSIGN_OR_RETURN(ChildGroup::Line line, Next(deadline, "connecting", waiting));
     const ReplyLine reply = SplitReply(line.text);
     if (reply.keyword == "connected" && waiting.count(line.child) != 0) {
+      // "<count> <paths>": direct runs only where every gen rank can take it.
+      const std::string_view rest = reply.rest;
+      const size_t space = rest.find(' ');
+      const std::string paths =
+          space == std::string_view::npos ? "" : "," + std::string(rest.substr(space + 1)) + ",";
+      direct_ = direct_ && paths.find(",direct,") != std::string::npos;
       waiting.erase(line.child);
       continue;
     }

@@ -431,7 +431,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
     switch (c->kind) {
       case WorkerCommandKind::kConnect: {
         const Status s = rank.Connect(c->addresses, Clock::now() + connect_timeout);
-        emit(s.ok() ? "connected " + std::to_string(c->addresses.size())
+        emit(s.ok() ? "connected " + std::to_string(c->addresses.size()) + " " + rank.PathList()
                     : "error connect " + std::string(s.message()));
         break;
       }
@@ -531,7 +531,7 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
   out << "ready " << rank->Address() << " " << rank->caps().dump() << std::endl;
   if (!plan.peers.empty()) {
     KVB_RETURN_IF_ERROR(rank->Connect(plan.peers, Clock::now() + plan.connect_timeout));
-    out << "connected " << plan.peers.size() << std::endl;
+    out << "connected " << plan.peers.size() << " " << rank->PathList() << std::endl;
   }
 
   WorkerEnd end;

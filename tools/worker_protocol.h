@@ -17,7 +17,10 @@
 //
 // Replies (worker -> parent):
 //   ready <address> <caps-json>              once listening (first line)
-//   connected <count>                        a connect succeeded
+//   connected <count> <paths>                a connect succeeded; gen: the paths
+//                                            a pull can take now, comma-separated
+//                                            (Agent::Paths), e.g.
+//                                            "per-block,bounce,direct"
 //   done <request_id> <CODE> <bytes> <latency_us> <verified_bytes> <mismatches>
 //        <path_taken> <transport_writes> <settled_ns>[ <message>]
 //                                            a publish or pull settled (or could

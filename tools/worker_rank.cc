@@ -59,6 +59,17 @@ std::string WorkerRank::Who() const {
   return options_.instance_id + " rank " + std::to_string(options_.harness.rank);
 }
 
+std::string WorkerRank::PathList() const {
+  Result<std::vector<TransferPath>> paths = agent_->Paths(options_.ctx_instance);
+  if (!paths.ok()) return "";
+  std::string out;
+  for (TransferPath p : *paths) {
+    if (!out.empty()) out += ",";
+    out += TransferPathName(p);
+  }
+  return out;
+}
+
 Status WorkerRank::Connect(const std::vector<std::string>& addresses,
                            std::chrono::steady_clock::time_point deadline) {
   // One peer at a time, so that a retry never repeats a HELLO that arrived.

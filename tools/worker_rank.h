@@ -90,6 +90,10 @@ class WorkerRank {
   Status Connect(const std::vector<std::string>& addresses,
                  std::chrono::steady_clock::time_point deadline);
 
+  // gen, once connected: the paths a pull from ctx_instance can take, as
+  // "per-block,bounce,direct" (Agent::Paths); "" for a ctx rank or on error.
+  std::string PathList() const;
+
   // ctx: publishes `slot`'s table for tokens [0, tokens).
   void Publish(uint64_t request_id, int slot, int64_t tokens);
   // gen: pulls `range` of `request_id` into `slot` (the request's table).

@@ -309,6 +309,15 @@ class Agent {
   // The number of gen ranks of `gen_instance` this ctx rank writes to.
   virtual Result<int> ReceiverCount(std::string_view gen_instance) const = 0;
 
+  // The paths a Pull from `ctx_instance` can take now, over the connections
+  // to its writers: per-block always; bounce when this rank and every
+  // writer have arenas; direct when every writer can map this rank's pool
+  // or this rank can read the writer's (between processes of one host).
+  // Errors: kInvalidArgument (a ctx rank), kNotFound (no such instance is
+  // connected), kFailedPrecondition (a writer rank is not connected),
+  // kAborted (shut down).
+  virtual Result<std::vector<TransferPath>> Paths(std::string_view ctx_instance) const = 0;
+
   virtual AgentStats Stats() const = 0;
 
   // Stops accepting requests, cancels those in flight and lets them finish

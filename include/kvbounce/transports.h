@@ -63,9 +63,11 @@ struct UcxTransportOptions {
   // of one host: this process copies a peer's registered memory straight
   // into its own with process_vm_readv(2), where the kernel lets it (a probe
   // at connection set-up; PeerCaps(peer).read_remote says per peer). Both
-  // ends must have it on. Independent of UCX_TLS and of
-  // same_host_shared_memory. Off: Read fails with kUnimplemented, and this
-  // transport offers its own memory to no peer's Read.
+  // ends must have it on. Independent of same_host_shared_memory; a UCX_TLS
+  // that names none of UCX's same-host transports (shm, sm, cma, posix,
+  // sysv) turns it off too, so that UCX_TLS=tcp behaves as two hosts would.
+  // Off: Read fails with kUnimplemented, and this transport offers its own
+  // memory to no peer's Read.
   bool same_host_read = true;
   // How long Connect waits for the peer's transport handshake.
   std::chrono::milliseconds connect_timeout{10000};

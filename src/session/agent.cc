@@ -156,6 +156,7 @@ class AgentImpl final : public Agent {
                                          std::span<const int32_t> block_table, TokenRange tokens,
                                          PullOptions options) override;
   Result<int> ReceiverCount(std::string_view gen_instance) const override;
+  Result<std::vector<TransferPath>> Paths(std::string_view ctx_instance) const override;
   AgentStats Stats() const override;
   void Shutdown() override;
 
@@ -838,6 +839,14 @@ Result<int> AgentImpl::ReceiverCount(std::string_view gen_instance) const {
       }
       return static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *it->second).size());
     });
+  });
+}
+
+Result<std::vector<TransferPath>> AgentImpl::Paths(std::string_view ctx_instance) const {
+  return Guarded("Paths", [&]() -> Result<std::vector<TransferPath>> {
+    std::string instance(ctx_instance);
+    return OnLoop<std::vector<TransferPath>>(
+        [&]() -> Result<std::vector<TransferPath>> { return receiver_->Paths(instance); });
   });
 }
 

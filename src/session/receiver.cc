@@ -171,28 +171,10 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     writer.scatter = std::move(plan->scatter);
     fragments += writer.scatter.size();
     r->bytes += writer.bytes;
-    WriterLoad load;
+    WriterLoad load = LinkLoad(*peer);
     load.bytes = writer.bytes;
     load.scatter_runs = writer.scatter.size();
-    Result<TransportCaps> caps = ctx_.transport->PeerCaps(peer->id);
-    const TransportCaps link = caps.ok() ? *std::move(caps) : ctx_.transport->Caps();
-    load.link = link.cost;
-    // Direct: the writer copies into our pool where its transport maps it
-    // (its HELLO says whether it can, over this connection); otherwise this
-    // rank reads the writer's pool where our transport can (between
-    // processes of one host).
-    // Each asked for the memory kind at stake: ours written by the writer,
-    // the writer's read by us (a read lands in our pool, so ours must be
-    // host memory too when the read is a CPU one).
-    Result<TransportCaps> ours = ctx_.transport->PeerCapsFor(peer->id, ctx_.pool_memory);
-    Result<TransportCaps> theirs = ctx_.transport->PeerCapsFor(peer->id, peer->pool_memory);
-    load.direct = (peer->capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() &&
-                  ours->map_remote;
-    load.direct_read = !load.direct && theirs.ok() && theirs->read_remote && ours.ok() &&
-                       ours->read_remote;
-    if (theirs.ok()) load.read = theirs->read_cost;
     writer.reads = load.direct_read;
-    load.send_arena = peer->send_arena;
     loads.push_back(load);
     r->writers.push_back(std::move(writer));
   }
@@ -235,6 +217,54 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     SendRequests(req);  // may settle and erase the request
   }
   return std::shared_ptr<Transfer>(handle);
+}
+
+WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
+  WriterLoad load;
+  Result<TransportCaps> caps = ctx_.transport->PeerCaps(peer.id);
+  const TransportCaps link = caps.ok() ? *std::move(caps) : ctx_.transport->Caps();
+  load.link = link.cost;
+  // Direct: the writer copies into our pool where its transport maps it
+  // (its HELLO says whether it can, over this connection); otherwise this
+  // rank reads the writer's pool where our transport can (between
+  // processes of one host). Each is asked for the memory kind at stake:
+  // ours written by the writer, the writer's read by us (a read lands in
+  // our pool, so ours must be reachable too).
+  Result<TransportCaps> ours = ctx_.transport->PeerCapsFor(peer.id, ctx_.pool_memory);
+  Result<TransportCaps> theirs = ctx_.transport->PeerCapsFor(peer.id, peer.pool_memory);
+  load.direct =
+      (peer.capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() && ours->map_remote;
+  load.direct_read =
+      !load.direct && theirs.ok() && theirs->read_remote && ours.ok() && ours->read_remote;
+  if (theirs.ok()) load.read = theirs->read_cost;
+  load.send_arena = peer.send_arena;
+  return load;
+}
+
+Result<std::vector<TransferPath>> ReceiverSession::Paths(const std::string& ctx_instance) const {
+  if (ctx_.role != Role::kGen) {
+    return InvalidArgumentError("Paths: this agent is a ctx rank; only gen ranks pull");
+  }
+  auto inst = ctx_.instances.find(ctx_instance);
+  if (inst == ctx_.instances.end()) {
+    return NotFoundError("Paths: no ctx instance '" + ctx_instance + "' is connected");
+  }
+  bool direct = true;
+  bool bounce = ctx_.recv_arena != nullptr;
+  for (int w : Writers(*inst->second, *ctx_.topology, ctx_.rank)) {
+    const PeerState* peer = ctx_.FindPeer(ctx_instance, w);
+    if (peer == nullptr) {
+      return FailedPreconditionError("Paths: not connected to writer " + ctx_instance +
+                                     " rank " + std::to_string(w));
+    }
+    const WriterLoad load = LinkLoad(*peer);
+    direct = direct && (load.direct || load.direct_read);
+    bounce = bounce && load.send_arena;
+  }
+  std::vector<TransferPath> paths = {TransferPath::kPerBlock};
+  if (bounce) paths.push_back(TransferPath::kBounce);
+  if (direct) paths.push_back(TransferPath::kDirect);
+  return paths;
 }
 
 Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,

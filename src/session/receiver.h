@@ -68,6 +68,9 @@ class ReceiverSession {
                                          std::vector<int32_t> block_table, TokenRange tokens,
                                          const PullOptions& options);
 
+  // See Agent::Paths.
+  Result<std::vector<TransferPath>> Paths(const std::string& ctx_instance) const;
+
   void OnResult(PeerState& peer, const protocol::KvResult& result);
   void OnReady(PeerState& peer, const protocol::KvReady& ready);
   void OnPeerFailure(PeerState& peer);
@@ -95,6 +98,9 @@ class ReceiverSession {
   // The one transition function: checks the move is allowed.
   void Transition(Request& r, State next);
 
+  // What the connection to `peer` offers a pull: its link cost, whether
+  // direct works (mapped or read) and what a read costs, a send arena.
+  WriterLoad LinkLoad(const PeerState& peer) const;
   // `auto`'s inputs: fills each writer's gather and direct run counts in
   // `loads` (one per writer, in order) when more than per-block is possible.
   Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;

@@ -548,7 +548,9 @@ TEST_F(TransportSpecTest, UcxSpecWorksEndToEnd) {
     ASSERT_THAT(pull, IsOk());
     ASSERT_THAT((*pull)->Wait(), IsOk());
     EXPECT_THAT((*published)->Wait(), IsOk());
-    if (path != TransferPath::kAuto) EXPECT_EQ((*pull)->info().path_taken, path);
+    if (path != TransferPath::kAuto) {
+      EXPECT_EQ((*pull)->info().path_taken, path);
+    }
     for (size_t b = 0; b < 4; ++b) {
       const std::byte* from = ctx_pool_.data() + static_cast<size_t>(ctx_table[b]) * kBlockBytes;
       const std::byte* to = gen_pool_.data() + static_cast<size_t>(gen_table[b]) * kBlockBytes;

@@ -217,7 +217,7 @@ class WorkerLoopTest : public ::testing::Test {
 
   void ConnectGen() {
     gen_->Send("connect " + ctx_[0]->rank().Address() + " " + ctx_[1]->rank().Address());
-    EXPECT_EQ(gen_->Line(), "connected 2");
+    EXPECT_EQ(gen_->Line(), "connected 2 per-block,bounce,direct");
   }
 
   std::shared_ptr<LoopbackFabric> fabric_;

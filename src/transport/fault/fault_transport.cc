@@ -183,6 +183,10 @@ TransportCaps FaultTransport::Caps() const { return inner_->Caps(); }
 
 Result<TransportCaps> FaultTransport::PeerCaps(PeerId peer) const { return inner_->PeerCaps(peer); }
 
+Result<TransportCaps> FaultTransport::PeerCapsFor(PeerId peer, MemoryKind kind) const {
+  return inner_->PeerCapsFor(peer, kind);
+}
+
 std::string FaultTransport::Address() const { return inner_->Address(); }
 
 Status FaultTransport::Start(TransportCallbacks callbacks) {

@@ -226,6 +226,7 @@ class FaultTransport final : public Transport {
   // with faults on, the timer thread may also run a callback.
   TransportCaps Caps() const override;
   Result<TransportCaps> PeerCaps(PeerId peer) const override;
+  Result<TransportCaps> PeerCapsFor(PeerId peer, MemoryKind kind) const override;
   std::string Address() const override;
   // Errors: the inner transport's; kFailedPrecondition when already
   // started; kAborted after Shutdown.

@@ -1515,7 +1515,9 @@ Status Engine::Init() {
            reinterpret_cast<uintptr_t>(this);
   host_id_ = HostIdentity();
   shared_memory_allowed_ = options_.same_host_shared_memory && EnvAllowsSharedMemory();
-  read_allowed_ = options_.same_host_read;
+  // A UCX_TLS naming no same-host transport asks for what two hosts would
+  // do: no shortcut through this host's memory, reads included.
+  read_allowed_ = options_.same_host_read && EnvAllowsSharedMemory();
   if (read_allowed_) {
     std::random_device random;
     read_cookie_ = ((static_cast<uint64_t>(random()) << 32) ^ random() ^ nonce_) | 1;
