@@ -34,18 +34,22 @@ for size in 65536 1048576; do
 done
 echo
 
-run() {  # label tls shape...
-  local label=$1 tls=$2
-  shift 2
+run() {  # label tls paths shape...
+  local label=$1 tls=$2 paths=$3
+  shift 3
   echo "== $label"
   local tls_flag=()
   [ -n "$tls" ] && tls_flag=(--ucx-tls "$tls")
   "$KVBOUNCE" bench --transport ucx "${tls_flag[@]}" --requests "$REQUESTS" --concurrency 2 \
-    --path per-block,bounce,auto "$@" 2>/dev/null | sed -n '/^path/,/^$/p'
+    --path "$paths" "$@" 2>/dev/null | sed -n '/^path/,/^$/p'
 }
 TINY=(--model llama-3.1-8b --ctx tp=2 --gen tp=1,layout=layer-major-nhd --tokens 2048)
 WHOLE=(--model llama-3.1-8b --ctx tp=1 --gen tp=1 --tokens 2048)
-run "TCP, 256-byte fragments (ctx TP2 -> gen TP1, layer-major-nhd receiver)" tcp "${TINY[@]}"
-run "TCP, whole blocks (TP1 -> TP1)" tcp "${WHOLE[@]}"
-run "shared memory, 256-byte fragments" "" "${TINY[@]}"
-run "shared memory, whole blocks" "" "${WHOLE[@]}"
+# UCX_TLS=tcp is what two hosts would do: no shared memory, no same-host
+# reads, so no direct. On one host the gen ranks read the ctx ranks' pools
+# (direct read).
+run "TCP, 256-byte fragments (ctx TP2 -> gen TP1, layer-major-nhd receiver)" tcp \
+  per-block,bounce,auto "${TINY[@]}"
+run "TCP, whole blocks (TP1 -> TP1)" tcp per-block,bounce,auto "${WHOLE[@]}"
+run "shared memory, 256-byte fragments" "" per-block,bounce,direct,auto "${TINY[@]}"
+run "shared memory, whole blocks" "" per-block,bounce,direct,auto "${WHOLE[@]}"
