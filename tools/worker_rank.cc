@@ -182,7 +182,7 @@ void WorkerRank::Pull(uint64_t request_id, int slot, TokenRange range, TransferP
   pull.path = path;
   Result<std::shared_ptr<Transfer>> t =
       agent_->Pull(request_id, options_.ctx_instance, r.table, range, pull);
-  if (!t.ok()) return Refuse(request_id, t.status().WithContext("pull"));
+  if (!t.ok()) return Refuse(request_id, t.status());
   r.transfer = std::move(t).value();
   Track(request_id, std::move(r), /*occupies_slot=*/true);
 }
