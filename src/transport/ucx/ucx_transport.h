@@ -69,7 +69,8 @@
 // Departures from kvbounce/transport.h (the conformance suite gates on the
 // capabilities): pending_writes_fail is false; a write into a deregistered
 // region lands nothing but is reported by the next Flush, not by its own
-// `done`; map_remote is false (no `direct` over UCX yet); a Read of a region
+// `done`; map_remote is false (`direct` between processes is the receiver's
+// Read, docs/sessions.md); a Read of a region
 // its owner deregistered is not refused (see Reads). Stats: read_ops and
 // read_bytes count the ranges read whole and the bytes of the calls that
 // succeeded.
