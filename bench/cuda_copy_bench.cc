@@ -1,0 +1,189 @@
+// What the CUDA copy engine moves, against what CUDA itself offers: for
+// fragments of 256 B, 4 KiB, 64 KiB and 1 MiB scattered at random over a
+// 4 GiB device pool (sources in one half, destinations in the other), the
+// engine's rate (a batch of `--batch-mib` MiB, CopySync, wall clock) next to
+// one large cudaMemcpyAsync device to device (the ceiling) and, for 4 KiB,
+// one cudaMemcpyAsync per fragment. Also the latency of a one-fragment batch
+// (submit to `done`), the engine's fixed cost per batch. Prints a table;
+// exits 0 with a message when there is no device.
+//
+//   out/release/bench/cuda_copy_bench [--pool-gib 4] [--batch-mib 256] [--reps 5]
+//
+// GB/s is bytes moved (each byte read once and written once) per second, 1e9.
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "copy/copy_engine.h"
+#include "copy/cuda/cuda_copy_engine.h"
+#include "copy/cuda/cuda_util.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "layout/fragment.h"
+
+namespace kvbounce {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// `count` fragments of `bytes`, at distinct slots of each half of the pool,
+// scattered by an odd multiplier (a permutation of the slots, the half
+// holding a power of two of them).
+std::vector<Fragment> Scattered(uint64_t src_base, uint64_t dst_base, uint64_t half_bytes,
+                                uint64_t bytes, uint64_t count) {
+  const uint64_t slots = half_bytes / bytes;  // a power of two
+  std::vector<Fragment> list(count);
+  for (uint64_t i = 0; i < count; ++i) {
+    const uint64_t s = (i * 0x9E3779B97F4A7C15ull + 12345) & (slots - 1);
+    const uint64_t d = (i * 0xC2B2AE3D27D4EB4Full + 777) & (slots - 1);
+    list[i] = Fragment{src_base + s * bytes, dst_base + d * bytes, bytes};
+  }
+  return list;
+}
+
+bool Check(const Status& status, const char* what) {
+  if (status.ok()) return true;
+  std::fprintf(stderr, "cuda_copy_bench: %s: %s\n", what, status.ToString().c_str());
+  return false;
+}
+
+// GB/s of `reps` timed calls of `run` moving `bytes` each, after one warm-up.
+template <typename F>
+double Rate(uint64_t bytes, int reps, F run) {
+  if (!run()) return 0;
+  const Clock::time_point start = Clock::now();
+  for (int r = 0; r < reps; ++r) {
+    if (!run()) return 0;
+  }
+  return static_cast<double>(bytes) * reps / Seconds(start, Clock::now()) / 1e9;
+}
+
+int Main(int argc, char** argv) {
+  uint64_t pool_gib = 4;
+  uint64_t batch_mib = 256;
+  int reps = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    const uint64_t value = std::strtoull(argv[i + 1], nullptr, 10);
+    if (flag == "--pool-gib") pool_gib = std::max<uint64_t>(value, 1);
+    if (flag == "--batch-mib") batch_mib = std::max<uint64_t>(value, 1);
+    if (flag == "--reps") reps = static_cast<int>(std::max<uint64_t>(value, 1));
+  }
+  std::string why;
+  if (CudaDeviceCount(&why) == 0) {
+    std::printf("cuda_copy_bench: skipped: no CUDA device: %s\n", why.c_str());
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  if (!Check(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"), "device")) {
+    return 1;
+  }
+  Result<std::unique_ptr<CudaCopyEngine>> engine = CudaCopyEngine::Create(0);
+  if (!Check(engine.status(), "create engine")) return 1;
+  const uint64_t pool_bytes = pool_gib << 30;
+  const uint64_t half = pool_bytes / 2;
+  Result<CudaDeviceBuffer> pool = CudaDeviceBuffer::Allocate(0, pool_bytes);
+  if (!Check(pool.status(), "allocate pool")) return 1;
+  if (!Check(CudaStatus(cudaMemset(pool->data(), 1, pool_bytes), "cudaMemset"), "fill")) return 1;
+  const uint64_t src_base = pool->addr().value();
+  const uint64_t dst_base = src_base + half;
+  Result<CudaStream> stream = CudaStream::Create(0);
+  Result<CudaEvent> start = CudaEvent::Create(0, true, /*timing=*/true);
+  Result<CudaEvent> stop = CudaEvent::Create(0, true, /*timing=*/true);
+  if (!Check(stream.status(), "stream") || !Check(start.status(), "event") ||
+      !Check(stop.status(), "event")) {
+    return 1;
+  }
+
+  // Times `enqueue` (stream work) with events; GB/s for `bytes`.
+  auto stream_rate = [&](uint64_t bytes, auto enqueue) -> double {
+    double best_ms = 0;
+    for (int r = 0; r <= reps; ++r) {
+      if (!Check(CudaStatus(cudaEventRecord(start->get(), stream->get()), "cudaEventRecord"), "t"))
+        return 0;
+      if (!enqueue()) return 0;
+      if (!Check(CudaStatus(cudaEventRecord(stop->get(), stream->get()), "cudaEventRecord"), "t") ||
+          !Check(CudaStatus(cudaEventSynchronize(stop->get()), "cudaEventSynchronize"), "t"))
+        return 0;
+      float ms = 0;
+      (void)cudaEventElapsedTime(&ms, start->get(), stop->get());
+      if (r > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;  // r == 0: warm-up
+    }
+    return static_cast<double>(bytes) / (best_ms * 1e-3) / 1e9;
+  };
+
+  const uint64_t big = std::min<uint64_t>(uint64_t{1} << 30, half);
+  const double ceiling = stream_rate(big, [&] {
+    return Check(CudaStatus(cudaMemcpyAsync(reinterpret_cast<void*>(dst_base),
+                                            reinterpret_cast<void*>(src_base), big,
+                                            cudaMemcpyDeviceToDevice, stream->get()),
+                            "cudaMemcpyAsync"),
+                 "ceiling");
+  });
+
+  // One-fragment batch latency: Submit to `done`.
+  const std::vector<Fragment> one = {{src_base, dst_base, 256}};
+  constexpr int kLatencyReps = 2000;
+  (void)(*engine)->Copy(one);
+  const Clock::time_point t0 = Clock::now();
+  for (int i = 0; i < kLatencyReps; ++i) {
+    if (!Check((*engine)->Copy(one), "latency")) return 1;
+  }
+  const double batch_us = Seconds(t0, Clock::now()) / kLatencyReps * 1e6;
+
+  std::printf("device: %s, %d SMs; pool %" PRIu64 " GiB; batch %" PRIu64 " MiB; engine: mean of %d, CUDA: best of as many\n",
+              prop.name, prop.multiProcessorCount, pool_gib, batch_mib, reps);
+  std::printf("ceiling (one %" PRIu64 " MiB cudaMemcpyAsync, device to device): %.0f GB/s\n",
+              big >> 20, ceiling);
+  std::printf("engine batch of one 256 B fragment, Copy() round trip: %.1f us\n\n", batch_us);
+  std::printf("| fragment | fragments | engine GB/s | %% of ceiling | cudaMemcpyAsync per fragment GB/s |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: |\n");
+  for (const uint64_t bytes : {uint64_t{256}, KiB(4), KiB(64), MiB(1)}) {
+    const uint64_t count = std::min<uint64_t>((batch_mib << 20) / bytes, half / bytes);
+    const std::vector<Fragment> list = Scattered(src_base, dst_base, half, bytes, count);
+    const uint64_t total = count * bytes;
+    const double engine_rate = Rate(total, reps, [&] {
+      return Check((*engine)->Copy(list), "engine copy");
+    });
+    std::string per_call = "-";
+    if (bytes == KiB(4)) {
+      constexpr uint64_t kCalls = 4096;
+      const double rate = stream_rate(kCalls * bytes, [&] {
+        for (uint64_t i = 0; i < kCalls; ++i) {
+          if (!Check(CudaStatus(cudaMemcpyAsync(reinterpret_cast<void*>(list[i].dst),
+                                                reinterpret_cast<void*>(list[i].src), bytes,
+                                                cudaMemcpyDeviceToDevice, stream->get()),
+                                "cudaMemcpyAsync"),
+                     "per fragment")) {
+            return false;
+          }
+        }
+        return true;
+      });
+      char text[32];
+      std::snprintf(text, sizeof(text), "%.1f (%" PRIu64 " calls)", rate, kCalls);
+      per_call = text;
+    }
+    std::printf("| %" PRIu64 " B | %" PRIu64 " | %.0f | %.0f%% | %s |\n", bytes, count, engine_rate,
+                ceiling > 0 ? 100.0 * engine_rate / ceiling : 0.0, per_call.c_str());
+  }
+  const CudaCopyEngine::Stats stats = (*engine)->GetStats();
+  std::printf("\nengine: %" PRIu64 " batches, %" PRIu64 " launches, %" PRIu64 " failed\n",
+              stats.batches_completed, stats.launches, stats.batches_failed);
+  return stats.batches_failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace kvbounce
+
+int main(int argc, char** argv) { return kvbounce::Main(argc, argv); }

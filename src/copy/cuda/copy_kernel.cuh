@@ -1,0 +1,50 @@
+// The batched copy kernel of the CUDA copy engine, and its host launcher.
+//
+// One launch moves many pieces: a piece is `bytes` bytes from `src` to `dst`
+// (device pointers, or pinned host memory mapped into the device's address
+// space). The pieces' descriptors lie in device memory. Each warp of the grid
+// takes pieces in turn (a grid-stride loop over the descriptor array) and
+// copies one with its 32 lanes: 16-byte vector loads and stores, several in
+// flight per lane, when source and destination are equally aligned modulo
+// 16; otherwise the widest word (8, 4, 2 or 1 bytes) both share, with a
+// byte-wise head and tail around the aligned middle. The host keeps pieces
+// to at most kMaxPieceBytes so one large fragment spreads over many warps.
+//
+// Thread safety: LaunchBatchedCopy may be called from any thread whose
+// current device owns `stream`.
+#ifndef KVBOUNCE_COPY_CUDA_COPY_KERNEL_CUH_
+#define KVBOUNCE_COPY_CUDA_COPY_KERNEL_CUH_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kvbounce::cuda_copy {
+
+// One piece of a launch (24 bytes, uploaded as-is: host and device share
+// the layout).
+struct PieceDescriptor {
+  uint64_t src;
+  uint64_t dst;
+  uint64_t bytes;
+};
+static_assert(sizeof(PieceDescriptor) == 24);
+
+// Fragments longer than this are cut into pieces of at most this many
+// bytes; a warp copies one piece (32 KiB: 16 passes of 2 KiB a warp).
+inline constexpr uint64_t kMaxPieceBytes = uint64_t{32} << 10;
+
+// Threads per block of the kernel (8 warps).
+inline constexpr int kThreadsPerBlock = 256;
+
+// Enqueues one kernel on `stream` that copies the `count` pieces at
+// `descriptors` (device memory) using at most `max_blocks` blocks.
+// Returns the launch's error (cudaSuccess when enqueued).
+// REQUIRES: count > 0; max_blocks > 0; descriptors stay valid until the
+// kernel has finished.
+cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count,
+                              uint32_t max_blocks, cudaStream_t stream);
+
+}  // namespace kvbounce::cuda_copy
+
+#endif  // KVBOUNCE_COPY_CUDA_COPY_KERNEL_CUH_

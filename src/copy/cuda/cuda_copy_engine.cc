@@ -1,0 +1,333 @@
+#include "copy/cuda/cuda_copy_engine.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <system_error>
+#include <utility>
+
+#include "copy/cuda/copy_kernel.cuh"
+#include "kvbounce/logging.h"
+
+namespace kvbounce {
+
+using cuda_copy::PieceDescriptor;
+
+// One accepted batch. Everything but the constant fields is touched only by
+// the engine thread.
+struct CudaCopyEngine::BatchState {
+  CopyBatch batch;
+  uint64_t total_bytes = 0;
+  CopyDone done;
+  std::stop_token stop;
+
+  size_t next_fragment = 0;  // cursor: the first byte not launched yet
+  uint64_t next_offset = 0;
+  size_t launches_started = 0;
+  int in_flight = 0;
+  uint64_t bytes_launched = 0;
+  bool all_launched = false;  // nothing more will be launched (end, stop or error)
+  bool stopped = false;
+  bool finished = false;  // `done` called
+  Status error;
+};
+
+// The buffers and events of one launch in flight.
+struct CudaCopyEngine::Slot {
+  CudaPinnedBuffer staging;      // descriptors written by the host
+  CudaDeviceBuffer descriptors;  // the kernel's copy of them
+  CudaEvent uploaded;            // upload stream: descriptors are on the device
+  CudaEvent finished;            // copy stream: the kernel is done
+  std::shared_ptr<BatchState> batch;
+  uint64_t bytes = 0;
+};
+
+namespace {
+
+// Moves the cursor past zero-byte fragments; true when the batch has no
+// bytes left to launch.
+bool SkipEmpty(const std::span<const Fragment> fragments, size_t& next, uint64_t& offset) {
+  while (next < fragments.size() && offset >= fragments[next].bytes) {
+    ++next;
+    offset = 0;
+  }
+  return next == fragments.size();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& options) {
+  if (options.max_launch_bytes == 0) {
+    return InvalidArgumentError("cuda copy engine: max_launch_bytes = 0 is invalid: must be >= 1");
+  }
+  if (options.max_launch_pieces == 0 || options.max_launch_pieces > Options::kMaxLaunchPieces) {
+    return InvalidArgumentError("cuda copy engine: max_launch_pieces = " +
+                                std::to_string(options.max_launch_pieces) +
+                                " is invalid: must be 1 to " +
+                                std::to_string(Options::kMaxLaunchPieces));
+  }
+  if (options.launch_slots < 1 || options.launch_slots > Options::kMaxLaunchSlots) {
+    return InvalidArgumentError("cuda copy engine: launch_slots = " +
+                                std::to_string(options.launch_slots) +
+                                " is invalid: must be 1 to " +
+                                std::to_string(Options::kMaxLaunchSlots));
+  }
+  std::string why;
+  const int count = CudaDeviceCount(&why);
+  if (count == 0) return UnavailableError("cuda copy engine: no CUDA device: " + why);
+  if (options.device < 0 || options.device >= count) {
+    return InvalidArgumentError("cuda copy engine: device " + std::to_string(options.device) +
+                                " does not exist (" + std::to_string(count) + " devices)");
+  }
+  const int device = options.device;
+  int sms = 0;
+  KVB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                           "cudaDeviceGetAttribute(multiprocessor count, device " +
+                               std::to_string(device) + ")");
+  int threads_per_sm = 0;
+  KVB_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device),
+      "cudaDeviceGetAttribute(max threads per multiprocessor, device " + std::to_string(device) +
+          ")");
+
+  std::unique_ptr<CudaCopyEngine> engine(new CudaCopyEngine(options));
+  engine->max_blocks_ = static_cast<uint32_t>(
+      std::max(1, sms) * std::max(1, threads_per_sm / cuda_copy::kThreadsPerBlock));
+  KVB_ASSIGN_OR_RETURN(engine->copy_stream_, CudaStream::Create(device));
+  KVB_ASSIGN_OR_RETURN(engine->upload_stream_, CudaStream::Create(device));
+  // A launch never holds more pieces than bytes.
+  const uint64_t pieces =
+      std::min<uint64_t>(options.max_launch_pieces, options.max_launch_bytes);
+  const size_t descriptor_bytes = static_cast<size_t>(pieces) * sizeof(PieceDescriptor);
+  for (int i = 0; i < options.launch_slots; ++i) {
+    auto slot = std::make_unique<Slot>();
+    KVB_ASSIGN_OR_RETURN(slot->staging, CudaPinnedBuffer::Allocate(descriptor_bytes));
+    KVB_ASSIGN_OR_RETURN(slot->descriptors, CudaDeviceBuffer::Allocate(device, descriptor_bytes));
+    KVB_ASSIGN_OR_RETURN(slot->uploaded, CudaEvent::Create(device, /*blocking_sync=*/false));
+    KVB_ASSIGN_OR_RETURN(slot->finished, CudaEvent::Create(device, /*blocking_sync=*/true));
+    engine->slots_.push_back(std::move(slot));
+    engine->free_slots_.push_back(static_cast<size_t>(i));
+  }
+  // std::thread reports failure by throwing; the library reports Status.
+  try {
+    engine->thread_ = std::thread([raw = engine.get()] { raw->Loop(); });
+  } catch (const std::system_error& e) {
+    return ResourceExhaustedError(std::string("cuda copy engine: cannot start its thread: ") +
+                                  e.what());
+  }
+  return engine;
+}
+
+CudaCopyEngine::CudaCopyEngine(const Options& options) : options_(options) {}
+
+CudaCopyEngine::~CudaCopyEngine() {
+  if (thread_.joinable() && thread_.get_id() == std::this_thread::get_id()) {
+    Log(LogLevel::kError,
+        "cuda copy engine destroyed on its own thread (from a done callback); aborting");
+    std::abort();
+  }
+  StopAndJoin();
+}
+
+void CudaCopyEngine::StopAndJoin() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+CopyEngineCaps CudaCopyEngine::Caps() const {
+  return CopyEngineCaps{
+      .host_memory = false,
+      .device_memory = true,
+      .cost = CopyCost{.batch_us = kBatchUs, .run_us = kRunUs, .bytes_per_us = kBytesPerUs}};
+}
+
+CudaCopyEngine::Stats CudaCopyEngine::GetStats() const {
+  Stats stats;
+  stats.batches_completed = batches_completed_.load(std::memory_order_relaxed);
+  stats.batches_cancelled = batches_cancelled_.load(std::memory_order_relaxed);
+  stats.batches_failed = batches_failed_.load(std::memory_order_relaxed);
+  stats.launches = launches_.load(std::memory_order_relaxed);
+  stats.bytes_copied = bytes_copied_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_bytes,
+                                       CopyDone done, std::stop_token stop) {
+  auto state = std::make_shared<BatchState>();
+  state->batch = batch;
+  state->total_bytes = total_bytes;
+  state->done = std::move(done);
+  state->stop = std::move(stop);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return AbortedError("cuda copy engine: shutting down, batch not accepted");
+    queue_.push_back(std::move(state));
+  }
+  work_cv_.notify_one();
+  return Status::Ok();
+}
+
+void CudaCopyEngine::Loop() {
+  // The current device is per thread; every launch happens on this one.
+  Status device_status = CudaStatus(cudaSetDevice(options_.device),
+                                    "cudaSetDevice(" + std::to_string(options_.device) + ")");
+  if (!device_status.ok()) Log(LogLevel::kError, "cuda copy engine: " + device_status.ToString());
+
+  std::shared_ptr<BatchState> current;  // the batch being launched
+  for (;;) {
+    if (current == nullptr) {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (in_flight_.empty()) {
+        work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      }
+      if (!queue_.empty()) {
+        current = std::move(queue_.front());
+        queue_.pop_front();
+        lock.unlock();
+        current->all_launched =
+            SkipEmpty(current->batch.fragments, current->next_fragment, current->next_offset);
+      } else if (in_flight_.empty()) {
+        return;  // stopping, and every accepted batch is done
+      }
+    }
+    if (current != nullptr && !current->all_launched && !free_slots_.empty()) {
+      BatchState& batch = *current;
+      if (options_.launch_hook_for_testing) options_.launch_hook_for_testing(batch.launches_started);
+      if (batch.stop.stop_requested()) {
+        batch.stopped = true;
+        batch.all_launched = true;
+      } else {
+        const size_t index = free_slots_.back();
+        free_slots_.pop_back();
+        ++batch.launches_started;
+        Status status = Launch(batch, *slots_[index]);
+        if (status.ok()) {
+          slots_[index]->batch = current;
+          in_flight_.push_back(index);
+          ++batch.in_flight;
+          batch.all_launched =
+              SkipEmpty(batch.batch.fragments, batch.next_fragment, batch.next_offset);
+        } else {
+          free_slots_.push_back(index);
+          batch.error = std::move(status);
+          batch.all_launched = true;
+        }
+      }
+    }
+    if (current != nullptr && current->all_launched) {
+      MaybeFinish(current);
+      current.reset();
+      continue;
+    }
+    // Nothing to launch now (no batch, or no free slot): wait for the oldest launch.
+    if (!in_flight_.empty()) Retire();
+  }
+}
+
+Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
+  const std::span<const Fragment> fragments = batch.batch.fragments;
+  const uint64_t src_base = batch.batch.src_base.value();
+  const uint64_t dst_base = batch.batch.dst_base.value();
+  const uint64_t capacity = slot.staging.size() / sizeof(PieceDescriptor);
+  auto* descriptors = static_cast<PieceDescriptor*>(slot.staging.data());
+  uint32_t count = 0;
+  uint64_t bytes = 0;
+  while (batch.next_fragment < fragments.size() && count < capacity &&
+         bytes < options_.max_launch_bytes) {
+    const Fragment& f = fragments[batch.next_fragment];
+    const uint64_t remaining = f.bytes - batch.next_offset;
+    if (remaining == 0) {
+      ++batch.next_fragment;
+      batch.next_offset = 0;
+      continue;
+    }
+    const uint64_t piece =
+        std::min({remaining, cuda_copy::kMaxPieceBytes, options_.max_launch_bytes - bytes});
+    descriptors[count++] = PieceDescriptor{src_base + f.src + batch.next_offset,
+                                           dst_base + f.dst + batch.next_offset, piece};
+    bytes += piece;
+    batch.next_offset += piece;
+    if (batch.next_offset == f.bytes) {
+      ++batch.next_fragment;
+      batch.next_offset = 0;
+    }
+  }
+  // The loop calls Launch only while bytes remain (SkipEmpty), so count > 0.
+  slot.bytes = bytes;
+  batch.bytes_launched += bytes;
+
+  const cudaStream_t upload = upload_stream_.get();
+  const cudaStream_t copy = copy_stream_.get();
+  Status status = CudaStatus(
+      cudaMemcpyAsync(slot.descriptors.data(), descriptors, count * sizeof(PieceDescriptor),
+                      cudaMemcpyHostToDevice, upload),
+      "cudaMemcpyAsync(" + std::to_string(count) + " piece descriptors, host to device)");
+  if (status.ok()) {
+    status = CudaStatus(cudaEventRecord(slot.uploaded.get(), upload), "cudaEventRecord(upload)");
+  }
+  if (status.ok()) {
+    status = CudaStatus(cudaStreamWaitEvent(copy, slot.uploaded.get(), 0), "cudaStreamWaitEvent");
+  }
+  if (status.ok()) {
+    status = CudaStatus(
+        cuda_copy::LaunchBatchedCopy(static_cast<const PieceDescriptor*>(slot.descriptors.data()),
+                                     count, max_blocks_, copy),
+        "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
+            std::to_string(bytes) + " bytes)");
+  }
+  if (status.ok()) {
+    status = CudaStatus(cudaEventRecord(slot.finished.get(), copy), "cudaEventRecord(copy)");
+  }
+  if (!status.ok()) {
+    // The upload may still read the staging buffer: let it drain before the
+    // slot is reused.
+    CudaStatus(cudaStreamSynchronize(upload), "cudaStreamSynchronize(upload)").IgnoreError();
+    batch.bytes_launched -= bytes;
+    return status.WithContext("cuda copy engine");
+  }
+  return Status::Ok();
+}
+
+void CudaCopyEngine::Retire() {
+  const size_t index = in_flight_.front();
+  in_flight_.pop_front();
+  Slot& slot = *slots_[index];
+  std::shared_ptr<BatchState> batch = std::move(slot.batch);
+  Status status =
+      CudaStatus(cudaEventSynchronize(slot.finished.get()), "cudaEventSynchronize(copy)");
+  free_slots_.push_back(index);
+  if (batch == nullptr) return;
+  --batch->in_flight;
+  if (status.ok()) {
+    launches_.fetch_add(1, std::memory_order_relaxed);
+    bytes_copied_.fetch_add(slot.bytes, std::memory_order_relaxed);
+  } else {
+    if (batch->error.ok()) batch->error = status.WithContext("cuda copy engine");
+    batch->all_launched = true;
+  }
+  MaybeFinish(batch);
+}
+
+void CudaCopyEngine::MaybeFinish(std::shared_ptr<BatchState>& batch) {
+  if (batch->finished || !batch->all_launched || batch->in_flight > 0) return;
+  batch->finished = true;
+  Status status;
+  if (!batch->error.ok()) {
+    batches_failed_.fetch_add(1, std::memory_order_relaxed);
+    status = batch->error;
+  } else if (batch->stopped) {
+    batches_cancelled_.fetch_add(1, std::memory_order_relaxed);
+    status = CancelledError("cuda copy engine: batch stopped: " +
+                            std::to_string(batch->total_bytes - batch->bytes_launched) + " of " +
+                            std::to_string(batch->total_bytes) + " bytes not copied");
+  }
+  batches_completed_.fetch_add(1, std::memory_order_relaxed);
+  CopyDone done = std::move(batch->done);
+  done(std::move(status));
+}
+
+}  // namespace kvbounce

@@ -1,0 +1,188 @@
+// CudaCopyEngine: the GPU copy engine (DESIGN §7), one batched kernel per
+// launch.
+//
+// A batch's fragments are cut into pieces of at most 32 KiB
+// (cuda_copy::kMaxPieceBytes) whose descriptors are written into a pinned
+// staging buffer, uploaded to device memory on the engine's upload stream
+// and copied by ONE kernel launch on the engine's copy stream (copy_kernel.cuh:
+// a warp per piece, 16-byte vector accesses when source and destination are
+// equally aligned modulo 16, narrower words and byte-wise edges otherwise).
+// A batch larger than `max_launch_bytes` or `max_launch_pieces` runs as
+// several launches (sub-batches). Up to `launch_slots` launches are in flight
+// at a time, so descriptor upload of the next launch overlaps the copy of the
+// one before; batches share the slots first come, first served.
+//
+// Memory (Caps()): the kernel reaches device memory of the engine's device
+// (and of peers mapped into it) and pinned host memory that is mapped into
+// the device's address space (cudaHostAlloc, cudaHostRegister with
+// cudaHostRegisterMapped; with unified addressing its host address is its
+// device address). Caps().host_memory is false: PAGEABLE host memory (plain
+// malloc/new) is not reachable without HMM, and a batch naming it faults on
+// the device — that batch fails with kInternal, and the fault is sticky: the
+// CUDA context of the process is lost and every later batch of every engine
+// on that device fails too. Callers check the memory they pass.
+//
+// Cancellation (Submit's std::stop_token): the grain is one launch. The
+// engine thread checks the batch's stop token before it stages each launch;
+// once a stop is requested, launches already enqueued complete and the rest
+// of the batch is skipped. `done` then gets kCancelled with "cuda copy
+// engine: batch stopped: <s> of <t> bytes not copied", or OK when every byte
+// had been launched before the stop was seen. A batch of no bytes completes
+// with OK. The destination of a cancelled batch is partly written.
+//
+// Errors reported through `done` (the batch is then failed, the destination
+// may be partly written): a CUDA error staging, uploading, launching or
+// completing one of its launches (kInternal and the like, as CudaStatus
+// maps them, with the call and the CUDA error text); once a launch fails the
+// rest of that batch is not launched.
+//
+// Cost (Caps().cost, for `auto`, docs/paths.md): CALIBRATED, not measured at
+// Create, from shared H200 figures (docs/cuda.md): kBatchUs per batch (the
+// descriptor upload, the launch and the hand-off back, ~10 µs), kRunUs per
+// fragment (a warp per piece: ~1 TB/s at 256 B against ~1.9 TB/s for large
+// pieces, i.e. ~0.12 ns a fragment), kBytesPerUs for large copies (1.8 TB/s
+// on an H200, device to device; pinned host memory is bounded by PCIe).
+//
+// Threads: the engine owns one thread, started by Create and joined by the
+// destructor; it stages and launches every batch, waits for its launches'
+// events (blocking sync: it sleeps, it does not spin) and calls every `done`.
+// No `done` runs inside a CUDA callback. Submit is thread-safe and never
+// blocks on a copy.
+//
+// Shutdown: the destructor stops accepting batches (a Submit that races with
+// it returns kAborted), lets the thread launch and finish every batch already
+// accepted — every accepted `done` is called — and then joins it.
+// REQUIRES: the engine is not destroyed on its own thread (from a `done`
+// callback); doing so is reported and aborts.
+#ifndef KVBOUNCE_COPY_CUDA_CUDA_COPY_ENGINE_H_
+#define KVBOUNCE_COPY_CUDA_CUDA_COPY_ENGINE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stop_token>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "copy/copy_engine.h"
+#include "copy/cuda/cuda_util.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+
+namespace kvbounce {
+
+struct CudaCopyEngineOptions {
+  // The CUDA device the engine's streams, buffers and kernels live on.
+  int device = 0;
+  // Bounds of one launch (sub-batch): the grain of cancellation. >= 1 each;
+  // max_launch_pieces at most kMaxLaunchPieces.
+  uint64_t max_launch_bytes = MiB(128);
+  uint32_t max_launch_pieces = 65536;
+  // Launches in flight at a time (each has its own staging and device
+  // descriptor buffers). 1 to kMaxLaunchSlots.
+  int launch_slots = 4;
+
+  // For tests only: called on the engine thread before the stop token of a
+  // batch is checked for each of its launches, with the launch's index in
+  // its batch (0, 1, ...). A test may request the batch's stop from it, or
+  // block in it to hold the engine thread.
+  std::function<void(size_t launch_index)> launch_hook_for_testing;
+
+  static constexpr uint32_t kMaxLaunchPieces = 1u << 22;
+  static constexpr int kMaxLaunchSlots = 64;
+};
+
+class CudaCopyEngine final : public CopyEngine {
+ public:
+  using Options = CudaCopyEngineOptions;
+
+  // Calibrated cost figures (see the file comment).
+  static constexpr double kBatchUs = 10.0;
+  static constexpr double kRunUs = 0.00012;
+  static constexpr double kBytesPerUs = 1.8e6;
+
+  // Counters since Create, for tests and metrics; each is updated before the
+  // batch's `done` runs.
+  struct Stats {
+    uint64_t batches_completed = 0;  // `done` called (any status)
+    uint64_t batches_cancelled = 0;  // of those, completed with kCancelled
+    uint64_t batches_failed = 0;     // of those, failed with a CUDA error
+    uint64_t launches = 0;           // kernel launches that completed
+    uint64_t bytes_copied = 0;       // bytes of launches that completed
+  };
+
+  // Creates the streams, events and buffers on `options.device` and starts
+  // the engine thread.
+  // Errors: kUnavailable with the CUDA error text when there is no driver or
+  // no device; kInvalidArgument for a bad option or device ordinal;
+  // kResourceExhausted when buffers cannot be allocated or the thread cannot
+  // start; other codes as CudaStatus maps a failing call.
+  static Result<std::unique_ptr<CudaCopyEngine>> Create(const Options& options);
+  static Result<std::unique_ptr<CudaCopyEngine>> Create(int device = 0) {
+    Options options;
+    options.device = device;
+    return Create(options);
+  }
+
+  // Finishes every accepted batch, then joins the thread (see file comment).
+  ~CudaCopyEngine() override;
+
+  std::string_view Name() const override { return "cuda"; }
+  CopyEngineCaps Caps() const override;
+
+  int device() const { return options_.device; }
+  const Options& options() const { return options_; }
+  Stats GetStats() const;
+
+ protected:
+  // Errors: kAborted once the destructor has started.
+  Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
+                         std::stop_token stop) override;
+
+ private:
+  struct BatchState;
+  struct Slot;
+
+  explicit CudaCopyEngine(const Options& options);
+  void Loop();
+  // Stages and enqueues the next launch of `batch` into `slot`; sets the
+  // batch's cursor past what it launched. Returns the CUDA error, if any.
+  Status Launch(BatchState& batch, Slot& slot);
+  // Waits for the oldest launch in flight and settles its batch.
+  void Retire();
+  // Calls `done` when the batch has nothing queued or in flight any more.
+  void MaybeFinish(std::shared_ptr<BatchState>& batch);
+  void StopAndJoin();
+
+  const Options options_;
+  uint32_t max_blocks_ = 1;  // blocks per launch: enough to fill the device once
+  CudaStream copy_stream_;
+  CudaStream upload_stream_;
+  std::vector<std::unique_ptr<Slot>> slots_;  // fixed after Create
+  std::thread thread_;
+
+  // Engine-thread state: the launches in flight, oldest first (indices into
+  // slots_), and the free slots.
+  std::deque<size_t> in_flight_;
+  std::vector<size_t> free_slots_;
+
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::deque<std::shared_ptr<BatchState>> queue_;  // guarded by mu_
+  bool stopping_ = false;                          // guarded by mu_
+
+  std::atomic<uint64_t> batches_completed_{0};
+  std::atomic<uint64_t> batches_cancelled_{0};
+  std::atomic<uint64_t> batches_failed_{0};
+  std::atomic<uint64_t> launches_{0};
+  std::atomic<uint64_t> bytes_copied_{0};
+};
+
+}  // namespace kvbounce
+
+#endif  // KVBOUNCE_COPY_CUDA_CUDA_COPY_ENGINE_H_

@@ -1,0 +1,496 @@
+// CudaCopyEngine and the CUDA helpers. Every case that needs a GPU skips
+// with "no CUDA device: ..." where there is none; the cases that check
+// behaviour without one (option checks, the no-device error, the error text)
+// run everywhere the engine is built.
+#include "copy/cuda/cuda_copy_engine.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <stop_token>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "copy/copy_engine.h"
+#include "copy/cuda/cuda_util.h"
+#include "kvbounce/status.h"
+#include "kvbounce/types.h"
+#include "layout/fragment.h"
+
+namespace kvbounce {
+namespace {
+
+using ::kvbounce::testing_util::IsOk;
+using ::kvbounce::testing_util::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr uint8_t kUntouched = 0xCD;
+
+#define SKIP_WITHOUT_CUDA_DEVICE()                                             \
+  do {                                                                         \
+    std::string why;                                                           \
+    if (CudaDeviceCount(&why) == 0) GTEST_SKIP() << "no CUDA device: " << why; \
+  } while (false)
+
+// Fragments over a source extent and a destination extent: sizes from 1 B
+// to `max_bytes` (log-uniform), random gaps, so random offsets and
+// alignments; about a third of them equally aligned modulo 16 (the vector
+// path). Destinations are laid out in a shuffled order. No two fragments
+// overlap on either side.
+struct RandomList {
+  std::vector<Fragment> fragments;  // src / dst are offsets into the extents
+  uint64_t src_extent = 0;
+  uint64_t dst_extent = 0;
+  uint64_t total_bytes = 0;
+};
+
+RandomList MakeRandomList(std::mt19937_64& rng, int count, uint64_t max_bytes) {
+  RandomList list;
+  std::uniform_real_distribution<double> log_size(0.0, std::log(static_cast<double>(max_bytes)));
+  std::uniform_int_distribution<uint64_t> gap(0, 40);
+  std::vector<uint64_t> sizes(static_cast<size_t>(count));
+  std::vector<bool> aligned(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    sizes[i] = std::clamp<uint64_t>(static_cast<uint64_t>(std::exp(log_size(rng))), 1, max_bytes);
+    aligned[i] = rng() % 3 == 0;
+  }
+  list.fragments.resize(sizes.size());
+  uint64_t cursor = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    cursor += gap(rng);
+    if (aligned[i]) cursor = AlignUp(cursor, 16);
+    list.fragments[i].src = cursor;
+    list.fragments[i].bytes = sizes[i];
+    cursor += sizes[i];
+  }
+  list.src_extent = cursor + 64;
+  std::vector<size_t> order(sizes.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  cursor = 0;
+  for (size_t i : order) {
+    cursor += gap(rng);
+    if (aligned[i]) cursor = AlignUp(cursor, 16);
+    list.fragments[i].dst = cursor;
+    cursor += sizes[i];
+    list.total_bytes += sizes[i];
+  }
+  list.dst_extent = cursor + 64;
+  return list;
+}
+
+std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint8_t> bytes(n);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(bytes.data() + i, &v, 8);
+  }
+  for (; i < n; ++i) bytes[i] = static_cast<uint8_t>(rng());
+  return bytes;
+}
+
+// Applies `list` (offsets) on host copies: the reference result.
+void ApplyOnHost(const RandomList& list, const std::vector<uint8_t>& src,
+                 std::vector<uint8_t>& dst) {
+  for (const Fragment& f : list.fragments) {
+    std::memcpy(dst.data() + f.dst, src.data() + f.src, f.bytes);
+  }
+}
+
+void Upload(const CudaDeviceBuffer& buffer, const std::vector<uint8_t>& bytes) {
+  ASSERT_THAT(CudaStatus(cudaMemcpy(buffer.data(), bytes.data(), bytes.size(),
+                                    cudaMemcpyHostToDevice),
+                         "cudaMemcpy"),
+              IsOk());
+}
+
+std::vector<uint8_t> Download(const CudaDeviceBuffer& buffer, size_t bytes) {
+  std::vector<uint8_t> out(bytes);
+  EXPECT_THAT(
+      CudaStatus(cudaMemcpy(out.data(), buffer.data(), bytes, cudaMemcpyDeviceToHost), "cudaMemcpy"),
+      IsOk());
+  return out;
+}
+
+// Index of the first differing byte, or -1.
+int64_t FirstMismatch(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  const auto [ia, ib] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
+  if (ia == a.end() && ib == b.end()) return -1;
+  return ia - a.begin();
+}
+
+// Waits for several `done` callbacks.
+class DoneCounter {
+ public:
+  CopyDone Callback() {
+    return [this](Status status) {
+      std::lock_guard<std::mutex> lock(mu_);
+      statuses_.push_back(std::move(status));
+      cv_.notify_all();
+    };
+  }
+  std::vector<Status> WaitFor(size_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return statuses_.size() >= n; });
+    return statuses_;
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return statuses_.size();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Status> statuses_;
+};
+
+// --- Without a device -------------------------------------------------------
+
+TEST(CudaUtilTest, CudaStatusCarriesTheCallAndTheErrorText) {
+  EXPECT_THAT(CudaStatus(cudaSuccess, "cudaMalloc"), IsOk());
+  const Status status = CudaStatus(cudaErrorMemoryAllocation, "cudaMalloc(64 bytes on device 0)");
+  EXPECT_THAT(status, StatusIs(StatusCode::kResourceExhausted,
+                               HasSubstr("cudaMalloc(64 bytes on device 0): "
+                                         "cudaErrorMemoryAllocation (")));
+  EXPECT_THAT(CudaStatus(cudaErrorNoDevice, "x"), StatusIs(StatusCode::kUnavailable));
+  EXPECT_THAT(CudaStatus(cudaErrorInvalidValue, "x"), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(CudaStatus(cudaErrorIllegalAddress, "x"),
+              StatusIs(StatusCode::kInternal, HasSubstr("cudaErrorIllegalAddress")));
+}
+
+TEST(CudaCopyEngineOptionsTest, BadOptionsAreInvalidArguments) {
+  CudaCopyEngine::Options options;
+  options.launch_slots = 0;
+  EXPECT_THAT(CudaCopyEngine::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("launch_slots")));
+  options = CudaCopyEngine::Options();
+  options.max_launch_bytes = 0;
+  EXPECT_THAT(CudaCopyEngine::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_launch_bytes")));
+  options = CudaCopyEngine::Options();
+  options.max_launch_pieces = 0;
+  EXPECT_THAT(CudaCopyEngine::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_launch_pieces")));
+}
+
+TEST(CudaCopyEngineOptionsTest, CreateWithoutADeviceIsUnavailable) {
+  std::string why;
+  if (CudaDeviceCount(&why) > 0) GTEST_SKIP() << "a CUDA device is present";
+  EXPECT_FALSE(why.empty());
+  EXPECT_THAT(CudaCopyEngine::Create(0),
+              StatusIs(StatusCode::kUnavailable, HasSubstr("no CUDA device")));
+  EXPECT_THAT(CudaDeviceBuffer::Allocate(0, 64), ::testing::Not(IsOk()));
+}
+
+// --- With a device ----------------------------------------------------------
+
+class CudaCopyEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA_DEVICE();
+    MakeEngine(CudaCopyEngine::Options());
+  }
+
+  void MakeEngine(const CudaCopyEngine::Options& options) {
+    engine_.reset();
+    Result<std::unique_ptr<CudaCopyEngine>> engine = CudaCopyEngine::Create(options);
+    ASSERT_THAT(engine, IsOk());
+    engine_ = std::move(engine).value();
+  }
+
+  CudaDeviceBuffer Device(size_t bytes) {
+    Result<CudaDeviceBuffer> buffer = CudaDeviceBuffer::Allocate(0, bytes);
+    EXPECT_THAT(buffer, IsOk());
+    return buffer.ok() ? std::move(buffer).value() : CudaDeviceBuffer();
+  }
+
+  enum class Kind { kGather, kScatter, kDirect };
+
+  // Runs one random list of `kind` between two device buffers and compares
+  // the whole destination (gaps included) with the host reference.
+  void RunRandom(Kind kind, uint64_t seed, int count, uint64_t max_bytes) {
+    std::mt19937_64 rng(seed);
+    const RandomList list = MakeRandomList(rng, count, max_bytes);
+    CudaDeviceBuffer src = Device(list.src_extent);
+    CudaDeviceBuffer dst = Device(list.dst_extent);
+    ASSERT_NE(src.data(), nullptr);
+    ASSERT_NE(dst.data(), nullptr);
+    const std::vector<uint8_t> host_src = RandomBytes(list.src_extent, seed + 1);
+    std::vector<uint8_t> expected(list.dst_extent, kUntouched);
+    Upload(src, host_src);
+    Upload(dst, expected);
+    ApplyOnHost(list, host_src, expected);
+
+    std::vector<Fragment> fragments = list.fragments;
+    CopyBatch batch;
+    switch (kind) {
+      case Kind::kGather:  // absolute sources, offsets into the slot
+        for (Fragment& f : fragments) f.src += src.addr().value();
+        batch = GatherBatch(fragments, dst.addr());
+        break;
+      case Kind::kScatter:  // offsets out of the slot, absolute destinations
+        for (Fragment& f : fragments) f.dst += dst.addr().value();
+        batch = ScatterBatch(fragments, src.addr());
+        break;
+      case Kind::kDirect:
+        for (Fragment& f : fragments) {
+          f.src += src.addr().value();
+          f.dst += dst.addr().value();
+        }
+        batch = DirectBatch(fragments);
+        break;
+    }
+    ASSERT_THAT(engine_->CopySync(batch), IsOk());
+    EXPECT_EQ(FirstMismatch(Download(dst, list.dst_extent), expected), -1)
+        << "seed " << seed << ", " << count << " fragments, " << list.total_bytes << " bytes";
+  }
+
+  std::unique_ptr<CudaCopyEngine> engine_;
+};
+
+TEST_F(CudaCopyEngineTest, CapsSayDeviceMemoryOnly) {
+  const CopyEngineCaps caps = engine_->Caps();
+  EXPECT_TRUE(caps.device_memory);
+  EXPECT_FALSE(caps.host_memory);
+  EXPECT_GT(caps.cost.batch_us, 0);
+  EXPECT_GT(caps.cost.bytes_per_us, 0);
+  EXPECT_EQ(engine_->Name(), "cuda");
+}
+
+TEST_F(CudaCopyEngineTest, GatherMatchesTheHostReference) {
+  for (uint64_t seed = 1; seed <= 4; ++seed) RunRandom(Kind::kGather, seed, 300, MiB(1));
+}
+
+TEST_F(CudaCopyEngineTest, ScatterMatchesTheHostReference) {
+  for (uint64_t seed = 11; seed <= 14; ++seed) RunRandom(Kind::kScatter, seed, 300, MiB(1));
+}
+
+TEST_F(CudaCopyEngineTest, DirectMatchesTheHostReference) {
+  for (uint64_t seed = 21; seed <= 24; ++seed) RunRandom(Kind::kDirect, seed, 300, MiB(1));
+}
+
+TEST_F(CudaCopyEngineTest, ManySmallFragmentsMatchTheHostReference) {
+  RunRandom(Kind::kDirect, 31, 20000, 300);
+}
+
+TEST_F(CudaCopyEngineTest, SmallLaunchesMatchTheHostReference) {
+  CudaCopyEngine::Options options;
+  options.max_launch_bytes = 100000;  // fragments span launches
+  options.max_launch_pieces = 7;
+  options.launch_slots = 2;
+  MakeEngine(options);
+  RunRandom(Kind::kDirect, 41, 200, KiB(256));
+  EXPECT_GT(engine_->GetStats().launches, 20u);
+}
+
+TEST_F(CudaCopyEngineTest, EmptyBatchesCompleteOk) {
+  EXPECT_THAT(engine_->Copy({}), IsOk());
+  CudaDeviceBuffer buffer = Device(64);
+  const uint64_t base = buffer.addr().value();
+  const std::vector<Fragment> zero = {{base, base + 32, 0}, {0, 0, 0}};
+  EXPECT_THAT(engine_->Copy(zero), IsOk());
+  EXPECT_EQ(engine_->GetStats().launches, 0u);
+}
+
+TEST_F(CudaCopyEngineTest, ValidationErrorsAreReturnedBySubmit) {
+  CudaDeviceBuffer buffer = Device(4096);
+  const uint64_t base = buffer.addr().value();
+  bool called = false;
+  const std::vector<Fragment> overlapping = {{base, base + 100, 200}};
+  EXPECT_THAT(engine_->Submit(DirectBatch(overlapping), [&](Status) { called = true; }),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+  const std::vector<Fragment> null_source = {{0, base, 16}};
+  EXPECT_THAT(engine_->Submit(DirectBatch(null_source), [&](Status) { called = true; }),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("address is 0")));
+  const std::vector<Fragment> ok = {{base, base + 2048, 16}};
+  EXPECT_THAT(engine_->Submit(DirectBatch(ok), CopyDone()),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("callback")));
+  EXPECT_FALSE(called);
+}
+
+TEST_F(CudaCopyEngineTest, ManyBatchesInFlightFromSeveralThreads) {
+  constexpr int kThreads = 4;
+  constexpr int kBatchesPerThread = 12;
+  constexpr uint64_t kRegion = MiB(4);
+  constexpr uint64_t kFragment = KiB(4) + 3;  // unaligned ends
+  constexpr uint64_t kPerBatch = kRegion / kBatchesPerThread / kFragment;
+  CudaDeviceBuffer src = Device(kThreads * kRegion);
+  CudaDeviceBuffer dst = Device(kThreads * kRegion);
+  const std::vector<uint8_t> host_src = RandomBytes(kThreads * kRegion, 7);
+  Upload(src, host_src);
+  Upload(dst, std::vector<uint8_t>(kThreads * kRegion, kUntouched));
+
+  // Each batch copies its own run of fragments to the mirrored place.
+  std::vector<std::vector<Fragment>> lists(kThreads * kBatchesPerThread);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int b = 0; b < kBatchesPerThread; ++b) {
+      auto& list = lists[static_cast<size_t>(t * kBatchesPerThread + b)];
+      for (uint64_t i = 0; i < kPerBatch; ++i) {
+        const uint64_t offset = t * kRegion + (b * kPerBatch + i) * kFragment;
+        list.push_back({src.addr().value() + offset, dst.addr().value() + offset, kFragment});
+      }
+    }
+  }
+  DoneCounter counter;
+  std::vector<std::thread> threads;
+  std::atomic<int> submit_errors{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int b = 0; b < kBatchesPerThread; ++b) {
+        const auto& list = lists[static_cast<size_t>(t * kBatchesPerThread + b)];
+        if (!engine_->Submit(DirectBatch(list), counter.Callback()).ok()) ++submit_errors;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_EQ(submit_errors.load(), 0);
+  for (const Status& status : counter.WaitFor(lists.size())) EXPECT_THAT(status, IsOk());
+
+  std::vector<uint8_t> expected(kThreads * kRegion, kUntouched);
+  for (const auto& list : lists) {
+    for (const Fragment& f : list) {
+      const uint64_t offset = f.src - src.addr().value();
+      std::memcpy(expected.data() + offset, host_src.data() + offset, f.bytes);
+    }
+  }
+  EXPECT_EQ(FirstMismatch(Download(dst, expected.size()), expected), -1);
+  EXPECT_EQ(engine_->GetStats().batches_completed, lists.size());
+}
+
+TEST_F(CudaCopyEngineTest, StopBeforeSubmitCancelsTheWholeBatch) {
+  CudaDeviceBuffer src = Device(MiB(1));
+  CudaDeviceBuffer dst = Device(MiB(1));
+  Upload(dst, std::vector<uint8_t>(MiB(1), kUntouched));
+  const std::vector<Fragment> list = {{src.addr().value(), dst.addr().value(), MiB(1)}};
+  std::stop_source stop;
+  stop.request_stop();
+  DoneCounter counter;
+  ASSERT_THAT(engine_->Submit(DirectBatch(list), counter.Callback(), stop.get_token()), IsOk());
+  const std::vector<Status> statuses = counter.WaitFor(1);
+  EXPECT_THAT(statuses[0], StatusIs(StatusCode::kCancelled,
+                                    HasSubstr("1048576 of 1048576 bytes not copied")));
+  EXPECT_EQ(FirstMismatch(Download(dst, MiB(1)), std::vector<uint8_t>(MiB(1), kUntouched)), -1);
+  EXPECT_EQ(engine_->GetStats().batches_cancelled, 1u);
+}
+
+TEST_F(CudaCopyEngineTest, StopDuringAMultiLaunchBatchSkipsTheRest) {
+  CudaCopyEngine::Options options;
+  options.max_launch_bytes = MiB(1);
+  std::stop_source stop;
+  options.launch_hook_for_testing = [&stop](size_t launch_index) {
+    if (launch_index == 3) stop.request_stop();
+  };
+  MakeEngine(options);
+  constexpr uint64_t kTotal = MiB(32);
+  CudaDeviceBuffer src = Device(kTotal);
+  CudaDeviceBuffer dst = Device(kTotal);
+  const std::vector<uint8_t> host_src = RandomBytes(kTotal, 3);
+  Upload(src, host_src);
+  Upload(dst, std::vector<uint8_t>(kTotal, kUntouched));
+  std::vector<Fragment> list;
+  for (uint64_t at = 0; at < kTotal; at += KiB(256)) {
+    list.push_back({src.addr().value() + at, dst.addr().value() + at, KiB(256)});
+  }
+  DoneCounter counter;
+  ASSERT_THAT(engine_->Submit(DirectBatch(list), counter.Callback(), stop.get_token()), IsOk());
+  const std::vector<Status> statuses = counter.WaitFor(1);
+  EXPECT_THAT(statuses[0],
+              StatusIs(StatusCode::kCancelled,
+                       HasSubstr(std::to_string(kTotal - MiB(3)) + " of " +
+                                 std::to_string(kTotal) + " bytes not copied")));
+  // The three launches before the stop landed; nothing after them did.
+  const std::vector<uint8_t> out = Download(dst, kTotal);
+  EXPECT_TRUE(std::equal(out.begin(), out.begin() + MiB(3), host_src.begin()));
+  EXPECT_TRUE(std::all_of(out.begin() + MiB(3), out.end(),
+                          [](uint8_t b) { return b == kUntouched; }));
+  EXPECT_EQ(engine_->GetStats().launches, 3u);
+}
+
+TEST_F(CudaCopyEngineTest, DestructionFinishesEveryAcceptedBatch) {
+  constexpr int kBatches = 8;
+  constexpr uint64_t kEach = MiB(16);
+  CudaDeviceBuffer src = Device(kBatches * kEach);
+  CudaDeviceBuffer dst = Device(kBatches * kEach);
+  const std::vector<uint8_t> host_src = RandomBytes(kBatches * kEach, 5);
+  Upload(src, host_src);
+  std::vector<std::vector<Fragment>> lists(kBatches);
+  for (int b = 0; b < kBatches; ++b) {
+    for (uint64_t at = 0; at < kEach; at += KiB(64)) {
+      const uint64_t offset = b * kEach + at;
+      lists[static_cast<size_t>(b)].push_back(
+          {src.addr().value() + offset, dst.addr().value() + offset, KiB(64)});
+    }
+  }
+  DoneCounter counter;
+  for (const auto& list : lists) {
+    ASSERT_THAT(engine_->Submit(DirectBatch(list), counter.Callback()), IsOk());
+  }
+  engine_.reset();  // joins: every `done` has run when this returns
+  ASSERT_EQ(counter.count(), static_cast<size_t>(kBatches));
+  for (const Status& status : counter.WaitFor(kBatches)) EXPECT_THAT(status, IsOk());
+  EXPECT_EQ(FirstMismatch(Download(dst, host_src.size()), host_src), -1);
+}
+
+TEST_F(CudaCopyEngineTest, PinnedHostMemoryAsSourceAndDestination) {
+  constexpr uint64_t kBytes = MiB(8) + 5;
+  Result<CudaPinnedBuffer> pinned_src = CudaPinnedBuffer::Allocate(kBytes);
+  Result<CudaPinnedBuffer> pinned_dst = CudaPinnedBuffer::Allocate(kBytes);
+  ASSERT_THAT(pinned_src, IsOk());
+  ASSERT_THAT(pinned_dst, IsOk());
+  const std::vector<uint8_t> bytes = RandomBytes(kBytes, 9);
+  std::memcpy(pinned_src->data(), bytes.data(), kBytes);
+  std::memset(pinned_dst->data(), kUntouched, kBytes);
+  CudaDeviceBuffer device = Device(kBytes);
+
+  // Pinned host -> device, in unaligned fragments of 100 KiB + 1.
+  std::vector<Fragment> up, down;
+  for (uint64_t at = 0; at < kBytes; at += KiB(100) + 1) {
+    const uint64_t n = std::min<uint64_t>(KiB(100) + 1, kBytes - at);
+    up.push_back({pinned_src->addr().value() + at, device.addr().value() + at, n});
+    down.push_back({device.addr().value() + at, pinned_dst->addr().value() + at, n});
+  }
+  ASSERT_THAT(engine_->Copy(up), IsOk());
+  EXPECT_EQ(FirstMismatch(Download(device, kBytes), bytes), -1);
+  // Device -> pinned host.
+  ASSERT_THAT(engine_->Copy(down), IsOk());
+  const auto* landed = static_cast<const uint8_t*>(pinned_dst->data());
+  EXPECT_EQ(FirstMismatch(std::vector<uint8_t>(landed, landed + kBytes), bytes), -1);
+}
+
+TEST_F(CudaCopyEngineTest, SubmitFromADoneCallback) {
+  CudaDeviceBuffer src = Device(KiB(64));
+  CudaDeviceBuffer dst = Device(KiB(64));
+  const std::vector<uint8_t> host_src = RandomBytes(KiB(64), 11);
+  Upload(src, host_src);
+  const std::vector<Fragment> first = {{src.addr().value(), dst.addr().value(), KiB(32)}};
+  const std::vector<Fragment> second = {
+      {src.addr().value() + KiB(32), dst.addr().value() + KiB(32), KiB(32)}};
+  DoneCounter counter;
+  CopyDone then = counter.Callback();
+  ASSERT_THAT(engine_->Submit(DirectBatch(first),
+                              [&](Status status) {
+                                EXPECT_THAT(status, IsOk());
+                                EXPECT_THAT(engine_->Submit(DirectBatch(second), then), IsOk());
+                              }),
+              IsOk());
+  EXPECT_THAT(counter.WaitFor(1)[0], IsOk());
+  EXPECT_EQ(FirstMismatch(Download(dst, KiB(64)), host_src), -1);
+}
+
+}  // namespace
+}  // namespace kvbounce
