@@ -11,6 +11,7 @@
 //
 // GB/s is bytes moved (each byte read once and written once) per second, 1e9.
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -90,8 +91,9 @@ int Main(int argc, char** argv) {
   }
   Result<std::unique_ptr<CudaCopyEngine>> engine = CudaCopyEngine::Create(0);
   if (!Check(engine.status(), "create engine")) return 1;
-  const uint64_t pool_bytes = pool_gib << 30;
-  const uint64_t half = pool_bytes / 2;
+  // Each half a power of two, so Scattered's multipliers permute its slots.
+  const uint64_t half = std::bit_floor((pool_gib << 30) / 2);
+  const uint64_t pool_bytes = 2 * half;
   Result<CudaDeviceBuffer> pool = CudaDeviceBuffer::Allocate(0, pool_bytes);
   if (!Check(pool.status(), "allocate pool")) return 1;
   if (!Check(CudaStatus(cudaMemset(pool->data(), 1, pool_bytes), "cudaMemset"), "fill")) return 1;

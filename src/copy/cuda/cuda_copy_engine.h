@@ -36,12 +36,20 @@
 // maps them, with the call and the CUDA error text); once a launch fails the
 // rest of that batch is not launched.
 //
-// Cost (Caps().cost, for `auto`, docs/paths.md): CALIBRATED, not measured at
-// Create, from shared H200 figures (docs/cuda.md): kBatchUs per batch (the
-// descriptor upload, the launch and the hand-off back, ~10 µs), kRunUs per
-// fragment (a warp per piece: ~1 TB/s at 256 B against ~1.9 TB/s for large
-// pieces, i.e. ~0.12 ns a fragment), kBytesPerUs for large copies (1.8 TB/s
-// on an H200, device to device; pinned host memory is bounded by PCIe).
+// Cost (Caps().cost, for `auto`, docs/paths.md): CALIBRATED and estimated,
+// not measured at Create (docs/cuda.md says where each comes from; the
+// bench, bench/cuda_copy_bench.cc, measures what to replace them with):
+//   kBatchUs     the launch: one descriptor upload and one kernel launch,
+//                ~4 µs each per calibration.md's H200 figure for one
+//                cudaMemcpyAsync call (the hand-off back is counted apart);
+//   kRunUs       per fragment: the engine thread writes and uploads a
+//                24-byte descriptor per piece (estimated, a few ns), which
+//                bounds small fragments more than the kernel does (~0.1 ns
+//                a fragment on an H200 per calibration.md);
+//   kBytesPerUs  large copies device to device: 1.8 TB/s, calibration.md's
+//                batched-kernel rate on an H200 (~1.9 TB/s for 16–256 KiB
+//                fragments, against ~2.1 TB/s for one large cudaMemcpyAsync);
+//                pinned host memory is bounded by PCIe instead.
 //
 // Threads: the engine owns one thread, started by Create and joined by the
 // destructor; it stages and launches every batch, waits for its launches'
@@ -102,8 +110,8 @@ class CudaCopyEngine final : public CopyEngine {
   using Options = CudaCopyEngineOptions;
 
   // Calibrated cost figures (see the file comment).
-  static constexpr double kBatchUs = 10.0;
-  static constexpr double kRunUs = 0.00012;
+  static constexpr double kBatchUs = 8.0;
+  static constexpr double kRunUs = 0.003;
   static constexpr double kBytesPerUs = 1.8e6;
 
   // Counters since Create, for tests and metrics; each is updated before the
