@@ -96,7 +96,10 @@ int Main(int argc, char** argv) {
   const uint64_t pool_bytes = 2 * half;
   Result<CudaDeviceBuffer> pool = CudaDeviceBuffer::Allocate(0, pool_bytes);
   if (!Check(pool.status(), "allocate pool")) return 1;
-  if (!Check(CudaStatus(cudaMemset(pool->data(), 1, pool_bytes), "cudaMemset"), "fill")) return 1;
+  if (!Check(CudaStatus(cudaMemset(pool->data(), 1, pool_bytes), "cudaMemset"), "fill") ||
+      !Check(CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize"), "fill")) {
+    return 1;
+  }
   const uint64_t src_base = pool->addr().value();
   const uint64_t dst_base = src_base + half;
   Result<CudaStream> stream = CudaStream::Create(0);
@@ -118,7 +121,11 @@ int Main(int argc, char** argv) {
           !Check(CudaStatus(cudaEventSynchronize(stop->get()), "cudaEventSynchronize"), "t"))
         return 0;
       float ms = 0;
-      (void)cudaEventElapsedTime(&ms, start->get(), stop->get());
+      if (!Check(CudaStatus(cudaEventElapsedTime(&ms, start->get(), stop->get()),
+                            "cudaEventElapsedTime"),
+                 "t")) {
+        return 0;
+      }
       if (r > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;  // r == 0: warm-up
     }
     return static_cast<double>(bytes) / (best_ms * 1e-3) / 1e9;

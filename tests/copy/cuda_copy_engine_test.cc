@@ -111,11 +111,14 @@ void ApplyOnHost(const RandomList& list, const std::vector<uint8_t>& src,
   }
 }
 
+// cudaMemcpy from pageable memory may return before the bytes land, and the
+// engine's streams do not wait for the legacy default stream: synchronize.
 void Upload(const CudaDeviceBuffer& buffer, const std::vector<uint8_t>& bytes) {
   ASSERT_THAT(CudaStatus(cudaMemcpy(buffer.data(), bytes.data(), bytes.size(),
                                     cudaMemcpyHostToDevice),
                          "cudaMemcpy"),
               IsOk());
+  ASSERT_THAT(CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize"), IsOk());
 }
 
 std::vector<uint8_t> Download(const CudaDeviceBuffer& buffer, size_t bytes) {
@@ -419,6 +422,7 @@ TEST_F(CudaCopyEngineTest, StopDuringAMultiLaunchBatchSkipsTheRest) {
   EXPECT_TRUE(std::all_of(out.begin() + MiB(3), out.end(),
                           [](uint8_t b) { return b == kUntouched; }));
   EXPECT_EQ(engine_->GetStats().launches, 3u);
+  engine_.reset();  // its hook refers to `stop`
 }
 
 TEST_F(CudaCopyEngineTest, DestructionFinishesEveryAcceptedBatch) {
