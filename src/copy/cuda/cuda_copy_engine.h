@@ -36,20 +36,17 @@
 // maps them, with the call and the CUDA error text); once a launch fails the
 // rest of that batch is not launched.
 //
-// Cost (Caps().cost, for `auto`, docs/paths.md): CALIBRATED and estimated,
-// not measured at Create (docs/cuda.md says where each comes from; the
-// bench, bench/cuda_copy_bench.cc, measures what to replace them with):
-//   kBatchUs     the launch: one descriptor upload and one kernel launch,
-//                ~4 µs each per calibration.md's H200 figure for one
-//                cudaMemcpyAsync call (the hand-off back is counted apart);
-//   kRunUs       per fragment: the engine thread writes and uploads a
-//                24-byte descriptor per piece (estimated, a few ns), which
-//                bounds small fragments more than the kernel does (~0.1 ns
-//                a fragment on an H200 per calibration.md);
-//   kBytesPerUs  large copies device to device: 1.8 TB/s, calibration.md's
-//                batched-kernel rate on an H200 (~1.9 TB/s for 16–256 KiB
-//                fragments, against ~2.1 TB/s for one large cudaMemcpyAsync);
-//                pinned host memory is bounded by PCIe instead.
+// Cost (Caps().cost, for `auto`, docs/paths.md): MEASURED on an H200 with
+// bench/cuda_copy_bench.cc (docs/PERFORMANCE.md, 2026-12-01), not at Create:
+//   kBatchUs     one batch of one small fragment: Submit to `done`, 43 µs
+//                round trip, less the hand-off back that `auto` counts
+//                apart;
+//   kRunUs       per fragment: 8–10 ns, almost all of it the engine thread
+//                writing and uploading one 24-byte descriptor per piece
+//                (from the 256 B and 4 KiB rows, less their bytes);
+//   kBytesPerUs  large fragments device to device: 860 GB/s (0.4 of one
+//                large cudaMemcpyAsync, 2.1 TB/s, in the same run); pinned
+//                host memory is bounded by PCIe instead.
 //
 // Threads: the engine owns one thread, started by Create and joined by the
 // destructor; it stages and launches every batch, waits for its launches'
@@ -109,10 +106,10 @@ class CudaCopyEngine final : public CopyEngine {
  public:
   using Options = CudaCopyEngineOptions;
 
-  // Calibrated cost figures (see the file comment).
-  static constexpr double kBatchUs = 8.0;
-  static constexpr double kRunUs = 0.003;
-  static constexpr double kBytesPerUs = 1.8e6;
+  // Measured cost figures (see the file comment).
+  static constexpr double kBatchUs = 30.0;
+  static constexpr double kRunUs = 0.009;
+  static constexpr double kBytesPerUs = 8.6e5;
 
   // Counters since Create, for tests and metrics; each is updated before the
   // batch's `done` runs.
