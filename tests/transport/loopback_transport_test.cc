@@ -104,44 +104,31 @@ class LoopbackTransportTest : public ::testing::Test {
   std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();
 };
 
-// A writer `a` and a receiver `b`, connected, with a source region on a, a
-// target region on b (imported by a) and `kOps` ops of `kOpBytes` each.
-class LoopbackWriteTest : public LoopbackTransportTest {
+// Two connected endpoints `a` and `b`, a source and a destination buffer
+// and `kOps` ops of `kOpBytes` each from src_ to dst_: what the write and
+// the read fixtures share (they differ in which side owns which buffer).
+class LoopbackDataTest : public LoopbackTransportTest {
  protected:
   static constexpr size_t kOps = 8;
   static constexpr size_t kOpBytes = 4096;
   static constexpr size_t kBytes = kOps * kOpBytes;
 
-  void SetUp() override {
+  // Connects a and b and fills src_ with `pattern`.
+  void ConnectAndFill(uint8_t pattern) {
     a_ = MakeEndpoint("a");
     b_ = MakeEndpoint("b");
     std::tie(a_to_b_, b_to_a_) = Connect(*a_, *b_);
-    src_.FillPattern(17);
-    auto source = (*a_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
-    ASSERT_THAT(source, IsOk());
-    source_ = std::move(source).value();
-    auto region = (*b_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
-    ASSERT_THAT(region, IsOk());
-    dst_region_ = std::move(region).value();
-    auto target = (*a_)->Import(a_to_b_, dst_region_->info());
-    ASSERT_THAT(target, IsOk());
-    target_ = std::move(target).value();
+    src_.FillPattern(pattern);
+  }
+
+  // The kOps ops from src_ to dst_ (WriteOp or ReadOp).
+  template <typename Op>
+  std::vector<Op> Ops() const {
+    std::vector<Op> ops;
     for (size_t i = 0; i < kOps; ++i) {
-      ops_.push_back({src_.addr(i * kOpBytes), dst_.addr(i * kOpBytes), kOpBytes});
+      ops.push_back({src_.addr(i * kOpBytes), dst_.addr(i * kOpBytes), kOpBytes});
     }
-  }
-
-  void TearDown() override {
-    target_.reset();
-    dst_region_.reset();
-    source_.reset();
-  }
-
-  Status Write(DoneTracker& tracker, std::stop_token stop = {}) {
-    InsideCall inside;
-    Status status = (*a_)->Write(*source_, *target_, ops_, tracker.Make(), std::move(stop));
-    if (!status.ok()) tracker.Forget();
-    return status;
+    return ops;
   }
 
   // Whether op i landed (true), was left untouched (false); fails the test
@@ -162,6 +149,39 @@ class LoopbackWriteTest : public LoopbackTransportTest {
   std::unique_ptr<TestEndpoint> b_;
   PeerId a_to_b_ = 0;
   PeerId b_to_a_ = 0;
+};
+
+// A writer `a` and a receiver `b`, with a source region on a and a target
+// region on b (imported by a).
+class LoopbackWriteTest : public LoopbackDataTest {
+ protected:
+  void SetUp() override {
+    ConnectAndFill(17);
+    ops_ = Ops<WriteOp>();
+    auto source = (*a_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    source_ = std::move(source).value();
+    auto region = (*b_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(region, IsOk());
+    dst_region_ = std::move(region).value();
+    auto target = (*a_)->Import(a_to_b_, dst_region_->info());
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+  }
+
+  void TearDown() override {
+    target_.reset();
+    dst_region_.reset();
+    source_.reset();
+  }
+
+  Status Write(DoneTracker& tracker, std::stop_token stop = {}) {
+    InsideCall inside;
+    Status status = (*a_)->Write(*source_, *target_, ops_, tracker.Make(), std::move(stop));
+    if (!status.ok()) tracker.Forget();
+    return status;
+  }
+
   std::unique_ptr<LocalRegion> source_;
   std::unique_ptr<LocalRegion> dst_region_;
   std::unique_ptr<RemoteRegion> target_;
@@ -1084,17 +1104,11 @@ TEST_F(LoopbackTransportTest, ReadAndMappedAccessAreUnimplementedWhereAnEndTurne
 
 // `a` reads b's region (the source) into its own (the target), kOps ops of
 // kOpBytes; the write hook holds the read part-way.
-class LoopbackReadTest : public LoopbackTransportTest {
+class LoopbackReadTest : public LoopbackDataTest {
  protected:
-  static constexpr size_t kOps = 8;
-  static constexpr size_t kOpBytes = 4096;
-  static constexpr size_t kBytes = kOps * kOpBytes;
-
   void SetUp() override {
-    a_ = MakeEndpoint("a");
-    b_ = MakeEndpoint("b");
-    std::tie(a_to_b_, b_to_a_) = Connect(*a_, *b_);
-    src_.FillPattern(19);
+    ConnectAndFill(19);
+    ops_ = Ops<ReadOp>();
     auto source_region = (*b_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
     ASSERT_THAT(source_region, IsOk());
     source_region_ = std::move(source_region).value();
@@ -1104,9 +1118,6 @@ class LoopbackReadTest : public LoopbackTransportTest {
     auto source = (*a_)->Import(a_to_b_, source_region_->info());
     ASSERT_THAT(source, IsOk());
     source_ = std::move(source).value();
-    for (size_t i = 0; i < kOps; ++i) {
-      ops_.push_back({src_.addr(i * kOpBytes), dst_.addr(i * kOpBytes), kOpBytes});
-    }
   }
 
   void TearDown() override {
@@ -1122,22 +1133,6 @@ class LoopbackReadTest : public LoopbackTransportTest {
     return status;
   }
 
-  bool OpLanded(size_t i) {
-    const uint8_t* got = dst_.data() + i * kOpBytes;
-    if (std::memcmp(got, src_.data() + i * kOpBytes, kOpBytes) == 0) return true;
-    for (size_t j = 0; j < kOpBytes; ++j) {
-      EXPECT_EQ(got[j], 0) << "op " << i << " byte " << j;
-      if (got[j] != 0) break;
-    }
-    return false;
-  }
-
-  GuardedBuffer src_{kBytes};
-  GuardedBuffer dst_{kBytes, 0};
-  std::unique_ptr<TestEndpoint> a_;
-  std::unique_ptr<TestEndpoint> b_;
-  PeerId a_to_b_ = 0;
-  PeerId b_to_a_ = 0;
   std::unique_ptr<LocalRegion> source_region_;  // b's
   std::unique_ptr<LocalRegion> target_;         // a's
   std::unique_ptr<RemoteRegion> source_;        // b's, imported by a
