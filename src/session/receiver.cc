@@ -429,13 +429,18 @@ void ReceiverSession::OnReady(PeerState& peer, const protocol::KvReady& ready) {
   Writer* w = FindWriter(*r, peer, ready.writer_rank);
   if (w == nullptr) return;
   const size_t index = static_cast<size_t>(w - r->writers.data());
-  if (!w->reads || w->ready_seen || w->state != WriterState::kPending) {
-    if (w->state == WriterState::kPending && !w->ready_seen) {
-      WriterDone(*r, *w, WriterState::kFailed,
-                 DataLossError(w->name + " lent its blocks, but this rank asked it to write"));
-    }
+  // A writer this rank already gave up on (a cancel crossed its KV_READY):
+  // it heard CANCEL and ends the loan itself.
+  if (w->state != WriterState::kPending) return;
+  if (!w->reads || w->ready_seen) {
     ctx_.metrics->Count(Counter::kRejectedResults);
-    return;
+    if (!w->reads) {
+      const Status why =
+          DataLossError(w->name + " lent its blocks, but this rank asked it to write");
+      EndLoan(*r, *w, why);
+      WriterDone(*r, *w, WriterState::kFailed, why);
+    }
+    return;  // a repeated KV_READY: the first one counts
   }
   w->ready_seen = true;
   if (r->settled || r->pending_outcome) return;  // cancelled: the writer heard CANCEL

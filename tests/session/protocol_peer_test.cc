@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -100,6 +101,8 @@ class FakeWriter {
   void Send(const protocol::Message& m) {
     ASSERT_THAT(transport_->Send(peer_, *protocol::EncodeFrame(m)), IsOk());
   }
+  // Sets every byte of the writer's pool (its two blocks) to `value`.
+  void Fill(std::byte value) { std::fill(memory_.begin(), memory_.end(), value); }
   void SendRaw(std::vector<std::byte> bytes) {
     ASSERT_THAT(transport_->Send(peer_, bytes), IsOk());
   }
@@ -146,7 +149,7 @@ class ProtocolPeerTest : public ::testing::Test {
     o.pool.bases = {Addr::FromPointer(pool_.data())};
     o.pool.num_blocks = 8;
     o.config.bounce_size_mb = 1;
-    o.transport = *LoopbackTransport::Create(fabric_, "gen0-0");
+    o.transport = *LoopbackTransport::Create(fabric_, "gen0-0", gen_loopback_);
     o.grace = milliseconds(50);
     // The receiver's deadlines run on a clock nobody advances: a slow run
     // never times a pull out.
@@ -183,6 +186,7 @@ class ProtocolPeerTest : public ::testing::Test {
 
   static constexpr uint64_t kBytes = 2 * 2 * 2 * 8 * 16;  // layers x kv x heads x tokens x row
 
+  LoopbackOptions gen_loopback_;
   std::shared_ptr<ManualClock> clock_ = std::make_shared<ManualClock>();
   std::shared_ptr<LoopbackFabric> fabric_;
   std::vector<std::byte> pool_;
@@ -276,6 +280,101 @@ TEST_F(ProtocolPeerTest, MalformedFrameEndsTheConnection) {
   EXPECT_TRUE(writer_->WaitDisconnected());
   EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kUnavailable));
   EXPECT_EQ(gen_->Stats().arena_outstanding_bytes, 0u);
+}
+
+TEST_F(ProtocolPeerTest, KvReadyForAWritePathFailsTheWriterAndEndsTheLoan) {
+  auto [pull, req] = StartPull(16);
+  writer_->Send(protocol::KvReady{req.request_id, req.slice_id, req.writer_rank,
+                                  req.plan_fingerprint, {0, 1}});
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("lent its blocks")));
+  protocol::Message m = writer_->Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::Cancel>(m));
+  EXPECT_EQ(std::get<protocol::Cancel>(m).request_id, 16u);
+}
+
+// The gen agent's transport cannot map the writer's pool but can read it:
+// `direct` is DIRECT_READ, and the fake writer plays its side by hand.
+class ProtocolPeerReadTest : public ProtocolPeerTest {
+ protected:
+  void SetUp() override {
+    gen_loopback_.map_remote = false;
+    ProtocolPeerTest::SetUp();
+  }
+
+  std::pair<std::shared_ptr<Transfer>, protocol::KvRequest> StartDirectPull(uint64_t id) {
+    PullOptions p;
+    p.path = TransferPath::kDirect;
+    p.timeout = milliseconds(3000);
+    auto pull = gen_->Pull(id, "ctx0", std::vector<int32_t>{3, 5}, {0, 8}, p);
+    EXPECT_THAT(pull, IsOk());
+    protocol::Message m = writer_->Next();
+    EXPECT_TRUE(std::holds_alternative<protocol::KvRequest>(m));
+    return {*pull, std::get<protocol::KvRequest>(m)};
+  }
+
+  static protocol::KvReady Ready(const protocol::KvRequest& req) {
+    return protocol::KvReady{req.request_id, req.slice_id, req.writer_rank,
+                             req.plan_fingerprint, {0, 1}};
+  }
+
+  // Bytes of gen block `b` (block-major: 512 bytes a block) equal to `value`.
+  size_t BlockBytesEqual(int b, std::byte value) const {
+    constexpr size_t kBlock = kBytes / 2;
+    return static_cast<size_t>(std::count(pool_.begin() + b * kBlock,
+                                          pool_.begin() + (b + 1) * kBlock, value));
+  }
+};
+
+TEST_F(ProtocolPeerReadTest, TheReceiverReadsTheLentBlocksThenAwaitsTheVerdict) {
+  writer_->Fill(std::byte{0x3c});
+  auto [pull, req] = StartDirectPull(21);
+  EXPECT_EQ(req.path, protocol::TransferPath::kDirectRead);
+  writer_->Send(Ready(req));
+  protocol::Message m = writer_->Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::KvReadDone>(m));
+  const auto& done = std::get<protocol::KvReadDone>(m);
+  EXPECT_EQ(done.request_id, 21u);
+  EXPECT_EQ(done.status, protocol::ResultStatus::kSuccess);
+  EXPECT_EQ(done.bytes_read, kBytes);
+  // The bytes are in blocks 3 and 5, and nowhere else; the pull waits for
+  // the writer to say its loan held.
+  EXPECT_EQ(BlockBytesEqual(3, std::byte{0x3c}), kBytes / 2);
+  EXPECT_EQ(BlockBytesEqual(5, std::byte{0x3c}), kBytes / 2);
+  EXPECT_EQ(BlockBytesEqual(4, std::byte{0}), kBytes / 2);
+  EXPECT_FALSE(pull->Poll().has_value());
+  writer_->Send(Success(req, kBytes));
+  EXPECT_THAT(pull->Wait(), IsOk());
+}
+
+TEST_F(ProtocolPeerReadTest, ALoanTheWriterEndedFailsThePull) {
+  auto [pull, req] = StartDirectPull(22);
+  writer_->Send(Ready(req));
+  ASSERT_TRUE(std::holds_alternative<protocol::KvReadDone>(writer_->Next()));
+  protocol::KvResult cancelled = Success(req, 0);
+  cancelled.status = protocol::ResultStatus::kCancelled;
+  cancelled.error_code = 5;  // CANCELLED
+  cancelled.error_text = "publication settled before the job reported";
+  writer_->Send(cancelled);
+  EXPECT_THAT(pull->Wait(), StatusIs(StatusCode::kCancelled, HasSubstr("publication settled")));
+}
+
+TEST_F(ProtocolPeerReadTest, SuccessBeforeTheReadIsRefused) {
+  auto [pull, req] = StartDirectPull(23);
+  writer_->Send(Success(req, kBytes));
+  EXPECT_THAT(pull->Wait(),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("before this rank read its blocks")));
+}
+
+TEST_F(ProtocolPeerReadTest, ALentBlockOutsideThePoolFailsTheWriter) {
+  auto [pull, req] = StartDirectPull(24);
+  protocol::KvReady ready = Ready(req);
+  ready.block_table = {0, 9};  // the writer's pool has 2 blocks
+  writer_->Send(ready);
+  EXPECT_FALSE(pull->Wait().ok());
+  // Nothing was read into the pool, and the writer was told to end its loan.
+  EXPECT_EQ(BlockBytesEqual(3, std::byte{0}), kBytes / 2);
+  protocol::Message m = writer_->Next();
+  EXPECT_TRUE(std::holds_alternative<protocol::Cancel>(m));
 }
 
 TEST(ProtocolPeerHelloTest, IncompatiblePeerIsRefusedWithAReason) {
