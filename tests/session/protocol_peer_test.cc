@@ -162,9 +162,10 @@ class ProtocolPeerTest : public ::testing::Test {
   }
 
   // Starts a pull and returns it with the KV_REQUEST the writer received.
-  std::pair<std::shared_ptr<Transfer>, protocol::KvRequest> StartPull(uint64_t id) {
+  std::pair<std::shared_ptr<Transfer>, protocol::KvRequest> StartPull(
+      uint64_t id, TransferPath path = TransferPath::kPerBlock) {
     PullOptions p;
-    p.path = TransferPath::kPerBlock;
+    p.path = path;
     p.timeout = milliseconds(3000);
     auto pull = gen_->Pull(id, "ctx0", std::vector<int32_t>{3, 5}, {0, 8}, p);
     EXPECT_THAT(pull, IsOk());
@@ -302,14 +303,7 @@ class ProtocolPeerReadTest : public ProtocolPeerTest {
   }
 
   std::pair<std::shared_ptr<Transfer>, protocol::KvRequest> StartDirectPull(uint64_t id) {
-    PullOptions p;
-    p.path = TransferPath::kDirect;
-    p.timeout = milliseconds(3000);
-    auto pull = gen_->Pull(id, "ctx0", std::vector<int32_t>{3, 5}, {0, 8}, p);
-    EXPECT_THAT(pull, IsOk());
-    protocol::Message m = writer_->Next();
-    EXPECT_TRUE(std::holds_alternative<protocol::KvRequest>(m));
-    return {*pull, std::get<protocol::KvRequest>(m)};
+    return StartPull(id, TransferPath::kDirect);
   }
 
   static protocol::KvReady Ready(const protocol::KvRequest& req) {
