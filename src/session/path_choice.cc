@@ -1,5 +1,6 @@
 #include "session/path_choice.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -46,12 +47,22 @@ TransportCost EffectiveReadCost(const Config& config, TransportCost stated,
   return cost;
 }
 
+bool DirectAvailable(std::span<const WriterLoad> writers) {
+  return !writers.empty() && std::all_of(writers.begin(), writers.end(), [](const WriterLoad& w) {
+    return w.direct || w.direct_read;
+  });
+}
+
+bool BounceAvailable(std::span<const WriterLoad> writers, bool recv_arena) {
+  return recv_arena && !writers.empty() &&
+         std::all_of(writers.begin(), writers.end(),
+                     [](const WriterLoad& w) { return w.send_arena; });
+}
+
 PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> writers,
                            const CopyCost& stated_copy, bool recv_arena) {
   const CopyCost copy = EffectiveCopyCost(config, stated_copy);
   PathEstimate e;
-  bool direct = !writers.empty();
-  bool bounce = recv_arena && !writers.empty();
   for (const WriterLoad& w : writers) {
     const TransportCost link = EffectiveLinkCost(config, w.link);
     const double bytes = static_cast<double>(w.bytes);
@@ -69,11 +80,9 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
       e.direct_us += 3 * kHandOffUs + static_cast<double>(w.direct_runs) * read.op_us +
                      bytes / read.bytes_per_us;
     }
-    direct = direct && (w.direct || w.direct_read);
-    bounce = bounce && w.send_arena;
   }
-  if (!direct) e.direct_us = kUnavailable;
-  if (!bounce) e.bounce_us = kUnavailable;
+  if (!DirectAvailable(writers)) e.direct_us = kUnavailable;
+  if (!BounceAvailable(writers, recv_arena)) e.bounce_us = kUnavailable;
   return e;
 }
 

@@ -79,6 +79,12 @@ struct WriterLoad {
   bool send_arena = false;    // the writer can gather (bounce)
 };
 
+// Whether direct (every writer maps this rank's pool or is read by it) and
+// bounce (a recv arena here, a send arena at every writer) are available to
+// a pull with these writers (none: neither).
+bool DirectAvailable(std::span<const WriterLoad> writers);
+bool BounceAvailable(std::span<const WriterLoad> writers, bool recv_arena);
+
 // The estimate of each path, in µs; +infinity when it is not available.
 struct PathEstimate {
   double per_block_us = 0;

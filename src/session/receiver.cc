@@ -221,17 +221,18 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
 
 WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
   WriterLoad load;
-  Result<TransportCaps> caps = ctx_.transport->PeerCaps(peer.id);
-  const TransportCaps link = caps.ok() ? *std::move(caps) : ctx_.transport->Caps();
-  load.link = link.cost;
   // Direct: the writer copies into our pool where its transport maps it
   // (its HELLO says whether it can, over this connection); otherwise this
   // rank reads the writer's pool where our transport can (between
   // processes of one host). Each is asked for the memory kind at stake:
   // ours written by the writer, the writer's read by us (a read lands in
-  // our pool, so ours must be reachable too).
-  Result<TransportCaps> ours = ctx_.transport->PeerCapsFor(peer.id, ctx_.pool_memory);
-  Result<TransportCaps> theirs = ctx_.transport->PeerCapsFor(peer.id, peer.pool_memory);
+  // our pool, so ours must be reachable too). One question when both pools
+  // are of one kind, the usual case.
+  const Result<TransportCaps> ours = ctx_.transport->PeerCapsFor(peer.id, ctx_.pool_memory);
+  const Result<TransportCaps> theirs = peer.pool_memory == ctx_.pool_memory
+                                           ? ours
+                                           : ctx_.transport->PeerCapsFor(peer.id, peer.pool_memory);
+  load.link = ours.ok() ? ours->cost : ctx_.transport->Caps().cost;
   load.direct =
       (peer.capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() && ours->map_remote;
   load.direct_read =
@@ -249,21 +250,18 @@ Result<std::vector<TransferPath>> ReceiverSession::Paths(const std::string& ctx_
   if (inst == ctx_.instances.end()) {
     return NotFoundError("Paths: no ctx instance '" + ctx_instance + "' is connected");
   }
-  bool direct = true;
-  bool bounce = ctx_.recv_arena != nullptr;
+  std::vector<WriterLoad> loads;
   for (int w : Writers(*inst->second, *ctx_.topology, ctx_.rank)) {
     const PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
       return FailedPreconditionError("Paths: not connected to writer " + ctx_instance +
                                      " rank " + std::to_string(w));
     }
-    const WriterLoad load = LinkLoad(*peer);
-    direct = direct && (load.direct || load.direct_read);
-    bounce = bounce && load.send_arena;
+    loads.push_back(LinkLoad(*peer));
   }
   std::vector<TransferPath> paths = {TransferPath::kPerBlock};
-  if (bounce) paths.push_back(TransferPath::kBounce);
-  if (direct) paths.push_back(TransferPath::kDirect);
+  if (BounceAvailable(loads, ctx_.recv_arena != nullptr)) paths.push_back(TransferPath::kBounce);
+  if (DirectAvailable(loads)) paths.push_back(TransferPath::kDirect);
   return paths;
 }
 
@@ -271,12 +269,7 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
                                         std::span<WriterLoad> loads) const {
   // Counting walks the plan again (without building it): worth it only
   // when there is a choice to make.
-  const bool direct =
-      std::all_of(loads.begin(), loads.end(),
-                  [](const WriterLoad& l) { return l.direct || l.direct_read; });
-  const bool bounce = recv_arena && std::all_of(loads.begin(), loads.end(),
-                                                [](const WriterLoad& l) { return l.send_arena; });
-  if (!direct && !bounce) return Status::Ok();
+  if (!DirectAvailable(loads) && !BounceAvailable(loads, recv_arena)) return Status::Ok();
   for (size_t i = 0; i < r.writers.size(); ++i) {
     const PeerState* peer = ctx_.FindPeer(r.writers[i].peer);
     if (peer == nullptr) return InternalError("writer " + r.writers[i].name + " vanished");
