@@ -59,6 +59,9 @@ class Allocation {
   // The region's size in bytes, as requested at creation (> 0).
   virtual size_t size() const = 0;
   virtual MemoryKind kind() const = 0;
+  // The CUDA device ordinal the memory belongs to for kCuda; -1 for host
+  // kinds (pinned host memory is reachable from every device).
+  virtual int device() const { return -1; }
   // The first byte as a host pointer, or nullptr when the memory is not
   // host-accessible (device memory). When non-null it equals
   // address().ToPointer().
