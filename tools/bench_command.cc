@@ -12,15 +12,18 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "copy/device_support.h"
 #include "kvbounce/transports.h"
 #include "layout/planner.h"
 #include "tools/bench_report.h"
 #include "tools/chaos.h"
 #include "tools/cluster.h"
+#include "tools/device_rows.h"
 #include "tools/process_bench.h"
 #include "tools/resource_limits.h"
 
@@ -199,6 +202,53 @@ Status CheckWritable(const std::string& path) {
   return Status::Ok();
 }
 
+// Bytes of the ceiling's copy: large enough that the call's fixed cost
+// vanishes, small enough to sit beside any bench's pools.
+constexpr size_t kCeilingBytes = size_t{256} << 20;
+
+// Bytes per second of one large device-to-device copy on `device`.
+Result<double> MeasureDeviceCeiling(int device) {
+#if KVBOUNCE_HAVE_CUDA
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<DeviceRowKernels> kernels, DeviceRowKernels::Create(device));
+  return kernels->MeasureCopyCeiling(kCeilingBytes, 20);
+#else
+  (void)device;
+  return UnimplementedError("a device copy ceiling needs a build with CUDA");
+#endif
+}
+
+// --memory and --device: a kind this build and machine can run.
+Status CheckMemoryFlags(const BenchFlags& flags) {
+  if (flags.memory == "host") {
+    if (flags.device != 0) return InvalidArgumentError("--device applies to --memory cuda only");
+    return Status::Ok();
+  }
+  if (flags.memory != "cuda") {
+    return InvalidArgumentError("--memory " + flags.memory + ": unknown memory (known: host, cuda)");
+  }
+  const DeviceSupport* device = CudaSupport();
+  if (device == nullptr) {
+    return UnimplementedError("--memory cuda: this build has no CUDA support (configure it "
+                              "where a CUDA toolkit is installed)");
+  }
+  if (flags.transport != "loopback") {
+    return UnimplementedError("--memory cuda runs over --transport loopback only so far (" +
+                              flags.transport + " cannot reach device memory yet)");
+  }
+  if (flags.chaos) {
+    return UnimplementedError("--chaos runs over host pools only so far (--memory host)");
+  }
+  std::string why;
+  const int count = device->DeviceCount(&why);
+  if (count == 0) return UnavailableError("--memory cuda: no usable CUDA device: " + why);
+  if (flags.device < 0 || flags.device >= count) {
+    return InvalidArgumentError("--device = " + std::to_string(flags.device) +
+                                " is not a CUDA device of this machine (it has " +
+                                std::to_string(count) + ")");
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency) {
@@ -227,7 +277,12 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "Transport: loopback (every rank a thread of this process) or ucx (every rank "
                   "a `kvbounce worker` process)")
       ->capture_default_str();
-  cmd->add_option("--memory", flags->memory, "Pool memory: host")->capture_default_str();
+  cmd->add_option("--memory", flags->memory,
+                  "Pool memory: host, or cuda (every pool and staging arena in device memory of "
+                  "--device; builds with CUDA, loopback transport)")
+      ->capture_default_str();
+  cmd->add_option("--device", flags->device, "The CUDA device of --memory cuda")
+      ->capture_default_str();
   cmd->add_option("--path", flags->paths,
                   "Comma list of per-block,bounce,direct,auto (default: every path the "
                   "transport supports, one run each; bounce only while it is on)");
@@ -304,9 +359,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     return InvalidArgumentError("--step-timeout = " + std::to_string(*flags.step_timeout_s) +
                                 " is invalid: must be in (0, 86400] seconds");
   }
-  if (flags.memory != "host") {
-    return UnimplementedError("--memory " + flags.memory + ": this build has host pools only");
-  }
+  KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
   if (flags.requests < 1) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
                                 " is invalid: must be >= 1");
@@ -388,14 +441,19 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
       2 * slots * CeilDiv(scenario.tokens.end, scenario.ctx.spec().tokens_per_block);
   const int64_t gen_pool_blocks =
       2 * slots * CeilDiv(scenario.tokens.end, scenario.gen.spec().tokens_per_block);
+  const bool device_pools = flags.memory == "cuda";
   std::string cap_name;
   const uint64_t cap = MemoryCap(scenario.memory_cap_bytes, &cap_name);
-  KVB_RETURN_IF_ERROR(
-      CheckMemory(BenchMemory(scenario.ctx, scenario.gen, scenario.tokens, ctx_pool_blocks,
-                              gen_pool_blocks, ctx_arena_mb, gen_arena_mb, concurrency),
-                  cap, cap_name,
-                  "use fewer --tokens, a smaller model, fewer ranks, a lower "
-                  "--concurrency or a smaller --bounce-size-mb"));
+  // Device pools and arenas live on the GPU: a run that does not fit there
+  // fails allocating them, with the runtime's out-of-memory error.
+  if (!device_pools) {
+    KVB_RETURN_IF_ERROR(
+        CheckMemory(BenchMemory(scenario.ctx, scenario.gen, scenario.tokens, ctx_pool_blocks,
+                                gen_pool_blocks, ctx_arena_mb, gen_arena_mb, concurrency),
+                    cap, cap_name,
+                    "use fewer --tokens, a smaller model, fewer ranks, a lower "
+                    "--concurrency or a smaller --bounce-size-mb"));
+  }
   if (!flags.json_file.empty()) KVB_RETURN_IF_ERROR(CheckWritable(flags.json_file));
 
   ClusterOptions options;
@@ -406,6 +464,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   options.ctx_config.bounce_size_mb = ctx_arena_mb;
   options.gen_config.bounce_size_mb = gen_arena_mb;
   options.faults = true;
+  options.memory = device_pools ? MemoryKind::kCuda : MemoryKind::kHost;
+  options.device = flags.device;
   options.ctx_faults.write_fail_rate = flags.inject_fail_rate;
   options.ctx_faults.seed = scenario.seed;
   ChaosOptions chaos;
@@ -477,6 +537,20 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     return report;
   }
 
+  // The ceiling every path is compared with, measured in this run: one large
+  // device-to-device copy for device pools.
+  std::optional<double> ceiling_gbps;
+  if (device_pools) {
+    Result<double> ceiling = MeasureDeviceCeiling(flags.device);
+    if (!ceiling.ok()) return ceiling.status().WithContext("measuring the device copy ceiling");
+    ceiling_gbps = *ceiling / 1e9;
+    report["ceiling"] = {{"what", "one cudaMemcpyAsync of " +
+                                      std::to_string(kCeilingBytes >> 20) +
+                                      " MiB, device to device"},
+                         {"gbps", *ceiling_gbps}};
+    log << "  ceiling: device-to-device copy " << *ceiling_gbps << " GB/s\n";
+  }
+
   nlohmann::json runs = nlohmann::json::array();
   uint64_t next_id = 1;
   for (TransferPath path : paths) {
@@ -497,8 +571,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     run.injected_failed_batches = faults_after.failed_batches - faults_before.failed_batches;
     run.transport_writes = CtxWrites(*cluster) - writes_before;
     run.arena_outstanding_bytes = outstanding;
-    const nlohmann::json j =
-        PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
+    nlohmann::json j = PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
+    if (ceiling_gbps && *ceiling_gbps > 0) {
+      j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
+    }
     runs.push_back(j);
     LogPathDone(j, flags.inject_fail_rate, log);
   }
@@ -544,10 +620,11 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
     return;
   }
   char line[512];
+  const bool ceiling = report.contains("ceiling");
   std::snprintf(line, sizeof(line),
-                "\n%-9s %5s %5s %5s %9s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n", "path", "reqs",
-                "done", "fail", "GB/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "writes",
-                "verified", "bad", "leak", "paths taken");
+                "\n%-9s %5s %5s %5s %9s %6s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n", "path",
+                "reqs", "done", "fail", "GB/s", ceiling ? "ceil%" : "", "p50 ms", "p90 ms",
+                "p99 ms", "max ms", "writes", "verified", "bad", "leak", "paths taken");
   out << line;
   for (const auto& r : report["runs"]) {
     std::string taken;
@@ -555,11 +632,17 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
       taken += (taken.empty() ? "" : " ") + name + "=" + std::to_string(n.get<uint64_t>());
     }
     const auto& l = r["latency_ms"];
+    char fraction[16] = "";
+    if (r.contains("fraction_of_ceiling")) {
+      std::snprintf(fraction, sizeof(fraction), "%.1f",
+                    100 * r["fraction_of_ceiling"].get<double>());
+    }
     std::snprintf(line, sizeof(line),
-                  "%-9s %5d %5d %5d %9.2f %8.2f %8.2f %8.2f %8.2f %10llu %9.1fM %6llu %6llu  %s\n",
+                  "%-9s %5d %5d %5d %9.2f %6s %8.2f %8.2f %8.2f %8.2f %10llu %9.1fM %6llu %6llu  "
+                  "%s\n",
                   r["path"].get<std::string>().c_str(), r["requests"].get<int>(),
                   r["completed"].get<int>(), r["failed"].get<int>(),
-                  r["throughput_gbps"].get<double>(), l["p50"].get<double>(),
+                  r["throughput_gbps"].get<double>(), fraction, l["p50"].get<double>(),
                   l["p90"].get<double>(), l["p99"].get<double>(), l["max"].get<double>(),
                   static_cast<unsigned long long>(r["transport_writes"].get<uint64_t>()),
                   static_cast<double>(r["verified_bytes"].get<uint64_t>()) / 1e6,
@@ -570,6 +653,11 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
   }
   out << "\nGB/s: payload delivered by completed requests per second of transfer (10^9 B/s); "
          "writes: data-plane transport operations; verified: bytes checked element by element.\n";
+  if (ceiling) {
+    out << "ceil%: GB/s as a share of the ceiling measured in the same run ("
+        << report["ceiling"]["what"].get<std::string>() << ": "
+        << report["ceiling"]["gbps"].get<double>() << " GB/s).\n";
+  }
 }
 
 }  // namespace kvbounce::tools

@@ -24,7 +24,8 @@ struct BenchFlags {
 
   ScenarioFlags scenario;
   std::string transport = "loopback";
-  std::string memory = "host";
+  std::string memory = "host";  // "host" or "cuda"
+  int device = 0;               // the CUDA device of --memory cuda
   std::string paths;  // empty: every path the transport supports (bounce only when on)
   int requests = 16;
   int concurrency = 2;

@@ -45,6 +45,8 @@ Status Cluster::AddRank(bool ctx_side, int rank) {
   harness.max_tokens = options_.max_tokens;
   harness.per_layer_pools = options_.per_layer_pools;
   harness.table_seed = options_.table_seed;
+  harness.memory = options_.memory;
+  harness.device = options_.device;
   Rank r;
   KVB_ASSIGN_OR_RETURN(r.harness,
                        RankHarness::Create(ctx_side ? ctx_topology_ : gen_topology_, harness));

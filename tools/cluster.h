@@ -1,7 +1,7 @@
 // An in-process cluster for the bench and the end-to-end tests: one ctx
 // instance and one gen instance, every rank an Agent on its own loopback
 // transport (optionally behind a fault-injecting decorator), every pool real
-// host memory. Each rank's pool, its slots, block tables, fill and
+// host memory or device memory of one GPU. Each rank's pool, its slots, block tables, fill and
 // verification are a RankHarness (tools/rank_harness.h, which `kvbounce
 // worker` shares); the cluster wires the ranks' agents together.
 //
@@ -63,6 +63,10 @@ struct ClusterOptions {
   std::string gen_instance = "gen0";
   // Seeds the ctx slot tables (RankHarnessOptions::table_seed).
   uint64_t table_seed = 1;
+  // Every pool's memory: host, or device memory of `device` (all ranks on
+  // the one device; RankHarnessOptions::memory).
+  MemoryKind memory = MemoryKind::kHost;
+  int device = 0;
 };
 
 // A request's block tables: one for the ctx instance, one for the gen

@@ -6,6 +6,9 @@
 #include <random>
 #include <utility>
 
+#include "copy/device_support.h"
+#include "kvbounce/logging.h"
+#include "tools/device_rows.h"
 #include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
@@ -76,6 +79,10 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
                                 std::to_string(per_request) +
                                 " x 2 blocks are more than 32-bit block ids name");
   }
+  if (options.memory != MemoryKind::kHost && options.memory != MemoryKind::kCuda) {
+    return InvalidArgumentError("rank harness: pools are host or cuda memory, not " +
+                                std::string(MemoryKindName(options.memory)));
+  }
   const int64_t num_blocks = options.slots * 2 * per_request;
   KVB_ASSIGN_OR_RETURN(PoolLayout layout,
                        PoolLayout::ForRank(topology, options.rank, num_blocks, Addr()));
@@ -84,9 +91,30 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
                          layout.geometry().num_layers > 1;
   const size_t allocations = per_layer ? static_cast<size_t>(layout.geometry().num_layers) : 1;
   const uint64_t bytes = per_layer ? layout.layer_stride() : layout.allocation_bytes();
-  for (size_t i = 0; i < allocations; ++i) {
-    h->memory_.emplace_back(static_cast<size_t>(bytes), kSlotSentinel);
-    h->bases_.push_back(Addr::FromPointer(h->memory_.back().data()));
+  if (h->device_pool()) {
+#if KVBOUNCE_HAVE_CUDA
+    KVB_ASSIGN_OR_RETURN(h->kernels_, DeviceRowKernels::Create(options.device));
+    for (size_t i = 0; i < allocations; ++i) {
+      Result<std::unique_ptr<Allocation>> memory =
+          CudaSupport()->AllocateDevice(options.device, static_cast<size_t>(bytes));
+      if (!memory.ok()) {
+        return memory.status().WithContext("the pool of " + std::string(RoleName(options.role)) +
+                                           " rank " + std::to_string(options.rank));
+      }
+      h->bases_.push_back((*memory)->address());
+      h->device_memory_.push_back(std::move(memory).value());
+    }
+    std::vector<std::pair<uint64_t, uint64_t>> all;
+    for (const Addr base : h->bases_) all.emplace_back(base.value(), bytes);
+    KVB_RETURN_IF_ERROR(h->kernels_->FillBytes(all, static_cast<uint8_t>(kSlotSentinel)));
+#else
+    return UnimplementedError("rank harness: cuda pools need a build with CUDA");
+#endif
+  } else {
+    for (size_t i = 0; i < allocations; ++i) {
+      h->memory_.emplace_back(static_cast<size_t>(bytes), kSlotSentinel);
+      h->bases_.push_back(Addr::FromPointer(h->memory_.back().data()));
+    }
   }
   Result<PoolLayout> placed =
       per_layer ? PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), h->bases_)
@@ -97,11 +125,17 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
     const uint64_t seed = CtxTableSeed(options.table_seed);
     for (int s = 0; s < options.slots; ++s) {
       h->ctx_tables_.push_back(SlotTable(s, per_request, seed));
-      h->FillCtx(h->ctx_tables_.back());
+      if (h->device_pool()) {
+        KVB_RETURN_IF_ERROR(h->FillCtxOnDevice(h->ctx_tables_.back()));
+      } else {
+        h->FillCtx(h->ctx_tables_.back());
+      }
     }
   }
   return h;
 }
+
+RankHarness::~RankHarness() = default;
 
 int64_t RankHarness::blocks_per_request() const {
   return CeilDiv(options_.max_tokens, topology_.spec().tokens_per_block);
@@ -118,6 +152,8 @@ AgentOptions RankHarness::MakeAgentOptions(const std::string& instance_id, const
   agent.rank = options_.rank;
   agent.pool.bases = bases_;
   agent.pool.num_blocks = num_blocks();
+  agent.pool.memory = options_.memory;
+  agent.pool.device = options_.device;
   agent.config = config;
   agent.grace = grace;
   return agent;
@@ -133,33 +169,58 @@ std::vector<int32_t> RankHarness::GenTable(int slot, int64_t tokens, uint64_t se
                      tokens, topology_.spec().tokens_per_block);
 }
 
-std::vector<std::span<std::byte>> RankHarness::SlotMemory(int slot) const {
+std::vector<std::pair<Addr, uint64_t>> RankHarness::SlotRanges(int slot) const {
   const int64_t blocks = 2 * blocks_per_request();
   const int32_t first = static_cast<int32_t>(slot * blocks);
-  const size_t bytes = static_cast<size_t>(blocks * static_cast<int64_t>(layout_.block_stride()));
-  std::vector<std::span<std::byte>> out;
+  const uint64_t bytes = static_cast<uint64_t>(blocks) * layout_.block_stride();
+  std::vector<std::pair<Addr, uint64_t>> out;
   if (layout_.kind() == LayoutKind::kBlockMajorHnd) {
-    out.emplace_back(static_cast<std::byte*>(layout_.RowAddress(0, 0, first, 0, 0).ToPointer()),
-                     bytes);
+    out.emplace_back(layout_.RowAddress(0, 0, first, 0, 0), bytes);
     return out;
   }
   const PoolGeometry& g = layout_.geometry();
   for (int l = 0; l < g.num_layers; ++l) {
     for (int kv = 0; kv < g.kv_factor; ++kv) {
-      out.emplace_back(static_cast<std::byte*>(layout_.RowAddress(l, kv, first, 0, 0).ToPointer()),
-                       bytes);
+      out.emplace_back(layout_.RowAddress(l, kv, first, 0, 0), bytes);
     }
   }
   return out;
 }
 
+std::vector<std::span<std::byte>> RankHarness::SlotMemory(int slot) const {
+  std::vector<std::span<std::byte>> out;
+  for (const auto& [address, bytes] : SlotRanges(slot)) {
+    out.emplace_back(static_cast<std::byte*>(address.ToPointer()), static_cast<size_t>(bytes));
+  }
+  return out;
+}
+
 void RankHarness::FillSlot(int slot, std::byte value) {
+  if (device_pool()) {
+#if KVBOUNCE_HAVE_CUDA
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    for (const auto& [address, bytes] : SlotRanges(slot)) ranges.emplace_back(address.value(), bytes);
+    std::lock_guard<std::mutex> lock(kernels_mu_);
+    Status filled = kernels_->FillBytes(ranges, static_cast<uint8_t>(value));
+    if (!filled.ok()) {
+      // The next verification of the slot reports it (the sentinel is missing).
+      Log(LogLevel::kError, "rank harness: filling slot " + std::to_string(slot) + ": " +
+                                filled.ToString());
+    }
+#endif
+    return;
+  }
   for (std::span<std::byte> m : SlotMemory(slot)) {
     std::memset(m.data(), static_cast<int>(value), m.size());
   }
 }
 
 void RankHarness::FillCtx(const std::vector<int32_t>& table) {
+  if (device_pool()) {
+    Status filled = FillCtxOnDevice(table);
+    if (!filled.ok()) Log(LogLevel::kError, "rank harness: filling a ctx slot: " + filled.ToString());
+    return;
+  }
   const int e = static_cast<int>(topology_.elem_bytes());
   const int dim = topology_.spec().model.head_dim;
   const int64_t tpb = topology_.spec().tokens_per_block;
@@ -191,6 +252,7 @@ void RankHarness::RefillCtx(int slot) {
 
 VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table,
                                     TokenRange range) const {
+  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range);
   VerifyResult result;
   const PoolGeometry& g = layout_.geometry();
   const RankPlacement p = topology_.Placement(options_.rank);
@@ -247,6 +309,116 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
       }
     }
   }
+  return result;
+}
+
+Status RankHarness::FillCtxOnDevice(const std::vector<int32_t>& table) {
+#if KVBOUNCE_HAVE_CUDA
+  const int64_t tpb = topology_.spec().tokens_per_block;
+  const RankPlacement p = topology_.Placement(options_.rank);
+  std::vector<DeviceRow> rows;
+  rows.reserve(static_cast<size_t>(p.num_layers) * 2 * static_cast<size_t>(p.num_heads) *
+               static_cast<size_t>(options_.max_tokens));
+  for (int l = 0; l < p.num_layers; ++l) {
+    for (int kv = 0; kv < layout_.geometry().kv_factor; ++kv) {
+      for (int h = 0; h < p.num_heads; ++h) {
+        for (int64_t t = 0; t < options_.max_tokens; ++t) {
+          const Addr row = layout_.RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
+                                              static_cast<int>(t % tpb));
+          rows.push_back(DeviceRow{row.value(), RowSeed(p.first_layer + l, kv, p.first_head + h, t)});
+        }
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lock(kernels_mu_);
+  return kernels_->FillRows(rows, topology_.spec().model.head_dim,
+                            static_cast<int>(topology_.elem_bytes()));
+#else
+  (void)table;
+  return UnimplementedError("rank harness: cuda pools need a build with CUDA");
+#endif
+}
+
+VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,
+                                            TokenRange range) const {
+  VerifyResult result;
+  const std::string who = "gen rank " + std::to_string(options_.rank);
+#if KVBOUNCE_HAVE_CUDA
+  const PoolGeometry& g = layout_.geometry();
+  const RankPlacement p = topology_.Placement(options_.rank);
+  const int e = static_cast<int>(topology_.elem_bytes());
+  const int64_t tpb = g.tokens_per_block;
+  const int64_t blocks = 2 * blocks_per_request();
+  const int32_t first = static_cast<int32_t>(slot * blocks);
+  std::vector<int64_t> logical(static_cast<size_t>(blocks), -1);  // block -> table index
+  for (size_t i = 0; i < gen_table.size(); ++i) {
+    logical[static_cast<size_t>(gen_table[i] - first)] = static_cast<int64_t>(i);
+  }
+  // Every row of the slot, in the order the host check walks them, split
+  // into the rows of the range (values) and the rest (sentinel); `where`
+  // names each row for the first mismatch.
+  struct Where {
+    int32_t block;
+    int l, kv, h, tt;
+    int64_t token;
+  };
+  std::vector<DeviceRow> values, sentinels;
+  std::vector<Where> value_where, sentinel_where;
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int32_t block = first + static_cast<int32_t>(bi);
+    const int64_t index = logical[static_cast<size_t>(bi)];
+    for (int l = 0; l < g.num_layers; ++l) {
+      for (int kv = 0; kv < g.kv_factor; ++kv) {
+        for (int h = 0; h < g.num_heads; ++h) {
+          for (int tt = 0; tt < tpb; ++tt) {
+            const uint64_t row = layout_.RowAddress(l, kv, block, h, tt).value();
+            const int64_t token = index < 0 ? -1 : index * tpb + tt;
+            const Where where{block, l, kv, h, tt, token};
+            if (token >= range.start && token < range.end) {
+              values.push_back(DeviceRow{row, RowSeed(p.first_layer + l, kv, p.first_head + h, token)});
+              value_where.push_back(where);
+            } else {
+              sentinels.push_back(DeviceRow{row, 0});
+              sentinel_where.push_back(where);
+            }
+          }
+        }
+      }
+    }
+  }
+  Result<DeviceRowCheck> check = [&] {
+    std::lock_guard<std::mutex> lock(kernels_mu_);
+    return kernels_->VerifyRows(values, sentinels, g.head_dim, e,
+                                static_cast<uint8_t>(kSlotSentinel));
+  }();
+  result.verified_bytes = values.size() * static_cast<uint64_t>(g.head_dim) * e;
+  if (!check.ok()) {
+    result.mismatches = 1;
+    result.first_mismatch = who + ": the verification kernel failed: " + check.status().ToString();
+    return result;
+  }
+  result.mismatches = check->mismatches;
+  if (check->first_bad_row >= 0) {
+    const size_t bad = static_cast<size_t>(check->first_bad_row);
+    if (bad < values.size()) {
+      const Where& w = value_where[bad];
+      result.first_mismatch = who + ": layer " + std::to_string(p.first_layer + w.l) + " kv " +
+                              std::to_string(w.kv) + " head " + std::to_string(p.first_head + w.h) +
+                              " token " + std::to_string(w.token) + " holds wrong bytes";
+    } else {
+      const Where& w = sentinel_where[bad - values.size()];
+      result.first_mismatch = who + ": block " + std::to_string(w.block) + " layer " +
+                              std::to_string(p.first_layer + w.l) + " token slot " +
+                              std::to_string(w.tt) + " outside the request was written";
+    }
+  }
+#else
+  (void)slot;
+  (void)gen_table;
+  (void)range;
+  result.mismatches = 1;
+  result.first_mismatch = who + ": cuda pools need a build with CUDA";
+#endif
   return result;
 }
 

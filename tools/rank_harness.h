@@ -21,6 +21,12 @@
 // layout definition, and every other byte of the slot must still hold the
 // sentinel the slot was cleared to.
 //
+// Device pools (options.memory = kCuda, builds with CUDA): the pool is
+// device memory of options.device; filling, clearing and verification run
+// as kernels on that device (tools/device_rows.h) with the same element
+// function, and SlotMemory/PoolMemory, which hand out host spans, are not
+// available (SlotRanges is).
+//
 // Thread safety: the slot-memory operations (FillSlot, ClearSlot, FillCtx,
 // RefillCtx, VerifyGen, SlotMemory) on distinct slots may run concurrently;
 // on one slot they need external synchronization. Everything else is const.
@@ -31,11 +37,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvbounce/agent.h"
+#include "memory/allocation.h"
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
 
@@ -82,7 +91,12 @@ struct RankHarnessOptions {
   bool per_layer_pools = false;
   // Seeds the ctx slot tables (CtxTableSeed(table_seed)).
   uint64_t table_seed = 1;
+  // kHost: the pool is host memory; kCuda: device memory of `device`.
+  MemoryKind memory = MemoryKind::kHost;
+  int device = 0;
 };
+
+class DeviceRowKernels;
 
 class RankHarness {
  public:
@@ -90,10 +104,14 @@ class RankHarness {
   // sentinel; a ctx rank's slots then hold the semantic values of their
   // tables (CtxTable) for tokens [0, max_tokens).
   // Errors: kInvalidArgument (slots or max_tokens < 1, a pool of more blocks
-  // than 32-bit ids name), kOutOfRange (a rank outside the topology), the
-  // layout's errors.
+  // than 32-bit ids name, a memory kind other than kHost and kCuda),
+  // kOutOfRange (a rank outside the topology), the layout's errors;
+  // kUnimplemented (kCuda in a build without CUDA), and for kCuda what
+  // allocating device memory or starting the kernels reports (kUnavailable
+  // without a device, kResourceExhausted when the pool does not fit).
   static Result<std::unique_ptr<RankHarness>> Create(const Topology& topology,
                                                      const RankHarnessOptions& options);
+  ~RankHarness();
 
   RankHarness(const RankHarness&) = delete;
   RankHarness& operator=(const RankHarness&) = delete;
@@ -120,8 +138,12 @@ class RankHarness {
   // RequestTableSeed(seed, request_id))).
   std::vector<int32_t> GenTable(int slot, int64_t tokens, uint64_t seed, uint64_t request_id) const;
 
+  bool device_pool() const { return options_.memory == MemoryKind::kCuda; }
+
   // The memory of `slot`'s blocks: one range (block-major) or one per
-  // (layer, k/v) (layer-major), in address order.
+  // (layer, k/v) (layer-major), in address order, as (address, bytes).
+  std::vector<std::pair<Addr, uint64_t>> SlotRanges(int slot) const;
+  // The same as host spans. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> SlotMemory(int slot) const;
   // Sets every byte of `slot` to `value`.
   void FillSlot(int slot, std::byte value);
@@ -138,7 +160,7 @@ class RankHarness {
   // REQUIRES: gen side.
   VerifyResult VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range) const;
 
-  // The bytes of the pool, one span per allocation.
+  // The bytes of the pool, one span per allocation. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> PoolMemory();
 
  private:
@@ -146,7 +168,16 @@ class RankHarness {
 
   Topology topology_;
   RankHarnessOptions options_;
+  // Device pools: fill, clear and verify through kernels.
+  Status FillCtxOnDevice(const std::vector<int32_t>& table);
+  VerifyResult VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,
+                                 TokenRange range) const;
+
   std::vector<std::vector<std::byte>> memory_;  // one allocation, or one per layer
+  std::vector<std::unique_ptr<Allocation>> device_memory_;  // the same, on the device
+  // One user at a time (the kernels own one stream and staging buffers).
+  mutable std::mutex kernels_mu_;
+  std::unique_ptr<DeviceRowKernels> kernels_;
   std::vector<Addr> bases_;
   PoolLayout layout_;
   std::vector<std::vector<int32_t>> ctx_tables_;  // per slot (ctx side)

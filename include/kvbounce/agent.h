@@ -98,7 +98,13 @@ struct PoolSpec {
   // One base address, or one per local layer (layer-major layouts only).
   std::vector<Addr> bases;
   int64_t num_blocks = 0;
+  // kHost or kPinnedHost: host memory; kCuda: device memory of `device`
+  // (every base must lie in it: Create checks with the CUDA runtime). The
+  // pool's memory decides the agent's copy engine and staging memory
+  // (docs/cuda.md, "Device pools").
   MemoryKind memory = MemoryKind::kHost;
+  // The CUDA device ordinal of a kCuda pool; ignored for the host kinds.
+  int device = 0;
 };
 
 // Which transport Agent::Create builds for this rank when
@@ -234,9 +240,13 @@ class Agent {
   // connect_timeout out of range, impossible topology, rank outside the
   // instance, pool without bases, a null base, a base count that does not
   // match the layout, num_blocks < 1 or too large, pool memory the transport
-  // cannot reach; transport_spec.kind other than "ucx" or "loopback", a
-  // loopback spec without a fabric); kUnimplemented (CUDA pools in this
-  // build; a "ucx" spec in a build without UCX); kResourceExhausted (a
+  // cannot reach; a kCuda pool whose device is not one of this process's or
+  // whose bases are not device memory of that device; transport_spec.kind
+  // other than "ucx" or "loopback", a loopback spec without a fabric);
+  // kUnimplemented (a kCuda pool in a build without CUDA, or over a
+  // transport that cannot reach device memory; a "ucx" spec in a build
+  // without UCX); kUnavailable (a kCuda pool where no CUDA device can be
+  // used, with the runtime's reason); kResourceExhausted (a
   // thread cannot start); whatever building the transport from the spec
   // reports (e.g. kAlreadyExists for a loopback name taken on the fabric,
   // kUnavailable for a UCX address it cannot listen on), with

@@ -113,6 +113,9 @@ struct RegionInfo {
   Addr address;
   uint64_t size = 0;
   MemoryKind kind = MemoryKind::kHost;
+  // The CUDA device of kCuda memory (the transport finds it at Register);
+  // -1 for the host kinds.
+  int device = -1;
   // Opaque, transport-specific: a packed UCX rkey, an IPC handle, a region id.
   std::vector<std::byte> remote_key;
 };
@@ -232,8 +235,10 @@ class Transport {
   // dead, kNotFound for an unknown peer.
   virtual Status Send(PeerId peer, std::span<const std::byte> frame) = 0;
 
-  // Registers [address, address + bytes) of `kind` memory. Errors:
-  // kInvalidArgument (empty region, a kind the transport cannot reach).
+  // Registers [address, address + bytes) of `kind` memory. For kCuda the
+  // transport finds the device the memory belongs to (info().device).
+  // Errors: kInvalidArgument (empty region, a kind the transport cannot
+  // reach, kCuda memory that is not device memory).
   virtual Result<std::unique_ptr<LocalRegion>> Register(Addr address, uint64_t bytes,
                                                         MemoryKind kind) = 0;
 

@@ -41,6 +41,15 @@ class Addr {
 // or CUDA device memory.
 enum class MemoryKind { kHost, kPinnedHost, kCuda };
 
+// Where memory lives: its kind and, for device memory, the CUDA device
+// ordinal it belongs to (-1 for the host kinds, which every device of the
+// process reaches alike).
+struct MemoryPlace {
+  MemoryKind kind = MemoryKind::kHost;
+  int device = -1;
+  friend bool operator==(const MemoryPlace&, const MemoryPlace&) = default;
+};
+
 // Bytes from a count in MiB.
 constexpr uint64_t MiB(uint64_t n) { return n << 20; }
 constexpr uint64_t KiB(uint64_t n) { return n << 10; }

@@ -56,6 +56,7 @@ void WritePayload(WireWriter& w, const Hello& m) {
   for (const RegionDescriptor& r : m.regions) {
     w.PutU8(static_cast<uint8_t>(r.kind));
     w.PutU8(static_cast<uint8_t>(r.memory));
+    w.PutU32(r.device);
     w.PutU64(r.addr);
     w.PutU64(r.size);
     w.PutBytes(r.remote_key);
@@ -183,6 +184,7 @@ Status ReadPayload(WireReader& r, Hello* m) {
     r.EnterElement("regions", i);
     KVB_RETURN_IF_ERROR(ReadEnum(r, "kind", kMaxRegionKind, &region.kind));
     KVB_RETURN_IF_ERROR(ReadEnum(r, "memory", kMaxMemoryKind, &region.memory));
+    KVB_RETURN_IF_ERROR(r.ReadU32("device", &region.device));
     KVB_RETURN_IF_ERROR(r.ReadU64("addr", &region.addr));
     KVB_RETURN_IF_ERROR(r.ReadU64("size", &region.size));
     KVB_RETURN_IF_ERROR(r.ReadBytes("remote_key", kMaxRemoteKeyBytes, &region.remote_key));

@@ -201,6 +201,14 @@ Status Validate(const Hello& hello) {
         CheckEnum(kMsg, prefix + "kind", static_cast<uint8_t>(region.kind), kMaxRegionKind));
     KVB_RETURN_IF_ERROR(
         CheckEnum(kMsg, prefix + "memory", static_cast<uint8_t>(region.memory), kMaxMemoryKind));
+    if (region.memory == MemoryKind::kCuda ? region.device > kMaxDevice
+                                           : region.device != kNoDevice) {
+      return Invalid(kMsg, prefix + "device",
+                     N(region.device) + (region.memory == MemoryKind::kCuda
+                                             ? " is not a CUDA device ordinal (at most " +
+                                                   N(kMaxDevice) + ")"
+                                             : " for host memory, must be " + N(kNoDevice)));
+    }
     KVB_RETURN_IF_ERROR(CheckRange(kMsg, prefix + "size", region.addr, region.size));
     KVB_RETURN_IF_ERROR(
         CheckLength(kMsg, prefix + "remote_key", region.remote_key.size(), kMaxRemoteKeyBytes));

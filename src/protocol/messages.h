@@ -70,6 +70,9 @@ enum class MemoryKind : uint8_t {
   kCuda = 2,        // device memory
 };
 inline constexpr uint8_t kMaxMemoryKind = 2;
+// RegionDescriptor::device of host memory, and the largest device ordinal.
+inline constexpr uint32_t kNoDevice = 0xFFFFFFFFu;
+inline constexpr uint32_t kMaxDevice = 1023;
 
 // How a writer executes a plan (DESIGN §5).
 enum class TransferPath : uint8_t {
@@ -183,6 +186,9 @@ struct LayoutDescriptor {
 struct RegionDescriptor {
   RegionKind kind = RegionKind::kPool;
   MemoryKind memory = MemoryKind::kHost;
+  // The owner's CUDA device ordinal for CUDA memory (0 .. kMaxDevice);
+  // kNoDevice for the host kinds.
+  uint32_t device = kNoDevice;
   uint64_t addr = 0;  // addr + size must not exceed 2^64
   uint64_t size = 0;
   // Opaque to the protocol: a packed UCX rkey, a CUDA IPC handle, a VMM

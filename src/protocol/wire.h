@@ -46,7 +46,7 @@ inline constexpr uint32_t kMagic = 0x4342564Bu;
 // The version this build speaks. A decoder rejects any frame whose header
 // carries another version (docs/wire_format.md, "Versioning"): any change of
 // the encoding, a new field or a changed limit, takes a new version.
-inline constexpr uint16_t kProtocolVersion = 3;
+inline constexpr uint16_t kProtocolVersion = 4;
 
 // Bytes of the frame header: magic u32 | version u16 | type u16 | length u32.
 inline constexpr size_t kHeaderSize = 12;
@@ -126,7 +126,7 @@ inline constexpr size_t kHelloFixedBytes =
     8 * 6 +      // layout base, s_layer, s_kv, s_block, s_head, s_token
     8 +          // capabilities
     4 * 4;       // prefixes of instance_id, layers_per_stage, layer_bases, regions
-inline constexpr size_t kRegionFixedBytes = 1 + 1 + 8 + 8 + 4;
+inline constexpr size_t kRegionFixedBytes = 1 + 1 + 4 + 8 + 8 + 4;
 inline constexpr size_t kKvRequestFixedBytes = 8 * 7 + 4 * 3 + 1 + 4;
 inline constexpr size_t kKvResultFixedBytes = 8 * 3 + 4 * 2 + 1 + 1 + 4;
 inline constexpr size_t kCancelFixedBytes = 8 + 4;

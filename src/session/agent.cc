@@ -18,6 +18,7 @@
 
 #include "common/checked_math.h"
 #include "copy/cpu/cpu_copy_engine.h"
+#include "copy/device_support.h"
 #include "kvbounce/logging.h"
 #include "kvbounce/transport.h"
 #include "layout/planner.h"
@@ -87,6 +88,46 @@ bool IsMemoryKind(MemoryKind kind) {
 
 // The transport AgentOptions::transport_spec describes (see TransportSpec).
 // `config` is the validated config, after the environment's overrides.
+// A kCuda pool: this build has CUDA, the device exists, and every
+// allocation of the pool (its first and its last byte) is device memory of
+// that device. Returns the runtime to use.
+Result<const DeviceSupport*> CheckDevicePool(const PoolSpec& pool, const PoolLayout& layout) {
+  const DeviceSupport* device = CudaSupport();
+  if (device == nullptr) {
+    return UnimplementedError(
+        "AgentOptions.pool.memory = cuda: this build has no CUDA support (configure it where a "
+        "CUDA toolkit is installed)");
+  }
+  std::string why;
+  const int count = device->DeviceCount(&why);
+  if (count == 0) {
+    return UnavailableError("AgentOptions.pool.memory = cuda: no CUDA device can be used: " + why);
+  }
+  if (pool.device < 0 || pool.device >= count) {
+    return InvalidArgumentError("AgentOptions.pool.device = " + std::to_string(pool.device) +
+                                " is not a CUDA device of this process (it has " +
+                                std::to_string(count) + ")");
+  }
+  const size_t allocations = layout.per_layer_bases() ? pool.bases.size() : 1;
+  for (size_t i = 0; i < allocations; ++i) {
+    const Addr base = layout.layer_base(static_cast<int>(i));
+    for (const Addr a : {base, base + (layout.allocation_bytes() - 1)}) {
+      Result<MemoryPlace> place = device->Locate(a);
+      if (!place.ok()) return place.status().WithContext("AgentOptions.pool.bases");
+      if (place->kind != MemoryKind::kCuda || place->device != pool.device) {
+        return InvalidArgumentError(
+            "AgentOptions.pool.bases[" + std::to_string(i) + "]: the pool's " +
+            (a == base ? "first" : "last") + " byte is " +
+            (place->kind == MemoryKind::kCuda
+                 ? "memory of cuda device " + std::to_string(place->device)
+                 : std::string(MemoryKindName(place->kind)) + " memory") +
+            ", not memory of cuda device " + std::to_string(pool.device));
+      }
+    }
+  }
+  return device;
+}
+
 Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, const Config& config,
                                                   const AgentHooks& hooks) {
   const TransportSpec& spec = options.transport_spec;
@@ -276,9 +317,9 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     KVB_ASSIGN_OR_RETURN(layout,
                          PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), pool.bases));
   }
+  const DeviceSupport* device = nullptr;
   if (pool.memory == MemoryKind::kCuda) {
-    return UnimplementedError(
-        "AgentOptions.pool.memory = cuda: this build has no CUDA copy engine");
+    KVB_ASSIGN_OR_RETURN(device, CheckDevicePool(pool, layout));
   }
   if (options.transport != nullptr) {
     transport_ = std::move(options.transport);
@@ -288,6 +329,10 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   const TransportCaps caps = transport_->Caps();
   if (!caps.host_memory) {
     return InvalidArgumentError("the " + caps.name + " transport cannot reach host memory");
+  }
+  if (pool.memory == MemoryKind::kCuda && !caps.device_memory) {
+    return UnimplementedError("AgentOptions.pool.memory = cuda: the " + caps.name +
+                              " transport of this build cannot reach device memory");
   }
 
   // Register the pool, one region per allocation.
@@ -302,8 +347,17 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     pool_regions_.push_back(std::move(region).value());
   }
 
-  KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine, CpuCopyEngine::Create());
-  copy_ = std::move(engine);
+  // The copy engine follows the pool (docs/cuda.md, "Device pools"): the
+  // batched kernel on the pool's device for a device pool, the CPU engine
+  // for host pools.
+  if (device != nullptr) {
+    Result<std::unique_ptr<CopyEngine>> engine = device->NewCopyEngine(pool.device);
+    if (!engine.ok()) return engine.status().WithContext("the copy engine of the cuda pool");
+    copy_ = std::move(engine).value();
+  } else {
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine, CpuCopyEngine::Create());
+    copy_ = std::move(engine);
+  }
   if (hooks.wrap_copy_engine) {
     copy_ = hooks.wrap_copy_engine(std::move(copy_));
     if (copy_ == nullptr) return InvalidArgumentError("AgentHooks.wrap_copy_engine returned null");
@@ -315,14 +369,23 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     const uint64_t bytes = MiB(static_cast<uint64_t>(config.bounce_size_mb));
     auto make_arena = [&](const char* which, std::unique_ptr<Arena>* out,
                           const LocalRegion** region_out) -> Status {
-      KVB_ASSIGN_OR_RETURN(std::unique_ptr<Allocation> memory, HostAllocation::Create(bytes));
+      // Staging memory follows the pool and the transport (DESIGN §6):
+      // device memory beside a device pool that the transport reaches, host
+      // memory beside a host pool.
+      Result<std::unique_ptr<Allocation>> allocated =
+          device != nullptr ? device->AllocateDevice(pool.device, bytes)
+                            : HostAllocation::Create(bytes);
+      if (!allocated.ok()) {
+        return allocated.status().WithContext(std::string("allocating the ") + which);
+      }
+      std::unique_ptr<Allocation> memory = std::move(allocated).value();
+      const MemoryKind kind = memory->kind();
       Arena::Options arena_options;
       arena_options.name = options.instance_id + "/" + std::to_string(options.rank) + " " + which;
       const Addr address = memory->address();
       KVB_ASSIGN_OR_RETURN(std::unique_ptr<Arena> arena,
                            Arena::Create(arena_options, std::move(memory)));
-      Result<std::unique_ptr<LocalRegion>> region =
-          transport_->Register(address, bytes, MemoryKind::kHost);
+      Result<std::unique_ptr<LocalRegion>> region = transport_->Register(address, bytes, kind);
       if (!region.ok()) return region.status().WithContext(std::string("registering the ") + which);
       *region_out = region->get();
       KVB_RETURN_IF_ERROR(arena->AttachRegistration(std::move(region).value()));
@@ -354,6 +417,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   ctx_.topology = std::make_shared<const Topology>(std::move(topology));
   ctx_.pool = std::move(layout);
   ctx_.pool_memory = pool.memory;
+  ctx_.pool_device = pool.memory == MemoryKind::kCuda ? pool.device : -1;
   ctx_.config = config;
   ctx_.grace = options.grace;
   ctx_.transport = transport_.get();
@@ -428,8 +492,12 @@ protocol::Hello AgentImpl::BuildHello(PeerId peer) const {
   }
   auto region = [&](protocol::RegionKind kind, const LocalRegion& r) {
     const RegionInfo& info = r.info();
-    h.regions.push_back(protocol::RegionDescriptor{kind, ToWire(info.kind), info.address.value(),
-                                                   info.size, info.remote_key});
+    const uint32_t device = info.kind == MemoryKind::kCuda && info.device >= 0
+                                ? static_cast<uint32_t>(info.device)
+                                : protocol::kNoDevice;
+    h.regions.push_back(protocol::RegionDescriptor{kind, ToWire(info.kind), device,
+                                                   info.address.value(), info.size,
+                                                   info.remote_key});
   };
   for (const LocalRange& r : ctx_.pool_ranges) region(protocol::RegionKind::kPool, *r.region);
   if (ctx_.send_region != nullptr) region(protocol::RegionKind::kSendArena, *ctx_.send_region);
@@ -526,17 +594,20 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   std::unique_ptr<RemoteRegion> recv_arena;
   bool send_arena = false;
   MemoryKind pool_memory = MemoryKind::kHost;
+  int pool_device = -1;
   for (const protocol::RegionDescriptor& d : h.regions) {
     if (d.kind == protocol::RegionKind::kSendArena) {
       send_arena = true;  // the peer gathers there; nothing to import
       continue;
     }
-    RegionInfo info{Addr(d.addr), d.size, FromWire(d.memory), d.remote_key};
+    const int device = d.device == protocol::kNoDevice ? -1 : static_cast<int>(d.device);
+    RegionInfo info{Addr(d.addr), d.size, FromWire(d.memory), device, d.remote_key};
     Result<std::unique_ptr<RemoteRegion>> imported = transport_->Import(peer.id, info);
     if (!imported.ok())
       return imported.status().WithContext("importing a region of peer '" + h.instance_id + "'");
     if (d.kind == protocol::RegionKind::kPool) {
       pool_memory = FromWire(d.memory);
+      pool_device = device;
       pool_regions.push_back(std::move(imported).value());
     } else {
       recv_arena = std::move(imported).value();
@@ -575,6 +646,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   peer.recv_arena = std::move(recv_arena);
   peer.send_arena = send_arena;
   peer.pool_memory = pool_memory;
+  peer.pool_device = pool_device;
   peer.capabilities = h.capabilities;
   peer.hello_received = true;
   ctx_.instances[h.instance_id] = shared;

@@ -233,8 +233,14 @@ WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
                                            ? ours
                                            : ctx_.transport->PeerCapsFor(peer.id, peer.pool_memory);
   load.link = ours.ok() ? ours->cost : ctx_.transport->Caps().cost;
-  load.direct =
-      (peer.capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() && ours->map_remote;
+  // The writer's copy engine follows its pool: the CPU engine reaches no
+  // device memory, the CUDA engine no pageable host memory and (without
+  // peer access, not set up) no other device's memory.
+  const bool ours_device = ctx_.pool_memory == MemoryKind::kCuda;
+  const bool same_device = ours_device == (peer.pool_memory == MemoryKind::kCuda) &&
+                           (!ours_device || ctx_.pool_device == peer.pool_device);
+  load.direct = (peer.capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() &&
+                ours->map_remote && same_device;
   load.direct_read =
       !load.direct && theirs.ok() && theirs->read_remote && ours.ok() && ours->read_remote;
   if (theirs.ok()) load.read = theirs->read_cost;

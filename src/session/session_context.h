@@ -54,6 +54,7 @@ struct PeerState {
   std::unique_ptr<RemoteRegion> recv_arena;                 // null: no bounce into it
   bool send_arena = false;  // it announced a send arena (it can gather to bounce)
   MemoryKind pool_memory = MemoryKind::kHost;  // its pool's memory, from HELLO
+  int pool_device = -1;                        // and its CUDA device (kCuda)
   uint64_t capabilities = 0;
 
   bool ready() const { return hello_received && !dead; }
@@ -79,6 +80,7 @@ struct SessionContext {
   std::shared_ptr<const Topology> topology;
   std::optional<PoolLayout> pool;
   MemoryKind pool_memory = MemoryKind::kHost;
+  int pool_device = -1;  // kCuda: the pool's device
   Config config;
   std::chrono::milliseconds grace{1000};
   Transport* transport = nullptr;

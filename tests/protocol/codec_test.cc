@@ -145,6 +145,7 @@ Hello SmallHello() {
   h.regions = {
       {.kind = RegionKind::kPool,
        .memory = MemoryKind::kCuda,
+       .device = 1,
        .addr = 0x7f0000000000,
        .size = 1ull << 30,
        .remote_key = Bytes({1, 2, 3, 4, 5})},
@@ -198,6 +199,7 @@ Hello MaxHello(bool max_stages) {
   for (uint32_t i = 0; i < kMaxRegions; ++i) {
     h.regions.push_back({.kind = RegionKind::kRecvArena,
                          .memory = MemoryKind::kCuda,
+                         .device = kMaxDevice,
                          .addr = UINT64_MAX,
                          .size = 0,
                          .remote_key = Frame(kMaxRemoteKeyBytes, std::byte{0x5A})});
@@ -409,7 +411,7 @@ TEST(CodecGoldenTest, KvResult) {
   m.error_text = "oom";
   const Frame expected = Bytes({
       0x4B, 0x56, 0x42, 0x43,                          // magic "KVBC"
-      0x03, 0x00,                                      // version 3
+      0x04, 0x00,                                      // version 4
       0x03, 0x00,                                      // type KV_RESULT
       0x29, 0x00, 0x00, 0x00,                          // payload length 41
       0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // request_id
@@ -434,7 +436,7 @@ TEST(CodecGoldenTest, KvReadyAndKvReadDone) {
                       .plan_fingerprint = 0xDEADBEEF,
                       .block_table = {5, 0x01020304}};
   const Frame ready_frame = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x06, 0x00,  // magic, version 3, KV_READY
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x06, 0x00,  // magic, version 4, KV_READY
       0x24, 0x00, 0x00, 0x00,                          // payload length 36
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0xEF, 0xBE, 0xAD, 0xDE, 0x00, 0x00, 0x00, 0x00,  // plan_fingerprint
@@ -455,7 +457,7 @@ TEST(CodecGoldenTest, KvReadyAndKvReadDone) {
                         .bytes_read = 0x1000,
                         .error_text = "io"};
   const Frame done_frame = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x07, 0x00,  // magic, version 3, KV_READ_DONE
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x07, 0x00,  // magic, version 4, KV_READ_DONE
       0x1F, 0x00, 0x00, 0x00,                          // payload length 31
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes_read
@@ -489,7 +491,7 @@ TEST(CodecGoldenTest, KvRequest) {
   m.path = TransferPath::kBounce;
   m.block_table = {5, 0x01020304};
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x02, 0x00,  // magic, version 3, KV_REQUEST
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x02, 0x00,  // magic, version 4, KV_REQUEST
       0x51, 0x00, 0x00, 0x00,                          // payload length 81
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_start
@@ -513,14 +515,14 @@ TEST(CodecGoldenTest, KvRequest) {
 
 TEST(CodecGoldenTest, CancelAndBye) {
   const Frame cancel = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x04, 0x00,  // magic, version 3, CANCEL
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x04, 0x00,  // magic, version 4, CANCEL
       0x0F, 0x00, 0x00, 0x00,                          // payload length 15
       0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
       0x03, 0x00, 0x00, 0x00, 't',  't',  'l',         // reason
   });
   EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
   const Frame bye = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x05, 0x00,  // magic, version 3, BYE
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x05, 0x00,  // magic, version 4, BYE
       0x05, 0x00, 0x00, 0x00,                          // payload length 5
       0x00,                                            // reason SHUTDOWN
       0x00, 0x00, 0x00, 0x00,                          // message ""
@@ -546,14 +548,15 @@ TEST(CodecGoldenTest, Hello) {
               .layer_bases = {0x100000, 0x200000}};
   m.regions = {{.kind = RegionKind::kRecvArena,
                 .memory = MemoryKind::kCuda,
+                .device = 2,
                 .addr = 0x7F0000000000,
                 .size = 0x400000,
                 .remote_key = Bytes({0xAA, 0xBB})}};
   m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x03, 0x00, 0x01, 0x00,  // magic, version 3, HELLO
-      0xA6, 0x00, 0x00, 0x00,                          // payload length 166
-      0x03, 0x00,                                      // protocol_version 3
+      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x01, 0x00,  // magic, version 4, HELLO
+      0xAA, 0x00, 0x00, 0x00,                          // payload length 170
+      0x04, 0x00,                                      // protocol_version 4
       0x01,                                            // role GEN
       0x02,                                            // layout.kind LAYER_MAJOR_NHD
       0x01, 0x00, 0x00, 0x00,                          // tp_rank
@@ -582,6 +585,7 @@ TEST(CodecGoldenTest, Hello) {
       0x01, 0x00, 0x00, 0x00,                          // regions count
       0x02,                                            //   kind RECV_ARENA
       0x02,                                            //   memory CUDA
+      0x02, 0x00, 0x00, 0x00,                          //   device 2
       0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00,  //   addr
       0x00, 0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00,  //   size
       0x02, 0x00, 0x00, 0x00, 0xAA, 0xBB,              //   remote_key
@@ -678,7 +682,7 @@ TEST(CodecTest, FrameLengthRejectsBadMagicFromTheFirstByte) {
 TEST(CodecTest, UnknownVersionIsRejectedNamingBothVersions) {
   Frame frame = MustEncode(SmallKvRequest());
   PatchU16(frame, kVersionOffset, 1);
-  const std::string want = "unsupported protocol version 1 (this build speaks 3)";
+  const std::string want = "unsupported protocol version 1 (this build speaks 4)";
   EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(DecodeKvRequest(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(FrameLength(frame).status(), IsError(StatusCode::kDataLoss, want));
@@ -690,7 +694,7 @@ TEST(CodecTest, HelloPayloadVersionMustMatch) {
   Frame frame = MustEncode(SmallHello());
   PatchU16(frame, kHeaderSize + 0, 7);
   EXPECT_THAT(DecodeHello(frame).status(),
-              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 3"));
+              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 4"));
   Hello h = SmallHello();
   h.protocol_version = 1;
   EXPECT_THAT(Encode(h).status(), IsErrorCode(StatusCode::kInvalidArgument));

@@ -94,7 +94,7 @@ class FakeWriter {
                 {}};
     const RegionInfo& info = region_->info();
     h.regions.push_back({protocol::RegionKind::kPool, protocol::MemoryKind::kHost,
-                         info.address.value(), info.size, info.remote_key});
+                         protocol::kNoDevice, info.address.value(), info.size, info.remote_key});
     Send(h);
   }
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/memcpy_rate.h"
+#include "copy/device_support.h"
 #include "kvbounce/logging.h"
 #include "transport/write_check.h"
 
@@ -55,7 +56,9 @@ TransportCaps LoopbackCaps(const LoopbackOptions& options) {
   TransportCaps caps;
   caps.name = "loopback";
   caps.host_memory = true;
-  caps.device_memory = false;
+  // Device memory through the GPU runtime, one copy call per operation
+  // (docs/transports.md, "loopback").
+  caps.device_memory = CudaSupport() != nullptr;
   caps.map_remote = options.map_remote;
   caps.concurrent_callbacks = false;
   caps.pending_writes_fail = true;
@@ -75,6 +78,7 @@ struct RegionEntry {
   Addr address;
   uint64_t size = 0;
   MemoryKind kind = MemoryKind::kHost;
+  int device = -1;  // kCuda: the device the memory belongs to
   uint64_t owner_endpoint_id = 0;
   bool registered = true;
   uint64_t pins = 0;  // copies in progress into or out of the region
@@ -117,12 +121,13 @@ class FabricImpl {
     return count;
   }
 
-  std::shared_ptr<RegionEntry> AddRegion(Addr address, uint64_t size, MemoryKind kind,
+  std::shared_ptr<RegionEntry> AddRegion(Addr address, uint64_t size, MemoryPlace place,
                                          uint64_t owner_endpoint_id) {
     auto entry = std::make_shared<RegionEntry>();
     entry->address = address;
     entry->size = size;
-    entry->kind = kind;
+    entry->kind = place.kind;
+    entry->device = place.device;
     entry->owner_endpoint_id = owner_endpoint_id;
     std::lock_guard<std::mutex> lock(regions_mu_);
     entry->id = next_region_id_++;
@@ -249,6 +254,7 @@ class LoopbackLocalRegion final : public LocalRegion {
     info_.address = entry_->address;
     info_.size = entry_->size;
     info_.kind = entry_->kind;
+    info_.device = entry_->device;
     info_.remote_key = EncodeRegionKey(entry_->id);
     description_ = "loopback region #" + std::to_string(entry_->id) + " " +
                    HexAddr(entry_->address) + "+" + std::to_string(entry_->size) + " of " +
@@ -395,10 +401,11 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
 
   // How far a write or read batch got.
   struct Progress {
-    enum class End { kCompleted, kStopped, kDied };
+    enum class End { kCompleted, kStopped, kDied, kFailed };
     End end = End::kCompleted;
     size_t ops_copied = 0;  // ops copied whole
     uint64_t bytes_copied = 0;
+    Status error;  // kFailed: why (a device copy failed)
   };
 
   // Inserts the accepting end of `conn` (side 1) into the peer table.
@@ -417,7 +424,10 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   void ExecuteCopy(Item& item);
   // Copies the ops of a pinned, counted batch piece by piece (see the header).
   template <typename Op>
-  Progress CopyOps(const Item& item, std::span<const Op> ops) const;
+  Progress CopyOps(const Item& item, std::span<const Op> ops);
+  // CopyOps when either region is device memory.
+  template <typename Op>
+  Progress CopyOpsOnDevice(const Item& item, std::span<const Op> ops);
 
   const std::shared_ptr<LoopbackFabric> fabric_;
   FabricImpl& fabric_impl_;
@@ -431,6 +441,14 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   std::unordered_map<PeerId, PeerEntry> peers_;
   std::thread thread_;
   std::thread::id thread_id_;
+  // Device copies of the transport thread (created on first use, for the
+  // device of the last item that needed one). Used by that thread only.
+  std::unique_ptr<OpCopier> op_copier_;
+  int op_copier_device_ = -1;
+  // A device item waits for its enqueued copies at least every this many
+  // ops or bytes (its grain of cancellation).
+  static constexpr size_t kDeviceWindowOps = 4096;
+  static constexpr uint64_t kDeviceWindowBytes = 256ull << 20;
 
   std::mutex shutdown_mu_;  // serializes Shutdown calls
 
@@ -681,11 +699,24 @@ Result<std::unique_ptr<LocalRegion>> Endpoint::Register(Addr address, uint64_t b
     return InvalidArgumentError(address_ + ": region " + HexAddr(address) + "+" +
                                 std::to_string(bytes) + " wraps around the address space");
   }
+  MemoryPlace place{kind, -1};
   if (!IsHostAccessible(kind)) {
-    return InvalidArgumentError(address_ + ": the loopback transport cannot reach " +
-                                std::string(MemoryKindName(kind)) + " memory");
+    const DeviceSupport* device = CudaSupport();
+    if (kind != MemoryKind::kCuda || device == nullptr) {
+      return InvalidArgumentError(address_ + ": the loopback transport cannot reach " +
+                                  std::string(MemoryKindName(kind)) +
+                                  " memory in a build without CUDA");
+    }
+    Result<MemoryPlace> located = device->Locate(address);
+    if (!located.ok()) return located.status().WithContext(address_ + ": registering cuda memory");
+    if (located->kind != MemoryKind::kCuda) {
+      return InvalidArgumentError(address_ + ": region " + HexAddr(address) +
+                                  " is registered as cuda memory but is " +
+                                  std::string(MemoryKindName(located->kind)) + " memory");
+    }
+    place = *located;
   }
-  std::shared_ptr<RegionEntry> entry = fabric_impl_.AddRegion(address, bytes, kind, id_);
+  std::shared_ptr<RegionEntry> entry = fabric_impl_.AddRegion(address, bytes, place, id_);
   return std::unique_ptr<LocalRegion>(
       new LoopbackLocalRegion(fabric_, &fabric_impl_, std::move(entry), address_));
 }
@@ -1023,13 +1054,18 @@ void Endpoint::ExecuteCopy(Item& item) {
   }
   if (progress.end == Progress::End::kStopped) {
     status = CancelledError(address_ + ": " + what + " stopped: " + skipped(progress));
+  } else if (progress.end == Progress::End::kFailed) {
+    status = progress.error.WithContext(what + ": " + skipped(progress));
   }
   count(progress);
   item.done(std::move(status));
 }
 
 template <typename Op>
-Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) const {
+Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) {
+  if (item.local->kind == MemoryKind::kCuda || item.remote->kind == MemoryKind::kCuda) {
+    return CopyOpsOnDevice(item, ops);
+  }
   const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
   const Connection& conn = *item.conn;
   Progress progress;
@@ -1056,6 +1092,74 @@ Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) 
     progress.bytes_copied += op.bytes;
     ++progress.ops_copied;
   }
+  return progress;
+}
+
+template <typename Op>
+Endpoint::Progress Endpoint::CopyOpsOnDevice(const Item& item, std::span<const Op> ops) {
+  // One runtime copy per op (the per-operation cost a descriptor-list
+  // transport pays for device memory), enqueued on this thread's stream. The
+  // stop token and the connection are checked between windows of ops, and
+  // every window is waited for before the next check: the grain of
+  // cancellation is one window, and nothing enqueued is still running when
+  // the item reports (the fence and `done` come after Wait).
+  const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
+  const Connection& conn = *item.conn;
+  Progress progress;
+  const int device = item.local->kind == MemoryKind::kCuda ? item.local->device
+                                                           : item.remote->device;
+  if (op_copier_ == nullptr || op_copier_device_ != device) {
+    op_copier_.reset();
+    Result<std::unique_ptr<OpCopier>> copier = CudaSupport()->NewOpCopier(device);
+    if (!copier.ok()) {
+      progress.end = Progress::End::kFailed;
+      progress.error = copier.status().WithContext(address_ + ": device copies");
+      return progress;
+    }
+    op_copier_ = std::move(copier).value();
+    op_copier_device_ = device;
+  }
+  size_t window_start = 0;
+  uint64_t window_bytes = 0;
+  auto finish_window = [&](size_t end) -> bool {
+    Status waited = op_copier_->Wait();
+    if (!waited.ok()) {
+      progress.end = Progress::End::kFailed;
+      progress.error = waited.WithContext(address_ + ": device copies");
+      return false;
+    }
+    for (size_t j = window_start; j < end; ++j) progress.bytes_copied += ops[j].bytes;
+    progress.ops_copied = end;
+    window_start = end;
+    window_bytes = 0;
+    return true;
+  };
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (hook != nullptr) (*hook)(address_, i);
+    const bool window_full =
+        i - window_start >= kDeviceWindowOps || window_bytes >= kDeviceWindowBytes;
+    if (i == 0 || window_full) {
+      if (i > 0 && !finish_window(i)) return progress;
+      if (!conn.alive.load(std::memory_order_acquire)) {
+        progress.end = Progress::End::kDied;
+        return progress;
+      }
+      if (item.stop.stop_requested()) {
+        progress.end = Progress::End::kStopped;
+        return progress;
+      }
+    }
+    const Op& op = ops[i];
+    Status enqueued = op_copier_->Enqueue(op.dst, op.src, op.bytes);
+    if (!enqueued.ok()) {
+      op_copier_->Wait().IgnoreError();
+      progress.end = Progress::End::kFailed;
+      progress.error = enqueued.WithContext(address_ + ": device copies");
+      return progress;
+    }
+    window_bytes += op.bytes;
+  }
+  finish_window(ops.size());
   return progress;
 }
 
@@ -1135,6 +1239,16 @@ TransportCaps LoopbackTransport::Caps() const {
 
 Result<TransportCaps> LoopbackTransport::PeerCaps(PeerId peer) const {
   return endpoint_->PeerCaps(peer);
+}
+
+Result<TransportCaps> LoopbackTransport::PeerCapsFor(PeerId peer, MemoryKind kind) const {
+  Result<TransportCaps> caps = Transport::PeerCapsFor(peer, kind);
+  if (caps.ok() && kind == MemoryKind::kCuda && caps->device_memory) {
+    const OpCopyCost cost = CudaSupport()->OpCost();
+    caps->cost = TransportCost{cost.op_us, cost.bytes_per_us};
+    caps->read_cost = caps->cost;
+  }
+  return caps;
 }
 
 std::string LoopbackTransport::Address() const { return endpoint_->address(); }

@@ -320,6 +320,9 @@ class LoopbackTransport final : public Transport {
   // connection offer them. Errors: kNotFound for an unknown peer,
   // kFailedPrecondition before Start, kAborted after Shutdown.
   Result<TransportCaps> PeerCaps(PeerId peer) const override;
+  // For kCuda memory, the cost of the GPU runtime's copies (one call per
+  // operation) instead of memcpy's.
+  Result<TransportCaps> PeerCapsFor(PeerId peer, MemoryKind kind) const override;
   // "loopback:<name>".
   std::string Address() const override;
   // Starts the transport's thread. Errors: kFailedPrecondition when already
