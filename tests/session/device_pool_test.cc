@@ -213,7 +213,7 @@ AgentOptions GenOptions(std::shared_ptr<LoopbackFabric> fabric) {
 
 TEST(DevicePoolCreateTest, NamesWhatIsWrongWithTheDevicePool) {
   std::vector<std::byte> host(1 << 16);
-  AgentOptions options = GenOptions(std::make_shared<LoopbackFabric>());
+  AgentOptions options = GenOptions(NewLoopbackFabric());
   options.pool.bases = {Addr::FromPointer(host.data())};
   Result<std::unique_ptr<Agent>> agent = Agent::Create(std::move(options));
   if (CudaSupport() == nullptr) {
@@ -229,7 +229,7 @@ TEST(DevicePoolCreateTest, NamesWhatIsWrongWithTheDevicePool) {
   EXPECT_THAT(agent, StatusIs(StatusCode::kInvalidArgument, HasSubstr("not memory of cuda device 0")));
 
   // A device that does not exist.
-  AgentOptions other = GenOptions(std::make_shared<LoopbackFabric>());
+  AgentOptions other = GenOptions(NewLoopbackFabric());
   other.pool.bases = {Addr::FromPointer(host.data())};
   other.pool.device = 4096;
   EXPECT_THAT(Agent::Create(std::move(other)),
