@@ -9,29 +9,10 @@
 #include "copy/device_support.h"
 #include "kvbounce/logging.h"
 #include "tools/device_rows.h"
+#include "tools/element.h"
 #include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
-namespace {
-
-uint64_t Mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-uint64_t RowSeed(int layer, int kv, int head, int64_t token) {
-  return Mix((static_cast<uint64_t>(layer) << 48) ^ (static_cast<uint64_t>(kv) << 44) ^
-             (static_cast<uint64_t>(head) << 32) ^ static_cast<uint64_t>(token));
-}
-
-// Element d of a row from the row's seed (cheap, and distinct per element).
-inline uint64_t FromSeed(uint64_t seed, int d) {
-  return seed + static_cast<uint64_t>(d) * 0xd1342543de82ef95ULL;
-}
-
-}  // namespace
 
 uint64_t ElementValue(int layer, int kv, int head, int64_t token, int d) {
   return FromSeed(RowSeed(layer, kv, head, token), d);
