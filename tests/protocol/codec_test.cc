@@ -834,10 +834,10 @@ TEST(CodecTest, HugeCountsAreRejectedBeforeAllocating) {
        "HELLO.layout.layer_bases: count 4096 needs 32768 bytes"},
       {"regions", MustEncode(hello), regions, 0xFFFFFFFF,
        "HELLO.regions: count 4294967295 exceeds limit 64"},
-      {"regions_short", MustEncode(hello), regions, 64, "HELLO.regions: count 64 needs 1408 bytes"},
-      {"remote_key", MustEncode(hello), regions + 4 + 18, 0xFFFFFFFF,
+      {"regions_short", MustEncode(hello), regions, 64, "HELLO.regions: count 64 needs 1664 bytes"},
+      {"remote_key", MustEncode(hello), regions + 4 + 22, 0xFFFFFFFF,
        "HELLO.regions[0].remote_key: length 4294967295 exceeds limit 16384"},
-      {"remote_key_short", MustEncode(hello), regions + 4 + 18, 16384,
+      {"remote_key_short", MustEncode(hello), regions + 4 + 22, 16384,
        "HELLO.regions[0].remote_key: length 16384 needs 16384 bytes"},
   };
   for (const Case& c : cases) {
@@ -934,7 +934,7 @@ TEST(CodecTest, WrappingAddressRangesAreRejected) {
   EXPECT_THAT(Encode(h).status(),
               IsError(StatusCode::kInvalidArgument, "HELLO.regions[1].size: address"));
   Frame frame = MustEncode(SmallHello());
-  PatchU64(frame, HelloRegionsOffset(SmallHello()) + 4 + 2, UINT64_MAX);  // region 0 addr
+  PatchU64(frame, HelloRegionsOffset(SmallHello()) + 4 + 6, UINT64_MAX);  // region 0 addr
   EXPECT_THAT(DecodeHello(frame).status(),
               IsError(StatusCode::kDataLoss, "HELLO.regions[0].size: address"));
 }

@@ -13,6 +13,7 @@
 
 #include "common/clock.h"
 #include "common/status_matchers.h"
+#include "copy/device_support.h"
 #include "kvbounce/transports.h"
 #include "session/agent_internal.h"
 #include "tools/cluster.h"
@@ -80,8 +81,17 @@ TEST_F(AgentCreateTest, InvalidOptionsNameTheField) {
   EXPECT_THAT(Agent::Create(std::move(o)),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("per-layer")));
   o = Options();
-  o.pool.memory = MemoryKind::kCuda;
-  EXPECT_THAT(Agent::Create(std::move(o)), StatusIs(StatusCode::kUnimplemented, HasSubstr("cuda")));
+  o.pool.memory = MemoryKind::kCuda;  // host memory said to be device memory
+  if (CudaSupport() == nullptr) {
+    EXPECT_THAT(Agent::Create(std::move(o)),
+                StatusIs(StatusCode::kUnimplemented, HasSubstr("no CUDA support")));
+  } else if (CudaSupport()->DeviceCount() == 0) {
+    EXPECT_THAT(Agent::Create(std::move(o)),
+                StatusIs(StatusCode::kUnavailable, HasSubstr("no CUDA device")));
+  } else {
+    EXPECT_THAT(Agent::Create(std::move(o)),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("not memory of cuda device 0")));
+  }
   o = Options();
   o.pool.num_blocks = 0;
   EXPECT_THAT(Agent::Create(std::move(o)),

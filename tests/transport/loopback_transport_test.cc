@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/status_matchers.h"
+#include "copy/device_support.h"
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
 #include "kvbounce/transports.h"
@@ -204,7 +205,8 @@ TEST_F(LoopbackTransportTest, CreateValidatesNameAndFabric) {
   const TransportCaps caps = (*a)->Caps();
   EXPECT_EQ(caps.name, "loopback");
   EXPECT_TRUE(caps.host_memory);
-  EXPECT_FALSE(caps.device_memory);
+  // Device memory exactly where the build has a GPU runtime.
+  EXPECT_EQ(caps.device_memory, CudaSupport() != nullptr);
   EXPECT_TRUE(caps.map_remote);
 
   // Shutdown frees the name at once.
@@ -216,8 +218,17 @@ TEST_F(LoopbackTransportTest, CreateValidatesNameAndFabric) {
 TEST_F(LoopbackTransportTest, RegisterChecksTheRegion) {
   auto a = MakeEndpoint("a", /*start=*/false);  // Register works before Start
   GuardedBuffer buffer(4096);
-  EXPECT_THAT((*a)->Register(buffer.addr(), 4096, MemoryKind::kCuda),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("cuda")));
+  // Host memory registered as device memory: refused, for the reason this
+  // build and machine give (no GPU runtime, no device, not device memory).
+  const Result<std::unique_ptr<LocalRegion>> cuda =
+      (*a)->Register(buffer.addr(), 4096, MemoryKind::kCuda);
+  if (CudaSupport() == nullptr) {
+    EXPECT_THAT(cuda, StatusIs(StatusCode::kInvalidArgument, HasSubstr("build without CUDA")));
+  } else if (CudaSupport()->DeviceCount() == 0) {
+    EXPECT_THAT(cuda, StatusIs(StatusCode::kUnavailable, HasSubstr("registering cuda memory")));
+  } else {
+    EXPECT_THAT(cuda, StatusIs(StatusCode::kInvalidArgument, HasSubstr("but is host memory")));
+  }
   EXPECT_THAT((*a)->Register(buffer.addr(), 0, MemoryKind::kHost),
               StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT((*a)->Register(Addr(), 64, MemoryKind::kHost),
