@@ -217,34 +217,12 @@ Result<double> MeasureDeviceCeiling(int device) {
 #endif
 }
 
-// --memory and --device: a kind this build and machine can run.
+// --memory and --device: a kind this build and machine can run, with a
+// mode that supports it.
 Status CheckMemoryFlags(const BenchFlags& flags) {
-  if (flags.memory == "host") {
-    if (flags.device != 0) return InvalidArgumentError("--device applies to --memory cuda only");
-    return Status::Ok();
-  }
-  if (flags.memory != "cuda") {
-    return InvalidArgumentError("--memory " + flags.memory + ": unknown memory (known: host, cuda)");
-  }
-  const DeviceSupport* device = CudaSupport();
-  if (device == nullptr) {
-    return UnimplementedError("--memory cuda: this build has no CUDA support (configure it "
-                              "where a CUDA toolkit is installed)");
-  }
-  if (flags.transport != "loopback") {
-    return UnimplementedError("--memory cuda runs over --transport loopback only so far (" +
-                              flags.transport + " cannot reach device memory yet)");
-  }
-  if (flags.chaos) {
+  KVB_ASSIGN_OR_RETURN(MemoryKind kind, PoolMemoryFromFlags(flags.memory, flags.device));
+  if (kind == MemoryKind::kCuda && flags.chaos) {
     return UnimplementedError("--chaos runs over host pools only so far (--memory host)");
-  }
-  std::string why;
-  const int count = device->DeviceCount(&why);
-  if (count == 0) return UnavailableError("--memory cuda: no usable CUDA device: " + why);
-  if (flags.device < 0 || flags.device >= count) {
-    return InvalidArgumentError("--device = " + std::to_string(flags.device) +
-                                " is not a CUDA device of this machine (it has " +
-                                std::to_string(count) + ")");
   }
   return Status::Ok();
 }
@@ -278,8 +256,9 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "a `kvbounce worker` process)")
       ->capture_default_str();
   cmd->add_option("--memory", flags->memory,
-                  "Pool memory: host, or cuda (every pool and staging arena in device memory of "
-                  "--device; builds with CUDA, loopback transport)")
+                  "Pool memory: host, or cuda (every pool in device memory of --device, builds "
+                  "with CUDA; over ucx, which reaches host memory only, the KV stages through "
+                  "pinned host arenas on the bounce path)")
       ->capture_default_str();
   cmd->add_option("--device", flags->device, "The CUDA device of --memory cuda")
       ->capture_default_str();

@@ -58,6 +58,9 @@ class Driver {
   // Whether `direct` can run: the writers map the receivers' pools, or the
   // receivers read the writers' (between processes of one host).
   bool direct() const { return direct_; }
+  // Every gen rank can take per-block (not so for device pools, which the
+  // ucx transport cannot reach: they stage through host memory on bounce).
+  bool per_block() const { return per_block_; }
 
   Status Start(const std::string& executable);
   Status ConnectGen();
@@ -113,6 +116,7 @@ class Driver {
   std::chrono::milliseconds term_wait_{0};
   std::chrono::milliseconds step_{0};
   bool direct_ = false;
+  bool per_block_ = true;
   // The requests of the wave RunPath runs that are not settled yet:
   // (worker, request id); what the survivors still hold when it fails.
   std::set<std::pair<size_t, uint64_t>> open_gen_, open_ctx_;
@@ -209,7 +213,11 @@ Status Driver::Start(const std::string& executable) {
                 "--rank",
                 std::to_string(r),
                 "--bounce-size-mb",
-                std::to_string(ctx ? plan_.ctx_arena_mb : plan_.gen_arena_mb)};
+                std::to_string(ctx ? plan_.ctx_arena_mb : plan_.gen_arena_mb),
+                "--memory",
+                flags_.memory,
+                "--device",
+                std::to_string(flags_.device)};
       if (ctx && flags_.inject_fail_rate > 0) {
         o.args.push_back("--inject-fail-rate");
         o.args.push_back(std::to_string(flags_.inject_fail_rate));
@@ -277,6 +285,7 @@ Status Driver::ConnectGen() {
       const std::string paths =
           space == std::string_view::npos ? "" : "," + std::string(rest.substr(space + 1)) + ",";
       direct_ = direct_ && paths.find(",direct,") != std::string::npos;
+      per_block_ = per_block_ && paths.find(",per-block,") != std::string::npos;
       waiting.erase(line.child);
       continue;
     }
@@ -608,6 +617,16 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
             "peer memory (the direct path needs one of the two)");
       }
       log << "  direct: not run (the ucx transport can neither map nor read peer memory)\n";
+      continue;
+    }
+    if (p == TransferPath::kPerBlock && !driver.per_block()) {
+      if (!flags.paths.empty()) {
+        driver.Stop(false);
+        return UnimplementedError(
+            "--path per-block: the ucx transport cannot reach the device pools (they stage "
+            "through host memory on the bounce path)");
+      }
+      log << "  per-block: not run (the ucx transport cannot reach the device pools)\n";
       continue;
     }
     paths.push_back(p);

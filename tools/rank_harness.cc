@@ -41,6 +41,31 @@ std::vector<int32_t> TablePrefix(const std::vector<int32_t>& table, int64_t toke
   return std::vector<int32_t>(table.begin(), table.begin() + static_cast<ptrdiff_t>(n));
 }
 
+Result<MemoryKind> PoolMemoryFromFlags(const std::string& memory, int device) {
+  if (memory == "host") {
+    if (device != 0) return InvalidArgumentError("--device applies to --memory cuda only");
+    return MemoryKind::kHost;
+  }
+  if (memory != "cuda") {
+    return InvalidArgumentError("--memory " + memory + ": unknown memory (known: host, cuda)");
+  }
+  const DeviceSupport* support = CudaSupport();
+  if (support == nullptr) {
+    return UnimplementedError(
+        "--memory cuda: this build has no CUDA support (configure it where a CUDA toolkit is "
+        "installed)");
+  }
+  std::string why;
+  const int count = support->DeviceCount(&why);
+  if (count == 0) return UnavailableError("--memory cuda: no usable CUDA device: " + why);
+  if (device < 0 || device >= count) {
+    return InvalidArgumentError("--device = " + std::to_string(device) +
+                                " is not a CUDA device of this machine (it has " +
+                                std::to_string(count) + ")");
+  }
+  return MemoryKind::kCuda;
+}
+
 RankHarness::RankHarness(const Topology& topology, const RankHarnessOptions& options,
                          PoolLayout layout)
     : topology_(topology), options_(options), layout_(std::move(layout)) {}

@@ -74,6 +74,13 @@ uint64_t RequestTableSeed(uint64_t seed, uint64_t request_id);
 std::vector<int32_t> TablePrefix(const std::vector<int32_t>& table, int64_t tokens,
                                  int tokens_per_block);
 
+// The pool memory of --memory `memory` (host or cuda) on --device `device`:
+// kHost, or kCuda where this build has CUDA and the machine has that device.
+// Errors, naming the flag: kInvalidArgument (an unknown kind, --device with
+// host memory, a device the machine lacks), kUnimplemented (cuda in a build
+// without CUDA), kUnavailable (no usable CUDA device, with the reason).
+Result<MemoryKind> PoolMemoryFromFlags(const std::string& memory, int device);
+
 struct VerifyResult {
   uint64_t verified_bytes = 0;
   uint64_t mismatches = 0;

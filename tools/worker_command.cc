@@ -248,6 +248,12 @@ CLI::App* AddWorkerCommand(CLI::App& app, WorkerFlags* flags) {
   cmd->add_option_function<int64_t>(
       "--bounce-size-mb", [flags](const int64_t& v) { flags->bounce_size_mb = v; },
       "MiB of the staging arena (default: room for --concurrency requests; 0: bounce off)");
+  cmd->add_option("--memory", flags->memory,
+                  "The pool's memory: host, or cuda (device memory of --device; over ucx the KV "
+                  "stages through pinned host arenas on the bounce path)")
+      ->capture_default_str();
+  cmd->add_option("--device", flags->device, "The CUDA device of --memory cuda")
+      ->capture_default_str();
   cmd->add_option("--config", flags->config,
                   "KEY=VALUE of the agent's config (e.g. transfer_timeout_ms=30000); repeatable");
   cmd->add_option("--num-workers", flags->num_workers,
@@ -357,9 +363,12 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   Result<PoolLayout> layout =
       PoolLayout::ForRank(topology, flags.rank, 2 * flags.concurrency * per_request, Addr());
   if (!layout.ok()) return layout.status().WithContext("--" + flags.role);
+  KVB_ASSIGN_OR_RETURN(const MemoryKind pool_memory,
+                       PoolMemoryFromFlags(flags.memory, flags.device));
   auto check_memory = [&](int64_t arena_mb) {
     MemoryNeed need;
-    need.Add("the pool", layout->allocation_bytes());
+    // A device pool is not host memory; its staging arena (pinned) is.
+    if (pool_memory == MemoryKind::kHost) need.Add("the pool", layout->allocation_bytes());
     need.Add("the staging arena", SatMul(static_cast<uint64_t>(arena_mb), MiB(1)));
     std::string cap_name;
     const uint64_t cap = MemoryCap(plan.scenario.memory_cap_bytes, &cap_name);
@@ -392,6 +401,8 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   plan.rank.harness.slots = flags.concurrency;
   plan.rank.harness.max_tokens = plan.scenario.tokens.end;
   plan.rank.harness.table_seed = plan.scenario.seed;
+  plan.rank.harness.memory = pool_memory;
+  plan.rank.harness.device = flags.device;
   plan.rank.instance_id = flags.instance.empty() ? flags.role + "0" : flags.instance;
   plan.rank.config = config;
   plan.rank.ctx_instance = flags.ctx_instance;

@@ -63,6 +63,8 @@ struct WorkerFlags {
   std::string ctx_instance = "ctx0";
   std::string gen_instance = "gen0";
   std::optional<int64_t> bounce_size_mb;  // unset: room for --concurrency requests
+  std::string memory = "host";            // the pool: "host" or "cuda"
+  int device = 0;                         // the CUDA device of --memory cuda
   std::vector<std::string> config;        // KEY=VALUE, Config::Set keys
   int num_workers = 0;                    // 0: the config's
   double inject_fail_rate = 0;            // ctx only

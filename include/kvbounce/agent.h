@@ -308,7 +308,10 @@ class Agent {
   // all of them travel, also those below tokens.start —, or a range needing
   // more blocks than a request carries), kAlreadyExists (the id is in flight
   // here), kUnimplemented (direct requested but the transport cannot map
-  // peer memory), kAborted (shut down). Everything after that — writer
+  // peer memory; per-block requested where the transport cannot reach a
+  // device pool), kFailedPrecondition (auto with no path available: device
+  // pools the transport cannot reach and the bounce path off), kAborted
+  // (shut down). Everything after that — writer
   // failures (with the writer's own code: a refusal such as a range the
   // publication does not hold is kOutOfRange), timeouts, cancellation — is
   // the transfer's outcome.
@@ -320,7 +323,9 @@ class Agent {
   virtual Result<int> ReceiverCount(std::string_view gen_instance) const = 0;
 
   // The paths a Pull from `ctx_instance` can take now, over the connections
-  // to its writers: per-block always; bounce when this rank and every
+  // to its writers: per-block when the transport reaches every pool
+  // involved (always, but for device pools over a transport that reaches
+  // host memory only); bounce when this rank and every
   // writer have arenas; direct when every writer can map this rank's pool
   // or this rank can read the writer's (between processes of one host).
   // Errors: kInvalidArgument (a ctx rank), kNotFound (no such instance is

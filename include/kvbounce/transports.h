@@ -36,6 +36,10 @@ Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<Loopback
 struct LoopbackOptions {
   bool map_remote = true;   // BeginMappedAccess: `direct` copies by the writer
   bool read_remote = true;  // Read: `direct` copies by the receiver
+  // Device memory (builds with CUDA): registered and copied through the GPU
+  // runtime. Off, the endpoint reaches host memory only, as Debian's UCX
+  // does: device pools then stage through pinned host arenas.
+  bool device_memory = true;
 };
 Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
                                                         std::string name,

@@ -330,14 +330,16 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   if (!caps.host_memory) {
     return InvalidArgumentError("the " + caps.name + " transport cannot reach host memory");
   }
-  if (pool.memory == MemoryKind::kCuda && !caps.device_memory) {
-    return UnimplementedError("AgentOptions.pool.memory = cuda: the " + caps.name +
-                              " transport of this build cannot reach device memory");
-  }
+  // A device pool the transport cannot reach (Debian's UCX has no CUDA
+  // support) is not registered with it: its KV is staged through pinned
+  // host arenas on the bounce path, the only path it then has
+  // (docs/cuda.md, "Host-staged bounce").
+  const bool pool_registered = pool.memory != MemoryKind::kCuda || caps.device_memory;
 
   // Register the pool, one region per allocation.
   std::vector<LocalRange> ranges;
-  const size_t allocations = layout.per_layer_bases() ? pool.bases.size() : 1;
+  const size_t allocations =
+      !pool_registered ? 0 : layout.per_layer_bases() ? pool.bases.size() : 1;
   for (size_t i = 0; i < allocations; ++i) {
     const Addr base = layout.layer_base(static_cast<int>(i));
     Result<std::unique_ptr<LocalRegion>> region =
@@ -370,11 +372,13 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     auto make_arena = [&](const char* which, std::unique_ptr<Arena>* out,
                           const LocalRegion** region_out) -> Status {
       // Staging memory follows the pool and the transport (DESIGN §6):
-      // device memory beside a device pool that the transport reaches, host
-      // memory beside a host pool.
+      // device memory beside a device pool that the transport reaches,
+      // pinned host memory (which the device's copy engine reaches too)
+      // beside one it does not, host memory beside a host pool.
       Result<std::unique_ptr<Allocation>> allocated =
-          device != nullptr ? device->AllocateDevice(pool.device, bytes)
-                            : HostAllocation::Create(bytes);
+          device == nullptr ? HostAllocation::Create(bytes)
+          : pool_registered ? device->AllocateDevice(pool.device, bytes)
+                            : device->AllocatePinned(bytes);
       if (!allocated.ok()) {
         return allocated.status().WithContext(std::string("allocating the ") + which);
       }
@@ -613,7 +617,11 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
       recv_arena = std::move(imported).value();
     }
   }
-  const size_t allocations = pool->per_layer_bases() ? h.layout.layer_bases.size() : 1;
+  // No pool region at all: a device pool its transport cannot reach
+  // (host-staged bounce). Only per-block and direct need them.
+  const size_t allocations = pool_regions.empty()         ? 0
+                             : pool->per_layer_bases() ? h.layout.layer_bases.size()
+                                                       : 1;
   if (pool_regions.size() != allocations) {
     return InvalidArgumentError("peer '" + h.instance_id + "' registered " +
                                 std::to_string(pool_regions.size()) + " pool regions for " +
@@ -638,7 +646,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   peer.rank = rank;
   peer.topology = shared;
   peer.pool = std::move(pool).value();
-  if (mapped.size() == allocations) {
+  if (allocations > 0 && mapped.size() == allocations) {
     Result<PoolLayout> m = peer.pool->Rebased(mapped);
     if (m.ok()) peer.mapped_pool = std::move(m).value();
   }

@@ -53,6 +53,11 @@ bool DirectAvailable(std::span<const WriterLoad> writers) {
   });
 }
 
+bool PerBlockAvailable(std::span<const WriterLoad> writers) {
+  return std::all_of(writers.begin(), writers.end(),
+                     [](const WriterLoad& w) { return w.per_block; });
+}
+
 bool BounceAvailable(std::span<const WriterLoad> writers, bool recv_arena) {
   return recv_arena && !writers.empty() &&
          std::all_of(writers.begin(), writers.end(),
@@ -81,6 +86,7 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
                      bytes / read.bytes_per_us;
     }
   }
+  if (!PerBlockAvailable(writers)) e.per_block_us = kUnavailable;
   if (!DirectAvailable(writers)) e.direct_us = kUnavailable;
   if (!BounceAvailable(writers, recv_arena)) e.bounce_us = kUnavailable;
   return e;
@@ -92,6 +98,12 @@ Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
   PathChoice choice;
   switch (requested) {
     case TransferPath::kPerBlock:
+      if (!PerBlockAvailable(writers)) {
+        return UnimplementedError(
+            "Pull: the per-block path needs the transport to reach both pools; the " +
+            std::string(transport_name) +
+            " transport cannot reach device memory here (bounce stages through host memory)");
+      }
       choice.path = TransferPath::kPerBlock;
       return choice;
     case TransferPath::kBounce:
@@ -123,7 +135,16 @@ Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
     choice.path = TransferPath::kDirect;
     best = e.direct_us;
   }
-  if (e.bounce_us < best) choice.path = TransferPath::kBounce;
+  if (e.bounce_us < best) {
+    choice.path = TransferPath::kBounce;
+    best = e.bounce_us;
+  }
+  if (std::isinf(best)) {
+    return FailedPreconditionError(
+        "Pull: no path is available: the " + std::string(transport_name) +
+        " transport cannot reach a device pool, and the bounce path, which stages through host "
+        "memory, is off (bounce_size_mb = 0)");
+  }
   return choice;
 }
 

@@ -29,7 +29,10 @@
 // The writer's copy engine is priced with the receiver's figures (same
 // build, usually the same kind of host).
 //
-// Availability: direct only when every writer can map this rank's pool
+// Availability: per-block only when the transport reaches both pools (a
+// device pool over a transport that reaches host memory only is not
+// registered with it: docs/cuda.md, "Host-staged bounce"); direct only when
+// every writer can map this rank's pool
 // (its HELLO says its transport can, and PeerCaps(peer).map_remote agrees)
 // or be read by this rank (PeerCaps(peer).read_remote, host pools on both
 // sides);
@@ -77,12 +80,17 @@ struct WriterLoad {
   bool direct_read = false;   // this rank can read the writer's pool
   TransportCost read;         // what such a read costs, as stated
   bool send_arena = false;    // the writer can gather (bounce)
+  // The transport reaches the writer's pool and this rank's: it can write
+  // fragment by fragment (per-block).
+  bool per_block = true;
 };
 
 // Whether direct (every writer maps this rank's pool or is read by it) and
 // bounce (a recv arena here, a send arena at every writer) are available to
 // a pull with these writers (none: neither).
 bool DirectAvailable(std::span<const WriterLoad> writers);
+// Whether per-block is (the transport reaches every writer's pool and ours).
+bool PerBlockAvailable(std::span<const WriterLoad> writers);
 bool BounceAvailable(std::span<const WriterLoad> writers, bool recv_arena);
 
 // The estimate of each path, in µs; +infinity when it is not available.
@@ -112,8 +120,11 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
 // The path of a pull that asked for `requested` (kAuto: the config's path
 // already substituted, so kAuto means "choose"). Forced paths are returned
 // as they are, when available. Errors: kUnimplemented (direct asked, a
-// writer cannot map this rank's pool; the message names `transport_name`),
-// kInvalidArgument (bounce asked without a recv arena: bounce_size_mb = 0).
+// writer cannot map this rank's pool; per-block asked where the transport
+// cannot reach a pool; the message names `transport_name`),
+// kInvalidArgument (bounce asked without a recv arena: bounce_size_mb = 0),
+// kFailedPrecondition (auto, and no path is available: a device pool the
+// transport cannot reach, with the bounce path off).
 Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,
                               std::span<const WriterLoad> writers, const CopyCost& copy,
                               bool recv_arena, std::string_view transport_name);

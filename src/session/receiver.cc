@@ -37,6 +37,9 @@ struct ReceiverSession::Request {
   TransferPath requested = TransferPath::kAuto;
   TransferPath path = TransferPath::kPerBlock;
   std::string fallback_reason;
+  // Per-block can serve it (the transport reaches every pool involved): the
+  // fallback of a bounce that gets no recv slot.
+  bool per_block_available = true;
   std::vector<Writer> writers;
   uint64_t bytes = 0;
   uint64_t scatter_runs = 0;
@@ -179,6 +182,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     r->writers.push_back(std::move(writer));
   }
   r->scatter_runs = fragments;
+  r->per_block_available = PerBlockAvailable(loads);
 
   r->requested = options.path == TransferPath::kAuto ? ctx_.config.path : options.path;
   const bool recv_arena = ctx_.recv_arena != nullptr;
@@ -241,6 +245,11 @@ WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
                            (!ours_device || ctx_.pool_device == peer.pool_device);
   load.direct = (peer.capabilities & protocol::kCapabilityDirect) != 0 && ours.ok() &&
                 ours->map_remote && same_device;
+  // Per-block writes from the writer's pool into ours through the
+  // transport: both must be registered with it (a device pool over a
+  // transport that cannot reach device memory is not, and announces no
+  // pool region).
+  load.per_block = !ctx_.pool_ranges.empty() && !peer.pool_regions.empty();
   load.direct_read =
       !load.direct && theirs.ok() && theirs->read_remote && ours.ok() && ours->read_remote;
   if (theirs.ok()) load.read = theirs->read_cost;
@@ -265,7 +274,8 @@ Result<std::vector<TransferPath>> ReceiverSession::Paths(const std::string& ctx_
     }
     loads.push_back(LinkLoad(*peer));
   }
-  std::vector<TransferPath> paths = {TransferPath::kPerBlock};
+  std::vector<TransferPath> paths;
+  if (PerBlockAvailable(loads)) paths.push_back(TransferPath::kPerBlock);
   if (BounceAvailable(loads, ctx_.recv_arena != nullptr)) paths.push_back(TransferPath::kBounce);
   if (DirectAvailable(loads)) paths.push_back(TransferPath::kDirect);
   return paths;
@@ -353,6 +363,18 @@ void ReceiverSession::AbandonUnsent(Request& r, const Status& why) {
 }
 
 void ReceiverSession::FallBack(Request& r, const std::string& reason) {
+  if (!r.per_block_available) {
+    // Host-staged bounce (docs/cuda.md): the transport cannot reach the
+    // device pools, so per-block cannot stand in for the recv slot.
+    const std::string why = RequestName(r.key.first) + ": " + reason +
+                            ", and per-block cannot serve it: the " +
+                            ctx_.transport->Caps().name +
+                            " transport cannot reach the device pools";
+    AbandonUnsent(r, reason == "request larger than arena"
+                         ? OutOfRangeError(why + " (raise bounce_size_mb)")
+                         : ResourceExhaustedError(why));
+    return;
+  }
   r.path = TransferPath::kPerBlock;
   r.fallback_reason = reason;
   r.timeline.reserve = SessionContext::MetricsClock::now();

@@ -398,6 +398,13 @@ void SenderSession::Start(Job& job) {
   switch (job.path) {
     case TransferPath::kPerBlock: {
       job.fragments = job.plan.direct.size();
+      if (ctx_.pool_ranges.empty() || peer->pool_regions.empty()) {
+        Finish(job, UnimplementedError("per-block: the " + ctx_.transport->Caps().name +
+                                       " transport cannot reach the device pool of " +
+                                       (ctx_.pool_ranges.empty() ? std::string("this rank")
+                                                                 : job.peer_name)));
+        return;
+      }
       Result<std::vector<WriteGroup>> groups =
           GroupWrites(job.plan.direct, 0, ctx_.pool_ranges, peer->pool_regions);
       if (!groups.ok()) {
@@ -622,6 +629,15 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
   // The gather runs become writes from the pool into the recv slot: the
   // receiver's packed stream, and so its scatter, are the same.
   job.fallback_reason = reason;
+  if (ctx_.pool_ranges.empty()) {
+    // Host-staged bounce (docs/cuda.md): the pool is device memory the
+    // transport cannot reach, so only a gathered send slot can be written.
+    Finish(job, (reason == "request larger than send arena" ? OutOfRangeError(reason)
+                                                            : ResourceExhaustedError(reason))
+                    .WithContext("the " + ctx_.transport->Caps().name +
+                                 " transport cannot write from the device pool"));
+    return;
+  }
   job.timeline.reserve = SessionContext::MetricsClock::now();
   PeerState* peer = ctx_.FindPeer(job.peer);
   if (peer == nullptr || !peer->ready()) {

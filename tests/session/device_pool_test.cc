@@ -196,6 +196,92 @@ TEST(DevicePoolSettleTest, CancelledPullWritesNothingAfterItSettled) {
   }
 }
 
+// Host-staged bounce (docs/cuda.md): a transport that reaches host memory
+// only (loopback with device_memory off, as Debian's UCX) cannot register
+// the device pools; bounce gathers into pinned host arenas, the transport
+// moves those, the receiver scatters. It is the only path, and its
+// fallbacks fail instead of writing from the pool.
+TEST(DevicePoolStagedTest, BounceStagesThroughPinnedHostMemoryAndIsTheOnlyPath) {
+  if (const std::string why = NoDevice(); !why.empty()) GTEST_SKIP() << why;
+  const Shape s = Shapes()[1];  // head mismatch
+  ClusterOptions options = DeviceCluster(s);
+  options.loopback.device_memory = false;
+  auto cluster = Cluster::Create(options);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  for (int g = 0; g < c.num_gen(); ++g) {
+    const Result<std::vector<TransferPath>> paths = c.gen(g).Paths(c.options().ctx_instance);
+    ASSERT_THAT(paths, IsOk());
+    EXPECT_THAT(*paths, testing::ElementsAre(TransferPath::kBounce));
+  }
+  std::mt19937_64 rng(5);
+  uint64_t id = 1;
+  for (TransferPath path : {TransferPath::kBounce, TransferPath::kAuto}) {
+    const BlockTables tables = c.Tables(static_cast<int>(id % 2), s.end, rng);
+    c.ClearGen(tables.slot);
+    PullOptions pull;
+    pull.path = path;
+    std::vector<TransferInfo> infos;
+    ASSERT_THAT(c.RunRequest(id++, tables, {s.start, s.end}, pull, &infos), IsOk());
+    for (const TransferInfo& info : infos) EXPECT_EQ(info.path_taken, TransferPath::kBounce);
+    for (int g = 0; g < c.num_gen(); ++g) {
+      const tools::VerifyResult v = c.VerifyGen(g, tables, {s.start, s.end});
+      EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    }
+  }
+  // Per-block and direct would need the transport to reach the pools.
+  const BlockTables tables = c.Tables(0, s.end, rng);
+  for (TransferPath path : {TransferPath::kPerBlock, TransferPath::kDirect}) {
+    PullOptions pull;
+    pull.path = path;
+    EXPECT_THAT(c.gen(0).Pull(id++, c.options().ctx_instance, tables.gen, {0, s.end}, pull),
+                StatusIs(StatusCode::kUnimplemented));
+  }
+  for (int g = 0; g < c.num_gen(); ++g) EXPECT_EQ(c.gen(g).Stats().arena_outstanding_bytes, 0u);
+}
+
+TEST(DevicePoolStagedTest, ARequestLargerThanTheArenaFailsInsteadOfFallingBack) {
+  if (const std::string why = NoDevice(); !why.empty()) GTEST_SKIP() << why;
+  Shape s = Shapes()[0];
+  s.end = 2048;  // 4 layers x 8 heads x 128 x 2 B x 2 x 2048 tokens: 32 MiB, more than 1 MiB
+  ClusterOptions options = DeviceCluster(s);
+  options.loopback.device_memory = false;
+  options.ctx_config.bounce_size_mb = 1;
+  options.gen_config.bounce_size_mb = 1;
+  auto cluster = Cluster::Create(options);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(9);
+  const BlockTables tables = c.Tables(0, s.end, rng);
+  c.ClearGen(0);
+  PullOptions pull;
+  pull.path = TransferPath::kBounce;
+  EXPECT_THAT(c.RunRequest(1, tables, {0, s.end}, pull, nullptr),
+              StatusIs(StatusCode::kOutOfRange, HasSubstr("raise bounce_size_mb")));
+  for (int g = 0; g < c.num_gen(); ++g) {
+    // Nothing was written into the pool.
+    const tools::VerifyResult v = c.VerifyGen(g, tables, {0, 0});
+    EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    EXPECT_EQ(c.gen(g).Stats().arena_outstanding_bytes, 0u);
+  }
+}
+
+TEST(DevicePoolStagedTest, NoPathWithoutArenasIsAClearError) {
+  if (const std::string why = NoDevice(); !why.empty()) GTEST_SKIP() << why;
+  const Shape s = Shapes()[2];
+  ClusterOptions options = DeviceCluster(s);
+  options.loopback.device_memory = false;
+  options.ctx_config.bounce_size_mb = 0;
+  options.gen_config.bounce_size_mb = 0;
+  auto cluster = Cluster::Create(options);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(2);
+  const BlockTables tables = c.Tables(0, s.end, rng);
+  EXPECT_THAT(c.gen(0).Pull(1, c.options().ctx_instance, tables.gen, {0, s.end}, {}),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("no path is available")));
+}
+
 // --- Agent::Create with a device pool ------------------------------------
 
 AgentOptions GenOptions(std::shared_ptr<LoopbackFabric> fabric) {

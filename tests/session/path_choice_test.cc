@@ -164,6 +164,24 @@ TEST(PathChoiceTest, ForcedPathsAreKeptWhenAvailable) {
   EXPECT_EQ(bounce->path, TransferPath::kBounce);
 }
 
+// Device pools over a transport that reaches host memory only: per-block
+// cannot run (the pools are not registered), bounce stages through host
+// memory and is what auto takes, even where per-block would be cheaper.
+TEST(PathChoiceTest, WithoutPerBlockAutoTakesBounceAndForcingPerBlockFails) {
+  std::vector<WriterLoad> loads = Loads(2, 4, 4 * kMiB, kNetwork);  // per-block's best case
+  EXPECT_EQ(Auto(Config(), loads), TransferPath::kPerBlock);
+  loads[1].per_block = false;
+  EXPECT_FALSE(PerBlockAvailable(loads));
+  EXPECT_EQ(Auto(Config(), loads), TransferPath::kBounce);
+  const PathEstimate e = EstimatePaths(Config(), loads, kCpu, true);
+  EXPECT_TRUE(std::isinf(e.per_block_us));
+  EXPECT_THAT(ChoosePath(Config(), TransferPath::kPerBlock, loads, kCpu, true, "ucx"),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("the ucx transport cannot reach")));
+  // And with the bounce path off, nothing is left.
+  EXPECT_THAT(ChoosePath(Config(), TransferPath::kAuto, loads, kCpu, false, "ucx"),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("no path is available")));
+}
+
 TEST(PathChoiceTest, OnAFreeLinkTheFewestStepsWin) {
   // With a free link and free copies, every path costs only its hand-offs:
   // direct has the fewest.

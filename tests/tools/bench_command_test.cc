@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "copy/device_support.h"
+
 namespace kvbounce::tools {
 namespace {
 
@@ -226,8 +228,16 @@ TEST(BenchCommandTest, BadFlagsNameWhatIsWrong) {
   f.transport = "carrier-pigeon";
   EXPECT_THAT(error(f), HasSubstr("--transport carrier-pigeon"));
   f = Small();
-  f.memory = "cuda";
-  EXPECT_THAT(error(f), HasSubstr("--memory cuda"));
+  f.memory = "cuda";  // this machine has no usable device, or no CUDA build
+  if (CudaSupport() == nullptr || CudaSupport()->DeviceCount() == 0) {
+    EXPECT_THAT(error(f), HasSubstr("--memory cuda"));
+  }
+  f = Small();
+  f.memory = "hbm";
+  EXPECT_THAT(error(f), HasSubstr("--memory hbm: unknown memory"));
+  f = Small();
+  f.device = 1;
+  EXPECT_THAT(error(f), HasSubstr("--device applies to --memory cuda only"));
   f = Small();
   f.paths = "bounce,teleport";
   EXPECT_THAT(error(f), HasSubstr("--path"));

@@ -58,7 +58,7 @@ TransportCaps LoopbackCaps(const LoopbackOptions& options) {
   caps.host_memory = true;
   // Device memory through the GPU runtime, one copy call per operation
   // (docs/transports.md, "loopback").
-  caps.device_memory = CudaSupport() != nullptr;
+  caps.device_memory = options.device_memory && CudaSupport() != nullptr;
   caps.map_remote = options.map_remote;
   caps.concurrent_callbacks = false;
   caps.pending_writes_fail = true;
@@ -706,6 +706,11 @@ Result<std::unique_ptr<LocalRegion>> Endpoint::Register(Addr address, uint64_t b
       return InvalidArgumentError(address_ + ": the loopback transport cannot reach " +
                                   std::string(MemoryKindName(kind)) +
                                   " memory in a build without CUDA");
+    }
+    if (!options_.device_memory) {
+      return InvalidArgumentError(address_ +
+                                  ": this loopback endpoint reaches host memory only "
+                                  "(LoopbackOptions::device_memory is off)");
     }
     Result<MemoryPlace> located = device->Locate(address);
     if (!located.ok()) return located.status().WithContext(address_ + ": registering cuda memory");

@@ -48,6 +48,7 @@
 #include "common/checked_math.h"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
+#include "memory/allocation.h"
 #include "transport/write_check.h"
 
 namespace kvbounce {
@@ -2183,7 +2184,7 @@ Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
 Result<std::unique_ptr<LocalRegion>> Engine::Register(Addr address, uint64_t bytes,
                                                       MemoryKind kind) {
   if (bytes == 0) return InvalidArgumentError("cannot register an empty region");
-  if (kind != MemoryKind::kHost) {
+  if (!IsHostAccessible(kind)) {  // pageable or pinned
     return InvalidArgumentError("the ucx transport of this build reaches host memory only");
   }
   if (address.value() == 0 || !RangeInside(address, bytes, Addr(0), ~uint64_t{0})) {
@@ -2207,7 +2208,7 @@ Result<std::unique_ptr<LocalRegion>> Engine::Register(Addr address, uint64_t byt
 Result<std::unique_ptr<RemoteRegion>> Engine::Import(PeerId peer, const RegionInfo& info) {
   std::shared_ptr<Conn> conn = FindConn(peer);
   if (!conn) return NotFoundError("unknown peer " + std::to_string(peer));
-  if (info.kind != MemoryKind::kHost) {
+  if (!IsHostAccessible(info.kind)) {
     return InvalidArgumentError("the ucx transport of this build reaches host memory only");
   }
   if (conn->state.load() != Conn::kOpen) {
