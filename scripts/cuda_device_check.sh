@@ -2,7 +2,8 @@
 # The GPU checks of docs/cuda.md in one run, on a machine with a CUDA device:
 # every gpu-labelled test program, compute-sanitizer's memcheck over the
 # data-moving cases, the copy-engine bench and `kvbounce bench --memory cuda`
-# on three fragment sizes, and host-staged bounce between processes over UCX. Runs binaries built elsewhere (the GPU host may
+# on three fragment sizes, the chaos bench over device pools, and host-staged bounce between
+# processes over UCX. Runs binaries built elsewhere (the GPU host may
 # have no GoogleTest or UCX packages): build with the release preset, then
 #
 #   ./scripts/cuda_device_check.sh --stage        # on the build machine
@@ -68,6 +69,10 @@ if [ "$mode" != quick ]; then
   bench 4k --ctx tp=8 --gen tp=2 --tokens 2048 --tokens-per-block 16 --requests 16 \
     --concurrency 4
   bench blocks --ctx tp=2 --gen tp=2 --tokens 8192 --requests 16 --concurrency 4
+  # Settle-safety over device pools: random cancels, deadlines, retires and
+  # restarts on every path; a settled request's blocks never change.
+  bench chaos --chaos --chaos-seconds 30 --ctx tp=2 --gen tp=1,layout=layer-major-nhd \
+    --tokens 256 --tokens-per-block 16 --concurrency 4
   # Host-staged bounce between processes: UCX reaches host memory only.
   bench ucx_staged --transport ucx --ctx tp=2 --gen tp=1,layout=layer-major-nhd --tokens 2048 \
     --tokens-per-block 16 --requests 16 --concurrency 2

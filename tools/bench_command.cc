@@ -220,11 +220,7 @@ Result<double> MeasureDeviceCeiling(int device) {
 // --memory and --device: a kind this build and machine can run, with a
 // mode that supports it.
 Status CheckMemoryFlags(const BenchFlags& flags) {
-  KVB_ASSIGN_OR_RETURN(MemoryKind kind, PoolMemoryFromFlags(flags.memory, flags.device));
-  if (kind == MemoryKind::kCuda && flags.chaos) {
-    return UnimplementedError("--chaos runs over host pools only so far (--memory host)");
-  }
-  return Status::Ok();
+  return PoolMemoryFromFlags(flags.memory, flags.device).status();
 }
 
 }  // namespace

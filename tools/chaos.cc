@@ -840,11 +840,11 @@ struct Difference {
   uint64_t changed = 0;
 };
 
-std::optional<Difference> FindDifference(const std::vector<std::span<std::byte>>& memory,
+std::optional<Difference> FindDifference(const std::vector<std::vector<std::byte>>& memory,
                                          std::byte value) {
   std::optional<Difference> first;
   for (size_t r = 0; r < memory.size(); ++r) {
-    const std::span<std::byte> m = memory[r];
+    const std::vector<std::byte>& m = memory[r];
     for (size_t i = 0; i < m.size(); ++i) {
       if (m[i] == value) continue;
       if (!first) first = Difference{r, i, m[i], 0};
@@ -881,7 +881,15 @@ void SettleChecker::WriteCanary(int gen_rank, int slot) {
 }
 
 std::optional<std::string> SettleChecker::CheckCanary(int gen_rank, int slot) const {
-  const std::vector<std::span<std::byte>> memory = cluster_.SlotMemory(false, gen_rank, slot);
+  // A copy (device pools are copied to the host): what the slot held at
+  // this moment.
+  const Result<std::vector<std::vector<std::byte>>> copied =
+      cluster_.SlotBytes(false, gen_rank, slot);
+  if (!copied.ok()) {
+    return "gen rank " + std::to_string(gen_rank) + " slot " + std::to_string(slot) +
+           ": cannot read the slot: " + copied.status().ToString();
+  }
+  const std::vector<std::vector<std::byte>>& memory = *copied;
   const std::optional<Difference> d = FindDifference(memory, kCanary);
   if (!d) return std::nullopt;
   const int64_t blocks = 2 * cluster_.blocks_per_request(false);
@@ -911,7 +919,10 @@ SettleChecker::PullCheck SettleChecker::CheckOkPull(int gen_rank, const BlockTab
   // Poison is 8 or more poison bytes in a row (data rows of the semantic
   // function virtually never hold that).
   bool poisoned = false;
-  for (std::span<std::byte> m : cluster_.SlotMemory(false, gen_rank, tables.slot)) {
+  const Result<std::vector<std::vector<std::byte>>> copied =
+      cluster_.SlotBytes(false, gen_rank, tables.slot);
+  for (const std::vector<std::byte>& m :
+       copied.ok() ? *copied : std::vector<std::vector<std::byte>>()) {
     size_t run = 0;
     for (size_t i = 0; i < m.size() && !poisoned; ++i) {
       run = m[i] == kPoison ? run + 1 : 0;

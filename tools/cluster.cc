@@ -217,6 +217,11 @@ std::vector<std::span<std::byte>> Cluster::SlotMemory(bool ctx_side, int rank, i
   return (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].harness->SlotMemory(slot);
 }
 
+Result<std::vector<std::vector<std::byte>>> Cluster::SlotBytes(bool ctx_side, int rank,
+                                                               int slot) const {
+  return (ctx_side ? ctx_ : gen_)[static_cast<size_t>(rank)].harness->SlotBytes(slot);
+}
+
 void Cluster::FillSlot(bool ctx_side, int rank, int slot, std::byte value) {
   harness(ctx_side, rank).FillSlot(slot, value);
 }

@@ -147,6 +147,8 @@ class Cluster {
   // The memory of `slot`'s blocks in one rank's pool: one range
   // (block-major) or one per (layer, k/v) (layer-major), in address order.
   std::vector<std::span<std::byte>> SlotMemory(bool ctx_side, int rank, int slot) const;
+  // A copy of it (RankHarness::SlotBytes): also for device pools.
+  Result<std::vector<std::vector<std::byte>>> SlotBytes(bool ctx_side, int rank, int slot) const;
   // Sets every byte of `slot` in one rank's pool to `value`.
   void FillSlot(bool ctx_side, int rank, int slot, std::byte value);
   // Restores a ctx rank's `slot`: the sentinel everywhere, then the semantic

@@ -100,6 +100,7 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
   if (h->device_pool()) {
 #if KVBOUNCE_HAVE_CUDA
     KVB_ASSIGN_OR_RETURN(h->kernels_, DeviceRowKernels::Create(options.device));
+    KVB_ASSIGN_OR_RETURN(h->copier_, CudaSupport()->NewOpCopier(options.device));
     for (size_t i = 0; i < allocations; ++i) {
       Result<std::unique_ptr<Allocation>> memory =
           CudaSupport()->AllocateDevice(options.device, static_cast<size_t>(bytes));
@@ -198,6 +199,25 @@ std::vector<std::span<std::byte>> RankHarness::SlotMemory(int slot) const {
   for (const auto& [address, bytes] : SlotRanges(slot)) {
     out.emplace_back(static_cast<std::byte*>(address.ToPointer()), static_cast<size_t>(bytes));
   }
+  return out;
+}
+
+Result<std::vector<std::vector<std::byte>>> RankHarness::SlotBytes(int slot) const {
+  std::vector<std::vector<std::byte>> out;
+  const std::vector<std::pair<Addr, uint64_t>> ranges = SlotRanges(slot);
+  for (const auto& [address, bytes] : ranges) out.emplace_back(static_cast<size_t>(bytes));
+  if (!device_pool()) {
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      std::memcpy(out[i].data(), ranges[i].first.ToPointer(), out[i].size());
+    }
+    return out;
+  }
+  std::lock_guard<std::mutex> lock(kernels_mu_);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    KVB_RETURN_IF_ERROR(
+        copier_->Enqueue(Addr::FromPointer(out[i].data()), ranges[i].first, ranges[i].second));
+  }
+  KVB_RETURN_IF_ERROR(copier_->Wait());
   return out;
 }
 

@@ -104,6 +104,11 @@ struct RankHarnessOptions {
 };
 
 class DeviceRowKernels;
+}  // namespace kvbounce::tools
+namespace kvbounce {
+class OpCopier;
+}  // namespace kvbounce
+namespace kvbounce::tools {
 
 class RankHarness {
  public:
@@ -152,6 +157,10 @@ class RankHarness {
   std::vector<std::pair<Addr, uint64_t>> SlotRanges(int slot) const;
   // The same as host spans. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> SlotMemory(int slot) const;
+  // A copy of the slot's memory, one vector per range of SlotRanges (copied
+  // from the device for device pools). Errors: the runtime's, for a device
+  // pool.
+  Result<std::vector<std::vector<std::byte>>> SlotBytes(int slot) const;
   // Sets every byte of `slot` to `value`.
   void FillSlot(int slot, std::byte value);
   // Sets every byte of `slot` to the sentinel.
@@ -185,6 +194,7 @@ class RankHarness {
   // One user at a time (the kernels own one stream and staging buffers).
   mutable std::mutex kernels_mu_;
   std::unique_ptr<DeviceRowKernels> kernels_;
+  std::unique_ptr<OpCopier> copier_;  // device pools: copies slots to the host
   std::vector<Addr> bases_;
   PoolLayout layout_;
   std::vector<std::vector<int32_t>> ctx_tables_;  // per slot (ctx side)
