@@ -314,6 +314,18 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
           "--chaos runs over --transport loopback only (it restarts agents "
           "inside one process)");
     }
+  } else if (flags.transport == "cuda-ipc") {
+    if (flags.memory != "cuda") {
+      return InvalidArgumentError("--transport cuda-ipc moves device memory: it needs --memory cuda");
+    }
+    if (flags.chaos) {
+      return UnimplementedError(
+          "--chaos runs over --transport loopback only (it restarts agents inside one process)");
+    }
+    for (const auto& [set, name] : {std::pair{!flags.ucx_tls.empty(), "--ucx-tls"},
+                                    std::pair{flags.num_workers != 0, "--num-workers"}}) {
+      if (set) return InvalidArgumentError(std::string(name) + " applies to --transport ucx only");
+    }
   } else if (flags.transport == "loopback") {
     for (const auto& [set, name] :
          {std::pair{!flags.ucx_tls.empty(), "--ucx-tls"},
@@ -323,7 +335,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     }
   } else {
     return InvalidArgumentError("--transport " + flags.transport +
-                                ": unknown transport (known: loopback, ucx)");
+                                ": unknown transport (known: loopback, ucx, cuda-ipc)");
   }
   if (flags.num_workers < 0 || flags.num_workers > Config::kMaxNumWorkers) {
     return InvalidArgumentError("--num-workers = " + std::to_string(flags.num_workers) +
@@ -489,7 +501,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   report["bounce_size_mb"] = {{"ctx", ctx_arena_mb}, {"gen", gen_arena_mb}};
   report["concurrency"] = concurrency;
   report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths);
-  if (flags.transport == "ucx") {
+  if (flags.transport == "ucx" || flags.transport == "cuda-ipc") {
     BenchPlan plan{std::move(scenario), paths, concurrency, slots, ctx_arena_mb, gen_arena_mb};
     KVB_ASSIGN_OR_RETURN(nlohmann::json result, RunProcessBench(flags, plan, log));
     report.update(result);

@@ -182,10 +182,13 @@ std::set<size_t> Driver::Unresponsive(std::chrono::milliseconds wait) {
 
 Status Driver::Start(const std::string& executable) {
   std::vector<std::string> common = flags_.scenario.ToArgs();
-  const std::vector<std::string> more = {
-      "--concurrency",     std::to_string(plan_.slots),
-      "--listen",          "127.0.0.1:0",
+  std::vector<std::string> more = {
+      "--concurrency", std::to_string(plan_.slots), "--transport", flags_.transport,
       "--connect-timeout", std::to_string(std::max<int64_t>(1, step_.count() / 1000))};
+  if (flags_.transport == "ucx") {
+    more.push_back("--listen");
+    more.push_back("127.0.0.1:0");
+  }
   common.insert(common.end(), more.begin(), more.end());
   if (flags_.num_workers != 0) {
     common.push_back("--num-workers");
@@ -613,20 +616,20 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
       if (!flags.paths.empty()) {
         driver.Stop(false);
         return UnimplementedError(
-            "--path direct: the ucx transport between these workers can neither map nor read "
+            "--path direct: the " + flags.transport + " transport between these workers can neither map nor read "
             "peer memory (the direct path needs one of the two)");
       }
-      log << "  direct: not run (the ucx transport can neither map nor read peer memory)\n";
+      log << "  direct: not run (the " << flags.transport << " transport can neither map nor read peer memory)\n";
       continue;
     }
     if (p == TransferPath::kPerBlock && !driver.per_block()) {
       if (!flags.paths.empty()) {
         driver.Stop(false);
         return UnimplementedError(
-            "--path per-block: the ucx transport cannot reach the device pools (they stage "
+            "--path per-block: the " + flags.transport + " transport cannot reach the device pools (they stage "
             "through host memory on the bounce path)");
       }
-      log << "  per-block: not run (the ucx transport cannot reach the device pools)\n";
+      log << "  per-block: not run (the " << flags.transport << " transport cannot reach the device pools)\n";
       continue;
     }
     paths.push_back(p);

@@ -99,7 +99,9 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
   const uint64_t bytes = per_layer ? layout.layer_stride() : layout.allocation_bytes();
   if (h->device_pool()) {
 #if KVBOUNCE_HAVE_CUDA
-    KVB_ASSIGN_OR_RETURN(h->kernels_, DeviceRowKernels::Create(options.device));
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<DeviceRowKernels> kernels,
+                         DeviceRowKernels::Create(options.device));
+    h->kernels_ = std::move(kernels);
     KVB_ASSIGN_OR_RETURN(h->copier_, CudaSupport()->NewOpCopier(options.device));
     for (size_t i = 0; i < allocations; ++i) {
       Result<std::unique_ptr<Allocation>> memory =

@@ -192,8 +192,10 @@ class RankHarness {
   std::vector<std::vector<std::byte>> memory_;  // one allocation, or one per layer
   std::vector<std::unique_ptr<Allocation>> device_memory_;  // the same, on the device
   // One user at a time (the kernels own one stream and staging buffers).
+  // A shared_ptr: its deleter is bound where it is made (builds with CUDA
+  // only), so a build without CUDA never needs the kernels' destructor.
   mutable std::mutex kernels_mu_;
-  std::unique_ptr<DeviceRowKernels> kernels_;
+  std::shared_ptr<DeviceRowKernels> kernels_;
   std::unique_ptr<OpCopier> copier_;  // device pools: copies slots to the host
   std::vector<Addr> bases_;
   PoolLayout layout_;

@@ -233,6 +233,10 @@ CLI::App* AddWorkerCommand(CLI::App& app, WorkerFlags* flags) {
          "--concurrency", flags->concurrency,
          "Pool slots: requests in flight at once (1.." + std::to_string(kMaxConcurrency) + ")")
       ->capture_default_str();
+  cmd->add_option("--transport", flags->transport,
+                  "ucx (host memory, or device pools staged through pinned host memory), or "
+                  "cuda-ipc (device pools of processes of one host; --memory cuda)")
+      ->capture_default_str();
   cmd->add_option("--listen", flags->listen,
                   "host:port to listen on (port 0: any free port; 0.0.0.0: every interface)")
       ->capture_default_str();
@@ -329,8 +333,23 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
                                 " is invalid: must be in [1, " +
                                 std::to_string(Config::kMaxNumWorkers) + "]");
   }
-  KVB_RETURN_IF_ERROR(CheckAddress("--listen", flags.listen, 0));
-  plan.listen = flags.listen;
+  if (flags.transport != "ucx" && flags.transport != "cuda-ipc") {
+    return InvalidArgumentError("--transport " + flags.transport +
+                                ": unknown transport (known: ucx, cuda-ipc)");
+  }
+  plan.transport = flags.transport;
+  const bool ipc = flags.transport == "cuda-ipc";
+  if (ipc) {
+    // Unix socket addresses; the UCX default means "pick one".
+    plan.listen = flags.listen == WorkerFlags().listen ? "" : flags.listen;
+    if (!plan.listen.empty() && plan.listen.rfind("unix:", 0) != 0) {
+      return InvalidArgumentError("--listen " + flags.listen +
+                                  ": a cuda-ipc address is unix:@name or unix:/path");
+    }
+  } else {
+    KVB_RETURN_IF_ERROR(CheckAddress("--listen", flags.listen, 0));
+    plan.listen = flags.listen;
+  }
   if (!flags.peers.empty()) {
     size_t pos = 0;
     while (pos <= flags.peers.size()) {
@@ -345,7 +364,13 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
     plan.peers.insert(plan.peers.end(), more.begin(), more.end());
   }
   for (const std::string& p : plan.peers) {
-    KVB_RETURN_IF_ERROR(CheckAddress("peer", p, 1));
+    if (ipc) {
+      if (p.rfind("unix:", 0) != 0) {
+        return InvalidArgumentError("peer " + p + ": a cuda-ipc address is unix:@name or unix:/path");
+      }
+    } else {
+      KVB_RETURN_IF_ERROR(CheckAddress("peer", p, 1));
+    }
   }
   if (flags.requests > 0 && !plan.ctx_side && plan.peers.empty()) {
     return InvalidArgumentError(
@@ -365,6 +390,9 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   if (!layout.ok()) return layout.status().WithContext("--" + flags.role);
   KVB_ASSIGN_OR_RETURN(const MemoryKind pool_memory,
                        PoolMemoryFromFlags(flags.memory, flags.device));
+  if (ipc && pool_memory != MemoryKind::kCuda) {
+    return InvalidArgumentError("--transport cuda-ipc moves device memory: it needs --memory cuda");
+  }
   auto check_memory = [&](int64_t arena_mb) {
     MemoryNeed need;
     // A device pool is not host memory; its staging arena (pinned) is.
@@ -510,7 +538,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
 
 Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, std::ostream& log) {
   KVB_ASSIGN_OR_RETURN(WorkerPlan plan, PlanWorker(flags));
-  if (!UcxTransportAvailable()) {
+  if (plan.transport == "ucx" && !UcxTransportAvailable()) {
     return UnimplementedError(
         "this build has no UCX transport (build with UCX installed: libucx-dev / ucx-devel)");
   }
@@ -519,12 +547,24 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<SignalWatch> signals,
                        SignalWatch::Create({SIGINT, SIGTERM}));
 
-  UcxTransportOptions ucx;
-  ucx.listen_address = plan.listen;
-  ucx.num_workers = plan.num_workers;
-  ucx.connect_timeout = plan.connect_timeout;
-  Result<std::unique_ptr<Transport>> transport = NewUcxTransport(ucx);
-  if (!transport.ok()) return transport.status().WithContext("--listen " + plan.listen);
+  Result<std::unique_ptr<Transport>> transport = [&]() -> Result<std::unique_ptr<Transport>> {
+    if (plan.transport == "cuda-ipc") {
+      CudaIpcTransportOptions ipc;
+      ipc.listen_address = plan.listen;
+      ipc.device = flags.device;
+      ipc.connect_timeout = plan.connect_timeout;
+      return NewCudaIpcTransport(ipc);
+    }
+    UcxTransportOptions ucx;
+    ucx.listen_address = plan.listen;
+    ucx.num_workers = plan.num_workers;
+    ucx.connect_timeout = plan.connect_timeout;
+    return NewUcxTransport(ucx);
+  }();
+  if (!transport.ok()) {
+    return transport.status().WithContext("--transport " + plan.transport + " --listen " +
+                                          plan.listen);
+  }
   FaultTransport* faults = nullptr;
   if (plan.inject_fail_rate > 0) {
     FaultOptions fault_options;
@@ -563,7 +603,7 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
       end = PullAlone(*rank, plan, signals.get(), log, &run);
       report["scenario"] = DescribeScenario(plan.scenario);
       report["runs"] =
-          nlohmann::json::array({PathRunJson(run, "ucx", "host", plan.inject_fail_rate)});
+          nlohmann::json::array({PathRunJson(run, plan.transport, flags.memory, plan.inject_fail_rate)});
       PrintBenchTable(report, out);
       std::string why;
       passed = BenchPassed(report, &why) && run.completed == plan.requests &&

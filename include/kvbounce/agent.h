@@ -117,7 +117,8 @@ struct PoolSpec {
 //               override reaches the transport), and connect_timeout =
 //               AgentOptions::connect_timeout.
 struct TransportSpec {
-  // "ucx" or "loopback".
+  // "ucx", "loopback" or "cuda-ipc" (device pools of processes of one host:
+  // listening on `ipc_address`, mapping peers for the pool's device).
   std::string kind = "ucx";
   // loopback: the fabric shared by the agents of this process, and this
   // endpoint's name on it (empty: "<instance>-<rank>").
@@ -127,6 +128,8 @@ struct TransportSpec {
   std::string listen_address = "127.0.0.1:0";
   uint64_t put_chunk_bytes = 0;
   bool same_host_shared_memory = true;
+  // cuda-ipc: "unix:@name" or "unix:/path"; empty: a unique name.
+  std::string ipc_address;
 };
 
 struct AgentOptions {

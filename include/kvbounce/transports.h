@@ -86,6 +86,26 @@ bool UcxTransportAvailable();
 // not start or listen there), kUnimplemented (a build without UCX).
 Result<std::unique_ptr<Transport>> NewUcxTransport(const UcxTransportOptions& options);
 
+// The cuda-ipc transport (docs/transports.md): device memory of processes
+// of one host, mapped with CUDA IPC handles and copied by the GPU; control
+// frames on a Unix socket.
+struct CudaIpcTransportOptions {
+  // "unix:@name" (abstract namespace) or "unix:/path"; empty: a name unique
+  // to this process and endpoint.
+  std::string listen_address;
+  // The device this rank's memory lives on: peers' regions are mapped for
+  // it and its copies run there.
+  int device = 0;
+  // How long Connect waits for the peer's socket.
+  std::chrono::milliseconds connect_timeout{10000};
+};
+
+// A cuda-ipc transport. Errors: kUnimplemented (a build without CUDA),
+// kUnavailable (no usable CUDA device), kInvalidArgument (a device the
+// process lacks, a malformed address), kAlreadyExists or kUnavailable (the
+// address is taken or cannot be listened on).
+Result<std::unique_ptr<Transport>> NewCudaIpcTransport(const CudaIpcTransportOptions& options);
+
 // Faults to inject into a transport's data plane (tests, benchmarks).
 struct FaultInjection {
   double write_fail_rate = 0;          // per write operation, [0, 1]

@@ -27,8 +27,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "copy/copy_engine.h"
 #include "kvbounce/status.h"
@@ -58,6 +60,23 @@ class OpCopier {
 struct OpCopyCost {
   double op_us = 0;
   double bytes_per_us = 0;
+};
+
+// Device memory shared with another process of this host: what that
+// process needs to map it (DeviceSupport::Share, OpenShare).
+struct DeviceShare {
+  std::vector<std::byte> handle;  // the runtime's handle of the whole allocation
+  uint64_t offset = 0;            // of the shared address from the allocation's base
+  uint64_t allocation_bytes = 0;
+};
+
+// A peer's allocation mapped into this process; unmapped when destroyed
+// (which may happen on any thread).
+class DeviceShareMapping {
+ public:
+  virtual ~DeviceShareMapping() = default;
+  // The allocation's first byte in this process.
+  virtual Addr base() const = 0;
 };
 
 class DeviceSupport {
@@ -90,6 +109,16 @@ class DeviceSupport {
   // A copier issuing one runtime copy per operation, on `device`.
   virtual Result<std::unique_ptr<OpCopier>> NewOpCopier(int device) const = 0;
   virtual OpCopyCost OpCost() const = 0;
+
+  // Exports the allocation holding [address, address + bytes) for another
+  // process of this host (CUDA: an IPC handle). Errors: kInvalidArgument
+  // (not device memory, a range that leaves its allocation), the runtime's.
+  virtual Result<DeviceShare> Share(Addr address, uint64_t bytes) const = 0;
+  // Maps a handle another process exported, for `device`. A process cannot
+  // map its own handles. Errors: kInvalidArgument (a malformed handle), the
+  // runtime's.
+  virtual Result<std::unique_ptr<DeviceShareMapping>> OpenShare(std::span<const std::byte> handle,
+                                                                int device) const = 0;
 };
 
 // The CUDA support of this build, or nullptr when it was built without a

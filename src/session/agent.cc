@@ -157,8 +157,17 @@ Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, c
     if (*made == nullptr) return InternalError("the ucx transport factory returned null");
     return made;
   }
+  if (spec.kind == "cuda-ipc") {
+    CudaIpcTransportOptions ipc;
+    ipc.listen_address = spec.ipc_address;
+    ipc.device = options.pool.memory == MemoryKind::kCuda ? options.pool.device : 0;
+    ipc.connect_timeout = options.connect_timeout;
+    Result<std::unique_ptr<Transport>> made = NewCudaIpcTransport(ipc);
+    if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (cuda-ipc)");
+    return made;
+  }
   return InvalidArgumentError("AgentOptions.transport_spec.kind = \"" + spec.kind +
-                              "\" is invalid: must be one of ucx, loopback");
+                              "\" is invalid: must be one of ucx, loopback, cuda-ipc");
 }
 
 // Lets a Transfer handle reach its agent's loop for as long as the agent
@@ -327,8 +336,10 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     KVB_ASSIGN_OR_RETURN(transport_, BuildTransport(options, config, hooks));
   }
   const TransportCaps caps = transport_->Caps();
-  if (!caps.host_memory) {
-    return InvalidArgumentError("the " + caps.name + " transport cannot reach host memory");
+  if (!caps.host_memory && pool.memory != MemoryKind::kCuda) {
+    return InvalidArgumentError("AgentOptions.pool.memory = " +
+                                std::string(MemoryKindName(pool.memory)) + ": the " + caps.name +
+                                " transport cannot reach host memory");
   }
   // A device pool the transport cannot reach (Debian's UCX has no CUDA
   // support) is not registered with it: its KV is staged through pinned

@@ -1,5 +1,6 @@
 // The public factories of kvbounce/transports.h.
 #include "kvbounce/transports.h"
+#include "transport/cuda_ipc/cuda_ipc_transport.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
 #if defined(KVBOUNCE_HAVE_UCX)
@@ -23,6 +24,10 @@ Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<Loopback
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> t,
                        LoopbackTransport::Create(std::move(fabric), std::move(name), options));
   return std::unique_ptr<Transport>(std::move(t));
+}
+
+Result<std::unique_ptr<Transport>> NewCudaIpcTransport(const CudaIpcTransportOptions& options) {
+  return CreateCudaIpcTransport(options);
 }
 
 bool UcxTransportAvailable() {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "copy/cuda/cuda_copy_engine.h"
+#include "copy/cuda/cuda_ipc_memory.h"
 #include "copy/cuda/cuda_memory.h"
 #include "copy/cuda/cuda_util.h"
 #include "copy/device_support.h"
@@ -43,6 +44,16 @@ class CudaOpCopier final : public OpCopier {
   Status error_;
 };
 
+class IpcShareMapping final : public DeviceShareMapping {
+ public:
+  explicit IpcShareMapping(std::unique_ptr<CudaIpcMapping> mapping)
+      : mapping_(std::move(mapping)) {}
+  Addr base() const override { return mapping_->base(); }
+
+ private:
+  std::unique_ptr<CudaIpcMapping> mapping_;
+};
+
 class CudaDeviceSupport final : public DeviceSupport {
  public:
   std::string_view Name() const override { return "cuda"; }
@@ -73,6 +84,17 @@ class CudaDeviceSupport final : public DeviceSupport {
   // 4 KiB); a large device-to-device copy runs at ~2.1 TB/s
   // (docs/PERFORMANCE.md, "CUDA copy engine").
   OpCopyCost OpCost() const override { return OpCopyCost{4.0, 2.1e6}; }
+
+  Result<DeviceShare> Share(Addr address, uint64_t bytes) const override {
+    KVB_ASSIGN_OR_RETURN(CudaIpcExport e, ExportCudaIpc(address, bytes));
+    return DeviceShare{std::move(e.handle), e.offset, e.allocation_bytes};
+  }
+
+  Result<std::unique_ptr<DeviceShareMapping>> OpenShare(std::span<const std::byte> handle,
+                                                        int device) const override {
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CudaIpcMapping> mapping, OpenCudaIpc(handle, device));
+    return std::unique_ptr<DeviceShareMapping>(new IpcShareMapping(std::move(mapping)));
+  }
 };
 
 }  // namespace
