@@ -252,21 +252,6 @@ Status CuStatus(CUresult result, std::string_view call) {
   return CuStatusWith(Loaded().api, result, call);
 }
 
-// --- UniqueFd ---
-
-UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
-  if (this != &other) {
-    Reset();
-    fd_ = std::exchange(other.fd_, -1);
-  }
-  return *this;
-}
-
-void UniqueFd::Reset() {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = -1;
-}
-
 // --- CudaDeviceAllocation ---
 
 Result<std::unique_ptr<Allocation>> CudaDeviceAllocation::Create(int device, size_t bytes) {

@@ -35,7 +35,8 @@
 // Ownership: each object owns its memory, handle and virtual address range
 // and releases them in its destructor. REQUIRES at destruction: no copy in
 // flight still reads or writes the memory. An exported file descriptor is
-// owned by the UniqueFd returned; an imported one stays the caller's.
+// owned by the UniqueFd (common/unique_fd.h) returned; an imported one stays
+// the caller's.
 // Physical VMM memory lives until its last owner is gone: the exporting
 // allocation, every mapping of it and every exported descriptor still open.
 #ifndef KVBOUNCE_COPY_CUDA_CUDA_MEMORY_H_
@@ -48,6 +49,7 @@
 #include <string_view>
 #include <utility>
 
+#include "common/unique_fd.h"
 #include "copy/cuda/cuda_util.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
@@ -59,29 +61,6 @@ namespace kvbounce {
 // file comment and "call: CUDA_ERROR_NAME (text)" as message. Where the
 // driver cannot be reached to name the error, the message says "CUresult N".
 Status CuStatus(CUresult result, std::string_view call);
-
-// An owned POSIX file descriptor, closed at destruction; -1 when empty.
-// Move-only.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { Reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept;
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  // Gives up ownership: returns the descriptor and leaves this empty.
-  int Release() { return std::exchange(fd_, -1); }
-  // Closes the descriptor now (if any).
-  void Reset();
-
- private:
-  int fd_ = -1;
-};
 
 // Device memory of one device, from cudaMalloc. Its contents are not
 // initialized (zeroing device memory is a kernel launch the caller can do

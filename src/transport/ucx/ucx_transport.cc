@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common/checked_math.h"
+#include "common/unique_fd.h"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
 #include "memory/allocation.h"
@@ -201,32 +202,6 @@ bool EnvAllowsSharedMemory() {
 std::string ErrnoText(int error) {
   return std::error_code(error, std::generic_category()).message();
 }
-
-// An owned file descriptor (a pidfd here); -1 when none.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      Reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { Reset(); }
-  int get() const { return fd_; }
-
- private:
-  void Reset() {
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
-  }
-  int fd_ = -1;
-};
 
 // A pidfd for `pid` (whose exit it reports), or none where the kernel (or a
 // seccomp profile) has no pidfd_open.
