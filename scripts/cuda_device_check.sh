@@ -20,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PROGRAMS=(tests/copy/copy_cuda_engine_test tests/copy/copy_cuda_memory_test
           tests/tools/tools_device_rows_test tests/session/session_device_pool_test
-          tools/kvbounce bench/cuda_copy_bench)
+          tests/tools/tools_cuda_ipc_process_test tools/kvbounce bench/cuda_copy_bench)
 if [ "${1:-}" = "--stage" ]; then
   mkdir -p out/gpu
   for p in "${PROGRAMS[@]}"; do
@@ -40,8 +40,9 @@ ucx=$PWD/.deps/ucx/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$PWD/out/gpu:$ucx${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export UCX_MODULE_DIR=$ucx/ucx
 nvidia-smi -L > "$dest/device.txt" 2>&1
+export KVBOUNCE_BINARY=$PWD/out/gpu/kvbounce  # the workers of the cuda-ipc tests
 for t in copy_cuda_engine_test copy_cuda_memory_test tools_device_rows_test \
-         session_device_pool_test; do
+         session_device_pool_test tools_cuda_ipc_process_test; do
   timeout 300 "out/gpu/$t" > "$dest/$t.txt" 2>&1; echo "rc=$?" >> "$dest/$t.txt"
 done
 if command -v compute-sanitizer >/dev/null; then
@@ -73,6 +74,11 @@ if [ "$mode" != quick ]; then
   # restarts on every path; a settled request's blocks never change.
   bench chaos --chaos --chaos-seconds 30 --ctx tp=2 --gen tp=1,layout=layer-major-nhd \
     --tokens 256 --tokens-per-block 16 --concurrency 4
+  # Device pools of worker processes on one host over cuda-ipc.
+  bench ipc_256b --transport cuda-ipc --ctx tp=2 --gen tp=1,layout=layer-major-nhd \
+    --tokens 512 --tokens-per-block 16 --requests 8 --concurrency 2
+  bench ipc_4k --transport cuda-ipc --ctx tp=8 --gen tp=2 --tokens 2048 --tokens-per-block 16 \
+    --requests 16 --concurrency 4
   # Host-staged bounce between processes: UCX reaches host memory only.
   bench ucx_staged --transport ucx --ctx tp=2 --gen tp=1,layout=layer-major-nhd --tokens 2048 \
     --tokens-per-block 16 --requests 16 --concurrency 2

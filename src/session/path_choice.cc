@@ -82,7 +82,8 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
           kHandOffUs + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
     } else {
       const TransportCost read = EffectiveReadCost(config, w.read, stated_copy);
-      e.direct_us += 3 * kHandOffUs + static_cast<double>(w.direct_runs) * read.op_us +
+      e.direct_us += 3 * kHandOffUs +
+                     static_cast<double>(w.direct_runs) * (read.op_us + kReadPlanRunUs) +
                      bytes / read.bytes_per_us;
     }
   }

@@ -8,7 +8,7 @@
 //   bounce     4 H + 2 op + B / link                      (one write, a flush)
 //              + 2 batch + (G + S) run + 2 B / copy       (gather, scatter)
 //   direct     H + batch + D run + B / copy               (one batched copy)
-//              3 H + D read_op + B / read                 (read by this rank)
+//              3 H + D (read_op + P) + B / read           (read by this rank)
 //
 // where, per writer, B is its packed bytes, D its direct-list runs (one
 // transport write each on per-block, one copy run each on direct), G and S
@@ -21,7 +21,9 @@
 // direct read (the writer lends its blocks and this rank copies them with
 // Transport::Read: KV_READY, the reads, KV_READ_DONE and KV_RESULT), read_op
 // and read are the connection's read cost (PeerCaps(peer).read_cost), or the
-// copy engine's figures where it states none.
+// copy engine's figures where it states none; P = kReadPlanRunUs is this
+// rank planning and grouping the writer's direct list once its blocks are
+// lent, on the control thread.
 //
 // Writers run in parallel on their own ranks, but every term scales alike
 // with their number, so the sum ranks the paths as the slowest writer would,
@@ -61,6 +63,13 @@ namespace kvbounce {
 // development machine (docs/PERFORMANCE.md: a one-block request takes about
 // 0.10 ms on direct and 0.14 ms on per-block, which has two more steps).
 inline constexpr double kHandOffUs = 10;
+
+// Planning and grouping one run of a lent direct list on the receiver's
+// control thread (µs): the planner's 20–29 ns a run
+// (docs/PERFORMANCE.md, planner) and as much again to group the runs into
+// read operations. Measured on an H200 host over cuda-ipc: a direct read of
+// 131,072 runs a writer took 31 ms for two writers where bounce took 12 ms.
+inline constexpr double kReadPlanRunUs = 0.05;
 
 // The figures used for one the transport or the copy engine leaves at 0
 // (unknown) and the config does not override.

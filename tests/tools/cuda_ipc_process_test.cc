@@ -95,7 +95,7 @@ TEST_P(CudaIpcBenchTest, EveryPathMovesAndVerifiesEveryByte) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaIpcBenchTest,
                          ::testing::Values(Shape{"FanIn", "tp=2", "tp=1,layout=layer-major-nhd"},
                                            Shape{"FanOut", "tp=1", "tp=2"}),
-                         [](const auto& info) { return std::string(info.param.name); });
+                         [](const auto& p) { return std::string(p.param.name); });
 
 TEST(CudaIpcFlagsTest, CudaIpcMovesDeviceMemoryOnly) {
   BenchFlags f = Flags("tp=1", "tp=1");
