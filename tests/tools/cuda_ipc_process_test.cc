@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "copy/device_support.h"
+#include "bench_process.h"
 #include "tools/bench_command.h"
 
 #ifndef KVBOUNCE_BINARY
@@ -96,6 +97,30 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaIpcBenchTest,
                          ::testing::Values(Shape{"FanIn", "tp=2", "tp=1,layout=layer-major-nhd"},
                                            Shape{"FanOut", "tp=1", "tp=2"}),
                          [](const auto& p) { return std::string(p.param.name); });
+
+// SIGKILL of a worker mid-run (tools/bench_process.h): the bench ends within
+// its bound naming it, and every survivor settles what it held, returns
+// every staging slot and quits cleanly; a killed writer's mapping of the
+// survivors' memory is fenced by its exit.
+class CudaIpcKillTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (const std::string why = NoDevice(); !why.empty()) GTEST_SKIP() << why;
+  }
+  const std::string args_ = "--transport cuda-ipc --memory cuda";
+};
+
+TEST_F(CudaIpcKillTest, AKilledCtxWorkerEndsTheBenchNamingIt) {
+  KillWorkerMidRun(Binary(), args_, "ctx rank 1", "per-block");
+}
+
+TEST_F(CudaIpcKillTest, AKilledGenWorkerMidBounceLeavesNoStagingBehind) {
+  KillWorkerMidRun(Binary(), args_, "gen rank 1", "bounce");
+}
+
+TEST_F(CudaIpcKillTest, AKilledCtxWorkerMidDirectReadLeavesNoStagingBehind) {
+  KillWorkerMidRun(Binary(), args_, "ctx rank 0", "direct");
+}
 
 TEST(CudaIpcFlagsTest, CudaIpcMovesDeviceMemoryOnly) {
   BenchFlags f = Flags("tp=1", "tp=1");

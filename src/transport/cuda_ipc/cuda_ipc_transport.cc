@@ -225,7 +225,18 @@ class CudaIpcTransport final : public Transport {
     message.reserve(frame.size() + 1);
     message.push_back(static_cast<std::byte>(kMsgFrame));
     message.insert(message.end(), frame.begin(), frame.end());
-    KVB_RETURN_IF_ERROR(channel_->Send(peer, message));
+    Status sent = channel_->Send(peer, message);
+    if (!sent.ok()) {
+      if (sent.code() == StatusCode::kUnavailable) {
+        // The socket is gone (the peer hung up or died): the connection ends.
+        const Status closed = UnavailableError("cuda-ipc: connection to peer " +
+                                               std::to_string(peer) + " closed: " +
+                                               std::string(sent.message()));
+        TearDown(peer, closed);
+        return closed;
+      }
+      return sent;
+    }
     messages_sent_.fetch_add(1);
     return Status::Ok();
   }
@@ -685,10 +696,12 @@ class CudaIpcTransport final : public Transport {
   void OnChannelClosed(ChannelPeerId channel_peer, const Status& reason) {
     const PeerId peer = static_cast<PeerId>(channel_peer);
     bool watch = false;
+    const bool exited = channel_->PeerProcessExited(channel_peer);
     {
       std::lock_guard<std::mutex> lock(mu_);
       Conn& c = conns_[peer];
       c.channel_closed = true;
+      if (exited) c.exited = true;
       if (!c.close_received && !c.exited && !c.waiting_exit) {
         c.waiting_exit = true;
         watch = true;
