@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <utility>
@@ -278,14 +279,17 @@ void RankHarness::RefillCtx(int slot) {
   FillCtx(ctx_tables_[static_cast<size_t>(slot)]);
 }
 
-VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table,
-                                    TokenRange range) const {
-  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range);
-  VerifyResult result;
+// One row of a gen slot, as VerifyGen walks them: its place, and the token
+// it holds (-1 for a block outside the request's table).
+struct RankHarness::SlotRow {
+  int32_t block;
+  int l, kv, h, tt;
+  int64_t token;
+};
+
+void RankHarness::ForEachSlotRow(int slot, std::span<const int32_t> gen_table,
+                                 const std::function<void(const SlotRow&)>& fn) const {
   const PoolGeometry& g = layout_.geometry();
-  const RankPlacement p = topology_.Placement(options_.rank);
-  const int e = static_cast<int>(topology_.elem_bytes());
-  const int dim = g.head_dim;
   const int64_t tpb = g.tokens_per_block;
   const int64_t blocks = 2 * blocks_per_request();
   const int32_t first = static_cast<int32_t>(slot * blocks);
@@ -293,10 +297,6 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
   for (size_t i = 0; i < gen_table.size(); ++i) {
     logical[static_cast<size_t>(gen_table[i] - first)] = static_cast<int64_t>(i);
   }
-  const std::string who = "gen rank " + std::to_string(options_.rank);
-  auto mismatch = [&](const std::string& what) {
-    if (result.mismatches++ == 0) result.first_mismatch = what;
-  };
   for (int64_t bi = 0; bi < blocks; ++bi) {
     const int32_t block = first + static_cast<int32_t>(bi);
     const int64_t index = logical[static_cast<size_t>(bi)];
@@ -304,39 +304,60 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
       for (int kv = 0; kv < g.kv_factor; ++kv) {
         for (int h = 0; h < g.num_heads; ++h) {
           for (int tt = 0; tt < tpb; ++tt) {
-            const auto* row =
-                static_cast<const std::byte*>(layout_.RowAddress(l, kv, block, h, tt).ToPointer());
-            const int64_t token = index < 0 ? -1 : index * tpb + tt;
-            if (token >= range.start && token < range.end) {
-              const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, token);
-              bool ok = true;
-              for (int d = 0; d < dim && ok; ++d) {
-                const uint64_t v = FromSeed(seed, d);
-                for (int b = 0; b < e; ++b) {
-                  if (row[d * e + b] != static_cast<std::byte>(v >> (8 * b))) ok = false;
-                }
-              }
-              result.verified_bytes += static_cast<uint64_t>(dim * e);
-              if (!ok) {
-                mismatch(who + ": layer " + std::to_string(p.first_layer + l) + " kv " +
-                         std::to_string(kv) + " head " + std::to_string(p.first_head + h) +
-                         " token " + std::to_string(token) + " holds wrong bytes");
-              }
-            } else {
-              for (int i = 0; i < dim * e; ++i) {
-                if (row[i] != kSlotSentinel) {
-                  mismatch(who + ": block " + std::to_string(block) + " layer " +
-                           std::to_string(p.first_layer + l) + " token slot " + std::to_string(tt) +
-                           " outside the request was written");
-                  break;
-                }
-              }
-            }
+            fn(SlotRow{block, l, kv, h, tt, index < 0 ? -1 : index * tpb + tt});
           }
         }
       }
     }
   }
+}
+
+std::string RankHarness::DescribeBadRow(const SlotRow& row, bool value_row) const {
+  const RankPlacement p = topology_.Placement(options_.rank);
+  const std::string who = "gen rank " + std::to_string(options_.rank);
+  if (value_row) {
+    return who + ": layer " + std::to_string(p.first_layer + row.l) + " kv " +
+           std::to_string(row.kv) + " head " + std::to_string(p.first_head + row.h) + " token " +
+           std::to_string(row.token) + " holds wrong bytes";
+  }
+  return who + ": block " + std::to_string(row.block) + " layer " +
+         std::to_string(p.first_layer + row.l) + " token slot " + std::to_string(row.tt) +
+         " outside the request was written";
+}
+
+VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table,
+                                    TokenRange range) const {
+  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range);
+  VerifyResult result;
+  const RankPlacement p = topology_.Placement(options_.rank);
+  const int e = static_cast<int>(topology_.elem_bytes());
+  const int dim = layout_.geometry().head_dim;
+  auto mismatch = [&](const SlotRow& r, bool value_row) {
+    if (result.mismatches++ == 0) result.first_mismatch = DescribeBadRow(r, value_row);
+  };
+  ForEachSlotRow(slot, gen_table, [&](const SlotRow& r) {
+    const auto* row =
+        static_cast<const std::byte*>(layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).ToPointer());
+    if (r.token >= range.start && r.token < range.end) {
+      const uint64_t seed = RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token);
+      bool ok = true;
+      for (int d = 0; d < dim && ok; ++d) {
+        const uint64_t v = FromSeed(seed, d);
+        for (int b = 0; b < e; ++b) {
+          if (row[d * e + b] != static_cast<std::byte>(v >> (8 * b))) ok = false;
+        }
+      }
+      result.verified_bytes += static_cast<uint64_t>(dim * e);
+      if (!ok) mismatch(r, true);
+    } else {
+      for (int i = 0; i < dim * e; ++i) {
+        if (row[i] != kSlotSentinel) {
+          mismatch(r, false);
+          break;
+        }
+      }
+    }
+  });
   return result;
 }
 
@@ -370,50 +391,24 @@ Status RankHarness::FillCtxOnDevice(const std::vector<int32_t>& table) {
 VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,
                                             TokenRange range) const {
   VerifyResult result;
-  const std::string who = "gen rank " + std::to_string(options_.rank);
 #if KVBOUNCE_HAVE_CUDA
   const PoolGeometry& g = layout_.geometry();
   const RankPlacement p = topology_.Placement(options_.rank);
   const int e = static_cast<int>(topology_.elem_bytes());
-  const int64_t tpb = g.tokens_per_block;
-  const int64_t blocks = 2 * blocks_per_request();
-  const int32_t first = static_cast<int32_t>(slot * blocks);
-  std::vector<int64_t> logical(static_cast<size_t>(blocks), -1);  // block -> table index
-  for (size_t i = 0; i < gen_table.size(); ++i) {
-    logical[static_cast<size_t>(gen_table[i] - first)] = static_cast<int64_t>(i);
-  }
-  // Every row of the slot, in the order the host check walks them, split
-  // into the rows of the range (values) and the rest (sentinel); `where`
-  // names each row for the first mismatch.
-  struct Where {
-    int32_t block;
-    int l, kv, h, tt;
-    int64_t token;
-  };
+  // The rows of the range (values) and the rest (sentinel), each with its
+  // place for naming the first mismatch.
   std::vector<DeviceRow> values, sentinels;
-  std::vector<Where> value_where, sentinel_where;
-  for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int32_t block = first + static_cast<int32_t>(bi);
-    const int64_t index = logical[static_cast<size_t>(bi)];
-    for (int l = 0; l < g.num_layers; ++l) {
-      for (int kv = 0; kv < g.kv_factor; ++kv) {
-        for (int h = 0; h < g.num_heads; ++h) {
-          for (int tt = 0; tt < tpb; ++tt) {
-            const uint64_t row = layout_.RowAddress(l, kv, block, h, tt).value();
-            const int64_t token = index < 0 ? -1 : index * tpb + tt;
-            const Where where{block, l, kv, h, tt, token};
-            if (token >= range.start && token < range.end) {
-              values.push_back(DeviceRow{row, RowSeed(p.first_layer + l, kv, p.first_head + h, token)});
-              value_where.push_back(where);
-            } else {
-              sentinels.push_back(DeviceRow{row, 0});
-              sentinel_where.push_back(where);
-            }
-          }
-        }
-      }
+  std::vector<SlotRow> value_rows, sentinel_rows;
+  ForEachSlotRow(slot, gen_table, [&](const SlotRow& r) {
+    const uint64_t row = layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).value();
+    if (r.token >= range.start && r.token < range.end) {
+      values.push_back(DeviceRow{row, RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token)});
+      value_rows.push_back(r);
+    } else {
+      sentinels.push_back(DeviceRow{row, 0});
+      sentinel_rows.push_back(r);
     }
-  }
+  });
   Result<DeviceRowCheck> check = [&] {
     std::lock_guard<std::mutex> lock(kernels_mu_);
     return kernels_->VerifyRows(values, sentinels, g.head_dim, e,
@@ -422,30 +417,25 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
   result.verified_bytes = values.size() * static_cast<uint64_t>(g.head_dim) * e;
   if (!check.ok()) {
     result.mismatches = 1;
-    result.first_mismatch = who + ": the verification kernel failed: " + check.status().ToString();
+    result.first_mismatch = "gen rank " + std::to_string(options_.rank) +
+                            ": the verification kernel failed: " + check.status().ToString();
     return result;
   }
   result.mismatches = check->mismatches;
   if (check->first_bad_row >= 0) {
+    // first_bad_row indexes the values, then the sentinel rows.
     const size_t bad = static_cast<size_t>(check->first_bad_row);
-    if (bad < values.size()) {
-      const Where& w = value_where[bad];
-      result.first_mismatch = who + ": layer " + std::to_string(p.first_layer + w.l) + " kv " +
-                              std::to_string(w.kv) + " head " + std::to_string(p.first_head + w.h) +
-                              " token " + std::to_string(w.token) + " holds wrong bytes";
-    } else {
-      const Where& w = sentinel_where[bad - values.size()];
-      result.first_mismatch = who + ": block " + std::to_string(w.block) + " layer " +
-                              std::to_string(p.first_layer + w.l) + " token slot " +
-                              std::to_string(w.tt) + " outside the request was written";
-    }
+    result.first_mismatch = bad < values.size()
+                                ? DescribeBadRow(value_rows[bad], true)
+                                : DescribeBadRow(sentinel_rows[bad - values.size()], false);
   }
 #else
   (void)slot;
   (void)gen_table;
   (void)range;
   result.mismatches = 1;
-  result.first_mismatch = who + ": cuda pools need a build with CUDA";
+  result.first_mismatch = "gen rank " + std::to_string(options_.rank) +
+                          ": cuda pools need a build with CUDA";
 #endif
   return result;
 }

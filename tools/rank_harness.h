@@ -36,6 +36,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -184,6 +185,15 @@ class RankHarness {
 
   Topology topology_;
   RankHarnessOptions options_;
+  struct SlotRow;
+  // Calls `fn` for every row of gen slot `slot`, in the order of its
+  // blocks, layers, k/v, heads and in-block tokens, with the token each
+  // holds under `gen_table`.
+  void ForEachSlotRow(int slot, std::span<const int32_t> gen_table,
+                      const std::function<void(const SlotRow&)>& fn) const;
+  // What VerifyGen says about a bad row (value_row: one of the range).
+  std::string DescribeBadRow(const SlotRow& row, bool value_row) const;
+
   // Device pools: fill, clear and verify through kernels.
   Status FillCtxOnDevice(const std::vector<int32_t>& table);
   VerifyResult VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,

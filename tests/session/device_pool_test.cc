@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/status_matchers.h"
+#include "common/no_cuda_device.h"
 #include "copy/device_support.h"
 #include "kvbounce/transports.h"
 #include "tools/cluster.h"
@@ -30,13 +31,7 @@ using tools::Cluster;
 using tools::ClusterOptions;
 
 // Why the transfer cases cannot run here, or "" when they can.
-std::string NoDevice() {
-  const DeviceSupport* device = CudaSupport();
-  if (device == nullptr) return "this build has no CUDA support";
-  std::string why;
-  if (device->DeviceCount(&why) == 0) return "no CUDA device: " + why;
-  return "";
-}
+std::string NoDevice() { return testing_util::NoCudaDevice(); }
 
 struct Shape {
   std::string name;

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "common/no_cuda_device.h"
 #include "copy/device_support.h"
 #include "bench_process.h"
 #include "tools/bench_command.h"
@@ -33,13 +34,7 @@ std::string Binary() {
   return env != nullptr && *env != '\0' ? env : KVBOUNCE_BINARY;
 }
 
-std::string NoDevice() {
-  const DeviceSupport* device = CudaSupport();
-  if (device == nullptr) return "this build has no CUDA support";
-  std::string why;
-  if (device->DeviceCount(&why) == 0) return "no CUDA device: " + why;
-  return "";
-}
+std::string NoDevice() { return testing_util::NoCudaDevice(); }
 
 BenchFlags Flags(const char* ctx, const char* gen) {
   BenchFlags f;
