@@ -105,8 +105,15 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
     h->kernels_ = std::move(kernels);
     KVB_ASSIGN_OR_RETURN(h->copier_, CudaSupport()->NewOpCopier(options.device));
     for (size_t i = 0; i < allocations; ++i) {
+      // Exportable (VMM) memory where the device offers it, as a serving
+      // engine that shares its KV cache would allocate it: cuda-ipc then
+      // passes it to peers as a descriptor (cudaMalloc memory travels by
+      // IPC handle, as the staging arenas do).
       Result<std::unique_ptr<Allocation>> memory =
-          CudaSupport()->AllocateDevice(options.device, static_cast<size_t>(bytes));
+          CudaSupport()->AllocateExportable(options.device, static_cast<size_t>(bytes));
+      if (!memory.ok() && memory.status().code() == StatusCode::kUnimplemented) {
+        memory = CudaSupport()->AllocateDevice(options.device, static_cast<size_t>(bytes));
+      }
       if (!memory.ok()) {
         return memory.status().WithContext("the pool of " + std::string(RoleName(options.role)) +
                                            " rank " + std::to_string(options.rank));

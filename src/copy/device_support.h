@@ -32,6 +32,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "copy/copy_engine.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
@@ -63,10 +64,15 @@ struct OpCopyCost {
 };
 
 // Device memory shared with another process of this host: what that
-// process needs to map it (DeviceSupport::Share, OpenShare).
+// process needs to map it (DeviceSupport::Share, OpenShare, OpenShareFd).
+// Exportable (VMM) allocations travel as a file descriptor, passed over a
+// Unix socket; other device memory as the runtime's IPC handle.
 struct DeviceShare {
-  std::vector<std::byte> handle;  // the runtime's handle of the whole allocation
-  uint64_t offset = 0;            // of the shared address from the allocation's base
+  // Set for VMM memory: a descriptor of the whole allocation.
+  UniqueFd fd;
+  // Otherwise: the runtime's IPC handle of the whole allocation.
+  std::vector<std::byte> handle;
+  uint64_t offset = 0;  // of the shared address from the allocation's base
   uint64_t allocation_bytes = 0;
 };
 
@@ -119,6 +125,18 @@ class DeviceSupport {
   // runtime's.
   virtual Result<std::unique_ptr<DeviceShareMapping>> OpenShare(std::span<const std::byte> handle,
                                                                 int device) const = 0;
+  // Maps a descriptor another process exported (`allocation_bytes` as it
+  // said), for `device`. The caller keeps `fd`. Errors: kInvalidArgument
+  // (not a descriptor, a size that is not the allocation's), the runtime's.
+  virtual Result<std::unique_ptr<DeviceShareMapping>> OpenShareFd(int fd, uint64_t allocation_bytes,
+                                                                  int device) const = 0;
+
+  // `bytes` of device memory on `device` that Share exports as a file
+  // descriptor (CUDA VMM). Errors: kUnimplemented where the device or
+  // driver cannot (then AllocateDevice's memory is shared by IPC handle),
+  // the runtime's.
+  virtual Result<std::unique_ptr<Allocation>> AllocateExportable(int device,
+                                                                 size_t bytes) const = 0;
 };
 
 // The CUDA support of this build, or nullptr when it was built without a

@@ -33,6 +33,8 @@ struct DriverApi {
   PFN_cuMemSetAccess_v10020 mem_set_access = nullptr;
   PFN_cuMemExportToShareableHandle_v10020 mem_export_to_shareable_handle = nullptr;
   PFN_cuMemImportFromShareableHandle_v10020 mem_import_from_shareable_handle = nullptr;
+  PFN_cuMemRetainAllocationHandle_v11000 mem_retain_allocation_handle = nullptr;
+  PFN_cuMemGetAddressRange_v3020 mem_get_address_range = nullptr;
 };
 
 constexpr unsigned kDriverApiVersion = 12000;
@@ -131,6 +133,9 @@ LoadedDriverApi LoadDriverApi() {
         LoadEntryPoint("cuMemExportToShareableHandle", &api.mem_export_to_shareable_handle));
     KVB_RETURN_IF_ERROR(
         LoadEntryPoint("cuMemImportFromShareableHandle", &api.mem_import_from_shareable_handle));
+    KVB_RETURN_IF_ERROR(
+        LoadEntryPoint("cuMemRetainAllocationHandle", &api.mem_retain_allocation_handle));
+    KVB_RETURN_IF_ERROR(LoadEntryPoint("cuMemGetAddressRange", &api.mem_get_address_range));
     // The runtime has initialized the driver by now; cuInit is idempotent
     // and makes that explicit for the driver calls that follow.
     return CuStatusWith(api, api.init(0), "cuInit");
@@ -396,6 +401,47 @@ Result<UniqueFd> CudaVmmAllocation::ExportFd() const {
                "cuMemExportToShareableHandle")
           .WithContext("cuda vmm export"));
   return UniqueFd(fd);
+}
+
+Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes) {
+  constexpr std::string_view kWhat = "cuda vmm export";
+  KVB_ASSIGN_OR_RETURN(const DriverApi* api, Driver());
+  KVB_ASSIGN_OR_RETURN(const MemoryPlace place, LocatePointer(address));
+  if (place.kind != MemoryKind::kCuda) {
+    return InvalidArgumentError("cuda vmm export: " + Hex(address.value()) +
+                                " is not device memory");
+  }
+  ScopedCudaDevice scoped(place.device);
+  KVB_RETURN_IF_ERROR(scoped.status());
+  CUmemGenericAllocationHandle handle = 0;
+  const CUresult retained = api->mem_retain_allocation_handle(
+      &handle, reinterpret_cast<void*>(static_cast<uintptr_t>(address.value())));
+  if (retained != CUDA_SUCCESS) {
+    // Memory of cudaMalloc (or of another allocator) has no VMM handle.
+    return NotFoundError("cuda vmm export: " + Hex(address.value()) +
+                         " is not in a VMM allocation");
+  }
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  Status status = CuStatus(api->mem_get_address_range(&base, &size, address.value()),
+                           "cuMemGetAddressRange")
+                      .WithContext(kWhat);
+  const uint64_t offset = address.value() - base;
+  if (status.ok() && (offset > size || bytes > size - offset)) {
+    status = InvalidArgumentError("cuda vmm export: " + Hex(address.value()) + "+" +
+                                  std::to_string(bytes) + " leaves its allocation");
+  }
+  int fd = -1;
+  if (status.ok()) {
+    // Fails (kUnimplemented) for an allocation made without POSIX-fd handles.
+    status = CuStatus(api->mem_export_to_shareable_handle(
+                          &fd, handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                      "cuMemExportToShareableHandle")
+                 .WithContext(kWhat);
+  }
+  api->mem_release(handle);  // the reference Retain took
+  if (!status.ok()) return status;
+  return CudaVmmExport{UniqueFd(fd), offset, size, place.device};
 }
 
 // --- LocatePointer ---

@@ -227,6 +227,21 @@ class CudaVmmAllocation final : public Allocation {
   size_t size_;
 };
 
+// The VMM allocation that holds [address, address + bytes), exported as a
+// POSIX file descriptor for a peer's CudaVmmMapping::Import(fd,
+// allocation_bytes, ...): the descriptor, the address's offset from the
+// allocation's base, the allocation's mapped size and its device.
+// Errors: kNotFound (not VMM memory: cudaMalloc's, say), kUnimplemented (an
+// allocation made without POSIX-fd handles), kInvalidArgument (not device
+// memory, a range leaving the allocation), the driver's.
+struct CudaVmmExport {
+  UniqueFd fd;
+  uint64_t offset = 0;
+  uint64_t allocation_bytes = 0;
+  int device = -1;
+};
+Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes);
+
 // The kind (and device) of the memory at `address`, which may point anywhere
 // inside an allocation:
 //   device memory (cudaMalloc, VMM mappings, IPC-opened memory)

@@ -44,6 +44,15 @@ class CudaOpCopier final : public OpCopier {
   Status error_;
 };
 
+class VmmShareMapping final : public DeviceShareMapping {
+ public:
+  explicit VmmShareMapping(std::unique_ptr<CudaVmmMapping> mapping) : mapping_(std::move(mapping)) {}
+  Addr base() const override { return mapping_->address(); }
+
+ private:
+  std::unique_ptr<CudaVmmMapping> mapping_;
+};
+
 class IpcShareMapping final : public DeviceShareMapping {
  public:
   explicit IpcShareMapping(std::unique_ptr<CudaIpcMapping> mapping)
@@ -86,8 +95,28 @@ class CudaDeviceSupport final : public DeviceSupport {
   OpCopyCost OpCost() const override { return OpCopyCost{4.0, 2.1e6}; }
 
   Result<DeviceShare> Share(Addr address, uint64_t bytes) const override {
+    // VMM memory as a descriptor; anything else (cudaMalloc) by IPC handle.
+    Result<CudaVmmExport> vmm = ExportVmmContaining(address, bytes);
+    if (vmm.ok()) {
+      return DeviceShare{std::move(vmm->fd), {}, vmm->offset, vmm->allocation_bytes};
+    }
+    if (vmm.status().code() != StatusCode::kNotFound) return vmm.status();
     KVB_ASSIGN_OR_RETURN(CudaIpcExport e, ExportCudaIpc(address, bytes));
-    return DeviceShare{std::move(e.handle), e.offset, e.allocation_bytes};
+    return DeviceShare{UniqueFd(), std::move(e.handle), e.offset, e.allocation_bytes};
+  }
+
+  Result<std::unique_ptr<DeviceShareMapping>> OpenShareFd(int fd, uint64_t allocation_bytes,
+                                                          int device) const override {
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CudaVmmMapping> mapping,
+                         CudaVmmMapping::Import(fd, allocation_bytes, device));
+    return std::unique_ptr<DeviceShareMapping>(new VmmShareMapping(std::move(mapping)));
+  }
+
+  Result<std::unique_ptr<Allocation>> AllocateExportable(int device, size_t bytes) const override {
+    KVB_RETURN_IF_ERROR(CudaVmmAllocation::CheckSupported(device));
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CudaVmmAllocation> memory,
+                         CudaVmmAllocation::Create(device, bytes));
+    return std::unique_ptr<Allocation>(std::move(memory));
   }
 
   Result<std::unique_ptr<DeviceShareMapping>> OpenShare(std::span<const std::byte> handle,

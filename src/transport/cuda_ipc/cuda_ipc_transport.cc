@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -30,11 +31,13 @@ namespace {
 // Channel message types: the first byte of every message.
 constexpr uint8_t kMsgFrame = 1;  // a control frame for on_message
 constexpr uint8_t kMsgClose = 2;  // the sender stopped its copies; reason text follows
+constexpr uint8_t kMsgRegion = 3;  // region id u64, with the region's descriptor
 
 // Remote key: magic, version, exporter pid, region id, offset in the
-// allocation, allocation bytes, the IPC handle.
+// allocation, allocation bytes, the IPC handle (empty: the allocation's
+// descriptor came in a REGION message of the same id).
 constexpr uint32_t kKeyMagic = 0x4943424Bu;  // "KBCI"
-constexpr uint16_t kKeyVersion = 1;
+constexpr uint16_t kKeyVersion = 2;
 
 // A worker item waits for its copies at least this often.
 constexpr size_t kWindowOps = 4096;
@@ -109,14 +112,20 @@ class CudaIpcTransport;
 
 class IpcLocalRegion final : public LocalRegion {
  public:
-  IpcLocalRegion(RegionInfo info, std::string description)
-      : info_(std::move(info)), description_(std::move(description)) {}
+  IpcLocalRegion(RegionInfo info, std::string description, std::function<void()> on_destroy)
+      : info_(std::move(info)),
+        description_(std::move(description)),
+        on_destroy_(std::move(on_destroy)) {}
+  ~IpcLocalRegion() override {
+    if (on_destroy_) on_destroy_();
+  }
   std::string_view Describe() const override { return description_; }
   const RegionInfo& info() const override { return info_; }
 
  private:
   RegionInfo info_;
   std::string description_;
+  std::function<void()> on_destroy_;
 };
 
 class IpcRemoteRegion final : public RemoteRegion {
@@ -189,9 +198,16 @@ class CudaIpcTransport final : public Transport {
       callbacks_ = std::move(callbacks);
     }
     UnixChannelCallbacks c;
-    c.on_accepted = [this](ChannelPeerId peer, const PeerInfo& info) { AddConn(peer, info.pid); };
+    c.on_accepted = [this](ChannelPeerId peer, const PeerInfo& info) {
+      AddConn(peer, info.pid);
+      // Before anything else on the socket: the descriptors of our VMM
+      // regions, which our HELLO's keys name.
+      SendRegions(peer);
+    };
     c.on_message = [this](ChannelPeerId peer, std::vector<std::byte> bytes,
-                          std::vector<UniqueFd> /*fds*/) { OnChannelMessage(peer, std::move(bytes)); };
+                          std::vector<UniqueFd> fds) {
+      OnChannelMessage(peer, std::move(bytes), std::move(fds));
+    };
     c.on_closed = [this](ChannelPeerId peer, const Status& reason) { OnChannelClosed(peer, reason); };
     try {
       worker_ = std::thread([this] { WorkerLoop(); });
@@ -210,6 +226,7 @@ class CudaIpcTransport final : public Transport {
     KVB_ASSIGN_OR_RETURN(ChannelPeerId peer, channel_->Connect(address, options_.connect_timeout));
     Result<PeerInfo> info = channel_->Peer(peer);
     AddConn(peer, info.ok() ? info->pid : 0);
+    SendRegions(peer);
     return static_cast<PeerId>(peer);
   }
 
@@ -266,8 +283,29 @@ class CudaIpcTransport final : public Transport {
     info.kind = kind;
     info.device = place.device;
     info.remote_key = EncodeKey(key);
-    return std::unique_ptr<LocalRegion>(new IpcLocalRegion(
-        std::move(info), "cuda-ipc region #" + std::to_string(key.id) + " of " + Address()));
+    const uint64_t id = key.id;
+    std::function<void()> on_destroy;
+    if (share.fd.valid()) {
+      // A VMM allocation: its descriptor goes to every peer, now and at
+      // every connection to come, ahead of the frames that name it.
+      std::vector<PeerId> peers;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const auto& [p, conn] : conns_) {
+          if (!conn.dead) peers.push_back(p);
+        }
+        fd_regions_.emplace(id, std::move(share.fd));
+      }
+      for (PeerId p : peers) SendRegion(p, id);
+      on_destroy = [this, id] {
+        std::lock_guard<std::mutex> lock(mu_);
+        fd_regions_.erase(id);
+      };
+    }
+    return std::unique_ptr<LocalRegion>(
+        new IpcLocalRegion(std::move(info),
+                           "cuda-ipc region #" + std::to_string(id) + " of " + Address(),
+                           std::move(on_destroy)));
   }
 
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override {
@@ -292,8 +330,25 @@ class CudaIpcTransport final : public Transport {
     if (key.offset > key.allocation_bytes || info.size > key.allocation_bytes - key.offset) {
       return InvalidArgumentError("cuda-ipc: the region leaves its shared allocation");
     }
-    KVB_ASSIGN_OR_RETURN(std::unique_ptr<DeviceShareMapping> mapping,
-                         device_->OpenShare(key.handle, options_.device));
+    std::unique_ptr<DeviceShareMapping> mapping;
+    if (key.handle.empty()) {
+      int fd = -1;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto& fds = conns_[peer].region_fds;
+        auto it = fds.find(key.id);
+        if (it != fds.end()) fd = it->second.get();
+        if (fd < 0) {
+          return InvalidArgumentError("cuda-ipc: the peer sent no descriptor for its region #" +
+                                      std::to_string(key.id));
+        }
+        // The descriptor stays with the connection while it is imported.
+      }
+      KVB_ASSIGN_OR_RETURN(mapping,
+                           device_->OpenShareFd(fd, key.allocation_bytes, options_.device));
+    } else {
+      KVB_ASSIGN_OR_RETURN(mapping, device_->OpenShare(key.handle, options_.device));
+    }
     return std::unique_ptr<RemoteRegion>(
         new IpcRemoteRegion(peer, info, std::move(mapping), key.offset, this));
   }
@@ -470,7 +525,39 @@ class CudaIpcTransport final : public Transport {
     bool exited = false;          // its process is gone
     bool waiting_exit = false;    // the reaper watches its pid
     bool reported = false;        // on_peer_failure ran
+    // The descriptors of its VMM regions, by region id (REGION messages).
+    std::map<uint64_t, UniqueFd> region_fds;
   };
+
+  // One REGION message: region `id`'s descriptor, to `peer`.
+  void SendRegion(PeerId peer, uint64_t id) {
+    int fd = -1;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = fd_regions_.find(id);
+      if (it == fd_regions_.end()) return;
+      fd = it->second.get();
+      // The channel duplicates the descriptor into its message before Send
+      // returns; the lock keeps it open until then.
+      std::vector<std::byte> message = {static_cast<std::byte>(kMsgRegion)};
+      PutU64(message, id);
+      const int fds[1] = {fd};
+      Status sent = channel_->Send(peer, message, fds);
+      if (!sent.ok()) {
+        Log(LogLevel::kWarning, "cuda-ipc: sending region #" + std::to_string(id) +
+                                    " to peer " + std::to_string(peer) + ": " + sent.ToString());
+      }
+    }
+  }
+
+  void SendRegions(PeerId peer) {
+    std::vector<uint64_t> ids;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& [id, fd] : fd_regions_) ids.push_back(id);
+    }
+    for (uint64_t id : ids) SendRegion(peer, id);
+  }
 
   void AddConn(ChannelPeerId peer, pid_t pid) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -658,7 +745,8 @@ class CudaIpcTransport final : public Transport {
     }
   }
 
-  void OnChannelMessage(ChannelPeerId channel_peer, std::vector<std::byte> bytes) {
+  void OnChannelMessage(ChannelPeerId channel_peer, std::vector<std::byte> bytes,
+                        std::vector<UniqueFd> fds) {
     const PeerId peer = static_cast<PeerId>(channel_peer);
     if (bytes.empty()) {
       TearDown(peer, DataLossError("cuda-ipc: an empty message from peer " + std::to_string(peer)));
@@ -675,6 +763,16 @@ class CudaIpcTransport final : public Transport {
       if (callbacks_.on_message) {
         callbacks_.on_message(peer, std::vector<std::byte>(bytes.begin() + 1, bytes.end()));
       }
+      return;
+    }
+    if (type == kMsgRegion) {
+      if (bytes.size() != 9 || fds.size() != 1) {
+        TearDown(peer, DataLossError("cuda-ipc: a malformed REGION message from peer " +
+                                     std::to_string(peer)));
+        return;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      conns_[peer].region_fds[GetLe(bytes, 1, 8)] = std::move(fds[0]);
       return;
     }
     if (type == kMsgClose) {
@@ -787,6 +885,7 @@ class CudaIpcTransport final : public Transport {
   bool stopping_ = false;
   TransportCallbacks callbacks_;
   std::map<PeerId, Conn> conns_;
+  std::map<uint64_t, UniqueFd> fd_regions_;  // our VMM regions' descriptors, by id
   std::deque<Item> queue_;
   std::thread worker_;
   std::thread reaper_;
