@@ -729,6 +729,9 @@ class CudaIpcTransport final : public Transport {
       if ((c.close_received || c.exited) && !c.reported) {
         c.reported = true;
         report = true;
+        // Its descriptors would keep its memory alive here: imports made
+        // from them hold their own references.
+        c.region_fds.clear();
       }
     }
     if (send_close) {
