@@ -316,7 +316,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     }
   } else if (flags.transport == "cuda-ipc") {
     if (flags.memory != "cuda") {
-      return InvalidArgumentError("--transport cuda-ipc moves device memory: it needs --memory cuda");
+      return InvalidArgumentError(
+          "--transport cuda-ipc moves device memory: it needs --memory cuda");
     }
     if (flags.chaos) {
       return UnimplementedError(
@@ -531,8 +532,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     Result<double> ceiling = MeasureDeviceCeiling(flags.device);
     if (!ceiling.ok()) return ceiling.status().WithContext("measuring the device copy ceiling");
     ceiling_gbps = *ceiling / 1e9;
-    report["ceiling"] = {{"what", "one cudaMemcpyAsync of " +
-                                      std::to_string(kCeilingBytes >> 20) +
+    report["ceiling"] = {{"what", "one cudaMemcpyAsync of " + std::to_string(kCeilingBytes >> 20) +
                                       " MiB, device to device"},
                          {"gbps", *ceiling_gbps}};
     log << "  ceiling: device-to-device copy " << *ceiling_gbps << " GB/s\n";

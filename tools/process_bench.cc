@@ -183,7 +183,8 @@ std::set<size_t> Driver::Unresponsive(std::chrono::milliseconds wait) {
 Status Driver::Start(const std::string& executable) {
   std::vector<std::string> common = flags_.scenario.ToArgs();
   std::vector<std::string> more = {
-      "--concurrency", std::to_string(plan_.slots), "--transport", flags_.transport,
+      "--concurrency",     std::to_string(plan_.slots),
+      "--transport",       flags_.transport,
       "--connect-timeout", std::to_string(std::max<int64_t>(1, step_.count() / 1000))};
   if (flags_.transport == "ucx") {
     more.push_back("--listen");
@@ -615,21 +616,23 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
     if (p == TransferPath::kDirect && !driver.direct()) {
       if (!flags.paths.empty()) {
         driver.Stop(false);
-        return UnimplementedError(
-            "--path direct: the " + flags.transport + " transport between these workers can neither map nor read "
-            "peer memory (the direct path needs one of the two)");
+        return UnimplementedError("--path direct: the " + flags.transport +
+                                  " transport between these workers can neither map nor read "
+                                  "peer memory (the direct path needs one of the two)");
       }
-      log << "  direct: not run (the " << flags.transport << " transport can neither map nor read peer memory)\n";
+      log << "  direct: not run (the " << flags.transport
+          << " transport can neither map nor read peer memory)\n";
       continue;
     }
     if (p == TransferPath::kPerBlock && !driver.per_block()) {
       if (!flags.paths.empty()) {
         driver.Stop(false);
-        return UnimplementedError(
-            "--path per-block: the " + flags.transport + " transport cannot reach the device pools (they stage "
-            "through host memory on the bounce path)");
+        return UnimplementedError("--path per-block: the " + flags.transport +
+                                  " transport cannot reach the device pools (they stage "
+                                  "through host memory on the bounce path)");
       }
-      log << "  per-block: not run (the " << flags.transport << " transport cannot reach the device pools)\n";
+      log << "  per-block: not run (the " << flags.transport
+          << " transport cannot reach the device pools)\n";
       continue;
     }
     paths.push_back(p);

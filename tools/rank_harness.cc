@@ -235,13 +235,14 @@ void RankHarness::FillSlot(int slot, std::byte value) {
   if (device_pool()) {
 #if KVBOUNCE_HAVE_CUDA
     std::vector<std::pair<uint64_t, uint64_t>> ranges;
-    for (const auto& [address, bytes] : SlotRanges(slot)) ranges.emplace_back(address.value(), bytes);
+    for (const auto& [address, bytes] : SlotRanges(slot))
+      ranges.emplace_back(address.value(), bytes);
     std::lock_guard<std::mutex> lock(kernels_mu_);
     Status filled = kernels_->FillBytes(ranges, static_cast<uint8_t>(value));
     if (!filled.ok()) {
       // The next verification of the slot reports it (the sentinel is missing).
-      Log(LogLevel::kError, "rank harness: filling slot " + std::to_string(slot) + ": " +
-                                filled.ToString());
+      Log(LogLevel::kError,
+          "rank harness: filling slot " + std::to_string(slot) + ": " + filled.ToString());
     }
 #endif
     return;
@@ -254,7 +255,8 @@ void RankHarness::FillSlot(int slot, std::byte value) {
 void RankHarness::FillCtx(const std::vector<int32_t>& table) {
   if (device_pool()) {
     Status filled = FillCtxOnDevice(table);
-    if (!filled.ok()) Log(LogLevel::kError, "rank harness: filling a ctx slot: " + filled.ToString());
+    if (!filled.ok())
+      Log(LogLevel::kError, "rank harness: filling a ctx slot: " + filled.ToString());
     return;
   }
   const int e = static_cast<int>(topology_.elem_bytes());
@@ -343,8 +345,8 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
     if (result.mismatches++ == 0) result.first_mismatch = DescribeBadRow(r, value_row);
   };
   ForEachSlotRow(slot, gen_table, [&](const SlotRow& r) {
-    const auto* row =
-        static_cast<const std::byte*>(layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).ToPointer());
+    const auto* row = static_cast<const std::byte*>(
+        layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).ToPointer());
     if (r.token >= range.start && r.token < range.end) {
       const uint64_t seed = RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token);
       bool ok = true;
@@ -381,7 +383,8 @@ Status RankHarness::FillCtxOnDevice(const std::vector<int32_t>& table) {
         for (int64_t t = 0; t < options_.max_tokens; ++t) {
           const Addr row = layout_.RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
                                               static_cast<int>(t % tpb));
-          rows.push_back(DeviceRow{row.value(), RowSeed(p.first_layer + l, kv, p.first_head + h, t)});
+          rows.push_back(
+              DeviceRow{row.value(), RowSeed(p.first_layer + l, kv, p.first_head + h, t)});
         }
       }
     }
@@ -409,7 +412,8 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
   ForEachSlotRow(slot, gen_table, [&](const SlotRow& r) {
     const uint64_t row = layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).value();
     if (r.token >= range.start && r.token < range.end) {
-      values.push_back(DeviceRow{row, RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token)});
+      values.push_back(
+          DeviceRow{row, RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token)});
       value_rows.push_back(r);
     } else {
       sentinels.push_back(DeviceRow{row, 0});
@@ -441,8 +445,8 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
   (void)gen_table;
   (void)range;
   result.mismatches = 1;
-  result.first_mismatch = "gen rank " + std::to_string(options_.rank) +
-                          ": cuda pools need a build with CUDA";
+  result.first_mismatch =
+      "gen rank " + std::to_string(options_.rank) + ": cuda pools need a build with CUDA";
 #endif
   return result;
 }

@@ -45,9 +45,9 @@
 #include <vector>
 
 #include "kvbounce/agent.h"
-#include "memory/allocation.h"
 #include "layout/pool_layout.h"
 #include "layout/topology.h"
+#include "memory/allocation.h"
 
 namespace kvbounce::tools {
 

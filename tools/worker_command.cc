@@ -366,7 +366,8 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
   for (const std::string& p : plan.peers) {
     if (ipc) {
       if (p.rfind("unix:", 0) != 0) {
-        return InvalidArgumentError("peer " + p + ": a cuda-ipc address is unix:@name or unix:/path");
+        return InvalidArgumentError("peer " + p +
+                                    ": a cuda-ipc address is unix:@name or unix:/path");
       }
     } else {
       KVB_RETURN_IF_ERROR(CheckAddress("peer", p, 1));
@@ -602,8 +603,8 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
       PathRun run;
       end = PullAlone(*rank, plan, signals.get(), log, &run);
       report["scenario"] = DescribeScenario(plan.scenario);
-      report["runs"] =
-          nlohmann::json::array({PathRunJson(run, plan.transport, flags.memory, plan.inject_fail_rate)});
+      report["runs"] = nlohmann::json::array(
+          {PathRunJson(run, plan.transport, flags.memory, plan.inject_fail_rate)});
       PrintBenchTable(report, out);
       std::string why;
       passed = BenchPassed(report, &why) && run.completed == plan.requests &&

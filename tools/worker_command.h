@@ -57,7 +57,7 @@ struct WorkerFlags {
   std::string instance;  // empty: "ctx0" / "gen0"
   int rank = 0;
   int concurrency = 2;  // pool slots; requests in flight when alone
-  std::string transport = "ucx";  // "ucx" or "cuda-ipc" (device pools of one host)
+  std::string transport = "ucx";       // "ucx" or "cuda-ipc" (device pools of one host)
   std::string listen = "127.0.0.1:0";  // ucx: host:port; cuda-ipc: unix:@name (or empty)
   std::string peers;       // comma list of host:port
   std::string peers_file;  // JSON: ["host:port", ...] or {"peers": [...]}

@@ -203,11 +203,11 @@ Status Validate(const Hello& hello) {
         CheckEnum(kMsg, prefix + "memory", static_cast<uint8_t>(region.memory), kMaxMemoryKind));
     if (region.memory == MemoryKind::kCuda ? region.device > kMaxDevice
                                            : region.device != kNoDevice) {
-      return Invalid(kMsg, prefix + "device",
-                     N(region.device) + (region.memory == MemoryKind::kCuda
-                                             ? " is not a CUDA device ordinal (at most " +
-                                                   N(kMaxDevice) + ")"
-                                             : " for host memory, must be " + N(kNoDevice)));
+      return Invalid(
+          kMsg, prefix + "device",
+          N(region.device) + (region.memory == MemoryKind::kCuda
+                                  ? " is not a CUDA device ordinal (at most " + N(kMaxDevice) + ")"
+                                  : " for host memory, must be " + N(kNoDevice)));
     }
     KVB_RETURN_IF_ERROR(CheckRange(kMsg, prefix + "size", region.addr, region.size));
     KVB_RETURN_IF_ERROR(

@@ -5,11 +5,11 @@
 
 #include <condition_variable>
 #include <exception>
-#include <new>
 #include <future>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -115,13 +115,13 @@ Result<const DeviceSupport*> CheckDevicePool(const PoolSpec& pool, const PoolLay
       Result<MemoryPlace> place = device->Locate(a);
       if (!place.ok()) return place.status().WithContext("AgentOptions.pool.bases");
       if (place->kind != MemoryKind::kCuda || place->device != pool.device) {
-        return InvalidArgumentError(
-            "AgentOptions.pool.bases[" + std::to_string(i) + "]: the pool's " +
-            (a == base ? "first" : "last") + " byte is " +
-            (place->kind == MemoryKind::kCuda
-                 ? "memory of cuda device " + std::to_string(place->device)
-                 : std::string(MemoryKindName(place->kind)) + " memory") +
-            ", not memory of cuda device " + std::to_string(pool.device));
+        return InvalidArgumentError("AgentOptions.pool.bases[" + std::to_string(i) +
+                                    "]: the pool's " + (a == base ? "first" : "last") +
+                                    " byte is " +
+                                    (place->kind == MemoryKind::kCuda
+                                         ? "memory of cuda device " + std::to_string(place->device)
+                                         : std::string(MemoryKindName(place->kind)) + " memory") +
+                                    ", not memory of cuda device " + std::to_string(pool.device));
       }
     }
   }
@@ -337,9 +337,9 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   }
   const TransportCaps caps = transport_->Caps();
   if (!caps.host_memory && pool.memory != MemoryKind::kCuda) {
-    return InvalidArgumentError("AgentOptions.pool.memory = " +
-                                std::string(MemoryKindName(pool.memory)) + ": the " + caps.name +
-                                " transport cannot reach host memory");
+    return InvalidArgumentError(
+        "AgentOptions.pool.memory = " + std::string(MemoryKindName(pool.memory)) + ": the " +
+        caps.name + " transport cannot reach host memory");
   }
   // A device pool the transport cannot reach (Debian's UCX has no CUDA
   // support) is not registered with it: its KV is staged through pinned
@@ -349,8 +349,9 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
 
   // Register the pool, one region per allocation.
   std::vector<LocalRange> ranges;
-  const size_t allocations =
-      !pool_registered ? 0 : layout.per_layer_bases() ? pool.bases.size() : 1;
+  const size_t allocations = !pool_registered           ? 0
+                             : layout.per_layer_bases() ? pool.bases.size()
+                                                        : 1;
   for (size_t i = 0; i < allocations; ++i) {
     const Addr base = layout.layer_base(static_cast<int>(i));
     Result<std::unique_ptr<LocalRegion>> region =
@@ -510,9 +511,8 @@ protocol::Hello AgentImpl::BuildHello(PeerId peer) const {
     const uint32_t device = info.kind == MemoryKind::kCuda && info.device >= 0
                                 ? static_cast<uint32_t>(info.device)
                                 : protocol::kNoDevice;
-    h.regions.push_back(protocol::RegionDescriptor{kind, ToWire(info.kind), device,
-                                                   info.address.value(), info.size,
-                                                   info.remote_key});
+    h.regions.push_back(protocol::RegionDescriptor{
+        kind, ToWire(info.kind), device, info.address.value(), info.size, info.remote_key});
   };
   for (const LocalRange& r : ctx_.pool_ranges) region(protocol::RegionKind::kPool, *r.region);
   if (ctx_.send_region != nullptr) region(protocol::RegionKind::kSendArena, *ctx_.send_region);
@@ -630,7 +630,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   }
   // No pool region at all: a device pool its transport cannot reach
   // (host-staged bounce). Only per-block and direct need them.
-  const size_t allocations = pool_regions.empty()         ? 0
+  const size_t allocations = pool_regions.empty()      ? 0
                              : pool->per_layer_bases() ? h.layout.layer_bases.size()
                                                        : 1;
   if (pool_regions.size() != allocations) {

@@ -367,8 +367,7 @@ void ReceiverSession::FallBack(Request& r, const std::string& reason) {
     // Host-staged bounce (docs/cuda.md): the transport cannot reach the
     // device pools, so per-block cannot stand in for the recv slot.
     const std::string why = RequestName(r.key.first) + ": " + reason +
-                            ", and per-block cannot serve it: the " +
-                            ctx_.transport->Caps().name +
+                            ", and per-block cannot serve it: the " + ctx_.transport->Caps().name +
                             " transport cannot reach the device pools";
     AbandonUnsent(r, reason == "request larger than arena"
                          ? OutOfRangeError(why + " (raise bounce_size_mb)")

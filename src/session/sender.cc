@@ -399,10 +399,10 @@ void SenderSession::Start(Job& job) {
     case TransferPath::kPerBlock: {
       job.fragments = job.plan.direct.size();
       if (ctx_.pool_ranges.empty() || peer->pool_regions.empty()) {
-        Finish(job, UnimplementedError("per-block: the " + ctx_.transport->Caps().name +
-                                       " transport cannot reach the device pool of " +
-                                       (ctx_.pool_ranges.empty() ? std::string("this rank")
-                                                                 : job.peer_name)));
+        Finish(job, UnimplementedError(
+                        "per-block: the " + ctx_.transport->Caps().name +
+                        " transport cannot reach the device pool of " +
+                        (ctx_.pool_ranges.empty() ? std::string("this rank") : job.peer_name)));
         return;
       }
       Result<std::vector<WriteGroup>> groups =

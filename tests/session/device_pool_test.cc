@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "common/status_matchers.h"
 #include "common/no_cuda_device.h"
+#include "common/status_matchers.h"
 #include "copy/device_support.h"
 #include "kvbounce/transports.h"
 #include "tools/cluster.h"
@@ -154,7 +154,8 @@ TEST(DevicePoolSettleTest, CancelledPullWritesNothingAfterItSettled) {
   Cluster& c = **cluster;
   std::mt19937_64 rng(3);
   uint64_t id = 100;
-  for (TransferPath path : {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
+  for (TransferPath path :
+       {TransferPath::kPerBlock, TransferPath::kBounce, TransferPath::kDirect}) {
     SCOPED_TRACE(std::string(TransferPathName(path)));
     ++id;
     const int slot = static_cast<int>(id % 2);
@@ -283,8 +284,8 @@ AgentOptions GenOptions(std::shared_ptr<LoopbackFabric> fabric) {
   AgentOptions options;
   options.instance_id = "gen0";
   options.role = Role::kGen;
-  options.instance = {*CustomModel(2, 2, 8, false), DType::kBf16, 1, 1, {}, LayoutKind::kBlockMajorHnd,
-                      4};
+  options.instance = {
+      *CustomModel(2, 2, 8, false), DType::kBf16, 1, 1, {}, LayoutKind::kBlockMajorHnd, 4};
   options.transport_spec.kind = "loopback";
   options.transport_spec.fabric = std::move(fabric);
   options.pool.num_blocks = 4;
@@ -307,7 +308,8 @@ TEST(DevicePoolCreateTest, NamesWhatIsWrongWithTheDevicePool) {
     return;
   }
   // Host memory said to be device memory.
-  EXPECT_THAT(agent, StatusIs(StatusCode::kInvalidArgument, HasSubstr("not memory of cuda device 0")));
+  EXPECT_THAT(agent,
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("not memory of cuda device 0")));
 
   // A device that does not exist.
   AgentOptions other = GenOptions(NewLoopbackFabric());

@@ -40,7 +40,8 @@ inline bool Gone(pid_t pid) {
   return text.str().find("worker") == std::string::npos;
 }
 
-inline bool AllGoneWithin(const std::map<std::string, pid_t>& pids, std::chrono::milliseconds bound) {
+inline bool AllGoneWithin(const std::map<std::string, pid_t>& pids,
+                          std::chrono::milliseconds bound) {
   const auto deadline = std::chrono::steady_clock::now() + bound;
   while (true) {
     bool all = true;
@@ -56,7 +57,6 @@ struct Bench {
   std::map<std::string, pid_t> workers;  // "ctx rank 1" -> pid
   std::string output;
 };
-
 
 // Starts `kvbounce bench <transport_args>` (the program `binary`) with
 // enough requests to run for a while on `path`, and reads its output until
@@ -141,7 +141,7 @@ inline void KillWorkerMidRun(const std::string& binary, const std::string& trans
   EXPECT_TRUE(WIFEXITED(*b.child->wait_status()));
   EXPECT_EQ(WEXITSTATUS(*b.child->wait_status()), 1) << b.output;
   EXPECT_THAT(b.output, ::testing::HasSubstr("kvbounce bench: FAILED: " + victim + " (pid " +
-                                  std::to_string(pid) + ") died: killed by SIGKILL"));
+                                             std::to_string(pid) + ") died: killed by SIGKILL"));
   // Every worker was reaped by the bench: none is left.
   EXPECT_TRUE(AllGoneWithin(b.workers, std::chrono::milliseconds(0))) << b.output;
 
@@ -198,14 +198,16 @@ inline void KillWorkerMidRun(const std::string& binary, const std::string& trans
       // writer wrote, was closed when the pull asked for the data, or was
       // gone when the pull started. (The gen rank of the other writer
       // completes what it holds: it has none.)
-      EXPECT_THAT(first,
-                  ::testing::AllOf(::testing::HasSubstr("ctx0 rank " + victim_rank),
-                        ::testing::AnyOf(::testing::HasSubstr("lost"), ::testing::HasSubstr("not connected"), ::testing::HasSubstr("closed"))));
+      EXPECT_THAT(first, ::testing::AllOf(::testing::HasSubstr("ctx0 rank " + victim_rank),
+                                          ::testing::AnyOf(::testing::HasSubstr("lost"),
+                                                           ::testing::HasSubstr("not connected"),
+                                                           ::testing::HasSubstr("closed"))));
     }
     if (!ctx_victim && ctx && failed > 0) {
       // A publication for the dead reader: its job failed with the reader
       // lost, or the publication stayed open and the bench cancelled it.
-      EXPECT_THAT(first, ::testing::AnyOf(::testing::HasSubstr("gen0 rank " + victim_rank), ::testing::HasSubstr("CANCELLED")));
+      EXPECT_THAT(first, ::testing::AnyOf(::testing::HasSubstr("gen0 rank " + victim_rank),
+                                          ::testing::HasSubstr("CANCELLED")));
     }
   }
 }

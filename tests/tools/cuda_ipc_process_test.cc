@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
+#include "bench_process.h"
 #include "common/no_cuda_device.h"
 #include "copy/device_support.h"
-#include "bench_process.h"
 #include "tools/bench_command.h"
 
 #ifndef KVBOUNCE_BINARY

@@ -24,10 +24,10 @@
 #include <thread>
 #include <vector>
 
+#include "bench_process.h"
 #include "kvbounce/transports.h"
 #include "tools/bench_command.h"
 #include "tools/subprocess.h"
-#include "bench_process.h"
 #include "tools/worker_protocol.h"
 
 #ifndef KVBOUNCE_BINARY

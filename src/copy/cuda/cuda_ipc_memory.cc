@@ -1,8 +1,8 @@
 #include "copy/cuda/cuda_ipc_memory.h"
 
 #include <cuda.h>
-#include <cuda_runtime_api.h>
 #include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
 
 #include <cstring>
 #include <map>
@@ -29,8 +29,8 @@ Result<PFN_cuMemGetAddressRange_v3020> AddressRangeFn() {
   static const auto loaded = []() -> std::pair<PFN_cuMemGetAddressRange_v3020, Status> {
     void* pointer = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    Status s = CudaStatus(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &pointer,
-                                                           12000, cudaEnableDefault, &found),
+    Status s = CudaStatus(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &pointer, 12000,
+                                                           cudaEnableDefault, &found),
                           "cudaGetDriverEntryPointByVersion(cuMemGetAddressRange)");
     if (s.ok() && (found != cudaDriverEntryPointSuccess || pointer == nullptr)) {
       s = UnimplementedError("the CUDA driver has no cuMemGetAddressRange");
@@ -101,8 +101,7 @@ Result<CudaIpcExport> ExportCudaIpc(Addr address, uint64_t bytes) {
   const uint64_t offset = address.value() - base;
   if (offset > size || bytes > size - offset) {
     return InvalidArgumentError("cuda ipc: " + Hex(address.value()) + "+" + std::to_string(bytes) +
-                                " leaves its allocation " + Hex(base) + "+" +
-                                std::to_string(size));
+                                " leaves its allocation " + Hex(base) + "+" + std::to_string(size));
   }
   cudaIpcMemHandle_t handle{};
   KVB_RETURN_IF_ERROR(CudaStatus(cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)),

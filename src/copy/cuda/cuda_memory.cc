@@ -423,9 +423,9 @@ Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes) {
   }
   CUdeviceptr base = 0;
   size_t size = 0;
-  Status status = CuStatus(api->mem_get_address_range(&base, &size, address.value()),
-                           "cuMemGetAddressRange")
-                      .WithContext(kWhat);
+  Status status =
+      CuStatus(api->mem_get_address_range(&base, &size, address.value()), "cuMemGetAddressRange")
+          .WithContext(kWhat);
   const uint64_t offset = address.value() - base;
   if (status.ok() && (offset > size || bytes > size - offset)) {
     status = InvalidArgumentError("cuda vmm export: " + Hex(address.value()) + "+" +

@@ -23,9 +23,9 @@ class CudaOpCopier final : public OpCopier {
     if (bytes == 0) return Status::Ok();
     ScopedCudaDevice device(stream_.device());
     if (!device.status().ok()) return error_ = device.status();
-    error_ = CudaStatus(cudaMemcpyAsync(dst.ToPointer(), src.ToPointer(), bytes,
-                                        cudaMemcpyDefault, stream_.get()),
-                        "cudaMemcpyAsync(" + std::to_string(bytes) + " bytes)");
+    error_ = CudaStatus(
+        cudaMemcpyAsync(dst.ToPointer(), src.ToPointer(), bytes, cudaMemcpyDefault, stream_.get()),
+        "cudaMemcpyAsync(" + std::to_string(bytes) + " bytes)");
     return error_;
   }
 
@@ -46,7 +46,8 @@ class CudaOpCopier final : public OpCopier {
 
 class VmmShareMapping final : public DeviceShareMapping {
  public:
-  explicit VmmShareMapping(std::unique_ptr<CudaVmmMapping> mapping) : mapping_(std::move(mapping)) {}
+  explicit VmmShareMapping(std::unique_ptr<CudaVmmMapping> mapping)
+      : mapping_(std::move(mapping)) {}
   Addr base() const override { return mapping_->address(); }
 
  private:

@@ -29,8 +29,8 @@ namespace kvbounce {
 namespace {
 
 // Channel message types: the first byte of every message.
-constexpr uint8_t kMsgFrame = 1;  // a control frame for on_message
-constexpr uint8_t kMsgClose = 2;  // the sender stopped its copies; reason text follows
+constexpr uint8_t kMsgFrame = 1;   // a control frame for on_message
+constexpr uint8_t kMsgClose = 2;   // the sender stopped its copies; reason text follows
 constexpr uint8_t kMsgRegion = 3;  // region id u64, with the region's descriptor
 
 // Remote key: magic, version, exporter pid, region id, offset in the
@@ -132,7 +132,10 @@ class IpcRemoteRegion final : public RemoteRegion {
  public:
   IpcRemoteRegion(PeerId peer, RegionInfo info, std::unique_ptr<DeviceShareMapping> mapping,
                   uint64_t offset, const void* owner)
-      : peer_(peer), info_(std::move(info)), mapping_(std::move(mapping)), offset_(offset),
+      : peer_(peer),
+        info_(std::move(info)),
+        mapping_(std::move(mapping)),
+        offset_(offset),
         owner_(owner) {}
   PeerId peer() const override { return peer_; }
   const RegionInfo& info() const override { return info_; }
@@ -184,7 +187,8 @@ class CudaIpcTransport final : public Transport {
 
   Result<TransportCaps> PeerCaps(PeerId peer) const override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (conns_.count(peer) == 0) return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
+    if (conns_.count(peer) == 0)
+      return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
     return Caps();
   }
 
@@ -208,7 +212,9 @@ class CudaIpcTransport final : public Transport {
                           std::vector<UniqueFd> fds) {
       OnChannelMessage(peer, std::move(bytes), std::move(fds));
     };
-    c.on_closed = [this](ChannelPeerId peer, const Status& reason) { OnChannelClosed(peer, reason); };
+    c.on_closed = [this](ChannelPeerId peer, const Status& reason) {
+      OnChannelClosed(peer, reason);
+    };
     try {
       worker_ = std::thread([this] { WorkerLoop(); });
       reaper_ = std::thread([this] { ReaperLoop(); });
@@ -234,9 +240,11 @@ class CudaIpcTransport final : public Transport {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = conns_.find(peer);
-      if (it == conns_.end()) return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
-      if (it->second.dead) return UnavailableError("cuda-ipc: connection " + std::to_string(peer) +
-                                                   " is closed: " + it->second.reason.ToString());
+      if (it == conns_.end())
+        return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
+      if (it->second.dead)
+        return UnavailableError("cuda-ipc: connection " + std::to_string(peer) +
+                                " is closed: " + it->second.reason.ToString());
     }
     std::vector<std::byte> message;
     message.reserve(frame.size() + 1);
@@ -246,9 +254,9 @@ class CudaIpcTransport final : public Transport {
     if (!sent.ok()) {
       if (sent.code() == StatusCode::kUnavailable) {
         // The socket is gone (the peer hung up or died): the connection ends.
-        const Status closed = UnavailableError("cuda-ipc: connection to peer " +
-                                               std::to_string(peer) + " closed: " +
-                                               std::string(sent.message()));
+        const Status closed =
+            UnavailableError("cuda-ipc: connection to peer " + std::to_string(peer) +
+                             " closed: " + std::string(sent.message()));
         TearDown(peer, closed);
         return closed;
       }
@@ -302,10 +310,9 @@ class CudaIpcTransport final : public Transport {
         fd_regions_.erase(id);
       };
     }
-    return std::unique_ptr<LocalRegion>(
-        new IpcLocalRegion(std::move(info),
-                           "cuda-ipc region #" + std::to_string(id) + " of " + Address(),
-                           std::move(on_destroy)));
+    return std::unique_ptr<LocalRegion>(new IpcLocalRegion(
+        std::move(info), "cuda-ipc region #" + std::to_string(id) + " of " + Address(),
+        std::move(on_destroy)));
   }
 
   Result<std::unique_ptr<RemoteRegion>> Import(PeerId peer, const RegionInfo& info) override {
@@ -313,7 +320,8 @@ class CudaIpcTransport final : public Transport {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = conns_.find(peer);
-      if (it == conns_.end()) return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
+      if (it == conns_.end())
+        return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
       if (it->second.dead) return UnavailableError("cuda-ipc: connection is closed");
       pid = it->second.pid;
     }
@@ -402,7 +410,8 @@ class CudaIpcTransport final : public Transport {
       std::lock_guard<std::mutex> lock(mu_);
       if (shut_) return AbortedError("cuda-ipc: shut down");
       auto it = conns_.find(peer);
-      if (it == conns_.end()) return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
+      if (it == conns_.end())
+        return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
       if (it->second.dead) return UnavailableError("cuda-ipc: connection is closed");
       ++it->second.reads;
     }
@@ -516,15 +525,15 @@ class CudaIpcTransport final : public Transport {
     pid_t pid = 0;
     bool dead = false;
     Status reason;
-    bool ops_fenced = false;      // our writes to it ended (the worker passed its fence)
-    int reads = 0;                // our reads from it still running
+    bool ops_fenced = false;  // our writes to it ended (the worker passed its fence)
+    int reads = 0;            // our reads from it still running
     std::vector<std::shared_ptr<std::stop_source>> read_stops;
     bool close_sent = false;
     bool close_received = false;  // it stopped its copies into our memory
     bool channel_closed = false;
-    bool exited = false;          // its process is gone
-    bool waiting_exit = false;    // the reaper watches its pid
-    bool reported = false;        // on_peer_failure ran
+    bool exited = false;        // its process is gone
+    bool waiting_exit = false;  // the reaper watches its pid
+    bool reported = false;      // on_peer_failure ran
     // The descriptors of its VMM regions, by region id (REGION messages).
     std::map<uint64_t, UniqueFd> region_fds;
   };
@@ -544,8 +553,8 @@ class CudaIpcTransport final : public Transport {
       const int fds[1] = {fd};
       Status sent = channel_->Send(peer, message, fds);
       if (!sent.ok()) {
-        Log(LogLevel::kWarning, "cuda-ipc: sending region #" + std::to_string(id) +
-                                    " to peer " + std::to_string(peer) + ": " + sent.ToString());
+        Log(LogLevel::kWarning, "cuda-ipc: sending region #" + std::to_string(id) + " to peer " +
+                                    std::to_string(peer) + ": " + sent.ToString());
       }
     }
   }
@@ -929,9 +938,8 @@ Result<std::unique_ptr<Transport>> CreateCudaIpcTransport(const CudaIpcTransport
   if (wake < 0) {
     return ResourceExhaustedError(std::string("cuda-ipc: eventfd: ") + std::strerror(errno));
   }
-  return std::unique_ptr<Transport>(new CudaIpcTransport(options, device, std::move(channel),
-                                                         std::move(engine), std::move(copier),
-                                                         UniqueFd(wake)));
+  return std::unique_ptr<Transport>(new CudaIpcTransport(
+      options, device, std::move(channel), std::move(engine), std::move(copier), UniqueFd(wake)));
 }
 
 }  // namespace kvbounce

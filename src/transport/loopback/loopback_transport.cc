@@ -1111,8 +1111,8 @@ Endpoint::Progress Endpoint::CopyOpsOnDevice(const Item& item, std::span<const O
   const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
   const Connection& conn = *item.conn;
   Progress progress;
-  const int device = item.local->kind == MemoryKind::kCuda ? item.local->device
-                                                           : item.remote->device;
+  const int device =
+      item.local->kind == MemoryKind::kCuda ? item.local->device : item.remote->device;
   if (op_copier_ == nullptr || op_copier_device_ != device) {
     op_copier_.reset();
     Result<std::unique_ptr<OpCopier>> copier = CudaSupport()->NewOpCopier(device);

@@ -4,18 +4,17 @@
 // the rail's own queue, so nothing re-enters UCX from inside a UCX callback.
 #include "transport/ucx/ucx_transport.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
-#include <unistd.h>
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <ucp/api/ucp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -30,8 +29,8 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
-#include <map>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <new>
 #include <optional>
