@@ -383,7 +383,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     const uint64_t bytes = MiB(static_cast<uint64_t>(config.bounce_size_mb));
     auto make_arena = [&](const char* which, std::unique_ptr<Arena>* out,
                           const LocalRegion** region_out) -> Status {
-      // Staging memory follows the pool and the transport (DESIGN §6):
+      // Staging memory follows the pool and the transport (docs/cuda.md):
       // device memory beside a device pool that the transport reaches,
       // pinned host memory (which the device's copy engine reaches too)
       // beside one it does not, host memory beside a host pool.
