@@ -1,7 +1,6 @@
 #include "copy/cuda/cuda_ipc_memory.h"
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
 #include <cstring>
@@ -10,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "copy/cuda/cuda_memory.h"
 #include "copy/cuda/cuda_util.h"
 #include "kvbounce/logging.h"
 
@@ -20,25 +20,6 @@ std::string Hex(uint64_t v) {
   char text[32];
   std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(v));
   return text;
-}
-
-// cuMemGetAddressRange through the runtime's entry-point query, so that
-// nothing links libcuda (a host without a driver must still start the
-// program and report kUnavailable; see src/copy/CMakeLists.txt).
-Result<PFN_cuMemGetAddressRange_v3020> AddressRangeFn() {
-  static const auto loaded = []() -> std::pair<PFN_cuMemGetAddressRange_v3020, Status> {
-    void* pointer = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    Status s = CudaStatus(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &pointer, 12000,
-                                                           cudaEnableDefault, &found),
-                          "cudaGetDriverEntryPointByVersion(cuMemGetAddressRange)");
-    if (s.ok() && (found != cudaDriverEntryPointSuccess || pointer == nullptr)) {
-      s = UnimplementedError("the CUDA driver has no cuMemGetAddressRange");
-    }
-    return {reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(pointer), s};
-  }();
-  if (!loaded.second.ok()) return loaded.second;
-  return loaded.first;
 }
 
 // One opened allocation, shared by the mappings of this process that name
@@ -90,19 +71,11 @@ Result<CudaIpcExport> ExportCudaIpc(Addr address, uint64_t bytes) {
   }
   ScopedCudaDevice device(attributes.device);
   KVB_RETURN_IF_ERROR(device.status());
-  KVB_ASSIGN_OR_RETURN(PFN_cuMemGetAddressRange_v3020 range, AddressRangeFn());
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  const CUresult r = range(&base, &size, static_cast<CUdeviceptr>(address.value()));
-  if (r != CUDA_SUCCESS) {
-    return InvalidArgumentError("cuda ipc: cuMemGetAddressRange(" + Hex(address.value()) +
-                                ") failed with CUresult " + std::to_string(static_cast<int>(r)));
-  }
+  Result<CudaAllocationRange> range = AllocationRange(address, bytes);
+  if (!range.ok()) return range.status().WithContext("cuda ipc");
+  const uint64_t base = range->base;
+  const uint64_t size = range->size;
   const uint64_t offset = address.value() - base;
-  if (offset > size || bytes > size - offset) {
-    return InvalidArgumentError("cuda ipc: " + Hex(address.value()) + "+" + std::to_string(bytes) +
-                                " leaves its allocation " + Hex(base) + "+" + std::to_string(size));
-  }
   cudaIpcMemHandle_t handle{};
   KVB_RETURN_IF_ERROR(CudaStatus(cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)),
                                  "cudaIpcGetMemHandle(" + Hex(base) + ")"));

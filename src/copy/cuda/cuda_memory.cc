@@ -421,16 +421,8 @@ Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes) {
     return NotFoundError("cuda vmm export: " + Hex(address.value()) +
                          " is not in a VMM allocation");
   }
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  Status status =
-      CuStatus(api->mem_get_address_range(&base, &size, address.value()), "cuMemGetAddressRange")
-          .WithContext(kWhat);
-  const uint64_t offset = address.value() - base;
-  if (status.ok() && (offset > size || bytes > size - offset)) {
-    status = InvalidArgumentError("cuda vmm export: " + Hex(address.value()) + "+" +
-                                  std::to_string(bytes) + " leaves its allocation");
-  }
+  Result<CudaAllocationRange> range = AllocationRange(address, bytes);
+  Status status = range.status().WithContext(kWhat);
   int fd = -1;
   if (status.ok()) {
     // Fails (kUnimplemented) for an allocation made without POSIX-fd handles.
@@ -441,7 +433,23 @@ Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes) {
   }
   api->mem_release(handle);  // the reference Retain took
   if (!status.ok()) return status;
-  return CudaVmmExport{UniqueFd(fd), offset, size, place.device};
+  return CudaVmmExport{UniqueFd(fd), address.value() - range->base, range->size, place.device};
+}
+
+Result<CudaAllocationRange> AllocationRange(Addr address, uint64_t bytes) {
+  KVB_ASSIGN_OR_RETURN(const DriverApi* api, Driver());
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  KVB_RETURN_IF_ERROR(
+      CuStatus(api->mem_get_address_range(&base, &size, address.value()),
+               "cuMemGetAddressRange(" + Hex(address.value()) + ")"));
+  const uint64_t offset = address.value() - base;
+  if (address.value() < base || offset > size || bytes > size - offset) {
+    return InvalidArgumentError(Hex(address.value()) + "+" + std::to_string(bytes) +
+                                " leaves its allocation " + Hex(base) + "+" +
+                                std::to_string(size));
+  }
+  return CudaAllocationRange{base, size};
 }
 
 // --- LocatePointer ---

@@ -227,6 +227,16 @@ class CudaVmmAllocation final : public Allocation {
   size_t size_;
 };
 
+// The device allocation (cudaMalloc or VMM) that holds [address, address +
+// bytes): its base and size, from cuMemGetAddressRange. REQUIRES: the
+// memory's device is current. Errors: kInvalidArgument (an address in no
+// allocation, a range that leaves it), the driver's.
+struct CudaAllocationRange {
+  uint64_t base = 0;
+  uint64_t size = 0;
+};
+Result<CudaAllocationRange> AllocationRange(Addr address, uint64_t bytes);
+
 // The VMM allocation that holds [address, address + bytes), exported as a
 // POSIX file descriptor for a peer's CudaVmmMapping::Import(fd,
 // allocation_bytes, ...): the descriptor, the address's offset from the
