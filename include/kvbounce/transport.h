@@ -45,6 +45,10 @@
 // Lifetime: Shutdown() (also run by the destructor) fails everything pending,
 // joins the transport's threads and returns; no callback runs after it
 // returns and no write of this transport is still reading or writing memory.
+// Messages Send accepted before Shutdown still reach a live peer, ahead of
+// its on_peer_failure (a process that sends its last results and exits
+// loses none); a transport may bound how long it waits for a peer that
+// stopped answering (UCX and cuda-ipc: 2 s, docs/transports.md).
 // Writes of peers into this transport's regions are fenced by
 // deregistration: destroying a LocalRegion waits until no write or mapped
 // access of any peer touches it. Registrations, imported regions and mapped
@@ -296,8 +300,8 @@ class Transport {
   // Closes the connection: both ends see on_peer_failure(reason).
   virtual void Disconnect(PeerId peer, const Status& reason) = 0;
 
-  // Fails everything pending, stops and joins the transport's threads.
-  // Idempotent.
+  // Fails everything pending (messages already accepted still reach live
+  // peers), stops and joins the transport's threads. Idempotent.
   virtual void Shutdown() = 0;
 
   virtual TransportStats Stats() const = 0;

@@ -686,6 +686,27 @@ TEST_P(TransportConformanceTest, ShutdownWithWritesInFlightRunsEveryCallbackOnce
   }
 }
 
+// A process that sends its last results and shuts down (a prefill worker
+// whose publications all settled) must not lose them: a live peer takes
+// every message accepted before Shutdown, then sees the connection end.
+TEST_P(TransportConformanceTest, MessagesSentBeforeShutdownReachALivePeer) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  constexpr int kMessages = 1000;
+  for (int i = 0; i < kMessages; ++i) {
+    ASSERT_THAT(a->SendText(a_to_b, "last " + std::to_string(i)), IsOk());
+  }
+  a->Shutdown();
+  ASSERT_TRUE(b->WaitForFailure(b_to_a));
+  const auto messages = b->messages();
+  ASSERT_EQ(messages.size(), static_cast<size_t>(kMessages + 1));
+  for (int i = 0; i < kMessages; ++i) {
+    ASSERT_EQ(Text(messages[i + 1].frame), "last " + std::to_string(i)) << "message " << i;
+  }
+  EXPECT_EQ(b->failures(b_to_a), 1);
+}
+
 TEST_P(TransportConformanceTest, FanInFromTwoWritersIntoOneRegion) {
   auto a = MakeEndpoint("a");
   auto b = MakeEndpoint("b");

@@ -14,6 +14,9 @@
 
 namespace kvbounce::test_peer {
 
+// How many "LAST i" frames a farewell peer sends before it shuts down.
+inline constexpr int kFarewellMessages = 1000;
+
 inline std::vector<std::byte> Bytes(std::string_view text) {
   std::vector<std::byte> out(text.size());
   std::memcpy(out.data(), text.data(), text.size());

@@ -15,6 +15,10 @@
 //     parent's "REGION" (PatternByte(i) at byte i), Reads all of it into its
 //     buffer and sends "READ <status code name> <pattern ok 0|1>"; then
 //     serves until the connection dies.
+//   ucx_test_peer <address> farewell <shm 0|1>
+//     connects, waits for the parent's "GO", sends "LAST 0" .. "LAST 999"
+//     and shuts its transport down at once (a worker that sent its last
+//     results and exits); exits 0.
 //
 // Frames: "READY" after connecting; "REGION" + address u64 + size u64 + key.
 #include <linux/filter.h>
@@ -63,7 +67,7 @@ bool DenyProcessVmReadv() {
 int main(int argc, char** argv) {
   if (argc != 4 && argc != 5) {
     std::fprintf(stderr,
-                 "usage: ucx_test_peer <address> receiver|writer|reader|reader-denied "
+                 "usage: ucx_test_peer <address> receiver|writer|reader|reader-denied|farewell "
                  "<shm 0|1> [same_host_read 0|1]\n");
     return 2;
   }
@@ -119,6 +123,18 @@ int main(int argc, char** argv) {
   if (!region.ok()) return 1;
   if (!transport->Send(*peer, test_peer::Bytes("READY")).ok()) return 1;
 
+  if (mode == "farewell") {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return !region_frame.empty() || dead; });
+      if (dead) return 1;
+    }
+    for (int i = 0; i < test_peer::kFarewellMessages; ++i) {
+      if (!transport->Send(*peer, test_peer::Bytes("LAST " + std::to_string(i))).ok()) return 1;
+    }
+    transport->Shutdown();
+    return 0;
+  }
   if (mode == "receiver") {
     if (!transport->Send(*peer, test_peer::EncodeRegion((*region)->info())).ok()) return 1;
     std::unique_lock<std::mutex> lock(mu);

@@ -397,6 +397,37 @@ TEST_P(UcxPeerDeathTest, WriterKilledMidWrite) {
   EXPECT_THAT((*a)->Flush(peer, [](Status) {}), StatusIs(StatusCode::kUnavailable));
 }
 
+// A peer process sends its last messages and shuts down at once while we
+// keep sending to it (unread data on its side of the connection): every
+// message it sent arrives, in order, before its connection ends here. A
+// shutdown that reset the connection under them would lose the last
+// KV_RESULTs of a prefill worker that exits after serving.
+TEST_P(UcxPeerDeathTest, MessagesSentBeforeAPeersShutdownAllArrive) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = GetParam();
+  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
+  PeerProcess child((*a)->Address(), "farewell", GetParam());
+  ASSERT_TRUE(child.started());
+  const PeerId peer = WaitForPeer(*a, 1);  // READY
+  ASSERT_NE(peer, 0u);
+  ASSERT_THAT((*a)->Send(peer, test_peer::Bytes("GO")), IsOk());
+  std::atomic<bool> stop{false};
+  std::thread flood([&] {
+    const std::vector<std::byte> frame(16 << 10, std::byte{0x33});
+    while (!stop && (*a)->Send(peer, frame).ok()) std::this_thread::sleep_for(50us);
+  });
+  const bool ended = a->WaitForFailure(peer, 20s);
+  stop = true;
+  flood.join();
+  ASSERT_TRUE(ended);
+  const auto messages = a->messages();
+  ASSERT_EQ(messages.size(), static_cast<size_t>(1 + test_peer::kFarewellMessages));
+  for (int i = 0; i < test_peer::kFarewellMessages; ++i) {
+    ASSERT_EQ(Text(messages[1 + i].frame), "LAST " + std::to_string(i)) << "message " << i;
+  }
+  EXPECT_EQ(a->failures(peer), 1);
+}
+
 // A live peer that writes into us is disconnected: once on_peer_failure
 // ran, nothing of it lands any more (the receiving half of the fence holds
 // without the peer's cooperation).

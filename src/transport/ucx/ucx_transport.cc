@@ -531,6 +531,10 @@ struct Conn {
   bool peer_fenced = false;
   bool sent_fenced = false;
   bool teardown = false;
+  // A shutdown's drain: the connection closes only once the peer answered
+  // our FENCED with its own (it has then taken every message we sent before)
+  // or the drain ran out.
+  bool draining = false;
   bool completed = false;
   bool was_open = false;
   int rails_unfenced = 0;
@@ -721,6 +725,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   // Rail 0.
   std::unordered_map<ucp_ep_h, PeerId> by_ep_;
+  // Set when a shutdown's drain ended: from then on every teardown cuts
+  // (sends cancelled, endpoints force-closed) and waits for no peer.
+  bool hard_stop_ = false;
   std::unordered_set<ControlRequest*> control_requests_;
   std::vector<ControlRequest*> released_control_requests_;  // deleted after the workers
 
@@ -1998,10 +2005,10 @@ void Engine::BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, boo
   for (auto& rail_ptr : rails_) {
     Rail& rail = *rail_ptr;
     const PeerId id = conn->id;
-    const bool posted = rail.Post([this, &rail, id, conn, graceful] {
-      rail.AbortPeer(id, graceful && !shut_, [this, conn] {
-        rails_[0]->Post([this, conn] { RailFenced(conn); });
-      });
+    const bool soft = graceful && !hard_stop_;
+    const bool posted = rail.Post([this, &rail, id, conn, soft] {
+      rail.AbortPeer(id, soft,
+                     [this, conn] { rails_[0]->Post([this, conn] { RailFenced(conn); }); });
     });
     if (!posted) --conn->rails_unfenced;
   }
@@ -2027,6 +2034,12 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
     std::lock_guard<std::mutex> lock(conn->read_mu);
     if (conn->reads_pending > 0) return;
   }
+  // Draining for a shutdown: the peer's FENCED (or its endpoint's error)
+  // calls again. Closing earlier could reset the connection under messages
+  // the peer has not taken yet (a KV_RESULT: its request would fail).
+  if (conn->draining && !hard_stop_ && conn->was_open && !conn->peer_fenced && !conn->ctrl_failed) {
+    return;
+  }
   // Both halves of the fence hold once every rail fenced: our sends ended
   // and nothing the peer sends lands here any more.
   conn->completed = true;
@@ -2045,9 +2058,9 @@ void Engine::MaybeComplete(const std::shared_ptr<Conn>& conn) {
     pending->close = true;
     param.cb.send = &Engine::ControlDone;
     param.user_data = pending.get();
-    // A live peer gets our FENCED before the close; a gone one, or a
-    // shutdown (which waits for no peer), closes at once.
-    if (conn->ctrl_failed || shut_) {
+    // A live peer gets our FENCED before the close (flush mode delivers
+    // it); a gone one, or a shutdown past its drain, closes at once.
+    if (conn->ctrl_failed || hard_stop_) {
       param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
       param.flags = UCP_EP_CLOSE_FLAG_FORCE;
     }
@@ -2342,14 +2355,38 @@ void Engine::Shutdown() {
     shut_ = true;
   }
   if (rails_.empty()) return;
-  // Rail 0 tears every connection down (telling live peers); then every rail
-  // cuts what is left and stops.
   std::vector<std::shared_ptr<Conn>> all;
+  std::vector<std::shared_ptr<Conn>> open;
   {
     std::lock_guard<std::mutex> lock(conns_mu_);
-    for (auto& [id, conn] : conns_) all.push_back(conn);
+    for (auto& [id, conn] : conns_) {
+      all.push_back(conn);
+      if (conn->state.load() == Conn::kOpen) open.push_back(conn);
+    }
   }
+  // The drain: every open connection is closed gracefully (our sends in
+  // flight complete, FENCED goes out behind every message sent before) and
+  // stays until the peer answers with its FENCED, so that what this process
+  // sent last (a KV_RESULT) is taken, not lost to a reset. A peer that does
+  // not answer within kShutdownDrain is cut like a dead one.
+  if (!open.empty() && rails_[0]->Post([this, open] {
+        for (const auto& conn : open) {
+          if (conn->teardown || conn->ctrl_failed) continue;
+          conn->draining = true;
+          BeginTeardown(conn, AbortedError("the ucx transport is shut down"), true);
+          MaybeComplete(conn);
+        }
+      })) {
+    std::unique_lock<std::mutex> lock(conns_mu_);
+    conns_cv_.wait_for(lock, UcxTransport::kShutdownDrain, [&] {
+      return std::all_of(open.begin(), open.end(),
+                         [](const auto& conn) { return conn->state.load() == Conn::kDead; });
+    });
+  }
+  // Rail 0 tears every connection left down (telling live peers); then
+  // every rail cuts what is left and stops.
   rails_[0]->Post([this, all] {
+    hard_stop_ = true;
     for (const auto& conn : all) {
       BeginTeardown(conn, AbortedError("the ucx transport is shut down"), false);
       MaybeComplete(conn);

@@ -83,6 +83,7 @@
 #ifndef KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -106,6 +107,9 @@ class UcxTransport final : public Transport {
   static constexpr int kPutWindow = 128;
   static constexpr uint64_t kMinPutChunkBytes = uint64_t{4} << 10;
   static constexpr uint64_t kMaxPutChunkBytes = uint64_t{1} << 30;
+  // How long Shutdown waits for open peers to confirm the close (each has
+  // then taken every message this transport sent it) before it cuts them.
+  static constexpr std::chrono::milliseconds kShutdownDrain{2000};
 
   // Creates the context, the workers and their threads, and listens.
   // Errors: kInvalidArgument naming a bad option, kUnavailable when UCX
