@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "common/list_memory.h"
+
 namespace kvbounce {
 
 struct Fragment {
@@ -22,6 +24,11 @@ struct Fragment {
 
   friend bool operator==(const Fragment&, const Fragment&) = default;
 };
+
+// A list of fragments (a plan list): its storage is kept for the next
+// request's list (common/list_memory.h), so building one touches no fresh
+// page once a shape has been planned.
+using FragmentList = ListVector<Fragment>;
 
 }  // namespace kvbounce
 

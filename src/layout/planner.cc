@@ -37,7 +37,7 @@ struct Segment {
 // adjacent on both sides.
 class FragmentSink {
  public:
-  explicit FragmentSink(std::vector<Fragment>* out) : out_(out) {}
+  explicit FragmentSink(FragmentList* out) : out_(out) {}
   void Add(uint64_t x, uint64_t y, uint64_t bytes) {
     if (!out_->empty()) {
       Fragment& last = out_->back();
@@ -50,7 +50,7 @@ class FragmentSink {
   }
 
  private:
-  std::vector<Fragment>* out_;
+  FragmentList* out_;
 };
 
 // Counts the runs FragmentSink would collect, storing none.
@@ -211,7 +211,7 @@ void WalkList(const Walk& w, Sink& sink) {
 }
 
 template <int X, int Y>
-void EmitList(const Walk& w, std::vector<Fragment>* out) {
+void EmitList(const Walk& w, FragmentList* out) {
   FragmentSink sink(out);
   WalkList<X, Y>(w, sink);
 }
@@ -492,10 +492,21 @@ Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver,
       Prepare(writer, receiver, tokens, need_src, need_dst, writer.block_table.empty(), p.get()));
   PlanRuns runs;
   runs.packed_bytes = p->plan.packed_bytes;
+  runs.fingerprint = p->plan.fingerprint;
   if (p->plan.box.empty()) return runs;
   if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(p->w);
   if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(p->w);
   if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(p->w);
+  return runs;
+}
+
+Result<PlanRuns> PlanTotals(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens) {
+  auto p = std::make_unique<Prepared>();
+  KVB_RETURN_IF_ERROR(Prepare(writer, receiver, tokens, /*need_src=*/false, /*need_dst=*/true,
+                              writer.block_table.empty(), p.get()));
+  PlanRuns runs;
+  runs.packed_bytes = p->plan.packed_bytes;
+  runs.fingerprint = p->plan.fingerprint;
   return runs;
 }
 

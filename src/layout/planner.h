@@ -66,9 +66,9 @@ struct PairPlan {
   // Hash of both layouts, both placements, the token range and the box; the
   // same on both sides. Block tables and addresses are not part of it.
   uint64_t fingerprint = 0;
-  std::vector<Fragment> gather;   // src: sender address, dst: packed offset
-  std::vector<Fragment> scatter;  // src: packed offset, dst: receiver address
-  std::vector<Fragment> direct;   // src: sender address, dst: receiver address
+  FragmentList gather;   // src: sender address, dst: packed offset
+  FragmentList scatter;  // src: packed offset, dst: receiver address
+  FragmentList direct;   // src: sender address, dst: receiver address
 };
 
 // Plans the transfer of `tokens` from `writer` (a ctx rank) to `receiver` (a
@@ -90,6 +90,7 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
 // receiver's path estimate needs (docs/paths.md), without building lists.
 struct PlanRuns {
   uint64_t packed_bytes = 0;
+  uint64_t fingerprint = 0;  // PairPlan::fingerprint
   uint64_t gather = 0;
   uint64_t scatter = 0;
   uint64_t direct = 0;
@@ -106,6 +107,12 @@ struct PlanRuns {
 // Only the lists named in `lists` are counted (the others stay 0).
 Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
                                uint8_t lists = kPlanAll);
+
+// The packed bytes and the fingerprint of the plan, with the receiver's
+// block table checked as a scatter or direct plan checks it, walking no run
+// (the run counts stay 0): what a receiver needs on a path where it copies
+// nothing itself. Errors: CountPlanRuns'.
+Result<PlanRuns> PlanTotals(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens);
 
 // Bytes of the packed stream of `box` over `tokens` (the size both sides
 // agree on). REQUIRES: consistent arguments (no overflow checks).

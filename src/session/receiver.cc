@@ -16,7 +16,9 @@ struct ReceiverSession::Writer {
   std::string name;  // "ctx0 rank 3", for messages
   uint64_t bytes = 0;
   uint64_t fingerprint = 0;
-  std::vector<Fragment> scatter;
+  // The scatter list (built on the bounce path only, scatter_planned).
+  FragmentList scatter;
+  bool scatter_planned = false;
   WriterState state = WriterState::kPending;
   Status error;
   // Direct read: this rank copies the writer's blocks (KV_READY) itself.
@@ -147,6 +149,9 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   const std::vector<int> writer_ranks = Writers(ctx_topology, *ctx_.topology, ctx_.rank);
   if (writer_ranks.empty()) return InternalError("Pull: no writer covers this rank");
 
+  const TransferPath requested =
+      options.path == TransferPath::kAuto ? ctx_.config.path : options.path;
+  const bool wants_scatter = requested == TransferPath::kBounce;
   auto r = std::make_unique<Request>();
   r->ctx_instance = ctx_instance;
   r->tokens = tokens;
@@ -160,23 +165,40 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       return FailedPreconditionError("Pull: not connected to writer " + ctx_instance + " rank " +
                                      std::to_string(w));
     }
-    Result<PairPlan> plan =
-        PlanPair(PlanSide{peer->topology.get(), w, &*peer->pool, {}},
-                 PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens,
-                 kPlanScatter);
-    if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
+    // The scatter list is needed on the bounce path only: built now when
+    // bounce was asked for, counted when auto must price it (a fraction of
+    // the cost, and the same checks of our block table; built below if the
+    // choice falls on bounce), and neither on a path where the writer
+    // copies (only the totals, walking no run).
+    const PlanSide writer_side{peer->topology.get(), w, &*peer->pool, {}};
+    const PlanSide our_side{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table};
     Writer writer;
     writer.rank = w;
     writer.peer = peer->id;
     writer.name = peer->Describe();
-    writer.bytes = plan->packed_bytes;
-    writer.fingerprint = plan->fingerprint;
-    writer.scatter = std::move(plan->scatter);
-    fragments += writer.scatter.size();
+    uint64_t scatter_runs = 0;
+    if (wants_scatter) {
+      Result<PairPlan> plan = PlanPair(writer_side, our_side, tokens, kPlanScatter);
+      if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
+      writer.bytes = plan->packed_bytes;
+      writer.fingerprint = plan->fingerprint;
+      writer.scatter = std::move(plan->scatter);
+      writer.scatter_planned = true;
+      scatter_runs = writer.scatter.size();
+    } else {
+      Result<PlanRuns> runs = requested == TransferPath::kAuto
+                                  ? CountPlanRuns(writer_side, our_side, tokens, kPlanScatter)
+                                  : PlanTotals(writer_side, our_side, tokens);
+      if (!runs.ok()) return runs.status().WithContext("Pull " + RequestName(request_id));
+      writer.bytes = runs->packed_bytes;
+      writer.fingerprint = runs->fingerprint;
+      scatter_runs = runs->scatter;
+    }
+    fragments += scatter_runs;
     r->bytes += writer.bytes;
     WriterLoad load = LinkLoad(*peer);
     load.bytes = writer.bytes;
-    load.scatter_runs = writer.scatter.size();
+    load.scatter_runs = scatter_runs;
     writer.reads = load.direct_read;
     loads.push_back(load);
     r->writers.push_back(std::move(writer));
@@ -184,7 +206,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->scatter_runs = fragments;
   r->per_block_available = PerBlockAvailable(loads);
 
-  r->requested = options.path == TransferPath::kAuto ? ctx_.config.path : options.path;
+  r->requested = requested;
   const bool recv_arena = ctx_.recv_arena != nullptr;
   if (r->requested == TransferPath::kAuto) {
     KVB_RETURN_IF_ERROR(
@@ -195,6 +217,20 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
                                          recv_arena, ctx_.transport->Caps().name);
   if (!choice.ok()) return choice.status();
   r->path = choice->path;
+  if (r->path == TransferPath::kBounce) {
+    for (Writer& writer : r->writers) {
+      if (writer.scatter_planned) continue;
+      const PeerState* peer = ctx_.FindPeer(writer.peer);
+      if (peer == nullptr) return InternalError("Pull: writer " + writer.name + " vanished");
+      Result<PairPlan> plan =
+          PlanPair(PlanSide{peer->topology.get(), writer.rank, &*peer->pool, {}},
+                   PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens,
+                   kPlanScatter);
+      if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
+      writer.scatter = std::move(plan->scatter);
+      writer.scatter_planned = true;
+    }
+  }
   if (r->requested == TransferPath::kAuto && MinLogLevel() <= LogLevel::kDebug) {
     Log(LogLevel::kDebug, "Pull " + RequestName(request_id) + ": auto takes " +
                               std::string(TransferPathName(r->path)) + " (" +

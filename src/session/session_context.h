@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/list_memory.h"
 #include "copy/copy_engine.h"
 #include "kvbounce/agent.h"
 #include "kvbounce/config.h"
@@ -143,7 +144,7 @@ std::optional<StatusCode> FromWireErrorCode(uint8_t code);
 struct WriteGroup {
   const LocalRegion* source = nullptr;
   const RemoteRegion* target = nullptr;
-  std::vector<WriteOp> ops;
+  ListVector<WriteOp> ops;
 };
 
 // Splits `fragments` (absolute addresses, plus dst_offset on the target side)
@@ -159,7 +160,7 @@ Result<std::vector<WriteGroup>> GroupWrites(std::span<const Fragment> fragments,
 struct ReadGroup {
   const RemoteRegion* source = nullptr;
   const LocalRegion* target = nullptr;
-  std::vector<ReadOp> ops;
+  ListVector<ReadOp> ops;
 };
 Result<std::vector<ReadGroup>> GroupReads(std::span<const Fragment> fragments,
                                           std::span<const std::unique_ptr<RemoteRegion>> sources,

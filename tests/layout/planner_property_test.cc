@@ -163,13 +163,13 @@ void BuildSide(std::mt19937_64& rng, const ModelShape& model, DType dtype, int64
 }
 
 // Copies `list` with `src_base`/`dst_base` through the engine.
-void RunCopies(CopyEngine& engine, const std::vector<Fragment>& list, Addr src_base,
-               Addr dst_base) {
+void RunCopies(CopyEngine& engine, std::span<const Fragment> list, Addr src_base, Addr dst_base) {
   ASSERT_TRUE(engine.CopySync(CopyBatch{list, src_base, dst_base}).ok());
 }
 
 // Checks that the packed-side fields of `list` tile [0, bytes) exactly once.
-void ExpectTiles(std::vector<Fragment> list, bool packed_is_dst, uint64_t bytes) {
+void ExpectTiles(std::span<const Fragment> plan_list, bool packed_is_dst, uint64_t bytes) {
+  std::vector<Fragment> list(plan_list.begin(), plan_list.end());
   auto key = [&](const Fragment& f) { return packed_is_dst ? f.dst : f.src; };
   std::sort(list.begin(), list.end(),
             [&](const Fragment& a, const Fragment& b) { return key(a) < key(b); });
@@ -311,6 +311,14 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         EXPECT_EQ(counted->gather, full->gather.size());
         EXPECT_EQ(counted->scatter, full->scatter.size());
         EXPECT_EQ(counted->direct, dir->direct.size());
+        EXPECT_EQ(counted->fingerprint, full->fingerprint);
+        // The totals alone (a receiver that copies nothing) agree too.
+        auto totals =
+            PlanTotals(PlanSide{ctx.topology.get(), c, &ctx.layouts[c], {}}, to_direct, tokens);
+        ASSERT_TRUE(totals.ok()) << totals.status();
+        EXPECT_EQ(totals->packed_bytes, full->packed_bytes);
+        EXPECT_EQ(totals->fingerprint, full->fingerprint);
+        EXPECT_EQ(totals->gather + totals->scatter + totals->direct, 0u);
         // The receiver's count, without the writer's table, is that of a
         // table of descending (never adjacent) blocks.
         std::vector<int32_t> descending(ctx.tables[c].size());

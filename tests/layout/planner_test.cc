@@ -91,6 +91,35 @@ TEST(PlannerTest, CountsWithoutTheWritersTableAssumeScatteredBlocks) {
                    .ok());
 }
 
+TEST(PlannerTest, TotalsCheckTheReceiversTableWithoutWalkingRuns) {
+  const Instance ctx = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 512);
+  const Instance gen = Make("llama-3.1-70b", 4, 1, LayoutKind::kBlockMajorHnd, 512);
+  const auto table = Shuffled(512, 2);
+  auto totals = PlanTotals({&ctx.topology, 0, &ctx.pools[0], {}},
+                           {&gen.topology, 0, &gen.pools[0], table}, {0, 8192});
+  ASSERT_TRUE(totals.ok()) << totals.status();
+  EXPECT_EQ(totals->packed_bytes, 335544320u);
+  auto plan = PlanPair({&ctx.topology, 0, &ctx.pools[0], {}},
+                       {&gen.topology, 0, &gen.pools[0], table}, {0, 8192}, kPlanScatter);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(totals->fingerprint, plan->fingerprint);
+  EXPECT_EQ(totals->scatter, 0u);
+  // The receiver's table is checked as a scatter plan checks it.
+  std::vector<int32_t> short_table(table.begin(), table.begin() + 100);
+  EXPECT_EQ(PlanTotals({&ctx.topology, 0, &ctx.pools[0], {}},
+                       {&gen.topology, 0, &gen.pools[0], short_table}, {0, 8192})
+                .status()
+                .code(),
+            StatusCode::kOutOfRange);
+  std::vector<int32_t> outside = table;
+  outside[7] = 512;
+  EXPECT_EQ(PlanTotals({&ctx.topology, 0, &ctx.pools[0], {}},
+                       {&gen.topology, 0, &gen.pools[0], outside}, {0, 8192})
+                .status()
+                .code(),
+            StatusCode::kOutOfRange);
+}
+
 TEST(PlannerTest, SameTpMovesWholeBlocksAndMergesConsecutiveOnes) {
   const Instance ctx = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 256);
   const Instance gen = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 256);

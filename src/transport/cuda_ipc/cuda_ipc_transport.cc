@@ -400,7 +400,7 @@ class CudaIpcTransport final : public Transport {
     }
     if (!done) return InvalidArgumentError("cuda-ipc: Read needs a done callback");
     KVB_ASSIGN_OR_RETURN(uint64_t bytes, CheckReadOps(source.info(), target.info(), ops));
-    auto fragments = std::make_shared<std::vector<Fragment>>();
+    auto fragments = std::make_shared<FragmentList>();
     fragments->reserve(ops.size());
     for (const ReadOp& op : ops) {
       fragments->push_back(Fragment{remote->Translate(op.src).value(), op.dst.value(), op.bytes});
