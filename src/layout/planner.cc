@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace kvbounce {
@@ -48,26 +49,50 @@ class FragmentSink {
     }
     out_->push_back(Fragment{x, y, bytes});
   }
+  // Add(x + i*sx, y + i*sy, bytes) for i in [0, n). REQUIRES: no two
+  // consecutive runs of the series are adjacent on both sides (sx or sy is
+  // not `bytes`), so only the first may merge with the run before it.
+  void AddSeries(uint64_t x, uint64_t y, uint64_t bytes, uint64_t sx, uint64_t sy, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      Add(x, y, bytes);
+      x += sx;
+      y += sy;
+    }
+  }
 
  private:
   FragmentList* out_;
+};
+
+// What a walk of one segment shape adds to a list, relative to the
+// segment's offsets: its runs (after merging), where the first starts and
+// where the last ends, on both coordinates. Counting composes these instead
+// of visiting every run (CountingSink::AddSummary).
+struct RunSummary {
+  uint64_t runs = 0;
+  uint64_t first_x = 0, first_y = 0;
+  uint64_t end_x = 0, end_y = 0;
 };
 
 // Counts the runs FragmentSink would collect, storing none.
 class CountingSink {
  public:
   void Add(uint64_t x, uint64_t y, uint64_t bytes) {
-    if (runs_ > 0 && last_.src + last_.bytes == x && last_.dst + last_.bytes == y) {
-      last_.bytes += bytes;
-      return;
-    }
-    last_ = Fragment{x, y, bytes};
-    ++runs_;
+    AddSummary(x, y, RunSummary{1, 0, 0, bytes, bytes});
+  }
+  // A walk summarized by `s`, at offsets (x, y): its first run merges with
+  // the run before it exactly when FragmentSink would merge them.
+  void AddSummary(uint64_t x, uint64_t y, const RunSummary& s) {
+    if (s.runs == 0) return;
+    const bool merges = runs_ > 0 && end_x_ == x + s.first_x && end_y_ == y + s.first_y;
+    runs_ += s.runs - (merges ? 1 : 0);
+    end_x_ = x + s.end_x;
+    end_y_ = y + s.end_y;
   }
   uint64_t runs() const { return runs_; }
 
  private:
-  Fragment last_;
+  uint64_t end_x_ = 0, end_y_ = 0;
   uint64_t runs_ = 0;
 };
 
@@ -75,11 +100,9 @@ template <int X, int Y, typename Sink>
 void WalkAxes(const Axis* axes, int n, uint64_t x, uint64_t y, uint64_t chunk, Sink& sink) {
   const Axis& a = axes[0];
   if (n == 1 && a.table[X] == nullptr && a.table[Y] == nullptr) {
-    for (int64_t i = 0; i < a.extent; ++i) {
-      sink.Add(x, y, chunk);
-      x += a.stride[X];
-      y += a.stride[Y];
-    }
+    // The innermost axis left after BuildShape coalesced every axis that is
+    // contiguous on both sides: its steps never merge with each other.
+    sink.AddSeries(x, y, chunk, a.stride[X], a.stride[Y], a.extent);
     return;
   }
   for (int64_t i = 0; i < a.extent; ++i) {
@@ -114,7 +137,39 @@ struct SegmentShape {
   uint64_t chunk = 0;
   int num_axes = 0;
   std::array<Axis, 4> axes;
+  RunSummary summary;  // of WalkAxes over `axes` from (0, 0)
 };
+
+// The RunSummary of WalkAxes<X, Y>(axes, n, 0, 0, chunk): an axis repeats
+// the walk inside it at a stride (or at its table's offsets), and each
+// repeat's first run merges with the one before's last exactly when the
+// last ends where the first starts, on both coordinates; with a stride
+// that holds for every repeat or for none.
+template <int X, int Y>
+RunSummary SummarizeAxes(const Axis* axes, int n, uint64_t chunk) {
+  if (n == 0) return RunSummary{1, 0, 0, chunk, chunk};
+  const RunSummary in = SummarizeAxes<X, Y>(axes + 1, n - 1, chunk);
+  const Axis& a = axes[0];
+  if (a.extent <= 0) return RunSummary{};
+  const auto e = static_cast<uint64_t>(a.extent);
+  if (a.table[X] == nullptr && a.table[Y] == nullptr) {
+    const bool merges =
+        in.end_x == in.first_x + a.stride[X] && in.end_y == in.first_y + a.stride[Y];
+    return RunSummary{e * in.runs - (merges ? e - 1 : 0), in.first_x, in.first_y,
+                      in.end_x + (e - 1) * a.stride[X], in.end_y + (e - 1) * a.stride[Y]};
+  }
+  RunSummary out{in.runs, in.first_x + a.Offset(X, 0), in.first_y + a.Offset(Y, 0),
+                 in.end_x + a.Offset(X, 0), in.end_y + a.Offset(Y, 0)};
+  for (int64_t i = 1; i < a.extent; ++i) {
+    const uint64_t ox = a.Offset(X, i);
+    const uint64_t oy = a.Offset(Y, i);
+    const bool merges = out.end_x == in.first_x + ox && out.end_y == in.first_y + oy;
+    out.runs += in.runs - (merges ? 1 : 0);
+    out.end_x = in.end_x + ox;
+    out.end_y = in.end_y + oy;
+  }
+  return out;
+}
 
 // A segment as one list sees it: its offsets on the list's two coordinates.
 struct SegmentRef {
@@ -164,6 +219,7 @@ SegmentShape BuildShape(const Walk& w, const Segment& seg) {
   shape.chunk = chunk;
   shape.num_axes = kept;
   shape.axes = axes;
+  shape.summary = SummarizeAxes<X, Y>(shape.axes.data(), kept, chunk);
   return shape;
 }
 
@@ -173,7 +229,9 @@ void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level,
   if (level == w.outer.size()) {
     for (const SegmentRef& s : segs) {
       const SegmentShape& shape = *s.shape;
-      if (shape.num_axes == 0) {
+      if constexpr (std::is_same_v<Sink, CountingSink>) {
+        sink.AddSummary(x + s.x, y + s.y, shape.summary);
+      } else if (shape.num_axes == 0) {
         sink.Add(x + s.x, y + s.y, shape.chunk);
       } else {
         WalkAxes<X, Y, Sink>(shape.axes.data(), shape.num_axes, x + s.x, y + s.y, shape.chunk,

@@ -97,7 +97,8 @@ struct PlanRuns {
 };
 
 // The runs PlanPair(writer, receiver, tokens, lists) would produce, only
-// counted (no list is built; the walk is the same, so is the cost per run).
+// counted: no list is built and no run visited (each segment shape's walk
+// is summarized once; the cost is a step per segment and outer index).
 // The receiver does not know the writer's block table: with an empty
 // writer.block_table the writer's blocks are taken to be nowhere adjacent —
 // the usual state of a paged pool — (descending ids stand in for them), so
