@@ -55,6 +55,7 @@ struct SenderSession::Job {
   int async_outstanding = 0;  // copies, write batches, flushes in the air
 
   TransferPath path = TransferPath::kPerBlock;
+  DataPath data_path = DataPath::kPerBlock;
   std::string fallback_reason;
   std::shared_ptr<const std::vector<int32_t>> block_table;  // keeps the lists' source valid
   PairPlan plan;
@@ -70,6 +71,22 @@ SenderSession::SenderSession(SessionContext& ctx, RetireHook retire_hook)
     : ctx_(ctx), retire_hook_(std::move(retire_hook)) {}
 
 SenderSession::~SenderSession() = default;
+
+const char* SenderSession::DataPathName(DataPath path) {
+  switch (path) {
+    case DataPath::kPerBlock:
+      return "per-block";
+    case DataPath::kBounce:
+      return "bounce";
+    case DataPath::kStagedBounce:
+      return "host-staged bounce";
+    case DataPath::kDirect:
+      return "direct";
+    case DataPath::kLend:
+      return "direct read";
+  }
+  return "?";
+}
 
 const char* SenderSession::StateName(JobState state) {
   switch (state) {
@@ -336,15 +353,21 @@ void SenderSession::Start(Job& job) {
   switch (req.path) {
     case protocol::TransferPath::kPerBlock:
       job.path = TransferPath::kPerBlock;
+      job.data_path = DataPath::kPerBlock;
       break;
     case protocol::TransferPath::kBounce:
       job.path = TransferPath::kBounce;
+      // The pool is registered with the transport only when it can reach
+      // it (docs/cuda.md): otherwise only a gathered slot can be written.
+      job.data_path = ctx_.pool_ranges.empty() ? DataPath::kStagedBounce : DataPath::kBounce;
       break;
     case protocol::TransferPath::kDirect:
       job.path = TransferPath::kDirect;
+      job.data_path = DataPath::kDirect;
       break;
     case protocol::TransferPath::kDirectRead:
       job.path = TransferPath::kDirect;
+      job.data_path = DataPath::kLend;
       job.lent = true;
       break;
     case protocol::TransferPath::kAuto:
@@ -363,7 +386,7 @@ void SenderSession::Start(Job& job) {
     receiver_table.push_back(static_cast<int32_t>(id));
   }
   const PoolLayout* receiver_pool = &*peer->pool;
-  if (job.path == TransferPath::kDirect && !job.lent) {
+  if (job.data_path == DataPath::kDirect) {
     if (!peer->mapped_pool) {
       Finish(job, UnimplementedError("the direct path needs the receiver's pool mapped here; the " +
                                      ctx_.transport->Caps().name + " transport cannot"));
@@ -372,14 +395,17 @@ void SenderSession::Start(Job& job) {
     receiver_pool = &*peer->mapped_pool;
   }
   job.block_table = pub.block_table;
-  const uint8_t lists = job.path == TransferPath::kBounce ? kPlanGather : kPlanDirect;
+  const bool bounce =
+      job.data_path == DataPath::kBounce || job.data_path == DataPath::kStagedBounce;
+  const uint8_t lists = bounce ? kPlanGather : kPlanDirect;
   Result<PairPlan> plan = PlanPair(
       PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
       PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
       TokenRange{static_cast<int64_t>(req.token_start), static_cast<int64_t>(req.token_end)},
       lists);
   if (!plan.ok()) {
-    Finish(job, plan.status().WithContext("planning " + RequestName(req.request_id)));
+    Finish(job, plan.status().WithContext("planning " + RequestName(req.request_id) + " (" +
+                                          DataPathName(job.data_path) + ")"));
     return;
   }
   job.plan = std::move(plan).value();
@@ -395,54 +421,56 @@ void SenderSession::Start(Job& job) {
                               " (the two sides disagree on layouts, placements or tokens)"));
     return;
   }
-  switch (job.path) {
-    case TransferPath::kPerBlock: {
-      job.fragments = job.plan.direct.size();
-      if (ctx_.pool_ranges.empty() || peer->pool_regions.empty()) {
-        Finish(job, UnimplementedError(
-                        "per-block: the " + ctx_.transport->Caps().name +
-                        " transport cannot reach the device pool of " +
-                        (ctx_.pool_ranges.empty() ? std::string("this rank") : job.peer_name)));
-        return;
-      }
-      Result<std::vector<WriteGroup>> groups =
-          GroupWrites(job.plan.direct, 0, ctx_.pool_ranges, peer->pool_regions);
-      if (!groups.ok()) {
-        Finish(job, groups.status().WithContext("per-block writes to " + job.peer_name));
-        return;
-      }
-      job.groups = std::move(groups).value();
-      AcquireBlocks(job);
-      IssueWrites(job);
+  job.fragments = bounce ? job.plan.gather.size() : job.plan.direct.size();
+  switch (job.data_path) {
+    case DataPath::kPerBlock:
+      StartPerBlock(job, *peer);
       return;
-    }
-    case TransferPath::kBounce:
-      job.fragments = job.plan.gather.size();
-      if (peer->recv_arena == nullptr) {
-        Finish(job,
-               FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
-        return;
-      }
-      if (req.recv_slot_size != job.plan.packed_bytes) {
-        Finish(job, DataLossError("recv slot of " + std::to_string(req.recv_slot_size) +
-                                  " bytes granted for a packed stream of " +
-                                  std::to_string(job.plan.packed_bytes) + " bytes"));
-        return;
-      }
-      Transition(job, JobState::kReserving);
-      Reserve(job);
+    case DataPath::kBounce:
+    case DataPath::kStagedBounce:
+      StartBounce(job, *peer);
       return;
-    case TransferPath::kDirect:
-      job.fragments = job.plan.direct.size();
-      if (job.lent) {
-        Lend(job);
-      } else {
-        StartDirect(job, *peer);
-      }
+    case DataPath::kDirect:
+      StartDirect(job, *peer);
       return;
-    case TransferPath::kAuto:
-      break;
+    case DataPath::kLend:
+      Lend(job);
+      return;
   }
+}
+
+void SenderSession::StartPerBlock(Job& job, PeerState& peer) {
+  if (ctx_.pool_ranges.empty() || peer.pool_regions.empty()) {
+    Finish(job, UnimplementedError(
+                    "per-block: the " + ctx_.transport->Caps().name +
+                    " transport cannot reach the device pool of " +
+                    (ctx_.pool_ranges.empty() ? std::string("this rank") : job.peer_name)));
+    return;
+  }
+  Result<std::vector<WriteGroup>> groups =
+      GroupWrites(job.plan.direct, 0, ctx_.pool_ranges, peer.pool_regions);
+  if (!groups.ok()) {
+    Finish(job, groups.status().WithContext("per-block writes to " + job.peer_name));
+    return;
+  }
+  job.groups = std::move(groups).value();
+  AcquireBlocks(job);
+  IssueWrites(job);
+}
+
+void SenderSession::StartBounce(Job& job, PeerState& peer) {
+  if (peer.recv_arena == nullptr) {
+    Finish(job, FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
+    return;
+  }
+  if (job.request.recv_slot_size != job.plan.packed_bytes) {
+    Finish(job, DataLossError("recv slot of " + std::to_string(job.request.recv_slot_size) +
+                              " bytes granted for a packed stream of " +
+                              std::to_string(job.plan.packed_bytes) + " bytes"));
+    return;
+  }
+  Transition(job, JobState::kReserving);
+  Reserve(job);
 }
 
 void SenderSession::StartDirect(Job& job, PeerState& peer) {
@@ -561,7 +589,7 @@ void SenderSession::OnCopied(Key key, const Status& status) {
 
 void SenderSession::Reserve(Job& job) {
   if (ctx_.send_arena == nullptr) {
-    WriteFromPool(job, "no send arena");
+    WithoutSendSlot(job, "no send arena");
     return;
   }
   if (ctx_.copy == nullptr) {
@@ -601,7 +629,7 @@ void SenderSession::Reserve(Job& job) {
     return;
   }
   if (slot.status().code() == StatusCode::kOutOfRange) {
-    WriteFromPool(job, "request larger than send arena");
+    WithoutSendSlot(job, "request larger than send arena");
     return;
   }
   Finish(job, slot.status().WithContext("reserving a send slot"));
@@ -612,7 +640,7 @@ void SenderSession::OnReserveTimeout(Key key) {
   if (job == nullptr || job->state != JobState::kReserving || job->outcome) return;
   job->reserve_timer = 0;
   reserve_waiters_.Remove(key);
-  WriteFromPool(*job, "send arena backpressure");
+  WithoutSendSlot(*job, "send arena backpressure");
 }
 
 void SenderSession::RetryReservations() {
@@ -625,19 +653,24 @@ void SenderSession::RetryReservations() {
   });
 }
 
-void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
-  // The gather runs become writes from the pool into the recv slot: the
-  // receiver's packed stream, and so its scatter, are the same.
+void SenderSession::WithoutSendSlot(Job& job, const std::string& reason) {
   job.fallback_reason = reason;
-  if (ctx_.pool_ranges.empty()) {
-    // Host-staged bounce (docs/cuda.md): the pool is device memory the
-    // transport cannot reach, so only a gathered send slot can be written.
+  if (job.data_path == DataPath::kStagedBounce) {
+    // The pool is device memory the transport cannot reach: only a
+    // gathered send slot can be written (docs/cuda.md).
     Finish(job, (reason == "request larger than send arena" ? OutOfRangeError(reason)
                                                             : ResourceExhaustedError(reason))
                     .WithContext("the " + ctx_.transport->Caps().name +
                                  " transport cannot write from the device pool"));
     return;
   }
+  WriteFromPool(job, reason);
+}
+
+void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
+  // The gather runs become writes from the pool into the recv slot: the
+  // receiver's packed stream, and so its scatter, are the same.
+  job.fallback_reason = reason;
   job.timeline.reserve = SessionContext::MetricsClock::now();
   PeerState* peer = ctx_.FindPeer(job.peer);
   if (peer == nullptr || !peer->ready()) {

@@ -111,16 +111,42 @@ class SenderSession {
     kDone
   };
 
+  // The data plane of a job: each variant's steps start in one function
+  // (Start dispatches on it) and continue in the handlers named beside it.
+  //   kPerBlock      StartPerBlock: the direct list grouped into writes from
+  //                  the pool straight into the receiver's pool
+  //                  -> IssueWrites -> flush -> KV_RESULT.
+  //   kBounce        StartBounce: a send slot (Reserve) -> gather into it
+  //                  (OnGathered) -> one write into the granted recv slot
+  //                  -> flush -> KV_RESULT; without a slot (no arena, too
+  //                  small, backpressure) the gather runs are written from
+  //                  the pool into the recv slot instead (WriteFromPool).
+  //   kStagedBounce  bounce from a pool the transport cannot reach (device
+  //                  memory over a host-only link, docs/cuda.md): the same
+  //                  steps, but the gathered send slot is the only source,
+  //                  so a job that gets no slot fails naming why.
+  //   kDirect        StartDirect: the copy engine copies the direct list
+  //                  into the receiver's pool, mapped here -> KV_RESULT.
+  //   kLend          Lend (direct read): KV_READY with our block table; the
+  //                  receiver reads and answers KV_READ_DONE -> KV_RESULT.
+  enum class DataPath { kPerBlock, kBounce, kStagedBounce, kDirect, kLend };
+  static const char* DataPathName(DataPath path);
+
   static const char* StateName(JobState state);
   // The one transition function of a job: checks the move is allowed.
   void Transition(Job& job, JobState next);
 
   void Start(Job& job);
+  void StartPerBlock(Job& job, PeerState& peer);
+  void StartBounce(Job& job, PeerState& peer);
   void StartDirect(Job& job, PeerState& peer);
   void Lend(Job& job);
   void Reserve(Job& job);
   void OnReserveTimeout(Key key);
   void RetryReservations();
+  // A bounce job that gets no send slot: writes from the pool (kBounce) or
+  // fails (kStagedBounce).
+  void WithoutSendSlot(Job& job, const std::string& reason);
   void WriteFromPool(Job& job, const std::string& reason);
   void OnGathered(Key key, const Status& status);
   void IssueWrites(Job& job);
