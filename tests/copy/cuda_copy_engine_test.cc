@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -189,6 +190,14 @@ TEST(CudaCopyEngineOptionsTest, BadOptionsAreInvalidArguments) {
   options.max_launch_pieces = 0;
   EXPECT_THAT(CudaCopyEngine::Create(options),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_launch_pieces")));
+  for (const auto spin :
+       {std::chrono::microseconds(-1),
+        CudaCopyEngine::Options::kMaxSpinBeforeSleep + std::chrono::microseconds(1)}) {
+    options = CudaCopyEngine::Options();
+    options.spin_before_sleep = spin;
+    EXPECT_THAT(CudaCopyEngine::Create(options),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("spin_before_sleep")));
+  }
 }
 
 TEST(CudaCopyEngineOptionsTest, CreateWithoutADeviceIsUnavailable) {
@@ -299,6 +308,20 @@ TEST_F(CudaCopyEngineTest, SmallLaunchesMatchTheHostReference) {
   MakeEngine(options);
   RunRandom(Kind::kDirect, 41, 200, KiB(256));
   EXPECT_GT(engine_->GetStats().launches, 20u);
+}
+
+// Whether the engine thread polls a launch's end or sleeps on it at once,
+// every batch completes with its bytes in place.
+TEST_F(CudaCopyEngineTest, PollingOrSleepingOnALaunchBothComplete) {
+  for (const auto spin : {std::chrono::microseconds(0), std::chrono::microseconds(1000)}) {
+    SCOPED_TRACE("spin_before_sleep " + std::to_string(spin.count()) + " us");
+    CudaCopyEngine::Options options;
+    options.spin_before_sleep = spin;
+    options.max_launch_pieces = 16;  // several launches a batch
+    MakeEngine(options);
+    RunRandom(Kind::kDirect, 43, 100, KiB(64));
+    EXPECT_GT(engine_->GetStats().launches, 4u);
+  }
 }
 
 TEST_F(CudaCopyEngineTest, EmptyBatchesCompleteOk) {

@@ -1,6 +1,7 @@
 #include "copy/cuda/cuda_copy_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <string>
 #include <system_error>
@@ -65,6 +66,13 @@ Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& op
                                 std::to_string(options.max_launch_pieces) +
                                 " is invalid: must be 1 to " +
                                 std::to_string(Options::kMaxLaunchPieces));
+  }
+  if (options.spin_before_sleep < std::chrono::microseconds(0) ||
+      options.spin_before_sleep > Options::kMaxSpinBeforeSleep) {
+    return InvalidArgumentError("cuda copy engine: spin_before_sleep = " +
+                                std::to_string(options.spin_before_sleep.count()) +
+                                " us must be in [0, " +
+                                std::to_string(Options::kMaxSpinBeforeSleep.count()) + "] us");
   }
   if (options.launch_slots < 1 || options.launch_slots > Options::kMaxLaunchSlots) {
     return InvalidArgumentError("cuda copy engine: launch_slots = " +
@@ -297,8 +305,20 @@ void CudaCopyEngine::Retire() {
   in_flight_.pop_front();
   Slot& slot = *slots_[index];
   std::shared_ptr<BatchState> batch = std::move(slot.batch);
+  // A small launch ends microseconds after it was enqueued, and waking
+  // from the blocking wait costs tens of microseconds: poll first, for at
+  // most spin_before_sleep, then sleep.
+  cudaError_t polled = cudaEventQuery(slot.finished.get());
+  if (polled == cudaErrorNotReady && options_.spin_before_sleep.count() > 0) {
+    const auto until = std::chrono::steady_clock::now() + options_.spin_before_sleep;
+    while (polled == cudaErrorNotReady && std::chrono::steady_clock::now() < until) {
+      polled = cudaEventQuery(slot.finished.get());
+    }
+  }
   Status status =
-      CudaStatus(cudaEventSynchronize(slot.finished.get()), "cudaEventSynchronize(copy)");
+      polled == cudaErrorNotReady
+          ? CudaStatus(cudaEventSynchronize(slot.finished.get()), "cudaEventSynchronize(copy)")
+          : CudaStatus(polled, "cudaEventQuery(copy)");
   free_slots_.push_back(index);
   if (batch == nullptr) return;
   --batch->in_flight;
