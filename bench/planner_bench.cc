@@ -68,7 +68,7 @@ void RunPair(benchmark::State& state, const Case& c, int lists) {
   state.SetItemsProcessed(static_cast<int64_t>(runs) * state.iterations());
 }
 
-// DESIGN §4's example: llama-3.1-70b, 8192 tokens, ctx TP8 -> gen TP4, both
+// docs/architecture.md §4's example: llama-3.1-70b, 8192 tokens, ctx TP8 -> gen TP4, both
 // block-major-hnd: 40,960 direct fragments of 8 KiB per pair.
 void BM_Llama70bTp8ToTp4(benchmark::State& state) {
   static const Case c = MakeCase("llama-3.1-70b", 8, 4, LayoutKind::kBlockMajorHnd, 8192, false);

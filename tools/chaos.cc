@@ -53,7 +53,7 @@ bool Injected(const Status& s) {
 }
 
 // The receiver declared a writer's connection dead: the writer did not stop
-// within the grace period after a request was abandoned (DESIGN §6).
+// within the grace period after a request was abandoned (docs/architecture.md §6).
 bool WriterDeclaredDead(const Status& s) {
   return std::string_view(s.message()).find("did not stop within the grace period") !=
          std::string_view::npos;

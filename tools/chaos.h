@@ -1,6 +1,6 @@
 // `kvbounce bench --chaos`: requests on every path, with concurrency, while
 // random cancels, deadlines, retires and agent restarts hit them, and checks
-// that "settled means settled" (DESIGN §10) held for every one of them:
+// that "settled means settled" (docs/sessions.md) held for every one of them:
 //
 //   * every pull and publication settles within a watchdog bound;
 //   * a pull that settled OK holds exactly the ctx data (Cluster::VerifyGen)

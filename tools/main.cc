@@ -1,4 +1,4 @@
-// kvbounce: the command-line tool (DESIGN §13). See tools/cli.h.
+// kvbounce: the command-line tool (docs/architecture.md §13). See tools/cli.h.
 #include <iostream>
 
 #include "tools/cli.h"

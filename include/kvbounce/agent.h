@@ -1,4 +1,5 @@
-// Agent: one per rank, the object a serving engine talks to (DESIGN §10, §14).
+// Agent: one per rank, the object a serving engine talks to (docs/sessions.md,
+// include/kvbounce/agent.h).
 //
 // A ctx (prefill) rank's agent publishes the KV cache of its requests; a gen
 // (decode) rank's agent pulls a token range of a request from a ctx instance
@@ -143,8 +144,8 @@ struct AgentOptions {
   PoolSpec pool;
   // Validated by Create after the KVBOUNCE_* environment overrides. With
   // bounce_size_mb > 0 a ctx rank gets a send arena and a gen rank a recv
-  // arena of that size (DESIGN §6 gives every agent both; a rank's role is
-  // fixed, so the one it never uses is not allocated).
+  // arena of that size (docs/architecture.md §6; a rank's role is fixed, so
+  // the arena it would never use is not allocated).
   Config config;
   // The transport Create builds (see TransportSpec)...
   TransportSpec transport_spec;
@@ -211,7 +212,7 @@ struct PublishOptions {
   std::chrono::milliseconds ttl{0};
 };
 
-// Aggregates of one agent (DESIGN §12).
+// Aggregates of one agent (docs/architecture.md §12).
 struct AgentStats {
   uint64_t requests_completed = 0;
   uint64_t requests_failed = 0;

@@ -1,4 +1,4 @@
-// kvbounce's configuration (DESIGN §11): the knobs a serving engine sets once
+// kvbounce's configuration (docs/architecture.md §11): the knobs a serving engine sets once
 // per agent, how they are parsed from text, validated, and overridden from the
 // environment.
 //
@@ -29,7 +29,7 @@
 
 namespace kvbounce {
 
-// How a plan is executed (DESIGN §5).
+// How a plan is executed (docs/paths.md).
 enum class TransferPath {
   // One transport write per direct-list fragment (the baseline).
   kPerBlock,
@@ -51,7 +51,7 @@ std::string_view TransferPathName(TransferPath path);
 Result<TransferPath> ParseTransferPath(std::string_view name);
 
 struct Config {
-  // --- Limits beyond DESIGN §11's rules. They keep derived quantities (bytes
+  // --- Limits beyond docs/architecture.md §11's rules. They keep derived quantities (bytes
   // of a region, deadlines on the steady clock in nanoseconds) from
   // overflowing; no real deployment comes near them.
   static constexpr int64_t kMaxBounceSizeMb = int64_t{1} << 20;  // 1 TiB per region

@@ -1,6 +1,6 @@
 // The model, element type, pool layout and parallel shape of a KV cache: the
 // value types a serving engine fills in to describe one ctx or gen instance
-// (DESIGN §2, §3), with the named presets.
+// (docs/architecture.md §2, §3), with the named presets.
 //
 // Thread safety: plain values and pure functions; safe from any thread.
 #ifndef KVBOUNCE_MODEL_H_
@@ -44,7 +44,7 @@ struct ModelShape {
   }
 };
 
-// The presets of DESIGN §2, in table order.
+// The presets of docs/architecture.md §2, in table order.
 std::span<const ModelShape> ModelPresets();
 
 // Errors: kNotFound naming the preset and listing the known ones.
@@ -54,7 +54,7 @@ Result<ModelShape> FindModelPreset(std::string_view name);
 // head). Errors: as ModelShape::Validate.
 Result<ModelShape> CustomModel(int num_layers, int num_kv_heads, int head_dim, bool mla);
 
-// The named pool layouts of DESIGN §2 (outer to inner dimension):
+// The named pool layouts of docs/architecture.md §2 (outer to inner dimension):
 //   kBlockMajorHnd  [block][layer][kv][head][token][dim]   (TensorRT-LLM)
 //   kLayerMajorHnd  per layer [kv][block][head][token][dim]
 //   kLayerMajorNhd  per layer [kv][block][token][head][dim] (vLLM)

@@ -19,7 +19,7 @@
 // Ownership: whatever the registration refers to (the transport's context or
 // worker) must outlive it. When the arena owns the registration, that means:
 // close the arena, and release every slot, before closing the transport
-// (DESIGN.md §10 gives that shutdown order).
+// (docs/sessions.md gives that shutdown order).
 #ifndef KVBOUNCE_REGISTRATION_H_
 #define KVBOUNCE_REGISTRATION_H_
 

@@ -1,5 +1,5 @@
 // Transport: moves bytes between registered memory of two agents and carries
-// their control messages (DESIGN §8).
+// their control messages (docs/transports.md).
 //
 // A transport is one agent's endpoint. It connects to peers by address,
 // delivers control frames in order, registers local memory so that peers can

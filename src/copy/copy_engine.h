@@ -1,4 +1,4 @@
-// CopyEngine: executes a batch of fragments (DESIGN §7), asynchronously, with
+// CopyEngine: executes a batch of fragments (docs/architecture.md §7), asynchronously, with
 // one explicit completion.
 //
 // Every data movement kvbounce does on one machine is a batch of fragments:

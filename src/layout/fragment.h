@@ -1,7 +1,7 @@
 // Fragment: one contiguous copy of `bytes` bytes, the unit every plan list and
 // every copy engine batch is made of.
 //
-// What `src` and `dst` hold depends on the list (DESIGN §4):
+// What `src` and `dst` hold depends on the list (docs/architecture.md §4):
 //   gather list   src = sender pool address,  dst = offset in the packed stream
 //   scatter list  src = offset in the packed stream, dst = receiver pool address
 //   direct list   src = sender pool address,  dst = receiver pool address

@@ -1,4 +1,4 @@
-// The planner (DESIGN §4): for one writer (a ctx rank) and one receiver (a gen
+// The planner (docs/architecture.md §4): for one writer (a ctx rank) and one receiver (a gen
 // rank) and a token range, the exact lists of contiguous copies that move the
 // writer's box of KV from the writer's pool to the receiver's pool.
 //
@@ -73,7 +73,7 @@ struct PairPlan {
 
 // Plans the transfer of `tokens` from `writer` (a ctx rank) to `receiver` (a
 // gen rank), building the lists named in `lists`. When the writer writes
-// nothing to the receiver (an empty box, DESIGN §3), the plan is empty:
+// nothing to the receiver (an empty box, docs/architecture.md §3), the plan is empty:
 // packed_bytes 0, no lists, fingerprint still set.
 //
 // Errors:

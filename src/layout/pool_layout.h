@@ -1,4 +1,4 @@
-// PoolLayout: the strided descriptor of one rank's KV pool (DESIGN §2).
+// PoolLayout: the strided descriptor of one rank's KV pool (docs/architecture.md §2).
 //
 //   address(layer, kv, block, head, token, d) =
 //       layer_base(layer) + layer*s_layer + kv*s_kv + block*s_block

@@ -1,4 +1,4 @@
-// Instances, ranks and the parallel mapping of DESIGN §3.
+// Instances, ranks and the parallel mapping of docs/architecture.md §3.
 //
 // An InstanceSpec describes one ctx or gen server: the model, the element
 // type, its tensor- and pipeline-parallel sizes and the layout of every rank's
@@ -84,7 +84,7 @@ class Topology {
   std::vector<int> first_layer_;  // per stage
 };
 
-// The default split of DESIGN §3: as even as possible, earlier stages take the
+// The default split of docs/architecture.md §3: as even as possible, earlier stages take the
 // remainder. REQUIRES: 1 <= stages <= layers.
 std::vector<int> EvenLayerSplit(int layers, int stages);
 

@@ -1,4 +1,4 @@
-// The staging arena of DESIGN.md §6: a contiguous, registered region that the
+// The staging arena of docs/architecture.md §6: a contiguous, registered region that the
 // bounce path carves into slots, one per transfer.
 //
 // An Arena owns one Allocation (and, once attached, the transport's
@@ -165,7 +165,7 @@ using QuarantineToken = uint64_t;
 
 class Arena {
  public:
-  // The smallest alignment an arena accepts (DESIGN.md §6): copy kernels use
+  // The smallest alignment an arena accepts (docs/architecture.md §6): copy kernels use
   // 16-byte vectors, and 256 keeps every slot on its own cache lines and in
   // line with cudaMalloc's guarantee.
   static constexpr uint64_t kMinAlignment = 256;

@@ -1,4 +1,4 @@
-// Encoding and decoding of control-protocol frames (DESIGN §9).
+// Encoding and decoding of control-protocol frames (docs/wire_format.md).
 //
 // A frame is the 12-byte header of wire.h followed by exactly `length`
 // payload bytes; docs/wire_format.md is the byte-level specification.

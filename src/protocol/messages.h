@@ -1,4 +1,4 @@
-// The control messages of DESIGN §9 as plain C++ values.
+// The control messages of docs/wire_format.md as plain C++ values.
 //
 // These structs hold only integers, enums, strings and vectors: the protocol
 // module knows nothing of layouts, memory or sessions. The session layer
@@ -45,7 +45,7 @@ enum class Role : uint8_t {
 };
 inline constexpr uint8_t kMaxRole = 1;
 
-// The named layouts of DESIGN §2. The strides in LayoutDescriptor are what
+// The named layouts of docs/architecture.md §2. The strides in LayoutDescriptor are what
 // addresses are computed from; the kind says which dimension order they
 // describe (the planner's walk order).
 enum class LayoutKind : uint8_t {
@@ -55,7 +55,7 @@ enum class LayoutKind : uint8_t {
 };
 inline constexpr uint8_t kMaxLayoutKind = 2;
 
-// What a registered region is for (DESIGN §6).
+// What a registered region is for (docs/architecture.md §6).
 enum class RegionKind : uint8_t {
   kPool = 0,       // the rank's KV pool
   kSendArena = 1,  // staging region the rank gathers into
@@ -74,7 +74,7 @@ inline constexpr uint8_t kMaxMemoryKind = 2;
 inline constexpr uint32_t kNoDevice = 0xFFFFFFFFu;
 inline constexpr uint32_t kMaxDevice = 1023;
 
-// How a writer executes a plan (DESIGN §5).
+// How a writer executes a plan (docs/paths.md).
 enum class TransferPath : uint8_t {
   kPerBlock = 0,
   kBounce = 1,
@@ -133,7 +133,7 @@ inline constexpr uint64_t kNoDeadline = std::numeric_limits<uint64_t>::max();
 // HELLO: sent by both sides once, on connect.
 // ---------------------------------------------------------------------------
 
-// Where a rank sits in its instance (DESIGN §3).
+// Where a rank sits in its instance (docs/architecture.md §3).
 struct RankPlacement {
   uint32_t tp_rank = 0;  // < tp_size
   uint32_t tp_size = 1;  // >= 1
@@ -146,7 +146,7 @@ struct RankPlacement {
   friend bool operator==(const RankPlacement&, const RankPlacement&) = default;
 };
 
-// The model's KV shape (DESIGN §2 presets). Global, not rank-local.
+// The model's KV shape (docs/architecture.md §2 presets). Global, not rank-local.
 struct ModelShape {
   uint32_t num_layers = 0;    // <= kMaxLayers
   uint32_t num_kv_heads = 0;  // global kv heads H
@@ -157,7 +157,7 @@ struct ModelShape {
   friend bool operator==(const ModelShape&, const ModelShape&) = default;
 };
 
-// A rank's pool layout (DESIGN §2):
+// A rank's pool layout (docs/architecture.md §2):
 //   address(layer, kv, block, head, token, d) = pool_base(layer)
 //       + layer*s_layer + kv*s_kv + block*s_block + head*s_head
 //       + token*s_token + d*elem_bytes
@@ -182,7 +182,7 @@ struct LayoutDescriptor {
   friend bool operator==(const LayoutDescriptor&, const LayoutDescriptor&) = default;
 };
 
-// One registered region a peer may address (DESIGN §6, §8).
+// One registered region a peer may address (docs/architecture.md §6, §8).
 struct RegionDescriptor {
   RegionKind kind = RegionKind::kPool;
   MemoryKind memory = MemoryKind::kHost;

@@ -1,6 +1,6 @@
 // Wire constants and little-endian encoding helpers of the control protocol.
 //
-// Every control message travels as one frame (DESIGN §9, docs/wire_format.md):
+// Every control message travels as one frame (docs/wire_format.md):
 //
 //   offset 0   magic    u32   kMagic ("KVBC" on the wire)
 //   offset 4   version  u16   kProtocolVersion

@@ -1,6 +1,6 @@
 // The agent: owns a rank's transport, memory, control loop and sessions,
 // speaks HELLO/BYE with its peers and routes every frame to the sender or
-// receiver session (DESIGN §10, §14).
+// receiver session (docs/sessions.md, include/kvbounce/agent.h).
 #include "kvbounce/agent.h"
 
 #include <condition_variable>

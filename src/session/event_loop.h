@@ -1,4 +1,4 @@
-// EventLoop: the agent's control thread (DESIGN §10 "Threads").
+// EventLoop: the agent's control thread (docs/sessions.md).
 //
 // One thread runs posted tasks in order and fires timers at their deadlines
 // on the loop's Clock (common/clock.h): the steady clock in production, a

@@ -1,5 +1,5 @@
 // Per-request records, aggregate counters and latency histograms of a
-// session, and the JSON-lines perf log (DESIGN.md §12).
+// session, and the JSON-lines perf log (docs/architecture.md §12).
 //
 // The sender and receiver state machines fill in one RequestRecord per
 // request and side: the steady-clock time each phase was reached (its
@@ -76,7 +76,7 @@ inline constexpr size_t kNumSides = 2;
 // "sender", "receiver" ("?" for a value outside the enum).
 std::string_view SideName(Side side);
 
-// How a request settled (DESIGN §10: each request settles exactly once).
+// How a request settled (docs/sessions.md: each request settles exactly once).
 enum class Outcome {
   // Every byte landed (on the receiver: after the scatter).
   kCompleted,

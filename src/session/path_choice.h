@@ -1,4 +1,4 @@
-// The path a pull takes (DESIGN §5, docs/paths.md): a forced path is checked
+// The path a pull takes (docs/paths.md): a forced path is checked
 // and kept; `auto` estimates what each available path would cost for the
 // plan at hand and takes the cheapest.
 //

@@ -1,4 +1,4 @@
-// ReceiverSession: the gen side of an agent (DESIGN §10). One receiver
+// ReceiverSession: the gen side of an agent (docs/sessions.md). One receiver
 // request per Pull, driven through
 //
 //   RESERVING -> IN_FLIGHT -> SCATTERING -> DONE

@@ -1,4 +1,4 @@
-// SenderSession: the ctx side of an agent (DESIGN §10; docs/sessions.md).
+// SenderSession: the ctx side of an agent (docs/sessions.md; docs/sessions.md).
 //
 // A request's KV becomes available with Publish; KV_REQUESTs for it may
 // arrive before or after that — they rendezvous by request id, a KV_REQUEST

@@ -1,7 +1,7 @@
 // The planner against a brute-force, per-element oracle on many random small
 // topologies. The oracle knows nothing of the planner: it computes each row's
-// address from the layout definitions of DESIGN §2 and each row's writer from
-// the rule of DESIGN §3, one element at a time. The test executes the plan's
+// address from the layout definitions of docs/architecture.md §2 and each row's writer from
+// the rule of docs/architecture.md §3, one element at a time. The test executes the plan's
 // lists through the CPU copy engine and checks that every receiver byte is
 // what the oracle says and that nothing else was touched.
 #include <gtest/gtest.h>

@@ -1,6 +1,6 @@
 // Planner behaviour on real model shapes and on bad input. The per-element
 // correctness of the lists is the property test's job; here: the counts a
-// serving engineer can check by hand (DESIGN §4) and the error paths.
+// serving engineer can check by hand (docs/architecture.md §4) and the error paths.
 #include "layout/planner.h"
 
 #include <gmock/gmock.h>
@@ -67,7 +67,7 @@ TEST(PlannerTest, Llama70bTp8ToTp4MatchesTheDesignExample) {
 }
 
 TEST(PlannerTest, CountsWithoutTheWritersTableAssumeScatteredBlocks) {
-  // What the receiver estimates for DESIGN §4's example: the writer's table
+  // What the receiver estimates for docs/architecture.md §4's example: the writer's table
   // is unknown to it.
   const Instance ctx = Make("llama-3.1-70b", 8, 1, LayoutKind::kBlockMajorHnd, 512);
   const Instance gen = Make("llama-3.1-70b", 4, 1, LayoutKind::kBlockMajorHnd, 512);

@@ -50,14 +50,14 @@ TransferPath Auto(const Config& config, const std::vector<WriterLoad>& loads,
 }
 
 TEST(PathChoiceTest, FewLargeFragmentsStayPerBlock) {
-  // DESIGN §4: llama-3.1-70b TP8 -> TP8, 256 fragments of 1.25 MiB.
+  // docs/architecture.md §4: llama-3.1-70b TP8 -> TP8, 256 fragments of 1.25 MiB.
   EXPECT_EQ(Auto(Config(), Loads(1, 256, 1280 * kKiB, kNetwork)), TransferPath::kPerBlock);
   // A one-block request: the extra steps of a bounce cost more than one op.
   EXPECT_EQ(Auto(Config(), Loads(1, 1, 64, kNetwork)), TransferPath::kPerBlock);
 }
 
 TEST(PathChoiceTest, ManyTinyFragmentsOnACostlyLinkBounce) {
-  // DESIGN §4: TP8 -> TP4, 40,960 fragments of 8 KiB per writer, two writers.
+  // docs/architecture.md §4: TP8 -> TP4, 40,960 fragments of 8 KiB per writer, two writers.
   const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork);
   EXPECT_EQ(Auto(Config(), loads), TransferPath::kBounce);
   const PathEstimate e = EstimatePaths(Config(), loads, kCpu, true);

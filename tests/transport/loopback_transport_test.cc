@@ -567,7 +567,7 @@ TEST_F(LoopbackTransportTest, DisconnectFromInsideACallback) {
   EXPECT_THAT(a->failure_reason(a_to_b), StatusIs(StatusCode::kUnavailable, HasSubstr("kicked")));
 }
 
-// The per-block path of DESIGN §4's example: 40,960 fragments in one batch,
+// The per-block path of docs/architecture.md §4's example: 40,960 fragments in one batch,
 // one transport operation each.
 TEST_F(LoopbackTransportTest, FortyThousandOpBatchIsOneQueueEntry) {
   auto a = MakeEndpoint("a");

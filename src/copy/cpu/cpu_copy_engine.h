@@ -1,4 +1,4 @@
-// CpuCopyEngine: the host-memory copy engine (DESIGN §7).
+// CpuCopyEngine: the host-memory copy engine (docs/architecture.md §7).
 //
 // Every fragment is a memcpy. A small batch runs on one worker thread; a large
 // one (more than `split_bytes` bytes or more than `split_fragments` fragments)

@@ -1,4 +1,4 @@
-// CudaCopyEngine: the GPU copy engine (DESIGN §7), one batched kernel per
+// CudaCopyEngine: the GPU copy engine (docs/architecture.md §7), one batched kernel per
 // launch.
 //
 // A batch's fragments are cut into pieces of at most 32 KiB

@@ -1,5 +1,5 @@
 // The loopback transport: every agent of one process, connected through a
-// shared in-process fabric (DESIGN §8). Used by tests, the in-process bench
+// shared in-process fabric (docs/transports.md). Used by tests, the in-process bench
 // and any deployment where ctx and gen ranks are threads of one process.
 //
 // Model
