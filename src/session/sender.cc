@@ -44,7 +44,6 @@ struct SenderSession::Job {
   // The publication was decided before this job reported: report CANCELLED.
   bool retired = false;
   bool reads_blocks = false;  // counted in the publication's readers
-  bool lent = false;          // direct read: the receiver copies
   bool wrote = false;         // a write was accepted: flush before reporting
   bool flushed = false;
   // Report nothing to the peer: a flush failed (nothing proves the writes
@@ -368,7 +367,6 @@ void SenderSession::Start(Job& job) {
     case protocol::TransferPath::kDirectRead:
       job.path = TransferPath::kDirect;
       job.data_path = DataPath::kLend;
-      job.lent = true;
       break;
     case protocol::TransferPath::kAuto:
       Finish(job, InvalidArgumentError("KV_REQUEST path auto: the receiver must resolve it"));
