@@ -255,6 +255,15 @@ class Endpoint {
   int violations_ = 0;
 };
 
+// Waits for `peer`'s connection to end and checks that `endpoint` was told
+// the peer's process `pid` exited.
+void ExpectPeerProcessExited(Endpoint& endpoint, ChannelPeerId peer, pid_t pid) {
+  std::optional<Status> reason = endpoint.WaitClosed(peer);
+  ASSERT_TRUE(reason.has_value());
+  EXPECT_THAT(*reason, StatusIs(StatusCode::kUnavailable,
+                                HasSubstr("peer process " + std::to_string(pid) + " exited")));
+}
+
 // Two started endpoints, `a` connected to `b`.
 struct Pair {
   explicit Pair(UnixChannelOptions a_options = {}, UnixChannelOptions b_options = {})
@@ -558,11 +567,8 @@ TEST(UnixChannelProcessTest, MessageAndFdFromAChildThenItsExit) {
   EXPECT_FALSE(parent.channel().PeerProcessExited(*peer));
 
   ASSERT_THAT(parent.channel().Send(*peer, Bytes("ack")), IsOk());
-  std::optional<Status> reason = parent.WaitClosed(*peer);
-  ASSERT_TRUE(reason.has_value());
-  EXPECT_THAT(*reason,
-              StatusIs(StatusCode::kUnavailable,
-                       HasSubstr("peer process " + std::to_string(child.pid()) + " exited")));
+  ExpectPeerProcessExited(parent, *peer, child.pid());
+  if (HasFatalFailure()) return;
   EXPECT_TRUE(parent.channel().PeerProcessExited(*peer));
   EXPECT_THAT(parent.channel().Send(*peer, Bytes("late")), StatusIs(StatusCode::kUnavailable));
   Result<PeerInfo> after = parent.channel().Peer(*peer);
@@ -593,11 +599,8 @@ TEST(UnixChannelProcessTest, KilledChildIsReportedAsExited) {
   ASSERT_TRUE(parent.WaitMessages(1));
 
   ASSERT_EQ(kill(child.pid(), SIGKILL), 0);
-  std::optional<Status> reason = parent.WaitClosed(*peer);
-  ASSERT_TRUE(reason.has_value());
-  EXPECT_THAT(*reason,
-              StatusIs(StatusCode::kUnavailable,
-                       HasSubstr("peer process " + std::to_string(child.pid()) + " exited")));
+  ExpectPeerProcessExited(parent, *peer, child.pid());
+  if (HasFatalFailure()) return;
   EXPECT_TRUE(parent.channel().PeerProcessExited(*peer));
   const int status = child.Wait();
   ASSERT_TRUE(WIFSIGNALED(status));
@@ -653,11 +656,8 @@ TEST(UnixChannelProcessTest, ExitWhileAnotherProcessHoldsTheSocketIsSeenByPidfd)
   EXPECT_EQ(parent.accepted_info(0).pid, child.pid());
   ASSERT_THAT(parent.channel().Send(*peer, Bytes("accepted")), IsOk());
 
-  std::optional<Status> reason = parent.WaitClosed(*peer);
-  ASSERT_TRUE(reason.has_value());
-  EXPECT_THAT(*reason,
-              StatusIs(StatusCode::kUnavailable,
-                       HasSubstr("peer process " + std::to_string(child.pid()) + " exited")));
+  ExpectPeerProcessExited(parent, *peer, child.pid());
+  if (HasFatalFailure()) return;
   const int status = child.Wait();
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   release_write.Reset();  // the grandchild exits
