@@ -16,6 +16,8 @@ namespace kvbounce::test_peer {
 
 // How many "LAST i" frames a farewell peer sends before it shuts down.
 inline constexpr int kFarewellMessages = 1000;
+// How many connections a churn peer opens, one after another.
+inline constexpr int kChurnRounds = 96;
 
 inline std::vector<std::byte> Bytes(std::string_view text) {
   std::vector<std::byte> out(text.size());

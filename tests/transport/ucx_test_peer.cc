@@ -19,6 +19,11 @@
 //     connects, waits for the parent's "GO", sends "LAST 0" .. "LAST 999"
 //     and shuts its transport down at once (a worker that sent its last
 //     results and exits); exits 0.
+//   ucx_test_peer <address> churn <shm 0|1>
+//     kChurnRounds times: connects, sends "REGION" (its buffer, registered
+//     once) and waits for the connection to end; in odd rounds it
+//     disconnects right after sending REGION. Exits 0 after the last round,
+//     1 when a connect fails.
 //
 // Frames: "READY" after connecting; "REGION" + address u64 + size u64 + key.
 #include <linux/filter.h>
@@ -33,6 +38,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -67,8 +73,9 @@ bool DenyProcessVmReadv() {
 int main(int argc, char** argv) {
   if (argc != 4 && argc != 5) {
     std::fprintf(stderr,
-                 "usage: ucx_test_peer <address> receiver|writer|reader|reader-denied|farewell "
-                 "<shm 0|1> [same_host_read 0|1]\n");
+                 "usage: ucx_test_peer <address> "
+                 "receiver|writer|reader|reader-denied|farewell|churn <shm 0|1> "
+                 "[same_host_read 0|1]\n");
     return 2;
   }
   const std::string address = argv[1];
@@ -87,6 +94,7 @@ int main(int argc, char** argv) {
   std::condition_variable cv;
   std::vector<std::byte> region_frame;
   bool dead = false;
+  std::set<PeerId> failed;  // connections that ended
   auto created = NewUcxTransport(options);
   if (!created.ok()) {
     std::fprintf(stderr, "peer: %s\n", created.status().ToString().c_str());
@@ -99,12 +107,32 @@ int main(int argc, char** argv) {
     region_frame = std::move(frame);
     cv.notify_all();
   };
-  callbacks.on_peer_failure = [&](PeerId, const Status&) {
+  callbacks.on_peer_failure = [&](PeerId from, const Status&) {
     std::lock_guard<std::mutex> lock(mu);
+    failed.insert(from);
     dead = true;
     cv.notify_all();
   };
   if (!transport->Start(std::move(callbacks)).ok()) return 1;
+  if (mode == "churn") {
+    std::memset((*buffer)->host_pointer(), 0, kBufferBytes);
+    auto region = transport->Register(Addr::FromPointer((*buffer)->host_pointer()), kBufferBytes,
+                                      MemoryKind::kHost);
+    if (!region.ok()) return 1;
+    for (int round = 0; round < test_peer::kChurnRounds; ++round) {
+      auto peer = transport->Connect(address);
+      if (!peer.ok()) {
+        std::fprintf(stderr, "peer: round %d: %s\n", round, peer.status().ToString().c_str());
+        return 1;
+      }
+      if (!transport->Send(*peer, test_peer::EncodeRegion((*region)->info())).ok()) return 1;
+      // Odd rounds: leave at once, as the parent's first write arrives.
+      if (round % 2 == 1) transport->Disconnect(*peer, UnavailableError("the churn peer leaves"));
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return failed.contains(*peer); });
+    }
+    return 0;
+  }
   auto peer = transport->Connect(address);
   if (!peer.ok()) {
     std::fprintf(stderr, "peer: %s\n", peer.status().ToString().c_str());

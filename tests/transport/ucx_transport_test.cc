@@ -32,6 +32,7 @@ namespace {
 
 using ::kvbounce::testing_util::IsOk;
 using ::kvbounce::testing_util::StatusIs;
+using ::testing::AnyOf;
 using ::testing::HasSubstr;
 
 TEST(ParseHostPortTest, AcceptsNamesAddressesAndBracketedIpv6) {
@@ -269,6 +270,25 @@ class PeerProcess {
     }
   }
   bool started() const { return pid_ > 0; }
+  // How the process ended, once it did within `timeout`: "exited N",
+  // "killed by signal N", or "still running".
+  std::string WaitExit(std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (pid_ > 0) {
+      int status = 0;
+      const pid_t done = waitpid(pid_, &status, WNOHANG);
+      if (done == pid_) {
+        pid_ = -1;
+        if (WIFEXITED(status)) return "exited " + std::to_string(WEXITSTATUS(status));
+        return "killed by signal " + std::to_string(WTERMSIG(status));
+      }
+      if (std::chrono::steady_clock::now() > deadline) return "still running";
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return "not started";
+  }
+  // WaitExit without waiting.
+  std::string Describe() { return WaitExit(std::chrono::milliseconds(0)); }
   void Stop() { kill(pid_, SIGSTOP); }
   void Kill() {
     kill(pid_, SIGKILL);
@@ -426,6 +446,54 @@ TEST_P(UcxPeerDeathTest, MessagesSentBeforeAPeersShutdownAllArrive) {
     ASSERT_EQ(Text(messages[1 + i].frame), "LAST " + std::to_string(i)) << "message " << i;
   }
   EXPECT_EQ(a->failures(peer), 1);
+}
+
+// Connections that end right after their first write, while that write is
+// in flight, over TCP, one after another with a peer process: half end from
+// here (the writer leaves), half from the peer (right after it connected).
+// With data endpoints wired up on the first write, UCX 1.13 aborted the
+// process whose wire-up messages were still queued when the other end left;
+// a connection now opens with both sides' data endpoints wired. Both
+// processes must live through every round. (A peer process, not a second
+// transport in this one: UCX 1.13 can also abort a process whose workers
+// reuse each other's closed socket numbers under such churn.)
+TEST(UcxPeerChurnTest, ConnectionsThatEndRightAfterTheirFirstWriteLeaveBothProcessesRunning) {
+  UcxTransportOptions options;
+  options.same_host_shared_memory = false;  // TCP, whose endpoints report errors
+  auto a = MakeTestEndpoint(NewUcxTransport(options), true);
+  GuardedBuffer src(4096);
+  src.FillPattern(3);
+  auto source = (*a)->Register(src.addr(), src.size(), MemoryKind::kHost);
+  ASSERT_THAT(source, IsOk());
+  PeerProcess child((*a)->Address(), "churn", false);
+  ASSERT_TRUE(child.started());
+  for (int round = 0; round < test_peer::kChurnRounds; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    const PeerId peer = WaitForPeer(*a, round + 1);  // its REGION
+    ASSERT_NE(peer, 0u) << "the peer process did not connect: " << child.Describe();
+    auto info = test_peer::DecodeRegion(a->messages()[round].frame);
+    ASSERT_TRUE(info.has_value());
+    auto target = (*a)->Import(peer, *info);
+    if (!target.ok()) {
+      // The peer left before the import.
+      ASSERT_TRUE(round % 2 == 1) << target.status();
+      ASSERT_TRUE(a->WaitForFailure(peer));
+      continue;
+    }
+    const bool peer_leaves = round % 2 == 1;  // right after its REGION
+    DoneTracker tracker;
+    const WriteOp op{src.addr(), info->address, 4096};
+    const Status issued = (*a)->Write(**source, **target, {&op, 1}, tracker.Make());
+    if (!peer_leaves) (*a)->Disconnect(peer, UnavailableError("the writer leaves"));
+    if (issued.ok()) {
+      ASSERT_TRUE(tracker.WaitAll());
+      EXPECT_THAT(tracker.status(0), AnyOf(IsOk(), StatusIs(StatusCode::kUnavailable)));
+    } else {
+      EXPECT_TRUE(peer_leaves) << issued;  // refused: the peer is gone already
+    }
+    ASSERT_TRUE(a->WaitForFailure(peer));
+  }
+  EXPECT_EQ(child.WaitExit(20s), "exited 0");
 }
 
 // A live peer that writes into us is disconnected: once on_peer_failure

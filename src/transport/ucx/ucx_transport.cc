@@ -58,7 +58,7 @@ namespace {
 // The transport's own messages on the control endpoint (one UCP active
 // message id; the message type is the one-byte AM header).
 constexpr unsigned kAmId = 11;
-enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3, kFlushAck = 4 };
+enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3, kFlushAck = 4, kWired = 5 };
 // Data travels as active messages of their own id on the rails' data
 // endpoints: header = kind u8 | sender identity u64 | destination address
 // (kData) or flush sequence number (kFlush) u64; payload = the bytes.
@@ -66,8 +66,9 @@ constexpr unsigned kDataAmId = 12;
 enum class DataKind : uint8_t { kData = 1, kFlush = 2 };
 constexpr size_t kDataHeaderBytes = 17;
 constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
-// 2: the peer's pid and read cookie (same-host reads).
-constexpr uint16_t kHelloVersion = 2;
+// 2: the peer's pid and read cookie (same-host reads). 3: WIRED, and a
+// connection opens only once both sides' data endpoints are wired up.
+constexpr uint16_t kHelloVersion = 3;
 constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
 constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
@@ -380,6 +381,7 @@ struct RequestContext {
   std::shared_ptr<std::vector<Piece>> pieces;  // the headers UCX may still read
   PeerId peer = 0;
   uint64_t flush_seq = 0;  // a flush message's sequence number; 0 for data
+  bool wiring = false;     // the flush that completes a data endpoint's wire-up
   // Settled without UCX and handed back with ucp_request_free (see
   // Rail::Abandon): UCX's late completion, if any, only ends the context.
   bool abandoned = false;
@@ -539,6 +541,9 @@ struct Conn {
   bool was_open = false;
   int rails_unfenced = 0;
   int rails_to_accept = 0;
+  int rails_to_wire = 0;    // data endpoints whose wire-up is in progress
+  bool wired = false;       // ours are wired up and WIRED went out
+  bool peer_wired = false;  // the peer's WIRED arrived
   std::vector<std::vector<std::byte>> peer_rails;
   Status reason;
   // The reads of the fence: accepted Reads not yet ended, and whether new
@@ -629,6 +634,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Rail& rail(int i) { return *rails_[static_cast<size_t>(i)]; }
   int num_rails() const { return static_cast<int>(rails_.size()); }
   void OnDataEpError(PeerId peer, ucs_status_t status);
+  // A rail's data endpoint to `peer` is wired up (any thread).
+  void DataEpWired(PeerId peer);
   void OnControlEpError(PeerId peer, ucs_status_t status);
   uint64_t nonce() const { return nonce_; }
   // The registry of local regions a data message may land in.
@@ -688,6 +695,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::vector<std::byte> HelloMessage() const;
   void OpenDataEps(const std::shared_ptr<Conn>& conn);
   void RailAccepted(const std::shared_ptr<Conn>& conn);
+  // Opens a connection in handshake once both sides' data endpoints are
+  // wired up (rail 0).
+  void MaybeOpen(const std::shared_ptr<Conn>& conn);
   void BeginTeardown(const std::shared_ptr<Conn>& conn, Status reason, bool graceful);
   void RailFenced(const std::shared_ptr<Conn>& conn);
   void MaybeComplete(const std::shared_ptr<Conn>& conn);
@@ -911,6 +921,27 @@ void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_add
   if (s != UCS_OK) {
     peer.ep = nullptr;
     engine_->OnDataEpError(peer_id, s);
+    return;
+  }
+  // Wire the endpoint up now rather than on the first write: UCX 1.13 can
+  // abort a process whose endpoint fails while wire-up messages are still
+  // queued on it (a peer that disconnects right after its first write), so
+  // the connection opens only once both sides' flushes have completed
+  // (docs/transports.md, "Connections").
+  ucp_request_param_t flush{};
+  flush.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  flush.cb.send = &Rail::SendDone;
+  flush.user_data = this;
+  void* request = ucp_ep_flush_nbx(peer.ep, &flush);
+  if (request == nullptr) {
+    engine_->DataEpWired(peer_id);
+  } else if (UCS_PTR_IS_ERR(request)) {
+    engine_->OnDataEpError(peer_id, UCS_PTR_STATUS(request));
+  } else {
+    new (request) RequestContext{.peer = peer_id, .wiring = true};
+    ++in_flight_;
+    ++peer.outstanding;
+    peer.requests.insert(request);
   }
 }
 
@@ -1061,7 +1092,13 @@ void Rail::Completed(void* request, ucs_status_t status) {
     --it->second.outstanding;
     it->second.requests.erase(request);
   }
-  if (taken.flush_seq != 0) {
+  if (taken.wiring) {
+    if (status == UCS_OK) {
+      engine_->DataEpWired(taken.peer);
+    } else {
+      engine_->OnDataEpError(taken.peer, status);
+    }
+  } else if (taken.flush_seq != 0) {
     // The flush message left; its ack settles the flush, unless it failed.
     if (status != UCS_OK) {
       FlushAcked(taken.flush_seq, false);
@@ -1733,8 +1770,9 @@ bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
   pending->engine = this;
   pending->buffer = std::move(body);
   static_assert(sizeof(MsgType) == 1);
-  static const std::array<MsgType, 5> kHeaders = {MsgType{0}, MsgType::kHello, MsgType::kFrame,
-                                                   MsgType::kFenced, MsgType::kFlushAck};
+  static const std::array<MsgType, 6> kHeaders = {MsgType{0},         MsgType::kHello,
+                                                  MsgType::kFrame,    MsgType::kFenced,
+                                                  MsgType::kFlushAck, MsgType::kWired};
   ucp_request_param_t param{};
   param.op_attr_mask =
       UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -1821,6 +1859,14 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       target.Post([&target, seq, ok] { target.FlushAcked(seq, ok != 0); });
       return;
     }
+    case MsgType::kWired:
+      if (!payload.empty() || conn->peer_wired) {
+        BeginTeardown(conn, DataLossError(conn->where + " sent a malformed WIRED"), true);
+        return;
+      }
+      conn->peer_wired = true;
+      MaybeOpen(conn);
+      return;
     case MsgType::kFenced:
       conn->peer_fenced = true;
       BeginTeardown(conn, UnavailableError(conn->where + " closed the connection"), true);
@@ -1925,6 +1971,23 @@ void Engine::RailAccepted(const std::shared_ptr<Conn>& conn) {
   if (--conn->rails_to_accept > 0 || conn->teardown) return;
   if (!conn->outgoing) SendMessage(conn, MsgType::kHello, HelloMessage());
   OpenDataEps(conn);
+}
+
+void Engine::DataEpWired(PeerId peer) {
+  rails_[0]->Post([this, peer] {
+    std::shared_ptr<Conn> conn = FindConn(peer);
+    if (!conn || conn->teardown || --conn->rails_to_wire > 0) return;
+    conn->wired = true;
+    SendMessage(conn, MsgType::kWired, {});
+    MaybeOpen(conn);
+  });
+}
+
+void Engine::MaybeOpen(const std::shared_ptr<Conn>& conn) {
+  if (!conn->wired || !conn->peer_wired || conn->teardown ||
+      conn->state.load() != Conn::kHandshake) {
+    return;
+  }
   conn->was_open = true;
   SetState(*conn, Conn::kOpen);
 }
@@ -1936,6 +1999,7 @@ void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
     shared_memory = conn->shared_memory;
   }
   // Rail i writes to the peer's rail (i mod its rail count).
+  conn->rails_to_wire = static_cast<int>(rails_.size());
   for (size_t i = 0; i < rails_.size(); ++i) {
     const std::vector<std::byte>& address = conn->peer_rails[i % conn->peer_rails.size()];
     Rail& rail = *rails_[i];
