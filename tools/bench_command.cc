@@ -274,6 +274,9 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "bounce write through the transport; direct does not)")
       ->capture_default_str();
   cmd->add_option("--json", flags->json_file, "Also write the report to this JSON file");
+  cmd->add_option("--poll-before-sleep-us", flags->poll_before_sleep_us,
+                  "µs an idle agent thread (control loop, UCX progress) keeps polling before it "
+                  "sleeps (Config::poll_before_sleep_us; default 0)");
   cmd->add_option("--ucx-tls", flags->ucx_tls,
                   "ucx: UCX_TLS for the worker processes (e.g. tcp, or shm,tcp)");
   cmd->add_option("--num-workers", flags->num_workers,
@@ -346,6 +349,13 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   if (flags.step_timeout_s && !(*flags.step_timeout_s > 0 && *flags.step_timeout_s <= 86400)) {
     return InvalidArgumentError("--step-timeout = " + std::to_string(*flags.step_timeout_s) +
                                 " is invalid: must be in (0, 86400] seconds");
+  }
+  if (flags.poll_before_sleep_us) {
+    Config probe;
+    if (Status s = probe.Set("poll_before_sleep_us", std::to_string(*flags.poll_before_sleep_us));
+        !s.ok()) {
+      return s.WithContext("--poll-before-sleep-us");
+    }
   }
   KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
   if (flags.requests < 1) {
@@ -451,6 +461,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   options.max_tokens = scenario.tokens.end;
   options.ctx_config.bounce_size_mb = ctx_arena_mb;
   options.gen_config.bounce_size_mb = gen_arena_mb;
+  if (flags.poll_before_sleep_us) {
+    options.ctx_config.poll_before_sleep_us = *flags.poll_before_sleep_us;
+    options.gen_config.poll_before_sleep_us = *flags.poll_before_sleep_us;
+  }
   options.faults = true;
   options.memory = device_pools ? MemoryKind::kCuda : MemoryKind::kHost;
   options.device = flags.device;

@@ -34,6 +34,9 @@ struct BenchFlags {
   std::optional<int64_t> bounce_size_mb;
   double inject_fail_rate = 0;
   std::string json_file;  // checked for writability before the run
+  // Config::poll_before_sleep_us of every agent (the workers' too); unset:
+  // the config's default.
+  std::optional<int64_t> poll_before_sleep_us;
 
   // --transport ucx: every rank is a `kvbounce worker` process
   // (tools/process_bench.h).

@@ -195,6 +195,10 @@ Status Driver::Start(const std::string& executable) {
     common.push_back("--num-workers");
     common.push_back(std::to_string(flags_.num_workers));
   }
+  if (flags_.poll_before_sleep_us) {
+    common.push_back("--config");
+    common.push_back("poll_before_sleep_us=" + std::to_string(*flags_.poll_before_sleep_us));
+  }
   std::vector<std::pair<std::string, std::string>> env;
   if (!flags_.ucx_tls.empty()) env.emplace_back("UCX_TLS", flags_.ucx_tls);
   // UCX logs to stdout unless told otherwise, and a worker's stdout is its

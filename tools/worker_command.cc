@@ -560,6 +560,7 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
     ucx.listen_address = plan.listen;
     ucx.num_workers = plan.num_workers;
     ucx.connect_timeout = plan.connect_timeout;
+    ucx.poll_before_sleep = std::chrono::microseconds(plan.rank.config.poll_before_sleep_us);
     return NewUcxTransport(ucx);
   }();
   if (!transport.ok()) {

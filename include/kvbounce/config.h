@@ -59,6 +59,7 @@ struct Config {
   static constexpr int64_t kMaxTimeoutMs = int64_t{30} * 24 * 3600 * 1000;  // 30 days
   static constexpr int64_t kMaxOpNs = 1000000000;                           // 1 s per operation
   static constexpr int64_t kMaxMbPerS = 1000000000;                         // 1 PB/s
+  static constexpr int64_t kMaxPollUs = 10000;                              // 10 ms
 
   // Size of each of the agent's two arenas (send, recv), in MiB. 0 turns the
   // bounce path off, which is the library's default (the CLI's bench turns it
@@ -97,6 +98,18 @@ struct Config {
   int64_t transport_mb_per_s = 0;
   int64_t copy_run_ns = 0;
   int64_t copy_mb_per_s = 0;
+
+  // How long an agent thread that ran out of work keeps polling for more
+  // before it sleeps, in µs: the agent's control loop and, over UCX, each
+  // worker's progress thread. A hand-off to a thread that is still polling
+  // costs about a microsecond, one to a sleeping thread a wake-up (17-48 µs
+  // on an idle core), and a small request takes several hand-offs per side
+  // (docs/architecture.md §10). Polling spends that time on a core instead,
+  // yielding to any other runnable thread: worth it where each rank is its
+  // own process with cores to spare, harmful where more threads than cores
+  // poll (many agents in one process on few cores). 0 = sleep at once.
+  // Rule: integer >= 0 and <= kMaxPollUs (10 ms).
+  int64_t poll_before_sleep_us = 0;
 
   // Checks every rule above: the integer fields in declaration order, then
   // path, then the rules across fields. Returns the first violation as kInvalidArgument

@@ -75,6 +75,11 @@ struct UcxTransportOptions {
   bool same_host_read = true;
   // How long Connect waits for the peer's transport handshake.
   std::chrono::milliseconds connect_timeout{10000};
+  // How long a worker's progress thread keeps polling after its last piece
+  // of work before it sleeps on the worker's event fd (see
+  // Config::poll_before_sleep_us, which the agent passes here). In
+  // [0, Config::kMaxPollUs µs]; 0: it sleeps at once.
+  std::chrono::microseconds poll_before_sleep{0};
 };
 inline constexpr uint64_t kDefaultUcxPutChunkBytes = uint64_t{1} << 20;
 

@@ -151,6 +151,7 @@ Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, c
     ucx.put_chunk_bytes = spec.put_chunk_bytes;
     ucx.same_host_shared_memory = spec.same_host_shared_memory;
     ucx.connect_timeout = options.connect_timeout;
+    ucx.poll_before_sleep = std::chrono::microseconds(config.poll_before_sleep_us);
     Result<std::unique_ptr<Transport>> made =
         hooks.make_ucx_transport ? hooks.make_ucx_transport(ucx) : NewUcxTransport(ucx);
     if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (ucx)");
@@ -425,7 +426,9 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   clock_ = hooks.clock != nullptr
                ? std::move(hooks.clock)
                : std::shared_ptr<Clock>(std::shared_ptr<Clock>(), Clock::Steady());
-  KVB_ASSIGN_OR_RETURN(loop_, EventLoop::Create(clock_.get()));
+  KVB_ASSIGN_OR_RETURN(
+      loop_,
+      EventLoop::Create(clock_.get(), std::chrono::microseconds(config.poll_before_sleep_us)));
   gate_ = std::make_shared<LoopGate>(loop_.get());
   ctx_.instance_id = options.instance_id;
   ctx_.role = options.role;

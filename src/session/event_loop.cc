@@ -14,8 +14,14 @@ constexpr Clock::Duration kMaxWait = std::chrono::hours(1);
 
 }  // namespace
 
-Result<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock) {
-  std::unique_ptr<EventLoop> loop(new EventLoop(clock));
+Result<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock,
+                                                     std::chrono::microseconds poll_before_sleep) {
+  if (poll_before_sleep.count() < 0) {
+    return InvalidArgumentError(
+        "event loop: poll_before_sleep = " + std::to_string(poll_before_sleep.count()) +
+        " µs is invalid: must be >= 0");
+  }
+  std::unique_ptr<EventLoop> loop(new EventLoop(clock, poll_before_sleep));
   EventLoop* raw = loop.get();
   loop->clock_listener_ = clock->AddJumpListener([raw] { raw->OnClockJump(); });
   try {
@@ -39,6 +45,7 @@ bool EventLoop::Post(Task task) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return false;
     tasks_.push_back(std::move(task));
+    changes_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_one();
   return true;
@@ -52,6 +59,7 @@ EventLoop::TimerId EventLoop::PostAt(TimePoint deadline, Task task) {
     id = next_timer_++;
     timers_.emplace(std::make_pair(deadline, id), std::move(task));
     timer_deadlines_.emplace(id, deadline);
+    changes_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_one();
   return id;
@@ -69,6 +77,7 @@ void EventLoop::OnClockJump() {
   std::unique_lock<std::mutex> lock(mu_);
   if (stopped_ || InLoop()) return;  // nobody to wait for, or the loop is us
   const uint64_t jump = ++jumps_;
+  changes_.fetch_add(1, std::memory_order_release);
   cv_.notify_one();
   caught_up_.wait(lock, [&] { return jumps_caught_up_ >= jump || stopped_; });
 }
@@ -77,6 +86,7 @@ void EventLoop::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
+    changes_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_one();
   std::lock_guard<std::mutex> join_lock(join_mu_);
@@ -87,8 +97,18 @@ void EventLoop::Stop() {
   clock_listener_ = 0;
 }
 
+bool EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long) const {
+  const auto until = std::chrono::steady_clock::now() + how_long;
+  do {
+    if (changes_.load(std::memory_order_acquire) != seen) return true;
+    std::this_thread::yield();
+  } while (std::chrono::steady_clock::now() < until);
+  return changes_.load(std::memory_order_acquire) != seen;
+}
+
 void EventLoop::Run() {
   std::unique_lock<std::mutex> lock(mu_);
+  bool polled = false;  // this idle spell's poll is over
   while (true) {
     if (!tasks_.empty()) {
       Task task = std::move(tasks_.front());
@@ -96,6 +116,7 @@ void EventLoop::Run() {
       lock.unlock();
       task();
       lock.lock();
+      polled = false;
       continue;
     }
     if (stopping_) break;  // every posted task ran; pending timers are dropped
@@ -110,12 +131,30 @@ void EventLoop::Run() {
       lock.unlock();
       task();
       lock.lock();
+      polled = false;
       continue;
     }
     // Idle: caught up with every jump so far.
     if (jumps_caught_up_ != jumps_) {
       jumps_caught_up_ = jumps_;
       caught_up_.notify_all();
+    }
+    if (!polled && poll_before_sleep_.count() > 0) {
+      // Poll, then look again from the top (a change may have come in while
+      // the lock was free; only then does the loop wait for a notification).
+      polled = true;
+      std::chrono::microseconds how_long = poll_before_sleep_;
+      if (!timers_.empty()) {
+        how_long = std::min(how_long, std::chrono::duration_cast<std::chrono::microseconds>(
+                                          timers_.begin()->first.first - now));
+      }
+      if (how_long.count() > 0) {
+        const uint64_t seen = changes_.load(std::memory_order_relaxed);
+        lock.unlock();
+        PollForChange(seen, how_long);
+        lock.lock();
+      }
+      continue;
     }
     if (!timers_.empty()) {
       // The wait is in real time whatever the clock: on the steady clock it

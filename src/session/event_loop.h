@@ -22,6 +22,14 @@
 // thread, including from a task. Tasks run one at a time on the loop thread,
 // with no loop lock held.
 //
+// Polling: a loop created with a poll_before_sleep > 0 that runs out of work
+// keeps looking for new work that long (on the steady clock, yielding the
+// core to any other runnable thread) before it sleeps on its condition
+// variable, so that a task posted meanwhile runs without a wake-up
+// (Config::poll_before_sleep_us). It polls once per idle spell: after a
+// poll that found nothing it sleeps until woken. A timer due sooner cuts the
+// poll short.
+//
 // Lifetime: Stop() runs every task already posted, drops timers that have not
 // fired, stops listening to the clock and joins the thread; tasks posted
 // afterwards are refused (Post returns false). The destructor calls Stop().
@@ -29,6 +37,7 @@
 #ifndef KVBOUNCE_SESSION_EVENT_LOOP_H_
 #define KVBOUNCE_SESSION_EVENT_LOOP_H_
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -55,9 +64,13 @@ class EventLoop {
   using TimerId = uint64_t;
 
   // Starts the loop thread, with timers on `clock` (borrowed; it must
-  // outlive the loop). Errors: kResourceExhausted when the thread cannot be
-  // created (std::thread's exception does not escape).
-  static Result<std::unique_ptr<EventLoop>> Create(Clock* clock = Clock::Steady());
+  // outlive the loop), polling for `poll_before_sleep` when it runs out of
+  // work (see the file comment; 0: it sleeps at once). Errors:
+  // kResourceExhausted when the thread cannot be created (std::thread's
+  // exception does not escape).
+  static Result<std::unique_ptr<EventLoop>> Create(
+      Clock* clock = Clock::Steady(),
+      std::chrono::microseconds poll_before_sleep = std::chrono::microseconds(0));
   ~EventLoop();
   EventLoop(const EventLoop&) = delete;
   EventLoop& operator=(const EventLoop&) = delete;
@@ -81,18 +94,26 @@ class EventLoop {
   void Stop();
 
  private:
-  explicit EventLoop(Clock* clock) : clock_(clock) {}
+  EventLoop(Clock* clock, std::chrono::microseconds poll_before_sleep)
+      : clock_(clock), poll_before_sleep_(poll_before_sleep) {}
   void Run();
   // The clock jumped: wait until the loop caught up (see the file comment).
   void OnClockJump();
+  // Polls, without the lock, until `changes_` moves past `seen` (true) or
+  // `how_long` passed (false).
+  bool PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
 
   Clock* const clock_;
+  const std::chrono::microseconds poll_before_sleep_;
   Clock::ListenerId clock_listener_ = 0;  // written before the thread starts
 
   mutable std::mutex mu_;
   std::condition_variable cv_;         // wakes the loop
   std::condition_variable caught_up_;  // wakes OnClockJump
   std::deque<Task> tasks_;
+  // Bumped (under mu_) by whatever would wake the loop: a task, a timer, a
+  // clock jump, Stop. Read without the lock while polling.
+  std::atomic<uint64_t> changes_{0};
   std::map<std::pair<TimePoint, TimerId>, Task> timers_;
   std::unordered_map<TimerId, TimePoint> timer_deadlines_;
   TimerId next_timer_ = 1;

@@ -108,6 +108,15 @@ TEST(ConfigValidateTest, EveryRule) {
        "config: reserve_timeout_ms = 2592000001 is invalid: must be an integer >= 0 and <= "
        "2592000000 (30 days)"},
       {"reserve_timeout_ms zero", [](Config& c) { c.reserve_timeout_ms = 0; }, ""},
+      {"poll_before_sleep_us negative", [](Config& c) { c.poll_before_sleep_us = -1; },
+       "config: poll_before_sleep_us = -1 is invalid: must be an integer >= 0 and <= 10000 (10 "
+       "ms; 0: sleep at once)"},
+      {"poll_before_sleep_us too large",
+       [](Config& c) { c.poll_before_sleep_us = Config::kMaxPollUs + 1; },
+       "config: poll_before_sleep_us = 10001 is invalid: must be an integer >= 0 and <= 10000 "
+       "(10 ms; 0: sleep at once)"},
+      {"poll_before_sleep_us at the limit",
+       [](Config& c) { c.poll_before_sleep_us = Config::kMaxPollUs; }, ""},
       {"path out of enum", [](Config& c) { c.path = static_cast<TransferPath>(9); },
        "config: path = 9 is invalid: must be one of per-block, bounce, direct, auto"},
       {"path per-block", [](Config& c) { c.path = TransferPath::kPerBlock; }, ""},
@@ -253,13 +262,14 @@ TEST(ConfigSetTest, BadTextForEveryIntegerField) {
 
 TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
   const std::vector<std::pair<std::string_view, std::string_view>> cases = {
-      {"bounce_size_mb", "-1"},      {"bounce_size_mb", "1048577"},
-      {"num_workers", "0"},          {"num_workers", "-3"},
-      {"num_workers", "257"},        {"transfer_timeout_ms", "0"},
-      {"transfer_timeout_ms", "-1"}, {"transfer_timeout_ms", "2592000001"},
-      {"reserve_timeout_ms", "-1"},  {"reserve_timeout_ms", "2592000001"},
-      {"transport_op_ns", "-1"},     {"transport_mb_per_s", "1000000001"},
-      {"copy_run_ns", "-7"},         {"copy_mb_per_s", "1000000001"},
+      {"bounce_size_mb", "-1"},       {"bounce_size_mb", "1048577"},
+      {"num_workers", "0"},           {"num_workers", "-3"},
+      {"num_workers", "257"},         {"transfer_timeout_ms", "0"},
+      {"transfer_timeout_ms", "-1"},  {"transfer_timeout_ms", "2592000001"},
+      {"reserve_timeout_ms", "-1"},   {"reserve_timeout_ms", "2592000001"},
+      {"transport_op_ns", "-1"},      {"transport_mb_per_s", "1000000001"},
+      {"copy_run_ns", "-7"},          {"copy_mb_per_s", "1000000001"},
+      {"poll_before_sleep_us", "-1"}, {"poll_before_sleep_us", "10001"},
   };
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(std::string(key) + " = " + std::string(value));
@@ -307,10 +317,10 @@ TEST(ConfigSetTest, UnknownKeyListsTheKnownKeys) {
 
 TEST(ConfigTest, KeysAreTheFieldsInOrder) {
   const std::vector<std::string_view> keys(Config::Keys().begin(), Config::Keys().end());
-  EXPECT_EQ(keys,
-            (std::vector<std::string_view>{"bounce_size_mb", "num_workers", "transfer_timeout_ms",
-                                           "reserve_timeout_ms", "path", "transport_op_ns",
-                                           "transport_mb_per_s", "copy_run_ns", "copy_mb_per_s"}));
+  EXPECT_EQ(keys, (std::vector<std::string_view>{
+                      "bounce_size_mb", "num_workers", "transfer_timeout_ms", "reserve_timeout_ms",
+                      "path", "transport_op_ns", "transport_mb_per_s", "copy_run_ns",
+                      "copy_mb_per_s", "poll_before_sleep_us"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -367,11 +377,12 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   config.path = TransferPath::kPerBlock;
   config.transport_op_ns = 4096;
   config.copy_mb_per_s = 20000;
+  config.poll_before_sleep_us = 50;
   const std::string text = config.ToString();
   EXPECT_EQ(text,
             "bounce_size_mb=64 num_workers=3 transfer_timeout_ms=60000 reserve_timeout_ms=200 "
             "path=per-block transport_op_ns=4096 transport_mb_per_s=0 copy_run_ns=0 "
-            "copy_mb_per_s=20000");
+            "copy_mb_per_s=20000 poll_before_sleep_us=50");
   std::string lines = text;
   for (char& c : lines) {
     if (c == ' ') c = '\n';

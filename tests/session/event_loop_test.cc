@@ -5,7 +5,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <optional>
+#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -32,6 +36,29 @@ class Record {
   mutable std::mutex mu_;
   std::vector<int> values_;
 };
+
+// Sets a timer due at `deadline` (steady clock) on `loop` and waits for it,
+// 30 s at most: success when it fired, and not before its deadline.
+::testing::AssertionResult FiresOnTime(EventLoop& loop,
+                                       std::chrono::steady_clock::time_point deadline) {
+  struct Fired {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<std::chrono::steady_clock::time_point> at;
+  };
+  auto fired = std::make_shared<Fired>();  // outlives a timer that fires late
+  loop.PostAt(deadline, [fired] {
+    std::lock_guard<std::mutex> lock(fired->mu);
+    fired->at = std::chrono::steady_clock::now();
+    fired->cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(fired->mu);
+  if (!fired->cv.wait_for(lock, std::chrono::seconds(30), [&] { return fired->at.has_value(); })) {
+    return ::testing::AssertionFailure() << "the timer did not fire within 30 s";
+  }
+  if (*fired->at < deadline) return ::testing::AssertionFailure() << "the timer fired early";
+  return ::testing::AssertionSuccess();
+}
 
 TEST(EventLoopTest, TasksRunInOrderOnTheLoopThread) {
   auto created = EventLoop::Create();
@@ -153,19 +180,45 @@ TEST(EventLoopTest, TheSteadyClockFiresTimersByItself) {
   // Production's clock: a timer fires without anybody advancing anything.
   auto created = EventLoop::Create();
   ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_TRUE(FiresOnTime(**created, std::chrono::steady_clock::now() + milliseconds(2)));
+}
+
+// A loop that polls before it sleeps runs every task, whether it comes in
+// while the loop polls, just as the poll ends, or once it sleeps: the posts
+// here land at random moments around the end of a short poll, the race a
+// lost wake-up would lose. Timers fire, never early, also while it polls.
+TEST(EventLoopTest, APollingLoopRunsWhatComesWhilePollingAndAfterSleeping) {
+  auto created = EventLoop::Create(Clock::Steady(), std::chrono::microseconds(300));
+  ASSERT_TRUE(created.ok()) << created.status();
   EventLoop& loop = **created;
   std::mutex mu;
   std::condition_variable cv;
-  bool fired = false;
-  const auto deadline = std::chrono::steady_clock::now() + milliseconds(2);
-  loop.PostAt(deadline, [&] {
-    std::lock_guard<std::mutex> lock(mu);
-    fired = true;
-    cv.notify_all();
-  });
-  std::unique_lock<std::mutex> lock(mu);
-  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return fired; }));
-  EXPECT_GE(std::chrono::steady_clock::now(), deadline);  // never early
+  int ran = 0;
+  std::mt19937 random(7);
+  std::uniform_int_distribution<int> gap_us(0, 600);
+  for (int i = 1; i <= 300; ++i) {
+    std::this_thread::sleep_for(std::chrono::microseconds(gap_us(random)));
+    ASSERT_TRUE(loop.Post([&] {
+      std::lock_guard<std::mutex> lock(mu);
+      ++ran;
+      cv.notify_all();
+    }));
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return ran == i; }))
+        << "task " << i << " did not run";
+  }
+  loop.Post([] {});  // the loop is polling when the timer comes in
+  EXPECT_TRUE(FiresOnTime(loop, std::chrono::steady_clock::now() + std::chrono::microseconds(100)));
+  loop.Stop();  // also while it may still poll
+  EXPECT_FALSE(loop.Post([] {}));
+}
+
+TEST(EventLoopTest, CreateRejectsANegativePoll) {
+  auto created = EventLoop::Create(Clock::Steady(), std::chrono::microseconds(-1));
+  ASSERT_FALSE(created.ok());
+  EXPECT_EQ(created.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(created.status().message().find("poll_before_sleep = -1"), std::string::npos)
+      << created.status();
 }
 
 TEST(EventLoopTest, PostFromManyThreadsAndFromTasks) {

@@ -101,13 +101,15 @@ TransportFactory FaultLoopbackFactory() {
 // UCX endpoints of this process, each listening on a free port of 127.0.0.1.
 class UcxNetwork : public TransportNetwork {
  public:
-  UcxNetwork(bool shared_memory, int workers) : shared_memory_(shared_memory), workers_(workers) {}
+  UcxNetwork(bool shared_memory, int workers, std::chrono::microseconds poll = {})
+      : shared_memory_(shared_memory), workers_(workers), poll_(poll) {}
   Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string&) override {
     UcxTransportOptions options;
     options.listen_address = "127.0.0.1:0";
     options.same_host_shared_memory = shared_memory_;
     options.num_workers = workers_;
     options.put_chunk_bytes = 4096;  // several puts per op in the larger cases
+    options.poll_before_sleep = poll_;
     KVB_ASSIGN_OR_RETURN(auto transport, UcxTransport::Create(options));
     return std::unique_ptr<Transport>(std::move(transport));
   }
@@ -117,10 +119,12 @@ class UcxNetwork : public TransportNetwork {
  private:
   bool shared_memory_;
   int workers_;
+  std::chrono::microseconds poll_;
 };
 
 // TCP for every byte (endpoints with peer error handling), one rail; shared
-// memory for the data between these same-host endpoints; TCP over 3 rails.
+// memory for the data between these same-host endpoints, also with progress
+// threads that poll before they sleep; TCP over 3 rails.
 // Reads (process_vm_readv) are on in every configuration: these endpoints
 // are processes of one host (the same process, in fact), and
 // same_host_read, not same_host_shared_memory, governs them.
@@ -131,6 +135,12 @@ TransportFactory UcxTcpFactory() {
 }
 TransportFactory UcxSharedMemoryFactory() {
   return {"ucx_shm", [] { return std::make_unique<UcxNetwork>(true, 1); },
+          /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
+          /*detects_deregistered_source=*/false};
+}
+TransportFactory UcxSharedMemoryPollingFactory() {
+  return {"ucx_shm_polling",
+          [] { return std::make_unique<UcxNetwork>(true, 1, std::chrono::microseconds(200)); },
           /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
           /*detects_deregistered_source=*/false};
 }
@@ -1427,6 +1437,7 @@ std::vector<TransportFactory> AllFactories() {
   factories.push_back(UcxTcpFactory());
   factories.push_back(UcxSharedMemoryFactory());
   factories.push_back(UcxTcpRailsFactory());
+  factories.push_back(UcxSharedMemoryPollingFactory());
 #endif
   return factories;
 }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/status_matchers.h"
+#include "kvbounce/config.h"
 #include "kvbounce/transports.h"
 #include "transport/transport_test_util.h"
 #include "transport/ucx_peer_frames.h"
@@ -79,6 +80,13 @@ TEST(UcxTransportTest, CreateRejectsBadOptionsNamingThem) {
   options.listen_address = "no-port";
   EXPECT_THAT(UcxTransport::Create(options),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("no-port")));
+  for (const int64_t us : {int64_t{-1}, Config::kMaxPollUs + 1}) {
+    options = {};
+    options.poll_before_sleep = std::chrono::microseconds(us);
+    EXPECT_THAT(UcxTransport::Create(options),
+                StatusIs(StatusCode::kInvalidArgument,
+                         HasSubstr("poll_before_sleep = " + std::to_string(us))));
+  }
 }
 
 TEST(UcxTransportTest, ATakenPortIsUnavailable) {

@@ -638,6 +638,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void DataEpWired(PeerId peer);
   void OnControlEpError(PeerId peer, ucs_status_t status);
   uint64_t nonce() const { return nonce_; }
+  const UcxTransportOptions& options() const { return options_; }
   // The registry of local regions a data message may land in.
   void AddRegion(uint64_t address, uint64_t size);
   void RemoveRegion(uint64_t address, uint64_t size);
@@ -834,6 +835,8 @@ bool Rail::Quiesced() const {
 void Rail::Run() {
   using Clock = std::chrono::steady_clock;
   std::optional<Clock::time_point> stop_deadline;
+  const std::chrono::microseconds poll = engine_->options().poll_before_sleep;
+  Clock::time_point last_busy = Clock::now();
   for (;;) {
     bool busy = RunCommands();
     IssueWork();
@@ -865,7 +868,17 @@ void Rail::Run() {
     // Bounded, so commands (a peer's failure among them) are never starved
     // by a worker that always has something to retry.
     for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) busy = true;
-    if (busy) continue;
+    if (busy) {
+      if (poll.count() > 0) last_busy = Clock::now();
+      continue;
+    }
+    // Keep polling a while before sleeping (UcxTransportOptions::
+    // poll_before_sleep): the next command or message of the same request
+    // then needs no wake-up.
+    if (poll.count() > 0 && !stopping_ && Clock::now() - last_busy < poll) {
+      std::this_thread::yield();
+      continue;
+    }
     if (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) continue;
     const ucs_status_t armed = ucp_worker_arm(worker_);
     if (armed == UCS_ERR_BUSY) continue;
@@ -1495,6 +1508,12 @@ Status Engine::Init() {
     }
     put_chunk_ = options_.put_chunk_bytes;
   }
+  if (options_.poll_before_sleep.count() < 0 ||
+      options_.poll_before_sleep.count() > Config::kMaxPollUs) {
+    return InvalidArgumentError(
+        "poll_before_sleep = " + std::to_string(options_.poll_before_sleep.count()) +
+        " µs: must be in [0, " + std::to_string(Config::kMaxPollUs) + "]");
+  }
   if (options_.connect_timeout.count() <= 0 ||
       options_.connect_timeout.count() > Config::kMaxTimeoutMs) {
     return InvalidArgumentError("connect_timeout must be in (0, " +
@@ -1683,8 +1702,11 @@ Result<PeerId> Engine::Connect(std::string_view address) {
   Status error = conn->connect_error;
   lock.unlock();
   if (!settled) {
-    error = UnavailableError("no transport handshake from '" + std::string(address) + "' within " +
-                             std::to_string(options_.connect_timeout.count()) + " ms");
+    error = UnavailableError(
+        "no complete transport handshake (HELLO, then both sides' data "
+        "endpoints wired up) with '" +
+        std::string(address) + "' within " + std::to_string(options_.connect_timeout.count()) +
+        " ms");
     std::shared_lock<std::shared_mutex> api(api_mu_);
     if (!shut_) {
       rails_[0]->Post([this, conn, error] { BeginTeardown(conn, error, false); });
