@@ -97,13 +97,12 @@ void EventLoop::Stop() {
   clock_listener_ = 0;
 }
 
-bool EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long) const {
+void EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long) const {
   const auto until = std::chrono::steady_clock::now() + how_long;
-  do {
-    if (changes_.load(std::memory_order_acquire) != seen) return true;
+  while (changes_.load(std::memory_order_acquire) == seen &&
+         std::chrono::steady_clock::now() < until) {
     std::this_thread::yield();
-  } while (std::chrono::steady_clock::now() < until);
-  return changes_.load(std::memory_order_acquire) != seen;
+  }
 }
 
 void EventLoop::Run() {

@@ -99,9 +99,9 @@ class EventLoop {
   void Run();
   // The clock jumped: wait until the loop caught up (see the file comment).
   void OnClockJump();
-  // Polls, without the lock, until `changes_` moves past `seen` (true) or
-  // `how_long` passed (false).
-  bool PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
+  // Polls, without the lock, until `changes_` moves past `seen` or
+  // `how_long` passed.
+  void PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
 
   Clock* const clock_;
   const std::chrono::microseconds poll_before_sleep_;
