@@ -219,6 +219,27 @@ Result<double> MeasureDeviceCeiling(int device) {
 
 // --memory and --device: a kind this build and machine can run, with a
 // mode that supports it.
+}  // namespace
+
+Status ApplyConfigFlags(const std::vector<std::string>& settings, Config* config) {
+  for (const std::string& kv : settings) {
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos) {
+      return InvalidArgumentError("--config '" + kv + "' is not KEY=VALUE");
+    }
+    std::string key = kv.substr(0, eq);
+    std::replace(key.begin(), key.end(), '-', '_');
+    if (key == "bounce_size_mb" || key == "path") {
+      return InvalidArgumentError("--config " + key + ": the bench sets it; use --" +
+                                  (key == "path" ? std::string("path") : "bounce-size-mb"));
+    }
+    KVB_RETURN_IF_ERROR(config->Set(key, kv.substr(eq + 1)).WithContext("--config"));
+  }
+  return Status::Ok();
+}
+
+namespace {
+
 Status CheckMemoryFlags(const BenchFlags& flags) {
   return PoolMemoryFromFlags(flags.memory, flags.device).status();
 }
@@ -277,6 +298,9 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
   cmd->add_option("--poll-before-sleep-us", flags->poll_before_sleep_us,
                   "µs an idle agent thread (control loop, UCX progress) keeps polling before it "
                   "sleeps (Config::poll_before_sleep_us; default 0)");
+  cmd->add_option("--config", flags->config,
+                  "KEY=VALUE of every agent's config (e.g. inline_copy_kb=0); repeatable; "
+                  "bounce_size_mb and path have their own flags");
   cmd->add_option("--ucx-tls", flags->ucx_tls,
                   "ucx: UCX_TLS for the worker processes (e.g. tcp, or shm,tcp)");
   cmd->add_option("--num-workers", flags->num_workers,
@@ -356,6 +380,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
         !s.ok()) {
       return s.WithContext("--poll-before-sleep-us");
     }
+  }
+  {
+    Config probe;
+    KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
   }
   KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
   if (flags.requests < 1) {
@@ -461,6 +489,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   options.max_tokens = scenario.tokens.end;
   options.ctx_config.bounce_size_mb = ctx_arena_mb;
   options.gen_config.bounce_size_mb = gen_arena_mb;
+  KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &options.ctx_config));
+  KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &options.gen_config));
   if (flags.poll_before_sleep_us) {
     options.ctx_config.poll_before_sleep_us = *flags.poll_before_sleep_us;
     options.gen_config.poll_before_sleep_us = *flags.poll_before_sleep_us;

@@ -37,6 +37,10 @@ struct BenchFlags {
   // Config::poll_before_sleep_us of every agent (the workers' too); unset:
   // the config's default.
   std::optional<int64_t> poll_before_sleep_us;
+  // KEY=VALUE settings of every agent's Config (the workers' too), applied
+  // in order over the defaults; bounce_size_mb and path have flags of
+  // their own (--bounce-size-mb, --path) and are refused here.
+  std::vector<std::string> config;
 
   // --transport ucx: every rank is a `kvbounce worker` process
   // (tools/process_bench.h).
@@ -80,6 +84,11 @@ struct BenchPlan {
 int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency);
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
+
+// Applies --config settings ("KEY=VALUE", '-' accepted for '_') to `config`
+// in order. Errors (kInvalidArgument, naming the flag): no '=', a key the
+// bench sets itself (bounce_size_mb, path), anything Config::Set refuses.
+Status ApplyConfigFlags(const std::vector<std::string>& settings, Config* config);
 
 // Runs the bench. The report holds {"runs": [...]} (one object per path
 // run) or, with --chaos, {"chaos": {...}}, plus "fault_injection" and the

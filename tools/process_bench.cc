@@ -195,6 +195,10 @@ Status Driver::Start(const std::string& executable) {
     common.push_back("--num-workers");
     common.push_back(std::to_string(flags_.num_workers));
   }
+  for (const std::string& kv : flags_.config) {
+    common.push_back("--config");
+    common.push_back(kv);
+  }
   if (flags_.poll_before_sleep_us) {
     common.push_back("--config");
     common.push_back("poll_before_sleep_us=" + std::to_string(*flags_.poll_before_sleep_us));

@@ -76,7 +76,8 @@ struct UcxTransportOptions {
   // How long Connect waits for the peer's transport handshake.
   std::chrono::milliseconds connect_timeout{10000};
   // How long a worker's progress thread keeps polling after its last piece
-  // of work before it sleeps on the worker's event fd (see
+  // of work before it sleeps on the worker's event fd, and the reader
+  // thread (direct read) after its last read before it sleeps (see
   // Config::poll_before_sleep_us, which the agent passes here). In
   // [0, Config::kMaxPollUs µs]; 0: it sleeps at once.
   std::chrono::microseconds poll_before_sleep{0};

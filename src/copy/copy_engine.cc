@@ -58,6 +58,23 @@ Status CopyEngine::Submit(const CopyBatch& batch, CopyDone done, std::stop_token
   return SubmitValidated(batch, total_bytes, std::move(done), std::move(stop));
 }
 
+Status CopyEngine::SubmitOrCopyHere(const CopyBatch& batch, uint64_t inline_bytes, CopyDone done,
+                                    std::stop_token stop) {
+  if (!done) return InvalidArgumentError("copy batch: the completion callback is empty");
+  uint64_t total_bytes = 0;
+  KVB_RETURN_IF_ERROR(ValidateCopyBatch(batch, &total_bytes));
+  if (inline_bytes == 0 || total_bytes > inline_bytes || !CopiesOnCallingThread()) {
+    return SubmitValidated(batch, total_bytes, std::move(done), std::move(stop));
+  }
+  done(CopyValidatedHere(batch, total_bytes, stop));
+  return Status::Ok();
+}
+
+Status CopyEngine::CopyValidatedHere(const CopyBatch& /*batch*/, uint64_t /*total_bytes*/,
+                                     std::stop_token /*stop*/) {
+  return UnimplementedError(std::string(Name()) + " copy engine cannot copy on the calling thread");
+}
+
 Status CopyEngine::CopySync(const CopyBatch& batch) {
   // Shared with the callback, which may still be unwinding on the engine
   // thread after the waiter has returned.

@@ -92,6 +92,10 @@ struct CopyCost {
   double batch_us = 0;      // fixed cost of one batch (a launch; not the hand-off back)
   double run_us = 0;        // per fragment (run) of the batch
   double bytes_per_us = 0;  // sustained rate of large copies, bytes per µs (= MB/s)
+  // A batch of at most this many bytes costs no hand-off: its submitter
+  // copies it (SubmitOrCopyHere). Engines state 0; a session sets it from
+  // Config::inline_copy_kb for an engine that CopiesOnCallingThread().
+  uint64_t inline_bytes = 0;
 };
 
 // Which memory an engine can read and write, and what it costs. A batch
@@ -142,6 +146,21 @@ class CopyEngine {
   // batch that had finished before the request reports its own status.
   Status Submit(const CopyBatch& batch, CopyDone done, std::stop_token stop = {});
 
+  // Like Submit, except that a batch of at most `inline_bytes` bytes is
+  // copied on the calling thread when this engine can do that (a CPU engine
+  // can; see CopiesOnCallingThread): the copy happens before this returns,
+  // and so does its `done` — the one exception to "never inside Submit",
+  // which the caller asks for by calling this. Larger batches, and every
+  // batch of an engine that cannot, go to Submit unchanged. A session uses
+  // it on its control loop for small batches, where handing the batch to a
+  // worker and the completion back costs two thread wake-ups (17-48 µs each
+  // on an idle core) for a copy of a few µs (docs/architecture.md §7).
+  // `inline_bytes` = 0 never copies inline. Same errors as Submit (then
+  // `done` is not called); a stop requested before the call skips the copy
+  // as Submit would (kCancelled in `done`).
+  Status SubmitOrCopyHere(const CopyBatch& batch, uint64_t inline_bytes, CopyDone done,
+                          std::stop_token stop = {});
+
   // Submits `batch` and blocks until it completed; returns the status that
   // Submit returned or, if it was accepted, the status passed to `done`.
   //
@@ -158,7 +177,18 @@ class CopyEngine {
   }
   Status Copy(std::span<const Fragment> direct_list) { return CopySync(DirectBatch(direct_list)); }
 
+  // Whether SubmitOrCopyHere may copy on the calling thread (the engine
+  // reaches its memory with plain loads and stores). Default: no.
+  virtual bool CopiesOnCallingThread() const { return false; }
+
  protected:
+  // Called by SubmitOrCopyHere, on the caller's thread, with a validated
+  // batch when CopiesOnCallingThread(): copies it (skipping zero-byte
+  // fragments) and returns OK, or kCancelled when `stop` skipped part of it.
+  // The default, never called, returns kUnimplemented.
+  virtual Status CopyValidatedHere(const CopyBatch& batch, uint64_t total_bytes,
+                                   std::stop_token stop);
+
   // Called by Submit with a batch that passed ValidateCopyBatch (it may still
   // hold zero-byte fragments, which the engine must skip) and a non-empty
   // `done`. `total_bytes` is the sum of the fragments' bytes. Same contract as

@@ -33,6 +33,7 @@ CopyCost EffectiveCopyCost(const Config& config, CopyCost stated) {
   cost.batch_us = stated.batch_us > 0 && std::isfinite(stated.batch_us) ? stated.batch_us : 0;
   cost.run_us = Figure(config.copy_run_ns, 1e-3, stated.run_us, kUnknownRunUs);
   cost.bytes_per_us = Figure(config.copy_mb_per_s, 1, stated.bytes_per_us, kUnknownCopyBytesPerUs);
+  cost.inline_bytes = stated.inline_bytes;
   return cost;
 }
 
@@ -73,13 +74,19 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
     const double bytes = static_cast<double>(w.bytes);
     const double on_link = bytes / link.bytes_per_us;
     const double copied = bytes / copy.bytes_per_us;
+    // A copy of at most copy.inline_bytes runs on the control loop that
+    // submits it: no hand-off (the gather, the scatter and a writer's direct
+    // copy move the same bytes).
+    const double copy_hand_off =
+        copy.inline_bytes > 0 && w.bytes <= copy.inline_bytes ? 0 : kHandOffUs;
     e.per_block_us +=
         2 * kHandOffUs + static_cast<double>(w.direct_runs + 1) * link.op_us + on_link;
-    e.bounce_us += 4 * kHandOffUs + 2 * link.op_us + on_link + 2 * copy.batch_us +
+    e.bounce_us += 2 * kHandOffUs + 2 * copy_hand_off + 2 * link.op_us + on_link +
+                   2 * copy.batch_us +
                    static_cast<double>(w.gather_runs + w.scatter_runs) * copy.run_us + 2 * copied;
     if (w.direct) {
       e.direct_us +=
-          kHandOffUs + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
+          copy_hand_off + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
     } else {
       const TransportCost read = EffectiveReadCost(config, w.read, stated_copy);
       e.direct_us += 3 * kHandOffUs +

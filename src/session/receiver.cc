@@ -212,8 +212,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     KVB_RETURN_IF_ERROR(
         CountWriterRuns(*r, recv_arena, loads).WithContext("Pull " + RequestName(request_id)));
   }
-  Result<PathChoice> choice = ChoosePath(ctx_.config, r->requested, loads,
-                                         ctx_.copy != nullptr ? ctx_.copy->Caps().cost : CopyCost(),
+  Result<PathChoice> choice = ChoosePath(ctx_.config, r->requested, loads, ctx_.CopyCostForAuto(),
                                          recv_arena, ctx_.transport->Caps().name);
   if (!choice.ok()) return choice.status();
   r->path = choice->path;
@@ -727,7 +726,7 @@ void ReceiverSession::StartScatter(Request& r) {
   r.scatters_outstanding = static_cast<int>(r.writers.size());
   for (size_t i = 0; i < r.writers.size(); ++i) {
     const SubSlot sub = r.slot.sub_slot(i);
-    Status submitted = ctx_.copy->Submit(
+    Status submitted = ctx_.SubmitCopy(
         ScatterBatch(r.writers[i].scatter, sub.address), [this, key](Status status) {
           ctx_.loop->Post([this, key, status] { OnScatterDone(key, status); });
         });

@@ -478,8 +478,9 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
   }
   // Hold a mapped access to every region of the receiver's pool for as
   // long as the copy may touch it: the receiver's deregistration (its
-  // shutdown) and the connection's failure wait for it. Released on the
-  // engine thread the moment the copy ended, not on this loop.
+  // shutdown) and the connection's failure wait for it. Released by the
+  // copy's `done` the moment the copy ended: on the engine thread, or here
+  // when the loop copied a small batch itself (SubmitCopy).
   auto access = std::make_shared<std::vector<std::unique_ptr<MappedAccess>>>();
   for (const std::unique_ptr<RemoteRegion>& region : peer.pool_regions) {
     Result<std::unique_ptr<MappedAccess>> a = ctx_.transport->BeginMappedAccess(*region);
@@ -494,7 +495,7 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
   AcquireBlocks(job);
   const Key key = job.key;
   ++job.async_outstanding;
-  Status submitted = ctx_.copy->Submit(
+  Status submitted = ctx_.SubmitCopy(
       DirectBatch(job.plan.direct),
       [this, key, access](Status s) {
         access->clear();
@@ -604,7 +605,7 @@ void SenderSession::Reserve(Job& job) {
     AcquireBlocks(job);
     const Key key = job.key;
     ++job.async_outstanding;
-    Status submitted = ctx_.copy->Submit(
+    Status submitted = ctx_.SubmitCopy(
         GatherBatch(job.plan.gather, job.send_slot.address()),
         [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnGathered(key, s); }); },
         job.stop.get_token());

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <utility>
 #include <vector>
@@ -112,6 +113,25 @@ struct SessionContext {
   // Encodes and sends a message. Errors: encoding (a bug: kInternal),
   // kUnavailable / kNotFound from the transport.
   Status Send(PeerId peer, const protocol::Message& message);
+
+  // Submits a copy batch from the control loop: a batch of at most
+  // config.inline_copy_kb KiB is copied right here when the engine can (and
+  // `done` runs here, before this returns), anything else goes to the
+  // engine's threads (CopyEngine::SubmitOrCopyHere). Either way `done` must
+  // only post back to the loop, as every session completion does.
+  Status SubmitCopy(const CopyBatch& batch, CopyDone done, std::stop_token stop = {}) {
+    return copy->SubmitOrCopyHere(batch, InlineCopyBytes(), std::move(done), std::move(stop));
+  }
+  uint64_t InlineCopyBytes() const { return static_cast<uint64_t>(config.inline_copy_kb) * 1024; }
+  // The copy engine's stated cost, with inline_bytes set where SubmitCopy
+  // copies on the loop (what `auto` prices the copies of a pull with);
+  // all zero without an engine (shutting down).
+  CopyCost CopyCostForAuto() const {
+    if (copy == nullptr) return CopyCost();
+    CopyCost cost = copy->Caps().cost;
+    if (copy->CopiesOnCallingThread()) cost.inline_bytes = InlineCopyBytes();
+    return cost;
+  }
 
   // Now on the agent's clock.
   TimePoint Now() const { return clock->Now(); }

@@ -60,6 +60,8 @@ TEST(ConfigTest, Defaults) {
   EXPECT_EQ(config.transport_mb_per_s, 0);
   EXPECT_EQ(config.copy_run_ns, 0);
   EXPECT_EQ(config.copy_mb_per_s, 0);
+  EXPECT_EQ(config.poll_before_sleep_us, 0);
+  EXPECT_EQ(config.inline_copy_kb, 64);
   EXPECT_TRUE(config.Validate().ok()) << config.Validate();
 }
 
@@ -117,6 +119,16 @@ TEST(ConfigValidateTest, EveryRule) {
        "(10 ms; 0: sleep at once)"},
       {"poll_before_sleep_us at the limit",
        [](Config& c) { c.poll_before_sleep_us = Config::kMaxPollUs; }, ""},
+      {"inline_copy_kb negative", [](Config& c) { c.inline_copy_kb = -1; },
+       "config: inline_copy_kb = -1 is invalid: must be an integer >= 0 and <= 16384 (16 MiB; 0: "
+       "never copy on the control loop)"},
+      {"inline_copy_kb too large",
+       [](Config& c) { c.inline_copy_kb = Config::kMaxInlineCopyKb + 1; },
+       "config: inline_copy_kb = 16385 is invalid: must be an integer >= 0 and <= 16384 (16 MiB; "
+       "0: never copy on the control loop)"},
+      {"inline_copy_kb at the limit",
+       [](Config& c) { c.inline_copy_kb = Config::kMaxInlineCopyKb; }, ""},
+      {"inline_copy_kb off", [](Config& c) { c.inline_copy_kb = 0; }, ""},
       {"path out of enum", [](Config& c) { c.path = static_cast<TransferPath>(9); },
        "config: path = 9 is invalid: must be one of per-block, bounce, direct, auto"},
       {"path per-block", [](Config& c) { c.path = TransferPath::kPerBlock; }, ""},
@@ -270,6 +282,7 @@ TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
       {"transport_op_ns", "-1"},      {"transport_mb_per_s", "1000000001"},
       {"copy_run_ns", "-7"},          {"copy_mb_per_s", "1000000001"},
       {"poll_before_sleep_us", "-1"}, {"poll_before_sleep_us", "10001"},
+      {"inline_copy_kb", "-1"},       {"inline_copy_kb", "16385"},
   };
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(std::string(key) + " = " + std::string(value));
@@ -320,7 +333,7 @@ TEST(ConfigTest, KeysAreTheFieldsInOrder) {
   EXPECT_EQ(keys, (std::vector<std::string_view>{
                       "bounce_size_mb", "num_workers", "transfer_timeout_ms", "reserve_timeout_ms",
                       "path", "transport_op_ns", "transport_mb_per_s", "copy_run_ns",
-                      "copy_mb_per_s", "poll_before_sleep_us"}));
+                      "copy_mb_per_s", "poll_before_sleep_us", "inline_copy_kb"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -378,11 +391,12 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   config.transport_op_ns = 4096;
   config.copy_mb_per_s = 20000;
   config.poll_before_sleep_us = 50;
+  config.inline_copy_kb = 0;
   const std::string text = config.ToString();
   EXPECT_EQ(text,
             "bounce_size_mb=64 num_workers=3 transfer_timeout_ms=60000 reserve_timeout_ms=200 "
             "path=per-block transport_op_ns=4096 transport_mb_per_s=0 copy_run_ns=0 "
-            "copy_mb_per_s=20000 poll_before_sleep_us=50");
+            "copy_mb_per_s=20000 poll_before_sleep_us=50 inline_copy_kb=0");
   std::string lines = text;
   for (char& c : lines) {
     if (c == ' ') c = '\n';

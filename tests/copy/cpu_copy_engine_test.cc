@@ -864,6 +864,179 @@ TEST(CpuCopyEngineCancelTest, EmptyBatchCompletesOkEvenWhenStopped) {
   EXPECT_TRUE(waiter.Wait().ok());
 }
 
+// --- SubmitOrCopyHere ------------------------------------------------------------
+
+// Runs `batch` through SubmitOrCopyHere with `inline_bytes` and reports on
+// which thread `done` ran and whether it had run before the call returned.
+struct HereResult {
+  Status submitted;
+  bool done_before_return = false;
+  bool done_on_caller = false;
+  Status status;
+};
+HereResult RunHere(CopyEngine& engine, const CopyBatch& batch, uint64_t inline_bytes,
+                   std::stop_token stop = {}) {
+  HereResult result;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool called = false;
+  const std::thread::id caller = std::this_thread::get_id();
+  result.submitted = engine.SubmitOrCopyHere(
+      batch, inline_bytes,
+      [&](Status status) {
+        std::lock_guard<std::mutex> lock(mu);
+        result.status = std::move(status);
+        result.done_on_caller = std::this_thread::get_id() == caller;
+        called = true;
+        cv.notify_all();
+      },
+      std::move(stop));
+  std::unique_lock<std::mutex> lock(mu);
+  result.done_before_return = called;
+  if (result.submitted.ok()) cv.wait(lock, [&] { return called; });
+  return result;
+}
+
+TEST(CpuCopyEngineHereTest, ABatchAtTheLimitIsCopiedOnTheCallingThread) {
+  auto engine = MakeEngine(FourThreads());
+  const RandomPlan plan = MakeRandomPlan(40, 300, 41);
+  GuardedBuffer pool(plan.pool_size);
+  pool.FillRandom(41);
+  GuardedBuffer slot(plan.packed_size, 0);
+  std::vector<Fragment> gather;
+  for (size_t i = 0; i < plan.bytes.size(); ++i) {
+    gather.push_back(
+        {AddrOf(pool.data()) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
+  }
+  const CopyBatch batch = GatherBatch(gather, slot.addr());
+  const std::vector<uint8_t> want = Expected(Bytes(slot), AddrOf(slot.data()), batch);
+  const HereResult here = RunHere(*engine, batch, plan.packed_size);
+  ASSERT_TRUE(here.submitted.ok()) << here.submitted;
+  EXPECT_TRUE(here.status.ok()) << here.status;
+  EXPECT_TRUE(here.done_before_return);
+  EXPECT_TRUE(here.done_on_caller);
+  EXPECT_EQ(Bytes(slot), want);
+  EXPECT_TRUE(slot.GuardsIntact());
+  const CpuCopyEngine::Stats stats = engine->GetStats();
+  EXPECT_EQ(stats.batches_inline, 1u);
+  EXPECT_EQ(stats.batches_completed, 1u);
+  EXPECT_EQ(stats.bytes_copied, plan.packed_size);
+}
+
+TEST(CpuCopyEngineHereTest, ABatchOverTheLimitOrALimitOfZeroGoesToTheWorkers) {
+  auto engine = MakeEngine(FourThreads());
+  GuardedBuffer src(8192);
+  src.FillRandom(42);
+  GuardedBuffer dst(8192, 0);
+  const std::vector<Fragment> list = EvenFragments(2, 4096);
+  for (const uint64_t limit : {uint64_t{8191}, uint64_t{0}}) {
+    SCOPED_TRACE(limit);
+    std::memset(dst.data(), 0, dst.size());
+    const HereResult here = RunHere(*engine, CopyBatch{list, src.addr(), dst.addr()}, limit);
+    ASSERT_TRUE(here.submitted.ok()) << here.submitted;
+    EXPECT_TRUE(here.status.ok()) << here.status;
+    EXPECT_FALSE(here.done_on_caller);
+    EXPECT_EQ(Bytes(dst), Bytes(src));
+  }
+  // An empty batch with a limit of 0 is not "at most the limit" either.
+  const HereResult empty = RunHere(*engine, CopyBatch{}, 0);
+  ASSERT_TRUE(empty.submitted.ok());
+  EXPECT_FALSE(empty.done_on_caller);
+  EXPECT_EQ(engine->GetStats().batches_inline, 0u);
+}
+
+TEST(CpuCopyEngineHereTest, AStopAlreadyRequestedCopiesNothingAndReportsCancelled) {
+  auto engine = MakeEngine(FourThreads());
+  GuardedBuffer src(4096);
+  src.FillRandom(43);
+  GuardedBuffer dst(4096, 0);
+  const std::vector<Fragment> list = EvenFragments(4, 1024);
+  std::stop_source stop;
+  stop.request_stop();
+  const HereResult here =
+      RunHere(*engine, CopyBatch{list, src.addr(), dst.addr()}, 4096, stop.get_token());
+  ASSERT_TRUE(here.submitted.ok());
+  EXPECT_TRUE(here.done_on_caller);
+  EXPECT_EQ(here.status.code(), StatusCode::kCancelled) << here.status;
+  EXPECT_THAT(std::string(here.status.message()), HasSubstr("4096 of 4096 bytes not copied"));
+  EXPECT_EQ(std::count(dst.data(), dst.data() + dst.size(), 0), 4096);
+  EXPECT_EQ(engine->GetStats().batches_cancelled, 1u);
+}
+
+// A stop requested part-way (from the test hook, on the calling thread)
+// skips the fragments not yet begun, as on a worker.
+TEST(CpuCopyEngineHereTest, AStopMidBatchSkipsTheRest) {
+  std::stop_source stop;
+  CpuCopyEngine::Options options;
+  options.num_threads = 1;
+  options.piece_hook_for_testing = [&](size_t fragment) {
+    if (fragment == 2) stop.request_stop();
+  };
+  auto engine = MakeEngine(options);
+  GuardedBuffer src(4096);
+  src.FillRandom(44);
+  GuardedBuffer dst(4096, 0);
+  const std::vector<Fragment> list = EvenFragments(4, 1024);
+  const HereResult here =
+      RunHere(*engine, CopyBatch{list, src.addr(), dst.addr()}, 4096, stop.get_token());
+  ASSERT_TRUE(here.submitted.ok());
+  EXPECT_TRUE(here.done_on_caller);
+  EXPECT_EQ(here.status.code(), StatusCode::kCancelled) << here.status;
+  EXPECT_THAT(std::string(here.status.message()), HasSubstr("2048 of 4096 bytes not copied"));
+  EXPECT_EQ(0, std::memcmp(dst.data(), src.data(), 2048));
+  EXPECT_EQ(std::count(dst.data() + 2048, dst.data() + 4096, 0), 2048);
+}
+
+TEST(CpuCopyEngineHereTest, BadBatchesAreRejectedWithoutCallingDone) {
+  auto engine = MakeEngine(FourThreads());
+  GuardedBuffer buf(4096, 0);
+  const std::vector<Fragment> overlap = {{0, 100, 200}};
+  const HereResult here = RunHere(*engine, CopyBatch{overlap, buf.addr(), buf.addr()}, 4096);
+  EXPECT_EQ(here.submitted.code(), StatusCode::kInvalidArgument) << here.submitted;
+  EXPECT_FALSE(here.done_before_return);
+  EXPECT_EQ(engine->SubmitOrCopyHere(CopyBatch{}, 4096, nullptr).code(),
+            StatusCode::kInvalidArgument);
+}
+
+// An engine that cannot copy on the caller's thread ignores the limit.
+class WorkerOnlyEngine final : public CopyEngine {
+ public:
+  std::string_view Name() const override { return "worker-only"; }
+  CopyEngineCaps Caps() const override { return {}; }
+  ~WorkerOnlyEngine() override {
+    for (std::thread& t : threads_) t.join();
+  }
+
+ protected:
+  Status SubmitValidated(const CopyBatch& batch, uint64_t, CopyDone done,
+                         std::stop_token) override {
+    threads_.emplace_back([batch, done = std::move(done)] {
+      for (const Fragment& f : batch.fragments) {
+        std::memcpy(Addr(batch.dst_base.value() + f.dst).ToPointer(),
+                    Addr(batch.src_base.value() + f.src).ToPointer(), f.bytes);
+      }
+      done(Status::Ok());
+    });
+    return Status::Ok();
+  }
+
+ private:
+  std::vector<std::thread> threads_;
+};
+
+TEST(CpuCopyEngineHereTest, AnEngineThatCannotCopyHereUsesItsThreads) {
+  WorkerOnlyEngine engine;
+  EXPECT_FALSE(engine.CopiesOnCallingThread());
+  GuardedBuffer src(1024);
+  src.FillRandom(45);
+  GuardedBuffer dst(1024, 0);
+  const std::vector<Fragment> list = EvenFragments(1, 1024);
+  const HereResult here = RunHere(engine, CopyBatch{list, src.addr(), dst.addr()}, 1 << 20);
+  ASSERT_TRUE(here.submitted.ok());
+  EXPECT_FALSE(here.done_on_caller);
+  EXPECT_EQ(Bytes(dst), Bytes(src));
+}
+
 // --- SplitIntoChunks ---------------------------------------------------------
 
 // Replays the chunks and checks they cover every byte of the stream once, in

@@ -684,6 +684,26 @@ TEST_F(AutoPathTest, ASlowCopyEngineMakesItWrite) {
   EXPECT_EQ(RunAuto(1), TransferPath::kPerBlock);
 }
 
+TEST_F(AutoPathTest, CopiesOnTheControlLoopMakeASmallRequestBounceOverACheapLink) {
+  // A 16 KiB request over a link of 2 µs per op, with the default inline
+  // limit (64 KiB): the gather and the scatter cost no step, so bounce's
+  // 2 ops, 2 steps and two passes at 20 GB/s (~1.6 µs; a stated rate, not
+  // the machine's measured one) beat per-block's 5 ops and 2 steps.
+  Config cheap;
+  cheap.transport_op_ns = 2000;
+  cheap.copy_mb_per_s = 20000;
+  ASSERT_GE(cheap.inline_copy_kb, 16);
+  Connect(cheap, /*mapped=*/false);
+  EXPECT_EQ(RunAuto(1), TransferPath::kBounce);
+  // A limit below the request's bytes brings the steps back.
+  Config limited = cheap;
+  limited.inline_copy_kb = 8;
+  ctx_.reset();
+  gen_.reset();
+  Connect(limited, /*mapped=*/false);
+  EXPECT_EQ(RunAuto(2), TransferPath::kPerBlock);
+}
+
 TEST_F(AutoPathTest, WithoutMappingACostlyLinkBounces) {
   // Four runs: per-block pays 5 ops and 2 steps, bounce 2 ops and 4 steps
   // plus two passes over 16 KiB.
@@ -706,8 +726,11 @@ TEST_F(AutoPathTest, EachConnectionsOwnCapsDecide) {
 }
 
 TEST_F(AutoPathTest, WithoutMappingACheapLinkWrites) {
+  // Per-block pays 5 ops of 1 µs and 2 steps; bounce 2 ops and 4 steps,
+  // since its gather and scatter go to copy workers here.
   Config cheap;
   cheap.transport_op_ns = 1000;  // 1 µs per write op
+  cheap.inline_copy_kb = 0;
   Connect(cheap, /*mapped=*/false);
   EXPECT_EQ(RunAuto(1), TransferPath::kPerBlock);
   // A forced direct is refused: the writer cannot map this pool.

@@ -60,7 +60,8 @@ struct Shape {
   const char* name;
   const char* ctx;
   const char* gen;
-  int64_t poll_us = 0;  // --poll-before-sleep-us, when > 0
+  int64_t poll_us = 0;           // --poll-before-sleep-us, when > 0
+  const char* config = nullptr;  // one --config KEY=VALUE, when set
 };
 
 class UcxBenchTest : public UcxProcessTest, public ::testing::WithParamInterface<Shape> {};
@@ -81,6 +82,7 @@ TEST_P(UcxBenchTest, EveryPathMovesAndVerifiesEveryByte) {
   f.requests = 4;
   f.concurrency = 2;
   if (shape.poll_us > 0) f.poll_before_sleep_us = shape.poll_us;
+  if (shape.config != nullptr) f.config.push_back(shape.config);
   std::ostringstream log;
   Result<nlohmann::json> report = RunBench(f, log);
   ASSERT_TRUE(report.ok()) << report.status() << "\n" << log.str();
@@ -131,18 +133,19 @@ TEST_P(UcxBenchTest, EveryPathMovesAndVerifiesEveryByte) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, UcxBenchTest,
-                         ::testing::Values(Shape{"FanIn", "tp=2", "tp=1"},
-                                           Shape{"FanOut", "tp=1", "tp=2"},
-                                           Shape{"Pipeline", "tp=1,pp=2", "tp=2,pp=1"},
-                                           Shape{"LayoutChange", "tp=2",
-                                                 "tp=2,layout=layer-major-nhd,tokens-per-block=16"},
-                                           // Control loops and UCX progress threads that poll
-                                           // before they sleep (Config::poll_before_sleep_us).
-                                           Shape{"FanInPolling", "tp=2", "tp=1", 200}),
-                         [](const ::testing::TestParamInfo<Shape>& p) {
-                           return std::string(p.param.name);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, UcxBenchTest,
+    ::testing::Values(Shape{"FanIn", "tp=2", "tp=1"}, Shape{"FanOut", "tp=1", "tp=2"},
+                      Shape{"Pipeline", "tp=1,pp=2", "tp=2,pp=1"},
+                      Shape{"LayoutChange", "tp=2",
+                            "tp=2,layout=layer-major-nhd,tokens-per-block=16"},
+                      // Control loops and UCX progress threads that poll
+                      // before they sleep (Config::poll_before_sleep_us).
+                      Shape{"FanInPolling", "tp=2", "tp=1", 200},
+                      // Every gather, scatter and copy of these
+                      // requests (~93 KiB a writer) on a control loop.
+                      Shape{"FanInLoopCopies", "tp=2", "tp=1", 0, "inline_copy_kb=1024"}),
+    [](const ::testing::TestParamInfo<Shape>& p) { return std::string(p.param.name); });
 
 // ---------------------------------------------------------------------------
 // The bench as a process, and things happening to it.

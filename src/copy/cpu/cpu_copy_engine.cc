@@ -79,6 +79,7 @@ CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
   stats.batches_cancelled = batches_cancelled_.load(std::memory_order_relaxed);
   stats.chunks_completed = chunks_completed_.load(std::memory_order_relaxed);
   stats.bytes_copied = bytes_copied_.load(std::memory_order_relaxed);
+  stats.batches_inline = batches_inline_.load(std::memory_order_relaxed);
   return stats;
 }
 
@@ -132,31 +133,7 @@ void CpuCopyEngine::WorkerLoop() {
 void CpuCopyEngine::Run(Task task) {
   BatchState& state = *task.batch;
   const CopyChunk& c = task.chunk;
-  uint64_t copied = 0;
-  if (c.bytes > 0) {
-    const CopyBatch& batch = state.batch;
-    const uint64_t src_base = batch.src_base.value();
-    const uint64_t dst_base = batch.dst_base.value();
-    const auto& hook = options_.piece_hook_for_testing;
-    bool stopped = false;
-    for (size_t i = c.first; i <= c.last && !stopped; ++i) {
-      const Fragment& f = batch.fragments[i];
-      const uint64_t lo = i == c.first ? c.first_offset : 0;
-      const uint64_t hi = i == c.last ? c.last_end : f.bytes;
-      for (uint64_t at = lo; at < hi;) {
-        if (hook) hook(i);
-        if (state.stop.stop_requested()) {
-          stopped = true;
-          break;
-        }
-        const uint64_t piece = std::min(hi - at, kCopyGrainBytes);
-        std::memcpy(Addr(dst_base + f.dst + at).ToPointer(),
-                    Addr(src_base + f.src + at).ToPointer(), piece);
-        at += piece;
-        copied += piece;
-      }
-    }
-  }
+  const uint64_t copied = c.bytes > 0 ? CopyPieces(state.batch, c, state.stop) : 0;
   chunks_completed_.fetch_add(1, std::memory_order_relaxed);
   bytes_copied_.fetch_add(copied, std::memory_order_relaxed);
   if (copied < c.bytes) state.bytes_skipped.fetch_add(c.bytes - copied, std::memory_order_relaxed);
@@ -168,12 +145,53 @@ void CpuCopyEngine::Run(Task task) {
     Status status;
     if (skipped > 0) {
       batches_cancelled_.fetch_add(1, std::memory_order_relaxed);
-      status = CancelledError("cpu copy engine: batch stopped: " + std::to_string(skipped) +
-                              " of " + std::to_string(state.total_bytes) + " bytes not copied");
+      status = Stopped(skipped, state.total_bytes);
     }
     CopyDone done = std::move(state.done);
     done(std::move(status));
   }
+}
+
+Status CpuCopyEngine::CopyValidatedHere(const CopyBatch& batch, uint64_t total_bytes,
+                                        std::stop_token stop) {
+  std::vector<CopyChunk> chunks = SplitIntoChunks(batch.fragments, total_bytes, 1);
+  uint64_t copied = 0;
+  for (const CopyChunk& c : chunks) copied += CopyPieces(batch, c, stop);
+  chunks_completed_.fetch_add(1, std::memory_order_relaxed);
+  bytes_copied_.fetch_add(copied, std::memory_order_relaxed);
+  batches_inline_.fetch_add(1, std::memory_order_relaxed);
+  batches_completed_.fetch_add(1, std::memory_order_relaxed);
+  if (copied == total_bytes) return Status::Ok();
+  batches_cancelled_.fetch_add(1, std::memory_order_relaxed);
+  return Stopped(total_bytes - copied, total_bytes);
+}
+
+uint64_t CpuCopyEngine::CopyPieces(const CopyBatch& batch, const CopyChunk& c,
+                                   const std::stop_token& stop) {
+  const uint64_t src_base = batch.src_base.value();
+  const uint64_t dst_base = batch.dst_base.value();
+  const auto& hook = options_.piece_hook_for_testing;
+  uint64_t copied = 0;
+  for (size_t i = c.first; i <= c.last; ++i) {
+    const Fragment& f = batch.fragments[i];
+    const uint64_t lo = i == c.first ? c.first_offset : 0;
+    const uint64_t hi = i == c.last ? c.last_end : f.bytes;
+    for (uint64_t at = lo; at < hi;) {
+      if (hook) hook(i);
+      if (stop.stop_requested()) return copied;
+      const uint64_t piece = std::min(hi - at, kCopyGrainBytes);
+      std::memcpy(Addr(dst_base + f.dst + at).ToPointer(), Addr(src_base + f.src + at).ToPointer(),
+                  piece);
+      at += piece;
+      copied += piece;
+    }
+  }
+  return copied;
+}
+
+Status CpuCopyEngine::Stopped(uint64_t skipped, uint64_t total_bytes) {
+  return CancelledError("cpu copy engine: batch stopped: " + std::to_string(skipped) + " of " +
+                        std::to_string(total_bytes) + " bytes not copied");
 }
 
 }  // namespace kvbounce

@@ -21,6 +21,12 @@
 // batch of no bytes completes with OK. The destination of a cancelled batch
 // is partly written: which bytes landed is unspecified.
 //
+// Copying on the caller's thread: CopiesOnCallingThread() is true, so
+// SubmitOrCopyHere copies a batch at or under its `inline_bytes` on the
+// calling thread, with the same pieces, stop checks and counters as a
+// worker (the batch is never split), and runs `done` there before it
+// returns.
+//
 // Memory: host memory only (Caps().host_memory). Handing it a device or
 // remote address is undefined behaviour (a crash, most likely): callers check
 // Caps() against the memory they pass.
@@ -75,7 +81,8 @@ struct CpuCopyEngineOptions {
   // chunk is so small that waking a thread costs more than it saves. >= 1.
   uint64_t min_chunk_bytes = KiB(64);
 
-  // For tests only: when set, called on the worker before each piece (see
+  // For tests only: when set, called on the copying thread (a worker, or the
+  // caller of SubmitOrCopyHere) before each piece (see
   // the file comment) of every batch is checked and copied, with the index
   // of the piece's fragment in its batch. A test may block in it to hold a
   // batch part-way, or request the batch's stop from it; that very piece
@@ -100,6 +107,7 @@ class CpuCopyEngine final : public CopyEngine {
     uint64_t batches_cancelled = 0;  // of those, completed with kCancelled
     uint64_t chunks_completed = 0;   // > batches_completed once batches split
     uint64_t bytes_copied = 0;       // bytes actually copied (not skipped ones)
+    uint64_t batches_inline = 0;     // of batches_completed, copied by SubmitOrCopyHere's caller
   };
 
   // Starts the workers.
@@ -118,6 +126,8 @@ class CpuCopyEngine final : public CopyEngine {
   std::string_view Name() const override { return "cpu"; }
   CopyEngineCaps Caps() const override;
 
+  bool CopiesOnCallingThread() const override { return true; }
+
   int num_threads() const { return static_cast<int>(threads_.size()); }
   const Options& options() const { return options_; }
   Stats GetStats() const;
@@ -126,6 +136,8 @@ class CpuCopyEngine final : public CopyEngine {
   // Errors: kAborted once the destructor has started.
   Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
                          std::stop_token stop) override;
+  Status CopyValidatedHere(const CopyBatch& batch, uint64_t total_bytes,
+                           std::stop_token stop) override;
 
  private:
   // One accepted batch; shared by its chunks' tasks.
@@ -145,6 +157,11 @@ class CpuCopyEngine final : public CopyEngine {
   explicit CpuCopyEngine(const Options& options);
   void WorkerLoop();
   void Run(Task task);
+  // Copies chunk `c` of `batch` piece by piece, checking `stop` (and the
+  // test hook) before each; returns the bytes copied.
+  uint64_t CopyPieces(const CopyBatch& batch, const CopyChunk& c, const std::stop_token& stop);
+  // "cpu copy engine: batch stopped: ..." for a batch that skipped bytes.
+  static Status Stopped(uint64_t skipped, uint64_t total_bytes);
   // Stops and joins whatever workers exist.
   void StopAndJoin();
 
@@ -160,6 +177,7 @@ class CpuCopyEngine final : public CopyEngine {
   std::atomic<uint64_t> batches_cancelled_{0};
   std::atomic<uint64_t> chunks_completed_{0};
   std::atomic<uint64_t> bytes_copied_{0};
+  std::atomic<uint64_t> batches_inline_{0};
 };
 
 }  // namespace kvbounce

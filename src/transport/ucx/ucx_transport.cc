@@ -570,7 +570,10 @@ struct ReadJob {
 // threads, one job at a time in the order accepted, and their `done`.
 class RemoteReader {
  public:
-  RemoteReader(Engine* engine, uint64_t piece_bytes) : engine_(engine), piece_bytes_(piece_bytes) {}
+  // `poll`: how long the thread keeps polling for the next job after one
+  // ended before it sleeps (UcxTransportOptions::poll_before_sleep).
+  RemoteReader(Engine* engine, uint64_t piece_bytes, std::chrono::microseconds poll)
+      : engine_(engine), piece_bytes_(piece_bytes), poll_(poll) {}
   ~RemoteReader() { StopAndJoin(); }
 
   // Errors: kResourceExhausted when the thread cannot be created.
@@ -588,9 +591,12 @@ class RemoteReader {
 
   Engine* const engine_;
   const uint64_t piece_bytes_;
+  const std::chrono::microseconds poll_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<ReadJob> queue_;
+  // Jobs posted ever, read without the lock while the thread polls.
+  std::atomic<uint64_t> posted_{0};
   bool closed_ = false;  // guarded by mu_
   std::atomic<bool> aborting_{false};
   std::thread thread_;
@@ -1327,6 +1333,7 @@ bool RemoteReader::Post(ReadJob& job) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return false;
     queue_.push_back(std::move(job));
+    posted_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_one();
   return true;
@@ -1343,7 +1350,18 @@ void RemoteReader::StopAndJoin() {
 }
 
 void RemoteReader::Run() {
-  for (;;) {
+  uint64_t taken = 0;  // jobs this thread took from the queue
+  for (bool ran = false;; ran = true) {
+    if (ran && poll_.count() > 0) {
+      // Poll for the next job a while before sleeping (a request's next
+      // read then needs no wake-up), yielding the core between looks.
+      const auto until = std::chrono::steady_clock::now() + poll_;
+      while (posted_.load(std::memory_order_acquire) == taken &&
+             !aborting_.load(std::memory_order_acquire) &&
+             std::chrono::steady_clock::now() < until) {
+        std::this_thread::yield();
+      }
+    }
     ReadJob job;
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -1351,6 +1369,7 @@ void RemoteReader::Run() {
       if (queue_.empty()) return;  // closed and drained
       job = std::move(queue_.front());
       queue_.pop_front();
+      ++taken;
     }
     Execute(job);
   }
@@ -1559,7 +1578,7 @@ Status Engine::Init() {
   if (read_allowed_) {
     std::random_device random;
     read_cookie_ = ((static_cast<uint64_t>(random()) << 32) ^ random() ^ nonce_) | 1;
-    reader_ = std::make_unique<RemoteReader>(this, put_chunk_);
+    reader_ = std::make_unique<RemoteReader>(this, put_chunk_, options_.poll_before_sleep);
     KVB_RETURN_IF_ERROR(reader_->Start());
   }
 
