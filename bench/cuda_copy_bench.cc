@@ -3,25 +3,34 @@
 // 4 GiB device pool (sources in one half, destinations in the other), the
 // engine's rate (a batch of `--batch-mib` MiB, CopySync, wall clock) next to
 // one large cudaMemcpyAsync device to device (the ceiling) and, for 4 KiB,
-// one cudaMemcpyAsync per fragment. Also the latency of a one-fragment batch
-// (submit to `done`), the engine's fixed cost per batch. Prints a table;
-// exits 0 with a message when there is no device.
+// one cudaMemcpyAsync per fragment. Beside the engine's figure, the kernel
+// alone: the same fragments cut into pieces of --piece-kib KiB (the engine's
+// 32 by default), their descriptors uploaded once, one launch timed with
+// events — what the device does without the host's per-batch work. Also the
+// latency of a one-fragment batch (submit to `done`), the engine's fixed
+// cost per batch. Prints a table; exits 0 with a message when there is no
+// device.
 //
 //   out/release/bench/cuda_copy_bench [--pool-gib 4] [--batch-mib 256] [--reps 5]
+//                                     [--piece-kib 32] [--launch-pieces N]
 //
 // GB/s is bytes moved (each byte read once and written once) per second, 1e9.
 #include <algorithm>
 #include <bit>
 #include <chrono>
 #include <cinttypes>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "copy/copy_engine.h"
+#include "copy/cuda/copy_kernel.cuh"
 #include "copy/cuda/cuda_copy_engine.h"
 #include "copy/cuda/cuda_util.h"
 #include "kvbounce/status.h"
@@ -73,12 +82,16 @@ int Main(int argc, char** argv) {
   uint64_t pool_gib = 4;
   uint64_t batch_mib = 256;
   int reps = 5;
+  uint64_t piece_kib = cuda_copy::kMaxPieceBytes >> 10;
+  uint64_t launch_pieces = 0;  // 0: the engine's default
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const uint64_t value = std::strtoull(argv[i + 1], nullptr, 10);
     if (flag == "--pool-gib") pool_gib = std::max<uint64_t>(value, 1);
     if (flag == "--batch-mib") batch_mib = std::max<uint64_t>(value, 1);
     if (flag == "--reps") reps = static_cast<int>(std::max<uint64_t>(value, 1));
+    if (flag == "--piece-kib") piece_kib = std::max<uint64_t>(value, 1);
+    if (flag == "--launch-pieces") launch_pieces = value;
   }
   std::string why;
   if (CudaDeviceCount(&why) == 0) {
@@ -89,7 +102,9 @@ int Main(int argc, char** argv) {
   if (!Check(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"), "device")) {
     return 1;
   }
-  Result<std::unique_ptr<CudaCopyEngine>> engine = CudaCopyEngine::Create(0);
+  CudaCopyEngine::Options engine_options;
+  if (launch_pieces > 0) engine_options.max_launch_pieces = static_cast<uint32_t>(launch_pieces);
+  Result<std::unique_ptr<CudaCopyEngine>> engine = CudaCopyEngine::Create(engine_options);
   if (!Check(engine.status(), "create engine")) return 1;
   // Each half a power of two, so Scattered's multipliers permute its slots.
   const uint64_t half = std::bit_floor((pool_gib << 30) / 2);
@@ -155,14 +170,53 @@ int Main(int argc, char** argv) {
   std::printf("ceiling (one %" PRIu64 " MiB cudaMemcpyAsync, device to device): %.0f GB/s\n",
               big >> 20, ceiling);
   std::printf("engine batch of one 256 B fragment, Copy() round trip: %.1f us\n\n", batch_us);
-  std::printf("| fragment | fragments | engine GB/s | %% of ceiling | cudaMemcpyAsync per fragment GB/s |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf(
+      "| fragment | fragments | engine GB/s | %% of ceiling | engine, 4 batches at once | "
+      "kernel alone GB/s (%" PRIu64
+      " KiB pieces) | %% of ceiling | cudaMemcpyAsync per fragment GB/s |\n",
+      piece_kib);
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  int max_blocks = 0;
+  {
+    int threads_per_sm = 0;
+    cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, 0);
+    max_blocks =
+        prop.multiProcessorCount * std::max(1, threads_per_sm / cuda_copy::kThreadsPerBlock);
+  }
   for (const uint64_t bytes : {uint64_t{256}, KiB(4), KiB(64), MiB(1)}) {
     const uint64_t count = std::min<uint64_t>((batch_mib << 20) / bytes, half / bytes);
     const std::vector<Fragment> list = Scattered(src_base, dst_base, half, bytes, count);
     const uint64_t total = count * bytes;
     const double engine_rate = Rate(total, reps, [&] {
       return Check((*engine)->Copy(list), "engine copy");
+    });
+    // The same bytes as four batches submitted at once (as a session with
+    // several requests in flight submits them): one batch's fixed costs
+    // (the hand-offs, the launch calls, the wait) overlap another's copy.
+    const double overlapped_rate = Rate(total, reps, [&] {
+      std::mutex mu;
+      std::condition_variable cv;
+      int left = 4;
+      bool ok = true;
+      const size_t quarter = list.size() / 4;
+      for (int q = 0; q < 4; ++q) {
+        const std::span<const Fragment> part(list.data() + q * quarter,
+                                             q == 3 ? list.size() - 3 * quarter : quarter);
+        const Status submitted = (*engine)->Submit(DirectBatch(part), [&](Status status) {
+          std::lock_guard<std::mutex> lock(mu);
+          ok = ok && status.ok();
+          --left;
+          cv.notify_all();
+        });
+        if (!Check(submitted, "engine submit")) {
+          std::lock_guard<std::mutex> lock(mu);
+          --left;
+          ok = false;
+        }
+      }
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return left == 0; });
+      return ok;
     });
     std::string per_call = "-";
     if (bytes == KiB(4)) {
@@ -183,8 +237,37 @@ int Main(int argc, char** argv) {
       std::snprintf(text, sizeof(text), "%.1f (%" PRIu64 " calls)", rate, kCalls);
       per_call = text;
     }
-    std::printf("| %" PRIu64 " B | %" PRIu64 " | %.0f | %.0f%% | %s |\n", bytes, count, engine_rate,
-                ceiling > 0 ? 100.0 * engine_rate / ceiling : 0.0, per_call.c_str());
+    // The kernel alone: pieces cut as the engine cuts them, uploaded once.
+    std::vector<cuda_copy::PieceDescriptor> pieces;
+    for (const Fragment& f : list) {
+      for (uint64_t at = 0; at < f.bytes; at += piece_kib << 10) {
+        pieces.push_back({f.src + at, f.dst + at, std::min(piece_kib << 10, f.bytes - at)});
+      }
+    }
+    double kernel_rate = 0;
+    Result<CudaDeviceBuffer> descriptors =
+        CudaDeviceBuffer::Allocate(0, pieces.size() * sizeof(cuda_copy::PieceDescriptor));
+    if (Check(descriptors.status(), "allocate descriptors") &&
+        Check(CudaStatus(cudaMemcpy(descriptors->data(), pieces.data(),
+                                    pieces.size() * sizeof(cuda_copy::PieceDescriptor),
+                                    cudaMemcpyHostToDevice),
+                         "cudaMemcpy(descriptors)"),
+              "upload")) {
+      kernel_rate = stream_rate(total, [&] {
+        return Check(
+            CudaStatus(cuda_copy::LaunchBatchedCopy(
+                           static_cast<const cuda_copy::PieceDescriptor*>(descriptors->data()),
+                           static_cast<uint32_t>(pieces.size()), 0, 0,
+                           static_cast<uint32_t>(max_blocks), stream->get()),
+                       "kernel launch"),
+            "kernel alone");
+      });
+    }
+    std::printf("| %" PRIu64 " B | %" PRIu64
+                " | %.0f | %.0f%% | %.0f (%.0f%%) | %.0f | %.0f%% | %s |\n",
+                bytes, count, engine_rate, ceiling > 0 ? 100.0 * engine_rate / ceiling : 0.0,
+                overlapped_rate, ceiling > 0 ? 100.0 * overlapped_rate / ceiling : 0.0, kernel_rate,
+                ceiling > 0 ? 100.0 * kernel_rate / ceiling : 0.0, per_call.c_str());
   }
   const CudaCopyEngine::Stats stats = (*engine)->GetStats();
   std::printf("\nengine: %" PRIu64 " batches, %" PRIu64 " launches, %" PRIu64 " failed\n",

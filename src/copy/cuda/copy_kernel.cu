@@ -66,25 +66,28 @@ __device__ __forceinline__ void CopyPiece(const unsigned char* src, unsigned cha
 }
 
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    BatchedCopyKernel(const PieceDescriptor* __restrict__ descriptors, uint32_t count) {
+    BatchedCopyKernel(const PieceDescriptor* __restrict__ descriptors, uint32_t count,
+                      uint64_t src_base, uint64_t dst_base) {
   const unsigned lane = threadIdx.x % kWarpSize;
   const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
   const uint32_t warps = gridDim.x * blockDim.x / kWarpSize;
   for (uint32_t p = warp; p < count; p += warps) {
     const PieceDescriptor piece = descriptors[p];
-    CopyPiece(reinterpret_cast<const unsigned char*>(piece.src),
-              reinterpret_cast<unsigned char*>(piece.dst), piece.bytes, lane);
+    if (piece.bytes == 0) continue;
+    CopyPiece(reinterpret_cast<const unsigned char*>(src_base + piece.src),
+              reinterpret_cast<unsigned char*>(dst_base + piece.dst), piece.bytes, lane);
   }
 }
 
 }  // namespace
 
-cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count,
-                              uint32_t max_blocks, cudaStream_t stream) {
+cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
+                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream) {
   constexpr uint32_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
   const uint32_t wanted = count / kWarpsPerBlock + (count % kWarpsPerBlock != 0 ? 1 : 0);
   const uint32_t blocks = std::max<uint32_t>(1, std::min(wanted, max_blocks));
-  BatchedCopyKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(descriptors, count);
+  BatchedCopyKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(descriptors, count, src_base,
+                                                             dst_base);
   return cudaGetLastError();
 }
 

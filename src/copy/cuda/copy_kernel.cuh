@@ -22,7 +22,9 @@
 namespace kvbounce::cuda_copy {
 
 // One piece of a launch (24 bytes, uploaded as-is: host and device share
-// the layout).
+// the layout, which is also kvbounce::Fragment's, so a plan list whose
+// fragments are all small enough is uploaded verbatim). The kernel copies
+// from src_base + src to dst_base + dst (the launch's two bases).
 struct PieceDescriptor {
   uint64_t src;
   uint64_t dst;
@@ -38,12 +40,14 @@ inline constexpr uint64_t kMaxPieceBytes = uint64_t{32} << 10;
 inline constexpr int kThreadsPerBlock = 256;
 
 // Enqueues one kernel on `stream` that copies the `count` pieces at
-// `descriptors` (device memory) using at most `max_blocks` blocks.
-// Returns the launch's error (cudaSuccess when enqueued).
+// `descriptors` (device memory), each from src_base + src to dst_base + dst,
+// using at most `max_blocks` blocks. A piece of 0 bytes is skipped (its
+// addresses are not used). Returns the launch's error (cudaSuccess when
+// enqueued).
 // REQUIRES: count > 0; max_blocks > 0; descriptors stay valid until the
 // kernel has finished.
-cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count,
-                              uint32_t max_blocks, cudaStream_t stream);
+cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
+                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream);
 
 }  // namespace kvbounce::cuda_copy
 

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 
 #include "copy/cuda/copy_kernel.cuh"
@@ -13,6 +16,14 @@
 namespace kvbounce {
 
 using cuda_copy::PieceDescriptor;
+
+// A plan list is uploaded verbatim when its fragments are small enough to
+// be pieces themselves: the layouts must agree byte for byte.
+static_assert(sizeof(Fragment) == sizeof(PieceDescriptor));
+static_assert(offsetof(Fragment, src) == offsetof(PieceDescriptor, src));
+static_assert(offsetof(Fragment, dst) == offsetof(PieceDescriptor, dst));
+static_assert(offsetof(Fragment, bytes) == offsetof(PieceDescriptor, bytes));
+static_assert(std::is_trivially_copyable_v<Fragment>);
 
 // One accepted batch. Everything but the constant fields is touched only by
 // the engine thread.
@@ -24,6 +35,10 @@ struct CudaCopyEngine::BatchState {
 
   size_t next_fragment = 0;  // cursor: the first byte not launched yet
   uint64_t next_offset = 0;
+  // Every fragment is at most kMaxPieceBytes: launches upload runs of the
+  // list as they are, with the bases as kernel arguments (set when the
+  // engine thread takes the batch up).
+  bool verbatim = false;
   size_t launches_started = 0;
   int in_flight = 0;
   uint64_t bytes_launched = 0;
@@ -42,6 +57,16 @@ struct CudaCopyEngine::Slot {
   std::shared_ptr<BatchState> batch;
   uint64_t bytes = 0;
 };
+
+namespace {
+
+// Whether no fragment of the list is larger than `limit` bytes.
+bool NoneLargerThan(std::span<const Fragment> fragments, uint64_t limit) {
+  return std::all_of(fragments.begin(), fragments.end(),
+                     [limit](const Fragment& f) { return f.bytes <= limit; });
+}
+
+}  // namespace
 
 namespace {
 
@@ -196,6 +221,9 @@ void CudaCopyEngine::Loop() {
         current = std::move(queue_.front());
         queue_.pop_front();
         lock.unlock();
+        current->verbatim =
+            NoneLargerThan(current->batch.fragments,
+                           std::min(cuda_copy::kMaxPieceBytes, options_.max_launch_bytes));
         current->all_launched =
             SkipEmpty(current->batch.fragments, current->next_fragment, current->next_offset);
       } else if (in_flight_.empty()) {
@@ -244,7 +272,24 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   auto* descriptors = static_cast<PieceDescriptor*>(slot.staging.data());
   uint32_t count = 0;
   uint64_t bytes = 0;
-  while (batch.next_fragment < fragments.size() && count < capacity &&
+  uint64_t kernel_src_base = 0;  // the pieces' addresses are absolute ...
+  uint64_t kernel_dst_base = 0;
+  if (batch.verbatim) {
+    // ... or, for a list of small fragments, the list itself: the longest
+    // run from the cursor within the launch's bounds (at least the
+    // cursor's fragment, which is not empty and fits), copied as it is.
+    const size_t first = batch.next_fragment;
+    const size_t limit = std::min<size_t>(capacity, fragments.size() - first);
+    while (count < limit && bytes + fragments[first + count].bytes <= options_.max_launch_bytes) {
+      bytes += fragments[first + count].bytes;
+      ++count;
+    }
+    std::memcpy(descriptors, fragments.data() + first, count * sizeof(PieceDescriptor));
+    batch.next_fragment += count;
+    kernel_src_base = src_base;
+    kernel_dst_base = dst_base;
+  }
+  while (!batch.verbatim && batch.next_fragment < fragments.size() && count < capacity &&
          bytes < options_.max_launch_bytes) {
     const Fragment& f = fragments[batch.next_fragment];
     const uint64_t remaining = f.bytes - batch.next_offset;
@@ -283,7 +328,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   if (status.ok()) {
     status = CudaStatus(
         cuda_copy::LaunchBatchedCopy(static_cast<const PieceDescriptor*>(slot.descriptors.data()),
-                                     count, max_blocks_, copy),
+                                     count, kernel_src_base, kernel_dst_base, max_blocks_, copy),
         "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
             std::to_string(bytes) + " bytes)");
   }
@@ -306,11 +351,16 @@ void CudaCopyEngine::Retire() {
   Slot& slot = *slots_[index];
   std::shared_ptr<BatchState> batch = std::move(slot.batch);
   // A small launch ends microseconds after it was enqueued, and waking
-  // from the blocking wait costs tens of microseconds: poll first, for at
-  // most spin_before_sleep, then sleep.
+  // from the blocking wait costs tens of microseconds: poll first, for
+  // spin_before_sleep plus the time the launch's bytes take at the kernel's
+  // rate (at most kMaxSpinBeforeSleep), then sleep.
   cudaError_t polled = cudaEventQuery(slot.finished.get());
   if (polled == cudaErrorNotReady && options_.spin_before_sleep.count() > 0) {
-    const auto until = std::chrono::steady_clock::now() + options_.spin_before_sleep;
+    const auto expected = std::chrono::microseconds(
+        static_cast<int64_t>(static_cast<double>(slot.bytes) / kKernelBytesPerUs));
+    const auto until =
+        std::chrono::steady_clock::now() +
+        std::min(options_.spin_before_sleep + expected, Options::kMaxSpinBeforeSleep);
     while (polled == cudaErrorNotReady && std::chrono::steady_clock::now() < until) {
       polled = cudaEventQuery(slot.finished.get());
     }

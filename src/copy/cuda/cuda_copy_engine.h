@@ -3,7 +3,9 @@
 //
 // A batch's fragments are cut into pieces of at most 32 KiB
 // (cuda_copy::kMaxPieceBytes) whose descriptors are written into a pinned
-// staging buffer, uploaded to device memory on the engine's upload stream
+// staging buffer (a list whose fragments all fit a piece is copied there as
+// it is, a Fragment having a descriptor's layout, with the batch's bases
+// passed to the kernel), uploaded to device memory on the engine's upload stream
 // and copied by ONE kernel launch on the engine's copy stream (copy_kernel.cuh:
 // a warp per piece, 16-byte vector accesses when source and destination are
 // equally aligned modulo 16, narrower words and byte-wise edges otherwise).
@@ -41,17 +43,19 @@
 //   kBatchUs     one batch of one small fragment: Submit to `done`, 43 µs
 //                round trip, less the hand-off back that `auto` counts
 //                apart;
-//   kRunUs       per fragment: 8–10 ns, almost all of it the engine thread
-//                writing and uploading one 24-byte descriptor per piece
-//                (from the 256 B and 4 KiB rows, less their bytes);
-//   kBytesPerUs  large fragments device to device: 860 GB/s (0.4 of one
-//                large cudaMemcpyAsync, 2.1 TB/s, in the same run); pinned
-//                host memory is bounded by PCIe instead.
+//   kRunUs       per fragment: ~10 ns on the GPU host's CPU, checking it
+//                at Submit, staging and uploading its descriptor (the
+//                256 B row, less its bytes);
+//   kBytesPerUs  large fragments device to device, one batch at a time:
+//                1050 GB/s (half of one large cudaMemcpyAsync, 2.07 TB/s,
+//                in the same run; the kernel alone: 1.8 TB/s); pinned host
+//                memory is bounded by PCIe instead.
 //
 // Threads: the engine owns one thread, started by Create and joined by the
 // destructor; it stages and launches every batch, waits for its launches'
-// events (polling for at most `spin_before_sleep`, then a blocking wait: it
-// sleeps, it does not spin on) and calls every `done`.
+// events (polling for `spin_before_sleep` plus the launch's expected run
+// time at kKernelBytesPerUs, at most kMaxSpinBeforeSleep, then a blocking
+// wait: it sleeps, it does not spin on) and calls every `done`.
 // No `done` runs inside a CUDA callback. Submit is thread-safe and never
 // blocks on a copy.
 //
@@ -93,11 +97,13 @@ struct CudaCopyEngineOptions {
   // Launches in flight at a time (each has its own staging and device
   // descriptor buffers). 1 to kMaxLaunchSlots.
   int launch_slots = 4;
-  // How long the engine thread polls a launch's completion before it
-  // sleeps on it (0: sleep at once). A small batch completes a few µs after
-  // its launch, and waking from the blocking wait costs 20-40 µs, the bulk
-  // of a one-block request's copy; polling costs the thread at most this
-  // much CPU per launch. In [0, kMaxSpinBeforeSleep].
+  // How long the engine thread polls a launch's completion, beyond the
+  // time the launch's bytes should take (kKernelBytesPerUs), before it
+  // sleeps on it (0: sleep at once, not polling at all). A small batch
+  // completes a few µs after its launch, and waking from the blocking wait
+  // costs 20-40 µs, the bulk of a one-block request's copy; polling costs
+  // the thread this much CPU per launch plus the launch's expected run
+  // time, kMaxSpinBeforeSleep at most. In [0, kMaxSpinBeforeSleep].
   std::chrono::microseconds spin_before_sleep{20};
 
   // For tests only: called on the engine thread before the stop token of a
@@ -118,7 +124,11 @@ class CudaCopyEngine final : public CopyEngine {
   // Measured cost figures (see the file comment).
   static constexpr double kBatchUs = 30.0;
   static constexpr double kRunUs = 0.009;
-  static constexpr double kBytesPerUs = 8.6e5;
+  static constexpr double kBytesPerUs = 1.05e6;
+  // The kernel alone on fragments of 4 KiB and more, launches back to back
+  // (cuda_copy_bench's "kernel alone", H200: 1.8 TB/s): how long the engine
+  // thread expects a launch to run, which it polls for before it sleeps.
+  static constexpr double kKernelBytesPerUs = 1.8e6;
 
   // Counters since Create, for tests and metrics; each is updated before the
   // batch's `done` runs.
