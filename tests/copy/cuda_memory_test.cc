@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -380,6 +381,53 @@ TEST(CudaVmmAllocationTest, ExportedFdImportsAsASecondMapping) {
   Result<UniqueFd> another = memory.ExportFd();
   ASSERT_THAT(another, IsOk());
   EXPECT_NE(another->get(), fd->get());
+}
+
+// Fabric handles where the device offers them. Whichever way this device
+// and host answer, the allocation says so and behaves accordingly: with
+// fabric handles, one exported and imported maps the same memory; without,
+// exporting one is refused with the reason, and descriptors still work.
+TEST(CudaVmmAllocationTest, FabricHandlesWhereTheDeviceOffersThem) {
+  SKIP_WITHOUT_CUDA_VMM();
+  const Status offered = CudaVmmAllocation::CheckFabricSupported(0);
+  Result<std::unique_ptr<CudaVmmAllocation>> allocation =
+      CudaVmmAllocation::Create(0, size_t{2} << 20);
+  ASSERT_THAT(allocation, IsOk());
+  const CudaVmmAllocation& memory = **allocation;
+  std::cout << "fabric handles on device 0: "
+            << (offered.ok() ? std::string("offered") : offered.ToString()) << "; this allocation: "
+            << (memory.exports_fabric() ? std::string("has them")
+                                        : memory.fabric_status().ToString())
+            << "\n";
+  if (!offered.ok()) {
+    EXPECT_THAT(offered, StatusIs(StatusCode::kUnimplemented,
+                                  HasSubstr("CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED")));
+    EXPECT_FALSE(memory.exports_fabric());
+    EXPECT_THAT(CudaVmmMapping::ImportFabric(CUmemFabricHandle{}, memory.mapped_bytes(), 0),
+                StatusIs(StatusCode::kUnimplemented, HasSubstr("fabric")));
+  }
+  if (!memory.exports_fabric()) {
+    EXPECT_THAT(memory.ExportFabric(), StatusIs(StatusCode::kUnimplemented, HasSubstr("fabric")));
+    Result<UniqueFd> fd = memory.ExportFd();
+    EXPECT_THAT(fd, IsOk());
+    return;
+  }
+  const std::vector<uint8_t> pattern = Pattern(memory.mapped_bytes(), 57);
+  ASSERT_THAT(Upload(memory.address(), pattern), IsOk());
+  Result<CUmemFabricHandle> handle = memory.ExportFabric();
+  ASSERT_THAT(handle, IsOk());
+  Result<std::unique_ptr<CudaVmmMapping>> mapping =
+      CudaVmmMapping::ImportFabric(*handle, memory.mapped_bytes(), 0);
+  ASSERT_THAT(mapping, IsOk());
+  Result<std::vector<uint8_t>> back = Download((*mapping)->address(), pattern.size());
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(FirstMismatch(*back, pattern), -1);
+  // Descriptors still work beside it.
+  EXPECT_THAT(memory.ExportFd(), IsOk());
+  // A handle of nothing is the driver's error, not a mapping.
+  CUmemFabricHandle garbage;
+  std::memset(&garbage, 0x5A, sizeof(garbage));
+  EXPECT_FALSE(CudaVmmMapping::ImportFabric(garbage, memory.mapped_bytes(), 0).ok());
 }
 
 // The memory is reference-counted: a mapping keeps it (and its bytes) after

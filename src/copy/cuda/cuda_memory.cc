@@ -228,14 +228,43 @@ Status CheckSupportedOn(const DriverApi& api, int device) {
 }
 
 // Pinned device memory on `device`, exportable as a POSIX descriptor.
-CUmemAllocationProp VmmProperties(int device) {
+// The properties of kvbounce's VMM allocations: pinned device memory of
+// `device`, exportable as a POSIX descriptor and, with `fabric`, as a fabric
+// handle too.
+CUmemAllocationProp VmmProperties(int device, bool fabric = false) {
   CUmemAllocationProp prop;
   std::memset(&prop, 0, sizeof(prop));
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = device;
-  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+  prop.requestedHandleTypes =
+      fabric ? static_cast<CUmemAllocationHandleType>(CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR |
+                                                      CU_MEM_HANDLE_TYPE_FABRIC)
+             : CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
   return prop;
+}
+
+// Where the IMEX service's channels appear; a process needs one to create or
+// import memory with fabric handles.
+constexpr const char* kImexChannels = "/dev/nvidia-caps-imex-channels";
+
+// Whether `device` offers fabric handles; a driver that does not know the
+// attribute does not.
+Status CheckFabricOn(const DriverApi& api, int device) {
+  CUdevice cu_device = 0;
+  KVB_RETURN_IF_ERROR(
+      CuStatus(api.device_get(&cu_device, device), "cuDeviceGet(" + std::to_string(device) + ")"));
+  int value = 0;
+  const CUresult result =
+      api.device_get_attribute(&value, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED, cu_device);
+  if (result != CUDA_SUCCESS || value == 0) {
+    return UnimplementedError(
+        "cuda vmm: device " + std::to_string(device) +
+        " offers no fabric handles "
+        "(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED is " +
+        (result == CUDA_SUCCESS ? std::string("0") : "unknown to the driver") + ")");
+  }
+  return Status::Ok();
 }
 
 Result<size_t> Granularity(const DriverApi& api, const CUmemAllocationProp& prop) {
@@ -309,9 +338,15 @@ Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::MapHandle(
   return mapping;
 }
 
+Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::ImportFabric(
+    const CUmemFabricHandle& handle, size_t mapped_bytes, int device) {
+  if (mapped_bytes == 0) return InvalidArgumentError("cuda vmm import: mapped_bytes must be > 0");
+  CUmemFabricHandle copy = handle;  // the driver reads the handle through a pointer
+  return ImportShareable(&copy, CU_MEM_HANDLE_TYPE_FABRIC, "a fabric handle", mapped_bytes, device);
+}
+
 Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::Import(int fd, size_t mapped_bytes,
                                                                int device) {
-  constexpr std::string_view kWhat = "cuda vmm import";
   if (fd < 0) {
     return InvalidArgumentError("cuda vmm import: fd " + std::to_string(fd) +
                                 " is not a descriptor");
@@ -319,11 +354,24 @@ Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::Import(int fd, size_t ma
   if (mapped_bytes == 0) {
     return InvalidArgumentError("cuda vmm import: mapped_bytes must be > 0");
   }
+  // The descriptor travels as the pointer-sized handle argument; the driver
+  // does not take it over.
+  return ImportShareable(reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                         CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, "fd " + std::to_string(fd),
+                         mapped_bytes, device);
+}
+
+Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::ImportShareable(
+    void* shareable, CUmemAllocationHandleType type, const std::string& what, size_t mapped_bytes,
+    int device) {
+  constexpr std::string_view kWhat = "cuda vmm import";
   KVB_RETURN_IF_ERROR(CheckDevice(device, kWhat));
   KVB_ASSIGN_OR_RETURN(const DriverApi* api, Driver());
   ScopedCudaDevice scoped(device);
   KVB_RETURN_IF_ERROR(InitPrimaryContext(scoped, device).WithContext(kWhat));
   KVB_RETURN_IF_ERROR(CheckSupportedOn(*api, device));
+  if (type == CU_MEM_HANDLE_TYPE_FABRIC)
+    KVB_RETURN_IF_ERROR(CheckFabricOn(*api, device).WithContext(kWhat));
   KVB_ASSIGN_OR_RETURN(const size_t granularity, Granularity(*api, VmmProperties(device)));
   if (mapped_bytes % granularity != 0) {
     return InvalidArgumentError("cuda vmm import: mapped_bytes " + std::to_string(mapped_bytes) +
@@ -332,12 +380,8 @@ Result<std::unique_ptr<CudaVmmMapping>> CudaVmmMapping::Import(int fd, size_t ma
                                 " (pass the exporter's mapped_bytes())");
   }
   CUmemGenericAllocationHandle handle = 0;
-  // The descriptor travels as the pointer-sized handle argument; the driver
-  // does not take it over.
-  KVB_RETURN_IF_ERROR(CuStatus(api->mem_import_from_shareable_handle(
-                                   &handle, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
-                                   CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-                               "cuMemImportFromShareableHandle(fd " + std::to_string(fd) + ")")
+  KVB_RETURN_IF_ERROR(CuStatus(api->mem_import_from_shareable_handle(&handle, shareable, type),
+                               "cuMemImportFromShareableHandle(" + what + ")")
                           .WithContext(kWhat));
   Result<std::unique_ptr<CudaVmmMapping>> mapping = MapHandle(handle, mapped_bytes, device);
   if (!mapping.ok()) return mapping.status().WithContext(kWhat);
@@ -370,6 +414,14 @@ Result<std::unique_ptr<CudaVmmAllocation>> CudaVmmAllocation::Create(int device,
   ScopedCudaDevice scoped(device);
   KVB_RETURN_IF_ERROR(InitPrimaryContext(scoped, device).WithContext(kWhat));
   KVB_RETURN_IF_ERROR(CheckSupportedOn(*api, device));
+  Status fabric = CheckFabricOn(*api, device);
+  if (fabric.ok() && access(kImexChannels, F_OK) != 0) {
+    // The driver grants fabric handles only through an IMEX channel; without
+    // any, asking would only fail (and show as an error in CUDA's tools).
+    fabric = UnimplementedError("cuda vmm: device " + std::to_string(device) +
+                                " offers fabric handles but this host has no IMEX channel (" +
+                                kImexChannels + " is absent)");
+  }
   const CUmemAllocationProp prop = VmmProperties(device);
   KVB_ASSIGN_OR_RETURN(const size_t granularity, Granularity(*api, prop));
   if (bytes > std::numeric_limits<size_t>::max() - (granularity - 1)) {
@@ -379,15 +431,34 @@ Result<std::unique_ptr<CudaVmmAllocation>> CudaVmmAllocation::Create(int device,
   }
   const size_t mapped_bytes = (bytes + granularity - 1) / granularity * granularity;
   CUmemGenericAllocationHandle handle = 0;
-  KVB_RETURN_IF_ERROR(CuStatus(api->mem_create(&handle, mapped_bytes, &prop, 0),
-                               "cuMemCreate(" + std::to_string(mapped_bytes) + " bytes on device " +
-                                   std::to_string(device) + ")")
-                          .WithContext(kWhat));
+  const std::string create =
+      "cuMemCreate(" + std::to_string(mapped_bytes) + " bytes on device " + std::to_string(device);
+  if (fabric.ok()) {
+    // Fabric handles beside descriptors. The device may offer them while
+    // this host cannot grant them (no IMEX channel): then descriptors alone.
+    const CUmemAllocationProp both = VmmProperties(device, /*fabric=*/true);
+    const CUresult created = api->mem_create(&handle, mapped_bytes, &both, 0);
+    if (created == CUDA_ERROR_OUT_OF_MEMORY) {
+      return CuStatus(created, create + ", with fabric handles)").WithContext(kWhat);
+    }
+    if (created != CUDA_SUCCESS) {
+      fabric = UnimplementedError(
+          "cuda vmm: device " + std::to_string(device) +
+          " offers fabric handles but this process cannot create them (it needs access to an "
+          "IMEX channel): " +
+          CuStatus(created, create + ", with fabric handles)").ToString());
+      handle = 0;
+    }
+  }
+  if (!fabric.ok()) {
+    KVB_RETURN_IF_ERROR(CuStatus(api->mem_create(&handle, mapped_bytes, &prop, 0), create + ")")
+                            .WithContext(kWhat));
+  }
   Result<std::unique_ptr<CudaVmmMapping>> mapping =
       CudaVmmMapping::MapHandle(handle, mapped_bytes, device);
   if (!mapping.ok()) return mapping.status().WithContext(kWhat);
   return std::unique_ptr<CudaVmmAllocation>(
-      new CudaVmmAllocation(std::move(mapping).value(), bytes));
+      new CudaVmmAllocation(std::move(mapping).value(), bytes, std::move(fabric)));
 }
 
 Result<UniqueFd> CudaVmmAllocation::ExportFd() const {
@@ -401,6 +472,26 @@ Result<UniqueFd> CudaVmmAllocation::ExportFd() const {
                "cuMemExportToShareableHandle")
           .WithContext("cuda vmm export"));
   return UniqueFd(fd);
+}
+
+Status CudaVmmAllocation::CheckFabricSupported(int device) {
+  KVB_RETURN_IF_ERROR(CheckSupported(device));
+  KVB_ASSIGN_OR_RETURN(const DriverApi* api, Driver());
+  return CheckFabricOn(*api, device);
+}
+
+Result<CUmemFabricHandle> CudaVmmAllocation::ExportFabric() const {
+  if (!fabric_status_.ok()) return fabric_status_;
+  const DriverApi& api = LoadedDriver();
+  ScopedCudaDevice scoped(mapping_->device());
+  KVB_RETURN_IF_ERROR(scoped.status());
+  CUmemFabricHandle handle;
+  std::memset(&handle, 0, sizeof(handle));
+  KVB_RETURN_IF_ERROR(CuStatus(api.mem_export_to_shareable_handle(&handle, mapping_->handle_,
+                                                                  CU_MEM_HANDLE_TYPE_FABRIC, 0),
+                               "cuMemExportToShareableHandle(fabric)")
+                          .WithContext("cuda vmm export"));
+  return handle;
 }
 
 Result<CudaVmmExport> ExportVmmContaining(Addr address, uint64_t bytes) {

@@ -46,6 +46,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <utility>
 
@@ -140,6 +141,15 @@ class CudaVmmMapping {
   // Whatever fails, nothing stays imported, reserved or mapped.
   static Result<std::unique_ptr<CudaVmmMapping>> Import(int fd, size_t mapped_bytes, int device);
 
+  // The same for a fabric handle (CudaVmmAllocation::ExportFabric): the
+  // exporter may be another process on this host or, where the GPUs share a
+  // fabric (multi-node NVLink with its IMEX service), on another host.
+  // Errors: as Import (the handle's instead of the descriptor's), and
+  // kUnimplemented when the device offers no fabric handles
+  // (CudaVmmAllocation::CheckFabricSupported).
+  static Result<std::unique_ptr<CudaVmmMapping>> ImportFabric(const CUmemFabricHandle& handle,
+                                                              size_t mapped_bytes, int device);
+
   // Unmaps the range, frees the addresses and releases this process's
   // reference to the memory, in that order.
   ~CudaVmmMapping();
@@ -163,6 +173,13 @@ class CudaVmmMapping {
   // context is current.
   static Result<std::unique_ptr<CudaVmmMapping>> MapHandle(CUmemGenericAllocationHandle handle,
                                                            size_t size, int device);
+  // Imports `shareable` (a descriptor, or a pointer to a fabric handle, as
+  // `type` says) and maps `mapped_bytes` of it on `device`; `what` names
+  // the handle in messages.
+  static Result<std::unique_ptr<CudaVmmMapping>> ImportShareable(void* shareable,
+                                                                 CUmemAllocationHandleType type,
+                                                                 const std::string& what,
+                                                                 size_t mapped_bytes, int device);
 
   int device_;
   size_t size_;
@@ -201,6 +218,12 @@ class CudaVmmAllocation final : public Allocation {
   //                      does not fit in size_t.
   static Result<std::unique_ptr<CudaVmmAllocation>> Create(int device, size_t bytes);
 
+  // OK when `device` offers fabric handles
+  // (CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED). Errors: as
+  // CheckSupported, and kUnimplemented naming the attribute when it does not
+  // (or the driver does not know it).
+  static Status CheckFabricSupported(int device);
+
   // A new descriptor for the memory, for a peer's CudaVmmMapping::Import.
   // Each call returns its own descriptor; while it is open the memory stays
   // alive even if this allocation is destroyed.
@@ -208,6 +231,21 @@ class CudaVmmAllocation final : public Allocation {
   // Errors: as CuStatus for cuMemExportToShareableHandle (e.g.
   // kResourceExhausted when the process is out of descriptors, kInternal).
   Result<UniqueFd> ExportFd() const;
+
+  // Fabric handles where the device offers them: Create asks for them
+  // beside POSIX descriptors when CheckFabricSupported says so and the host
+  // has IMEX channels (/dev/nvidia-caps-imex-channels), and falls back to
+  // descriptors alone otherwise or when the driver still refuses
+  // (CUDA_ERROR_NOT_PERMITTED without access to a channel);
+  // fabric_status() says which, and why.
+  bool exports_fabric() const { return fabric_status_.ok(); }
+  const Status& fabric_status() const { return fabric_status_; }
+
+  // The memory's fabric handle (64 opaque bytes, no descriptor: it can
+  // travel in any message), for a peer's CudaVmmMapping::ImportFabric.
+  // Errors: fabric_status() when the allocation has none (kUnimplemented,
+  // with the reason); as CuStatus for cuMemExportToShareableHandle.
+  Result<CUmemFabricHandle> ExportFabric() const;
 
   Addr address() const override { return mapping_->address(); }
   // The size requested at creation.
@@ -220,11 +258,12 @@ class CudaVmmAllocation final : public Allocation {
   size_t mapped_bytes() const { return mapping_->size(); }
 
  private:
-  CudaVmmAllocation(std::unique_ptr<CudaVmmMapping> mapping, size_t size)
-      : mapping_(std::move(mapping)), size_(size) {}
+  CudaVmmAllocation(std::unique_ptr<CudaVmmMapping> mapping, size_t size, Status fabric_status)
+      : mapping_(std::move(mapping)), size_(size), fabric_status_(std::move(fabric_status)) {}
 
   std::unique_ptr<CudaVmmMapping> mapping_;  // owns the memory's handle
   size_t size_;
+  Status fabric_status_;  // OK: created with fabric handles
 };
 
 // The device allocation (cudaMalloc or VMM) that holds [address, address +
