@@ -306,7 +306,9 @@ class Agent {
   // Errors (the request is not started): kInvalidArgument (wrong role, an
   // empty range or one starting below 0, a path outside the enum, a timeout
   // outside [0, kMaxTimeoutMs]), kFailedPrecondition (not connected to every
-  // writer rank of that instance), kNotFound (unknown instance), kOutOfRange
+  // writer rank of that instance; for a rank whose connection was lost the
+  // message carries what it died of — Connect to it again), kNotFound
+  // (unknown instance), kOutOfRange
   // (a block table too short for tokens.end, a block id outside the pool
   // among the table's first ceil(tokens.end / tokens_per_block) entries —
   // all of them travel, also those below tokens.start —, or a range needing

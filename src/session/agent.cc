@@ -673,6 +673,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   peer.hello_received = true;
   ctx_.instances[h.instance_id] = shared;
   ctx_.peer_by_rank[{h.instance_id, rank}] = peer.id;
+  ctx_.lost_ranks.erase({h.instance_id, rank});
   return Status::Ok();
 }
 
@@ -770,7 +771,10 @@ void AgentImpl::HandlePeerFailure(PeerId id, const Status& reason) {
   metrics_.Count(Counter::kPeerFailures);
   if (peer.rank >= 0) {
     auto it = ctx_.peer_by_rank.find({peer.instance_id, peer.rank});
-    if (it != ctx_.peer_by_rank.end() && it->second == id) ctx_.peer_by_rank.erase(it);
+    if (it != ctx_.peer_by_rank.end() && it->second == id) {
+      ctx_.peer_by_rank.erase(it);
+      ctx_.lost_ranks[{peer.instance_id, peer.rank}] = reason;
+    }
   }
   receiver_->OnPeerFailure(peer);
   sender_->OnPeerFailure(peer);

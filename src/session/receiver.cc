@@ -162,8 +162,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   for (int w : writer_ranks) {
     PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
-      return FailedPreconditionError("Pull: not connected to writer " + ctx_instance + " rank " +
-                                     std::to_string(w));
+      return ctx_.NotConnected("Pull", ctx_instance, w);
     }
     // The scatter list is needed on the bounce path only: built now when
     // bounce was asked for, counted when auto must price it (a fraction of
@@ -304,8 +303,7 @@ Result<std::vector<TransferPath>> ReceiverSession::Paths(const std::string& ctx_
   for (int w : Writers(*inst->second, *ctx_.topology, ctx_.rank)) {
     const PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
-      return FailedPreconditionError("Paths: not connected to writer " + ctx_instance +
-                                     " rank " + std::to_string(w));
+      return ctx_.NotConnected("Paths", ctx_instance, w);
     }
     loads.push_back(LinkLoad(*peer));
   }

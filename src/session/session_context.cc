@@ -37,6 +37,17 @@ PeerState* SessionContext::FindPeer(const std::string& instance, int peer_rank) 
   return peer != nullptr && peer->ready() ? peer : nullptr;
 }
 
+Status SessionContext::NotConnected(std::string_view what, const std::string& instance,
+                                    int peer_rank) const {
+  std::string message = std::string(what) + ": not connected to writer " + instance + " rank " +
+                        std::to_string(peer_rank);
+  auto lost = lost_ranks.find({instance, peer_rank});
+  if (lost != lost_ranks.end()) {
+    message += " (its connection was lost: " + lost->second.ToString() + "; connect to it again)";
+  }
+  return FailedPreconditionError(message);
+}
+
 PeerState* SessionContext::FindPeer(PeerId id) {
   auto it = peers.find(id);
   return it == peers.end() ? nullptr : &it->second;

@@ -17,6 +17,7 @@
 #include <optional>
 #include <stop_token>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -103,11 +104,17 @@ struct SessionContext {
   // --- Control-thread state.
   std::map<PeerId, PeerState> peers;
   std::map<std::pair<std::string, int>, PeerId> peer_by_rank;
+  // Why the connection to (instance, rank) was lost, until a new one says
+  // HELLO: named when a Pull needs that rank.
+  std::map<std::pair<std::string, int>, Status> lost_ranks;
   std::map<std::string, std::shared_ptr<const Topology>> instances;
   uint32_t next_slice = 1;
 
   // The live peer of (instance, rank) with a HELLO, or nullptr.
   PeerState* FindPeer(const std::string& instance, int rank);
+  // kFailedPrecondition "<what>: not connected to writer <instance> rank
+  // <rank>", with why its connection was lost when it had one.
+  Status NotConnected(std::string_view what, const std::string& instance, int rank) const;
   PeerState* FindPeer(PeerId id);
 
   // Encodes and sends a message. Errors: encoding (a bug: kInternal),

@@ -23,13 +23,14 @@
 namespace kvbounce {
 namespace {
 
+using std::chrono::milliseconds;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using testing_util::IsOk;
 using testing_util::StatusIs;
 using tools::BlockTables;
 using tools::Cluster;
 using tools::ClusterOptions;
-using std::chrono::milliseconds;
 
 // "Never" for a wait on something that must happen.
 constexpr milliseconds kLong(30000);
@@ -306,9 +307,15 @@ TEST_P(TransportFailureTest, PeerDisconnectFailsTheRequestAndFreesTheSlot) {
   EXPECT_TRUE(ArenasDrain(c));
   EXPECT_EQ(settled.count.load(), 1);
   EXPECT_EQ(c.ctx_faults(1)->fault_stats().dropped_connections, 1u);
-  // The broken writer is gone: a new pull cannot start without it.
+  // The broken writer is gone: a new pull cannot start without it, and the
+  // refusal says why (what the connection died of) and what to do.
   EXPECT_THAT(c.gen(0).Pull(14, "ctx0", tables.gen, {0, 64}, Pull()),
-              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("ctx0 rank 1")));
+              StatusIs(StatusCode::kFailedPrecondition,
+                       AllOf(HasSubstr("not connected to writer ctx0 rank 1"),
+                             HasSubstr("its connection was lost: UNAVAILABLE"),
+                             HasSubstr("connection dropped"), HasSubstr("connect to it again"))));
+  EXPECT_THAT(c.gen(0).Paths("ctx0"),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("its connection was lost")));
   for (auto& p : published) p->Cancel();
 }
 
