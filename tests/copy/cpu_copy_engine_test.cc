@@ -91,6 +91,16 @@ RandomPlan MakeRandomPlan(size_t count, uint64_t max_bytes, uint32_t seed) {
   return plan;
 }
 
+// The gather list of `plan` over a pool at `pool` (absolute sources, packed
+// offsets as destinations).
+std::vector<Fragment> GatherList(const RandomPlan& plan, const uint8_t* pool) {
+  std::vector<Fragment> list;
+  for (size_t i = 0; i < plan.bytes.size(); ++i) {
+    list.push_back({AddrOf(pool) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
+  }
+  return list;
+}
+
 // What `dst` should hold after the fragments of `batch` ran: `before` with
 // every fragment applied by a plain memcpy (the oracle).
 std::vector<uint8_t> Expected(const std::vector<uint8_t>& before, uint64_t dst_begin,
@@ -276,11 +286,7 @@ TEST(CpuCopyEngineTest, ManySmallFragmentsSplitAcrossWorkers) {
   GuardedBuffer pool(plan.pool_size);
   pool.FillRandom(9);
   GuardedBuffer slot(plan.packed_size, 0);
-  std::vector<Fragment> list;
-  for (size_t i = 0; i < plan.bytes.size(); ++i) {
-    list.push_back(
-        {AddrOf(pool.data()) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
-  }
+  const std::vector<Fragment> list = GatherList(plan, pool.data());
   const std::vector<uint8_t> expected =
       Expected(Bytes(slot), AddrOf(slot.data()), GatherBatch(list, slot.addr()));
   const CpuCopyEngine::Stats before = engine->GetStats();
@@ -903,11 +909,7 @@ TEST(CpuCopyEngineHereTest, ABatchAtTheLimitIsCopiedOnTheCallingThread) {
   GuardedBuffer pool(plan.pool_size);
   pool.FillRandom(41);
   GuardedBuffer slot(plan.packed_size, 0);
-  std::vector<Fragment> gather;
-  for (size_t i = 0; i < plan.bytes.size(); ++i) {
-    gather.push_back(
-        {AddrOf(pool.data()) + plan.pool_offsets[i], plan.packed_offsets[i], plan.bytes[i]});
-  }
+  const std::vector<Fragment> gather = GatherList(plan, pool.data());
   const CopyBatch batch = GatherBatch(gather, slot.addr());
   const std::vector<uint8_t> want = Expected(Bytes(slot), AddrOf(slot.data()), batch);
   const HereResult here = RunHere(*engine, batch, plan.packed_size);
