@@ -35,9 +35,10 @@ struct CudaCopyEngine::BatchState {
 
   size_t next_fragment = 0;  // cursor: the first byte not launched yet
   uint64_t next_offset = 0;
-  // Every fragment is at most kMaxPieceBytes: launches upload runs of the
-  // list as they are, with the bases as kernel arguments (set when the
-  // engine thread takes the batch up).
+  // No fragment is larger than a piece (kMaxPieceBytes) or a launch
+  // (max_launch_bytes): launches upload runs of the list as they are, with
+  // the bases as kernel arguments (set when the engine thread takes the
+  // batch up).
   bool verbatim = false;
   size_t launches_started = 0;
   int in_flight = 0;
@@ -65,10 +66,6 @@ bool NoneLargerThan(std::span<const Fragment> fragments, uint64_t limit) {
   return std::all_of(fragments.begin(), fragments.end(),
                      [limit](const Fragment& f) { return f.bytes <= limit; });
 }
-
-}  // namespace
-
-namespace {
 
 // Moves the cursor past zero-byte fragments; true when the batch has no
 // bytes left to launch.
