@@ -45,6 +45,12 @@ nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
                      {"p90", Percentile(run.latency_ms, 90)},
                      {"p99", Percentile(run.latency_ms, 99)},
                      {"max", Percentile(run.latency_ms, 100)}};
+  if (!run.dispatch_latency_ms.empty()) {
+    j["dispatch_latency_ms"] = {{"p50", Percentile(run.dispatch_latency_ms, 50)},
+                                {"p90", Percentile(run.dispatch_latency_ms, 90)},
+                                {"p99", Percentile(run.dispatch_latency_ms, 99)},
+                                {"max", Percentile(run.dispatch_latency_ms, 100)}};
+  }
   j["paths_taken"] = run.taken;
   j["transport_writes"] = run.transport_writes;
   j["verified_bytes"] = run.verified;

@@ -29,6 +29,10 @@ struct PathRun {
   uint64_t bytes = 0;
   double seconds = 0;
   std::vector<double> latency_ms;
+  // Multi-process runs only: from the parent's dispatch of the request's
+  // commands to its last completion (latency_ms is then the agents' own
+  // measure, each gen rank's Pull to its completion, the worst rank).
+  std::vector<double> dispatch_latency_ms;
   std::map<std::string, uint64_t> taken;
   uint64_t verified = 0;
   uint64_t mismatches = 0;

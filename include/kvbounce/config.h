@@ -123,6 +123,15 @@ struct Config {
   // Rule: integer >= 0 and <= kMaxInlineCopyKb (16 MiB).
   int64_t inline_copy_kb = 64;
 
+  // 1: the agent's control loop also runs the transport's progress where
+  // the transport hands it over (UCX: its first worker, the one that
+  // carries control frames), so that a frame, a write completion or a flush
+  // reaches its request without a thread hand-off and each process has one
+  // thread fewer that polls (docs/architecture.md §10). The loop then
+  // sleeps on the worker's event fd. 0: the transport runs that progress on
+  // a thread of its own. Rule: 0 or 1.
+  int64_t progress_on_loop = 1;
+
   // Checks every rule above: the integer fields in declaration order, then
   // path, then the rules across fields. Returns the first violation as kInvalidArgument
   // ("config: <field> = <value> is invalid: <rule>"), or OK.

@@ -56,6 +56,7 @@
 #ifndef KVBOUNCE_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -190,6 +191,38 @@ struct TransportCallbacks {
   std::function<void(PeerId peer, const Status& reason)> on_peer_failure;
 };
 
+// Progress that a transport lets its user drive on the user's own thread
+// (Transport::TakeProgressSource; docs/transports.md, "Progress on the
+// caller's thread"). The driver is one thread that calls Poll whenever it
+// has time, and before it sleeps calls PrepareToSleep and then waits until
+// fd() turns readable (or the time PrepareToSleep allowed passed). Work
+// that other threads hand the transport makes fd() readable; so does work
+// from the link. Callbacks the transport raises from Poll run on the
+// driver's thread, exactly as they would on a thread of the transport's
+// own (the same rules: no transport lock held, never inside the call that
+// started the operation).
+//
+// Destroying the source detaches it: the transport runs that progress
+// itself again (UCX: on a thread of its own). While attached, Shutdown waits
+// for the driver to poll the source to its end, so a driver keeps polling
+// until Shutdown returned (a Shutdown called on the driver's thread between
+// its polls finishes the work there). Every method but the destructor runs
+// on the driver's thread only; the destructor runs on any thread once no
+// Poll runs.
+class ProgressSource {
+ public:
+  virtual ~ProgressSource() = default;
+  // Readable when Poll has something to do. Owned by the transport; valid
+  // for the source's lifetime.
+  virtual int fd() const = 0;
+  // Runs what is ready, never blocking; true when it did anything.
+  virtual bool Poll() = 0;
+  // Readies the source for the driver's sleep: false when there is work
+  // now (the driver polls again instead of sleeping). `*max_sleep` may be
+  // lowered to cap the sleep (it comes in as the driver's own limit).
+  virtual bool PrepareToSleep(std::chrono::microseconds* max_sleep) = 0;
+};
+
 class Transport {
  public:
   Transport() = default;
@@ -305,6 +338,13 @@ class Transport {
   virtual void Shutdown() = 0;
 
   virtual TransportStats Stats() const = 0;
+
+  // Hands progress that the transport would run on a thread of its own to
+  // the caller, who drives it from then on (ProgressSource): the agent runs
+  // it on its control loop, so that frames and completions reach a request
+  // without a thread hand-off. nullptr when the transport has nothing to
+  // hand over (the default), already handed it over, or is shut down.
+  virtual std::unique_ptr<ProgressSource> TakeProgressSource() { return nullptr; }
 };
 
 }  // namespace kvbounce

@@ -31,7 +31,7 @@ static_assert(Config::kMaxMbPerS == 1000000000);
 static_assert(Config::kMaxPollUs == 10000);
 static_assert(Config::kMaxInlineCopyKb == 16384);
 
-constexpr std::array<IntField, 10> kIntFields = {{
+constexpr std::array<IntField, 11> kIntFields = {{
     {"bounce_size_mb", &Config::bounce_size_mb, 0, Config::kMaxBounceSizeMb,
      "must be an integer >= 0 and <= 1048576 (1 TiB)"},
     {"num_workers", &Config::num_workers, 1, Config::kMaxNumWorkers,
@@ -52,16 +52,18 @@ constexpr std::array<IntField, 10> kIntFields = {{
      "must be an integer >= 0 and <= 10000 (10 ms; 0: sleep at once)"},
     {"inline_copy_kb", &Config::inline_copy_kb, 0, Config::kMaxInlineCopyKb,
      "must be an integer >= 0 and <= 16384 (16 MiB; 0: never copy on the control loop)"},
+    {"progress_on_loop", &Config::progress_on_loop, 0, 1,
+     "must be an integer, 0 (the transport's own thread) or 1 (the control loop)"},
 }};
 
 constexpr std::string_view kPathKey = "path";
 constexpr std::string_view kPathRule = "must be one of per-block, bounce, direct, auto";
 
 // Declaration order of Config, which Keys() and ToString() follow.
-constexpr std::array<std::string_view, 11> kKeys = {
+constexpr std::array<std::string_view, 12> kKeys = {
     "bounce_size_mb", "num_workers",          "transfer_timeout_ms", "reserve_timeout_ms",
     "path",           "transport_op_ns",      "transport_mb_per_s",  "copy_run_ns",
-    "copy_mb_per_s",  "poll_before_sleep_us", "inline_copy_kb",
+    "copy_mb_per_s",  "poll_before_sleep_us", "inline_copy_kb",      "progress_on_loop",
 };
 
 constexpr std::array<TransferPath, 4> kPaths = {TransferPath::kPerBlock, TransferPath::kBounce,

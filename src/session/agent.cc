@@ -426,9 +426,13 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   clock_ = hooks.clock != nullptr
                ? std::move(hooks.clock)
                : std::shared_ptr<Clock>(std::shared_ptr<Clock>(), Clock::Steady());
+  // The transport's progress joins the loop where it can (Config::
+  // progress_on_loop); the transport's Shutdown runs before the loop's Stop.
+  std::unique_ptr<ProgressSource> progress;
+  if (config.progress_on_loop != 0) progress = transport_->TakeProgressSource();
   KVB_ASSIGN_OR_RETURN(
-      loop_,
-      EventLoop::Create(clock_.get(), std::chrono::microseconds(config.poll_before_sleep_us)));
+      loop_, EventLoop::Create(clock_.get(), std::chrono::microseconds(config.poll_before_sleep_us),
+                               std::move(progress)));
   gate_ = std::make_shared<LoopGate>(loop_.get());
   ctx_.instance_id = options.instance_id;
   ctx_.role = options.role;

@@ -1,8 +1,19 @@
 #include "session/event_loop.h"
 
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
 #include <string>
 #include <system_error>
+#include <utility>
+
+#include "kvbounce/logging.h"
 
 namespace kvbounce {
 namespace {
@@ -15,13 +26,21 @@ constexpr Clock::Duration kMaxWait = std::chrono::hours(1);
 }  // namespace
 
 Result<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock,
-                                                     std::chrono::microseconds poll_before_sleep) {
+                                                     std::chrono::microseconds poll_before_sleep,
+                                                     std::unique_ptr<ProgressSource> source) {
   if (poll_before_sleep.count() < 0) {
     return InvalidArgumentError(
         "event loop: poll_before_sleep = " + std::to_string(poll_before_sleep.count()) +
         " µs is invalid: must be >= 0");
   }
   std::unique_ptr<EventLoop> loop(new EventLoop(clock, poll_before_sleep));
+  if (source != nullptr) {
+    loop->wake_fd_ = UniqueFd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (loop->wake_fd_.get() < 0) {
+      return UnavailableError(std::string("event loop: eventfd: ") + std::strerror(errno));
+    }
+    loop->source_ = std::move(source);
+  }
   EventLoop* raw = loop.get();
   loop->clock_listener_ = clock->AddJumpListener([raw] { raw->OnClockJump(); });
   try {
@@ -40,19 +59,35 @@ Result<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock,
 
 EventLoop::~EventLoop() { Stop(); }
 
+bool EventLoop::TakeSleeperLocked() { return std::exchange(sleeping_, false); }
+
+void EventLoop::Wake(bool sleeping) {
+  if (wake_fd_.get() < 0) {  // no source: the loop sleeps on cv_
+    cv_.notify_one();
+    return;
+  }
+  if (sleeping) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd_.get(), &one, sizeof(one));
+  }
+}
+
 bool EventLoop::Post(Task task) {
+  bool sleeping;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return false;
     tasks_.push_back(std::move(task));
     changes_.fetch_add(1, std::memory_order_release);
+    sleeping = TakeSleeperLocked();
   }
-  cv_.notify_one();
+  Wake(sleeping);
   return true;
 }
 
 EventLoop::TimerId EventLoop::PostAt(TimePoint deadline, Task task) {
   TimerId id;
+  bool sleeping;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return 0;
@@ -60,8 +95,9 @@ EventLoop::TimerId EventLoop::PostAt(TimePoint deadline, Task task) {
     timers_.emplace(std::make_pair(deadline, id), std::move(task));
     timer_deadlines_.emplace(id, deadline);
     changes_.fetch_add(1, std::memory_order_release);
+    sleeping = TakeSleeperLocked();
   }
-  cv_.notify_one();
+  Wake(sleeping);
   return id;
 }
 
@@ -78,37 +114,86 @@ void EventLoop::OnClockJump() {
   if (stopped_ || InLoop()) return;  // nobody to wait for, or the loop is us
   const uint64_t jump = ++jumps_;
   changes_.fetch_add(1, std::memory_order_release);
-  cv_.notify_one();
+  Wake(TakeSleeperLocked());
   caught_up_.wait(lock, [&] { return jumps_caught_up_ >= jump || stopped_; });
 }
 
 void EventLoop::Stop() {
+  bool sleeping;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
     changes_.fetch_add(1, std::memory_order_release);
+    sleeping = TakeSleeperLocked();
   }
-  cv_.notify_one();
+  Wake(sleeping);
   std::lock_guard<std::mutex> join_lock(join_mu_);
   if (thread_.joinable()) thread_.join();
+  // The thread has left: the source is detached (see the file comment).
+  source_.reset();
   // A jump listener still waiting was released when the thread left Run;
   // once this returns no other can start.
   clock_->RemoveJumpListener(clock_listener_);
   clock_listener_ = 0;
 }
 
-void EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long) const {
+bool EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long) const {
   const auto until = std::chrono::steady_clock::now() + how_long;
   while (changes_.load(std::memory_order_acquire) == seen &&
          std::chrono::steady_clock::now() < until) {
+    // The source's work counts as a change: its callbacks post tasks, or it
+    // did something the next turn may continue.
+    if (source_ != nullptr && source_->Poll()) return true;
     std::this_thread::yield();
   }
+  return false;
+}
+
+void EventLoop::SleepWithSource(std::unique_lock<std::mutex>& lock,
+                                std::chrono::microseconds limit) {
+  // Armed without the lock (the source may post), then a last look at the
+  // queue under it: a Post from here on sees sleeping_ and writes the fd.
+  lock.unlock();
+  std::chrono::microseconds cap = limit;
+  const bool may_sleep = source_->PrepareToSleep(&cap);
+  lock.lock();
+  if (!may_sleep || !tasks_.empty() || stopping_ || jumps_caught_up_ != jumps_) return;
+  sleeping_ = true;
+  lock.unlock();
+  std::array<pollfd, 2> fds{};
+  fds[0].fd = wake_fd_.get();
+  fds[0].events = POLLIN;
+  fds[1].fd = source_->fd();
+  fds[1].events = POLLIN;
+  cap = std::max(cap, std::chrono::microseconds(0));
+  timespec timeout{};
+  timeout.tv_sec = static_cast<time_t>(cap.count() / 1000000);
+  timeout.tv_nsec = static_cast<long>((cap.count() % 1000000) * 1000);
+  if (ppoll(fds.data(), fds.size(), &timeout, nullptr) < 0 && errno != EINTR) {
+    Log(LogLevel::kError, std::string("event loop: ppoll: ") + std::strerror(errno));
+  }
+  if ((fds[0].revents & POLLIN) != 0) {
+    uint64_t drained = 0;
+    [[maybe_unused]] ssize_t n = read(wake_fd_.get(), &drained, sizeof(drained));
+  }
+  lock.lock();
+  sleeping_ = false;
 }
 
 void EventLoop::Run() {
   std::unique_lock<std::mutex> lock(mu_);
-  bool polled = false;  // this idle spell's poll is over
+  bool polled = false;     // this idle spell's poll is over
+  int tasks_unpolled = 0;  // tasks run since the source's last poll
+  // Polls the source without the lock; true when it did anything.
+  const auto poll_source = [&] {
+    tasks_unpolled = 0;
+    lock.unlock();
+    const bool did = source_->Poll();
+    lock.lock();
+    return did;
+  };
   while (true) {
+    if (source_ != nullptr && tasks_unpolled >= kTasksPerSourcePoll) poll_source();
     if (!tasks_.empty()) {
       Task task = std::move(tasks_.front());
       tasks_.pop_front();
@@ -116,6 +201,7 @@ void EventLoop::Run() {
       task();
       lock.lock();
       polled = false;
+      ++tasks_unpolled;
       continue;
     }
     if (stopping_) break;  // every posted task ran; pending timers are dropped
@@ -131,8 +217,15 @@ void EventLoop::Run() {
       task();
       lock.lock();
       polled = false;
+      ++tasks_unpolled;
       continue;
     }
+    // Out of tasks and due timers: the source's turn.
+    if (source_ != nullptr && poll_source()) {
+      polled = false;
+      continue;
+    }
+    if (!tasks_.empty()) continue;  // the source posted some
     // Idle: caught up with every jump so far.
     if (jumps_caught_up_ != jumps_) {
       jumps_caught_up_ = jumps_;
@@ -150,17 +243,24 @@ void EventLoop::Run() {
       if (how_long.count() > 0) {
         const uint64_t seen = changes_.load(std::memory_order_relaxed);
         lock.unlock();
-        PollForChange(seen, how_long);
+        // Work from the source is activity like a task: the next idle
+        // spell polls again.
+        if (PollForChange(seen, how_long)) polled = false;
         lock.lock();
       }
       continue;
     }
-    if (!timers_.empty()) {
-      // The wait is in real time whatever the clock: on the steady clock it
-      // ends at the deadline; on a manual one it ends early (harmlessly) or
-      // when a jump wakes the loop.
-      const Clock::Duration left = timers_.begin()->first.first - now;
-      cv_.wait_for(lock, std::min(left, kMaxWait));
+    // The wait is in real time whatever the clock: on the steady clock it
+    // ends at the deadline; on a manual one it ends early (harmlessly) or
+    // when a jump wakes the loop.
+    const Clock::Duration left =
+        timers_.empty() ? kMaxWait
+                        : std::min<Clock::Duration>(timers_.begin()->first.first - now, kMaxWait);
+    if (source_ != nullptr) {
+      // Rounded up: a timer is never fired early by a short sleep.
+      SleepWithSource(lock, std::chrono::ceil<std::chrono::microseconds>(left));
+    } else if (!timers_.empty()) {
+      cv_.wait_for(lock, left);
     } else {
       cv_.wait(lock);
     }

@@ -30,6 +30,17 @@
 // poll that found nothing it sleeps until woken. A timer due sooner cuts the
 // poll short.
 //
+// A progress source (kvbounce/transport.h, ProgressSource): a loop created
+// with one drives it, so that the transport's work runs on the loop thread
+// between tasks instead of on a thread of its own. The loop polls the
+// source when it runs out of tasks and due timers, after every
+// kTasksPerSourcePoll tasks while it has many, and on every turn of its
+// poll_before_sleep spin; it sleeps in ppoll(2) on the source's fd and an
+// eventfd of its own (which Post, timers, clock jumps and Stop write while
+// the loop sleeps) instead of on the condition variable. Stop destroys the
+// source once the thread has left (detaching it); until then the loop
+// drives it, so a transport's Shutdown must run before the loop's Stop.
+//
 // Lifetime: Stop() runs every task already posted, drops timers that have not
 // fired, stops listening to the clock and joins the thread; tasks posted
 // afterwards are refused (Post returns false). The destructor calls Stop().
@@ -52,7 +63,9 @@
 #include <utility>
 
 #include "common/clock.h"
+#include "common/unique_fd.h"
 #include "kvbounce/status.h"
+#include "kvbounce/transport.h"
 
 namespace kvbounce {
 
@@ -68,9 +81,14 @@ class EventLoop {
   // work (see the file comment; 0: it sleeps at once). Errors:
   // kResourceExhausted when the thread cannot be created (std::thread's
   // exception does not escape).
+  // With a `source`, the loop drives it (see the file comment); errors then
+  // also kUnavailable when the loop's eventfd cannot be made.
   static Result<std::unique_ptr<EventLoop>> Create(
       Clock* clock = Clock::Steady(),
-      std::chrono::microseconds poll_before_sleep = std::chrono::microseconds(0));
+      std::chrono::microseconds poll_before_sleep = std::chrono::microseconds(0),
+      std::unique_ptr<ProgressSource> source = nullptr);
+  // Tasks run between two polls of a source while tasks keep coming.
+  static constexpr int kTasksPerSourcePoll = 16;
   ~EventLoop();
   EventLoop(const EventLoop&) = delete;
   EventLoop& operator=(const EventLoop&) = delete;
@@ -97,14 +115,26 @@ class EventLoop {
   EventLoop(Clock* clock, std::chrono::microseconds poll_before_sleep)
       : clock_(clock), poll_before_sleep_(poll_before_sleep) {}
   void Run();
+  // Wakes the loop after a change made under mu_: `sleeping` is what
+  // TakeSleeperLocked returned under that lock.
+  void Wake(bool sleeping);
+  // Under mu_: whether the loop sleeps in ppoll (and must be written to);
+  // clears the flag so that one write per sleep suffices.
+  bool TakeSleeperLocked();
+  // Sleeps on the source's fd and the eventfd for at most `limit` (the
+  // lock released meanwhile).
+  void SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono::microseconds limit);
   // The clock jumped: wait until the loop caught up (see the file comment).
   void OnClockJump();
-  // Polls, without the lock, until `changes_` moves past `seen` or
-  // `how_long` passed.
-  void PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
+  // Polls, without the lock, until `changes_` moves past `seen`, the source
+  // did something (then true) or `how_long` passed.
+  bool PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
 
   Clock* const clock_;
   const std::chrono::microseconds poll_before_sleep_;
+  std::unique_ptr<ProgressSource> source_;  // loop thread only; reset by Stop
+  UniqueFd wake_fd_;                        // with a source
+  bool sleeping_ = false;                   // guarded by mu_: in ppoll
   Clock::ListenerId clock_listener_ = 0;  // written before the thread starts
 
   mutable std::mutex mu_;

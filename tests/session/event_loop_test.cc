@@ -1,16 +1,20 @@
 #include "session/event_loop.h"
 
 #include <gtest/gtest.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/clock.h"
@@ -253,6 +257,222 @@ TEST(EventLoopTest, PostFromManyThreadsAndFromTasks) {
   other.join();
   std::lock_guard<std::mutex> lock(mu);
   EXPECT_EQ(ran, 4000);
+}
+
+// A progress source for the loop to drive: work that other threads add
+// (readable fd while some is pending), taken by Poll on the loop thread.
+class FakeSource final : public ProgressSource {
+ public:
+  // What outlives the source: the test reads it after the loop destroyed it.
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t pending = 0;
+    int64_t taken = 0;
+    int64_t polls = 0;
+    int64_t prepares = 0;
+    int refusals_left = 0;             // PrepareToSleep says "work now" this often
+    std::chrono::microseconds cap{0};  // 0: leaves max_sleep alone
+    std::thread::id poll_thread;
+    bool polled_off_thread = false;
+    bool destroyed = false;
+    std::function<void()> on_take;  // runs on the loop thread, per taking
+  };
+
+  explicit FakeSource(std::shared_ptr<Shared> shared)
+      : shared_(std::move(shared)), fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~FakeSource() override {
+    close(fd_);
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->destroyed = true;
+    shared_->cv.notify_all();
+  }
+
+  // Any thread: adds `n` items and makes the fd readable.
+  static void Add(Shared& shared, int fd, int64_t n) {
+    {
+      std::lock_guard<std::mutex> lock(shared.mu);
+      shared.pending += n;
+    }
+    const uint64_t one = 1;
+    ASSERT_EQ(write(fd, &one, sizeof(one)), static_cast<ssize_t>(sizeof(one)));
+  }
+
+  int fd() const override { return fd_; }
+  bool Poll() override {
+    std::function<void()> on_take;
+    int64_t items;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      ++shared_->polls;
+      if (shared_->poll_thread == std::thread::id())
+        shared_->poll_thread = std::this_thread::get_id();
+      if (shared_->poll_thread != std::this_thread::get_id()) shared_->polled_off_thread = true;
+      if (shared_->pending == 0) return false;
+      uint64_t drained = 0;
+      [[maybe_unused]] ssize_t n = read(fd_, &drained, sizeof(drained));
+      items = std::exchange(shared_->pending, 0);
+      on_take = shared_->on_take;
+    }
+    if (on_take) on_take();  // before the test sees the items taken
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->taken += items;
+    shared_->cv.notify_all();
+    return true;
+  }
+  bool PrepareToSleep(std::chrono::microseconds* max_sleep) override {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    ++shared_->prepares;
+    if (shared_->refusals_left > 0) {
+      --shared_->refusals_left;
+      return false;
+    }
+    if (shared_->cap.count() > 0) *max_sleep = std::min(*max_sleep, shared_->cap);
+    return shared_->pending == 0;
+  }
+
+ private:
+  std::shared_ptr<Shared> shared_;
+  const int fd_;
+};
+
+struct DrivenLoop {
+  std::shared_ptr<FakeSource::Shared> shared = std::make_shared<FakeSource::Shared>();
+  std::unique_ptr<EventLoop> loop;
+  int fd = -1;
+
+  explicit DrivenLoop(std::chrono::microseconds poll = std::chrono::microseconds(0)) {
+    auto source = std::make_unique<FakeSource>(shared);
+    fd = source->fd();
+    auto created = EventLoop::Create(Clock::Steady(), poll, std::move(source));
+    EXPECT_TRUE(created.ok()) << created.status();
+    if (created.ok()) loop = std::move(created).value();
+  }
+  // Adds one item and waits until the loop took it (30 s at most).
+  bool AddAndWaitTaken() {
+    int64_t before;
+    {
+      std::lock_guard<std::mutex> lock(shared->mu);
+      before = shared->taken;
+    }
+    FakeSource::Add(*shared, fd, 1);
+    std::unique_lock<std::mutex> lock(shared->mu);
+    return shared->cv.wait_for(lock, std::chrono::seconds(30),
+                               [&] { return shared->taken == before + 1; });
+  }
+};
+
+// The loop drives the source on its own thread: work that comes in while
+// the loop sleeps in ppoll wakes it (the source's fd), and so do tasks and
+// timers (the loop's eventfd), whichever comes first, at random moments.
+TEST(EventLoopSourceTest, WorkTasksAndTimersWakeALoopThatSleepsOnTheSource) {
+  for (const auto poll : {std::chrono::microseconds(0), std::chrono::microseconds(200)}) {
+    SCOPED_TRACE("poll_before_sleep " + std::to_string(poll.count()) + " µs");
+    DrivenLoop driven(poll);
+    ASSERT_NE(driven.loop, nullptr);
+    EventLoop& loop = *driven.loop;
+    std::thread::id loop_thread;
+    std::mutex mu;
+    std::condition_variable cv;
+    int ran = 0;
+    std::mt19937 random(11);
+    std::uniform_int_distribution<int> gap_us(0, 400);
+    for (int i = 1; i <= 200; ++i) {
+      std::this_thread::sleep_for(std::chrono::microseconds(gap_us(random)));
+      if (i % 2 == 0) {
+        ASSERT_TRUE(driven.AddAndWaitTaken()) << "item " << i << " was not taken";
+        continue;
+      }
+      ASSERT_TRUE(loop.Post([&] {
+        std::lock_guard<std::mutex> lock(mu);
+        loop_thread = std::this_thread::get_id();
+        ++ran;
+        cv.notify_all();
+      }));
+      std::unique_lock<std::mutex> lock(mu);
+      ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return ran == (i + 1) / 2; }))
+          << "task " << i << " did not run";
+    }
+    EXPECT_TRUE(FiresOnTime(loop, std::chrono::steady_clock::now() + std::chrono::milliseconds(2)));
+    std::lock_guard<std::mutex> lock(driven.shared->mu);
+    EXPECT_EQ(driven.shared->poll_thread, loop_thread) << "the source was polled off the loop";
+    EXPECT_FALSE(driven.shared->polled_off_thread);
+    EXPECT_EQ(driven.shared->taken, 100);
+  }
+}
+
+// A loop that always has a task queued still polls its source: a chain of
+// tasks that reposts itself does not hold back the source's work.
+TEST(EventLoopSourceTest, TasksThatKeepComingDoNotStarveTheSource) {
+  DrivenLoop driven;
+  ASSERT_NE(driven.loop, nullptr);
+  EventLoop& loop = *driven.loop;
+  std::atomic<int> chain{0};
+  std::atomic<int> chain_when_taken{-1};
+  driven.shared->on_take = [&] { chain_when_taken.store(chain.load()); };
+  constexpr int kChain = 20000;
+  std::function<void()> step = [&] {
+    if (chain.fetch_add(1) == 0) {
+      // The first link adds the work: from here on a task is always queued.
+      FakeSource::Add(*driven.shared, driven.fd, 1);
+    }
+    if (chain.load() < kChain) loop.Post(step);
+  };
+  ASSERT_TRUE(loop.Post(step));
+  std::unique_lock<std::mutex> lock(driven.shared->mu);
+  ASSERT_TRUE(driven.shared->cv.wait_for(lock, std::chrono::seconds(30),
+                                         [&] { return driven.shared->taken == 1; }));
+  lock.unlock();
+  // Taken within a few rounds of kTasksPerSourcePoll tasks, not at the end.
+  EXPECT_GE(chain_when_taken.load(), 1);
+  EXPECT_LE(chain_when_taken.load(), 4 * EventLoop::kTasksPerSourcePoll);
+  loop.Stop();
+}
+
+// PrepareToSleep decides: "work now" keeps the loop polling instead of
+// sleeping, and a cap on the sleep makes an idle loop look again.
+TEST(EventLoopSourceTest, PrepareToSleepCanRefuseTheSleepAndCapIt) {
+  DrivenLoop driven;
+  ASSERT_NE(driven.loop, nullptr);
+  {
+    std::lock_guard<std::mutex> lock(driven.shared->mu);
+    driven.shared->refusals_left = 50;
+    driven.shared->cap = std::chrono::microseconds(1000);
+  }
+  // Idle: every refusal costs a poll; then each capped sleep ends on its
+  // own (nothing else wakes this loop), so the prepares keep coming.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(driven.shared->mu);
+      if (driven.shared->refusals_left == 0 && driven.shared->prepares >= 60) break;
+    }
+    ASSERT_LT(std::chrono::steady_clock::now(), until) << "the loop stopped preparing to sleep";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::lock_guard<std::mutex> lock(driven.shared->mu);
+  EXPECT_GE(driven.shared->polls, 50);
+}
+
+// Stop runs the tasks posted before it, then destroys (detaches) the source
+// once the thread has left; nothing polls it afterwards.
+TEST(EventLoopSourceTest, StopRunsTheQueuedTasksThenDestroysTheSource) {
+  DrivenLoop driven;
+  ASSERT_NE(driven.loop, nullptr);
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 100; ++i) driven.loop->Post([&] { ran.fetch_add(1); });
+  driven.loop->Stop();
+  EXPECT_EQ(ran.load(), 100);
+  int64_t polls;
+  {
+    std::lock_guard<std::mutex> lock(driven.shared->mu);
+    EXPECT_TRUE(driven.shared->destroyed);
+    polls = driven.shared->polls;
+  }
+  EXPECT_FALSE(driven.loop->Post([] {}));
+  driven.loop.reset();
+  std::lock_guard<std::mutex> lock(driven.shared->mu);
+  EXPECT_EQ(driven.shared->polls, polls);
 }
 
 }  // namespace

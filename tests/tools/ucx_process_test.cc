@@ -144,7 +144,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{"FanInPolling", "tp=2", "tp=1", 200},
                       // Every gather, scatter and copy of these
                       // requests (~93 KiB a writer) on a control loop.
-                      Shape{"FanInLoopCopies", "tp=2", "tp=1", 0, "inline_copy_kb=1024"}),
+                      Shape{"FanInLoopCopies", "tp=2", "tp=1", 0, "inline_copy_kb=1024"},
+                      // UCX's rail 0 on a thread of its own, not on the
+                      // control loop (the default), polling and not.
+                      Shape{"FanInRailThreads", "tp=2", "tp=1", 0, "progress_on_loop=0"},
+                      Shape{"FanOutRailThreadsPolling", "tp=1", "tp=2", 200, "progress_on_loop=0"}),
     [](const ::testing::TestParamInfo<Shape>& p) { return std::string(p.param.name); });
 
 // ---------------------------------------------------------------------------

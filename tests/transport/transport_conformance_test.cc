@@ -22,10 +22,12 @@
 #include <thread>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/status_matchers.h"
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
 #include "kvbounce/types.h"
+#include "session/event_loop.h"
 #include "transport/fault/fault_transport.h"
 #include "transport/loopback/loopback_transport.h"
 #include "transport/transport_test_util.h"
@@ -99,10 +101,14 @@ TransportFactory FaultLoopbackFactory() {
 
 #if defined(KVBOUNCE_HAVE_UCX)
 // UCX endpoints of this process, each listening on a free port of 127.0.0.1.
+// With `on_loop`, each endpoint hands rail 0's progress to an EventLoop of
+// the network's (as an agent does with its control loop); the loops outlive
+// the endpoints, whose Shutdown thus runs while their rail is driven.
 class UcxNetwork : public TransportNetwork {
  public:
-  UcxNetwork(bool shared_memory, int workers, std::chrono::microseconds poll = {})
-      : shared_memory_(shared_memory), workers_(workers), poll_(poll) {}
+  UcxNetwork(bool shared_memory, int workers, std::chrono::microseconds poll = {},
+             bool on_loop = false)
+      : shared_memory_(shared_memory), workers_(workers), poll_(poll), on_loop_(on_loop) {}
   Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string&) override {
     UcxTransportOptions options;
     options.listen_address = "127.0.0.1:0";
@@ -111,6 +117,15 @@ class UcxNetwork : public TransportNetwork {
     options.put_chunk_bytes = 4096;  // several puts per op in the larger cases
     options.poll_before_sleep = poll_;
     KVB_ASSIGN_OR_RETURN(auto transport, UcxTransport::Create(options));
+    if (on_loop_) {
+      std::unique_ptr<ProgressSource> source = transport->TakeProgressSource();
+      if (source == nullptr) return InternalError("the ucx transport handed no progress over");
+      if (transport->TakeProgressSource() != nullptr) {
+        return InternalError("the ucx transport handed its progress over twice");
+      }
+      KVB_ASSIGN_OR_RETURN(auto loop, EventLoop::Create(Clock::Steady(), poll_, std::move(source)));
+      loops_.push_back(std::move(loop));
+    }
     return std::unique_ptr<Transport>(std::move(transport));
   }
   std::string UnreachableAddress() override { return "127.0.0.1:1"; }
@@ -120,6 +135,8 @@ class UcxNetwork : public TransportNetwork {
   bool shared_memory_;
   int workers_;
   std::chrono::microseconds poll_;
+  bool on_loop_;
+  std::vector<std::unique_ptr<EventLoop>> loops_;
 };
 
 // TCP for every byte (endpoints with peer error handling), one rail; shared
@@ -141,6 +158,13 @@ TransportFactory UcxSharedMemoryFactory() {
 TransportFactory UcxSharedMemoryPollingFactory() {
   return {"ucx_shm_polling",
           [] { return std::make_unique<UcxNetwork>(true, 1, std::chrono::microseconds(200)); },
+          /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
+          /*detects_deregistered_source=*/false};
+}
+// Rail 0 on an event loop (ProgressSource), rail 1 on its own thread.
+TransportFactory UcxSharedMemoryOnLoopFactory() {
+  return {"ucx_shm_2rails_loop",
+          [] { return std::make_unique<UcxNetwork>(true, 2, std::chrono::microseconds(0), true); },
           /*detects_deregistered_target=*/false, /*validates_region_owner=*/true,
           /*detects_deregistered_source=*/false};
 }
@@ -1438,6 +1462,7 @@ std::vector<TransportFactory> AllFactories() {
   factories.push_back(UcxSharedMemoryFactory());
   factories.push_back(UcxTcpRailsFactory());
   factories.push_back(UcxSharedMemoryPollingFactory());
+  factories.push_back(UcxSharedMemoryOnLoopFactory());
 #endif
   return factories;
 }

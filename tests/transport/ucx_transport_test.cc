@@ -6,12 +6,14 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -216,6 +218,120 @@ TEST(UcxTransportTest, WriteIntoADeregisteredRegionLandsNothingAndFailsTheFlush)
     EXPECT_THAT(tracker.status(2), IsOk());
     EXPECT_EQ(a->total_failures(), 0);
   }
+}
+
+// Drives a ProgressSource on a thread of its own, as an agent's control
+// loop does: polls while there is work, sleeps on the source's fd (1 ms at
+// most, to see Stop) when PrepareToSleep allows.
+class SourceDriver {
+ public:
+  explicit SourceDriver(std::unique_ptr<ProgressSource> source) : source_(std::move(source)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~SourceDriver() { Detach(); }
+  std::thread::id thread_id() const { return thread_.get_id(); }
+  // Stops polling and destroys the source (which detaches it).
+  void Detach() {
+    stop_.store(true);
+    if (thread_.joinable()) thread_.join();
+    source_.reset();
+  }
+
+ private:
+  void Run() {
+    while (!stop_.load()) {
+      if (source_->Poll()) continue;
+      std::chrono::microseconds cap(1000);
+      if (!source_->PrepareToSleep(&cap)) continue;
+      pollfd fd{.fd = source_->fd(), .events = POLLIN, .revents = 0};
+      const int ms = static_cast<int>(std::clamp<int64_t>((cap.count() + 999) / 1000, 0, 1));
+      poll(&fd, 1, ms);
+    }
+  }
+
+  std::unique_ptr<ProgressSource> source_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// Rail 0 handed to a caller's thread (TakeProgressSource) carries the
+// connection, frames, writes and flushes; its callbacks run on that thread;
+// Shutdown waits for the driver to poll it to its end; nothing is handed
+// over twice or after the shutdown.
+TEST(UcxProgressSourceTest, ADrivenRailCarriesEverythingAndShutdownWaitsForItsDriver) {
+  for (const bool shm : {false, true}) {
+    SCOPED_TRACE(shm ? "shared memory" : "tcp");
+    UcxTransportOptions options;
+    options.same_host_shared_memory = shm;
+    auto made = NewUcxTransport(options);
+    ASSERT_THAT(made, IsOk());
+    std::unique_ptr<ProgressSource> source = (*made)->TakeProgressSource();
+    ASSERT_NE(source, nullptr);
+    EXPECT_EQ((*made)->TakeProgressSource(), nullptr);
+    auto driver = std::make_unique<SourceDriver>(std::move(source));
+    std::atomic<bool> off_driver{false};
+    const std::thread::id driver_id = driver->thread_id();
+    auto a = MakeTestEndpoint(std::move(made), /*start=*/false);
+    a->on_message_hook = [&](PeerId, const std::vector<std::byte>&) {
+      if (std::this_thread::get_id() != driver_id) off_driver.store(true);
+    };
+    ASSERT_THAT(a->Start(), IsOk());
+    auto b = MakeTestEndpoint(NewUcxTransport(options), true);
+    auto [a_to_b, b_to_a] = ConnectTestEndpoints(*a, *b);
+    ASSERT_THAT(b->SendText(b_to_a, "to a"), IsOk());
+    ASSERT_TRUE(a->WaitForMessages(1));
+    EXPECT_FALSE(off_driver.load()) << "a frame's callback ran off the driver's thread";
+
+    GuardedBuffer src(64 << 10);
+    src.FillPattern(9);
+    GuardedBuffer dst(64 << 10, 0);
+    auto source_region = (*a)->Register(src.addr(), src.size(), MemoryKind::kHost);
+    auto region = (*b)->Register(dst.addr(), dst.size(), MemoryKind::kHost);
+    ASSERT_THAT(source_region, IsOk());
+    ASSERT_THAT(region, IsOk());
+    auto target = (*a)->Import(a_to_b, (*region)->info());
+    ASSERT_THAT(target, IsOk());
+    DoneTracker tracker;
+    const WriteOp op{src.addr(), dst.addr(), src.size()};
+    ASSERT_THAT((*a)->Write(**source_region, **target, {&op, 1}, tracker.Make()), IsOk());
+    ASSERT_THAT((*a)->Flush(a_to_b, tracker.Make()), IsOk());
+    ASSERT_TRUE(tracker.WaitAll());
+    EXPECT_THAT(tracker.status(0), IsOk());
+    EXPECT_THAT(tracker.status(1), IsOk());
+    EXPECT_EQ(std::memcmp(dst.data(), src.data(), dst.size()), 0);
+
+    // Shutdown from this thread while the driver polls: it returns once the
+    // driver finished the rail, and the peer sees the connection end.
+    source_region->reset();
+    a->Shutdown();
+    EXPECT_TRUE(b->WaitForFailure(b_to_a));
+    EXPECT_EQ((*a)->TakeProgressSource(), nullptr);
+    driver->Detach();
+    EXPECT_EQ(tracker.Violations(), "");
+  }
+}
+
+// A source destroyed before the shutdown detaches: rail 0 gets its own
+// thread back and carries on (frames still flow), and Shutdown ends it as
+// it ends any rail (the peer hears the connection end).
+TEST(UcxProgressSourceTest, ADetachedSourceLeavesTheShutdownToItsCaller) {
+  UcxTransportOptions options;
+  auto made = NewUcxTransport(options);
+  ASSERT_THAT(made, IsOk());
+  auto driver = std::make_unique<SourceDriver>((*made)->TakeProgressSource());
+  auto a = MakeTestEndpoint(std::move(made), true);
+  auto b = MakeTestEndpoint(NewUcxTransport(options), true);
+  auto [a_to_b, b_to_a] = ConnectTestEndpoints(*a, *b);
+  ASSERT_THAT(a->SendText(a_to_b, "before the detach"), IsOk());
+  ASSERT_TRUE(b->WaitForMessages(2));  // ConnectTestEndpoints' HELLO, and this
+  driver->Detach();
+  ASSERT_THAT(a->SendText(a_to_b, "after the detach"), IsOk());
+  ASSERT_THAT(b->SendText(b_to_a, "to a, after the detach"), IsOk());
+  ASSERT_TRUE(b->WaitForMessages(3));
+  ASSERT_TRUE(a->WaitForMessages(1));
+  a->Shutdown();
+  EXPECT_TRUE(b->WaitForFailure(b_to_a));
+  EXPECT_EQ(a->total_failures(), 0);
 }
 
 // A read of a peer range that is no longer mapped (its owner deregistered

@@ -261,6 +261,10 @@ class FaultTransport final : public Transport {
   // kAborted and joins the timer thread. Idempotent.
   void Shutdown() override;
   TransportStats Stats() const override;
+  // The inner transport's: its callbacks still pass through this decorator.
+  std::unique_ptr<ProgressSource> TakeProgressSource() override {
+    return inner_->TakeProgressSource();
+  }
 
  private:
   using Clock = std::chrono::steady_clock;

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "common/checked_math.h"
+#include "common/tsan.h"
 #include "common/unique_fd.h"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
@@ -58,21 +59,38 @@ namespace {
 // The transport's own messages on the control endpoint (one UCP active
 // message id; the message type is the one-byte AM header).
 constexpr unsigned kAmId = 11;
-enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3, kFlushAck = 4, kWired = 5 };
+// (4 was a flush's answer, which travels on the data endpoints since
+// version 4.)
+enum class MsgType : uint8_t { kHello = 1, kFrame = 2, kFenced = 3, kWired = 5 };
 // Data travels as active messages of their own id on the rails' data
 // endpoints: header = kind u8 | sender identity u64 | destination address
 // (kData) or flush sequence number (kFlush) u64; payload = the bytes.
 constexpr unsigned kDataAmId = 12;
-enum class DataKind : uint8_t { kData = 1, kFlush = 2 };
+// A flush is answered on the answering rail's own data endpoint back to
+// the flushing rail: kFlushAck when every data message before it landed,
+// kFlushNack when some fell outside a registered region (value = the
+// flush's sequence number). Same-host connections thus settle a flush in
+// shared memory, without the control endpoint's TCP.
+// Between processes of one host, session frames travel on rail 0's data
+// endpoint too (kFrame; value 0), in shared memory, not on the control
+// endpoint's TCP (docs/transports.md, "Frames in shared memory").
+enum class DataKind : uint8_t { kData = 1, kFlush = 2, kFlushAck = 3, kFlushNack = 4, kFrame = 5 };
 constexpr size_t kDataHeaderBytes = 17;
 constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
 // 2: the peer's pid and read cookie (same-host reads). 3: WIRED, and a
-// connection opens only once both sides' data endpoints are wired up.
-constexpr uint16_t kHelloVersion = 3;
+// connection opens only once both sides' data endpoints are wired up. 4:
+// flushes are answered on the data endpoints (DataKind::kFlushAck).
+constexpr uint16_t kHelloVersion = 4;
 constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
 constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
 constexpr size_t kMaxWorkerAddressBytes = 64 << 10;
+// Frames a peer may send in shared memory before its WIRED arrives (it
+// sends one HELLO, then waits for ours).
+constexpr size_t kMaxEarlyFrames = 64;
+// What a flush's answer and a frame order, for ThreadSanitizer (common/tsan.h):
+// released before either is sent, acquired when either arrives.
+char g_shm_order = 0;
 constexpr size_t kMaxHostIdBytes = 512;
 
 // Calibrated with scripts/bench_ucx.sh on the 2-core development machine
@@ -382,6 +400,10 @@ struct RequestContext {
   PeerId peer = 0;
   uint64_t flush_seq = 0;  // a flush message's sequence number; 0 for data
   bool wiring = false;     // the flush that completes a data endpoint's wire-up
+  // A message nothing waits for: a flush's answer (DataKind::kFlushAck or
+  // kFlushNack) or a session frame (kFrame, whose bytes `frame` holds).
+  bool message = false;
+  std::shared_ptr<std::vector<std::byte>> frame;
   // Settled without UCX and handed back with ucp_request_free (see
   // Rail::Abandon): UCX's late completion, if any, only ends the context.
   bool abandoned = false;
@@ -413,21 +435,33 @@ struct RailPeer {
   std::function<void()> on_fenced;
 };
 
-// One UCP worker and its progress thread.
+// One UCP worker and its progress: a thread of its own, or (rail 0 after
+// TakeProgressSource) the thread of whoever drives its ProgressSource.
+// Either way one thread at a time runs the rail; the hand-over joins the
+// rail's thread first, so the rail's state passes with it.
 class Rail {
  public:
   Rail(Engine* engine, int index) : engine_(engine), index_(index) {}
   ~Rail();
 
   Status Init(ucp_context_h context);
-  void StartThread() {
-    thread_ = std::thread([this] { Run(); });
-  }
-  // Queues `command` for the rail thread. False when the rail has stopped
+  // Errors: kResourceExhausted when the thread cannot be created.
+  Status StartThread();
+  // Queues `command` for the rail's thread. False when the rail has stopped
   // for good (the command did not and will not run).
   bool Post(std::function<void()> command);
-  // Ends the loop once every peer is fenced, then joins.
+  // Ends the loop once every peer is fenced, then joins (or waits for the
+  // driver to poll the rail to its end).
   void StopAndJoin();
+  // Stops the rail's own thread at its next pass and hands the rail to an
+  // external driver (RailSource). nullptr once stopping or handed over.
+  std::unique_ptr<ProgressSource> HandOver(std::shared_ptr<Engine> engine);
+
+  // --- The external driver's side (RailSource) ---------------------------
+  bool DrivenPoll();
+  bool DrivenPrepareToSleep(std::chrono::microseconds* max_sleep);
+  void Detach();
+  int epoll_fd() const { return epoll_fd_; }
 
   ucp_worker_h worker() const { return worker_; }
   const std::vector<std::byte>& address() const { return address_; }
@@ -461,9 +495,35 @@ class Rail {
   static ucs_status_t OnData(void* arg, const void* header, size_t header_length, void* data,
                              size_t length, const ucp_am_recv_param_t* param);
   void FailPendingFlushes(PeerId peer, const Status& status);
+  // The rail's own loop: passes until done (then Finish) or handed over.
   void Run();
+  enum class Pass { kIdle, kBusy, kDone };
+  // One pass: commands, queued work, UCX progress; kDone once a stopping
+  // rail is quiesced (or gave up waiting).
+  Pass Step();
+  // Arms the worker for a sleep: false when there is work now.
+  bool ReadyToSleep();
+  // After the last pass: nothing is received any more, what is left fails.
+  void Finish();
+  bool OnDriverThread() const {
+    return driver_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
   bool RunCommands();
   void IssueWork();
+  void IssueAcks();
+
+ public:
+  // Sends a session frame on the data endpoint to `peer` (rail 0, shared
+  // memory); false when there is none (the connection is ending).
+  bool SendFrame(PeerId peer, std::vector<std::byte> body);
+  // Runs UCX's progress until it finds nothing more (bounded): what the
+  // peer put into this worker's shared-memory queues is taken.
+  void Drain() {
+    for (int i = 0; i < 4096 && ucp_worker_progress(worker_) != 0; ++i) {
+    }
+  }
+
+ private:
   void FinishItem(WorkItem& item, const Status& status, bool skipped);
   void IssueFlush(PeerId peer, std::shared_ptr<Countdown> countdown);
   void CheckFence(PeerId peer);
@@ -480,10 +540,24 @@ class Rail {
   int wake_fd_ = -1;
   int epoll_fd_ = -1;
   std::thread thread_;
+  // The thread running the rail now (Post skips the wake-up for it).
+  std::atomic<std::thread::id> driver_{};
 
   std::mutex mu_;
   std::deque<std::function<void()>> commands_;
   bool closed_ = false;  // guarded by mu_: no command is accepted any more
+
+  // The hand-over (guarded by drive_mu_, like thread_ once the rail runs):
+  // a source was made (handed_over_) and is attached (driven_), and the rail
+  // ran to its end (finished_) on whichever thread.
+  std::mutex drive_mu_;
+  std::condition_variable drive_cv_;
+  bool handed_over_ = false;
+  bool driven_ = false;
+  bool finished_ = false;
+  bool started_ = false;        // a thread of its own ran it once
+  bool hand_over_now_ = false;  // rail thread: leave Run at the next pass
+  std::optional<std::chrono::steady_clock::time_point> stop_deadline_;
 
   // Rail-thread state.
   // Peers whose data messages this rail accepts, by their identity.
@@ -498,6 +572,13 @@ class Rail {
     std::shared_ptr<Countdown> countdown;
   };
   std::unordered_map<uint64_t, PendingFlush> pending_flushes_;
+  // Flushes received, to be answered (IssueAcks).
+  struct PendingAck {
+    PeerId peer = 0;
+    uint64_t seq = 0;
+    bool ok = false;
+  };
+  std::vector<PendingAck> acks_;
   // The headers of abandoned sends; freed after the worker (members are
   // destroyed after ~Rail's body destroyed it).
   std::vector<std::shared_ptr<std::vector<Piece>>> abandoned_pieces_;
@@ -544,6 +625,10 @@ struct Conn {
   int rails_to_wire = 0;    // data endpoints whose wire-up is in progress
   bool wired = false;       // ours are wired up and WIRED went out
   bool peer_wired = false;  // the peer's WIRED arrived
+  // Session frames go on rail 0's data endpoint (shared memory), and those
+  // that came that way before the peer's WIRED wait here for the opening.
+  bool frames_on_data = false;
+  std::vector<std::vector<std::byte>> early_frames;
   std::vector<std::vector<std::byte>> peer_rails;
   Status reason;
   // The reads of the fence: accepted Reads not yet ended, and whether new
@@ -634,6 +719,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void Disconnect(PeerId peer, const Status& reason);
   void Shutdown();
   TransportStats Stats() const;
+  std::unique_ptr<ProgressSource> TakeProgressSource();
 
   // For the rails and the regions.
   ucp_context_h context() const { return context_; }
@@ -642,6 +728,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void OnDataEpError(PeerId peer, ucs_status_t status);
   // A rail's data endpoint to `peer` is wired up (any thread).
   void DataEpWired(PeerId peer);
+  // Rail 0: a session frame from `peer` came on its data endpoint.
+  void FrameArrived(PeerId peer, std::vector<std::byte> frame);
   void OnControlEpError(PeerId peer, ucs_status_t status);
   uint64_t nonce() const { return nonce_; }
   const UcxTransportOptions& options() const { return options_; }
@@ -651,8 +739,6 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Copies a data message to `address` when the whole range lies inside a
   // registered region; false (and nothing written) otherwise.
   bool CopyIn(uint64_t address, const void* data, size_t length);
-  // Rail 0: answers a peer's flush received on `rail`.
-  void SendFlushAck(PeerId peer, int rail, uint64_t seq, bool ok);
   bool shut() const { return shut_.load(std::memory_order_acquire); }
   void CountPut(uint64_t bytes) {
     write_ops_.fetch_add(1, std::memory_order_relaxed);
@@ -804,9 +890,24 @@ bool Rail::Post(std::function<void()> command) {
     if (closed_) return false;
     commands_.push_back(std::move(command));
   }
-  const uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  // The rail's own thread runs its commands before it sleeps (ReadyToSleep).
+  if (!OnDriverThread()) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  }
   return true;
+}
+
+Status Rail::StartThread() {
+  // std::thread reports failure by throwing; the library reports Status.
+  try {
+    thread_ = std::thread([this] { Run(); });
+  } catch (const std::system_error& e) {
+    return ResourceExhaustedError("ucx: cannot start the progress thread of rail " +
+                                  std::to_string(index_) + ": " + e.what());
+  }
+  started_ = true;
+  return Status();
 }
 
 void Rail::StopAndJoin() {
@@ -817,7 +918,30 @@ void Rail::StopAndJoin() {
     for (auto& [id, peer] : peers_) ids.push_back(id);
     for (PeerId id : ids) AbortPeer(id, /*graceful=*/false, nullptr);
   });
-  if (thread_.joinable()) thread_.join();
+  std::unique_lock<std::mutex> lock(drive_mu_);
+  for (;;) {
+    if (thread_.joinable()) {
+      // Its own thread (or the one a detached source gave back) runs it to
+      // the end.
+      std::thread running = std::move(thread_);
+      lock.unlock();
+      running.join();
+      lock.lock();
+      continue;
+    }
+    if (finished_ || !started_) return;
+    if (driven_ && !OnDriverThread()) {
+      drive_cv_.wait(lock);  // the driver polls it to its end, or detaches
+      continue;
+    }
+    // The driver itself shuts the transport down (between its polls: it
+    // cannot wait for its own next poll), or a detached source could not
+    // give the rail its thread back: the rest runs here.
+    driven_ = false;
+    lock.unlock();
+    Run();
+    return;
+  }
 }
 
 bool Rail::RunCommands() {
@@ -838,43 +962,62 @@ bool Rail::Quiesced() const {
   return index_ != 0 || engine_->ControlQuiesced();
 }
 
+Rail::Pass Rail::Step() {
+  using Clock = std::chrono::steady_clock;
+  bool busy = RunCommands();
+  IssueWork();
+  if (stopping_) {
+    if (!stop_deadline_) stop_deadline_ = Clock::now() + std::chrono::seconds(2);
+    if (Quiesced()) return Pass::kDone;
+    if (Clock::now() > *stop_deadline_) {
+      // A peer that stopped answering (alive, but not reading) never lets
+      // a graceful close finish: hand what is left back to UCX, which
+      // releases it with the worker.
+      int closing = 0;
+      for (auto& [id, peer] : peers_) {
+        if (!peer.closing) continue;
+        ++closing;
+        peer.close_released = true;
+        ucp_request_free(peer.close_request);
+        peer.close_request = nullptr;
+        peer.closing = false;
+        peer.ep = nullptr;
+      }
+      if (index_ == 0) engine_->ReleaseControlRequests();
+      Log(LogLevel::kWarning, "ucx: rail " + std::to_string(index_) + " stops after 2 s with " +
+                                  std::to_string(in_flight_) + " operations in flight and " +
+                                  std::to_string(closing) +
+                                  " data endpoints closing; a peer stopped answering");
+      return Pass::kDone;
+    }
+  }
+  // Bounded, so commands (a peer's failure among them) are never starved
+  // by a worker that always has something to retry.
+  for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) busy = true;
+  return busy ? Pass::kBusy : Pass::kIdle;
+}
+
+bool Rail::ReadyToSleep() {
+  if (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) return false;
+  if (!acks_.empty()) return false;
+  {
+    // A command this thread posted to itself wrote no wake-up.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!commands_.empty()) return false;
+  }
+  return ucp_worker_arm(worker_) != UCS_ERR_BUSY;
+}
+
 void Rail::Run() {
   using Clock = std::chrono::steady_clock;
-  std::optional<Clock::time_point> stop_deadline;
+  driver_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   const std::chrono::microseconds poll = engine_->options().poll_before_sleep;
   Clock::time_point last_busy = Clock::now();
   for (;;) {
-    bool busy = RunCommands();
-    IssueWork();
-    if (stopping_) {
-      if (!stop_deadline) stop_deadline = Clock::now() + std::chrono::seconds(2);
-      if (Quiesced()) break;
-      if (Clock::now() > *stop_deadline) {
-        // A peer that stopped answering (alive, but not reading) never lets
-        // a graceful close finish: hand what is left back to UCX, which
-        // releases it with the worker.
-        int closing = 0;
-        for (auto& [id, peer] : peers_) {
-          if (!peer.closing) continue;
-          ++closing;
-          peer.close_released = true;
-          ucp_request_free(peer.close_request);
-          peer.close_request = nullptr;
-          peer.closing = false;
-          peer.ep = nullptr;
-        }
-        if (index_ == 0) engine_->ReleaseControlRequests();
-        Log(LogLevel::kWarning, "ucx: rail " + std::to_string(index_) +
-                                    " stops after 2 s with " + std::to_string(in_flight_) +
-                                    " operations in flight and " + std::to_string(closing) +
-                                    " data endpoints closing; a peer stopped answering");
-        break;
-      }
-    }
-    // Bounded, so commands (a peer's failure among them) are never starved
-    // by a worker that always has something to retry.
-    for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) busy = true;
-    if (busy) {
+    const Pass pass = Step();
+    if (pass == Pass::kDone) break;
+    if (hand_over_now_) return;  // HandOver joins this thread
+    if (pass == Pass::kBusy) {
       if (poll.count() > 0) last_busy = Clock::now();
       continue;
     }
@@ -885,9 +1028,7 @@ void Rail::Run() {
       std::this_thread::yield();
       continue;
     }
-    if (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) continue;
-    const ucs_status_t armed = ucp_worker_arm(worker_);
-    if (armed == UCS_ERR_BUSY) continue;
+    if (!ReadyToSleep()) continue;
     std::array<epoll_event, 2> events;
     const int timeout_ms = stopping_ ? 10 : -1;
     const int n = epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()), timeout_ms);
@@ -897,6 +1038,16 @@ void Rail::Run() {
     uint64_t drained = 0;
     [[maybe_unused]] ssize_t r = read(wake_fd_, &drained, sizeof(drained));
   }
+  Finish();
+  hand_over_now_ = false;  // finished here: nothing is left to hand over
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    finished_ = true;
+  }
+  drive_cv_.notify_all();
+}
+
+void Rail::Finish() {
   if (index_ == 0) engine_->DestroyListener();
   // Nothing is received from here on.
   inbound_.clear();
@@ -915,6 +1066,94 @@ void Rail::Run() {
   for (auto& item : work_) FinishItem(item, AbortedError("transport shut down"), false);
   work_.clear();
   for (auto& [id, peer] : peers_) Abandon(id);
+  // A driver that keeps waiting on the epoll fd must not be woken by a
+  // worker that is done.
+  for (int fd : {event_fd_, wake_fd_}) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+}
+
+// The source a driver polls rail 0 through (UcxTransport::TakeProgressSource).
+class RailSource final : public ProgressSource {
+ public:
+  explicit RailSource(std::shared_ptr<Engine> engine, Rail* rail)
+      : engine_(std::move(engine)), rail_(rail) {}
+  ~RailSource() override { rail_->Detach(); }
+  int fd() const override { return rail_->epoll_fd(); }
+  bool Poll() override { return rail_->DrivenPoll(); }
+  bool PrepareToSleep(std::chrono::microseconds* max_sleep) override {
+    return rail_->DrivenPrepareToSleep(max_sleep);
+  }
+
+ private:
+  std::shared_ptr<Engine> engine_;  // keeps the rail alive
+  Rail* const rail_;
+};
+
+std::unique_ptr<ProgressSource> Rail::HandOver(std::shared_ptr<Engine> engine) {
+  // The engine's api_mu_ (held shared by the caller) keeps Shutdown, and so
+  // StopAndJoin, out until this returned.
+  std::thread running;
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    if (handed_over_ || finished_ || !thread_.joinable()) return nullptr;
+    if (!Post([this] { hand_over_now_ = true; })) return nullptr;
+    running = std::move(thread_);
+  }
+  running.join();
+  std::lock_guard<std::mutex> lock(drive_mu_);
+  if (!hand_over_now_ || finished_) return nullptr;  // it finished meanwhile
+  hand_over_now_ = false;
+  handed_over_ = true;
+  driven_ = true;
+  driver_.store(std::thread::id(), std::memory_order_relaxed);
+  return std::make_unique<RailSource>(std::move(engine), this);
+}
+
+bool Rail::DrivenPoll() {
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    if (finished_ || !driven_) return false;
+  }
+  driver_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+  const Pass pass = Step();
+  if (pass != Pass::kDone) return pass == Pass::kBusy;
+  Finish();
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    finished_ = true;
+  }
+  drive_cv_.notify_all();
+  return true;
+}
+
+bool Rail::DrivenPrepareToSleep(std::chrono::microseconds* max_sleep) {
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    if (finished_ || !driven_) return true;
+  }
+  // Drained before the last look at the commands: a Post after it wakes
+  // the driver again.
+  uint64_t drained = 0;
+  [[maybe_unused]] ssize_t r = read(wake_fd_, &drained, sizeof(drained));
+  if (!ReadyToSleep()) return false;
+  // A stopping rail looks again every 10 ms (its 2 s deadline).
+  if (stopping_) *max_sleep = std::min(*max_sleep, std::chrono::microseconds(10000));
+  return true;
+}
+
+void Rail::Detach() {
+  {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    if (!driven_) return;
+    driven_ = false;
+    if (!finished_) {
+      // The rail gets its own thread back; without one, Shutdown runs what
+      // is left on its caller's thread.
+      driver_.store(std::thread::id(), std::memory_order_relaxed);
+      Status started = StartThread();
+      if (!started.ok()) Log(LogLevel::kError, std::string(started.message()));
+    }
+  }
+  drive_cv_.notify_all();
 }
 
 void Rail::CreateDataEp(PeerId peer_id, const std::vector<std::byte>& remote_address,
@@ -994,18 +1233,95 @@ ucs_status_t Rail::OnData(void* arg, const void* header, size_t header_length, v
       }
       return UCS_OK;
     case DataKind::kFlush: {
-      const bool ok = !in.dropped;
+      // Answered after this progress call (UCX is not re-entered from its
+      // own callback). The answer orders the copies before it.
+      TsanRelease(&g_shm_order);
+      rail->acks_.push_back(PendingAck{.peer = in.peer, .seq = value, .ok = !in.dropped});
       in.dropped = false;
-      Engine* engine = rail->engine_;
-      const PeerId peer = in.peer;
-      const int index = rail->index_;
-      engine->rail(0).Post([engine, peer, index, value, ok] {
-        engine->SendFlushAck(peer, index, value, ok);
-      });
+      return UCS_OK;
+    }
+    case DataKind::kFrame: {
+      if (rail->index_ != 0 || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+        return UCS_OK;  // frames are eager and on rail 0 only
+      }
+      const auto* begin = static_cast<const std::byte*>(data);
+      TsanAcquire(&g_shm_order);
+      rail->engine_->FrameArrived(in.peer, std::vector<std::byte>(begin, begin + length));
+      return UCS_OK;
+    }
+    case DataKind::kFlushAck:
+    case DataKind::kFlushNack: {
+      // Only the peer the flush went to answers it.
+      auto pending = rail->pending_flushes_.find(value);
+      if (pending == rail->pending_flushes_.end() || pending->second.peer != in.peer) {
+        return UCS_OK;
+      }
+      TsanAcquire(&g_shm_order);
+      rail->FlushAcked(value, static_cast<DataKind>(h[0]) == DataKind::kFlushAck);
       return UCS_OK;
     }
   }
   return UCS_OK;
+}
+
+bool Rail::SendFrame(PeerId peer_id, std::vector<std::byte> body) {
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end() || it->second.aborting || it->second.ep == nullptr || stopping_) {
+    return false;
+  }
+  RailPeer& peer = it->second;
+  auto pieces = std::make_shared<std::vector<Piece>>(1);
+  (*pieces)[0].header = DataHeader(DataKind::kFrame, engine_->nonce(), 0);
+  auto frame = std::make_shared<std::vector<std::byte>>(std::move(body));
+  TsanRelease(&g_shm_order);
+  ucp_request_param_t param{};
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_AM_SEND_FLAG_EAGER;
+  param.cb.send = &Rail::SendDone;
+  param.user_data = this;
+  void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(), kDataHeaderBytes,
+                                  frame->data(), frame->size(), &param);
+  if (UCS_PTR_IS_ERR(request)) return false;
+  if (request != nullptr) {
+    new (request) RequestContext{
+        .pieces = std::move(pieces), .peer = peer_id, .message = true, .frame = std::move(frame)};
+    ++in_flight_;
+    ++peer.outstanding;
+    peer.requests.insert(request);
+  }
+  return true;
+}
+
+void Rail::IssueAcks() {
+  std::vector<PendingAck> acks;
+  acks.swap(acks_);
+  for (const PendingAck& ack : acks) {
+    auto it = peers_.find(ack.peer);
+    // A connection ending: the flushing side's teardown fails the flush.
+    if (it == peers_.end() || it->second.aborting || it->second.ep == nullptr || stopping_) {
+      continue;
+    }
+    RailPeer& peer = it->second;
+    auto pieces = std::make_shared<std::vector<Piece>>(1);
+    (*pieces)[0].header =
+        DataHeader(ack.ok ? DataKind::kFlushAck : DataKind::kFlushNack, engine_->nonce(), ack.seq);
+    ucp_request_param_t param{};
+    param.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_EAGER;
+    param.cb.send = &Rail::SendDone;
+    param.user_data = this;
+    void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(),
+                                    kDataHeaderBytes, nullptr, 0, &param);
+    // A failed send fails the endpoint too (its error handler, or the
+    // control endpoint's for shared memory, tears the connection down).
+    if (request == nullptr || UCS_PTR_IS_ERR(request)) continue;
+    new (request) RequestContext{.pieces = std::move(pieces), .peer = ack.peer, .message = true};
+    ++in_flight_;
+    ++peer.outstanding;
+    peer.requests.insert(request);
+  }
 }
 
 void Rail::Enqueue(WorkItem item) {
@@ -1042,6 +1358,7 @@ void Rail::FinishItem(WorkItem& item, const Status& status, bool skipped) {
 }
 
 void Rail::IssueWork() {
+  if (!acks_.empty()) IssueAcks();
   while (!work_.empty() && in_flight_ < UcxTransport::kPutWindow) {
     WorkItem& item = work_.front();
     auto it = peers_.find(item.peer);
@@ -1117,6 +1434,8 @@ void Rail::Completed(void* request, ucs_status_t status) {
     } else {
       engine_->OnDataEpError(taken.peer, status);
     }
+  } else if (taken.message) {
+    // It left (or failed with its endpoint): nothing waits for it.
   } else if (taken.flush_seq != 0) {
     // The flush message left; its ack settles the flush, unless it failed.
     if (status != UCS_OK) {
@@ -1624,7 +1943,7 @@ Status Engine::Init() {
              std::to_string(bound_port);
 
   KVB_RETURN_IF_ERROR(SetAmHandler(rails_[0]->worker(), kAmId, &Engine::OnAm, this));
-  for (auto& rail : rails_) rail->StartThread();
+  for (auto& rail : rails_) KVB_RETURN_IF_ERROR(rail->StartThread());
   return Status();
 }
 
@@ -1811,9 +2130,8 @@ bool Engine::SendMessage(const std::shared_ptr<Conn>& conn, MsgType type,
   pending->engine = this;
   pending->buffer = std::move(body);
   static_assert(sizeof(MsgType) == 1);
-  static const std::array<MsgType, 6> kHeaders = {MsgType{0},         MsgType::kHello,
-                                                  MsgType::kFrame,    MsgType::kFenced,
-                                                  MsgType::kFlushAck, MsgType::kWired};
+  static const std::array<MsgType, 6> kHeaders = {
+      MsgType{0}, MsgType::kHello, MsgType::kFrame, MsgType::kFenced, MsgType{4}, MsgType::kWired};
   ucp_request_param_t param{};
   param.op_attr_mask =
       UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -1887,19 +2205,6 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       messages_received_.fetch_add(1, std::memory_order_relaxed);
       if (callbacks_.on_message) callbacks_.on_message(conn->id, std::move(payload));
       return;
-    case MsgType::kFlushAck: {
-      Reader r(payload);
-      uint16_t rail = 0;
-      uint64_t seq = 0;
-      uint8_t ok = 0;
-      if (!r.U16(&rail) || !r.U64(&seq) || !r.U8(&ok) || r.left() != 0 || rail >= rails_.size()) {
-        BeginTeardown(conn, DataLossError(conn->where + " sent a malformed flush ack"), true);
-        return;
-      }
-      Rail& target = *rails_[rail];
-      target.Post([&target, seq, ok] { target.FlushAcked(seq, ok != 0); });
-      return;
-    }
     case MsgType::kWired:
       if (!payload.empty() || conn->peer_wired) {
         BeginTeardown(conn, DataLossError(conn->where + " sent a malformed WIRED"), true);
@@ -1909,6 +2214,9 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       MaybeOpen(conn);
       return;
     case MsgType::kFenced:
+      // The peer closed its data endpoints before it sent this, so every
+      // frame it sent in shared memory is in our queues: take them first.
+      if (conn->frames_on_data) rails_[0]->Drain();
       conn->peer_fenced = true;
       BeginTeardown(conn, UnavailableError(conn->where + " closed the connection"), true);
       MaybeComplete(conn);
@@ -2031,6 +2339,32 @@ void Engine::MaybeOpen(const std::shared_ptr<Conn>& conn) {
   }
   conn->was_open = true;
   SetState(*conn, Conn::kOpen);
+  // Frames the peer sent in shared memory once it had opened, before its
+  // WIRED reached us over TCP: in the order sent.
+  std::vector<std::vector<std::byte>> early;
+  early.swap(conn->early_frames);
+  for (auto& frame : early) FrameArrived(conn->id, std::move(frame));
+}
+
+void Engine::FrameArrived(PeerId peer, std::vector<std::byte> frame) {
+  std::shared_ptr<Conn> conn = FindConn(peer);
+  if (!conn || conn->teardown) return;
+  if (conn->state.load() == Conn::kHandshake) {
+    // The peer opens first when our WIRED reached it before its reached us.
+    if (conn->early_frames.size() >= kMaxEarlyFrames) {
+      BeginTeardown(conn,
+                    DataLossError(conn->where + " sent more than " +
+                                  std::to_string(kMaxEarlyFrames) + " frames before its WIRED"),
+                    true);
+      return;
+    }
+    conn->early_frames.push_back(std::move(frame));
+    return;
+  }
+  // started_ (acquire) orders this read of callbacks_ after Start's write.
+  if (conn->state.load() != Conn::kOpen || !started_.load(std::memory_order_acquire)) return;
+  messages_received_.fetch_add(1, std::memory_order_relaxed);
+  if (callbacks_.on_message) callbacks_.on_message(conn->id, std::move(frame));
 }
 
 void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
@@ -2039,6 +2373,7 @@ void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
     std::lock_guard<std::mutex> lock(conns_mu_);
     shared_memory = conn->shared_memory;
   }
+  conn->frames_on_data = shared_memory;
   // Rail i writes to the peer's rail (i mod its rail count).
   conn->rails_to_wire = static_cast<int>(rails_.size());
   for (size_t i = 0; i < rails_.size(); ++i) {
@@ -2210,16 +2545,6 @@ void Engine::DestroyListener() {
   // Endpoints whose close did not finish are released with the worker.
 }
 
-void Engine::SendFlushAck(PeerId peer, int rail, uint64_t seq, bool ok) {
-  std::shared_ptr<Conn> conn = FindConn(peer);
-  if (!conn || conn->teardown) return;
-  Writer w;
-  w.U16(static_cast<uint16_t>(rail));
-  w.U64(seq);
-  w.U8(ok ? 1 : 0);
-  SendMessage(conn, MsgType::kFlushAck, w.Take());
-}
-
 void Engine::AddRegion(uint64_t address, uint64_t size) {
   std::unique_lock<std::shared_mutex> lock(regions_mu_);
   regions_[address].push_back(size);
@@ -2268,6 +2593,12 @@ Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
   messages_sent_.fetch_add(1, std::memory_order_relaxed);
   rails_[0]->Post([this, conn, body = std::move(body)]() mutable {
     if (conn->state.load() != Conn::kOpen) return;
+    if (conn->frames_on_data) {
+      // No data endpoint any more: the connection is ending, like a
+      // control endpoint that failed.
+      rails_[0]->SendFrame(conn->id, std::move(body));
+      return;
+    }
     SendMessage(conn, MsgType::kFrame, std::move(body));
   });
   return Status();
@@ -2453,6 +2784,14 @@ void Engine::Disconnect(PeerId peer, const Status& reason) {
   rails_[0]->Post([this, conn, reason] { BeginTeardown(conn, reason, /*graceful=*/true); });
 }
 
+std::unique_ptr<ProgressSource> Engine::TakeProgressSource() {
+  // Held shared: Shutdown, which joins the rails too, waits for the
+  // hand-over.
+  std::shared_lock<std::shared_mutex> lock(api_mu_);
+  if (shut_ || rails_.empty()) return nullptr;
+  return rails_[0]->HandOver(shared_from_this());
+}
+
 void Engine::Shutdown() {
   {
     std::unique_lock<std::shared_mutex> lock(api_mu_);
@@ -2607,6 +2946,9 @@ void UcxTransport::Disconnect(PeerId peer, const Status& reason) {
   engine_->Disconnect(peer, reason);
 }
 void UcxTransport::Shutdown() { engine_->Shutdown(); }
+std::unique_ptr<ProgressSource> UcxTransport::TakeProgressSource() {
+  return engine_->TakeProgressSource();
+}
 TransportStats UcxTransport::Stats() const { return engine_->Stats(); }
 
 }  // namespace kvbounce

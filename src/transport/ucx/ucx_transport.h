@@ -7,11 +7,20 @@
 // it work. Every UCP call on a worker happens on that worker's thread, so the
 // workers run in UCX's single-thread mode.
 //
+// Progress. TakeProgressSource hands rail 0 to the caller: its thread ends
+// and is joined, and the caller's thread runs it through the ProgressSource
+// (kvbounce/transport.h) from then on — the agent's control loop, so that
+// the session and UCX share a thread. Shutdown then waits for the driver to
+// poll rail 0 to its end; a source destroyed before that gives rail 0 its
+// thread back. Callbacks of rail 0 then run on the driver's thread.
+//
 // Connections. Rail 0 listens at `listen_address` (a UCP listener). A
 // connection has one control endpoint, client-server over TCP with peer
 // error handling, on rail 0: it carries the transport's own handshake, the
-// session's control frames (UCP active messages, sent eager, in order) and
-// the close handshake. Once the handshake has exchanged the rails' worker
+// session's control frames (UCP active messages, sent eager, in order;
+// between processes of one host they take rail 0's data endpoint instead,
+// in shared memory: docs/transports.md, "Frames in shared memory") and the
+// close handshake. Once the handshake has exchanged the rails' worker
 // addresses, each side opens one data endpoint per rail to the peer's rail
 // of the same index. Between processes of one host (same boot id) with
 // `same_host_shared_memory`, data endpoints have no error handling, so UCX
@@ -27,7 +36,8 @@
 // registered region (not RMA puts: docs/transports.md says why). A rail
 // keeps at most kPutWindow sends in flight and checks the write's stop token
 // before each. Flush sends a flush message behind the data on every rail and
-// completes when every receiving rail acknowledged it.
+// completes when every receiving rail acknowledged it (on its own data
+// endpoint).
 //
 // Reads. Between processes of one host, Read copies a peer's registered
 // memory into this process with process_vm_readv(2) (cross-memory attach:
@@ -76,10 +86,9 @@
 // succeeded.
 //
 // Thread safety: every public method is thread-safe. Callbacks run on the
-// rail threads (control callbacks on rail 0) and on the reader thread (read
-// completions), with no transport lock held; concurrent_callbacks is true
-// with more than one rail or with same_host_read. Shutdown must not be
-// called from a callback.
+// rail threads (control callbacks on rail 0, or on its driver's thread) and
+// on the reader thread (read completions), with no transport lock held; concurrent_callbacks is
+// true with more than one rail or with same_host_read. Shutdown must not be called from a callback.
 #ifndef KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 #define KVBOUNCE_TRANSPORT_UCX_UCX_TRANSPORT_H_
 
@@ -138,6 +147,8 @@ class UcxTransport final : public Transport {
   void Disconnect(PeerId peer, const Status& reason) override;
   void Shutdown() override;
   TransportStats Stats() const override;
+  // Rail 0 (see "Progress" in the file comment).
+  std::unique_ptr<ProgressSource> TakeProgressSource() override;
 
  private:
   explicit UcxTransport(std::shared_ptr<ucx_internal::Engine> engine);
