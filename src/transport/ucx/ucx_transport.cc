@@ -462,6 +462,11 @@ class Rail {
   bool DrivenPrepareToSleep(std::chrono::microseconds* max_sleep);
   void Detach();
   int epoll_fd() const { return epoll_fd_; }
+  // A source drives the rail now (any thread; the answer may be stale).
+  bool driven() {
+    std::lock_guard<std::mutex> lock(drive_mu_);
+    return driven_ && !finished_;
+  }
 
   ucp_worker_h worker() const { return worker_; }
   const std::vector<std::byte>& address() const { return address_; }
@@ -665,6 +670,10 @@ class RemoteReader {
   Status Start();
   // Queues `job` (moved from only on success). False once stopping.
   bool Post(ReadJob& job);
+  // Runs `job` on the calling thread (the reader's, or rail 0's for a small
+  // read while rail 0 is driven), then its `done`; stops at the next piece
+  // once StopAndJoin began.
+  void Execute(ReadJob& job);
   // Ends the job in progress at its next piece and fails the queued ones
   // with kAborted (their `done` runs on the reader thread), then joins.
   // Idempotent.
@@ -672,7 +681,6 @@ class RemoteReader {
 
  private:
   void Run();
-  void Execute(ReadJob& job);
 
   Engine* const engine_;
   const uint64_t piece_bytes_;
@@ -2755,6 +2763,14 @@ Status Engine::Read(const RemoteRegion& source, const LocalRegion& target,
               .use = local->use(),
               .done = std::move(done),
               .stop = std::move(stop)};
+  // A small read while rail 0 runs on its caller's thread (an agent's
+  // control loop) runs there too, after the caller's current task, instead
+  // of costing a hand-off to the reader and one back; a few microseconds of
+  // copy hold rail 0 up no longer than a data message does.
+  if (bytes <= UcxTransport::kLoopReadBytes && rails_[0]->driven() &&
+      rails_[0]->Post([this, job]() mutable { reader_->Execute(job); })) {
+    return Status();
+  }
   if (!reader_->Post(job)) {
     // Unreachable: the reader stops only after Shutdown took api_mu_.
     local->use()->Release();

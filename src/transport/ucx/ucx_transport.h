@@ -52,11 +52,13 @@
 // read_remote when `same_host_read` is on: some peers may be readable.
 // One reader thread per transport (started by Create, joined by Shutdown)
 // runs every Read, one at a time in the order accepted, off the rails (UCX
-// progress never waits for a copy): each call copies up to IOV_MAX ranges
+// progress never waits for a copy) — but a Read of at most kLoopReadBytes
+// while rail 0 is driven by a caller (Progress, above) runs on rail 0, on
+// that caller's thread, after the caller's current work: each call copies up to IOV_MAX ranges
 // and at most `put_chunk_bytes` bytes (a larger op takes several calls),
 // and before each call the reader checks the transport's shutdown, the
 // connection's end and the stop token, so a Read ends at its next call. A
-// read's `done` runs on the reader thread. Errors in `done`: kUnavailable
+// read's `done` runs on the thread that ran it. Errors in `done`: kUnavailable
 // when the connection ended or the peer process is gone (ESRCH, or its
 // pidfd says it exited: a pid is never trusted after its process exited),
 // kFailedPrecondition when the peer's range is not mapped (EFAULT: the
@@ -119,6 +121,9 @@ class UcxTransport final : public Transport {
   // How long Shutdown waits for open peers to confirm the close (each has
   // then taken every message this transport sent it) before it cuts them.
   static constexpr std::chrono::milliseconds kShutdownDrain{2000};
+  // A Read of at most this many bytes runs on rail 0 while a caller drives
+  // it (TakeProgressSource), not on the reader thread.
+  static constexpr uint64_t kLoopReadBytes = uint64_t{64} << 10;
 
   // Creates the context, the workers and their threads, and listens.
   // Errors: kInvalidArgument naming a bad option, kUnavailable when UCX
