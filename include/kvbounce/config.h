@@ -101,8 +101,10 @@ struct Config {
   int64_t copy_mb_per_s = 0;
 
   // How long an agent thread that ran out of work keeps polling for more
-  // before it sleeps, in µs: the agent's control loop and, over UCX, each
-  // worker's progress thread. A hand-off to a thread that is still polling
+  // before it sleeps, in µs: the agent's control loop, over UCX each
+  // worker's progress thread and the reader, the loopback endpoint's thread,
+  // and with device pools the CUDA copy engine's thread and the cuda-ipc
+  // transport's socket and copy threads. A hand-off to a thread that is still polling
   // costs about a microsecond, one to a sleeping thread a wake-up (17-48 µs
   // on an idle core), and a small request takes several hand-offs per side
   // (docs/architecture.md §10). Polling spends that time on a core instead,

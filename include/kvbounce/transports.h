@@ -40,6 +40,10 @@ struct LoopbackOptions {
   // runtime. Off, the endpoint reaches host memory only, as Debian's UCX
   // does: device pools then stage through pinned host arenas.
   bool device_memory = true;
+  // How long the endpoint's thread, out of work, keeps looking for more
+  // before it sleeps (Config::poll_before_sleep_us, which the agent passes
+  // here). In [0, Config::kMaxPollUs µs]; 0: it sleeps at once.
+  std::chrono::microseconds poll_before_sleep{0};
 };
 Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
                                                         std::string name,
@@ -104,6 +108,11 @@ struct CudaIpcTransportOptions {
   int device = 0;
   // How long Connect waits for the peer's socket.
   std::chrono::milliseconds connect_timeout{10000};
+  // How long the transport's threads (the socket's, the copies', the copy
+  // engine's), out of work, keep looking for more before they sleep
+  // (Config::poll_before_sleep_us, which the agent passes here). In
+  // [0, Config::kMaxPollUs µs]; 0: they sleep at once.
+  std::chrono::microseconds poll_before_sleep{0};
 };
 
 // A cuda-ipc transport. Errors: kUnimplemented (a build without CUDA),

@@ -3,10 +3,9 @@
 // UCX's shared-memory transports hand a message from one thread to another
 // through a queue in shared memory, synchronized inside UCX, which is not
 // instrumented. Where kvbounce relies on such a message for ordering (a
-// flush's answer means "the data before it landed"; a frame carries what
-// its sender did before it), the sender calls TsanRelease and the receiver
-// TsanAcquire on the same address, so that a ThreadSanitizer build sees the
-// order the hardware already gives. Outside such a build both are no-ops.
+// flush's answer means "the data before it landed"), the sender calls
+// TsanRelease and the receiver TsanAcquire on the same address, so that a ThreadSanitizer build
+// sees the order the hardware already gives. Outside such a build both are no-ops.
 #ifndef KVBOUNCE_COMMON_TSAN_H_
 #define KVBOUNCE_COMMON_TSAN_H_
 

@@ -24,6 +24,7 @@
 #ifndef KVBOUNCE_COPY_DEVICE_SUPPORT_H_
 #define KVBOUNCE_COPY_DEVICE_SUPPORT_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -109,8 +110,10 @@ class DeviceSupport {
   virtual Result<std::unique_ptr<Allocation>> AllocatePinned(size_t bytes) const = 0;
 
   // A batched copy engine on `device`: it reaches that device's memory and
-  // pinned host memory, not pageable host memory.
-  virtual Result<std::unique_ptr<CopyEngine>> NewCopyEngine(int device) const = 0;
+  // pinned host memory, not pageable host memory. Its thread polls for the
+  // next batch for `poll_before_sleep` before it sleeps (0: never).
+  virtual Result<std::unique_ptr<CopyEngine>> NewCopyEngine(
+      int device, std::chrono::microseconds poll_before_sleep) const = 0;
 
   // A copier issuing one runtime copy per operation, on `device`.
   virtual Result<std::unique_ptr<OpCopier>> NewOpCopier(int device) const = 0;

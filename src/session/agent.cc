@@ -140,7 +140,9 @@ Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, c
     const std::string name = spec.loopback_name.empty()
                                  ? options.instance_id + "-" + std::to_string(options.rank)
                                  : spec.loopback_name;
-    Result<std::unique_ptr<Transport>> made = NewLoopbackTransport(spec.fabric, name);
+    LoopbackOptions loopback;
+    loopback.poll_before_sleep = std::chrono::microseconds(config.poll_before_sleep_us);
+    Result<std::unique_ptr<Transport>> made = NewLoopbackTransport(spec.fabric, name, loopback);
     if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (loopback)");
     return made;
   }
@@ -163,6 +165,7 @@ Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, c
     ipc.listen_address = spec.ipc_address;
     ipc.device = options.pool.memory == MemoryKind::kCuda ? options.pool.device : 0;
     ipc.connect_timeout = options.connect_timeout;
+    ipc.poll_before_sleep = std::chrono::microseconds(config.poll_before_sleep_us);
     Result<std::unique_ptr<Transport>> made = NewCudaIpcTransport(ipc);
     if (!made.ok()) return made.status().WithContext("AgentOptions.transport_spec (cuda-ipc)");
     return made;
@@ -366,7 +369,8 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   // batched kernel on the pool's device for a device pool, the CPU engine
   // for host pools.
   if (device != nullptr) {
-    Result<std::unique_ptr<CopyEngine>> engine = device->NewCopyEngine(pool.device);
+    Result<std::unique_ptr<CopyEngine>> engine =
+        device->NewCopyEngine(pool.device, std::chrono::microseconds(config.poll_before_sleep_us));
     if (!engine.ok()) return engine.status().WithContext("the copy engine of the cuda pool");
     copy_ = std::move(engine).value();
   } else {

@@ -149,15 +149,17 @@ bool EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long)
   return false;
 }
 
-void EventLoop::SleepWithSource(std::unique_lock<std::mutex>& lock,
-                                std::chrono::microseconds limit) {
-  // Armed without the lock (the source may post), then a last look at the
-  // queue under it: a Post from here on sees sleeping_ and writes the fd.
+void EventLoop::SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono::microseconds limit,
+                                uint64_t seen) {
+  // Armed without the lock (the source may post), then a last look under
+  // it: whatever changed meanwhile (a task, a timer due sooner than `limit`,
+  // a clock jump, Stop: each bumps changes_ under the lock) sends the loop
+  // round again; from here on, a change sees sleeping_ and writes the fd.
   lock.unlock();
   std::chrono::microseconds cap = limit;
   const bool may_sleep = source_->PrepareToSleep(&cap);
   lock.lock();
-  if (!may_sleep || !tasks_.empty() || stopping_ || jumps_caught_up_ != jumps_) return;
+  if (!may_sleep || changes_.load(std::memory_order_relaxed) != seen) return;
   sleeping_ = true;
   lock.unlock();
   std::array<pollfd, 2> fds{};
@@ -220,7 +222,10 @@ void EventLoop::Run() {
       ++tasks_unpolled;
       continue;
     }
-    // Out of tasks and due timers: the source's turn.
+    // Out of tasks and due timers: the source's turn. A change from here on
+    // (a task, a timer, a jump, Stop) keeps the loop from sleeping on what
+    // it saw (SleepWithSource).
+    const uint64_t idle_seen = changes_.load(std::memory_order_relaxed);
     if (source_ != nullptr && poll_source()) {
       polled = false;
       continue;
@@ -258,7 +263,7 @@ void EventLoop::Run() {
                         : std::min<Clock::Duration>(timers_.begin()->first.first - now, kMaxWait);
     if (source_ != nullptr) {
       // Rounded up: a timer is never fired early by a short sleep.
-      SleepWithSource(lock, std::chrono::ceil<std::chrono::microseconds>(left));
+      SleepWithSource(lock, std::chrono::ceil<std::chrono::microseconds>(left), idle_seen);
     } else if (!timers_.empty()) {
       cv_.wait_for(lock, left);
     } else {

@@ -122,8 +122,10 @@ class EventLoop {
   // clears the flag so that one write per sleep suffices.
   bool TakeSleeperLocked();
   // Sleeps on the source's fd and the eventfd for at most `limit` (the
-  // lock released meanwhile).
-  void SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono::microseconds limit);
+  // lock released meanwhile), unless changes_ moved past `seen` (what the
+  // loop saw when it found itself idle) or the source has work.
+  void SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono::microseconds limit,
+                       uint64_t seen);
   // The clock jumped: wait until the loop caught up (see the file comment).
   void OnClockJump();
   // Polls, without the lock, until `changes_` moves past `seen`, the source

@@ -26,6 +26,7 @@
 #include "common/status_matchers.h"
 #include "copy/copy_engine.h"
 #include "copy/cuda/cuda_util.h"
+#include "kvbounce/config.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "layout/fragment.h"
@@ -197,6 +198,13 @@ TEST(CudaCopyEngineOptionsTest, BadOptionsAreInvalidArguments) {
     options.spin_before_sleep = spin;
     EXPECT_THAT(CudaCopyEngine::Create(options),
                 StatusIs(StatusCode::kInvalidArgument, HasSubstr("spin_before_sleep")));
+  }
+  for (const auto poll :
+       {std::chrono::microseconds(-1), std::chrono::microseconds(Config::kMaxPollUs + 1)}) {
+    options = CudaCopyEngine::Options();
+    options.poll_before_sleep = poll;
+    EXPECT_THAT(CudaCopyEngine::Create(options),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("poll_before_sleep")));
   }
 }
 

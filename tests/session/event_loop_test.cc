@@ -277,6 +277,7 @@ class FakeSource final : public ProgressSource {
     bool polled_off_thread = false;
     bool destroyed = false;
     std::function<void()> on_take;  // runs on the loop thread, per taking
+    std::function<void()> on_prepare;  // runs first in every PrepareToSleep
   };
 
   explicit FakeSource(std::shared_ptr<Shared> shared)
@@ -321,6 +322,12 @@ class FakeSource final : public ProgressSource {
     return true;
   }
   bool PrepareToSleep(std::chrono::microseconds* max_sleep) override {
+    std::function<void()> on_prepare;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      on_prepare = shared_->on_prepare;
+    }
+    if (on_prepare) on_prepare();
     std::lock_guard<std::mutex> lock(shared_->mu);
     ++shared_->prepares;
     if (shared_->refusals_left > 0) {
@@ -439,6 +446,9 @@ TEST(EventLoopSourceTest, PrepareToSleepCanRefuseTheSleepAndCapIt) {
     driven.shared->refusals_left = 50;
     driven.shared->cap = std::chrono::microseconds(1000);
   }
+  // The loop may be asleep already, uncapped: a task wakes it, and it
+  // prepares its next sleep with these settings.
+  ASSERT_TRUE(driven.loop->Post([] {}));
   // Idle: every refusal costs a poll; then each capped sleep ends on its
   // own (nothing else wakes this loop), so the prepares keep coming.
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
@@ -452,6 +462,48 @@ TEST(EventLoopSourceTest, PrepareToSleepCanRefuseTheSleepAndCapIt) {
   }
   std::lock_guard<std::mutex> lock(driven.shared->mu);
   EXPECT_GE(driven.shared->polls, 50);
+}
+
+// What comes in while the loop readies its source for a sleep (the loop's
+// lock is free then) is not slept through: a timer due soon fires on time
+// rather than after the hour the loop meant to sleep, and Stop returns.
+TEST(EventLoopSourceTest, ATimerOrStopThatComesWhileTheSourcePreparesIsNotSleptThrough) {
+  for (const bool stop : {false, true}) {
+    SCOPED_TRACE(stop ? "Stop" : "a timer");
+    DrivenLoop driven;
+    ASSERT_NE(driven.loop, nullptr);
+    EventLoop& loop = *driven.loop;
+    std::atomic<bool> armed{true};
+    std::atomic<bool> done{false};
+    // The next PrepareToSleep (the loop idle, no timer: it means to sleep
+    // for the longest wait) posts the change itself, once.
+    {
+      std::lock_guard<std::mutex> lock(driven.shared->mu);
+      driven.shared->on_prepare = [&] {
+        if (!armed.exchange(false)) return;
+        if (stop) {
+          std::thread([&] {
+            loop.Stop();
+            done.store(true);
+          }).detach();
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));  // Stop has begun
+        } else {
+          loop.PostAt(std::chrono::steady_clock::now() + std::chrono::milliseconds(1),
+                      [&] { done.store(true); });
+        }
+      };
+    }
+    ASSERT_TRUE(loop.Post([] {}));  // wakes the loop, which then prepares again
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!done.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_TRUE(done.load()) << "the loop slept through it";
+    if (stop) {
+      // The detached Stop returned; the loop is joined.
+      EXPECT_FALSE(loop.Post([] {}));
+    }
+  }
 }
 
 // Stop runs the tasks posted before it, then destroys (detaches) the source

@@ -21,6 +21,7 @@
 
 #include "common/status_matchers.h"
 #include "copy/device_support.h"
+#include "kvbounce/config.h"
 #include "kvbounce/status.h"
 #include "kvbounce/transport.h"
 #include "kvbounce/transports.h"
@@ -192,6 +193,12 @@ class LoopbackWriteTest : public LoopbackDataTest {
 TEST_F(LoopbackTransportTest, CreateValidatesNameAndFabric) {
   EXPECT_THAT(LoopbackTransport::Create(nullptr, "a"), StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT(LoopbackTransport::Create(fabric_, ""), StatusIs(StatusCode::kInvalidArgument));
+  for (const int64_t us : {int64_t{-1}, Config::kMaxPollUs + 1}) {
+    LoopbackOptions options;
+    options.poll_before_sleep = std::chrono::microseconds(us);
+    EXPECT_THAT(LoopbackTransport::Create(fabric_, "polling", options),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("poll_before_sleep")));
+  }
   auto a = LoopbackTransport::Create(fabric_, "a");
   ASSERT_THAT(a, IsOk());
   EXPECT_THAT(LoopbackTransport::Create(fabric_, "a"),

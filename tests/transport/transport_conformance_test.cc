@@ -70,14 +70,16 @@ struct TransportFactory {
 
 class LoopbackNetwork : public TransportNetwork {
  public:
+  explicit LoopbackNetwork(LoopbackOptions options = {}) : options_(options) {}
   Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string& name) override {
-    KVB_ASSIGN_OR_RETURN(auto transport, LoopbackTransport::Create(fabric_, name));
+    KVB_ASSIGN_OR_RETURN(auto transport, LoopbackTransport::Create(fabric_, name, options_));
     return std::unique_ptr<Transport>(std::move(transport));
   }
   std::string UnreachableAddress() override { return "loopback:nobody-here"; }
   std::string MalformedAddress() override { return "tcp://1.2.3.4:5"; }
 
  private:
+  LoopbackOptions options_;
   std::shared_ptr<LoopbackFabric> fabric_ = LoopbackFabric::Create();
 };
 
@@ -93,6 +95,15 @@ class FaultLoopbackNetwork : public LoopbackNetwork {
 
 TransportFactory LoopbackFactory() {
   return {"loopback", [] { return std::make_unique<LoopbackNetwork>(); }};
+}
+
+// Endpoint threads that poll before they sleep.
+TransportFactory LoopbackPollingFactory() {
+  return {"loopback_polling", [] {
+            LoopbackOptions options;
+            options.poll_before_sleep = std::chrono::microseconds(200);
+            return std::make_unique<LoopbackNetwork>(options);
+          }};
 }
 
 TransportFactory FaultLoopbackFactory() {
@@ -1456,7 +1467,8 @@ TEST_P(TransportConformanceTest, ConcurrentReadsFromManyThreads) {
 #undef KVB_READ_SETUP
 
 std::vector<TransportFactory> AllFactories() {
-  std::vector<TransportFactory> factories = {LoopbackFactory(), FaultLoopbackFactory()};
+  std::vector<TransportFactory> factories = {LoopbackFactory(), LoopbackPollingFactory(),
+                                             FaultLoopbackFactory()};
 #if defined(KVBOUNCE_HAVE_UCX)
   factories.push_back(UcxTcpFactory());
   factories.push_back(UcxSharedMemoryFactory());

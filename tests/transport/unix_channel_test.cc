@@ -34,6 +34,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <set>
 #include <span>
 #include <string>
@@ -458,6 +459,36 @@ TEST(UnixChannelTest, MessagesBothWaysInOrderWithPeerCredentials) {
     EXPECT_TRUE(at_a[i].bytes == Pattern(sizes[i], 1000 + i)) << "message " << i;
   }
   EXPECT_FALSE(p.a.channel().PeerProcessExited(p.a_to_b));
+  EXPECT_EQ(p.a.violations(), 0);
+  EXPECT_EQ(p.b.violations(), 0);
+}
+
+// I/O threads that poll before they sleep (poll_before_sleep): messages go
+// back and forth one at a time (each side's thread finds the next while it
+// polls, or after it slept, at random gaps around the poll's end), in
+// order, and the channels shut down as usual.
+TEST(UnixChannelTest, PollingIoThreadsCarryAPingPong) {
+  UnixChannelOptions options;
+  options.poll_before_sleep = std::chrono::microseconds(200);
+  Pair p(options, options);
+  ASSERT_NO_FATAL_FAILURE(p.Connect());
+  std::mt19937 random(5);
+  std::uniform_int_distribution<int> gap_us(0, 400);
+  for (size_t i = 0; i < 200; ++i) {
+    std::this_thread::sleep_for(std::chrono::microseconds(gap_us(random)));
+    ASSERT_THAT(p.a.channel().Send(p.a_to_b, Pattern(64, i)), IsOk());
+    ASSERT_TRUE(p.b.WaitMessages(i + 1)) << "ping " << i;
+    ASSERT_THAT(p.b.channel().Send(p.b_to_a, Pattern(64, 1000 + i)), IsOk());
+    ASSERT_TRUE(p.a.WaitMessages(i + 1)) << "pong " << i;
+  }
+  std::vector<Received> at_b = p.b.TakeMessages();
+  std::vector<Received> at_a = p.a.TakeMessages();
+  ASSERT_EQ(at_b.size(), 200u);
+  ASSERT_EQ(at_a.size(), 200u);
+  for (size_t i = 0; i < 200; ++i) {
+    EXPECT_TRUE(at_b[i].bytes == Pattern(64, i)) << "ping " << i;
+    EXPECT_TRUE(at_a[i].bytes == Pattern(64, 1000 + i)) << "pong " << i;
+  }
   EXPECT_EQ(p.a.violations(), 0);
   EXPECT_EQ(p.b.violations(), 0);
 }

@@ -7,10 +7,12 @@
 #include <cstring>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
 #include "copy/cuda/copy_kernel.cuh"
+#include "kvbounce/config.h"
 #include "kvbounce/logging.h"
 
 namespace kvbounce {
@@ -88,6 +90,12 @@ Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& op
                                 std::to_string(options.max_launch_pieces) +
                                 " is invalid: must be 1 to " +
                                 std::to_string(Options::kMaxLaunchPieces));
+  }
+  if (options.poll_before_sleep < std::chrono::microseconds(0) ||
+      options.poll_before_sleep > std::chrono::microseconds(Config::kMaxPollUs)) {
+    return InvalidArgumentError("cuda copy engine: poll_before_sleep = " +
+                                std::to_string(options.poll_before_sleep.count()) +
+                                " µs: must be in [0, " + std::to_string(Config::kMaxPollUs) + "]");
   }
   if (options.spin_before_sleep < std::chrono::microseconds(0) ||
       options.spin_before_sleep > Options::kMaxSpinBeforeSleep) {
@@ -196,6 +204,7 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return AbortedError("cuda copy engine: shutting down, batch not accepted");
     queue_.push_back(std::move(state));
+    submitted_.fetch_add(1, std::memory_order_release);
   }
   work_cv_.notify_one();
   return Status::Ok();
@@ -211,6 +220,19 @@ void CudaCopyEngine::Loop() {
   for (;;) {
     if (current == nullptr) {
       std::unique_lock<std::mutex> lock(mu_);
+      if (in_flight_.empty() && queue_.empty() && !stopping_ &&
+          options_.poll_before_sleep.count() > 0) {
+        // Look for the next batch a while before sleeping (Options::
+        // poll_before_sleep), yielding the core meanwhile.
+        const uint64_t seen = submitted_.load(std::memory_order_relaxed);
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
+        while (submitted_.load(std::memory_order_acquire) == seen &&
+               std::chrono::steady_clock::now() < until) {
+          std::this_thread::yield();
+        }
+        lock.lock();
+      }
       if (in_flight_.empty()) {
         work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       }

@@ -105,6 +105,11 @@ struct CudaCopyEngineOptions {
   // the thread this much CPU per launch plus the launch's expected run
   // time, kMaxSpinBeforeSleep at most. In [0, kMaxSpinBeforeSleep].
   std::chrono::microseconds spin_before_sleep{20};
+  // How long the engine thread, out of batches, keeps looking for the next
+  // one before it sleeps (Config::poll_before_sleep_us, which the agent
+  // passes here): a batch submitted meanwhile starts without a wake-up.
+  // In [0, Config::kMaxPollUs µs]; 0: it sleeps at once.
+  std::chrono::microseconds poll_before_sleep{0};
 
   // For tests only: called on the engine thread before the stop token of a
   // batch is checked for each of its launches, with the launch's index in
@@ -147,9 +152,11 @@ class CudaCopyEngine final : public CopyEngine {
   // kResourceExhausted when buffers cannot be allocated or the thread cannot
   // start; other codes as CudaStatus maps a failing call.
   static Result<std::unique_ptr<CudaCopyEngine>> Create(const Options& options);
-  static Result<std::unique_ptr<CudaCopyEngine>> Create(int device = 0) {
+  static Result<std::unique_ptr<CudaCopyEngine>> Create(
+      int device = 0, std::chrono::microseconds poll_before_sleep = {}) {
     Options options;
     options.device = device;
+    options.poll_before_sleep = poll_before_sleep;
     return Create(options);
   }
 
@@ -197,6 +204,7 @@ class CudaCopyEngine final : public CopyEngine {
 
   std::mutex mu_;
   std::condition_variable work_cv_;
+  std::atomic<uint64_t> submitted_{0};             // batches queued ever (read while polling)
   std::deque<std::shared_ptr<BatchState>> queue_;  // guarded by mu_
   bool stopping_ = false;                          // guarded by mu_
 

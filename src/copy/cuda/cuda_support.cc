@@ -80,8 +80,10 @@ class CudaDeviceSupport final : public DeviceSupport {
     return CudaPinnedAllocation::Create(bytes);
   }
 
-  Result<std::unique_ptr<CopyEngine>> NewCopyEngine(int device) const override {
-    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CudaCopyEngine> engine, CudaCopyEngine::Create(device));
+  Result<std::unique_ptr<CopyEngine>> NewCopyEngine(
+      int device, std::chrono::microseconds poll_before_sleep) const override {
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CudaCopyEngine> engine,
+                         CudaCopyEngine::Create(device, poll_before_sleep));
     return std::unique_ptr<CopyEngine>(std::move(engine));
   }
 

@@ -21,6 +21,7 @@
 
 #include "common/unique_fd.h"
 #include "copy/device_support.h"
+#include "kvbounce/config.h"
 #include "kvbounce/logging.h"
 #include "transport/unix/unix_channel.h"
 #include "transport/write_check.h"
@@ -587,6 +588,7 @@ class CudaIpcTransport final : public Transport {
                                 " is closed: " + it->second.reason.ToString());
       }
       queue_.push_back(std::move(item));
+      queued_.fetch_add(1, std::memory_order_release);
     }
     work_cv_.notify_one();
     return Status::Ok();
@@ -597,6 +599,17 @@ class CudaIpcTransport final : public Transport {
       Item item;
       {
         std::unique_lock<std::mutex> lock(mu_);
+        if (queue_.empty() && !stopping_ && options_.poll_before_sleep.count() > 0) {
+          // Look for more a while before sleeping (poll_before_sleep).
+          const uint64_t seen = queued_.load(std::memory_order_relaxed);
+          lock.unlock();
+          const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
+          while (queued_.load(std::memory_order_acquire) == seen &&
+                 std::chrono::steady_clock::now() < until) {
+            std::this_thread::yield();
+          }
+          lock.lock();
+        }
         work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;
         item = std::move(queue_.front());
@@ -714,6 +727,7 @@ class CudaIpcTransport final : public Transport {
       fence.kind = Item::Kind::kFence;
       fence.peer = peer;
       queue_.push_back(std::move(fence));
+      queued_.fetch_add(1, std::memory_order_release);
     }
     for (auto& s : stops) s->request_stop();
     work_cv_.notify_one();
@@ -899,6 +913,7 @@ class CudaIpcTransport final : public Transport {
   std::map<PeerId, Conn> conns_;
   std::map<uint64_t, UniqueFd> fd_regions_;  // our VMM regions' descriptors, by id
   std::deque<Item> queue_;
+  std::atomic<uint64_t> queued_{0};  // items queued ever (read while polling)
   std::thread worker_;
   std::thread reaper_;
   std::atomic<uint64_t> next_region_{1};
@@ -913,6 +928,12 @@ Result<std::unique_ptr<Transport>> CreateCudaIpcTransport(const CudaIpcTransport
   const DeviceSupport* device = CudaSupport();
   if (device == nullptr) {
     return UnimplementedError("the cuda-ipc transport needs a build with CUDA");
+  }
+  if (options.poll_before_sleep.count() < 0 ||
+      options.poll_before_sleep.count() > Config::kMaxPollUs) {
+    return InvalidArgumentError(
+        "cuda-ipc: poll_before_sleep = " + std::to_string(options.poll_before_sleep.count()) +
+        " µs: must be in [0, " + std::to_string(Config::kMaxPollUs) + "]");
   }
   std::string why;
   const int count = device->DeviceCount(&why);
@@ -931,8 +952,10 @@ Result<std::unique_ptr<Transport>> CreateCudaIpcTransport(const CudaIpcTransport
     name.remove_prefix(UnixChannel::kAddressPrefix.size());
   }
   channel_options.name = std::string(name);
+  channel_options.poll_before_sleep = options.poll_before_sleep;
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<UnixChannel> channel, UnixChannel::Create(channel_options));
-  KVB_ASSIGN_OR_RETURN(std::unique_ptr<CopyEngine> engine, device->NewCopyEngine(options.device));
+  KVB_ASSIGN_OR_RETURN(std::unique_ptr<CopyEngine> engine,
+                       device->NewCopyEngine(options.device, options.poll_before_sleep));
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<OpCopier> copier, device->NewOpCopier(options.device));
   const int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) {

@@ -20,6 +20,7 @@
 
 #include "common/memcpy_rate.h"
 #include "copy/device_support.h"
+#include "kvbounce/config.h"
 #include "kvbounce/logging.h"
 #include "transport/write_check.h"
 
@@ -455,6 +456,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   std::mutex queue_mu_;
   std::condition_variable queue_cv_;
   std::deque<Item> queue_;
+  std::atomic<uint64_t> enqueued_{0};  // items queued ever (read while polling)
   bool queue_closed_ = false;
   // Set when Shutdown starts: the thread fails or drops what it pops.
   std::atomic<bool> aborting_{false};
@@ -641,6 +643,7 @@ bool Endpoint::Enqueue(Item& item) {
     std::lock_guard<std::mutex> lock(queue_mu_);
     if (queue_closed_) return false;
     queue_.push_back(std::move(item));
+    enqueued_.fetch_add(1, std::memory_order_release);
   }
   queue_cv_.notify_one();
   return true;
@@ -959,6 +962,18 @@ void Endpoint::Loop() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(queue_mu_);
+      if (queue_.empty() && !queue_closed_ && options_.poll_before_sleep.count() > 0) {
+        // Look for more a while before sleeping (LoopbackOptions::
+        // poll_before_sleep), yielding the core meanwhile.
+        const uint64_t seen = enqueued_.load(std::memory_order_relaxed);
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
+        while (enqueued_.load(std::memory_order_acquire) == seen &&
+               std::chrono::steady_clock::now() < until) {
+          std::this_thread::yield();
+        }
+        lock.lock();
+      }
       queue_cv_.wait(lock, [this] { return !queue_.empty() || queue_closed_; });
       if (queue_.empty()) return;  // closed and drained
       batch.swap(queue_);
@@ -1223,6 +1238,12 @@ Result<std::unique_ptr<LoopbackTransport>> LoopbackTransport::Create(
     std::shared_ptr<LoopbackFabric> fabric, std::string name, const LoopbackOptions& options) {
   if (fabric == nullptr) return InvalidArgumentError("loopback transport: the fabric is null");
   if (name.empty()) return InvalidArgumentError("loopback transport: the name is empty");
+  if (options.poll_before_sleep.count() < 0 ||
+      options.poll_before_sleep.count() > Config::kMaxPollUs) {
+    return InvalidArgumentError("loopback transport: poll_before_sleep = " +
+                                std::to_string(options.poll_before_sleep.count()) +
+                                " µs: must be in [0, " + std::to_string(Config::kMaxPollUs) + "]");
+  }
   loopback_internal::FabricImpl& impl = *fabric->impl_;
   const uint64_t id = impl.NextEndpointId();
   auto endpoint =

@@ -71,10 +71,7 @@ constexpr unsigned kDataAmId = 12;
 // kFlushNack when some fell outside a registered region (value = the
 // flush's sequence number). Same-host connections thus settle a flush in
 // shared memory, without the control endpoint's TCP.
-// Between processes of one host, session frames travel on rail 0's data
-// endpoint too (kFrame; value 0), in shared memory, not on the control
-// endpoint's TCP (docs/transports.md, "Frames in shared memory").
-enum class DataKind : uint8_t { kData = 1, kFlush = 2, kFlushAck = 3, kFlushNack = 4, kFrame = 5 };
+enum class DataKind : uint8_t { kData = 1, kFlush = 2, kFlushAck = 3, kFlushNack = 4 };
 constexpr size_t kDataHeaderBytes = 17;
 constexpr uint32_t kHelloMagic = 0x5542564B;  // "KVBU"
 // 2: the peer's pid and read cookie (same-host reads). 3: WIRED, and a
@@ -85,11 +82,8 @@ constexpr uint32_t kKeyMagic = 0x594B564B;  // "KVKY"
 constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kMaxHelloRails = static_cast<size_t>(Config::kMaxNumWorkers);
 constexpr size_t kMaxWorkerAddressBytes = 64 << 10;
-// Frames a peer may send in shared memory before its WIRED arrives (it
-// sends one HELLO, then waits for ours).
-constexpr size_t kMaxEarlyFrames = 64;
-// What a flush's answer and a frame order, for ThreadSanitizer (common/tsan.h):
-// released before either is sent, acquired when either arrives.
+// What a flush's answer orders, for ThreadSanitizer (common/tsan.h):
+// released before it is sent, acquired when it arrives.
 char g_shm_order = 0;
 constexpr size_t kMaxHostIdBytes = 512;
 
@@ -401,9 +395,8 @@ struct RequestContext {
   uint64_t flush_seq = 0;  // a flush message's sequence number; 0 for data
   bool wiring = false;     // the flush that completes a data endpoint's wire-up
   // A message nothing waits for: a flush's answer (DataKind::kFlushAck or
-  // kFlushNack) or a session frame (kFrame, whose bytes `frame` holds).
+  // kFlushNack).
   bool message = false;
-  std::shared_ptr<std::vector<std::byte>> frame;
   // Settled without UCX and handed back with ucp_request_free (see
   // Rail::Abandon): UCX's late completion, if any, only ends the context.
   bool abandoned = false;
@@ -517,18 +510,6 @@ class Rail {
   void IssueWork();
   void IssueAcks();
 
- public:
-  // Sends a session frame on the data endpoint to `peer` (rail 0, shared
-  // memory); false when there is none (the connection is ending).
-  bool SendFrame(PeerId peer, std::vector<std::byte> body);
-  // Runs UCX's progress until it finds nothing more (bounded): what the
-  // peer put into this worker's shared-memory queues is taken.
-  void Drain() {
-    for (int i = 0; i < 4096 && ucp_worker_progress(worker_) != 0; ++i) {
-    }
-  }
-
- private:
   void FinishItem(WorkItem& item, const Status& status, bool skipped);
   void IssueFlush(PeerId peer, std::shared_ptr<Countdown> countdown);
   void CheckFence(PeerId peer);
@@ -630,10 +611,7 @@ struct Conn {
   int rails_to_wire = 0;    // data endpoints whose wire-up is in progress
   bool wired = false;       // ours are wired up and WIRED went out
   bool peer_wired = false;  // the peer's WIRED arrived
-  // Session frames go on rail 0's data endpoint (shared memory), and those
-  // that came that way before the peer's WIRED wait here for the opening.
-  bool frames_on_data = false;
-  std::vector<std::vector<std::byte>> early_frames;
+
   std::vector<std::vector<std::byte>> peer_rails;
   Status reason;
   // The reads of the fence: accepted Reads not yet ended, and whether new
@@ -736,8 +714,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void OnDataEpError(PeerId peer, ucs_status_t status);
   // A rail's data endpoint to `peer` is wired up (any thread).
   void DataEpWired(PeerId peer);
-  // Rail 0: a session frame from `peer` came on its data endpoint.
-  void FrameArrived(PeerId peer, std::vector<std::byte> frame);
+
   void OnControlEpError(PeerId peer, ucs_status_t status);
   uint64_t nonce() const { return nonce_; }
   const UcxTransportOptions& options() const { return options_; }
@@ -1248,15 +1225,6 @@ ucs_status_t Rail::OnData(void* arg, const void* header, size_t header_length, v
       in.dropped = false;
       return UCS_OK;
     }
-    case DataKind::kFrame: {
-      if (rail->index_ != 0 || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
-        return UCS_OK;  // frames are eager and on rail 0 only
-      }
-      const auto* begin = static_cast<const std::byte*>(data);
-      TsanAcquire(&g_shm_order);
-      rail->engine_->FrameArrived(in.peer, std::vector<std::byte>(begin, begin + length));
-      return UCS_OK;
-    }
     case DataKind::kFlushAck:
     case DataKind::kFlushNack: {
       // Only the peer the flush went to answers it.
@@ -1270,35 +1238,6 @@ ucs_status_t Rail::OnData(void* arg, const void* header, size_t header_length, v
     }
   }
   return UCS_OK;
-}
-
-bool Rail::SendFrame(PeerId peer_id, std::vector<std::byte> body) {
-  auto it = peers_.find(peer_id);
-  if (it == peers_.end() || it->second.aborting || it->second.ep == nullptr || stopping_) {
-    return false;
-  }
-  RailPeer& peer = it->second;
-  auto pieces = std::make_shared<std::vector<Piece>>(1);
-  (*pieces)[0].header = DataHeader(DataKind::kFrame, engine_->nonce(), 0);
-  auto frame = std::make_shared<std::vector<std::byte>>(std::move(body));
-  TsanRelease(&g_shm_order);
-  ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = UCP_AM_SEND_FLAG_EAGER;
-  param.cb.send = &Rail::SendDone;
-  param.user_data = this;
-  void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(), kDataHeaderBytes,
-                                  frame->data(), frame->size(), &param);
-  if (UCS_PTR_IS_ERR(request)) return false;
-  if (request != nullptr) {
-    new (request) RequestContext{
-        .pieces = std::move(pieces), .peer = peer_id, .message = true, .frame = std::move(frame)};
-    ++in_flight_;
-    ++peer.outstanding;
-    peer.requests.insert(request);
-  }
-  return true;
 }
 
 void Rail::IssueAcks() {
@@ -2222,9 +2161,6 @@ void Engine::HandleAm(ucp_ep_h ep, MsgType type, std::vector<std::byte> payload)
       MaybeOpen(conn);
       return;
     case MsgType::kFenced:
-      // The peer closed its data endpoints before it sent this, so every
-      // frame it sent in shared memory is in our queues: take them first.
-      if (conn->frames_on_data) rails_[0]->Drain();
       conn->peer_fenced = true;
       BeginTeardown(conn, UnavailableError(conn->where + " closed the connection"), true);
       MaybeComplete(conn);
@@ -2347,32 +2283,6 @@ void Engine::MaybeOpen(const std::shared_ptr<Conn>& conn) {
   }
   conn->was_open = true;
   SetState(*conn, Conn::kOpen);
-  // Frames the peer sent in shared memory once it had opened, before its
-  // WIRED reached us over TCP: in the order sent.
-  std::vector<std::vector<std::byte>> early;
-  early.swap(conn->early_frames);
-  for (auto& frame : early) FrameArrived(conn->id, std::move(frame));
-}
-
-void Engine::FrameArrived(PeerId peer, std::vector<std::byte> frame) {
-  std::shared_ptr<Conn> conn = FindConn(peer);
-  if (!conn || conn->teardown) return;
-  if (conn->state.load() == Conn::kHandshake) {
-    // The peer opens first when our WIRED reached it before its reached us.
-    if (conn->early_frames.size() >= kMaxEarlyFrames) {
-      BeginTeardown(conn,
-                    DataLossError(conn->where + " sent more than " +
-                                  std::to_string(kMaxEarlyFrames) + " frames before its WIRED"),
-                    true);
-      return;
-    }
-    conn->early_frames.push_back(std::move(frame));
-    return;
-  }
-  // started_ (acquire) orders this read of callbacks_ after Start's write.
-  if (conn->state.load() != Conn::kOpen || !started_.load(std::memory_order_acquire)) return;
-  messages_received_.fetch_add(1, std::memory_order_relaxed);
-  if (callbacks_.on_message) callbacks_.on_message(conn->id, std::move(frame));
 }
 
 void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
@@ -2381,7 +2291,6 @@ void Engine::OpenDataEps(const std::shared_ptr<Conn>& conn) {
     std::lock_guard<std::mutex> lock(conns_mu_);
     shared_memory = conn->shared_memory;
   }
-  conn->frames_on_data = shared_memory;
   // Rail i writes to the peer's rail (i mod its rail count).
   conn->rails_to_wire = static_cast<int>(rails_.size());
   for (size_t i = 0; i < rails_.size(); ++i) {
@@ -2601,12 +2510,6 @@ Status Engine::Send(PeerId peer, std::span<const std::byte> frame) {
   messages_sent_.fetch_add(1, std::memory_order_relaxed);
   rails_[0]->Post([this, conn, body = std::move(body)]() mutable {
     if (conn->state.load() != Conn::kOpen) return;
-    if (conn->frames_on_data) {
-      // No data endpoint any more: the connection is ending, like a
-      // control endpoint that failed.
-      rails_[0]->SendFrame(conn->id, std::move(body));
-      return;
-    }
     SendMessage(conn, MsgType::kFrame, std::move(body));
   });
   return Status();

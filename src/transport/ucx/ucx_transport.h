@@ -17,10 +17,8 @@
 // Connections. Rail 0 listens at `listen_address` (a UCP listener). A
 // connection has one control endpoint, client-server over TCP with peer
 // error handling, on rail 0: it carries the transport's own handshake, the
-// session's control frames (UCP active messages, sent eager, in order;
-// between processes of one host they take rail 0's data endpoint instead,
-// in shared memory: docs/transports.md, "Frames in shared memory") and the
-// close handshake. Once the handshake has exchanged the rails' worker
+// session's control frames (UCP active messages, sent eager, in order) and
+// the close handshake. Once the handshake has exchanged the rails' worker
 // addresses, each side opens one data endpoint per rail to the peer's rail
 // of the same index. Between processes of one host (same boot id) with
 // `same_host_shared_memory`, data endpoints have no error handling, so UCX

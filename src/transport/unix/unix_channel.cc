@@ -803,12 +803,22 @@ bool ChannelCore::PeerProcessExited(ChannelPeerId peer) const {
 
 void ChannelCore::Loop() {
   std::array<epoll_event, 64> events;
+  // Polls (epoll_wait without a timeout) for poll_before_sleep after the
+  // last event, yielding the core between rounds, before it sleeps.
+  auto last_event = Clock::now();
   while (true) {
+    int timeout_ms = NextTimeoutMs();
+    if (options_.poll_before_sleep.count() > 0 && timeout_ms != 0 &&
+        Clock::now() - last_event < options_.poll_before_sleep) {
+      std::this_thread::yield();
+      timeout_ms = 0;
+    }
     const int n =
-        epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), NextTimeoutMs());
+        epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
     if (n < 0 && errno != EINTR) {
       Log(LogLevel::kError, address_ + ": " + CallFailed("epoll_wait", errno));
     }
+    if (n > 0) last_event = Clock::now();
     for (int i = 0; i < n; ++i) Dispatch(events[i]);
     HandlePendingCloses();
     HandleHangUps();

@@ -167,6 +167,9 @@ struct UnixChannelOptions {
   // After EOF from a watched peer: how long to wait for its process to exit
   // before reporting "closed the connection". 0 reports EOF at once.
   std::chrono::milliseconds exit_grace{200};
+  // How long the I/O thread, after its last event, keeps polling the
+  // sockets before it sleeps in epoll_wait (0: it sleeps at once).
+  std::chrono::microseconds poll_before_sleep{0};
 };
 
 struct UnixChannelCallbacks {
