@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/poll.h"
 #include "copy/cuda/copy_kernel.cuh"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
@@ -226,11 +227,7 @@ void CudaCopyEngine::Loop() {
         // poll_before_sleep), yielding the core meanwhile.
         const uint64_t seen = submitted_.load(std::memory_order_relaxed);
         lock.unlock();
-        const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
-        while (submitted_.load(std::memory_order_acquire) == seen &&
-               std::chrono::steady_clock::now() < until) {
-          std::this_thread::yield();
-        }
+        PollForCounter(submitted_, seen, options_.poll_before_sleep);
         lock.lock();
       }
       if (in_flight_.empty()) {

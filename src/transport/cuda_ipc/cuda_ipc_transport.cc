@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/poll.h"
 #include "common/unique_fd.h"
 #include "copy/device_support.h"
 #include "kvbounce/config.h"
@@ -603,11 +604,7 @@ class CudaIpcTransport final : public Transport {
           // Look for more a while before sleeping (poll_before_sleep).
           const uint64_t seen = queued_.load(std::memory_order_relaxed);
           lock.unlock();
-          const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
-          while (queued_.load(std::memory_order_acquire) == seen &&
-                 std::chrono::steady_clock::now() < until) {
-            std::this_thread::yield();
-          }
+          PollForCounter(queued_, seen, options_.poll_before_sleep);
           lock.lock();
         }
         work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });

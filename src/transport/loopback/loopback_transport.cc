@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/memcpy_rate.h"
+#include "common/poll.h"
 #include "copy/device_support.h"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
@@ -967,11 +968,7 @@ void Endpoint::Loop() {
         // poll_before_sleep), yielding the core meanwhile.
         const uint64_t seen = enqueued_.load(std::memory_order_relaxed);
         lock.unlock();
-        const auto until = std::chrono::steady_clock::now() + options_.poll_before_sleep;
-        while (enqueued_.load(std::memory_order_acquire) == seen &&
-               std::chrono::steady_clock::now() < until) {
-          std::this_thread::yield();
-        }
+        PollForCounter(enqueued_, seen, options_.poll_before_sleep);
         lock.lock();
       }
       queue_cv_.wait(lock, [this] { return !queue_.empty() || queue_closed_; });

@@ -515,6 +515,17 @@ class Rail {
   void CheckFence(PeerId peer);
   bool Quiesced() const;
   static void SendDone(void* request, ucs_status_t status, void* user_data);
+  // The parameters of every data-endpoint send: eager, completing through
+  // SendDone on this rail.
+  ucp_request_param_t EagerSendParam() {
+    ucp_request_param_t param{};
+    param.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_EAGER;
+    param.cb.send = &Rail::SendDone;
+    param.user_data = this;
+    return param;
+  }
   static void CloseDone(void* request, ucs_status_t status, void* user_data);
   void Completed(void* request, ucs_status_t status);
 
@@ -1253,12 +1264,7 @@ void Rail::IssueAcks() {
     auto pieces = std::make_shared<std::vector<Piece>>(1);
     (*pieces)[0].header =
         DataHeader(ack.ok ? DataKind::kFlushAck : DataKind::kFlushNack, engine_->nonce(), ack.seq);
-    ucp_request_param_t param{};
-    param.op_attr_mask =
-        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_AM_SEND_FLAG_EAGER;
-    param.cb.send = &Rail::SendDone;
-    param.user_data = this;
+    const ucp_request_param_t param = EagerSendParam();
     void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(),
                                     kDataHeaderBytes, nullptr, 0, &param);
     // A failed send fails the endpoint too (its error handler, or the
@@ -1330,12 +1336,7 @@ void Rail::IssueWork() {
     }
     RailPeer& peer = it->second;
     const Piece& piece = (*item.pieces)[item.next++];
-    ucp_request_param_t param{};
-    param.op_attr_mask =
-        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_AM_SEND_FLAG_EAGER;
-    param.cb.send = &Rail::SendDone;
-    param.user_data = this;
+    const ucp_request_param_t param = EagerSendParam();
     engine_->CountPut(piece.bytes);
     void* request = ucp_am_send_nbx(peer.ep, kDataAmId, piece.header.data(), kDataHeaderBytes,
                                     piece.src, piece.bytes, &param);
@@ -1412,12 +1413,7 @@ void Rail::IssueFlush(PeerId peer_id, std::shared_ptr<Countdown> countdown) {
   ++peer.outstanding;
   auto pieces = std::make_shared<std::vector<Piece>>(1);
   (*pieces)[0].header = DataHeader(DataKind::kFlush, engine_->nonce(), seq);
-  ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = UCP_AM_SEND_FLAG_EAGER;
-  param.cb.send = &Rail::SendDone;
-  param.user_data = this;
+  const ucp_request_param_t param = EagerSendParam();
   void* request = ucp_am_send_nbx(peer.ep, kDataAmId, (*pieces)[0].header.data(),
                                   kDataHeaderBytes, nullptr, 0, &param);
   if (UCS_PTR_IS_ERR(request)) {
