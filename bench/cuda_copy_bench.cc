@@ -10,7 +10,9 @@
 // latency of a one-fragment batch (submit to `done`), the engine's fixed
 // cost per batch, and where one batch's time goes (the host's steps timed
 // apart: checking the list, copying it into pinned memory, uploading it).
-// Prints two tables; exits 0 with a message when there is no
+// Then tiled lists (blocks of runs, as a session's writer hands them over):
+// one batch, several at once on one engine, one on each of several engines.
+// Prints three tables; exits 0 with a message when there is no
 // device.
 //
 //   out/release/bench/cuda_copy_bench [--pool-gib 4] [--batch-mib 256] [--reps 5]
@@ -38,6 +40,7 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "layout/fragment.h"
+#include "layout/tiled_list.h"
 
 namespace kvbounce {
 namespace {
@@ -61,6 +64,36 @@ std::vector<Fragment> Scattered(uint64_t src_base, uint64_t dst_base, uint64_t h
     list[i] = Fragment{src_base + s * bytes, dst_base + d * bytes, bytes};
   }
   return list;
+}
+
+// The same kind of traffic as a tiled plan list of a session's writer
+// (layout/tiled_list.h): blocks of kRunsPerBlock runs of `bytes` (a block
+// pair's shape: one head of every layer and K/V, say), the source runs
+// kSourceStride apart inside their block (the writer holds more heads),
+// the blocks at scattered slots of each half. `blocks` segments, one
+// outer offset.
+constexpr uint64_t kRunsPerBlock = 64;
+constexpr uint64_t kSourceStride = 4;
+
+TiledList ScatteredBlocks(uint64_t src_base, uint64_t dst_base, uint64_t half_bytes, uint64_t bytes,
+                          uint64_t blocks) {
+  TiledList t;
+  t.outer = {TileOffset{src_base, dst_base}};
+  const uint64_t src_block = kRunsPerBlock * kSourceStride * bytes;
+  const uint64_t dst_block = kRunsPerBlock * bytes;
+  TileShape shape{0, kRunsPerBlock, kRunsPerBlock * bytes};
+  for (uint64_t r = 0; r < kRunsPerBlock; ++r) {
+    t.runs.push_back(Fragment{r * kSourceStride * bytes, r * bytes, bytes});
+  }
+  t.shapes = {shape};
+  const uint64_t src_slots = std::bit_floor(half_bytes / src_block);
+  const uint64_t dst_slots = std::bit_floor(half_bytes / dst_block);
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t s = (i * 0x9E3779B97F4A7C15ull + 12345) & (src_slots - 1);
+    const uint64_t d = (i * 0xC2B2AE3D27D4EB4Full + 777) & (dst_slots - 1);
+    t.segments.push_back(TileSegment{s * src_block, d * dst_block, 0});
+  }
+  return t;
 }
 
 bool Check(const Status& status, const char* what) {
@@ -314,6 +347,127 @@ int Main(int argc, char** argv) {
                 overlapped_rate, ceiling > 0 ? 100.0 * overlapped_rate / ceiling : 0.0, kernel_rate,
                 ceiling > 0 ? 100.0 * kernel_rate / ceiling : 0.0, per_call.c_str());
   }
+  // Tiled lists (what the sessions hand this engine): one batch at a
+  // time; kWriters batches at once on one engine; one batch on each of
+  // kWriters engines at once (a request's writers in one process, each
+  // rank an agent with its engine).
+  constexpr int kWriters = 8;
+  std::vector<std::unique_ptr<CudaCopyEngine>> writers;
+  for (int i = 0; i < kWriters; ++i) {
+    Result<std::unique_ptr<CudaCopyEngine>> e = CudaCopyEngine::Create(engine_options);
+    if (!Check(e.status(), "create engine")) return 1;
+    writers.push_back(std::move(e).value());
+  }
+  // Submits every batch of `lists` (engine i % engines.size()) at once and
+  // waits for all.
+  const auto run_all = [&](const std::vector<TiledList>& lists,
+                           const std::vector<CudaCopyEngine*>& engines) {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t left = lists.size();
+    bool ok = true;
+    for (size_t i = 0; i < lists.size(); ++i) {
+      const Status submitted =
+          engines[i % engines.size()]->Submit(DirectBatch(lists[i]), [&](Status status) {
+            std::lock_guard<std::mutex> lock(mu);
+            ok = ok && status.ok();
+            --left;
+            cv.notify_all();
+          });
+      if (!Check(submitted, "tiled submit")) {
+        std::lock_guard<std::mutex> lock(mu);
+        --left;
+        ok = false;
+      }
+    }
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return left == 0; });
+    return ok;
+  };
+  std::vector<std::string> tiled_rows;
+  for (const uint64_t bytes : {uint64_t{256}, KiB(4), KiB(64)}) {
+    const uint64_t blocks = std::max<uint64_t>(1, (batch_mib << 20) / (kRunsPerBlock * bytes));
+    const uint64_t total = blocks * kRunsPerBlock * bytes;
+    const std::vector<TiledList> whole = {ScatteredBlocks(src_base, dst_base, half, bytes, blocks)};
+    std::vector<TiledList> parts;
+    for (int w = 0; w < kWriters; ++w) {
+      TiledList part = whole[0];
+      const size_t per = part.segments.size() / kWriters;
+      part.segments.assign(whole[0].segments.begin() + static_cast<std::ptrdiff_t>(w * per),
+                           w == kWriters - 1 ? whole[0].segments.end()
+                                             : whole[0].segments.begin() +
+                                                   static_cast<std::ptrdiff_t>((w + 1) * per));
+      parts.push_back(std::move(part));
+    }
+    std::vector<CudaCopyEngine*> many;
+    for (auto& e : writers) many.push_back(e.get());
+    const double one = Rate(total, reps, [&] { return run_all(whole, {engine->get()}); });
+    const double shared = Rate(total, reps, [&] { return run_all(parts, {engine->get()}); });
+    const double spread = Rate(total, reps, [&] { return run_all(parts, many); });
+    // The tiled kernel alone: the whole list's descriptors uploaded once,
+    // one launch timed with events.
+    const TiledList& list = whole[0];
+    std::vector<cuda_copy::TileSegmentDescriptor> segs;
+    for (const TileSegment& seg : list.segments) {
+      segs.push_back({seg.src, seg.dst, 0, static_cast<uint32_t>(kRunsPerBlock)});
+    }
+    double tiled_kernel = 0;
+    const size_t desc_bytes = sizeof(TileOffset) + list.runs.size() * sizeof(Fragment) +
+                              segs.size() * sizeof(cuda_copy::TileSegmentDescriptor);
+    Result<CudaDeviceBuffer> tiled_desc = CudaDeviceBuffer::Allocate(0, desc_bytes);
+    if (Check(tiled_desc.status(), "allocate tiled descriptors")) {
+      auto* d = static_cast<std::byte*>(tiled_desc->data());
+      cuda_copy::TiledLaunch launch{};
+      launch.outer = reinterpret_cast<const cuda_copy::TileOffsetDescriptor*>(d);
+      launch.pieces = reinterpret_cast<const cuda_copy::PieceDescriptor*>(d + sizeof(TileOffset));
+      launch.segments = reinterpret_cast<const cuda_copy::TileSegmentDescriptor*>(
+          d + sizeof(TileOffset) + list.runs.size() * sizeof(Fragment));
+      launch.num_outer = 1;
+      launch.num_segments = segs.size();
+      launch.pieces_per_unit = kRunsPerBlock;
+      bool up = Check(
+          CudaStatus(cudaMemcpy(d, list.outer.data(), sizeof(TileOffset), cudaMemcpyHostToDevice),
+                     "cudaMemcpy"),
+          "upload");
+      up = up && Check(CudaStatus(cudaMemcpy(const_cast<cuda_copy::PieceDescriptor*>(launch.pieces),
+                                             list.runs.data(), list.runs.size() * sizeof(Fragment),
+                                             cudaMemcpyHostToDevice),
+                                  "cudaMemcpy"),
+                       "upload");
+      up = up &&
+           Check(CudaStatus(
+                     cudaMemcpy(const_cast<cuda_copy::TileSegmentDescriptor*>(launch.segments),
+                                segs.data(), segs.size() * sizeof(cuda_copy::TileSegmentDescriptor),
+                                cudaMemcpyHostToDevice),
+                     "cudaMemcpy"),
+                 "upload");
+      if (up) {
+        tiled_kernel = stream_rate(total, [&] {
+          return Check(CudaStatus(cuda_copy::LaunchTiledCopy(
+                                      launch, static_cast<uint32_t>(max_blocks), stream->get()),
+                                  "tiled kernel launch"),
+                       "tiled kernel alone");
+        });
+      }
+    }
+    char row[240];
+    std::snprintf(row, sizeof(row),
+                  "| %" PRIu64 " B | %" PRIu64
+                  " | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) |",
+                  bytes, blocks * kRunsPerBlock, one, ceiling > 0 ? 100.0 * one / ceiling : 0.0,
+                  shared, ceiling > 0 ? 100.0 * shared / ceiling : 0.0, spread,
+                  ceiling > 0 ? 100.0 * spread / ceiling : 0.0, tiled_kernel,
+                  ceiling > 0 ? 100.0 * tiled_kernel / ceiling : 0.0);
+    tiled_rows.push_back(row);
+  }
+  std::printf("\nTiled lists (blocks of %" PRIu64 " runs), GB/s: one batch of %" PRIu64
+              " MiB; %d batches of 1/%d at once on one engine; one each on %d engines\n\n",
+              kRunsPerBlock, batch_mib, kWriters, kWriters, kWriters);
+  std::printf("| run | runs | one batch | %d on one engine | %d engines | kernel alone |\n",
+              kWriters, kWriters);
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  for (const std::string& row : tiled_rows) std::printf("%s\n", row.c_str());
+
   std::printf(
       "\nOne batch, us: the host's steps timed apart (best of %d), the kernel alone and "
       "the engine (Submit to `done`)\n\n",

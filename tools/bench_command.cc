@@ -7,9 +7,12 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -64,22 +67,82 @@ uint64_t Outstanding(Cluster& c) {
   return n;
 }
 
+// Runs fn(0), ..., fn(n - 1) at once, each on a thread of its own kept
+// for the next call, and returns when all have: the bench's ranks issue
+// their calls in parallel, as the ranks of a serving engine do (each
+// drives its own agent), instead of one thread calling every agent in
+// turn.
+class ParallelIssuer {
+ public:
+  explicit ParallelIssuer(int n) {
+    for (int i = 0; i < n; ++i) {
+      threads_.emplace_back([this, i] { Serve(i); });
+    }
+  }
+  ~ParallelIssuer() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  void Run(const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> lock(mu_);
+    fn_ = &fn;
+    pending_ = static_cast<int>(threads_.size());
+    ++generation_;
+    cv_.notify_all();
+    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void Serve(int i) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+      if (stopping_) return;
+      seen = generation_;
+      const std::function<void(int)>* fn = fn_;
+      lock.unlock();
+      (*fn)(i);
+      lock.lock();
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int)>* fn_ = nullptr;  // guarded by mu_
+  uint64_t generation_ = 0;                       // guarded by mu_
+  int pending_ = 0;                               // guarded by mu_
+  bool stopping_ = false;                         // guarded by mu_
+  std::vector<std::jthread> threads_;             // last: joined first
+};
+
 // One path: requests in waves of `concurrency`, one per pool slot. Only the
-// transfers are timed; clearing and verifying happen between waves.
+// transfers are timed; clearing and verifying happen between waves. Each
+// rank's calls (its Publish or Pull of every request of the wave, in
+// order) come from a thread of its own.
 PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRange range,
                 uint64_t first_id, uint64_t seed) {
   PathRun run;
   run.path = path;
   int issued = 0;
   uint64_t id = first_id;
+  const int num_ctx = c.num_ctx();
+  const int num_gen = c.num_gen();
+  ParallelIssuer issuer(num_ctx + num_gen);
   while (issued < flags.requests) {
     const int wave = std::min(flags.concurrency, flags.requests - issued);
     struct Request {
       uint64_t id = 0;
       BlockTables tables;
-      std::vector<std::shared_ptr<Transfer>> pubs, pulls;
+      std::vector<std::shared_ptr<Transfer>> pubs, pulls;  // by rank; null: not started
       std::vector<std::shared_ptr<std::atomic<int64_t>>> done_ns;
-      Clock::time_point start;
+      std::atomic<int64_t> start_ns{std::numeric_limits<int64_t>::max()};  // first call
     };
     std::vector<Request> reqs(static_cast<size_t>(wave));
     for (int s = 0; s < wave; ++s) {
@@ -87,20 +150,28 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
       Request& r = reqs[static_cast<size_t>(s)];
       r.id = id++;
       r.tables = c.Tables(s, range.end, seed, r.id);
+      r.pubs.resize(static_cast<size_t>(num_ctx));
+      r.pulls.resize(static_cast<size_t>(num_gen));
+      for (int g = 0; g < num_gen; ++g) {
+        r.done_ns.push_back(std::make_shared<std::atomic<int64_t>>(0));
+      }
     }
     PullOptions pull;
     pull.path = path;
     const auto wave_start = Clock::now();
-    for (int s = 0; s < wave; ++s) {
-      Request& r = reqs[static_cast<size_t>(s)];
-      r.start = Clock::now();
-      for (int k = 0; k < c.num_ctx(); ++k) {
-        auto p = c.ctx(k).Publish(r.id, r.tables.ctx, range.end);
-        if (p.ok()) r.pubs.push_back(*p);
-      }
-      for (int g = 0; g < c.num_gen(); ++g) {
-        auto done = std::make_shared<std::atomic<int64_t>>(0);
-        r.done_ns.push_back(done);
+    issuer.Run([&](int rank) {
+      for (Request& r : reqs) {
+        const int64_t now = Clock::now().time_since_epoch().count();
+        int64_t first = r.start_ns.load();
+        while (now < first && !r.start_ns.compare_exchange_weak(first, now)) {
+        }
+        if (rank < num_ctx) {
+          auto p = c.ctx(rank).Publish(r.id, r.tables.ctx, range.end);
+          if (p.ok()) r.pubs[static_cast<size_t>(rank)] = *p;
+          continue;
+        }
+        const int g = rank - num_ctx;
+        const std::shared_ptr<std::atomic<int64_t>> done = r.done_ns[static_cast<size_t>(g)];
         auto p = c.gen(g).Pull(r.id, c.options().ctx_instance, r.tables.gen, range, pull);
         if (!p.ok()) {
           done->store(1);
@@ -108,10 +179,12 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
         }
         (*p)->OnDone(
             [done](const Status&) { done->store(Clock::now().time_since_epoch().count()); });
-        r.pulls.push_back(*p);
+        r.pulls[static_cast<size_t>(g)] = *p;
       }
-    }
+    });
     for (Request& r : reqs) {
+      std::erase(r.pubs, nullptr);
+      std::erase(r.pulls, nullptr);
       for (auto& p : r.pulls) p->Wait().IgnoreError();
     }
     run.seconds += std::chrono::duration<double>(Clock::now() - wave_start).count();
@@ -135,8 +208,7 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
       if (outcome.ok()) {
         ++run.completed;
         run.bytes += bytes;
-        run.latency_ms.push_back(static_cast<double>(last_ns - r.start.time_since_epoch().count()) /
-                                 1e6);
+        run.latency_ms.push_back(static_cast<double>(last_ns - r.start_ns.load()) / 1e6);
         for (int g = 0; g < c.num_gen(); ++g) {
           const VerifyResult v = c.VerifyGen(g, r.tables, range);
           run.verified += v.verified_bytes;

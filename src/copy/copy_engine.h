@@ -52,6 +52,7 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "layout/fragment.h"
+#include "layout/tiled_list.h"
 
 namespace kvbounce {
 
@@ -60,6 +61,12 @@ struct CopyBatch {
   std::span<const Fragment> fragments;
   Addr src_base;
   Addr dst_base;
+  // Or, when set, the runs of this tiled list's expansion (layout/
+  // tiled_list.h), with `fragments` empty. An engine whose Caps() say
+  // tiled_lists expands it itself; for the others Submit expands it into a
+  // flat list first (which it keeps until `done` has run). Borrowed like
+  // the fragments.
+  const TiledList* tiles = nullptr;
 };
 
 // A gather list (src = pool address, dst = packed offset) into the slot that
@@ -77,6 +84,17 @@ inline CopyBatch ScatterBatch(std::span<const Fragment> scatter_list, Addr slot)
 // A direct list (src and dst both absolute addresses).
 inline CopyBatch DirectBatch(std::span<const Fragment> direct_list) {
   return CopyBatch{direct_list, Addr(0), Addr(0)};
+}
+
+// The same three in tiled form.
+inline CopyBatch GatherBatch(const TiledList& gather_list, Addr slot) {
+  return CopyBatch{{}, Addr(0), slot, &gather_list};
+}
+inline CopyBatch ScatterBatch(const TiledList& scatter_list, Addr slot) {
+  return CopyBatch{{}, slot, Addr(0), &scatter_list};
+}
+inline CopyBatch DirectBatch(const TiledList& direct_list) {
+  return CopyBatch{{}, Addr(0), Addr(0), &direct_list};
 }
 
 // Called exactly once per accepted batch; see the completion contract above.
@@ -107,6 +125,11 @@ struct CopyEngineCaps {
   bool host_memory = false;
   // GPU device memory (of the engine's device, or mapped into it).
   bool device_memory = false;
+  // Submit takes a tiled batch as it is and expands it where it copies;
+  // without it Submit expands the batch into a flat list first (the work
+  // a flat plan would have cost). Sessions plan tiled lists for engines
+  // that say so (docs/architecture.md §4).
+  bool tiled_lists = false;
   CopyCost cost;
 };
 
@@ -114,6 +137,14 @@ struct CopyEngineCaps {
 // Returns kInvalidArgument naming the first bad fragment by index, or OK.
 // `total_bytes`, when not null, receives the sum of the fragments' bytes
 // (set only on success).
+//
+// A tiled batch is checked as its expansion would be (a bad run is named
+// by its index in the expansion), and also for a malformed list (a shape
+// or run index out of range, a zero-byte run, a shape's bytes not its
+// runs' sum) and for fragments given beside it. When the bounding ranges
+// of all its sources and of all its destinations are disjoint, nonzero
+// and overflow-free — any list between two pools, or between a pool and a
+// slot — that settles it at a cost of a step per tile, not per run.
 Status ValidateCopyBatch(const CopyBatch& batch, uint64_t* total_bytes = nullptr);
 
 class CopyEngine {
@@ -196,6 +227,12 @@ class CopyEngine {
   // exactly once from an engine thread.
   virtual Status SubmitValidated(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
                                  std::stop_token stop) = 0;
+
+ private:
+  // SubmitValidated, after expanding a tiled batch for an engine without
+  // Caps().tiled_lists.
+  Status SubmitChecked(const CopyBatch& batch, uint64_t total_bytes, CopyDone done,
+                       std::stop_token stop);
 };
 
 }  // namespace kvbounce

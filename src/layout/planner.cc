@@ -274,6 +274,53 @@ void EmitList(const Walk& w, FragmentList* out) {
   WalkList<X, Y>(w, sink);
 }
 
+// The outer indices' offsets, origin included, in walk order.
+template <int X, int Y>
+void FlattenOuter(const Walk& w, size_t level, uint64_t x, uint64_t y,
+                  std::vector<TileOffset>* out) {
+  if (level == w.outer.size()) {
+    out->push_back(TileOffset{x, y});
+    return;
+  }
+  const Axis& a = w.outer[level];
+  for (int64_t i = 0; i < a.extent; ++i) {
+    FlattenOuter<X, Y>(w, level + 1, x + a.Offset(X, i), y + a.Offset(Y, i), out);
+  }
+}
+
+// The list (X, Y) in tiled form: WalkList's three loops kept apart.
+template <int X, int Y>
+void EmitTiled(const Walk& w, TiledList* out) {
+  std::map<std::pair<int64_t, int64_t>, uint64_t> by_size;  // -> index into out->shapes
+  std::vector<SegmentShape> built;
+  FragmentList runs;
+  out->segments.reserve(w.segments.size());
+  for (const Segment& seg : w.segments) {
+    auto [it, added] = by_size.try_emplace({seg.tokens, seg.block_tokens}, built.size());
+    if (added) {
+      const SegmentShape shape = BuildShape<X, Y>(w, seg);
+      runs.clear();
+      FragmentSink sink(&runs);
+      if (shape.num_axes == 0) {
+        sink.Add(0, 0, shape.chunk);
+      } else {
+        WalkAxes<X, Y>(shape.axes.data(), shape.num_axes, 0, 0, shape.chunk, sink);
+      }
+      TileShape tile{out->runs.size(), runs.size(), 0};
+      for (const Fragment& f : runs) {
+        tile.bytes += f.bytes;
+        out->runs.push_back(f);
+      }
+      out->shapes.push_back(tile);
+      built.push_back(shape);
+    }
+    const SegmentShape& shape = built[it->second];
+    out->segments.push_back(
+        TileSegment{seg.offset[X] + shape.x, seg.offset[Y] + shape.y, it->second});
+  }
+  FlattenOuter<X, Y>(w, 0, w.origin[X], w.origin[Y], &out->outer);
+}
+
 template <int X, int Y>
 uint64_t CountList(const Walk& w) {
   CountingSink sink;
@@ -535,6 +582,12 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
   PairPlan& plan = p->plan;
   if (plan.box.empty()) return std::move(plan);
   const Walk& w = p->w;
+  if (lists & kPlanTiled) {
+    if (lists & kPlanGather) EmitTiled<kSrc, kPacked>(w, &plan.tiled_gather);
+    if (lists & kPlanScatter) EmitTiled<kPacked, kDst>(w, &plan.tiled_scatter);
+    if (lists & kPlanDirect) EmitTiled<kSrc, kDst>(w, &plan.tiled_direct);
+    return std::move(plan);
+  }
   if (lists & kPlanGather) EmitList<kSrc, kPacked>(w, &plan.gather);
   if (lists & kPlanScatter) EmitList<kPacked, kDst>(w, &plan.scatter);
   if (lists & kPlanDirect) EmitList<kSrc, kDst>(w, &plan.direct);

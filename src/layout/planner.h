@@ -31,6 +31,7 @@
 #include "kvbounce/status.h"
 #include "layout/fragment.h"
 #include "layout/pool_layout.h"
+#include "layout/tiled_list.h"
 #include "layout/topology.h"
 
 namespace kvbounce {
@@ -54,6 +55,10 @@ enum PlanLists : uint8_t {
   kPlanScatter = 2,
   kPlanDirect = 4,
   kPlanAll = kPlanGather | kPlanScatter | kPlanDirect,
+  // The lists named are built in tiled form (PairPlan::tiled_*, layout/
+  // tiled_list.h) instead of flat: a step per block and per distinct
+  // block shape, not per run.
+  kPlanTiled = 8,
 };
 
 struct PairPlan {
@@ -69,6 +74,11 @@ struct PairPlan {
   FragmentList gather;   // src: sender address, dst: packed offset
   FragmentList scatter;  // src: packed offset, dst: receiver address
   FragmentList direct;   // src: sender address, dst: receiver address
+  // With kPlanTiled, the lists named in tiled form (the flat ones stay
+  // empty); expanded, each is the flat list above.
+  TiledList tiled_gather;
+  TiledList tiled_scatter;
+  TiledList tiled_direct;
 };
 
 // Plans the transfer of `tokens` from `writer` (a ctx rank) to `receiver` (a

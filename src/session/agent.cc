@@ -11,6 +11,7 @@
 #include <mutex>
 #include <new>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -270,6 +271,9 @@ class AgentImpl final : public Agent {
 template <typename T>
 Result<T> AgentImpl::OnLoop(std::function<Result<T>()> fn) const {
   if (loop_->InLoop()) return fn();
+  // On this thread when the loop is idle: no hand-off either way.
+  std::optional<Result<T>> here;
+  if (loop_->TryRunHere([&] { here.emplace(fn()); })) return std::move(*here);
   auto task = std::make_shared<std::packaged_task<Result<T>()>>(std::move(fn));
   std::future<Result<T>> result = task->get_future();
   if (!loop_->Post([task] { (*task)(); })) return AbortedError("the agent has shut down");

@@ -57,7 +57,22 @@ Result<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock,
   return loop;
 }
 
+thread_local const EventLoop* EventLoop::running_ = nullptr;
+
 EventLoop::~EventLoop() { Stop(); }
+
+bool EventLoop::TryRunHere(const Task& task) {
+  std::unique_lock<std::mutex> exec(exec_mu_, std::try_to_lock);
+  if (!exec.owns_lock()) return false;  // the loop (or another caller) is running work
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ || !tasks_.empty()) return false;  // run it after those, on the loop
+  }
+  const EventLoop* outer = std::exchange(running_, this);
+  task();
+  running_ = outer;
+  return true;
+}
 
 bool EventLoop::TakeSleeperLocked() { return std::exchange(sleeping_, false); }
 
@@ -183,7 +198,17 @@ void EventLoop::SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono:
 }
 
 void EventLoop::Run() {
+  running_ = this;
+  std::unique_lock<std::mutex> exec(exec_mu_);
   std::unique_lock<std::mutex> lock(mu_);
+  // Idle spells (spinning, sleeping) release the execution lock so that a
+  // caller may run a task here (TryRunHere); it is taken back, before mu_,
+  // once they end.
+  const auto resume = [&] {
+    lock.unlock();
+    exec.lock();
+    lock.lock();
+  };
   bool polled = false;     // this idle spell's poll is over
   int tasks_unpolled = 0;  // tasks run since the source's last poll
   // Polls the source without the lock; true when it did anything.
@@ -248,9 +273,11 @@ void EventLoop::Run() {
       if (how_long.count() > 0) {
         const uint64_t seen = changes_.load(std::memory_order_relaxed);
         lock.unlock();
+        exec.unlock();
         // Work from the source is activity like a task: the next idle
         // spell polls again.
         if (PollForChange(seen, how_long)) polled = false;
+        exec.lock();
         lock.lock();
       }
       continue;
@@ -261,6 +288,7 @@ void EventLoop::Run() {
     const Clock::Duration left =
         timers_.empty() ? kMaxWait
                         : std::min<Clock::Duration>(timers_.begin()->first.first - now, kMaxWait);
+    exec.unlock();
     if (source_ != nullptr) {
       // Rounded up: a timer is never fired early by a short sleep.
       SleepWithSource(lock, std::chrono::ceil<std::chrono::microseconds>(left), idle_seen);
@@ -269,6 +297,7 @@ void EventLoop::Run() {
     } else {
       cv_.wait(lock);
     }
+    resume();
   }
   timers_.clear();
   timer_deadlines_.clear();

@@ -16,8 +16,11 @@ struct ReceiverSession::Writer {
   std::string name;  // "ctx0 rank 3", for messages
   uint64_t bytes = 0;
   uint64_t fingerprint = 0;
-  // The scatter list (built on the bounce path only, scatter_planned).
+  // The scatter list (built on the bounce path only, scatter_planned), in
+  // tiled form for an engine that takes it (SessionContext::TiledCopies).
   FragmentList scatter;
+  TiledList tiled_scatter;
+  bool scatter_tiled = false;
   bool scatter_planned = false;
   WriterState state = WriterState::kPending;
   Status error;
@@ -177,13 +180,9 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     writer.name = peer->Describe();
     uint64_t scatter_runs = 0;
     if (wants_scatter) {
-      Result<PairPlan> plan = PlanPair(writer_side, our_side, tokens, kPlanScatter);
-      if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
-      writer.bytes = plan->packed_bytes;
-      writer.fingerprint = plan->fingerprint;
-      writer.scatter = std::move(plan->scatter);
-      writer.scatter_planned = true;
-      scatter_runs = writer.scatter.size();
+      Status planned = PlanScatter(writer_side, our_side, tokens, writer);
+      if (!planned.ok()) return planned.WithContext("Pull " + RequestName(request_id));
+      scatter_runs = writer.scatter_tiled ? writer.tiled_scatter.NumRuns() : writer.scatter.size();
     } else {
       Result<PlanRuns> runs = requested == TransferPath::kAuto
                                   ? CountPlanRuns(writer_side, our_side, tokens, kPlanScatter)
@@ -220,13 +219,10 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       if (writer.scatter_planned) continue;
       const PeerState* peer = ctx_.FindPeer(writer.peer);
       if (peer == nullptr) return InternalError("Pull: writer " + writer.name + " vanished");
-      Result<PairPlan> plan =
-          PlanPair(PlanSide{peer->topology.get(), writer.rank, &*peer->pool, {}},
-                   PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens,
-                   kPlanScatter);
-      if (!plan.ok()) return plan.status().WithContext("Pull " + RequestName(request_id));
-      writer.scatter = std::move(plan->scatter);
-      writer.scatter_planned = true;
+      Status planned = PlanScatter(
+          PlanSide{peer->topology.get(), writer.rank, &*peer->pool, {}},
+          PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens, writer);
+      if (!planned.ok()) return planned.WithContext("Pull " + RequestName(request_id));
     }
   }
   if (r->requested == TransferPath::kAuto && MinLogLevel() <= LogLevel::kDebug) {
@@ -255,6 +251,21 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     SendRequests(req);  // may settle and erase the request
   }
   return std::shared_ptr<Transfer>(handle);
+}
+
+Status ReceiverSession::PlanScatter(const PlanSide& writer_side, const PlanSide& our_side,
+                                    TokenRange tokens, Writer& writer) const {
+  const bool tiled = ctx_.TiledCopies();
+  Result<PairPlan> plan =
+      PlanPair(writer_side, our_side, tokens, kPlanScatter | (tiled ? kPlanTiled : 0));
+  if (!plan.ok()) return plan.status();
+  writer.bytes = plan->packed_bytes;
+  writer.fingerprint = plan->fingerprint;
+  writer.scatter = std::move(plan->scatter);
+  writer.tiled_scatter = std::move(plan->tiled_scatter);
+  writer.scatter_tiled = tiled;
+  writer.scatter_planned = true;
+  return Status::Ok();
 }
 
 WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
@@ -724,10 +735,13 @@ void ReceiverSession::StartScatter(Request& r) {
   r.scatters_outstanding = static_cast<int>(r.writers.size());
   for (size_t i = 0; i < r.writers.size(); ++i) {
     const SubSlot sub = r.slot.sub_slot(i);
-    Status submitted = ctx_.SubmitCopy(
-        ScatterBatch(r.writers[i].scatter, sub.address), [this, key](Status status) {
-          ctx_.loop->Post([this, key, status] { OnScatterDone(key, status); });
-        });
+    const Writer& w = r.writers[i];
+    Status submitted =
+        ctx_.SubmitCopy(w.scatter_tiled ? ScatterBatch(w.tiled_scatter, sub.address)
+                                        : ScatterBatch(w.scatter, sub.address),
+                        [this, key](Status status) {
+                          ctx_.loop->Post([this, key, status] { OnScatterDone(key, status); });
+                        });
     if (!submitted.ok()) {
       if (r.scatter_error.ok()) r.scatter_error = submitted.WithContext("scatter");
       --r.scatters_outstanding;

@@ -101,6 +101,10 @@ class ReceiverSession {
   // What the connection to `peer` offers a pull: its link cost, whether
   // direct works (mapped or read) and what a read costs, a send arena.
   WriterLoad LinkLoad(const PeerState& peer) const;
+  // Plans `writer`'s scatter list (tiled when the copy engine takes tiled
+  // lists) and sets its bytes and fingerprint.
+  Status PlanScatter(const PlanSide& writer_side, const PlanSide& our_side, TokenRange tokens,
+                     Writer& writer) const;
   // `auto`'s inputs: fills each writer's gather and direct run counts in
   // `loads` (one per writer, in order) when more than per-block is possible.
   Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;

@@ -58,6 +58,8 @@ struct SenderSession::Job {
   std::string fallback_reason;
   std::shared_ptr<const std::vector<int32_t>> block_table;  // keeps the lists' source valid
   PairPlan plan;
+  // The plan's copied list is in tiled form (plan.tiled_*).
+  bool tiled = false;
   Slot send_slot;
   std::vector<WriteGroup> groups;
   Status write_error;
@@ -395,7 +397,10 @@ void SenderSession::Start(Job& job) {
   job.block_table = pub.block_table;
   const bool bounce =
       job.data_path == DataPath::kBounce || job.data_path == DataPath::kStagedBounce;
-  const uint8_t lists = bounce ? kPlanGather : kPlanDirect;
+  // The lists the copy engine copies are planned tiled when it takes them
+  // (a step per block); per-block writes need the flat list.
+  const bool tiled = job.data_path != DataPath::kPerBlock && ctx_.TiledCopies();
+  const uint8_t lists = (bounce ? kPlanGather : kPlanDirect) | (tiled ? kPlanTiled : 0);
   Result<PairPlan> plan = PlanPair(
       PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
       PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
@@ -419,7 +424,9 @@ void SenderSession::Start(Job& job) {
                               " (the two sides disagree on layouts, placements or tokens)"));
     return;
   }
-  job.fragments = bounce ? job.plan.gather.size() : job.plan.direct.size();
+  job.tiled = tiled;
+  job.fragments = bounce ? (tiled ? job.plan.tiled_gather.NumRuns() : job.plan.gather.size())
+                         : (tiled ? job.plan.tiled_direct.NumRuns() : job.plan.direct.size());
   switch (job.data_path) {
     case DataPath::kPerBlock:
       StartPerBlock(job, *peer);
@@ -496,7 +503,7 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
   const Key key = job.key;
   ++job.async_outstanding;
   Status submitted = ctx_.SubmitCopy(
-      DirectBatch(job.plan.direct),
+      job.tiled ? DirectBatch(job.plan.tiled_direct) : DirectBatch(job.plan.direct),
       [this, key, access](Status s) {
         access->clear();
         ctx_.loop->Post([this, key, s] { OnCopied(key, s); });
@@ -606,7 +613,8 @@ void SenderSession::Reserve(Job& job) {
     const Key key = job.key;
     ++job.async_outstanding;
     Status submitted = ctx_.SubmitCopy(
-        GatherBatch(job.plan.gather, job.send_slot.address()),
+        job.tiled ? GatherBatch(job.plan.tiled_gather, job.send_slot.address())
+                  : GatherBatch(job.plan.gather, job.send_slot.address()),
         [this, key](Status s) { ctx_.loop->Post([this, key, s] { OnGathered(key, s); }); },
         job.stop.get_token());
     if (!submitted.ok()) {
@@ -676,6 +684,7 @@ void SenderSession::WriteFromPool(Job& job, const std::string& reason) {
     Finish(job, UnavailableError("receiver " + job.peer_name + " is gone"));
     return;
   }
+  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
   Result<std::vector<WriteGroup>> groups =
       GroupWrites(job.plan.gather, job.request.recv_slot_addr, ctx_.pool_ranges,
                   std::span<const std::unique_ptr<RemoteRegion>>(&peer->recv_arena, 1));

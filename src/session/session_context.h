@@ -129,6 +129,10 @@ struct SessionContext {
   Status SubmitCopy(const CopyBatch& batch, CopyDone done, std::stop_token stop = {}) {
     return copy->SubmitOrCopyHere(batch, InlineCopyBytes(), std::move(done), std::move(stop));
   }
+  // Whether the copy engine expands tiled plan lists itself: the sessions
+  // then plan the lists it copies in tiled form (a step per block, not per
+  // run; docs/architecture.md §4).
+  bool TiledCopies() const { return copy != nullptr && copy->Caps().tiled_lists; }
   uint64_t InlineCopyBytes() const { return static_cast<uint64_t>(config.inline_copy_kb) * 1024; }
   // The copy engine's stated cost, with inline_bytes set where SubmitCopy
   // copies on the loop (what `auto` prices the copies of a pull with);

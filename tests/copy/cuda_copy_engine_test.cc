@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -30,6 +31,8 @@
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "layout/fragment.h"
+#include "layout/tiled_list.h"
+#include "random_tiled.h"
 
 namespace kvbounce {
 namespace {
@@ -292,8 +295,94 @@ class CudaCopyEngineTest : public ::testing::Test {
         << "seed " << seed << ", " << count << " fragments, " << list.total_bytes << " bytes";
   }
 
+  // Runs one random tiled list (tests/copy/random_tiled.h) between two
+  // device buffers, the bases as batch arguments or, for `absolute`, in
+  // the outer offsets, and compares the whole destination with the host
+  // reference.
+  void RunRandomTiled(uint64_t seed, int outer, int segments, int shapes, int runs,
+                      uint64_t max_bytes, bool absolute) {
+    std::mt19937_64 rng(seed);
+    const testing_tiled::RandomTiled r =
+        testing_tiled::MakeRandomTiled(rng, outer, segments, shapes, runs, max_bytes);
+    CudaDeviceBuffer src = Device(r.src_extent);
+    CudaDeviceBuffer dst = Device(r.dst_extent);
+    ASSERT_NE(src.data(), nullptr);
+    ASSERT_NE(dst.data(), nullptr);
+    const std::vector<uint8_t> host_src = RandomBytes(r.src_extent, seed + 1);
+    std::vector<uint8_t> expected(r.dst_extent, kUntouched);
+    Upload(src, host_src);
+    Upload(dst, expected);
+    testing_tiled::ApplyTiledOnHost(r.list, host_src, expected);
+    TiledList list = r.list;
+    CopyBatch batch{{}, src.addr(), dst.addr(), &list};
+    if (absolute) {
+      for (TileOffset& o : list.outer) {
+        o.src += src.addr().value();
+        o.dst += dst.addr().value();
+      }
+      batch = DirectBatch(list);
+    }
+    ASSERT_THAT(engine_->CopySync(batch), IsOk());
+    EXPECT_EQ(FirstMismatch(Download(dst, r.dst_extent), expected), -1)
+        << "seed " << seed << ", " << r.list.NumRuns() << " runs, " << r.list.TotalBytes()
+        << " bytes";
+  }
+
   std::unique_ptr<CudaCopyEngine> engine_;
 };
+
+// Tiled lists are expanded on the device: runs from 1 B to 256 KiB (cut
+// into pieces), unaligned and aligned, shapes of different piece counts.
+TEST_F(CudaCopyEngineTest, TiledListsMatchTheHostReference) {
+  EXPECT_TRUE(engine_->Caps().tiled_lists);
+  RunRandomTiled(61, 1, 40, 3, 20, KiB(256), /*absolute=*/false);
+  RunRandomTiled(62, 7, 25, 2, 30, KiB(4), /*absolute=*/true);
+  RunRandomTiled(63, 33, 130, 4, 8, 300, /*absolute=*/false);
+  RunRandomTiled(64, 2, 1, 1, 1, MiB(2), /*absolute=*/true);
+  const CudaCopyEngine::Stats stats = engine_->GetStats();
+  EXPECT_EQ(stats.batches_completed, 4u);
+  EXPECT_EQ(stats.launches, 4u);  // each list in one launch
+}
+
+// A launch holds whole segments within max_launch_bytes; a list whose
+// fixed part does not fit the staging buffer runs expanded.
+TEST_F(CudaCopyEngineTest, TiledListsOverSeveralLaunchesOrExpanded) {
+  CudaCopyEngine::Options options;
+  options.max_launch_bytes = 50000;
+  options.launch_slots = 2;
+  MakeEngine(options);
+  RunRandomTiled(71, 3, 60, 3, 10, KiB(8), /*absolute=*/false);
+  EXPECT_GT(engine_->GetStats().launches, 5u);
+  options = CudaCopyEngine::Options();
+  options.max_launch_pieces = 8;  // 192 staging bytes: too few for the shapes
+  MakeEngine(options);
+  RunRandomTiled(72, 2, 10, 3, 10, 2000, /*absolute=*/true);
+  EXPECT_GT(engine_->GetStats().launches, 2u);
+}
+
+// A stop between two launches of a tiled batch skips the rest.
+TEST_F(CudaCopyEngineTest, StopDuringATiledBatchSkipsTheRest) {
+  std::stop_source stop;
+  CudaCopyEngine::Options options;
+  options.max_launch_bytes = 1;  // one segment a launch
+  options.launch_hook_for_testing = [&](size_t launch) {
+    if (launch == 2) stop.request_stop();
+  };
+  MakeEngine(options);
+  std::mt19937_64 rng(81);
+  testing_tiled::RandomTiled r = testing_tiled::MakeRandomTiled(rng, 1, 20, 1, 4, 1000);
+  CudaDeviceBuffer src = Device(r.src_extent);
+  CudaDeviceBuffer dst = Device(r.dst_extent);
+  std::promise<Status> done;
+  ASSERT_THAT(engine_->Submit(
+                  CopyBatch{{}, src.addr(), dst.addr(), &r.list},
+                  [&](Status s) { done.set_value(std::move(s)); }, stop.get_token()),
+              IsOk());
+  const Status status = done.get_future().get();
+  EXPECT_THAT(status, StatusIs(StatusCode::kCancelled));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("not copied"));
+  EXPECT_EQ(engine_->GetStats().launches, 2u);
+}
 
 TEST_F(CudaCopyEngineTest, CapsSayDeviceMemoryOnly) {
   const CopyEngineCaps caps = engine_->Caps();

@@ -287,6 +287,24 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         ASSERT_TRUE(dir.ok()) << dir.status();
         EXPECT_EQ(full->packed_bytes, expected_bytes_from[c]);
 
+        // The tiled forms expand to the very same lists.
+        auto tiled = PlanPair(writer, to_bounce, tokens, kPlanGather | kPlanScatter | kPlanTiled);
+        auto tiled_dir = PlanPair(writer, to_direct, tokens, kPlanDirect | kPlanTiled);
+        ASSERT_TRUE(tiled.ok()) << tiled.status();
+        ASSERT_TRUE(tiled_dir.ok()) << tiled_dir.status();
+        EXPECT_TRUE(tiled->gather.empty() && tiled->scatter.empty() && tiled_dir->direct.empty());
+        EXPECT_EQ(tiled->fingerprint, full->fingerprint);
+        EXPECT_EQ(tiled->packed_bytes, full->packed_bytes);
+        for (const auto& [list, flat] : {std::pair{&tiled->tiled_gather, &full->gather},
+                                         std::pair{&tiled->tiled_scatter, &full->scatter},
+                                         std::pair{&tiled_dir->tiled_direct, &dir->direct}}) {
+          EXPECT_TRUE(list->WellFormed());
+          EXPECT_EQ(list->TotalBytes(), full->packed_bytes);
+          FragmentList expanded;
+          list->ExpandTo(&expanded);
+          EXPECT_EQ(expanded, *flat);
+        }
+
         // Each side plans alone, knowing only the other's shape: they agree.
         std::vector<Addr> ctx_zero(ctx.pools[c].per_layer ? static_cast<size_t>(ctx.pools[c].L) : 1,
                                    Addr());

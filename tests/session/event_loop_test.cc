@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -223,6 +224,55 @@ TEST(EventLoopTest, CreateRejectsANegativePoll) {
   EXPECT_EQ(created.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(created.status().message().find("poll_before_sleep = -1"), std::string::npos)
       << created.status();
+}
+
+// An idle loop lets the caller run a task on its own thread; a busy one, a
+// queued task or a stopped loop sends it back to Post.
+TEST(EventLoopTest, AnIdleLoopRunsATaskOnTheCallersThread) {
+  for (const auto poll : {std::chrono::microseconds(0), std::chrono::microseconds(500)}) {
+    SCOPED_TRACE("poll_before_sleep " + std::to_string(poll.count()) + " us");
+    auto created = EventLoop::Create(Clock::Steady(), poll);
+    ASSERT_TRUE(created.ok()) << created.status();
+    EventLoop& loop = **created;
+    // Idle once a posted task ran and nothing else is queued.
+    std::promise<void> ran_first;
+    loop.Post([&] { ran_first.set_value(); });
+    ran_first.get_future().wait();
+    std::thread::id ran_on;
+    bool in_loop = false;
+    bool ran = false;
+    for (int attempt = 0; attempt < 1000 && !ran; ++attempt) {
+      ran = loop.TryRunHere([&] {
+        ran_on = std::this_thread::get_id();
+        in_loop = loop.InLoop();
+      });
+      if (!ran) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_TRUE(ran);
+    EXPECT_EQ(ran_on, std::this_thread::get_id());
+    EXPECT_TRUE(in_loop);
+    EXPECT_FALSE(loop.InLoop());
+
+    // While a task runs on the loop, and while one waits behind it, the
+    // caller's task is not run here (it would overtake or overlap them).
+    std::promise<void> entered, release;
+    std::shared_future<void> released = release.get_future().share();
+    loop.Post([&, released] {
+      entered.set_value();
+      released.wait();
+    });
+    entered.get_future().wait();
+    int calls = 0;
+    EXPECT_FALSE(loop.TryRunHere([&] { ++calls; }));
+    std::promise<void> second_ran;
+    loop.Post([&] { second_ran.set_value(); });
+    release.set_value();
+    EXPECT_EQ(calls, 0);
+    second_ran.get_future().wait();
+    loop.Stop();
+    EXPECT_FALSE(loop.TryRunHere([&] { ++calls; }));
+    EXPECT_EQ(calls, 0);
+  }
 }
 
 TEST(EventLoopTest, PostFromManyThreadsAndFromTasks) {

@@ -79,7 +79,48 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// Index arithmetic in 32 bits when the launch's tasks fit (divisions are
+// several times cheaper), else in 64.
+template <typename Index>
+__global__ void __launch_bounds__(kThreadsPerBlock) TiledCopyKernel(const TiledLaunch l) {
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const Index warp = (Index{blockIdx.x} * blockDim.x + threadIdx.x) / kWarpSize;
+  const Index warps = Index{gridDim.x} * blockDim.x / kWarpSize;
+  const auto per_unit = static_cast<Index>(l.pieces_per_unit);
+  const auto num_outer = static_cast<Index>(l.num_outer);
+  const auto tasks = static_cast<Index>(l.num_segments * l.num_outer * l.pieces_per_unit);
+  for (Index t = warp; t < tasks; t += warps) {
+    const Index unit = t / per_unit;
+    const Index p = t - unit * per_unit;
+    const Index s = unit / num_outer;
+    const Index o = unit - s * num_outer;
+    const TileSegmentDescriptor seg = l.segments[s];
+    if (p >= seg.num_pieces) continue;
+    const TileOffsetDescriptor off = l.outer[o];
+    const PieceDescriptor piece = l.pieces[seg.first_piece + p];
+    CopyPiece(reinterpret_cast<const unsigned char*>(l.src_base + off.src + seg.src + piece.src),
+              reinterpret_cast<unsigned char*>(l.dst_base + off.dst + seg.dst + piece.dst),
+              piece.bytes, lane);
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream) {
+  constexpr uint64_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+  const uint64_t tasks = launch.num_segments * launch.num_outer * launch.pieces_per_unit;
+  const uint64_t wanted = tasks / kWarpsPerBlock + (tasks % kWarpsPerBlock != 0 ? 1 : 0);
+  const auto blocks =
+      static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(wanted, max_blocks)));
+  // The largest task index the grid-stride loop forms is below tasks +
+  // the grid's warps.
+  if (tasks + uint64_t{blocks} * kWarpsPerBlock < (uint64_t{1} << 32)) {
+    TiledCopyKernel<uint32_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  } else {
+    TiledCopyKernel<uint64_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
                               uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream) {

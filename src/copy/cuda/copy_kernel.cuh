@@ -39,6 +39,47 @@ inline constexpr uint64_t kMaxPieceBytes = uint64_t{32} << 10;
 // Threads per block of the kernel (8 warps).
 inline constexpr int kThreadsPerBlock = 256;
 
+// A tiled launch (layout/tiled_list.h): the kernel expands the product of
+// outer offsets, segments and shape pieces itself. Unit u = s * num_outer
+// + o pairs segment s with outer offset o; each unit has pieces_per_unit
+// tasks (the most pieces of any shape), of which a segment whose shape has
+// fewer pieces skips the rest; a warp takes a task in turn and copies
+//   pieces[segments[s].first_piece + p].bytes bytes from
+//   src_base + outer[o].src + segments[s].src + pieces[...].src
+// to the same sum on the destination side. The host writes each segment's
+// shape into its descriptor (first piece and count), so a task's loads do
+// not depend on one another beyond the segment's.
+struct TileOffsetDescriptor {
+  uint64_t src;
+  uint64_t dst;
+};
+static_assert(sizeof(TileOffsetDescriptor) == 16);
+
+struct TileSegmentDescriptor {
+  uint64_t src;
+  uint64_t dst;
+  uint32_t first_piece;
+  uint32_t num_pieces;
+};
+static_assert(sizeof(TileSegmentDescriptor) == 24);
+
+struct TiledLaunch {
+  const TileOffsetDescriptor* outer;  // device memory, num_outer entries
+  const TileSegmentDescriptor* segments;
+  const PieceDescriptor* pieces;  // relative to (outer + segment)
+  uint64_t num_outer;
+  uint64_t num_segments;
+  uint64_t pieces_per_unit;
+  uint64_t src_base;
+  uint64_t dst_base;
+};
+
+// Enqueues one kernel on `stream` that copies the tiled launch `launch`,
+// using at most `max_blocks` blocks. Returns the launch's error.
+// REQUIRES: num_outer, num_segments and pieces_per_unit > 0; the arrays
+// stay valid until the kernel has finished.
+cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream);
+
 // Enqueues one kernel on `stream` that copies the `count` pieces at
 // `descriptors` (device memory), each from src_base + src to dst_base + dst,
 // using at most `max_blocks` blocks. A piece of 0 bytes is skipped (its

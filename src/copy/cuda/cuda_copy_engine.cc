@@ -43,6 +43,20 @@ struct CudaCopyEngine::BatchState {
   // the bases as kernel arguments (set when the engine thread takes the
   // batch up).
   bool verbatim = false;
+  // A tiled batch (batch.tiles): its shapes cut into pieces at Submit (each
+  // shape's first piece and count), the cursor a segment index (a launch
+  // holds whole segments).
+  struct ShapePieces {
+    uint32_t first = 0;
+    uint32_t count = 0;
+  };
+  std::vector<ShapePieces> tile_shapes;
+  std::vector<PieceDescriptor> tile_pieces;
+  std::vector<uint64_t> tile_shape_bytes;  // per shape, times the outer extent
+  uint64_t pieces_per_unit = 0;
+  size_t next_segment = 0;
+  // A tiled list too large for a slot's staging buffer runs expanded.
+  std::shared_ptr<FragmentList> expanded;
   size_t launches_started = 0;
   int in_flight = 0;
   uint64_t bytes_launched = 0;
@@ -51,6 +65,11 @@ struct CudaCopyEngine::BatchState {
   bool finished = false;  // `done` called
   Status error;
 };
+
+// Outer offsets are uploaded as they are.
+static_assert(sizeof(TileOffset) == sizeof(cuda_copy::TileOffsetDescriptor));
+static_assert(offsetof(TileOffset, dst) == offsetof(cuda_copy::TileOffsetDescriptor, dst));
+static_assert(std::is_trivially_copyable_v<TileOffset>);
 
 // The buffers and events of one launch in flight.
 struct CudaCopyEngine::Slot {
@@ -78,6 +97,20 @@ bool SkipEmpty(const std::span<const Fragment> fragments, size_t& next, uint64_t
     offset = 0;
   }
   return next == fragments.size();
+}
+
+// Bytes of a tiled launch's staging buffer before its segments: the outer
+// offsets and the pieces.
+size_t TiledFixedBytes(size_t outer, size_t pieces) {
+  return outer * sizeof(cuda_copy::TileOffsetDescriptor) + pieces * sizeof(PieceDescriptor);
+}
+
+// Whether the batch has nothing left to launch.
+bool NothingLeft(const CopyBatch& batch, size_t& next, uint64_t& offset, size_t next_segment) {
+  if (batch.tiles != nullptr) {
+    return batch.tiles->outer.empty() || next_segment >= batch.tiles->segments.size();
+  }
+  return SkipEmpty(batch.fragments, next, offset);
 }
 
 }  // namespace
@@ -181,6 +214,7 @@ CopyEngineCaps CudaCopyEngine::Caps() const {
   return CopyEngineCaps{
       .host_memory = false,
       .device_memory = true,
+      .tiled_lists = true,
       .cost = CopyCost{.batch_us = kBatchUs, .run_us = kRunUs, .bytes_per_us = kBytesPerUs}};
 }
 
@@ -199,6 +233,39 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
   auto state = std::make_shared<BatchState>();
   state->batch = batch;
   state->total_bytes = total_bytes;
+  if (batch.tiles != nullptr) {
+    // Cut every shape's runs into pieces once; the device expands the rest.
+    const TiledList& tiles = *batch.tiles;
+    const size_t staging = slots_.front()->staging.size();
+    const uint64_t max_pieces = staging / sizeof(PieceDescriptor);  // far below 2^32
+    for (const TileShape& shape : tiles.shapes) {
+      const size_t first = state->tile_pieces.size();
+      for (uint64_t r = 0; r < shape.num_runs && state->tile_pieces.size() <= max_pieces; ++r) {
+        const Fragment& run = tiles.runs[shape.first_run + r];
+        for (uint64_t off = 0; off < run.bytes && state->tile_pieces.size() <= max_pieces;
+             off += cuda_copy::kMaxPieceBytes) {
+          state->tile_pieces.push_back(PieceDescriptor{
+              run.src + off, run.dst + off, std::min(cuda_copy::kMaxPieceBytes, run.bytes - off)});
+        }
+      }
+      const BatchState::ShapePieces d{static_cast<uint32_t>(first),
+                                      static_cast<uint32_t>(state->tile_pieces.size() - first)};
+      state->pieces_per_unit = std::max<uint64_t>(state->pieces_per_unit, d.count);
+      state->tile_shapes.push_back(d);
+      state->tile_shape_bytes.push_back(shape.bytes * tiles.outer.size());
+    }
+    if (TiledFixedBytes(tiles.outer.size(), state->tile_pieces.size()) +
+            sizeof(cuda_copy::TileSegmentDescriptor) >
+        staging) {
+      // Too large to stage at once (not a plan's list): run it expanded.
+      state->expanded = std::make_shared<FragmentList>();
+      tiles.ExpandTo(state->expanded.get());
+      state->batch.tiles = nullptr;
+      state->batch.fragments = *state->expanded;
+      state->tile_shapes.clear();
+      state->tile_pieces.clear();
+    }
+  }
   state->done = std::move(done);
   state->stop = std::move(stop);
   {
@@ -238,10 +305,12 @@ void CudaCopyEngine::Loop() {
         queue_.pop_front();
         lock.unlock();
         current->verbatim =
+            current->batch.tiles == nullptr &&
             NoneLargerThan(current->batch.fragments,
                            std::min(cuda_copy::kMaxPieceBytes, options_.max_launch_bytes));
         current->all_launched =
-            SkipEmpty(current->batch.fragments, current->next_fragment, current->next_offset);
+            current->total_bytes == 0 || NothingLeft(current->batch, current->next_fragment,
+                                                     current->next_offset, current->next_segment);
       } else if (in_flight_.empty()) {
         return;  // stopping, and every accepted batch is done
       }
@@ -256,13 +325,14 @@ void CudaCopyEngine::Loop() {
         const size_t index = free_slots_.back();
         free_slots_.pop_back();
         ++batch.launches_started;
-        Status status = Launch(batch, *slots_[index]);
+        Status status = batch.batch.tiles != nullptr ? LaunchTiled(batch, *slots_[index])
+                                                     : Launch(batch, *slots_[index]);
         if (status.ok()) {
           slots_[index]->batch = current;
           in_flight_.push_back(index);
           ++batch.in_flight;
           batch.all_launched =
-              SkipEmpty(batch.batch.fragments, batch.next_fragment, batch.next_offset);
+              NothingLeft(batch.batch, batch.next_fragment, batch.next_offset, batch.next_segment);
         } else {
           free_slots_.push_back(index);
           batch.error = std::move(status);
@@ -328,26 +398,83 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   // The loop calls Launch only while bytes remain (SkipEmpty), so count > 0.
   slot.bytes = bytes;
   batch.bytes_launched += bytes;
+  return Enqueue(batch, slot, count * sizeof(PieceDescriptor), [&] {
+    return CudaStatus(cuda_copy::LaunchBatchedCopy(
+                          static_cast<const PieceDescriptor*>(slot.descriptors.data()), count,
+                          kernel_src_base, kernel_dst_base, max_blocks_, copy_stream_.get()),
+                      "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
+                          std::to_string(bytes) + " bytes)");
+  });
+}
 
+Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
+  const TiledList& tiles = *batch.batch.tiles;
+  // Staging: outer offsets, shapes, pieces, then as many segments from the
+  // cursor as the buffer and max_launch_bytes allow (at least one).
+  const size_t fixed = TiledFixedBytes(tiles.outer.size(), batch.tile_pieces.size());
+  const size_t room = (slot.staging.size() - fixed) / sizeof(cuda_copy::TileSegmentDescriptor);
+  const size_t first = batch.next_segment;
+  size_t count = 0;
+  uint64_t bytes = 0;
+  while (first + count < tiles.segments.size() && count < room) {
+    const uint64_t b = batch.tile_shape_bytes[tiles.segments[first + count].shape];
+    if (count > 0 && bytes + b > options_.max_launch_bytes) break;
+    bytes += b;
+    ++count;
+  }
+  auto* staging = static_cast<std::byte*>(slot.staging.data());
+  auto put = [&staging](const void* data, size_t n) {
+    if (n > 0) std::memcpy(staging, data, n);
+    staging += n;
+  };
+  put(tiles.outer.data(), tiles.outer.size() * sizeof(TileOffset));
+  put(batch.tile_pieces.data(), batch.tile_pieces.size() * sizeof(PieceDescriptor));
+  auto* segments = reinterpret_cast<cuda_copy::TileSegmentDescriptor*>(staging);
+  for (size_t i = 0; i < count; ++i) {
+    const TileSegment& seg = tiles.segments[first + i];
+    const BatchState::ShapePieces shape = batch.tile_shapes[seg.shape];
+    segments[i] = cuda_copy::TileSegmentDescriptor{seg.src, seg.dst, shape.first, shape.count};
+  }
+  batch.next_segment += count;
+  slot.bytes = bytes;
+  batch.bytes_launched += bytes;
+
+  const auto* device = static_cast<const std::byte*>(slot.descriptors.data());
+  cuda_copy::TiledLaunch launch;
+  launch.outer = reinterpret_cast<const cuda_copy::TileOffsetDescriptor*>(device);
+  launch.pieces =
+      reinterpret_cast<const PieceDescriptor*>(device + tiles.outer.size() * sizeof(TileOffset));
+  launch.segments = reinterpret_cast<const cuda_copy::TileSegmentDescriptor*>(
+      reinterpret_cast<const std::byte*>(launch.pieces) +
+      batch.tile_pieces.size() * sizeof(PieceDescriptor));
+  launch.num_outer = tiles.outer.size();
+  launch.num_segments = count;
+  launch.pieces_per_unit = batch.pieces_per_unit;
+  launch.src_base = batch.batch.src_base.value();
+  launch.dst_base = batch.batch.dst_base.value();
+  return Enqueue(batch, slot, fixed + count * sizeof(cuda_copy::TileSegmentDescriptor), [&] {
+    if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs: nothing to copy
+    return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),
+                      "tiled copy kernel launch (" + std::to_string(count) + " segments, " +
+                          std::to_string(bytes) + " bytes)");
+  });
+}
+
+Status CudaCopyEngine::Enqueue(BatchState& batch, Slot& slot, size_t staged_bytes,
+                               const std::function<Status()>& launch) {
   const cudaStream_t upload = upload_stream_.get();
   const cudaStream_t copy = copy_stream_.get();
   Status status = CudaStatus(
-      cudaMemcpyAsync(slot.descriptors.data(), descriptors, count * sizeof(PieceDescriptor),
+      cudaMemcpyAsync(slot.descriptors.data(), slot.staging.data(), staged_bytes,
                       cudaMemcpyHostToDevice, upload),
-      "cudaMemcpyAsync(" + std::to_string(count) + " piece descriptors, host to device)");
+      "cudaMemcpyAsync(" + std::to_string(staged_bytes) + " bytes of descriptors, host to device)");
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(slot.uploaded.get(), upload), "cudaEventRecord(upload)");
   }
   if (status.ok()) {
     status = CudaStatus(cudaStreamWaitEvent(copy, slot.uploaded.get(), 0), "cudaStreamWaitEvent");
   }
-  if (status.ok()) {
-    status = CudaStatus(
-        cuda_copy::LaunchBatchedCopy(static_cast<const PieceDescriptor*>(slot.descriptors.data()),
-                                     count, kernel_src_base, kernel_dst_base, max_blocks_, copy),
-        "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
-            std::to_string(bytes) + " bytes)");
-  }
+  if (status.ok()) status = launch();
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(slot.finished.get(), copy), "cudaEventRecord(copy)");
   }
@@ -355,7 +482,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
     // The upload may still read the staging buffer: let it drain before the
     // slot is reused.
     CudaStatus(cudaStreamSynchronize(upload), "cudaStreamSynchronize(upload)").IgnoreError();
-    batch.bytes_launched -= bytes;
+    batch.bytes_launched -= slot.bytes;
     return status.WithContext("cuda copy engine");
   }
   return Status::Ok();
@@ -363,9 +490,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
 
 void CudaCopyEngine::Retire() {
   const size_t index = in_flight_.front();
-  in_flight_.pop_front();
   Slot& slot = *slots_[index];
-  std::shared_ptr<BatchState> batch = std::move(slot.batch);
   // A small launch ends microseconds after it was enqueued, and waking
   // from the blocking wait costs tens of microseconds: poll first, for
   // spin_before_sleep plus the time the launch's bytes take at the kernel's
@@ -385,6 +510,8 @@ void CudaCopyEngine::Retire() {
       polled == cudaErrorNotReady
           ? CudaStatus(cudaEventSynchronize(slot.finished.get()), "cudaEventSynchronize(copy)")
           : CudaStatus(polled, "cudaEventQuery(copy)");
+  in_flight_.pop_front();
+  std::shared_ptr<BatchState> batch = std::move(slot.batch);
   free_slots_.push_back(index);
   if (batch == nullptr) return;
   --batch->in_flight;

@@ -14,6 +14,17 @@
 // at a time, so descriptor upload of the next launch overlaps the copy of the
 // one before; batches share the slots first come, first served.
 //
+// Tiled batches (CopyBatch::tiles, Caps().tiled_lists): the engine cuts
+// each distinct shape's runs into pieces once, at Submit, and uploads per
+// launch the outer offsets, the shapes, their pieces and a range of
+// segments — a few KiB for a request of tens of thousands of runs — and
+// one kernel (cuda_copy::LaunchTiledCopy) expands the product on the
+// device, a warp per piece as above. A launch holds whole segments: as
+// many as max_launch_bytes and the staging buffer allow, at least one. A
+// tiled list whose outer offsets, shapes and pieces alone overflow a
+// launch's staging buffer (max_launch_pieces descriptors) is expanded and
+// runs as a flat list.
+//
 // Memory (Caps()): the kernel reaches device memory of the engine's device
 // (and of peers mapped into it) and pinned host memory that is mapped into
 // the device's address space (cudaHostAlloc, cudaHostRegister with
@@ -184,6 +195,13 @@ class CudaCopyEngine final : public CopyEngine {
   // Stages and enqueues the next launch of `batch` into `slot`; sets the
   // batch's cursor past what it launched. Returns the CUDA error, if any.
   Status Launch(BatchState& batch, Slot& slot);
+  // The same for a tiled batch: the next segments of its list.
+  Status LaunchTiled(BatchState& batch, Slot& slot);
+  // Uploads the slot's first `staged_bytes` staging bytes, runs `launch`
+  // (which enqueues the kernel on the copy stream) after the upload and
+  // records the slot's completion event.
+  Status Enqueue(BatchState& batch, Slot& slot, size_t staged_bytes,
+                 const std::function<Status()>& launch);
   // Waits for the oldest launch in flight and settles its batch.
   void Retire();
   // Calls `done` when the batch has nothing queued or in flight any more.
