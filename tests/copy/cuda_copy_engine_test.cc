@@ -26,6 +26,7 @@
 
 #include "common/status_matchers.h"
 #include "copy/copy_engine.h"
+#include "copy/cuda/copy_kernel.cuh"
 #include "copy/cuda/cuda_util.h"
 #include "kvbounce/config.h"
 #include "kvbounce/status.h"
@@ -194,6 +195,10 @@ TEST(CudaCopyEngineOptionsTest, BadOptionsAreInvalidArguments) {
   options.max_launch_pieces = 0;
   EXPECT_THAT(CudaCopyEngine::Create(options),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_launch_pieces")));
+  options = CudaCopyEngine::Options();
+  options.max_inline_pieces = cuda_copy::kInlinePieces + 1;
+  EXPECT_THAT(CudaCopyEngine::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_inline_pieces")));
   for (const auto spin :
        {std::chrono::microseconds(-1),
         CudaCopyEngine::Options::kMaxSpinBeforeSleep + std::chrono::microseconds(1)}) {
@@ -342,6 +347,25 @@ TEST_F(CudaCopyEngineTest, TiledListsMatchTheHostReference) {
   const CudaCopyEngine::Stats stats = engine_->GetStats();
   EXPECT_EQ(stats.batches_completed, 4u);
   EXPECT_EQ(stats.launches, 4u);  // each list in one launch
+}
+
+// Batches of at most kInlinePieces pieces go in the kernel's parameters,
+// one launch each: flat and tiled, at the limit and one piece past it.
+TEST_F(CudaCopyEngineTest, SmallBatchesMatchTheHostReference) {
+  RunRandom(Kind::kDirect, 91, 60, KiB(2));
+  RunRandom(Kind::kGather, 92, 128, KiB(32));  // exactly the limit: every fragment one piece
+  RunRandom(Kind::kScatter, 93, 3, KiB(200));  // fragments cut into several pieces
+  RunRandomTiled(94, 2, 3, 2, 8, 5000, /*absolute=*/false);
+  RunRandomTiled(95, 1, 1, 1, 1, 100, /*absolute=*/true);
+  EXPECT_EQ(engine_->GetStats().launches, 5u);
+  RunRandom(Kind::kDirect, 96, 129, KiB(32));  // one past: uploaded, still one launch
+  EXPECT_EQ(engine_->GetStats().launches, 6u);
+  CudaCopyEngine::Options options;
+  options.max_inline_pieces = 0;  // every batch uploaded
+  MakeEngine(options);
+  RunRandom(Kind::kDirect, 97, 10, KiB(2));
+  RunRandomTiled(98, 1, 2, 1, 3, 100, /*absolute=*/true);
+  EXPECT_EQ(engine_->GetStats().launches, 2u);
 }
 
 // A launch holds whole segments within max_launch_bytes; a list whose

@@ -104,7 +104,29 @@ __global__ void __launch_bounds__(kThreadsPerBlock) TiledCopyKernel(const TiledL
   }
 }
 
+// The parameter is read in place (__grid_constant__): no per-thread copy of
+// its 3 KiB.
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    InlineCopyKernel(const __grid_constant__ InlineLaunch l) {
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+  const uint32_t warps = gridDim.x * blockDim.x / kWarpSize;
+  for (uint32_t p = warp; p < l.count; p += warps) {
+    const PieceDescriptor piece = l.pieces[p];
+    CopyPiece(reinterpret_cast<const unsigned char*>(l.src_base + piece.src),
+              reinterpret_cast<unsigned char*>(l.dst_base + piece.dst), piece.bytes, lane);
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
+  constexpr uint32_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+  const uint32_t blocks =
+      std::max<uint32_t>(1, (launch.count + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  InlineCopyKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream) {
   constexpr uint64_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;

@@ -74,6 +74,22 @@ struct TiledLaunch {
   uint64_t dst_base;
 };
 
+// A batch small enough to travel in the kernel's parameters (under the
+// 4 KiB every CUDA version takes): no descriptor upload, no wait between
+// two streams, so a one-block request's copy is one launch call.
+inline constexpr uint32_t kInlinePieces = 128;
+struct InlineLaunch {
+  uint64_t src_base;
+  uint64_t dst_base;
+  uint32_t count;  // pieces used, 1 to kInlinePieces
+  PieceDescriptor pieces[kInlinePieces];
+};
+static_assert(sizeof(InlineLaunch) <= 4000);
+
+// Enqueues one kernel on `stream` copying the pieces of `launch` (a warp
+// per piece). Returns the launch's error.
+cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream);
+
 // Enqueues one kernel on `stream` that copies the tiled launch `launch`,
 // using at most `max_blocks` blocks. Returns the launch's error.
 // REQUIRES: num_outer, num_segments and pieces_per_unit > 0; the arrays

@@ -43,6 +43,9 @@ struct CudaCopyEngine::BatchState {
   // the bases as kernel arguments (set when the engine thread takes the
   // batch up).
   bool verbatim = false;
+  // Every piece fits one launch's parameters (cuda_copy::kInlinePieces):
+  // the batch is one launch, nothing uploaded.
+  bool small = false;
   // A tiled batch (batch.tiles): its shapes cut into pieces at Submit (each
   // shape's first piece and count), the cursor a segment index (a launch
   // holds whole segments).
@@ -137,6 +140,11 @@ Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& op
                                 std::to_string(options.spin_before_sleep.count()) +
                                 " us must be in [0, " +
                                 std::to_string(Options::kMaxSpinBeforeSleep.count()) + "] us");
+  }
+  if (options.max_inline_pieces > cuda_copy::kInlinePieces) {
+    return InvalidArgumentError(
+        "cuda copy engine: max_inline_pieces = " + std::to_string(options.max_inline_pieces) +
+        " is invalid: must be 0 to " + std::to_string(cuda_copy::kInlinePieces));
   }
   if (options.launch_slots < 1 || options.launch_slots > Options::kMaxLaunchSlots) {
     return InvalidArgumentError("cuda copy engine: launch_slots = " +
@@ -311,6 +319,10 @@ void CudaCopyEngine::Loop() {
         current->all_launched =
             current->total_bytes == 0 || NothingLeft(current->batch, current->next_fragment,
                                                      current->next_offset, current->next_segment);
+        current->small = !current->all_launched &&
+                         current->total_bytes <= options_.max_launch_bytes &&
+                         InlinePieces(*current) <= std::min<uint64_t>(options_.max_inline_pieces,
+                                                                      options_.max_launch_pieces);
       } else if (in_flight_.empty()) {
         return;  // stopping, and every accepted batch is done
       }
@@ -325,8 +337,9 @@ void CudaCopyEngine::Loop() {
         const size_t index = free_slots_.back();
         free_slots_.pop_back();
         ++batch.launches_started;
-        Status status = batch.batch.tiles != nullptr ? LaunchTiled(batch, *slots_[index])
-                                                     : Launch(batch, *slots_[index]);
+        Status status = batch.small                    ? LaunchInline(batch, *slots_[index])
+                        : batch.batch.tiles != nullptr ? LaunchTiled(batch, *slots_[index])
+                                                       : Launch(batch, *slots_[index]);
         if (status.ok()) {
           slots_[index]->batch = current;
           in_flight_.push_back(index);
@@ -405,6 +418,74 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
                       "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
                           std::to_string(bytes) + " bytes)");
   });
+}
+
+uint64_t CudaCopyEngine::InlinePieces(const BatchState& batch) {
+  constexpr uint64_t kMore = cuda_copy::kInlinePieces + 1;  // "too many", early
+  const auto pieces = [](uint64_t bytes) {
+    return bytes / cuda_copy::kMaxPieceBytes + (bytes % cuda_copy::kMaxPieceBytes != 0 ? 1 : 0);
+  };
+  uint64_t n = 0;
+  if (batch.batch.tiles == nullptr) {
+    if (batch.batch.fragments.size() > 4 * kMore) return kMore;  // zero-byte ones aside
+    for (const Fragment& f : batch.batch.fragments) {
+      n += pieces(f.bytes);
+      if (n >= kMore) return kMore;
+    }
+    return n;
+  }
+  const TiledList& tiles = *batch.batch.tiles;
+  if (tiles.outer.size() >= kMore || tiles.segments.size() >= kMore) return kMore;
+  for (const TileSegment& seg : tiles.segments) {
+    n += batch.tile_shapes[seg.shape].count * tiles.outer.size();
+    if (n >= kMore) return kMore;
+  }
+  return n;
+}
+
+Status CudaCopyEngine::LaunchInline(BatchState& batch, Slot& slot) {
+  cuda_copy::InlineLaunch launch;
+  launch.src_base = batch.batch.src_base.value();
+  launch.dst_base = batch.batch.dst_base.value();
+  launch.count = 0;
+  const auto add = [&launch](uint64_t src, uint64_t dst, uint64_t bytes) {
+    for (uint64_t at = 0; at < bytes; at += cuda_copy::kMaxPieceBytes) {
+      launch.pieces[launch.count++] =
+          PieceDescriptor{src + at, dst + at, std::min(cuda_copy::kMaxPieceBytes, bytes - at)};
+    }
+  };
+  if (batch.batch.tiles == nullptr) {
+    for (const Fragment& f : batch.batch.fragments) add(f.src, f.dst, f.bytes);
+    batch.next_fragment = batch.batch.fragments.size();
+  } else {
+    // Pieces of the tiles, the shapes' pieces already cut at Submit.
+    const TiledList& tiles = *batch.batch.tiles;
+    for (const TileOffset& o : tiles.outer) {
+      for (const TileSegment& seg : tiles.segments) {
+        const BatchState::ShapePieces shape = batch.tile_shapes[seg.shape];
+        for (uint32_t p = 0; p < shape.count; ++p) {
+          const PieceDescriptor& piece = batch.tile_pieces[shape.first + p];
+          launch.pieces[launch.count++] = PieceDescriptor{o.src + seg.src + piece.src,
+                                                          o.dst + seg.dst + piece.dst, piece.bytes};
+        }
+      }
+    }
+    batch.next_segment = tiles.segments.size();
+  }
+  slot.bytes = batch.total_bytes;
+  batch.bytes_launched += batch.total_bytes;
+  Status status = CudaStatus(cuda_copy::LaunchInlineCopy(launch, copy_stream_.get()),
+                             "inline copy kernel launch (" + std::to_string(launch.count) +
+                                 " pieces, " + std::to_string(batch.total_bytes) + " bytes)");
+  if (status.ok()) {
+    status = CudaStatus(cudaEventRecord(slot.finished.get(), copy_stream_.get()),
+                        "cudaEventRecord(copy)");
+  }
+  if (!status.ok()) {
+    batch.bytes_launched -= slot.bytes;
+    return status.WithContext("cuda copy engine");
+  }
+  return Status::Ok();
 }
 
 Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {

@@ -14,6 +14,11 @@
 // at a time, so descriptor upload of the next launch overlaps the copy of the
 // one before; batches share the slots first come, first served.
 //
+// Small batches: a batch of at most cuda_copy::kInlinePieces pieces (and
+// at most max_launch_bytes) travels whole in the kernel's parameters — one
+// launch call, no descriptor upload and no wait between the upload and copy
+// streams, the bulk of a one-block request's copy.
+//
 // Tiled batches (CopyBatch::tiles, Caps().tiled_lists): the engine cuts
 // each distinct shape's runs into pieces once, at Submit, and uploads per
 // launch the outer offsets, the shapes, their pieces and a range of
@@ -108,6 +113,10 @@ struct CudaCopyEngineOptions {
   // Launches in flight at a time (each has its own staging and device
   // descriptor buffers). 1 to kMaxLaunchSlots.
   int launch_slots = 4;
+  // A batch of at most this many pieces travels in the kernel's
+  // parameters, uploading nothing (0: never). 0 to
+  // cuda_copy::kInlinePieces.
+  uint32_t max_inline_pieces = 128;
   // How long the engine thread polls a launch's completion, beyond the
   // time the launch's bytes should take (kKernelBytesPerUs), before it
   // sleeps on it (0: sleep at once, not polling at all). A small batch
@@ -197,6 +206,12 @@ class CudaCopyEngine final : public CopyEngine {
   Status Launch(BatchState& batch, Slot& slot);
   // The same for a tiled batch: the next segments of its list.
   Status LaunchTiled(BatchState& batch, Slot& slot);
+  // The whole of a small batch (BatchState::small) in the kernel's
+  // parameters: no upload.
+  Status LaunchInline(BatchState& batch, Slot& slot);
+  // The pieces of `batch`, or any number above cuda_copy::kInlinePieces
+  // once it has that many.
+  static uint64_t InlinePieces(const BatchState& batch);
   // Uploads the slot's first `staged_bytes` staging bytes, runs `launch`
   // (which enqueues the kernel on the copy stream) after the upload and
   // records the slot's completion event.
