@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "kvbounce/logging.h"
+#include "layout/chunking.h"
 
 namespace kvbounce {
 
@@ -61,6 +62,20 @@ struct SenderSession::Job {
   // The plan's copied list is in tiled form (plan.tiled_*).
   bool tiled = false;
   Slot send_slot;
+  // Streaming through the send arena, for a stream larger than it
+  // (StartStream): chunk k of the packed stream is gathered into a lane's
+  // slot and written into the recv slot at its offset, kStreamLanes lanes
+  // so that one chunk's gather overlaps another's write.
+  struct Lane {
+    Slot slot;
+    uint64_t chunk = 0;
+    FragmentList list;           // the chunk's part of the gather list
+    std::vector<WriteOp> write;  // alive until the write completed
+  };
+  std::optional<ChunkCut> stream;
+  std::vector<Lane> lanes;
+  uint64_t next_chunk = 0;
+  int gathers_outstanding = 0;
   std::vector<WriteGroup> groups;
   Status write_error;
   uint64_t fragments = 0;
@@ -636,10 +651,173 @@ void SenderSession::Reserve(Job& job) {
     return;
   }
   if (slot.status().code() == StatusCode::kOutOfRange) {
-    WithoutSendSlot(job, "request larger than send arena");
+    StartStream(job);
     return;
   }
   Finish(job, slot.status().WithContext("reserving a send slot"));
+}
+
+void SenderSession::StartStream(Job& job) {
+  // Chunks of a quarter of the arena, two lanes: half the arena at most,
+  // so that other streams still find room.
+  const uint64_t capacity = ctx_.send_arena->capacity();
+  const uint64_t chunk = std::max<uint64_t>(capacity / 4, std::min<uint64_t>(capacity, KiB(64)));
+  Result<ChunkCut> cut = ChunkCut::Create(job.plan.packed_bytes, chunk);
+  if (!cut.ok()) {
+    WithoutSendSlot(job, "request larger than send arena");
+    return;
+  }
+  for (int i = 0; i < kStreamLanes && static_cast<uint64_t>(i) < cut->num_chunks(); ++i) {
+    Result<Slot> slot = ctx_.send_arena->TryReserve(chunk);
+    if (!slot.ok()) break;
+    job.lanes.emplace_back().slot = std::move(slot).value();
+  }
+  if (job.lanes.empty()) {  // the arena is busy: not even one chunk fits now
+    WithoutSendSlot(job, "request larger than send arena");
+    return;
+  }
+  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
+  job.stream = *cut;
+  if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
+  job.reserve_timer = 0;
+  job.timeline.reserve = SessionContext::MetricsClock::now();
+  Transition(job, JobState::kGathering);
+  AcquireBlocks(job);
+  const Key key = job.key;
+  for (size_t i = 0; i < job.lanes.size(); ++i) {
+    Job* j = Find(key);
+    if (j == nullptr) return;
+    GatherChunk(*j, i);
+  }
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::GatherChunk(Job& job, size_t lane_index) {
+  Job::Lane& lane = job.lanes[lane_index];
+  const ChunkCut& cut = *job.stream;
+  if (job.outcome || !job.write_error.ok() || job.next_chunk == cut.num_chunks()) {
+    if (lane.slot.valid()) {  // nothing more for this lane
+      lane.slot.Release();
+      RetryReservations();
+    }
+    return;
+  }
+  const uint64_t k = job.next_chunk++;
+  lane.chunk = k;
+  lane.list.clear();
+  Status sliced =
+      SliceChunk(job.plan.gather, PackedSide::kDestination, cut.begin(k), cut.end(k), &lane.list);
+  if (sliced.ok()) {
+    const Key key = job.key;
+    ++job.async_outstanding;
+    ++job.gathers_outstanding;
+    sliced = ctx_.SubmitCopy(
+        GatherBatch(lane.list, lane.slot.address()),
+        [this, key, lane_index](Status st) {
+          ctx_.loop->Post([this, key, lane_index, st] { OnChunkGathered(key, lane_index, st); });
+        },
+        job.stop.get_token());
+    if (sliced.ok()) return;
+    --job.async_outstanding;
+    --job.gathers_outstanding;
+  }
+  job.write_error = sliced.WithContext("gather of chunk " + std::to_string(k));
+  job.stop.request_stop();
+  lane.slot.Release();
+  RetryReservations();
+}
+
+void SenderSession::OnChunkGathered(Key key, size_t lane_index, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  --job->gathers_outstanding;
+  if (!status.ok() && job->write_error.ok()) {
+    job->write_error =
+        status.WithContext("gather of chunk " + std::to_string(job->lanes[lane_index].chunk));
+    job->stop.request_stop();
+  }
+  const bool all_gathered = job->next_chunk == job->stream->num_chunks() ||
+                            job->outcome.has_value() || !job->write_error.ok();
+  if (job->gathers_outstanding == 0 && all_gathered) {
+    // The pool is read no more: the rest of the stream is in the lanes.
+    ReleaseBlocks(*job);
+    job = Find(key);
+    if (job == nullptr) return;
+  }
+  Job::Lane& lane = job->lanes[lane_index];
+  PeerState* peer = ctx_.FindPeer(job->peer);
+  if (!job->outcome && job->write_error.ok() && (peer == nullptr || !peer->ready())) {
+    job->write_error = UnavailableError("receiver " + job->peer_name + " is gone");
+    job->stop.request_stop();
+  }
+  if (job->outcome || !job->write_error.ok()) {
+    lane.slot.Release();
+    RetryReservations();
+    if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+    return;
+  }
+  const ChunkCut& cut = *job->stream;
+  lane.write = {WriteOp{lane.slot.address(),
+                        Addr(job->request.recv_slot_addr + cut.begin(lane.chunk)),
+                        cut.size(lane.chunk)}};
+  if (job->state != JobState::kWriting) {
+    Transition(*job, JobState::kWriting);
+    job->timeline.first_byte = SessionContext::MetricsClock::now();
+  }
+  ++job->async_outstanding;
+  Status issued = ctx_.transport->Write(
+      *ctx_.send_region, *peer->recv_arena, lane.write,
+      [this, key, lane_index](Status s) {
+        ctx_.loop->Post([this, key, lane_index, s] { OnChunkWritten(key, lane_index, s); });
+      },
+      job->stop.get_token());
+  if (issued.ok()) {
+    job->wrote = true;
+    ++job->transport_writes;
+    return;
+  }
+  --job->async_outstanding;
+  job->write_error =
+      issued.WithContext("write of chunk " + std::to_string(lane.chunk) + " to " + job->peer_name);
+  job->stop.request_stop();
+  lane.slot.Release();
+  RetryReservations();
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::OnChunkWritten(Key key, size_t lane_index, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  --job->async_outstanding;
+  if (!status.ok() && job->write_error.ok()) {
+    job->write_error = status.WithContext(
+        "write of chunk " + std::to_string(job->lanes[lane_index].chunk) + " to " + job->peer_name);
+    job->stop.request_stop();
+  }
+  // The lane's slot holds nothing anyone needs: the next chunk, if any.
+  GatherChunk(*job, lane_index);
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::EndStreamIfIdle(Job& job) {
+  if (job.async_outstanding > 0) return;
+  const Key key = job.key;
+  for (Job::Lane& lane : job.lanes) {
+    if (lane.slot.valid()) lane.slot.Release();
+  }
+  RetryReservations();
+  Job* j = Find(key);
+  if (j == nullptr) return;
+  ReleaseBlocks(*j);
+  j = Find(key);
+  if (j == nullptr) return;
+  j->timeline.write_done = SessionContext::MetricsClock::now();
+  if (j->outcome) {
+    MaybeReport(*j);
+    return;
+  }
+  Finish(*j, j->write_error);
 }
 
 void SenderSession::OnReserveTimeout(Key key) {

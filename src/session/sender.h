@@ -118,9 +118,17 @@ class SenderSession {
   //                  -> IssueWrites -> flush -> KV_RESULT.
   //   kBounce        StartBounce: a send slot (Reserve) -> gather into it
   //                  (OnGathered) -> one write into the granted recv slot
-  //                  -> flush -> KV_RESULT; without a slot (no arena, too
-  //                  small, backpressure) the gather runs are written from
-  //                  the pool into the recv slot instead (WriteFromPool).
+  //                  -> flush -> KV_RESULT. A stream larger than the send
+  //                  arena streams through it (StartStream): chunks of a
+  //                  quarter of the arena (layout/chunking.h), each
+  //                  gathered into one of kStreamLanes chunk slots
+  //                  (GatherChunk -> OnChunkGathered) and written into the
+  //                  recv slot at its offset (-> OnChunkWritten, which
+  //                  gathers the lane's next chunk), so one chunk's gather
+  //                  overlaps another's write -> flush -> KV_RESULT.
+  //                  Without a slot (no arena, backpressure, not even one
+  //                  chunk free) the gather runs are written from the pool
+  //                  into the recv slot instead (WriteFromPool).
   //   kStagedBounce  bounce from a pool the transport cannot reach (device
   //                  memory over a host-only link, docs/cuda.md): the same
   //                  steps, but the gathered send slot is the only source,
@@ -143,6 +151,15 @@ class SenderSession {
   void Lend(Job& job);
   void Reserve(Job& job);
   void OnReserveTimeout(Key key);
+  // Streaming through the send arena (see kBounce above).
+  static constexpr int kStreamLanes = 2;
+  void StartStream(Job& job);
+  void GatherChunk(Job& job, size_t lane_index);
+  void OnChunkGathered(Key key, size_t lane_index, const Status& status);
+  void OnChunkWritten(Key key, size_t lane_index, const Status& status);
+  // Once nothing of the stream is in the air: frees the lanes and the
+  // blocks and finishes the job (or reports a job already finished).
+  void EndStreamIfIdle(Job& job);
   void RetryReservations();
   // A bounce job that gets no send slot: writes from the pool (kBounce) or
   // fails (kStagedBounce).

@@ -520,5 +520,108 @@ TEST(ArenaExhaustionTest, SendArenaBackpressureWritesFromThePool) {
   EXPECT_TRUE(ArenasDrain(c));
 }
 
+// Each writer's stream (4 MiB) is larger than its send arena (1 MiB): it
+// streams through it in chunks of 256 KiB, two at a time, each written into
+// the recv slot at its offset.
+ClusterOptions StreamingFanIn() {
+  ClusterOptions o = FanIn(4096);
+  o.ctx_config.bounce_size_mb = 1;
+  o.gen_config.bounce_size_mb = 16;
+  return o;
+}
+
+TEST(SendStreamTest, AStreamLargerThanTheSendArenaGoesThroughItInChunks) {
+  auto cluster = Cluster::Create(StreamingFanIn());
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  PullOptions bounce;
+  bounce.path = TransferPath::kBounce;
+  for (uint64_t id = 1; id <= 3; ++id) {
+    std::mt19937_64 rng(id);
+    c.ClearGen(0);
+    const BlockTables tables = c.Tables(0, 4096, rng);
+    auto published = PublishAll(c, id, tables, 4096);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 4096}, bounce);
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_EQ((*pull)->info().path_taken, TransferPath::kBounce);
+    EXPECT_EQ((*pull)->info().fallback_reason, "");
+    const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 4096});
+    EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  }
+  for (int r = 0; r < 2; ++r) {
+    // 16 chunks a request: one write each, no fallback.
+    EXPECT_EQ(c.ctx(r).Stats().transport_write_ops, 3u * 16);
+    EXPECT_EQ(c.ctx(r).Stats().fallbacks, 0u);
+  }
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+TEST(SendStreamTest, AFailedChunkFailsTheRequestAndFreesEverything) {
+  auto cluster = Cluster::Create(StreamingFanIn());
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  FaultOptions faults;
+  faults.write_fail_rate = 0.15;
+  faults.seed = 5;
+  for (int r = 0; r < 2; ++r) ASSERT_THAT(c.ctx_faults(r)->SetOptions(faults), IsOk());
+  PullOptions bounce;
+  bounce.path = TransferPath::kBounce;
+  std::mt19937_64 rng(21);
+  const BlockTables tables = c.Tables(0, 4096, rng);
+  auto published = PublishAll(c, 1, tables, 4096);
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 4096}, bounce);
+  ASSERT_THAT(pull, IsOk());
+  const Status status = (*pull)->Wait();
+  EXPECT_FALSE(status.ok());
+  EXPECT_THAT(std::string(status.message()), HasSubstr("write of chunk"));
+  // Every lane, the blocks and the recv slot are free again.
+  for (auto& p : published) p->Cancel();
+  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  EXPECT_TRUE(ArenasDrain(c));
+  // The next request, without faults, streams through the same arena.
+  for (int r = 0; r < 2; ++r) ASSERT_THAT(c.ctx_faults(r)->SetOptions({}), IsOk());
+  c.ClearGen(0);
+  const BlockTables again = c.Tables(0, 4096, rng);
+  auto published2 = PublishAll(c, 2, again, 4096);
+  auto pull2 = c.gen(0).Pull(2, "ctx0", again.gen, {0, 4096}, bounce);
+  ASSERT_THAT(pull2, IsOk());
+  ASSERT_THAT((*pull2)->Wait(), IsOk());
+  EXPECT_EQ(c.VerifyGen(0, again, {0, 4096}).mismatches, 0u);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+TEST(SendStreamTest, CancelMidStreamSettlesOnceAndFreesTheLanes) {
+  auto clock = std::make_shared<ManualClock>();
+  ClusterOptions o = StreamingFanIn();
+  o.ctx_hooks.clock = clock;
+  o.gen_hooks.clock = clock;
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  HoldCtxWrites(c);
+  PullOptions bounce;
+  bounce.path = TransferPath::kBounce;
+  std::mt19937_64 rng(31);
+  const BlockTables tables = c.Tables(0, 4096, rng);
+  auto published = PublishAll(c, 1, tables, 4096);
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 4096}, bounce);
+  ASSERT_THAT(pull, IsOk());
+  Settlements settled;
+  settled.Watch(**pull);
+  // Both lanes of both writers have a chunk on the wire (held).
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(2, kLong));
+  (*pull)->Cancel();
+  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
+  ReleaseCtxWrites(c);
+  for (auto& p : published) p->Cancel();
+  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  EXPECT_TRUE(ArenasDrain(c));
+  EXPECT_EQ(settled.count.load(), 1);
+  // Cancelled after two chunks each: no more were written.
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(c.ctx(r).Stats().transport_write_ops, 2u);
+}
+
 }  // namespace
 }  // namespace kvbounce
