@@ -102,6 +102,32 @@ bool Check(const Status& status, const char* what) {
   return false;
 }
 
+// Submits every batch at once (batch i to engine i % engines.size()) and
+// waits for all; true when every one completed OK.
+bool SubmitAllAndWait(const std::vector<CopyBatch>& batches,
+                      const std::vector<CudaCopyEngine*>& engines) {
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t left = batches.size();
+  bool ok = true;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const Status submitted = engines[i % engines.size()]->Submit(batches[i], [&](Status status) {
+      std::lock_guard<std::mutex> lock(mu);
+      ok = ok && status.ok();
+      --left;
+      cv.notify_all();
+    });
+    if (!Check(submitted, "engine submit")) {
+      std::lock_guard<std::mutex> lock(mu);
+      --left;
+      ok = false;
+    }
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return left == 0; });
+  return ok;
+}
+
 // GB/s of `reps` timed calls of `run` moving `bytes` each, after one warm-up.
 template <typename F>
 double Rate(uint64_t bytes, int reps, F run) {
@@ -252,29 +278,13 @@ int Main(int argc, char** argv) {
     // several requests in flight submits them): one batch's fixed costs
     // (the hand-offs, the launch calls, the wait) overlap another's copy.
     const double overlapped_rate = Rate(total, reps, [&] {
-      std::mutex mu;
-      std::condition_variable cv;
-      int left = 4;
-      bool ok = true;
+      std::vector<CopyBatch> quarters;
       const size_t quarter = list.size() / 4;
-      for (int q = 0; q < 4; ++q) {
-        const std::span<const Fragment> part(list.data() + q * quarter,
-                                             q == 3 ? list.size() - 3 * quarter : quarter);
-        const Status submitted = (*engine)->Submit(DirectBatch(part), [&](Status status) {
-          std::lock_guard<std::mutex> lock(mu);
-          ok = ok && status.ok();
-          --left;
-          cv.notify_all();
-        });
-        if (!Check(submitted, "engine submit")) {
-          std::lock_guard<std::mutex> lock(mu);
-          --left;
-          ok = false;
-        }
+      for (size_t q = 0; q < 4; ++q) {
+        quarters.push_back(DirectBatch(std::span<const Fragment>(
+            list.data() + q * quarter, q == 3 ? list.size() - 3 * quarter : quarter)));
       }
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return left == 0; });
-      return ok;
+      return SubmitAllAndWait(quarters, {engine->get()});
     });
     std::string per_call = "-";
     if (bytes == KiB(4)) {
@@ -376,31 +386,12 @@ int Main(int argc, char** argv) {
     if (!Check(e.status(), "create engine")) return 1;
     writers.push_back(std::move(e).value());
   }
-  // Submits every batch of `lists` (engine i % engines.size()) at once and
-  // waits for all.
-  const auto run_all = [&](const std::vector<TiledList>& lists,
-                           const std::vector<CudaCopyEngine*>& engines) {
-    std::mutex mu;
-    std::condition_variable cv;
-    size_t left = lists.size();
-    bool ok = true;
-    for (size_t i = 0; i < lists.size(); ++i) {
-      const Status submitted =
-          engines[i % engines.size()]->Submit(DirectBatch(lists[i]), [&](Status status) {
-            std::lock_guard<std::mutex> lock(mu);
-            ok = ok && status.ok();
-            --left;
-            cv.notify_all();
-          });
-      if (!Check(submitted, "tiled submit")) {
-        std::lock_guard<std::mutex> lock(mu);
-        --left;
-        ok = false;
-      }
-    }
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return left == 0; });
-    return ok;
+  // Every tiled list of `lists` at once (list i on engine i % engines.size()).
+  const auto run_all = [](const std::vector<TiledList>& lists,
+                          const std::vector<CudaCopyEngine*>& engines) {
+    std::vector<CopyBatch> batches;
+    for (const TiledList& list : lists) batches.push_back(DirectBatch(list));
+    return SubmitAllAndWait(batches, engines);
   };
   std::vector<std::string> tiled_rows;
   for (const uint64_t bytes : {uint64_t{256}, KiB(4), KiB(64)}) {
