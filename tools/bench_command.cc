@@ -362,6 +362,10 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
       "--bounce-size-mb", [flags](const int64_t& v) { flags->bounce_size_mb = v; },
       "MiB of each staging arena (default: enough for --concurrency requests; 0 turns the "
       "bounce path off)");
+  cmd->add_option_function<int64_t>(
+      "--send-arena-mb", [flags](const int64_t& v) { flags->send_arena_mb = v; },
+      "MiB of each ctx rank's send arena alone (default: as --bounce-size-mb); a writer's "
+      "stream larger than it streams through it in chunks");
   cmd->add_option("--inject-fail-rate", flags->inject_fail_rate,
                   "Probability (0..1) that a transport write operation fails (per-block and "
                   "bounce write through the transport; direct does not)")
@@ -481,6 +485,12 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
         "--bounce-size-mb = " + std::to_string(*flags.bounce_size_mb) +
         " is invalid: must be <= " + std::to_string(Config::kMaxBounceSizeMb));
   }
+  if (flags.send_arena_mb &&
+      (*flags.send_arena_mb < 1 || *flags.send_arena_mb > Config::kMaxBounceSizeMb)) {
+    return InvalidArgumentError("--send-arena-mb = " + std::to_string(*flags.send_arena_mb) +
+                                " is invalid: must be 1 to " +
+                                std::to_string(Config::kMaxBounceSizeMb));
+  }
   if (flags.chaos) {
     if (!(flags.chaos_seconds > 0 && flags.chaos_seconds <= 86400)) {
       return InvalidArgumentError("--chaos-seconds = " + std::to_string(flags.chaos_seconds) +
@@ -520,7 +530,9 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   // Chaos drivers alternate between two slots each.
   const int slots = flags.chaos ? 2 * concurrency : concurrency;
   const int64_t ctx_arena_mb =
-      flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, true, concurrency));
+      bounce_off ? 0
+                 : flags.send_arena_mb.value_or(
+                       flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, true, concurrency)));
   const int64_t gen_arena_mb =
       flags.bounce_size_mb.value_or(DefaultArenaMb(scenario, false, concurrency));
 

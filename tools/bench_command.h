@@ -32,6 +32,9 @@ struct BenchFlags {
   // MiB of each staging arena. Unset: enough for `concurrency` requests on
   // the busiest rank; 0: the bounce path is off; negative: an error.
   std::optional<int64_t> bounce_size_mb;
+  // MiB of each ctx rank's send arena alone (unset: as bounce_size_mb); a
+  // writer's stream larger than it streams through it in chunks.
+  std::optional<int64_t> send_arena_mb;
   double inject_fail_rate = 0;
   std::string json_file;  // checked for writability before the run
   // Config::poll_before_sleep_us of every agent (the workers' too); unset:

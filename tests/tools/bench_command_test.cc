@@ -165,6 +165,39 @@ TEST(BenchCommandTest, BounceSizeDefaultsToEnoughForTheConcurrency) {
   EXPECT_EQ((*report)["bounce_size_mb"]["gen"], 3);
 }
 
+// A send arena smaller than a writer's stream (8 MiB against 1 MiB): the
+// writers stream through it, one write per chunk of 256 KiB, every byte
+// verified.
+TEST(BenchCommandTest, ASendArenaSmallerThanTheStreamIsStreamedThrough) {
+  BenchFlags f;
+  f.scenario.layers = 8;
+  f.scenario.kv_heads = 8;
+  f.scenario.head_dim = 128;
+  f.scenario.tokens = 256;
+  f.scenario.ctx = "tp=1";
+  f.scenario.gen = "tp=1";
+  f.requests = 2;
+  f.concurrency = 1;
+  f.paths = "bounce";
+  f.send_arena_mb = 1;
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ((*report)["bounce_size_mb"]["ctx"], 1);
+  const nlohmann::json& run = (*report)["runs"][0];
+  EXPECT_EQ(run["completed"], 2);
+  EXPECT_EQ(run["mismatches"], 0);
+  EXPECT_EQ(run["transport_writes"], 2 * 32);
+  EXPECT_EQ(run["arena_outstanding_bytes"], 0);
+  for (int64_t bad : {int64_t{0}, int64_t{-3}, Config::kMaxBounceSizeMb + 1}) {
+    f.send_arena_mb = bad;
+    auto refused = RunBench(f, log);
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(refused.status().message()),
+                HasSubstr("--send-arena-mb = " + std::to_string(bad) + " is invalid"));
+  }
+}
+
 TEST(BenchCommandTest, TheMemoryCapIsCheckedBeforeAnythingIsAllocated) {
   BenchFlags f = Small();
   f.scenario.memory_cap_bytes = 64 * 1024;  // less than the pools
