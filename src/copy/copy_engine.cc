@@ -112,10 +112,10 @@ Status ValidateTiledBatch(const CopyBatch& batch, uint64_t* total_bytes) {
     // No run.
   } else if (TiledBoundsClear(tiles, src_base, dst_base)) {
     uint64_t per_outer = 0;
-    for (const TileSegment& s : tiles.segments) {
-      if (!AddTo(per_outer, tiles.shapes[s.shape].bytes)) per_outer = kMaxU64;
-    }
-    if (per_outer > kMaxU64 / tiles.outer.size()) {
+    bool fits = true;
+    for (const TileSegment& s : tiles.segments)
+      fits = fits && AddTo(per_outer, tiles.shapes[s.shape].bytes);
+    if (!fits || per_outer > kMaxU64 / tiles.outer.size()) {
       return InvalidArgumentError("copy batch: total bytes of the tiled list overflow 64 bits");
     }
     total = per_outer * tiles.outer.size();

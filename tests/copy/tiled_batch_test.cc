@@ -183,6 +183,15 @@ TEST_F(TiledBatchTest, BadBatchesAreRejectedWithoutCallingDone) {
   s = submit(CopyBatch{{}, pa, pb, &huge});
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("overflows 64 bits"));
+  // Runs that each fit, repeated past 2^64 bytes in all (one outer offset).
+  TiledList repeated;
+  repeated.outer = {{0, 0}};
+  repeated.shapes = {{0, 1, uint64_t{1} << 62}};
+  repeated.runs = {{0, uint64_t{1} << 63, uint64_t{1} << 62}};
+  repeated.segments.assign(5, TileSegment{0, 0, 0});
+  s = submit(CopyBatch{{}, Addr(4096), Addr(0), &repeated});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("total bytes"));
   EXPECT_FALSE(called);
 
   // An empty list completes OK.

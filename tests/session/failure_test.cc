@@ -530,25 +530,40 @@ ClusterOptions StreamingFanIn() {
   return o;
 }
 
+// Publishes request `id` (tokens [0, 4096) on slot 0, fresh tables) on every
+// ctx rank and pulls it by bounce on gen rank 0.
+struct StreamingPull {
+  BlockTables tables;
+  std::vector<std::shared_ptr<Transfer>> published;
+  std::shared_ptr<Transfer> pull;  // null: Pull failed (reported)
+};
+StreamingPull PullByBounce(Cluster& c, uint64_t id, std::mt19937_64& rng) {
+  StreamingPull s;
+  s.tables = c.Tables(0, 4096, rng);
+  s.published = PublishAll(c, id, s.tables, 4096);
+  PullOptions bounce;
+  bounce.path = TransferPath::kBounce;
+  auto pull = c.gen(0).Pull(id, "ctx0", s.tables.gen, {0, 4096}, bounce);
+  EXPECT_THAT(pull, IsOk());
+  if (pull.ok()) s.pull = *pull;
+  return s;
+}
+
 TEST(SendStreamTest, AStreamLargerThanTheSendArenaGoesThroughItInChunks) {
   auto cluster = Cluster::Create(StreamingFanIn());
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  PullOptions bounce;
-  bounce.path = TransferPath::kBounce;
   for (uint64_t id = 1; id <= 3; ++id) {
     std::mt19937_64 rng(id);
     c.ClearGen(0);
-    const BlockTables tables = c.Tables(0, 4096, rng);
-    auto published = PublishAll(c, id, tables, 4096);
-    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 4096}, bounce);
-    ASSERT_THAT(pull, IsOk());
-    ASSERT_THAT((*pull)->Wait(), IsOk());
-    EXPECT_EQ((*pull)->info().path_taken, TransferPath::kBounce);
-    EXPECT_EQ((*pull)->info().fallback_reason, "");
-    const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 4096});
+    const StreamingPull s = PullByBounce(c, id, rng);
+    ASSERT_NE(s.pull, nullptr);
+    ASSERT_THAT(s.pull->Wait(), IsOk());
+    EXPECT_EQ(s.pull->info().path_taken, TransferPath::kBounce);
+    EXPECT_EQ(s.pull->info().fallback_reason, "");
+    const tools::VerifyResult v = c.VerifyGen(0, s.tables, {0, 4096});
     EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
-    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+    for (auto& p : s.published) EXPECT_THAT(p->Wait(), IsOk());
   }
   for (int r = 0; r < 2; ++r) {
     // 16 chunks a request: one write each, no fallback.
@@ -566,29 +581,23 @@ TEST(SendStreamTest, AFailedChunkFailsTheRequestAndFreesEverything) {
   faults.write_fail_rate = 0.15;
   faults.seed = 5;
   for (int r = 0; r < 2; ++r) ASSERT_THAT(c.ctx_faults(r)->SetOptions(faults), IsOk());
-  PullOptions bounce;
-  bounce.path = TransferPath::kBounce;
   std::mt19937_64 rng(21);
-  const BlockTables tables = c.Tables(0, 4096, rng);
-  auto published = PublishAll(c, 1, tables, 4096);
-  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 4096}, bounce);
-  ASSERT_THAT(pull, IsOk());
-  const Status status = (*pull)->Wait();
+  const StreamingPull failed = PullByBounce(c, 1, rng);
+  ASSERT_NE(failed.pull, nullptr);
+  const Status status = failed.pull->Wait();
   EXPECT_FALSE(status.ok());
   EXPECT_THAT(std::string(status.message()), HasSubstr("write of chunk"));
   // Every lane, the blocks and the recv slot are free again.
-  for (auto& p : published) p->Cancel();
-  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  for (auto& p : failed.published) p->Cancel();
+  for (auto& p : failed.published) EXPECT_TRUE(p->WaitFor(kLong));
   EXPECT_TRUE(ArenasDrain(c));
   // The next request, without faults, streams through the same arena.
   for (int r = 0; r < 2; ++r) ASSERT_THAT(c.ctx_faults(r)->SetOptions({}), IsOk());
   c.ClearGen(0);
-  const BlockTables again = c.Tables(0, 4096, rng);
-  auto published2 = PublishAll(c, 2, again, 4096);
-  auto pull2 = c.gen(0).Pull(2, "ctx0", again.gen, {0, 4096}, bounce);
-  ASSERT_THAT(pull2, IsOk());
-  ASSERT_THAT((*pull2)->Wait(), IsOk());
-  EXPECT_EQ(c.VerifyGen(0, again, {0, 4096}).mismatches, 0u);
+  const StreamingPull again = PullByBounce(c, 2, rng);
+  ASSERT_NE(again.pull, nullptr);
+  ASSERT_THAT(again.pull->Wait(), IsOk());
+  EXPECT_EQ(c.VerifyGen(0, again.tables, {0, 4096}).mismatches, 0u);
   EXPECT_TRUE(ArenasDrain(c));
 }
 
@@ -601,22 +610,18 @@ TEST(SendStreamTest, CancelMidStreamSettlesOnceAndFreesTheLanes) {
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   HoldCtxWrites(c);
-  PullOptions bounce;
-  bounce.path = TransferPath::kBounce;
   std::mt19937_64 rng(31);
-  const BlockTables tables = c.Tables(0, 4096, rng);
-  auto published = PublishAll(c, 1, tables, 4096);
-  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 4096}, bounce);
-  ASSERT_THAT(pull, IsOk());
+  const StreamingPull s = PullByBounce(c, 1, rng);
+  ASSERT_NE(s.pull, nullptr);
   Settlements settled;
-  settled.Watch(**pull);
+  settled.Watch(*s.pull);
   // Both lanes of both writers have a chunk on the wire (held).
   for (int r = 0; r < 2; ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(2, kLong));
-  (*pull)->Cancel();
-  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
+  s.pull->Cancel();
+  EXPECT_THAT(s.pull->Wait(), StatusIs(StatusCode::kCancelled));
   ReleaseCtxWrites(c);
-  for (auto& p : published) p->Cancel();
-  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  for (auto& p : s.published) p->Cancel();
+  for (auto& p : s.published) EXPECT_TRUE(p->WaitFor(kLong));
   EXPECT_TRUE(ArenasDrain(c));
   EXPECT_EQ(settled.count.load(), 1);
   // Cancelled after two chunks each: no more were written.
