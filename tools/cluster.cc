@@ -24,23 +24,51 @@ Result<std::unique_ptr<Cluster>> Cluster::Create(const ClusterOptions& options) 
   if (options.slots < 1 || options.max_tokens < 1) {
     return InvalidArgumentError("cluster: slots and max_tokens must be >= 1");
   }
+  if (options.ctx_instances < 1 || options.ctx_instances > kMaxCtxInstances) {
+    return InvalidArgumentError(
+        "cluster: ctx_instances = " + std::to_string(options.ctx_instances) + " must be in [1, " +
+        std::to_string(kMaxCtxInstances) + "]");
+  }
+  std::vector<std::string> names = {options.ctx_instance};
+  for (int i = 1; i < options.ctx_instances; ++i) {
+    names.push_back("ctx" + std::to_string(i));
+    if (names.back() == options.ctx_instance || names.back() == options.gen_instance) {
+      return InvalidArgumentError("cluster: ctx instance " + std::to_string(i) + "'s name " +
+                                  names.back() + " is taken (ctx_instance / gen_instance)");
+    }
+  }
   KVB_ASSIGN_OR_RETURN(Topology ctx, Topology::Create(options.ctx, "--ctx"));
   KVB_ASSIGN_OR_RETURN(Topology gen, Topology::Create(options.gen, "--gen"));
   KVB_RETURN_IF_ERROR(CheckCompatible(ctx, gen));
   std::unique_ptr<Cluster> cluster(new Cluster(options, std::move(ctx), std::move(gen)));
+  cluster->ctx_names_ = std::move(names);
   cluster->fabric_ = LoopbackFabric::Create();
-  for (int r = 0; r < cluster->num_ctx(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(true, r));
-  for (int r = 0; r < cluster->num_gen(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(false, r));
-  std::vector<std::string> ctx_addresses;
-  for (auto& r : cluster->ctx_) ctx_addresses.push_back(r.agent->Address());
+  for (int i = 0; i < options.ctx_instances; ++i) {
+    for (int r = 0; r < cluster->num_ctx(); ++r) {
+      KVB_RETURN_IF_ERROR(cluster->AddRank(true, i, r));
+    }
+  }
+  for (int r = 0; r < cluster->num_gen(); ++r) KVB_RETURN_IF_ERROR(cluster->AddRank(false, 0, r));
+  // One Connect per gen rank to the ranks of every instance: a gen agent
+  // tells the instances apart by their HELLOs.
+  const std::vector<std::string> ctx_addresses = cluster->CtxAddresses();
   for (auto& r : cluster->gen_) KVB_RETURN_IF_ERROR(r.agent->Connect(ctx_addresses));
   return cluster;
 }
 
-Status Cluster::AddRank(bool ctx_side, int rank) {
+std::vector<std::string> Cluster::CtxAddresses() const {
+  std::vector<std::string> addresses;
+  for (int i = 0; i < num_ctx_instances(); ++i) {
+    for (int r = 0; r < num_ctx(); ++r) addresses.push_back(CtxAgent(i, r)->Address());
+  }
+  return addresses;
+}
+
+Status Cluster::AddRank(bool ctx_side, int instance, int rank) {
   RankHarnessOptions harness;
   harness.role = ctx_side ? Role::kCtx : Role::kGen;
   harness.rank = rank;
+  harness.ctx_instance = ctx_side ? instance : 0;
   harness.slots = options_.slots;
   harness.max_tokens = options_.max_tokens;
   harness.per_layer_pools = options_.per_layer_pools;
@@ -50,19 +78,22 @@ Status Cluster::AddRank(bool ctx_side, int rank) {
   Rank r;
   KVB_ASSIGN_OR_RETURN(r.harness,
                        RankHarness::Create(ctx_side ? ctx_topology_ : gen_topology_, harness));
-  const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
+  const std::string& name =
+      ctx_side ? ctx_names_[static_cast<size_t>(instance)] : options_.gen_instance;
   const FaultOptions& faults = ctx_side ? options_.ctx_faults : options_.gen_faults;
-  KVB_ASSIGN_OR_RETURN(r.agent, MakeAgent(ctx_side, rank, r, instance + "-" + std::to_string(rank),
-                                          faults.seed, &r.faults));
+  // Each ctx instance's injector draws from a seed of its own (instance 0
+  // from the configured one).
+  KVB_ASSIGN_OR_RETURN(
+      r.agent, MakeAgent(ctx_side, name, rank, r, name + "-" + std::to_string(rank),
+                         faults.seed + static_cast<uint64_t>(instance) * 1000003, &r.faults));
   (ctx_side ? ctx_ : gen_).push_back(std::move(r));
   return Status::Ok();
 }
 
-Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, int rank, const Rank& r,
-                                                  const std::string& name, uint64_t fault_seed,
-                                                  FaultTransport** faults) {
+Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, const std::string& instance,
+                                                  int rank, const Rank& r, const std::string& name,
+                                                  uint64_t fault_seed, FaultTransport** faults) {
   *faults = nullptr;
-  const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackTransport> loopback,
                        LoopbackTransport::Create(fabric_, name, options_.loopback));
   std::unique_ptr<Transport> transport = std::move(loopback);
@@ -87,9 +118,9 @@ Result<std::shared_ptr<Agent>> Cluster::MakeAgent(bool ctx_side, int rank, const
   return std::shared_ptr<Agent>(std::move(created).value());
 }
 
-std::shared_ptr<Agent> Cluster::CtxAgent(int rank) const {
+std::shared_ptr<Agent> Cluster::CtxAgent(int instance, int rank) const {
   std::lock_guard<std::mutex> lock(mu_);
-  return ctx_[static_cast<size_t>(rank)].agent;
+  return CtxRank(instance, rank).agent;
 }
 
 std::shared_ptr<Agent> Cluster::GenAgent(int rank) const {
@@ -132,12 +163,12 @@ Status Cluster::RestartRank(bool ctx_side, int rank, RestartInfo* info) {
   info->shutdown_time = std::chrono::steady_clock::now() - start;
   info->outstanding_after_shutdown = old->Stats().arena_outstanding_bytes;
 
-  const std::string& instance = ctx_side ? options_.ctx_instance : options_.gen_instance;
+  const std::string& instance = ctx_side ? ctx_names_.front() : options_.gen_instance;
   const FaultOptions& fault_options = ctx_side ? options_.ctx_faults : options_.gen_faults;
   FaultTransport* faults = nullptr;
   KVB_ASSIGN_OR_RETURN(
       std::shared_ptr<Agent> fresh,
-      MakeAgent(ctx_side, rank, r,
+      MakeAgent(ctx_side, instance, rank, r,
                 instance + "-" + std::to_string(rank) + ".r" + std::to_string(generation),
                 fault_options.seed + static_cast<uint64_t>(generation), &faults));
   info->new_address = fresh->Address();
@@ -175,10 +206,8 @@ Status Cluster::RestartRank(bool ctx_side, int rank, RestartInfo* info) {
           connect(*GenAgent(g), {info->new_address}).WithContext("gen rank " + std::to_string(g)));
     }
   } else {
-    std::vector<std::string> ctx_addresses;
-    for (int c = 0; c < num_ctx(); ++c) ctx_addresses.push_back(CtxAgent(c)->Address());
     KVB_RETURN_IF_ERROR(
-        connect(*fresh, ctx_addresses).WithContext("restarted gen rank " + std::to_string(rank)));
+        connect(*fresh, CtxAddresses()).WithContext("restarted gen rank " + std::to_string(rank)));
   }
   return Status::Ok();
 }
@@ -194,20 +223,24 @@ Status Cluster::Reconnect(int gen_rank, int ctx_rank) {
   return s;
 }
 
-BlockTables Cluster::Tables(int slot, int64_t tokens, std::mt19937_64& rng) const {
+BlockTables Cluster::Tables(int ctx_instance, int slot, int64_t tokens,
+                            std::mt19937_64& rng) const {
   BlockTables t;
+  t.ctx_instance = ctx_instance;
   t.slot = slot;
-  t.ctx = TablePrefix(ctx_.front().harness->CtxTable(slot), tokens,
+  t.ctx = TablePrefix(CtxRank(ctx_instance, 0).harness->CtxTable(slot), tokens,
                       ctx_topology_.spec().tokens_per_block);
   t.gen = TablePrefix(SlotTable(slot, blocks_per_request(false), rng()), tokens,
                       gen_topology_.spec().tokens_per_block);
   return t;
 }
 
-BlockTables Cluster::Tables(int slot, int64_t tokens, uint64_t seed, uint64_t request_id) const {
+BlockTables Cluster::Tables(int ctx_instance, int slot, int64_t tokens, uint64_t seed,
+                            uint64_t request_id) const {
   BlockTables t;
+  t.ctx_instance = ctx_instance;
   t.slot = slot;
-  t.ctx = TablePrefix(ctx_.front().harness->CtxTable(slot), tokens,
+  t.ctx = TablePrefix(CtxRank(ctx_instance, 0).harness->CtxTable(slot), tokens,
                       ctx_topology_.spec().tokens_per_block);
   t.gen = gen_.front().harness->GenTable(slot, tokens, seed, request_id);
   return t;
@@ -233,20 +266,27 @@ void Cluster::ClearGen(int slot) {
 }
 
 VerifyResult Cluster::VerifyGen(int rank, const BlockTables& tables, TokenRange range) const {
-  return gen_[static_cast<size_t>(rank)].harness->VerifyGen(tables.slot, tables.gen, range);
+  VerifyResult v = gen_[static_cast<size_t>(rank)].harness->VerifyGen(tables.slot, tables.gen,
+                                                                      range, tables.ctx_instance);
+  if (v.mismatches != 0 && num_ctx_instances() > 1) {
+    v.first_mismatch += " (verified against " + ctx_instance_name(tables.ctx_instance) + "'s KV)";
+  }
+  return v;
 }
 
 Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, TokenRange range,
                            PullOptions pull, std::vector<TransferInfo>* infos) {
   std::vector<std::shared_ptr<Transfer>> published, pulled;
-  for (auto& r : ctx_) {
-    KVB_ASSIGN_OR_RETURN(auto t, r.agent->Publish(request_id, tables.ctx, range.end));
+  for (int c = 0; c < num_ctx(); ++c) {
+    KVB_ASSIGN_OR_RETURN(
+        auto t, CtxRank(tables.ctx_instance, c).agent->Publish(request_id, tables.ctx, range.end));
     published.push_back(std::move(t));
   }
   Status first;
+  const std::string& instance = ctx_instance_name(tables.ctx_instance);
   for (auto& r : gen_) {
     Result<std::shared_ptr<Transfer>> t =
-        r.agent->Pull(request_id, options_.ctx_instance, tables.gen, range, pull);
+        r.agent->Pull(request_id, instance, tables.gen, range, pull);
     if (!t.ok()) {
       if (first.ok()) first = t.status();
       continue;
@@ -273,8 +313,15 @@ void Cluster::Shutdown() {
   for (int r = 0; r < num_gen() && r < static_cast<int>(gen_.size()); ++r) {
     if (std::shared_ptr<Agent> a = GenAgent(r)) a->Shutdown();
   }
-  for (int r = 0; r < num_ctx() && r < static_cast<int>(ctx_.size()); ++r) {
-    if (std::shared_ptr<Agent> a = CtxAgent(r)) a->Shutdown();
+  // A Create that failed half way leaves fewer ctx ranks than instances
+  // times ranks.
+  for (size_t i = 0; i < ctx_.size(); ++i) {
+    std::shared_ptr<Agent> a;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      a = ctx_[i].agent;
+    }
+    if (a) a->Shutdown();
   }
 }
 

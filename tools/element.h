@@ -49,6 +49,19 @@ KVB_HOST_DEVICE constexpr uint64_t RowSeed(int layer, int kv, int head, int64_t 
              (static_cast<uint64_t>(head) << 32) ^ static_cast<uint64_t>(token));
 }
 
+// The seed of row (layer, kv, head, token) in the pools of ctx instance
+// `instance` of an in-process cluster (tools/cluster.h) that runs several:
+// instance 0 holds RowSeed itself (what every single-instance run, process
+// and machine checks), instance i > 0 RowSeed with a salt of its own, so a
+// gen pool that received a request from another instance than the one
+// verification expects holds wrong bytes. XOR with a constant keeps the
+// rows of one instance distinct.
+KVB_HOST_DEVICE constexpr uint64_t InstanceRowSeed(int instance, int layer, int kv, int head,
+                                                   int64_t token) {
+  const uint64_t seed = RowSeed(layer, kv, head, token);
+  return instance == 0 ? seed : seed ^ Mix(0x696e7374616e6365ULL + static_cast<uint64_t>(instance));
+}
+
 // Element d of a row from the row's seed (cheap, and distinct per element).
 KVB_HOST_DEVICE constexpr uint64_t FromSeed(uint64_t seed, int d) {
   return seed + static_cast<uint64_t>(d) * kElementStep;

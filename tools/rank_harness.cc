@@ -30,7 +30,10 @@ std::vector<int32_t> SlotTable(int slot, int64_t blocks_per_request, uint64_t se
   return ids;
 }
 
-uint64_t CtxTableSeed(uint64_t seed) { return Mix(seed ^ 0x6b76626f756e6365ULL); }
+uint64_t CtxTableSeed(uint64_t seed, int ctx_instance) {
+  const uint64_t base = Mix(seed ^ 0x6b76626f756e6365ULL);
+  return ctx_instance == 0 ? base : Mix(base ^ static_cast<uint64_t>(ctx_instance));
+}
 
 uint64_t RequestTableSeed(uint64_t seed, uint64_t request_id) {
   return Mix(Mix(seed) ^ request_id);
@@ -86,6 +89,9 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
                                 std::to_string(per_request) +
                                 " x 2 blocks are more than 32-bit block ids name");
   }
+  if (options.ctx_instance < 0) {
+    return InvalidArgumentError("rank harness: ctx_instance must be >= 0");
+  }
   if (options.memory != MemoryKind::kHost && options.memory != MemoryKind::kCuda) {
     return InvalidArgumentError("rank harness: pools are host or cuda memory, not " +
                                 std::string(MemoryKindName(options.memory)));
@@ -139,7 +145,7 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
   if (!placed.ok()) return placed.status();
   h->layout_ = std::move(placed).value();
   if (h->ctx_side()) {
-    const uint64_t seed = CtxTableSeed(options.table_seed);
+    const uint64_t seed = CtxTableSeed(options.table_seed, options.ctx_instance);
     for (int s = 0; s < options.slots; ++s) {
       h->ctx_tables_.push_back(SlotTable(s, per_request, seed));
       if (h->device_pool()) {
@@ -272,7 +278,8 @@ void RankHarness::FillCtx(const std::vector<int32_t>& table) {
                                           .RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
                                                       static_cast<int>(t % tpb))
                                           .ToPointer());
-          const uint64_t seed = RowSeed(p.first_layer + l, kv, p.first_head + h, t);
+          const uint64_t seed =
+              InstanceRowSeed(options_.ctx_instance, p.first_layer + l, kv, p.first_head + h, t);
           for (int d = 0; d < dim; ++d) {
             const uint64_t v = FromSeed(seed, d);
             for (int b = 0; b < e; ++b) row[d * e + b] = static_cast<std::byte>(v >> (8 * b));
@@ -334,9 +341,9 @@ std::string RankHarness::DescribeBadRow(const SlotRow& row, bool value_row) cons
          " outside the request was written";
 }
 
-VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table,
-                                    TokenRange range) const {
-  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range);
+VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range,
+                                    int ctx_instance) const {
+  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range, ctx_instance);
   VerifyResult result;
   const RankPlacement p = topology_.Placement(options_.rank);
   const int e = static_cast<int>(topology_.elem_bytes());
@@ -348,7 +355,8 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
     const auto* row = static_cast<const std::byte*>(
         layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).ToPointer());
     if (r.token >= range.start && r.token < range.end) {
-      const uint64_t seed = RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token);
+      const uint64_t seed =
+          InstanceRowSeed(ctx_instance, p.first_layer + r.l, r.kv, p.first_head + r.h, r.token);
       bool ok = true;
       for (int d = 0; d < dim && ok; ++d) {
         const uint64_t v = FromSeed(seed, d);
@@ -383,8 +391,9 @@ Status RankHarness::FillCtxOnDevice(const std::vector<int32_t>& table) {
         for (int64_t t = 0; t < options_.max_tokens; ++t) {
           const Addr row = layout_.RowAddress(l, kv, table[static_cast<size_t>(t / tpb)], h,
                                               static_cast<int>(t % tpb));
-          rows.push_back(
-              DeviceRow{row.value(), RowSeed(p.first_layer + l, kv, p.first_head + h, t)});
+          rows.push_back(DeviceRow{
+              row.value(),
+              InstanceRowSeed(options_.ctx_instance, p.first_layer + l, kv, p.first_head + h, t)});
         }
       }
     }
@@ -399,7 +408,7 @@ Status RankHarness::FillCtxOnDevice(const std::vector<int32_t>& table) {
 }
 
 VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,
-                                            TokenRange range) const {
+                                            TokenRange range, int ctx_instance) const {
   VerifyResult result;
 #if KVBOUNCE_HAVE_CUDA
   const PoolGeometry& g = layout_.geometry();
@@ -412,8 +421,8 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
   ForEachSlotRow(slot, gen_table, [&](const SlotRow& r) {
     const uint64_t row = layout_.RowAddress(r.l, r.kv, r.block, r.h, r.tt).value();
     if (r.token >= range.start && r.token < range.end) {
-      values.push_back(
-          DeviceRow{row, RowSeed(p.first_layer + r.l, r.kv, p.first_head + r.h, r.token)});
+      values.push_back(DeviceRow{row, InstanceRowSeed(ctx_instance, p.first_layer + r.l, r.kv,
+                                                      p.first_head + r.h, r.token)});
       value_rows.push_back(r);
     } else {
       sentinels.push_back(DeviceRow{row, 0});
@@ -444,6 +453,7 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
   (void)slot;
   (void)gen_table;
   (void)range;
+  (void)ctx_instance;
   result.mismatches = 1;
   result.first_mismatch =
       "gen rank " + std::to_string(options_.rank) + ": cuda pools need a build with CUDA";

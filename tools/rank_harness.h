@@ -21,6 +21,12 @@
 // layout definition, and every other byte of the slot must still hold the
 // sentinel the slot was cleared to.
 //
+// An in-process cluster may run several ctx instances (ctx_instance > 0 in
+// the options): each holds its own elements (InstanceRowSeed in
+// tools/element.h) and draws its own slot tables (CtxTableSeed(seed,
+// ctx_instance)), and a gen rank verifies against the instance that served
+// the request. Instance 0 is exactly the single-instance case above.
+//
 // Device pools (options.memory = kCuda, builds with CUDA): the pool is
 // device memory of options.device; filling, clearing and verification run
 // as kernels on that device (tools/device_rows.h) with the same element
@@ -65,8 +71,10 @@ uint64_t ElementValue(int layer, int kv, int head, int64_t token, int d);
 // Deterministic across processes and standard libraries.
 std::vector<int32_t> SlotTable(int slot, int64_t blocks_per_request, uint64_t seed);
 
-// The seed of the ctx instance's slot tables for a run seeded by `seed`.
-uint64_t CtxTableSeed(uint64_t seed);
+// The seed of the ctx instance's slot tables for a run seeded by `seed`;
+// ctx instance `ctx_instance` of a cluster that runs several draws from a
+// seed of its own (instance 0 from the single instance's).
+uint64_t CtxTableSeed(uint64_t seed, int ctx_instance = 0);
 // The seed of the gen table of request `request_id` in a run seeded by `seed`.
 uint64_t RequestTableSeed(uint64_t seed, uint64_t request_id);
 
@@ -97,8 +105,12 @@ struct RankHarnessOptions {
   int64_t max_tokens = 64;
   // Give layer-major pools one allocation per layer.
   bool per_layer_pools = false;
-  // Seeds the ctx slot tables (CtxTableSeed(table_seed)).
+  // Seeds the ctx slot tables (CtxTableSeed(table_seed, ctx_instance)).
   uint64_t table_seed = 1;
+  // Ctx side: which ctx instance of a cluster that runs several this rank
+  // belongs to (>= 0); its elements and tables are that instance's (see the
+  // file comment). 0 for a single instance.
+  int ctx_instance = 0;
   // kHost: the pool is host memory; kCuda: device memory of `device`.
   MemoryKind memory = MemoryKind::kHost;
   int device = 0;
@@ -172,10 +184,11 @@ class RankHarness {
   // Restores `slot` of a ctx rank: the sentinel everywhere, then the
   // semantic values of its table (as Create wrote them).
   void RefillCtx(int slot);
-  // Checks a gen rank's `slot` after a pull of `range` into `gen_table` (see
-  // the file comment). Tokens [0, range.start) must be untouched too.
-  // REQUIRES: gen side.
-  VerifyResult VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range) const;
+  // Checks a gen rank's `slot` after a pull of `range` into `gen_table` from
+  // ctx instance `ctx_instance` (see the file comment). Tokens [0,
+  // range.start) must be untouched too. REQUIRES: gen side.
+  VerifyResult VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range,
+                         int ctx_instance = 0) const;
 
   // The bytes of the pool, one span per allocation. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> PoolMemory();
@@ -196,10 +209,10 @@ class RankHarness {
 
   // Device pools: fill, clear and verify through kernels.
   Status FillCtxOnDevice(const std::vector<int32_t>& table);
-  VerifyResult VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table,
-                                 TokenRange range) const;
+  VerifyResult VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table, TokenRange range,
+                                 int ctx_instance) const;
 
-  std::vector<std::vector<std::byte>> memory_;  // one allocation, or one per layer
+  std::vector<std::vector<std::byte>> memory_;              // one allocation, or one per layer
   std::vector<std::unique_ptr<Allocation>> device_memory_;  // the same, on the device
   // One user at a time (the kernels own one stream and staging buffers).
   // A shared_ptr: its deleter is bound where it is made (builds with CUDA
