@@ -56,13 +56,17 @@ uint64_t BusiestStream(const Scenario& s, bool ctx_side) {
 
 uint64_t CtxWrites(Cluster& c) {
   uint64_t n = 0;
-  for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(r).Stats().transport_write_ops;
+  for (int i = 0; i < c.num_ctx_instances(); ++i) {
+    for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(i, r).Stats().transport_write_ops;
+  }
   return n;
 }
 
 uint64_t Outstanding(Cluster& c) {
   uint64_t n = 0;
-  for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(r).Stats().arena_outstanding_bytes;
+  for (int i = 0; i < c.num_ctx_instances(); ++i) {
+    for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(i, r).Stats().arena_outstanding_bytes;
+  }
   for (int r = 0; r < c.num_gen(); ++r) n += c.gen(r).Stats().arena_outstanding_bytes;
   return n;
 }
@@ -122,10 +126,12 @@ class ParallelIssuer {
   std::vector<std::jthread> threads_;             // last: joined first
 };
 
-// One path: requests in waves of `concurrency`, one per pool slot. Only the
-// transfers are timed; clearing and verifying happen between waves. Each
-// rank's calls (its Publish or Pull of every request of the wave, in
-// order) come from a thread of its own.
+// One path: requests in waves of `concurrency`, one per pool slot, request
+// i of the run served by ctx instance i mod the cluster's instances. Only
+// the transfers are timed; clearing and verifying happen between waves.
+// Each rank's calls (its Publish of every request of the wave its instance
+// serves, or its Pull of every request, in order) come from a thread of its
+// own.
 PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRange range,
                 uint64_t first_id, uint64_t seed) {
   PathRun run;
@@ -134,7 +140,9 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
   uint64_t id = first_id;
   const int num_ctx = c.num_ctx();
   const int num_gen = c.num_gen();
-  ParallelIssuer issuer(num_ctx + num_gen);
+  const int instances = c.num_ctx_instances();
+  const int ctx_threads = instances * num_ctx;  // instance by instance
+  ParallelIssuer issuer(ctx_threads + num_gen);
   while (issued < flags.requests) {
     const int wave = std::min(flags.concurrency, flags.requests - issued);
     struct Request {
@@ -149,7 +157,7 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
       c.ClearGen(s);
       Request& r = reqs[static_cast<size_t>(s)];
       r.id = id++;
-      r.tables = c.Tables(s, range.end, seed, r.id);
+      r.tables = c.Tables((issued + s) % instances, s, range.end, seed, r.id);
       r.pubs.resize(static_cast<size_t>(num_ctx));
       r.pulls.resize(static_cast<size_t>(num_gen));
       for (int g = 0; g < num_gen; ++g) {
@@ -165,14 +173,17 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
         int64_t first = r.start_ns.load();
         while (now < first && !r.start_ns.compare_exchange_weak(first, now)) {
         }
-        if (rank < num_ctx) {
-          auto p = c.ctx(rank).Publish(r.id, r.tables.ctx, range.end);
-          if (p.ok()) r.pubs[static_cast<size_t>(rank)] = *p;
+        if (rank < ctx_threads) {
+          if (rank / num_ctx != r.tables.ctx_instance) continue;  // another instance's
+          auto p =
+              c.ctx(r.tables.ctx_instance, rank % num_ctx).Publish(r.id, r.tables.ctx, range.end);
+          if (p.ok()) r.pubs[static_cast<size_t>(rank % num_ctx)] = *p;
           continue;
         }
-        const int g = rank - num_ctx;
+        const int g = rank - ctx_threads;
         const std::shared_ptr<std::atomic<int64_t>> done = r.done_ns[static_cast<size_t>(g)];
-        auto p = c.gen(g).Pull(r.id, c.options().ctx_instance, r.tables.gen, range, pull);
+        auto p = c.gen(g).Pull(r.id, c.ctx_instance_name(r.tables.ctx_instance), r.tables.gen,
+                               range, pull);
         if (!p.ok()) {
           done->store(1);
           continue;
@@ -358,6 +369,11 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
   cmd->add_option("--concurrency", flags->concurrency,
                   "Requests in flight at once (1.." + std::to_string(kMaxConcurrency) + ")")
       ->capture_default_str();
+  cmd->add_option("--ctx-instances", flags->ctx_instances,
+                  "Ctx (prefill) instances feeding the one gen instance, each of --ctx, the "
+                  "requests dealt to them round-robin (1.." +
+                      std::to_string(kMaxCtxInstances) + "; loopback only)")
+      ->capture_default_str();
   cmd->add_option_function<int64_t>(
       "--bounce-size-mb", [flags](const int64_t& v) { flags->bounce_size_mb = v; },
       "MiB of each staging arena (default: enough for --concurrency requests; 0 turns the "
@@ -406,6 +422,24 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
 
 Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
+  // Checked before the transport's own requirements, so that a build or
+  // machine without UCX or CUDA names this flag too.
+  if (flags.ctx_instances < 1 || flags.ctx_instances > kMaxCtxInstances) {
+    return InvalidArgumentError("--ctx-instances = " + std::to_string(flags.ctx_instances) +
+                                " is invalid: must be in [1, " + std::to_string(kMaxCtxInstances) +
+                                "]");
+  }
+  if (flags.ctx_instances > 1 && (flags.transport == "ucx" || flags.transport == "cuda-ipc")) {
+    // The workers of the multi-process bench are one ctx instance and one
+    // gen instance; their command protocol names no other.
+    return UnimplementedError("--ctx-instances " + std::to_string(flags.ctx_instances) +
+                              ": --transport " + flags.transport +
+                              " runs one ctx instance; several run over --transport loopback only");
+  }
+  if (flags.ctx_instances > 1 && flags.chaos) {
+    return UnimplementedError("--ctx-instances " + std::to_string(flags.ctx_instances) +
+                              ": --chaos runs one ctx instance (it restarts the ranks of one)");
+  }
   if (flags.transport == "ucx") {
     if (!UcxTransportAvailable()) {
       return UnimplementedError(
@@ -557,18 +591,19 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   // Device pools and arenas live on the GPU: a run that does not fit there
   // fails allocating them, with the runtime's out-of-memory error.
   if (!device_pools) {
-    KVB_RETURN_IF_ERROR(
-        CheckMemory(BenchMemory(scenario.ctx, scenario.gen, scenario.tokens, ctx_pool_blocks,
-                                gen_pool_blocks, ctx_arena_mb, gen_arena_mb, concurrency),
-                    cap, cap_name,
-                    "use fewer --tokens, a smaller model, fewer ranks, a lower "
-                    "--concurrency or a smaller --bounce-size-mb"));
+    KVB_RETURN_IF_ERROR(CheckMemory(
+        BenchMemory(scenario.ctx, scenario.gen, scenario.tokens, ctx_pool_blocks, gen_pool_blocks,
+                    ctx_arena_mb, gen_arena_mb, concurrency, flags.ctx_instances),
+        cap, cap_name,
+        "use fewer --tokens, a smaller model, fewer ranks, a lower "
+        "--concurrency or a smaller --bounce-size-mb"));
   }
   if (!flags.json_file.empty()) KVB_RETURN_IF_ERROR(CheckWritable(flags.json_file));
 
   ClusterOptions options;
   options.ctx = scenario.ctx.spec();
   options.gen = scenario.gen.spec();
+  options.ctx_instances = flags.ctx_instances;
   options.slots = slots;
   options.max_tokens = scenario.tokens.end;
   options.ctx_config.bounce_size_mb = ctx_arena_mb;
@@ -604,6 +639,9 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   log << "kvbounce bench: " << DescribeScenario(scenario) << "\n"
       << "  transport " << flags.transport << ", memory " << flags.memory << ", paths " << path_list
       << ", ";
+  if (flags.ctx_instances > 1) {
+    log << flags.ctx_instances << " ctx instances (requests round-robin) -> 1 gen instance, ";
+  }
   if (flags.chaos) {
     log << "chaos mode";
   } else {
@@ -629,6 +667,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   report["scenario"] = DescribeScenario(scenario);
   report["bounce_size_mb"] = {{"ctx", ctx_arena_mb}, {"gen", gen_arena_mb}};
   report["concurrency"] = concurrency;
+  report["ctx_instances"] = flags.ctx_instances;
   report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths);
   if (flags.transport == "ucx" || flags.transport == "cuda-ipc") {
     BenchPlan plan{std::move(scenario), paths, concurrency, slots, ctx_arena_mb, gen_arena_mb};
@@ -636,7 +675,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     report.update(result);
     return report;
   }
-  log << "  setting up " << scenario.ctx.num_ranks() + scenario.gen.num_ranks()
+  log << "  setting up "
+      << flags.ctx_instances * scenario.ctx.num_ranks() + scenario.gen.num_ranks()
       << " agents and filling the ctx pools...\n";
   log.flush();
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<Cluster> cluster, Cluster::Create(options));
@@ -736,6 +776,12 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
   }
   char line[512];
   const bool ceiling = report.contains("ceiling");
+  if (report.contains("ctx_instances")) {
+    const int n = report["ctx_instances"].get<int>();
+    out << "\n"
+        << n << " ctx instance" << (n == 1 ? "" : "s") << " -> 1 gen instance"
+        << (n == 1 ? "" : " (requests round-robin)") << "\n";
+  }
   std::snprintf(line, sizeof(line),
                 "\n%-9s %5s %5s %5s %9s %6s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n", "path",
                 "reqs", "done", "fail", "GB/s", ceiling ? "ceil%" : "", "p50 ms", "p90 ms",

@@ -2,7 +2,9 @@
 // (agents of this process over loopback, or `kvbounce worker` processes over
 // UCX: tools/process_bench.h), moves the KV of many requests on each path,
 // verifies every received byte semantically and reports throughput, latency,
-// writes, path and leaks.
+// writes, path and leaks. Over loopback, --ctx-instances N runs N ctx
+// instances that feed the one gen instance, the requests dealt to them
+// round-robin.
 #ifndef KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 #define KVBOUNCE_TOOLS_BENCH_COMMAND_H_
 
@@ -26,9 +28,12 @@ struct BenchFlags {
   std::string transport = "loopback";
   std::string memory = "host";  // "host" or "cuda"
   int device = 0;               // the CUDA device of --memory cuda
-  std::string paths;  // empty: every path the transport supports (bounce only when on)
+  std::string paths;            // empty: every path the transport supports (bounce only when on)
   int requests = 16;
   int concurrency = 2;
+  // Ctx instances feeding the gen instance (1..kMaxCtxInstances); request i
+  // of a path run goes to instance i mod ctx_instances. Loopback only.
+  int ctx_instances = 1;
   // MiB of each staging arena. Unset: enough for `concurrency` requests on
   // the busiest rank; 0: the bounce path is off; negative: an error.
   std::optional<int64_t> bounce_size_mb;

@@ -107,16 +107,18 @@ MemoryNeed PlanMemory(const Topology& ctx, const Topology& gen, TokenRange token
 
 MemoryNeed BenchMemory(const Topology& ctx, const Topology& gen, TokenRange tokens,
                        int64_t ctx_pool_blocks, int64_t gen_pool_blocks, int64_t ctx_arena_mb,
-                       int64_t gen_arena_mb, int in_flight) {
+                       int64_t gen_arena_mb, int in_flight, int ctx_instances) {
   MemoryNeed need;
-  uint64_t pools = 0;
+  uint64_t ctx_pools = 0, pools = 0;
   for (int r = 0; r < ctx.num_ranks(); ++r)
-    pools = SatAdd(pools, SatMul(BlockBytes(ctx, r), U(ctx_pool_blocks)));
+    ctx_pools = SatAdd(ctx_pools, SatMul(BlockBytes(ctx, r), U(ctx_pool_blocks)));
+  pools = SatMul(ctx_pools, U(ctx_instances));
   for (int r = 0; r < gen.num_ranks(); ++r)
     pools = SatAdd(pools, SatMul(BlockBytes(gen, r), U(gen_pool_blocks)));
-  need.Add("pools of " + std::to_string(ctx.num_ranks() + gen.num_ranks()) + " ranks", pools);
+  const uint64_t ctx_ranks = SatMul(U(ctx.num_ranks()), U(ctx_instances));
+  need.Add("pools of " + std::to_string(SatAdd(ctx_ranks, U(gen.num_ranks()))) + " ranks", pools);
   const uint64_t arenas =
-      SatAdd(SatMul(U(ctx.num_ranks()), SatMul(U(ctx_arena_mb), uint64_t{1} << 20)),
+      SatAdd(SatMul(ctx_ranks, SatMul(U(ctx_arena_mb), uint64_t{1} << 20)),
              SatMul(U(gen.num_ranks()), SatMul(U(gen_arena_mb), uint64_t{1} << 20)));
   need.Add("staging arenas", arenas);
   // Per request in flight and pair: the sender's and the receiver's lists

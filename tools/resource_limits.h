@@ -70,10 +70,11 @@ MemoryNeed PlanMemory(const Topology& ctx, const Topology& gen, TokenRange token
 
 // What `kvbounce bench` holds: every rank's pool of `pool_blocks_*` blocks,
 // the staging arenas (one per rank of its side), and the plan lists and
-// write operations of `in_flight` requests across every pair.
+// write operations of `in_flight` requests across every pair; the ctx
+// ranks' pools and arenas `ctx_instances` times (each instance has its own).
 MemoryNeed BenchMemory(const Topology& ctx, const Topology& gen, TokenRange tokens,
                        int64_t ctx_pool_blocks, int64_t gen_pool_blocks, int64_t ctx_arena_mb,
-                       int64_t gen_arena_mb, int in_flight);
+                       int64_t gen_arena_mb, int in_flight, int ctx_instances = 1);
 
 // OK when need.total() <= cap (or cap is 0: unknown). Otherwise
 // kResourceExhausted: "this run needs about 1.2 TiB of memory (pools of 10

@@ -78,6 +78,91 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
   EXPECT_THAT(table.str(), HasSubstr("GB/s"));
 }
 
+// Three ctx instances feed the one gen instance, the requests dealt to them
+// round-robin (7 requests: 3, 2 and 2). Each instance holds bytes of its own
+// (tools/element.h), so zero mismatches means every request's KV came from
+// the instance it was dealt to, on every path.
+TEST(BenchCommandTest, SeveralCtxInstancesFeedOneGenInstance) {
+  BenchFlags f = Small();
+  f.ctx_instances = 3;
+  f.requests = 7;
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ((*report)["ctx_instances"], 3);
+  const auto& runs = (*report)["runs"];
+  ASSERT_EQ(runs.size(), 4u);
+  const char* paths[] = {"per-block", "bounce", "direct", "auto"};
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto& r = runs[i];
+    EXPECT_EQ(r["path"], paths[i]);
+    EXPECT_EQ(r["requests"], 7);
+    EXPECT_EQ(r["completed"], 7);
+    EXPECT_EQ(r["failed"], 0);
+    EXPECT_EQ(r["mismatches"], 0);
+    EXPECT_EQ(r["arena_outstanding_bytes"], 0);
+    // As with one instance: 4 layers x 2 x 4 heads x 91 tokens x 64 B per
+    // request, all of it verified.
+    EXPECT_EQ(r["bytes"], 7u * 4 * 2 * 4 * 91 * 64);
+    EXPECT_GE(r["verified_bytes"].get<uint64_t>(), r["bytes"].get<uint64_t>());
+  }
+  // Bounce: one write per (writer, receiver), whichever instance wrote.
+  EXPECT_EQ(runs[1]["transport_writes"], 7u * 4 * 2);
+  std::string why;
+  EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+  EXPECT_THAT(log.str(), HasSubstr("3 ctx instances (requests round-robin) -> 1 gen instance"));
+  EXPECT_THAT(log.str(), HasSubstr("setting up 16 agents"));
+  std::ostringstream table;
+  PrintBenchTable(*report, table);
+  EXPECT_THAT(table.str(), HasSubstr("3 ctx instances -> 1 gen instance"));
+
+  // One instance is the default, and the report says so too.
+  f.ctx_instances = 1;
+  f.requests = 1;
+  f.paths = "direct";
+  report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ((*report)["ctx_instances"], 1);
+  EXPECT_EQ(BenchFlags().ctx_instances, 1);
+}
+
+TEST(BenchCommandTest, CtxInstancesOutsideTheRangeAreRefused) {
+  std::ostringstream log;
+  for (int bad : {0, 17, -1}) {
+    BenchFlags f = Small();
+    f.ctx_instances = bad;
+    auto report = RunBench(f, log);
+    EXPECT_EQ(report.status().code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(report.status().message()),
+                HasSubstr("--ctx-instances = " + std::to_string(bad) + " is invalid"));
+  }
+  EXPECT_THAT(log.str(), ::testing::Not(HasSubstr("setting up")));
+  // The multi-process runner and chaos mode run one ctx instance: refused,
+  // naming the flag and what refuses it, in any build.
+  for (const char* transport : {"ucx", "cuda-ipc"}) {
+    BenchFlags f = Small();
+    f.ctx_instances = 2;
+    f.transport = transport;
+    auto report = RunBench(f, log);
+    EXPECT_EQ(report.status().code(), StatusCode::kUnimplemented);
+    EXPECT_THAT(std::string(report.status().message()),
+                HasSubstr("--ctx-instances 2: --transport " + std::string(transport)));
+  }
+  BenchFlags f = Small();
+  f.ctx_instances = 2;
+  f.chaos = true;
+  auto report = RunBench(f, log);
+  EXPECT_EQ(report.status().code(), StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(report.status().message()), HasSubstr("--ctx-instances 2: --chaos"));
+  // The memory check counts every instance's pools.
+  f = Small();
+  f.ctx_instances = 3;
+  f.scenario.memory_cap_bytes = 64 * 1024;
+  report = RunBench(f, log);
+  EXPECT_EQ(report.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(report.status().message()), HasSubstr("pools of 16 ranks"));
+}
+
 TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
   BenchFlags f = Small();
   f.paths = "per-block,bounce,direct";
