@@ -20,7 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PROGRAMS=(tests/copy/copy_cuda_engine_test tests/copy/copy_cuda_memory_test
           tests/tools/tools_device_rows_test tests/session/session_device_pool_test
-          tests/tools/tools_cuda_ipc_process_test tools/kvbounce bench/cuda_copy_bench)
+          tests/tools/tools_cuda_ipc_process_test tests/transport/cuda_ipc_transport_test
+          tests/transport/cuda_ipc_test_peer tools/kvbounce bench/cuda_copy_bench)
 if [ "${1:-}" = "--stage" ]; then
   mkdir -p out/gpu
   for p in "${PROGRAMS[@]}"; do
@@ -41,8 +42,9 @@ export LD_LIBRARY_PATH=$PWD/out/gpu:$ucx${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export UCX_MODULE_DIR=$ucx/ucx
 nvidia-smi -L > "$dest/device.txt" 2>&1
 export KVBOUNCE_BINARY=$PWD/out/gpu/kvbounce  # the workers of the cuda-ipc tests
+export KVBOUNCE_CUDA_IPC_TEST_PEER=$PWD/out/gpu/cuda_ipc_test_peer  # the transport test's peers
 for t in copy_cuda_engine_test copy_cuda_memory_test tools_device_rows_test \
-         session_device_pool_test tools_cuda_ipc_process_test; do
+         session_device_pool_test tools_cuda_ipc_process_test cuda_ipc_transport_test; do
   timeout 300 "out/gpu/$t" > "$dest/$t.txt" 2>&1; echo "rc=$?" >> "$dest/$t.txt"
 done
 if command -v compute-sanitizer >/dev/null; then
