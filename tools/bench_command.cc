@@ -62,6 +62,28 @@ uint64_t CtxWrites(Cluster& c) {
   return n;
 }
 
+// The gen ranks' streaming counters: chunks scattered, credit stall.
+std::pair<uint64_t, std::chrono::nanoseconds> GenChunks(Cluster& c) {
+  uint64_t chunks = 0;
+  std::chrono::nanoseconds stall{0};
+  for (int r = 0; r < c.num_gen(); ++r) {
+    const AgentStats s = c.gen(r).Stats();
+    chunks += s.chunks_scattered;
+    stall += s.credit_stall;
+  }
+  return {chunks, stall};
+}
+
+// The most arena bytes any one rank of each side held at once.
+nlohmann::json ArenaPeaks(Cluster& c) {
+  uint64_t ctx = 0, gen = 0;
+  for (int i = 0; i < c.num_ctx_instances(); ++i) {
+    for (int r = 0; r < c.num_ctx(); ++r) ctx = std::max(ctx, c.ctx(i, r).Stats().arena_peak_bytes);
+  }
+  for (int r = 0; r < c.num_gen(); ++r) gen = std::max(gen, c.gen(r).Stats().arena_peak_bytes);
+  return {{"ctx", ctx}, {"gen", gen}};
+}
+
 uint64_t Outstanding(Cluster& c) {
   uint64_t n = 0;
   for (int i = 0; i < c.num_ctx_instances(); ++i) {
@@ -382,6 +404,11 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
       "--send-arena-mb", [flags](const int64_t& v) { flags->send_arena_mb = v; },
       "MiB of each ctx rank's send arena alone (default: as --bounce-size-mb); a writer's "
       "stream larger than it streams through it in chunks");
+  cmd->add_option_function<int64_t>(
+      "--chunk-mb", [flags](const int64_t& v) { flags->chunk_mb = v; },
+      "MiB of a streamed bounce's chunk (Config::bounce_chunk_mb; default: per memory kind, 0 "
+      "the same); a writer's stream larger than one chunk streams through chunk slots the "
+      "receiver grants");
   cmd->add_option("--inject-fail-rate", flags->inject_fail_rate,
                   "Probability (0..1) that a transport write operation fails (per-block and "
                   "bounce write through the transport; direct does not)")
@@ -489,6 +516,12 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     if (Status s = probe.Set("poll_before_sleep_us", std::to_string(*flags.poll_before_sleep_us));
         !s.ok()) {
       return s.WithContext("--poll-before-sleep-us");
+    }
+  }
+  if (flags.chunk_mb) {
+    Config probe;
+    if (Status s = probe.Set("bounce_chunk_mb", std::to_string(*flags.chunk_mb)); !s.ok()) {
+      return s.WithContext("--chunk-mb");
     }
   }
   {
@@ -614,6 +647,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     options.ctx_config.poll_before_sleep_us = *flags.poll_before_sleep_us;
     options.gen_config.poll_before_sleep_us = *flags.poll_before_sleep_us;
   }
+  if (flags.chunk_mb) {
+    options.ctx_config.bounce_chunk_mb = *flags.chunk_mb;
+    options.gen_config.bounce_chunk_mb = *flags.chunk_mb;
+  }
   options.faults = true;
   options.memory = device_pools ? MemoryKind::kCuda : MemoryKind::kHost;
   options.device = flags.device;
@@ -667,6 +704,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   report["scenario"] = DescribeScenario(scenario);
   report["bounce_size_mb"] = {{"ctx", ctx_arena_mb}, {"gen", gen_arena_mb}};
   report["concurrency"] = concurrency;
+  if (flags.chunk_mb) report["bounce_chunk_mb"] = *flags.chunk_mb;
   report["ctx_instances"] = flags.ctx_instances;
   report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths);
   if (flags.transport == "ucx" || flags.transport == "cuda-ipc") {
@@ -710,6 +748,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   uint64_t next_id = 1;
   for (TransferPath path : paths) {
     const uint64_t writes_before = CtxWrites(*cluster);
+    const auto chunks_before = GenChunks(*cluster);
     const FaultStats faults_before = cluster->FaultTotals(true);
     PathRun run = RunPath(*cluster, path, flags, scenario.tokens, next_id, scenario.seed);
     next_id += static_cast<uint64_t>(flags.requests);
@@ -726,6 +765,11 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     run.injected_failed_batches = faults_after.failed_batches - faults_before.failed_batches;
     run.transport_writes = CtxWrites(*cluster) - writes_before;
     run.arena_outstanding_bytes = outstanding;
+    const auto chunks_after = GenChunks(*cluster);
+    run.chunks = chunks_after.first - chunks_before.first;
+    run.credit_stall_ms =
+        std::chrono::duration<double, std::milli>(chunks_after.second - chunks_before.second)
+            .count();
     nlohmann::json j = PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
     if (ceiling_gbps && *ceiling_gbps > 0) {
       j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
@@ -733,6 +777,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     runs.push_back(j);
     LogPathDone(j, flags.inject_fail_rate, log);
   }
+  report["arena_peak_bytes"] = ArenaPeaks(*cluster);
   cluster->Shutdown();
   report["runs"] = std::move(runs);
   return report;
@@ -783,9 +828,10 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
         << (n == 1 ? "" : " (requests round-robin)") << "\n";
   }
   std::snprintf(line, sizeof(line),
-                "\n%-9s %5s %5s %5s %9s %6s %8s %8s %8s %8s %10s %10s %6s %6s  %s\n", "path",
-                "reqs", "done", "fail", "GB/s", ceiling ? "ceil%" : "", "p50 ms", "p90 ms",
-                "p99 ms", "max ms", "writes", "verified", "bad", "leak", "paths taken");
+                "\n%-9s %5s %5s %5s %9s %6s %8s %8s %8s %8s %10s %10s %6s %6s %7s %8s  %s\n",
+                "path", "reqs", "done", "fail", "GB/s", ceiling ? "ceil%" : "", "p50 ms", "p90 ms",
+                "p99 ms", "max ms", "writes", "verified", "bad", "leak", "chunks", "stall ms",
+                "paths taken");
   out << line;
   for (const auto& r : report["runs"]) {
     std::string taken;
@@ -799,8 +845,8 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
                     100 * r["fraction_of_ceiling"].get<double>());
     }
     std::snprintf(line, sizeof(line),
-                  "%-9s %5d %5d %5d %9.2f %6s %8.2f %8.2f %8.2f %8.2f %10llu %9.1fM %6llu %6llu  "
-                  "%s\n",
+                  "%-9s %5d %5d %5d %9.2f %6s %8.2f %8.2f %8.2f %8.2f %10llu %9.1fM %6llu %6llu "
+                  "%7llu %8.2f  %s\n",
                   r["path"].get<std::string>().c_str(), r["requests"].get<int>(),
                   r["completed"].get<int>(), r["failed"].get<int>(),
                   r["throughput_gbps"].get<double>(), fraction, l["p50"].get<double>(),
@@ -809,11 +855,24 @@ void PrintBenchTable(const nlohmann::json& report, std::ostream& out) {
                   static_cast<double>(r["verified_bytes"].get<uint64_t>()) / 1e6,
                   static_cast<unsigned long long>(r["mismatches"].get<uint64_t>()),
                   static_cast<unsigned long long>(r["arena_outstanding_bytes"].get<uint64_t>()),
-                  taken.c_str());
+                  static_cast<unsigned long long>(r.value("chunks", uint64_t{0})),
+                  r.value("credit_stall_ms", 0.0), taken.c_str());
     out << line;
   }
   out << "\nGB/s: payload delivered by completed requests per second of transfer (10^9 B/s); "
-         "writes: data-plane transport operations; verified: bytes checked element by element.\n";
+         "writes: data-plane transport operations; verified: bytes checked element by element;\n"
+         "chunks: chunks of streamed bounce requests scattered; stall ms: time their writers "
+         "waited idle for a credit, summed.\n";
+  if (report.contains("arena_peak_bytes")) {
+    std::snprintf(line, sizeof(line),
+                  "peak arena use (one rank, whole bench): ctx send %.1f MiB of %lld, gen recv "
+                  "%.1f MiB of %lld\n",
+                  static_cast<double>(report["arena_peak_bytes"]["ctx"].get<uint64_t>()) / MiB(1),
+                  static_cast<long long>(report["bounce_size_mb"]["ctx"].get<int64_t>()),
+                  static_cast<double>(report["arena_peak_bytes"]["gen"].get<uint64_t>()) / MiB(1),
+                  static_cast<long long>(report["bounce_size_mb"]["gen"].get<int64_t>()));
+    out << line;
+  }
   if (ceiling) {
     out << "ceil%: GB/s as a share of the ceiling measured in the same run ("
         << report["ceiling"]["what"].get<std::string>() << ": "

@@ -40,6 +40,9 @@ struct BenchFlags {
   // MiB of each ctx rank's send arena alone (unset: as bounce_size_mb); a
   // writer's stream larger than it streams through it in chunks.
   std::optional<int64_t> send_arena_mb;
+  // Config::bounce_chunk_mb of every agent (the workers' too): the
+  // streaming bounce's chunk; unset: the config's default.
+  std::optional<int64_t> chunk_mb;
   double inject_fail_rate = 0;
   std::string json_file;  // checked for writability before the run
   // Config::poll_before_sleep_us of every agent (the workers' too); unset:

@@ -57,6 +57,8 @@ nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
   j["mismatches"] = run.mismatches;
   if (!run.first_mismatch.empty()) j["first_mismatch"] = run.first_mismatch;
   j["arena_outstanding_bytes"] = run.arena_outstanding_bytes;
+  j["chunks"] = run.chunks;
+  j["credit_stall_ms"] = run.credit_stall_ms;
   return j;
 }
 

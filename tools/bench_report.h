@@ -42,6 +42,10 @@ struct PathRun {
   uint64_t arena_outstanding_bytes = 0;
   uint64_t injected_write_failures = 0;
   uint64_t injected_failed_batches = 0;
+  // Streaming bounce (docs/sessions.md): chunks the gen ranks scattered,
+  // and how long writers waited idle for a credit, summed over them.
+  uint64_t chunks = 0;
+  double credit_stall_ms = 0;
 
   // A request that failed with `outcome`: explained when the fault injector
   // caused it (its message says "injected").

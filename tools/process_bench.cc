@@ -203,6 +203,10 @@ Status Driver::Start(const std::string& executable) {
     common.push_back("--config");
     common.push_back("poll_before_sleep_us=" + std::to_string(*flags_.poll_before_sleep_us));
   }
+  if (flags_.chunk_mb) {
+    common.push_back("--config");
+    common.push_back("bounce_chunk_mb=" + std::to_string(*flags_.chunk_mb));
+  }
   std::vector<std::pair<std::string, std::string>> env;
   if (!flags_.ucx_tls.empty()) env.emplace_back("UCX_TLS", flags_.ucx_tls);
   // UCX logs to stdout unless told otherwise, and a worker's stdout is its
@@ -475,6 +479,11 @@ Status Driver::FinishPath(PathRun& run, const nlohmann::json& before) {
                                 before.value("injected_write_failures", uint64_t{0});
   run.injected_failed_batches = sum(stats, "injected_failed_batches", true) -
                                 before.value("injected_failed_batches", uint64_t{0});
+  run.chunks =
+      sum(stats, "chunks_scattered", false) - before.value("chunks_scattered", uint64_t{0});
+  run.credit_stall_ms = static_cast<double>(sum(stats, "credit_stall_ns", false) -
+                                            before.value("credit_stall_ns", uint64_t{0})) /
+                        1e6;
   return Status::Ok();
 }
 
@@ -670,6 +679,11 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
         for (int w = 0; w < plan.scenario.ctx.num_ranks(); ++w) {
           total += (*before)[static_cast<size_t>(w)].value(key, uint64_t{0});
         }
+        totals[key] = total;
+      }
+      for (const char* key : {"chunks_scattered", "credit_stall_ns"}) {
+        uint64_t total = 0;
+        for (const nlohmann::json& worker : *before) total += worker.value(key, uint64_t{0});
         totals[key] = total;
       }
       const Status finished = driver.FinishPath(*run, totals);

@@ -269,6 +269,8 @@ nlohmann::json WorkerRank::Stats() const {
   nlohmann::json j;
   j["transport_write_ops"] = s.transport_write_ops;
   j["arena_outstanding_bytes"] = s.arena_outstanding_bytes;
+  j["chunks_scattered"] = s.chunks_scattered;
+  j["credit_stall_ns"] = static_cast<uint64_t>(s.credit_stall.count());
   j["in_flight"] = in_flight_.size();
   uint64_t injected = 0, batches = 0;
   if (faults_ != nullptr) {

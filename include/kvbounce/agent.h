@@ -227,6 +227,16 @@ struct AgentStats {
   uint64_t fallbacks = 0;
   uint64_t arena_outstanding_bytes = 0;  // send + recv, now
   uint64_t arena_quarantined_bytes = 0;  // now
+  // The most bytes the agent's arena (send or recv: a rank has one) has
+  // held at once since Create.
+  uint64_t arena_peak_bytes = 0;
+  // Streaming bounce (docs/sessions.md): chunk slots this gen rank granted
+  // and scattered, chunks this ctx rank wrote, and how long writers of
+  // streamed requests waited idle for a credit, summed over them.
+  uint64_t chunks_granted = 0;
+  uint64_t chunks_written = 0;
+  uint64_t chunks_scattered = 0;
+  std::chrono::nanoseconds credit_stall{0};
   // Everything, as JSON text (counters, per-path counts, fallbacks by
   // reason, latency percentiles, transport counters).
   std::string json;

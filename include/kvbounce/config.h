@@ -67,6 +67,18 @@ struct Config {
   // on). Rule: integer >= 0 (and <= kMaxBounceSizeMb).
   int64_t bounce_size_mb = 0;
 
+  // Streaming bounce (docs/sessions.md, "Streaming bounce"): a writer's
+  // packed stream larger than one chunk is cut into chunks of this many MiB,
+  // each written into a chunk slot of the recv arena the receiver grants as
+  // a credit and scattered as soon as it landed, so that gather, link and
+  // scatter overlap and any request fits any recv arena that holds one chunk
+  // per writer. A receiver uses min(this, arena / writers) for a request.
+  // 0: the default for the pool's memory (kDefaultChunkMbHost,
+  // kDefaultChunkMbDevice). Rule: integer >= 0 (and <= kMaxBounceSizeMb).
+  int64_t bounce_chunk_mb = 0;
+  static constexpr int64_t kDefaultChunkMbHost = 4;
+  static constexpr int64_t kDefaultChunkMbDevice = 16;
+
   // UCP workers per agent; a large write is striped across them. Rule:
   // integer >= 1 (and <= kMaxNumWorkers). KVBOUNCE_NUM_WORKERS overrides it
   // when valid (ApplyEnvironment).

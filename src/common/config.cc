@@ -31,9 +31,11 @@ static_assert(Config::kMaxMbPerS == 1000000000);
 static_assert(Config::kMaxPollUs == 10000);
 static_assert(Config::kMaxInlineCopyKb == 16384);
 
-constexpr std::array<IntField, 11> kIntFields = {{
+constexpr std::array<IntField, 12> kIntFields = {{
     {"bounce_size_mb", &Config::bounce_size_mb, 0, Config::kMaxBounceSizeMb,
      "must be an integer >= 0 and <= 1048576 (1 TiB)"},
+    {"bounce_chunk_mb", &Config::bounce_chunk_mb, 0, Config::kMaxBounceSizeMb,
+     "must be an integer >= 0 and <= 1048576 (0: the default for the pool's memory)"},
     {"num_workers", &Config::num_workers, 1, Config::kMaxNumWorkers,
      "must be an integer >= 1 and <= 256"},
     {"transfer_timeout_ms", &Config::transfer_timeout_ms, 1, Config::kMaxTimeoutMs,
@@ -60,10 +62,12 @@ constexpr std::string_view kPathKey = "path";
 constexpr std::string_view kPathRule = "must be one of per-block, bounce, direct, auto";
 
 // Declaration order of Config, which Keys() and ToString() follow.
-constexpr std::array<std::string_view, 12> kKeys = {
-    "bounce_size_mb", "num_workers",          "transfer_timeout_ms", "reserve_timeout_ms",
-    "path",           "transport_op_ns",      "transport_mb_per_s",  "copy_run_ns",
-    "copy_mb_per_s",  "poll_before_sleep_us", "inline_copy_kb",      "progress_on_loop",
+constexpr std::array<std::string_view, 13> kKeys = {
+    "bounce_size_mb",      "bounce_chunk_mb",      "num_workers",
+    "transfer_timeout_ms", "reserve_timeout_ms",   "path",
+    "transport_op_ns",     "transport_mb_per_s",   "copy_run_ns",
+    "copy_mb_per_s",       "poll_before_sleep_us", "inline_copy_kb",
+    "progress_on_loop",
 };
 
 constexpr std::array<TransferPath, 4> kPaths = {TransferPath::kPerBlock, TransferPath::kBounce,

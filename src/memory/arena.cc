@@ -275,6 +275,10 @@ class ArenaCore : public std::enable_shared_from_this<ArenaCore> {
     MutexLock lock(mu_);
     return quarantined_;
   }
+  uint64_t peak_outstanding_bytes() const KVB_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return peak_outstanding_;
+  }
   size_t quarantined_count() const KVB_EXCLUDES(mu_) {
     MutexLock lock(mu_);
     return quarantine_.size();
@@ -393,6 +397,7 @@ class ArenaCore : public std::enable_shared_from_this<ArenaCore> {
       if (rest > 0) holes_.emplace_hint(next, offset + need, rest);
       allocated_.emplace(offset, HeldRange{need, false});
       outstanding_ += need;
+      peak_outstanding_ = std::max(peak_outstanding_, outstanding_);
       return offset;
     }
     return std::nullopt;
@@ -460,6 +465,7 @@ class ArenaCore : public std::enable_shared_from_this<ArenaCore> {
   std::map<uint64_t, HeldRange> allocated_ KVB_GUARDED_BY(mu_);                   // offset -> range
   std::unordered_map<QuarantineToken, uint64_t> quarantine_ KVB_GUARDED_BY(mu_);  // -> offset
   uint64_t outstanding_ KVB_GUARDED_BY(mu_) = 0;
+  uint64_t peak_outstanding_ KVB_GUARDED_BY(mu_) = 0;
   uint64_t quarantined_ KVB_GUARDED_BY(mu_) = 0;
   QuarantineToken next_token_ KVB_GUARDED_BY(mu_) = 1;
   size_t waiters_ KVB_GUARDED_BY(mu_) = 0;
@@ -669,6 +675,7 @@ Addr Arena::base_address() const { return core_->base(); }
 MemoryKind Arena::memory_kind() const { return core_->kind(); }
 uint64_t Arena::outstanding_bytes() const { return core_->outstanding_bytes(); }
 uint64_t Arena::quarantined_bytes() const { return core_->quarantined_bytes(); }
+uint64_t Arena::peak_outstanding_bytes() const { return core_->peak_outstanding_bytes(); }
 size_t Arena::quarantined_count() const { return core_->quarantined_count(); }
 uint64_t Arena::free_bytes() const { return core_->capacity() - core_->outstanding_bytes(); }
 uint64_t Arena::largest_hole() const { return core_->largest_hole(); }

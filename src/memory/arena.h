@@ -269,6 +269,8 @@ class Arena {
   // Bytes held by live slots plus quarantined bytes, in reserved (aligned)
   // bytes. capacity() == free_bytes() + outstanding_bytes().
   uint64_t outstanding_bytes() const;
+  // The most outstanding_bytes() has been since Create.
+  uint64_t peak_outstanding_bytes() const;
   uint64_t quarantined_bytes() const;
   size_t quarantined_count() const;
   uint64_t free_bytes() const;

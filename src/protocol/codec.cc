@@ -71,6 +71,7 @@ void WritePayload(WireWriter& w, const KvRequest& m) {
   w.PutU64(m.recv_slot_size);
   w.PutU64(m.plan_fingerprint);
   w.PutU64(m.deadline_ms);
+  w.PutU64(m.chunk_bytes);
   w.PutU32(m.slice_id);
   w.PutU32(m.receiver_rank);
   w.PutU32(m.writer_rank);
@@ -114,6 +115,23 @@ void WritePayload(WireWriter& w, const KvReadDone& m) {
   w.PutU32(m.writer_rank);
   w.PutU8(static_cast<uint8_t>(m.status));
   w.PutString(m.error_text);
+}
+
+void WritePayload(WireWriter& w, const KvGrant& m) {
+  w.PutU64(m.request_id);
+  w.PutU64(m.chunk);
+  w.PutU64(m.slot_addr);
+  w.PutU64(m.slot_size);
+  w.PutU32(m.slice_id);
+  w.PutU32(m.writer_rank);
+}
+
+void WritePayload(WireWriter& w, const KvChunk& m) {
+  w.PutU64(m.request_id);
+  w.PutU64(m.chunk);
+  w.PutU64(m.bytes);
+  w.PutU32(m.slice_id);
+  w.PutU32(m.writer_rank);
 }
 
 template <typename M>
@@ -202,6 +220,7 @@ Status ReadPayload(WireReader& r, KvRequest* m) {
   KVB_RETURN_IF_ERROR(r.ReadU64("recv_slot_size", &m->recv_slot_size));
   KVB_RETURN_IF_ERROR(r.ReadU64("plan_fingerprint", &m->plan_fingerprint));
   KVB_RETURN_IF_ERROR(r.ReadU64("deadline_ms", &m->deadline_ms));
+  KVB_RETURN_IF_ERROR(r.ReadU64("chunk_bytes", &m->chunk_bytes));
   KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
   KVB_RETURN_IF_ERROR(r.ReadU32("receiver_rank", &m->receiver_rank));
   KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
@@ -253,6 +272,25 @@ Status ReadPayload(WireReader& r, KvReadDone* m) {
   return Status::Ok();
 }
 
+Status ReadPayload(WireReader& r, KvGrant* m) {
+  KVB_RETURN_IF_ERROR(r.ReadU64("request_id", &m->request_id));
+  KVB_RETURN_IF_ERROR(r.ReadU64("chunk", &m->chunk));
+  KVB_RETURN_IF_ERROR(r.ReadU64("slot_addr", &m->slot_addr));
+  KVB_RETURN_IF_ERROR(r.ReadU64("slot_size", &m->slot_size));
+  KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
+  KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  return Status::Ok();
+}
+
+Status ReadPayload(WireReader& r, KvChunk* m) {
+  KVB_RETURN_IF_ERROR(r.ReadU64("request_id", &m->request_id));
+  KVB_RETURN_IF_ERROR(r.ReadU64("chunk", &m->chunk));
+  KVB_RETURN_IF_ERROR(r.ReadU64("bytes", &m->bytes));
+  KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
+  KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  return Status::Ok();
+}
+
 // The payload of `frame` after checking its header names `expected` and that
 // the frame holds exactly the payload the header announces.
 Result<std::span<const std::byte>> OpenFrame(std::span<const std::byte> frame,
@@ -296,6 +334,8 @@ Result<std::vector<std::byte>> Encode(const Cancel& cancel) { return EncodeMessa
 Result<std::vector<std::byte>> Encode(const Bye& bye) { return EncodeMessage(bye); }
 Result<std::vector<std::byte>> Encode(const KvReady& ready) { return EncodeMessage(ready); }
 Result<std::vector<std::byte>> Encode(const KvReadDone& done) { return EncodeMessage(done); }
+Result<std::vector<std::byte>> Encode(const KvGrant& grant) { return EncodeMessage(grant); }
+Result<std::vector<std::byte>> Encode(const KvChunk& chunk) { return EncodeMessage(chunk); }
 
 Result<std::vector<std::byte>> EncodeFrame(const Message& message) {
   return std::visit([](const auto& m) { return EncodeMessage(m); }, message);
@@ -376,6 +416,14 @@ Result<KvReadDone> DecodeKvReadDone(std::span<const std::byte> frame) {
   return DecodeMessage<KvReadDone>(frame, MessageType::kKvReadDone);
 }
 
+Result<KvGrant> DecodeKvGrant(std::span<const std::byte> frame) {
+  return DecodeMessage<KvGrant>(frame, MessageType::kKvGrant);
+}
+
+Result<KvChunk> DecodeKvChunk(std::span<const std::byte> frame) {
+  return DecodeMessage<KvChunk>(frame, MessageType::kKvChunk);
+}
+
 Result<Message> DecodeFrame(std::span<const std::byte> frame) {
   KVB_ASSIGN_OR_RETURN(FrameHeader header, DecodeHeader(frame));
   switch (header.type) {
@@ -405,6 +453,14 @@ Result<Message> DecodeFrame(std::span<const std::byte> frame) {
     }
     case MessageType::kKvReadDone: {
       KVB_ASSIGN_OR_RETURN(KvReadDone m, DecodeKvReadDone(frame));
+      return Message(std::move(m));
+    }
+    case MessageType::kKvGrant: {
+      KVB_ASSIGN_OR_RETURN(KvGrant m, DecodeKvGrant(frame));
+      return Message(std::move(m));
+    }
+    case MessageType::kKvChunk: {
+      KVB_ASSIGN_OR_RETURN(KvChunk m, DecodeKvChunk(frame));
       return Message(std::move(m));
     }
   }

@@ -72,6 +72,8 @@ Result<std::vector<std::byte>> Encode(const Cancel& cancel);
 Result<std::vector<std::byte>> Encode(const Bye& bye);
 Result<std::vector<std::byte>> Encode(const KvReady& ready);
 Result<std::vector<std::byte>> Encode(const KvReadDone& done);
+Result<std::vector<std::byte>> Encode(const KvGrant& grant);
+Result<std::vector<std::byte>> Encode(const KvChunk& chunk);
 // Dispatches on the alternative held.
 Result<std::vector<std::byte>> EncodeFrame(const Message& message);
 
@@ -102,6 +104,8 @@ Result<Cancel> DecodeCancel(std::span<const std::byte> frame);
 Result<Bye> DecodeBye(std::span<const std::byte> frame);
 Result<KvReady> DecodeKvReady(std::span<const std::byte> frame);
 Result<KvReadDone> DecodeKvReadDone(std::span<const std::byte> frame);
+Result<KvGrant> DecodeKvGrant(std::span<const std::byte> frame);
+Result<KvChunk> DecodeKvChunk(std::span<const std::byte> frame);
 
 // Decodes one complete frame of any type, dispatching on its header.
 Result<Message> DecodeFrame(std::span<const std::byte> frame);

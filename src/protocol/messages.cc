@@ -228,6 +228,14 @@ Status Validate(const KvRequest& request) {
       CheckEnum(kMsg, "path", static_cast<uint8_t>(request.path), kMaxTransferPath));
   KVB_RETURN_IF_ERROR(
       CheckRange(kMsg, "recv_slot_size", request.recv_slot_addr, request.recv_slot_size));
+  if (request.chunk_bytes != 0 && (request.path != TransferPath::kBounce ||
+                                   request.recv_slot_addr != 0 || request.recv_slot_size != 0)) {
+    return Invalid(kMsg, "chunk_bytes",
+                   N(request.chunk_bytes) + " with path " +
+                       std::string(TransferPathName(request.path)) + " and a recv slot of " +
+                       N(request.recv_slot_size) +
+                       " bytes: a streamed request is BOUNCE and has no recv slot");
+  }
   return Status::Ok();
 }
 
@@ -266,6 +274,17 @@ Status Validate(const KvReadDone& done) {
   KVB_RETURN_IF_ERROR(
       CheckEnum(kMsg, "status", static_cast<uint8_t>(done.status), kMaxResultStatus));
   KVB_RETURN_IF_ERROR(CheckLength(kMsg, "error_text", done.error_text.size(), kMaxErrorTextBytes));
+  return Status::Ok();
+}
+
+Status Validate(const KvGrant& grant) {
+  constexpr std::string_view kMsg = "KV_GRANT";
+  if (grant.slot_size == 0) return Invalid(kMsg, "slot_size", "0: a granted slot holds bytes");
+  return CheckRange(kMsg, "slot_size", grant.slot_addr, grant.slot_size);
+}
+
+Status Validate(const KvChunk& chunk) {
+  if (chunk.bytes == 0) return Invalid("KV_CHUNK", "bytes", "0: a chunk holds bytes");
   return Status::Ok();
 }
 

@@ -230,6 +230,13 @@ struct KvRequest {
   // recv_slot_addr + recv_slot_size must not exceed 2^64.
   uint64_t recv_slot_addr = 0;
   uint64_t recv_slot_size = 0;
+  // Streaming bounce (docs/sessions.md, "Streaming bounce"): the writer's
+  // packed stream is cut into chunks of this many bytes (the last one
+  // shorter) and each chunk is written into a chunk slot the receiver grants
+  // with KV_GRANT, announced with KV_CHUNK. 0: not streamed (the whole
+  // stream goes into recv_slot). Non-zero only with path BOUNCE and no
+  // recv slot (0/0).
+  uint64_t chunk_bytes = 0;
   uint64_t plan_fingerprint = 0;
   // Milliseconds the writer has, counted from when it receives the frame
   // (relative, so it survives clock skew between hosts). 0 means already
@@ -292,6 +299,38 @@ struct KvReadDone {
 };
 
 // ---------------------------------------------------------------------------
+// KV_GRANT: gen rank -> writer, on a streamed bounce (KvRequest.chunk_bytes >
+// 0): chunk `chunk` of the writer's packed stream may be written into the
+// receiver's recv arena at [slot_addr, slot_addr + slot_size). A grant is a
+// credit: the receiver grants each chunk once, and at most a bounded window
+// of a writer's chunks at a time.
+// ---------------------------------------------------------------------------
+struct KvGrant {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint32_t writer_rank = 0;
+  uint64_t chunk = 0;      // index in the writer's chunk cut
+  uint64_t slot_addr = 0;  // slot_addr + slot_size must not exceed 2^64
+  uint64_t slot_size = 0;  // >= 1: the chunk's bytes
+
+  friend bool operator==(const KvGrant&, const KvGrant&) = default;
+};
+
+// ---------------------------------------------------------------------------
+// KV_CHUNK: writer -> gen rank, once the writes of a granted chunk are
+// remotely visible (flushed): the receiver may scatter it and reuse its slot.
+// ---------------------------------------------------------------------------
+struct KvChunk {
+  uint64_t request_id = 0;
+  uint32_t slice_id = 0;
+  uint32_t writer_rank = 0;
+  uint64_t chunk = 0;
+  uint64_t bytes = 0;  // the chunk's bytes written, >= 1
+
+  friend bool operator==(const KvChunk&, const KvChunk&) = default;
+};
+
+// ---------------------------------------------------------------------------
 // CANCEL: either side; every slice of the request.
 // ---------------------------------------------------------------------------
 struct Cancel {
@@ -312,7 +351,8 @@ struct Bye {
 };
 
 // Any one message.
-using Message = std::variant<Hello, KvRequest, KvResult, Cancel, Bye, KvReady, KvReadDone>;
+using Message =
+    std::variant<Hello, KvRequest, KvResult, Cancel, Bye, KvReady, KvReadDone, KvGrant, KvChunk>;
 
 // The header type of a message.
 constexpr MessageType TypeOf(const Hello&) { return MessageType::kHello; }
@@ -322,6 +362,8 @@ constexpr MessageType TypeOf(const Cancel&) { return MessageType::kCancel; }
 constexpr MessageType TypeOf(const Bye&) { return MessageType::kBye; }
 constexpr MessageType TypeOf(const KvReady&) { return MessageType::kKvReady; }
 constexpr MessageType TypeOf(const KvReadDone&) { return MessageType::kKvReadDone; }
+constexpr MessageType TypeOf(const KvGrant&) { return MessageType::kKvGrant; }
+constexpr MessageType TypeOf(const KvChunk&) { return MessageType::kKvChunk; }
 MessageType TypeOf(const Message& message);
 
 // ---------------------------------------------------------------------------
@@ -341,6 +383,8 @@ Status Validate(const Cancel& cancel);
 Status Validate(const Bye& bye);
 Status Validate(const KvReady& ready);
 Status Validate(const KvReadDone& done);
+Status Validate(const KvGrant& grant);
+Status Validate(const KvChunk& chunk);
 Status Validate(const Message& message);
 
 }  // namespace kvbounce::protocol

@@ -20,6 +20,10 @@ std::string_view MessageTypeName(MessageType type) {
       return "KV_READY";
     case MessageType::kKvReadDone:
       return "KV_READ_DONE";
+    case MessageType::kKvGrant:
+      return "KV_GRANT";
+    case MessageType::kKvChunk:
+      return "KV_CHUNK";
   }
   return "UNKNOWN";
 }

@@ -46,7 +46,7 @@ inline constexpr uint32_t kMagic = 0x4342564Bu;
 // The version this build speaks. A decoder rejects any frame whose header
 // carries another version (docs/wire_format.md, "Versioning"): any change of
 // the encoding, a new field or a changed limit, takes a new version.
-inline constexpr uint16_t kProtocolVersion = 4;
+inline constexpr uint16_t kProtocolVersion = 5;
 
 // Bytes of the frame header: magic u32 | version u16 | type u16 | length u32.
 inline constexpr size_t kHeaderSize = 12;
@@ -66,14 +66,16 @@ enum class MessageType : uint16_t {
   kBye = 5,
   kKvReady = 6,
   kKvReadDone = 7,
+  kKvGrant = 8,
+  kKvChunk = 9,
 };
 
 // Lowest and highest valid MessageType values.
 inline constexpr uint16_t kMinMessageType = 1;
-inline constexpr uint16_t kMaxMessageType = 7;
+inline constexpr uint16_t kMaxMessageType = 9;
 
 // "HELLO", "KV_REQUEST", "KV_RESULT", "CANCEL", "BYE", "KV_READY",
-// "KV_READ_DONE", or "UNKNOWN" for a value
+// "KV_READ_DONE", "KV_GRANT", "KV_CHUNK", or "UNKNOWN" for a value
 // outside the enum. Used as the prefix of every codec error message.
 std::string_view MessageTypeName(MessageType type);
 
@@ -127,12 +129,14 @@ inline constexpr size_t kHelloFixedBytes =
     8 +          // capabilities
     4 * 4;       // prefixes of instance_id, layers_per_stage, layer_bases, regions
 inline constexpr size_t kRegionFixedBytes = 1 + 1 + 4 + 8 + 8 + 4;
-inline constexpr size_t kKvRequestFixedBytes = 8 * 7 + 4 * 3 + 1 + 4;
+inline constexpr size_t kKvRequestFixedBytes = 8 * 8 + 4 * 3 + 1 + 4;
 inline constexpr size_t kKvResultFixedBytes = 8 * 3 + 4 * 2 + 1 + 1 + 4;
 inline constexpr size_t kCancelFixedBytes = 8 + 4;
 inline constexpr size_t kByeFixedBytes = 1 + 4;
 inline constexpr size_t kKvReadyFixedBytes = 8 * 2 + 4 * 2 + 4;
 inline constexpr size_t kKvReadDoneFixedBytes = 8 * 2 + 4 * 2 + 1 + 4;
+inline constexpr size_t kKvGrantFixedBytes = 8 * 4 + 4 * 2;
+inline constexpr size_t kKvChunkFixedBytes = 8 * 3 + 4 * 2;
 
 inline constexpr size_t kMaxHelloPayloadBytes =
     kHelloFixedBytes + kMaxInstanceIdBytes + 4 * size_t{kMaxPipelineStages} +
@@ -173,6 +177,10 @@ constexpr size_t MaxPayloadBytes(MessageType type) {
       return kMaxKvReadyPayloadBytes;
     case MessageType::kKvReadDone:
       return kMaxKvReadDonePayloadBytes;
+    case MessageType::kKvGrant:
+      return kKvGrantFixedBytes;
+    case MessageType::kKvChunk:
+      return kKvChunkFixedBytes;
   }
   return 0;
 }

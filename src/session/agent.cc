@@ -771,6 +771,10 @@ void AgentImpl::HandleMessage(PeerId id, const std::vector<std::byte>& frame) {
     if (ctx_.role == Role::kGen) receiver_->OnReady(*peer, *ready);
   } else if (const auto* read_done = std::get_if<protocol::KvReadDone>(&*message)) {
     if (ctx_.role == Role::kCtx) sender_->OnReadDone(*peer, *read_done);
+  } else if (const auto* grant = std::get_if<protocol::KvGrant>(&*message)) {
+    if (ctx_.role == Role::kCtx) sender_->OnGrant(*peer, *grant);
+  } else if (const auto* chunk = std::get_if<protocol::KvChunk>(&*message)) {
+    if (ctx_.role == Role::kGen) receiver_->OnChunk(*peer, *chunk);
   }
 }
 
@@ -988,7 +992,12 @@ AgentStats AgentImpl::CollectStats() const {
     if (arena == nullptr) continue;
     stats.arena_outstanding_bytes += arena->outstanding_bytes();
     stats.arena_quarantined_bytes += arena->quarantined_bytes();
+    stats.arena_peak_bytes = std::max(stats.arena_peak_bytes, arena->peak_outstanding_bytes());
   }
+  stats.chunks_granted = snap.counter(Counter::kChunksGranted);
+  stats.chunks_written = snap.counter(Counter::kChunksWritten);
+  stats.chunks_scattered = snap.counter(Counter::kChunksScattered);
+  stats.credit_stall = std::chrono::nanoseconds(snap.counter(Counter::kCreditStallNs));
   nlohmann::json j = ToJson(snap);
   const TransportStats t = transport_->Stats();
   stats.transport_write_ops = t.write_ops;
@@ -999,6 +1008,7 @@ AgentStats AgentImpl::CollectStats() const {
                     {"messages_sent", t.messages_sent},
                     {"messages_received", t.messages_received}};
   j["arena_outstanding_bytes"] = stats.arena_outstanding_bytes;
+  j["arena_peak_bytes"] = stats.arena_peak_bytes;
   stats.json = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   return stats;
 }

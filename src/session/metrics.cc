@@ -30,9 +30,10 @@ constexpr std::array<TransferPath, kNumTransferPaths> kPaths = {
 constexpr std::array<Outcome, kNumOutcomes> kOutcomes = {Outcome::kCompleted, Outcome::kFailed,
                                                          Outcome::kCancelled, Outcome::kTimedOut};
 constexpr std::array<Counter, kNumCounters> kCounters = {
-    Counter::kRejectedResults, Counter::kDuplicateResults, Counter::kQuarantinedSlots,
-    Counter::kCancelsSent,     Counter::kCancelsReceived,  Counter::kPeerFailures,
-    Counter::kInvalidTransitions};
+    Counter::kRejectedResults, Counter::kDuplicateResults,  Counter::kQuarantinedSlots,
+    Counter::kCancelsSent,     Counter::kCancelsReceived,   Counter::kPeerFailures,
+    Counter::kChunksGranted,   Counter::kChunksWritten,     Counter::kChunksScattered,
+    Counter::kCreditStallNs,   Counter::kInvalidTransitions};
 constexpr std::array<TimelinePoint, kNumTimelinePoints> kPoints = {
     TimelinePoint::kRequest,   TimelinePoint::kReserve,     TimelinePoint::kFirstByte,
     TimelinePoint::kWriteDone, TimelinePoint::kScatterDone, TimelinePoint::kComplete};
@@ -150,6 +151,14 @@ std::string_view CounterName(Counter counter) {
       return "cancels_received";
     case Counter::kPeerFailures:
       return "peer_failures";
+    case Counter::kChunksGranted:
+      return "chunks_granted";
+    case Counter::kChunksWritten:
+      return "chunks_written";
+    case Counter::kChunksScattered:
+      return "chunks_scattered";
+    case Counter::kCreditStallNs:
+      return "credit_stall_ns";
     case Counter::kInvalidTransitions:
       return "invalid_transitions";
   }

@@ -110,14 +110,23 @@ enum class Counter {
   kCancelsReceived,
   // Peers declared failed (connection lost, no answer).
   kPeerFailures,
+  // Streaming bounce (docs/sessions.md): chunk slots granted (receiver),
+  // chunks written and announced (sender), chunks scattered (receiver).
+  kChunksGranted,
+  kChunksWritten,
+  kChunksScattered,
+  // Nanoseconds writers of streamed requests sat idle for want of a credit
+  // (a writer with no chunk granted and chunks left to send), summed.
+  kCreditStallNs,
   // A state machine was asked for a move it does not allow: a bug. Tests
   // assert it stays 0.
   kInvalidTransitions,
 };
-inline constexpr size_t kNumCounters = 7;
+inline constexpr size_t kNumCounters = 11;
 
 // "rejected_results", "duplicate_results", "quarantined_slots",
-// "cancels_sent", "cancels_received", "peer_failures",
+// "cancels_sent", "cancels_received", "peer_failures", "chunks_granted",
+// "chunks_written", "chunks_scattered", "credit_stall_ns",
 // "invalid_transitions" ("?" outside the enum).
 std::string_view CounterName(Counter counter);
 

@@ -2,13 +2,25 @@
 
 #include <algorithm>
 #include <limits>
+#include <list>
 #include <string>
 #include <utility>
 
 #include "kvbounce/logging.h"
+#include "layout/chunking.h"
 #include "session/path_choice.h"
 
 namespace kvbounce {
+
+// Streaming: one chunk slot granted to a writer, until its chunk was
+// scattered (or the writer can no longer write it).
+struct ReceiverSession::ChunkSlot {
+  uint64_t chunk = 0;
+  Slot slot;
+  bool landed = false;      // KV_CHUNK arrived: written and flushed
+  bool scattering = false;  // its scatter is in the copy engine
+  FragmentList list;        // the chunk's part of the scatter list
+};
 
 struct ReceiverSession::Writer {
   int rank = 0;
@@ -31,6 +43,15 @@ struct ReceiverSession::Writer {
   int reads_outstanding = 0;   // read batches in the transport
   Status read_error;
   std::stop_source read_stop;
+  // Streaming: the writer's chunk cut, the next chunk to grant, the chunks
+  // scattered, the chunk slots granted and not yet scattered (at most
+  // kWindowPerWriter; a list, so that a slot's scatter list stays put), and
+  // since when it has waited idle for a credit.
+  std::optional<ChunkCut> cut;
+  uint64_t next_grant = 0;
+  uint64_t chunks_scattered = 0;
+  std::list<ChunkSlot> chunk_slots;
+  SessionContext::MetricsClock::time_point stall_since{};
 };
 
 struct ReceiverSession::Request {
@@ -51,6 +72,14 @@ struct ReceiverSession::Request {
   State state = State::kReserving;
   Slot slot;
   std::optional<QuarantineToken> quarantine;
+  // Streaming (see receiver.h): the chunk size, whether the request holds
+  // an admission, the stop of its chunk scatters, and the chunk slots
+  // quarantined when it settled.
+  bool stream = false;
+  uint64_t chunk_bytes = 0;
+  bool admitted = false;
+  std::stop_source scatter_stop;
+  std::vector<QuarantineToken> chunk_quarantine;
   SessionContext::TimePoint deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
@@ -225,6 +254,27 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       if (!planned.ok()) return planned.WithContext("Pull " + RequestName(request_id));
     }
   }
+  if (r->path == TransferPath::kBounce && recv_arena) {
+    // Streamed when a writer has more than one chunk to send: the chunks
+    // then pipeline, and the request needs only chunk slots.
+    const uint64_t chunk = StreamChunkBytes(r->writers.size());
+    r->stream = chunk > 0 && std::any_of(r->writers.begin(), r->writers.end(),
+                                         [chunk](const Writer& w) { return w.bytes > chunk; });
+    if (r->stream) {
+      r->chunk_bytes = chunk;
+      for (Writer& writer : r->writers) {
+        Result<ChunkCut> cut = ChunkCut::Create(writer.bytes, chunk);
+        if (!cut.ok()) return cut.status().WithContext("Pull " + RequestName(request_id));
+        writer.cut = *cut;
+        // Chunks are cut out of the flat scatter list.
+        if (writer.scatter_tiled) {
+          writer.tiled_scatter.ExpandTo(&writer.scatter);
+          writer.tiled_scatter = TiledList();
+          writer.scatter_tiled = false;
+        }
+      }
+    }
+  }
   if (r->requested == TransferPath::kAuto && MinLogLevel() <= LogLevel::kDebug) {
     Log(LogLevel::kDebug, "Pull " + RequestName(request_id) + ": auto takes " +
                               std::string(TransferPathName(r->path)) + " (" +
@@ -346,7 +396,155 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
   return Status::Ok();
 }
 
+uint64_t ReceiverSession::StreamChunkBytes(size_t writers) const {
+  if (ctx_.recv_arena == nullptr || writers == 0) return 0;
+  const int64_t mb = ctx_.config.bounce_chunk_mb > 0         ? ctx_.config.bounce_chunk_mb
+                     : ctx_.pool_memory == MemoryKind::kCuda ? Config::kDefaultChunkMbDevice
+                                                             : Config::kDefaultChunkMbHost;
+  // One chunk per writer must fit the arena at once.
+  const uint64_t per_writer =
+      ctx_.recv_arena->capacity() / writers / Arena::kMinAlignment * Arena::kMinAlignment;
+  return std::min(MiB(static_cast<uint64_t>(mb)), per_writer);
+}
+
+uint64_t ReceiverSession::StreamNeed(const Request& r) {
+  return r.writers.size() * kWindowPerWriter * r.chunk_bytes;
+}
+
+void ReceiverSession::Admit(Request& r) {
+  r.admitted = true;
+  ++admitted_streams_;
+  admitted_need_ += StreamNeed(r);
+  if (r.reserve_timer != 0) ctx_.loop->CancelTimer(r.reserve_timer);
+  r.reserve_timer = 0;
+  r.timeline.reserve = SessionContext::MetricsClock::now();
+  for (size_t i = 0; i < r.writers.size(); ++i) grant_ring_.emplace_back(r.key, i);
+  SendRequests(r);  // may settle the request (a writer out of reach)
+  PumpGrants();
+}
+
+void ReceiverSession::EndStream(Request& r) {
+  if (!r.admitted) return;
+  r.admitted = false;
+  --admitted_streams_;
+  admitted_need_ -= StreamNeed(r);
+  const Key key = r.key;
+  size_t before_cursor = 0;
+  for (size_t i = 0; i < grant_ring_.size() && i < grant_cursor_; ++i) {
+    if (grant_ring_[i].first == key) ++before_cursor;
+  }
+  std::erase_if(grant_ring_, [&key](const auto& entry) { return entry.first == key; });
+  grant_cursor_ -= before_cursor;
+}
+
+bool ReceiverSession::WantsGrant(const Request& r, const Writer& w) const {
+  return r.admitted && !r.settled && !r.pending_outcome && r.root_cause.ok() &&
+         r.scatter_error.ok() && w.state == WriterState::kPending && w.cut &&
+         w.next_grant < w.cut->num_chunks() && w.chunk_slots.size() < kWindowPerWriter;
+}
+
+void ReceiverSession::PumpGrants() {
+  if (pumping_ || grant_ring_.empty() || ctx_.recv_arena == nullptr) return;
+  // A whole-slot request at the head of the FIFO gets the space first.
+  if (const Key* front = reserve_waiters_.Front(); front != nullptr) {
+    const Request* head = Find(*front);
+    if (head != nullptr && !head->stream) return;
+  }
+  pumping_ = true;
+  struct Failed {
+    Key key;
+    size_t writer;
+    Status why;
+  };
+  std::vector<Failed> failed;
+  const auto now = SessionContext::MetricsClock::now();
+  size_t idle = 0;  // ring entries in a row that wanted nothing
+  while (idle < grant_ring_.size()) {
+    grant_cursor_ %= grant_ring_.size();
+    const auto [key, index] = grant_ring_[grant_cursor_];
+    Request* r = Find(key);
+    if (r == nullptr || index >= r->writers.size() || !WantsGrant(*r, r->writers[index])) {
+      ++grant_cursor_;
+      ++idle;
+      continue;
+    }
+    Writer& w = r->writers[index];
+    const uint64_t k = w.next_grant;
+    Result<Slot> slot = ctx_.recv_arena->TryReserve(w.cut->size(k));
+    if (!slot.ok()) {
+      // No room now: this writer is served first when room comes back, and
+      // every writer with nothing granted waits idle for a credit.
+      for (const auto& [other_key, other_index] : grant_ring_) {
+        Request* other = Find(other_key);
+        if (other == nullptr || other_index >= other->writers.size()) continue;
+        Writer& o = other->writers[other_index];
+        if (WantsGrant(*other, o) && o.chunk_slots.empty() &&
+            o.stall_since == SessionContext::MetricsClock::time_point()) {
+          o.stall_since = now;
+        }
+      }
+      break;
+    }
+    if (w.stall_since != SessionContext::MetricsClock::time_point()) {
+      ctx_.metrics->Count(
+          Counter::kCreditStallNs,
+          static_cast<uint64_t>(std::chrono::nanoseconds(now - w.stall_since).count()));
+      w.stall_since = {};
+    }
+    ChunkSlot& cs = w.chunk_slots.emplace_back();
+    cs.chunk = k;
+    cs.slot = std::move(slot).value();
+    ++w.next_grant;
+    protocol::KvGrant grant;
+    grant.request_id = key.first;
+    grant.slice_id = key.second;
+    grant.writer_rank = static_cast<uint32_t>(w.rank);
+    grant.chunk = k;
+    grant.slot_addr = cs.slot.address().value();
+    grant.slot_size = w.cut->size(k);
+    Status sent = ctx_.Send(w.peer, grant);
+    if (sent.ok()) {
+      ctx_.metrics->Count(Counter::kChunksGranted);
+    } else {
+      failed.push_back({key, index, sent.WithContext("KV_GRANT to " + w.name)});
+    }
+    ++grant_cursor_;
+    idle = 0;
+  }
+  pumping_ = false;
+  for (const Failed& f : failed) {
+    Request* r = Find(f.key);
+    if (r == nullptr || f.writer >= r->writers.size()) continue;
+    Writer& w = r->writers[f.writer];
+    if (w.state == WriterState::kPending) WriterDone(*r, w, WriterState::kFailed, f.why);
+  }
+}
+
+void ReceiverSession::OnArenaSpace() {
+  RetryReservations();
+  PumpGrants();
+}
+
 void ReceiverSession::TryReserve(Request& r) {
+  if (r.stream) {
+    // Admission, in FIFO order: the admitted streams' windows must fit the
+    // arena, or this one streams alone.
+    const Key* front = reserve_waiters_.Front();
+    const bool first = front == nullptr || *front == r.key;
+    if (first &&
+        (admitted_streams_ == 0 || admitted_need_ + StreamNeed(r) <= ctx_.recv_arena->capacity())) {
+      Admit(r);
+      return;
+    }
+    if (r.reserve_timer == 0) {
+      const Key key = r.key;
+      reserve_waiters_.Add(key);
+      r.reserve_timer =
+          ctx_.loop->PostAt(ctx_.Now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+                            [this, key] { OnReserveTimeout(key); });
+    }
+    return;
+  }
   std::vector<uint64_t> sizes;
   for (const Writer& w : r.writers) sizes.push_back(w.bytes);
   Result<Slot> slot = ctx_.recv_arena->TryReserve(sizes);
@@ -419,6 +617,7 @@ void ReceiverSession::FallBack(Request& r, const std::string& reason) {
     return;
   }
   r.path = TransferPath::kPerBlock;
+  r.stream = false;
   r.fallback_reason = reason;
   r.timeline.reserve = SessionContext::MetricsClock::now();
   SendRequests(r);
@@ -448,7 +647,12 @@ void ReceiverSession::SendRequests(Request& r) {
                        : static_cast<protocol::TransferPath>(r.path);
     msg.writer_rank = static_cast<uint32_t>(w.rank);
     msg.plan_fingerprint = w.fingerprint;
-    if (r.path == TransferPath::kBounce) {
+    msg.chunk_bytes = 0;
+    if (r.stream) {
+      msg.chunk_bytes = r.chunk_bytes;
+      msg.recv_slot_addr = 0;
+      msg.recv_slot_size = 0;
+    } else if (r.path == TransferPath::kBounce) {
       const SubSlot sub = r.slot.sub_slot(i);
       msg.recv_slot_addr = sub.address.value();
       msg.recv_slot_size = sub.size;
@@ -653,6 +857,14 @@ void ReceiverSession::OnResult(PeerState& peer, const protocol::KvResult& result
         ctx_.metrics->Count(Counter::kRejectedResults);
         WriterDone(*r, *w, WriterState::kFailed,
                    DataLossError(w->name + " reported SUCCESS before this rank read its blocks"));
+      } else if (w->cut && (w->next_grant < w->cut->num_chunks() ||
+                            std::any_of(w->chunk_slots.begin(), w->chunk_slots.end(),
+                                        [](const ChunkSlot& cs) { return !cs.landed; }))) {
+        // Its KV_CHUNKs precede its KV_RESULT on the connection.
+        ctx_.metrics->Count(Counter::kRejectedResults);
+        WriterDone(*r, *w, WriterState::kFailed,
+                   DataLossError(w->name + " reported SUCCESS with chunks of its stream " +
+                                 "not announced"));
       } else if (result.bytes_written != w->bytes) {
         ctx_.metrics->Count(Counter::kRejectedResults);
         WriterDone(*r, *w, WriterState::kFailed,
@@ -689,10 +901,27 @@ void ReceiverSession::WriterDone(Request& r, Writer& w, WriterState state, const
     // Drain: the request fails; the other writers need not finish.
     StopWriters(r, "another writer failed: " + std::string(error.message()));
   }
+  if (state != WriterState::kSucceeded && r.stream) {
+    r.scatter_stop.request_stop();
+    ReleaseChunkSlots(w);
+  }
   Advance(r);
 }
 
+void ReceiverSession::ReleaseChunkSlots(Writer& w) {
+  // The writer is terminal: nothing of it lands any more. Its slots that
+  // are not being scattered go back to the arena (and the credits to the
+  // other streams).
+  const size_t before = w.chunk_slots.size();
+  w.chunk_slots.remove_if([](const ChunkSlot& cs) { return !cs.scattering; });
+  if (w.chunk_slots.size() != before) ctx_.loop->Post([this] { OnArenaSpace(); });
+}
+
 void ReceiverSession::Advance(Request& r) {
+  if (r.stream) {
+    AdvanceStream(r);
+    return;
+  }
   if (!r.AllTerminal()) return;
   if (r.state == State::kInFlight &&
       r.timeline.write_done == SessionContext::MetricsClock::time_point()) {
@@ -721,6 +950,137 @@ void ReceiverSession::Advance(Request& r) {
     return;
   }
   Settle(r, Status::Ok());
+  MaybeRetire(r);
+}
+
+void ReceiverSession::OnChunk(PeerState& peer, const protocol::KvChunk& chunk) {
+  Request* r = Find({chunk.request_id, chunk.slice_id});
+  if (r == nullptr) {
+    // Retired: every writer was terminal, so this is a late repeat.
+    Log(LogLevel::kDebug, "KV_CHUNK for " + RequestName(chunk.request_id) + " from " +
+                              peer.Describe() + " ignored: the request is gone");
+    return;
+  }
+  Writer* w = FindWriter(*r, peer, chunk.writer_rank);
+  if (w == nullptr) return;
+  if (w->state != WriterState::kPending) return;  // terminal: its slots were handled
+  const size_t index = static_cast<size_t>(w - r->writers.data());
+  const auto fail = [&](const std::string& why) {
+    ctx_.metrics->Count(Counter::kRejectedResults);
+    WriterDone(*r, *w, WriterState::kFailed,
+               DataLossError(w->name + " announced chunk " + std::to_string(chunk.chunk) + why));
+  };
+  if (!r->stream) {
+    fail(" of a request that is not streamed");
+    return;
+  }
+  auto it = std::find_if(w->chunk_slots.begin(), w->chunk_slots.end(),
+                         [&chunk](const ChunkSlot& cs) { return cs.chunk == chunk.chunk; });
+  if (it == w->chunk_slots.end() || it->landed) {
+    fail(it == w->chunk_slots.end() ? ", which this rank did not grant (or already scattered)"
+                                    : " twice");
+    return;
+  }
+  if (chunk.bytes != w->cut->size(chunk.chunk)) {
+    fail(" of " + std::to_string(chunk.bytes) + " bytes; the chunk has " +
+         std::to_string(w->cut->size(chunk.chunk)));
+    return;
+  }
+  it->landed = true;
+  if (r->settled || r->pending_outcome || !r->root_cause.ok() || !r->scatter_error.ok()) {
+    // Not wanted any more, and the writer is done with the slot.
+    w->chunk_slots.erase(it);
+    OnArenaSpace();
+    return;
+  }
+  StartChunkScatter(*r, index, chunk.chunk);
+}
+
+void ReceiverSession::StartChunkScatter(Request& r, size_t index, uint64_t chunk) {
+  Writer& w = r.writers[index];
+  auto it = std::find_if(w.chunk_slots.begin(), w.chunk_slots.end(),
+                         [chunk](const ChunkSlot& cs) { return cs.chunk == chunk; });
+  ChunkSlot& cs = *it;
+  Status status =
+      ctx_.copy == nullptr ? AbortedError("agent shutting down before the scatter") : Status::Ok();
+  if (status.ok()) {
+    cs.list.clear();
+    status = SliceChunk(w.scatter, PackedSide::kSource, w.cut->begin(chunk), w.cut->end(chunk),
+                        &cs.list);
+  }
+  if (status.ok()) {
+    const Key key = r.key;
+    cs.scattering = true;
+    ++r.scatters_outstanding;
+    status = ctx_.SubmitCopy(
+        ScatterBatch(cs.list, cs.slot.address()),
+        [this, key, index, chunk](Status s) {
+          ctx_.loop->Post([this, key, index, chunk, s] { OnChunkScattered(key, index, chunk, s); });
+        },
+        r.scatter_stop.get_token());
+    if (status.ok()) return;
+    cs.scattering = false;
+    --r.scatters_outstanding;
+  }
+  if (r.scatter_error.ok()) {
+    r.scatter_error =
+        status.WithContext("scatter of chunk " + std::to_string(chunk) + " of " + w.name);
+  }
+  w.chunk_slots.erase(it);
+  r.scatter_stop.request_stop();
+  StopWriters(r, std::string(r.scatter_error.message()));
+  ctx_.loop->Post([this] { OnArenaSpace(); });
+  Advance(r);
+}
+
+void ReceiverSession::OnChunkScattered(Key key, size_t index, uint64_t chunk,
+                                       const Status& status) {
+  Request* r = Find(key);
+  if (r == nullptr || index >= r->writers.size()) return;
+  --r->scatters_outstanding;
+  Writer& w = r->writers[index];
+  w.chunk_slots.remove_if([chunk](const ChunkSlot& cs) { return cs.chunk == chunk; });
+  if (status.ok()) {
+    ++w.chunks_scattered;
+    ctx_.metrics->Count(Counter::kChunksScattered);
+  } else if (r->scatter_error.ok() && !r->pending_outcome && !r->settled) {
+    r->scatter_error =
+        status.WithContext("scatter of chunk " + std::to_string(chunk) + " of " + w.name);
+    r->scatter_stop.request_stop();
+    StopWriters(*r, std::string(r->scatter_error.message()));
+  }
+  AdvanceStream(*r);  // may settle and retire the request
+  OnArenaSpace();
+}
+
+void ReceiverSession::AdvanceStream(Request& r) {
+  // Nothing settles while a scatter may still write the pool.
+  if (r.scatters_outstanding > 0) return;
+  if (r.settled) {
+    MaybeRetire(r);
+    return;
+  }
+  if (r.pending_outcome) {  // cancelled or timed out: the writers need not stop first
+    Settle(r, *r.pending_outcome);
+    MaybeRetire(r);
+    return;
+  }
+  if (!r.AllTerminal()) return;
+  if (r.timeline.write_done == SessionContext::MetricsClock::time_point()) {
+    r.timeline.write_done = SessionContext::MetricsClock::now();
+  }
+  Status outcome = !r.root_cause.ok() ? r.root_cause : r.scatter_error;
+  if (outcome.ok()) {
+    for (const Writer& w : r.writers) {
+      if (w.cut && w.chunks_scattered != w.cut->num_chunks()) {
+        outcome = DataLossError(w.name + ": " + std::to_string(w.chunks_scattered) + " of " +
+                                std::to_string(w.cut->num_chunks()) + " chunks scattered");
+        break;
+      }
+    }
+  }
+  if (outcome.ok()) r.timeline.scatter_done = SessionContext::MetricsClock::now();
+  Settle(r, outcome);
   MaybeRetire(r);
 }
 
@@ -823,6 +1183,15 @@ void ReceiverSession::Cancel(uint64_t request_id, uint32_t slice, const Status& 
       }
     }
   });
+  if (r->stream) {
+    // The writers write only into chunk slots; this rank's own scatters
+    // write the pool: settle once they stopped (AdvanceStream), with the
+    // slots the writers may still write quarantined.
+    r->scatter_stop.request_stop();
+    r->pending_outcome = why;
+    AdvanceStream(*r);
+    return;
+  }
   if (r->path == TransferPath::kBounce) {
     // The writers may still be writing into the slot, never into the pool:
     // settle now and keep the slot out of use until they stop.
@@ -856,6 +1225,10 @@ void ReceiverSession::OnPeerFailure(PeerState& peer) {
         w.error = UnavailableError("connection to writer " + w.name +
                                    " lost: " + std::string(peer.death.message()));
         if (r->root_cause.ok()) r->root_cause = w.error;
+        if (r->stream) {
+          r->scatter_stop.request_stop();
+          ReleaseChunkSlots(w);
+        }
       }
     }
     if (!r->settled && !r->pending_outcome) {
@@ -874,9 +1247,28 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   r.deadline_timer = r.reserve_timer = 0;
   auto a = active_.find(r.key.first);
   if (a != active_.end() && a->second == r.key.second) active_.erase(a);
+  if (r.stream) EndStream(r);
+  bool chunks_quarantined = false;
+  for (Writer& w : r.writers) {
+    // Settled with no scatter in flight (AdvanceStream): a chunk slot a
+    // writer may still write is quarantined until it is terminal, the rest
+    // go back.
+    for (ChunkSlot& cs : w.chunk_slots) {
+      if (w.state != WriterState::kPending || cs.landed || !cs.slot.valid()) continue;
+      Result<QuarantineToken> token = ctx_.recv_arena->Quarantine(std::move(cs.slot));
+      if (token.ok()) {
+        r.chunk_quarantine.push_back(*token);
+        ctx_.metrics->Count(Counter::kQuarantinedSlots);
+        chunks_quarantined = true;
+      }
+    }
+    w.chunk_slots.remove_if([](const ChunkSlot& cs) { return !cs.scattering; });
+  }
   if (r.state == State::kInFlight || r.state == State::kScattering) {
     if (outcome.ok()) {
       Transition(r, State::kDone);
+    } else if (chunks_quarantined) {
+      Transition(r, State::kQuarantined);
     } else if (r.slot.valid() && !r.AllTerminal()) {
       // Writers may still write into the slot: quarantine it.
       Result<QuarantineToken> token = ctx_.recv_arena->Quarantine(std::move(r.slot));
@@ -918,6 +1310,7 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   }
   r.handle->Settle(outcome, Info(r));
   if (released) RetryReservations();
+  if (r.stream) ctx_.loop->Post([this] { OnArenaSpace(); });  // admission and credits
 }
 
 void ReceiverSession::MaybeRetire(Request& r) {
@@ -925,11 +1318,15 @@ void ReceiverSession::MaybeRetire(Request& r) {
   // or its connection's fenced failure): nothing can land in the slot.
   if (!r.settled || !r.AllTerminal() || r.scatters_outstanding > 0) return;
   if (r.grace_timer != 0) ctx_.loop->CancelTimer(r.grace_timer);
-  if (r.quarantine) {
-    ctx_.recv_arena->ReleaseQuarantined(*r.quarantine).IgnoreError();
-    if (r.state == State::kQuarantined) Transition(r, State::kFailed);
+  for (QuarantineToken token : r.chunk_quarantine) {
+    ctx_.recv_arena->ReleaseQuarantined(token).IgnoreError();
   }
-  const bool freed = r.quarantine.has_value() || r.slot.valid();
+  if (r.quarantine) ctx_.recv_arena->ReleaseQuarantined(*r.quarantine).IgnoreError();
+  if ((r.quarantine || !r.chunk_quarantine.empty()) && r.state == State::kQuarantined) {
+    Transition(r, State::kFailed);
+  }
+  bool freed = r.quarantine.has_value() || r.slot.valid() || !r.chunk_quarantine.empty();
+  for (const Writer& w : r.writers) freed = freed || !w.chunk_slots.empty();
   // Remember the last retired requests, so that a writer's late repeat of
   // its result counts as a duplicate rather than as a stranger's.
   recent_.insert(r.key);
@@ -938,8 +1335,8 @@ void ReceiverSession::MaybeRetire(Request& r) {
     recent_.erase(recent_order_.front());
     recent_order_.pop_front();
   }
-  requests_.erase(r.key);  // releases the slot; `r` is gone
-  if (freed) RetryReservations();
+  requests_.erase(r.key);  // releases the slot(s); `r` is gone
+  if (freed) OnArenaSpace();
 }
 
 TransferInfo ReceiverSession::Info(const Request& r) const {

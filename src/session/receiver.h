@@ -25,10 +25,23 @@
 // and direct requests that are cancelled or time out settle only once their
 // writers stopped writing into the pool.
 //
-// Reservation: the control thread never blocks. A bounce request that finds
-// no hole waits in a FIFO until a slot is released or reserve_timeout_ms
-// passes, then falls back to per-block ("recv arena backpressure"); one
-// larger than the arena falls back at once ("request larger than arena").
+// Reservation: the control thread never blocks. A bounce request whose
+// writers each send at most one chunk (StreamChunkBytes) reserves one recv
+// slot for all of them: one that finds no hole waits in a FIFO until a slot
+// is released or reserve_timeout_ms passes, then falls back to per-block
+// ("recv arena backpressure").
+//
+// Streaming bounce (docs/sessions.md, "Streaming bounce"): any other bounce
+// request streams. It waits in the same FIFO for admission (a bounded number
+// of streams at once: their windows must fit the arena, or it streams
+// alone), then asks its writers for chunks of StreamChunkBytes and grants
+// them chunk slots one at a time (KV_GRANT), round-robin over every admitted
+// writer of every stream, at most kWindowPerWriter per writer; each chunk
+// announced (KV_CHUNK) is scattered at once and its slot returns to the
+// arena, to be granted again. The request settles when every writer
+// succeeded and every chunk was scattered; on cancel, deadline or failure it
+// settles once its scatters stopped, and the chunk slots a writer may still
+// write stay quarantined until that writer is terminal.
 //
 // Thread safety: every method REQUIRES the control thread.
 #ifndef KVBOUNCE_SESSION_RECEIVER_H_
@@ -72,6 +85,7 @@ class ReceiverSession {
   Result<std::vector<TransferPath>> Paths(const std::string& ctx_instance) const;
 
   void OnResult(PeerState& peer, const protocol::KvResult& result);
+  void OnChunk(PeerState& peer, const protocol::KvChunk& chunk);
   void OnReady(PeerState& peer, const protocol::KvReady& ready);
   void OnPeerFailure(PeerState& peer);
   // Cancels slice `slice` of `request_id` with `why` (kCancelled, kAborted).
@@ -90,6 +104,7 @@ class ReceiverSession {
  private:
   enum class State { kReserving, kInFlight, kScattering, kDone, kFailed, kQuarantined };
   enum class WriterState { kPending, kSucceeded, kFailed, kCancelled };
+  struct ChunkSlot;
   struct Writer;
   struct Request;
   using Key = std::pair<uint64_t, uint32_t>;  // (request id, slice)
@@ -109,6 +124,25 @@ class ReceiverSession {
   // `loads` (one per writer, in order) when more than per-block is possible.
   Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;
   void TryReserve(Request& r);
+  // Streaming: the chunk size for a request of `writers` writers (0: the
+  // arena is too small to stream), the recv-arena bytes an admitted stream
+  // counts for, admission, and the grants.
+  uint64_t StreamChunkBytes(size_t writers) const;
+  static uint64_t StreamNeed(const Request& r);
+  void Admit(Request& r);
+  void EndStream(Request& r);
+  bool WantsGrant(const Request& r, const Writer& w) const;
+  // Grants chunk slots round-robin while the arena has room (see file
+  // comment); holds back while a whole-slot request waits at the head of
+  // the FIFO, so that streams cannot starve it.
+  void PumpGrants();
+  void StartChunkScatter(Request& r, size_t writer, uint64_t chunk);
+  void OnChunkScattered(Key key, size_t writer, uint64_t chunk, const Status& status);
+  void AdvanceStream(Request& r);
+  // A terminal writer's chunk slots that are not being scattered go back.
+  void ReleaseChunkSlots(Writer& w);
+  // Arena space came back: whole-slot waiters first, then grants.
+  void OnArenaSpace();
   void OnReserveTimeout(Key key);
   void FallBack(Request& r, const std::string& reason);
   // Settles a request none of whose writers was asked anything yet.
@@ -140,6 +174,14 @@ class ReceiverSession {
   std::map<Key, std::unique_ptr<Request>> requests_;
   std::map<uint64_t, uint32_t> active_;  // request id -> slice not yet settled
   ReservationQueue<Key> reserve_waiters_;
+  // Streaming: every admitted stream's writers in grant order, the next to
+  // serve, and the recv-arena bytes the admitted streams count for.
+  std::vector<std::pair<Key, size_t>> grant_ring_;
+  size_t grant_cursor_ = 0;
+  uint64_t admitted_need_ = 0;
+  size_t admitted_streams_ = 0;
+  bool pumping_ = false;
+  static constexpr size_t kWindowPerWriter = 3;
   static constexpr size_t kRecentRetired = 4096;
   std::set<Key> recent_;
   std::deque<Key> recent_order_;

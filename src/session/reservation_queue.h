@@ -25,6 +25,8 @@ class ReservationQueue {
     waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), key), waiting_.end());
   }
   void Clear() { waiting_.clear(); }
+  // The oldest waiter, or nullptr.
+  const Key* Front() const { return waiting_.empty() ? nullptr : &waiting_.front(); }
 
   // Offers the arena to the waiters in order. `try_reserve(key)` attempts
   // the reservation and returns true while `key` must keep waiting; a key

@@ -1,8 +1,11 @@
 #include "session/sender.h"
 
 #include <algorithm>
+#include <array>
+#include <deque>
 #include <limits>
 #include <string>
+#include <unordered_set>
 #include <utility>
 
 #include "kvbounce/logging.h"
@@ -62,20 +65,40 @@ struct SenderSession::Job {
   // The plan's copied list is in tiled form (plan.tiled_*).
   bool tiled = false;
   Slot send_slot;
-  // Streaming through the send arena, for a stream larger than it
-  // (StartStream): chunk k of the packed stream is gathered into a lane's
-  // slot and written into the recv slot at its offset, kStreamLanes lanes
-  // so that one chunk's gather overlaps another's write.
+  // Streaming through the send arena (StartStream: a stream larger than
+  // it; StartStreamed: a streamed request, its chunks granted one by one):
+  // units of the packed stream, each gathered into a lane's slot and
+  // written to its destination, kStreamLanes lanes so that one unit's
+  // gather overlaps another's write.
+  static constexpr uint64_t kNoChunk = std::numeric_limits<uint64_t>::max();
+  struct Unit {
+    uint64_t begin = 0;  // bytes [begin, end) of the packed stream
+    uint64_t end = 0;
+    Addr dst;                   // where the receiver wants them
+    uint64_t chunk = kNoChunk;  // the granted chunk it belongs to
+  };
   struct Lane {
     Slot slot;
-    uint64_t chunk = 0;
-    FragmentList list;           // the chunk's part of the gather list
+    bool busy = false;
+    Unit unit;
+    FragmentList list;           // the unit's part of the gather list
     std::vector<WriteOp> write;  // alive until the write completed
   };
-  std::optional<ChunkCut> stream;
-  std::vector<Lane> lanes;
-  uint64_t next_chunk = 0;
+  bool streaming = false;  // units and lanes are in use
+  bool streamed = false;   // KV_REQUEST.chunk_bytes > 0
+  uint64_t lane_bytes = 0;
+  std::deque<Unit> units;
+  std::array<Lane, kStreamLanes> lanes;
+  bool lane_waiting = false;  // in reserve_waiters_ for a first lane
   int gathers_outstanding = 0;
+  // A streamed request: the receiver's cut, the chunks granted so far, the
+  // units of each granted chunk not written yet, the chunks announced, and
+  // the grants that came before the job started.
+  std::optional<ChunkCut> cut;
+  std::unordered_set<uint64_t> granted;
+  std::map<uint64_t, uint64_t> units_left;
+  uint64_t chunks_announced = 0;
+  std::vector<protocol::KvGrant> early_grants;
   std::vector<WriteGroup> groups;
   Status write_error;
   uint64_t fragments = 0;
@@ -483,6 +506,10 @@ void SenderSession::StartBounce(Job& job, PeerState& peer) {
     Finish(job, FailedPreconditionError(job.peer_name + " asked for bounce but has no recv arena"));
     return;
   }
+  if (job.request.chunk_bytes > 0) {
+    StartStreamed(job);
+    return;
+  }
   if (job.request.recv_slot_size != job.plan.packed_bytes) {
     Finish(job, DataLossError("recv slot of " + std::to_string(job.request.recv_slot_size) +
                               " bytes granted for a packed stream of " +
@@ -657,110 +684,208 @@ void SenderSession::Reserve(Job& job) {
   Finish(job, slot.status().WithContext("reserving a send slot"));
 }
 
+uint64_t SenderSession::LaneBytes(uint64_t capacity) {
+  // A quarter of the arena, two lanes: half the arena at most, so that
+  // other streams still find room.
+  return std::max<uint64_t>(capacity / 4, std::min<uint64_t>(capacity, KiB(64)));
+}
+
 void SenderSession::StartStream(Job& job) {
-  // Chunks of a quarter of the arena, two lanes: half the arena at most,
-  // so that other streams still find room.
-  const uint64_t capacity = ctx_.send_arena->capacity();
-  const uint64_t chunk = std::max<uint64_t>(capacity / 4, std::min<uint64_t>(capacity, KiB(64)));
-  Result<ChunkCut> cut = ChunkCut::Create(job.plan.packed_bytes, chunk);
-  if (!cut.ok()) {
+  job.lane_bytes = LaneBytes(ctx_.send_arena->capacity());
+  Result<Slot> first = ctx_.send_arena->TryReserve(job.lane_bytes);
+  if (!first.ok()) {  // the arena is busy: not even one lane fits now
     WithoutSendSlot(job, "request larger than send arena");
     return;
   }
-  for (int i = 0; i < kStreamLanes && static_cast<uint64_t>(i) < cut->num_chunks(); ++i) {
-    Result<Slot> slot = ctx_.send_arena->TryReserve(chunk);
-    if (!slot.ok()) break;
-    job.lanes.emplace_back().slot = std::move(slot).value();
-  }
-  if (job.lanes.empty()) {  // the arena is busy: not even one chunk fits now
-    WithoutSendSlot(job, "request larger than send arena");
-    return;
-  }
+  job.lanes[0].slot = std::move(first).value();
   if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
-  job.stream = *cut;
+  // The whole stream, unit by unit, into the recv slot at its offsets.
+  for (uint64_t begin = 0; begin < job.plan.packed_bytes; begin += job.lane_bytes) {
+    job.units.push_back(Job::Unit{begin, std::min(begin + job.lane_bytes, job.plan.packed_bytes),
+                                  Addr(job.request.recv_slot_addr + begin), Job::kNoChunk});
+  }
+  job.streaming = true;
   if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
   job.reserve_timer = 0;
   job.timeline.reserve = SessionContext::MetricsClock::now();
   Transition(job, JobState::kGathering);
   AcquireBlocks(job);
   const Key key = job.key;
-  for (size_t i = 0; i < job.lanes.size(); ++i) {
+  PumpLanes(job);
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::StartStreamed(Job& job) {
+  if (ctx_.send_arena == nullptr || ctx_.copy == nullptr) {
+    Finish(job, ctx_.copy == nullptr
+                    ? AbortedError("agent shutting down")
+                    : FailedPreconditionError(job.peer_name +
+                                              " asked for a streamed bounce, but this rank has "
+                                              "no send arena"));
+    return;
+  }
+  Result<ChunkCut> cut = ChunkCut::Create(job.plan.packed_bytes, job.request.chunk_bytes);
+  if (!cut.ok()) {
+    Finish(job, cut.status().WithContext("streamed bounce"));
+    return;
+  }
+  job.cut = *cut;
+  job.streamed = true;
+  job.streaming = true;
+  job.lane_bytes = std::min(job.request.chunk_bytes, LaneBytes(ctx_.send_arena->capacity()));
+  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
+  job.timeline.reserve = SessionContext::MetricsClock::now();
+  Transition(job, JobState::kReserving);  // until the first grant's gather
+  AcquireBlocks(job);
+  const Key key = job.key;
+  std::vector<protocol::KvGrant> early = std::move(job.early_grants);
+  for (const protocol::KvGrant& grant : early) {
     Job* j = Find(key);
-    if (j == nullptr) return;
-    GatherChunk(*j, i);
+    if (j == nullptr || j->outcome) return;
+    AcceptGrant(*j, grant);
   }
   if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
 }
 
-void SenderSession::GatherChunk(Job& job, size_t lane_index) {
-  Job::Lane& lane = job.lanes[lane_index];
-  const ChunkCut& cut = *job.stream;
-  if (job.outcome || !job.write_error.ok() || job.next_chunk == cut.num_chunks()) {
-    if (lane.slot.valid()) {  // nothing more for this lane
-      lane.slot.Release();
-      RetryReservations();
-    }
+void SenderSession::OnGrant(PeerState& peer, const protocol::KvGrant& grant) {
+  Job* job = Find({peer.id, grant.request_id, grant.slice_id});
+  if (job == nullptr || job->outcome) {
+    // The job ended (its KV_RESULT tells the receiver): nothing to write.
+    Log(LogLevel::kDebug, "KV_GRANT for " + RequestName(grant.request_id) + " from " +
+                              peer.Describe() + " ignored: no job of it is running");
     return;
   }
-  const uint64_t k = job.next_chunk++;
-  lane.chunk = k;
+  if (static_cast<int64_t>(grant.writer_rank) != ctx_.rank) {
+    Finish(*job, InvalidArgumentError("KV_GRANT from " + job->peer_name + " names writer rank " +
+                                      std::to_string(grant.writer_rank) + "; this is rank " +
+                                      std::to_string(ctx_.rank)));
+    return;
+  }
+  if (!job->streamed) {
+    if (job->state == JobState::kParked && job->request.chunk_bytes > 0 &&
+        job->early_grants.size() < (uint64_t{1} << 16)) {
+      job->early_grants.push_back(grant);  // before Publish: kept for the start
+      return;
+    }
+    Finish(*job, DataLossError("KV_GRANT from " + job->peer_name + " for " +
+                               RequestName(grant.request_id) + ", which is not streamed"));
+    return;
+  }
+  AcceptGrant(*job, grant);
+}
+
+void SenderSession::AcceptGrant(Job& job, const protocol::KvGrant& grant) {
+  const ChunkCut& cut = *job.cut;
+  const uint64_t k = grant.chunk;
+  const std::string what = "KV_GRANT of chunk " + std::to_string(k) + " from " + job.peer_name;
+  if (k >= cut.num_chunks()) {
+    Finish(job, DataLossError(what + ": the stream has " + std::to_string(cut.num_chunks()) +
+                              " chunks"));
+    return;
+  }
+  if (grant.slot_size != cut.size(k)) {
+    Finish(job, DataLossError(what + ": a slot of " + std::to_string(grant.slot_size) +
+                              " bytes for a chunk of " + std::to_string(cut.size(k))));
+    return;
+  }
+  if (!job.granted.insert(k).second) {
+    Finish(job, DataLossError(what + ": granted twice"));
+    return;
+  }
+  uint64_t units = 0;
+  for (uint64_t begin = cut.begin(k); begin < cut.end(k); begin += job.lane_bytes) {
+    job.units.push_back(Job::Unit{begin, std::min(begin + job.lane_bytes, cut.end(k)),
+                                  Addr(grant.slot_addr + (begin - cut.begin(k))), k});
+    ++units;
+  }
+  job.units_left[k] = units;
+  const Key key = job.key;
+  PumpLanes(job);
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::PumpLanes(Job& job) {
+  const Key key = job.key;
+  for (size_t i = 0; i < job.lanes.size(); ++i) {
+    Job* j = Find(key);
+    if (j == nullptr || j->units.empty() || j->outcome || !j->write_error.ok()) break;
+    Job::Lane& lane = j->lanes[i];
+    if (lane.busy) continue;
+    if (!lane.slot.valid()) {
+      Result<Slot> slot = ctx_.send_arena->TryReserve(j->lane_bytes);
+      if (!slot.ok()) {
+        const bool holds_lane = std::any_of(j->lanes.begin(), j->lanes.end(),
+                                            [](const Job::Lane& l) { return l.slot.valid(); });
+        if (!holds_lane && !j->lane_waiting) {
+          // Not even one lane: wait for the arena (lanes are held only by
+          // jobs with units to move, so one frees up without waiting on
+          // anything else).
+          j->lane_waiting = true;
+          reserve_waiters_.Add(key);
+        }
+        break;
+      }
+      lane.slot = std::move(slot).value();
+    }
+    if (j->lane_waiting) {
+      j->lane_waiting = false;
+      reserve_waiters_.Remove(key);
+    }
+    GatherUnit(*j, i);
+  }
+}
+
+void SenderSession::GatherUnit(Job& job, size_t lane_index) {
+  Job::Lane& lane = job.lanes[lane_index];
+  lane.unit = job.units.front();
+  job.units.pop_front();
+  lane.busy = true;
   lane.list.clear();
-  Status sliced =
-      SliceChunk(job.plan.gather, PackedSide::kDestination, cut.begin(k), cut.end(k), &lane.list);
-  if (sliced.ok()) {
+  if (job.state == JobState::kReserving) Transition(job, JobState::kGathering);
+  Status status = SliceChunk(job.plan.gather, PackedSide::kDestination, lane.unit.begin,
+                             lane.unit.end, &lane.list);
+  if (status.ok()) {
     const Key key = job.key;
     ++job.async_outstanding;
     ++job.gathers_outstanding;
-    sliced = ctx_.SubmitCopy(
+    status = ctx_.SubmitCopy(
         GatherBatch(lane.list, lane.slot.address()),
         [this, key, lane_index](Status st) {
-          ctx_.loop->Post([this, key, lane_index, st] { OnChunkGathered(key, lane_index, st); });
+          ctx_.loop->Post([this, key, lane_index, st] { OnUnitGathered(key, lane_index, st); });
         },
         job.stop.get_token());
-    if (sliced.ok()) return;
+    if (status.ok()) return;
     --job.async_outstanding;
     --job.gathers_outstanding;
   }
-  job.write_error = sliced.WithContext("gather of chunk " + std::to_string(k));
+  lane.busy = false;
+  job.write_error = status.WithContext("gather of bytes [" + std::to_string(lane.unit.begin) +
+                                       ", " + std::to_string(lane.unit.end) + ")");
   job.stop.request_stop();
-  lane.slot.Release();
-  RetryReservations();
 }
 
-void SenderSession::OnChunkGathered(Key key, size_t lane_index, const Status& status) {
+void SenderSession::OnUnitGathered(Key key, size_t lane_index, const Status& status) {
   Job* job = Find(key);
   if (job == nullptr) return;
   --job->async_outstanding;
   --job->gathers_outstanding;
+  Job::Lane& lane = job->lanes[lane_index];
   if (!status.ok() && job->write_error.ok()) {
-    job->write_error =
-        status.WithContext("gather of chunk " + std::to_string(job->lanes[lane_index].chunk));
+    job->write_error = status.WithContext("gather of bytes [" + std::to_string(lane.unit.begin) +
+                                          ", " + std::to_string(lane.unit.end) + ")");
     job->stop.request_stop();
   }
-  const bool all_gathered = job->next_chunk == job->stream->num_chunks() ||
-                            job->outcome.has_value() || !job->write_error.ok();
-  if (job->gathers_outstanding == 0 && all_gathered) {
-    // The pool is read no more: the rest of the stream is in the lanes.
-    ReleaseBlocks(*job);
-    job = Find(key);
-    if (job == nullptr) return;
-  }
-  Job::Lane& lane = job->lanes[lane_index];
   PeerState* peer = ctx_.FindPeer(job->peer);
   if (!job->outcome && job->write_error.ok() && (peer == nullptr || !peer->ready())) {
     job->write_error = UnavailableError("receiver " + job->peer_name + " is gone");
     job->stop.request_stop();
   }
   if (job->outcome || !job->write_error.ok()) {
-    lane.slot.Release();
-    RetryReservations();
-    if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+    lane.busy = false;
+    EndStreamIfIdle(*job);
     return;
   }
-  const ChunkCut& cut = *job->stream;
-  lane.write = {WriteOp{lane.slot.address(),
-                        Addr(job->request.recv_slot_addr + cut.begin(lane.chunk)),
-                        cut.size(lane.chunk)}};
+  lane.write = {WriteOp{lane.slot.address(), lane.unit.dst, lane.unit.end - lane.unit.begin}};
   if (job->state != JobState::kWriting) {
     Transition(*job, JobState::kWriting);
     job->timeline.first_byte = SessionContext::MetricsClock::now();
@@ -769,46 +894,117 @@ void SenderSession::OnChunkGathered(Key key, size_t lane_index, const Status& st
   Status issued = ctx_.transport->Write(
       *ctx_.send_region, *peer->recv_arena, lane.write,
       [this, key, lane_index](Status s) {
-        ctx_.loop->Post([this, key, lane_index, s] { OnChunkWritten(key, lane_index, s); });
+        ctx_.loop->Post([this, key, lane_index, s] { OnUnitWritten(key, lane_index, s); });
       },
       job->stop.get_token());
   if (issued.ok()) {
     job->wrote = true;
     ++job->transport_writes;
-    return;
+  } else {
+    --job->async_outstanding;
+    lane.busy = false;
+    job->write_error =
+        issued.WithContext("write of bytes [" + std::to_string(lane.unit.begin) + ", " +
+                           std::to_string(lane.unit.end) + ") to " + job->peer_name);
+    job->stop.request_stop();
   }
-  --job->async_outstanding;
-  job->write_error =
-      issued.WithContext("write of chunk " + std::to_string(lane.chunk) + " to " + job->peer_name);
-  job->stop.request_stop();
-  lane.slot.Release();
-  RetryReservations();
+  // The lane that gathered may take the next unit while this one is written.
+  PumpLanes(*job);
   if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
 }
 
-void SenderSession::OnChunkWritten(Key key, size_t lane_index, const Status& status) {
+void SenderSession::OnUnitWritten(Key key, size_t lane_index, const Status& status) {
   Job* job = Find(key);
   if (job == nullptr) return;
   --job->async_outstanding;
+  Job::Lane& lane = job->lanes[lane_index];
+  lane.busy = false;
   if (!status.ok() && job->write_error.ok()) {
-    job->write_error = status.WithContext(
-        "write of chunk " + std::to_string(job->lanes[lane_index].chunk) + " to " + job->peer_name);
+    job->write_error =
+        status.WithContext("write of bytes [" + std::to_string(lane.unit.begin) + ", " +
+                           std::to_string(lane.unit.end) + ") to " + job->peer_name);
     job->stop.request_stop();
   }
-  // The lane's slot holds nothing anyone needs: the next chunk, if any.
-  GatherChunk(*job, lane_index);
+  if (status.ok() && lane.unit.chunk != Job::kNoChunk && !job->outcome && job->write_error.ok()) {
+    auto left = job->units_left.find(lane.unit.chunk);
+    if (left != job->units_left.end() && --left->second == 0) {
+      const uint64_t chunk = lane.unit.chunk;
+      job->units_left.erase(left);
+      AnnounceChunk(*job, chunk);
+      job = Find(key);
+      if (job == nullptr) return;
+    }
+  }
+  PumpLanes(*job);
+  if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
+}
+
+void SenderSession::AnnounceChunk(Job& job, uint64_t chunk) {
+  // KV_CHUNK only once the chunk's bytes are visible at the receiver.
+  const Key key = job.key;
+  ++job.async_outstanding;
+  Status flushing = ctx_.transport->Flush(job.peer, [this, key, chunk](Status s) {
+    ctx_.loop->Post([this, key, chunk, s] { OnChunkFlushed(key, chunk, s); });
+  });
+  if (!flushing.ok()) OnChunkFlushed(key, chunk, flushing);  // counts it back down
+}
+
+void SenderSession::OnChunkFlushed(Key key, uint64_t chunk, const Status& status) {
+  Job* job = Find(key);
+  if (job == nullptr) return;
+  if (job->async_outstanding > 0) --job->async_outstanding;
+  if (!status.ok()) {
+    // Nothing proves the chunk landed or stopped landing: say nothing more
+    // and let the transport's fence speak (as a failed final flush does).
+    const Status why =
+        status.WithContext("flush of chunk " + std::to_string(chunk) + " to " + job->peer_name);
+    if (job->write_error.ok()) job->write_error = why;
+    job->silent = true;
+    job->stop.request_stop();
+    PeerState* peer = ctx_.FindPeer(job->peer);
+    if (peer != nullptr && !peer->dead) ctx_.transport->Disconnect(job->peer, why);
+  } else if (!job->outcome && job->write_error.ok()) {
+    protocol::KvChunk msg;
+    msg.request_id = job->request.request_id;
+    msg.slice_id = job->request.slice_id;
+    msg.writer_rank = static_cast<uint32_t>(ctx_.rank);
+    msg.chunk = chunk;
+    msg.bytes = job->cut->size(chunk);
+    Status sent = ctx_.Send(job->peer, msg);
+    if (sent.ok()) {
+      ++job->chunks_announced;
+      ctx_.metrics->Count(Counter::kChunksWritten);
+    } else {
+      job->write_error = sent.WithContext("KV_CHUNK to " + job->peer_name);
+      job->stop.request_stop();
+    }
+  }
   if (Job* j = Find(key); j != nullptr) EndStreamIfIdle(*j);
 }
 
 void SenderSession::EndStreamIfIdle(Job& job) {
-  if (job.async_outstanding > 0) return;
+  if (!job.streaming || job.async_outstanding > 0) return;
+  const bool stopped = job.outcome.has_value() || !job.write_error.ok();
+  const bool complete =
+      job.streamed ? job.chunks_announced == job.cut->num_chunks() : job.units.empty();
   const Key key = job.key;
+  bool released = false;
   for (Job::Lane& lane : job.lanes) {
-    if (lane.slot.valid()) lane.slot.Release();
+    // A lane with nothing to move holds no arena bytes.
+    if (lane.slot.valid() && (stopped || complete || job.units.empty())) {
+      lane.slot.Release();
+      released = true;
+    }
   }
-  RetryReservations();
+  if (released) RetryReservations();
   Job* j = Find(key);
-  if (j == nullptr) return;
+  if (j == nullptr || !(stopped || complete)) return;
+  // Every unit gathered (or stopped): the pool is read no more.
+  if (j->lane_waiting) {
+    j->lane_waiting = false;
+    reserve_waiters_.Remove(key);
+  }
+  j->streaming = false;
   ReleaseBlocks(*j);
   j = Find(key);
   if (j == nullptr) return;
@@ -831,7 +1027,16 @@ void SenderSession::OnReserveTimeout(Key key) {
 void SenderSession::RetryReservations() {
   reserve_waiters_.Retry([this](const Key& key) {
     Job* job = Find(key);
-    if (job == nullptr || job->state != JobState::kReserving || job->outcome) return false;
+    if (job == nullptr || job->outcome) return false;
+    if (job->streaming) {  // waits for a first lane
+      if (!job->lane_waiting) return false;
+      PumpLanes(*job);
+      job = Find(key);
+      if (job != nullptr) EndStreamIfIdle(*job);
+      job = Find(key);
+      return job != nullptr && job->lane_waiting && !job->outcome;
+    }
+    if (job->state != JobState::kReserving) return false;
     Reserve(*job);
     job = Find(key);
     return job != nullptr && job->state == JobState::kReserving && !job->outcome;
@@ -969,7 +1174,8 @@ void SenderSession::Finish(Job& job, const Status& status) {
   if (job.reserve_timer != 0) ctx_.loop->CancelTimer(job.reserve_timer);
   job.deadline_timer = job.reserve_timer = 0;
   if (job.state == JobState::kParked) Unpark(job.key, job.request.request_id);
-  if (job.state == JobState::kReserving) reserve_waiters_.Remove(job.key);
+  if (job.state == JobState::kReserving || job.lane_waiting) reserve_waiters_.Remove(job.key);
+  job.lane_waiting = false;
   if (job.async_outstanding > 0) {
     // Its operations end at their next grain; their completions report it.
     job.stop.request_stop();
@@ -1076,7 +1282,9 @@ void SenderSession::Report(Job& job) {
   }
 
   const uint64_t request_id = job.request.request_id;
-  const bool had_slot = job.send_slot.valid();
+  const bool had_slot =
+      job.send_slot.valid() || std::any_of(job.lanes.begin(), job.lanes.end(),
+                                           [](const Job::Lane& l) { return l.slot.valid(); });
   const std::string peer_instance = job.peer_instance;
   const int peer_rank = job.peer_rank;
   const uint64_t bytes = job.plan.packed_bytes;

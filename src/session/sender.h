@@ -85,6 +85,7 @@ class SenderSession {
   void OnRequest(PeerState& peer, const protocol::KvRequest& request);
   void OnCancel(PeerState& peer, const protocol::Cancel& cancel);
   void OnReadDone(PeerState& peer, const protocol::KvReadDone& done);
+  void OnGrant(PeerState& peer, const protocol::KvGrant& grant);
   void OnPeerFailure(PeerState& peer);
 
   // Shutdown: settles every publication with `why` (once its readers are
@@ -119,16 +120,25 @@ class SenderSession {
   //   kBounce        StartBounce: a send slot (Reserve) -> gather into it
   //                  (OnGathered) -> one write into the granted recv slot
   //                  -> flush -> KV_RESULT. A stream larger than the send
-  //                  arena streams through it (StartStream): chunks of a
-  //                  quarter of the arena (layout/chunking.h), each
-  //                  gathered into one of kStreamLanes chunk slots
-  //                  (GatherChunk -> OnChunkGathered) and written into the
-  //                  recv slot at its offset (-> OnChunkWritten, which
-  //                  gathers the lane's next chunk), so one chunk's gather
-  //                  overlaps another's write -> flush -> KV_RESULT.
-  //                  Without a slot (no arena, backpressure, not even one
-  //                  chunk free) the gather runs are written from the pool
-  //                  into the recv slot instead (WriteFromPool).
+  //                  arena streams through it (StartStream): units of a
+  //                  quarter of the arena, each gathered into one of
+  //                  kStreamLanes lane slots (PumpLanes -> OnUnitGathered)
+  //                  and written into the recv slot at its offset
+  //                  (-> OnUnitWritten, which gathers the lane's next
+  //                  unit), so one unit's gather overlaps another's write
+  //                  -> flush -> KV_RESULT. Without a slot (no arena,
+  //                  backpressure, not even one lane free) the gather runs
+  //                  are written from the pool into the recv slot instead
+  //                  (WriteFromPool).
+  //                  A streamed request (KV_REQUEST.chunk_bytes > 0, no
+  //                  recv slot; docs/sessions.md "Streaming bounce") runs
+  //                  the same lanes over granted chunks (StartStreamed):
+  //                  each KV_GRANT (OnGrant) queues its chunk's units with
+  //                  the granted slot as destination; once a chunk's
+  //                  units are written, a flush, then KV_CHUNK
+  //                  (AnnounceChunk); after the last chunk, KV_RESULT.
+  //                  Lanes are held only while units wait, so a job that
+  //                  waits for grants holds no send-arena bytes.
   //   kStagedBounce  bounce from a pool the transport cannot reach (device
   //                  memory over a host-only link, docs/cuda.md): the same
   //                  steps, but the gathered send slot is the only source,
@@ -153,12 +163,21 @@ class SenderSession {
   void OnReserveTimeout(Key key);
   // Streaming through the send arena (see kBounce above).
   static constexpr int kStreamLanes = 2;
+  // A lane's size for a send arena of `capacity` bytes.
+  static uint64_t LaneBytes(uint64_t capacity);
   void StartStream(Job& job);
-  void GatherChunk(Job& job, size_t lane_index);
-  void OnChunkGathered(Key key, size_t lane_index, const Status& status);
-  void OnChunkWritten(Key key, size_t lane_index, const Status& status);
-  // Once nothing of the stream is in the air: frees the lanes and the
-  // blocks and finishes the job (or reports a job already finished).
+  void StartStreamed(Job& job);
+  void AcceptGrant(Job& job, const protocol::KvGrant& grant);
+  // Gathers queued units into free lanes, reserving lanes as needed.
+  void PumpLanes(Job& job);
+  void GatherUnit(Job& job, size_t lane_index);
+  void OnUnitGathered(Key key, size_t lane_index, const Status& status);
+  void OnUnitWritten(Key key, size_t lane_index, const Status& status);
+  void AnnounceChunk(Job& job, uint64_t chunk);
+  void OnChunkFlushed(Key key, uint64_t chunk, const Status& status);
+  // Once nothing of the stream is in the air: frees the lanes and, when
+  // the stream is complete or stopped, the blocks, and finishes the job (or
+  // reports a job already finished).
   void EndStreamIfIdle(Job& job);
   void RetryReservations();
   // A bounce job that gets no send slot: writes from the pool (kBounce) or

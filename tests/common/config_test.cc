@@ -280,6 +280,7 @@ TEST(ConfigSetTest, BadTextForEveryIntegerField) {
 TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
   const std::vector<std::pair<std::string_view, std::string_view>> cases = {
       {"bounce_size_mb", "-1"},       {"bounce_size_mb", "1048577"},
+      {"bounce_chunk_mb", "-1"},      {"bounce_chunk_mb", "1048577"},
       {"num_workers", "0"},           {"num_workers", "-3"},
       {"num_workers", "257"},         {"transfer_timeout_ms", "0"},
       {"transfer_timeout_ms", "-1"},  {"transfer_timeout_ms", "2592000001"},
@@ -336,11 +337,11 @@ TEST(ConfigSetTest, UnknownKeyListsTheKnownKeys) {
 
 TEST(ConfigTest, KeysAreTheFieldsInOrder) {
   const std::vector<std::string_view> keys(Config::Keys().begin(), Config::Keys().end());
-  EXPECT_EQ(keys,
-            (std::vector<std::string_view>{
-                "bounce_size_mb", "num_workers", "transfer_timeout_ms", "reserve_timeout_ms",
-                "path", "transport_op_ns", "transport_mb_per_s", "copy_run_ns", "copy_mb_per_s",
-                "poll_before_sleep_us", "inline_copy_kb", "progress_on_loop"}));
+  EXPECT_EQ(keys, (std::vector<std::string_view>{
+                      "bounce_size_mb", "bounce_chunk_mb", "num_workers", "transfer_timeout_ms",
+                      "reserve_timeout_ms", "path", "transport_op_ns", "transport_mb_per_s",
+                      "copy_run_ns", "copy_mb_per_s", "poll_before_sleep_us", "inline_copy_kb",
+                      "progress_on_loop"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -402,7 +403,8 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   config.progress_on_loop = 0;
   const std::string text = config.ToString();
   EXPECT_EQ(text,
-            "bounce_size_mb=64 num_workers=3 transfer_timeout_ms=60000 reserve_timeout_ms=200 "
+            "bounce_size_mb=64 bounce_chunk_mb=0 num_workers=3 transfer_timeout_ms=60000 "
+            "reserve_timeout_ms=200 "
             "path=per-block transport_op_ns=4096 transport_mb_per_s=0 copy_run_ns=0 "
             "copy_mb_per_s=20000 poll_before_sleep_us=50 inline_copy_kb=0 "
             "progress_on_loop=0");

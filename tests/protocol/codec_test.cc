@@ -121,6 +121,10 @@ Status DecodeTyped(MessageType type, std::span<const std::byte> frame) {
       return DecodeKvReady(frame).status();
     case MessageType::kKvReadDone:
       return DecodeKvReadDone(frame).status();
+    case MessageType::kKvGrant:
+      return DecodeKvGrant(frame).status();
+    case MessageType::kKvChunk:
+      return DecodeKvChunk(frame).status();
   }
   return InternalError("unreachable");
 }
@@ -334,6 +338,36 @@ std::vector<Sample> Samples() {
                                               .bytes_read = UINT64_MAX,
                                               .error_text = std::string(kMaxErrorTextBytes, 'x')}});
 
+  s.push_back({"kv_grant_small", KvGrant{.request_id = 8,
+                                         .slice_id = 2,
+                                         .writer_rank = 1,
+                                         .chunk = 3,
+                                         .slot_addr = 0x10000,
+                                         .slot_size = 1 << 20}});
+  s.push_back({"kv_grant_max", KvGrant{.request_id = UINT64_MAX,
+                                       .slice_id = UINT32_MAX,
+                                       .writer_rank = UINT32_MAX,
+                                       .chunk = UINT64_MAX,
+                                       .slot_addr = 0,
+                                       .slot_size = UINT64_MAX}});
+  s.push_back(
+      {"kv_chunk_small",
+       KvChunk{.request_id = 8, .slice_id = 2, .writer_rank = 1, .chunk = 3, .bytes = 300}});
+  s.push_back({"kv_chunk_max", KvChunk{.request_id = UINT64_MAX,
+                                       .slice_id = UINT32_MAX,
+                                       .writer_rank = UINT32_MAX,
+                                       .chunk = UINT64_MAX,
+                                       .bytes = UINT64_MAX}});
+  {
+    KvRequest r;
+    r.request_id = 4;
+    r.token_end = 64;
+    r.path = TransferPath::kBounce;
+    r.chunk_bytes = uint64_t{1} << 20;
+    r.block_table = {1, 2};
+    s.push_back({"kv_request_streamed", r});
+  }
+
   s.push_back({"cancel_empty", Cancel{}});
   s.push_back({"cancel_small", Cancel{.request_id = 77, .reason = "deadline exceeded"}});
   s.push_back({"cancel_max",
@@ -411,7 +445,7 @@ TEST(CodecGoldenTest, KvResult) {
   m.error_text = "oom";
   const Frame expected = Bytes({
       0x4B, 0x56, 0x42, 0x43,                          // magic "KVBC"
-      0x04, 0x00,                                      // version 4
+      0x05, 0x00,                                      // version 5
       0x03, 0x00,                                      // type KV_RESULT
       0x29, 0x00, 0x00, 0x00,                          // payload length 41
       0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // request_id
@@ -436,7 +470,7 @@ TEST(CodecGoldenTest, KvReadyAndKvReadDone) {
                       .plan_fingerprint = 0xDEADBEEF,
                       .block_table = {5, 0x01020304}};
   const Frame ready_frame = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x06, 0x00,  // magic, version 4, KV_READY
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x06, 0x00,  // magic, version 5, KV_READY
       0x24, 0x00, 0x00, 0x00,                          // payload length 36
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0xEF, 0xBE, 0xAD, 0xDE, 0x00, 0x00, 0x00, 0x00,  // plan_fingerprint
@@ -457,7 +491,7 @@ TEST(CodecGoldenTest, KvReadyAndKvReadDone) {
                         .bytes_read = 0x1000,
                         .error_text = "io"};
   const Frame done_frame = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x07, 0x00,  // magic, version 4, KV_READ_DONE
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x07, 0x00,  // magic, version 5, KV_READ_DONE
       0x1F, 0x00, 0x00, 0x00,                          // payload length 31
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes_read
@@ -491,8 +525,8 @@ TEST(CodecGoldenTest, KvRequest) {
   m.path = TransferPath::kBounce;
   m.block_table = {5, 0x01020304};
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x02, 0x00,  // magic, version 4, KV_REQUEST
-      0x51, 0x00, 0x00, 0x00,                          // payload length 81
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x02, 0x00,  // magic, version 5, KV_REQUEST
+      0x59, 0x00, 0x00, 0x00,                          // payload length 89
       0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
       0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_start
       0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // token_end
@@ -500,6 +534,7 @@ TEST(CodecGoldenTest, KvRequest) {
       0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // recv_slot_size
       0xEF, 0xBE, 0xAD, 0xDE, 0x00, 0x00, 0x00, 0x00,  // plan_fingerprint
       0x88, 0x13, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // deadline_ms 5000
+      0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // chunk_bytes 0 (not streamed)
       0x01, 0x00, 0x00, 0x00,                          // slice_id
       0x00, 0x00, 0x00, 0x00,                          // receiver_rank
       0x02, 0x00, 0x00, 0x00,                          // writer_rank
@@ -513,16 +548,62 @@ TEST(CodecGoldenTest, KvRequest) {
   EXPECT_TRUE(*decoded == m);
 }
 
+TEST(CodecGoldenTest, KvGrantAndKvChunk) {
+  const KvGrant grant{.request_id = 7,
+                      .slice_id = 1,
+                      .writer_rank = 2,
+                      .chunk = 3,
+                      .slot_addr = 0x10000000,
+                      .slot_size = 0x100000};
+  const Frame grant_frame = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x08, 0x00,  // magic, version 5, KV_GRANT
+      0x28, 0x00, 0x00, 0x00,                          // payload length 40
+      0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
+      0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // chunk
+      0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00,  // slot_addr
+      0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,  // slot_size
+      0x01, 0x00, 0x00, 0x00,                          // slice_id
+      0x02, 0x00, 0x00, 0x00,                          // writer_rank
+  });
+  EXPECT_TRUE(MustEncode(grant) == grant_frame);
+  Result<KvGrant> decoded_grant = DecodeKvGrant(grant_frame);
+  ASSERT_TRUE(decoded_grant.ok()) << decoded_grant.status();
+  EXPECT_TRUE(*decoded_grant == grant);
+
+  const KvChunk chunk{.request_id = 7, .slice_id = 1, .writer_rank = 2, .chunk = 3, .bytes = 300};
+  const Frame chunk_frame = Bytes({
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x09, 0x00,  // magic, version 5, KV_CHUNK
+      0x20, 0x00, 0x00, 0x00,                          // payload length 32
+      0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id
+      0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // chunk
+      0x2C, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // bytes 300
+      0x01, 0x00, 0x00, 0x00,                          // slice_id
+      0x02, 0x00, 0x00, 0x00,                          // writer_rank
+  });
+  EXPECT_TRUE(MustEncode(chunk) == chunk_frame);
+  Result<KvChunk> decoded_chunk = DecodeKvChunk(chunk_frame);
+  ASSERT_TRUE(decoded_chunk.ok()) << decoded_chunk.status();
+  EXPECT_TRUE(*decoded_chunk == chunk);
+  // A frame one byte short, or with a byte to spare, is DATA_LOSS.
+  Frame short_frame(chunk_frame.begin(), chunk_frame.end() - 1);
+  PatchU32(short_frame, kLengthOffset, 31);
+  EXPECT_THAT(DecodeKvChunk(short_frame).status(), IsErrorCode(StatusCode::kDataLoss));
+  Frame long_frame = grant_frame;
+  long_frame.push_back(std::byte{0});
+  PatchU32(long_frame, kLengthOffset, 41);
+  EXPECT_THAT(DecodeKvGrant(long_frame).status(), IsErrorCode(StatusCode::kDataLoss));
+}
+
 TEST(CodecGoldenTest, CancelAndBye) {
   const Frame cancel = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x04, 0x00,  // magic, version 4, CANCEL
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x04, 0x00,  // magic, version 5, CANCEL
       0x0F, 0x00, 0x00, 0x00,                          // payload length 15
       0x2A, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // request_id 42
       0x03, 0x00, 0x00, 0x00, 't',  't',  'l',         // reason
   });
   EXPECT_TRUE(MustEncode(Cancel{.request_id = 42, .reason = "ttl"}) == cancel);
   const Frame bye = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x05, 0x00,  // magic, version 4, BYE
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x05, 0x00,  // magic, version 5, BYE
       0x05, 0x00, 0x00, 0x00,                          // payload length 5
       0x00,                                            // reason SHUTDOWN
       0x00, 0x00, 0x00, 0x00,                          // message ""
@@ -554,9 +635,9 @@ TEST(CodecGoldenTest, Hello) {
                 .remote_key = Bytes({0xAA, 0xBB})}};
   m.capabilities = kCapabilityBounce | kCapabilityDeviceMemory;
   const Frame expected = Bytes({
-      0x4B, 0x56, 0x42, 0x43, 0x04, 0x00, 0x01, 0x00,  // magic, version 4, HELLO
+      0x4B, 0x56, 0x42, 0x43, 0x05, 0x00, 0x01, 0x00,  // magic, version 5, HELLO
       0xAA, 0x00, 0x00, 0x00,                          // payload length 170
-      0x04, 0x00,                                      // protocol_version 4
+      0x05, 0x00,                                      // protocol_version 5
       0x01,                                            // role GEN
       0x02,                                            // layout.kind LAYER_MAJOR_NHD
       0x01, 0x00, 0x00, 0x00,                          // tp_rank
@@ -682,7 +763,7 @@ TEST(CodecTest, FrameLengthRejectsBadMagicFromTheFirstByte) {
 TEST(CodecTest, UnknownVersionIsRejectedNamingBothVersions) {
   Frame frame = MustEncode(SmallKvRequest());
   PatchU16(frame, kVersionOffset, 1);
-  const std::string want = "unsupported protocol version 1 (this build speaks 4)";
+  const std::string want = "unsupported protocol version 1 (this build speaks 5)";
   EXPECT_THAT(DecodeFrame(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(DecodeKvRequest(frame).status(), IsError(StatusCode::kDataLoss, want));
   EXPECT_THAT(FrameLength(frame).status(), IsError(StatusCode::kDataLoss, want));
@@ -694,14 +775,14 @@ TEST(CodecTest, HelloPayloadVersionMustMatch) {
   Frame frame = MustEncode(SmallHello());
   PatchU16(frame, kHeaderSize + 0, 7);
   EXPECT_THAT(DecodeHello(frame).status(),
-              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 4"));
+              IsError(StatusCode::kDataLoss, "HELLO.protocol_version: 7, this build speaks 5"));
   Hello h = SmallHello();
   h.protocol_version = 1;
   EXPECT_THAT(Encode(h).status(), IsErrorCode(StatusCode::kInvalidArgument));
 }
 
 TEST(CodecTest, UnknownTypeIsRejected) {
-  for (uint16_t type : {0, 8, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 10, 0x100, 0xFFFF}) {
     Frame frame = MustEncode(Bye{});
     PatchU16(frame, kTypeOffset, type);
     EXPECT_THAT(DecodeFrame(frame).status(),
@@ -790,8 +871,8 @@ TEST(CodecTest, TrailingBytesAreRejected) {
 
 // --- Counts and lengths -----------------------------------------------------
 
-constexpr size_t kKvRequestPathOffset = kHeaderSize + 68;
-constexpr size_t kKvRequestTableOffset = kHeaderSize + 69;
+constexpr size_t kKvRequestPathOffset = kHeaderSize + 76;
+constexpr size_t kKvRequestTableOffset = kHeaderSize + 77;
 constexpr size_t kKvResultStatusOffset = kHeaderSize + 32;
 constexpr size_t kKvResultTextOffset = kHeaderSize + 34;
 constexpr size_t kHelloInstanceIdOffset = kHeaderSize + 104;
@@ -1124,6 +1205,44 @@ TEST(CodecCorpusTest, EverySeedFrameDecodes) {
     ++frames;
   }
   EXPECT_GE(frames, 20);
+}
+
+// Streaming bounce's frames: a streamed KV_REQUEST is BOUNCE without a recv
+// slot; a grant names a slot of at least one byte that does not wrap; a
+// chunk holds bytes. Encoders refuse the rest as INVALID_ARGUMENT, decoders
+// as DATA_LOSS, naming the field.
+TEST(CodecTest, StreamingFramesKeepTheirRules) {
+  KvRequest r;
+  r.path = TransferPath::kPerBlock;
+  r.chunk_bytes = 4096;
+  EXPECT_THAT(Encode(r).status(), IsError(StatusCode::kInvalidArgument, "KV_REQUEST.chunk_bytes"));
+  r.path = TransferPath::kBounce;
+  r.recv_slot_addr = 4096;
+  r.recv_slot_size = 4096;
+  EXPECT_THAT(Encode(r).status(), IsError(StatusCode::kInvalidArgument, "KV_REQUEST.chunk_bytes"));
+  r.recv_slot_addr = r.recv_slot_size = 0;
+  ASSERT_TRUE(Encode(r).ok());
+  // On the wire: the same request with its path patched to PER_BLOCK.
+  std::vector<std::byte> frame = *Encode(r);
+  frame[kKvRequestPathOffset] = std::byte{0};
+  EXPECT_THAT(DecodeKvRequest(frame).status(),
+              IsError(StatusCode::kDataLoss, "KV_REQUEST.chunk_bytes"));
+
+  KvGrant g{.slot_addr = 4096, .slot_size = 0};
+  EXPECT_THAT(Encode(g).status(), IsError(StatusCode::kInvalidArgument, "KV_GRANT.slot_size"));
+  g.slot_addr = UINT64_MAX - 10;
+  g.slot_size = 100;
+  EXPECT_THAT(Encode(g).status(), IsError(StatusCode::kInvalidArgument, "KV_GRANT.slot_size"));
+  g.slot_addr = 4096;
+  ASSERT_TRUE(Encode(g).ok());
+  frame = *Encode(g);
+  PatchU64(frame, kHeaderSize + 24, 0);  // slot_size
+  EXPECT_THAT(DecodeKvGrant(frame).status(), IsError(StatusCode::kDataLoss, "KV_GRANT.slot_size"));
+
+  EXPECT_THAT(Encode(KvChunk{}).status(), IsError(StatusCode::kInvalidArgument, "KV_CHUNK.bytes"));
+  frame = *Encode(KvChunk{.bytes = 1});
+  PatchU64(frame, kHeaderSize + 16, 0);  // bytes
+  EXPECT_THAT(DecodeKvChunk(frame).status(), IsError(StatusCode::kDataLoss, "KV_CHUNK.bytes"));
 }
 
 TEST(CodecTest, ErrorCodeMustMatchTheStatus) {

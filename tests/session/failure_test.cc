@@ -469,11 +469,11 @@ TEST(ArenaExhaustionTest, FullArenaFallsBackAfterTheReserveTimeout) {
   EXPECT_TRUE(ArenasDrain(c));
 }
 
-TEST(ArenaExhaustionTest, RequestLargerThanTheArenaFallsBackAtOnce) {
-  // On a manual clock that nobody advances, a request that waited for
-  // space would never settle.
+TEST(ArenaExhaustionTest, RequestLargerThanTheRecvArenaStreamsThroughIt) {
+  // On a manual clock that nobody advances: a request that waited for
+  // space (or a timeout) would never settle.
   auto clock = std::make_shared<ManualClock>();
-  ClusterOptions o = FanIn(1100, clock);  // 2 x 550 KiB > 1 MiB
+  ClusterOptions o = FanIn(1100, clock);  // 2 writers x 1100 KiB > 1 MiB
   o.gen_config.bounce_size_mb = 1;
   o.gen_config.reserve_timeout_ms = 10000;
   auto cluster = Cluster::Create(o);
@@ -488,9 +488,17 @@ TEST(ArenaExhaustionTest, RequestLargerThanTheArenaFallsBackAtOnce) {
   ASSERT_THAT(pull, IsOk());
   ASSERT_TRUE((*pull)->WaitFor(kLong));
   EXPECT_THAT(*(*pull)->Poll(), IsOk());
-  EXPECT_EQ((*pull)->info().fallback_reason, "request larger than arena");
-  EXPECT_EQ((*pull)->info().path_taken, TransferPath::kPerBlock);
+  EXPECT_EQ((*pull)->info().fallback_reason, "");
+  EXPECT_EQ((*pull)->info().path_taken, TransferPath::kBounce);
   EXPECT_EQ(c.VerifyGen(0, tables, {0, 1100}).mismatches, 0u);
+  // Chunks of half the arena (one per writer at once): three per writer.
+  const AgentStats gen = c.gen(0).Stats();
+  EXPECT_EQ(gen.chunks_granted, 6u);
+  EXPECT_EQ(gen.chunks_scattered, 6u);
+  EXPECT_LE(gen.arena_peak_bytes, MiB(1));
+  EXPECT_EQ(c.ctx(0).Stats().chunks_written + c.ctx(1).Stats().chunks_written, 6u);
+  for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  EXPECT_TRUE(ArenasDrain(c));
 }
 
 TEST(ArenaExhaustionTest, SendArenaBackpressureWritesFromThePool) {
@@ -586,7 +594,7 @@ TEST(SendStreamTest, AFailedChunkFailsTheRequestAndFreesEverything) {
   ASSERT_NE(failed.pull, nullptr);
   const Status status = failed.pull->Wait();
   EXPECT_FALSE(status.ok());
-  EXPECT_THAT(std::string(status.message()), HasSubstr("write of chunk"));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("write of bytes"));
   // Every lane, the blocks and the recv slot are free again.
   for (auto& p : failed.published) p->Cancel();
   for (auto& p : failed.published) EXPECT_TRUE(p->WaitFor(kLong));

@@ -1,0 +1,370 @@
+// The streamed bounce (docs/sessions.md, "Streaming bounce"): a request
+// larger than the receiver's recv arena goes through chunk slots the
+// receiver grants, one credit at a time. Each test checks every byte the
+// receiver got against the element function, that every request settles
+// exactly once, and that no arena byte stays outstanding afterwards; the
+// failure cases also check that a settled request's blocks never change
+// again.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/status_matchers.h"
+#include "tools/cluster.h"
+
+namespace kvbounce {
+namespace {
+
+using std::chrono::milliseconds;
+using ::testing::AnyOf;
+using ::testing::HasSubstr;
+using testing_util::IsOk;
+using testing_util::StatusIs;
+using tools::BlockTables;
+using tools::Cluster;
+using tools::ClusterOptions;
+
+constexpr milliseconds kLong(60000);
+
+template <typename Pred>
+bool WaitUntil(Pred pred, milliseconds limit = kLong) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  return true;
+}
+
+// ctx TP `writers` -> gen TP1, block-major into layer-major (the scatter
+// has real work), bf16, 16 tokens a block; arenas of `send_mb` / `recv_mb`
+// MiB and chunks of `chunk_mb` MiB.
+ClusterOptions Streaming(int writers, int layers, int kv_heads, int head_dim, int64_t tokens,
+                         int64_t send_mb, int64_t recv_mb, int64_t chunk_mb) {
+  ClusterOptions o;
+  const ModelShape model = *CustomModel(layers, kv_heads, head_dim, false);
+  o.ctx = {model, DType::kBf16, writers, 1, {}, LayoutKind::kBlockMajorHnd, 16};
+  o.gen = {model, DType::kBf16, 1, 1, {}, LayoutKind::kLayerMajorHnd, 16};
+  o.max_tokens = tokens;
+  o.slots = 1;
+  o.faults = true;
+  o.ctx_config.bounce_size_mb = send_mb;
+  o.gen_config.bounce_size_mb = recv_mb;
+  o.ctx_config.bounce_chunk_mb = chunk_mb;
+  o.gen_config.bounce_chunk_mb = chunk_mb;
+  // Admission waits must never turn into fallbacks in these tests.
+  o.gen_config.reserve_timeout_ms = 120000;
+  o.grace = milliseconds(200);
+  return o;
+}
+
+PullOptions Bounce(milliseconds timeout = milliseconds(0)) {
+  PullOptions p;
+  p.path = TransferPath::kBounce;
+  p.timeout = timeout;
+  return p;
+}
+
+std::vector<std::shared_ptr<Transfer>> PublishAll(Cluster& c, int instance, uint64_t id,
+                                                  const BlockTables& t, int64_t tokens) {
+  std::vector<std::shared_ptr<Transfer>> out;
+  for (int r = 0; r < c.num_ctx(); ++r) {
+    Result<std::shared_ptr<Transfer>> p = c.ctx(instance, r).Publish(id, t.ctx, tokens, {});
+    EXPECT_THAT(p, IsOk());
+    if (p.ok()) out.push_back(*p);
+  }
+  return out;
+}
+
+uint64_t Outstanding(Cluster& c) {
+  uint64_t n = 0;
+  for (int i = 0; i < c.num_ctx_instances(); ++i) {
+    for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(i, r).Stats().arena_outstanding_bytes;
+  }
+  for (int r = 0; r < c.num_gen(); ++r) n += c.gen(r).Stats().arena_outstanding_bytes;
+  return n;
+}
+
+bool ArenasDrain(Cluster& c) {
+  return WaitUntil([&] { return Outstanding(c) == 0; });
+}
+
+uint64_t ChunksWritten(Cluster& c) {
+  uint64_t n = 0;
+  for (int i = 0; i < c.num_ctx_instances(); ++i) {
+    for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(i, r).Stats().chunks_written;
+  }
+  return n;
+}
+
+// One writer, a recv arena of exactly one chunk, a request 100 times it:
+// 100 chunks through the one slot, every byte verified.
+TEST(StreamingTest, ARequestAHundredTimesAnArenaOfOneChunk) {
+  // 8 layers x 2 x 8 heads x 128 x 2 B = 32 KiB a token: 3200 tokens = 100 MiB.
+  auto cluster = Cluster::Create(Streaming(1, 8, 8, 128, 3200, 1, 1, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(1);
+  const BlockTables tables = c.Tables(0, 3200, rng);
+  auto published = PublishAll(c, 0, 1, tables, 3200);
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 3200}, Bounce());
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_THAT((*pull)->Wait(), IsOk());
+  EXPECT_EQ((*pull)->info().path_taken, TransferPath::kBounce);
+  EXPECT_EQ((*pull)->info().fallback_reason, "");
+  EXPECT_EQ((*pull)->info().bytes, MiB(100));
+  const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 3200});
+  EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+  EXPECT_EQ(v.verified_bytes, MiB(100));
+  const AgentStats gen = c.gen(0).Stats();
+  EXPECT_EQ(gen.chunks_granted, 100u);
+  EXPECT_EQ(gen.chunks_scattered, 100u);
+  EXPECT_EQ(gen.arena_peak_bytes, MiB(1));
+  EXPECT_EQ(gen.fallbacks, 0u);
+  EXPECT_EQ(ChunksWritten(c), 100u);
+  for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+// TP fan-in: 8 writers into one receiver whose arena holds one chunk per
+// writer; the grants go round-robin, so every writer streams.
+TEST(StreamingTest, EightWritersIntoAnArenaOfOneChunkEach) {
+  // Per writer: 4 layers x 2 x 1 head x 64 x 2 B = 1 KiB a token; 8 MiB each.
+  auto cluster = Cluster::Create(Streaming(8, 4, 8, 64, 8192, 1, 8, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  for (uint64_t id = 1; id <= 2; ++id) {
+    std::mt19937_64 rng(id);
+    c.ClearGen(0);
+    const BlockTables tables = c.Tables(0, 8192, rng);
+    auto published = PublishAll(c, 0, id, tables, 8192);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 8192}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_EQ((*pull)->info().writers, 8);
+    EXPECT_EQ((*pull)->info().fallback_reason, "");
+    const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 8192});
+    EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  }
+  EXPECT_EQ(c.gen(0).Stats().chunks_scattered, 2u * 8 * 8);
+  EXPECT_LE(c.gen(0).Stats().arena_peak_bytes, MiB(8));
+  for (int r = 0; r < 8; ++r) EXPECT_EQ(c.ctx(r).Stats().chunks_written, 2u * 8);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+// Several ctx instances feed one gen rank, many requests in flight at
+// once, the arena far smaller than what they hold together: admission and
+// round-robin credits get every request through, none falls back.
+TEST(StreamingTest, ManyRequestsFromSeveralCtxInstancesAtOnce) {
+  constexpr int kInstances = 3;
+  constexpr int kRequests = 9;
+  // Per writer 4 layers x 2 x 2 heads x 32 x 2 B = 1 KiB a token: 4 MiB
+  // each, 8 MiB a request, 72 MiB in all through a 4 MiB arena.
+  ClusterOptions o = Streaming(2, 4, 4, 32, 4096, 2, 4, 1);
+  o.ctx_instances = kInstances;
+  o.slots = kRequests;
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::vector<BlockTables> tables;
+  std::vector<std::shared_ptr<Transfer>> published, pulls;
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < kRequests; ++i) {
+    const int instance = i % kInstances;
+    tables.push_back(c.Tables(instance, i, 4096, rng));
+    for (auto& p : PublishAll(c, instance, 100 + i, tables.back(), 4096)) published.push_back(p);
+  }
+  // Every pull at once, from threads of their own.
+  std::vector<std::thread> threads;
+  pulls.resize(kRequests);
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] {
+      auto pull = c.gen(0).Pull(100 + i, c.ctx_instance_name(i % kInstances), tables[i].gen,
+                                {0, 4096}, Bounce());
+      EXPECT_THAT(pull, IsOk());
+      if (pull.ok()) pulls[i] = *pull;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_NE(pulls[i], nullptr);
+    EXPECT_THAT(pulls[i]->Wait(), IsOk()) << "request " << i;
+    EXPECT_EQ(pulls[i]->info().fallback_reason, "") << "request " << i;
+    const tools::VerifyResult v = c.VerifyGen(0, tables[i], {0, 4096});
+    EXPECT_EQ(v.mismatches, 0u) << "request " << i << ": " << v.first_mismatch;
+  }
+  for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  const AgentStats gen = c.gen(0).Stats();
+  EXPECT_EQ(gen.chunks_scattered, uint64_t{kRequests} * 2 * 4);
+  EXPECT_LE(gen.arena_peak_bytes, MiB(4));
+  EXPECT_EQ(gen.fallbacks, 0u);
+  EXPECT_EQ(ChunksWritten(c), uint64_t{kRequests} * 2 * 4);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+// Cancels land at random points of the stream: each request settles once,
+// as cancelled (or completed, when the cancel came too late), its pool is
+// not touched after it settled, and every slot comes back.
+TEST(StreamingTest, CancelAtRandomChunksSettlesOnceAndTouchesNothingAfter) {
+  // 2 writers x 16 MiB, chunks of 1 MiB through a 2 MiB arena.
+  auto cluster = Cluster::Create(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(11);
+  int cancelled = 0;
+  for (uint64_t id = 1; id <= 6; ++id) {
+    SCOPED_TRACE("request " + std::to_string(id));
+    c.ClearGen(0);
+    const BlockTables tables = c.Tables(0, 16384, rng);
+    auto published = PublishAll(c, 0, id, tables, 16384);
+    const uint64_t scattered_before = c.gen(0).Stats().chunks_scattered;
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 16384}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    std::atomic<int> settled{0};
+    (*pull)->OnDone([&](const Status&) { ++settled; });
+    // Cancel once a random number of chunks (0 .. 24 of 32) was scattered.
+    const uint64_t at = rng() % 25;
+    WaitUntil([&] {
+      return c.gen(0).Stats().chunks_scattered - scattered_before >= at ||
+             (*pull)->Poll().has_value();
+    });
+    (*pull)->Cancel();
+    const Status outcome = (*pull)->Wait();
+    EXPECT_THAT(outcome, AnyOf(IsOk(), StatusIs(StatusCode::kCancelled)));
+    if (!outcome.ok()) ++cancelled;
+    // What the pool holds at settle is what it holds once every writer
+    // stopped and every slot came back.
+    Result<std::vector<std::vector<std::byte>>> at_settle = c.SlotBytes(false, 0, 0);
+    ASSERT_THAT(at_settle, IsOk());
+    for (auto& p : published) p->Cancel();
+    for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+    EXPECT_TRUE(ArenasDrain(c));
+    Result<std::vector<std::vector<std::byte>>> after = c.SlotBytes(false, 0, 0);
+    ASSERT_THAT(after, IsOk());
+    EXPECT_TRUE(*at_settle == *after) << "the pool changed after the request settled";
+    EXPECT_EQ(settled.load(), 1);
+    if (outcome.ok()) {
+      EXPECT_EQ(c.VerifyGen(0, tables, {0, 16384}).mismatches, 0u);
+    }
+  }
+  EXPECT_GT(cancelled, 0);
+  EXPECT_EQ(c.gen(0).Stats().requests_completed + c.gen(0).Stats().requests_cancelled, 6u);
+}
+
+// Writes fail at random chunks: a request with a failed chunk fails with
+// the writer's reason, frees everything, and the next one streams on.
+TEST(StreamingTest, WriteFailuresAtRandomChunksFailCleanly) {
+  ClusterOptions o = Streaming(2, 4, 4, 32, 16384, 1, 2, 1);
+  o.ctx_faults.write_fail_rate = 0.02;
+  o.ctx_faults.seed = 3;
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(13);
+  int failed = 0;
+  for (uint64_t id = 1; id <= 6; ++id) {
+    SCOPED_TRACE("request " + std::to_string(id));
+    c.ClearGen(0);
+    const BlockTables tables = c.Tables(0, 16384, rng);
+    auto published = PublishAll(c, 0, id, tables, 16384);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 16384}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    const Status outcome = (*pull)->Wait();
+    if (outcome.ok()) {
+      EXPECT_EQ(c.VerifyGen(0, tables, {0, 16384}).mismatches, 0u);
+    } else {
+      ++failed;
+      EXPECT_THAT(std::string(outcome.message()), HasSubstr("injected write failure"));
+    }
+    for (auto& p : published) p->Cancel();
+    for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+    EXPECT_TRUE(ArenasDrain(c));
+  }
+  EXPECT_GT(failed, 0);
+  // Without faults, the same cluster streams again.
+  for (int r = 0; r < c.num_ctx(); ++r) ASSERT_THAT(c.ctx_faults(r)->SetOptions({}), IsOk());
+  c.ClearGen(0);
+  const BlockTables tables = c.Tables(0, 16384, rng);
+  auto published = PublishAll(c, 0, 99, tables, 16384);
+  auto pull = c.gen(0).Pull(99, "ctx0", tables.gen, {0, 16384}, Bounce());
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_THAT((*pull)->Wait(), IsOk());
+  EXPECT_EQ(c.VerifyGen(0, tables, {0, 16384}).mismatches, 0u);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+// A deadline that passes mid-stream, with chunk writes held in flight:
+// the request settles at once with DEADLINE_EXCEEDED, the slots the
+// writers may still write stay quarantined until they stop, and nothing of
+// them reaches the pool.
+TEST(StreamingTest, ADeadlineMidStreamQuarantinesTheGrantedSlots) {
+  auto cluster = Cluster::Create(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(17);
+  c.ClearGen(0);
+  const BlockTables tables = c.Tables(0, 16384, rng);
+  auto published = PublishAll(c, 0, 1, tables, 16384);
+  for (int r = 0; r < c.num_ctx(); ++r) c.ctx_faults(r)->HoldWrites();
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 16384}, Bounce(milliseconds(300)));
+  ASSERT_THAT(pull, IsOk());
+  // Each writer has its first chunk on the wire.
+  for (int r = 0; r < c.num_ctx(); ++r) ASSERT_TRUE(c.ctx_faults(r)->WaitForHeldWrites(1, kLong));
+  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kDeadlineExceeded));
+  EXPECT_GT(c.gen(0).Stats().arena_quarantined_bytes, 0u);
+  Result<std::vector<std::vector<std::byte>>> at_settle = c.SlotBytes(false, 0, 0);
+  ASSERT_THAT(at_settle, IsOk());
+  for (int r = 0; r < c.num_ctx(); ++r) c.ctx_faults(r)->ReleaseWrites();
+  for (auto& p : published) p->Cancel();
+  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  EXPECT_TRUE(ArenasDrain(c));
+  EXPECT_EQ(c.gen(0).Stats().arena_quarantined_bytes, 0u);
+  Result<std::vector<std::vector<std::byte>>> after = c.SlotBytes(false, 0, 0);
+  ASSERT_THAT(after, IsOk());
+  EXPECT_TRUE(*at_settle == *after);
+}
+
+// A writer that dies mid-stream: the request fails naming the lost
+// connection, the other writer is drained, every slot comes back.
+TEST(StreamingTest, AWriterRestartedMidStreamFailsTheRequestAndFreesEverything) {
+  auto cluster = Cluster::Create(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(19);
+  const BlockTables tables = c.Tables(0, 16384, rng);
+  auto published = PublishAll(c, 0, 1, tables, 16384);
+  c.ctx_faults(1)->HoldWrites();
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 16384}, Bounce());
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_TRUE(c.ctx_faults(1)->WaitForHeldWrites(1, kLong));
+  std::thread release([&] {
+    std::this_thread::sleep_for(milliseconds(50));
+    c.ctx_faults(1)->ReleaseWrites();
+  });
+  ASSERT_THAT(c.RestartRank(/*ctx_side=*/true, 1), IsOk());
+  release.join();
+  const Status outcome = (*pull)->Wait();
+  EXPECT_FALSE(outcome.ok());
+  EXPECT_THAT(outcome.code(),
+              AnyOf(StatusCode::kUnavailable, StatusCode::kAborted, StatusCode::kCancelled));
+  for (auto& p : published) p->Cancel();
+  EXPECT_TRUE(ArenasDrain(c));
+  // The restarted writer serves the next request.
+  c.ClearGen(0);
+  const BlockTables again = c.Tables(0, 16384, rng);
+  auto republished = PublishAll(c, 0, 2, again, 16384);
+  auto next = c.gen(0).Pull(2, "ctx0", again.gen, {0, 16384}, Bounce());
+  ASSERT_THAT(next, IsOk());
+  ASSERT_THAT((*next)->Wait(), IsOk());
+  EXPECT_EQ(c.VerifyGen(0, again, {0, 16384}).mismatches, 0u);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
+}  // namespace
+}  // namespace kvbounce
