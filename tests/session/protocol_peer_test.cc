@@ -53,9 +53,13 @@ InstanceSpec Spec() {
 // however the test says.
 class FakeWriter {
  public:
-  explicit FakeWriter(std::shared_ptr<LoopbackFabric> fabric)
+  // A writer of `spec` with a pool of `num_blocks` blocks.
+  explicit FakeWriter(std::shared_ptr<LoopbackFabric> fabric, InstanceSpec spec = Spec(),
+                      int num_blocks = 2)
       : transport_(*LoopbackTransport::Create(std::move(fabric), "fake-ctx")),
-        memory_(4096, std::byte{0}) {
+        spec_(spec),
+        num_blocks_(num_blocks),
+        memory_(static_cast<size_t>(num_blocks) * BlockBytes(spec) + 4096, std::byte{0}) {
     TransportCallbacks callbacks;
     callbacks.on_message = [this](PeerId, std::vector<std::byte> frame) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -73,18 +77,21 @@ class FakeWriter {
   }
 
   // Connects and exchanges HELLO; `model_layers` lets a test lie about the model.
-  void Connect(const std::string& address, uint32_t model_layers = 2) {
+  void Connect(const std::string& address, uint32_t model_layers = 0) {
+    if (model_layers == 0) model_layers = static_cast<uint32_t>(spec_.model.num_layers);
     peer_ = *transport_->Connect(address);
-    const Topology topology = *Topology::Create(Spec());
-    const PoolLayout pool = *PoolLayout::ForRank(topology, 0, 2, Addr::FromPointer(memory_.data()));
+    const Topology topology = *Topology::Create(spec_);
+    const PoolLayout pool =
+        *PoolLayout::ForRank(topology, 0, num_blocks_, Addr::FromPointer(memory_.data()));
     protocol::Hello h;
     h.instance_id = "ctx0";
     h.role = protocol::Role::kCtx;
     h.placement = {0, 1, 0, 1, {model_layers}};
-    h.model = {model_layers, 2, 8, 2, 2};
+    h.model = {model_layers, static_cast<uint32_t>(spec_.model.num_kv_heads),
+               static_cast<uint32_t>(spec_.model.head_dim), 2, 2};
     h.layout = {protocol::LayoutKind::kBlockMajorHnd,
-                4,
-                2,
+                static_cast<uint32_t>(spec_.tokens_per_block),
+                static_cast<uint32_t>(num_blocks_),
                 pool.layer_base(0).value(),
                 pool.layer_stride(),
                 pool.kv_stride(),
@@ -127,7 +134,14 @@ class FakeWriter {
   }
 
  private:
+  static size_t BlockBytes(const InstanceSpec& spec) {
+    return static_cast<size_t>(spec.model.num_layers) * 2 * spec.model.num_kv_heads *
+           spec.model.head_dim * 2 * spec.tokens_per_block;
+  }
+
   std::unique_ptr<LoopbackTransport> transport_;
+  InstanceSpec spec_;
+  int num_blocks_ = 2;
   std::vector<std::byte> memory_;
   std::unique_ptr<LocalRegion> region_;
   PeerId peer_ = 0;
@@ -369,6 +383,144 @@ TEST_F(ProtocolPeerReadTest, ALentBlockOutsideThePoolFailsTheWriter) {
   EXPECT_EQ(BlockBytesEqual(3, std::byte{0}), kBytes / 2);
   protocol::Message m = writer_->Next();
   EXPECT_TRUE(std::holds_alternative<protocol::Cancel>(m));
+}
+
+// A streamed bounce against the hand-driven writer: 2 layers x 2 kv x 2
+// heads x 64 x bf16 = 1 KiB a token, blocks of 256 tokens; a pull of 1536
+// tokens (1.5 MiB) through a recv arena of 1 MiB, in chunks of 1 MiB: chunk
+// 0 of 1 MiB, chunk 1 of 512 KiB, one slot at a time.
+InstanceSpec StreamSpec() {
+  InstanceSpec spec;
+  spec.model = *CustomModel(2, 2, 64, false);
+  spec.layout = LayoutKind::kBlockMajorHnd;
+  spec.tokens_per_block = 256;
+  return spec;
+}
+
+class ProtocolPeerStreamTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kStream = MiB(1) + KiB(512);
+
+  void SetUp() override {
+    fabric_ = LoopbackFabric::Create();
+    pool_.assign(8 * KiB(256), std::byte{0});
+    AgentOptions o;
+    o.instance_id = "gen0";
+    o.role = Role::kGen;
+    o.instance = StreamSpec();
+    o.pool.bases = {Addr::FromPointer(pool_.data())};
+    o.pool.num_blocks = 8;
+    o.config.bounce_size_mb = 1;
+    o.config.bounce_chunk_mb = 1;
+    o.transport = *LoopbackTransport::Create(fabric_, "gen0-0");
+    o.grace = milliseconds(50);
+    AgentHooks hooks;
+    hooks.clock = clock_;
+    gen_ = *CreateAgent(std::move(o), std::move(hooks));
+    writer_ = std::make_unique<FakeWriter>(fabric_, StreamSpec(), 8);
+    writer_->Connect(gen_->Address());
+    ASSERT_TRUE(std::holds_alternative<protocol::Hello>(writer_->Next()));
+  }
+
+  // Starts the pull; returns it with its KV_REQUEST and the first KV_GRANT.
+  struct Started {
+    std::shared_ptr<Transfer> pull;
+    protocol::KvRequest request;
+    protocol::KvGrant grant;
+  };
+  Started Start(uint64_t id) {
+    Started s;
+    PullOptions p;
+    p.path = TransferPath::kBounce;
+    p.timeout = milliseconds(3000);
+    auto pull = gen_->Pull(id, "ctx0", std::vector<int32_t>{2, 7, 0, 5, 1, 3}, {0, 1536}, p);
+    EXPECT_THAT(pull, IsOk());
+    if (pull.ok()) s.pull = *pull;
+    protocol::Message m = writer_->Next();
+    EXPECT_TRUE(std::holds_alternative<protocol::KvRequest>(m));
+    if (std::holds_alternative<protocol::KvRequest>(m))
+      s.request = std::get<protocol::KvRequest>(m);
+    m = writer_->Next();
+    EXPECT_TRUE(std::holds_alternative<protocol::KvGrant>(m));
+    if (std::holds_alternative<protocol::KvGrant>(m)) s.grant = std::get<protocol::KvGrant>(m);
+    return s;
+  }
+
+  static protocol::KvChunk Chunk(const protocol::KvRequest& req, uint64_t chunk, uint64_t bytes) {
+    return protocol::KvChunk{req.request_id, req.slice_id, req.writer_rank, chunk, bytes};
+  }
+
+  std::shared_ptr<ManualClock> clock_ = std::make_shared<ManualClock>();
+  std::shared_ptr<LoopbackFabric> fabric_;
+  std::vector<std::byte> pool_;
+  std::unique_ptr<Agent> gen_;
+  std::unique_ptr<FakeWriter> writer_;
+};
+
+TEST_F(ProtocolPeerStreamTest, ChunksAreGrantedOneSlotAtATimeAndTheResultSettles) {
+  Started s = Start(1);
+  EXPECT_EQ(s.request.path, protocol::TransferPath::kBounce);
+  EXPECT_EQ(s.request.chunk_bytes, MiB(1));
+  EXPECT_EQ(s.request.recv_slot_addr, 0u);
+  EXPECT_EQ(s.request.recv_slot_size, 0u);
+  EXPECT_EQ(s.grant.request_id, 1u);
+  EXPECT_EQ(s.grant.chunk, 0u);
+  EXPECT_EQ(s.grant.slot_size, MiB(1));
+  // The arena holds one chunk: the second is granted once the first was
+  // announced and scattered.
+  writer_->Send(Chunk(s.request, 0, MiB(1)));
+  protocol::Message m = writer_->Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::KvGrant>(m));
+  const auto& second = std::get<protocol::KvGrant>(m);
+  EXPECT_EQ(second.chunk, 1u);
+  EXPECT_EQ(second.slot_size, KiB(512));
+  writer_->Send(Chunk(s.request, 1, KiB(512)));
+  writer_->Send(protocol::KvResult{1, s.request.slice_id, 0, protocol::ResultStatus::kSuccess, 0,
+                                   kStream, s.request.plan_fingerprint, ""});
+  EXPECT_THAT(s.pull->Wait(), IsOk());
+  EXPECT_EQ(s.pull->info().bytes, kStream);
+  EXPECT_EQ(gen_->Stats().chunks_granted, 2u);
+  EXPECT_EQ(gen_->Stats().chunks_scattered, 2u);
+  EXPECT_EQ(gen_->Stats().arena_outstanding_bytes, 0u);
+}
+
+TEST_F(ProtocolPeerStreamTest, AChunkThatWasNotGrantedFailsTheWriter) {
+  Started s = Start(2);
+  writer_->Send(Chunk(s.request, 1, KiB(512)));
+  EXPECT_THAT(s.pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("did not grant")));
+  // The writer is terminal: its granted slot is free again.
+  EXPECT_TRUE(WaitUntil([&] { return gen_->Stats().arena_outstanding_bytes == 0; }));
+}
+
+TEST_F(ProtocolPeerStreamTest, AChunkOfTheWrongSizeFailsTheWriter) {
+  Started s = Start(3);
+  writer_->Send(Chunk(s.request, 0, 1000));
+  EXPECT_THAT(s.pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("of 1000 bytes")));
+  EXPECT_TRUE(WaitUntil([&] { return gen_->Stats().arena_outstanding_bytes == 0; }));
+}
+
+TEST_F(ProtocolPeerStreamTest, SuccessBeforeEveryChunkWasAnnouncedFailsTheTransfer) {
+  Started s = Start(4);
+  writer_->Send(protocol::KvResult{4, s.request.slice_id, 0, protocol::ResultStatus::kSuccess, 0,
+                                   kStream, s.request.plan_fingerprint, ""});
+  EXPECT_THAT(s.pull->Wait(), StatusIs(StatusCode::kDataLoss, HasSubstr("not announced")));
+  EXPECT_TRUE(WaitUntil([&] { return gen_->Stats().arena_outstanding_bytes == 0; }));
+}
+
+TEST_F(ProtocolPeerStreamTest, ACancelMidStreamKeepsTheGrantedSlotUntilTheWriterAnswers) {
+  Started s = Start(5);
+  s.pull->Cancel();
+  EXPECT_THAT(s.pull->Wait(), StatusIs(StatusCode::kCancelled));
+  protocol::Message m = writer_->Next();
+  ASSERT_TRUE(std::holds_alternative<protocol::Cancel>(m));
+  // The writer may still write chunk 0's slot: quarantined until it answers.
+  EXPECT_EQ(gen_->Stats().arena_quarantined_bytes, MiB(1));
+  protocol::KvResult cancelled{
+      5, s.request.slice_id,         0,          protocol::ResultStatus::kCancelled, 5,
+      0, s.request.plan_fingerprint, "cancelled"};
+  writer_->Send(cancelled);
+  EXPECT_TRUE(WaitUntil([&] { return gen_->Stats().arena_outstanding_bytes == 0; }));
+  EXPECT_EQ(gen_->Stats().arena_quarantined_bytes, 0u);
 }
 
 TEST(ProtocolPeerHelloTest, IncompatiblePeerIsRefusedWithAReason) {
