@@ -77,6 +77,7 @@ struct ReceiverSession::Request {
   // quarantined when it settled.
   bool stream = false;
   uint64_t chunk_bytes = 0;
+  bool admission_queued = false;  // in reserve_waiters_ for admission
   bool admitted = false;
   std::stop_source scatter_stop;
   std::vector<QuarantineToken> chunk_quarantine;
@@ -255,11 +256,22 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     }
   }
   if (r->path == TransferPath::kBounce && recv_arena) {
-    // Streamed when a writer has more than one chunk to send: the chunks
-    // then pipeline, and the request needs only chunk slots.
+    // Streamed when a writer has more than one chunk to send and either
+    // the request cannot fit the arena whole, or the pools are host memory:
+    // there the chunks' gather, write and scatter pipeline to more than a
+    // whole slot's three passes in a row, while with device pools a whole
+    // slot's one tiled kernel a pass is twice as fast as a stream's many
+    // chunk round trips (docs/PERFORMANCE.md, 2026-12-02).
     const uint64_t chunk = StreamChunkBytes(r->writers.size());
-    r->stream = chunk > 0 && std::any_of(r->writers.begin(), r->writers.end(),
-                                         [chunk](const Writer& w) { return w.bytes > chunk; });
+    uint64_t whole = 0;
+    for (const Writer& w : r->writers) {
+      const uint64_t a = ctx_.recv_arena->alignment();
+      whole += (w.bytes + a - 1) / a * a;
+    }
+    const bool fits = whole <= ctx_.recv_arena->capacity();
+    r->stream = chunk > 0 && (!fits || ctx_.pool_memory != MemoryKind::kCuda) &&
+                std::any_of(r->writers.begin(), r->writers.end(),
+                            [chunk](const Writer& w) { return w.bytes > chunk; });
     if (r->stream) {
       r->chunk_bytes = chunk;
       for (Writer& writer : r->writers) {
@@ -536,12 +548,18 @@ void ReceiverSession::TryReserve(Request& r) {
       Admit(r);
       return;
     }
-    if (r.reserve_timer == 0) {
+    if (!r.admission_queued) {
       const Key key = r.key;
+      r.admission_queued = true;
       reserve_waiters_.Add(key);
-      r.reserve_timer =
-          ctx_.loop->PostAt(ctx_.Now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
-                            [this, key] { OnReserveTimeout(key); });
+      // The reserve deadline, when per-block can stand in; otherwise only
+      // the request's own deadline bounds the wait (failing it sooner would
+      // serve nobody: host-staged bounce has no other path).
+      if (r.per_block_available) {
+        r.reserve_timer = ctx_.loop->PostAt(
+            ctx_.Now() + std::chrono::milliseconds(ctx_.config.reserve_timeout_ms),
+            [this, key] { OnReserveTimeout(key); });
+      }
     }
     return;
   }
@@ -618,6 +636,7 @@ void ReceiverSession::FallBack(Request& r, const std::string& reason) {
   }
   r.path = TransferPath::kPerBlock;
   r.stream = false;
+  for (Writer& w : r.writers) w.cut.reset();
   r.fallback_reason = reason;
   r.timeline.reserve = SessionContext::MetricsClock::now();
   SendRequests(r);
