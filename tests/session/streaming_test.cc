@@ -16,6 +16,7 @@
 
 #include "common/clock.h"
 #include "common/status_matchers.h"
+#include "protocol/codec.h"
 #include "tools/cluster.h"
 
 namespace kvbounce {
@@ -369,6 +370,50 @@ TEST(StreamingTest, AStreamNotAdmittedInTimeFallsBackToPerBlock) {
   EXPECT_EQ(c.VerifyGen(0, first, {0, 16384}).mismatches, 0u);
   EXPECT_EQ(c.VerifyGen(0, second, {0, 16384}).mismatches, 0u);
   EXPECT_TRUE(ArenasDrain(c));
+}
+
+// The writer refuses grants it cannot trust: a chunk the stream does not
+// have, a slot of the wrong size, a chunk granted twice. Each fails its job
+// (DATA_LOSS, naming the grant); the request fails and everything is freed.
+TEST(StreamingTest, AWriterRefusesGrantsItCannotTrust) {
+  struct Tamper {
+    const char* name;
+    std::function<void(protocol::KvGrant&)> change;
+    const char* why;
+  };
+  const std::vector<Tamper> tampers = {
+      {"chunk out of range", [](protocol::KvGrant& g) { g.chunk += 1000; }, "chunks"},
+      {"wrong size", [](protocol::KvGrant& g) { g.slot_size -= 1; }, "a slot of"},
+      {"granted twice", [](protocol::KvGrant& g) { g.chunk = g.chunk == 1 ? 0 : g.chunk; },
+       "granted twice"},
+  };
+  auto cluster = Cluster::Create(Streaming(1, 4, 4, 32, 8192, 1, 2, 1));
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(29);
+  uint64_t id = 1;
+  for (const Tamper& t : tampers) {
+    SCOPED_TRACE(t.name);
+    FaultOptions faults;
+    faults.rewrite_message = [&t](std::vector<std::byte>& frame) {
+      Result<protocol::KvGrant> grant = protocol::DecodeKvGrant(frame);
+      if (!grant.ok()) return;  // not a KV_GRANT
+      t.change(*grant);
+      frame = *protocol::Encode(*grant);
+    };
+    ASSERT_THAT(c.ctx_faults(0)->SetOptions(faults), IsOk());
+    const BlockTables tables = c.Tables(0, 8192, rng);
+    auto published = PublishAll(c, 0, id, tables, 8192);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, 8192}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    const Status outcome = (*pull)->Wait();
+    EXPECT_THAT(outcome, StatusIs(StatusCode::kDataLoss, HasSubstr("KV_GRANT of chunk")));
+    EXPECT_THAT(std::string(outcome.message()), HasSubstr(t.why));
+    for (auto& p : published) p->Cancel();
+    EXPECT_TRUE(ArenasDrain(c));
+    ++id;
+  }
+  ASSERT_THAT(c.ctx_faults(0)->SetOptions({}), IsOk());
 }
 
 // A writer that dies mid-stream: the request fails naming the lost

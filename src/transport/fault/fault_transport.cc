@@ -408,11 +408,14 @@ bool FaultTransport::Post(Clock::time_point due, TimerEntry& entry) {
 
 void FaultTransport::OnMessage(PeerId peer, std::vector<std::byte> frame) {
   std::chrono::microseconds delay{0};
+  std::function<void(std::vector<std::byte>&)> rewrite;
   {
     std::lock_guard<std::mutex> lock(mu_);
     delay = options_.message_delay;
     if (delay.count() > 0) ++stats_.delayed_messages;
+    rewrite = options_.rewrite_message;
   }
+  if (rewrite) rewrite(frame);
   {
     std::lock_guard<std::mutex> lock(timer_mu_);
     if (timer_closed_) return;

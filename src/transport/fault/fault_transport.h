@@ -130,6 +130,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -163,6 +164,10 @@ struct FaultOptions {
   // 0 = never; >= 0.
   int64_t drop_after_ops = 0;
   uint64_t seed = 1;
+  // For tests: called with every received control frame before it is
+  // delivered (or delayed), on the thread that received it; it may change
+  // the bytes, as a peer that speaks the protocol wrongly would. Empty: off.
+  std::function<void(std::vector<std::byte>& frame)> rewrite_message;
 };
 
 // What was injected since Create.
