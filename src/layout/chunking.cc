@@ -24,6 +24,18 @@ uint64_t ChunkCut::end(uint64_t k) const {
   return stream_bytes_ - start <= chunk_bytes_ ? stream_bytes_ : start + chunk_bytes_;
 }
 
+void OrderForSlicing(FragmentList& list, PackedSide packed) {
+  const auto offset = [packed](const Fragment& f) {
+    return packed == PackedSide::kDestination ? f.dst : f.src;
+  };
+  const auto before = [&offset](const Fragment& a, const Fragment& b) {
+    return offset(a) < offset(b);
+  };
+  if (!std::is_sorted(list.begin(), list.end(), before)) {
+    std::sort(list.begin(), list.end(), before);
+  }
+}
+
 Status SliceChunk(std::span<const Fragment> list, PackedSide packed, uint64_t begin, uint64_t end,
                   FragmentList* out) {
   if (begin > end) {

@@ -54,6 +54,13 @@ enum class PackedSide : uint8_t {
   kSource,       // a scatter list
 };
 
+// Puts the runs of a gather or scatter list in the order of their packed
+// offsets (`packed` naming the side), which SliceChunk needs: the planner
+// emits runs in the walk order of the writer, and where the two sides'
+// layouts differ that is not always the order of the packed stream. A list
+// already in order is left as it is (one pass to check).
+void OrderForSlicing(FragmentList& list, PackedSide packed);
+
 // Appends to `out` the runs of `list` (a gather or scatter list, `packed`
 // naming which) that land in bytes [begin, end) of the packed stream, cut
 // at the two ends, with their packed offsets less `begin`. Costs a binary

@@ -284,6 +284,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
           writer.tiled_scatter = TiledList();
           writer.scatter_tiled = false;
         }
+        OrderForSlicing(writer.scatter, PackedSide::kSource);
       }
     }
   }

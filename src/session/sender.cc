@@ -699,6 +699,7 @@ void SenderSession::StartStream(Job& job) {
   }
   job.lanes[0].slot = std::move(first).value();
   if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
+  OrderForSlicing(job.plan.gather, PackedSide::kDestination);
   // The whole stream, unit by unit, into the recv slot at its offsets.
   for (uint64_t begin = 0; begin < job.plan.packed_bytes; begin += job.lane_bytes) {
     job.units.push_back(Job::Unit{begin, std::min(begin + job.lane_bytes, job.plan.packed_bytes),
@@ -734,6 +735,7 @@ void SenderSession::StartStreamed(Job& job) {
   job.streaming = true;
   job.lane_bytes = std::min(job.request.chunk_bytes, LaneBytes(ctx_.send_arena->capacity()));
   if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
+  OrderForSlicing(job.plan.gather, PackedSide::kDestination);
   job.timeline.reserve = SessionContext::MetricsClock::now();
   Transition(job, JobState::kReserving);  // until the first grant's gather
   AcquireBlocks(job);

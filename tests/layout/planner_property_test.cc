@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "copy/cpu/cpu_copy_engine.h"
+#include "layout/chunking.h"
 #include "layout/planner.h"
 
 namespace kvbounce {
@@ -263,7 +264,8 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         }
       }
 
-      std::vector<std::vector<std::byte>> bounced = gp.memory, direct = gp.memory;
+      std::vector<std::vector<std::byte>> bounced = gp.memory, direct = gp.memory,
+                                          chunked = gp.memory;
       std::vector<PoolLayout> bounced_layout, direct_layout;
       auto rebased = [&](const PoolLayout& layout, std::vector<std::vector<std::byte>>& mem) {
         std::vector<Addr> bases;
@@ -274,6 +276,7 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
       };
       const PoolLayout bounce_pool = rebased(gen.layouts[g], bounced);
       const PoolLayout direct_pool = rebased(gen.layouts[g], direct);
+      const PoolLayout chunked_pool = rebased(gen.layouts[g], chunked);
       std::vector<Addr> zero_bases(gp.per_layer ? static_cast<size_t>(gp.L) : 1, Addr());
 
       for (int c = 0; c < ctx.topology->num_ranks(); ++c) {
@@ -370,8 +373,47 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         }
         RunCopies(**engine, full->scatter, Addr::FromPointer(packed.data()), Addr());
         RunCopies(**engine, dir->direct, Addr(), Addr());
+
+        // Streamed (layout/chunking.h): the same plan cut into chunks of a
+        // random size (one byte, a few, mid-run, the whole stream, more),
+        // each gathered into one chunk slot and scattered out of it, both
+        // sides slicing their own list.
+        auto to_chunked =
+            PlanPair(writer, PlanSide{gen.topology.get(), g, &chunked_pool, gen.tables[g]}, tokens,
+                     kPlanGather | kPlanScatter);
+        ASSERT_TRUE(to_chunked.ok()) << to_chunked.status();
+        OrderForSlicing(to_chunked->gather, PackedSide::kDestination);
+        OrderForSlicing(to_chunked->scatter, PackedSide::kSource);
+        const uint64_t bytes = full->packed_bytes;
+        const uint64_t kChunks[] = {1, 1 + rng() % 64, 1 + rng() % bytes, bytes, bytes + 7};
+        // At most 256 chunks a stream: one-byte chunks on streams of up to
+        // 256 bytes.
+        const uint64_t chunk = std::max(kChunks[rng() % 5], (bytes + 255) / 256);
+        Result<ChunkCut> cut = ChunkCut::Create(bytes, chunk);
+        ASSERT_TRUE(cut.ok()) << cut.status();
+        std::vector<std::byte> slot(std::min(chunk, bytes) + 64, kSentinel);
+        for (uint64_t k = 0; k < cut->num_chunks(); ++k) {
+          FragmentList gather, scatter;
+          const Status g_sliced = SliceChunk(to_chunked->gather, PackedSide::kDestination,
+                                             cut->begin(k), cut->end(k), &gather);
+          ASSERT_TRUE(g_sliced.ok()) << g_sliced;
+          const Status s_sliced = SliceChunk(to_chunked->scatter, PackedSide::kSource,
+                                             cut->begin(k), cut->end(k), &scatter);
+          ASSERT_TRUE(s_sliced.ok()) << s_sliced;
+          // Copied here run by run (the engine's own per-batch cost would
+          // dominate this many small batches).
+          std::fill(slot.begin(), slot.end(), kSentinel);
+          for (const Fragment& f : gather) {
+            std::memcpy(slot.data() + f.dst, reinterpret_cast<const void*>(f.src), f.bytes);
+          }
+          ASSERT_EQ(slot[cut->size(k)], kSentinel) << "a chunk's gather wrote past its slot";
+          for (const Fragment& f : scatter) {
+            std::memcpy(reinterpret_cast<void*>(f.dst), slot.data() + f.src, f.bytes);
+          }
+        }
       }
       ASSERT_EQ(bounced, expected) << "gather + scatter differs from the oracle";
+      ASSERT_EQ(chunked, expected) << "the chunked gather + scatter differs from the oracle";
       ASSERT_EQ(direct, expected) << "direct differs from the oracle";
     }
     for (size_t c = 0; c < ctx.pools.size(); ++c) {

@@ -160,6 +160,33 @@ TEST(StreamingTest, EightWritersIntoAnArenaOfOneChunkEach) {
   EXPECT_TRUE(ArenasDrain(c));
 }
 
+// The head mismatch that shatters a request into row-sized runs (a
+// layer-major-nhd receiver of block-major writers), streamed: the chunks
+// cut runs in the middle, and every row still lands where it belongs.
+TEST(StreamingTest, RowSizedRunsIntoALayerMajorNhdReceiver) {
+  ClusterOptions o = Streaming(4, 4, 8, 64, 4096, 1, 2, 1);
+  o.gen.layout = LayoutKind::kLayerMajorNhd;
+  o.gen.tokens_per_block = 32;
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  for (uint64_t id = 1; id <= 2; ++id) {
+    std::mt19937_64 rng(id + 40);
+    c.ClearGen(0);
+    const BlockTables tables = c.Tables(0, 4096, rng);
+    auto published = PublishAll(c, 0, id, tables, 4096);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {5, 4096}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_EQ((*pull)->info().fallback_reason, "");
+    const tools::VerifyResult v = c.VerifyGen(0, tables, {5, 4096});
+    EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  }
+  EXPECT_GT(c.gen(0).Stats().chunks_scattered, 8u);
+  EXPECT_TRUE(ArenasDrain(c));
+}
+
 // Several ctx instances feed one gen rank, many requests in flight at
 // once, the arena far smaller than what they hold together: admission and
 // round-robin credits get every request through, none falls back.
