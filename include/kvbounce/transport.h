@@ -99,6 +99,12 @@ struct TransportCaps {
   // transport that hands bytes to a network stack cannot promise this for
   // bytes already sent; the fence (below) holds either way.
   bool pending_writes_fail = false;
+  // A write's `done` runs only once its bytes are in the target memory, as
+  // a Flush would prove (loopback and cuda-ipc copy before they report):
+  // the sessions then need no Flush before they tell the peer the bytes
+  // are there. False where a write's completion only means the source may
+  // be reused (UCX: a put's completion is local), so a Flush must follow.
+  bool writes_land_at_completion = false;
   TransportCost cost;
   // This process can copy a peer's registered memory into its own with
   // Read (between processes of one host: the kernel copies straight from the

@@ -452,6 +452,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   ctx_.config = config;
   ctx_.grace = options.grace;
   ctx_.transport = transport_.get();
+  ctx_.writes_land_at_completion = transport_->Caps().writes_land_at_completion;
   ctx_.copy = copy_.get();
   ctx_.send_arena = send_arena_.get();
   ctx_.recv_arena = recv_arena_.get();

@@ -942,9 +942,14 @@ void SenderSession::OnUnitWritten(Key key, size_t lane_index, const Status& stat
 }
 
 void SenderSession::AnnounceChunk(Job& job, uint64_t chunk) {
-  // KV_CHUNK only once the chunk's bytes are visible at the receiver.
+  // KV_CHUNK only once the chunk's bytes are visible at the receiver: a
+  // flush proves it, unless the transport's writes land before they report.
   const Key key = job.key;
   ++job.async_outstanding;
+  if (ctx_.writes_land_at_completion) {
+    OnChunkFlushed(key, chunk, Status::Ok());  // counts it back down
+    return;
+  }
   Status flushing = ctx_.transport->Flush(job.peer, [this, key, chunk](Status s) {
     ctx_.loop->Post([this, key, chunk, s] { OnChunkFlushed(key, chunk, s); });
   });
@@ -1190,6 +1195,11 @@ void SenderSession::MaybeReport(Job& job) {
   if (!job.outcome || job.async_outstanding > 0 || job.state == JobState::kDone) return;
   PeerState* peer = ctx_.FindPeer(job.peer);
   const bool alive = peer != nullptr && !peer->dead;
+  if (job.wrote && !job.flushed && alive && ctx_.writes_land_at_completion) {
+    // Every write reported, so every byte landed (or never will): nothing
+    // to flush.
+    job.flushed = true;
+  }
   if (job.wrote && !job.flushed && alive) {
     // Whatever the outcome, the receiver may reuse its memory once it hears
     // from us: every write must be visible (or known dead) first.

@@ -26,7 +26,8 @@
 //   * A job reports exactly one KV_RESULT, and only once none of its
 //     operations can touch memory any more: every copy and write it issued
 //     completed or was stopped (stop tokens make that prompt) and, when any
-//     write was issued, a transport Flush completed. A KV_RESULT of any
+//     write was issued, a transport Flush completed (or the transport's
+//     writes land before they report: writes_land_at_completion). A KV_RESULT of any
 //     status is therefore the writer's promise that nothing more of the job
 //     lands at the receiver. A job whose flush fails reports nothing and
 //     disconnects the peer instead (the transport's fence then speaks).

@@ -87,6 +87,9 @@ struct SessionContext {
   Config config;
   std::chrono::milliseconds grace{1000};
   Transport* transport = nullptr;
+  // transport->Caps().writes_land_at_completion: no Flush before telling
+  // a peer that written bytes are there.
+  bool writes_land_at_completion = false;
   CopyEngine* copy = nullptr;
   Arena* send_arena = nullptr;  // null when bounce_size_mb == 0
   Arena* recv_arena = nullptr;

@@ -375,6 +375,49 @@ TEST_P(TransportConformanceTest, WriteThenFlushMakesBytesVisible) {
   EXPECT_EQ(tracker.Violations(), "");
 }
 
+// Caps().writes_land_at_completion: the bytes are in the target by the
+// time the write's `done` runs, with no flush (the sessions then tell the
+// peer at once). A transport that does not say so is not held to it.
+TEST_P(TransportConformanceTest, AWriteThatLandsAtCompletionNeedsNoFlush) {
+  auto a = MakeEndpoint("a");
+  auto b = MakeEndpoint("b");
+  if (!a->t().Caps().writes_land_at_completion) {
+    GTEST_SKIP() << a->t().Caps().name
+                 << ": a write's completion does not promise its bytes landed";
+  }
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  GuardedBuffer src(1 << 20);
+  src.FillPattern(11);
+  GuardedBuffer dst(1 << 20, 0);
+  auto src_region = Register(*a, src);
+  auto dst_region = Register(*b, dst);
+  auto target = Import(*a, a_to_b, *dst_region);
+  ASSERT_NE(target, nullptr);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  bool landed = false;
+  Status status;
+  const WriteOp ops[] = {{src.addr(), dst.addr(), src.size() / 2},
+                         {src.addr(src.size() / 2), dst.addr(src.size() / 2), src.size() / 2}};
+  ASSERT_THAT(a->t().Write(*src_region, *target, ops,
+                           [&](Status s) {
+                             // Checked inside the callback: before any flush.
+                             const bool same = std::memcmp(dst.data(), src.data(), src.size()) == 0;
+                             std::lock_guard<std::mutex> lock(mu);
+                             status = s;
+                             landed = same;
+                             done = true;
+                             cv.notify_all();
+                           }),
+              IsOk());
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; }));
+  EXPECT_THAT(status, IsOk());
+  EXPECT_TRUE(landed) << "the write reported before its bytes were in the target";
+  EXPECT_TRUE(dst.GuardsIntact());
+}
+
 TEST_P(TransportConformanceTest, ManySmallOpsInOneBatchLandExactly) {
   auto a = MakeEndpoint("a");
   auto b = MakeEndpoint("b");

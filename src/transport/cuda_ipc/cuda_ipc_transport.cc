@@ -180,6 +180,7 @@ class CudaIpcTransport final : public Transport {
     caps.read_remote = true;
     caps.concurrent_callbacks = true;
     caps.pending_writes_fail = true;
+    caps.writes_land_at_completion = true;  // the worker waits for its copies, then reports
     const OpCopyCost op = device_->OpCost();
     caps.cost = TransportCost{op.op_us, op.bytes_per_us};
     const CopyCost batch = engine_->Caps().cost;

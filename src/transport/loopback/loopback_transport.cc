@@ -64,6 +64,7 @@ TransportCaps LoopbackCaps(const LoopbackOptions& options) {
   caps.map_remote = options.map_remote;
   caps.concurrent_callbacks = false;
   caps.pending_writes_fail = true;
+  caps.writes_land_at_completion = true;  // the thread copies, then reports
   caps.cost.op_us = LoopbackTransport::kLoopbackOpUs;
   caps.cost.bytes_per_us = MemcpyBytesPerUs();
   caps.read_remote = options.read_remote;
