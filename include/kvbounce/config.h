@@ -73,9 +73,8 @@ struct Config {
   // a credit and scattered as soon as it landed, so that gather, link and
   // scatter overlap and any request fits any recv arena that holds one chunk
   // per writer. A receiver uses min(this, arena / writers) for a request.
-  // With device pools only a request larger than the recv arena streams
-  // (a whole slot is faster there); with host pools every one with more
-  // than a chunk per writer does.
+  // Only a request larger than the recv arena streams: one that fits takes
+  // a whole slot, which measured as fast or faster.
   // 0: the default for the pool's memory (kDefaultChunkMbHost,
   // kDefaultChunkMbDevice). Rule: integer >= 0 (and <= kMaxBounceSizeMb).
   int64_t bounce_chunk_mb = 0;

@@ -256,12 +256,11 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     }
   }
   if (r->path == TransferPath::kBounce && recv_arena) {
-    // Streamed when a writer has more than one chunk to send and either
-    // the request cannot fit the arena whole, or the pools are host memory:
-    // there the chunks' gather, write and scatter pipeline to more than a
-    // whole slot's three passes in a row, while with device pools a whole
-    // slot's one tiled kernel a pass is twice as fast as a stream's many
-    // chunk round trips (docs/PERFORMANCE.md, 2026-12-02).
+    // Streamed when the request cannot fit the arena whole: a request that
+    // fits takes one slot, which is as fast as a stream or faster (twice
+    // as fast with device pools, about 1.25x over UCX shared memory; a
+    // stream gained 0-20 % only over loopback and UCX TCP with host pools:
+    // docs/PERFORMANCE.md, 2026-12-02).
     const uint64_t chunk = StreamChunkBytes(r->writers.size());
     uint64_t whole = 0;
     for (const Writer& w : r->writers) {
@@ -269,7 +268,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       whole += (w.bytes + a - 1) / a * a;
     }
     const bool fits = whole <= ctx_.recv_arena->capacity();
-    r->stream = chunk > 0 && (!fits || ctx_.pool_memory != MemoryKind::kCuda) &&
+    r->stream = chunk > 0 && !fits &&
                 std::any_of(r->writers.begin(), r->writers.end(),
                             [chunk](const Writer& w) { return w.bytes > chunk; });
     if (r->stream) {
