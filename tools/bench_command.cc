@@ -272,16 +272,20 @@ void LogPathDone(const nlohmann::json& run, double inject_fail_rate, std::ostrea
 }
 
 // The paths the fault injector reaches: it fails transport write
-// operations, and only per-block and bounce write through the transport.
-bool InjectorTouches(TransferPath path) {
-  return path == TransferPath::kPerBlock || path == TransferPath::kBounce;
+// operations, and only per-block and bounce write through the transport —
+// bounce not where the writer gathers straight into the mapped recv slot
+// (`bounce_writes` false: loopback with bounce_gather_mapped=1).
+bool InjectorTouches(TransferPath path, bool bounce_writes) {
+  return path == TransferPath::kPerBlock || (path == TransferPath::kBounce && bounce_writes);
 }
 
-nlohmann::json FaultInjectionReport(double rate, const std::vector<TransferPath>& paths) {
+nlohmann::json FaultInjectionReport(double rate, const std::vector<TransferPath>& paths,
+                                    bool bounce_writes) {
   nlohmann::json touched = nlohmann::json::array(), untouched = nlohmann::json::array();
   for (TransferPath p : paths) {
     if (p == TransferPath::kAuto) continue;
-    (InjectorTouches(p) ? touched : untouched).push_back(std::string(TransferPathName(p)));
+    (InjectorTouches(p, bounce_writes) ? touched : untouched)
+        .push_back(std::string(TransferPathName(p)));
   }
   return {{"write_fail_rate", rate},
           {"acts_on", "transport write operations"},
@@ -524,10 +528,11 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
       return s.WithContext("--chunk-mb");
     }
   }
-  {
-    Config probe;
-    KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
-  }
+  Config probe;
+  KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
+  // Over loopback the writer maps the recv arena and, by default, gathers
+  // straight into it: its bounce then writes nothing through the transport.
+  const bool bounce_writes = flags.transport != "loopback" || probe.bounce_gather_mapped == 0;
   KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
   if (flags.requests < 1) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
@@ -697,8 +702,14 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   if (flags.inject_fail_rate > 0) {
     log << "  fault injection: each transport write operation fails with probability "
         << flags.inject_fail_rate
-        << "; it touches per-block and bounce (they write through the transport), not direct "
-           "(it copies without the transport), and auto only when it picks per-block or bounce\n";
+        << (bounce_writes
+                ? "; it touches per-block and bounce (they write through the transport), not "
+                  "direct (it copies without the transport), and auto only when it picks "
+                  "per-block or bounce\n"
+                : "; it touches per-block (it writes through the transport), not bounce (it "
+                  "gathers straight into the mapped recv slot; --config bounce_gather_mapped=0 "
+                  "writes instead) or direct (they copy without the transport), and auto only "
+                  "when it picks per-block\n");
   }
   nlohmann::json report;
   report["scenario"] = DescribeScenario(scenario);
@@ -706,7 +717,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   report["concurrency"] = concurrency;
   if (flags.chunk_mb) report["bounce_chunk_mb"] = *flags.chunk_mb;
   report["ctx_instances"] = flags.ctx_instances;
-  report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths);
+  report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths, bounce_writes);
   if (flags.transport == "ucx" || flags.transport == "cuda-ipc") {
     BenchPlan plan{std::move(scenario), paths, concurrency, slots, ctx_arena_mb, gen_arena_mb};
     KVB_ASSIGN_OR_RETURN(nlohmann::json result, RunProcessBench(flags, plan, log));

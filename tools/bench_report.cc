@@ -23,8 +23,12 @@ double Percentile(std::vector<double> v, double p) {
 
 nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
                            const std::string& memory, double inject_fail_rate) {
+  // Bounce writes nothing where the writer gathered straight into a mapped
+  // recv slot (Config::bounce_gather_mapped): count the writes (those of
+  // settled requests, or failed ones), not the path.
   const bool through_transport =
-      run.taken.count("per-block") != 0 || run.taken.count("bounce") != 0;
+      (run.taken.count("per-block") != 0 || run.taken.count("bounce") != 0) &&
+      (run.transport_writes > 0 || run.injected_write_failures > 0);
   nlohmann::json j;
   j["transport"] = transport;
   j["memory"] = memory;

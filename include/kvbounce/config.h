@@ -148,6 +148,15 @@ struct Config {
   // a thread of its own. Rule: 0 or 1.
   int64_t progress_on_loop = 1;
 
+  // 1: where the transport maps the receiver's memory into this process
+  // (loopback), a bounce writer gathers straight into the recv slot the
+  // receiver granted: no send slot, no transport write and no flush, one
+  // pass over the bytes fewer (docs/paths.md). 0: it gathers into a send
+  // slot and writes that, as over a transport that does not map (what a
+  // test of the transport's write path, or an A/B measurement, wants).
+  // Rule: 0 or 1.
+  int64_t bounce_gather_mapped = 1;
+
   // Checks every rule above: the integer fields in declaration order, then
   // path, then the rules across fields. Returns the first violation as kInvalidArgument
   // ("config: <field> = <value> is invalid: <rule>"), or OK.

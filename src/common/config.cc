@@ -31,7 +31,7 @@ static_assert(Config::kMaxMbPerS == 1000000000);
 static_assert(Config::kMaxPollUs == 10000);
 static_assert(Config::kMaxInlineCopyKb == 16384);
 
-constexpr std::array<IntField, 12> kIntFields = {{
+constexpr std::array<IntField, 13> kIntFields = {{
     {"bounce_size_mb", &Config::bounce_size_mb, 0, Config::kMaxBounceSizeMb,
      "must be an integer >= 0 and <= 1048576 (1 TiB)"},
     {"bounce_chunk_mb", &Config::bounce_chunk_mb, 0, Config::kMaxBounceSizeMb,
@@ -56,18 +56,21 @@ constexpr std::array<IntField, 12> kIntFields = {{
      "must be an integer >= 0 and <= 16384 (16 MiB; 0: never copy on the control loop)"},
     {"progress_on_loop", &Config::progress_on_loop, 0, 1,
      "must be an integer, 0 (the transport's own thread) or 1 (the control loop)"},
+    {"bounce_gather_mapped", &Config::bounce_gather_mapped, 0, 1,
+     "must be an integer, 0 (gather into a send slot, then write) or 1 (gather into the mapped "
+     "recv slot)"},
 }};
 
 constexpr std::string_view kPathKey = "path";
 constexpr std::string_view kPathRule = "must be one of per-block, bounce, direct, auto";
 
 // Declaration order of Config, which Keys() and ToString() follow.
-constexpr std::array<std::string_view, 13> kKeys = {
+constexpr std::array<std::string_view, 14> kKeys = {
     "bounce_size_mb",      "bounce_chunk_mb",      "num_workers",
     "transfer_timeout_ms", "reserve_timeout_ms",   "path",
     "transport_op_ns",     "transport_mb_per_s",   "copy_run_ns",
     "copy_mb_per_s",       "poll_before_sleep_us", "inline_copy_kb",
-    "progress_on_loop",
+    "progress_on_loop",    "bounce_gather_mapped",
 };
 
 constexpr std::array<TransferPath, 4> kPaths = {TransferPath::kPerBlock, TransferPath::kBounce,

@@ -378,7 +378,14 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     if (!engine.ok()) return engine.status().WithContext("the copy engine of the cuda pool");
     copy_ = std::move(engine).value();
   } else {
-    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine, CpuCopyEngine::Create());
+    // Every agent of the process copies on the one shared pool of workers
+    // (copy/cpu/copy_workers.h): a cluster of agents in one process starts
+    // no more copy threads than the machine has cores.
+    KVB_ASSIGN_OR_RETURN(std::shared_ptr<CopyWorkers> workers, CopyWorkers::Shared());
+    CpuCopyEngine::Options copy_options;
+    copy_options.workers = std::move(workers);
+    KVB_ASSIGN_OR_RETURN(std::unique_ptr<CpuCopyEngine> engine,
+                         CpuCopyEngine::Create(copy_options));
     copy_ = std::move(engine);
   }
   if (hooks.wrap_copy_engine) {

@@ -81,8 +81,11 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
         copy.inline_bytes > 0 && w.bytes <= copy.inline_bytes ? 0 : kHandOffUs;
     e.per_block_us +=
         2 * kHandOffUs + static_cast<double>(w.direct_runs + 1) * link.op_us + on_link;
-    e.bounce_us += 2 * kHandOffUs + 2 * copy_hand_off + 2 * link.op_us + on_link +
-                   2 * copy.batch_us +
+    // Where the writer maps this rank's memory it gathers straight into
+    // the recv slot (Config::bounce_gather_mapped): no link operation.
+    const bool mapped_bounce = w.direct && config.bounce_gather_mapped != 0;
+    e.bounce_us += 2 * kHandOffUs + 2 * copy_hand_off +
+                   (mapped_bounce ? 0 : 2 * link.op_us + on_link) + 2 * copy.batch_us +
                    static_cast<double>(w.gather_runs + w.scatter_runs) * copy.run_us + 2 * copied;
     if (w.direct) {
       e.direct_us +=

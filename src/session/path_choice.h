@@ -7,6 +7,9 @@
 //   per-block  2 H + (D + 1) op + B / link
 //   bounce     4 H + 2 op + B / link                      (one write, a flush)
 //              + 2 batch + (G + S) run + 2 B / copy       (gather, scatter)
+//              without the "2 op + B / link" where the writer maps this
+//              rank's memory and gathers straight into the recv slot
+//              (Config::bounce_gather_mapped, this rank's setting)
 //   direct     H + batch + D run + B / copy               (one batched copy)
 //              3 H + D (read_op + P) + B / read           (read by this rank)
 //

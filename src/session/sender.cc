@@ -86,6 +86,9 @@ struct SenderSession::Job {
   };
   bool streaming = false;  // units and lanes are in use
   bool streamed = false;   // KV_REQUEST.chunk_bytes > 0
+  // kMappedBounce: units are gathered straight into the mapped recv slots,
+  // lanes hold no send-arena slot and nothing is written.
+  bool mapped = false;
   uint64_t lane_bytes = 0;
   std::deque<Unit> units;
   std::array<Lane, kStreamLanes> lanes;
@@ -119,6 +122,8 @@ const char* SenderSession::DataPathName(DataPath path) {
       return "bounce";
     case DataPath::kStagedBounce:
       return "host-staged bounce";
+    case DataPath::kMappedBounce:
+      return "bounce into the mapped recv slot";
     case DataPath::kDirect:
       return "direct";
     case DataPath::kLend:
@@ -399,6 +404,10 @@ void SenderSession::Start(Job& job) {
       // The pool is registered with the transport only when it can reach
       // it (docs/cuda.md): otherwise only a gathered slot can be written.
       job.data_path = ctx_.pool_ranges.empty() ? DataPath::kStagedBounce : DataPath::kBounce;
+      if (ctx_.config.bounce_gather_mapped != 0 && peer->recv_arena != nullptr &&
+          peer->recv_arena->mapped_address() != Addr()) {
+        job.data_path = DataPath::kMappedBounce;
+      }
       break;
     case protocol::TransferPath::kDirect:
       job.path = TransferPath::kDirect;
@@ -433,8 +442,9 @@ void SenderSession::Start(Job& job) {
     receiver_pool = &*peer->mapped_pool;
   }
   job.block_table = pub.block_table;
-  const bool bounce =
-      job.data_path == DataPath::kBounce || job.data_path == DataPath::kStagedBounce;
+  const bool bounce = job.data_path == DataPath::kBounce ||
+                      job.data_path == DataPath::kStagedBounce ||
+                      job.data_path == DataPath::kMappedBounce;
   // The lists the copy engine copies are planned tiled when it takes them
   // (a step per block); per-block writes need the flat list.
   const bool tiled = job.data_path != DataPath::kPerBlock && ctx_.TiledCopies();
@@ -472,6 +482,9 @@ void SenderSession::Start(Job& job) {
     case DataPath::kBounce:
     case DataPath::kStagedBounce:
       StartBounce(job, *peer);
+      return;
+    case DataPath::kMappedBounce:
+      StartMappedBounce(job, *peer);
       return;
     case DataPath::kDirect:
       StartDirect(job, *peer);
@@ -520,21 +533,69 @@ void SenderSession::StartBounce(Job& job, PeerState& peer) {
   Reserve(job);
 }
 
+void SenderSession::StartMappedBounce(Job& job, PeerState& peer) {
+  if (job.request.chunk_bytes > 0) {
+    job.mapped = true;
+    StartStreamed(job);
+    return;
+  }
+  if (job.request.recv_slot_size != job.plan.packed_bytes) {
+    Finish(job, DataLossError("recv slot of " + std::to_string(job.request.recv_slot_size) +
+                              " bytes granted for a packed stream of " +
+                              std::to_string(job.plan.packed_bytes) + " bytes"));
+    return;
+  }
+  Result<Addr> slot = MappedRecvAddress(peer, job.request.recv_slot_addr, job.plan.packed_bytes);
+  if (!slot.ok()) {
+    Finish(job, slot.status());
+    return;
+  }
+  const RemoteRegion* arena = peer.recv_arena.get();
+  CopyIntoPeer(
+      job, std::span<const RemoteRegion* const>(&arena, 1),
+      job.tiled ? GatherBatch(job.plan.tiled_gather, *slot) : GatherBatch(job.plan.gather, *slot),
+      "gather into the mapped recv slot");
+}
+
+Result<Addr> SenderSession::MappedRecvAddress(const PeerState& peer, uint64_t addr,
+                                              uint64_t bytes) const {
+  const RegionInfo& arena = peer.recv_arena->info();
+  const uint64_t base = arena.address.value();
+  if (addr < base || addr - base > arena.size || bytes > arena.size - (addr - base)) {
+    return DataLossError("recv slot [" + std::to_string(addr) + ", +" + std::to_string(bytes) +
+                         ") lies outside the recv arena of " + peer.Describe());
+  }
+  return peer.recv_arena->mapped_address() + (addr - base);
+}
+
 void SenderSession::StartDirect(Job& job, PeerState& peer) {
+  std::vector<const RemoteRegion*> regions;
+  regions.reserve(peer.pool_regions.size());
+  for (const std::unique_ptr<RemoteRegion>& region : peer.pool_regions) {
+    regions.push_back(region.get());
+  }
+  CopyIntoPeer(job, regions,
+               job.tiled ? DirectBatch(job.plan.tiled_direct) : DirectBatch(job.plan.direct),
+               "direct copy");
+}
+
+void SenderSession::CopyIntoPeer(Job& job, std::span<const RemoteRegion* const> regions,
+                                 const CopyBatch& batch, const char* what) {
   if (ctx_.copy == nullptr) {
     Finish(job, AbortedError("agent shutting down"));
     return;
   }
-  // Hold a mapped access to every region of the receiver's pool for as
-  // long as the copy may touch it: the receiver's deregistration (its
-  // shutdown) and the connection's failure wait for it. Released by the
-  // copy's `done` the moment the copy ended: on the engine thread, or here
-  // when the loop copied a small batch itself (SubmitCopy).
+  // Hold a mapped access to every region the copy may touch for as long
+  // as it may touch it: the receiver's deregistration (its shutdown) and
+  // the connection's failure wait for it. Released by the copy's `done`
+  // the moment the copy ended: on the engine thread, or here when the loop
+  // copied a small batch itself (SubmitCopy).
   auto access = std::make_shared<std::vector<std::unique_ptr<MappedAccess>>>();
-  for (const std::unique_ptr<RemoteRegion>& region : peer.pool_regions) {
+  access->reserve(regions.size());
+  for (const RemoteRegion* region : regions) {
     Result<std::unique_ptr<MappedAccess>> a = ctx_.transport->BeginMappedAccess(*region);
     if (!a.ok()) {
-      Finish(job, a.status().WithContext("mapping the pool of " + job.peer_name));
+      Finish(job, a.status().WithContext("mapping the memory of " + job.peer_name));
       return;
     }
     access->push_back(std::move(a).value());
@@ -545,7 +606,7 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
   const Key key = job.key;
   ++job.async_outstanding;
   Status submitted = ctx_.SubmitCopy(
-      job.tiled ? DirectBatch(job.plan.tiled_direct) : DirectBatch(job.plan.direct),
+      batch,
       [this, key, access](Status s) {
         access->clear();
         ctx_.loop->Post([this, key, s] { OnCopied(key, s); });
@@ -555,7 +616,7 @@ void SenderSession::StartDirect(Job& job, PeerState& peer) {
     --job.async_outstanding;
     access->clear();
     ReleaseBlocks(job);
-    Finish(job, submitted.WithContext("direct copy"));
+    Finish(job, submitted.WithContext(what));
   }
 }
 
@@ -631,7 +692,10 @@ void SenderSession::OnCopied(Key key, const Status& status) {
   ReleaseBlocks(*job);
   job = Find(key);
   if (job == nullptr) return;
-  Finish(*job, status.ok() ? Status::Ok() : status.WithContext("direct copy"));
+  Finish(*job, status.ok() ? Status::Ok()
+                           : status.WithContext(job->data_path == DataPath::kDirect
+                                                    ? "direct copy"
+                                                    : "gather into the mapped recv slot"));
   if (Job* j = Find(key); j != nullptr) MaybeReport(*j);
 }
 
@@ -717,7 +781,7 @@ void SenderSession::StartStream(Job& job) {
 }
 
 void SenderSession::StartStreamed(Job& job) {
-  if (ctx_.send_arena == nullptr || ctx_.copy == nullptr) {
+  if ((ctx_.send_arena == nullptr && !job.mapped) || ctx_.copy == nullptr) {
     Finish(job, ctx_.copy == nullptr
                     ? AbortedError("agent shutting down")
                     : FailedPreconditionError(job.peer_name +
@@ -733,7 +797,11 @@ void SenderSession::StartStreamed(Job& job) {
   job.cut = *cut;
   job.streamed = true;
   job.streaming = true;
-  job.lane_bytes = std::min(job.request.chunk_bytes, LaneBytes(ctx_.send_arena->capacity()));
+  // Gathered straight into the mapped slot, a chunk needs no lane slot:
+  // one unit per chunk.
+  job.lane_bytes = job.mapped
+                       ? job.request.chunk_bytes
+                       : std::min(job.request.chunk_bytes, LaneBytes(ctx_.send_arena->capacity()));
   if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
   OrderForSlicing(job.plan.gather, PackedSide::kDestination);
   job.timeline.reserve = SessionContext::MetricsClock::now();
@@ -813,7 +881,7 @@ void SenderSession::PumpLanes(Job& job) {
     if (j == nullptr || j->units.empty() || j->outcome || !j->write_error.ok()) break;
     Job::Lane& lane = j->lanes[i];
     if (lane.busy) continue;
-    if (!lane.slot.valid()) {
+    if (!j->mapped && !lane.slot.valid()) {
       Result<Slot> slot = ctx_.send_arena->TryReserve(j->lane_bytes);
       if (!slot.ok()) {
         const bool holds_lane = std::any_of(j->lanes.begin(), j->lanes.end(),
@@ -846,17 +914,41 @@ void SenderSession::GatherUnit(Job& job, size_t lane_index) {
   if (job.state == JobState::kReserving) Transition(job, JobState::kGathering);
   Status status = SliceChunk(job.plan.gather, PackedSide::kDestination, lane.unit.begin,
                              lane.unit.end, &lane.list);
+  // Straight into the mapped recv slot, under a MappedAccess of the arena
+  // until the copy ended (see CopyIntoPeer); else into the lane's slot.
+  Addr dst = lane.slot.address();
+  auto access = std::make_shared<std::unique_ptr<MappedAccess>>();
+  if (status.ok() && job.mapped) {
+    PeerState* peer = ctx_.FindPeer(job.peer);
+    if (peer == nullptr || !peer->ready()) {
+      status = UnavailableError("receiver " + job.peer_name + " is gone");
+    } else {
+      Result<Addr> mapped =
+          MappedRecvAddress(*peer, lane.unit.dst.value(), lane.unit.end - lane.unit.begin);
+      Result<std::unique_ptr<MappedAccess>> a =
+          mapped.ok() ? ctx_.transport->BeginMappedAccess(*peer->recv_arena)
+                      : Result<std::unique_ptr<MappedAccess>>(mapped.status());
+      if (a.ok()) {
+        dst = *mapped;
+        *access = std::move(a).value();
+      } else {
+        status = a.status();
+      }
+    }
+  }
   if (status.ok()) {
     const Key key = job.key;
     ++job.async_outstanding;
     ++job.gathers_outstanding;
     status = ctx_.SubmitCopy(
-        GatherBatch(lane.list, lane.slot.address()),
-        [this, key, lane_index](Status st) {
+        GatherBatch(lane.list, dst),
+        [this, key, lane_index, access](Status st) {
+          access->reset();
           ctx_.loop->Post([this, key, lane_index, st] { OnUnitGathered(key, lane_index, st); });
         },
         job.stop.get_token());
     if (status.ok()) return;
+    access->reset();
     --job.async_outstanding;
     --job.gathers_outstanding;
   }
@@ -887,11 +979,17 @@ void SenderSession::OnUnitGathered(Key key, size_t lane_index, const Status& sta
     EndStreamIfIdle(*job);
     return;
   }
-  lane.write = {WriteOp{lane.slot.address(), lane.unit.dst, lane.unit.end - lane.unit.begin}};
   if (job->state != JobState::kWriting) {
     Transition(*job, JobState::kWriting);
     job->timeline.first_byte = SessionContext::MetricsClock::now();
   }
+  if (job->mapped) {
+    // Gathered into the receiver's slot: the unit has landed.
+    ++job->async_outstanding;
+    OnUnitWritten(key, lane_index, Status::Ok());
+    return;
+  }
+  lane.write = {WriteOp{lane.slot.address(), lane.unit.dst, lane.unit.end - lane.unit.begin}};
   ++job->async_outstanding;
   Status issued = ctx_.transport->Write(
       *ctx_.send_region, *peer->recv_arena, lane.write,
@@ -946,7 +1044,7 @@ void SenderSession::AnnounceChunk(Job& job, uint64_t chunk) {
   // flush proves it, unless the transport's writes land before they report.
   const Key key = job.key;
   ++job.async_outstanding;
-  if (ctx_.writes_land_at_completion) {
+  if (ctx_.writes_land_at_completion || job.mapped) {
     OnChunkFlushed(key, chunk, Status::Ok());  // counts it back down
     return;
   }

@@ -51,6 +51,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <span>
 #include <stop_token>
 #include <string>
 #include <tuple>
@@ -144,11 +145,20 @@ class SenderSession {
   //                  memory over a host-only link, docs/cuda.md): the same
   //                  steps, but the gathered send slot is the only source,
   //                  so a job that gets no slot fails naming why.
+  //   kMappedBounce  bounce where the receiver's recv arena is mapped here
+  //                  (a transport with map_remote, Config::
+  //                  bounce_gather_mapped): StartMappedBounce gathers
+  //                  straight into the granted recv slot under a
+  //                  MappedAccess of the arena -> OnCopied -> KV_RESULT; no
+  //                  send slot, no transport write, no flush (the copy has
+  //                  landed when it reports). Streamed, each granted chunk
+  //                  is gathered straight into its slot the same way (a
+  //                  lane per chunk, no send-arena slot) -> KV_CHUNK.
   //   kDirect        StartDirect: the copy engine copies the direct list
   //                  into the receiver's pool, mapped here -> KV_RESULT.
   //   kLend          Lend (direct read): KV_READY with our block table; the
   //                  receiver reads and answers KV_READ_DONE -> KV_RESULT.
-  enum class DataPath { kPerBlock, kBounce, kStagedBounce, kDirect, kLend };
+  enum class DataPath { kPerBlock, kBounce, kStagedBounce, kMappedBounce, kDirect, kLend };
   static const char* DataPathName(DataPath path);
 
   static const char* StateName(JobState state);
@@ -158,7 +168,16 @@ class SenderSession {
   void Start(Job& job);
   void StartPerBlock(Job& job, PeerState& peer);
   void StartBounce(Job& job, PeerState& peer);
+  void StartMappedBounce(Job& job, PeerState& peer);
   void StartDirect(Job& job, PeerState& peer);
+  // Submits the job's copy `batch`, which writes into `regions` of the
+  // peer (mapped here), holding a MappedAccess of each until the copy
+  // ended; the end reaches OnCopied. `what` names the copy in errors.
+  void CopyIntoPeer(Job& job, std::span<const RemoteRegion* const> regions, const CopyBatch& batch,
+                    const char* what);
+  // Where the peer's recv-arena bytes [addr, addr + bytes) are mapped here.
+  // Errors: kDataLoss when they are not inside the arena.
+  Result<Addr> MappedRecvAddress(const PeerState& peer, uint64_t addr, uint64_t bytes) const;
   void Lend(Job& job);
   void Reserve(Job& job);
   void OnReserveTimeout(Key key);

@@ -63,6 +63,7 @@ TEST(ConfigTest, Defaults) {
   EXPECT_EQ(config.poll_before_sleep_us, 0);
   EXPECT_EQ(config.inline_copy_kb, 64);
   EXPECT_EQ(config.progress_on_loop, 1);
+  EXPECT_EQ(config.bounce_gather_mapped, 1);
   EXPECT_TRUE(config.Validate().ok()) << config.Validate();
 }
 
@@ -134,6 +135,10 @@ TEST(ConfigValidateTest, EveryRule) {
        "config: progress_on_loop = 2 is invalid: must be an integer, 0 (the transport's own "
        "thread) or 1 (the control loop)"},
       {"progress_on_loop off", [](Config& c) { c.progress_on_loop = 0; }, ""},
+      {"bounce_gather_mapped 2", [](Config& c) { c.bounce_gather_mapped = 2; },
+       "config: bounce_gather_mapped = 2 is invalid: must be an integer, 0 (gather into a send "
+       "slot, then write) or 1 (gather into the mapped recv slot)"},
+      {"bounce_gather_mapped off", [](Config& c) { c.bounce_gather_mapped = 0; }, ""},
       {"path out of enum", [](Config& c) { c.path = static_cast<TransferPath>(9); },
        "config: path = 9 is invalid: must be one of per-block, bounce, direct, auto"},
       {"path per-block", [](Config& c) { c.path = TransferPath::kPerBlock; }, ""},
@@ -290,6 +295,7 @@ TEST(ConfigSetTest, IntegersThatBreakTheFieldRule) {
       {"poll_before_sleep_us", "-1"}, {"poll_before_sleep_us", "10001"},
       {"inline_copy_kb", "-1"},       {"inline_copy_kb", "16385"},
       {"progress_on_loop", "-1"},     {"progress_on_loop", "2"},
+      {"bounce_gather_mapped", "2"},  {"bounce_gather_mapped", "-1"},
   };
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(std::string(key) + " = " + std::string(value));
@@ -341,7 +347,7 @@ TEST(ConfigTest, KeysAreTheFieldsInOrder) {
                       "bounce_size_mb", "bounce_chunk_mb", "num_workers", "transfer_timeout_ms",
                       "reserve_timeout_ms", "path", "transport_op_ns", "transport_mb_per_s",
                       "copy_run_ns", "copy_mb_per_s", "poll_before_sleep_us", "inline_copy_kb",
-                      "progress_on_loop"}));
+                      "progress_on_loop", "bounce_gather_mapped"}));
 }
 
 // --- FromKeyValues / FromText / ToString ---------------------------------------
@@ -401,13 +407,14 @@ TEST(ConfigTest, ToStringRoundTripsThroughFromText) {
   config.poll_before_sleep_us = 50;
   config.inline_copy_kb = 0;
   config.progress_on_loop = 0;
+  config.bounce_gather_mapped = 0;
   const std::string text = config.ToString();
   EXPECT_EQ(text,
             "bounce_size_mb=64 bounce_chunk_mb=0 num_workers=3 transfer_timeout_ms=60000 "
             "reserve_timeout_ms=200 "
             "path=per-block transport_op_ns=4096 transport_mb_per_s=0 copy_run_ns=0 "
             "copy_mb_per_s=20000 poll_before_sleep_us=50 inline_copy_kb=0 "
-            "progress_on_loop=0");
+            "progress_on_loop=0 bounce_gather_mapped=0");
   std::string lines = text;
   for (char& c : lines) {
     if (c == ' ') c = '\n';

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -21,6 +22,7 @@
 
 #include "copy/copy_engine.h"
 #include "copy/cpu/batch_split.h"
+#include "copy/cpu/copy_workers.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 #include "layout/fragment.h"
@@ -193,6 +195,99 @@ TEST(CpuCopyEngineTest, CreateRejectsBadOptions) {
   engine = CpuCopyEngine::Create(options);
   ASSERT_FALSE(engine.ok());
   EXPECT_THAT(std::string(engine.status().message()), HasSubstr("min_chunk_bytes"));
+}
+
+// --- Engines sharing one pool of workers (copy_workers.h) ------------------------
+
+TEST(CopyWorkersTest, TheSharedPoolIsOnePerProcessWhileHeld) {
+  Result<std::shared_ptr<CopyWorkers>> a = CopyWorkers::Shared();
+  Result<std::shared_ptr<CopyWorkers>> b = CopyWorkers::Shared();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->get(), b->get());
+  EXPECT_EQ((*a)->num_threads(), CopyWorkers::SharedThreads());
+  EXPECT_GE(CopyWorkers::SharedThreads(), 1);
+  EXPECT_LE(CopyWorkers::SharedThreads(), CopyWorkers::kMaxSharedThreads);
+  EXPECT_FALSE((*a)->OnWorkerThread());
+  // Once nobody holds it, its workers are joined; the next caller gets a
+  // pool that runs tasks again.
+  a->reset();
+  b->reset();
+  Result<std::shared_ptr<CopyWorkers>> c = CopyWorkers::Shared();
+  ASSERT_TRUE(c.ok());
+  std::promise<bool> ran;
+  ASSERT_TRUE((*c)->Post([&, pool = c->get()] { ran.set_value(pool->OnWorkerThread()); }));
+  EXPECT_TRUE(ran.get_future().get());
+}
+
+TEST(CopyWorkersTest, CreateRejectsBadCounts) {
+  for (int n : {0, -1, CopyWorkers::kMaxThreads + 1}) {
+    Result<std::shared_ptr<CopyWorkers>> pool = CopyWorkers::Create(n);
+    ASSERT_FALSE(pool.ok());
+    EXPECT_EQ(pool.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(pool.status().message()),
+                HasSubstr("num_threads = " + std::to_string(n)));
+  }
+  CpuCopyEngine::Options options;
+  options.workers = *CopyWorkers::Create(1);
+  options.num_threads = 2;
+  Result<std::unique_ptr<CpuCopyEngine>> engine = CpuCopyEngine::Create(options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_THAT(std::string(engine.status().message()), HasSubstr("shared pool"));
+}
+
+// Two engines on one pool of two workers: both copy correctly, and
+// destroying one waits only for its own batches while a batch of the other
+// still holds a worker.
+TEST(CopyWorkersTest, EnginesSharingAPoolCopyAndShutDownIndependently) {
+  Result<std::shared_ptr<CopyWorkers>> pool = CopyWorkers::Create(2);
+  ASSERT_TRUE(pool.ok());
+  CpuCopyEngine::Options options;
+  options.workers = *pool;
+  auto first = MakeEngine(options);
+  auto second = MakeEngine(options);
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  EXPECT_EQ(first->num_threads(), 2);
+  EXPECT_EQ(first->workers(), second->workers());
+
+  // The second engine's first batch holds one worker until released.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false;
+  Completions held;
+  ASSERT_TRUE(second
+                  ->Submit(CopyBatch{},
+                           [&, done = held.Callback()](Status s) mutable {
+                             {
+                               std::unique_lock<std::mutex> lock(mu);
+                               cv.wait(lock, [&] { return release; });
+                             }
+                             done(std::move(s));
+                           })
+                  .ok());
+
+  constexpr size_t kBytes = size_t{512} << 10;  // one chunk: not split
+  GuardedBuffer src(kBytes);
+  src.FillRandom(21);
+  GuardedBuffer dst(kBytes, 0);
+  std::vector<Fragment> list{{0, 0, kBytes}};
+  Completions done;
+  ASSERT_TRUE(first->Submit(CopyBatch{list, src.addr(), dst.addr()}, done.Callback()).ok());
+  // The first engine's batch completes on the worker left free, and the
+  // engine goes away while the second still holds the other worker.
+  first.reset();
+  EXPECT_EQ(done.count(), 1);
+  EXPECT_EQ(done.failures(), 0);
+  EXPECT_EQ(0, std::memcmp(src.data(), dst.data(), kBytes));
+  EXPECT_TRUE(dst.GuardsIntact());
+  EXPECT_EQ(held.count(), 0);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  second.reset();  // waits for its held batch
+  EXPECT_EQ(held.count(), 1);
 }
 
 TEST(CpuCopyEngineTest, GatherThenScatterRoundTripsWithGuards) {

@@ -234,7 +234,9 @@ INSTANTIATE_TEST_SUITE_P(
 // A bounce write that lands after the retire (the gather had finished, so
 // the publication may settle at once) is still reported CANCELLED.
 TEST(PublicationSettleTest, BounceWriteLandingAfterRetireIsNotReportedOk) {
-  auto cluster = Cluster::Create(OneToOne(milliseconds(2000)));
+  ClusterOptions o = OneToOne(milliseconds(2000));
+  o.ctx_config.bounce_gather_mapped = 0;  // gather into a send slot, then write it
+  auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   std::mt19937_64 rng(2);
@@ -338,6 +340,40 @@ TEST(PullSettleTest, DirectCancelWaitsForTheCopyIntoItsBlocks) {
       << "the pull settled while a direct copy into its blocks was pending";
   copies.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
+  ExpectGenPoolFrozen(c);
+  (*pub)->Wait().IgnoreError();
+}
+
+// Bounce where the writer gathers straight into the mapped recv slot: a
+// cancel settles the pull at once (the gather writes the slot, not the
+// pool), the slot stays quarantined until the held gather ended, and the
+// pool never changes.
+TEST(PullSettleTest, MappedBounceCancelQuarantinesTheSlotTheGatherWrites) {
+  HoldingCopyEngine::Gate copies;
+  ClusterOptions o = OneToOne(milliseconds(10));
+  o.ctx_hooks = copies.Hooks();
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(5);
+  const BlockTables tables = c.Tables(0, 64, rng);
+  copies.Hold();
+  auto pub = c.ctx(0).Publish(5, tables.ctx, 64);
+  ASSERT_THAT(pub, IsOk());
+  auto pull = c.gen(0).Pull(5, "ctx0", tables.gen, {0, 64}, Path(TransferPath::kBounce));
+  ASSERT_THAT(pull, IsOk());
+  ASSERT_TRUE(copies.WaitForParked(1, kLong));
+  const std::vector<std::byte> before = Snapshot(c, false, 0);
+  (*pull)->Cancel();
+  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
+  EXPECT_GT(c.gen(0).Stats().arena_quarantined_bytes, 0u);
+  copies.Release();
+  EXPECT_TRUE(WaitUntil([&] {
+    const AgentStats s = c.gen(0).Stats();
+    return s.arena_quarantined_bytes == 0 && s.arena_outstanding_bytes == 0;
+  }));
+  EXPECT_TRUE(Snapshot(c, false, 0) == before);
+  EXPECT_EQ(c.ctx(0).Stats().transport_writes, 0u);
   ExpectGenPoolFrozen(c);
   (*pub)->Wait().IgnoreError();
 }

@@ -17,6 +17,7 @@
 #include "common/clock.h"
 #include "common/status_matchers.h"
 #include "protocol/codec.h"
+#include "session/holding_copy_engine.h"
 #include "tools/cluster.h"
 
 namespace kvbounce {
@@ -25,6 +26,7 @@ namespace {
 using std::chrono::milliseconds;
 using ::testing::AnyOf;
 using ::testing::HasSubstr;
+using testing_util::HoldingCopyEngine;
 using testing_util::IsOk;
 using testing_util::StatusIs;
 using tools::BlockTables;
@@ -65,6 +67,14 @@ ClusterOptions Streaming(int writers, int layers, int kv_heads, int head_dim, in
   return o;
 }
 
+// The writers gather into send slots and write them through the transport
+// (what the fault transport can fail or hold), instead of gathering
+// straight into the recv slots they map over loopback.
+ClusterOptions Writes(ClusterOptions o) {
+  o.ctx_config.bounce_gather_mapped = 0;
+  return o;
+}
+
 PullOptions Bounce(milliseconds timeout = milliseconds(0)) {
   PullOptions p;
   p.path = TransferPath::kBounce;
@@ -90,6 +100,12 @@ uint64_t Outstanding(Cluster& c) {
   }
   for (int r = 0; r < c.num_gen(); ++r) n += c.gen(r).Stats().arena_outstanding_bytes;
   return n;
+}
+
+std::vector<std::byte> GenPool(Cluster& c) {
+  std::vector<std::byte> out;
+  for (std::span<std::byte> s : c.PoolMemory(false, 0)) out.insert(out.end(), s.begin(), s.end());
+  return out;
 }
 
 bool ArenasDrain(Cluster& c) {
@@ -289,7 +305,7 @@ TEST(StreamingTest, CancelAtRandomChunksSettlesOnceAndTouchesNothingAfter) {
 // Writes fail at random chunks: a request with a failed chunk fails with
 // the writer's reason, frees everything, and the next one streams on.
 TEST(StreamingTest, WriteFailuresAtRandomChunksFailCleanly) {
-  ClusterOptions o = Streaming(2, 4, 4, 32, 16384, 1, 2, 1);
+  ClusterOptions o = Writes(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
   o.ctx_faults.write_fail_rate = 0.02;
   o.ctx_faults.seed = 3;
   auto cluster = Cluster::Create(o);
@@ -333,7 +349,7 @@ TEST(StreamingTest, WriteFailuresAtRandomChunksFailCleanly) {
 // writers may still write stay quarantined until they stop, and nothing of
 // them reaches the pool.
 TEST(StreamingTest, ADeadlineMidStreamQuarantinesTheGrantedSlots) {
-  auto cluster = Cluster::Create(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
+  auto cluster = Cluster::Create(Writes(Streaming(2, 4, 4, 32, 16384, 1, 2, 1)));
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   std::mt19937_64 rng(17);
@@ -359,12 +375,44 @@ TEST(StreamingTest, ADeadlineMidStreamQuarantinesTheGrantedSlots) {
   EXPECT_TRUE(*at_settle == *after);
 }
 
+// The same where the writers gather straight into the mapped chunk slots
+// (the loopback default), their gathers held in flight: the request
+// settles at the deadline, the slots being gathered into stay quarantined
+// until the gathers end, and none of it reaches the pool.
+TEST(StreamingTest, ADeadlineMidStreamQuarantinesTheSlotsGatheredInto) {
+  HoldingCopyEngine::Gate gathers;
+  ClusterOptions o = Streaming(2, 4, 4, 32, 16384, 1, 2, 1);
+  o.ctx_hooks = gathers.Hooks();
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(23);
+  c.ClearGen(0);
+  const BlockTables tables = c.Tables(0, 16384, rng);
+  const std::vector<std::byte> before = GenPool(c);
+  auto published = PublishAll(c, 0, 1, tables, 16384);
+  gathers.Hold();
+  auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 16384}, Bounce(milliseconds(300)));
+  ASSERT_THAT(pull, IsOk());
+  // Each writer has its first chunk's gather in flight.
+  ASSERT_TRUE(gathers.WaitForParked(2, kLong));
+  EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kDeadlineExceeded));
+  EXPECT_GT(c.gen(0).Stats().arena_quarantined_bytes, 0u);
+  gathers.Release();
+  for (auto& p : published) p->Cancel();
+  for (auto& p : published) EXPECT_TRUE(p->WaitFor(kLong));
+  EXPECT_TRUE(ArenasDrain(c));
+  EXPECT_EQ(c.gen(0).Stats().arena_quarantined_bytes, 0u);
+  EXPECT_TRUE(GenPool(c) == before) << "a gather held past the deadline reached the pool";
+  for (int r = 0; r < c.num_ctx(); ++r) EXPECT_EQ(c.ctx(0, r).Stats().transport_writes, 0u);
+}
+
 // More streams than the arena admits: the second waits in order for
 // admission, and once reserve_timeout_ms passed it falls back to per-block
 // (which can serve it here) while the first streams on.
 TEST(StreamingTest, AStreamNotAdmittedInTimeFallsBackToPerBlock) {
   auto clock = std::make_shared<ManualClock>();
-  ClusterOptions o = Streaming(2, 4, 4, 32, 16384, 1, 2, 1);
+  ClusterOptions o = Writes(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
   o.slots = 2;
   o.gen_config.reserve_timeout_ms = 100;
   o.ctx_hooks.clock = clock;
@@ -446,7 +494,7 @@ TEST(StreamingTest, AWriterRefusesGrantsItCannotTrust) {
 // A writer that dies mid-stream: the request fails naming the lost
 // connection, the other writer is drained, every slot comes back.
 TEST(StreamingTest, AWriterRestartedMidStreamFailsTheRequestAndFreesEverything) {
-  auto cluster = Cluster::Create(Streaming(2, 4, 4, 32, 16384, 1, 2, 1));
+  auto cluster = Cluster::Create(Writes(Streaming(2, 4, 4, 32, 16384, 1, 2, 1)));
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
   std::mt19937_64 rng(19);

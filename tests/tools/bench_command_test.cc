@@ -61,12 +61,10 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
       EXPECT_GT(r["latency_ms"][p].get<double>(), 0);
     EXPECT_LE(r["latency_ms"]["p50"].get<double>(), r["latency_ms"]["max"].get<double>());
   }
-  // Per-block issues one write per fragment, bounce one per writer and
-  // receiver, direct none at all.
-  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(),
-            runs[1]["transport_writes"].get<uint64_t>());
-  // Bounce: one write per (writer, receiver): 4 gen ranks x 2 writers each.
-  EXPECT_EQ(runs[1]["transport_writes"], 6u * 4 * 2);
+  // Per-block issues one write per fragment; over loopback, bounce gathers
+  // straight into the mapped recv slots and direct copies: no write.
+  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(runs[1]["transport_writes"], 0);
   EXPECT_EQ(runs[2]["transport_writes"], 0);
   EXPECT_EQ(runs[0]["paths_taken"]["per-block"], 6 * 4);
   EXPECT_EQ(runs[3]["paths_taken"]["direct"], 6 * 4);
@@ -76,6 +74,31 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
   PrintBenchTable(*report, table);
   EXPECT_THAT(table.str(), HasSubstr("per-block"));
   EXPECT_THAT(table.str(), HasSubstr("GB/s"));
+}
+
+// With bounce_gather_mapped=0 the bounce writers gather into send slots
+// and write each once: one write per (writer, receiver), 4 gen ranks x 2
+// writers each, and fault injection reaches them.
+TEST(BenchCommandTest, BounceWritesOncePerWriterWhenItDoesNotGatherIntoTheMappedSlot) {
+  BenchFlags f = Small();
+  f.paths = "per-block,bounce";
+  f.config = {"bounce_gather_mapped=0"};
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  const auto& runs = (*report)["runs"];
+  ASSERT_EQ(runs.size(), 2u);
+  EXPECT_GT(runs[0]["transport_writes"].get<uint64_t>(),
+            runs[1]["transport_writes"].get<uint64_t>());
+  EXPECT_EQ(runs[1]["transport_writes"], 6u * 4 * 2);
+  EXPECT_EQ(runs[1]["mismatches"], 0);
+  EXPECT_EQ(runs[1]["completed"], 6);
+  EXPECT_EQ((*report)["fault_injection"]["paths_touched"],
+            nlohmann::json::array({"per-block", "bounce"}));
+  f.config = {};
+  report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ((*report)["fault_injection"]["paths_touched"], nlohmann::json::array({"per-block"}));
 }
 
 // Three ctx instances feed the one gen instance, the requests dealt to them
@@ -106,8 +129,7 @@ TEST(BenchCommandTest, SeveralCtxInstancesFeedOneGenInstance) {
     EXPECT_EQ(r["bytes"], 7u * 4 * 2 * 4 * 91 * 64);
     EXPECT_GE(r["verified_bytes"].get<uint64_t>(), r["bytes"].get<uint64_t>());
   }
-  // Bounce: one write per (writer, receiver), whichever instance wrote.
-  EXPECT_EQ(runs[1]["transport_writes"], 7u * 4 * 2);
+  EXPECT_EQ(runs[1]["transport_writes"], 0);
   std::string why;
   EXPECT_TRUE(BenchPassed(*report, &why)) << why;
   EXPECT_THAT(log.str(), HasSubstr("3 ctx instances (requests round-robin) -> 1 gen instance"));
@@ -168,6 +190,9 @@ TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
   f.paths = "per-block,bounce,direct";
   f.requests = 20;
   f.inject_fail_rate = 0.05;
+  // Bounce writes through the transport only when it does not gather
+  // straight into the mapped recv slot (the loopback default).
+  f.config = {"bounce_gather_mapped=0"};
   std::ostringstream log;
   auto report = RunBench(f, log);
   ASSERT_TRUE(report.ok()) << report.status();
@@ -205,6 +230,21 @@ TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
                                    "apply)"));
   std::string why;
   EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+
+  // Gathering into the mapped slot, bounce writes nothing: the injector
+  // does not reach it, and the report says so.
+  f.config = {};
+  f.paths = "bounce";
+  std::ostringstream mapped_log;
+  report = RunBench(f, mapped_log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  const auto& run = (*report)["runs"][0];
+  EXPECT_EQ(run["fault_injection_applies"], false);
+  EXPECT_EQ(run["failed"], 0);
+  EXPECT_EQ((*report)["fault_injection"]["paths_untouched"], nlohmann::json::array({"bounce"}));
+  EXPECT_THAT(mapped_log.str(), HasSubstr("not bounce (it gathers straight into the mapped recv "
+                                          "slot; --config bounce_gather_mapped=0 writes instead)"));
+  EXPECT_THAT(mapped_log.str(), HasSubstr("bounce: done (no transport writes"));
 }
 
 TEST(BenchCommandTest, BounceSizeZeroTurnsTheBouncePathOff) {
@@ -265,6 +305,7 @@ TEST(BenchCommandTest, ASendArenaSmallerThanTheStreamIsStreamedThrough) {
   f.concurrency = 1;
   f.paths = "bounce";
   f.send_arena_mb = 1;
+  f.config = {"bounce_gather_mapped=0"};  // through the send arena, not the mapped slot
   std::ostringstream log;
   auto report = RunBench(f, log);
   ASSERT_TRUE(report.ok()) << report.status();

@@ -18,31 +18,27 @@ Result<std::unique_ptr<CpuCopyEngine>> CpuCopyEngine::Create(const Options& opti
         "cpu copy engine: num_threads = " + std::to_string(options.num_threads) +
         " is invalid: must be 0 (automatic) to " + std::to_string(Options::kMaxThreads));
   }
+  if (options.workers != nullptr && options.num_threads != 0) {
+    return InvalidArgumentError(
+        "cpu copy engine: num_threads = " + std::to_string(options.num_threads) +
+        " is invalid with a shared pool: its workers are the pool's");
+  }
   if (options.min_chunk_bytes == 0) {
     return InvalidArgumentError("cpu copy engine: min_chunk_bytes = 0 is invalid: must be >= 1");
   }
   MemcpyBytesPerUs();  // measure now (once per process), not on a request's path
-  Options resolved = options;
-  if (resolved.num_threads == 0) {
-    const unsigned hardware = std::thread::hardware_concurrency();
-    resolved.num_threads = static_cast<int>(std::clamp(hardware, 1u, 4u));
+  std::shared_ptr<CopyWorkers> workers = options.workers;
+  if (workers == nullptr) {
+    const int n = options.num_threads > 0 ? options.num_threads : CopyWorkers::SharedThreads();
+    Result<std::shared_ptr<CopyWorkers>> own = CopyWorkers::Create(n);
+    if (!own.ok()) return own.status().WithContext("cpu copy engine");
+    workers = std::move(own).value();
   }
-  std::unique_ptr<CpuCopyEngine> engine(new CpuCopyEngine(resolved));
-  engine->threads_.reserve(static_cast<size_t>(resolved.num_threads));
-  for (int i = 0; i < resolved.num_threads; ++i) {
-    // std::thread reports failure by throwing; the library reports Status.
-    try {
-      engine->threads_.emplace_back([raw = engine.get()] { raw->WorkerLoop(); });
-    } catch (const std::system_error& e) {
-      engine->StopAndJoin();
-      return ResourceExhaustedError(std::string("cpu copy engine: cannot start worker thread: ") +
-                                    e.what());
-    }
-  }
-  return engine;
+  return std::unique_ptr<CpuCopyEngine>(new CpuCopyEngine(options, std::move(workers)));
 }
 
-CpuCopyEngine::CpuCopyEngine(const Options& options) : options_(options) {}
+CpuCopyEngine::CpuCopyEngine(const Options& options, std::shared_ptr<CopyWorkers> workers)
+    : options_(options), workers_(std::move(workers)) {}
 
 CopyEngineCaps CpuCopyEngine::Caps() const {
   return CopyEngineCaps{
@@ -52,25 +48,14 @@ CopyEngineCaps CpuCopyEngine::Caps() const {
 }
 
 CpuCopyEngine::~CpuCopyEngine() {
-  const std::thread::id self = std::this_thread::get_id();
-  for (const std::thread& t : threads_) {
-    if (t.get_id() == self) {
-      Log(LogLevel::kError,
-          "cpu copy engine destroyed on its own worker thread (from a done callback); aborting");
-      std::abort();
-    }
+  if (workers_->OnWorkerThread()) {
+    Log(LogLevel::kError,
+        "cpu copy engine destroyed on a worker of its pool (from a done callback); aborting");
+    std::abort();
   }
-  StopAndJoin();
-}
-
-void CpuCopyEngine::StopAndJoin() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stopping_ = true;
-  }
-  work_cv_.notify_all();
-  for (std::thread& t : threads_) t.join();
-  threads_.clear();
+  std::unique_lock<std::mutex> lock(mu_);
+  stopping_ = true;
+  idle_cv_.wait(lock, [this] { return tasks_in_flight_ == 0; });
 }
 
 CpuCopyEngine::Stats CpuCopyEngine::GetStats() const {
@@ -92,7 +77,7 @@ Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_byt
     const uint64_t by_bytes = total_bytes / options_.min_chunk_bytes +
                               (total_bytes % options_.min_chunk_bytes != 0 ? 1 : 0);
     max_chunks = static_cast<size_t>(
-        std::clamp<uint64_t>(by_bytes, 1, static_cast<uint64_t>(threads_.size())));
+        std::clamp<uint64_t>(by_bytes, 1, static_cast<uint64_t>(workers_->num_threads())));
   }
   std::vector<CopyChunk> chunks = SplitIntoChunks(batch.fragments, total_bytes, max_chunks);
   if (chunks.empty()) chunks.push_back(CopyChunk{});  // nothing to copy, still complete
@@ -103,34 +88,23 @@ Status CpuCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_byt
   state->done = std::move(done);
   state->stop = std::move(stop);
   state->chunks_left.store(chunks.size(), std::memory_order_relaxed);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return AbortedError("cpu copy engine: shutting down, batch not accepted");
-    for (const CopyChunk& chunk : chunks) queue_.push_back(Task{state, chunk});
+  std::vector<CopyWorkers::Task> tasks;
+  tasks.reserve(chunks.size());
+  for (const CopyChunk& chunk : chunks) {
+    tasks.push_back([this, task = Task{state, chunk}] { Run(task); });
   }
-  if (chunks.size() == 1) {
-    work_cv_.notify_one();
-  } else {
-    work_cv_.notify_all();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopping_) return AbortedError("cpu copy engine: shutting down, batch not accepted");
+  // Counted before they can run: the destructor waits for them.
+  tasks_in_flight_ += chunks.size();
+  if (!workers_->PostAll(std::move(tasks))) {
+    tasks_in_flight_ -= chunks.size();
+    return AbortedError("cpu copy engine: its workers are shutting down, batch not accepted");
   }
   return Status::Ok();
 }
 
-void CpuCopyEngine::WorkerLoop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  for (;;) {
-    work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-    // Accepted work is drained before a stopping worker exits.
-    if (queue_.empty()) return;
-    Task task = std::move(queue_.front());
-    queue_.pop_front();
-    lock.unlock();
-    Run(std::move(task));  // the task (and possibly its done) dies unlocked
-    lock.lock();
-  }
-}
-
-void CpuCopyEngine::Run(Task task) {
+void CpuCopyEngine::Run(const Task& task) {
   BatchState& state = *task.batch;
   const CopyChunk& c = task.chunk;
   const uint64_t copied = c.bytes > 0 ? CopyPieces(state.batch, c, state.stop) : 0;
@@ -150,6 +124,9 @@ void CpuCopyEngine::Run(Task task) {
     CopyDone done = std::move(state.done);
     done(std::move(status));
   }
+  // Last: once it is 0 the destructor may return, and `this` is gone.
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--tasks_in_flight_ == 0 && stopping_) idle_cv_.notify_all();
 }
 
 Status CpuCopyEngine::CopyValidatedHere(const CopyBatch& batch, uint64_t total_bytes,

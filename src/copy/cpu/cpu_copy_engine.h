@@ -39,15 +39,20 @@
 // is created (common/memcpy_rate.h: a few ms). Splitting a batch across
 // workers may beat that rate; the estimate does not count on it.
 //
-// Threads: the engine owns `num_threads` worker threads, started by Create and
-// joined by the destructor. Submit is thread-safe and never blocks on a copy;
-// queued work is served first come, first served.
+// Threads: the engine's batches run on a CopyWorkers pool (copy_workers.h):
+// one of its own with `num_threads` workers, or the one Options::workers
+// names — CopyWorkers::Shared(), the process's pool that every agent's
+// engine uses, so that many agents in one process do not start more copy
+// threads than the machine has cores. Submit is thread-safe and never
+// blocks on a copy; queued work is served first come, first served (across
+// the engines sharing a pool).
 //
 // Shutdown: the destructor stops accepting batches (a Submit that races with
-// it, e.g. from a `done` callback, returns kAborted), lets the workers finish
-// every batch already accepted — every accepted `done` is called — and then
-// joins them. REQUIRES: the engine is not destroyed on one of its own worker
-// threads (from a `done` callback); doing so is reported and aborts.
+// it, e.g. from a `done` callback, returns kAborted) and waits until every
+// batch already accepted finished — every accepted `done` is called — then
+// drops its reference to the pool (the last one joins the workers).
+// REQUIRES: the engine is not destroyed on a worker of its pool (from a
+// `done` callback); doing so is reported and aborts.
 #ifndef KVBOUNCE_COPY_CPU_CPU_COPY_ENGINE_H_
 #define KVBOUNCE_COPY_CPU_CPU_COPY_ENGINE_H_
 
@@ -65,13 +70,18 @@
 
 #include "copy/copy_engine.h"
 #include "copy/cpu/batch_split.h"
+#include "copy/cpu/copy_workers.h"
 #include "kvbounce/status.h"
 #include "kvbounce/types.h"
 
 namespace kvbounce {
 
 struct CpuCopyEngineOptions {
-  // Worker threads; 0 picks min(4, hardware threads). At most kMaxThreads.
+  // The pool to run on (CopyWorkers::Shared() for the process's); null: a
+  // pool of the engine's own with `num_threads` workers.
+  std::shared_ptr<CopyWorkers> workers;
+  // Worker threads of an own pool; 0 picks min(4, hardware threads). At
+  // most kMaxThreads. Must be 0 when `workers` is given.
   int num_threads = 0;
   // A batch is split across workers when its bytes exceed split_bytes or its
   // fragment count exceeds split_fragments ...
@@ -128,7 +138,9 @@ class CpuCopyEngine final : public CopyEngine {
 
   bool CopiesOnCallingThread() const override { return true; }
 
-  int num_threads() const { return static_cast<int>(threads_.size()); }
+  // The workers its batches may be split over (its pool's).
+  int num_threads() const { return workers_->num_threads(); }
+  const std::shared_ptr<CopyWorkers>& workers() const { return workers_; }
   const Options& options() const { return options_; }
   Stats GetStats() const;
 
@@ -154,24 +166,20 @@ class CpuCopyEngine final : public CopyEngine {
     CopyChunk chunk;  // bytes == 0: nothing to copy (empty batch)
   };
 
-  explicit CpuCopyEngine(const Options& options);
-  void WorkerLoop();
-  void Run(Task task);
+  CpuCopyEngine(const Options& options, std::shared_ptr<CopyWorkers> workers);
+  void Run(const Task& task);
   // Copies chunk `c` of `batch` piece by piece, checking `stop` (and the
   // test hook) before each; returns the bytes copied.
   uint64_t CopyPieces(const CopyBatch& batch, const CopyChunk& c, const std::stop_token& stop);
   // "cpu copy engine: batch stopped: ..." for a batch that skipped bytes.
   static Status Stopped(uint64_t skipped, uint64_t total_bytes);
-  // Stops and joins whatever workers exist.
-  void StopAndJoin();
-
   const Options options_;
-  std::vector<std::thread> threads_;  // written only by Create and StopAndJoin
+  std::shared_ptr<CopyWorkers> workers_;
 
   std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::deque<Task> queue_;  // guarded by mu_
-  bool stopping_ = false;   // guarded by mu_
+  std::condition_variable idle_cv_;
+  uint64_t tasks_in_flight_ = 0;  // posted, not finished; guarded by mu_
+  bool stopping_ = false;         // guarded by mu_
 
   std::atomic<uint64_t> batches_completed_{0};
   std::atomic<uint64_t> batches_cancelled_{0};
