@@ -3,13 +3,15 @@
 import pytest
 
 import kvbounce
-from helpers import Cluster, block_table
 
+# Decided before importing torch, which takes seconds.
+if not kvbounce.cuda_available() or kvbounce.cuda_device_count() == 0:
+    pytest.skip("needs kvbounce built with CUDA and a CUDA device", allow_module_level=True)
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(
-    not kvbounce.cuda_available() or kvbounce.cuda_device_count() == 0
-    or not torch.cuda.is_available(),
-    reason="needs kvbounce built with CUDA, a CUDA device and a torch with CUDA")
+if not torch.cuda.is_available():
+    pytest.skip("needs a torch with CUDA", allow_module_level=True)
+
+from helpers import Cluster, block_table  # noqa: E402
 
 MODEL = kvbounce.Model(layers=4, kv_heads=4, head_dim=64)
 TOKENS = 200

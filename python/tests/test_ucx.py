@@ -1,5 +1,6 @@
 """The example pair: a prefill process and a decode process over UCX."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ EXAMPLES = os.environ.get("KVBOUNCE_EXAMPLES",
 
 
 @pytest.mark.skipif(not kvbounce.ucx_available(), reason="this build has no UCX transport")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the example uses torch")
 def test_prefill_and_decode_processes_over_ucx():
-    pytest.importorskip("torch")
     common = ["--requests", "6", "--tokens", "300"]
     prefill = subprocess.Popen([sys.executable, "-s", os.path.join(EXAMPLES, "prefill.py"),
                                 *common], stdout=subprocess.PIPE, text=True)
