@@ -158,10 +158,10 @@ std::vector<int32_t> ToBlockTable(const py::handle& table) {
     return out;
   }
   py::object items = py::reinterpret_borrow<py::object>(table);
-  if (py::hasattr(items, "tolist") && !py::isinstance<py::list>(items) &&
-      !py::isinstance<py::tuple>(items)) {
+  if (!PyList_Check(items.ptr()) && !PyTuple_Check(items.ptr()) && py::hasattr(items, "tolist")) {
     items = items.attr("tolist")();
   }
+  if (PyList_Check(items.ptr())) out.reserve(static_cast<size_t>(PyList_GET_SIZE(items.ptr())));
   for (py::handle item : py::iter(items)) {
     if (py::isinstance<py::bool_>(item) || py::isinstance<py::float_>(item)) {
       throw py::type_error("block_table must hold integers, not " +
@@ -584,6 +584,7 @@ class PyAgent {
 
   bool closed() const { return closed_; }
   const std::string& describe() const { return describe_; }
+  Agent& agent() { return *agent_; }
 
  private:
   std::unique_ptr<Agent> agent_;
@@ -592,6 +593,39 @@ class PyAgent {
   std::atomic<bool> closed_{false};
   std::string describe_;
 };
+
+// The C++ half of the Python layer's benchmark (python/bench/overhead.py):
+// `count` one-at-a-time requests of publish + pull + wait through the C++
+// API on two agents the benchmark made; the seconds they took.
+double RoundTripSeconds(PyAgent& ctx, PyAgent& gen, const std::string& ctx_instance,
+                        uint64_t first_request_id, int count, const std::vector<int32_t>& ctx_table,
+                        const std::vector<int32_t>& gen_table, int64_t tokens) {
+  Status status;
+  std::chrono::steady_clock::duration elapsed{};
+  {
+    py::gil_scoped_release nogil;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < count && status.ok(); ++i) {
+      const uint64_t id = first_request_id + static_cast<uint64_t>(i);
+      Result<std::shared_ptr<Transfer>> pub = ctx.agent().Publish(id, ctx_table, tokens);
+      if (!pub.ok()) {
+        status = pub.status();
+        break;
+      }
+      Result<std::shared_ptr<Transfer>> pull =
+          gen.agent().Pull(id, ctx_instance, gen_table, TokenRange{0, tokens});
+      if (!pull.ok()) {
+        status = pull.status();
+        break;
+      }
+      status = (*pull)->Wait();
+      if (status.ok()) status = (*pub)->Wait();
+    }
+    elapsed = std::chrono::steady_clock::now() - start;
+  }
+  ThrowIfError(status);
+  return std::chrono::duration<double>(elapsed).count();
+}
 
 }  // namespace
 
@@ -704,6 +738,10 @@ void RegisterAgent(py::module_& m) {
         return "<kvbounce.Agent " + agent.describe() + (agent.closed() ? " (closed)>" : ">");
       });
 
+  m.def("_roundtrip_seconds", &RoundTripSeconds, py::arg("ctx"), py::arg("gen"),
+        py::arg("ctx_instance"), py::arg("first_request_id"), py::arg("count"),
+        py::arg("ctx_table"), py::arg("gen_table"), py::arg("tokens"),
+        "Benchmark helper: `count` requests of publish + pull + wait through the C++ API.");
   m.def("_drain_deferred", &DrainDeferred,
         "Shuts down the agents released on kvbounce's threads (the exit handler calls it).");
   m.def(
