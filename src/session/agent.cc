@@ -868,8 +868,10 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
     KVB_RETURN_IF_ERROR(CheckBlockTable("Publish", block_table, num_tokens,
                                         std::to_string(num_tokens) + " tokens"));
     std::vector<int32_t> table(block_table.begin(), block_table.end());
-    return OnLoop<std::shared_ptr<Transfer>>(
+    auto t = OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });
+    if (t.ok()) metrics_.TrackInFlight(Side::kSender, **t);
+    return t;
   });
 }
 
@@ -946,8 +948,10 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Pull(uint64_t request_id,
     KVB_RETURN_IF_ERROR(CheckPull(block_table, tokens, options));
     std::vector<int32_t> table(block_table.begin(), block_table.end());
     std::string instance(ctx_instance);
-    return OnLoop<std::shared_ptr<Transfer>>(
+    auto t = OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return receiver_->Pull(request_id, instance, std::move(table), tokens, options); });
+    if (t.ok()) metrics_.TrackInFlight(Side::kReceiver, **t);
+    return t;
   });
 }
 

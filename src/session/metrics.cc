@@ -62,6 +62,24 @@ nlohmann::json LatencyJson(const LatencyHistogram& h) {
   return j;
 }
 
+nlohmann::json BucketsJson(const std::array<BucketCounts, kNumTransferPaths>& by_path,
+                           std::span<const uint64_t> bounds, double unit) {
+  nlohmann::json j = nlohmann::json::object();
+  nlohmann::json b = nlohmann::json::array();
+  for (uint64_t bound : bounds) b.push_back(static_cast<double>(bound) / unit);
+  j["bounds"] = std::move(b);
+  nlohmann::json paths = nlohmann::json::object();
+  for (TransferPath path : kPaths) {
+    const BucketCounts& c = by_path[IndexOf(path)];
+    nlohmann::json counts = c.counts;
+    if (c.counts.empty()) counts = std::vector<uint64_t>(bounds.size() + 1, 0);
+    paths[std::string(TransferPathName(path))] = {{"counts", std::move(counts)},
+                                                  {"sum", static_cast<double>(c.sum) / unit}};
+  }
+  j["by_path"] = std::move(paths);
+  return j;
+}
+
 nlohmann::json SideJson(const SideMetrics& side) {
   nlohmann::json requests = nlohmann::json::object();
   for (Outcome outcome : kOutcomes) {
@@ -89,6 +107,19 @@ nlohmann::json SideJson(const SideMetrics& side) {
   j["fallbacks"] = std::move(fallbacks);
   j["latency_ms"] = LatencyJson(side.latency);
   j["latency_ms_by_path"] = std::move(latency_by_path);
+  nlohmann::json by_path = nlohmann::json::object();
+  for (TransferPath path : kPaths) {
+    nlohmann::json outcomes = nlohmann::json::object();
+    for (Outcome outcome : kOutcomes) {
+      outcomes[std::string(OutcomeName(outcome))] =
+          side.requests_by_path[IndexOf(path)][IndexOf(outcome)];
+    }
+    by_path[std::string(TransferPathName(path))] = std::move(outcomes);
+  }
+  j["requests_by_path"] = std::move(by_path);
+  j["requests_in_flight"] = side.in_flight;
+  j["latency_seconds_buckets"] = BucketsJson(side.latency_buckets, kRequestLatencyBoundsNs, 1e9);
+  j["bytes_buckets"] = BucketsJson(side.bytes_buckets, kRequestBytesBounds, 1);
   return j;
 }
 
@@ -426,6 +457,32 @@ uint64_t PerfLog::write_failures() const {
 
 // --- Metrics -----------------------------------------------------------------
 
+uint64_t BucketCounts::count() const {
+  uint64_t n = 0;
+  for (uint64_t c : counts) n += c;
+  return n;
+}
+
+BucketHistogram::BucketHistogram(std::span<const uint64_t> bounds)
+    : bounds_(bounds.first(std::min(bounds.size(), kMaxBounds))) {}
+
+void BucketHistogram::Add(uint64_t value) {
+  const size_t i = static_cast<size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), value) -
+                                       bounds_.begin());
+  counts_[i].fetch_add(1, std::memory_order_relaxed);
+  sum_.fetch_add(value, std::memory_order_relaxed);
+}
+
+BucketCounts BucketHistogram::Snapshot() const {
+  BucketCounts out;
+  out.counts.resize(bounds_.size() + 1);
+  for (size_t i = 0; i < out.counts.size(); ++i) {
+    out.counts[i] = counts_[i].load(std::memory_order_relaxed);
+  }
+  out.sum = sum_.load(std::memory_order_relaxed);
+  return out;
+}
+
 void Metrics::Record(const RequestRecord& record) {
   std::shared_ptr<PerfLog> log;
   {
@@ -440,16 +497,24 @@ void Metrics::Record(const RequestRecord& record) {
       side.fragments += record.fragments;
       const size_t path_index = IndexOf(record.path_taken);
       const bool known_path = path_index < kNumTransferPaths;
-      if (known_path) ++side.path_taken[path_index];
+      if (known_path) {
+        ++side.path_taken[path_index];
+        ++side.requests_by_path[path_index][outcome_index];
+      }
       if (!record.fallback_reason.empty()) ++side.fallbacks[record.fallback_reason];
       if (record.outcome == Outcome::kCompleted) {
         side.bytes_completed += record.bytes;
+        if (known_path) buckets_[side_index][path_index].bytes.Add(record.bytes);
         const RequestTimeline& t = record.timeline;
         if (RequestTimeline::Reached(t.request) && RequestTimeline::Reached(t.complete)) {
           const auto latency =
               std::chrono::duration_cast<std::chrono::nanoseconds>(t.complete - t.request);
           side.latency.Add(latency);
-          if (known_path) side.latency_by_path[path_index].Add(latency);
+          if (known_path) {
+            side.latency_by_path[path_index].Add(latency);
+            buckets_[side_index][path_index].latency.Add(
+                static_cast<uint64_t>(std::max<int64_t>(0, latency.count())));
+          }
         }
       }
     }
@@ -464,9 +529,30 @@ void Metrics::Count(Counter counter, uint64_t n) {
   state_.counters[i] += n;
 }
 
+void Metrics::TrackInFlight(Side side, Transfer& transfer) {
+  const size_t i = IndexOf(side);
+  if (i >= kNumSides) return;
+  std::shared_ptr<std::atomic<int64_t>> n = in_flight_[i];
+  n->fetch_add(1, std::memory_order_relaxed);
+  transfer.OnDone([n](const Status&) { n->fetch_sub(1, std::memory_order_relaxed); });
+}
+
 MetricsSnapshot Metrics::Snapshot() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return state_;
+  MetricsSnapshot out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out = state_;
+  }
+  // After the locked copy: a request counted there is in these buckets too.
+  for (size_t s = 0; s < kNumSides; ++s) {
+    SideMetrics& side = out.sides[s];
+    for (size_t p = 0; p < kNumTransferPaths; ++p) {
+      side.latency_buckets[p] = buckets_[s][p].latency.Snapshot();
+      side.bytes_buckets[p] = buckets_[s][p].bytes.Snapshot();
+    }
+    side.in_flight = in_flight_[s]->load(std::memory_order_relaxed);
+  }
+  return out;
 }
 
 void Metrics::SetPerfLog(std::unique_ptr<PerfLog> log) {

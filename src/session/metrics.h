@@ -32,7 +32,8 @@
 // Thread safety:
 //   * Metrics: every method is thread-safe. One mutex guards all aggregates;
 //     it is held only for the O(1) bookkeeping of one call (and for the copy
-//     in Snapshot), never while writing the perf log or logging.
+//     in Snapshot), never while writing the perf log or logging. The export
+//     histograms and the in-flight counts are atomics updated outside it.
 //   * PerfLog: Write is thread-safe (one mutex per log serializes the lines
 //     of one process). Every line goes to the file in one append-mode
 //     write(2), so several processes (the ranks of one host) may share a
@@ -50,6 +51,7 @@
 #define KVBOUNCE_SESSION_METRICS_H_
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -58,10 +60,12 @@
 #include <mutex>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "kvbounce/agent.h"
 #include "kvbounce/config.h"
 #include "kvbounce/status.h"
 
@@ -292,6 +296,61 @@ class LatencyHistogram {
 };
 
 // ---------------------------------------------------------------------------
+// Histograms over fixed upper bounds, for export in the Prometheus text format
+// (include/kvbounce/prometheus.h), where a bucket is "values <= bound" and
+// the bounds must be the same at every scrape.
+
+// Request latency bounds, nanoseconds: 25 µs to 60 s.
+inline constexpr std::array<uint64_t, 20> kRequestLatencyBoundsNs = {
+    25'000,        50'000,        100'000,        250'000,        500'000,
+    1'000'000,     2'500'000,     5'000'000,      10'000'000,     25'000'000,
+    50'000'000,    100'000'000,   250'000'000,    500'000'000,    1'000'000'000,
+    2'500'000'000, 5'000'000'000, 10'000'000'000, 30'000'000'000, 60'000'000'000};
+// Bytes per request bounds: powers of 4 from 4 KiB to 16 GiB.
+inline constexpr std::array<uint64_t, 12> kRequestBytesBounds = {
+    uint64_t{1} << 12, uint64_t{1} << 14, uint64_t{1} << 16, uint64_t{1} << 18,
+    uint64_t{1} << 20, uint64_t{1} << 22, uint64_t{1} << 24, uint64_t{1} << 26,
+    uint64_t{1} << 28, uint64_t{1} << 30, uint64_t{1} << 32, uint64_t{1} << 34};
+
+// A BucketHistogram's counts at one instant: counts[i] holds the values in
+// (bounds[i-1], bounds[i]] (not cumulative), and the last entry those above
+// every bound; sum is the sum of the values.
+struct BucketCounts {
+  std::vector<uint64_t> counts;
+  uint64_t sum = 0;
+  uint64_t count() const;
+  friend bool operator==(const BucketCounts&, const BucketCounts&) = default;
+};
+
+// Counts values into fixed buckets. Add is two relaxed atomic additions and a
+// binary search over at most kMaxBounds bounds: no lock, so the sessions may
+// record from any thread at any rate.
+//
+// Thread safety: Add and Snapshot are thread-safe. A Snapshot taken while
+// values are added may see a value in its bucket but not yet in the sum (or
+// the reverse); every count it reports is at least that of an earlier
+// Snapshot, so exported counters never go down.
+class BucketHistogram {
+ public:
+  static constexpr size_t kMaxBounds = 31;
+
+  // `bounds`: ascending upper bounds (inclusive), at most kMaxBounds; the
+  // span must outlive the histogram (the constants above are static).
+  explicit BucketHistogram(std::span<const uint64_t> bounds);
+  BucketHistogram(const BucketHistogram&) = delete;
+  BucketHistogram& operator=(const BucketHistogram&) = delete;
+
+  void Add(uint64_t value);
+  BucketCounts Snapshot() const;
+  std::span<const uint64_t> bounds() const { return bounds_; }
+
+ private:
+  const std::span<const uint64_t> bounds_;
+  std::array<std::atomic<uint64_t>, kMaxBounds + 1> counts_{};
+  std::atomic<uint64_t> sum_{0};
+};
+
+// ---------------------------------------------------------------------------
 // Aggregates of one side.
 struct SideMetrics {
   // Records by outcome, indexed by Outcome.
@@ -303,12 +362,21 @@ struct SideMetrics {
   uint64_t fragments = 0;
   // Records by path_taken (all outcomes), indexed by TransferPath.
   std::array<uint64_t, kNumTransferPaths> path_taken{};
+  // Records by path_taken and outcome: [TransferPath][Outcome].
+  std::array<std::array<uint64_t, kNumOutcomes>, kNumTransferPaths> requests_by_path{};
   // Records with a non-empty fallback_reason, by reason.
   std::map<std::string, uint64_t> fallbacks;
   // complete - request of completed records that reached both points, over
   // all paths and per path_taken (indexed by TransferPath).
   LatencyHistogram latency;
   std::array<LatencyHistogram, kNumTransferPaths> latency_by_path;
+  // The same requests in the export buckets, per path_taken: latency in
+  // nanoseconds (kRequestLatencyBoundsNs) and bytes (kRequestBytesBounds).
+  // Filled by Metrics::Snapshot (they are kept outside the lock).
+  std::array<BucketCounts, kNumTransferPaths> latency_buckets;
+  std::array<BucketCounts, kNumTransferPaths> bytes_buckets;
+  // Requests of this side started and not settled yet (Metrics::TrackInFlight).
+  int64_t in_flight = 0;
 
   uint64_t requests_with(Outcome outcome) const;
   uint64_t requests_total() const;
@@ -337,7 +405,14 @@ struct MetricsSnapshot {
 //    "path_taken": {"per-block": n, "bounce": n, "direct": n, "auto": n},
 //    "fallbacks": {"<reason>": n, ...},
 //    "latency_ms": LATENCY,
-//    "latency_ms_by_path": {"per-block": LATENCY, ..., "auto": LATENCY}}
+//    "latency_ms_by_path": {"per-block": LATENCY, ..., "auto": LATENCY},
+//    "requests_by_path": {"per-block": {"completed": n, ...every outcome}, ...},
+//    "requests_in_flight": n,
+//    "latency_seconds_buckets": BUCKETS, "bytes_buckets": BUCKETS}
+// with BUCKETS = {"bounds": [upper bound, ...], "by_path": {"per-block":
+// {"counts": [n, ..., n above every bound], "sum": total}, ...}}: the export
+// histograms (latency bounds and sums in seconds, byte bounds and sums in
+// bytes; counts not cumulative);
 // and LATENCY = {"count": n, "mean": ms, "p50": ms, "p90": ms, "p99": ms,
 // "max": ms} (milliseconds as doubles; all 0 when count is 0). Every key is
 // always present, so the shape does not depend on the traffic.
@@ -418,6 +493,13 @@ class Metrics {
   // Adds n to a counter. A value outside the enum is ignored.
   void Count(Counter counter, uint64_t n = 1);
 
+  // Counts `transfer` as in flight on `side` until it settles (a callback
+  // registered with OnDone takes it off again; for a transfer that already
+  // settled, at once). The count is an atomic shared with the callback, so a
+  // transfer that outlives this object is harmless. A side outside the
+  // enum is ignored.
+  void TrackInFlight(Side side, Transfer& transfer);
+
   // A copy of every aggregate, taken under the lock (consistent: it reflects
   // a prefix of the Record/Count calls).
   MetricsSnapshot Snapshot() const;
@@ -428,9 +510,18 @@ class Metrics {
   void SetPerfLog(std::unique_ptr<PerfLog> log);
 
  private:
+  struct PathBuckets {
+    BucketHistogram latency{kRequestLatencyBoundsNs};
+    BucketHistogram bytes{kRequestBytesBounds};
+  };
+
   mutable std::mutex mu_;
   MetricsSnapshot state_;              // guarded by mu_
   std::shared_ptr<PerfLog> perf_log_;  // guarded by mu_; shared with writers in flight
+  // Lock-free: [Side][TransferPath].
+  std::array<std::array<PathBuckets, kNumTransferPaths>, kNumSides> buckets_;
+  std::array<std::shared_ptr<std::atomic<int64_t>>, kNumSides> in_flight_ = {
+      std::make_shared<std::atomic<int64_t>>(0), std::make_shared<std::atomic<int64_t>>(0)};
 };
 
 }  // namespace kvbounce
