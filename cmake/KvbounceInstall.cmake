@@ -17,4 +17,7 @@ install(FILES ${PROJECT_BINARY_DIR}/kvbounceConfig.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/kvbounce)
 if(TARGET kvbounce)
   install(TARGETS kvbounce RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+  # `kvbounce sweep` finds its plot script at ../share/kvbounce from the binary.
+  install(PROGRAMS ${PROJECT_SOURCE_DIR}/tools/plot_sweep.py
+          DESTINATION ${CMAKE_INSTALL_DATADIR}/kvbounce)
 endif()

@@ -24,10 +24,12 @@
 #include "kvbounce/transports.h"
 #include "layout/planner.h"
 #include "tools/bench_report.h"
+#include "tools/ceiling.h"
 #include "tools/chaos.h"
 #include "tools/cluster.h"
 #include "tools/device_rows.h"
 #include "tools/process_bench.h"
+#include "tools/progress.h"
 #include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
@@ -252,6 +254,7 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
       } else {
         run.CountFailure(outcome);
       }
+      if (flags.progress != nullptr) flags.progress->Add(1, outcome.ok() ? bytes : 0);
       for (auto& p : r.pubs) {
         if (!p->WaitFor(std::chrono::milliseconds(0))) p->Cancel();
         p->Wait().IgnoreError();
@@ -311,21 +314,6 @@ Status CheckWritable(const std::string& path) {
   return Status::Ok();
 }
 
-// Bytes of the ceiling's copy: large enough that the call's fixed cost
-// vanishes, small enough to sit beside any bench's pools.
-constexpr size_t kCeilingBytes = size_t{256} << 20;
-
-// Bytes per second of one large device-to-device copy on `device`.
-Result<double> MeasureDeviceCeiling(int device) {
-#if KVBOUNCE_HAVE_CUDA
-  KVB_ASSIGN_OR_RETURN(std::unique_ptr<DeviceRowKernels> kernels, DeviceRowKernels::Create(device));
-  return kernels->MeasureCopyCeiling(kCeilingBytes, 20);
-#else
-  (void)device;
-  return UnimplementedError("a device copy ceiling needs a build with CUDA");
-#endif
-}
-
 // --memory and --device: a kind this build and machine can run, with a
 // mode that supports it.
 }  // namespace
@@ -376,6 +364,12 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
       "bench",
       "Move the KV of many requests between an in-process ctx and gen instance on each "
       "path, verify every byte, report throughput, latency and leaks");
+  RegisterBenchFlags(*cmd, flags, /*sweep=*/false);
+  return cmd;
+}
+
+void RegisterBenchFlags(CLI::App& app, BenchFlags* flags, bool sweep) {
+  CLI::App* cmd = &app;
   flags->scenario.Register(*cmd);
   cmd->add_option("--transport", flags->transport,
                   "Transport: loopback (every rank a thread of this process) or ucx (every rank "
@@ -417,7 +411,11 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "Probability (0..1) that a transport write operation fails (per-block and "
                   "bounce write through the transport; direct does not)")
       ->capture_default_str();
-  cmd->add_option("--json", flags->json_file, "Also write the report to this JSON file");
+  if (!sweep)
+    cmd->add_option("--json", flags->json_file, "Also write the report to this JSON file");
+  cmd->add_flag("--quiet", flags->quiet,
+                "No progress on standard error (a live line on a terminal, else a line per "
+                "path run and every 10 s)");
   cmd->add_option("--poll-before-sleep-us", flags->poll_before_sleep_us,
                   "µs an idle agent thread (control loop, UCX progress) keeps polling before it "
                   "sleeps (Config::poll_before_sleep_us; default 0)");
@@ -433,6 +431,7 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
       "ucx: seconds one step (start, connect, a wave of requests, shutdown) may take before "
       "the bench ends every worker (default " +
           std::to_string(static_cast<int>(kDefaultStepTimeoutS)) + ")");
+  if (sweep) return;
   CLI::Option* chaos =
       cmd->add_flag("--chaos", flags->chaos,
                     "Chaos mode: random cancels, deadlines, retires and agent restarts on every "
@@ -448,10 +447,9 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags) {
                   "Mean time between agent restarts in chaos mode (0: none)")
       ->capture_default_str()
       ->needs(chaos);
-  return cmd;
 }
 
-Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
+Result<BenchPlan> PlanBench(const BenchFlags& flags) {
   KVB_ASSIGN_OR_RETURN(Scenario scenario, BuildScenario(flags.scenario));
   // Checked before the transport's own requirements, so that a build or
   // machine without UCX or CUDA names this flag too.
@@ -637,6 +635,20 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
         "--concurrency or a smaller --bounce-size-mb"));
   }
   if (!flags.json_file.empty()) KVB_RETURN_IF_ERROR(CheckWritable(flags.json_file));
+  return BenchPlan{std::move(scenario), std::move(paths), concurrency, slots,
+                   ctx_arena_mb,        gen_arena_mb};
+}
+
+Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
+  KVB_ASSIGN_OR_RETURN(BenchPlan plan, PlanBench(flags));
+  const Scenario& scenario = plan.scenario;
+  const std::vector<TransferPath>& paths = plan.paths;
+  const int concurrency = plan.concurrency;
+  const int slots = plan.slots;
+  const int64_t ctx_arena_mb = plan.ctx_arena_mb;
+  const int64_t gen_arena_mb = plan.gen_arena_mb;
+  const bool bounce_off = flags.bounce_size_mb && *flags.bounce_size_mb == 0;
+  const bool device_pools = flags.memory == "cuda";
 
   ClusterOptions options;
   options.ctx = scenario.ctx.spec();
@@ -718,8 +730,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   if (flags.chunk_mb) report["bounce_chunk_mb"] = *flags.chunk_mb;
   report["ctx_instances"] = flags.ctx_instances;
   report["fault_injection"] = FaultInjectionReport(flags.inject_fail_rate, paths, bounce_writes);
+  if (flags.progress != nullptr && !flags.chaos && flags.progress->total() == 0) {
+    flags.progress->SetTotal(static_cast<int64_t>(paths.size()) * flags.requests);
+  }
   if (flags.transport == "ucx" || flags.transport == "cuda-ipc") {
-    BenchPlan plan{std::move(scenario), paths, concurrency, slots, ctx_arena_mb, gen_arena_mb};
     KVB_ASSIGN_OR_RETURN(nlohmann::json result, RunProcessBench(flags, plan, log));
     report.update(result);
     return report;
@@ -746,12 +760,10 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   // device-to-device copy for device pools.
   std::optional<double> ceiling_gbps;
   if (device_pools) {
-    Result<double> ceiling = MeasureDeviceCeiling(flags.device);
+    Result<Ceiling> ceiling = MeasureDeviceCeiling(flags.device);
     if (!ceiling.ok()) return ceiling.status().WithContext("measuring the device copy ceiling");
-    ceiling_gbps = *ceiling / 1e9;
-    report["ceiling"] = {{"what", "one cudaMemcpyAsync of " + std::to_string(kCeilingBytes >> 20) +
-                                      " MiB, device to device"},
-                         {"gbps", *ceiling_gbps}};
+    ceiling_gbps = ceiling->gbps;
+    report["ceiling"] = {{"what", ceiling->what}, {"gbps", ceiling->gbps}};
     log << "  ceiling: device-to-device copy " << *ceiling_gbps << " GB/s\n";
   }
 
@@ -761,7 +773,11 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     const uint64_t writes_before = CtxWrites(*cluster);
     const auto chunks_before = GenChunks(*cluster);
     const FaultStats faults_before = cluster->FaultTotals(true);
+    if (flags.progress != nullptr) {
+      flags.progress->StartPath(std::string(TransferPathName(path)), flags.requests);
+    }
     PathRun run = RunPath(*cluster, path, flags, scenario.tokens, next_id, scenario.seed);
+    if (flags.progress != nullptr) flags.progress->EndPath();
     next_id += static_cast<uint64_t>(flags.requests);
     // Quarantined slots come back once their writers stopped.
     const auto deadline = Clock::now() + std::chrono::seconds(5);

@@ -21,6 +21,8 @@
 
 namespace kvbounce::tools {
 
+class Progress;
+
 struct BenchFlags {
   BenchFlags();  // the bench's own scenario defaults (see bench_command.cc)
 
@@ -72,6 +74,12 @@ struct BenchFlags {
   // Not a flag: the CLI sets it so that a run stuck inside the library ends
   // the process with a report (ChaosOptions::exit_when_stuck).
   bool chaos_exit_when_stuck = false;
+
+  // --quiet: no progress on standard error (the CLI then passes no Progress).
+  bool quiet = false;
+  // Not a flag: where the runs report requests as they settle (path runs
+  // start and end, each request's bytes); null: nowhere. Borrowed.
+  Progress* progress = nullptr;
 };
 
 // Requests in flight at once: at most this many (each owns pool slots).
@@ -95,6 +103,14 @@ struct BenchPlan {
 int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency);
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
+
+// Registers the bench's flags on `app` (AddBenchCommand's command; `kvbounce
+// sweep` takes them too, less --json and the chaos flags when `sweep`).
+void RegisterBenchFlags(CLI::App& app, BenchFlags* flags, bool sweep);
+
+// Validates the flags and derives the plan of the run, before anything is
+// allocated: RunBench's errors up to the check of the --json file (below).
+Result<BenchPlan> PlanBench(const BenchFlags& flags);
 
 // Applies --config settings ("KEY=VALUE", '-' accepted for '_') to `config`
 // in order. Errors (kInvalidArgument, naming the flag): no '=', a key the

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tools/bench_report.h"
+#include "tools/progress.h"
 #include "tools/subprocess.h"
 #include "tools/worker_protocol.h"
 
@@ -425,6 +426,7 @@ Result<PathRun> Driver::RunPath(TransferPath path, uint64_t first_id) {
       } else {
         run.CountFailure(outcome);
       }
+      if (flags_.progress != nullptr) flags_.progress->Add(1, outcome.ok() ? bytes : 0);
     }
     run.seconds += static_cast<double>(last_settled - wave_start) / 1e9;
     issued += wave;
@@ -667,10 +669,14 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
   for (TransferPath path : paths) {
     log << "  " << TransferPathName(path) << ": running\n";
     log.flush();
+    if (flags.progress != nullptr) {
+      flags.progress->StartPath(std::string(TransferPathName(path)), flags.requests);
+    }
     Result<std::vector<nlohmann::json>> before = driver.Stats("before the run");
     Result<PathRun> run =
         before.ok() ? driver.RunPath(path, next_id) : Result<PathRun>(before.status());
     next_id += static_cast<uint64_t>(flags.requests);
+    if (flags.progress != nullptr) flags.progress->EndPath();
     if (run.ok()) {
       nlohmann::json totals;
       for (const char* key :

@@ -1,0 +1,52 @@
+// The ceiling a bench or sweep compares every path with, measured in the same
+// run: what the memory or the link moves at best, with nothing of kvbounce in
+// the way.
+//
+//   * loopback, host pools: one thread's memcpy (src/common/memcpy_rate.h:
+//     a few MiB, caches evicted, the fastest of three);
+//   * device pools (loopback, cuda-ipc): one cudaMemcpyAsync of 256 MiB,
+//     device to device;
+//   * ucx, host pools: `ucx_perftest -t ucp_put_bw` between two processes on
+//     127.0.0.1 (with the bench's UCX_TLS), the better of 256 KiB and
+//     16 MiB puts, 128 MiB each.
+//
+// Thread safety: one call at a time (the UCX measurement spawns processes).
+#ifndef KVBOUNCE_TOOLS_CEILING_H_
+#define KVBOUNCE_TOOLS_CEILING_H_
+
+#include <ostream>
+#include <string>
+
+#include "kvbounce/status.h"
+
+namespace kvbounce::tools {
+
+struct Ceiling {
+  std::string what;  // one line: what was measured
+  double gbps = 0;   // 10^9 bytes per second
+};
+
+// Bytes of the device ceiling's copy.
+inline constexpr size_t kDeviceCeilingBytes = size_t{256} << 20;
+
+// One large device-to-device copy on `device`. Errors: kUnimplemented in a
+// build without CUDA; the runtime's (no device, out of memory).
+Result<Ceiling> MeasureDeviceCeiling(int device);
+
+// One thread's memcpy of host memory.
+Ceiling HostMemcpyCeiling();
+
+// UCX put bandwidth between two `ucx_perftest` processes on this host.
+// Errors: kNotFound (no ucx_perftest on PATH: Debian's ucx-utils has it),
+// kUnavailable (it failed or printed no result; its last line is named),
+// kDeadlineExceeded (a run took over a minute).
+Result<Ceiling> MeasureUcxPutCeiling(const std::string& ucx_tls);
+
+// The ceiling for a run on `transport` ("loopback", "ucx", "cuda-ipc") with
+// pools of `memory` ("host", "cuda"): one of the above.
+Result<Ceiling> MeasureCeiling(const std::string& transport, const std::string& memory, int device,
+                               const std::string& ucx_tls);
+
+}  // namespace kvbounce::tools
+
+#endif  // KVBOUNCE_TOOLS_CEILING_H_
