@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
   libucx-dev ucx-utils
+  libcpp-httplib-dev      # kvbounce worker --metrics-port
   python3-matplotlib      # kvbounce sweep's plot (tools/plot_sweep.py)
   clang libclang-rt-dev   # libFuzzer and the sanitizer runtimes of clang
   # The Python module (built for Debian's /usr/bin/python3) and its tests.

@@ -11,10 +11,12 @@
 #include <fstream>
 #include <sstream>
 
+#include "kvbounce/prometheus.h"
 #include "kvbounce/transports.h"
 #include "layout/pool_layout.h"
 #include "tools/bench_command.h"
 #include "tools/bench_report.h"
+#include "tools/metrics_server.h"
 #include "tools/resource_limits.h"
 #include "transport/fault/fault_transport.h"
 
@@ -280,6 +282,10 @@ CLI::App* AddWorkerCommand(CLI::App& app, WorkerFlags* flags) {
       "--path", [flags](const std::string& v) { flags->path = v; },
       "gen with --requests: per-block, bounce, direct or auto (default auto)");
   cmd->add_option("--json", flags->json_file, "With --requests: also write the summary here");
+  cmd->add_option("--metrics-port", flags->metrics_port,
+                  "Serve the agent's stats in the Prometheus text format at "
+                  "http://HOST:PORT/metrics, HOST that of --listen (0: any free port, printed "
+                  "as 'metrics HOST:PORT' before 'ready'; default: off)");
   return cmd;
 }
 
@@ -300,6 +306,10 @@ Result<WorkerPlan> PlanWorker(const WorkerFlags& flags) {
     return InvalidArgumentError("--concurrency = " + std::to_string(flags.concurrency) +
                                 " is invalid: must be in [1, " + std::to_string(kMaxConcurrency) +
                                 "]");
+  }
+  if (flags.metrics_port < -1 || flags.metrics_port > 65535) {
+    return InvalidArgumentError("--metrics-port = " + std::to_string(flags.metrics_port) +
+                                " is invalid: must be in [0, 65535] (0: any free port)");
   }
   if (flags.requests < 0) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
@@ -581,6 +591,33 @@ Result<bool> RunWorker(const WorkerFlags& flags, int in_fd, std::ostream& out, s
   KVB_ASSIGN_OR_RETURN(
       std::unique_ptr<WorkerRank> rank,
       WorkerRank::Create(topology, plan.rank, std::move(transport).value(), faults));
+  // Declared after the rank: it stops, and no scrape runs, before the rank
+  // goes away.
+  std::unique_ptr<MetricsServer> metrics;
+  if (flags.metrics_port >= 0) {
+    const size_t colon = plan.listen.rfind(':');
+    const std::string host = plan.transport == "ucx" && colon != std::string::npos && colon > 0
+                                 ? plan.listen.substr(0, colon)
+                                 : "127.0.0.1";
+    std::vector<std::pair<std::string, std::string>> labels = {
+        {"role", plan.ctx_side ? "ctx" : "gen"},
+        {"instance_id", plan.rank.instance_id},
+        {"rank", std::to_string(flags.rank)}};
+    const uint64_t capacity = static_cast<uint64_t>(plan.rank.config.bounce_size_mb) << 20;
+    Agent* agent = &rank->agent();
+    KVB_ASSIGN_OR_RETURN(metrics,
+                         MetricsServer::Create(host, flags.metrics_port,
+                                               [agent, labels, capacity]() -> Result<std::string> {
+                                                 PrometheusTarget t;
+                                                 t.labels = labels;
+                                                 t.stats = agent->Stats();
+                                                 t.arena_capacity_bytes = capacity;
+                                                 return RenderPrometheus({&t, 1});
+                                               }));
+    out << "metrics " << metrics->address() << std::endl;
+    log << "kvbounce worker: " << rank->Who() << ": metrics at http://" << metrics->address()
+        << "/metrics\n";
+  }
   out << "ready " << rank->Address() << " " << rank->caps().dump() << std::endl;
   if (!plan.peers.empty()) {
     KVB_RETURN_IF_ERROR(rank->Connect(plan.peers, Clock::now() + plan.connect_timeout));

@@ -75,6 +75,9 @@ struct WorkerFlags {
   uint64_t first_request_id = 1;
   std::optional<std::string> path;  // gen only; unset: auto
   std::string json_file;
+  // Serve the agent's stats in the Prometheus format on this port (0: any
+  // free one) of --listen's host (127.0.0.1 for cuda-ipc); -1: off.
+  int metrics_port = -1;
 };
 
 CLI::App* AddWorkerCommand(CLI::App& app, WorkerFlags* flags);
