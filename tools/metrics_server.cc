@@ -1,6 +1,7 @@
 #include "tools/metrics_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
@@ -22,6 +23,12 @@ Result<std::unique_ptr<MetricsServer>> MetricsServer::Create(const std::string& 
   s->render_ = std::move(render);
   s->requests_ = std::make_shared<std::atomic<uint64_t>>(0);
   s->server_ = std::make_unique<httplib::Server>();
+  // Not the library's default SO_REUSEPORT: a port another server holds is
+  // an error here, not a second listener that takes half the scrapes.
+  s->server_->set_socket_options([](socket_t sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   MetricsServer* self = s.get();
   auto counter = s->requests_;
   s->server_->Get("/metrics", [self, counter](const httplib::Request&, httplib::Response& res) {
