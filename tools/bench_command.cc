@@ -526,11 +526,10 @@ Result<BenchPlan> PlanBench(const BenchFlags& flags) {
       return s.WithContext("--chunk-mb");
     }
   }
-  Config probe;
-  KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
-  // Over loopback the writer maps the recv arena and, by default, gathers
-  // straight into it: its bounce then writes nothing through the transport.
-  const bool bounce_writes = flags.transport != "loopback" || probe.bounce_gather_mapped == 0;
+  {
+    Config probe;
+    KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
+  }
   KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
   if (flags.requests < 1) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
@@ -649,6 +648,11 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   const int64_t gen_arena_mb = plan.gen_arena_mb;
   const bool bounce_off = flags.bounce_size_mb && *flags.bounce_size_mb == 0;
   const bool device_pools = flags.memory == "cuda";
+  // Over loopback the writer maps the recv arena and, by default, gathers
+  // straight into it: its bounce then writes nothing through the transport.
+  Config probe;
+  KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
+  const bool bounce_writes = flags.transport != "loopback" || probe.bounce_gather_mapped == 0;
 
   ClusterOptions options;
   options.ctx = scenario.ctx.spec();
