@@ -1,10 +1,12 @@
 #include "tools/metrics_server.h"
 
 #include <httplib.h>
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <system_error>
 #include <thread>
 
@@ -52,9 +54,16 @@ Result<std::unique_ptr<MetricsServer>> MetricsServer::Create(const std::string& 
                             std::to_string(port) + " (in use, or not an address of this host)");
   }
   s->port_ = bound;
+  // The server's threads (this one and the pool it starts) take no signal:
+  // the worker reads SIGINT/SIGTERM from a signalfd.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
   try {
     s->thread_ = std::thread([self] { self->server_->listen_after_bind(); });
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
   } catch (const std::system_error& e) {
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
     return InternalError(std::string("--metrics-port: cannot start the server thread: ") +
                          e.what());
   }

@@ -1,5 +1,8 @@
 #include "tools/progress.h"
 
+#include <pthread.h>
+
+#include <csignal>
 #include <cstdio>
 
 namespace kvbounce::tools {
@@ -28,7 +31,14 @@ Progress::Progress(std::ostream& out, bool live, std::string command,
       plain_interval_(plain_interval),
       live_interval_(live_interval),
       last_plain_(start_) {
+  // The ticker takes no signal: a process that reads SIGINT/SIGTERM from a
+  // signalfd (the bench over UCX blocks them after this thread started)
+  // must not have them delivered here, where they would end it.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
   ticker_ = std::jthread([this] { Tick(); });
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 
 Progress::~Progress() {

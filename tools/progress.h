@@ -13,7 +13,9 @@
 //
 // Thread safety: every method is thread-safe. A ticker thread (started by
 // the constructor, joined by the destructor) redraws the live line or prints
-// the periodic plain line; the destructor clears a live line it left.
+// the periodic plain line; the destructor clears a live line it left. The
+// ticker blocks every signal, so signals reach the threads that wait for
+// them (a signalfd set up after the Progress was made).
 #ifndef KVBOUNCE_TOOLS_PROGRESS_H_
 #define KVBOUNCE_TOOLS_PROGRESS_H_
 
