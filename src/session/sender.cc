@@ -406,7 +406,11 @@ void SenderSession::Start(Job& job) {
       job.data_path = ctx_.pool_ranges.empty() ? DataPath::kStagedBounce : DataPath::kBounce;
       if (ctx_.config.bounce_gather_mapped != 0 && peer->recv_arena != nullptr &&
           peer->recv_arena->mapped_address() != Addr()) {
-        job.data_path = DataPath::kMappedBounce;
+        // The connection's own word: a transport may map memory in general
+        // but not on this connection (docs/paths.md).
+        Result<TransportCaps> caps =
+            ctx_.transport->PeerCapsFor(peer->id, peer->recv_arena->info().kind);
+        if (caps.ok() && caps->map_remote) job.data_path = DataPath::kMappedBounce;
       }
       break;
     case protocol::TransferPath::kDirect:

@@ -36,7 +36,11 @@ using tools::ClusterOptions;
 constexpr milliseconds kLong(30000);
 
 // ctx TP2 -> gen TP1: two writers fan into one receiver. Every agent's
-// timers run on `clock` (when given).
+// timers run on `clock` (when given). The writers' bounce gathers into send
+// slots and writes them (bounce_gather_mapped = 0): these cases hold and
+// fail the transport's writes and fill its send arenas, which a gather
+// straight into the mapped recv slot would bypass (streaming_test and
+// settle_safety_test cover that one).
 ClusterOptions FanIn(int64_t tokens = 64, std::shared_ptr<ManualClock> clock = nullptr) {
   ClusterOptions o;
   const ModelShape model = *CustomModel(4, 4, 32, false);
@@ -47,6 +51,7 @@ ClusterOptions FanIn(int64_t tokens = 64, std::shared_ptr<ManualClock> clock = n
   o.faults = true;
   o.ctx_config.bounce_size_mb = 2;
   o.gen_config.bounce_size_mb = 2;
+  o.ctx_config.bounce_gather_mapped = 0;
   o.grace = milliseconds(200);
   o.ctx_hooks.clock = clock;
   o.gen_hooks.clock = clock;
