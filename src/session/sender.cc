@@ -485,10 +485,8 @@ void SenderSession::Start(Job& job) {
       return;
     case DataPath::kBounce:
     case DataPath::kStagedBounce:
-      StartBounce(job, *peer);
-      return;
     case DataPath::kMappedBounce:
-      StartMappedBounce(job, *peer);
+      StartBounce(job, *peer);
       return;
     case DataPath::kDirect:
       StartDirect(job, *peer);
@@ -524,6 +522,7 @@ void SenderSession::StartBounce(Job& job, PeerState& peer) {
     return;
   }
   if (job.request.chunk_bytes > 0) {
+    job.mapped = job.data_path == DataPath::kMappedBounce;
     StartStreamed(job);
     return;
   }
@@ -531,24 +530,17 @@ void SenderSession::StartBounce(Job& job, PeerState& peer) {
     Finish(job, DataLossError("recv slot of " + std::to_string(job.request.recv_slot_size) +
                               " bytes granted for a packed stream of " +
                               std::to_string(job.plan.packed_bytes) + " bytes"));
+    return;
+  }
+  if (job.data_path == DataPath::kMappedBounce) {
+    GatherIntoMappedSlot(job, peer);
     return;
   }
   Transition(job, JobState::kReserving);
   Reserve(job);
 }
 
-void SenderSession::StartMappedBounce(Job& job, PeerState& peer) {
-  if (job.request.chunk_bytes > 0) {
-    job.mapped = true;
-    StartStreamed(job);
-    return;
-  }
-  if (job.request.recv_slot_size != job.plan.packed_bytes) {
-    Finish(job, DataLossError("recv slot of " + std::to_string(job.request.recv_slot_size) +
-                              " bytes granted for a packed stream of " +
-                              std::to_string(job.plan.packed_bytes) + " bytes"));
-    return;
-  }
+void SenderSession::GatherIntoMappedSlot(Job& job, PeerState& peer) {
   Result<Addr> slot = MappedRecvAddress(peer, job.request.recv_slot_addr, job.plan.packed_bytes);
   if (!slot.ok()) {
     Finish(job, slot.status());

@@ -147,7 +147,8 @@ class SenderSession {
   //                  so a job that gets no slot fails naming why.
   //   kMappedBounce  bounce where the receiver's recv arena is mapped here
   //                  (a transport with map_remote, Config::
-  //                  bounce_gather_mapped): StartMappedBounce gathers
+  //                  bounce_gather_mapped): StartBounce's checks, then
+  //                  GatherIntoMappedSlot gathers
   //                  straight into the granted recv slot under a
   //                  MappedAccess of the arena -> OnCopied -> KV_RESULT; no
   //                  send slot, no transport write, no flush (the copy has
@@ -168,7 +169,8 @@ class SenderSession {
   void Start(Job& job);
   void StartPerBlock(Job& job, PeerState& peer);
   void StartBounce(Job& job, PeerState& peer);
-  void StartMappedBounce(Job& job, PeerState& peer);
+  // kMappedBounce, whole slot: the gather straight into the recv slot.
+  void GatherIntoMappedSlot(Job& job, PeerState& peer);
   void StartDirect(Job& job, PeerState& peer);
   // Submits the job's copy `batch`, which writes into `regions` of the
   // peer (mapped here), holding a MappedAccess of each until the copy
