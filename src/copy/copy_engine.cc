@@ -108,8 +108,9 @@ Status ValidateTiledBatch(const CopyBatch& batch, uint64_t* total_bytes) {
   const uint64_t src_base = batch.src_base.value();
   const uint64_t dst_base = batch.dst_base.value();
   uint64_t total = 0;
-  if (tiles.empty()) {
-    // No run.
+  size_t index = 0;
+  if (tiles.outer.empty() || tiles.segments.empty()) {
+    // No tiled run.
   } else if (TiledBoundsClear(tiles, src_base, dst_base)) {
     uint64_t per_outer = 0;
     bool fits = true;
@@ -119,11 +120,10 @@ Status ValidateTiledBatch(const CopyBatch& batch, uint64_t* total_bytes) {
       return InvalidArgumentError("copy batch: total bytes of the tiled list overflow 64 bits");
     }
     total = per_outer * tiles.outer.size();
+    index = static_cast<size_t>(tiles.NumRuns() - tiles.tail.size());
   } else {
     // Some run may be bad: check each, as a flat list would be. The sums
     // are checked before they are formed (ForEachRun's would wrap).
-    size_t index = 0;
-    Status status;
     for (const TileOffset& o : tiles.outer) {
       for (const TileSegment& s : tiles.segments) {
         const TileShape& shape = tiles.shapes[s.shape];
@@ -140,6 +140,10 @@ Status ValidateTiledBatch(const CopyBatch& batch, uint64_t* total_bytes) {
         }
       }
     }
+  }
+  // The runs after the tiles (a hybrid model's state), each as a flat run.
+  for (const Fragment& run : tiles.tail) {
+    KVB_RETURN_IF_ERROR(CheckFragment(index++, run, src_base, dst_base, total));
   }
   if (total_bytes != nullptr) *total_bytes = total;
   return Status::Ok();

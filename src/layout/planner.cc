@@ -270,7 +270,7 @@ void WalkList(const Walk& w, Sink& sink) {
 }
 
 template <int X, int Y>
-void EmitList(const Walk& w, FragmentList* out) {
+void EmitKvList(const Walk& w, FragmentList* out) {
   FragmentSink sink(out);
   WalkList<X, Y>(w, sink);
 }
@@ -291,7 +291,7 @@ void FlattenOuter(const Walk& w, size_t level, uint64_t x, uint64_t y,
 
 // The list (X, Y) in tiled form: WalkList's three loops kept apart.
 template <int X, int Y>
-void EmitTiled(const Walk& w, TiledList* out) {
+void EmitKvTiled(const Walk& w, TiledList* out) {
   std::map<std::pair<int64_t, int64_t>, uint64_t> by_size;  // -> index into out->shapes
   std::vector<SegmentShape> built;
   FragmentList runs;
@@ -322,12 +322,6 @@ void EmitTiled(const Walk& w, TiledList* out) {
   FlattenOuter<X, Y>(w, 0, w.origin[X], w.origin[Y], &out->outer);
 }
 
-template <int X, int Y>
-uint64_t CountList(const Walk& w) {
-  CountingSink sink;
-  WalkList<X, Y>(w, sink);
-  return sink.runs();
-}
 
 // A hash of 64-bit words, MurmurHash3's 64-bit block step (public domain):
 // each word is mixed in whole (multiply, rotate,
@@ -436,11 +430,65 @@ namespace {
 
 // A plan's walk, ready to emit lists from. Walk's axes point into the layer
 // tables, so a Prepared is filled in place and never moved.
+// One run of a hybrid model's state, on the three coordinates.
+struct StateRun {
+  std::array<uint64_t, 3> at = {0, 0, 0};
+  uint64_t bytes = 0;
+};
+
 struct Prepared {
   PairPlan plan;  // everything but the lists
+  bool kv = false;  // the box holds KV: walk `w`
   Walk w;
   std::vector<uint64_t> src_layers, dst_layers;
+  std::vector<StateRun> state;  // after the KV, in packed order
 };
+
+// Checks that `side`'s state pool is the one of its rank and that its
+// slot lies in it.
+Status CheckStateSide(const PlanSide& side, const char* role, const RankPlacement& p,
+                      bool need_slot) {
+  const std::string who = std::string(role) + " rank " + std::to_string(side.rank);
+  if (side.state_pool == nullptr) {
+    return InvalidArgumentError(who + ": the request moves state but the rank has no state pool");
+  }
+  const StatePoolLayout& sp = *side.state_pool;
+  const InstanceSpec& spec = side.topology->spec();
+  bool matches = sp.kind() == spec.state_layout && sp.num_layers() == p.num_state_layers;
+  size_t i = 0;
+  for (const StateTensor& t : spec.model.state) {
+    for (const StateSegment& seg : t.segments) {
+      const UnitShare share = SegmentShare(seg, p.tp_size, p.tp_rank);
+      matches = matches && i < sp.segments().size() &&
+                sp.segments()[i].first_unit == share.first &&
+                sp.segments()[i].units == share.count &&
+                sp.segments()[i].unit_bytes ==
+                    static_cast<uint64_t>(seg.unit_elems) * DTypeBytes(t.dtype);
+      ++i;
+    }
+  }
+  if (!matches || i != sp.segments().size()) {
+    return InvalidArgumentError(who + ": state pool (" +
+                                std::string(StateLayoutKindName(sp.kind())) + ", " +
+                                std::to_string(sp.num_layers()) +
+                                " recurrent layers) is not the rank's (" +
+                                std::string(StateLayoutKindName(spec.state_layout)) + ", " +
+                                std::to_string(p.num_state_layers) + " recurrent layers)");
+  }
+  if (need_slot && (side.state_slot < 0 || side.state_slot >= sp.num_slots())) {
+    return OutOfRangeError(who + ": state slot " + std::to_string(side.state_slot) +
+                           " is outside the state pool of " + std::to_string(sp.num_slots()) +
+                           " slots");
+  }
+  return Status::Ok();
+}
+
+void PrepareState(const PlanSide& writer, const PlanSide& receiver, const RankPlacement& c,
+                  const RankPlacement& g, bool need_src, bool need_dst, uint64_t packed_start,
+                  Prepared* out);
+void PrepareKv(const PlanSide& writer, const PlanSide& receiver, const RankPlacement& c,
+               const RankPlacement& g, TokenRange tokens, bool need_src, bool need_dst,
+               bool unknown_writer_table, Prepared* out);
 
 // Checks the sides and builds the walk. `need_src` / `need_dst`: the lists
 // to emit touch that side's addresses (its block table must cover the
@@ -466,7 +514,9 @@ Status Prepare(const PlanSide& writer, const PlanSide& receiver, TokenRange toke
   plan.writer_rank = writer.rank;
   plan.receiver_rank = receiver.rank;
   plan.tokens = tokens;
-  plan.box = WriterBox(*writer.topology, writer.rank, *receiver.topology, receiver.rank);
+  const bool with_state = receiver.state_slot >= 0 && writer.topology->spec().model.hybrid();
+  plan.box =
+      WriterBox(*writer.topology, writer.rank, *receiver.topology, receiver.rank, with_state);
   const Box& box = plan.box;
 
   Fingerprint fp;
@@ -476,13 +526,93 @@ Status Prepare(const PlanSide& writer, const PlanSide& receiver, TokenRange toke
                     int64_t{box.first_head}, int64_t{box.num_heads}, int64_t{box.kv_factor}}) {
     fp.Add(static_cast<uint64_t>(v));
   }
+  if (with_state) {
+    // The state part as both sides derive it from the topologies.
+    for (int64_t v : {int64_t{1}, int64_t{box.first_state_layer}, int64_t{box.num_state_layers},
+                      int64_t{c.num_state_layers}, int64_t{g.num_state_layers},
+                      int64_t{static_cast<uint8_t>(writer.topology->spec().state_layout)},
+                      int64_t{static_cast<uint8_t>(receiver.topology->spec().state_layout)}}) {
+      fp.Add(static_cast<uint64_t>(v));
+    }
+    for (const UnitRange& u : box.state_units) {
+      fp.Add(static_cast<uint64_t>(u.first));
+      fp.Add(static_cast<uint64_t>(u.count));
+    }
+  }
   plan.fingerprint = fp.Finish();
   if (box.empty()) return Status::Ok();
 
+  if (!box.state_empty()) {
+    if (need_src) {
+      KVB_RETURN_IF_ERROR(CheckStateSide(writer, "writer", c, !unknown_writer_table));
+    }
+    if (need_dst) KVB_RETURN_IF_ERROR(CheckStateSide(receiver, "receiver", g, true));
+  }
+  plan.packed_bytes = PackedBytes(box, tokens, receiver.pool->row_bytes());
+  if (!box.kv_empty()) PrepareKv(writer, receiver, c, g, tokens, need_src, need_dst,
+                                 unknown_writer_table, out);
+  if (!box.state_empty()) {
+    PrepareState(writer, receiver, c, g, need_src, need_dst, plan.packed_bytes, out);
+    plan.state_bytes = StateBytes(box, receiver.topology->spec().model);
+    plan.packed_bytes += plan.state_bytes;
+  }
+  return Status::Ok();
+}
+
+// The state runs of a box with state, in packed order: per recurrent layer,
+// per segment (every tensor's in turn), the units of the box; packed
+// offsets from `packed_start` (after the KV).
+void PrepareState(const PlanSide& writer, const PlanSide& receiver, const RankPlacement& c,
+                  const RankPlacement& g, bool need_src, bool need_dst, uint64_t packed_start,
+                  Prepared* out) {
+  const Box& box = out->plan.box;
+  // The writer's slot is unknown to a receiver that only counts runs.
+  const int64_t src_slot = writer.state_slot >= 0 ? writer.state_slot : 0;
+  std::vector<uint64_t> unit_bytes;
+  for (const StateTensor& t : receiver.topology->spec().model.state) {
+    for (const StateSegment& seg : t.segments) {
+      unit_bytes.push_back(static_cast<uint64_t>(seg.unit_elems) * DTypeBytes(t.dtype));
+    }
+  }
+  uint64_t packed = packed_start;
+  for (int l = 0; l < box.num_state_layers; ++l) {
+    const int layer = box.first_state_layer + l;
+    for (size_t i = 0; i < box.state_units.size(); ++i) {
+      const UnitRange& u = box.state_units[i];
+      if (u.count == 0) continue;
+      StateRun run;
+      run.bytes = unit_bytes[i] * static_cast<uint64_t>(u.count);
+      if (need_src) {
+        const StatePoolLayout::Segment& seg = writer.state_pool->segments()[i];
+        run.at[kSrc] =
+            writer.state_pool->TensorAddress(layer - c.first_state_layer, seg.tensor, src_slot)
+                .value() +
+            seg.offset + static_cast<uint64_t>(u.first - seg.first_unit) * seg.unit_bytes;
+      }
+      if (need_dst) {
+        const StatePoolLayout::Segment& seg = receiver.state_pool->segments()[i];
+        run.at[kDst] = receiver.state_pool
+                           ->TensorAddress(layer - g.first_state_layer, seg.tensor,
+                                           receiver.state_slot)
+                           .value() +
+                       seg.offset + static_cast<uint64_t>(u.first - seg.first_unit) * seg.unit_bytes;
+      }
+      run.at[kPacked] = packed;
+      packed += run.bytes;
+      out->state.push_back(run);
+    }
+  }
+}
+
+// The KV walk of a box with KV.
+void PrepareKv(const PlanSide& writer, const PlanSide& receiver, const RankPlacement& c,
+               const RankPlacement& g, TokenRange tokens, bool need_src, bool need_dst,
+               bool unknown_writer_table, Prepared* out) {
+  const Box& box = out->plan.box;
+  out->kv = true;
   const PoolLayout& sp = *writer.pool;
   const PoolLayout& rp = *receiver.pool;
   const uint64_t row = rp.row_bytes();
-  plan.packed_bytes = PackedBytes(box, tokens, row);
 
   Walk& w = out->w;
   w.row_bytes = row;
@@ -573,8 +703,35 @@ Status Prepare(const PlanSide& writer, const PlanSide& receiver, TokenRange toke
     w.segments.push_back(s);
     t = seg_end;
   }
+}
 
-  return Status::Ok();
+}  // namespace
+
+namespace {
+
+// A plan's list (X, Y): the KV walk, then the state runs.
+template <int X, int Y>
+void EmitList(const Prepared& p, FragmentList* out) {
+  if (p.kv) EmitKvList<X, Y>(p.w, out);
+  FragmentSink sink(out);
+  for (const StateRun& r : p.state) sink.Add(r.at[X], r.at[Y], r.bytes);
+}
+
+template <int X, int Y>
+void EmitTiled(const Prepared& p, TiledList* out) {
+  if (p.kv) EmitKvTiled<X, Y>(p.w, out);
+  FragmentList tail;
+  FragmentSink sink(&tail);
+  for (const StateRun& r : p.state) sink.Add(r.at[X], r.at[Y], r.bytes);
+  out->tail.assign(tail.begin(), tail.end());
+}
+
+template <int X, int Y>
+uint64_t CountList(const Prepared& p) {
+  CountingSink sink;
+  if (p.kv) WalkList<X, Y>(p.w, sink);
+  for (const StateRun& r : p.state) sink.Add(r.at[X], r.at[Y], r.bytes);
+  return sink.runs();
 }
 
 }  // namespace
@@ -587,16 +744,15 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
   KVB_RETURN_IF_ERROR(Prepare(writer, receiver, tokens, need_src, need_dst, false, p.get()));
   PairPlan& plan = p->plan;
   if (plan.box.empty()) return std::move(plan);
-  const Walk& w = p->w;
   if (lists & kPlanTiled) {
-    if (lists & kPlanGather) EmitTiled<kSrc, kPacked>(w, &plan.tiled_gather);
-    if (lists & kPlanScatter) EmitTiled<kPacked, kDst>(w, &plan.tiled_scatter);
-    if (lists & kPlanDirect) EmitTiled<kSrc, kDst>(w, &plan.tiled_direct);
+    if (lists & kPlanGather) EmitTiled<kSrc, kPacked>(*p, &plan.tiled_gather);
+    if (lists & kPlanScatter) EmitTiled<kPacked, kDst>(*p, &plan.tiled_scatter);
+    if (lists & kPlanDirect) EmitTiled<kSrc, kDst>(*p, &plan.tiled_direct);
     return std::move(plan);
   }
-  if (lists & kPlanGather) EmitList<kSrc, kPacked>(w, &plan.gather);
-  if (lists & kPlanScatter) EmitList<kPacked, kDst>(w, &plan.scatter);
-  if (lists & kPlanDirect) EmitList<kSrc, kDst>(w, &plan.direct);
+  if (lists & kPlanGather) EmitList<kSrc, kPacked>(*p, &plan.gather);
+  if (lists & kPlanScatter) EmitList<kPacked, kDst>(*p, &plan.scatter);
+  if (lists & kPlanDirect) EmitList<kSrc, kDst>(*p, &plan.direct);
   return std::move(plan);
 }
 
@@ -609,11 +765,12 @@ Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver,
       Prepare(writer, receiver, tokens, need_src, need_dst, writer.block_table.empty(), p.get()));
   PlanRuns runs;
   runs.packed_bytes = p->plan.packed_bytes;
+  runs.state_bytes = p->plan.state_bytes;
   runs.fingerprint = p->plan.fingerprint;
   if (p->plan.box.empty()) return runs;
-  if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(p->w);
-  if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(p->w);
-  if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(p->w);
+  if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(*p);
+  if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(*p);
+  if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(*p);
   return runs;
 }
 
@@ -623,6 +780,7 @@ Result<PlanRuns> PlanTotals(const PlanSide& writer, const PlanSide& receiver, To
                               writer.block_table.empty(), p.get()));
   PlanRuns runs;
   runs.packed_bytes = p->plan.packed_bytes;
+  runs.state_bytes = p->plan.state_bytes;
   runs.fingerprint = p->plan.fingerprint;
   return runs;
 }

@@ -31,6 +31,7 @@
 #include "kvbounce/status.h"
 #include "layout/fragment.h"
 #include "layout/pool_layout.h"
+#include "layout/state_layout.h"
 #include "layout/tiled_list.h"
 #include "layout/topology.h"
 
@@ -47,6 +48,13 @@ struct PlanSide {
   // Block ids holding tokens [0, n) of the request, in token order. Needed
   // only by the lists that touch this side; may be empty otherwise.
   std::span<const int32_t> block_table;
+  // Hybrid models (docs/hybrid.md): the rank's state pool (null where the
+  // rank holds no recurrent layer) and the request's state slot in it. The
+  // receiver's slot decides: with receiver.state_slot >= 0 the plan moves
+  // the state of the writer's box after its KV; with -1, KV only. The
+  // writer's slot is needed only by the lists that touch the writer's side.
+  const StatePoolLayout* state_pool = nullptr;
+  int64_t state_slot = -1;
 };
 
 // Which lists to build (bit set).
@@ -66,8 +74,12 @@ struct PairPlan {
   int receiver_rank = 0;
   Box box;  // empty: this ctx rank is not a writer of this gen rank
   TokenRange tokens;
-  // Bytes of the packed stream: the box's payload.
+  // Bytes of the packed stream: the box's payload, KV then state.
   uint64_t packed_bytes = 0;
+  // Of those, the state's (hybrid models): the stream's last bytes, one
+  // run per recurrent layer, state tensor and segment of the box (fewer
+  // where they are adjacent on both sides).
+  uint64_t state_bytes = 0;
   // Hash of both layouts, both placements, the token range and the box; the
   // same on both sides. Block tables and addresses are not part of it.
   uint64_t fingerprint = 0;
@@ -89,10 +101,13 @@ struct PairPlan {
 // Errors:
 //   kInvalidArgument  incompatible instances (CheckCompatible), a missing
 //                     topology or pool, a pool whose geometry or layout is not
-//                     the one of its rank, an empty or negative token range.
+//                     the one of its rank, an empty or negative token range;
+//                     with state: a side whose box has state but whose state
+//                     pool is missing or not its rank's.
 //   kOutOfRange       a bad rank; a block table (of a side a requested list
 //                     touches) too short for the token range, or holding a
-//                     block id outside the pool.
+//                     block id outside the pool; a state slot (of a side a
+//                     requested list touches) outside its state pool.
 Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
                           uint8_t lists = kPlanAll);
 
@@ -100,6 +115,7 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
 // receiver's path estimate needs (docs/paths.md), without building lists.
 struct PlanRuns {
   uint64_t packed_bytes = 0;
+  uint64_t state_bytes = 0;  // PairPlan::state_bytes
   uint64_t fingerprint = 0;  // PairPlan::fingerprint
   uint64_t gather = 0;
   uint64_t scatter = 0;

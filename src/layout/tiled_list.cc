@@ -5,13 +5,15 @@ namespace kvbounce {
 uint64_t TiledList::NumRuns() const {
   uint64_t per_outer = 0;
   for (const TileSegment& s : segments) per_outer += shapes[s.shape].num_runs;
-  return per_outer * outer.size();
+  return per_outer * outer.size() + tail.size();
 }
 
 uint64_t TiledList::TotalBytes() const {
   uint64_t per_outer = 0;
   for (const TileSegment& s : segments) per_outer += shapes[s.shape].bytes;
-  return per_outer * outer.size();
+  uint64_t bytes = per_outer * outer.size();
+  for (const Fragment& f : tail) bytes += f.bytes;
+  return bytes;
 }
 
 void TiledList::ExpandTo(FragmentList* out) const {
@@ -43,6 +45,9 @@ bool TiledList::WellFormed() const {
   }
   for (const TileSegment& s : segments) {
     if (s.shape >= shapes.size()) return false;
+  }
+  for (const Fragment& f : tail) {
+    if (f.bytes == 0) return false;
   }
   return true;
 }

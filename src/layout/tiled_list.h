@@ -12,7 +12,8 @@
 //   bytes from  outer[o].src + segments[s].src + runs[...].src
 //   to          outer[o].dst + segments[s].dst + runs[...].dst
 //
-// in the order o, then s, then r (outer-major, the flat list's order). Its
+// in the order o, then s, then r (outer-major, the flat list's order), then
+// the runs of `tail` as they are. Its
 // size is the outer extent plus the segments plus the distinct shapes'
 // runs — hundreds of entries where the flat list has tens of thousands — so
 // planning a request costs a step per block, and an engine that expands the
@@ -63,8 +64,11 @@ struct TiledList {
   std::vector<TileSegment> segments;  // in token order
   std::vector<TileShape> shapes;
   std::vector<Fragment> runs;  // relative to (outer + segment); no zero-byte run
+  // Runs after the product, absolute (a hybrid model's state, layout/
+  // state_layout.h: a few per layer, no tile to factor out).
+  std::vector<Fragment> tail;
 
-  bool empty() const { return outer.empty() || segments.empty(); }
+  bool empty() const { return (outer.empty() || segments.empty()) && tail.empty(); }
   // The runs of the expansion (before ExpandTo's merging) and their bytes.
   uint64_t NumRuns() const;
   uint64_t TotalBytes() const;
@@ -81,6 +85,7 @@ struct TiledList {
         }
       }
     }
+    for (const Fragment& run : tail) f(run);
   }
 
   // Appends the expansion to `out`, merging each run with the one before

@@ -91,7 +91,24 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
                                 " cannot duplicate kv heads = " + std::to_string(heads) +
                                 ": tp must be a multiple of the kv heads when it exceeds them");
   }
-  const int layers = spec.model.num_layers;
+  for (const StateTensor& t : spec.model.state) {
+    for (size_t i = 0; i < t.segments.size(); ++i) {
+      const int units = t.segments[i].units;
+      if ((units >= spec.tp && units % spec.tp != 0) || (units < spec.tp && spec.tp % units != 0)) {
+        return InvalidArgumentError(prefix + "state tensor '" + t.name + "' segment " +
+                                    std::to_string(i) + " has " + std::to_string(units) +
+                                    " units: cannot be split over tp = " +
+                                    std::to_string(spec.tp) +
+                                    " (units must be a multiple of tp, or tp of the units)");
+      }
+    }
+  }
+  if (StateLayoutKindName(spec.state_layout) == "?") {
+    return InvalidArgumentError(prefix + "state_layout = " +
+                                std::to_string(static_cast<int>(spec.state_layout)) +
+                                " is not a StateLayoutKind: use slot-major or layer-major");
+  }
+  const int layers = spec.model.total_layers();
   std::vector<int> stages;
   if (spec.layers_per_stage.empty()) {
     if (spec.pp > layers) {
@@ -123,10 +140,44 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
                                   std::to_string(layers) + " layers exactly");
     }
   }
-  std::vector<int> first(stages.size(), 0);
-  for (size_t s = 1; s < stages.size(); ++s) first[s] = first[s - 1] + stages[s - 1];
+  std::vector<Stage> info(stages.size());
+  const std::string& pattern = spec.model.layer_pattern;
+  int model_layer = 0, kv_layer = 0, state_layer = 0;
+  for (size_t s = 0; s < stages.size(); ++s) {
+    Stage& st = info[s];
+    st.first_model_layer = model_layer;
+    st.first_kv_layer = kv_layer;
+    st.first_state_layer = state_layer;
+    for (int i = 0; i < stages[s]; ++i, ++model_layer) {
+      const char kind = pattern.empty() ? '*' : pattern[static_cast<size_t>(model_layer)];
+      if (kind == '*') ++st.num_kv_layers;
+      if (kind == 'M') ++st.num_state_layers;
+    }
+    kv_layer += st.num_kv_layers;
+    state_layer += st.num_state_layers;
+    if (st.num_kv_layers == 0) {
+      return InvalidArgumentError(
+          prefix + "pipeline stage " + std::to_string(s) + " (model layers " +
+          std::to_string(st.first_model_layer) + " to " + std::to_string(model_layer - 1) +
+          ") holds no attention layer: every stage needs one (choose layers_per_stage so)");
+    }
+  }
   spec.layers_per_stage = stages;
-  return Topology(std::move(spec), std::move(stages), std::move(first));
+  return Topology(std::move(spec), std::move(stages), std::move(info));
+}
+
+UnitShare SegmentShare(const StateSegment& segment, int tp, int tp_rank) {
+  UnitShare share;
+  if (segment.units >= tp) {
+    share.count = segment.units / tp;
+    share.first = tp_rank * share.count;
+  } else {
+    share.count = 1;
+    share.copies = tp / segment.units;
+    share.first = tp_rank / share.copies;
+    share.copy_index = tp_rank % share.copies;
+  }
+  return share;
 }
 
 RankPlacement Topology::Placement(int rank) const {
@@ -136,8 +187,13 @@ RankPlacement Topology::Placement(int rank) const {
   p.pp_size = spec_.pp;
   p.tp_rank = rank % spec_.tp;
   p.pp_rank = rank / spec_.tp;
-  p.first_layer = first_layer_[static_cast<size_t>(p.pp_rank)];
-  p.num_layers = layers_per_stage_[static_cast<size_t>(p.pp_rank)];
+  const Stage& st = stages_[static_cast<size_t>(p.pp_rank)];
+  p.first_layer = st.first_kv_layer;
+  p.num_layers = st.num_kv_layers;
+  p.first_model_layer = st.first_model_layer;
+  p.num_model_layers = layers_per_stage_[static_cast<size_t>(p.pp_rank)];
+  p.first_state_layer = st.first_state_layer;
+  p.num_state_layers = st.num_state_layers;
   const int heads = spec_.model.num_kv_heads;
   if (heads >= spec_.tp) {
     p.num_heads = heads / spec_.tp;
@@ -166,9 +222,14 @@ Status CheckCompatible(const Topology& ctx, const Topology& gen) {
   const ModelShape& a = ctx.spec().model;
   const ModelShape& b = gen.spec().model;
   auto describe = [](const ModelShape& m) {
-    return std::to_string(m.num_layers) + " layers, " + std::to_string(m.num_kv_heads) +
-           " kv heads, head dim " + std::to_string(m.head_dim) + ", kv factor " +
-           std::to_string(m.kv_factor);
+    std::string d = std::to_string(m.num_layers) + " layers, " + std::to_string(m.num_kv_heads) +
+                    " kv heads, head dim " + std::to_string(m.head_dim) + ", kv factor " +
+                    std::to_string(m.kv_factor);
+    if (m.hybrid()) {
+      d += ", layer pattern '" + m.layer_pattern + "', " + std::to_string(m.state.size()) +
+           " state tensors of " + std::to_string(m.state_bytes_per_layer()) + " bytes per layer";
+    }
+    return d;
   };
   if (!(a == b)) {
     return InvalidArgumentError("ctx and gen models differ: ctx has " + describe(a) + ", gen has " +
@@ -184,7 +245,8 @@ Status CheckCompatible(const Topology& ctx, const Topology& gen) {
   return Status::Ok();
 }
 
-Box WriterBox(const Topology& ctx, int ctx_rank, const Topology& gen, int gen_rank) {
+Box WriterBox(const Topology& ctx, int ctx_rank, const Topology& gen, int gen_rank,
+              bool with_state) {
   const RankPlacement c = ctx.Placement(ctx_rank);
   const RankPlacement g = gen.Placement(gen_rank);
   Box box;
@@ -193,28 +255,54 @@ Box WriterBox(const Topology& ctx, int ctx_rank, const Topology& gen, int gen_ra
   const int l1 = std::min(c.first_layer + c.num_layers, g.first_layer + g.num_layers);
   const int h0 = std::max(c.first_head, g.first_head);
   const int h1 = std::min(c.first_head + c.num_heads, g.first_head + g.num_heads);
-  if (l1 <= l0 || h1 <= h0) return box;
   // Of identical copies of a piece, exactly one writes it.
-  if (c.head_copies > 1 && c.copy_index != g.tp_rank % c.head_copies) return box;
-  box.first_layer = l0;
-  box.num_layers = l1 - l0;
-  box.first_head = h0;
-  box.num_heads = h1 - h0;
+  if (l1 > l0 && h1 > h0 && (c.head_copies == 1 || c.copy_index == g.tp_rank % c.head_copies)) {
+    box.first_layer = l0;
+    box.num_layers = l1 - l0;
+    box.first_head = h0;
+    box.num_heads = h1 - h0;
+  }
+  if (!with_state || !ctx.spec().model.hybrid()) return box;
+  const int s0 = std::max(c.first_state_layer, g.first_state_layer);
+  const int s1 =
+      std::min(c.first_state_layer + c.num_state_layers, g.first_state_layer + g.num_state_layers);
+  if (s1 <= s0) return box;
+  bool any = false;
+  std::vector<UnitRange> units;
+  for (const StateTensor& t : ctx.spec().model.state) {
+    for (const StateSegment& seg : t.segments) {
+      const UnitShare cs = SegmentShare(seg, c.tp_size, c.tp_rank);
+      const UnitShare gs = SegmentShare(seg, g.tp_size, g.tp_rank);
+      const int u0 = std::max(cs.first, gs.first);
+      const int u1 = std::min(cs.first + cs.count, gs.first + gs.count);
+      UnitRange r;
+      if (u1 > u0 && (cs.copies == 1 || cs.copy_index == g.tp_rank % cs.copies)) {
+        r = UnitRange{u0, u1 - u0};
+        any = true;
+      }
+      units.push_back(r);
+    }
+  }
+  if (!any) return box;
+  box.first_state_layer = s0;
+  box.num_state_layers = s1 - s0;
+  box.state_units = std::move(units);
   return box;
 }
 
-std::vector<int> Writers(const Topology& ctx, const Topology& gen, int gen_rank) {
+std::vector<int> Writers(const Topology& ctx, const Topology& gen, int gen_rank, bool with_state) {
   std::vector<int> writers;
   for (int c = 0; c < ctx.num_ranks(); ++c) {
-    if (!WriterBox(ctx, c, gen, gen_rank).empty()) writers.push_back(c);
+    if (!WriterBox(ctx, c, gen, gen_rank, with_state).empty()) writers.push_back(c);
   }
   return writers;
 }
 
-std::vector<int> Receivers(const Topology& ctx, int ctx_rank, const Topology& gen) {
+std::vector<int> Receivers(const Topology& ctx, int ctx_rank, const Topology& gen,
+                           bool with_state) {
   std::vector<int> receivers;
   for (int g = 0; g < gen.num_ranks(); ++g) {
-    if (!WriterBox(ctx, ctx_rank, gen, g).empty()) receivers.push_back(g);
+    if (!WriterBox(ctx, ctx_rank, gen, g, with_state).empty()) receivers.push_back(g);
   }
   return receivers;
 }

@@ -38,7 +38,7 @@ TEST(ModelTest, PresetsMatchPublicConfigs) {
   ASSERT_TRUE(ds.ok());
   EXPECT_TRUE(ds->mla());
   EXPECT_EQ(ds->head_dim, 576);
-  EXPECT_EQ(ModelPresets().size(), 6u);
+  EXPECT_EQ(ModelPresets().size(), 9u);
   for (const ModelShape& p : ModelPresets()) EXPECT_TRUE(p.Validate().ok()) << p.name;
 }
 

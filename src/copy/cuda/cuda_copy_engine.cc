@@ -262,10 +262,12 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
       state->tile_shapes.push_back(d);
       state->tile_shape_bytes.push_back(shape.bytes * tiles.outer.size());
     }
-    if (TiledFixedBytes(tiles.outer.size(), state->tile_pieces.size()) +
-            sizeof(cuda_copy::TileSegmentDescriptor) >
-        staging) {
-      // Too large to stage at once (not a plan's list): run it expanded.
+    if (!tiles.tail.empty() ||
+        TiledFixedBytes(tiles.outer.size(), state->tile_pieces.size()) +
+                sizeof(cuda_copy::TileSegmentDescriptor) >
+            staging) {
+      // Too large to stage at once (not a plan's list), or with runs after
+      // the tiles (a hybrid model's state): run it expanded.
       state->expanded = std::make_shared<FragmentList>();
       tiles.ExpandTo(state->expanded.get());
       state->batch.tiles = nullptr;
