@@ -351,8 +351,10 @@ bool ChaosRun::Request(int slot, std::mt19937_64& rng) {
       rec.watchdog = Clock::now() +
                      Watchdog(publish_options.ttl.count() > 0 ? publish_options.ttl : o_.timeout);
       rec.agent = c_.CtxAgent(k);
+      PublishOptions with_state = publish_options;
+      with_state.state_slot = c_.harness(true, k).StateSlot(tables.slot);
       Result<std::shared_ptr<Transfer>> p =
-          rec.agent->Publish(id, tables.ctx, o_.tokens.end, publish_options);
+          rec.agent->Publish(id, tables.ctx, o_.tokens.end, with_state);
       if (!p.ok()) {
         rec.start_error = p.status();
         continue;
@@ -367,8 +369,10 @@ bool ChaosRun::Request(int slot, std::mt19937_64& rng) {
       const milliseconds deadline =
           pull_options.timeout.count() > 0 ? pull_options.timeout : o_.timeout;
       rec.watchdog = Clock::now() + Watchdog(deadline);
+      PullOptions with_state = pull_options;
+      with_state.state_slot = c_.harness(false, g).StateSlot(tables.slot);
       Result<std::shared_ptr<Transfer>> p =
-          c_.GenAgent(g)->Pull(id, c_.options().ctx_instance, tables.gen, o_.tokens, pull_options);
+          c_.GenAgent(g)->Pull(id, c_.options().ctx_instance, tables.gen, o_.tokens, with_state);
       if (!p.ok()) {
         rec.start_error = p.status();
         continue;

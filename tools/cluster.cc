@@ -278,13 +278,19 @@ Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, Token
                            PullOptions pull, std::vector<TransferInfo>* infos) {
   std::vector<std::shared_ptr<Transfer>> published, pulled;
   for (int c = 0; c < num_ctx(); ++c) {
-    KVB_ASSIGN_OR_RETURN(
-        auto t, CtxRank(tables.ctx_instance, c).agent->Publish(request_id, tables.ctx, range.end));
+    // Hybrid models: the state moves with the KV (the harness's state slot
+    // of the request's slot, where the rank has a state pool).
+    Rank& rank = CtxRank(tables.ctx_instance, c);
+    PublishOptions publish;
+    publish.state_slot = rank.harness->StateSlot(tables.slot);
+    KVB_ASSIGN_OR_RETURN(auto t,
+                         rank.agent->Publish(request_id, tables.ctx, range.end, publish));
     published.push_back(std::move(t));
   }
   Status first;
   const std::string& instance = ctx_instance_name(tables.ctx_instance);
   for (auto& r : gen_) {
+    pull.state_slot = r.harness->StateSlot(tables.slot);
     Result<std::shared_ptr<Transfer>> t =
         r.agent->Pull(request_id, instance, tables.gen, range, pull);
     if (!t.ok()) {

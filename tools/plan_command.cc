@@ -1,10 +1,12 @@
 #include "tools/plan_command.h"
 
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "layout/pool_layout.h"
+#include "layout/state_layout.h"
 #include "tools/resource_limits.h"
 
 namespace kvbounce::tools {
@@ -46,32 +48,64 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
         PoolLayout::ForRank(s.gen, r, gen_blocks, Addr(static_cast<uint64_t>(r + 65) << 44)));
     gen_pools.push_back(std::move(p));
   }
+  // Hybrid models: each rank's state pool (one slot) and the request's
+  // state, which moves with the KV.
+  std::vector<std::optional<StatePoolLayout>> ctx_state, gen_state;
+  const bool hybrid = s.ctx.spec().model.hybrid();
+  for (int side = 0; side < 2 && hybrid; ++side) {
+    const Topology& t = side == 0 ? s.ctx : s.gen;
+    auto& out = side == 0 ? ctx_state : gen_state;
+    for (int r = 0; r < t.num_ranks(); ++r) {
+      out.emplace_back();
+      if (t.Placement(r).num_state_layers == 0) continue;
+      KVB_ASSIGN_OR_RETURN(
+          StatePoolLayout sp,
+          StatePoolLayout::ForRank(t, r, 1, {Addr(static_cast<uint64_t>(r + (side ? 193 : 129)) << 44)}));
+      out.back() = std::move(sp);
+    }
+  }
+  auto with_state = [&](PlanSide side, const std::vector<std::optional<StatePoolLayout>>& pools) {
+    if (!hybrid) return side;
+    const auto& sp = pools[static_cast<size_t>(side.rank)];
+    side.state_pool = sp ? &*sp : nullptr;
+    side.state_slot = 0;
+    return side;
+  };
 
   nlohmann::json pairs = nlohmann::json::array();
   nlohmann::json gen_ranks = nlohmann::json::array();
-  uint64_t total_bytes = 0, total_direct = 0, total_pairs = 0;
+  uint64_t total_bytes = 0, total_direct = 0, total_pairs = 0, total_state = 0;
   for (int g = 0; g < s.gen.num_ranks(); ++g) {
     nlohmann::json writers = nlohmann::json::array();
-    uint64_t gen_bytes = 0;
+    uint64_t gen_bytes = 0, gen_state_bytes = 0;
     for (int c = 0; c < s.ctx.num_ranks(); ++c) {
       KVB_ASSIGN_OR_RETURN(
           PairPlan plan,
-          PlanPair({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
-                   {&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table}, s.tokens));
+          PlanPair(with_state({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
+                              ctx_state),
+                   with_state({&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table},
+                              gen_state),
+                   s.tokens));
       if (plan.packed_bytes == 0) continue;
-      pairs.push_back({{"ctx_rank", c},
-                       {"gen_rank", g},
-                       {"bytes", plan.packed_bytes},
-                       {"direct_fragments", plan.direct.size()},
-                       {"gather_runs", plan.gather.size()},
-                       {"scatter_runs", plan.scatter.size()}});
+      nlohmann::json pair = {{"ctx_rank", c},
+                             {"gen_rank", g},
+                             {"bytes", plan.packed_bytes},
+                             {"direct_fragments", plan.direct.size()},
+                             {"gather_runs", plan.gather.size()},
+                             {"scatter_runs", plan.scatter.size()}};
+      if (hybrid) pair["state_bytes"] = plan.state_bytes;
+      pairs.push_back(std::move(pair));
       writers.push_back(c);
       gen_bytes += plan.packed_bytes;
+      gen_state_bytes += plan.state_bytes;
       total_direct += plan.direct.size();
       ++total_pairs;
     }
     total_bytes += gen_bytes;
-    gen_ranks.push_back({{"gen_rank", g}, {"writers", writers}, {"bytes", gen_bytes}});
+    total_state += gen_state_bytes;
+    nlohmann::json rank = {{"gen_rank", g}, {"writers", writers}, {"bytes", gen_bytes}};
+    if (hybrid) rank["state_bytes"] = gen_state_bytes;
+    gen_ranks.push_back(std::move(rank));
   }
   nlohmann::json out;
   out["scenario"] = DescribeScenario(s);
@@ -79,6 +113,7 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
   out["gen_ranks"] = std::move(gen_ranks);
   out["totals"] = {
       {"bytes", total_bytes}, {"direct_fragments", total_direct}, {"pairs", total_pairs}};
+  if (hybrid) out["totals"]["state_bytes"] = total_state;
   return out;
 }
 
@@ -111,7 +146,11 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
     for (const auto& w : g["writers"])
       writers += (writers.empty() ? "" : ",") + std::to_string(w.get<int>());
     out << "gen rank " << g["gen_rank"].get<int>() << ": writers {" << writers << "}, "
-        << HumanBytes(g["bytes"].get<uint64_t>()) << "\n";
+        << HumanBytes(g["bytes"].get<uint64_t>());
+    if (g.contains("state_bytes")) {
+      out << " (state " << HumanBytes(g["state_bytes"].get<uint64_t>()) << ")";
+    }
+    out << "\n";
   }
   const auto& t = plan["totals"];
   const uint64_t total_bytes = t["bytes"];
@@ -119,6 +158,10 @@ Status RunPlan(const PlanFlags& flags, std::ostream& out) {
   out << "\ntotal: " << t["pairs"].get<uint64_t>() << " pairs, " << total_bytes << " bytes ("
       << HumanBytes(total_bytes) << "), " << total_direct << " direct fragments, mean "
       << HumanBytes(total_direct ? total_bytes / total_direct : 0) << " per fragment\n";
+  if (t.contains("state_bytes")) {
+    out << "of which recurrent state: " << t["state_bytes"].get<uint64_t>() << " bytes ("
+        << HumanBytes(t["state_bytes"].get<uint64_t>()) << ")\n";
+  }
   return Status::Ok();
 }
 

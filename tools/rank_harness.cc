@@ -5,6 +5,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <tuple>
 #include <utility>
 
 #include "copy/device_support.h"
@@ -144,6 +145,42 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
                 : layout.Rebased(h->bases_);
   if (!placed.ok()) return placed.status();
   h->layout_ = std::move(placed).value();
+  // Hybrid models: a state pool of one slot per request slot, beside the
+  // KV pool (per-layer allocations where the KV pool has them and the state
+  // layout allows).
+  const RankPlacement placement = topology.Placement(options.rank);
+  if (topology.spec().model.hybrid() && placement.num_state_layers > 0) {
+    KVB_ASSIGN_OR_RETURN(StatePoolLayout shape,
+                         StatePoolLayout::ForRank(topology, options.rank, options.slots, {Addr(1)}));
+    const bool state_per_layer = options.per_layer_pools &&
+                                 shape.kind() == StateLayoutKind::kLayerMajor &&
+                                 shape.num_layers() > 1;
+    const size_t count = state_per_layer ? static_cast<size_t>(shape.num_layers()) : 1;
+    const uint64_t state_bytes = shape.pool_bytes() / count;
+    std::vector<Addr> state_bases;
+    for (size_t i = 0; i < count; ++i) {
+      if (h->device_pool()) {
+#if KVBOUNCE_HAVE_CUDA
+        Result<std::unique_ptr<Allocation>> memory =
+            CudaSupport()->AllocateDevice(options.device, static_cast<size_t>(state_bytes));
+        if (!memory.ok()) {
+          return memory.status().WithContext("the state pool of " +
+                                             std::string(RoleName(options.role)) + " rank " +
+                                             std::to_string(options.rank));
+        }
+        state_bases.push_back((*memory)->address());
+        h->state_device_memory_.push_back(std::move(memory).value());
+#endif
+      } else {
+        h->state_memory_.emplace_back(static_cast<size_t>(state_bytes), kSlotSentinel);
+        state_bases.push_back(Addr::FromPointer(h->state_memory_.back().data()));
+      }
+    }
+    KVB_ASSIGN_OR_RETURN(h->state_layout_, shape.Rebased(state_bases));
+    if (h->device_pool()) {
+      for (int s = 0; s < options.slots; ++s) h->FillSlot(s, kSlotSentinel);
+    }
+  }
   if (h->ctx_side()) {
     const uint64_t seed = CtxTableSeed(options.table_seed, options.ctx_instance);
     for (int s = 0; s < options.slots; ++s) {
@@ -153,9 +190,131 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
       } else {
         h->FillCtx(h->ctx_tables_.back());
       }
+      KVB_RETURN_IF_ERROR(h->FillCtxState(s));
     }
   }
   return h;
+}
+
+void RankHarness::ForEachStateUnit(
+    int slot, const std::function<void(int, int, int, Addr, uint64_t)>& fn) const {
+  if (!state_layout_) return;
+  const StatePoolLayout& sp = *state_layout_;
+  const int first_layer = topology_.Placement(options_.rank).first_state_layer;
+  for (int l = 0; l < sp.num_layers(); ++l) {
+    for (size_t i = 0; i < sp.segments().size(); ++i) {
+      const StatePoolLayout::Segment& seg = sp.segments()[i];
+      const Addr tensor = sp.TensorAddress(l, seg.tensor, slot);
+      for (int u = 0; u < seg.units; ++u) {
+        fn(first_layer + l, static_cast<int>(i), seg.first_unit + u,
+           tensor + seg.offset + static_cast<uint64_t>(u) * seg.unit_bytes, seg.unit_bytes);
+      }
+    }
+  }
+}
+
+namespace {
+
+// The element bytes of each flattened state segment.
+std::vector<int> SegmentElemBytes(const ModelShape& model) {
+  std::vector<int> out;
+  for (const StateTensor& t : model.state) {
+    for (size_t i = 0; i < t.segments.size(); ++i) {
+      out.push_back(static_cast<int>(DTypeBytes(t.dtype)));
+    }
+  }
+  return out;
+}
+
+// Writes (or, with `check`, compares) the values of one state unit.
+bool StateUnitBytes(std::byte* unit, uint64_t bytes, int elem_bytes, uint64_t seed, bool check) {
+  const uint64_t elems = bytes / static_cast<uint64_t>(elem_bytes);
+  for (uint64_t e = 0; e < elems; ++e) {
+    const uint64_t v = FromSeed(seed, static_cast<int>(e));
+    for (int b = 0; b < elem_bytes; ++b) {
+      const auto want = static_cast<std::byte>(v >> (8 * b));
+      std::byte& at = unit[e * static_cast<uint64_t>(elem_bytes) + static_cast<uint64_t>(b)];
+      if (!check) {
+        at = want;
+      } else if (at != want) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Status RankHarness::FillCtxState(int slot) {
+  if (!state_layout_) return Status::Ok();
+  const std::vector<int> elem = SegmentElemBytes(topology_.spec().model);
+  const int instance = options_.ctx_instance;
+  if (!device_pool()) {
+    ForEachStateUnit(slot, [&](int layer, int seg, int unit, Addr at, uint64_t bytes) {
+      StateUnitBytes(static_cast<std::byte*>(at.ToPointer()), bytes,
+                     elem[static_cast<size_t>(seg)], StateUnitSeed(instance, layer, seg, unit),
+                     false);
+    });
+    return Status::Ok();
+  }
+  // Device pools: built on the host, copied over unit by unit (a few per
+  // layer: no kernel needed).
+  std::vector<std::vector<std::byte>> staged;
+  std::vector<std::pair<Addr, size_t>> where;
+  ForEachStateUnit(slot, [&](int layer, int seg, int unit, Addr at, uint64_t bytes) {
+    staged.emplace_back(static_cast<size_t>(bytes));
+    StateUnitBytes(staged.back().data(), bytes, elem[static_cast<size_t>(seg)],
+                   StateUnitSeed(instance, layer, seg, unit), false);
+    where.emplace_back(at, staged.size() - 1);
+  });
+  std::lock_guard<std::mutex> lock(kernels_mu_);
+  for (const auto& [at, i] : where) {
+    KVB_RETURN_IF_ERROR(
+        copier_->Enqueue(at, Addr::FromPointer(staged[i].data()), staged[i].size()));
+  }
+  return copier_->Wait();
+}
+
+void RankHarness::VerifyState(int slot, int ctx_instance, VerifyResult& result) const {
+  if (!state_layout_) return;
+  const std::vector<int> elem = SegmentElemBytes(topology_.spec().model);
+  auto check = [&](int layer, int seg, int unit, std::byte* bytes, uint64_t n) {
+    result.verified_bytes += n;
+    if (!StateUnitBytes(bytes, n, elem[static_cast<size_t>(seg)],
+                        StateUnitSeed(ctx_instance, layer, seg, unit), true) &&
+        result.mismatches++ == 0) {
+      result.first_mismatch = "state: recurrent layer " + std::to_string(layer) + ", segment " +
+                              std::to_string(seg) + ", unit " + std::to_string(unit) +
+                              " of slot " + std::to_string(slot) + " holds wrong bytes";
+    }
+  };
+  if (!device_pool()) {
+    ForEachStateUnit(slot, [&](int layer, int seg, int unit, Addr at, uint64_t bytes) {
+      check(layer, seg, unit, static_cast<std::byte*>(at.ToPointer()), bytes);
+    });
+    return;
+  }
+  std::vector<std::vector<std::byte>> copied;
+  std::vector<std::tuple<int, int, int>> units;
+  {
+    std::lock_guard<std::mutex> lock(kernels_mu_);
+    Status s;
+    ForEachStateUnit(slot, [&](int layer, int seg, int unit, Addr at, uint64_t bytes) {
+      copied.emplace_back(static_cast<size_t>(bytes));
+      units.emplace_back(layer, seg, unit);
+      if (s.ok()) s = copier_->Enqueue(Addr::FromPointer(copied.back().data()), at, bytes);
+    });
+    if (s.ok()) s = copier_->Wait();
+    if (!s.ok()) {
+      if (result.mismatches++ == 0) result.first_mismatch = "state: " + s.ToString();
+      return;
+    }
+  }
+  for (size_t i = 0; i < copied.size(); ++i) {
+    const auto [layer, seg, unit] = units[i];
+    check(layer, seg, unit, copied[i].data(), copied[i].size());
+  }
 }
 
 RankHarness::~RankHarness() = default;
@@ -177,6 +336,10 @@ AgentOptions RankHarness::MakeAgentOptions(const std::string& instance_id, const
   agent.pool.num_blocks = num_blocks();
   agent.pool.memory = options_.memory;
   agent.pool.device = options_.device;
+  if (state_layout_) {
+    agent.pool.state.bases = state_layout_->bases();
+    agent.pool.state.num_slots = state_layout_->num_slots();
+  }
   agent.config = config;
   agent.grace = grace;
   return agent;
@@ -199,12 +362,25 @@ std::vector<std::pair<Addr, uint64_t>> RankHarness::SlotRanges(int slot) const {
   std::vector<std::pair<Addr, uint64_t>> out;
   if (layout_.kind() == LayoutKind::kBlockMajorHnd) {
     out.emplace_back(layout_.RowAddress(0, 0, first, 0, 0), bytes);
-    return out;
+  } else {
+    const PoolGeometry& g = layout_.geometry();
+    for (int l = 0; l < g.num_layers; ++l) {
+      for (int kv = 0; kv < g.kv_factor; ++kv) {
+        out.emplace_back(layout_.RowAddress(l, kv, first, 0, 0), bytes);
+      }
+    }
   }
-  const PoolGeometry& g = layout_.geometry();
-  for (int l = 0; l < g.num_layers; ++l) {
-    for (int kv = 0; kv < g.kv_factor; ++kv) {
-      out.emplace_back(layout_.RowAddress(l, kv, first, 0, 0), bytes);
+  if (state_layout_) {
+    const StatePoolLayout& sp = *state_layout_;
+    if (sp.kind() == StateLayoutKind::kSlotMajor) {
+      out.emplace_back(sp.TensorAddress(0, 0, slot), sp.slot_bytes());
+    } else {
+      const int tensors = static_cast<int>(topology_.spec().model.state.size());
+      for (int l = 0; l < sp.num_layers(); ++l) {
+        for (int t = 0; t < tensors; ++t) {
+          out.emplace_back(sp.TensorAddress(l, t, slot), sp.tensor_bytes(t));
+        }
+      }
     }
   }
   return out;
@@ -293,6 +469,10 @@ void RankHarness::FillCtx(const std::vector<int32_t>& table) {
 void RankHarness::RefillCtx(int slot) {
   ClearSlot(slot);
   FillCtx(ctx_tables_[static_cast<size_t>(slot)]);
+  Status filled = FillCtxState(slot);
+  if (!filled.ok()) {
+    Log(LogLevel::kError, "rank harness: filling a ctx state slot: " + filled.ToString());
+  }
 }
 
 // One row of a gen slot, as VerifyGen walks them: its place, and the token
@@ -343,7 +523,11 @@ std::string RankHarness::DescribeBadRow(const SlotRow& row, bool value_row) cons
 
 VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range,
                                     int ctx_instance) const {
-  if (device_pool()) return VerifyGenOnDevice(slot, gen_table, range, ctx_instance);
+  if (device_pool()) {
+    VerifyResult on_device = VerifyGenOnDevice(slot, gen_table, range, ctx_instance);
+    VerifyState(slot, ctx_instance, on_device);
+    return on_device;
+  }
   VerifyResult result;
   const RankPlacement p = topology_.Placement(options_.rank);
   const int e = static_cast<int>(topology_.elem_bytes());
@@ -375,6 +559,7 @@ VerifyResult RankHarness::VerifyGen(int slot, std::span<const int32_t> gen_table
       }
     }
   });
+  VerifyState(slot, ctx_instance, result);
   return result;
 }
 

@@ -45,6 +45,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -52,6 +53,7 @@
 
 #include "kvbounce/agent.h"
 #include "layout/pool_layout.h"
+#include "layout/state_layout.h"
 #include "layout/topology.h"
 #include "memory/allocation.h"
 
@@ -156,6 +158,17 @@ class RankHarness {
   AgentOptions MakeAgentOptions(const std::string& instance_id, const Config& config,
                                 std::chrono::milliseconds grace) const;
 
+  // Hybrid models: the rank's state pool (one state slot per request slot,
+  // slot s for slot s), or null where the rank holds no recurrent layer or
+  // the model is not hybrid.
+  const StatePoolLayout* state_layout() const {
+    return state_layout_ ? &*state_layout_ : nullptr;
+  }
+  // The state slot of request slot `slot` for Publish / Pull
+  // (PublishOptions / PullOptions::state_slot): `slot`, or -1 without a
+  // state pool.
+  int64_t StateSlot(int slot) const { return state_layout_ ? slot : -1; }
+
   // The ctx table of `slot` (max_tokens tokens). REQUIRES: ctx side.
   const std::vector<int32_t>& CtxTable(int slot) const;
   // The gen table of request `request_id` in `slot`, for `tokens` tokens, in
@@ -166,7 +179,9 @@ class RankHarness {
   bool device_pool() const { return options_.memory == MemoryKind::kCuda; }
 
   // The memory of `slot`'s blocks: one range (block-major) or one per
-  // (layer, k/v) (layer-major), in address order, as (address, bytes).
+  // (layer, k/v) (layer-major), in address order, as (address, bytes);
+  // then, with a state pool, its state slot's: one range (slot-major) or
+  // one per (recurrent layer, state tensor).
   std::vector<std::pair<Addr, uint64_t>> SlotRanges(int slot) const;
   // The same as host spans. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> SlotMemory(int slot) const;
@@ -186,7 +201,9 @@ class RankHarness {
   void RefillCtx(int slot);
   // Checks a gen rank's `slot` after a pull of `range` into `gen_table` from
   // ctx instance `ctx_instance` (see the file comment). Tokens [0,
-  // range.start) must be untouched too. REQUIRES: gen side.
+  // range.start) must be untouched too. With a state pool, every state
+  // element of the slot too: StateUnitSeed's values (the pull carried the
+  // state). REQUIRES: gen side.
   VerifyResult VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range,
                          int ctx_instance = 0) const;
 
@@ -207,6 +224,14 @@ class RankHarness {
   // What VerifyGen says about a bad row (value_row: one of the range).
   std::string DescribeBadRow(const SlotRow& row, bool value_row) const;
 
+  // Hybrid models: writes the semantic values of the state of `slot`
+  // (ctx side), and checks them (gen side) into `result`.
+  Status FillCtxState(int slot);
+  void VerifyState(int slot, int ctx_instance, VerifyResult& result) const;
+  // Calls fn(layer, segment index, unit, address) for every unit of
+  // `slot`'s state this rank holds.
+  void ForEachStateUnit(int slot, const std::function<void(int, int, int, Addr, uint64_t)>& fn) const;
+
   // Device pools: fill, clear and verify through kernels.
   Status FillCtxOnDevice(const std::vector<int32_t>& table);
   VerifyResult VerifyGenOnDevice(int slot, std::span<const int32_t> gen_table, TokenRange range,
@@ -223,6 +248,11 @@ class RankHarness {
   std::vector<Addr> bases_;
   PoolLayout layout_;
   std::vector<std::vector<int32_t>> ctx_tables_;  // per slot (ctx side)
+  // Hybrid models: the state pool (host memory, or device memory beside a
+  // device pool).
+  std::optional<StatePoolLayout> state_layout_;
+  std::vector<std::vector<std::byte>> state_memory_;
+  std::vector<std::unique_ptr<Allocation>> state_device_memory_;
 };
 
 }  // namespace kvbounce::tools

@@ -101,6 +101,15 @@ void ScenarioFlags::Register(CLI::App& app) {
   app.add_option("--kv-heads", kv_heads, "KV heads of a custom model");
   app.add_option("--head-dim", head_dim, "Head dim of a custom model");
   app.add_flag("--mla", mla, "Custom model keeps one MLA latent cache (kv factor 1)");
+  app.add_option("--layer-pattern", layer_pattern,
+                 "Hybrid custom model: one character per layer, '*' attention, 'M' recurrent, "
+                 "'-' neither (--layers may be left out)");
+  app.add_option("--state-tensor", state_tensors,
+                 "Hybrid custom model: a state tensor of every recurrent layer, "
+                 "NAME=DTYPE:UNITSxELEMS[,UNITSxELEMS...] (repeat for each)");
+  app.add_option("--state-layout", state_layout,
+                 "Hybrid models: state pool layout, slot-major or layer-major")
+      ->capture_default_str();
   app.add_option("--dtype", dtype, "Element type: bf16, fp16, fp8, fp32")->capture_default_str();
   app.add_option("--tokens", tokens, "Tokens of the request")->capture_default_str();
   app.add_option("--start-token", start_token,
@@ -130,14 +139,18 @@ void ScenarioFlags::Register(CLI::App& app) {
 
 std::vector<std::string> ScenarioFlags::ToArgs() const {
   std::vector<std::string> args;
-  const bool explicit_dims = layers != 0 || kv_heads != 0 || head_dim != 0 || mla;
+  const bool explicit_dims = layers != 0 || kv_heads != 0 || head_dim != 0 || mla ||
+                             !layer_pattern.empty() || !state_tensors.empty();
   if (explicit_dims) {
-    args = {"--layers",   std::to_string(layers),  "--kv-heads", std::to_string(kv_heads),
-            "--head-dim", std::to_string(head_dim)};
+    args = {"--kv-heads", std::to_string(kv_heads), "--head-dim", std::to_string(head_dim)};
+    if (layers != 0) args.insert(args.end(), {"--layers", std::to_string(layers)});
     if (mla) args.push_back("--mla");
+    if (!layer_pattern.empty()) args.insert(args.end(), {"--layer-pattern", layer_pattern});
+    for (const std::string& t : state_tensors) args.insert(args.end(), {"--state-tensor", t});
   } else {
     args = {"--model", model.empty() ? default_model : model};
   }
+  args.insert(args.end(), {"--state-layout", state_layout});
   const std::vector<std::string> rest = {"--dtype",
                                          dtype,
                                          "--tokens",
@@ -158,21 +171,77 @@ std::vector<std::string> ScenarioFlags::ToArgs() const {
   return args;
 }
 
+Result<StateTensor> ParseStateTensor(std::string_view text) {
+  const std::string where = "--state-tensor '" + std::string(text) + "'";
+  const size_t eq = text.find('=');
+  const size_t colon = text.find(':', eq == std::string_view::npos ? 0 : eq);
+  if (eq == std::string_view::npos || eq == 0 || colon == std::string_view::npos) {
+    return InvalidArgumentError(where + " is invalid: use NAME=DTYPE:UNITSxELEMS[,UNITSxELEMS...]");
+  }
+  StateTensor t;
+  t.name = std::string(text.substr(0, eq));
+  Result<DType> dtype = ParseDType(text.substr(eq + 1, colon - eq - 1));
+  if (!dtype.ok()) return dtype.status().WithContext(where);
+  t.dtype = *dtype;
+  std::string_view rest = text.substr(colon + 1);
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    const std::string_view seg = rest.substr(0, comma);
+    const size_t x = seg.find('x');
+    int units = 0, elems = 0;
+    auto number = [](std::string_view v, int* out) {
+      if (v.empty() || v.size() > 9) return false;
+      int n = 0;
+      for (char c : v) {
+        if (c < '0' || c > '9') return false;
+        n = n * 10 + (c - '0');
+      }
+      *out = n;
+      return n >= 1;
+    };
+    if (x == std::string_view::npos || !number(seg.substr(0, x), &units) ||
+        !number(seg.substr(x + 1), &elems)) {
+      return InvalidArgumentError(where + ": segment '" + std::string(seg) +
+                                  "' is invalid: use UNITSxELEMS with both >= 1");
+    }
+    t.segments.push_back(StateSegment{units, elems});
+    if (comma == std::string_view::npos) break;
+    rest = rest.substr(comma + 1);
+  }
+  if (t.segments.empty()) return InvalidArgumentError(where + " has no segment");
+  return t;
+}
+
 Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
-  const bool explicit_dims =
-      flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 || flags.mla;
+  const bool hybrid_flags = !flags.layer_pattern.empty() || !flags.state_tensors.empty();
+  const bool explicit_dims = flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 ||
+                             flags.mla || hybrid_flags;
   ModelShape model;
   if (!flags.model.empty() && explicit_dims) {
     return InvalidArgumentError(
-        "--model cannot be combined with --layers/--kv-heads/--head-dim/--mla");
+        "--model cannot be combined with --layers/--kv-heads/--head-dim/--mla/--layer-pattern/"
+        "--state-tensor");
   }
   if (explicit_dims) {
-    if (flags.layers == 0 || flags.kv_heads == 0 || flags.head_dim == 0) {
-      return InvalidArgumentError(
-          "a custom model needs all of --layers, --kv-heads and --head-dim");
+    int layers = flags.layers;
+    if (layers == 0 && !flags.layer_pattern.empty()) {
+      layers = static_cast<int>(
+          std::count(flags.layer_pattern.begin(), flags.layer_pattern.end(), '*'));
     }
-    KVB_ASSIGN_OR_RETURN(model,
-                         CustomModel(flags.layers, flags.kv_heads, flags.head_dim, flags.mla));
+    if (layers == 0 || flags.kv_heads == 0 || flags.head_dim == 0) {
+      return InvalidArgumentError(
+          "a custom model needs all of --layers (or --layer-pattern), --kv-heads and --head-dim");
+    }
+    KVB_ASSIGN_OR_RETURN(model, CustomModel(layers, flags.kv_heads, flags.head_dim, flags.mla));
+    if (hybrid_flags) {
+      model.layer_pattern = flags.layer_pattern;
+      for (const std::string& text : flags.state_tensors) {
+        KVB_ASSIGN_OR_RETURN(StateTensor t, ParseStateTensor(text));
+        model.state.push_back(std::move(t));
+      }
+      Status valid = model.Validate();
+      if (!valid.ok()) return valid.WithContext("--layer-pattern / --state-tensor");
+    }
   } else {
     KVB_ASSIGN_OR_RETURN(model,
                          FindModelPreset(flags.model.empty() ? flags.default_model : flags.model));
@@ -181,6 +250,8 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   if (!dtype.ok()) return dtype.status().WithContext("--dtype");
   Result<LayoutKind> layout = ParseLayoutKind(flags.layout);
   if (!layout.ok()) return layout.status().WithContext("--layout");
+  Result<StateLayoutKind> state_layout = ParseStateLayoutKind(flags.state_layout);
+  if (!state_layout.ok()) return state_layout.status().WithContext("--state-layout");
   if (flags.tokens_per_block < 1) {
     return InvalidArgumentError("--tokens-per-block = " + std::to_string(flags.tokens_per_block) +
                                 " is invalid: must be >= 1");
@@ -226,6 +297,7 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
     spec.layers_per_stage = s.layers_per_stage;
     spec.layout = s.layout.value_or(*layout);
     spec.tokens_per_block = s.tokens_per_block.value_or(flags.tokens_per_block);
+    spec.state_layout = *state_layout;
     return Topology::Create(spec, "--" + std::string(side));
   };
   KVB_ASSIGN_OR_RETURN(Topology ctx, make("ctx", flags.ctx));

@@ -44,6 +44,14 @@ struct ScenarioFlags {
   int kv_heads = 0;
   int head_dim = 0;
   bool mla = false;
+  // Hybrid models (docs/hybrid.md), custom: the layer pattern ('*'
+  // attention, 'M' recurrent, '-' neither; --layers may then be left out:
+  // the pattern's '*' count) and the recurrent layers' state tensors, each
+  // "NAME=DTYPE:UNITSxELEMS[,UNITSxELEMS...]" (segments split by TP like kv
+  // heads). A preset's state layout may be chosen too.
+  std::string layer_pattern;
+  std::vector<std::string> state_tensors;
+  std::string state_layout = "slot-major";
   std::string dtype = "bf16";
   int64_t tokens = 8192;
   int64_t start_token = 0;
@@ -83,6 +91,11 @@ struct Scenario {
 // name (its pool holds twice the table: at most 2^30 blocks), an impossible
 // topology, or ctx and gen that cannot exchange KV.
 Result<Scenario> BuildScenario(const ScenarioFlags& flags);
+
+// Parses one --state-tensor value, "conv=bf16:8192x3" or
+// "conv=bf16:128x192,8x384,8x384". Errors (kInvalidArgument) name the flag
+// and what is wrong.
+Result<StateTensor> ParseStateTensor(std::string_view text);
 
 // One line: "llama-3.1-70b bf16, tokens [0, 8192), ctx tp8 pp1 block-major-hnd/32 ->
 // gen tp4 pp1 block-major-hnd/32".

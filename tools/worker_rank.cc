@@ -146,7 +146,9 @@ void WorkerRank::Publish(uint64_t request_id, int slot, int64_t tokens) {
   r.range = {0, tokens};
   r.table =
       TablePrefix(harness_->CtxTable(slot), tokens, harness_->topology().spec().tokens_per_block);
-  Result<std::shared_ptr<Transfer>> t = agent_->Publish(request_id, r.table, tokens);
+  PublishOptions publish;
+  publish.state_slot = harness_->StateSlot(slot);
+  Result<std::shared_ptr<Transfer>> t = agent_->Publish(request_id, r.table, tokens, publish);
   if (!t.ok()) return Refuse(request_id, t.status().WithContext("publish"));
   r.transfer = std::move(t).value();
   // Publications of one slot may overlap: they only read it.
@@ -180,6 +182,7 @@ void WorkerRank::Pull(uint64_t request_id, int slot, TokenRange range, TransferP
   r.table = harness_->GenTable(slot, range.end, options_.seed, request_id);
   PullOptions pull;
   pull.path = path;
+  pull.state_slot = harness_->StateSlot(slot);
   Result<std::shared_ptr<Transfer>> t =
       agent_->Pull(request_id, options_.ctx_instance, r.table, range, pull);
   if (!t.ok()) return Refuse(request_id, t.status());

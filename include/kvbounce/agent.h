@@ -106,6 +106,16 @@ struct PoolSpec {
   MemoryKind memory = MemoryKind::kHost;
   // The CUDA device ordinal of a kCuda pool; ignored for the host kinds.
   int device = 0;
+  // Hybrid models (docs/hybrid.md): the rank's recurrent-state pool, in the
+  // same memory as the KV pool — one base, or (layer-major state layout)
+  // one per recurrent layer of the rank; `num_slots` slots of
+  // InstanceSpec::state_layout. Empty bases: the rank moves KV only (and
+  // must, where its pipeline stage holds no recurrent layer).
+  struct StatePool {
+    std::vector<Addr> bases;
+    int64_t num_slots = 0;
+  };
+  StatePool state;
 };
 
 // Which transport Agent::Create builds for this rank when
@@ -169,6 +179,7 @@ struct TransferInfo {
   TransferPath path_taken = TransferPath::kAuto;
   std::string fallback_reason;  // empty unless a fallback happened
   uint64_t bytes = 0;           // payload of the request on this rank
+  uint64_t state_bytes = 0;     // of which recurrent state (hybrid models)
   uint64_t fragments = 0;       // plan runs executed on this rank
   uint64_t transport_writes = 0;
   int writers = 0;
@@ -204,12 +215,22 @@ struct PullOptions {
   TransferPath path = TransferPath::kAuto;
   // 0: the agent's Config::transfer_timeout_ms.
   std::chrono::milliseconds timeout{0};
+  // Hybrid models: this rank's state slot the request's recurrent state
+  // lands in, with the KV, on the same path (the pull settles only when
+  // both landed); -1: KV only. With a slot, the range must end where the
+  // publication's tokens end (the state is the one after its last token).
+  int64_t state_slot = -1;
 };
 
 struct PublishOptions {
   // How long the publication waits for its pulls; 0: the agent's
   // Config::transfer_timeout_ms.
   std::chrono::milliseconds ttl{0};
+  // Hybrid models: this rank's state slot holding the request's recurrent
+  // state after its last token; -1: none (pulls asking for state are
+  // refused). With a slot the publication also waits for the gen ranks
+  // that take only state from this rank.
+  int64_t state_slot = -1;
 };
 
 // Aggregates of one agent (docs/architecture.md §12).

@@ -23,6 +23,7 @@
 #include "kvbounce/logging.h"
 #include "kvbounce/transport.h"
 #include "layout/planner.h"
+#include "layout/state_layout.h"
 #include "memory/allocation.h"
 #include "memory/arena.h"
 #include "protocol/codec.h"
@@ -52,6 +53,28 @@ DType DTypeOfSize(uint32_t bytes, DType same_size) {
     default:
       return DType::kBf16;
   }
+}
+
+// Whether a HELLO's model has this rank's layer pattern and state shapes
+// (element sizes, not names: bytes move as they are).
+bool SameStateShape(const protocol::ModelShape& wire, const ModelShape& mine) {
+  if (wire.layer_pattern != mine.layer_pattern || wire.state.size() != mine.state.size()) {
+    return false;
+  }
+  for (size_t t = 0; t < mine.state.size(); ++t) {
+    const StateTensor& st = mine.state[t];
+    const protocol::StateTensorDescriptor& d = wire.state[t];
+    if (d.elem_bytes != DTypeBytes(st.dtype) || d.segments.size() != st.segments.size()) {
+      return false;
+    }
+    for (size_t i = 0; i < st.segments.size(); ++i) {
+      if (static_cast<int64_t>(d.segments[i].units) != st.segments[i].units ||
+          static_cast<int64_t>(d.segments[i].unit_elems) != st.segments[i].unit_elems) {
+        return false;
+      }
+    }
+  }
+  return true;
 }
 
 // The API edge: no exception leaves the library. Everything that could throw
@@ -127,6 +150,25 @@ Result<const DeviceSupport*> CheckDevicePool(const PoolSpec& pool, const PoolLay
     }
   }
   return device;
+}
+
+// A kCuda pool's state pool lies in the pool's device memory, first and
+// last byte of each allocation.
+Status CheckDeviceStatePool(const DeviceSupport& device, const PoolSpec& pool,
+                            const StatePoolLayout& layout) {
+  for (size_t i = 0; i < layout.bases().size(); ++i) {
+    const Addr base = layout.bases()[i];
+    for (const Addr a : {base, base + (layout.allocation_bytes() - 1)}) {
+      Result<MemoryPlace> place = device.Locate(a);
+      if (!place.ok()) return place.status().WithContext("AgentOptions.pool.state.bases");
+      if (place->kind != MemoryKind::kCuda || place->device != pool.device) {
+        return InvalidArgumentError("AgentOptions.pool.state.bases[" + std::to_string(i) +
+                                    "]: the state pool is not memory of cuda device " +
+                                    std::to_string(pool.device) + " like the KV pool");
+      }
+    }
+  }
+  return Status::Ok();
 }
 
 Result<std::unique_ptr<Transport>> BuildTransport(const AgentOptions& options, const Config& config,
@@ -207,6 +249,8 @@ class AgentImpl final : public Agent {
                                             std::span<const int32_t> block_table,
                                             int64_t num_tokens, PublishOptions options) override;
   Status Retire(uint64_t request_id) override;
+  // PublishOptions.state_slot's checks (docs/hybrid.md).
+  Status CheckPublishedStateSlot(int64_t slot) const;
   Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, std::string_view ctx_instance,
                                          std::span<const int32_t> block_table, TokenRange tokens,
                                          PullOptions options) override;
@@ -334,9 +378,21 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     KVB_ASSIGN_OR_RETURN(layout,
                          PoolLayout::CreatePerLayer(layout.kind(), layout.geometry(), pool.bases));
   }
+  // Hybrid models: the state pool, where the rank has one.
+  std::optional<StatePoolLayout> state_layout;
+  if (!pool.state.bases.empty()) {
+    Result<StatePoolLayout> sl =
+        StatePoolLayout::ForRank(topology, options.rank, pool.state.num_slots, pool.state.bases);
+    if (!sl.ok()) return sl.status().WithContext("AgentOptions.pool.state");
+    state_layout = std::move(sl).value();
+  } else if (pool.state.num_slots != 0) {
+    return InvalidArgumentError("AgentOptions.pool.state.num_slots = " +
+                                std::to_string(pool.state.num_slots) + " without a base");
+  }
   const DeviceSupport* device = nullptr;
   if (pool.memory == MemoryKind::kCuda) {
     KVB_ASSIGN_OR_RETURN(device, CheckDevicePool(pool, layout));
+    if (state_layout) KVB_RETURN_IF_ERROR(CheckDeviceStatePool(*device, pool, *state_layout));
   }
   if (options.transport != nullptr) {
     transport_ = std::move(options.transport);
@@ -367,6 +423,17 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
     if (!region.ok()) return region.status().WithContext("registering the KV pool");
     ranges.push_back(LocalRange{base, layout.allocation_bytes(), region->get()});
     pool_regions_.push_back(std::move(region).value());
+  }
+  // The state pool's allocations follow, as more pool regions (HELLO lists
+  // them after the KV pool's).
+  if (pool_registered && state_layout) {
+    for (const Addr base : state_layout->bases()) {
+      Result<std::unique_ptr<LocalRegion>> region =
+          transport_->Register(base, state_layout->allocation_bytes(), pool.memory);
+      if (!region.ok()) return region.status().WithContext("registering the state pool");
+      ranges.push_back(LocalRange{base, state_layout->allocation_bytes(), region->get()});
+      pool_regions_.push_back(std::move(region).value());
+    }
   }
 
   // The copy engine follows the pool (docs/cuda.md, "Device pools"): the
@@ -454,6 +521,7 @@ Status AgentImpl::Init(AgentOptions options, AgentHooks hooks) {
   ctx_.rank = options.rank;
   ctx_.topology = std::make_shared<const Topology>(std::move(topology));
   ctx_.pool = std::move(layout);
+  ctx_.state_pool = std::move(state_layout);
   ctx_.pool_memory = pool.memory;
   ctx_.pool_device = pool.memory == MemoryKind::kCuda ? pool.device : -1;
   ctx_.config = config;
@@ -512,9 +580,34 @@ protocol::Hello AgentImpl::BuildHello(PeerId peer) const {
   for (int n : ctx_.topology->layers_per_stage())
     h.placement.layers_per_stage.push_back(static_cast<uint32_t>(n));
   const ModelShape& m = ctx_.topology->spec().model;
-  h.model = {static_cast<uint32_t>(m.num_layers), static_cast<uint32_t>(m.num_kv_heads),
-             static_cast<uint32_t>(m.head_dim), static_cast<uint32_t>(m.kv_factor),
-             ctx_.topology->elem_bytes()};
+  h.model.num_layers = static_cast<uint32_t>(m.num_layers);
+  h.model.num_kv_heads = static_cast<uint32_t>(m.num_kv_heads);
+  h.model.head_dim = static_cast<uint32_t>(m.head_dim);
+  h.model.kv_factor = static_cast<uint32_t>(m.kv_factor);
+  h.model.elem_bytes = ctx_.topology->elem_bytes();
+  h.model.layer_pattern = m.layer_pattern;
+  for (const StateTensor& t : m.state) {
+    protocol::StateTensorDescriptor d;
+    d.elem_bytes = DTypeBytes(t.dtype);
+    for (const StateSegment& seg : t.segments) {
+      d.segments.push_back(protocol::StateSegmentDescriptor{static_cast<uint32_t>(seg.units),
+                                                            static_cast<uint32_t>(seg.unit_elems)});
+    }
+    h.model.state.push_back(std::move(d));
+  }
+  if (ctx_.state_pool) {
+    const StatePoolLayout& sp = *ctx_.state_pool;
+    h.state_layout.kind = static_cast<protocol::StateLayoutKind>(sp.kind());
+    h.state_layout.num_slots = static_cast<uint32_t>(sp.num_slots());
+    if (sp.per_layer_bases()) {
+      for (Addr b : sp.bases()) h.state_layout.layer_bases.push_back(b.value());
+    } else {
+      h.state_layout.base = sp.bases()[0].value();
+    }
+  } else {
+    h.state_layout.kind =
+        static_cast<protocol::StateLayoutKind>(ctx_.topology->spec().state_layout);
+  }
   const PoolLayout& pool = *ctx_.pool;
   h.layout.kind = static_cast<protocol::LayoutKind>(pool.kind());
   h.layout.tokens_per_block = static_cast<uint32_t>(pool.geometry().tokens_per_block);
@@ -567,6 +660,14 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
         " layers, " + std::to_string(h.model.num_kv_heads) + " kv heads, head dim " +
         std::to_string(h.model.head_dim) + ", kv factor " + std::to_string(h.model.kv_factor));
   }
+  if (!SameStateShape(h.model, mine.model)) {
+    return InvalidArgumentError(
+        "peer '" + h.instance_id + "' serves another model: layer pattern '" +
+        h.model.layer_pattern + "' with " + std::to_string(h.model.state.size()) +
+        " state tensors, this rank '" + mine.model.layer_pattern + "' with " +
+        std::to_string(mine.model.state.size()) +
+        " (hybrid models must agree on their layers and state shapes)");
+  }
   if (h.model.elem_bytes != ctx_.topology->elem_bytes()) {
     return InvalidArgumentError("peer '" + h.instance_id + "' stores " +
                                 std::to_string(h.model.elem_bytes) + "-byte elements, this rank " +
@@ -582,6 +683,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
     spec.layers_per_stage.push_back(static_cast<int>(n));
   spec.layout = static_cast<LayoutKind>(h.layout.kind);
   spec.tokens_per_block = static_cast<int>(h.layout.tokens_per_block);
+  spec.state_layout = static_cast<StateLayoutKind>(h.state_layout.kind);
   Result<Topology> topology = Topology::Create(spec, "peer instance '" + h.instance_id + "'");
   if (!topology.ok()) return topology.status();
   const int rank =
@@ -594,6 +696,7 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
     if (other.tp != spec.tp || other.pp != spec.pp ||
         known->second->layers_per_stage() != topology->layers_per_stage() ||
         other.layout != spec.layout || other.tokens_per_block != spec.tokens_per_block ||
+        other.state_layout != spec.state_layout ||
         DTypeBytes(other.dtype) != DTypeBytes(spec.dtype)) {
       return InvalidArgumentError("rank " + std::to_string(rank) + " of instance '" +
                                   h.instance_id +
@@ -626,8 +729,23 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
                                 " strides differ from this build's definition of that layout");
   }
 
-  // Import the regions we may write into: the pool (per allocation) and the
-  // recv arena.
+  // Its state pool (hybrid models), where it has one.
+  std::optional<StatePoolLayout> state_pool;
+  if (h.state_layout.num_slots > 0) {
+    std::vector<Addr> bases;
+    if (h.state_layout.layer_bases.empty()) {
+      bases.push_back(Addr(h.state_layout.base));
+    } else {
+      for (uint64_t b : h.state_layout.layer_bases) bases.push_back(Addr(b));
+    }
+    Result<StatePoolLayout> sp =
+        StatePoolLayout::ForRank(*shared, rank, h.state_layout.num_slots, std::move(bases));
+    if (!sp.ok()) return sp.status().WithContext("peer state pool");
+    state_pool = std::move(sp).value();
+  }
+
+  // Import the regions we may write into: the pool (per allocation, the
+  // state pool's after the KV pool's) and the recv arena.
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;
   std::unique_ptr<RemoteRegion> recv_arena;
   bool send_arena = false;
@@ -653,16 +771,32 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   }
   // No pool region at all: a device pool its transport cannot reach
   // (host-staged bounce). Only per-block and direct need them.
-  const size_t allocations = pool_regions.empty()      ? 0
-                             : pool->per_layer_bases() ? h.layout.layer_bases.size()
-                                                       : 1;
+  const size_t kv_allocations = pool->per_layer_bases() ? h.layout.layer_bases.size() : 1;
+  const size_t state_allocations = state_pool ? state_pool->bases().size() : 0;
+  const size_t allocations = pool_regions.empty() ? 0 : kv_allocations + state_allocations;
   if (pool_regions.size() != allocations) {
     return InvalidArgumentError("peer '" + h.instance_id + "' registered " +
                                 std::to_string(pool_regions.size()) + " pool regions for " +
                                 std::to_string(allocations) + " pool allocations");
   }
+  // The state pool's regions, apart (the KV pool's mapping below takes the
+  // first kv_allocations).
+  std::vector<Addr> mapped_state;
+  for (size_t i = 0; allocations > 0 && i < state_allocations; ++i) {
+    const uint64_t base = state_pool->bases()[i].value();
+    const RemoteRegion& region = *pool_regions[kv_allocations + i];
+    const RegionInfo& info = region.info();
+    if (base < info.address.value() ||
+        base - info.address.value() + state_pool->allocation_bytes() > info.size) {
+      return InvalidArgumentError("peer '" + h.instance_id + "': state pool allocation " +
+                                  std::to_string(i) + " lies outside its registered region");
+    }
+    if (region.mapped_address() != Addr()) {
+      mapped_state.push_back(region.mapped_address() + (base - info.address.value()));
+    }
+  }
   std::vector<Addr> mapped;
-  for (size_t i = 0; i < allocations; ++i) {
+  for (size_t i = 0; allocations > 0 && i < kv_allocations; ++i) {
     const uint64_t base = pool->layer_base(static_cast<int>(i)).value();
     const RegionInfo& info = pool_regions[i]->info();
     if (base < info.address.value() ||
@@ -680,9 +814,15 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
   peer.rank = rank;
   peer.topology = shared;
   peer.pool = std::move(pool).value();
-  if (allocations > 0 && mapped.size() == allocations) {
+  if (allocations > 0 && mapped.size() == kv_allocations) {
     Result<PoolLayout> m = peer.pool->Rebased(mapped);
     if (m.ok()) peer.mapped_pool = std::move(m).value();
+  }
+  peer.state_pool = std::move(state_pool);
+  peer.mapped_state_pool.reset();
+  if (peer.state_pool && allocations > 0 && mapped_state.size() == state_allocations) {
+    Result<StatePoolLayout> m = peer.state_pool->Rebased(mapped_state);
+    if (m.ok()) peer.mapped_state_pool = std::move(m).value();
   }
   peer.pool_regions = std::move(pool_regions);
   peer.recv_arena = std::move(recv_arena);
@@ -852,6 +992,26 @@ Status AgentImpl::ConnectAll(std::span<const std::string> addresses) {
   return Status::Ok();
 }
 
+Status AgentImpl::CheckPublishedStateSlot(int64_t slot) const {
+  const std::string what = "Publish: PublishOptions.state_slot = " + std::to_string(slot);
+  if (slot < -1) return InvalidArgumentError(what + " is invalid: a slot (>= 0) or -1 for none");
+  if (slot < 0) return Status::Ok();
+  if (!ctx_.topology->spec().model.hybrid()) {
+    return InvalidArgumentError(what + ", but model '" + ctx_.topology->spec().model.name +
+                                "' is not hybrid: it has no recurrent state");
+  }
+  if (!ctx_.state_pool) {
+    if (ctx_.topology->Placement(ctx_.rank).num_state_layers == 0) return Status::Ok();
+    return FailedPreconditionError(
+        what + ", but this rank was created without a state pool (AgentOptions.pool.state)");
+  }
+  if (slot >= ctx_.state_pool->num_slots()) {
+    return OutOfRangeError(what + " is outside the state pool of " +
+                           std::to_string(ctx_.state_pool->num_slots()) + " slots");
+  }
+  return Status::Ok();
+}
+
 Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
                                                      std::span<const int32_t> block_table,
                                                      int64_t num_tokens, PublishOptions options) {
@@ -867,6 +1027,7 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
     }
     KVB_RETURN_IF_ERROR(CheckBlockTable("Publish", block_table, num_tokens,
                                         std::to_string(num_tokens) + " tokens"));
+    KVB_RETURN_IF_ERROR(CheckPublishedStateSlot(options.state_slot));
     std::vector<int32_t> table(block_table.begin(), block_table.end());
     auto t = OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });

@@ -27,6 +27,7 @@ struct ReceiverSession::Writer {
   PeerId peer = 0;
   std::string name;  // "ctx0 rank 3", for messages
   uint64_t bytes = 0;
+  uint64_t state_bytes = 0;  // of `bytes`
   uint64_t fingerprint = 0;
   // The scatter list (built on the bounce path only, scatter_planned), in
   // tiled form for an engine that takes it (SessionContext::TiledCopies).
@@ -60,6 +61,9 @@ struct ReceiverSession::Request {
   std::string ctx_instance;
   TokenRange tokens;
   std::vector<int32_t> block_table;
+  // Hybrid models: this rank's state slot the state lands in; -1: KV only.
+  int64_t state_slot = -1;
+  uint64_t state_bytes = 0;
   TransferPath requested = TransferPath::kAuto;
   TransferPath path = TransferPath::kPerBlock;
   std::string fallback_reason;
@@ -179,7 +183,10 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     return NotFoundError("Pull: no ctx instance '" + ctx_instance + "' is connected");
   }
   const Topology& ctx_topology = *inst->second;
-  const std::vector<int> writer_ranks = Writers(ctx_topology, *ctx_.topology, ctx_.rank);
+  KVB_RETURN_IF_ERROR(CheckStateSlot(options.state_slot));
+  const bool with_state = options.state_slot >= 0;
+  const std::vector<int> writer_ranks =
+      Writers(ctx_topology, *ctx_.topology, ctx_.rank, with_state);
   if (writer_ranks.empty()) return InternalError("Pull: no writer covers this rank");
 
   const TransferPath requested =
@@ -189,6 +196,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->ctx_instance = ctx_instance;
   r->tokens = tokens;
   r->block_table = std::move(block_table);
+  r->state_slot = options.state_slot;
   r->timeline.request = SessionContext::MetricsClock::now();
   uint64_t fragments = 0;
   std::vector<WriterLoad> loads;
@@ -202,8 +210,8 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     // the cost, and the same checks of our block table; built below if the
     // choice falls on bounce), and neither on a path where the writer
     // copies (only the totals, walking no run).
-    const PlanSide writer_side{peer->topology.get(), w, &*peer->pool, {}};
-    const PlanSide our_side{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table};
+    const PlanSide writer_side = WriterSide(*peer, w, {});
+    const PlanSide our_side = OurSide(*r);
     Writer writer;
     writer.rank = w;
     writer.peer = peer->id;
@@ -219,11 +227,13 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
                                   : PlanTotals(writer_side, our_side, tokens);
       if (!runs.ok()) return runs.status().WithContext("Pull " + RequestName(request_id));
       writer.bytes = runs->packed_bytes;
+      writer.state_bytes = runs->state_bytes;
       writer.fingerprint = runs->fingerprint;
       scatter_runs = runs->scatter;
     }
     fragments += scatter_runs;
     r->bytes += writer.bytes;
+    r->state_bytes += writer.state_bytes;
     WriterLoad load = LinkLoad(*peer);
     load.bytes = writer.bytes;
     load.scatter_runs = scatter_runs;
@@ -249,9 +259,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       if (writer.scatter_planned) continue;
       const PeerState* peer = ctx_.FindPeer(writer.peer);
       if (peer == nullptr) return InternalError("Pull: writer " + writer.name + " vanished");
-      Status planned = PlanScatter(
-          PlanSide{peer->topology.get(), writer.rank, &*peer->pool, {}},
-          PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r->block_table}, tokens, writer);
+      Status planned = PlanScatter(WriterSide(*peer, writer.rank, {}), OurSide(*r), tokens, writer);
       if (!planned.ok()) return planned.WithContext("Pull " + RequestName(request_id));
     }
   }
@@ -315,6 +323,45 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   return std::shared_ptr<Transfer>(handle);
 }
 
+Status ReceiverSession::CheckStateSlot(int64_t slot) const {
+  if (slot < -1) {
+    return InvalidArgumentError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
+                                " is invalid: a slot (>= 0) or -1 for KV only");
+  }
+  if (slot < 0) return Status::Ok();
+  if (!ctx_.topology->spec().model.hybrid()) {
+    return InvalidArgumentError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
+                                ", but model '" + ctx_.topology->spec().model.name +
+                                "' is not hybrid: it has no recurrent state");
+  }
+  if (!ctx_.state_pool) {
+    if (ctx_.topology->Placement(ctx_.rank).num_state_layers == 0) return Status::Ok();
+    return FailedPreconditionError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
+                                   ", but this rank was created without a state pool "
+                                   "(AgentOptions.pool.state)");
+  }
+  if (slot >= ctx_.state_pool->num_slots()) {
+    return OutOfRangeError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
+                           " is outside the state pool of " +
+                           std::to_string(ctx_.state_pool->num_slots()) + " slots");
+  }
+  return Status::Ok();
+}
+
+PlanSide ReceiverSession::OurSide(const Request& r) const {
+  PlanSide side{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r.block_table};
+  side.state_pool = ctx_.state_pool ? &*ctx_.state_pool : nullptr;
+  side.state_slot = r.state_slot;
+  return side;
+}
+
+PlanSide ReceiverSession::WriterSide(const PeerState& peer, int rank,
+                                     std::span<const int32_t> table) const {
+  PlanSide side{peer.topology.get(), rank, &*peer.pool, table};
+  side.state_pool = peer.state_pool ? &*peer.state_pool : nullptr;
+  return side;
+}
+
 Status ReceiverSession::PlanScatter(const PlanSide& writer_side, const PlanSide& our_side,
                                     TokenRange tokens, Writer& writer) const {
   const bool tiled = ctx_.TiledCopies();
@@ -322,6 +369,7 @@ Status ReceiverSession::PlanScatter(const PlanSide& writer_side, const PlanSide&
       PlanPair(writer_side, our_side, tokens, kPlanScatter | (tiled ? kPlanTiled : 0));
   if (!plan.ok()) return plan.status();
   writer.bytes = plan->packed_bytes;
+  writer.state_bytes = plan->state_bytes;
   writer.fingerprint = plan->fingerprint;
   writer.scatter = std::move(plan->scatter);
   writer.tiled_scatter = std::move(plan->tiled_scatter);
@@ -397,10 +445,8 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
     if (peer == nullptr) return InternalError("writer " + r.writers[i].name + " vanished");
     // The writer's block table is not known here: its runs are counted as
     // if none of its blocks were adjacent (planner.h).
-    Result<PlanRuns> runs =
-        CountPlanRuns(PlanSide{peer->topology.get(), r.writers[i].rank, &*peer->pool, {}},
-                      PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r.block_table},
-                      r.tokens, kPlanGather | kPlanDirect);
+    Result<PlanRuns> runs = CountPlanRuns(WriterSide(*peer, r.writers[i].rank, {}), OurSide(r),
+                                          r.tokens, kPlanGather | kPlanDirect);
     if (!runs.ok()) return runs.status();
     loads[i].gather_runs = runs->gather;
     loads[i].direct_runs = runs->direct;
@@ -659,6 +705,8 @@ void ReceiverSession::SendRequests(Request& r) {
     msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
   msg.deadline_ms = ctx_.MillisLeft(r.deadline);
   msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
+  msg.state_slot =
+      r.state_slot >= 0 ? static_cast<uint32_t>(r.state_slot) : protocol::kNoStateSlot;
   for (size_t i = 0; i < r.writers.size(); ++i) {
     Writer& w = r.writers[i];
     if (r.path != TransferPath::kDirect) w.reads = false;
@@ -761,9 +809,12 @@ void ReceiverSession::StartReads(Request& r, size_t index, const protocol::KvRea
     writer_table.push_back(static_cast<int32_t>(id));
   }
   // The same plan the writer made, with both block tables known here.
-  Result<PairPlan> plan = PlanPair(PlanSide{peer->topology.get(), w.rank, &*peer->pool, writer_table},
-                                   PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, r.block_table},
-                                   r.tokens, kPlanDirect);
+  PlanSide writer_side = WriterSide(*peer, w.rank, writer_table);
+  if (r.state_slot >= 0) {
+    writer_side.state_slot =
+        ready.state_slot == protocol::kNoStateSlot ? -1 : static_cast<int64_t>(ready.state_slot);
+  }
+  Result<PairPlan> plan = PlanPair(writer_side, OurSide(r), r.tokens, kPlanDirect);
   if (!plan.ok()) {
     fail(plan.status().WithContext("planning the reads from " + w.name));
     return;
@@ -1365,6 +1416,7 @@ TransferInfo ReceiverSession::Info(const Request& r) const {
   info.path_taken = r.path;
   info.fallback_reason = r.fallback_reason;
   info.bytes = r.bytes;
+  info.state_bytes = r.state_bytes;
   info.fragments = r.path == TransferPath::kBounce ? r.scatter_runs : 0;
   info.writers = static_cast<int>(r.writers.size());
   const auto end = r.timeline.complete != SessionContext::MetricsClock::time_point()

@@ -120,6 +120,13 @@ class ReceiverSession {
   // lists) and sets its bytes and fingerprint.
   Status PlanScatter(const PlanSide& writer_side, const PlanSide& our_side, TokenRange tokens,
                      Writer& writer) const;
+  // Hybrid models: PullOptions.state_slot's checks (docs/hybrid.md).
+  Status CheckStateSlot(int64_t slot) const;
+  // The plan sides of a request: this rank's (block table, state slot) and
+  // a writer's as its HELLO described it (its table when lent, its state
+  // slot unknown).
+  PlanSide OurSide(const Request& r) const;
+  PlanSide WriterSide(const PeerState& peer, int rank, std::span<const int32_t> table) const;
   // `auto`'s inputs: fills each writer's gather and direct run counts in
   // `loads` (one per writer, in order) when more than per-block is possible.
   Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;

@@ -18,6 +18,7 @@ struct SenderSession::Publication {
   std::shared_ptr<TransferState> handle;
   std::shared_ptr<const std::vector<int32_t>> block_table;
   int64_t num_tokens = 0;
+  int64_t state_slot = -1;  // hybrid models: the state's slot, -1: none
   // (instance, rank) of every gen rank served successfully.
   std::set<std::pair<std::string, int>> served;
   std::string pulling_instance;
@@ -61,6 +62,7 @@ struct SenderSession::Job {
   DataPath data_path = DataPath::kPerBlock;
   std::string fallback_reason;
   std::shared_ptr<const std::vector<int32_t>> block_table;  // keeps the lists' source valid
+  int64_t state_slot = -1;  // the publication's (hybrid models)
   PairPlan plan;
   // The plan's copied list is in tiled form (plan.tiled_*).
   bool tiled = false;
@@ -209,6 +211,7 @@ Result<std::shared_ptr<Transfer>> SenderSession::Publish(uint64_t request_id,
   pub->request_id = request_id;
   pub->block_table = std::make_shared<const std::vector<int32_t>>(std::move(block_table));
   pub->num_tokens = num_tokens;
+  pub->state_slot = options.state_slot;
   pub->published = SessionContext::MetricsClock::now();
   pub->handle = std::make_shared<TransferState>(
       request_id, [hook = retire_hook_, request_id] { hook(request_id); });
@@ -384,7 +387,10 @@ void SenderSession::Start(Job& job) {
   }
   if (pub.expected < 0) {
     pub.pulling_instance = peer->instance_id;
-    pub.expected = static_cast<int>(Receivers(*ctx_.topology, ctx_.rank, *peer->topology).size());
+    // A publication with state also serves the gen ranks that take only
+    // state from this rank (docs/hybrid.md).
+    pub.expected = static_cast<int>(
+        Receivers(*ctx_.topology, ctx_.rank, *peer->topology, pub.state_slot >= 0).size());
   }
   const protocol::KvRequest& req = job.request;
   if (req.token_end > static_cast<uint64_t>(pub.num_tokens)) {
@@ -393,6 +399,25 @@ void SenderSession::Start(Job& job) {
                                 RequestName(req.request_id) + " was published with " +
                                 std::to_string(pub.num_tokens) + " tokens"));
     return;
+  }
+  const bool with_state = req.state_slot != protocol::kNoStateSlot;
+  if (with_state && ctx_.topology->spec().model.hybrid() &&
+      ctx_.topology->Placement(ctx_.rank).num_state_layers > 0) {
+    if (pub.state_slot < 0) {
+      Finish(job, FailedPreconditionError(
+                      "the pull asks for the recurrent state, but " + RequestName(req.request_id) +
+                      " was published without a state slot (PublishOptions.state_slot)"));
+      return;
+    }
+    if (req.token_end != static_cast<uint64_t>(pub.num_tokens)) {
+      Finish(job, OutOfRangeError("the pull asks for the recurrent state with tokens [" +
+                                  std::to_string(req.token_start) + ", " +
+                                  std::to_string(req.token_end) + "), but the state of " +
+                                  RequestName(req.request_id) + " is the one after its " +
+                                  std::to_string(pub.num_tokens) +
+                                  " tokens: a range with state must end there"));
+      return;
+    }
   }
   switch (req.path) {
     case protocol::TransferPath::kPerBlock:
@@ -437,15 +462,18 @@ void SenderSession::Start(Job& job) {
     receiver_table.push_back(static_cast<int32_t>(id));
   }
   const PoolLayout* receiver_pool = &*peer->pool;
+  const StatePoolLayout* receiver_state = peer->state_pool ? &*peer->state_pool : nullptr;
   if (job.data_path == DataPath::kDirect) {
-    if (!peer->mapped_pool) {
+    if (!peer->mapped_pool || (peer->state_pool && !peer->mapped_state_pool)) {
       Finish(job, UnimplementedError("the direct path needs the receiver's pool mapped here; the " +
                                      ctx_.transport->Caps().name + " transport cannot"));
       return;
     }
     receiver_pool = &*peer->mapped_pool;
+    if (peer->mapped_state_pool) receiver_state = &*peer->mapped_state_pool;
   }
   job.block_table = pub.block_table;
+  job.state_slot = pub.state_slot;
   const bool bounce = job.data_path == DataPath::kBounce ||
                       job.data_path == DataPath::kStagedBounce ||
                       job.data_path == DataPath::kMappedBounce;
@@ -453,9 +481,14 @@ void SenderSession::Start(Job& job) {
   // (a step per block); per-block writes need the flat list.
   const bool tiled = job.data_path != DataPath::kPerBlock && ctx_.TiledCopies();
   const uint8_t lists = (bounce ? kPlanGather : kPlanDirect) | (tiled ? kPlanTiled : 0);
+  PlanSide ours{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table};
+  ours.state_pool = ctx_.state_pool ? &*ctx_.state_pool : nullptr;
+  ours.state_slot = pub.state_slot;
+  PlanSide theirs{peer->topology.get(), peer->rank, receiver_pool, receiver_table};
+  theirs.state_pool = receiver_state;
+  theirs.state_slot = with_state ? static_cast<int64_t>(req.state_slot) : -1;
   Result<PairPlan> plan = PlanPair(
-      PlanSide{ctx_.topology.get(), ctx_.rank, &*ctx_.pool, *job.block_table},
-      PlanSide{peer->topology.get(), peer->rank, receiver_pool, receiver_table},
+      ours, theirs,
       TokenRange{static_cast<int64_t>(req.token_start), static_cast<int64_t>(req.token_end)},
       lists);
   if (!plan.ok()) {
@@ -637,6 +670,8 @@ void SenderSession::Lend(Job& job) {
   ready.slice_id = job.request.slice_id;
   ready.writer_rank = static_cast<uint32_t>(ctx_.rank);
   ready.plan_fingerprint = job.plan.fingerprint;
+  ready.state_slot = job.plan.state_bytes > 0 ? static_cast<uint32_t>(job.state_slot)
+                                              : protocol::kNoStateSlot;
   ready.block_table.reserve(needed);
   for (size_t i = 0; i < needed; ++i) ready.block_table.push_back(static_cast<uint32_t>(table[i]));
   // Lent until the receiver's KV_READ_DONE, its cancel, the publication's

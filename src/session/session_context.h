@@ -29,6 +29,7 @@
 #include "kvbounce/transport.h"
 #include "layout/planner.h"
 #include "layout/pool_layout.h"
+#include "layout/state_layout.h"
 #include "layout/topology.h"
 #include "memory/arena.h"
 #include "protocol/messages.h"
@@ -53,6 +54,9 @@ struct PeerState {
   // at the addresses this process maps it to (for the direct path).
   std::optional<PoolLayout> pool;
   std::optional<PoolLayout> mapped_pool;
+  // Its state pool (hybrid models), likewise; none where it has none.
+  std::optional<StatePoolLayout> state_pool;
+  std::optional<StatePoolLayout> mapped_state_pool;
   std::vector<std::unique_ptr<RemoteRegion>> pool_regions;  // one per allocation
   std::unique_ptr<RemoteRegion> recv_arena;                 // null: no bounce into it
   bool send_arena = false;  // it announced a send arena (it can gather to bounce)
@@ -82,6 +86,9 @@ struct SessionContext {
   int rank = 0;
   std::shared_ptr<const Topology> topology;
   std::optional<PoolLayout> pool;
+  // Hybrid models: the rank's state pool (docs/hybrid.md); none where the
+  // application gave none.
+  std::optional<StatePoolLayout> state_pool;
   MemoryKind pool_memory = MemoryKind::kHost;
   int pool_device = -1;  // kCuda: the pool's device
   Config config;
