@@ -61,6 +61,21 @@ void WritePayload(WireWriter& w, const Hello& m) {
     w.PutU64(r.size);
     w.PutBytes(r.remote_key);
   }
+  // Version 6: hybrid models' layer pattern, state shape and state pool.
+  w.PutString(m.model.layer_pattern);
+  w.PutU32(static_cast<uint32_t>(m.model.state.size()));
+  for (const StateTensorDescriptor& t : m.model.state) {
+    w.PutU32(t.elem_bytes);
+    w.PutU32(static_cast<uint32_t>(t.segments.size()));
+    for (const StateSegmentDescriptor& seg : t.segments) {
+      w.PutU32(seg.units);
+      w.PutU32(seg.unit_elems);
+    }
+  }
+  w.PutU8(static_cast<uint8_t>(m.state_layout.kind));
+  w.PutU32(m.state_layout.num_slots);
+  w.PutU64(m.state_layout.base);
+  w.PutU64Array(m.state_layout.layer_bases);
 }
 
 void WritePayload(WireWriter& w, const KvRequest& m) {
@@ -75,6 +90,7 @@ void WritePayload(WireWriter& w, const KvRequest& m) {
   w.PutU32(m.slice_id);
   w.PutU32(m.receiver_rank);
   w.PutU32(m.writer_rank);
+  w.PutU32(m.state_slot);
   w.PutU8(static_cast<uint8_t>(m.path));
   w.PutU32Array(m.block_table);
 }
@@ -105,6 +121,7 @@ void WritePayload(WireWriter& w, const KvReady& m) {
   w.PutU64(m.plan_fingerprint);
   w.PutU32(m.slice_id);
   w.PutU32(m.writer_rank);
+  w.PutU32(m.state_slot);
   w.PutU32Array(m.block_table);
 }
 
@@ -209,6 +226,35 @@ Status ReadPayload(WireReader& r, Hello* m) {
     r.LeaveElement();
   }
   m->regions = std::move(regions);
+
+  KVB_RETURN_IF_ERROR(r.ReadString("model.layer_pattern", kMaxLayers, &m->model.layer_pattern));
+  uint32_t num_tensors = 0;
+  KVB_RETURN_IF_ERROR(
+      r.ReadCount("model.state", kMaxStateTensors, kStateTensorFixedBytes, &num_tensors));
+  std::vector<StateTensorDescriptor> state(num_tensors);
+  for (uint32_t i = 0; i < num_tensors; ++i) {
+    StateTensorDescriptor& tensor = state[i];
+    // Segment fields read "model.state[i].segments[j].units": the element
+    // scope is not nested, so the segment index is part of the field name.
+    r.EnterElement("model.state", i);
+    KVB_RETURN_IF_ERROR(r.ReadU32("elem_bytes", &tensor.elem_bytes));
+    uint32_t num_segments = 0;
+    KVB_RETURN_IF_ERROR(
+        r.ReadCount("segments", kMaxStateSegments, kStateSegmentBytes, &num_segments));
+    tensor.segments.resize(num_segments);
+    for (uint32_t j = 0; j < num_segments; ++j) {
+      const std::string segment = "segments[" + N(j) + "].";
+      KVB_RETURN_IF_ERROR(r.ReadU32(segment + "units", &tensor.segments[j].units));
+      KVB_RETURN_IF_ERROR(r.ReadU32(segment + "unit_elems", &tensor.segments[j].unit_elems));
+    }
+    r.LeaveElement();
+  }
+  m->model.state = std::move(state);
+  KVB_RETURN_IF_ERROR(ReadEnum(r, "state_layout.kind", kMaxStateLayoutKind, &m->state_layout.kind));
+  KVB_RETURN_IF_ERROR(r.ReadU32("state_layout.num_slots", &m->state_layout.num_slots));
+  KVB_RETURN_IF_ERROR(r.ReadU64("state_layout.base", &m->state_layout.base));
+  KVB_RETURN_IF_ERROR(
+      r.ReadU64Array("state_layout.layer_bases", kMaxLayers, &m->state_layout.layer_bases));
   return Status::Ok();
 }
 
@@ -224,6 +270,7 @@ Status ReadPayload(WireReader& r, KvRequest* m) {
   KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
   KVB_RETURN_IF_ERROR(r.ReadU32("receiver_rank", &m->receiver_rank));
   KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  KVB_RETURN_IF_ERROR(r.ReadU32("state_slot", &m->state_slot));
   KVB_RETURN_IF_ERROR(ReadEnum(r, "path", kMaxTransferPath, &m->path));
   KVB_RETURN_IF_ERROR(r.ReadU32Array("block_table", kMaxBlockTableEntries, &m->block_table));
   return Status::Ok();
@@ -258,6 +305,7 @@ Status ReadPayload(WireReader& r, KvReady* m) {
   KVB_RETURN_IF_ERROR(r.ReadU64("plan_fingerprint", &m->plan_fingerprint));
   KVB_RETURN_IF_ERROR(r.ReadU32("slice_id", &m->slice_id));
   KVB_RETURN_IF_ERROR(r.ReadU32("writer_rank", &m->writer_rank));
+  KVB_RETURN_IF_ERROR(r.ReadU32("state_slot", &m->state_slot));
   KVB_RETURN_IF_ERROR(r.ReadU32Array("block_table", kMaxBlockTableEntries, &m->block_table));
   return Status::Ok();
 }

@@ -1,6 +1,7 @@
 #include "protocol/messages.h"
 
 #include <string>
+#include <string_view>
 
 namespace kvbounce::protocol {
 namespace {
@@ -42,6 +43,83 @@ Status CheckRange(std::string_view message_name, std::string_view field, uint64_
                  "address " + N(addr) + " + size " + N(size) + " wraps past 2^64");
 }
 
+// ModelShape::layer_pattern characters.
+constexpr char kAttentionLayer = '*';  // holds KV
+constexpr char kRecurrentLayer = 'M';  // holds recurrent state
+constexpr char kOtherLayer = '-';      // holds neither (MLP, MoE)
+
+// A pattern character for an error message: 'x', or its value when it is not
+// printable.
+std::string Describe(char c) {
+  const auto byte = static_cast<unsigned char>(c);
+  if (byte >= 0x20 && byte < 0x7f) return std::string("'") + c + "'";
+  return "byte " + N(byte);
+}
+
+// The hybrid-model part of the model shape: the layer pattern, and the state
+// tensors of its recurrent layers.
+Status ValidateHybrid(const ModelShape& model) {
+  constexpr std::string_view kMsg = "HELLO";
+  const std::string& pattern = model.layer_pattern;
+  KVB_RETURN_IF_ERROR(CheckLength(kMsg, "model.layer_pattern", pattern.size(), kMaxLayers));
+  uint64_t attention = 0;
+  uint64_t recurrent = 0;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == kAttentionLayer) {
+      ++attention;
+    } else if (c == kRecurrentLayer) {
+      ++recurrent;
+    } else if (c != kOtherLayer) {
+      return Invalid(kMsg, "model.layer_pattern",
+                     Describe(c) + " at index " + N(i) + " is not '*', 'M' or '-'");
+    }
+  }
+  // An empty pattern means every layer is an attention layer.
+  if (!pattern.empty() && attention != model.num_layers) {
+    return Invalid(
+        kMsg, "model.layer_pattern",
+        N(attention) + " attention layers ('*'), model.num_layers is " + N(model.num_layers));
+  }
+
+  KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "model.state", model.state.size(), kMaxStateTensors));
+  if (recurrent == 0 && !model.state.empty()) {
+    return Invalid(
+        kMsg, "model.state",
+        N(model.state.size()) + " tensors, but model.layer_pattern has no recurrent layer ('M')");
+  }
+  if (recurrent != 0 && model.state.empty()) {
+    return Invalid(kMsg, "model.state",
+                   "empty, but model.layer_pattern has " + N(recurrent) +
+                       " recurrent layers ('M'), which hold state");
+  }
+  for (size_t i = 0; i < model.state.size(); ++i) {
+    const StateTensorDescriptor& tensor = model.state[i];
+    const std::string prefix = "model.state[" + N(i) + "].";
+    const uint32_t eb = tensor.elem_bytes;
+    if (eb != 1 && eb != 2 && eb != 4 && eb != 8) {
+      return Invalid(kMsg, prefix + "elem_bytes", N(eb) + ", must be 1, 2, 4 or 8");
+    }
+    if (tensor.segments.empty()) {
+      return Invalid(kMsg, prefix + "segments",
+                     "empty, a state tensor has 1 to " + N(kMaxStateSegments) + " segments");
+    }
+    KVB_RETURN_IF_ERROR(
+        CheckEntries(kMsg, prefix + "segments", tensor.segments.size(), kMaxStateSegments));
+    for (size_t j = 0; j < tensor.segments.size(); ++j) {
+      const StateSegmentDescriptor& segment = tensor.segments[j];
+      const std::string segment_prefix = prefix + "segments[" + N(j) + "].";
+      if (segment.units == 0) {
+        return Invalid(kMsg, segment_prefix + "units", "0, must be at least 1");
+      }
+      if (segment.unit_elems == 0) {
+        return Invalid(kMsg, segment_prefix + "unit_elems", "0, must be at least 1");
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 Status ValidatePlacement(const Hello& hello) {
   constexpr std::string_view kMsg = "HELLO";
   const RankPlacement& p = hello.placement;
@@ -67,12 +145,77 @@ Status ValidatePlacement(const Hello& hello) {
     return Invalid(kMsg, "model.num_layers",
                    N(hello.model.num_layers) + " exceeds limit " + N(kMaxLayers));
   }
+  KVB_RETURN_IF_ERROR(ValidateHybrid(hello.model));
+  // The pipeline split is over all model layers: those of the pattern when
+  // there is one (attention, recurrent and others), else the attention layers.
   uint64_t sum = 0;  // at most kMaxPipelineStages * UINT32_MAX: no overflow
   for (uint32_t layers : p.layers_per_stage) sum += layers;
-  if (sum != hello.model.num_layers) {
+  const std::string& pattern = hello.model.layer_pattern;
+  if (!pattern.empty() && sum != pattern.size()) {
+    return Invalid(
+        kMsg, "placement.layers_per_stage",
+        "entries sum to " + N(sum) + ", model.layer_pattern has " + N(pattern.size()) + " layers");
+  }
+  if (pattern.empty() && sum != hello.model.num_layers) {
     return Invalid(
         kMsg, "placement.layers_per_stage",
         "entries sum to " + N(sum) + ", model.num_layers is " + N(hello.model.num_layers));
+  }
+  return Status::Ok();
+}
+
+// The layers of the rank's pipeline stage that hold something.
+struct StageLayers {
+  uint64_t attention = 0;  // hold KV
+  uint64_t recurrent = 0;  // hold state
+};
+
+// REQUIRES: ValidatePlacement(hello) is OK (the stages split the pattern).
+StageLayers LayersOfStage(const Hello& hello) {
+  const RankPlacement& p = hello.placement;
+  const std::string& pattern = hello.model.layer_pattern;
+  StageLayers layers;
+  if (pattern.empty()) {
+    layers.attention = p.layers_per_stage[p.pp_rank];
+    return layers;
+  }
+  size_t first = 0;
+  for (uint32_t stage = 0; stage < p.pp_rank; ++stage) first += p.layers_per_stage[stage];
+  const std::string_view stage_pattern =
+      std::string_view(pattern).substr(first, p.layers_per_stage[p.pp_rank]);
+  for (char c : stage_pattern) {
+    if (c == kAttentionLayer) ++layers.attention;
+    if (c == kRecurrentLayer) ++layers.recurrent;
+  }
+  return layers;
+}
+
+Status ValidateStateLayout(const Hello& hello, const StageLayers& local) {
+  constexpr std::string_view kMsg = "HELLO";
+  const StateLayoutDescriptor& state = hello.state_layout;
+  KVB_RETURN_IF_ERROR(
+      CheckEnum(kMsg, "state_layout.kind", static_cast<uint8_t>(state.kind), kMaxStateLayoutKind));
+  KVB_RETURN_IF_ERROR(
+      CheckEntries(kMsg, "state_layout.layer_bases", state.layer_bases.size(), kMaxLayers));
+  if (state.num_slots == 0 && state.base != 0) {
+    return Invalid(kMsg, "state_layout.base",
+                   N(state.base) + " with num_slots 0: a rank without state slots has no pool");
+  }
+  if (state.num_slots == 0 && !state.layer_bases.empty()) {
+    return Invalid(kMsg, "state_layout.layer_bases",
+                   N(state.layer_bases.size()) +
+                       " entries with num_slots 0: a rank without state slots has no pool");
+  }
+  if (state.base != 0 && !state.layer_bases.empty()) {
+    return Invalid(kMsg, "state_layout.layer_bases",
+                   N(state.layer_bases.size()) + " entries and base " + N(state.base) +
+                       ": the pool is one allocation or one per layer, not both");
+  }
+  if (!state.layer_bases.empty() && state.layer_bases.size() != local.recurrent) {
+    return Invalid(kMsg, "state_layout.layer_bases",
+                   N(state.layer_bases.size()) + " entries, must be 0 or the " +
+                       N(local.recurrent) + " recurrent layers of stage " +
+                       N(hello.placement.pp_rank));
   }
   return Status::Ok();
 }
@@ -97,6 +240,16 @@ std::string_view LayoutKindName(LayoutKind kind) {
       return "LAYER_MAJOR_HND";
     case LayoutKind::kLayerMajorNhd:
       return "LAYER_MAJOR_NHD";
+  }
+  return "UNKNOWN";
+}
+
+std::string_view StateLayoutKindName(StateLayoutKind kind) {
+  switch (kind) {
+    case StateLayoutKind::kSlotMajor:
+      return "SLOT_MAJOR";
+    case StateLayoutKind::kLayerMajor:
+      return "LAYER_MAJOR";
   }
   return "UNKNOWN";
 }
@@ -186,12 +339,17 @@ Status Validate(const Hello& hello) {
       CheckEnum(kMsg, "layout.kind", static_cast<uint8_t>(layout.kind), kMaxLayoutKind));
   KVB_RETURN_IF_ERROR(
       CheckEntries(kMsg, "layout.layer_bases", layout.layer_bases.size(), kMaxLayers));
-  const uint32_t local_layers = hello.placement.layers_per_stage[hello.placement.pp_rank];
-  if (!layout.layer_bases.empty() && layout.layer_bases.size() != local_layers) {
+  // KV pools hold the attention layers only: of a hybrid model, the '*' of
+  // the rank's stage.
+  const StageLayers local = LayersOfStage(hello);
+  if (!layout.layer_bases.empty() && layout.layer_bases.size() != local.attention) {
     return Invalid(kMsg, "layout.layer_bases",
-                   N(layout.layer_bases.size()) + " entries, must be 0 or the " + N(local_layers) +
-                       " layers of stage " + N(hello.placement.pp_rank));
+                   N(layout.layer_bases.size()) + " entries, must be 0 or the " +
+                       N(local.attention) +
+                       (hello.model.layer_pattern.empty() ? " layers" : " attention layers") +
+                       " of stage " + N(hello.placement.pp_rank));
   }
+  KVB_RETURN_IF_ERROR(ValidateStateLayout(hello, local));
 
   KVB_RETURN_IF_ERROR(CheckEntries(kMsg, "regions", hello.regions.size(), kMaxRegions));
   for (size_t i = 0; i < hello.regions.size(); ++i) {

@@ -10,8 +10,8 @@
 // What the protocol itself guarantees about a decoded message, and what an
 // encoder requires of one, is Validate() below (see also docs/wire_format.md):
 // enum values in range, every list and string within the limits of wire.h,
-// a consistent rank placement, a non-inverted token range, no address range
-// that wraps around 2^64.
+// a consistent rank placement, a well-formed hybrid layer pattern and state
+// shape, a non-inverted token range, no address range that wraps around 2^64.
 //
 // Every struct compares with == field by field (the fuzz targets and tests
 // rely on it). Default-constructed values are valid messages except Hello,
@@ -54,6 +54,15 @@ enum class LayoutKind : uint8_t {
   kLayerMajorNhd = 2,  // per layer [kv][block][token][head][dim]
 };
 inline constexpr uint8_t kMaxLayoutKind = 2;
+
+// How a rank's recurrent-state pool is laid out (hybrid models): which of
+// slot and layer is the outer dimension. As with LayoutKind, the addresses
+// are the session layer's to compute; the kind names the order.
+enum class StateLayoutKind : uint8_t {
+  kSlotMajor = 0,   // the slot is the outer dimension
+  kLayerMajor = 1,  // the layer is the outer dimension
+};
+inline constexpr uint8_t kMaxStateLayoutKind = 1;
 
 // What a registered region is for (docs/architecture.md §6).
 enum class RegionKind : uint8_t {
@@ -113,6 +122,7 @@ inline constexpr uint8_t kMaxByeReason = 2;
 // "UNKNOWN" for a value outside the enum.
 std::string_view RoleName(Role role);
 std::string_view LayoutKindName(LayoutKind kind);
+std::string_view StateLayoutKindName(StateLayoutKind kind);
 std::string_view RegionKindName(RegionKind kind);
 std::string_view MemoryKindName(MemoryKind kind);
 std::string_view TransferPathName(TransferPath path);
@@ -129,6 +139,10 @@ inline constexpr uint64_t kCapabilityDeviceMemory = uint64_t{1} << 3;  // reache
 // KvRequest.deadline_ms value meaning "no deadline".
 inline constexpr uint64_t kNoDeadline = std::numeric_limits<uint64_t>::max();
 
+// KvRequest.state_slot and KvReady.state_slot value meaning "no recurrent
+// state moves with this request" (KV only).
+inline constexpr uint32_t kNoStateSlot = 0xFFFFFFFF;
+
 // ---------------------------------------------------------------------------
 // HELLO: sent by both sides once, on connect.
 // ---------------------------------------------------------------------------
@@ -140,19 +154,52 @@ struct RankPlacement {
   uint32_t pp_rank = 0;  // < pp_size
   uint32_t pp_size = 1;  // 1 .. kMaxPipelineStages
   // Layers of each pipeline stage, stage 0 first: exactly pp_size entries,
-  // summing to ModelShape::num_layers. Entries may be 0.
+  // summing to the length of ModelShape::layer_pattern when it is not empty
+  // (the pipeline split is over all model layers, of every kind), to
+  // ModelShape::num_layers otherwise. Entries may be 0.
   std::vector<uint32_t> layers_per_stage;
 
   friend bool operator==(const RankPlacement&, const RankPlacement&) = default;
 };
 
-// The model's KV shape (docs/architecture.md §2 presets). Global, not rank-local.
+// One segment of a recurrent state tensor: `units` units of `unit_elems`
+// elements each, model-global counts. How units map onto memory and onto
+// tensor-parallel ranks is the session layer's to decide.
+struct StateSegmentDescriptor {
+  uint32_t units = 0;       // >= 1
+  uint32_t unit_elems = 0;  // >= 1
+
+  friend bool operator==(const StateSegmentDescriptor&, const StateSegmentDescriptor&) = default;
+};
+
+// One fixed-size state tensor of a recurrent layer (e.g. conv state, SSM
+// state), per request: its segments, in order, are all its elements.
+struct StateTensorDescriptor {
+  uint32_t elem_bytes = 0;  // 1, 2, 4 or 8
+  // 1 .. kMaxStateSegments entries.
+  std::vector<StateSegmentDescriptor> segments;
+
+  friend bool operator==(const StateTensorDescriptor&, const StateTensorDescriptor&) = default;
+};
+
+// The model's KV shape (docs/architecture.md §2 presets), and for hybrid
+// models which layers hold KV and what state the others hold. Global, not
+// rank-local.
 struct ModelShape {
-  uint32_t num_layers = 0;    // <= kMaxLayers
+  // Attention layers (the layers that hold KV), <= kMaxLayers. For a hybrid
+  // model the number of '*' in layer_pattern.
+  uint32_t num_layers = 0;
   uint32_t num_kv_heads = 0;  // global kv heads H
   uint32_t head_dim = 0;
   uint32_t kv_factor = 0;   // 2 = K and V, 1 = MLA latent
   uint32_t elem_bytes = 0;  // bytes per element (bf16 = 2)
+  // Hybrid models: one character per model layer, in order: '*' attention
+  // (holds KV), 'M' recurrent (holds state), '-' neither (MLP, MoE). Empty:
+  // every layer is an attention layer. At most kMaxLayers characters.
+  std::string layer_pattern;
+  // The state tensors every recurrent layer holds, at most kMaxStateTensors.
+  // Not empty exactly when layer_pattern holds an 'M'.
+  std::vector<StateTensorDescriptor> state;
 
   friend bool operator==(const ModelShape&, const ModelShape&) = default;
 };
@@ -161,10 +208,10 @@ struct ModelShape {
 //   address(layer, kv, block, head, token, d) = pool_base(layer)
 //       + layer*s_layer + kv*s_kv + block*s_block + head*s_head
 //       + token*s_token + d*elem_bytes
-// where `layer` is the rank-local layer index and pool_base(layer) =
-// layer_bases[layer] when layer_bases is non-empty, `base` otherwise. Whether
-// the strides are consistent with `kind` and the model is the layout module's
-// to check.
+// where `layer` is the rank-local layer index (counting attention layers
+// only, for a hybrid model) and pool_base(layer) = layer_bases[layer] when
+// layer_bases is non-empty, `base` otherwise. Whether the strides are
+// consistent with `kind` and the model is the layout module's to check.
 struct LayoutDescriptor {
   LayoutKind kind = LayoutKind::kBlockMajorHnd;
   uint32_t tokens_per_block = 0;
@@ -175,11 +222,31 @@ struct LayoutDescriptor {
   uint64_t s_block = 0;
   uint64_t s_head = 0;
   uint64_t s_token = 0;
-  // Empty, or one base address per layer this rank holds
-  // (placement.layers_per_stage[placement.pp_rank] entries).
+  // Empty, or one base address per attention layer this rank holds: the
+  // placement.layers_per_stage[placement.pp_rank] layers of its stage, or of
+  // a hybrid model the '*' among them in model.layer_pattern.
   std::vector<uint64_t> layer_bases;
 
   friend bool operator==(const LayoutDescriptor&, const LayoutDescriptor&) = default;
+};
+
+// A rank's recurrent-state pool (hybrid models). num_slots 0: the rank has none
+// (not a hybrid model, or its pipeline stage holds no recurrent layer).
+//
+// A slot holds one request's state: for each recurrent layer the rank holds,
+// every tensor of ModelShape::state. Where each slot's tensors lie, from
+// `kind` and the bases, is the session layer's to compute.
+struct StateLayoutDescriptor {
+  // One u8 on the wire, like every enum.
+  StateLayoutKind kind = StateLayoutKind::kSlotMajor;
+  uint32_t num_slots = 0;  // slot ids are 0 .. num_slots-1
+  uint64_t base = 0;       // pool address (single allocation)
+  // Or, instead of `base` (which is then 0), one base per recurrent layer this
+  // rank holds: the 'M' of its stage in model.layer_pattern. Empty with
+  // num_slots 0. At most kMaxLayers.
+  std::vector<uint64_t> layer_bases;
+
+  friend bool operator==(const StateLayoutDescriptor&, const StateLayoutDescriptor&) = default;
 };
 
 // One registered region a peer may address (docs/architecture.md §6, §8).
@@ -207,6 +274,7 @@ struct Hello {
   RankPlacement placement;
   ModelShape model;
   LayoutDescriptor layout;
+  StateLayoutDescriptor state_layout;
   std::vector<RegionDescriptor> regions;  // at most kMaxRegions
   uint64_t capabilities = 0;              // kCapability* bits
 
@@ -245,6 +313,11 @@ struct KvRequest {
   // Rank indices within their instances (pp_rank * tp_size + tp_rank).
   uint32_t receiver_rank = 0;
   uint32_t writer_rank = 0;
+  // Hybrid models: the receiver's state slot for this request (the writer's
+  // recurrent state for it moves with the KV, into this slot), or
+  // kNoStateSlot for KV only. Below the receiver's state_layout.num_slots,
+  // which is the session layer's to check.
+  uint32_t state_slot = kNoStateSlot;
 
   friend bool operator==(const KvRequest&, const KvRequest&) = default;
 };
@@ -278,6 +351,12 @@ struct KvReady {
   // The writer's block ids for tokens [0, token_end) of the request, in
   // token order. At most kMaxBlockTableEntries.
   std::vector<uint32_t> block_table;
+  // Hybrid models: the writer's state slot holding the request's recurrent
+  // state, lent with the blocks: the receiver reads it from there into the
+  // state slot its KV_REQUEST named. kNoStateSlot when no state moves (the
+  // KV_REQUEST named none). Below the writer's state_layout.num_slots, which
+  // is the session layer's to check.
+  uint32_t state_slot = kNoStateSlot;
 
   friend bool operator==(const KvReady&, const KvReady&) = default;
 };
@@ -373,6 +452,7 @@ MessageType TypeOf(const Message& message);
 //   "KV_REQUEST.token_range: start 9 > end 4"
 //   "HELLO.placement.tp_rank: 4 not below tp_size 4"
 //   "HELLO.regions[2].remote_key: 20000 bytes exceed limit 16384"
+//   "HELLO.model.state[0].segments[1].units: 0, must be at least 1"
 // The encoders call these first; the decoders run the same checks on what
 // they decoded and report a failure as kDataLoss.
 // ---------------------------------------------------------------------------

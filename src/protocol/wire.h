@@ -46,7 +46,7 @@ inline constexpr uint32_t kMagic = 0x4342564Bu;
 // The version this build speaks. A decoder rejects any frame whose header
 // carries another version (docs/wire_format.md, "Versioning"): any change of
 // the encoding, a new field or a changed limit, takes a new version.
-inline constexpr uint16_t kProtocolVersion = 5;
+inline constexpr uint16_t kProtocolVersion = 6;
 
 // Bytes of the frame header: magic u32 | version u16 | type u16 | length u32.
 inline constexpr size_t kHeaderSize = 12;
@@ -98,8 +98,17 @@ inline constexpr uint32_t kMaxInstanceIdBytes = 256;
 // HELLO.placement.layers_per_stage entries, i.e. the largest pp_size.
 inline constexpr uint32_t kMaxPipelineStages = 1024;
 
-// HELLO.model.num_layers, and so HELLO.layout.layer_bases entries.
+// HELLO.model.num_layers, HELLO.model.layer_pattern characters (every model
+// layer, hybrid models), and so HELLO.layout.layer_bases and
+// HELLO.state_layout.layer_bases entries.
 inline constexpr uint32_t kMaxLayers = 4096;
+
+// HELLO.model.state entries: the state tensors of a recurrent layer (a Mamba
+// layer holds two, conv and SSM state).
+inline constexpr uint32_t kMaxStateTensors = 8;
+
+// HELLO.model.state[i].segments entries.
+inline constexpr uint32_t kMaxStateSegments = 8;
 
 // HELLO.regions entries.
 inline constexpr uint32_t kMaxRegions = 64;
@@ -127,20 +136,32 @@ inline constexpr size_t kHelloFixedBytes =
     4 * 2 +      // tokens_per_block, num_blocks
     8 * 6 +      // layout base, s_layer, s_kv, s_block, s_head, s_token
     8 +          // capabilities
-    4 * 4;       // prefixes of instance_id, layers_per_stage, layer_bases, regions
+    1 + 4 + 8 +  // state_layout kind, num_slots, base
+    4 * 7;       // prefixes of instance_id, layers_per_stage, layer_bases, regions,
+                 // layer_pattern, state, state_layout.layer_bases
 inline constexpr size_t kRegionFixedBytes = 1 + 1 + 4 + 8 + 8 + 4;
-inline constexpr size_t kKvRequestFixedBytes = 8 * 8 + 4 * 3 + 1 + 4;
+// A state segment (units, unit_elems), and a state tensor without its
+// segments (elem_bytes, the segments' prefix).
+inline constexpr size_t kStateSegmentBytes = 4 + 4;
+inline constexpr size_t kStateTensorFixedBytes = 4 + 4;
+inline constexpr size_t kMaxStateTensorBytes =
+    kStateTensorFixedBytes + size_t{kMaxStateSegments} * kStateSegmentBytes;
+inline constexpr size_t kKvRequestFixedBytes = 8 * 8 + 4 * 4 + 1 + 4;
 inline constexpr size_t kKvResultFixedBytes = 8 * 3 + 4 * 2 + 1 + 1 + 4;
 inline constexpr size_t kCancelFixedBytes = 8 + 4;
 inline constexpr size_t kByeFixedBytes = 1 + 4;
-inline constexpr size_t kKvReadyFixedBytes = 8 * 2 + 4 * 2 + 4;
+inline constexpr size_t kKvReadyFixedBytes = 8 * 2 + 4 * 3 + 4;
 inline constexpr size_t kKvReadDoneFixedBytes = 8 * 2 + 4 * 2 + 1 + 4;
 inline constexpr size_t kKvGrantFixedBytes = 8 * 4 + 4 * 2;
 inline constexpr size_t kKvChunkFixedBytes = 8 * 3 + 4 * 2;
 
+// The two layer_bases lists are bounded separately (each by kMaxLayers), not
+// by their joint bound (attention plus recurrent layers of one stage): a
+// looser but simpler bound.
 inline constexpr size_t kMaxHelloPayloadBytes =
     kHelloFixedBytes + kMaxInstanceIdBytes + 4 * size_t{kMaxPipelineStages} +
-    8 * size_t{kMaxLayers} + size_t{kMaxRegions} * (kRegionFixedBytes + kMaxRemoteKeyBytes);
+    8 * size_t{kMaxLayers} + size_t{kMaxRegions} * (kRegionFixedBytes + kMaxRemoteKeyBytes) +
+    size_t{kMaxLayers} + size_t{kMaxStateTensors} * kMaxStateTensorBytes + 8 * size_t{kMaxLayers};
 inline constexpr size_t kMaxKvRequestPayloadBytes =
     kKvRequestFixedBytes + 4 * size_t{kMaxBlockTableEntries};
 inline constexpr size_t kMaxKvResultPayloadBytes = kKvResultFixedBytes + kMaxErrorTextBytes;

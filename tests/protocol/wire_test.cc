@@ -183,5 +183,19 @@ TEST(WireTest, PerTypeLimitsFitTheGlobalLimit) {
   EXPECT_EQ(MessageTypeName(static_cast<MessageType>(99)), "UNKNOWN");
 }
 
+// The sizes docs/wire_format.md §3 and §5 give; a change here is a change of
+// the wire format and of that document.
+TEST(WireTest, SizesMatchTheSpecification) {
+  EXPECT_EQ(kProtocolVersion, 6);
+  EXPECT_EQ(kHelloFixedBytes, 145u);
+  EXPECT_EQ(kRegionFixedBytes, 26u);
+  EXPECT_EQ(kMaxStateTensorBytes, 72u);
+  EXPECT_EQ(kKvRequestFixedBytes, 85u);
+  EXPECT_EQ(kKvReadyFixedBytes, 32u);
+  EXPECT_EQ(kMaxHelloPayloadBytes, 1124945u);
+  EXPECT_EQ(kMaxKvRequestPayloadBytes, 33554517u);
+  EXPECT_EQ(kMaxKvReadyPayloadBytes, 33554464u);
+}
+
 }  // namespace
 }  // namespace kvbounce::protocol
