@@ -199,15 +199,22 @@ PathRun RunPath(Cluster& c, TransferPath path, const BenchFlags& flags, TokenRan
         }
         if (rank < ctx_threads) {
           if (rank / num_ctx != r.tables.ctx_instance) continue;  // another instance's
-          auto p =
-              c.ctx(r.tables.ctx_instance, rank % num_ctx).Publish(r.id, r.tables.ctx, range.end);
+          // Hybrid models: the state moves with the KV, from and into the
+          // state slot of the request's slot.
+          PublishOptions publish;
+          publish.state_slot =
+              c.ctx_harness(r.tables.ctx_instance, rank % num_ctx).StateSlot(r.tables.slot);
+          auto p = c.ctx(r.tables.ctx_instance, rank % num_ctx)
+                       .Publish(r.id, r.tables.ctx, range.end, publish);
           if (p.ok()) r.pubs[static_cast<size_t>(rank % num_ctx)] = *p;
           continue;
         }
         const int g = rank - ctx_threads;
         const std::shared_ptr<std::atomic<int64_t>> done = r.done_ns[static_cast<size_t>(g)];
+        PullOptions with_state = pull;
+        with_state.state_slot = c.harness(false, g).StateSlot(r.tables.slot);
         auto p = c.gen(g).Pull(r.id, c.ctx_instance_name(r.tables.ctx_instance), r.tables.gen,
-                               range, pull);
+                               range, with_state);
         if (!p.ok()) {
           done->store(1);
           continue;
