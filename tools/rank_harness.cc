@@ -176,7 +176,8 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
         state_bases.push_back(Addr::FromPointer(h->state_memory_.back().data()));
       }
     }
-    KVB_ASSIGN_OR_RETURN(h->state_layout_, shape.Rebased(state_bases));
+    KVB_ASSIGN_OR_RETURN(h->state_layout_, StatePoolLayout::ForRank(topology, options.rank,
+                                                                    options.slots, state_bases));
     if (h->device_pool()) {
       for (int s = 0; s < options.slots; ++s) h->FillSlot(s, kSlotSentinel);
     }
@@ -649,6 +650,7 @@ VerifyResult RankHarness::VerifyGenOnDevice(int slot, std::span<const int32_t> g
 std::vector<std::span<std::byte>> RankHarness::PoolMemory() {
   std::vector<std::span<std::byte>> out;
   for (auto& allocation : memory_) out.emplace_back(allocation.data(), allocation.size());
+  for (auto& allocation : state_memory_) out.emplace_back(allocation.data(), allocation.size());
   return out;
 }
 

@@ -207,7 +207,8 @@ class RankHarness {
   VerifyResult VerifyGen(int slot, std::span<const int32_t> gen_table, TokenRange range,
                          int ctx_instance = 0) const;
 
-  // The bytes of the pool, one span per allocation. REQUIRES: !device_pool().
+  // The bytes of the pool, one span per allocation, the state pool's
+  // allocations after the KV pool's. REQUIRES: !device_pool().
   std::vector<std::span<std::byte>> PoolMemory();
 
  private:
