@@ -283,8 +283,7 @@ Status Cluster::RunRequest(uint64_t request_id, const BlockTables& tables, Token
     Rank& rank = CtxRank(tables.ctx_instance, c);
     PublishOptions publish;
     publish.state_slot = rank.harness->StateSlot(tables.slot);
-    KVB_ASSIGN_OR_RETURN(auto t,
-                         rank.agent->Publish(request_id, tables.ctx, range.end, publish));
+    KVB_ASSIGN_OR_RETURN(auto t, rank.agent->Publish(request_id, tables.ctx, range.end, publish));
     published.push_back(std::move(t));
   }
   Status first;

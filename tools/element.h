@@ -67,8 +67,7 @@ KVB_HOST_DEVICE constexpr uint64_t InstanceRowSeed(int instance, int layer, int 
 // `layer` (its ordinal among the model's recurrent layers), in ctx instance
 // `instance`'s pools; element e of the unit is FromSeed(seed, e). A domain
 // constant of its own keeps these apart from every KV row seed.
-KVB_HOST_DEVICE constexpr uint64_t StateUnitSeed(int instance, int layer, int segment,
-                                                 int unit) {
+KVB_HOST_DEVICE constexpr uint64_t StateUnitSeed(int instance, int layer, int segment, int unit) {
   const uint64_t seed = Mix(0x7374617465000000ULL ^ (static_cast<uint64_t>(layer) << 40) ^
                             (static_cast<uint64_t>(segment) << 32) ^ static_cast<uint64_t>(unit));
   return instance == 0 ? seed : seed ^ Mix(0x696e7374616e6365ULL + static_cast<uint64_t>(instance));

@@ -60,7 +60,8 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
       if (t.Placement(r).num_state_layers == 0) continue;
       KVB_ASSIGN_OR_RETURN(
           StatePoolLayout sp,
-          StatePoolLayout::ForRank(t, r, 1, {Addr(static_cast<uint64_t>(r + (side ? 193 : 129)) << 44)}));
+          StatePoolLayout::ForRank(t, r, 1,
+                                   {Addr(static_cast<uint64_t>(r + (side ? 193 : 129)) << 44)}));
       out.back() = std::move(sp);
     }
   }
@@ -81,11 +82,10 @@ Result<nlohmann::json> PlanScenario(const Scenario& s) {
     for (int c = 0; c < s.ctx.num_ranks(); ++c) {
       KVB_ASSIGN_OR_RETURN(
           PairPlan plan,
-          PlanPair(with_state({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table},
-                              ctx_state),
-                   with_state({&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table},
-                              gen_state),
-                   s.tokens));
+          PlanPair(
+              with_state({&s.ctx, c, &ctx_pools[static_cast<size_t>(c)], ctx_table}, ctx_state),
+              with_state({&s.gen, g, &gen_pools[static_cast<size_t>(g)], gen_table}, gen_state),
+              s.tokens));
       if (plan.packed_bytes == 0) continue;
       nlohmann::json pair = {{"ctx_rank", c},
                              {"gen_rank", g},

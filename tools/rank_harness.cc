@@ -150,8 +150,8 @@ Result<std::unique_ptr<RankHarness>> RankHarness::Create(const Topology& topolog
   // layout allows).
   const RankPlacement placement = topology.Placement(options.rank);
   if (topology.spec().model.hybrid() && placement.num_state_layers > 0) {
-    KVB_ASSIGN_OR_RETURN(StatePoolLayout shape,
-                         StatePoolLayout::ForRank(topology, options.rank, options.slots, {Addr(1)}));
+    KVB_ASSIGN_OR_RETURN(StatePoolLayout shape, StatePoolLayout::ForRank(topology, options.rank,
+                                                                         options.slots, {Addr(1)}));
     const bool state_per_layer = options.per_layer_pools &&
                                  shape.kind() == StateLayoutKind::kLayerMajor &&
                                  shape.num_layers() > 1;
@@ -253,9 +253,8 @@ Status RankHarness::FillCtxState(int slot) {
   const int instance = options_.ctx_instance;
   if (!device_pool()) {
     ForEachStateUnit(slot, [&](int layer, int seg, int unit, Addr at, uint64_t bytes) {
-      StateUnitBytes(static_cast<std::byte*>(at.ToPointer()), bytes,
-                     elem[static_cast<size_t>(seg)], StateUnitSeed(instance, layer, seg, unit),
-                     false);
+      StateUnitBytes(static_cast<std::byte*>(at.ToPointer()), bytes, elem[static_cast<size_t>(seg)],
+                     StateUnitSeed(instance, layer, seg, unit), false);
     });
     return Status::Ok();
   }
@@ -286,8 +285,8 @@ void RankHarness::VerifyState(int slot, int ctx_instance, VerifyResult& result) 
                         StateUnitSeed(ctx_instance, layer, seg, unit), true) &&
         result.mismatches++ == 0) {
       result.first_mismatch = "state: recurrent layer " + std::to_string(layer) + ", segment " +
-                              std::to_string(seg) + ", unit " + std::to_string(unit) +
-                              " of slot " + std::to_string(slot) + " holds wrong bytes";
+                              std::to_string(seg) + ", unit " + std::to_string(unit) + " of slot " +
+                              std::to_string(slot) + " holds wrong bytes";
     }
   };
   if (!device_pool()) {

@@ -161,9 +161,7 @@ class RankHarness {
   // Hybrid models: the rank's state pool (one state slot per request slot,
   // slot s for slot s), or null where the rank holds no recurrent layer or
   // the model is not hybrid.
-  const StatePoolLayout* state_layout() const {
-    return state_layout_ ? &*state_layout_ : nullptr;
-  }
+  const StatePoolLayout* state_layout() const { return state_layout_ ? &*state_layout_ : nullptr; }
   // The state slot of request slot `slot` for Publish / Pull
   // (PublishOptions / PullOptions::state_slot): `slot`, or -1 without a
   // state pool.
@@ -231,7 +229,8 @@ class RankHarness {
   void VerifyState(int slot, int ctx_instance, VerifyResult& result) const;
   // Calls fn(layer, segment index, unit, address) for every unit of
   // `slot`'s state this rank holds.
-  void ForEachStateUnit(int slot, const std::function<void(int, int, int, Addr, uint64_t)>& fn) const;
+  void ForEachStateUnit(int slot,
+                        const std::function<void(int, int, int, Addr, uint64_t)>& fn) const;
 
   // Device pools: fill, clear and verify through kernels.
   Status FillCtxOnDevice(const std::vector<int32_t>& table);

@@ -214,8 +214,8 @@ Result<StateTensor> ParseStateTensor(std::string_view text) {
 
 Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   const bool hybrid_flags = !flags.layer_pattern.empty() || !flags.state_tensors.empty();
-  const bool explicit_dims = flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 ||
-                             flags.mla || hybrid_flags;
+  const bool explicit_dims =
+      flags.layers != 0 || flags.kv_heads != 0 || flags.head_dim != 0 || flags.mla || hybrid_flags;
   ModelShape model;
   if (!flags.model.empty() && explicit_dims) {
     return InvalidArgumentError(
@@ -225,8 +225,8 @@ Result<Scenario> BuildScenario(const ScenarioFlags& flags) {
   if (explicit_dims) {
     int layers = flags.layers;
     if (layers == 0 && !flags.layer_pattern.empty()) {
-      layers = static_cast<int>(
-          std::count(flags.layer_pattern.begin(), flags.layer_pattern.end(), '*'));
+      layers =
+          static_cast<int>(std::count(flags.layer_pattern.begin(), flags.layer_pattern.end(), '*'));
     }
     if (layers == 0 || flags.kv_heads == 0 || flags.head_dim == 0) {
       return InvalidArgumentError(

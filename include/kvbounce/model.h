@@ -94,7 +94,6 @@ struct ModelShape {
   Status ValidateHybrid(const std::string& prefix) const;
 
  public:
-
   friend bool operator==(const ModelShape& a, const ModelShape& b) {
     return a.num_layers == b.num_layers && a.num_kv_heads == b.num_kv_heads &&
            a.head_dim == b.head_dim && a.kv_factor == b.kv_factor &&

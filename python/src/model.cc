@@ -175,6 +175,14 @@ void RegisterModel(py::module_& m) {
       .def_property_readonly("head_dim", [](const ModelShape& s) { return s.head_dim; })
       .def_property_readonly("kv_factor", [](const ModelShape& s) { return s.kv_factor; })
       .def_property_readonly("mla", [](const ModelShape& s) { return s.mla(); })
+      // Hybrid models (docs/hybrid.md): the layer pattern ("" when not
+      // hybrid) and the state of one recurrent layer, all ranks' shares.
+      .def_property_readonly("hybrid", [](const ModelShape& s) { return s.hybrid(); })
+      .def_property_readonly("layer_pattern", [](const ModelShape& s) { return s.layer_pattern; })
+      .def_property_readonly("recurrent_layers",
+                             [](const ModelShape& s) { return s.recurrent_layers(); })
+      .def_property_readonly("state_bytes_per_layer",
+                             [](const ModelShape& s) { return s.state_bytes_per_layer(); })
       .def("__eq__", [](const ModelShape& a, const ModelShape& b) { return a == b; })
       .def("__hash__",
            [](const ModelShape& s) {

@@ -36,7 +36,12 @@ def test_error_classes(name):
 def test_presets_match_the_documented_table():
     presets = kvbounce.presets()
     assert list(presets) == ["llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b",
-                             "qwen3-235b-a22b", "deepseek-v3"]
+                             "qwen3-235b-a22b", "deepseek-v3", "jamba-v0.1", "nemotron-h-8b",
+                             "qwen3-next-80b-a3b"]
+    j = presets["jamba-v0.1"]
+    assert (j.hybrid, j.layers, j.recurrent_layers, len(j.layer_pattern)) == (True, 4, 28, 32)
+    assert j.state_bytes_per_layer == 8192 * (3 + 16) * 2
+    assert not presets["mistral-7b"].hybrid and presets["mistral-7b"].layer_pattern == ""
     m = presets["llama-3.1-70b"]
     assert (m.name, m.layers, m.kv_heads, m.head_dim, m.kv_factor, m.mla) == \
         ("llama-3.1-70b", 80, 8, 128, 2, False)

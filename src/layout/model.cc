@@ -6,7 +6,6 @@
 #include <utility>
 #include <vector>
 
-
 namespace kvbounce {
 namespace {
 
@@ -37,9 +36,9 @@ std::vector<ModelShape> BuildPresets() {
   };
   // Jamba v0.1: 32 layers, attention every 8th from layer 4; Mamba-1 with
   // d_inner = 2 * 4096 channels, d_conv 4 (3 kept), d_state 16.
-  presets.push_back(Hybrid("jamba-v0.1", PeriodicLayerPattern(32, 8, 4).value(), 8, 128,
-                           {{"conv", DType::kBf16, {{8192, 3}}},
-                            {"ssm", DType::kBf16, {{8192, 16}}}}));
+  presets.push_back(
+      Hybrid("jamba-v0.1", PeriodicLayerPattern(32, 8, 4).value(), 8, 128,
+             {{"conv", DType::kBf16, {{8192, 3}}}, {"ssm", DType::kBf16, {{8192, 16}}}}));
   // Nemotron-H 8B: its hybrid_override_pattern (M Mamba-2, * attention,
   // - MLP); 128 Mamba heads of dim 64, 8 groups, d_state 128, d_conv 4. The
   // convolution runs over x (per head), B and C (per group), each split by
@@ -129,8 +128,9 @@ Status ModelShape::Validate() const {
 Status ModelShape::ValidateHybrid(const std::string& prefix) const {
   if (layer_pattern.empty()) {
     if (!state.empty()) {
-      return InvalidArgumentError(prefix + "state tensors given without a layer pattern: only a "
-                                           "hybrid model's recurrent ('M') layers hold state");
+      return InvalidArgumentError(prefix +
+                                  "state tensors given without a layer pattern: only a "
+                                  "hybrid model's recurrent ('M') layers hold state");
     }
     return Status::Ok();
   }
@@ -150,23 +150,24 @@ Status ModelShape::ValidateHybrid(const std::string& prefix) const {
   const int attention =
       static_cast<int>(std::count(layer_pattern.begin(), layer_pattern.end(), '*'));
   if (attention != num_layers) {
-    return InvalidArgumentError(prefix + "layer pattern has " + std::to_string(attention) +
-                                " attention ('*') layers but layers = " +
-                                std::to_string(num_layers) +
-                                ": the attention layers are the layers that hold KV");
+    return InvalidArgumentError(
+        prefix + "layer pattern has " + std::to_string(attention) +
+        " attention ('*') layers but layers = " + std::to_string(num_layers) +
+        ": the attention layers are the layers that hold KV");
   }
   const int recurrent = recurrent_layers();
   if (recurrent == 0 && !state.empty()) {
-    return InvalidArgumentError(prefix + "state tensors given but the layer pattern has no "
-                                         "recurrent ('M') layer");
+    return InvalidArgumentError(prefix +
+                                "state tensors given but the layer pattern has no "
+                                "recurrent ('M') layer");
   }
   if (recurrent > 0 && state.empty()) {
     return InvalidArgumentError(prefix + "the layer pattern has " + std::to_string(recurrent) +
                                 " recurrent ('M') layers but no state tensor is described");
   }
   if (state.size() > static_cast<size_t>(kMaxStateTensors)) {
-    return InvalidArgumentError(prefix + std::to_string(state.size()) +
-                                " state tensors: at most " + std::to_string(kMaxStateTensors));
+    return InvalidArgumentError(prefix + std::to_string(state.size()) + " state tensors: at most " +
+                                std::to_string(kMaxStateTensors));
   }
   for (const StateTensor& t : state) {
     const std::string where = prefix + "state tensor '" + t.name + "': ";
@@ -176,16 +177,15 @@ Status ModelShape::ValidateHybrid(const std::string& prefix) const {
     }
     if (t.segments.empty() || t.segments.size() > static_cast<size_t>(kMaxStateSegments)) {
       return InvalidArgumentError(where + "has " + std::to_string(t.segments.size()) +
-                                  " segments: must have 1 to " +
-                                  std::to_string(kMaxStateSegments));
+                                  " segments: must have 1 to " + std::to_string(kMaxStateSegments));
     }
     uint64_t bytes = 0;
     for (size_t i = 0; i < t.segments.size(); ++i) {
       const StateSegment& g = t.segments[i];
       if (g.units < 1 || g.unit_elems < 1) {
-        return InvalidArgumentError(where + "segment " + std::to_string(i) + " has units = " +
-                                    std::to_string(g.units) + ", unit_elems = " +
-                                    std::to_string(g.unit_elems) + ": both must be >= 1");
+        return InvalidArgumentError(
+            where + "segment " + std::to_string(i) + " has units = " + std::to_string(g.units) +
+            ", unit_elems = " + std::to_string(g.unit_elems) + ": both must be >= 1");
       }
       // int x int stays below 2^62; bounded before it is scaled and summed.
       const uint64_t elems = static_cast<uint64_t>(g.units) * static_cast<uint64_t>(g.unit_elems);
@@ -220,12 +220,11 @@ uint64_t ModelShape::state_bytes_per_layer() const {
 Result<std::string> PeriodicLayerPattern(int layers, int period, int offset) {
   if (layers < 1 || layers > ModelShape::kMaxModelLayers || period < 1 || offset < 0 ||
       offset >= period) {
-    return InvalidArgumentError("layer pattern of " + std::to_string(layers) +
-                                " layers with attention every " + std::to_string(period) +
-                                " from layer " + std::to_string(offset) +
-                                " is invalid: need 1 <= layers <= " +
-                                std::to_string(ModelShape::kMaxModelLayers) +
-                                ", period >= 1 and 0 <= offset < period");
+    return InvalidArgumentError(
+        "layer pattern of " + std::to_string(layers) + " layers with attention every " +
+        std::to_string(period) + " from layer " + std::to_string(offset) +
+        " is invalid: need 1 <= layers <= " + std::to_string(ModelShape::kMaxModelLayers) +
+        ", period >= 1 and 0 <= offset < period");
   }
   std::string pattern(static_cast<size_t>(layers), 'M');
   for (int i = offset; i < layers; i += period) pattern[static_cast<size_t>(i)] = '*';

@@ -322,7 +322,6 @@ void EmitKvTiled(const Walk& w, TiledList* out) {
   FlattenOuter<X, Y>(w, 0, w.origin[X], w.origin[Y], &out->outer);
 }
 
-
 // A hash of 64-bit words, MurmurHash3's 64-bit block step (public domain):
 // each word is mixed in whole (multiply, rotate,
 // multiply: a handful of instructions a word, not eight byte steps), the
@@ -459,8 +458,7 @@ Status CheckStateSide(const PlanSide& side, const char* role, const RankPlacemen
   for (const StateTensor& t : spec.model.state) {
     for (const StateSegment& seg : t.segments) {
       const UnitShare share = SegmentShare(seg, p.tp_size, p.tp_rank);
-      matches = matches && i < sp.segments().size() &&
-                sp.segments()[i].first_unit == share.first &&
+      matches = matches && i < sp.segments().size() && sp.segments()[i].first_unit == share.first &&
                 sp.segments()[i].units == share.count &&
                 sp.segments()[i].unit_bytes ==
                     static_cast<uint64_t>(seg.unit_elems) * DTypeBytes(t.dtype);
@@ -468,12 +466,11 @@ Status CheckStateSide(const PlanSide& side, const char* role, const RankPlacemen
     }
   }
   if (!matches || i != sp.segments().size()) {
-    return InvalidArgumentError(who + ": state pool (" +
-                                std::string(StateLayoutKindName(sp.kind())) + ", " +
-                                std::to_string(sp.num_layers()) +
-                                " recurrent layers) is not the rank's (" +
-                                std::string(StateLayoutKindName(spec.state_layout)) + ", " +
-                                std::to_string(p.num_state_layers) + " recurrent layers)");
+    return InvalidArgumentError(
+        who + ": state pool (" + std::string(StateLayoutKindName(sp.kind())) + ", " +
+        std::to_string(sp.num_layers()) + " recurrent layers) is not the rank's (" +
+        std::string(StateLayoutKindName(spec.state_layout)) + ", " +
+        std::to_string(p.num_state_layers) + " recurrent layers)");
   }
   if (need_slot && (side.state_slot < 0 || side.state_slot >= sp.num_slots())) {
     return OutOfRangeError(who + ": state slot " + std::to_string(side.state_slot) +
@@ -549,8 +546,8 @@ Status Prepare(const PlanSide& writer, const PlanSide& receiver, TokenRange toke
     if (need_dst) KVB_RETURN_IF_ERROR(CheckStateSide(receiver, "receiver", g, true));
   }
   plan.packed_bytes = PackedBytes(box, tokens, receiver.pool->row_bytes());
-  if (!box.kv_empty()) PrepareKv(writer, receiver, c, g, tokens, need_src, need_dst,
-                                 unknown_writer_table, out);
+  if (!box.kv_empty())
+    PrepareKv(writer, receiver, c, g, tokens, need_src, need_dst, unknown_writer_table, out);
   if (!box.state_empty()) {
     PrepareState(writer, receiver, c, g, need_src, need_dst, plan.packed_bytes, out);
     plan.state_bytes = StateBytes(box, receiver.topology->spec().model);
@@ -591,11 +588,11 @@ void PrepareState(const PlanSide& writer, const PlanSide& receiver, const RankPl
       }
       if (need_dst) {
         const StatePoolLayout::Segment& seg = receiver.state_pool->segments()[i];
-        run.at[kDst] = receiver.state_pool
-                           ->TensorAddress(layer - g.first_state_layer, seg.tensor,
-                                           receiver.state_slot)
-                           .value() +
-                       seg.offset + static_cast<uint64_t>(u.first - seg.first_unit) * seg.unit_bytes;
+        run.at[kDst] =
+            receiver.state_pool
+                ->TensorAddress(layer - g.first_state_layer, seg.tensor, receiver.state_slot)
+                .value() +
+            seg.offset + static_cast<uint64_t>(u.first - seg.first_unit) * seg.unit_bytes;
       }
       run.at[kPacked] = packed;
       packed += run.bytes;

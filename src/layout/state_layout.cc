@@ -60,8 +60,7 @@ Result<StatePoolLayout> StatePoolLayout::ForRank(const Topology& topology, int r
   }
   // The pool must fit in 64 bits (layer_bytes_ <= 8 tensors x 2^40 by
   // ModelShape::Validate; layers <= 4096).
-  const std::optional<uint64_t> slot =
-      CheckedMul(p.layer_bytes_, static_cast<uint64_t>(layers));
+  const std::optional<uint64_t> slot = CheckedMul(p.layer_bytes_, static_cast<uint64_t>(layers));
   if (!slot || !CheckedMul(*slot, static_cast<uint64_t>(num_slots)) ||
       *CheckedMul(*slot, static_cast<uint64_t>(num_slots)) > (uint64_t{1} << 62)) {
     return InvalidArgumentError(where + "a pool of " + std::to_string(num_slots) +
@@ -91,8 +90,7 @@ Addr StatePoolLayout::TensorAddress(int layer, int tensor, int64_t slot) const {
 Result<StatePoolLayout> StatePoolLayout::Rebased(std::vector<Addr> bases) const {
   if (bases.size() != bases_.size()) {
     return InvalidArgumentError("state pool: " + std::to_string(bases.size()) +
-                                " bases given for a layout with " +
-                                std::to_string(bases_.size()));
+                                " bases given for a layout with " + std::to_string(bases_.size()));
   }
   StatePoolLayout p = *this;
   p.bases_ = std::move(bases);

@@ -97,16 +97,15 @@ Result<Topology> Topology::Create(InstanceSpec spec, std::string_view label) {
       if ((units >= spec.tp && units % spec.tp != 0) || (units < spec.tp && spec.tp % units != 0)) {
         return InvalidArgumentError(prefix + "state tensor '" + t.name + "' segment " +
                                     std::to_string(i) + " has " + std::to_string(units) +
-                                    " units: cannot be split over tp = " +
-                                    std::to_string(spec.tp) +
+                                    " units: cannot be split over tp = " + std::to_string(spec.tp) +
                                     " (units must be a multiple of tp, or tp of the units)");
       }
     }
   }
   if (StateLayoutKindName(spec.state_layout) == "?") {
-    return InvalidArgumentError(prefix + "state_layout = " +
-                                std::to_string(static_cast<int>(spec.state_layout)) +
-                                " is not a StateLayoutKind: use slot-major or layer-major");
+    return InvalidArgumentError(
+        prefix + "state_layout = " + std::to_string(static_cast<int>(spec.state_layout)) +
+        " is not a StateLayoutKind: use slot-major or layer-major");
   }
   const int layers = spec.model.total_layers();
   std::vector<int> stages;

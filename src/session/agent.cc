@@ -661,12 +661,12 @@ Status AgentImpl::AdoptHello(PeerState& peer, const protocol::Hello& h) {
         std::to_string(h.model.head_dim) + ", kv factor " + std::to_string(h.model.kv_factor));
   }
   if (!SameStateShape(h.model, mine.model)) {
-    return InvalidArgumentError(
-        "peer '" + h.instance_id + "' serves another model: layer pattern '" +
-        h.model.layer_pattern + "' with " + std::to_string(h.model.state.size()) +
-        " state tensors, this rank '" + mine.model.layer_pattern + "' with " +
-        std::to_string(mine.model.state.size()) +
-        " (hybrid models must agree on their layers and state shapes)");
+    return InvalidArgumentError("peer '" + h.instance_id +
+                                "' serves another model: layer pattern '" + h.model.layer_pattern +
+                                "' with " + std::to_string(h.model.state.size()) +
+                                " state tensors, this rank '" + mine.model.layer_pattern +
+                                "' with " + std::to_string(mine.model.state.size()) +
+                                " (hybrid models must agree on their layers and state shapes)");
   }
   if (h.model.elem_bytes != ctx_.topology->elem_bytes()) {
     return InvalidArgumentError("peer '" + h.instance_id + "' stores " +

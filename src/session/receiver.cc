@@ -705,8 +705,7 @@ void ReceiverSession::SendRequests(Request& r) {
     msg.block_table.push_back(static_cast<uint32_t>(r.block_table[i]));
   msg.deadline_ms = ctx_.MillisLeft(r.deadline);
   msg.receiver_rank = static_cast<uint32_t>(ctx_.rank);
-  msg.state_slot =
-      r.state_slot >= 0 ? static_cast<uint32_t>(r.state_slot) : protocol::kNoStateSlot;
+  msg.state_slot = r.state_slot >= 0 ? static_cast<uint32_t>(r.state_slot) : protocol::kNoStateSlot;
   for (size_t i = 0; i < r.writers.size(); ++i) {
     Writer& w = r.writers[i];
     if (r.path != TransferPath::kDirect) w.reads = false;

@@ -62,7 +62,7 @@ struct SenderSession::Job {
   DataPath data_path = DataPath::kPerBlock;
   std::string fallback_reason;
   std::shared_ptr<const std::vector<int32_t>> block_table;  // keeps the lists' source valid
-  int64_t state_slot = -1;  // the publication's (hybrid models)
+  int64_t state_slot = -1;                                  // the publication's (hybrid models)
   PairPlan plan;
   // The plan's copied list is in tiled form (plan.tiled_*).
   bool tiled = false;
@@ -670,8 +670,8 @@ void SenderSession::Lend(Job& job) {
   ready.slice_id = job.request.slice_id;
   ready.writer_rank = static_cast<uint32_t>(ctx_.rank);
   ready.plan_fingerprint = job.plan.fingerprint;
-  ready.state_slot = job.plan.state_bytes > 0 ? static_cast<uint32_t>(job.state_slot)
-                                              : protocol::kNoStateSlot;
+  ready.state_slot =
+      job.plan.state_bytes > 0 ? static_cast<uint32_t>(job.state_slot) : protocol::kNoStateSlot;
   ready.block_table.reserve(needed);
   for (size_t i = 0; i < needed; ++i) ready.block_table.push_back(static_cast<uint32_t>(table[i]));
   // Lent until the receiver's KV_READ_DONE, its cancel, the publication's

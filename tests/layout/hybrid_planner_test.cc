@@ -66,9 +66,8 @@ struct OracleStatePool {
   uint64_t TensorBytes(const ModelShape& m, size_t t) const {
     uint64_t b = 0;
     for (size_t s = 0; s < m.state[t].segments.size(); ++s) {
-      b += UnitBytes(m, t, s) * static_cast<uint64_t>(OracleUnits(m.state[t].segments[s].units,
-                                                                    tp, tp_rank)
-                                                          .count);
+      b += UnitBytes(m, t, s) *
+           static_cast<uint64_t>(OracleUnits(m.state[t].segments[s].units, tp, tp_rank).count);
     }
     return b;
   }
@@ -83,8 +82,9 @@ struct OracleStatePool {
                                    int64_t slot) const {
     uint64_t in_tensor = 0;
     for (size_t i = 0; i < s; ++i) {
-      in_tensor += UnitBytes(m, t, i) *
-                   static_cast<uint64_t>(OracleUnits(m.state[t].segments[i].units, tp, tp_rank).count);
+      in_tensor +=
+          UnitBytes(m, t, i) *
+          static_cast<uint64_t>(OracleUnits(m.state[t].segments[i].units, tp, tp_rank).count);
     }
     const OracleShare share = OracleUnits(m.state[t].segments[s].units, tp, tp_rank);
     in_tensor += static_cast<uint64_t>(u - share.first) * UnitBytes(m, t, s);
@@ -108,9 +108,9 @@ struct HybridSide {
   std::vector<std::vector<std::byte>> kv_memory;
   std::vector<PoolLayout> kv_layouts;
   std::vector<std::vector<int32_t>> tables;
-  std::vector<OracleStatePool> state;               // per rank (layers empty: none)
+  std::vector<OracleStatePool> state;  // per rank (layers empty: none)
   std::vector<std::optional<StatePoolLayout>> state_layouts;
-  std::vector<int64_t> slots;                        // the request's slot per rank
+  std::vector<int64_t> slots;  // the request's slot per rank
 };
 
 bool TpFits(const ModelShape& m, int tp) {
@@ -202,8 +202,9 @@ void BuildPools(std::mt19937_64& rng, int64_t end, bool fill, HybridSide* side) 
     const RankPlacement p = side->topology->Placement(r);
     // KV: one allocation, shuffled blocks.
     const int64_t blocks = needed + static_cast<int64_t>(rng() % 3);
-    PoolGeometry g{p.num_layers, m.kv_factor,     p.num_heads, spec.tokens_per_block,
-                   m.head_dim,   DTypeBytes(spec.dtype), blocks};
+    PoolGeometry g{
+        p.num_layers,           m.kv_factor, p.num_heads, spec.tokens_per_block, m.head_dim,
+        DTypeBytes(spec.dtype), blocks};
     auto probe = PoolLayout::Create(spec.layout, g, Addr(1));
     ASSERT_TRUE(probe.ok()) << probe.status();
     side->kv_memory.emplace_back(probe->pool_bytes(), kSentinel);
@@ -223,7 +224,8 @@ void BuildPools(std::mt19937_64& rng, int64_t end, bool fill, HybridSide* side) 
     sp.tp = spec.tp;
     sp.tp_rank = p.tp_rank;
     for (int l = p.first_model_layer; l < p.first_model_layer + p.num_model_layers; ++l) {
-      if (ordinals[static_cast<size_t>(l)] >= 0) sp.layers.push_back(ordinals[static_cast<size_t>(l)]);
+      if (ordinals[static_cast<size_t>(l)] >= 0)
+        sp.layers.push_back(ordinals[static_cast<size_t>(l)]);
     }
     ASSERT_EQ(static_cast<int>(sp.layers.size()), p.num_state_layers);
     if (!sp.layers.empty()) ASSERT_EQ(sp.layers.front(), p.first_state_layer);
@@ -236,8 +238,8 @@ void BuildPools(std::mt19937_64& rng, int64_t end, bool fill, HybridSide* side) 
       side->state_layouts.emplace_back();
       continue;
     }
-    const uint64_t bytes = sp.LayerBytes(m) * static_cast<uint64_t>(sp.slots) *
-                           (sp.per_layer ? 1 : sp.layers.size());
+    const uint64_t bytes =
+        sp.LayerBytes(m) * static_cast<uint64_t>(sp.slots) * (sp.per_layer ? 1 : sp.layers.size());
     sp.memory.assign(sp.per_layer ? sp.layers.size() : 1, std::vector<std::byte>(bytes, kSentinel));
     if (fill) {
       for (auto& mem : sp.memory) {
@@ -270,8 +272,8 @@ void Copy(std::span<const Fragment> list, const std::byte* src_base, std::byte* 
 }
 
 TEST(HybridPlannerTest, StateMatchesPerUnitOracleOnRandomTopologies) {
-  int trials = 0, state_only_writers = 0, duplicated_units = 0, fan_in = 0, fan_out = 0,
-      uneven = 0, per_layer = 0, layer_major = 0, stateless_stages = 0;
+  int trials = 0, state_only_writers = 0, duplicated_units = 0, fan_in = 0, fan_out = 0, uneven = 0,
+      per_layer = 0, layer_major = 0, stateless_stages = 0;
   for (int trial = 0; trials < 400 && trial < 4000; ++trial) {
     SCOPED_TRACE("trial " + std::to_string(trial));
     std::mt19937_64 rng(0xb1d0000 + trial);
@@ -334,8 +336,7 @@ TEST(HybridPlannerTest, StateMatchesPerUnitOracleOnRandomTopologies) {
               const OracleStatePool& cs = ctx.state[static_cast<size_t>(c)];
               const size_t cl = static_cast<size_t>(
                   std::find(cs.layers.begin(), cs.layers.end(), layer) - cs.layers.begin());
-              const auto [sa, so] =
-                  cs.Unit(model, cl, t, s, u, ctx.slots[static_cast<size_t>(c)]);
+              const auto [sa, so] = cs.Unit(model, cl, t, s, u, ctx.slots[static_cast<size_t>(c)]);
               const auto [da, dof] = gs.Unit(model, l, t, s, u, g_slot);
               const uint64_t ub = gs.UnitBytes(model, t, s);
               std::memcpy(expected[da].data() + dof, cs.memory[sa].data() + so, ub);
@@ -362,7 +363,8 @@ TEST(HybridPlannerTest, StateMatchesPerUnitOracleOnRandomTopologies) {
         if (gen.state_layouts[static_cast<size_t>(g)]) {
           t.state_layout = *gen.state_layouts[static_cast<size_t>(g)]->Rebased(bases);
         }
-        t.kv_layout = *gen.kv_layouts[static_cast<size_t>(g)].Rebased({Addr::FromPointer(t.kv.data())});
+        t.kv_layout =
+            *gen.kv_layouts[static_cast<size_t>(g)].Rebased({Addr::FromPointer(t.kv.data())});
         return t;
       };
       Target bounced = target(), direct = target(), chunked = target(), kv_only = target();
@@ -441,9 +443,9 @@ TEST(HybridPlannerTest, StateMatchesPerUnitOracleOnRandomTopologies) {
           ASSERT_TRUE(SliceChunk(chunk_plan->gather, PackedSide::kDestination, cut->begin(k),
                                  cut->end(k), &gl)
                           .ok());
-          ASSERT_TRUE(SliceChunk(chunk_plan->scatter, PackedSide::kSource, cut->begin(k),
-                                 cut->end(k), &sl)
-                          .ok());
+          ASSERT_TRUE(
+              SliceChunk(chunk_plan->scatter, PackedSide::kSource, cut->begin(k), cut->end(k), &sl)
+                  .ok());
           Copy(gl, nullptr, slot.data());
           Copy(sl, slot.data(), nullptr);
         }
@@ -514,8 +516,8 @@ TEST(HybridModelTest, BadShapesAreRefusedNamingTheRule) {
                                      testing::HasSubstr("state tensor 'ssm': segment 0")));
   m = *FindModelPreset("llama-3.1-8b");
   m.state = FindModelPreset("jamba-v0.1")->state;
-  EXPECT_THAT(m.Validate(),
-              StatusIs(StatusCode::kInvalidArgument, testing::HasSubstr("without a layer pattern")));
+  EXPECT_THAT(m.Validate(), StatusIs(StatusCode::kInvalidArgument,
+                                     testing::HasSubstr("without a layer pattern")));
   EXPECT_THAT(PeriodicLayerPattern(8, 4, 4).status(), StatusIs(StatusCode::kInvalidArgument));
   EXPECT_EQ(*PeriodicLayerPattern(8, 4, 3), "MMM*MMM*");
   EXPECT_THAT(ParseStateLayoutKind("row-major").status(),
@@ -557,8 +559,8 @@ TEST(HybridPlannerTest, StateSlotsAndPoolsAreChecked) {
   auto topology = Topology::Create(spec);
   ASSERT_TRUE(topology.ok());
   PoolGeometry g{4, 2, 8, 4, 128, 2, 4};
-  std::vector<std::byte> kv(static_cast<size_t>(PoolLayout::Create(spec.layout, g, Addr(1))
-                                                    ->pool_bytes()));
+  std::vector<std::byte> kv(
+      static_cast<size_t>(PoolLayout::Create(spec.layout, g, Addr(1))->pool_bytes()));
   auto pool = PoolLayout::Create(spec.layout, g, Addr::FromPointer(kv.data()));
   std::vector<std::byte> state(static_cast<size_t>(28 * spec.model.state_bytes_per_layer() * 2));
   auto sp = StatePoolLayout::ForRank(*topology, 0, 2, {Addr::FromPointer(state.data())});
@@ -591,8 +593,7 @@ TEST(HybridPlannerTest, StateSlotsAndPoolsAreChecked) {
   // Pools the rank cannot have.
   EXPECT_THAT(StatePoolLayout::ForRank(*topology, 0, 0, {Addr::FromPointer(state.data())}).status(),
               StatusIs(StatusCode::kInvalidArgument, testing::HasSubstr("num_slots")));
-  EXPECT_THAT(StatePoolLayout::ForRank(*topology, 0, 2,
-                                       {Addr::FromPointer(state.data()), Addr(64)})
+  EXPECT_THAT(StatePoolLayout::ForRank(*topology, 0, 2, {Addr::FromPointer(state.data()), Addr(64)})
                   .status(),
               StatusIs(StatusCode::kInvalidArgument, testing::HasSubstr("layer-major")));
   InstanceSpec plain;

@@ -18,6 +18,7 @@
 namespace kvbounce {
 namespace {
 
+using std::chrono::milliseconds;
 using ::testing::HasSubstr;
 using testing_util::HoldingCopyEngine;
 using testing_util::IsOk;
@@ -25,7 +26,6 @@ using testing_util::StatusIs;
 using tools::BlockTables;
 using tools::Cluster;
 using tools::ClusterOptions;
-using std::chrono::milliseconds;
 
 constexpr milliseconds kLong(5000);
 
@@ -99,16 +99,15 @@ TEST_P(HybridPathsTest, EveryPathMovesKvAndStateVerified) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, HybridPathsTest,
-    ::testing::Values(
-        // Fan-in: each ctx rank holds a copy of the kv head; one writes KV,
-        // the other only state.
-        Shape{2, 1, 1, StateLayoutKind::kSlotMajor, false},
-        // Fan-out under a pipeline split, layer-major state with a base per
-        // layer.
-        Shape{1, 2, 4, StateLayoutKind::kLayerMajor, true},
-        Shape{4, 1, 2, StateLayoutKind::kLayerMajor, false}));
+INSTANTIATE_TEST_SUITE_P(Shapes, HybridPathsTest,
+                         ::testing::Values(
+                             // Fan-in: each ctx rank holds a copy of the kv head; one writes KV,
+                             // the other only state.
+                             Shape{2, 1, 1, StateLayoutKind::kSlotMajor, false},
+                             // Fan-out under a pipeline split, layer-major state with a base per
+                             // layer.
+                             Shape{1, 2, 4, StateLayoutKind::kLayerMajor, true},
+                             Shape{4, 1, 2, StateLayoutKind::kLayerMajor, false}));
 
 TEST(HybridOptionsTest, StateSlotsAreCheckedAndTheStateIsTheLastToken) {
   auto cluster = Cluster::Create(Options(1, 1, 1, StateLayoutKind::kSlotMajor));
@@ -123,9 +122,9 @@ TEST(HybridOptionsTest, StateSlotsAreCheckedAndTheStateIsTheLastToken) {
   bad.state_slot = -2;
   EXPECT_THAT(c.ctx(0).Publish(1, tables.ctx, 64, bad).status(),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("state_slot = -2")));
-  EXPECT_THAT(c.gen(0).Pull(1, "ctx0", tables.gen, {0, 64}, Path(TransferPath::kDirect, 5))
-                  .status(),
-              StatusIs(StatusCode::kOutOfRange, HasSubstr("state pool of 2 slots")));
+  EXPECT_THAT(
+      c.gen(0).Pull(1, "ctx0", tables.gen, {0, 64}, Path(TransferPath::kDirect, 5)).status(),
+      StatusIs(StatusCode::kOutOfRange, HasSubstr("state pool of 2 slots")));
 
   // Published without a state slot: a pull asking for state fails, naming
   // the option; one without state moves the KV.
@@ -146,8 +145,7 @@ TEST(HybridOptionsTest, StateSlotsAreCheckedAndTheStateIsTheLastToken) {
   ASSERT_THAT(pub3, IsOk());
   auto early = c.gen(0).Pull(3, "ctx0", tables.gen, {0, 32}, Path(TransferPath::kBounce, 0));
   ASSERT_THAT(early, IsOk());
-  EXPECT_THAT((*early)->Wait(),
-              StatusIs(StatusCode::kOutOfRange, HasSubstr("must end there")));
+  EXPECT_THAT((*early)->Wait(), StatusIs(StatusCode::kOutOfRange, HasSubstr("must end there")));
   (*pub3)->Cancel();
   (*pub3)->Wait().IgnoreError();
 
@@ -159,9 +157,9 @@ TEST(HybridOptionsTest, StateSlotsAreCheckedAndTheStateIsTheLastToken) {
   auto pc = Cluster::Create(plain);
   ASSERT_THAT(pc, IsOk());
   const BlockTables t2 = (*pc)->Tables(0, 64, rng);
-  EXPECT_THAT((*pc)->gen(0).Pull(4, "ctx0", t2.gen, {0, 64}, Path(TransferPath::kDirect, 0))
-                  .status(),
-              StatusIs(StatusCode::kInvalidArgument, HasSubstr("not hybrid")));
+  EXPECT_THAT(
+      (*pc)->gen(0).Pull(4, "ctx0", t2.gen, {0, 64}, Path(TransferPath::kDirect, 0)).status(),
+      StatusIs(StatusCode::kInvalidArgument, HasSubstr("not hybrid")));
 }
 
 TEST(HybridOptionsTest, AgentsRefuseStatePoolsTheRankCannotHave) {

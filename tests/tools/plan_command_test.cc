@@ -101,7 +101,8 @@ TEST(PlanCommandTest, BadFlagsNameWhatIsWrong) {
   EXPECT_THAT(PlanError(flags), HasSubstr("--model cannot be combined"));
   flags = PlanFlags();
   flags.scenario.layers = 3;
-  EXPECT_THAT(PlanError(flags), HasSubstr("needs all of --layers, --kv-heads and --head-dim"));
+  EXPECT_THAT(PlanError(flags),
+              HasSubstr("needs all of --layers (or --layer-pattern), --kv-heads and --head-dim"));
   flags = PlanFlags();
   flags.scenario.model = "gpt-5";
   EXPECT_THAT(PlanError(flags), HasSubstr("model preset 'gpt-5' is not known"));
@@ -120,6 +121,39 @@ TEST(PlanCommandTest, BadFlagsNameWhatIsWrong) {
   flags = PlanFlags();
   flags.scenario.tokens = 0;
   EXPECT_THAT(PlanError(flags), HasSubstr("--tokens = 0 is invalid"));
+}
+
+// Hybrid models' flags (docs/hybrid.md): a bad pattern, tensor or state
+// layout names what is wrong; a pipeline stage without attention is refused.
+TEST(PlanCommandTest, BadHybridFlagsNameWhatIsWrong) {
+  PlanFlags flags;
+  flags.scenario.layer_pattern = "M*Mx";
+  flags.scenario.kv_heads = 2;
+  flags.scenario.head_dim = 16;
+  flags.scenario.state_tensors = {"conv=bf16:4x3"};
+  EXPECT_THAT(PlanError(flags), HasSubstr("layer 3 is 'x'"));
+  flags.scenario.layer_pattern = "M*M";
+  flags.scenario.state_tensors = {"conv=bf16:4y3"};
+  EXPECT_THAT(PlanError(flags), HasSubstr("--state-tensor 'conv=bf16:4y3': segment '4y3'"));
+  flags.scenario.state_tensors = {"conv=int4:4x3"};
+  EXPECT_THAT(PlanError(flags), HasSubstr("dtype 'int4'"));
+  flags.scenario.state_tensors = {"conv"};
+  EXPECT_THAT(PlanError(flags), HasSubstr("use NAME=DTYPE:UNITSxELEMS"));
+  flags.scenario.state_tensors = {};
+  EXPECT_THAT(PlanError(flags), HasSubstr("no state tensor is described"));
+  flags.scenario.state_tensors = {"conv=bf16:3x4"};
+  flags.scenario.ctx = "tp=2";
+  EXPECT_THAT(PlanError(flags), HasSubstr("'conv' segment 0 has 3 units: cannot be split"));
+  flags.scenario.ctx = "tp=1,pp=2,layers-per-stage=1/2";  // stage 0 is "M"
+  EXPECT_THAT(PlanError(flags), HasSubstr("holds no attention layer"));
+  flags = PlanFlags();
+  flags.scenario.model = "jamba-v0.1";
+  flags.scenario.state_layout = "row-major";
+  EXPECT_THAT(PlanError(flags), HasSubstr("--state-layout: state layout 'row-major'"));
+  flags = PlanFlags();
+  flags.scenario.model = "jamba-v0.1";
+  flags.scenario.layer_pattern = "M*";
+  EXPECT_THAT(PlanError(flags), HasSubstr("--model cannot be combined"));
 }
 
 TEST(PlanCommandTest, LimitsAreCheckedBeforePlanning) {

@@ -262,10 +262,9 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
       state->tile_shapes.push_back(d);
       state->tile_shape_bytes.push_back(shape.bytes * tiles.outer.size());
     }
-    if (!tiles.tail.empty() ||
-        TiledFixedBytes(tiles.outer.size(), state->tile_pieces.size()) +
-                sizeof(cuda_copy::TileSegmentDescriptor) >
-            staging) {
+    if (!tiles.tail.empty() || TiledFixedBytes(tiles.outer.size(), state->tile_pieces.size()) +
+                                       sizeof(cuda_copy::TileSegmentDescriptor) >
+                                   staging) {
       // Too large to stage at once (not a plan's list), or with runs after
       // the tiles (a hybrid model's state): run it expanded.
       state->expanded = std::make_shared<FragmentList>();
