@@ -228,7 +228,9 @@ void BuildPools(std::mt19937_64& rng, int64_t end, bool fill, HybridSide* side) 
         sp.layers.push_back(ordinals[static_cast<size_t>(l)]);
     }
     ASSERT_EQ(static_cast<int>(sp.layers.size()), p.num_state_layers);
-    if (!sp.layers.empty()) ASSERT_EQ(sp.layers.front(), p.first_state_layer);
+    if (!sp.layers.empty()) {
+      ASSERT_EQ(sp.layers.front(), p.first_state_layer);
+    }
     sp.slots = 1 + static_cast<int64_t>(rng() % 4);
     sp.per_layer =
         sp.kind == StateLayoutKind::kLayerMajor && sp.layers.size() > 1 && rng() % 2 == 0;
@@ -391,7 +393,9 @@ TEST(HybridPlannerTest, StateMatchesPerUnitOracleOnRandomTopologies) {
         EXPECT_EQ(full->box.state_empty(), state_from[c] == 0);
         EXPECT_EQ(std::count(writers.begin(), writers.end(), c) == 1, full->packed_bytes > 0);
         if (full->box.kv_empty() && !full->box.state_empty()) ++state_only_writers;
-        if (full->packed_bytes > 0) EXPECT_NE(full->fingerprint, kv->fingerprint);
+        if (full->packed_bytes > 0) {
+          EXPECT_NE(full->fingerprint, kv->fingerprint);
+        }
 
         // Tiled forms: the state is the tail, and the expansion is the flat list.
         auto tiled = PlanPair(writer, to_bounce, tokens, kPlanGather | kPlanScatter | kPlanTiled);
