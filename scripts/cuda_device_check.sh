@@ -31,6 +31,11 @@ if [ "${1:-}" = "--stage" ]; then
   cudart=$(ldd out/release/tools/kvbounce | awk '/libcudart/ {print $3}')
   [ -n "$cudart" ] || { echo "no libcudart in ldd out/release/tools/kvbounce"; exit 1; }
   cp -L "$cudart" out/gpu/
+  # The metrics endpoint's HTTP library and its compression libraries are
+  # Debian packages a GPU host's image may lack.
+  for lib in $(ldd out/release/tools/kvbounce | awk '/libcpp-httplib|libbrotli/ {print $3}'); do
+    cp -L "$lib" out/gpu/
+  done
   echo "staged $(du -sh out/gpu | cut -f1) in out/gpu"
   exit 0
 fi
