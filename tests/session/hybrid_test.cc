@@ -52,6 +52,13 @@ ClusterOptions Options(int ctx_tp, int ctx_pp, int gen_tp, StateLayoutKind state
   return o;
 }
 
+// Every byte of gen rank 0's KV and state pools.
+std::vector<std::byte> GenPools(Cluster& c) {
+  std::vector<std::byte> out;
+  for (std::span<std::byte> s : c.PoolMemory(false, 0)) out.insert(out.end(), s.begin(), s.end());
+  return out;
+}
+
 PullOptions Path(TransferPath path, int64_t state_slot) {
   PullOptions p;
   p.path = path;
@@ -209,14 +216,9 @@ TEST(HybridSettleTest, DirectCancelWaitsForTheCopyAndThenNothingChanges) {
       << "the pull settled while a copy into its KV and state was pending";
   copies.Release();
   EXPECT_THAT((*pull)->Wait(), StatusIs(StatusCode::kCancelled));
-  auto snapshot = [&] {
-    std::vector<std::byte> out;
-    for (std::span<std::byte> s : c.PoolMemory(false, 0)) out.insert(out.end(), s.begin(), s.end());
-    return out;
-  };
-  const std::vector<std::byte> after = snapshot();
+  const std::vector<std::byte> after = GenPools(c);
   c.ctx(0).Shutdown();
-  EXPECT_TRUE(snapshot() == after) << "the gen KV or state pool changed after the pull settled";
+  EXPECT_TRUE(GenPools(c) == after) << "the gen KV or state pool changed after the pull settled";
   (*pub)->Wait().IgnoreError();
 }
 
@@ -234,12 +236,7 @@ TEST(HybridSettleTest, BounceCancelLeavesKvAndStateUntouched) {
   std::mt19937_64 rng(10);
   const BlockTables tables = c.Tables(1, 64, rng);
   c.harness(false, 0).ClearSlot(1);
-  auto snapshot = [&] {
-    std::vector<std::byte> out;
-    for (std::span<std::byte> s : c.PoolMemory(false, 0)) out.insert(out.end(), s.begin(), s.end());
-    return out;
-  };
-  const std::vector<std::byte> before = snapshot();
+  const std::vector<std::byte> before = GenPools(c);
   copies.Hold();
   std::vector<std::shared_ptr<Transfer>> pubs;
   for (int r = 0; r < 2; ++r) {
@@ -259,7 +256,7 @@ TEST(HybridSettleTest, BounceCancelLeavesKvAndStateUntouched) {
     p->Cancel();
     p->Wait().IgnoreError();
   }
-  EXPECT_TRUE(snapshot() == before) << "a cancelled hybrid bounce wrote the KV or state pool";
+  EXPECT_TRUE(GenPools(c) == before) << "a cancelled hybrid bounce wrote the KV or state pool";
 }
 
 }  // namespace
