@@ -249,8 +249,6 @@ class AgentImpl final : public Agent {
                                             std::span<const int32_t> block_table,
                                             int64_t num_tokens, PublishOptions options) override;
   Status Retire(uint64_t request_id) override;
-  // PublishOptions.state_slot's checks (docs/hybrid.md).
-  Status CheckPublishedStateSlot(int64_t slot) const;
   Result<std::shared_ptr<Transfer>> Pull(uint64_t request_id, std::string_view ctx_instance,
                                          std::span<const int32_t> block_table, TokenRange tokens,
                                          PullOptions options) override;
@@ -992,26 +990,6 @@ Status AgentImpl::ConnectAll(std::span<const std::string> addresses) {
   return Status::Ok();
 }
 
-Status AgentImpl::CheckPublishedStateSlot(int64_t slot) const {
-  const std::string what = "Publish: PublishOptions.state_slot = " + std::to_string(slot);
-  if (slot < -1) return InvalidArgumentError(what + " is invalid: a slot (>= 0) or -1 for none");
-  if (slot < 0) return Status::Ok();
-  if (!ctx_.topology->spec().model.hybrid()) {
-    return InvalidArgumentError(what + ", but model '" + ctx_.topology->spec().model.name +
-                                "' is not hybrid: it has no recurrent state");
-  }
-  if (!ctx_.state_pool) {
-    if (ctx_.topology->Placement(ctx_.rank).num_state_layers == 0) return Status::Ok();
-    return FailedPreconditionError(
-        what + ", but this rank was created without a state pool (AgentOptions.pool.state)");
-  }
-  if (slot >= ctx_.state_pool->num_slots()) {
-    return OutOfRangeError(what + " is outside the state pool of " +
-                           std::to_string(ctx_.state_pool->num_slots()) + " slots");
-  }
-  return Status::Ok();
-}
-
 Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
                                                      std::span<const int32_t> block_table,
                                                      int64_t num_tokens, PublishOptions options) {
@@ -1027,7 +1005,8 @@ Result<std::shared_ptr<Transfer>> AgentImpl::Publish(uint64_t request_id,
     }
     KVB_RETURN_IF_ERROR(CheckBlockTable("Publish", block_table, num_tokens,
                                         std::to_string(num_tokens) + " tokens"));
-    KVB_RETURN_IF_ERROR(CheckPublishedStateSlot(options.state_slot));
+    KVB_RETURN_IF_ERROR(
+        ctx_.CheckStateSlot("Publish: PublishOptions.state_slot", options.state_slot));
     std::vector<int32_t> table(block_table.begin(), block_table.end());
     auto t = OnLoop<std::shared_ptr<Transfer>>(
         [&]() { return sender_->Publish(request_id, std::move(table), num_tokens, options); });

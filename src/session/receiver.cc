@@ -183,7 +183,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     return NotFoundError("Pull: no ctx instance '" + ctx_instance + "' is connected");
   }
   const Topology& ctx_topology = *inst->second;
-  KVB_RETURN_IF_ERROR(CheckStateSlot(options.state_slot));
+  KVB_RETURN_IF_ERROR(ctx_.CheckStateSlot("Pull: PullOptions.state_slot", options.state_slot));
   const bool with_state = options.state_slot >= 0;
   const std::vector<int> writer_ranks =
       Writers(ctx_topology, *ctx_.topology, ctx_.rank, with_state);
@@ -321,31 +321,6 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     SendRequests(req);  // may settle and erase the request
   }
   return std::shared_ptr<Transfer>(handle);
-}
-
-Status ReceiverSession::CheckStateSlot(int64_t slot) const {
-  if (slot < -1) {
-    return InvalidArgumentError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
-                                " is invalid: a slot (>= 0) or -1 for KV only");
-  }
-  if (slot < 0) return Status::Ok();
-  if (!ctx_.topology->spec().model.hybrid()) {
-    return InvalidArgumentError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
-                                ", but model '" + ctx_.topology->spec().model.name +
-                                "' is not hybrid: it has no recurrent state");
-  }
-  if (!ctx_.state_pool) {
-    if (ctx_.topology->Placement(ctx_.rank).num_state_layers == 0) return Status::Ok();
-    return FailedPreconditionError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
-                                   ", but this rank was created without a state pool "
-                                   "(AgentOptions.pool.state)");
-  }
-  if (slot >= ctx_.state_pool->num_slots()) {
-    return OutOfRangeError("Pull: PullOptions.state_slot = " + std::to_string(slot) +
-                           " is outside the state pool of " +
-                           std::to_string(ctx_.state_pool->num_slots()) + " slots");
-  }
-  return Status::Ok();
 }
 
 PlanSide ReceiverSession::OurSide(const Request& r) const {

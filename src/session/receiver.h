@@ -120,8 +120,6 @@ class ReceiverSession {
   // lists) and sets its bytes and fingerprint.
   Status PlanScatter(const PlanSide& writer_side, const PlanSide& our_side, TokenRange tokens,
                      Writer& writer) const;
-  // Hybrid models: PullOptions.state_slot's checks (docs/hybrid.md).
-  Status CheckStateSlot(int64_t slot) const;
   // The plan sides of a request: this rank's (block table, state slot) and
   // a writer's as its HELLO described it (its table when lent, its state
   // slot unknown).

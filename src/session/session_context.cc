@@ -9,6 +9,26 @@
 
 namespace kvbounce {
 
+Status SessionContext::CheckStateSlot(std::string_view what, int64_t slot) const {
+  const std::string option = std::string(what) + " = " + std::to_string(slot);
+  if (slot < -1) return InvalidArgumentError(option + " is invalid: a slot (>= 0) or -1 for none");
+  if (slot < 0) return Status::Ok();
+  if (!topology->spec().model.hybrid()) {
+    return InvalidArgumentError(option + ", but model '" + topology->spec().model.name +
+                                "' is not hybrid: it has no recurrent state");
+  }
+  if (!state_pool) {
+    if (topology->Placement(rank).num_state_layers == 0) return Status::Ok();
+    return FailedPreconditionError(
+        option + ", but this rank was created without a state pool (AgentOptions.pool.state)");
+  }
+  if (slot >= state_pool->num_slots()) {
+    return OutOfRangeError(option + " is outside the state pool of " +
+                           std::to_string(state_pool->num_slots()) + " slots");
+  }
+  return Status::Ok();
+}
+
 std::string RequestName(uint64_t request_id) { return "request " + std::to_string(request_id); }
 
 Outcome OutcomeOf(const Status& s) {

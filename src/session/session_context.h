@@ -154,6 +154,14 @@ struct SessionContext {
     return cost;
   }
 
+  // Hybrid models: the checks of a state slot the application names for a
+  // request on this rank (docs/hybrid.md), `what` naming the option
+  // ("Pull: PullOptions.state_slot"): -1 (none) or a slot of the state
+  // pool; a slot only for a hybrid model (kInvalidArgument) and a rank with
+  // a state pool where its stage has recurrent layers
+  // (kFailedPrecondition); kOutOfRange outside the pool.
+  Status CheckStateSlot(std::string_view what, int64_t slot) const;
+
   // Now on the agent's clock.
   TimePoint Now() const { return clock->Now(); }
 
