@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "copy/cpu/copy_workers.h"
 #include "copy/device_support.h"
 #include "kvbounce/transports.h"
 #include "layout/planner.h"
@@ -776,6 +777,16 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     ceiling_gbps = ceiling->gbps;
     report["ceiling"] = {{"what", ceiling->what}, {"gbps", ceiling->gbps}};
     log << "  ceiling: device-to-device copy " << *ceiling_gbps << " GB/s\n";
+  } else if (!flags.chaos) {
+    // Host pools: the requests' own fragments copied by as many threads as
+    // the process's copy workers (CopyWorkers::SharedThreads).
+    Result<Ceiling> ceiling = MeasureScatteredCopyCeiling(
+        *cluster, scenario.tokens, std::min(flags.concurrency, flags.requests),
+        CopyWorkers::SharedThreads());
+    if (!ceiling.ok()) return ceiling.status().WithContext("measuring the scattered copy ceiling");
+    ceiling_gbps = ceiling->gbps;
+    report["ceiling"] = {{"what", ceiling->what}, {"gbps", ceiling->gbps}};
+    log << "  ceiling: " << ceiling->what << ": " << *ceiling_gbps << " GB/s\n";
   }
 
   nlohmann::json runs = nlohmann::json::array();

@@ -3,7 +3,9 @@
 // the way.
 //
 //   * loopback, host pools: one thread's memcpy (src/common/memcpy_rate.h:
-//     a few MiB, caches evicted, the fastest of three);
+//     a few MiB, caches evicted, the fastest of three) in a sweep; in a
+//     bench, the scattered copy of its own requests (MeasureScatteredCopy-
+//     Ceiling below);
 //   * device pools (loopback, cuda-ipc): one cudaMemcpyAsync of 256 MiB,
 //     device to device;
 //   * ucx, host pools: `ucx_perftest -t ucp_put_bw` between two processes on
@@ -15,11 +17,16 @@
 #define KVBOUNCE_TOOLS_CEILING_H_
 
 #include <ostream>
+#include <span>
 #include <string>
 
+#include "kvbounce/model.h"
 #include "kvbounce/status.h"
+#include "layout/fragment.h"
 
 namespace kvbounce::tools {
+
+class Cluster;
 
 struct Ceiling {
   std::string what;  // one line: what was measured
@@ -35,6 +42,20 @@ Result<Ceiling> MeasureDeviceCeiling(int device);
 
 // One thread's memcpy of host memory.
 Ceiling HostMemcpyCeiling();
+
+// What the bytes of a wave of requests cost at their own fragmentation with
+// nothing of kvbounce in the way: every writer's direct list for every gen
+// rank, planned once per pool slot for the tokens of `range` (KV and, for hybrid
+// models, state), copied by `threads` threads (the fragments split evenly
+// by bytes), the fastest of a few rounds. The copies write the gen pools'
+// slots; the bench clears a slot before each request.
+// Errors: the planner's; kInvalidArgument for device pools or threads < 1.
+Result<Ceiling> MeasureScatteredCopyCeiling(Cluster& cluster, TokenRange range, int slots,
+                                            int threads);
+
+// Copies the fragments (absolute addresses) with `threads` threads, split
+// evenly by bytes; returns the seconds it took.
+double CopyFragmentsInParallel(std::span<const Fragment> fragments, int threads);
 
 // UCX put bandwidth between two `ucx_perftest` processes on this host.
 // Errors: kNotFound (no ucx_perftest on PATH: Debian's ucx-utils has it),

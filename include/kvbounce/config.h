@@ -141,11 +141,12 @@ struct Config {
 
   // 1: the agent's control loop also runs the transport's progress where
   // the transport hands it over (UCX: its first worker, the one that
-  // carries control frames), so that a frame, a write completion or a flush
-  // reaches its request without a thread hand-off and each process has one
-  // thread fewer that polls (docs/architecture.md §10). The loop then
-  // sleeps on the worker's event fd. 0: the transport runs that progress on
-  // a thread of its own. Rule: 0 or 1.
+  // carries control frames; loopback: its queue, but for copies over 64 KiB),
+  // so that a frame, a write completion or a flush reaches its request
+  // without a thread hand-off and each process has one thread fewer that
+  // polls (docs/architecture.md §10). The loop then sleeps on the
+  // transport's fd. 0: the transport runs that progress on a thread of its
+  // own. Rule: 0 or 1.
   int64_t progress_on_loop = 1;
 
   // 1: where the transport maps the receiver's memory into this process

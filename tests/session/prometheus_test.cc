@@ -263,7 +263,9 @@ TEST(PrometheusTest, CountersAreMonotoneUnderConcurrentRecording) {
       if (key.find("_in_flight") != std::string::npos || key.find("arena") != std::string::npos)
         continue;
       auto it = last.find(key);
-      if (it != last.end()) EXPECT_GE(value, it->second) << key;
+      if (it != last.end()) {
+        EXPECT_GE(value, it->second) << key;
+      }
       last[key] = value;
     }
   }

@@ -5,13 +5,17 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "copy/device_support.h"
+#include "tools/ceiling.h"
 
 namespace kvbounce::tools {
 namespace {
@@ -68,12 +72,50 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
   EXPECT_EQ(runs[2]["transport_writes"], 0);
   EXPECT_EQ(runs[0]["paths_taken"]["per-block"], 6 * 4);
   EXPECT_EQ(runs[3]["paths_taken"]["direct"], 6 * 4);
+  // Host pools: the ceiling is the requests' own fragments copied plainly,
+  // and every path is shown as a share of it.
+  ASSERT_TRUE(report->contains("ceiling"));
+  EXPECT_THAT((*report)["ceiling"]["what"].get<std::string>(), HasSubstr("fragments copied by"));
+  EXPECT_GT((*report)["ceiling"]["gbps"].get<double>(), 0);
+  for (const auto& r : runs) {
+    EXPECT_NEAR(r["fraction_of_ceiling"].get<double>(),
+                r["throughput_gbps"].get<double>() / (*report)["ceiling"]["gbps"].get<double>(),
+                1e-9);
+  }
   std::string why;
   EXPECT_TRUE(BenchPassed(*report, &why)) << why;
   std::ostringstream table;
   PrintBenchTable(*report, table);
   EXPECT_THAT(table.str(), HasSubstr("per-block"));
   EXPECT_THAT(table.str(), HasSubstr("GB/s"));
+  EXPECT_THAT(table.str(), HasSubstr("ceil%"));
+}
+
+// The ceiling's copy: every fragment copied once, whatever the thread count
+// (also more threads than fragments, and none at all).
+TEST(BenchCommandTest, TheCeilingsParallelCopyCopiesEveryFragmentOnce) {
+  std::vector<std::byte> src(1 << 16), dst(1 << 16);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 7 + 3);
+  std::vector<Fragment> fragments;
+  uint64_t at = 0;
+  for (uint64_t bytes : {1u, 4096u, 17u, 30000u, 255u, 8u}) {
+    // Every other range, reversed into dst: a scattered list.
+    fragments.push_back(Fragment{reinterpret_cast<uintptr_t>(src.data() + at),
+                                 reinterpret_cast<uintptr_t>(dst.data() + dst.size() - at - bytes),
+                                 bytes});
+    at += 2 * bytes;
+  }
+  for (int threads : {1, 2, 3, 16}) {
+    std::fill(dst.begin(), dst.end(), std::byte{0});
+    EXPECT_GE(CopyFragmentsInParallel(fragments, threads), 0.0);
+    for (const Fragment& f : fragments) {
+      EXPECT_EQ(std::memcmp(reinterpret_cast<const void*>(f.dst),
+                            reinterpret_cast<const void*>(f.src), f.bytes),
+                0)
+          << threads << " threads, " << f.bytes << " bytes";
+    }
+  }
+  EXPECT_GE(CopyFragmentsInParallel({}, 2), 0.0);
 }
 
 // With bounce_gather_mapped=0 the bounce writers gather into send slots

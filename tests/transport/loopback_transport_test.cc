@@ -4,12 +4,14 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <stop_token>
@@ -1290,6 +1292,171 @@ TEST_F(LoopbackReadTest, ShutdownEndsItsOwnReadInProgress) {
   ASSERT_TRUE(b_->WaitForFailure(b_to_a_));
   EXPECT_EQ(tracker.Violations(), "");
   EXPECT_THAT(Read(tracker), StatusIs(StatusCode::kAborted));
+}
+
+// Progress on a loop (TakeProgressSource): `b` hands its queue to the test,
+// which drives it by hand; `a` keeps its own thread.
+class LoopbackDrivenTest : public LoopbackTransportTest {
+ protected:
+  static constexpr size_t kSmall = 4096;        // a copy the driver runs
+  static constexpr size_t kLarge = 256 * 1024;  // one it hands to the thread
+  static constexpr size_t kBytes = kSmall + kLarge;
+
+  void SetUp() override {
+    a_ = MakeEndpoint("a");
+    b_ = MakeEndpoint("b", /*start=*/false);
+    source_ = (*b_)->TakeProgressSource();
+    ASSERT_NE(source_, nullptr);
+    b_->on_message_hook = [this](PeerId, const std::vector<std::byte>& frame) {
+      Record("message " + Text(frame));
+    };
+    ASSERT_THAT(b_->Start(), IsOk());
+    std::tie(b_to_a_, a_to_b_) = Connect(*b_, *a_);
+    src_.FillPattern(5);
+    auto source = (*b_)->Register(src_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(source, IsOk());
+    src_region_ = std::move(source).value();
+    auto region = (*a_)->Register(dst_.addr(), kBytes, MemoryKind::kHost);
+    ASSERT_THAT(region, IsOk());
+    dst_region_ = std::move(region).value();
+    auto target = (*b_)->Import(b_to_a_, dst_region_->info());
+    ASSERT_THAT(target, IsOk());
+    target_ = std::move(target).value();
+  }
+
+  void TearDown() override {
+    b_->Shutdown();
+    source_.reset();
+    target_.reset();
+    dst_region_.reset();
+    src_region_.reset();
+  }
+
+  // Polls b's source until `done` says so or the wait times out.
+  bool DriveUntil(const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      if (!source_->Poll()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return true;
+  }
+
+  // Whether b's fd turns readable within `timeout`.
+  bool Readable(std::chrono::milliseconds timeout) {
+    pollfd p{source_->fd(), POLLIN, 0};
+    return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1;
+  }
+
+  void Record(std::string event) {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(Event{std::move(event), std::this_thread::get_id()});
+  }
+  size_t num_events() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return events_.size();
+  }
+
+  // A write of b's source range [offset, offset + bytes) into a's region.
+  Status Write(size_t offset, size_t bytes, const std::string& name) {
+    ops_.push_back(std::make_unique<WriteOp>(
+        WriteOp{src_.addr(offset), dst_.addr(offset), static_cast<uint64_t>(bytes)}));
+    return (*b_)->Write(*src_region_, *target_, std::span<const WriteOp>(ops_.back().get(), 1),
+                        [this, name](Status status) {
+                          Record(name + " " + std::string(StatusCodeName(status.code())));
+                        });
+  }
+
+  struct Event {
+    std::string what;
+    std::thread::id thread;
+  };
+  std::mutex mu_;
+  std::vector<Event> events_;
+  std::unique_ptr<TestEndpoint> a_;
+  std::unique_ptr<TestEndpoint> b_;
+  std::unique_ptr<ProgressSource> source_;
+  PeerId a_to_b_ = 0;
+  PeerId b_to_a_ = 0;
+  GuardedBuffer src_{kBytes};
+  GuardedBuffer dst_{kBytes, 0};
+  std::unique_ptr<LocalRegion> src_region_;
+  std::unique_ptr<LocalRegion> dst_region_;
+  std::unique_ptr<RemoteRegion> target_;
+  std::vector<std::unique_ptr<WriteOp>> ops_;
+};
+
+TEST_F(LoopbackDrivenTest, TheDriverRunsFramesAndSmallCopiesInOrderAndTheThreadLargeOnes) {
+  // Nothing is delivered until the driver polls; its fd says when to.
+  ASSERT_THAT(a_->SendText(a_to_b_, "one"), IsOk());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(num_events(), 0u);
+  std::chrono::microseconds sleep(1000);
+  while (source_->Poll()) {
+  }
+  ASSERT_TRUE(source_->PrepareToSleep(&sleep));
+  EXPECT_FALSE(Readable(std::chrono::milliseconds(0)));
+  ASSERT_THAT(a_->SendText(a_to_b_, "two"), IsOk());
+  EXPECT_TRUE(Readable(std::chrono::milliseconds(1000)));
+  EXPECT_FALSE(source_->PrepareToSleep(&sleep)) << "work is queued";
+
+  // A small write, a large one, a frame from a, a flush: run in that order.
+  ASSERT_THAT(Write(0, kSmall, "small"), IsOk());
+  ASSERT_THAT(Write(kSmall, kLarge, "large"), IsOk());
+  ASSERT_THAT(a_->SendText(a_to_b_, "three"), IsOk());
+  ASSERT_THAT((*b_)->Flush(b_to_a_,
+                           [this](Status status) {
+                             Record("flush " + std::string(StatusCodeName(status.code())));
+                           }),
+              IsOk());
+  ASSERT_TRUE(DriveUntil([this] { return num_events() == 6; }));
+  const std::thread::id driver = std::this_thread::get_id();
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSERT_EQ(events_.size(), 6u);
+  const std::vector<std::pair<std::string, bool>> expected = {
+      {"message one", true}, {"message two", true},   {"small OK", true},
+      {"large OK", false},   {"message three", true}, {"flush OK", true}};
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(events_[i].what, expected[i].first) << i;
+    EXPECT_EQ(events_[i].thread == driver, expected[i].second) << events_[i].what;
+  }
+  EXPECT_EQ(std::memcmp(dst_.data(), src_.data(), kBytes), 0);
+}
+
+TEST_F(LoopbackDrivenTest, DestroyingTheSourceHandsTheQueueBackToTheThread) {
+  ASSERT_THAT(a_->SendText(a_to_b_, "queued"), IsOk());
+  ASSERT_THAT(Write(0, kSmall, "small"), IsOk());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(num_events(), 0u);
+  source_.reset();
+  const auto deadline = std::chrono::steady_clock::now() + kWaitTimeout;
+  while (num_events() < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSERT_EQ(events_.size(), 2u);
+  EXPECT_EQ(events_[0].what, "message queued");
+  EXPECT_EQ(events_[1].what, "small OK");
+  EXPECT_NE(events_[1].thread, std::this_thread::get_id());
+}
+
+TEST_F(LoopbackDrivenTest, ShutdownFailsWhatTheDriverNeverRan) {
+  ASSERT_THAT(Write(0, kSmall, "small"), IsOk());
+  ASSERT_THAT(Write(kSmall, kLarge, "large"), IsOk());
+  b_->Shutdown();
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSERT_EQ(events_.size(), 2u);
+  EXPECT_EQ(events_[0].what, "small ABORTED");
+  EXPECT_EQ(events_[1].what, "large ABORTED");
+  for (size_t i = 0; i < kBytes; ++i) ASSERT_EQ(dst_.data()[i], 0) << i;
+  EXPECT_FALSE(source_->Poll());  // the source outlives the transport
+}
+
+TEST_F(LoopbackDrivenTest, OneSourcePerTransportAndNoneAfterShutdown) {
+  EXPECT_EQ((*b_)->TakeProgressSource(), nullptr);
+  auto c = MakeEndpoint("c");
+  c->Shutdown();
+  EXPECT_EQ((*c)->TakeProgressSource(), nullptr);
 }
 
 }  // namespace

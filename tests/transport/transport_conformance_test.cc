@@ -106,6 +106,30 @@ TransportFactory LoopbackPollingFactory() {
           }};
 }
 
+// Endpoints whose queues event loops drive (TakeProgressSource), as an
+// agent's control loop does; the loops outlive the endpoints.
+class LoopbackOnLoopNetwork : public LoopbackNetwork {
+ public:
+  Result<std::unique_ptr<Transport>> CreateEndpoint(const std::string& name) override {
+    KVB_ASSIGN_OR_RETURN(auto transport, LoopbackNetwork::CreateEndpoint(name));
+    std::unique_ptr<ProgressSource> source = transport->TakeProgressSource();
+    if (source == nullptr) return InternalError("the loopback transport handed no progress over");
+    if (transport->TakeProgressSource() != nullptr) {
+      return InternalError("the loopback transport handed its progress over twice");
+    }
+    KVB_ASSIGN_OR_RETURN(auto loop, EventLoop::Create(Clock::Steady(), {}, std::move(source)));
+    loops_.push_back(std::move(loop));
+    return transport;
+  }
+
+ private:
+  std::vector<std::unique_ptr<EventLoop>> loops_;
+};
+
+TransportFactory LoopbackOnLoopFactory() {
+  return {"loopback_loop", [] { return std::make_unique<LoopbackOnLoopNetwork>(); }};
+}
+
 TransportFactory FaultLoopbackFactory() {
   return {"fault_loopback", [] { return std::make_unique<FaultLoopbackNetwork>(); }};
 }
@@ -1511,7 +1535,7 @@ TEST_P(TransportConformanceTest, ConcurrentReadsFromManyThreads) {
 
 std::vector<TransportFactory> AllFactories() {
   std::vector<TransportFactory> factories = {LoopbackFactory(), LoopbackPollingFactory(),
-                                             FaultLoopbackFactory()};
+                                             LoopbackOnLoopFactory(), FaultLoopbackFactory()};
 #if defined(KVBOUNCE_HAVE_UCX)
   factories.push_back(UcxTcpFactory());
   factories.push_back(UcxSharedMemoryFactory());

@@ -1,5 +1,8 @@
 #include "transport/loopback/loopback_transport.h"
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cinttypes>
@@ -10,6 +13,7 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <system_error>
@@ -20,6 +24,7 @@
 
 #include "common/memcpy_rate.h"
 #include "common/poll.h"
+#include "common/unique_fd.h"
 #include "copy/device_support.h"
 #include "kvbounce/config.h"
 #include "kvbounce/logging.h"
@@ -355,6 +360,9 @@ struct Item {
   std::vector<std::byte> frame;
   // kPeerFailure
   Status reason;
+  // Run by the driver of the endpoint's progress source, which took it when
+  // no write hook was set: it runs without one.
+  bool on_driver = false;
 };
 
 // All the state of one LoopbackTransport. Shared (weakly) with connections,
@@ -394,6 +402,17 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   // closed (the transport is shutting down).
   bool Enqueue(Item& item);
 
+  // Progress on the caller's thread (see "Progress on a loop" in the
+  // header): hands the queue to a driver; nullptr when already handed over,
+  // shut down, or the eventfd cannot be made.
+  std::unique_ptr<ProgressSource> TakeProgressSource();
+  // The source's methods, on the driver's thread.
+  bool DrivenPoll();
+  bool DrivenPrepareToSleep();
+  int wake_fd() const { return wake_fd_.get(); }
+  // The source was destroyed: the thread serves the whole queue again.
+  void Detach();
+
  private:
   enum class State { kCreated, kStarted, kShutDown };
 
@@ -421,6 +440,13 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   Status ClosedErrorLocked(const Connection& conn, int side, std::string_view detail = {}) const;
 
   void Loop();
+  // Whether the driver hands `item` to the thread instead of running it:
+  // a copy larger than kDriverCopyBytes or kDriverCopyOps, one of device
+  // memory (the runtime's copies wait on a stream), or any copy while a
+  // write hook is set (a test may block in it).
+  bool RunsOnThread(const Item& item) const;
+  // REQUIRES: queue_mu_ held. Wakes a sleeping driver that has work.
+  void WakeDriverLocked();
   void Process(Item& item);
   void Abort(Item& item);
   // Runs a write or read batch (see "Writes" and "Reads" in the header).
@@ -462,6 +488,27 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   bool queue_closed_ = false;
   // Set when Shutdown starts: the thread fails or drops what it pops.
   std::atomic<bool> aborting_{false};
+
+  // Progress on a driver (TakeProgressSource), guarded by queue_mu_:
+  // while `driven_`, the driver takes items from the queue's head in order
+  // and runs them, except those RunsOnThread, which it hands to the thread
+  // (`thread_item_`) and waits for: `thread_busy_` from the hand-over (or,
+  // undriven, from the thread's pop) until the item ran, and nobody takes
+  // the next item meanwhile. One item runs at a time, in queue order.
+  bool source_taken_ = false;
+  bool driven_ = false;
+  bool thread_busy_ = false;
+  std::optional<Item> thread_item_;
+  bool driver_sleeping_ = false;  // between PrepareToSleep and the next Poll
+  UniqueFd wake_fd_;              // readable when a sleeping driver has work
+  // Held by the driver while it runs items; Shutdown takes it to fail what
+  // is left once no item runs.
+  std::mutex poll_mu_;
+  // The endpoint whose items this thread is running as a driver, if any.
+  static thread_local const Endpoint* driving_;
+  static constexpr uint64_t kDriverCopyBytes = 64 * 1024;
+  static constexpr size_t kDriverCopyOps = 64;
+  static constexpr int kItemsPerPoll = 16;
 
   // Written by Start before the thread exists, then used by the thread only.
   TransportCallbacks callbacks_;
@@ -640,15 +687,130 @@ Result<Endpoint::PeerEntry> Endpoint::LookupPeer(PeerId peer) const {
   return it->second;
 }
 
+thread_local const Endpoint* Endpoint::driving_ = nullptr;
+
 bool Endpoint::Enqueue(Item& item) {
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
     if (queue_closed_) return false;
     queue_.push_back(std::move(item));
     enqueued_.fetch_add(1, std::memory_order_release);
+    if (driven_) {
+      WakeDriverLocked();
+      return true;
+    }
   }
   queue_cv_.notify_one();
   return true;
+}
+
+void Endpoint::WakeDriverLocked() {
+  if (!driver_sleeping_ || thread_busy_ || queue_.empty()) return;
+  driver_sleeping_ = false;
+  const uint64_t one = 1;
+  // An eventfd write fails only when its counter would overflow, and then
+  // it is readable already.
+  [[maybe_unused]] const ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
+}
+
+bool Endpoint::RunsOnThread(const Item& item) const {
+  if (item.kind != Item::Kind::kWrite && item.kind != Item::Kind::kRead) return false;
+  const size_t ops = item.kind == Item::Kind::kWrite ? item.ops.size() : item.read_ops.size();
+  return item.bytes > kDriverCopyBytes || ops > kDriverCopyOps ||
+         item.local->kind == MemoryKind::kCuda || item.remote->kind == MemoryKind::kCuda ||
+         fabric_impl_.write_hook() != nullptr;
+}
+
+namespace {
+
+class LoopbackSource final : public ProgressSource {
+ public:
+  explicit LoopbackSource(std::shared_ptr<Endpoint> endpoint) : endpoint_(std::move(endpoint)) {}
+  ~LoopbackSource() override { endpoint_->Detach(); }
+  int fd() const override { return endpoint_->wake_fd(); }
+  bool Poll() override { return endpoint_->DrivenPoll(); }
+  bool PrepareToSleep(std::chrono::microseconds* /*max_sleep*/) override {
+    return endpoint_->DrivenPrepareToSleep();
+  }
+
+ private:
+  const std::shared_ptr<Endpoint> endpoint_;
+};
+
+}  // namespace
+
+std::unique_ptr<ProgressSource> Endpoint::TakeProgressSource() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::kShutDown) return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(queue_mu_);
+  if (source_taken_ || queue_closed_) return nullptr;
+  UniqueFd fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!fd.valid()) {
+    Log(LogLevel::kWarning, address_ + ": no eventfd for progress on a loop (" +
+                                std::strerror(errno) + "); the endpoint's thread keeps it");
+    return nullptr;
+  }
+  wake_fd_ = std::move(fd);
+  source_taken_ = true;
+  driven_ = true;
+  driver_sleeping_ = false;
+  return std::make_unique<LoopbackSource>(shared_from_this());
+}
+
+bool Endpoint::DrivenPoll() {
+  std::lock_guard<std::mutex> poll_lock(poll_mu_);
+  bool did = false;
+  bool handed = false;
+  for (int n = 0; n < kItemsPerPoll; ++n) {
+    Item item;
+    {
+      std::lock_guard<std::mutex> lock(queue_mu_);
+      driver_sleeping_ = false;
+      if (!driven_ || thread_busy_ || queue_.empty()) break;
+      did = true;
+      if (RunsOnThread(queue_.front())) {
+        thread_item_.emplace(std::move(queue_.front()));
+        queue_.pop_front();
+        thread_busy_ = true;
+        handed = true;
+        break;
+      }
+      item = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    item.on_driver = true;
+    driving_ = this;
+    if (aborting_.load()) {
+      Abort(item);
+    } else {
+      Process(item);
+    }
+    driving_ = nullptr;
+  }
+  if (handed) queue_cv_.notify_one();
+  return did;
+}
+
+bool Endpoint::DrivenPrepareToSleep() {
+  std::lock_guard<std::mutex> lock(queue_mu_);
+  if (!driven_) return true;
+  if (!queue_.empty() && !thread_busy_) return false;
+  uint64_t drained = 0;
+  while (::read(wake_fd_.get(), &drained, sizeof(drained)) > 0) {
+  }
+  driver_sleeping_ = true;
+  return true;
+}
+
+void Endpoint::Detach() {
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    driven_ = false;
+    driver_sleeping_ = false;
+  }
+  queue_cv_.notify_all();
 }
 
 Status Endpoint::ClosedErrorLocked(const Connection& conn, int side,
@@ -916,7 +1078,8 @@ void Endpoint::Disconnect(PeerId peer, const Status& reason) {
 void Endpoint::Shutdown() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (state_ == State::kStarted && std::this_thread::get_id() == thread_id_) {
+    if (state_ == State::kStarted &&
+        (std::this_thread::get_id() == thread_id_ || driving_ == this)) {
       Log(LogLevel::kError, address_ +
                                 " shut down (or destroyed) on its own thread, from a callback; "
                                 "aborting");
@@ -945,11 +1108,18 @@ void Endpoint::Shutdown() {
   }
   queue_cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  // Without a thread nothing could be queued; fail whatever is there anyway.
+  // Without a thread nothing could be queued; fail whatever is there anyway
+  // (a driver's items: once it runs none).
   std::deque<Item> left;
   {
+    std::lock_guard<std::mutex> poll_lock(poll_mu_);
     std::lock_guard<std::mutex> lock(queue_mu_);
     left.swap(queue_);
+    if (thread_item_.has_value()) {  // handed over, never started (no thread)
+      left.push_front(std::move(*thread_item_));
+      thread_item_.reset();
+    }
+    thread_busy_ = false;
   }
   for (Item& item : left) Abort(item);
   {
@@ -960,11 +1130,16 @@ void Endpoint::Shutdown() {
 }
 
 void Endpoint::Loop() {
-  std::deque<Item> batch;
   for (;;) {
+    Item item;
     {
       std::unique_lock<std::mutex> lock(queue_mu_);
-      if (queue_.empty() && !queue_closed_ && options_.poll_before_sleep.count() > 0) {
+      // Undriven, the thread serves the queue; driven, only what the
+      // driver hands it.
+      const auto ready = [this] {
+        return queue_closed_ || thread_item_.has_value() || (!driven_ && !queue_.empty());
+      };
+      if (!ready() && !driven_ && options_.poll_before_sleep.count() > 0) {
         // Look for more a while before sleeping (LoopbackOptions::
         // poll_before_sleep), yielding the core meanwhile.
         const uint64_t seen = enqueued_.load(std::memory_order_relaxed);
@@ -972,19 +1147,26 @@ void Endpoint::Loop() {
         PollForCounter(enqueued_, seen, options_.poll_before_sleep);
         lock.lock();
       }
-      queue_cv_.wait(lock, [this] { return !queue_.empty() || queue_closed_; });
-      if (queue_.empty()) return;  // closed and drained
-      batch.swap(queue_);
-    }
-    while (!batch.empty()) {
-      Item item = std::move(batch.front());
-      batch.pop_front();
-      if (aborting_.load()) {
-        Abort(item);
+      queue_cv_.wait(lock, ready);
+      if (thread_item_.has_value()) {
+        item = std::move(*thread_item_);
+        thread_item_.reset();
+      } else if (!driven_ && !queue_.empty()) {
+        item = std::move(queue_.front());
+        queue_.pop_front();
+        thread_busy_ = true;
       } else {
-        Process(item);
+        return;  // closed, and nothing of ours left (Shutdown fails a driver's)
       }
     }
+    if (aborting_.load()) {
+      Abort(item);
+    } else {
+      Process(item);
+    }
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    thread_busy_ = false;
+    if (driven_) WakeDriverLocked();
   }
 }
 
@@ -1084,7 +1266,9 @@ Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) 
   if (item.local->kind == MemoryKind::kCuda || item.remote->kind == MemoryKind::kCuda) {
     return CopyOpsOnDevice(item, ops);
   }
-  const std::shared_ptr<const LoopbackFabric::WriteHook> hook = fabric_impl_.write_hook();
+  // A driver's copy runs without the hook (RunsOnThread: there was none).
+  const std::shared_ptr<const LoopbackFabric::WriteHook> hook =
+      item.on_driver ? nullptr : fabric_impl_.write_hook();
   const Connection& conn = *item.conn;
   Progress progress;
   for (size_t i = 0; i < ops.size(); ++i) {
@@ -1327,5 +1511,9 @@ void LoopbackTransport::Disconnect(PeerId peer, const Status& reason) {
 void LoopbackTransport::Shutdown() { endpoint_->Shutdown(); }
 
 TransportStats LoopbackTransport::Stats() const { return endpoint_->Stats(); }
+
+std::unique_ptr<ProgressSource> LoopbackTransport::TakeProgressSource() {
+  return endpoint_->TakeProgressSource();
+}
 
 }  // namespace kvbounce

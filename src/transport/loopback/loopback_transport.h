@@ -13,7 +13,8 @@
 //     of this transport: on_message, on_peer_failure, and the `done` of this
 //     transport's own Write, Read and Flush calls. It also performs this
 //     transport's writes (memcpy into the peer's memory) and reads (memcpy
-//     from the peer's memory into its own).
+//     from the peer's memory into its own). Unless the queue is handed to
+//     a driver: see "Progress on a loop" below.
 //   * LoopbackOptions (kvbounce/transports.h) say what an endpoint offers:
 //     map_remote (BeginMappedAccess) and read_remote (Read), both on by
 //     default. Caps() reports this endpoint's options; PeerCaps(peer)
@@ -182,6 +183,28 @@
 //     kFailedPrecondition when the owner deregistered the region, kAborted
 //     after Shutdown, kFailedPrecondition before Start.
 //
+// Progress on a loop (TakeProgressSource; kvbounce/transport.h, ProgressSource)
+//   * TakeProgressSource hands the queue to the caller's thread (an agent's
+//     control loop): from then on the driver's Poll runs the queue's items
+//     in order, up to kItemsPerPoll of them per call, and raises their
+//     callbacks on the driver's thread — a frame reaches the agent without
+//     a hand-off between threads. A write or read batch of more than
+//     kDriverCopyBytes (64 KiB) or kDriverCopyOps (64) ops, one of device
+//     memory, and any copy while a write hook is set (see SetWriteHook) is
+//     handed to the transport's thread instead, so the driver never runs a
+//     long copy or waits on a device; the driver takes no further item
+//     until that one ran, so items still run one at a time, in queue order,
+//     and every rule above (order of frames, of `done`s and of the failure
+//     notification, the fence) holds as before. Callbacks then come from
+//     two threads, never at once.
+//   * fd() turns readable when the driver has work after PrepareToSleep.
+//     Destroying the source hands the whole queue back to the thread.
+//     Shutdown may run on any thread but the driver's while it runs an
+//     item (from a callback: reported, aborts); it fails what is still
+//     queued once no item runs. The source may outlive the transport.
+//   * At most one source per transport: later calls, and calls after
+//     Shutdown, return nullptr.
+//
 // Errors of each call (besides those above):
 //   * Before Start: Connect/Send/Write/Read/Flush/Import/PeerCaps fail with
 //     kFailedPrecondition. Start twice: kFailedPrecondition.
@@ -307,7 +330,7 @@ class LoopbackTransport final : public Transport {
   const std::string& name() const;
 
   // name "loopback", host_memory; map_remote and read_remote as the
-  // options say; no device memory; callbacks on one thread
+  // options say; no device memory; callbacks one at a time
   // (concurrent_callbacks false); writes queued on a dead connection fail
   // (pending_writes_fail). Cost: a write op is a memcpy on the transport's
   // thread, so kLoopbackOpUs per op (calibrated: the liveness and stop
@@ -348,6 +371,8 @@ class LoopbackTransport final : public Transport {
   void Shutdown() override;
   // See "Stats()" in the file comment.
   TransportStats Stats() const override;
+  // See "Progress on a loop" in the file comment.
+  std::unique_ptr<ProgressSource> TakeProgressSource() override;
 
  private:
   explicit LoopbackTransport(std::shared_ptr<loopback_internal::Endpoint> endpoint);
