@@ -72,7 +72,9 @@ for src in python/src/*.cc; do
     -c "$src" -o "$build/$(basename "$src" .cc).o" >> "$dest/build.txt" 2>&1 &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p" || { echo "compile failed" | tee -a "$dest/build.txt"; exit 2; }; done
+for p in "${pids[@]}"; do
+  wait "$p" || { echo "compile failed:"; grep -m 20 -B2 -A6 "error" "$dest/build.txt"; exit 2; }
+done
 libs=()
 for pattern in "$ucx/libucp.so*" "$ucx/libuct.so*" "$ucx/libucs.so*" "$ucx/libucm.so*" \
                "out/gpu/libcpp-httplib.so*" "out/gpu/libcudart.so*"; do
@@ -83,7 +85,8 @@ done
 if ! c++ -shared -o "$build/kvbounce/_kvbounce$suffix" "$build"/*.o \
     -Wl,--start-group out/gpu/py/lib/*.a -Wl,--end-group "${libs[@]}" -lrt -lpthread -ldl \
     >> "$dest/build.txt" 2>&1; then
-  echo "link failed" | tee -a "$dest/build.txt"
+  echo "link failed:"
+  tail -20 "$dest/build.txt"
   exit 2
 fi
 export LD_LIBRARY_PATH=$PWD/out/gpu:$ucx${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
