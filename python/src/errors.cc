@@ -73,9 +73,14 @@ void RegisterErrors(py::module_& m) {
                                     py::none(), py::none(), "What went wrong."));
   m.attr("Error") = py::handle(g_base);
   for (const ErrorClass& c : classes) {
-    py::tuple bases = c.builtin != nullptr
-                          ? py::make_tuple(py::handle(g_base), py::handle(c.builtin))
-                          : py::make_tuple(py::handle(g_base));
+    // Two statements, not a ?: between two make_tuple calls: pybind11 3
+    // types each tuple by its arity, and the branches would disagree.
+    py::tuple bases;
+    if (c.builtin != nullptr) {
+      bases = py::make_tuple(py::handle(g_base), py::handle(c.builtin));
+    } else {
+      bases = py::make_tuple(py::handle(g_base));
+    }
     const std::string qualified = std::string("kvbounce.") + c.name;
     PyObject* cls = PyErr_NewExceptionWithDoc(qualified.c_str(), c.doc, bases.ptr(), nullptr);
     if (cls == nullptr) throw py::error_already_set();
