@@ -20,8 +20,10 @@
 # headers and pybind11 (pip's), links them with the archives, lays the
 # package out in a temporary folder and runs pytest on the files given (by
 # default test_cuda.py, test_pools.py and test_agent.py), writing its output
-# into the out-folder (default $OUT/python). Exit status: pytest's, or 2
-# when the host lacks Python headers, pybind11 or a C++ compiler.
+# into the out-folder (default $OUT/python). With PYTHON_BENCH set (e.g.
+# "python/bench/overhead.py --requests 3000 --rounds 5"), that script then
+# runs with the same module, its output in bench.txt. Exit status: pytest's,
+# or 2 when the host lacks Python headers, pybind11 or a C++ compiler.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ARCHIVES=(tools/libkvbounce_tools.a src/session/libkvbounce_session.a
@@ -97,5 +99,10 @@ PYTHONPATH=$build:$PWD/python/tests timeout 600 "$PY" -m pytest -q -p no:cachepr
   "${tests[@]}" > "$dest/pytest.txt" 2>&1
 rc=$?
 tail -5 "$dest/pytest.txt"
+if [ -n "${PYTHON_BENCH:-}" ]; then
+  # shellcheck disable=SC2086
+  PYTHONPATH=$build timeout 300 "$PY" $PYTHON_BENCH > "$dest/bench.txt" 2>&1
+  tail -20 "$dest/bench.txt"
+fi
 rm -rf "$build"
 exit $rc
