@@ -94,12 +94,13 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
 // The ceiling's copy: every fragment copied once, whatever the thread count
 // (also more threads than fragments, and none at all).
 TEST(BenchCommandTest, TheCeilingsParallelCopyCopiesEveryFragmentOnce) {
-  std::vector<std::byte> src(1 << 16), dst(1 << 16);
+  std::vector<std::byte> src(1 << 17), dst(1 << 17);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 7 + 3);
   std::vector<Fragment> fragments;
   uint64_t at = 0;
   for (uint64_t bytes : {1u, 4096u, 17u, 30000u, 255u, 8u}) {
     // Every other range, reversed into dst: a scattered list.
+    ASSERT_LE(at + bytes, src.size());
     fragments.push_back(Fragment{reinterpret_cast<uintptr_t>(src.data() + at),
                                  reinterpret_cast<uintptr_t>(dst.data() + dst.size() - at - bytes),
                                  bytes});
