@@ -6,7 +6,9 @@
 // one cudaMemcpyAsync per fragment. Beside the engine's figure, the kernel
 // alone: the same fragments cut into pieces of --piece-kib KiB (the engine's
 // 32 by default), their descriptors uploaded once, one launch timed with
-// events — what the device does without the host's per-batch work. Also the
+// events — what the device does without the host's per-batch work, with
+// lane groups sized to the pieces (as the engine launches) and with a warp
+// a piece (the kernel before groups), side by side. Also the
 // latency of a one-fragment batch (submit to `done`), the engine's fixed
 // cost per batch, and where one batch's time goes (the host's steps timed
 // apart: checking the list, copying it into pinned memory, uploading it).
@@ -252,9 +254,10 @@ int Main(int argc, char** argv) {
   std::printf(
       "| fragment | fragments | engine GB/s | %% of ceiling | engine, 4 batches at once | "
       "kernel alone GB/s (%" PRIu64
-      " KiB pieces) | %% of ceiling | cudaMemcpyAsync per fragment GB/s |\n",
+      " KiB pieces) | %% of ceiling | kernel alone, a warp a piece | cudaMemcpyAsync per "
+      "fragment GB/s |\n",
       piece_kib);
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   int max_blocks = 0;
   {
     int threads_per_sm = 0;
@@ -313,6 +316,7 @@ int Main(int argc, char** argv) {
       }
     }
     double kernel_rate = 0;
+    double kernel_warp_rate = 0;
     Result<CudaDeviceBuffer> descriptors =
         CudaDeviceBuffer::Allocate(0, pieces.size() * sizeof(cuda_copy::PieceDescriptor));
     if (Check(descriptors.status(), "allocate descriptors") &&
@@ -321,15 +325,21 @@ int Main(int argc, char** argv) {
                                     cudaMemcpyHostToDevice),
                          "cudaMemcpy(descriptors)"),
               "upload")) {
-      kernel_rate = stream_rate(total, [&] {
-        return Check(
-            CudaStatus(cuda_copy::LaunchBatchedCopy(
-                           static_cast<const cuda_copy::PieceDescriptor*>(descriptors->data()),
-                           static_cast<uint32_t>(pieces.size()), 0, 0,
-                           static_cast<uint32_t>(max_blocks), stream->get()),
-                       "kernel launch"),
-            "kernel alone");
-      });
+      // Groups sized to the pieces (the engine's launch), and a warp a
+      // piece whatever their size (the kernel before groups), A/B.
+      const auto kernel_with = [&](uint64_t max_piece_bytes) {
+        return stream_rate(total, [&] {
+          return Check(
+              CudaStatus(cuda_copy::LaunchBatchedCopy(
+                             static_cast<const cuda_copy::PieceDescriptor*>(descriptors->data()),
+                             static_cast<uint32_t>(pieces.size()), 0, 0,
+                             static_cast<uint32_t>(max_blocks), stream->get(), max_piece_bytes),
+                         "kernel launch"),
+              "kernel alone");
+        });
+      };
+      kernel_rate = kernel_with(std::min(bytes, piece_kib << 10));
+      kernel_warp_rate = kernel_with(cuda_copy::kMaxPieceBytes);
     }
     // The host's steps of the same batch, timed apart (best of reps):
     // checking it as Submit does, copying its fragments into pinned memory
@@ -370,10 +380,11 @@ int Main(int argc, char** argv) {
                   engine_rate > 0 ? static_cast<double>(total) / engine_rate / 1e3 : 0.0);
     phases.push_back(phase);
     std::printf("| %" PRIu64 " B | %" PRIu64
-                " | %.0f | %.0f%% | %.0f (%.0f%%) | %.0f | %.0f%% | %s |\n",
+                " | %.0f | %.0f%% | %.0f (%.0f%%) | %.0f | %.0f%% | %.0f (%.0f%%) | %s |\n",
                 bytes, count, engine_rate, ceiling > 0 ? 100.0 * engine_rate / ceiling : 0.0,
                 overlapped_rate, ceiling > 0 ? 100.0 * overlapped_rate / ceiling : 0.0, kernel_rate,
-                ceiling > 0 ? 100.0 * kernel_rate / ceiling : 0.0, per_call.c_str());
+                ceiling > 0 ? 100.0 * kernel_rate / ceiling : 0.0, kernel_warp_rate,
+                ceiling > 0 ? 100.0 * kernel_warp_rate / ceiling : 0.0, per_call.c_str());
   }
   // Tiled lists (what the sessions hand this engine): one batch at a
   // time; kWriters batches at once on one engine; one batch on each of
@@ -421,6 +432,7 @@ int Main(int argc, char** argv) {
       segs.push_back({seg.src, seg.dst, 0, static_cast<uint32_t>(kRunsPerBlock)});
     }
     double tiled_kernel = 0;
+    double tiled_warp = 0;  // a warp a piece, A/B
     const size_t desc_bytes = sizeof(TileOffset) + list.runs.size() * sizeof(Fragment) +
                               segs.size() * sizeof(cuda_copy::TileSegmentDescriptor);
     Result<CudaDeviceBuffer> tiled_desc = CudaDeviceBuffer::Allocate(0, desc_bytes);
@@ -450,32 +462,41 @@ int Main(int argc, char** argv) {
                                 cudaMemcpyHostToDevice),
                      "cudaMemcpy"),
                  "upload");
-      if (up) {
-        tiled_kernel = stream_rate(total, [&] {
+      const auto tiled_with = [&](uint64_t max_piece_bytes) {
+        launch.max_piece_bytes = max_piece_bytes;
+        return stream_rate(total, [&] {
           return Check(CudaStatus(cuda_copy::LaunchTiledCopy(
                                       launch, static_cast<uint32_t>(max_blocks), stream->get()),
                                   "tiled kernel launch"),
                        "tiled kernel alone");
         });
+      };
+      if (up) {
+        tiled_kernel = tiled_with(bytes);
+        tiled_warp = tiled_with(cuda_copy::kMaxPieceBytes);
       }
     }
-    char row[240];
+    char row[320];
     std::snprintf(row, sizeof(row),
                   "| %" PRIu64 " B | %" PRIu64
-                  " | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) |",
+                  " | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) |"
+                  " %.0f (%.0f%%) |",
                   bytes, blocks * kRunsPerBlock, one_batch,
                   ceiling > 0 ? 100.0 * one_batch / ceiling : 0.0, shared,
                   ceiling > 0 ? 100.0 * shared / ceiling : 0.0, spread,
                   ceiling > 0 ? 100.0 * spread / ceiling : 0.0, tiled_kernel,
-                  ceiling > 0 ? 100.0 * tiled_kernel / ceiling : 0.0);
+                  ceiling > 0 ? 100.0 * tiled_kernel / ceiling : 0.0, tiled_warp,
+                  ceiling > 0 ? 100.0 * tiled_warp / ceiling : 0.0);
     tiled_rows.push_back(row);
   }
   std::printf("\nTiled lists (blocks of %" PRIu64 " runs), GB/s: one batch of %" PRIu64
               " MiB; %d batches of 1/%d at once on one engine; one each on %d engines\n\n",
               kRunsPerBlock, batch_mib, kWriters, kWriters, kWriters);
-  std::printf("| run | runs | one batch | %d on one engine | %d engines | kernel alone |\n",
-              kWriters, kWriters);
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf(
+      "| run | runs | one batch | %d on one engine | %d engines | kernel alone | kernel alone, "
+      "a warp a piece |\n",
+      kWriters, kWriters);
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const std::string& row : tiled_rows) std::printf("%s\n", row.c_str());
 
   std::printf(

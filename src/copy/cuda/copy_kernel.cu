@@ -6,151 +6,291 @@ namespace kvbounce::cuda_copy {
 namespace {
 
 constexpr int kWarpSize = 32;
-// Independent loads each lane has in flight before its first store.
+// Independent loads each lane has in flight before its first store, for
+// a piece copied word by word.
 constexpr int kUnroll = 4;
+// Small pieces (a group of fewer lanes than a warp): pieces each group
+// has in flight at once, every descriptor loaded before any data.
+constexpr int kSmallUnroll = 4;
 
-// Copies `n` words with the 32 lanes of a warp, kUnroll loads per lane in
-// flight, coalesced across the warp.
-template <typename Word>
+// Copies `n` words with the G lanes of a group, kUnroll loads per lane in
+// flight, coalesced across the group.
+template <int G, typename Word>
 __device__ __forceinline__ void CopyWords(const Word* __restrict__ src, Word* __restrict__ dst,
                                           uint64_t n, unsigned lane) {
-  constexpr uint64_t kStep = uint64_t{kWarpSize} * kUnroll;
+  constexpr uint64_t kStep = uint64_t{G} * kUnroll;
   uint64_t i = lane;
-  for (; i + (kUnroll - 1) * kWarpSize < n; i += kStep) {
+  for (; i + (kUnroll - 1) * G < n; i += kStep) {
     Word v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * kWarpSize];
+    for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * G];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) dst[i + u * kWarpSize] = v[u];
+    for (int u = 0; u < kUnroll; ++u) dst[i + u * G] = v[u];
   }
-  for (; i < n; i += kWarpSize) dst[i] = src[i];
+  for (; i < n; i += G) dst[i] = src[i];
 }
 
-// One piece, by one warp. The widest word that source and destination can
-// both be aligned to carries the middle; the head before it and the tail
-// after it (each under 16 bytes) go byte by byte, one byte a lane.
-__device__ __forceinline__ void CopyPiece(const unsigned char* src, unsigned char* dst,
-                                          uint64_t n, unsigned lane) {
+// One piece, by the G lanes of a group (a warp, or part of one). The widest
+// word that source and destination can both be aligned to carries the
+// middle; the head before it and the tail after it (each under 16 bytes)
+// go byte by byte.
+template <int G>
+__device__ __forceinline__ void CopyPiece(const unsigned char* src, unsigned char* dst, uint64_t n,
+                                          unsigned lane) {
   const uint64_t diff = reinterpret_cast<uint64_t>(src) ^ reinterpret_cast<uint64_t>(dst);
   uint64_t word = 16;
   while (word > 1 && (diff & (word - 1)) != 0) word >>= 1;
   uint64_t head = (word - (reinterpret_cast<uint64_t>(src) & (word - 1))) & (word - 1);
   if (head > n) head = n;
-  if (lane < head) dst[lane] = src[lane];
+  for (uint64_t i = lane; i < head; i += G) dst[i] = src[i];
   src += head;
   dst += head;
   n -= head;
   const uint64_t words = n / word;
   switch (word) {
     case 16:
-      CopyWords(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), words, lane);
+      CopyWords<G>(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), words, lane);
       break;
     case 8:
-      CopyWords(reinterpret_cast<const uint2*>(src), reinterpret_cast<uint2*>(dst), words, lane);
+      CopyWords<G>(reinterpret_cast<const uint2*>(src), reinterpret_cast<uint2*>(dst), words, lane);
       break;
     case 4:
-      CopyWords(reinterpret_cast<const unsigned*>(src), reinterpret_cast<unsigned*>(dst), words,
-                lane);
+      CopyWords<G>(reinterpret_cast<const unsigned*>(src), reinterpret_cast<unsigned*>(dst), words,
+                   lane);
       break;
     case 2:
-      CopyWords(reinterpret_cast<const unsigned short*>(src),
-                reinterpret_cast<unsigned short*>(dst), words, lane);
+      CopyWords<G>(reinterpret_cast<const unsigned short*>(src),
+                   reinterpret_cast<unsigned short*>(dst), words, lane);
       break;
     default:
-      CopyWords(src, dst, words, lane);
+      CopyWords<G>(src, dst, words, lane);
       break;
   }
   const uint64_t done = words * word;
-  const uint64_t tail = n - done;
-  if (lane < tail) dst[done + lane] = src[done + lane];
+  for (uint64_t i = done + lane; i < n; i += G) dst[i] = src[i];
 }
 
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    BatchedCopyKernel(const PieceDescriptor* __restrict__ descriptors, uint32_t count,
-                      uint64_t src_base, uint64_t dst_base) {
-  const unsigned lane = threadIdx.x % kWarpSize;
-  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-  const uint32_t warps = gridDim.x * blockDim.x / kWarpSize;
-  for (uint32_t p = warp; p < count; p += warps) {
-    const PieceDescriptor piece = descriptors[p];
-    if (piece.bytes == 0) continue;
-    CopyPiece(reinterpret_cast<const unsigned char*>(src_base + piece.src),
-              reinterpret_cast<unsigned char*>(dst_base + piece.dst), piece.bytes, lane);
+// A piece's absolute addresses.
+struct Piece {
+  uint64_t src;
+  uint64_t dst;
+  uint64_t bytes;
+};
+
+// Copies tasks [0, tasks) of `source` (source.Get(t, &piece) is false for a
+// task without a piece), a group of G lanes per task in a grid-stride
+// loop. A warp-sized group copies its piece as CopyPiece does. Smaller
+// groups (pieces of at most 16 * G bytes expected) take kSmallUnroll tasks
+// at a time: the descriptors of all, then a 16-byte word a lane of each
+// piece that is 16-byte aligned on both sides and a whole number of words,
+// then their stores; any other piece goes through CopyPiece with the group.
+template <int G, typename Index, typename Source>
+__device__ __forceinline__ void CopyTasks(const Source& source, Index tasks) {
+  const unsigned lane = threadIdx.x % G;
+  const Index group = (Index{blockIdx.x} * blockDim.x + threadIdx.x) / G;
+  const Index groups = Index{gridDim.x} * blockDim.x / G;
+  if constexpr (G == kWarpSize) {
+    for (Index t = group; t < tasks; t += groups) {
+      Piece p;
+      if (!source.Get(t, &p) || p.bytes == 0) continue;
+      CopyPiece<G>(reinterpret_cast<const unsigned char*>(p.src),
+                   reinterpret_cast<unsigned char*>(p.dst), p.bytes, lane);
+    }
+  } else {
+    for (Index t = group; t < tasks; t += groups * kSmallUnroll) {
+      Piece p[kSmallUnroll];
+      bool fast[kSmallUnroll];
+#pragma unroll
+      for (int u = 0; u < kSmallUnroll; ++u) {
+        const Index tu = t + static_cast<Index>(u) * groups;
+        if (tu >= tasks || !source.Get(tu, &p[u])) p[u].bytes = 0;
+        fast[u] = ((p[u].src | p[u].dst | p[u].bytes) & 15) == 0 && p[u].bytes <= 16 * G;
+      }
+      uint4 v[kSmallUnroll];
+#pragma unroll
+      for (int u = 0; u < kSmallUnroll; ++u) {
+        if (fast[u] && lane * 16 < p[u].bytes) {
+          v[u] = reinterpret_cast<const uint4*>(p[u].src)[lane];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSmallUnroll; ++u) {
+        if (fast[u] && lane * 16 < p[u].bytes) reinterpret_cast<uint4*>(p[u].dst)[lane] = v[u];
+      }
+      // The rest, one call site (inlined once, not once per u): a piece
+      // picked by selects keeps p in registers.
+      unsigned slow = 0;
+#pragma unroll
+      for (int u = 0; u < kSmallUnroll; ++u) {
+        if (!fast[u] && p[u].bytes != 0) slow |= 1u << u;
+      }
+      while (slow != 0) {
+        const int pick = __ffs(slow) - 1;
+        slow &= slow - 1;
+        Piece q = p[0];
+#pragma unroll
+        for (int u = 1; u < kSmallUnroll; ++u) {
+          if (pick == u) q = p[u];
+        }
+        CopyPiece<G>(reinterpret_cast<const unsigned char*>(q.src),
+                     reinterpret_cast<unsigned char*>(q.dst), q.bytes, lane);
+      }
+    }
   }
 }
 
-// Index arithmetic in 32 bits when the launch's tasks fit (divisions are
-// several times cheaper), else in 64.
+// The group size for pieces of at most `max_piece_bytes`: the fewest lanes
+// that cover such a piece with one 16-byte word each (8, 16), or a warp.
+int GroupLanes(uint64_t max_piece_bytes) {
+  if (max_piece_bytes <= 16 * 8) return 8;
+  if (max_piece_bytes <= 16 * 16) return 16;
+  return kWarpSize;
+}
+
+// Blocks for `tasks` tasks with groups of `lanes` lanes, at most `max_blocks`.
+uint32_t BlocksFor(uint64_t tasks, int lanes, uint32_t max_blocks) {
+  const uint64_t per_block = static_cast<uint64_t>(kThreadsPerBlock / lanes);
+  const uint64_t wanted = tasks / per_block + (tasks % per_block != 0 ? 1 : 0);
+  return static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(wanted, max_blocks)));
+}
+
+struct FlatSource {
+  const PieceDescriptor* __restrict__ descriptors;
+  uint64_t src_base;
+  uint64_t dst_base;
+  __device__ __forceinline__ bool Get(uint32_t t, Piece* p) const {
+    const PieceDescriptor d = descriptors[t];
+    *p = Piece{src_base + d.src, dst_base + d.dst, d.bytes};
+    return true;
+  }
+};
+
+// Small groups keep four pieces' loads in flight: at least kSmallMinBlocks
+// blocks an SM (registers capped to fit them) keeps enough of them resident.
+constexpr int kSmallMinBlocks = 4;
+constexpr int MinBlocks(int lanes) { return lanes == kWarpSize ? 1 : kSmallMinBlocks; }
+
+template <int G>
+__global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
+    BatchedCopyKernel(const FlatSource source, uint32_t count) {
+  CopyTasks<G, uint32_t>(source, count);
+}
+
+// Task t of a tiled launch: unit t / pieces_per_unit, piece t mod it; unit
+// u = s * num_outer + o. Index arithmetic in 32 bits when the launch's
+// tasks fit (divisions are several times cheaper), else in 64.
 template <typename Index>
-__global__ void __launch_bounds__(kThreadsPerBlock) TiledCopyKernel(const TiledLaunch l) {
-  const unsigned lane = threadIdx.x % kWarpSize;
-  const Index warp = (Index{blockIdx.x} * blockDim.x + threadIdx.x) / kWarpSize;
-  const Index warps = Index{gridDim.x} * blockDim.x / kWarpSize;
-  const auto per_unit = static_cast<Index>(l.pieces_per_unit);
-  const auto num_outer = static_cast<Index>(l.num_outer);
-  const auto tasks = static_cast<Index>(l.num_segments * l.num_outer * l.pieces_per_unit);
-  for (Index t = warp; t < tasks; t += warps) {
+struct TiledSource {
+  TiledLaunch l;
+  __device__ __forceinline__ bool Get(Index t, Piece* out) const {
+    const auto per_unit = static_cast<Index>(l.pieces_per_unit);
+    const auto num_outer = static_cast<Index>(l.num_outer);
     const Index unit = t / per_unit;
     const Index p = t - unit * per_unit;
     const Index s = unit / num_outer;
     const Index o = unit - s * num_outer;
     const TileSegmentDescriptor seg = l.segments[s];
-    if (p >= seg.num_pieces) continue;
+    if (p >= seg.num_pieces) return false;
     const TileOffsetDescriptor off = l.outer[o];
     const PieceDescriptor piece = l.pieces[seg.first_piece + p];
-    CopyPiece(reinterpret_cast<const unsigned char*>(l.src_base + off.src + seg.src + piece.src),
-              reinterpret_cast<unsigned char*>(l.dst_base + off.dst + seg.dst + piece.dst),
-              piece.bytes, lane);
+    *out = Piece{l.src_base + off.src + seg.src + piece.src,
+                 l.dst_base + off.dst + seg.dst + piece.dst, piece.bytes};
+    return true;
   }
+};
+
+template <int G, typename Index>
+__global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
+    TiledCopyKernel(const TiledLaunch l) {
+  const auto tasks = static_cast<Index>(l.num_segments * l.num_outer * l.pieces_per_unit);
+  CopyTasks<G, Index>(TiledSource<Index>{l}, tasks);
 }
 
 // The parameter is read in place (__grid_constant__): no per-thread copy of
 // its 3 KiB.
-__global__ void __launch_bounds__(kThreadsPerBlock)
+struct InlineSource {
+  const InlineLaunch& l;
+  __device__ __forceinline__ bool Get(uint32_t t, Piece* p) const {
+    const PieceDescriptor d = l.pieces[t];
+    *p = Piece{l.src_base + d.src, l.dst_base + d.dst, d.bytes};
+    return true;
+  }
+};
+
+template <int G>
+__global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
     InlineCopyKernel(const __grid_constant__ InlineLaunch l) {
-  const unsigned lane = threadIdx.x % kWarpSize;
-  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-  const uint32_t warps = gridDim.x * blockDim.x / kWarpSize;
-  for (uint32_t p = warp; p < l.count; p += warps) {
-    const PieceDescriptor piece = l.pieces[p];
-    CopyPiece(reinterpret_cast<const unsigned char*>(l.src_base + piece.src),
-              reinterpret_cast<unsigned char*>(l.dst_base + piece.dst), piece.bytes, lane);
+  CopyTasks<G, uint32_t>(InlineSource{l}, l.count);
+}
+
+template <typename Index>
+void LaunchTiled(const TiledLaunch& launch, int lanes, uint32_t blocks, cudaStream_t stream) {
+  switch (lanes) {
+    case 8:
+      TiledCopyKernel<8, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
+    case 16:
+      TiledCopyKernel<16, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
+    default:
+      TiledCopyKernel<kWarpSize, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
   }
 }
 
 }  // namespace
 
 cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
-  constexpr uint32_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-  const uint32_t blocks =
-      std::max<uint32_t>(1, (launch.count + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  InlineCopyKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  uint64_t largest = 0;
+  for (uint32_t i = 0; i < launch.count; ++i) largest = std::max(largest, launch.pieces[i].bytes);
+  const int lanes = GroupLanes(largest);
+  const uint32_t blocks = BlocksFor(launch.count, lanes, launch.count);
+  switch (lanes) {
+    case 8:
+      InlineCopyKernel<8><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
+    case 16:
+      InlineCopyKernel<16><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
+    default:
+      InlineCopyKernel<kWarpSize><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      break;
+  }
   return cudaGetLastError();
 }
 
 cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream) {
-  constexpr uint64_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+  const int lanes = GroupLanes(launch.max_piece_bytes);
   const uint64_t tasks = launch.num_segments * launch.num_outer * launch.pieces_per_unit;
-  const uint64_t wanted = tasks / kWarpsPerBlock + (tasks % kWarpsPerBlock != 0 ? 1 : 0);
-  const auto blocks =
-      static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(wanted, max_blocks)));
-  // The largest task index the grid-stride loop forms is below tasks +
-  // the grid's warps.
-  if (tasks + uint64_t{blocks} * kWarpsPerBlock < (uint64_t{1} << 32)) {
-    TiledCopyKernel<uint32_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  const uint32_t blocks = BlocksFor(tasks, lanes, max_blocks);
+  // The largest task index the grid-stride loop forms is below tasks plus
+  // kSmallUnroll times the grid's groups.
+  const uint64_t groups = uint64_t{blocks} * (kThreadsPerBlock / lanes);
+  if (tasks + kSmallUnroll * groups < (uint64_t{1} << 32)) {
+    LaunchTiled<uint32_t>(launch, lanes, blocks, stream);
   } else {
-    TiledCopyKernel<uint64_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+    LaunchTiled<uint64_t>(launch, lanes, blocks, stream);
   }
   return cudaGetLastError();
 }
 
 cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
-                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream) {
-  constexpr uint32_t kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-  const uint32_t wanted = count / kWarpsPerBlock + (count % kWarpsPerBlock != 0 ? 1 : 0);
-  const uint32_t blocks = std::max<uint32_t>(1, std::min(wanted, max_blocks));
-  BatchedCopyKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(descriptors, count, src_base,
-                                                             dst_base);
+                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream,
+                              uint64_t max_piece_bytes) {
+  const int lanes = GroupLanes(max_piece_bytes);
+  const uint32_t blocks = BlocksFor(count, lanes, max_blocks);
+  const FlatSource source{descriptors, src_base, dst_base};
+  switch (lanes) {
+    case 8:
+      BatchedCopyKernel<8><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
+      break;
+    case 16:
+      BatchedCopyKernel<16><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
+      break;
+    default:
+      BatchedCopyKernel<kWarpSize><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
+      break;
+  }
   return cudaGetLastError();
 }
 

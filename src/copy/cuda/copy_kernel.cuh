@@ -2,13 +2,19 @@
 //
 // One launch moves many pieces: a piece is `bytes` bytes from `src` to `dst`
 // (device pointers, or pinned host memory mapped into the device's address
-// space). The pieces' descriptors lie in device memory. Each warp of the grid
-// takes pieces in turn (a grid-stride loop over the descriptor array) and
-// copies one with its 32 lanes: 16-byte vector loads and stores, several in
-// flight per lane, when source and destination are equally aligned modulo
-// 16; otherwise the widest word (8, 4, 2 or 1 bytes) both share, with a
-// byte-wise head and tail around the aligned middle. The host keeps pieces
-// to at most kMaxPieceBytes so one large fragment spreads over many warps.
+// space). The pieces' descriptors lie in device memory. Each group of lanes
+// of the grid takes pieces in turn (a grid-stride loop over the descriptor
+// array). A group is a warp, which copies a piece with its 32 lanes: 16-byte
+// vector loads and stores, several in flight per lane, when source and
+// destination are equally aligned modulo 16; otherwise the widest word (8,
+// 4, 2 or 1 bytes) both share, with a byte-wise head and tail around the
+// aligned middle. When the launch's pieces are small (at most 256 bytes:
+// the launcher is told the largest), a group is 8 or 16 lanes, one 16-byte
+// word a lane, and it loads several pieces before it stores any — a warp
+// per 256-byte piece would leave half its lanes idle and one load in flight
+// per lane. The group size only tunes speed: any piece is copied whole by
+// any group. The host keeps pieces to at most kMaxPieceBytes so one large
+// fragment spreads over many groups.
 //
 // Thread safety: LaunchBatchedCopy may be called from any thread whose
 // current device owns `stream`.
@@ -43,7 +49,7 @@ inline constexpr int kThreadsPerBlock = 256;
 // outer offsets, segments and shape pieces itself. Unit u = s * num_outer
 // + o pairs segment s with outer offset o; each unit has pieces_per_unit
 // tasks (the most pieces of any shape), of which a segment whose shape has
-// fewer pieces skips the rest; a warp takes a task in turn and copies
+// fewer pieces skips the rest; a group takes a task in turn and copies
 //   pieces[segments[s].first_piece + p].bytes bytes from
 //   src_base + outer[o].src + segments[s].src + pieces[...].src
 // to the same sum on the destination side. The host writes each segment's
@@ -72,6 +78,8 @@ struct TiledLaunch {
   uint64_t pieces_per_unit;
   uint64_t src_base;
   uint64_t dst_base;
+  // The largest piece's bytes (or more): picks the group size.
+  uint64_t max_piece_bytes = kMaxPieceBytes;
 };
 
 // A batch small enough to travel in the kernel's parameters (under the
@@ -86,8 +94,8 @@ struct InlineLaunch {
 };
 static_assert(sizeof(InlineLaunch) <= 4000);
 
-// Enqueues one kernel on `stream` copying the pieces of `launch` (a warp
-// per piece). Returns the launch's error.
+// Enqueues one kernel on `stream` copying the pieces of `launch` (a group
+// per piece, sized to the largest). Returns the launch's error.
 cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream);
 
 // Enqueues one kernel on `stream` that copies the tiled launch `launch`,
@@ -98,13 +106,15 @@ cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cuda
 
 // Enqueues one kernel on `stream` that copies the `count` pieces at
 // `descriptors` (device memory), each from src_base + src to dst_base + dst,
-// using at most `max_blocks` blocks. A piece of 0 bytes is skipped (its
-// addresses are not used). Returns the launch's error (cudaSuccess when
-// enqueued).
+// using at most `max_blocks` blocks, with groups sized for pieces of at
+// most `max_piece_bytes` (a hint: larger ones are copied too, slower). A
+// piece of 0 bytes is skipped (its addresses are not used). Returns the
+// launch's error (cudaSuccess when enqueued).
 // REQUIRES: count > 0; max_blocks > 0; descriptors stay valid until the
 // kernel has finished.
 cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
-                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream);
+                              uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream,
+                              uint64_t max_piece_bytes = kMaxPieceBytes);
 
 }  // namespace kvbounce::cuda_copy
 

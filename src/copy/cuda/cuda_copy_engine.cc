@@ -57,6 +57,7 @@ struct CudaCopyEngine::BatchState {
   std::vector<PieceDescriptor> tile_pieces;
   std::vector<uint64_t> tile_shape_bytes;  // per shape, times the outer extent
   uint64_t pieces_per_unit = 0;
+  uint64_t tile_max_piece = 0;  // the largest of tile_pieces
   size_t next_segment = 0;
   // A tiled list too large for a slot's staging buffer runs expanded.
   std::shared_ptr<FragmentList> expanded;
@@ -259,6 +260,9 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
       const BatchState::ShapePieces d{static_cast<uint32_t>(first),
                                       static_cast<uint32_t>(state->tile_pieces.size() - first)};
       state->pieces_per_unit = std::max<uint64_t>(state->pieces_per_unit, d.count);
+      for (size_t i = first; i < state->tile_pieces.size(); ++i) {
+        state->tile_max_piece = std::max(state->tile_max_piece, state->tile_pieces[i].bytes);
+      }
       state->tile_shapes.push_back(d);
       state->tile_shape_bytes.push_back(shape.bytes * tiles.outer.size());
     }
@@ -372,6 +376,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   auto* descriptors = static_cast<PieceDescriptor*>(slot.staging.data());
   uint32_t count = 0;
   uint64_t bytes = 0;
+  uint64_t largest = 0;          // the largest piece: the kernel's group size
   uint64_t kernel_src_base = 0;  // the pieces' addresses are absolute ...
   uint64_t kernel_dst_base = 0;
   if (batch.verbatim) {
@@ -385,6 +390,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
       ++count;
     }
     std::memcpy(descriptors, fragments.data() + first, count * sizeof(PieceDescriptor));
+    for (uint32_t i = 0; i < count; ++i) largest = std::max(largest, fragments[first + i].bytes);
     batch.next_fragment += count;
     kernel_src_base = src_base;
     kernel_dst_base = dst_base;
@@ -402,6 +408,7 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
         std::min({remaining, cuda_copy::kMaxPieceBytes, options_.max_launch_bytes - bytes});
     descriptors[count++] = PieceDescriptor{src_base + f.src + batch.next_offset,
                                            dst_base + f.dst + batch.next_offset, piece};
+    largest = std::max(largest, piece);
     bytes += piece;
     batch.next_offset += piece;
     if (batch.next_offset == f.bytes) {
@@ -413,11 +420,12 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   slot.bytes = bytes;
   batch.bytes_launched += bytes;
   return Enqueue(batch, slot, count * sizeof(PieceDescriptor), [&] {
-    return CudaStatus(cuda_copy::LaunchBatchedCopy(
-                          static_cast<const PieceDescriptor*>(slot.descriptors.data()), count,
-                          kernel_src_base, kernel_dst_base, max_blocks_, copy_stream_.get()),
-                      "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
-                          std::to_string(bytes) + " bytes)");
+    return CudaStatus(
+        cuda_copy::LaunchBatchedCopy(static_cast<const PieceDescriptor*>(slot.descriptors.data()),
+                                     count, kernel_src_base, kernel_dst_base, max_blocks_,
+                                     copy_stream_.get(), largest),
+        "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
+            std::to_string(bytes) + " bytes)");
   });
 }
 
@@ -534,6 +542,7 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
   launch.pieces_per_unit = batch.pieces_per_unit;
   launch.src_base = batch.batch.src_base.value();
   launch.dst_base = batch.batch.dst_base.value();
+  launch.max_piece_bytes = batch.tile_max_piece;
   return Enqueue(batch, slot, fixed + count * sizeof(cuda_copy::TileSegmentDescriptor), [&] {
     if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs: nothing to copy
     return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),

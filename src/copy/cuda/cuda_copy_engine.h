@@ -7,7 +7,8 @@
 // it is, a Fragment having a descriptor's layout, with the batch's bases
 // passed to the kernel), uploaded to device memory on the engine's upload stream
 // and copied by ONE kernel launch on the engine's copy stream (copy_kernel.cuh:
-// a warp per piece, 16-byte vector accesses when source and destination are
+// a warp per piece (8 or 16 lanes for pieces of 128 or 256 bytes at most),
+// 16-byte vector accesses when source and destination are
 // equally aligned modulo 16, narrower words and byte-wise edges otherwise).
 // A batch larger than `max_launch_bytes` or `max_launch_pieces` runs as
 // several launches (sub-batches). Up to `launch_slots` launches are in flight
@@ -24,7 +25,7 @@
 // launch the outer offsets, the shapes, their pieces and a range of
 // segments — a few KiB for a request of tens of thousands of runs — and
 // one kernel (cuda_copy::LaunchTiledCopy) expands the product on the
-// device, a warp per piece as above. A launch holds whole segments: as
+// device, a group per piece as above. A launch holds whole segments: as
 // many as max_launch_bytes and the staging buffer allow, at least one. A
 // tiled list whose outer offsets, shapes and pieces alone overflow a
 // launch's staging buffer (max_launch_pieces descriptors) is expanded and
