@@ -62,7 +62,10 @@ struct RandomList {
   uint64_t total_bytes = 0;
 };
 
-RandomList MakeRandomList(std::mt19937_64& rng, int count, uint64_t max_bytes) {
+// `word_sized`: the aligned fragments' sizes are whole 16-byte words too
+// (at least one, at most max_bytes rounded down), as a KV row's are.
+RandomList MakeRandomList(std::mt19937_64& rng, int count, uint64_t max_bytes,
+                          bool word_sized = false) {
   RandomList list;
   std::uniform_real_distribution<double> log_size(0.0, std::log(static_cast<double>(max_bytes)));
   std::uniform_int_distribution<uint64_t> gap(0, 40);
@@ -71,6 +74,9 @@ RandomList MakeRandomList(std::mt19937_64& rng, int count, uint64_t max_bytes) {
   for (size_t i = 0; i < sizes.size(); ++i) {
     sizes[i] = std::clamp<uint64_t>(static_cast<uint64_t>(std::exp(log_size(rng))), 1, max_bytes);
     aligned[i] = rng() % 3 == 0;
+    if (word_sized && aligned[i] && max_bytes >= 16) {
+      sizes[i] = std::clamp<uint64_t>(sizes[i] / 16 * 16, 16, max_bytes / 16 * 16);
+    }
   }
   list.fragments.resize(sizes.size());
   uint64_t cursor = 0;
@@ -253,9 +259,10 @@ class CudaCopyEngineTest : public ::testing::Test {
   // the whole destination (gaps included) with the host reference.
   // `with_empty`: zero-byte fragments with addresses nothing may touch are
   // mixed into the list (they are skipped, never checked).
-  void RunRandom(Kind kind, uint64_t seed, int count, uint64_t max_bytes, bool with_empty = false) {
+  void RunRandom(Kind kind, uint64_t seed, int count, uint64_t max_bytes, bool with_empty = false,
+                 bool word_sized = false) {
     std::mt19937_64 rng(seed);
-    const RandomList list = MakeRandomList(rng, count, max_bytes);
+    const RandomList list = MakeRandomList(rng, count, max_bytes, word_sized);
     CudaDeviceBuffer src = Device(list.src_extent);
     CudaDeviceBuffer dst = Device(list.dst_extent);
     ASSERT_NE(src.data(), nullptr);
@@ -366,6 +373,25 @@ TEST_F(CudaCopyEngineTest, SmallBatchesMatchTheHostReference) {
   RunRandom(Kind::kDirect, 97, 10, KiB(2));
   RunRandomTiled(98, 1, 2, 1, 3, 100, /*absolute=*/true);
   EXPECT_EQ(engine_->GetStats().launches, 2u);
+}
+
+// Launches whose pieces are all small copy a piece per group of 8 (at most
+// 128 bytes) or 16 lanes (at most 256): a 16-byte word a lane where the
+// piece is aligned and word-sized on both sides, the general way for the
+// rest. Flat lists uploaded and in the kernel's parameters, tiled lists,
+// empty fragments among them; at 129 and 257 bytes the next size up.
+TEST_F(CudaCopyEngineTest, SmallPiecesInLaneGroupsMatchTheHostReference) {
+  RunRandom(Kind::kDirect, 111, 20000, 128, /*with_empty=*/true, /*word_sized=*/true);
+  RunRandom(Kind::kGather, 112, 20000, 256, /*with_empty=*/false, /*word_sized=*/true);
+  RunRandom(Kind::kScatter, 113, 5000, 256);
+  RunRandom(Kind::kDirect, 114, 5000, 129, /*with_empty=*/false, /*word_sized=*/true);
+  RunRandom(Kind::kDirect, 115, 5000, 257, /*with_empty=*/false, /*word_sized=*/true);
+  RunRandom(Kind::kDirect, 116, 100, 256, /*with_empty=*/true, /*word_sized=*/true);  // inline
+  RunRandom(Kind::kGather, 117, 120, 100);                                           // inline
+  RunRandomTiled(118, 9, 60, 3, 20, 256, /*absolute=*/false);
+  RunRandomTiled(119, 5, 30, 2, 10, 128, /*absolute=*/true);
+  RunRandomTiled(120, 2, 3, 2, 8, 64, /*absolute=*/false);  // inline
+  EXPECT_EQ(engine_->GetStats().batches_failed, 0u);
 }
 
 // A launch holds whole segments within max_launch_bytes; a list whose
