@@ -1,7 +1,9 @@
 #include "session/session_context.h"
 
 #include <algorithm>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "common/checked_math.h"
 #include "protocol/codec.h"
@@ -102,52 +104,82 @@ uint64_t SessionContext::MillisLeft(TimePoint deadline) const {
 
 namespace {
 
-// Where [addr, addr + bytes) lies: a local range or a peer's region.
-bool Holds(const LocalRange& r, Addr addr, uint64_t bytes) {
-  return RangeInside(addr, bytes, r.begin, r.bytes);
-}
-bool Holds(const std::unique_ptr<RemoteRegion>& r, Addr addr, uint64_t bytes) {
-  return RangeInside(addr, bytes, r->info().address, r->info().size);
+// A region's bounds, read once per list (a peer's region answers info()
+// through a virtual call) and the one each group of ops lies in.
+struct Bounds {
+  Addr base;
+  uint64_t size = 0;
+};
+Bounds BoundsOf(const LocalRange& r) { return {r.begin, r.bytes}; }
+Bounds BoundsOf(const std::unique_ptr<RemoteRegion>& r) {
+  return {r->info().address, r->info().size};
 }
 const LocalRegion* RegionOf(const LocalRange& r) { return r.region; }
 const RemoteRegion* RegionOf(const std::unique_ptr<RemoteRegion>& r) { return r.get(); }
 
+template <typename Regions>
+std::vector<Bounds> AllBounds(const Regions& regions) {
+  std::vector<Bounds> bounds;
+  bounds.reserve(regions.size());
+  for (const auto& r : regions) bounds.push_back(BoundsOf(r));
+  return bounds;
+}
+
 // Splits `fragments` into groups of one (source region, target region) pair
-// each; `make(source, target)` starts a group, `op(src, dst, bytes)` makes
-// one of its ops.
+// each; `op(src, dst, bytes)` makes one of a group's ops. Two passes: where each group starts, then
+// each group's ops into a list sized once (no regrowth, no copy of a list of hundreds of thousands
+// of ops).
 template <typename GroupT, typename Sources, typename Targets, typename Op>
 Result<std::vector<GroupT>> Group(std::span<const Fragment> fragments, uint64_t dst_offset,
                                  const Sources& sources, const Targets& targets, Op op) {
+  const std::vector<Bounds> source_bounds = AllBounds(sources);
+  const std::vector<Bounds> target_bounds = AllBounds(targets);
   // The region holding the range: `last` first, since consecutive fragments
   // usually stay in one pair of regions; -1 when none does.
-  auto find = [](const auto& regions, int last, Addr addr, uint64_t bytes) -> int {
-    if (last >= 0 && Holds(regions[static_cast<size_t>(last)], addr, bytes)) return last;
+  auto find = [](const std::vector<Bounds>& regions, int last, Addr addr, uint64_t bytes) -> int {
+    if (last >= 0) {
+      const Bounds& b = regions[static_cast<size_t>(last)];
+      if (RangeInside(addr, bytes, b.base, b.size)) return last;
+    }
     for (size_t i = 0; i < regions.size(); ++i) {
-      if (Holds(regions[i], addr, bytes)) return static_cast<int>(i);
+      if (RangeInside(addr, bytes, regions[i].base, regions[i].size)) return static_cast<int>(i);
     }
     return -1;
   };
-  std::vector<GroupT> groups;
+  struct Start {
+    size_t first = 0;  // the group's first fragment
+    int s = -1, t = -1;
+  };
+  std::vector<Start> starts;
   int last_s = -1, last_t = -1;
   for (size_t i = 0; i < fragments.size(); ++i) {
     const Fragment& f = fragments[i];
-    const Addr src(f.src);
-    const Addr dst(f.dst + dst_offset);
-    const int s = find(sources, last_s, src, f.bytes);
-    const int t = find(targets, last_t, dst, f.bytes);
+    const int s = find(source_bounds, last_s, Addr(f.src), f.bytes);
+    const int t = find(target_bounds, last_t, Addr(f.dst + dst_offset), f.bytes);
     if (s < 0 || t < 0) {
       return OutOfRangeError("fragment " + std::to_string(i) + " (" + std::to_string(f.bytes) +
                              " bytes) lies outside the registered " +
                              (s < 0 ? "source" : "target") + " regions");
     }
-    if (groups.empty() || s != last_s || t != last_t) {
-      groups.push_back(GroupT{RegionOf(sources[static_cast<size_t>(s)]),
-                             RegionOf(targets[static_cast<size_t>(t)]),
-                             {}});
+    if (starts.empty() || s != last_s || t != last_t) {
+      starts.push_back(Start{i, s, t});
       last_s = s;
       last_t = t;
     }
-    groups.back().ops.push_back(op(src, dst, f.bytes));
+  }
+  std::vector<GroupT> groups;
+  groups.reserve(starts.size());
+  for (size_t g = 0; g < starts.size(); ++g) {
+    const size_t end = g + 1 < starts.size() ? starts[g + 1].first : fragments.size();
+    groups.push_back(GroupT{RegionOf(sources[static_cast<size_t>(starts[g].s)]),
+                            RegionOf(targets[static_cast<size_t>(starts[g].t)]),
+                            {}});
+    auto& ops = groups.back().ops;
+    ops.reserve(end - starts[g].first);
+    for (size_t i = starts[g].first; i < end; ++i) {
+      const Fragment& f = fragments[i];
+      ops.push_back(op(Addr(f.src), Addr(f.dst + dst_offset), f.bytes));
+    }
   }
   return groups;
 }

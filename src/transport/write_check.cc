@@ -44,12 +44,6 @@ Result<uint64_t> CheckOps(const char* kind, const RegionInfo& source, const Regi
 
 }  // namespace
 
-bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size) {
-  if (address < base) return false;
-  const uint64_t offset = address - base;
-  return offset <= size && bytes <= size - offset;
-}
-
 Result<uint64_t> CheckWriteOps(const RegionInfo& source, const RegionInfo& target,
                                std::span<const WriteOp> ops) {
   return CheckOps("write", source, target, ops);

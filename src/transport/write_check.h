@@ -16,8 +16,13 @@ namespace kvbounce {
 
 // True when [address, address + bytes) lies inside [base, base + size). A
 // zero-byte range is inside when base <= address <= base + size. Never
-// overflows, whatever the values.
-bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size);
+// overflows, whatever the values. Inline: it runs once per op of lists of
+// hundreds of thousands.
+inline bool RangeInside(Addr address, uint64_t bytes, Addr base, uint64_t size) {
+  if (address < base) return false;
+  const uint64_t offset = address - base;
+  return offset <= size && bytes <= size - offset;
+}
 
 // Checks that every op reads inside `source` and writes inside `target`.
 // Returns the total number of bytes the ops move.
