@@ -7,6 +7,7 @@
 #include <system_error>
 #include <utility>
 
+#include "common/copy_bytes.h"
 #include "common/memcpy_rate.h"
 #include "kvbounce/logging.h"
 
@@ -157,8 +158,8 @@ uint64_t CpuCopyEngine::CopyPieces(const CopyBatch& batch, const CopyChunk& c,
       if (hook) hook(i);
       if (stop.stop_requested()) return copied;
       const uint64_t piece = std::min(hi - at, kCopyGrainBytes);
-      std::memcpy(Addr(dst_base + f.dst + at).ToPointer(), Addr(src_base + f.src + at).ToPointer(),
-                  piece);
+      CopyBytes(Addr(dst_base + f.dst + at).ToPointer(), Addr(src_base + f.src + at).ToPointer(),
+                piece);
       at += piece;
       copied += piece;
     }

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/copy_bytes.h"
 #include "common/memcpy_rate.h"
 #include "common/poll.h"
 #include "common/unique_fd.h"
@@ -1287,7 +1288,7 @@ Endpoint::Progress Endpoint::CopyOps(const Item& item, std::span<const Op> ops) 
       }
       const uint64_t piece = std::min(op.bytes - offset, LoopbackTransport::kWriteGrainBytes);
       if (piece > 0) {
-        std::memcpy((op.dst + offset).ToPointer(), (op.src + offset).ToPointer(), piece);
+        CopyBytes((op.dst + offset).ToPointer(), (op.src + offset).ToPointer(), piece);
       }
       offset += piece;
     } while (offset < op.bytes);
