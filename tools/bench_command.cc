@@ -345,7 +345,47 @@ Status ApplyConfigFlags(const std::vector<std::string>& settings, Config* config
 
 namespace {
 
-Status CheckMemoryFlags(const BenchFlags& flags) {
+// --gpus (docs/cuda.md, "Several GPUs"): one device per rank's worker
+// process. The shape of the list is checked before the devices themselves,
+// so that a machine without them still names what is wrong with it.
+Status CheckGpusFlag(const BenchFlags& flags, const Scenario& scenario) {
+  if (flags.gpus.empty()) return Status::Ok();
+  if (flags.memory != "cuda") {
+    return InvalidArgumentError("--gpus applies to --memory cuda only");
+  }
+  if (flags.transport != "cuda-ipc") {
+    return UnimplementedError(
+        "--gpus places every rank's worker process on a device of its own: it needs --transport "
+        "cuda-ipc (over " +
+        flags.transport + " every rank uses --device)");
+  }
+  if (flags.device != 0) {
+    return InvalidArgumentError("--gpus and --device " + std::to_string(flags.device) +
+                                ": give one of the two");
+  }
+  const int ranks = scenario.ctx.num_ranks() + scenario.gen.num_ranks();
+  if (static_cast<int>(flags.gpus.size()) != ranks) {
+    return InvalidArgumentError("--gpus lists " + std::to_string(flags.gpus.size()) +
+                                " devices: it needs one per rank, " + std::to_string(ranks) +
+                                " (ctx ranks first: " + std::to_string(scenario.ctx.num_ranks()) +
+                                " ctx, then " + std::to_string(scenario.gen.num_ranks()) + " gen)");
+  }
+  for (size_t i = 0; i < flags.gpus.size(); ++i) {
+    if (flags.gpus[i] < 0) {
+      return InvalidArgumentError("--gpus entry " + std::to_string(i) + " = " +
+                                  std::to_string(flags.gpus[i]) + " is not a device ordinal");
+    }
+  }
+  for (size_t i = 0; i < flags.gpus.size(); ++i) {
+    if (Status s = PoolMemoryFromFlags(flags.memory, flags.gpus[i]).status(); !s.ok()) {
+      return s.WithContext("--gpus entry " + std::to_string(i));
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckMemoryFlags(const BenchFlags& flags, const Scenario& scenario) {
+  if (!flags.gpus.empty()) return CheckGpusFlag(flags, scenario);
   return PoolMemoryFromFlags(flags.memory, flags.device).status();
 }
 
@@ -390,6 +430,11 @@ void RegisterBenchFlags(CLI::App& app, BenchFlags* flags, bool sweep) {
       ->capture_default_str();
   cmd->add_option("--device", flags->device, "The CUDA device of --memory cuda")
       ->capture_default_str();
+  cmd->add_option("--gpus", flags->gpus,
+                  "Comma list of CUDA devices, one per rank, ctx ranks first (--transport "
+                  "cuda-ipc): each rank's worker process on its device; the ceiling is then a "
+                  "peer copy from the first ctx rank's device to the first gen rank's")
+      ->delimiter(',');
   cmd->add_option("--path", flags->paths,
                   "Comma list of per-block,bounce,direct,auto (default: every path the "
                   "transport supports, one run each; bounce only while it is on)");
@@ -455,6 +500,12 @@ void RegisterBenchFlags(CLI::App& app, BenchFlags* flags, bool sweep) {
                   "Mean time between agent restarts in chaos mode (0: none)")
       ->capture_default_str()
       ->needs(chaos);
+}
+
+int RankDevice(const BenchFlags& flags, const Scenario& scenario, bool ctx, int rank) {
+  if (flags.gpus.empty()) return flags.device;
+  const size_t index = static_cast<size_t>(ctx ? rank : scenario.ctx.num_ranks() + rank);
+  return index < flags.gpus.size() ? flags.gpus[index] : flags.device;
 }
 
 Result<BenchPlan> PlanBench(const BenchFlags& flags) {
@@ -538,7 +589,7 @@ Result<BenchPlan> PlanBench(const BenchFlags& flags) {
     Config probe;
     KVB_RETURN_IF_ERROR(ApplyConfigFlags(flags.config, &probe));
   }
-  KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags));
+  KVB_RETURN_IF_ERROR(CheckMemoryFlags(flags, scenario));
   if (flags.requests < 1) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
                                 " is invalid: must be >= 1");

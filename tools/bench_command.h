@@ -30,6 +30,9 @@ struct BenchFlags {
   std::string transport = "loopback";
   std::string memory = "host";  // "host" or "cuda"
   int device = 0;               // the CUDA device of --memory cuda
+  // --gpus: the CUDA device of each rank's worker process, ctx ranks first
+  // then gen ranks (--transport cuda-ipc); empty: every rank on --device.
+  std::vector<int> gpus;
   std::string paths;            // empty: every path the transport supports (bounce only when on)
   int requests = 16;
   int concurrency = 2;
@@ -103,6 +106,10 @@ struct BenchPlan {
 int64_t DefaultArenaMb(const Scenario& scenario, bool ctx_side, int concurrency);
 
 CLI::App* AddBenchCommand(CLI::App& app, BenchFlags* flags);
+
+// The CUDA device of ctx rank `rank` (gen rank, `ctx` false) of a
+// multi-process bench: its --gpus entry, else --device.
+int RankDevice(const BenchFlags& flags, const Scenario& scenario, bool ctx, int rank);
 
 // Registers the bench's flags on `app` (AddBenchCommand's command; `kvbounce
 // sweep` takes them too, less --json and the chaos flags when `sweep`).

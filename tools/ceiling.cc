@@ -125,6 +125,22 @@ Result<Ceiling> MeasureDeviceCeiling(int device) {
 #endif
 }
 
+Result<Ceiling> MeasureLinkCeiling(int src_device, int dst_device) {
+  if (src_device == dst_device) return MeasureDeviceCeiling(src_device);
+#if KVBOUNCE_HAVE_CUDA
+  bool peer_access = false;
+  KVB_ASSIGN_OR_RETURN(double rate, MeasurePeerCopyCeiling(src_device, dst_device,
+                                                           kDeviceCeilingBytes, 20, &peer_access));
+  return Ceiling{
+      "one cudaMemcpyPeerAsync of " + std::to_string(kDeviceCeilingBytes >> 20) + " MiB, device " +
+          std::to_string(src_device) + " to device " + std::to_string(dst_device) +
+          (peer_access ? " (peer access on)" : " (no peer access: staged by the driver)"),
+      rate / 1e9};
+#else
+  return UnimplementedError("a device link ceiling needs a build with CUDA");
+#endif
+}
+
 Ceiling HostMemcpyCeiling() {
   return Ceiling{"one thread's memcpy of a few MiB, caches evicted", MemcpyBytesPerUs() / 1e3};
 }

@@ -40,6 +40,13 @@ inline constexpr size_t kDeviceCeilingBytes = size_t{256} << 20;
 // build without CUDA; the runtime's (no device, out of memory).
 Result<Ceiling> MeasureDeviceCeiling(int device);
 
+// The link between the devices of two ranks: MeasureDeviceCeiling of the
+// device when they are one, else one large cudaMemcpyPeerAsync from
+// `src_device` to `dst_device` (peer access on where the devices offer it;
+// the description says which). Errors: a build without CUDA
+// (kUnimplemented), the CUDA calls'.
+Result<Ceiling> MeasureLinkCeiling(int src_device, int dst_device);
+
 // One thread's memcpy of host memory.
 Ceiling HostMemcpyCeiling();
 

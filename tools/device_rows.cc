@@ -288,4 +288,70 @@ Result<double> DeviceRowKernels::MeasureCopyCeiling(size_t bytes, int iterations
   return static_cast<double>(bytes) * iterations / (static_cast<double>(ms) * 1e-3);
 }
 
+Result<double> MeasurePeerCopyCeiling(int src_device, int dst_device, size_t bytes, int iterations,
+                                      bool* peer_access) {
+  if (bytes == 0 || iterations < 1 || src_device == dst_device) {
+    return InvalidArgumentError(
+        "peer copy ceiling: " + std::to_string(bytes) + " bytes x " + std::to_string(iterations) +
+        " iterations from device " + std::to_string(src_device) + " to device " +
+        std::to_string(dst_device) + " is invalid: both counts must be >= 1, the devices distinct");
+  }
+  const std::string link =
+      "device " + std::to_string(src_device) + " to device " + std::to_string(dst_device);
+  int can_access = 0;
+  KVB_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&can_access, src_device, dst_device),
+                           "cudaDeviceCanAccessPeer(" + link + ")");
+  ScopedCudaDevice scoped(src_device);
+  KVB_RETURN_IF_ERROR(scoped.status());
+  bool enabled = false;
+  if (can_access != 0) {
+    const cudaError_t e = cudaDeviceEnablePeerAccess(dst_device, 0);
+    if (e == cudaErrorPeerAccessAlreadyEnabled) {
+      cudaGetLastError();  // clears the (not sticky) error the call left
+      enabled = true;
+    } else {
+      KVB_CUDA_RETURN_IF_ERROR(e, "cudaDeviceEnablePeerAccess(" + link + ")");
+      enabled = true;
+    }
+  }
+  if (peer_access != nullptr) *peer_access = enabled;
+  KVB_ASSIGN_OR_RETURN(CudaDeviceBuffer src, CudaDeviceBuffer::Allocate(src_device, bytes));
+  KVB_ASSIGN_OR_RETURN(CudaDeviceBuffer dst, CudaDeviceBuffer::Allocate(dst_device, bytes));
+  KVB_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(src_device));
+  KVB_ASSIGN_OR_RETURN(CudaEvent start,
+                       CudaEvent::Create(src_device, /*blocking_sync=*/true, /*timing=*/true));
+  KVB_ASSIGN_OR_RETURN(CudaEvent stop,
+                       CudaEvent::Create(src_device, /*blocking_sync=*/true, /*timing=*/true));
+  const std::string copy = "cudaMemcpyPeerAsync(" + std::to_string(bytes) + " bytes, " + link + ")";
+  Status status = [&]() -> Status {
+    KVB_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyPeerAsync(dst.data(), dst_device, src.data(), src_device, bytes, stream.get()),
+        copy);
+    KVB_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), stream.get()),
+                             "cudaEventRecord (peer ceiling start)");
+    for (int i = 0; i < iterations; ++i) {
+      KVB_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyPeerAsync(dst.data(), dst_device, src.data(), src_device, bytes, stream.get()),
+          copy);
+    }
+    KVB_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), stream.get()),
+                             "cudaEventRecord (peer ceiling stop)");
+    return Status::Ok();
+  }();
+  // The buffers must outlive the copies even when one of them failed.
+  const Status synced =
+      CudaStatus(cudaStreamSynchronize(stream.get()),
+                 "cudaStreamSynchronize(device " + std::to_string(src_device) + ")");
+  KVB_RETURN_IF_ERROR(status);
+  KVB_RETURN_IF_ERROR(synced);
+  float ms = 0;
+  KVB_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()),
+                           "cudaEventElapsedTime (peer ceiling)");
+  if (!(ms > 0)) {
+    return InternalError("peer copy ceiling: " + std::to_string(iterations) + " copies of " +
+                         std::to_string(bytes) + " bytes timed at " + std::to_string(ms) + " ms");
+  }
+  return static_cast<double>(bytes) * iterations / (static_cast<double>(ms) * 1e-3);
+}
+
 }  // namespace kvbounce::tools

@@ -113,6 +113,18 @@ class DeviceRowKernels {
   std::unique_ptr<Impl> impl_;
 };
 
+// The link ceiling between two devices: one cudaMemcpyPeerAsync of `bytes`
+// from a buffer on `src_device` to one on `dst_device`, after one untimed
+// warm-up, repeated `iterations` times between two events on the source
+// device's stream. Peer access from the source device to the destination
+// is turned on first where the devices offer it (`*peer_access` says
+// whether it is on); without it the driver stages the copy through host
+// memory. Returns bytes copied per second. Never creates a multicast
+// object. Errors: kInvalidArgument for bytes == 0, iterations < 1 or equal
+// devices; a CUDA error naming the call otherwise.
+Result<double> MeasurePeerCopyCeiling(int src_device, int dst_device, size_t bytes, int iterations,
+                                      bool* peer_access);
+
 }  // namespace kvbounce::tools
 
 #endif  // KVBOUNCE_TOOLS_DEVICE_ROWS_H_

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tools/bench_report.h"
+#include "tools/ceiling.h"
 #include "tools/progress.h"
 #include "tools/subprocess.h"
 #include "tools/worker_protocol.h"
@@ -234,7 +235,7 @@ Status Driver::Start(const std::string& executable) {
                 "--memory",
                 flags_.memory,
                 "--device",
-                std::to_string(flags_.device)};
+                std::to_string(RankDevice(flags_, plan_.scenario, ctx, r))};
       if (ctx && flags_.inject_fail_rate > 0) {
         o.args.push_back("--inject-fail-rate");
         o.args.push_back(std::to_string(flags_.inject_fail_rate));
@@ -624,6 +625,22 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
   if (executable.empty()) {
     KVB_ASSIGN_OR_RETURN(executable, SelfExecutable());
   }
+  // Device pools of worker processes on one host: the link every path is
+  // compared with, measured before the workers take their memory — the
+  // device's own copy, or a peer copy between the first ctx rank's device
+  // and the first gen rank's (--gpus).
+  nlohmann::json result;
+  std::optional<double> ceiling_gbps;
+  if (flags.transport == "cuda-ipc") {
+    const int src = RankDevice(flags, plan.scenario, /*ctx=*/true, 0);
+    const int dst = RankDevice(flags, plan.scenario, /*ctx=*/false, 0);
+    Result<Ceiling> measured = MeasureLinkCeiling(src, dst);
+    if (!measured.ok()) return measured.status().WithContext("measuring the link ceiling");
+    const Ceiling& ceiling = *measured;
+    ceiling_gbps = ceiling.gbps;
+    result["ceiling"] = {{"what", ceiling.what}, {"gbps", ceiling.gbps}};
+    log << "  ceiling: " << ceiling.what << ": " << ceiling.gbps << " GB/s\n";
+  }
   KVB_ASSIGN_OR_RETURN(std::unique_ptr<SignalWatch> signals,
                        SignalWatch::Create({SIGINT, SIGTERM}));
   Driver driver(flags, plan, log, signals.get());
@@ -662,7 +679,6 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
     paths.push_back(p);
   }
 
-  nlohmann::json result;
   nlohmann::json runs = nlohmann::json::array();
   Status failed;
   uint64_t next_id = 1;
@@ -694,8 +710,10 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
       }
       const Status finished = driver.FinishPath(*run, totals);
       if (finished.ok()) {
-        const nlohmann::json j =
-            PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate);
+        nlohmann::json j = PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate);
+        if (ceiling_gbps && *ceiling_gbps > 0) {
+          j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
+        }
         runs.push_back(j);
         log << "  " << TransferPathName(path) << ": done";
         if (flags.inject_fail_rate > 0 && !j["fault_injection_applies"].get<bool>()) {

@@ -423,6 +423,45 @@ TEST(BenchCommandTest, ReportsThatFailTheBench) {
   EXPECT_THAT(why, HasSubstr("without an injected fault"));
 }
 
+// --gpus: one device per rank's worker process, ctx ranks first; the shape
+// of the list is checked before the devices, whose absence is named too.
+TEST(BenchCommandTest, GpusPlaceEachRankAndBadListsAreNamed) {
+  std::ostringstream log;
+  auto error = [&](BenchFlags f) { return std::string(RunBench(f, log).status().message()); };
+  BenchFlags f = Small();  // 4 ctx ranks, 4 gen ranks (tp=2, pp=2)
+  f.gpus = {0, 0, 0, 0, 0, 0, 0, 0};
+  EXPECT_THAT(error(f), HasSubstr("--gpus applies to --memory cuda only"));
+  f.memory = "cuda";
+  EXPECT_THAT(error(f), HasSubstr("--gpus places every rank's worker process"));
+  EXPECT_THAT(error(f), HasSubstr("needs --transport cuda-ipc"));
+  f.transport = "cuda-ipc";
+  f.device = 1;
+  EXPECT_THAT(error(f), HasSubstr("--gpus and --device 1: give one of the two"));
+  f.device = 0;
+  f.gpus = {0, 1, 2};
+  EXPECT_THAT(error(f), HasSubstr("--gpus lists 3 devices: it needs one per rank, 8 (ctx ranks "
+                                  "first: 4 ctx, then 4 gen)"));
+  f.gpus = {0, 1, 2, 3, -1, 5, 6, 7};
+  EXPECT_THAT(error(f), HasSubstr("--gpus entry 4 = -1 is not a device ordinal"));
+  f.gpus = {0, 0, 0, 0, 0, 0, 0, 99};
+  if (CudaSupport() == nullptr || CudaSupport()->DeviceCount() == 0) {
+    EXPECT_THAT(error(f), HasSubstr("--gpus entry 0"));  // no device at all
+  } else {
+    EXPECT_THAT(error(f), HasSubstr("--gpus entry 7"));  // not 99 of them
+  }
+
+  auto scenario = BuildScenario(f.scenario);
+  ASSERT_TRUE(scenario.ok()) << scenario.status();
+  f.gpus = {10, 11, 12, 13, 20, 21, 22, 23};
+  EXPECT_EQ(RankDevice(f, *scenario, /*ctx=*/true, 0), 10);
+  EXPECT_EQ(RankDevice(f, *scenario, /*ctx=*/true, 3), 13);
+  EXPECT_EQ(RankDevice(f, *scenario, /*ctx=*/false, 0), 20);
+  EXPECT_EQ(RankDevice(f, *scenario, /*ctx=*/false, 3), 23);
+  f.gpus.clear();
+  f.device = 2;
+  EXPECT_EQ(RankDevice(f, *scenario, /*ctx=*/false, 1), 2);
+}
+
 TEST(BenchCommandTest, BadFlagsNameWhatIsWrong) {
   std::ostringstream log;
   auto error = [&](BenchFlags f) { return std::string(RunBench(f, log).status().message()); };
