@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <type_traits>
 
 #include "copy/cuda/copy_kernel.cuh"
 
@@ -103,6 +104,8 @@ __device__ __forceinline__ void CopyTasks(const Source& source, Index tasks) {
 #pragma unroll
       for (int u = 0; u < kSmallUnroll; ++u) {
         const Index tu = t + static_cast<Index>(u) * groups;
+        // No piece: 0 bytes, and then its addresses are never used (they
+        // stay unset, costing no registers).
         if (tu >= tasks || !source.Get(tu, &p[u])) p[u].bytes = 0;
         fast[u] = ((p[u].src | p[u].dst | p[u].bytes) & 15) == 0 && p[u].bytes <= 16 * G;
       }
@@ -223,17 +226,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
   CopyTasks<G, uint32_t>(InlineSource{l}, l.count);
 }
 
-template <typename Index>
-void LaunchTiled(const TiledLaunch& launch, int lanes, uint32_t blocks, cudaStream_t stream) {
+// Calls launch(std::integral_constant<int, G>{}) for the group size
+// `lanes` (GroupLanes' 8, 16 or a warp): one kernel instance per size.
+template <typename Launch>
+void WithGroupLanes(int lanes, Launch launch) {
   switch (lanes) {
     case 8:
-      TiledCopyKernel<8, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      launch(std::integral_constant<int, 8>{});
       break;
     case 16:
-      TiledCopyKernel<16, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      launch(std::integral_constant<int, 16>{});
       break;
     default:
-      TiledCopyKernel<kWarpSize, Index><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+      launch(std::integral_constant<int, kWarpSize>{});
       break;
   }
 }
@@ -245,17 +250,9 @@ cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
   for (uint32_t i = 0; i < launch.count; ++i) largest = std::max(largest, launch.pieces[i].bytes);
   const int lanes = GroupLanes(largest);
   const uint32_t blocks = BlocksFor(launch.count, lanes, launch.count);
-  switch (lanes) {
-    case 8:
-      InlineCopyKernel<8><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
-      break;
-    case 16:
-      InlineCopyKernel<16><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
-      break;
-    default:
-      InlineCopyKernel<kWarpSize><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
-      break;
-  }
+  WithGroupLanes(lanes, [&](auto g) {
+    InlineCopyKernel<g.value><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+  });
   return cudaGetLastError();
 }
 
@@ -266,11 +263,14 @@ cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cuda
   // The largest task index the grid-stride loop forms is below tasks plus
   // kSmallUnroll times the grid's groups.
   const uint64_t groups = uint64_t{blocks} * (kThreadsPerBlock / lanes);
-  if (tasks + kSmallUnroll * groups < (uint64_t{1} << 32)) {
-    LaunchTiled<uint32_t>(launch, lanes, blocks, stream);
-  } else {
-    LaunchTiled<uint64_t>(launch, lanes, blocks, stream);
-  }
+  const bool narrow = tasks + kSmallUnroll * groups < (uint64_t{1} << 32);
+  WithGroupLanes(lanes, [&](auto g) {
+    if (narrow) {
+      TiledCopyKernel<g.value, uint32_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+    } else {
+      TiledCopyKernel<g.value, uint64_t><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+    }
+  });
   return cudaGetLastError();
 }
 
@@ -280,17 +280,9 @@ cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count
   const int lanes = GroupLanes(max_piece_bytes);
   const uint32_t blocks = BlocksFor(count, lanes, max_blocks);
   const FlatSource source{descriptors, src_base, dst_base};
-  switch (lanes) {
-    case 8:
-      BatchedCopyKernel<8><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
-      break;
-    case 16:
-      BatchedCopyKernel<16><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
-      break;
-    default:
-      BatchedCopyKernel<kWarpSize><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
-      break;
-  }
+  WithGroupLanes(lanes, [&](auto g) {
+    BatchedCopyKernel<g.value><<<blocks, kThreadsPerBlock, 0, stream>>>(source, count);
+  });
   return cudaGetLastError();
 }
 
