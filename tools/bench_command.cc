@@ -870,10 +870,8 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     run.credit_stall_ms =
         std::chrono::duration<double, std::milli>(chunks_after.second - chunks_before.second)
             .count();
-    nlohmann::json j = PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate);
-    if (ceiling_gbps && *ceiling_gbps > 0) {
-      j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
-    }
+    const nlohmann::json j =
+        PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate, ceiling_gbps);
     runs.push_back(j);
     LogPathDone(j, flags.inject_fail_rate, log);
   }

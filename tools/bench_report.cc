@@ -22,7 +22,8 @@ double Percentile(std::vector<double> v, double p) {
 }
 
 nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
-                           const std::string& memory, double inject_fail_rate) {
+                           const std::string& memory, double inject_fail_rate,
+                           std::optional<double> ceiling_gbps) {
   // Bounce writes nothing where the writer gathered straight into a mapped
   // recv slot (Config::bounce_gather_mapped): count the writes (those of
   // settled requests, or failed ones), not the path.
@@ -45,6 +46,9 @@ nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
   j["bytes"] = run.bytes;
   j["seconds"] = run.seconds;
   j["throughput_gbps"] = run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
+  if (ceiling_gbps && *ceiling_gbps > 0) {
+    j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
+  }
   j["latency_ms"] = {{"p50", Percentile(run.latency_ms, 50)},
                      {"p90", Percentile(run.latency_ms, 90)},
                      {"p99", Percentile(run.latency_ms, 99)},

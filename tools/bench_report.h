@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,9 +56,11 @@ struct PathRun {
 // The p-th percentile (nearest rank) of `v`; 0 when empty.
 double Percentile(std::vector<double> v, double p);
 
-// The run's object in the report's "runs" array.
+// The run's object in the report's "runs" array; with a ceiling measured in
+// the same run (GB/s, > 0), its `fraction_of_ceiling` too.
 nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
-                           const std::string& memory, double inject_fail_rate);
+                           const std::string& memory, double inject_fail_rate,
+                           std::optional<double> ceiling_gbps = std::nullopt);
 
 }  // namespace kvbounce::tools
 

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/copy_bytes.h"
 #include "common/memcpy_rate.h"
 #include "layout/planner.h"
 #include "tools/cluster.h"
@@ -160,7 +161,7 @@ double CopyFragmentsInParallel(std::span<const Fragment> fragments, int threads)
   const auto copy = [fragments](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
       const Fragment& f = fragments[i];
-      std::memcpy(reinterpret_cast<void*>(f.dst), reinterpret_cast<const void*>(f.src), f.bytes);
+      CopyBytes(reinterpret_cast<void*>(f.dst), reinterpret_cast<const void*>(f.src), f.bytes);
     }
   };
   const auto start = SteadyClock::now();
@@ -210,7 +211,7 @@ Result<Ceiling> MeasureScatteredCopyCeiling(Cluster& cluster, TokenRange range, 
   }
   const double gbps = best > 0 ? static_cast<double>(bytes) / best / 1e9 : 0;
   return Ceiling{"the requests' own fragments copied by " + std::to_string(threads) +
-                     " threads (memcpy each, a wave of " + std::to_string(slots) + ")",
+                     " threads (a plain copy each, a wave of " + std::to_string(slots) + ")",
                  gbps};
 }
 

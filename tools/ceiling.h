@@ -7,7 +7,8 @@
 //     bench, the scattered copy of its own requests (MeasureScatteredCopy-
 //     Ceiling below);
 //   * device pools (loopback, cuda-ipc): one cudaMemcpyAsync of 256 MiB,
-//     device to device;
+//     device to device (cuda-ipc with ranks on two devices: one
+//     cudaMemcpyPeerAsync between them, MeasureLinkCeiling);
 //   * ucx, host pools: `ucx_perftest -t ucp_put_bw` between two processes on
 //     127.0.0.1 (with the bench's UCX_TLS), the better of 256 KiB and
 //     16 MiB puts, 128 MiB each.
@@ -61,7 +62,9 @@ Result<Ceiling> MeasureScatteredCopyCeiling(Cluster& cluster, TokenRange range, 
                                             int threads);
 
 // Copies the fragments (absolute addresses) with `threads` threads, split
-// evenly by bytes; returns the seconds it took.
+// evenly by bytes, each with CopyBytes (src/common/copy_bytes.h: memcpy, or
+// backwards where memcpy stalls on 4K aliasing, as kvbounce's own host
+// copies do); returns the seconds it took.
 double CopyFragmentsInParallel(std::span<const Fragment> fragments, int threads);
 
 // UCX put bandwidth between two `ucx_perftest` processes on this host.

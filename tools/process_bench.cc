@@ -710,10 +710,8 @@ Result<nlohmann::json> RunProcessBench(const BenchFlags& flags, const BenchPlan&
       }
       const Status finished = driver.FinishPath(*run, totals);
       if (finished.ok()) {
-        nlohmann::json j = PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate);
-        if (ceiling_gbps && *ceiling_gbps > 0) {
-          j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
-        }
+        const nlohmann::json j =
+            PathRunJson(*run, flags.transport, flags.memory, flags.inject_fail_rate, ceiling_gbps);
         runs.push_back(j);
         log << "  " << TransferPathName(path) << ": done";
         if (flags.inject_fail_rate > 0 && !j["fault_injection_applies"].get<bool>()) {

@@ -253,16 +253,14 @@ Status CudaCopyEngine::SubmitValidated(const CopyBatch& batch, uint64_t total_by
         const Fragment& run = tiles.runs[shape.first_run + r];
         for (uint64_t off = 0; off < run.bytes && state->tile_pieces.size() <= max_pieces;
              off += cuda_copy::kMaxPieceBytes) {
-          state->tile_pieces.push_back(PieceDescriptor{
-              run.src + off, run.dst + off, std::min(cuda_copy::kMaxPieceBytes, run.bytes - off)});
+          const uint64_t piece = std::min(cuda_copy::kMaxPieceBytes, run.bytes - off);
+          state->tile_pieces.push_back(PieceDescriptor{run.src + off, run.dst + off, piece});
+          state->tile_max_piece = std::max(state->tile_max_piece, piece);
         }
       }
       const BatchState::ShapePieces d{static_cast<uint32_t>(first),
                                       static_cast<uint32_t>(state->tile_pieces.size() - first)};
       state->pieces_per_unit = std::max<uint64_t>(state->pieces_per_unit, d.count);
-      for (size_t i = first; i < state->tile_pieces.size(); ++i) {
-        state->tile_max_piece = std::max(state->tile_max_piece, state->tile_pieces[i].bytes);
-      }
       state->tile_shapes.push_back(d);
       state->tile_shape_bytes.push_back(shape.bytes * tiles.outer.size());
     }
