@@ -113,6 +113,14 @@ struct TransportCaps {
   bool read_remote = false;
   // What Read costs: a fixed price per range (op_us) and the copy rate.
   TransportCost read_cost;
+  // A peer's region can be mapped into this process for reading: this
+  // process's copy engine reads it at its mapped_address() while a
+  // BeginMappedRead access lives. The receiver's `direct` read then copies
+  // with its own engine, its lists in the engine's own form (tiled for the
+  // CUDA engine), instead of issuing one Read op per run (docs/paths.md,
+  // "Direct read"). Only reads: a copy into a peer's memory still needs
+  // map_remote. cuda-ipc offers it; loopback where LoopbackOptions say so.
+  bool map_remote_read = false;
 };
 
 // Identifies one connection of this transport. Assigned by the transport
@@ -145,7 +153,10 @@ class RemoteRegion {
   virtual PeerId peer() const = 0;
   virtual const RegionInfo& info() const = 0;
   // Where this process can reach the region with a copy engine, when the
-  // transport maps remote memory (caps().map_remote); Addr() otherwise.
+  // transport maps remote memory (caps().map_remote, or caps().
+  // map_remote_read for reads only); Addr() otherwise. A copy may touch it
+  // only while it holds a BeginMappedAccess (writes) or BeginMappedRead
+  // (reads) access of the region.
   virtual Addr mapped_address() const = 0;
 };
 
@@ -245,11 +256,11 @@ class Transport {
   // The capabilities of the connection to `peer` for memory of `kind`: what
   // the transport can do with a region of that kind on this connection
   // (whether `direct` maps or reads it, what it costs). The default is
-  // PeerCaps(peer) with map_remote and read_remote cleared when the
-  // transport cannot reach `kind` at all (host_memory, device_memory);
-  // transports whose answer depends on the kind (a host-only read of a
-  // transport that also moves device memory) override it. Errors: kNotFound
-  // for an unknown peer.
+  // PeerCaps(peer) with map_remote, read_remote and map_remote_read cleared
+  // when the transport cannot reach `kind` at all (host_memory,
+  // device_memory); transports whose answer depends on the kind (a
+  // host-only read of a transport that also moves device memory) override
+  // it. Errors: kNotFound for an unknown peer.
   virtual Result<TransportCaps> PeerCapsFor(PeerId peer, MemoryKind kind) const {
     Result<TransportCaps> caps = PeerCaps(peer);
     if (!caps.ok()) return caps;
@@ -257,6 +268,7 @@ class Transport {
     if (host ? !caps->host_memory : !caps->device_memory) {
       caps->map_remote = false;
       caps->read_remote = false;
+      caps->map_remote_read = false;
     }
     return caps;
   }
@@ -311,6 +323,19 @@ class Transport {
   // region was deregistered by its owner, kAborted after Shutdown,
   // kInvalidArgument for a region another transport imported.
   virtual Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) = 0;
+
+  // Begins a read-only mapped access to the peer's region `source`
+  // (caps().map_remote_read): while it lives, this process's copy engine
+  // may read source.mapped_address() (and nothing may write it). It counts
+  // as a Read of the connection: on_peer_failure for the peer waits until
+  // it ended (the fence above), so the caller releases it as soon as its
+  // copy ended. A copy through it reads what the peer's memory holds then:
+  // as with Read, whether the peer held those bytes throughout is the
+  // session's question (docs/sessions.md). Errors: as BeginMappedAccess,
+  // kUnimplemented when PeerCaps(peer).map_remote_read is false.
+  virtual Result<std::unique_ptr<MappedAccess>> BeginMappedRead(const RemoteRegion& /*source*/) {
+    return UnimplementedError(Caps().name + " transport cannot map peer memory for reading");
+  }
 
   // Copies every op of `ops` from the peer's region `source` into the local
   // region `target`; `done` runs once when all have landed here, with the

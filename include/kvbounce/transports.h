@@ -30,12 +30,17 @@ std::shared_ptr<LoopbackFabric> NewLoopbackFabric();
 Result<std::unique_ptr<Transport>> NewLoopbackTransport(std::shared_ptr<LoopbackFabric> fabric,
                                                         std::string name);
 
-// What a loopback transport offers its agents; both on by default. Turning
-// one off makes the transport behave like a link without it (tests of the
+// What a loopback transport offers its agents (map_remote and read_remote
+// on by default). Turning one off makes the transport behave like a link without it (tests of the
 // paths and of `auto`).
 struct LoopbackOptions {
   bool map_remote = true;   // BeginMappedAccess: `direct` copies by the writer
   bool read_remote = true;  // Read: `direct` copies by the receiver
+  // BeginMappedRead: the receiver's `direct` read copies with its own copy
+  // engine from the mapped peer pool instead of through Read (as over
+  // cuda-ipc). Off by default, so that a loopback without map_remote
+  // behaves like UCX between processes of one host.
+  bool map_remote_read = false;
   // Device memory (builds with CUDA): registered and copied through the GPU
   // runtime. Off, the endpoint reaches host memory only, as Debian's UCX
   // does: device pools then stage through pinned host arenas.

@@ -90,6 +90,9 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
     if (w.direct) {
       e.direct_us +=
           copy_hand_off + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
+    } else if (w.mapped_read) {
+      e.direct_us += 2 * kHandOffUs + copy_hand_off + copy.batch_us +
+                     static_cast<double>(w.direct_runs) * copy.run_us + copied;
     } else {
       const TransportCost read = EffectiveReadCost(config, w.read, stated_copy);
       e.direct_us += 3 * kHandOffUs +

@@ -12,6 +12,8 @@
 //              (Config::bounce_gather_mapped, this rank's setting)
 //   direct     H + batch + D run + B / copy               (one batched copy)
 //              3 H + D (read_op + P) + B / read           (read by this rank)
+//              2 H + H + batch + D run + B / copy         (read by this rank's
+//                                                          engine, mapped)
 //
 // where, per writer, B is its packed bytes, D its direct-list runs (one
 // transport write each on per-block, one copy run each on direct), G and S
@@ -26,7 +28,10 @@
 // and read are the connection's read cost (PeerCaps(peer).read_cost), or the
 // copy engine's figures where it states none; P = kReadPlanRunUs is this
 // rank planning and grouping the writer's direct list once its blocks are
-// lent, on the control thread.
+// lent, on the control thread. Where the writer's pool is mapped here
+// (TransportCaps::map_remote_read) this rank's copy engine reads it in one
+// batch, planned in the engine's own form (tiled for the CUDA engine):
+// priced like the writer's direct copy, with the loan's two extra steps.
 //
 // Writers run in parallel on their own ranks, but every term scales alike
 // with their number, so the sum ranks the paths as the slowest writer would,
@@ -90,6 +95,9 @@ struct WriterLoad {
   TransportCost link;         // as the transport states it for the connection
   bool direct = false;        // the writer can copy into this rank's pool
   bool direct_read = false;   // this rank can read the writer's pool
+  // ... with its own copy engine, the pool mapped here
+  // (TransportCaps::map_remote_read): priced as a copy, not as reads.
+  bool mapped_read = false;
   TransportCost read;         // what such a read costs, as stated
   bool send_arena = false;    // the writer can gather (bounce)
   // The transport reaches the writer's pool and this rank's: it can write

@@ -37,8 +37,12 @@ struct ReceiverSession::Writer {
   bool scatter_planned = false;
   WriterState state = WriterState::kPending;
   Status error;
-  // Direct read: this rank copies the writer's blocks (KV_READY) itself.
+  // Direct read: this rank copies the writer's blocks (KV_READY) itself,
+  // with its own copy engine from the writer's pool mapped here
+  // (`mapped_read`: TransportCaps::map_remote_read) or through
+  // Transport::Read.
   bool reads = false;
+  bool mapped_read = false;
   bool ready_seen = false;
   bool read_complete = false;  // every read landed and KV_READ_DONE went out
   int reads_outstanding = 0;   // read batches in the transport
@@ -238,6 +242,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     load.bytes = writer.bytes;
     load.scatter_runs = scatter_runs;
     writer.reads = load.direct_read;
+    writer.mapped_read = load.mapped_read;
     loads.push_back(load);
     r->writers.push_back(std::move(writer));
   }
@@ -383,6 +388,17 @@ WriterLoad ReceiverSession::LinkLoad(const PeerState& peer) const {
   load.direct_read =
       !load.direct && theirs.ok() && theirs->read_remote && ours.ok() && ours->read_remote;
   if (theirs.ok()) load.read = theirs->read_cost;
+  // The read by our own copy engine from the writer's pool mapped here:
+  // every allocation of its pool mapped, and an engine that reaches the
+  // memory on both sides.
+  if (load.direct_read && theirs->map_remote_read && peer.mapped_pool &&
+      (!peer.state_pool || peer.mapped_state_pool) && ctx_.copy != nullptr) {
+    const CopyEngineCaps engine = ctx_.copy->Caps();
+    auto reaches = [&engine](MemoryKind kind) {
+      return kind == MemoryKind::kCuda ? engine.device_memory : engine.host_memory;
+    };
+    load.mapped_read = reaches(peer.pool_memory) && reaches(ctx_.pool_memory);
+  }
   load.send_arena = peer.send_arena;
   return load;
 }
@@ -782,15 +798,27 @@ void ReceiverSession::StartReads(Request& r, size_t index, const protocol::KvRea
     }
     writer_table.push_back(static_cast<int32_t>(id));
   }
-  // The same plan the writer made, with both block tables known here.
+  // The same plan the writer made, with both block tables known here; on
+  // a mapped read with the writer's pool at its addresses here.
   PlanSide writer_side = WriterSide(*peer, w.rank, writer_table);
+  const bool mapped = w.mapped_read && peer->mapped_pool.has_value();
+  if (mapped) {
+    writer_side.pool = &*peer->mapped_pool;
+    writer_side.state_pool = peer->mapped_state_pool ? &*peer->mapped_state_pool : nullptr;
+  }
   if (r.state_slot >= 0) {
     writer_side.state_slot =
         ready.state_slot == protocol::kNoStateSlot ? -1 : static_cast<int64_t>(ready.state_slot);
   }
-  Result<PairPlan> plan = PlanPair(writer_side, OurSide(r), r.tokens, kPlanDirect);
+  const bool tiled = mapped && ctx_.TiledCopies();
+  Result<PairPlan> plan =
+      PlanPair(writer_side, OurSide(r), r.tokens, kPlanDirect | (tiled ? kPlanTiled : 0));
   if (!plan.ok()) {
     fail(plan.status().WithContext("planning the reads from " + w.name));
+    return;
+  }
+  if (mapped) {
+    StartMappedRead(r, index, *peer, std::make_shared<PairPlan>(std::move(plan).value()), tiled);
     return;
   }
   Result<std::vector<ReadGroup>> grouped =
@@ -822,6 +850,49 @@ void ReceiverSession::StartReads(Request& r, size_t index, const protocol::KvRea
     // call never re-enters the request's state machine).
     ++w.reads_outstanding;
     ctx_.loop->Post([this, key, index] { OnReadDone(key, index, Status::Ok()); });
+  }
+}
+
+void ReceiverSession::StartMappedRead(Request& r, size_t index, const PeerState& peer,
+                                      std::shared_ptr<PairPlan> plan, bool tiled) {
+  Writer& w = r.writers[index];
+  if (ctx_.copy == nullptr) {
+    const Status why = AbortedError("agent shutting down");
+    EndLoan(r, w, why);
+    WriterDone(r, w, WriterState::kFailed, why);
+    return;
+  }
+  // Every allocation of the writer's pool the plan may read, held until
+  // the copy ended (the connection's fence waits for them), released by
+  // the copy's `done` wherever it runs.
+  auto access = std::make_shared<std::vector<std::unique_ptr<MappedAccess>>>();
+  access->reserve(peer.pool_regions.size());
+  for (const std::unique_ptr<RemoteRegion>& region : peer.pool_regions) {
+    Result<std::unique_ptr<MappedAccess>> a = ctx_.transport->BeginMappedRead(*region);
+    if (!a.ok()) {
+      const Status why = a.status().WithContext("mapping the pool of " + w.name + " for reading");
+      EndLoan(r, w, why);
+      WriterDone(r, w, WriterState::kFailed, why);
+      return;
+    }
+    access->push_back(std::move(a).value());
+  }
+  const CopyBatch batch = tiled ? DirectBatch(plan->tiled_direct) : DirectBatch(plan->direct);
+  const Key key = r.key;
+  ++w.reads_outstanding;
+  Status submitted = ctx_.SubmitCopy(
+      batch,
+      [this, key, index, access, plan](Status s) {
+        access->clear();
+        ctx_.loop->Post([this, key, index, s] { OnReadDone(key, index, s); });
+      },
+      w.read_stop.get_token());
+  if (!submitted.ok()) {
+    --w.reads_outstanding;
+    access->clear();
+    const Status why = submitted.WithContext("reading from " + w.name);
+    EndLoan(r, w, why);
+    WriterDone(r, w, WriterState::kFailed, why);
   }
 }
 

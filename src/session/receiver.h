@@ -159,6 +159,11 @@ class ReceiverSession {
   Writer* FindWriter(Request& r, const PeerState& peer, uint32_t writer_rank);
   // Direct read: copies writer `index`'s lent blocks into the pool.
   void StartReads(Request& r, size_t index, const protocol::KvReady& ready);
+  // StartReads where the writer's pool is mapped here: `plan` (its lists
+  // at the mapped addresses, tiled when `tiled`) copied by this rank's
+  // engine in one batch, under BeginMappedRead accesses.
+  void StartMappedRead(Request& r, size_t index, const PeerState& peer,
+                       std::shared_ptr<PairPlan> plan, bool tiled);
   void OnReadDone(Key key, size_t index, const Status& status);
   // Tells a writer whose loan this rank gave up that it may end it.
   void EndLoan(Request& r, const Writer& w, const Status& why);

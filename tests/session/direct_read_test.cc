@@ -122,6 +122,53 @@ TEST_P(DirectReadShapeTest, TheReceiverReadsEveryByteAndNothingIsWritten) {
   for (int g = 0; g < c.num_gen(); ++g) EXPECT_GT(c.gen_faults(g)->Stats().read_ops, 0u);
 }
 
+// Where the transport maps the writer's pool for reading
+// (LoopbackOptions::map_remote_read, as cuda-ipc does), the receiver copies
+// the lent blocks with its own copy engine in one batch: no Read op at all,
+// and every byte lands.
+TEST_P(DirectReadShapeTest, AMappedReadCopiesEveryByteWithTheReceiversEngine) {
+  ClusterOptions o = Unmapped(GetParam());
+  o.loopback.map_remote_read = true;
+  o.gen_config.transport_op_ns = 100000;
+  o.gen_config.inline_copy_kb = 0;  // every copy on the engine's threads
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(11);
+  uint64_t id = 1;
+  for (TransferPath path : {TransferPath::kDirect, TransferPath::kAuto}) {
+    SCOPED_TRACE(std::string(TransferPathName(path)));
+    const BlockTables tables = c.Tables(0, 64, rng);
+    c.ClearGen(0);
+    std::vector<std::shared_ptr<Transfer>> pubs;
+    for (int r = 0; r < c.num_ctx(); ++r) {
+      auto pub = c.ctx(r).Publish(id, tables.ctx, 64);
+      ASSERT_THAT(pub, IsOk());
+      pubs.push_back(*pub);
+    }
+    std::vector<std::shared_ptr<Transfer>> pulls;
+    for (int g = 0; g < c.num_gen(); ++g) {
+      auto pull = c.gen(g).Pull(id, "ctx0", tables.gen, {0, 64}, Path(path));
+      ASSERT_THAT(pull, IsOk());
+      pulls.push_back(*pull);
+    }
+    for (int g = 0; g < c.num_gen(); ++g) {
+      ASSERT_THAT(pulls[static_cast<size_t>(g)]->Wait(), IsOk());
+      EXPECT_EQ(pulls[static_cast<size_t>(g)]->info().path_taken, TransferPath::kDirect);
+      const tools::VerifyResult v = c.VerifyGen(g, tables, {0, 64});
+      EXPECT_GT(v.verified_bytes, 0u);
+      EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    }
+    for (const auto& pub : pubs) EXPECT_THAT(pub->Wait(), IsOk());
+    ++id;
+  }
+  for (int r = 0; r < c.num_ctx(); ++r) EXPECT_EQ(c.ctx_faults(r)->Stats().write_ops, 0u);
+  for (int g = 0; g < c.num_gen(); ++g) {
+    EXPECT_EQ(c.gen_faults(g)->Stats().read_ops, 0u);
+    EXPECT_EQ(c.gen(g).Stats().arena_outstanding_bytes, 0u);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, DirectReadShapeTest,
     ::testing::Values(Shape{"one_to_one_layout_change", 1, 1, LayoutKind::kLayerMajorNhd},

@@ -88,6 +88,29 @@ TEST(PathChoiceTest, DirectWhenAvailableAndCheapest) {
             TransferPath::kPerBlock);
 }
 
+// The receiver's read: through Transport::Read, a read op and the planning
+// of a run each; mapped here (map_remote_read), one batch of its own engine.
+TEST(PathChoiceTest, AMappedReadIsPricedAsTheReceiversCopy) {
+  // cuda-ipc's shape: 4 KiB runs, a device engine, a costly op per read.
+  const CopyCost device{.batch_us = 10, .run_us = 0.001, .bytes_per_us = 1.5e6};
+  std::vector<WriterLoad> loads = Loads(4, 32768, 4 * kKiB, kNetwork);
+  for (WriterLoad& w : loads) {
+    w.direct_read = true;
+    w.read = TransportCost{.op_us = 0.02, .bytes_per_us = 1.5e6};
+  }
+  const PathEstimate read = EstimatePaths(Config(), loads, device, true);
+  // 4 x (3 x 10 + 32,768 x (0.02 + 0.05) + 128 MiB / 1.5e6) µs.
+  EXPECT_NEAR(read.direct_us, 4 * (30 + 32768 * 0.07 + 128.0 * kMiB / 1.5e6), 1);
+  for (WriterLoad& w : loads) w.mapped_read = true;
+  const PathEstimate mapped = EstimatePaths(Config(), loads, device, true);
+  // 4 x (3 x 10 + 10 + 32,768 x 0.001 + 128 MiB / 1.5e6) µs.
+  EXPECT_NEAR(mapped.direct_us, 4 * (40 + 32768 * 0.001 + 128.0 * kMiB / 1.5e6), 1);
+  EXPECT_LT(mapped.direct_us, read.direct_us / 5);
+  // Where bounce had won against the reads, the mapped read wins.
+  EXPECT_LT(mapped.direct_us, mapped.bounce_us);
+  EXPECT_EQ(Auto(Config(), loads, true, device), TransferPath::kDirect);
+}
+
 TEST(PathChoiceTest, BounceNeedsBothArenas) {
   const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork);
   EXPECT_EQ(Auto(Config(), loads, /*recv_arena=*/false), TransferPath::kPerBlock);

@@ -580,11 +580,57 @@ TEST_P(CudaIpcTransportTest, CapabilitiesAndWhatRegisterRefuses) {
   EXPECT_EQ(region->info().device, kDevice);
   EXPECT_FALSE(region->info().remote_key.empty());
 
-  // No mapping for the caller's copy engine: `direct` runs as a read.
+  // No writes by the caller's copy engine: `direct` runs as a read, by the
+  // transport (Read) or by the caller's engine through the mapping.
+  EXPECT_FALSE(caps.map_remote);
+  EXPECT_TRUE(caps.map_remote_read);
   RemoteRegion* target = Import(peer);
   ASSERT_NE(target, nullptr);
-  EXPECT_EQ(target->mapped_address(), Addr());
+  EXPECT_NE(target->mapped_address(), Addr());
   EXPECT_THAT((*a_)->BeginMappedAccess(*target), StatusIs(StatusCode::kUnimplemented));
+  EXPECT_FALSE(host_caps->map_remote_read);
+}
+
+// BeginMappedRead: the caller's own copy engine reads the peer process's
+// region at its mapped_address(); the access holds the connection's
+// failure back (the fence) until it is destroyed, and none is granted on
+// a closed connection.
+TEST_P(CudaIpcTransportTest, AMappedReadLetsTheCallersEngineCopyAndHoldsTheFence) {
+  constexpr uint64_t kBytes = 1 << 20;
+  Peer peer;
+  ASSERT_NO_FATAL_FAILURE(StartPeer(kBytes, &peer));
+  DeviceBuffer* dst = NewBuffer(std::vector<uint8_t>(kBytes + 512, 0x5A));
+  ASSERT_NE(dst, nullptr);
+  RemoteRegion* source = Import(peer);
+  ASSERT_NE(source, nullptr);
+  auto access = (*a_)->BeginMappedRead(*source);
+  ASSERT_THAT(access, IsOk());
+
+  auto engine = CudaSupport()->NewCopyEngine(kDevice, std::chrono::microseconds(0));
+  ASSERT_THAT(engine, IsOk());
+  // Two pieces, the second at an odd offset of each side.
+  const Fragment pieces[] = {
+      {source->mapped_address().value(), dst->addr(256).value(), 4096},
+      {(source->mapped_address() + 4097).value(), dst->addr(256 + 4097).value(), kBytes - 4097}};
+  ASSERT_THAT((*engine)->CopySync(CopyBatch{pieces, Addr(0), Addr(0)}), IsOk());
+  auto got = dst->Download();
+  ASSERT_THAT(got, IsOk());
+  std::vector<uint8_t> want(kBytes + 512, 0x5A);
+  const std::vector<uint8_t> pattern = PeerPattern(kBytes);
+  std::copy(pattern.begin(), pattern.begin() + 4096, want.begin() + 256);
+  std::copy(pattern.begin() + 4097, pattern.end(), want.begin() + 256 + 4097);
+  EXPECT_EQ(Difference(*got, want), "");
+  EXPECT_EQ((*a_)->Stats().read_ops, 0u) << "no Read was issued";
+
+  // The peer dies: nothing is reported while the access lives.
+  peer.process->Kill();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(a_->failures(peer.id), 0) << "on_peer_failure while a mapped read was held";
+  access->reset();
+  ASSERT_TRUE(a_->WaitForFailure(peer.id, kFailureTimeout))
+      << "no on_peer_failure once the mapped read ended";
+  EXPECT_THAT((*a_)->BeginMappedRead(*source), StatusIs(StatusCode::kUnavailable));
+  engine->reset();
 }
 
 // --- Control frames -------------------------------------------------------------

@@ -1122,6 +1122,59 @@ TEST_F(LoopbackTransportTest, ReadAndMappedAccessAreUnimplementedWhereAnEndTurne
   EXPECT_EQ(tracker.Violations(), "");
 }
 
+// BeginMappedRead: offered only where both ends turned map_remote_read on,
+// independently of map_remote; the guard reads through mapped_address() and
+// holds the connection's failure back until it is destroyed.
+TEST_F(LoopbackTransportTest, MappedReadNeedsBothEndsAndDefersTheFailure) {
+  const LoopbackOptions reading{.map_remote = false, .read_remote = true, .map_remote_read = true};
+  auto a = MakeTestEndpoint(LoopbackTransport::Create(fabric_, "a", reading));
+  auto b = MakeTestEndpoint(LoopbackTransport::Create(fabric_, "b", reading));
+  auto plain = MakeEndpoint("plain");
+  EXPECT_TRUE((*a)->Caps().map_remote_read);
+  EXPECT_FALSE((*plain)->Caps().map_remote_read);
+  auto [a_to_b, b_to_a] = Connect(*a, *b);
+  auto [a_to_plain, plain_to_a] = Connect(*a, *plain);
+  ASSERT_THAT((*a)->PeerCaps(a_to_b), IsOk());
+  EXPECT_TRUE((*a)->PeerCaps(a_to_b)->map_remote_read);
+  EXPECT_FALSE((*a)->PeerCaps(a_to_plain)->map_remote_read);
+
+  GuardedBuffer b_buffer(256, 0x5a);
+  GuardedBuffer plain_buffer(256);
+  auto b_region = (*b)->Register(b_buffer.addr(), 256, MemoryKind::kHost);
+  auto plain_region = (*plain)->Register(plain_buffer.addr(), 256, MemoryKind::kHost);
+  ASSERT_THAT(b_region, IsOk());
+  ASSERT_THAT(plain_region, IsOk());
+  auto b_in_a = (*a)->Import(a_to_b, (*b_region)->info());
+  auto plain_in_a = (*a)->Import(a_to_plain, (*plain_region)->info());
+  ASSERT_THAT(b_in_a, IsOk());
+  ASSERT_THAT(plain_in_a, IsOk());
+
+  // The peer does not offer it; mapping for writes stays off.
+  EXPECT_THAT((*a)->BeginMappedRead(**plain_in_a),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("map_remote_read")));
+  EXPECT_THAT((*plain)->BeginMappedRead(**plain_in_a),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("map_remote_read")));
+  EXPECT_THAT((*a)->BeginMappedAccess(**b_in_a),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("map_remote")));
+
+  auto access = (*a)->BeginMappedRead(**b_in_a);
+  ASSERT_THAT(access, IsOk());
+  std::byte copy[256];
+  std::memcpy(copy, (*b_in_a)->mapped_address().ToPointer(), sizeof(copy));
+  EXPECT_EQ(copy[17], std::byte{0x5a});
+
+  (*b)->Disconnect(b_to_a, UnavailableError("gone"));
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 1u);
+  EXPECT_THAT((*a)->BeginMappedRead(**b_in_a), StatusIs(StatusCode::kUnavailable));
+  EXPECT_EQ(a->total_failures(), 0);
+  access->reset();
+  EXPECT_EQ(fabric_->num_connections_awaiting_fence(), 0u);
+  ASSERT_TRUE(a->WaitForFailure(a_to_b));
+  ASSERT_TRUE(b->WaitForFailure(b_to_a));
+  plain_in_a->reset();
+  b_in_a->reset();
+}
+
 // `a` reads b's region (the source) into its own (the target), kOps ops of
 // kOpBytes; the write hook holds the read part-way.
 class LoopbackReadTest : public LoopbackDataTest {

@@ -141,8 +141,10 @@ class IpcRemoteRegion final : public RemoteRegion {
         owner_(owner) {}
   PeerId peer() const override { return peer_; }
   const RegionInfo& info() const override { return info_; }
-  // Copies reach it here, but only the transport's own (see map_remote).
-  Addr mapped_address() const override { return Addr(); }
+  // Where the peer's region lies in this process: read by the transport's
+  // own reads, or by the caller's copy engine under BeginMappedRead. A
+  // writer's copy into it is never offered (see map_remote).
+  Addr mapped_address() const override { return local(); }
   // The region's first byte in this process.
   Addr local() const { return mapping_->base() + offset_; }
   // The address here of the peer's address `peer_address` inside the region.
@@ -178,6 +180,7 @@ class CudaIpcTransport final : public Transport {
     caps.device_memory = true;
     caps.map_remote = false;
     caps.read_remote = true;
+    caps.map_remote_read = true;
     caps.concurrent_callbacks = true;
     caps.pending_writes_fail = true;
     caps.writes_land_at_completion = true;  // the worker waits for its copies, then reports
@@ -395,6 +398,25 @@ class CudaIpcTransport final : public Transport {
         "direct runs as a read by the receiver");
   }
 
+  // Counted as a read of the connection until the access is destroyed:
+  // the fence waits for it, as for Read. Its copy cannot be stopped from
+  // here; the caller's copy is one batch, and it ends the access when
+  // that batch ended.
+  Result<std::unique_ptr<MappedAccess>> BeginMappedRead(const RemoteRegion& source) override {
+    const auto* remote = dynamic_cast<const IpcRemoteRegion*>(&source);
+    if (remote == nullptr || remote->owner() != this) {
+      return InvalidArgumentError("cuda-ipc: the mapped region was not imported by this transport");
+    }
+    const PeerId peer = source.peer();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (shut_) return AbortedError("cuda-ipc: shut down");
+    auto it = conns_.find(peer);
+    if (it == conns_.end()) return NotFoundError("cuda-ipc: unknown peer " + std::to_string(peer));
+    if (it->second.dead) return UnavailableError("cuda-ipc: connection is closed");
+    ++it->second.reads;
+    return std::unique_ptr<MappedAccess>(new MappedRead(this, peer));
+  }
+
   Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
               TransportDone done, std::stop_token stop) override {
     const auto* remote = dynamic_cast<const IpcRemoteRegion*>(&source);
@@ -508,6 +530,17 @@ class CudaIpcTransport final : public Transport {
   }
 
  private:
+  // BeginMappedRead's access: one read of its connection while it lives.
+  class MappedRead final : public MappedAccess {
+   public:
+    MappedRead(CudaIpcTransport* transport, PeerId peer) : transport_(transport), peer_(peer) {}
+    ~MappedRead() override { transport_->ReadEnded(peer_, nullptr); }
+
+   private:
+    CudaIpcTransport* const transport_;
+    const PeerId peer_;
+  };
+
   struct Copy {
     Addr dst;
     Addr src;
@@ -741,7 +774,8 @@ class CudaIpcTransport final : public Transport {
       auto it = conns_.find(peer);
       if (it == conns_.end()) return;
       Conn& c = it->second;
-      if (!c.dead || !c.ops_fenced || c.reads > 0) return;
+      // After Shutdown nothing is reported (a mapped read released late).
+      if (stopping_ || !c.dead || !c.ops_fenced || c.reads > 0) return;
       if (!c.close_sent && !c.channel_closed) {
         c.close_sent = true;
         send_close = true;

@@ -19,6 +19,13 @@
 //     mapped region into local memory — the receiver-side `direct` path
 //     (direct read), where the writer lends its blocks and only the
 //     receiver writes its own memory.
+//   * map_remote_read is true: an imported region's mapped_address() is its
+//     mapping here, and BeginMappedRead lets the caller's own copy engine
+//     read it (the receiver's direct read then copies its plan's tiled
+//     lists with the agent's engine, without one Read op per run). The
+//     access counts as a read of the connection until it is destroyed.
+//     The mapping is made on `options.device`: an engine of another device
+//     reaches it only with peer access.
 //   * Flush: completes behind every write queued before it; a write's
 //     `done` already means its copies landed, so a flush only orders.
 //   * map_remote is false: between processes a writer's copy into the

@@ -237,6 +237,11 @@ Result<std::unique_ptr<MappedAccess>> FaultTransport::BeginMappedAccess(
   return inner_->BeginMappedAccess(target);
 }
 
+Result<std::unique_ptr<MappedAccess>> FaultTransport::BeginMappedRead(const RemoteRegion& source) {
+  if (stopping_.load()) return AbortedError("fault transport: shut down");
+  return inner_->BeginMappedRead(source);
+}
+
 FaultTransport::Decision FaultTransport::DecideLocked(PeerId peer, size_t num_ops, bool read,
                                                       TransportDone& done) {
   Decision decision;

@@ -257,6 +257,8 @@ class FaultTransport final : public Transport {
               TransportDone done, std::stop_token stop) override;
   // Forwarded to the inner transport.
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
+  // Forwarded as it is: a mapped read has no operations to fail or delay.
+  Result<std::unique_ptr<MappedAccess>> BeginMappedRead(const RemoteRegion& source) override;
   // Errors: kInvalidArgument for an empty `done`, kAborted after Shutdown
   // started, and the inner transport's.
   Status Flush(PeerId peer, TransportDone done) override;

@@ -75,6 +75,7 @@ TransportCaps LoopbackCaps(const LoopbackOptions& options) {
   caps.cost.bytes_per_us = MemcpyBytesPerUs();
   caps.read_remote = options.read_remote;
   caps.read_cost = caps.cost;  // the same memcpy on the same thread
+  caps.map_remote_read = options.map_remote_read;
   return caps;
 }
 
@@ -392,7 +393,9 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
                TransportDone done, std::stop_token stop);
   Status Read(const RemoteRegion& source, const LocalRegion& target, std::span<const ReadOp> ops,
               TransportDone done, std::stop_token stop);
-  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target);
+  // BeginMappedAccess, or BeginMappedRead when `read_only`.
+  Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target,
+                                                          bool read_only);
   Result<TransportCaps> PeerCaps(PeerId peer) const;
   Status Flush(PeerId peer, TransportDone done);
   void Disconnect(PeerId peer, const Status& reason);
@@ -1014,12 +1017,16 @@ Result<TransportCaps> Endpoint::PeerCaps(PeerId peer) const {
   TransportCaps caps = LoopbackCaps(options_);
   caps.map_remote = caps.map_remote && remote.map_remote;
   caps.read_remote = caps.read_remote && remote.read_remote;
+  caps.map_remote_read = caps.map_remote_read && remote.map_remote_read;
   return caps;
 }
 
-Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRegion& target) {
-  if (!options_.map_remote) {
-    return UnimplementedError(address_ + ": mapping peer memory is turned off (map_remote)");
+Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRegion& target,
+                                                                  bool read_only) {
+  const char* option = read_only ? "map_remote_read" : "map_remote";
+  if (!(read_only ? options_.map_remote_read : options_.map_remote)) {
+    return UnimplementedError(address_ + ": mapping peer memory " +
+                              (read_only ? "for reading " : "") + "is turned off (" + option + ")");
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -1032,9 +1039,9 @@ Result<std::unique_ptr<MappedAccess>> Endpoint::BeginMappedAccess(const RemoteRe
   }
   KVB_ASSIGN_OR_RETURN(PeerEntry entry, LookupPeer(target.peer()));
   if (const Connection::End& remote_end = entry.conn->ends[1 - entry.side];
-      !remote_end.options.map_remote) {
+      !(read_only ? remote_end.options.map_remote_read : remote_end.options.map_remote)) {
     return UnimplementedError(address_ + ": " + remote_end.address +
-                              " does not offer its memory to be mapped (map_remote)");
+                              " does not offer its memory to be mapped (" + option + ")");
   }
   {
     std::lock_guard<std::mutex> lock(entry.conn->mu);
@@ -1498,7 +1505,12 @@ Status LoopbackTransport::Read(const RemoteRegion& source, const LocalRegion& ta
 
 Result<std::unique_ptr<MappedAccess>> LoopbackTransport::BeginMappedAccess(
     const RemoteRegion& target) {
-  return endpoint_->BeginMappedAccess(target);
+  return endpoint_->BeginMappedAccess(target, /*read_only=*/false);
+}
+
+Result<std::unique_ptr<MappedAccess>> LoopbackTransport::BeginMappedRead(
+    const RemoteRegion& source) {
+  return endpoint_->BeginMappedAccess(source, /*read_only=*/true);
 }
 
 Status LoopbackTransport::Flush(PeerId peer, TransportDone done) {

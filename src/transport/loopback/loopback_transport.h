@@ -182,6 +182,10 @@
 //     did not import, kUnavailable when the connection is dead,
 //     kFailedPrecondition when the owner deregistered the region, kAborted
 //     after Shutdown, kFailedPrecondition before Start.
+//   * BeginMappedRead is the same guard for a copy that only reads the
+//     region (the receiver's `direct` read with its own copy engine),
+//     offered where both ends have LoopbackOptions::map_remote_read on
+//     (kUnimplemented otherwise), independently of map_remote.
 //
 // Progress on a loop (TakeProgressSource; kvbounce/transport.h, ProgressSource)
 //   * TakeProgressSource hands the queue to the caller's thread (an agent's
@@ -366,6 +370,7 @@ class LoopbackTransport final : public Transport {
               TransportDone done, std::stop_token stop) override;
   // See "Mapped access" in the file comment.
   Result<std::unique_ptr<MappedAccess>> BeginMappedAccess(const RemoteRegion& target) override;
+  Result<std::unique_ptr<MappedAccess>> BeginMappedRead(const RemoteRegion& source) override;
   Status Flush(PeerId peer, TransportDone done) override;
   void Disconnect(PeerId peer, const Status& reason) override;
   void Shutdown() override;
