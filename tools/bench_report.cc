@@ -46,6 +46,11 @@ nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
   j["bytes"] = run.bytes;
   j["seconds"] = run.seconds;
   j["throughput_gbps"] = run.seconds > 0 ? static_cast<double>(run.bytes) / run.seconds / 1e9 : 0.0;
+  if (run.ceiling_seconds > 0 && run.ceiling_bytes > 0) {
+    ceiling_gbps = static_cast<double>(run.ceiling_bytes) / run.ceiling_seconds / 1e9;
+    j["ceiling_gbps"] = *ceiling_gbps;
+    j["ceiling_bytes"] = run.ceiling_bytes;
+  }
   if (ceiling_gbps && *ceiling_gbps > 0) {
     j["fraction_of_ceiling"] = j["throughput_gbps"].get<double>() / *ceiling_gbps;
   }

@@ -47,6 +47,11 @@ struct PathRun {
   // and how long writers waited idle for a credit, summed over them.
   uint64_t chunks = 0;
   double credit_stall_ms = 0;
+  // Host pools over loopback: the ceiling paired with this path, the same
+  // requests' fragments copied plainly right after each of its waves
+  // (bytes and seconds summed over the waves; 0: not measured).
+  uint64_t ceiling_bytes = 0;
+  double ceiling_seconds = 0;
 
   // A request that failed with `outcome`: explained when the fault injector
   // caused it (its message says "injected").
@@ -57,7 +62,8 @@ struct PathRun {
 double Percentile(std::vector<double> v, double p);
 
 // The run's object in the report's "runs" array; with a ceiling measured in
-// the same run (GB/s, > 0), its `fraction_of_ceiling` too.
+// the same run (GB/s, > 0), its `fraction_of_ceiling` too — against the
+// run's own paired ceiling (`ceiling_gbps`) where it has one.
 nlohmann::json PathRunJson(const PathRun& run, const std::string& transport,
                            const std::string& memory, double inject_fail_rate,
                            std::optional<double> ceiling_gbps = std::nullopt);

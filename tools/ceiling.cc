@@ -146,6 +146,25 @@ Ceiling HostMemcpyCeiling() {
   return Ceiling{"one thread's memcpy of a few MiB, caches evicted", MemcpyBytesPerUs() / 1e3};
 }
 
+Result<FragmentList> RequestFragments(Cluster& cluster, const BlockTables& tables,
+                                      TokenRange range) {
+  FragmentList all;
+  const int slot = tables.slot;
+  for (int w = 0; w < cluster.num_ctx(); ++w) {
+    const RankHarness& ctx = cluster.ctx_harness(tables.ctx_instance, w);
+    PlanSide writer{&cluster.ctx_topology(), w, &ctx.layout(), tables.ctx, ctx.state_layout(),
+                    ctx.StateSlot(slot)};
+    for (int g = 0; g < cluster.num_gen(); ++g) {
+      const RankHarness& gen = cluster.harness(false, g);
+      PlanSide receiver{&cluster.gen_topology(), g, &gen.layout(), tables.gen, gen.state_layout(),
+                        gen.StateSlot(slot)};
+      KVB_ASSIGN_OR_RETURN(PairPlan plan, PlanPair(writer, receiver, range, kPlanDirect));
+      all.insert(all.end(), plan.direct.begin(), plan.direct.end());
+    }
+  }
+  return all;
+}
+
 double CopyFragmentsInParallel(std::span<const Fragment> fragments, int threads) {
   uint64_t total = 0;
   for (const Fragment& f : fragments) total += f.bytes;
@@ -186,20 +205,10 @@ Result<Ceiling> MeasureScatteredCopyCeiling(Cluster& cluster, TokenRange range, 
   uint64_t bytes = 0;
   std::mt19937_64 rng(7);
   for (int slot = 0; slot < slots; ++slot) {
-    const BlockTables tables = cluster.Tables(slot, range.end, rng);
-    for (int w = 0; w < cluster.num_ctx(); ++w) {
-      const RankHarness& ctx = cluster.ctx_harness(0, w);
-      PlanSide writer{&cluster.ctx_topology(), w, &ctx.layout(), tables.ctx, ctx.state_layout(),
-                      ctx.StateSlot(slot)};
-      for (int g = 0; g < cluster.num_gen(); ++g) {
-        const RankHarness& gen = cluster.harness(false, g);
-        PlanSide receiver{&cluster.gen_topology(), g, &gen.layout(), tables.gen, gen.state_layout(),
-                          gen.StateSlot(slot)};
-        KVB_ASSIGN_OR_RETURN(PairPlan plan, PlanPair(writer, receiver, range, kPlanDirect));
-        bytes += plan.packed_bytes;
-        all.insert(all.end(), plan.direct.begin(), plan.direct.end());
-      }
-    }
+    KVB_ASSIGN_OR_RETURN(FragmentList one,
+                         RequestFragments(cluster, cluster.Tables(slot, range.end, rng), range));
+    for (const Fragment& f : one) bytes += f.bytes;
+    all.insert(all.end(), one.begin(), one.end());
   }
   // A first round warms the pages and caches up; the best of the others
   // counts (at least two, more while a round takes under 100 ms).

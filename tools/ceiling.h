@@ -28,6 +28,7 @@
 namespace kvbounce::tools {
 
 class Cluster;
+struct BlockTables;
 
 struct Ceiling {
   std::string what;  // one line: what was measured
@@ -60,6 +61,13 @@ Ceiling HostMemcpyCeiling();
 // Errors: the planner's; kInvalidArgument for device pools or threads < 1.
 Result<Ceiling> MeasureScatteredCopyCeiling(Cluster& cluster, TokenRange range, int slots,
                                             int threads);
+
+// The fragments of one request of the bench as a plain copy moves them:
+// every writer's direct list (of the request's ctx instance) for every gen
+// rank, for the tokens of `range` (KV and, for hybrid models, state), at
+// the pools' addresses. Errors: the planner's.
+Result<FragmentList> RequestFragments(Cluster& cluster, const BlockTables& tables,
+                                      TokenRange range);
 
 // Copies the fragments (absolute addresses) with `threads` threads, split
 // evenly by bytes, each with CopyBytes (src/common/copy_bytes.h: memcpy, or

@@ -333,8 +333,12 @@ Result<nlohmann::json> RunSweep(const SweepFlags& flags, std::ostream& log) {
             "transport_writes", "verified_bytes", "mismatches", "arena_outstanding_bytes"}) {
         row[k] = run[k];
       }
-      row["ceiling_gbps"] = point_ceiling;
-      row["fraction_of_ceiling"] = point_ceiling > 0 ? gbps / point_ceiling : 0.0;
+      // A host-pool run's own paired ceiling where it has one (the bench's
+      // RunPath), else the point's.
+      const double run_ceiling =
+          run.contains("ceiling_gbps") ? run["ceiling_gbps"].get<double>() : point_ceiling;
+      row["ceiling_gbps"] = run_ceiling;
+      row["fraction_of_ceiling"] = run_ceiling > 0 ? gbps / run_ceiling : 0.0;
       row["latency_p50_ms"] = run["latency_ms"]["p50"];
       row["latency_p99_ms"] = run["latency_ms"]["p99"];
       row["verified"] = ok && run["mismatches"].get<uint64_t>() == 0 &&

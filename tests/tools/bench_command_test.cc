@@ -73,14 +73,18 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
   EXPECT_EQ(runs[0]["paths_taken"]["per-block"], 6 * 4);
   EXPECT_EQ(runs[3]["paths_taken"]["direct"], 6 * 4);
   // Host pools: the ceiling is the requests' own fragments copied plainly,
-  // and every path is shown as a share of it.
+  // measured before the paths ran and again right after each wave of each
+  // path (its paired ceiling); every path is shown as a share of its own.
   ASSERT_TRUE(report->contains("ceiling"));
   EXPECT_THAT((*report)["ceiling"]["what"].get<std::string>(), HasSubstr("fragments copied by"));
   EXPECT_GT((*report)["ceiling"]["gbps"].get<double>(), 0);
   for (const auto& r : runs) {
+    ASSERT_TRUE(r.contains("ceiling_gbps")) << r;
+    EXPECT_GT(r["ceiling_gbps"].get<double>(), 0);
+    // The fragments of exactly the requests it moved, each byte once.
+    EXPECT_EQ(r["ceiling_bytes"], r["bytes"]);
     EXPECT_NEAR(r["fraction_of_ceiling"].get<double>(),
-                r["throughput_gbps"].get<double>() / (*report)["ceiling"]["gbps"].get<double>(),
-                1e-9);
+                r["throughput_gbps"].get<double>() / r["ceiling_gbps"].get<double>(), 1e-9);
   }
   std::string why;
   EXPECT_TRUE(BenchPassed(*report, &why)) << why;
@@ -89,6 +93,7 @@ TEST(BenchCommandTest, EveryPathRunsAndVerifies) {
   EXPECT_THAT(table.str(), HasSubstr("per-block"));
   EXPECT_THAT(table.str(), HasSubstr("GB/s"));
   EXPECT_THAT(table.str(), HasSubstr("ceil%"));
+  EXPECT_THAT(table.str(), HasSubstr("paired ceiling"));
 }
 
 // The ceiling's copy: every fragment copied once, whatever the thread count
