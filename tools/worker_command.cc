@@ -519,7 +519,7 @@ WorkerEnd ServeCommands(WorkerRank& rank, int in_fd, std::ostream& out, SignalWa
       }
     }
     if (fds[1].revents != 0) {
-      for (const DoneReply& d : rank.TakeDone()) emit(FormatDone(d));
+      for (const DoneReply& d : rank.TakeDone(/*verify_when_idle=*/true)) emit(FormatDone(d));
     }
     if (fds[0].revents != 0) {
       char chunk[65536];

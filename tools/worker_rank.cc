@@ -199,7 +199,7 @@ Status WorkerRank::Cancel(uint64_t request_id) {
   return Status::Ok();
 }
 
-std::vector<DoneReply> WorkerRank::TakeDone() {
+std::vector<DoneReply> WorkerRank::TakeDone(bool verify_when_idle) {
   uint64_t count = 0;
   [[maybe_unused]] const ssize_t n = read(wake_fd_, &count, sizeof(count));
   std::vector<Settled> settled;
@@ -225,19 +225,31 @@ std::vector<DoneReply> WorkerRank::TakeDone() {
     d.settled_ns = s.settled_ns;
     d.message = std::string(s.status.message());
     if (!ctx_side()) {
-      if (s.status.ok()) {
-        const VerifyResult v = harness_->VerifyGen(r.slot, r.table, r.range);
-        d.verified_bytes = v.verified_bytes;
-        d.mismatches = v.mismatches;
-        if (v.mismatches != 0) d.message = v.first_mismatch;
-      }
-      // Settled: nothing writes the slot any more.
-      harness_->ClearSlot(r.slot);
-      slot_busy_[static_cast<size_t>(r.slot)] = false;
+      // Settled: nothing writes the slot any more; verified below.
+      unverified_.push_back({std::move(d), std::move(r), s.status.ok()});
+      in_flight_.erase(it);
+      continue;
     }
     in_flight_.erase(it);
     Count(d);
     out.push_back(std::move(d));
+  }
+  if (!verify_when_idle || in_flight_.empty()) {
+    for (Unverified& u : unverified_) {
+      DoneReply& d = u.reply;
+      if (u.ok) {
+        const VerifyResult v =
+            harness_->VerifyGen(u.request.slot, u.request.table, u.request.range);
+        d.verified_bytes = v.verified_bytes;
+        d.mismatches = v.mismatches;
+        if (v.mismatches != 0) d.message = v.first_mismatch;
+      }
+      harness_->ClearSlot(u.request.slot);
+      slot_busy_[static_cast<size_t>(u.request.slot)] = false;
+      Count(d);
+      out.push_back(std::move(d));
+    }
+    unverified_.clear();
   }
   return out;
 }

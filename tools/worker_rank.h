@@ -104,8 +104,14 @@ class WorkerRank {
 
   int wake_fd() const { return wake_fd_; }
   // The replies of every request that settled since the last call (clears
-  // wake_fd).
-  std::vector<DoneReply> TakeDone();
+  // wake_fd). A gen rank verifies each settled request's slot before it
+  // replies; with `verify_when_idle` it holds those replies back until no
+  // request of its own is in flight any more, so that verifying (on this
+  // thread, and with device pools on the GPU) neither delays the pulls
+  // still to be issued nor competes with the transfers still running (the
+  // bench driven by a parent: a wave's requests are timed to their settle,
+  // and the parent issues the next wave once every reply of this one came).
+  std::vector<DoneReply> TakeDone(bool verify_when_idle = false);
   size_t in_flight() const { return in_flight_.size(); }
   // Slots without a request in flight, lowest first.
   std::vector<int> FreeSlots() const;
@@ -155,6 +161,13 @@ class WorkerRank {
   std::map<uint64_t, Request> in_flight_;
   std::vector<bool> slot_busy_;
   std::vector<DoneReply> refused_;
+  // gen: settled requests whose slots TakeDone has not verified yet.
+  struct Unverified {
+    DoneReply reply;
+    Request request;
+    bool ok = false;
+  };
+  std::vector<Unverified> unverified_;
   WorkerTally tally_;
 };
 
