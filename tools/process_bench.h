@@ -7,7 +7,9 @@
 //   2. send every gen worker "connect <ctx addresses>";
 //   3. per path, in waves of --concurrency requests: "publish" to every ctx
 //      worker and "pull" to every gen worker, collect each gen worker's
-//      "done" (already verified by the worker), cancel the publications
+//      "done" (already verified by the worker, which verifies a wave's
+//      requests once none of its own is still in flight, so that checking
+//      one does not slow the others), cancel the publications
 //      still open, collect the ctx workers' "done"; then "stats" from every
 //      worker (transport writes, staging bytes still outstanding);
 //   4. "quit" to every worker, then SIGTERM, then SIGKILL, and reap them
