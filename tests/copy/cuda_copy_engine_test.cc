@@ -434,6 +434,95 @@ TEST_F(CudaCopyEngineTest, StopDuringATiledBatchSkipsTheRest) {
   EXPECT_EQ(engine_->GetStats().launches, 2u);
 }
 
+// Merged launches: tiled batches of the same tables queued right behind a
+// batch that ends in a launch ride in it, each whole, each with its own
+// `done`; a batch of other tables, or one whose stop came before its
+// launch, does not ride; every byte of the batches that ran lands, nothing
+// of the stopped one.
+TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
+  std::promise<void> all_queued;
+  std::shared_future<void> queued = all_queued.get_future().share();
+  CudaCopyEngine::Options options;
+  options.max_inline_pieces = 0;  // every batch uploaded, as large ones are
+  // Every batch's first launch waits until all are queued.
+  options.launch_hook_for_testing = [queued](size_t launch) {
+    if (launch == 0) queued.wait();
+  };
+  MakeEngine(options);
+  std::mt19937_64 rng(131);
+  const testing_tiled::RandomTiled r = testing_tiled::MakeRandomTiled(rng, 3, 24, 3, 6, KiB(2));
+  std::mt19937_64 rng2(132);
+  const testing_tiled::RandomTiled other = testing_tiled::MakeRandomTiled(rng2, 2, 4, 2, 3, 500);
+  CudaDeviceBuffer src = Device(r.src_extent);
+  CudaDeviceBuffer dst = Device(r.dst_extent);
+  CudaDeviceBuffer other_src = Device(other.src_extent);
+  CudaDeviceBuffer other_dst = Device(other.dst_extent);
+  ASSERT_NE(dst.data(), nullptr);
+  ASSERT_NE(other_dst.data(), nullptr);
+  const std::vector<uint8_t> host_src = RandomBytes(r.src_extent, 133);
+  const std::vector<uint8_t> other_host_src = RandomBytes(other.src_extent, 134);
+  Upload(src, host_src);
+  Upload(other_src, other_host_src);
+  Upload(dst, std::vector<uint8_t>(r.dst_extent, kUntouched));
+  Upload(other_dst, std::vector<uint8_t>(other.dst_extent, kUntouched));
+
+  // Six batches of r's tables, four of its segments each.
+  std::vector<TiledList> parts(6, r.list);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    parts[i].segments.assign(r.list.segments.begin() + static_cast<std::ptrdiff_t>(4 * i),
+                             r.list.segments.begin() + static_cast<std::ptrdiff_t>(4 * i + 4));
+  }
+  std::stop_source stop_part4;
+  stop_part4.request_stop();
+  std::mutex mu;
+  std::vector<int> order;
+  std::vector<Status> statuses(7);
+  DoneCounter counter;
+  auto submit = [&](int index, const CopyBatch& batch, std::stop_token stop) {
+    ASSERT_THAT(engine_->Submit(
+                    batch,
+                    [&, index, done = counter.Callback()](Status s) mutable {
+                      {
+                        std::lock_guard<std::mutex> lock(mu);
+                        order.push_back(index);
+                        statuses[static_cast<size_t>(index)] = s;
+                      }
+                      done(std::move(s));
+                    },
+                    std::move(stop)),
+                IsOk());
+  };
+  // Queue: part 0 (takes parts 1 and 2 along), other, part 3 (alone: part 4
+  // is stopped), part 4, part 5.
+  for (int i = 0; i < 3; ++i) submit(i, CopyBatch{{}, src.addr(), dst.addr(), &parts[i]}, {});
+  submit(3, CopyBatch{{}, other_src.addr(), other_dst.addr(), &other.list}, {});
+  submit(4, CopyBatch{{}, src.addr(), dst.addr(), &parts[3]}, {});
+  submit(5, CopyBatch{{}, src.addr(), dst.addr(), &parts[4]}, stop_part4.get_token());
+  submit(6, CopyBatch{{}, src.addr(), dst.addr(), &parts[5]}, {});
+  all_queued.set_value();
+  counter.WaitFor(7);
+
+  for (int i : {0, 1, 2, 3, 4, 6}) EXPECT_THAT(statuses[static_cast<size_t>(i)], IsOk()) << i;
+  EXPECT_THAT(statuses[5], StatusIs(StatusCode::kCancelled));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_GE(order.size(), 3u);
+    EXPECT_EQ(std::vector<int>(order.begin(), order.begin() + 3), (std::vector<int>{0, 1, 2}))
+        << "the riders finish after the batch they rode with, in queue order";
+  }
+  const CudaCopyEngine::Stats stats = engine_->GetStats();
+  EXPECT_EQ(stats.batches_completed, 7u);
+  EXPECT_EQ(stats.batches_cancelled, 1u);
+  EXPECT_EQ(stats.launches, 4u) << "parts 0-2 in one launch, other, part 3 and part 5 alone";
+
+  std::vector<uint8_t> expected(r.dst_extent, kUntouched);
+  for (int i : {0, 1, 2, 3, 5}) testing_tiled::ApplyTiledOnHost(parts[i], host_src, expected);
+  EXPECT_EQ(FirstMismatch(Download(dst, r.dst_extent), expected), -1);
+  std::vector<uint8_t> other_expected(other.dst_extent, kUntouched);
+  testing_tiled::ApplyTiledOnHost(other.list, other_host_src, other_expected);
+  EXPECT_EQ(FirstMismatch(Download(other_dst, other.dst_extent), other_expected), -1);
+}
+
 TEST_F(CudaCopyEngineTest, CapsSayDeviceMemoryOnly) {
   const CopyEngineCaps caps = engine_->Caps();
   EXPECT_TRUE(caps.device_memory);

@@ -82,6 +82,8 @@ struct CudaCopyEngine::Slot {
   CudaEvent uploaded;            // upload stream: descriptors are on the device
   CudaEvent finished;            // copy stream: the kernel is done
   std::shared_ptr<BatchState> batch;
+  // Batches that ride in this launch whole (LaunchTiled), in queue order.
+  std::vector<std::shared_ptr<BatchState>> riders;
   uint64_t bytes = 0;
 };
 
@@ -107,6 +109,13 @@ bool SkipEmpty(const std::span<const Fragment> fragments, size_t& next, uint64_t
 // offsets and the pieces.
 size_t TiledFixedBytes(size_t outer, size_t pieces) {
   return outer * sizeof(cuda_copy::TileOffsetDescriptor) + pieces * sizeof(PieceDescriptor);
+}
+
+// Whether `a` and `b` have the same bytes (trivially copyable elements).
+template <typename T>
+bool SameBytes(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 // Whether the batch has nothing left to launch.
@@ -359,6 +368,8 @@ void CudaCopyEngine::Loop() {
     if (current != nullptr && current->all_launched) {
       MaybeFinish(current);
       current.reset();
+      for (std::shared_ptr<BatchState>& rider : failed_riders_) MaybeFinish(rider);
+      failed_riders_.clear();
       continue;
     }
     // Nothing to launch now (no batch, or no free slot): wait for the oldest launch.
@@ -526,6 +537,28 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
   batch.next_segment += count;
   slot.bytes = bytes;
   batch.bytes_launched += bytes;
+  // The batch ends in this launch: the queued batches of the same tables
+  // ride along, whole (the shapes' indices and pieces are the batch's).
+  std::vector<std::shared_ptr<BatchState>> riders;
+  if (batch.next_segment == tiles.segments.size() && count < room &&
+      bytes < options_.max_launch_bytes) {
+    TakeRiders(batch, room - count, options_.max_launch_bytes - bytes, &riders);
+  }
+  for (const std::shared_ptr<BatchState>& rider : riders) {
+    for (const TileSegment& seg : rider->batch.tiles->segments) {
+      const BatchState::ShapePieces shape = batch.tile_shapes[seg.shape];
+      segments[count++] =
+          cuda_copy::TileSegmentDescriptor{seg.src, seg.dst, shape.first, shape.count};
+    }
+    bytes += rider->total_bytes;
+    rider->next_segment = rider->batch.tiles->segments.size();
+    rider->bytes_launched = rider->total_bytes;
+    rider->launches_started = 1;
+    rider->in_flight = 1;
+    rider->all_launched = true;
+  }
+  slot.bytes = bytes;
+  slot.riders = std::move(riders);
 
   const auto* device = static_cast<const std::byte*>(slot.descriptors.data());
   cuda_copy::TiledLaunch launch;
@@ -541,12 +574,54 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
   launch.src_base = batch.batch.src_base.value();
   launch.dst_base = batch.batch.dst_base.value();
   launch.max_piece_bytes = batch.tile_max_piece;
-  return Enqueue(batch, slot, fixed + count * sizeof(cuda_copy::TileSegmentDescriptor), [&] {
-    if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs: nothing to copy
-    return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),
-                      "tiled copy kernel launch (" + std::to_string(count) + " segments, " +
-                          std::to_string(bytes) + " bytes)");
-  });
+  Status status =
+      Enqueue(batch, slot, fixed + count * sizeof(cuda_copy::TileSegmentDescriptor), [&] {
+        if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs
+        return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),
+                          "tiled copy kernel launch (" + std::to_string(count) + " segments, " +
+                              std::to_string(bytes) + " bytes)");
+      });
+  if (!status.ok()) {
+    // Nothing of the launch runs: its riders fail with it, after the batch
+    // (Enqueue took the whole launch's bytes off the batch's count).
+    batch.bytes_launched += RidersBytes(slot.riders);
+    for (std::shared_ptr<BatchState>& rider : slot.riders) {
+      rider->in_flight = 0;
+      rider->bytes_launched = 0;
+      rider->error = status;
+    }
+    failed_riders_ = std::move(slot.riders);
+    slot.riders.clear();
+  }
+  return status;
+}
+
+uint64_t CudaCopyEngine::RidersBytes(const std::vector<std::shared_ptr<BatchState>>& riders) {
+  uint64_t bytes = 0;
+  for (const std::shared_ptr<BatchState>& rider : riders) bytes += rider->total_bytes;
+  return bytes;
+}
+
+void CudaCopyEngine::TakeRiders(const BatchState& batch, size_t segments, uint64_t bytes,
+                                std::vector<std::shared_ptr<BatchState>>* riders) {
+  const TiledList& tiles = *batch.batch.tiles;
+  std::lock_guard<std::mutex> lock(mu_);
+  while (!queue_.empty()) {
+    BatchState& next = *queue_.front();
+    const TiledList* t = next.batch.tiles;
+    if (t == nullptr || next.total_bytes == 0 || t->segments.size() > segments ||
+        next.total_bytes > bytes || next.stop.stop_requested() ||
+        next.batch.src_base != batch.batch.src_base ||
+        next.batch.dst_base != batch.batch.dst_base || !SameBytes(t->outer, tiles.outer) ||
+        !SameBytes(next.tile_pieces, batch.tile_pieces) ||
+        !SameBytes(next.tile_shapes, batch.tile_shapes)) {
+      return;
+    }
+    segments -= t->segments.size();
+    bytes -= next.total_bytes;
+    riders->push_back(std::move(queue_.front()));
+    queue_.pop_front();
+  }
 }
 
 Status CudaCopyEngine::Enqueue(BatchState& batch, Slot& slot, size_t staged_bytes,
@@ -601,6 +676,8 @@ void CudaCopyEngine::Retire() {
           : CudaStatus(polled, "cudaEventQuery(copy)");
   in_flight_.pop_front();
   std::shared_ptr<BatchState> batch = std::move(slot.batch);
+  std::vector<std::shared_ptr<BatchState>> riders = std::move(slot.riders);
+  slot.riders.clear();
   free_slots_.push_back(index);
   if (batch == nullptr) return;
   --batch->in_flight;
@@ -612,6 +689,12 @@ void CudaCopyEngine::Retire() {
     batch->all_launched = true;
   }
   MaybeFinish(batch);
+  // The riders came after the batch in the queue: they finish after it.
+  for (std::shared_ptr<BatchState>& rider : riders) {
+    --rider->in_flight;
+    if (!status.ok() && rider->error.ok()) rider->error = status.WithContext("cuda copy engine");
+    MaybeFinish(rider);
+  }
 }
 
 void CudaCopyEngine::MaybeFinish(std::shared_ptr<BatchState>& batch) {

@@ -31,6 +31,18 @@
 // launch's staging buffer (max_launch_pieces descriptors) is expanded and
 // runs as a flat list.
 //
+// Merged launches: where a tiled batch's last launch has room left, the
+// batches queued right behind it that have the same outer offsets, shapes,
+// pieces and bases (the copies of one plan shape for other requests: they
+// differ in their segments only) ride in the same launch, each whole, in
+// queue order, up to max_launch_bytes and the staging buffer. Each batch
+// still completes on its own (its `done` once the launch ended, in queue
+// order); a batch whose stop was requested before the launch does not
+// ride; a launch's error fails every batch in it. A copy of 32 MiB is a
+// launch of ~18 µs on an H200, and the gap and tail of every launch cost
+// about a quarter of that (docs/PERFORMANCE.md): merging is what lets a
+// writer with many requests in flight copy at the kernel's rate.
+//
 // Memory (Caps()): the kernel reaches device memory of the engine's device
 // (and of peers mapped into it) and pinned host memory that is mapped into
 // the device's address space (cudaHostAlloc, cudaHostRegister with
@@ -205,8 +217,16 @@ class CudaCopyEngine final : public CopyEngine {
   // Stages and enqueues the next launch of `batch` into `slot`; sets the
   // batch's cursor past what it launched. Returns the CUDA error, if any.
   Status Launch(BatchState& batch, Slot& slot);
-  // The same for a tiled batch: the next segments of its list.
+  // The same for a tiled batch: the next segments of its list, and after
+  // its last segment the queued batches that can ride along (see "Merged
+  // launches"), taken off the queue into slot.riders.
   Status LaunchTiled(BatchState& batch, Slot& slot);
+  // Takes off the queue's head the batches that can ride in `batch`'s
+  // launch with at most `segments` segments and `bytes` bytes more, in
+  // order, stopping at the first that cannot.
+  void TakeRiders(const BatchState& batch, size_t segments, uint64_t bytes,
+                  std::vector<std::shared_ptr<BatchState>>* riders);
+  static uint64_t RidersBytes(const std::vector<std::shared_ptr<BatchState>>& riders);
   // The whole of a small batch (BatchState::small) in the kernel's
   // parameters: no upload.
   Status LaunchInline(BatchState& batch, Slot& slot);
@@ -235,6 +255,9 @@ class CudaCopyEngine final : public CopyEngine {
   // slots_), and the free slots.
   std::deque<size_t> in_flight_;
   std::vector<size_t> free_slots_;
+  // Riders of a launch that failed to enqueue, finished (failed) after the
+  // batch they rode with.
+  std::vector<std::shared_ptr<BatchState>> failed_riders_;
 
   std::mutex mu_;
   std::condition_variable work_cv_;
