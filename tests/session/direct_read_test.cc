@@ -79,18 +79,11 @@ std::vector<std::byte> GenPool(Cluster& c) {
   return out;
 }
 
-class DirectReadShapeTest : public ::testing::TestWithParam<Shape> {};
-
-TEST_P(DirectReadShapeTest, TheReceiverReadsEveryByteAndNothingIsWritten) {
-  ClusterOptions o = Unmapped(GetParam());
-  o.gen_config.transport_op_ns = 100000;
-  auto cluster = Cluster::Create(o);
-  ASSERT_THAT(cluster, IsOk());
-  Cluster& c = **cluster;
-  std::mt19937_64 rng(7);
+// Moves one request forced onto direct and one by auto (from seed
+// `seed`'s tables), checking that both took direct and every byte landed.
+void PullOnDirectAndAuto(Cluster& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
   uint64_t id = 1;
-  // Forced, and chosen by auto where a transport write costs 100 µs (so
-  // per-block and bounce lose to this rank's own reads).
   for (TransferPath path : {TransferPath::kDirect, TransferPath::kAuto}) {
     SCOPED_TRACE(std::string(TransferPathName(path)));
     const BlockTables tables = c.Tables(0, 64, rng);
@@ -117,6 +110,19 @@ TEST_P(DirectReadShapeTest, TheReceiverReadsEveryByteAndNothingIsWritten) {
     for (const auto& pub : pubs) EXPECT_THAT(pub->Wait(), IsOk());
     ++id;
   }
+}
+
+class DirectReadShapeTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(DirectReadShapeTest, TheReceiverReadsEveryByteAndNothingIsWritten) {
+  ClusterOptions o = Unmapped(GetParam());
+  o.gen_config.transport_op_ns = 100000;
+  auto cluster = Cluster::Create(o);
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  // Forced, and chosen by auto where a transport write costs 100 µs (so
+  // per-block and bounce lose to this rank's own reads).
+  ASSERT_NO_FATAL_FAILURE(PullOnDirectAndAuto(c, 7));
   // The writers wrote nothing through the transport; the receivers read.
   for (int r = 0; r < c.num_ctx(); ++r) EXPECT_EQ(c.ctx_faults(r)->Stats().write_ops, 0u);
   for (int g = 0; g < c.num_gen(); ++g) EXPECT_GT(c.gen_faults(g)->Stats().read_ops, 0u);
@@ -134,34 +140,7 @@ TEST_P(DirectReadShapeTest, AMappedReadCopiesEveryByteWithTheReceiversEngine) {
   auto cluster = Cluster::Create(o);
   ASSERT_THAT(cluster, IsOk());
   Cluster& c = **cluster;
-  std::mt19937_64 rng(11);
-  uint64_t id = 1;
-  for (TransferPath path : {TransferPath::kDirect, TransferPath::kAuto}) {
-    SCOPED_TRACE(std::string(TransferPathName(path)));
-    const BlockTables tables = c.Tables(0, 64, rng);
-    c.ClearGen(0);
-    std::vector<std::shared_ptr<Transfer>> pubs;
-    for (int r = 0; r < c.num_ctx(); ++r) {
-      auto pub = c.ctx(r).Publish(id, tables.ctx, 64);
-      ASSERT_THAT(pub, IsOk());
-      pubs.push_back(*pub);
-    }
-    std::vector<std::shared_ptr<Transfer>> pulls;
-    for (int g = 0; g < c.num_gen(); ++g) {
-      auto pull = c.gen(g).Pull(id, "ctx0", tables.gen, {0, 64}, Path(path));
-      ASSERT_THAT(pull, IsOk());
-      pulls.push_back(*pull);
-    }
-    for (int g = 0; g < c.num_gen(); ++g) {
-      ASSERT_THAT(pulls[static_cast<size_t>(g)]->Wait(), IsOk());
-      EXPECT_EQ(pulls[static_cast<size_t>(g)]->info().path_taken, TransferPath::kDirect);
-      const tools::VerifyResult v = c.VerifyGen(g, tables, {0, 64});
-      EXPECT_GT(v.verified_bytes, 0u);
-      EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
-    }
-    for (const auto& pub : pubs) EXPECT_THAT(pub->Wait(), IsOk());
-    ++id;
-  }
+  ASSERT_NO_FATAL_FAILURE(PullOnDirectAndAuto(c, 11));
   for (int r = 0; r < c.num_ctx(); ++r) EXPECT_EQ(c.ctx_faults(r)->Stats().write_ops, 0u);
   for (int g = 0; g < c.num_gen(); ++g) {
     EXPECT_EQ(c.gen_faults(g)->Stats().read_ops, 0u);
