@@ -439,7 +439,19 @@ TEST_F(CudaCopyEngineTest, StopDuringATiledBatchSkipsTheRest) {
 // `done`; a batch of other tables, or one whose stop came before its
 // launch, does not ride; every byte of the batches that ran lands, nothing
 // of the stopped one.
-TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
+// The largest run of a tiled list (its pieces are the runs when none is
+// above cuda_copy::kMaxPieceBytes).
+uint64_t LargestRun(const TiledList& list) {
+  uint64_t largest = 0;
+  for (const Fragment& run : list.runs) largest = std::max(largest, run.bytes);
+  return largest;
+}
+
+// Queued tiled batches ride in the launch the batch ahead of them ends in:
+// those of its tables as more segments of its list, those of other tables
+// and bases as lists of their own; a batch whose pieces take other lane
+// groups, or whose stop came first, does not ride.
+TEST_F(CudaCopyEngineTest, QueuedTiledBatchesRideInOneLaunch) {
   std::promise<void> all_queued;
   std::shared_future<void> queued = all_queued.get_future().share();
   CudaCopyEngine::Options options;
@@ -452,19 +464,30 @@ TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
   std::mt19937_64 rng(131);
   const testing_tiled::RandomTiled r = testing_tiled::MakeRandomTiled(rng, 3, 24, 3, 6, KiB(2));
   std::mt19937_64 rng2(132);
-  const testing_tiled::RandomTiled other = testing_tiled::MakeRandomTiled(rng2, 2, 4, 2, 3, 500);
+  const testing_tiled::RandomTiled other = testing_tiled::MakeRandomTiled(rng2, 2, 4, 2, 8, 3000);
+  std::mt19937_64 rng3(135);
+  const testing_tiled::RandomTiled tiny = testing_tiled::MakeRandomTiled(rng3, 2, 5, 2, 4, 100);
+  ASSERT_EQ(cuda_copy::GroupLanesFor(LargestRun(r.list)), 32);
+  ASSERT_EQ(cuda_copy::GroupLanesFor(LargestRun(other.list)), 32);
+  ASSERT_EQ(cuda_copy::GroupLanesFor(LargestRun(tiny.list)), 8);
   CudaDeviceBuffer src = Device(r.src_extent);
   CudaDeviceBuffer dst = Device(r.dst_extent);
   CudaDeviceBuffer other_src = Device(other.src_extent);
   CudaDeviceBuffer other_dst = Device(other.dst_extent);
+  CudaDeviceBuffer tiny_src = Device(tiny.src_extent);
+  CudaDeviceBuffer tiny_dst = Device(tiny.dst_extent);
   ASSERT_NE(dst.data(), nullptr);
   ASSERT_NE(other_dst.data(), nullptr);
+  ASSERT_NE(tiny_dst.data(), nullptr);
   const std::vector<uint8_t> host_src = RandomBytes(r.src_extent, 133);
   const std::vector<uint8_t> other_host_src = RandomBytes(other.src_extent, 134);
+  const std::vector<uint8_t> tiny_host_src = RandomBytes(tiny.src_extent, 136);
   Upload(src, host_src);
   Upload(other_src, other_host_src);
+  Upload(tiny_src, tiny_host_src);
   Upload(dst, std::vector<uint8_t>(r.dst_extent, kUntouched));
   Upload(other_dst, std::vector<uint8_t>(other.dst_extent, kUntouched));
+  Upload(tiny_dst, std::vector<uint8_t>(tiny.dst_extent, kUntouched));
 
   // Six batches of r's tables, four of its segments each.
   std::vector<TiledList> parts(6, r.list);
@@ -476,7 +499,7 @@ TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
   stop_part4.request_stop();
   std::mutex mu;
   std::vector<int> order;
-  std::vector<Status> statuses(7);
+  std::vector<Status> statuses(9);
   DoneCounter counter;
   auto submit = [&](int index, const CopyBatch& batch, std::stop_token stop) {
     ASSERT_THAT(engine_->Submit(
@@ -492,31 +515,39 @@ TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
                     std::move(stop)),
                 IsOk());
   };
-  // Queue: part 0 (takes parts 1 and 2 along), other, part 3 (alone: part 4
-  // is stopped), part 4, part 5.
+  // Queue: parts 0-2 (one list), other (a list of its own), part 3 (a third
+  // list: the one before it is other's), tiny (other lane groups: not
+  // riding, a launch of its own), part 4 (stopped), part 5 (alone: the
+  // stopped batch ahead of it ended the riding), other again (rides with
+  // part 5).
   for (int i = 0; i < 3; ++i) submit(i, CopyBatch{{}, src.addr(), dst.addr(), &parts[i]}, {});
   submit(3, CopyBatch{{}, other_src.addr(), other_dst.addr(), &other.list}, {});
   submit(4, CopyBatch{{}, src.addr(), dst.addr(), &parts[3]}, {});
-  submit(5, CopyBatch{{}, src.addr(), dst.addr(), &parts[4]}, stop_part4.get_token());
-  submit(6, CopyBatch{{}, src.addr(), dst.addr(), &parts[5]}, {});
+  submit(5, CopyBatch{{}, tiny_src.addr(), tiny_dst.addr(), &tiny.list}, {});
+  submit(6, CopyBatch{{}, src.addr(), dst.addr(), &parts[4]}, stop_part4.get_token());
+  submit(7, CopyBatch{{}, src.addr(), dst.addr(), &parts[5]}, {});
+  submit(8, CopyBatch{{}, other_src.addr(), other_dst.addr(), &other.list}, {});
   all_queued.set_value();
-  counter.WaitFor(7);
+  counter.WaitFor(9);
 
-  for (int i : {0, 1, 2, 3, 4, 6}) EXPECT_THAT(statuses[static_cast<size_t>(i)], IsOk()) << i;
-  EXPECT_THAT(statuses[5], StatusIs(StatusCode::kCancelled));
+  for (int i : {0, 1, 2, 3, 4, 5, 7, 8}) EXPECT_THAT(statuses[static_cast<size_t>(i)], IsOk()) << i;
+  EXPECT_THAT(statuses[6], StatusIs(StatusCode::kCancelled));
   {
     std::lock_guard<std::mutex> lock(mu);
     // The stopped batch may finish at once, ahead of launches in flight;
     // the riders finish right after the batch they rode with, in order.
     const auto at = std::find(order.begin(), order.end(), 0);
-    ASSERT_LE(at + 3, order.end());
-    EXPECT_EQ(std::vector<int>(at, at + 3), (std::vector<int>{0, 1, 2}))
+    ASSERT_LE(at + 5, order.end());
+    EXPECT_EQ(std::vector<int>(at, at + 5), (std::vector<int>{0, 1, 2, 3, 4}))
         << "the riders finish after the batch they rode with, in queue order";
+    const auto at7 = std::find(order.begin(), order.end(), 7);
+    ASSERT_LE(at7 + 2, order.end());
+    EXPECT_EQ(*(at7 + 1), 8);
   }
   const CudaCopyEngine::Stats stats = engine_->GetStats();
-  EXPECT_EQ(stats.batches_completed, 7u);
+  EXPECT_EQ(stats.batches_completed, 9u);
   EXPECT_EQ(stats.batches_cancelled, 1u);
-  EXPECT_EQ(stats.launches, 4u) << "parts 0-2 in one launch, other, part 3 and part 5 alone";
+  EXPECT_EQ(stats.launches, 3u) << "parts 0-3 with other; tiny alone; part 5 with other";
 
   std::vector<uint8_t> expected(r.dst_extent, kUntouched);
   for (int i : {0, 1, 2, 3, 5}) testing_tiled::ApplyTiledOnHost(parts[i], host_src, expected);
@@ -524,6 +555,59 @@ TEST_F(CudaCopyEngineTest, QueuedBatchesOfOneShapeRideInOneLaunch) {
   std::vector<uint8_t> other_expected(other.dst_extent, kUntouched);
   testing_tiled::ApplyTiledOnHost(other.list, other_host_src, other_expected);
   EXPECT_EQ(FirstMismatch(Download(other_dst, other.dst_extent), other_expected), -1);
+  std::vector<uint8_t> tiny_expected(tiny.dst_extent, kUntouched);
+  testing_tiled::ApplyTiledOnHost(tiny.list, tiny_host_src, tiny_expected);
+  EXPECT_EQ(FirstMismatch(Download(tiny_dst, tiny.dst_extent), tiny_expected), -1);
+}
+
+// Many batches of random tables merge into few launches, up to the
+// staging buffer and the lists a launch holds; every byte lands.
+TEST_F(CudaCopyEngineTest, ManyTablesMergeWithinTheStagingBuffer) {
+  for (const uint32_t launch_pieces : {65536u, 300u}) {
+    std::promise<void> all_queued;
+    std::shared_future<void> queued = all_queued.get_future().share();
+    CudaCopyEngine::Options options;
+    options.max_inline_pieces = 0;
+    options.max_launch_pieces = launch_pieces;  // 300: a few lists a launch
+    options.launch_hook_for_testing = [queued](size_t launch) {
+      if (launch == 0) queued.wait();
+    };
+    MakeEngine(options);
+    constexpr int kBatches = 80;  // more than cuda_copy::kMaxTiledLists
+    std::vector<testing_tiled::RandomTiled> lists;
+    std::vector<CudaDeviceBuffer> srcs, dsts;
+    std::vector<std::vector<uint8_t>> host_srcs;
+    for (int i = 0; i < kBatches; ++i) {
+      std::mt19937_64 rng(1000 + static_cast<uint64_t>(i));
+      // Some lists hold only pieces of at most 256 B: other lane groups.
+      lists.push_back(testing_tiled::MakeRandomTiled(rng, 2, 3, 2, 6, KiB(4)));
+      srcs.push_back(Device(lists.back().src_extent));
+      dsts.push_back(Device(lists.back().dst_extent));
+      ASSERT_NE(dsts.back().data(), nullptr);
+      host_srcs.push_back(RandomBytes(lists.back().src_extent, 2000 + static_cast<uint64_t>(i)));
+      Upload(srcs.back(), host_srcs.back());
+      Upload(dsts.back(), std::vector<uint8_t>(lists.back().dst_extent, kUntouched));
+    }
+    DoneCounter counter;
+    for (int i = 0; i < kBatches; ++i) {
+      const size_t k = static_cast<size_t>(i);
+      ASSERT_THAT(engine_->Submit(CopyBatch{{}, srcs[k].addr(), dsts[k].addr(), &lists[k].list},
+                                  counter.Callback()),
+                  IsOk());
+    }
+    all_queued.set_value();
+    for (const Status& s : counter.WaitFor(kBatches)) EXPECT_THAT(s, IsOk());
+    for (int i = 0; i < kBatches; ++i) {
+      const size_t k = static_cast<size_t>(i);
+      std::vector<uint8_t> expected(lists[k].dst_extent, kUntouched);
+      testing_tiled::ApplyTiledOnHost(lists[k].list, host_srcs[k], expected);
+      EXPECT_EQ(FirstMismatch(Download(dsts[k], lists[k].dst_extent), expected), -1)
+          << "batch " << i << ", max_launch_pieces " << launch_pieces;
+    }
+    const uint64_t launches = engine_->GetStats().launches;
+    EXPECT_GE(launches, 2u) << "at most kMaxTiledLists lists a launch";
+    EXPECT_LT(launches, static_cast<uint64_t>(kBatches) / 2) << launch_pieces;
+  }
 }
 
 TEST_F(CudaCopyEngineTest, CapsSayDeviceMemoryOnly) {

@@ -142,14 +142,6 @@ __device__ __forceinline__ void CopyTasks(const Source& source, Index tasks) {
   }
 }
 
-// The group size for pieces of at most `max_piece_bytes`: the fewest lanes
-// that cover such a piece with one 16-byte word each (8, 16), or a warp.
-int GroupLanes(uint64_t max_piece_bytes) {
-  if (max_piece_bytes <= 16 * 8) return 8;
-  if (max_piece_bytes <= 16 * 16) return 16;
-  return kWarpSize;
-}
-
 // Blocks for `tasks` tasks with groups of `lanes` lanes, at most `max_blocks`.
 uint32_t BlocksFor(uint64_t tasks, int lanes, uint32_t max_blocks) {
   const uint64_t per_block = static_cast<uint64_t>(kThreadsPerBlock / lanes);
@@ -183,22 +175,46 @@ __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
 // u = s * num_outer + o. Index arithmetic in 32 bits when the launch's
 // tasks fit (divisions are several times cheaper), else in 64.
 template <typename Index>
+__device__ __forceinline__ bool GetTiled(const TiledLaunch& l, Index t, Piece* out) {
+  const auto per_unit = static_cast<Index>(l.pieces_per_unit);
+  const auto num_outer = static_cast<Index>(l.num_outer);
+  const Index unit = t / per_unit;
+  const Index p = t - unit * per_unit;
+  const Index s = unit / num_outer;
+  const Index o = unit - s * num_outer;
+  const TileSegmentDescriptor seg = l.segments[s];
+  if (p >= seg.num_pieces) return false;
+  const TileOffsetDescriptor off = l.outer[o];
+  const PieceDescriptor piece = l.pieces[seg.first_piece + p];
+  *out = Piece{l.src_base + off.src + seg.src + piece.src,
+               l.dst_base + off.dst + seg.dst + piece.dst, piece.bytes};
+  return true;
+}
+
+template <typename Index>
 struct TiledSource {
   TiledLaunch l;
+  __device__ __forceinline__ bool Get(Index t, Piece* out) const { return GetTiled(l, t, out); }
+};
+
+// Task t of merged lists: the first list whose task_end is above t, and
+// its task t - (the end of the list before).
+template <typename Index>
+struct TiledListsSource {
+  TiledLists m;
   __device__ __forceinline__ bool Get(Index t, Piece* out) const {
-    const auto per_unit = static_cast<Index>(l.pieces_per_unit);
-    const auto num_outer = static_cast<Index>(l.num_outer);
-    const Index unit = t / per_unit;
-    const Index p = t - unit * per_unit;
-    const Index s = unit / num_outer;
-    const Index o = unit - s * num_outer;
-    const TileSegmentDescriptor seg = l.segments[s];
-    if (p >= seg.num_pieces) return false;
-    const TileOffsetDescriptor off = l.outer[o];
-    const PieceDescriptor piece = l.pieces[seg.first_piece + p];
-    *out = Piece{l.src_base + off.src + seg.src + piece.src,
-                 l.dst_base + off.dst + seg.dst + piece.dst, piece.bytes};
-    return true;
+    uint32_t lo = 0;
+    uint32_t hi = m.count - 1;
+    while (lo < hi) {
+      const uint32_t mid = (lo + hi) / 2;
+      if (static_cast<Index>(m.task_end[mid]) > t) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    const Index begin = lo == 0 ? Index{0} : static_cast<Index>(m.task_end[lo - 1]);
+    return GetTiled(m.lists[lo], t - begin, out);
   }
 };
 
@@ -207,6 +223,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
     TiledCopyKernel(const TiledLaunch l) {
   const auto tasks = static_cast<Index>(l.num_segments * l.num_outer * l.pieces_per_unit);
   CopyTasks<G, Index>(TiledSource<Index>{l}, tasks);
+}
+
+template <int G, typename Index>
+__global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
+    TiledListsCopyKernel(const TiledLists m, uint64_t tasks) {
+  CopyTasks<G, Index>(TiledListsSource<Index>{m}, static_cast<Index>(tasks));
 }
 
 // The parameter is read in place (__grid_constant__): no per-thread copy of
@@ -227,7 +249,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
 }
 
 // Calls launch(std::integral_constant<int, G>{}) for the group size
-// `lanes` (GroupLanes' 8, 16 or a warp): one kernel instance per size.
+// `lanes` (GroupLanesFor's 8, 16 or a warp): one kernel instance per size.
 template <typename Launch>
 void WithGroupLanes(int lanes, Launch launch) {
   switch (lanes) {
@@ -245,10 +267,18 @@ void WithGroupLanes(int lanes, Launch launch) {
 
 }  // namespace
 
+// The fewest lanes that cover such a piece with one 16-byte word each (8,
+// 16), or a warp.
+int GroupLanesFor(uint64_t max_piece_bytes) {
+  if (max_piece_bytes <= 16 * 8) return 8;
+  if (max_piece_bytes <= 16 * 16) return 16;
+  return kWarpSize;
+}
+
 cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
   uint64_t largest = 0;
   for (uint32_t i = 0; i < launch.count; ++i) largest = std::max(largest, launch.pieces[i].bytes);
-  const int lanes = GroupLanes(largest);
+  const int lanes = GroupLanesFor(largest);
   const uint32_t blocks = BlocksFor(launch.count, lanes, launch.count);
   WithGroupLanes(lanes, [&](auto g) {
     InlineCopyKernel<g.value><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
@@ -257,7 +287,7 @@ cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
 }
 
 cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream) {
-  const int lanes = GroupLanes(launch.max_piece_bytes);
+  const int lanes = GroupLanesFor(launch.max_piece_bytes);
   const uint64_t tasks = launch.num_segments * launch.num_outer * launch.pieces_per_unit;
   const uint32_t blocks = BlocksFor(tasks, lanes, max_blocks);
   // The largest task index the grid-stride loop forms is below tasks plus
@@ -274,10 +304,28 @@ cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cuda
   return cudaGetLastError();
 }
 
+cudaError_t LaunchTiledListsCopy(const TiledLists& launch, uint64_t tasks, uint32_t max_blocks,
+                                 cudaStream_t stream) {
+  const int lanes = GroupLanesFor(launch.max_piece_bytes);
+  const uint32_t blocks = BlocksFor(tasks, lanes, max_blocks);
+  const uint64_t groups = uint64_t{blocks} * (kThreadsPerBlock / lanes);
+  const bool narrow = tasks + kSmallUnroll * groups < (uint64_t{1} << 32);
+  WithGroupLanes(lanes, [&](auto g) {
+    if (narrow) {
+      TiledListsCopyKernel<g.value, uint32_t>
+          <<<blocks, kThreadsPerBlock, 0, stream>>>(launch, tasks);
+    } else {
+      TiledListsCopyKernel<g.value, uint64_t>
+          <<<blocks, kThreadsPerBlock, 0, stream>>>(launch, tasks);
+    }
+  });
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchBatchedCopy(const PieceDescriptor* descriptors, uint32_t count, uint64_t src_base,
                               uint64_t dst_base, uint32_t max_blocks, cudaStream_t stream,
                               uint64_t max_piece_bytes) {
-  const int lanes = GroupLanes(max_piece_bytes);
+  const int lanes = GroupLanesFor(max_piece_bytes);
   const uint32_t blocks = BlocksFor(count, lanes, max_blocks);
   const FlatSource source{descriptors, src_base, dst_base};
   WithGroupLanes(lanes, [&](auto g) {

@@ -82,6 +82,25 @@ struct TiledLaunch {
   uint64_t max_piece_bytes = kMaxPieceBytes;
 };
 
+// Several tiled lists in one launch (the CUDA engine's merged launches of
+// batches with different tables): list k's tasks are numbered after those
+// of lists 0..k-1, task_end[k] being the end of list k's; a group finds
+// its task's list by binary search over task_end (a few cached loads) and
+// copies it as a TiledLaunch of its own would.
+inline constexpr uint32_t kMaxTiledLists = 64;
+struct TiledLists {
+  const TiledLaunch* lists;  // device memory, count entries
+  const uint64_t* task_end;  // device memory, count entries, non-decreasing
+  uint32_t count;
+  // The largest piece of any list: picks the group size.
+  uint64_t max_piece_bytes = kMaxPieceBytes;
+};
+
+// The lanes of the group that copies pieces of at most `max_piece_bytes`
+// (8, 16 or a warp): lists merged into one launch must agree on it, or the
+// smaller pieces would be copied by groups too wide for them.
+int GroupLanesFor(uint64_t max_piece_bytes);
+
 // A batch small enough to travel in the kernel's parameters (under the
 // 4 KiB every CUDA version takes): no descriptor upload, no wait between
 // two streams, so a one-block request's copy is one launch call.
@@ -103,6 +122,15 @@ cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream);
 // REQUIRES: num_outer, num_segments and pieces_per_unit > 0; the arrays
 // stay valid until the kernel has finished.
 cudaError_t LaunchTiledCopy(const TiledLaunch& launch, uint32_t max_blocks, cudaStream_t stream);
+
+// Enqueues one kernel on `stream` that copies every list of `launch`
+// (`tasks` tasks in all: task_end[count - 1]), using at most `max_blocks`
+// blocks. Returns the launch's error.
+// REQUIRES: 1 <= count <= kMaxTiledLists; every list as LaunchTiledCopy
+// requires, except that a list may have no tasks; the arrays stay valid
+// until the kernel has finished.
+cudaError_t LaunchTiledListsCopy(const TiledLists& launch, uint64_t tasks, uint32_t max_blocks,
+                                 cudaStream_t stream);
 
 // Enqueues one kernel on `stream` that copies the `count` pieces at
 // `descriptors` (device memory), each from src_base + src to dst_base + dst,

@@ -87,6 +87,15 @@ struct CudaCopyEngine::Slot {
   uint64_t bytes = 0;
 };
 
+// Where one list of a tiled launch lies in the slot's staging buffer.
+struct CudaCopyEngine::StagedList {
+  const BatchState* owner = nullptr;  // its tables, shapes' pieces and bases
+  size_t outer_at = 0;
+  size_t pieces_at = 0;
+  size_t segments_at = 0;
+  size_t num_segments = 0;
+};
+
 namespace {
 
 // Whether no fragment of the list is larger than `limit` bytes.
@@ -320,6 +329,7 @@ void CudaCopyEngine::Loop() {
       if (in_flight_.empty()) {
         work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       }
+      submitted_seen_ = submitted_.load(std::memory_order_relaxed);
       if (!queue_.empty()) {
         current = std::move(queue_.front());
         queue_.pop_front();
@@ -511,7 +521,8 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
   // Staging: outer offsets, shapes, pieces, then as many segments from the
   // cursor as the buffer and max_launch_bytes allow (at least one).
   const size_t fixed = TiledFixedBytes(tiles.outer.size(), batch.tile_pieces.size());
-  const size_t room = (slot.staging.size() - fixed) / sizeof(cuda_copy::TileSegmentDescriptor);
+  const size_t capacity = slot.staging.size();
+  const size_t room = (capacity - fixed) / sizeof(cuda_copy::TileSegmentDescriptor);
   const size_t first = batch.next_segment;
   size_t count = 0;
   uint64_t bytes = 0;
@@ -521,37 +532,57 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
     bytes += b;
     ++count;
   }
-  auto* staging = static_cast<std::byte*>(slot.staging.data());
-  auto put = [&staging](const void* data, size_t n) {
-    if (n > 0) std::memcpy(staging, data, n);
-    staging += n;
+  auto* const staging = static_cast<std::byte*>(slot.staging.data());
+  size_t used = 0;
+  auto put = [&](const void* data, size_t n) {
+    if (n > 0) std::memcpy(staging + used, data, n);
+    used += n;
   };
-  put(tiles.outer.data(), tiles.outer.size() * sizeof(TileOffset));
-  put(batch.tile_pieces.data(), batch.tile_pieces.size() * sizeof(PieceDescriptor));
-  auto* segments = reinterpret_cast<cuda_copy::TileSegmentDescriptor*>(staging);
-  for (size_t i = 0; i < count; ++i) {
-    const TileSegment& seg = tiles.segments[first + i];
-    const BatchState::ShapePieces shape = batch.tile_shapes[seg.shape];
-    segments[i] = cuda_copy::TileSegmentDescriptor{seg.src, seg.dst, shape.first, shape.count};
-  }
+  auto put_segments = [&](const BatchState& owner, size_t from, size_t n) {
+    auto* segments = reinterpret_cast<cuda_copy::TileSegmentDescriptor*>(staging + used);
+    for (size_t i = 0; i < n; ++i) {
+      const TileSegment& seg = owner.batch.tiles->segments[from + i];
+      const BatchState::ShapePieces shape = owner.tile_shapes[seg.shape];
+      segments[i] = cuda_copy::TileSegmentDescriptor{seg.src, seg.dst, shape.first, shape.count};
+    }
+    used += n * sizeof(cuda_copy::TileSegmentDescriptor);
+  };
+  // The launch's lists: the batch's, then one per rider of other tables.
+  std::vector<StagedList>& lists = staged_lists_;
+  lists.clear();
+  auto stage_list = [&](const BatchState& owner, size_t from, size_t n) {
+    const TiledList& t = *owner.batch.tiles;
+    StagedList list;
+    list.owner = &owner;
+    list.outer_at = used;
+    put(t.outer.data(), t.outer.size() * sizeof(TileOffset));
+    list.pieces_at = used;
+    put(owner.tile_pieces.data(), owner.tile_pieces.size() * sizeof(PieceDescriptor));
+    list.segments_at = used;
+    put_segments(owner, from, n);
+    list.num_segments = n;
+    lists.push_back(list);
+  };
+  stage_list(batch, first, count);
   batch.next_segment += count;
   slot.bytes = bytes;
   batch.bytes_launched += bytes;
-  // The batch ends in this launch: the queued batches of the same tables
-  // ride along, whole (the shapes' indices and pieces are the batch's).
+  // The batch ends in this launch: the queued batches behind it ride
+  // along, whole ("Merged launches").
   std::vector<std::shared_ptr<BatchState>> riders;
-  if (batch.next_segment == tiles.segments.size() && count < room &&
-      bytes < options_.max_launch_bytes) {
-    TakeRiders(batch, room - count, options_.max_launch_bytes - bytes, &riders);
+  if (batch.next_segment == tiles.segments.size() && bytes < options_.max_launch_bytes) {
+    TakeRiders(batch, capacity - used, options_.max_launch_bytes - bytes, &riders);
   }
   for (const std::shared_ptr<BatchState>& rider : riders) {
-    for (const TileSegment& seg : rider->batch.tiles->segments) {
-      const BatchState::ShapePieces shape = batch.tile_shapes[seg.shape];
-      segments[count++] =
-          cuda_copy::TileSegmentDescriptor{seg.src, seg.dst, shape.first, shape.count};
+    const size_t n = rider->batch.tiles->segments.size();
+    if (SameTables(*lists.back().owner, *rider)) {
+      put_segments(*rider, 0, n);  // right after the last list's segments
+      lists.back().num_segments += n;
+    } else {
+      stage_list(*rider, 0, n);
     }
     bytes += rider->total_bytes;
-    rider->next_segment = rider->batch.tiles->segments.size();
+    rider->next_segment = n;
     rider->bytes_launched = rider->total_bytes;
     rider->launches_started = 1;
     rider->in_flight = 1;
@@ -561,26 +592,61 @@ Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {
   slot.riders = std::move(riders);
 
   const auto* device = static_cast<const std::byte*>(slot.descriptors.data());
-  cuda_copy::TiledLaunch launch;
-  launch.outer = reinterpret_cast<const cuda_copy::TileOffsetDescriptor*>(device);
-  launch.pieces =
-      reinterpret_cast<const PieceDescriptor*>(device + tiles.outer.size() * sizeof(TileOffset));
-  launch.segments = reinterpret_cast<const cuda_copy::TileSegmentDescriptor*>(
-      reinterpret_cast<const std::byte*>(launch.pieces) +
-      batch.tile_pieces.size() * sizeof(PieceDescriptor));
-  launch.num_outer = tiles.outer.size();
-  launch.num_segments = count;
-  launch.pieces_per_unit = batch.pieces_per_unit;
-  launch.src_base = batch.batch.src_base.value();
-  launch.dst_base = batch.batch.dst_base.value();
-  launch.max_piece_bytes = batch.tile_max_piece;
-  Status status =
-      Enqueue(batch, slot, fixed + count * sizeof(cuda_copy::TileSegmentDescriptor), [&] {
-        if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs
-        return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),
-                          "tiled copy kernel launch (" + std::to_string(count) + " segments, " +
-                              std::to_string(bytes) + " bytes)");
-      });
+  auto launch_of = [device](const StagedList& list) {
+    const BatchState& owner = *list.owner;
+    cuda_copy::TiledLaunch launch;
+    launch.outer = reinterpret_cast<const cuda_copy::TileOffsetDescriptor*>(device + list.outer_at);
+    launch.pieces = reinterpret_cast<const PieceDescriptor*>(device + list.pieces_at);
+    launch.segments =
+        reinterpret_cast<const cuda_copy::TileSegmentDescriptor*>(device + list.segments_at);
+    launch.num_outer = owner.batch.tiles->outer.size();
+    launch.num_segments = list.num_segments;
+    launch.pieces_per_unit = owner.pieces_per_unit;
+    launch.src_base = owner.batch.src_base.value();
+    launch.dst_base = owner.batch.dst_base.value();
+    launch.max_piece_bytes = owner.tile_max_piece;
+    return launch;
+  };
+  const std::string what =
+      std::to_string(lists.size()) + " list(s), " + std::to_string(bytes) + " bytes";
+  std::function<Status()> enqueue_kernel;
+  if (lists.size() == 1) {
+    const cuda_copy::TiledLaunch launch = launch_of(lists.front());
+    enqueue_kernel = [this, launch, what] {
+      if (launch.pieces_per_unit == 0) return Status::Ok();  // shapes without runs
+      return CudaStatus(cuda_copy::LaunchTiledCopy(launch, max_blocks_, copy_stream_.get()),
+                        "tiled copy kernel launch (" + what + ")");
+    };
+  } else {
+    // The lists' headers and task ends follow their descriptors (TakeRiders
+    // kept room for them; every size staged is a multiple of 8).
+    const size_t headers_at = used;
+    uint64_t tasks = 0;
+    uint64_t largest = 0;
+    std::vector<uint64_t> ends;
+    ends.reserve(lists.size());
+    for (const StagedList& list : lists) {
+      const cuda_copy::TiledLaunch launch = launch_of(list);
+      put(&launch, sizeof(launch));
+      tasks += launch.num_segments * launch.num_outer * launch.pieces_per_unit;
+      ends.push_back(tasks);
+      largest = std::max(largest, launch.max_piece_bytes);
+    }
+    const size_t ends_at = used;
+    put(ends.data(), ends.size() * sizeof(uint64_t));
+    cuda_copy::TiledLists merged;
+    merged.lists = reinterpret_cast<const cuda_copy::TiledLaunch*>(device + headers_at);
+    merged.task_end = reinterpret_cast<const uint64_t*>(device + ends_at);
+    merged.count = static_cast<uint32_t>(lists.size());
+    merged.max_piece_bytes = largest;
+    enqueue_kernel = [this, merged, tasks, what] {
+      if (tasks == 0) return Status::Ok();
+      return CudaStatus(
+          cuda_copy::LaunchTiledListsCopy(merged, tasks, max_blocks_, copy_stream_.get()),
+          "merged tiled copy kernel launch (" + what + ")");
+    };
+  }
+  Status status = Enqueue(batch, slot, used, enqueue_kernel);
   if (!status.ok()) {
     // Nothing of the launch runs: its riders fail with it, after the batch
     // (Enqueue took the whole launch's bytes off the batch's count).
@@ -602,23 +668,48 @@ uint64_t CudaCopyEngine::RidersBytes(const std::vector<std::shared_ptr<BatchStat
   return bytes;
 }
 
-void CudaCopyEngine::TakeRiders(const BatchState& batch, size_t segments, uint64_t bytes,
+bool CudaCopyEngine::SameTables(const BatchState& a, const BatchState& b) {
+  return a.batch.src_base == b.batch.src_base && a.batch.dst_base == b.batch.dst_base &&
+         SameBytes(a.batch.tiles->outer, b.batch.tiles->outer) &&
+         SameBytes(a.tile_pieces, b.tile_pieces) && SameBytes(a.tile_shapes, b.tile_shapes);
+}
+
+void CudaCopyEngine::TakeRiders(const BatchState& batch, size_t staging, uint64_t bytes,
                                 std::vector<std::shared_ptr<BatchState>>* riders) {
-  const TiledList& tiles = *batch.batch.tiles;
+  // What a list's header and task end take when the launch has several.
+  constexpr size_t kHeader = sizeof(cuda_copy::TiledLaunch) + sizeof(uint64_t);
+  const int lanes = cuda_copy::GroupLanesFor(batch.tile_max_piece);
+  const BatchState* last = &batch;  // the owner of the launch's last list
+  size_t lists = 1;
   std::lock_guard<std::mutex> lock(mu_);
   while (!queue_.empty()) {
     BatchState& next = *queue_.front();
     const TiledList* t = next.batch.tiles;
-    if (t == nullptr || next.total_bytes == 0 || t->segments.size() > segments ||
-        next.total_bytes > bytes || next.stop.stop_requested() ||
-        next.batch.src_base != batch.batch.src_base ||
-        next.batch.dst_base != batch.batch.dst_base || !SameBytes(t->outer, tiles.outer) ||
-        !SameBytes(next.tile_pieces, batch.tile_pieces) ||
-        !SameBytes(next.tile_shapes, batch.tile_shapes)) {
+    if (t == nullptr || next.total_bytes == 0 || next.total_bytes > bytes ||
+        next.stop.stop_requested()) {
       return;
     }
-    segments -= t->segments.size();
+    const size_t segments = t->segments.size() * sizeof(cuda_copy::TileSegmentDescriptor);
+    size_t need = 0;
+    size_t more_lists = lists;
+    if (SameTables(*last, next)) {
+      need = segments;
+    } else {
+      // A list of its own: only pieces the launch's groups are sized for.
+      if (cuda_copy::GroupLanesFor(next.tile_max_piece) != lanes ||
+          lists == cuda_copy::kMaxTiledLists) {
+        return;
+      }
+      more_lists = lists + 1;
+      need = TiledFixedBytes(t->outer.size(), next.tile_pieces.size()) + segments;
+    }
+    const size_t headers = more_lists > 1 ? more_lists * kHeader : 0;
+    const size_t headers_before = lists > 1 ? lists * kHeader : 0;
+    if (need + headers > staging + headers_before) return;
+    staging = staging + headers_before - headers - need;
     bytes -= next.total_bytes;
+    lists = more_lists;
+    last = &next;
     riders->push_back(std::move(queue_.front()));
     queue_.pop_front();
   }
@@ -666,7 +757,11 @@ void CudaCopyEngine::Retire() {
     const auto until =
         std::chrono::steady_clock::now() +
         std::min(options_.spin_before_sleep + expected, Options::kMaxSpinBeforeSleep);
+    const bool can_launch = !free_slots_.empty();
     while (polled == cudaErrorNotReady && std::chrono::steady_clock::now() < until) {
+      if (can_launch && submitted_.load(std::memory_order_acquire) != submitted_seen_) {
+        return;  // launch the new batch first; the loop comes back here
+      }
       polled = cudaEventQuery(slot.finished.get());
     }
   }

@@ -32,10 +32,16 @@
 // runs as a flat list.
 //
 // Merged launches: where a tiled batch's last launch has room left, the
-// batches queued right behind it that have the same outer offsets, shapes,
-// pieces and bases (the copies of one plan shape for other requests: they
-// differ in their segments only) ride in the same launch, each whole, in
-// queue order, up to max_launch_bytes and the staging buffer. Each batch
+// tiled batches queued right behind it ride in the same launch, each
+// whole, in queue order, up to max_launch_bytes and the staging buffer. A
+// rider with the same outer offsets, shapes, pieces and bases as the list
+// before it (the copies of one plan shape for other requests: they differ
+// in their segments only) adds its segments to that list; any other
+// becomes a list of its own (up to cuda_copy::kMaxTiledLists a launch, the
+// lists' headers staged after their descriptors), as long as its pieces
+// take the same lane groups as the batch's (cuda_copy::GroupLanesFor).
+// A receiver reading the blocks of several writers has one batch a writer
+// a request, each with other bases: they merge too. Each batch
 // still completes on its own (its `done` once the launch ended, in queue
 // order); a batch whose stop was requested before the launch does not
 // ride; a launch's error fails every batch in it. A copy of 32 MiB is a
@@ -211,6 +217,7 @@ class CudaCopyEngine final : public CopyEngine {
  private:
   struct BatchState;
   struct Slot;
+  struct StagedList;
 
   explicit CudaCopyEngine(const Options& options);
   void Loop();
@@ -222,11 +229,14 @@ class CudaCopyEngine final : public CopyEngine {
   // launches"), taken off the queue into slot.riders.
   Status LaunchTiled(BatchState& batch, Slot& slot);
   // Takes off the queue's head the batches that can ride in `batch`'s
-  // launch with at most `segments` segments and `bytes` bytes more, in
-  // order, stopping at the first that cannot.
-  void TakeRiders(const BatchState& batch, size_t segments, uint64_t bytes,
+  // launch with at most `staging` staging bytes and `bytes` bytes more, in
+  // order, stopping at the first that cannot (see "Merged launches").
+  void TakeRiders(const BatchState& batch, size_t staging, uint64_t bytes,
                   std::vector<std::shared_ptr<BatchState>>* riders);
   static uint64_t RidersBytes(const std::vector<std::shared_ptr<BatchState>>& riders);
+  // Whether two tiled batches have the same outer offsets, shapes, pieces
+  // and bases: a launch's list then takes the second's segments too.
+  static bool SameTables(const BatchState& a, const BatchState& b);
   // The whole of a small batch (BatchState::small) in the kernel's
   // parameters: no upload.
   Status LaunchInline(BatchState& batch, Slot& slot);
@@ -238,7 +248,10 @@ class CudaCopyEngine final : public CopyEngine {
   // records the slot's completion event.
   Status Enqueue(BatchState& batch, Slot& slot, size_t staged_bytes,
                  const std::function<Status()>& launch);
-  // Waits for the oldest launch in flight and settles its batch.
+  // Waits for the oldest launch in flight and settles its batch. While it
+  // polls, a batch submitted meanwhile ends the wait when a slot is free
+  // (the launch is then left in flight): the loop launches the batch
+  // first, so the device gets it while it still copies the one before.
   void Retire();
   // Calls `done` when the batch has nothing queued or in flight any more.
   void MaybeFinish(std::shared_ptr<BatchState>& batch);
@@ -258,6 +271,11 @@ class CudaCopyEngine final : public CopyEngine {
   // Riders of a launch that failed to enqueue, finished (failed) after the
   // batch they rode with.
   std::vector<std::shared_ptr<BatchState>> failed_riders_;
+  // LaunchTiled's lists, kept for their storage.
+  std::vector<StagedList> staged_lists_;
+  // submitted_ when the loop last found the queue empty: Retire stops
+  // waiting for a launch once a batch came after it (and a slot is free).
+  uint64_t submitted_seen_ = 0;
 
   std::mutex mu_;
   std::condition_variable work_cv_;
