@@ -13,7 +13,9 @@
 // cost per batch, and where one batch's time goes (the host's steps timed
 // apart: checking the list, copying it into pinned memory, uploading it).
 // Then tiled lists (blocks of runs, as a session's writer hands them over):
-// one batch, several at once on one engine, one on each of several engines.
+// one batch, several at once on one engine (of one table, and of as many
+// tables as batches, as a receiver reading several writers submits them),
+// one on each of several engines.
 // Prints three tables; exits 0 with a message when there is no
 // device.
 //
@@ -419,10 +421,21 @@ int Main(int argc, char** argv) {
                                                    static_cast<std::ptrdiff_t>((w + 1) * per));
       parts.push_back(std::move(part));
     }
+    // The same parts as tables of their own (a receiver reading several
+    // writers: each batch another mapping): part w's runs rotated by w,
+    // the same copies listed in another order.
+    std::vector<TiledList> tables = parts;
+    for (size_t w = 0; w < tables.size(); ++w) {
+      std::rotate(tables[w].runs.begin(),
+                  tables[w].runs.begin() + static_cast<std::ptrdiff_t>(w % tables[w].runs.size()),
+                  tables[w].runs.end());
+    }
     std::vector<CudaCopyEngine*> many;
     for (auto& e : writers) many.push_back(e.get());
     const double one_batch = Rate(total, reps, [&] { return run_all(whole, {engine->get()}); });
     const double shared = Rate(total, reps, [&] { return run_all(parts, {engine->get()}); });
+    const double shared_tables =
+        Rate(total, reps, [&] { return run_all(tables, {engine->get()}); });
     const double spread = Rate(total, reps, [&] { return run_all(parts, many); });
     // The tiled kernel alone: the whole list's descriptors uploaded once,
     // one launch timed with events.
@@ -476,27 +489,29 @@ int Main(int argc, char** argv) {
         tiled_warp = tiled_with(cuda_copy::kMaxPieceBytes);
       }
     }
-    char row[320];
+    char row[384];
     std::snprintf(row, sizeof(row),
                   "| %" PRIu64 " B | %" PRIu64
                   " | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) | %.0f (%.0f%%) |"
-                  " %.0f (%.0f%%) |",
+                  " %.0f (%.0f%%) | %.0f (%.0f%%) |",
                   bytes, blocks * kRunsPerBlock, one_batch,
                   ceiling > 0 ? 100.0 * one_batch / ceiling : 0.0, shared,
-                  ceiling > 0 ? 100.0 * shared / ceiling : 0.0, spread,
+                  ceiling > 0 ? 100.0 * shared / ceiling : 0.0, shared_tables,
+                  ceiling > 0 ? 100.0 * shared_tables / ceiling : 0.0, spread,
                   ceiling > 0 ? 100.0 * spread / ceiling : 0.0, tiled_kernel,
                   ceiling > 0 ? 100.0 * tiled_kernel / ceiling : 0.0, tiled_warp,
                   ceiling > 0 ? 100.0 * tiled_warp / ceiling : 0.0);
     tiled_rows.push_back(row);
   }
   std::printf("\nTiled lists (blocks of %" PRIu64 " runs), GB/s: one batch of %" PRIu64
-              " MiB; %d batches of 1/%d at once on one engine; one each on %d engines\n\n",
-              kRunsPerBlock, batch_mib, kWriters, kWriters, kWriters);
+              " MiB; %d batches of 1/%d at once on one engine, of one table and of %d tables;"
+              " one each on %d engines\n\n",
+              kRunsPerBlock, batch_mib, kWriters, kWriters, kWriters, kWriters);
   std::printf(
-      "| run | runs | one batch | %d on one engine | %d engines | kernel alone | kernel alone, "
-      "a warp a piece |\n",
-      kWriters, kWriters);
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+      "| run | runs | one batch | %d on one engine | %d tables, one engine | %d engines |"
+      " kernel alone | kernel alone, a warp a piece |\n",
+      kWriters, kWriters, kWriters);
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const std::string& row : tiled_rows) std::printf("%s\n", row.c_str());
 
   std::printf(
