@@ -90,7 +90,8 @@
 // destructor; it stages and launches every batch, waits for its launches'
 // events (polling for `spin_before_sleep` plus the launch's expected run
 // time at kKernelBytesPerUs, at most kMaxSpinBeforeSleep, then a blocking
-// wait: it sleeps, it does not spin on) and calls every `done`.
+// wait: it sleeps, it does not spin on; a batch submitted while it polls
+// with a launch slot free is launched first) and calls every `done`.
 // No `done` runs inside a CUDA callback. Submit is thread-safe and never
 // blocks on a copy.
 //
