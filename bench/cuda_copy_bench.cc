@@ -24,6 +24,7 @@
 //
 // GB/s is bytes moved (each byte read once and written once) per second, 1e9.
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <chrono>
 #include <cinttypes>
@@ -245,14 +246,102 @@ int Main(int argc, char** argv) {
     uploaded_us = Seconds(t1, Clock::now()) / kLatencyReps * 1e6;
   }
 
+  // Where a one-fragment round trip goes: the floor (this thread launches
+  // the inline kernel, records an event and polls it, as the engine's
+  // thread does) against an engine whose thread polls for batches
+  // (poll_before_sleep, as an agent with poll_before_sleep_us sets it),
+  // submitted with a `done` this thread polls for.
+  double floor_us = 0;
+  double polling_us = 0;
+  double chunk_mapped_us = 0;    // 512 fragments of 4 KiB, descriptors read mapped
+  double chunk_uploaded_us = 0;  // the same, uploaded first
+  double rows_mapped_us = 0;     // 4096 fragments of 512 B, read mapped
+  double rows_uploaded_us = 0;   // the same, uploaded first
+  {
+    cuda_copy::InlineLaunch launch{};
+    launch.src_base = src_base;
+    launch.dst_base = dst_base;
+    launch.count = 1;
+    launch.pieces[0] = cuda_copy::PieceDescriptor{0, 0, 256};
+    const auto once = [&]() -> bool {
+      if (!Check(CudaStatus(cuda_copy::LaunchInlineCopy(launch, stream->get()), "inline launch"),
+                 "floor") ||
+          !Check(CudaStatus(cudaEventRecord(stop->get(), stream->get()), "cudaEventRecord"),
+                 "floor")) {
+        return false;
+      }
+      cudaError_t polled;
+      while ((polled = cudaEventQuery(stop->get())) == cudaErrorNotReady) {
+      }
+      return Check(CudaStatus(polled, "cudaEventQuery"), "floor");
+    };
+    if (!once()) return 1;
+    const Clock::time_point t1 = Clock::now();
+    for (int i = 0; i < kLatencyReps; ++i) {
+      if (!once()) return 1;
+    }
+    floor_us = Seconds(t1, Clock::now()) / kLatencyReps * 1e6;
+
+    // A chunk's copy: 2 MiB in 512 fragments of 4 KiB, or 4096 of 512 B,
+    // each source a fragment apart.
+    const auto chunk_of = [&](uint64_t n, uint64_t bytes) {
+      std::vector<Fragment> list;
+      for (uint64_t i = 0; i < n; ++i) {
+        list.push_back(Fragment{src_base + 2 * i * bytes, dst_base + i * bytes, bytes});
+      }
+      return list;
+    };
+    const std::vector<Fragment> chunk = chunk_of(512, KiB(4));
+    const std::vector<Fragment> rows = chunk_of(4096, 512);
+    const auto polled_round_trip = [&](uint32_t max_mapped_pieces,
+                                       std::span<const Fragment> list) -> double {
+      CudaCopyEngine::Options polling = engine_options;
+      polling.poll_before_sleep = std::chrono::microseconds(200);
+      polling.max_mapped_pieces = max_mapped_pieces;
+      Result<std::unique_ptr<CudaCopyEngine>> other = CudaCopyEngine::Create(polling);
+      if (!Check(other.status(), "create engine")) return 0;
+      std::atomic<int> finished{0};
+      const auto submit = [&]() -> bool {
+        finished.store(0, std::memory_order_relaxed);
+        if (!Check((*other)->Submit(DirectBatch(list), [&](Status) { finished.store(1); }),
+                   "submit")) {
+          return false;
+        }
+        while (finished.load() == 0) {
+        }
+        return true;
+      };
+      if (!submit()) return 0;
+      const Clock::time_point t2 = Clock::now();
+      for (int i = 0; i < kLatencyReps; ++i) {
+        if (!submit()) return 0;
+      }
+      return Seconds(t2, Clock::now()) / kLatencyReps * 1e6;
+    };
+    polling_us = polled_round_trip(engine_options.max_mapped_pieces, one);
+    chunk_mapped_us = polled_round_trip(4096, chunk);
+    chunk_uploaded_us = polled_round_trip(0, chunk);
+    rows_mapped_us = polled_round_trip(4096, rows);
+    rows_uploaded_us = polled_round_trip(0, rows);
+    if (polling_us == 0 || chunk_mapped_us == 0 || chunk_uploaded_us == 0 || rows_mapped_us == 0 ||
+        rows_uploaded_us == 0) {
+      return 1;
+    }
+  }
+
   std::printf("device: %s, %d SMs; pool %" PRIu64 " GiB; batch %" PRIu64 " MiB; engine: mean of %d, CUDA: best of as many\n",
               prop.name, prop.multiProcessorCount, pool_gib, batch_mib, reps);
   std::printf("ceiling (one %" PRIu64 " MiB cudaMemcpyAsync, device to device): %.0f GB/s\n",
               big >> 20, ceiling);
   std::printf(
       "engine batch of one 256 B fragment, Copy() round trip: %.1f us (its descriptor "
-      "uploaded instead of in the kernel's parameters: %.1f us)\n\n",
-      batch_us, uploaded_us);
+      "uploaded instead of in the kernel's parameters: %.1f us); polled at both ends: %.1f us, "
+      "where one thread's launch, event and poll take %.1f us\n",
+      batch_us, uploaded_us, polling_us, floor_us);
+  std::printf(
+      "engine batch of 512 fragments of 4 KiB, polled at both ends: %.1f us with the descriptors "
+      "read mapped, %.1f us uploaded first; of 4096 fragments of 512 B: %.1f us and %.1f us\n\n",
+      chunk_mapped_us, chunk_uploaded_us, rows_mapped_us, rows_uploaded_us);
   std::printf(
       "| fragment | fragments | engine GB/s | %% of ceiling | engine, 4 batches at once | "
       "kernel alone GB/s (%" PRIu64

@@ -205,6 +205,10 @@ TEST(CudaCopyEngineOptionsTest, BadOptionsAreInvalidArguments) {
   options.max_inline_pieces = cuda_copy::kInlinePieces + 1;
   EXPECT_THAT(CudaCopyEngine::Create(options),
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_inline_pieces")));
+  options = CudaCopyEngine::Options();
+  options.max_mapped_pieces = CudaCopyEngine::Options::kMaxLaunchPieces + 1;
+  EXPECT_THAT(CudaCopyEngine::Create(options),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_mapped_pieces")));
   for (const auto spin :
        {std::chrono::microseconds(-1),
         CudaCopyEngine::Options::kMaxSpinBeforeSleep + std::chrono::microseconds(1)}) {
@@ -373,6 +377,27 @@ TEST_F(CudaCopyEngineTest, SmallBatchesMatchTheHostReference) {
   RunRandom(Kind::kDirect, 97, 10, KiB(2));
   RunRandomTiled(98, 1, 2, 1, 3, 100, /*absolute=*/true);
   EXPECT_EQ(engine_->GetStats().launches, 2u);
+}
+
+// A flat launch of at most max_mapped_pieces pieces reads its descriptors
+// from the pinned staging buffer, a larger one from their upload: lists
+// below, at and above the bound, verbatim and cut, over one launch and
+// several, give the same bytes as the host reference either way.
+TEST_F(CudaCopyEngineTest, DescriptorsReadMappedOrUploadedMatchTheHostReference) {
+  for (const uint32_t mapped : {0u, 300u, CudaCopyEngine::Options::kMaxLaunchPieces}) {
+    CudaCopyEngine::Options options;
+    options.max_mapped_pieces = mapped;
+    options.max_launch_pieces = 1000;
+    MakeEngine(options);
+    RunRandom(Kind::kDirect, 131, 299, KiB(4));   // verbatim, one launch
+    RunRandom(Kind::kGather, 132, 300, KiB(32));  // at the bound: a piece each
+    RunRandom(Kind::kScatter, 133, 301, 256, /*with_empty=*/false, /*word_sized=*/true);
+    RunRandom(Kind::kDirect, 134, 40, KiB(300));  // cut into pieces: ~370 of them
+    RunRandom(Kind::kDirect, 135, 2500, KiB(2));  // three launches, the last of 500 pieces
+    const CudaCopyEngine::Stats stats = engine_->GetStats();
+    EXPECT_EQ(stats.batches_failed, 0u) << "max_mapped_pieces " << mapped;
+    EXPECT_EQ(stats.batches_completed, 5u) << "max_mapped_pieces " << mapped;
+  }
 }
 
 // Launches whose pieces are all small copy a piece per group of 8 (at most

@@ -78,6 +78,7 @@ static_assert(std::is_trivially_copyable_v<TileOffset>);
 // The buffers and events of one launch in flight.
 struct CudaCopyEngine::Slot {
   CudaPinnedBuffer staging;      // descriptors written by the host
+  const void* staging_on_device = nullptr;  // the same memory, as the kernel reads it mapped
   CudaDeviceBuffer descriptors;  // the kernel's copy of them
   CudaEvent uploaded;            // upload stream: descriptors are on the device
   CudaEvent finished;            // copy stream: the kernel is done
@@ -165,6 +166,11 @@ Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& op
         "cuda copy engine: max_inline_pieces = " + std::to_string(options.max_inline_pieces) +
         " is invalid: must be 0 to " + std::to_string(cuda_copy::kInlinePieces));
   }
+  if (options.max_mapped_pieces > Options::kMaxLaunchPieces) {
+    return InvalidArgumentError(
+        "cuda copy engine: max_mapped_pieces = " + std::to_string(options.max_mapped_pieces) +
+        " is invalid: must be 0 to " + std::to_string(Options::kMaxLaunchPieces));
+  }
   if (options.launch_slots < 1 || options.launch_slots > Options::kMaxLaunchSlots) {
     return InvalidArgumentError("cuda copy engine: launch_slots = " +
                                 std::to_string(options.launch_slots) +
@@ -201,6 +207,10 @@ Result<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(const Options& op
   for (int i = 0; i < options.launch_slots; ++i) {
     auto slot = std::make_unique<Slot>();
     KVB_ASSIGN_OR_RETURN(slot->staging, CudaPinnedBuffer::Allocate(descriptor_bytes));
+    void* mapped = nullptr;
+    KVB_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&mapped, slot->staging.data(), 0),
+                             "cudaHostGetDevicePointer(staging buffer)");
+    slot->staging_on_device = mapped;
     KVB_ASSIGN_OR_RETURN(slot->descriptors, CudaDeviceBuffer::Allocate(device, descriptor_bytes));
     KVB_ASSIGN_OR_RETURN(slot->uploaded, CudaEvent::Create(device, /*blocking_sync=*/false));
     KVB_ASSIGN_OR_RETURN(slot->finished, CudaEvent::Create(device, /*blocking_sync=*/true));
@@ -438,14 +448,29 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
   // The loop calls Launch only while bytes remain (SkipEmpty), so count > 0.
   slot.bytes = bytes;
   batch.bytes_launched += bytes;
-  return Enqueue(batch, slot, count * sizeof(PieceDescriptor), [&] {
-    return CudaStatus(
-        cuda_copy::LaunchBatchedCopy(static_cast<const PieceDescriptor*>(slot.descriptors.data()),
-                                     count, kernel_src_base, kernel_dst_base, max_blocks_,
-                                     copy_stream_.get(), largest),
-        "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
-            std::to_string(bytes) + " bytes)");
-  });
+  // A launch of few pieces reads them where the host wrote them (see
+  // Options::max_mapped_pieces); the slot is not reused before its kernel
+  // ended, so nothing overwrites them while it reads.
+  const bool mapped = count <= options_.max_mapped_pieces;
+  const auto* pieces = static_cast<const PieceDescriptor*>(mapped ? slot.staging_on_device
+                                                                  : slot.descriptors.data());
+  const auto launch = [&] {
+    return CudaStatus(cuda_copy::LaunchBatchedCopy(pieces, count, kernel_src_base, kernel_dst_base,
+                                                   max_blocks_, copy_stream_.get(), largest),
+                      "batched copy kernel launch (" + std::to_string(count) + " pieces, " +
+                          std::to_string(bytes) + " bytes)");
+  };
+  if (!mapped) return Enqueue(batch, slot, count * sizeof(PieceDescriptor), launch);
+  Status status = launch();
+  if (status.ok()) {
+    status = CudaStatus(cudaEventRecord(slot.finished.get(), copy_stream_.get()),
+                        "cudaEventRecord(copy)");
+  }
+  if (!status.ok()) {
+    batch.bytes_launched -= slot.bytes;
+    return status.WithContext("cuda copy engine");
+  }
+  return Status::Ok();
 }
 
 uint64_t CudaCopyEngine::InlinePieces(const BatchState& batch) {

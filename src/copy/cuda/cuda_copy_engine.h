@@ -6,6 +6,8 @@
 // staging buffer (a list whose fragments all fit a piece is copied there as
 // it is, a Fragment having a descriptor's layout, with the batch's bases
 // passed to the kernel), uploaded to device memory on the engine's upload stream
+// — or, for a flat launch of at most `max_mapped_pieces` pieces, read by the
+// kernel from the staging buffer itself, mapped into the device —
 // and copied by ONE kernel launch on the engine's copy stream (copy_kernel.cuh:
 // a warp per piece (8 or 16 lanes for pieces of 128 or 256 bytes at most),
 // 16-byte vector accesses when source and destination are
@@ -137,6 +139,16 @@ struct CudaCopyEngineOptions {
   // parameters, uploading nothing (0: never). 0 to
   // cuda_copy::kInlinePieces.
   uint32_t max_inline_pieces = 128;
+  // A flat launch of at most this many pieces has the kernel read their
+  // descriptors from the slot's pinned staging buffer, mapped into the
+  // device, instead of uploading them first (0: always upload). The upload
+  // is a copy on another stream and a wait between the streams, ~20 µs of
+  // a small batch's round trip on an H200 (docs/PERFORMANCE.md); reading
+  // them over the bus costs the kernel a few µs for a few thousand pieces,
+  // while a launch of tens of thousands reads them faster from device
+  // memory. Tiled launches, whose pieces every unit reads again, are always
+  // uploaded. 0 to kMaxLaunchPieces.
+  uint32_t max_mapped_pieces = 1024;
   // How long the engine thread polls a launch's completion, beyond the
   // time the launch's bytes should take (kKernelBytesPerUs), before it
   // sleeps on it (0: sleep at once, not polling at all). A small batch
