@@ -362,6 +362,9 @@ nlohmann::json ToJson(const RequestRecord& record) {
   j["writers"] = record.writers;
   j["outcome"] = OutcomeName(record.outcome);
   j["error"] = record.error;
+  j["chunks"] = record.chunks;
+  j["chunk_writer_us"] = record.chunk_writer_us;
+  j["chunk_scatter_us"] = record.chunk_scatter_us;
 
   const RequestTimeline& t = record.timeline;
   const bool has_request = RequestTimeline::Reached(t.request);
@@ -484,10 +487,22 @@ BucketCounts BucketHistogram::Snapshot() const {
 }
 
 void Metrics::Record(const RequestRecord& record) {
+  Aggregate(record);
+  WriteToPerfLog(record);
+}
+
+void Metrics::WriteToPerfLog(const RequestRecord& record) {
   std::shared_ptr<PerfLog> log;
   {
     std::lock_guard<std::mutex> lock(mu_);
     log = perf_log_;
+  }
+  if (log) log->Write(record);
+}
+
+void Metrics::Aggregate(const RequestRecord& record) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     const size_t side_index = IndexOf(record.side);
     const size_t outcome_index = IndexOf(record.outcome);
     if (side_index < kNumSides && outcome_index < kNumOutcomes) {
@@ -519,7 +534,6 @@ void Metrics::Record(const RequestRecord& record) {
       }
     }
   }
-  if (log) log->Write(record);
 }
 
 void Metrics::Count(Counter counter, uint64_t n) {

@@ -229,6 +229,18 @@ struct RequestRecord {
   // Why the request did not complete; empty when it did.
   std::string error;
   RequestTimeline timeline;
+  // A streamed bounce (0 otherwise). On the receiver: the chunks scattered,
+  // and summed over them the microseconds from a chunk's KV_GRANT to its
+  // KV_CHUNK (the frames there and back, the writer's gather and write) and
+  // from its KV_CHUNK to the end of its scatter: together a chunk's round
+  // trip, what bounds a stream through a small arena (docs/sessions.md,
+  // "Streaming bounce"). On a writer: the chunks announced, and summed the
+  // microseconds from a KV_GRANT's arrival to its KV_CHUNK going out (its
+  // gather and write); the receiver's chunk_writer_us less the writers'
+  // is the frames' time.
+  uint64_t chunks = 0;
+  double chunk_writer_us = 0;
+  double chunk_scatter_us = 0;
 
   friend bool operator==(const RequestRecord&, const RequestRecord&) = default;
 };
@@ -489,6 +501,11 @@ class Metrics {
   // A record whose side or outcome lies outside its enum is written to the
   // perf log but not aggregated.
   void Record(const RequestRecord& record);
+  // Record in two steps, for a caller that must aggregate before its peer or
+  // application hears the outcome but would not make them wait for the perf
+  // log's write(2): Aggregate, tell them, then WriteToPerfLog.
+  void Aggregate(const RequestRecord& record);
+  void WriteToPerfLog(const RequestRecord& record);
 
   // Adds n to a counter. A value outside the enum is ignored.
   void Count(Counter counter, uint64_t n = 1);

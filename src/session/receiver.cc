@@ -20,6 +20,9 @@ struct ReceiverSession::ChunkSlot {
   bool landed = false;      // KV_CHUNK arrived: written and flushed
   bool scattering = false;  // its scatter is in the copy engine
   FragmentList list;        // the chunk's part of the scatter list
+  // When the grant went out and when the KV_CHUNK came (RequestRecord::chunk_*).
+  SessionContext::MetricsClock::time_point granted_at{};
+  SessionContext::MetricsClock::time_point landed_at{};
 };
 
 struct ReceiverSession::Writer {
@@ -89,6 +92,10 @@ struct ReceiverSession::Request {
   bool admitted = false;
   std::stop_source scatter_stop;
   std::vector<QuarantineToken> chunk_quarantine;
+  // The chunks scattered and their times (RequestRecord::chunk_*).
+  uint64_t chunks_scattered = 0;
+  std::chrono::nanoseconds chunk_writer_time{0};
+  std::chrono::nanoseconds chunk_scatter_time{0};
   SessionContext::TimePoint deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
@@ -543,6 +550,7 @@ void ReceiverSession::PumpGrants() {
     ChunkSlot& cs = w.chunk_slots.emplace_back();
     cs.chunk = k;
     cs.slot = std::move(slot).value();
+    cs.granted_at = now;
     ++w.next_grant;
     protocol::KvGrant grant;
     grant.request_id = key.first;
@@ -1102,6 +1110,8 @@ void ReceiverSession::OnChunk(PeerState& peer, const protocol::KvChunk& chunk) {
     return;
   }
   it->landed = true;
+  it->landed_at = SessionContext::MetricsClock::now();
+  r->chunk_writer_time += it->landed_at - it->granted_at;
   if (r->settled || r->pending_outcome || !r->root_cause.ok() || !r->scatter_error.ok()) {
     // Not wanted any more, and the writer is done with the slot.
     w->chunk_slots.erase(it);
@@ -1154,7 +1164,13 @@ void ReceiverSession::OnChunkScattered(Key key, size_t index, uint64_t chunk,
   if (r == nullptr || index >= r->writers.size()) return;
   --r->scatters_outstanding;
   Writer& w = r->writers[index];
-  w.chunk_slots.remove_if([chunk](const ChunkSlot& cs) { return cs.chunk == chunk; });
+  auto it = std::find_if(w.chunk_slots.begin(), w.chunk_slots.end(),
+                         [chunk](const ChunkSlot& cs) { return cs.chunk == chunk; });
+  if (status.ok() && it != w.chunk_slots.end()) {
+    ++r->chunks_scattered;
+    r->chunk_scatter_time += SessionContext::MetricsClock::now() - it->landed_at;
+  }
+  if (it != w.chunk_slots.end()) w.chunk_slots.erase(it);
   if (status.ok()) {
     ++w.chunks_scattered;
     ctx_.metrics->Count(Counter::kChunksScattered);
@@ -1415,7 +1431,10 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   rec.outcome = OutcomeOf(outcome);
   rec.error = std::string(outcome.message());
   rec.timeline = r.timeline;
-  ctx_.metrics->Record(rec);
+  rec.chunks = r.chunks_scattered;
+  rec.chunk_writer_us = std::chrono::duration<double, std::micro>(r.chunk_writer_time).count();
+  rec.chunk_scatter_us = std::chrono::duration<double, std::micro>(r.chunk_scatter_time).count();
+  ctx_.metrics->Aggregate(rec);
   // Return the slot before the application hears of the outcome, so that a
   // settled request never holds arena bytes it no longer needs.
   bool released = false;
@@ -1424,6 +1443,9 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
     released = true;
   }
   r.handle->Settle(outcome, Info(r));
+  // The perf log's line once the application heard: its write(2) is not
+  // on the request's path.
+  ctx_.metrics->WriteToPerfLog(rec);
   if (released) RetryReservations();
   if (r.stream) ctx_.loop->Post([this] { OnArenaSpace(); });  // admission and credits
 }

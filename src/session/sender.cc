@@ -5,6 +5,7 @@
 #include <deque>
 #include <limits>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 
@@ -103,6 +104,10 @@ struct SenderSession::Job {
   std::unordered_set<uint64_t> granted;
   std::map<uint64_t, uint64_t> units_left;
   uint64_t chunks_announced = 0;
+  // When each granted chunk's KV_GRANT arrived, until its KV_CHUNK went
+  // out; the time between the two, summed (RequestRecord::chunk_writer_us).
+  std::unordered_map<uint64_t, SessionContext::MetricsClock::time_point> granted_at;
+  std::chrono::nanoseconds chunk_writer_time{0};
   std::vector<protocol::KvGrant> early_grants;
   std::vector<WriteGroup> groups;
   Status write_error;
@@ -893,6 +898,7 @@ void SenderSession::AcceptGrant(Job& job, const protocol::KvGrant& grant) {
     Finish(job, DataLossError(what + ": granted twice"));
     return;
   }
+  job.granted_at[k] = SessionContext::MetricsClock::now();
   uint64_t units = 0;
   for (uint64_t begin = cut.begin(k); begin < cut.end(k); begin += job.lane_bytes) {
     job.units.push_back(Job::Unit{begin, std::min(begin + job.lane_bytes, cut.end(k)),
@@ -1110,6 +1116,10 @@ void SenderSession::OnChunkFlushed(Key key, uint64_t chunk, const Status& status
     if (sent.ok()) {
       ++job->chunks_announced;
       ctx_.metrics->Count(Counter::kChunksWritten);
+      if (auto at = job->granted_at.find(chunk); at != job->granted_at.end()) {
+        job->chunk_writer_time += SessionContext::MetricsClock::now() - at->second;
+        job->granted_at.erase(at);
+      }
     } else {
       job->write_error = sent.WithContext("KV_CHUNK to " + job->peer_name);
       job->stop.request_stop();
@@ -1408,7 +1418,9 @@ void SenderSession::Report(Job& job) {
   rec.outcome = OutcomeOf(outcome);
   rec.error = std::string(outcome.message());
   rec.timeline = job.timeline;
-  ctx_.metrics->Record(rec);
+  rec.chunks = job.chunks_announced;
+  rec.chunk_writer_us = std::chrono::duration<double, std::micro>(job.chunk_writer_time).count();
+  ctx_.metrics->Aggregate(rec);
 
   PeerState* peer = ctx_.FindPeer(job.peer);
   if (!job.silent && peer != nullptr && !peer->dead) {
@@ -1421,6 +1433,9 @@ void SenderSession::Report(Job& job) {
               " not sent: " + sent.ToString());
     }
   }
+  // The perf log's line once the KV_RESULT is out: its write(2) is not on
+  // the request's path.
+  ctx_.metrics->WriteToPerfLog(rec);
 
   const uint64_t request_id = job.request.request_id;
   const bool had_slot =

@@ -483,6 +483,9 @@ TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   rx.path_requested = TransferPath::kBounce;
   rx.fallback_reason = "request larger than arena";
   rx.error = "ctx0 rank 1: \"quoted\"\nnewline";
+  rx.chunks = 6;
+  rx.chunk_writer_us = 1500.5;
+  rx.chunk_scatter_us = 250.25;
   RequestRecord tx =
       MakeRecord(43, Side::kSender, TransferPath::kBounce, Outcome::kCompleted, microseconds(500));
   {
@@ -528,13 +531,18 @@ TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   EXPECT_DOUBLE_EQ(a["write_done_us"].get<double>(), 600.0);
   EXPECT_DOUBLE_EQ(a["scatter_done_us"].get<double>(), 700.0);
   EXPECT_DOUBLE_EQ(a["complete_us"].get<double>(), 800.0);
-  EXPECT_EQ(a.size(), 20u);  // 14 record fields + request_steady_us + 5 times
+  EXPECT_EQ(a["chunks"], 6);
+  EXPECT_DOUBLE_EQ(a["chunk_writer_us"].get<double>(), 1500.5);
+  EXPECT_DOUBLE_EQ(a["chunk_scatter_us"].get<double>(), 250.25);
+  EXPECT_EQ(a.size(), 23u);  // 17 record fields + request_steady_us + 5 times
 
   const nlohmann::json& b = lines[1];
   EXPECT_EQ(b["side"], "sender");
   EXPECT_EQ(b["outcome"], "completed");
   EXPECT_EQ(b["writers"], 1);
   EXPECT_EQ(b["fallback_reason"], "");
+  EXPECT_EQ(b["chunks"], 0);  // not streamed
+  EXPECT_DOUBLE_EQ(b["chunk_writer_us"].get<double>(), 0.0);
   EXPECT_TRUE(b["scatter_done_us"].is_null());
   EXPECT_DOUBLE_EQ(b["complete_us"].get<double>(), 500.0);
 

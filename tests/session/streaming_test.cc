@@ -7,9 +7,13 @@
 // again.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 #include <vector>
@@ -118,6 +122,71 @@ uint64_t ChunksWritten(Cluster& c) {
     for (int r = 0; r < c.num_ctx(); ++r) n += c.ctx(i, r).Stats().chunks_written;
   }
   return n;
+}
+
+// The perf log's lines of a streamed request count its chunks and where
+// their round trips went, on the receiver and on each writer; a request
+// that fits the arena (one slot) has none.
+TEST(StreamingTest, ThePerfLogTimesAStreamsChunks) {
+  const std::string path =
+      ::testing::TempDir() + "/kvbounce_chunks_" + std::to_string(::getpid()) + ".jsonl";
+  std::remove(path.c_str());
+  ::setenv("KVBOUNCE_PERF_LOG", path.c_str(), 1);
+  // 2 writers of 8 MiB (8 layers x 2 x 8 heads x 128 x 2 B x 512 tokens / 2)
+  // through a 2 MiB arena in 1 MiB chunks: 16 chunks; the second request,
+  // of 32 tokens (1 MiB), fits the arena.
+  auto cluster = Cluster::Create(Streaming(2, 8, 8, 128, 512, 4, 2, 1));
+  ::unsetenv("KVBOUNCE_PERF_LOG");
+  ASSERT_THAT(cluster, IsOk());
+  Cluster& c = **cluster;
+  std::mt19937_64 rng(7);
+  for (const auto& [id, tokens] : {std::pair<uint64_t, int64_t>{1, 512}, {2, 32}}) {
+    const BlockTables tables = c.Tables(0, tokens, rng);
+    auto published = PublishAll(c, 0, id, tables, tokens);
+    auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {0, tokens}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+  }
+  c.Shutdown();
+  std::ifstream in(path);
+  std::string line;
+  int receivers = 0;
+  int writers = 0;
+  double writers_us = 0;  // the writers' share of the chunks' round trips
+  double receiver_writer_us = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j["request_id"] == 2) {
+      EXPECT_EQ(j["chunks"], 0) << line;
+      EXPECT_EQ(j["chunk_writer_us"], 0.0) << line;
+      EXPECT_EQ(j["chunk_scatter_us"], 0.0) << line;
+      continue;
+    }
+    if (j["side"] == "sender") {
+      ++writers;
+      EXPECT_EQ(j["chunks"], 8) << line;
+      EXPECT_GT(j["chunk_writer_us"].get<double>(), 0.0) << line;
+      EXPECT_EQ(j["chunk_scatter_us"], 0.0) << line;
+      writers_us += j["chunk_writer_us"].get<double>();
+      continue;
+    }
+    ++receivers;
+    receiver_writer_us = j["chunk_writer_us"].get<double>();
+    EXPECT_EQ(j["chunks"], 16) << line;
+    // Each chunk took time on both legs, and no leg outlasted the request.
+    const double complete = j["complete_us"].get<double>();
+    EXPECT_GT(j["chunk_writer_us"].get<double>(), 0.0) << line;
+    EXPECT_GT(j["chunk_scatter_us"].get<double>(), 0.0) << line;
+    EXPECT_LT(j["chunk_writer_us"].get<double>() / 16, complete) << line;
+    EXPECT_LT(j["chunk_scatter_us"].get<double>() / 16, complete) << line;
+  }
+  EXPECT_EQ(receivers, 1);
+  EXPECT_EQ(writers, 2);
+  // Each writer's leg of a chunk lies inside the receiver's (grant sent
+  // before it arrived, KV_CHUNK sent before it arrived; one clock).
+  EXPECT_LE(writers_us, receiver_writer_us);
+  std::remove(path.c_str());
 }
 
 // One writer, a recv arena of exactly one chunk, a request 100 times it:
