@@ -461,14 +461,17 @@ Status CudaCopyEngine::Launch(BatchState& batch, Slot& slot) {
                           std::to_string(bytes) + " bytes)");
   };
   if (!mapped) return Enqueue(batch, slot, count * sizeof(PieceDescriptor), launch);
-  Status status = launch();
-  if (status.ok()) {
-    status = CudaStatus(cudaEventRecord(slot.finished.get(), copy_stream_.get()),
-                        "cudaEventRecord(copy)");
+  return FinishUnstagedLaunch(batch, slot, launch());
+}
+
+Status CudaCopyEngine::FinishUnstagedLaunch(BatchState& batch, Slot& slot, Status launched) {
+  if (launched.ok()) {
+    launched = CudaStatus(cudaEventRecord(slot.finished.get(), copy_stream_.get()),
+                          "cudaEventRecord(copy)");
   }
-  if (!status.ok()) {
+  if (!launched.ok()) {
     batch.bytes_launched -= slot.bytes;
-    return status.WithContext("cuda copy engine");
+    return launched.WithContext("cuda copy engine");
   }
   return Status::Ok();
 }
@@ -527,18 +530,11 @@ Status CudaCopyEngine::LaunchInline(BatchState& batch, Slot& slot) {
   }
   slot.bytes = batch.total_bytes;
   batch.bytes_launched += batch.total_bytes;
-  Status status = CudaStatus(cuda_copy::LaunchInlineCopy(launch, copy_stream_.get()),
-                             "inline copy kernel launch (" + std::to_string(launch.count) +
-                                 " pieces, " + std::to_string(batch.total_bytes) + " bytes)");
-  if (status.ok()) {
-    status = CudaStatus(cudaEventRecord(slot.finished.get(), copy_stream_.get()),
-                        "cudaEventRecord(copy)");
-  }
-  if (!status.ok()) {
-    batch.bytes_launched -= slot.bytes;
-    return status.WithContext("cuda copy engine");
-  }
-  return Status::Ok();
+  return FinishUnstagedLaunch(
+      batch, slot,
+      CudaStatus(cuda_copy::LaunchInlineCopy(launch, copy_stream_.get()),
+                 "inline copy kernel launch (" + std::to_string(launch.count) + " pieces, " +
+                     std::to_string(batch.total_bytes) + " bytes)"));
 }
 
 Status CudaCopyEngine::LaunchTiled(BatchState& batch, Slot& slot) {

@@ -253,6 +253,10 @@ class CudaCopyEngine final : public CopyEngine {
   // The whole of a small batch (BatchState::small) in the kernel's
   // parameters: no upload.
   Status LaunchInline(BatchState& batch, Slot& slot);
+  // After a launch that uploaded nothing (inline, or reading its
+  // descriptors mapped): records the slot's event when `launched` is OK,
+  // else takes the slot's bytes back off the batch. Returns the error.
+  Status FinishUnstagedLaunch(BatchState& batch, Slot& slot, Status launched);
   // The pieces of `batch`, or any number above cuda_copy::kInlinePieces
   // once it has that many.
   static uint64_t InlinePieces(const BatchState& batch);
