@@ -100,14 +100,10 @@ uint64_t Outstanding(Cluster& c) {
 // for the next call, and returns when all have: the bench's ranks issue
 // their calls in parallel, as the ranks of a serving engine do (each
 // drives its own agent), instead of one thread calling every agent in
-// turn. The threads start fn together: each one woken waits (yielding)
-// until the last is awake, so a request's first call and its peer's come
-// at once instead of apart by the time it takes the OS to wake another
-// sleeping thread (15–35 µs on an idle host), which a request's latency,
-// counted from its first call, would otherwise include.
+// turn.
 class ParallelIssuer {
  public:
-  explicit ParallelIssuer(int n) : size_(n) {
+  explicit ParallelIssuer(int n) {
     for (int i = 0; i < n; ++i) {
       threads_.emplace_back([this, i] { Serve(i); });
     }
@@ -124,7 +120,6 @@ class ParallelIssuer {
     std::unique_lock<std::mutex> lock(mu_);
     fn_ = &fn;
     pending_ = static_cast<int>(threads_.size());
-    awake_.store(0, std::memory_order_relaxed);  // no thread reads it until the next generation
     ++generation_;
     cv_.notify_all();
     done_cv_.wait(lock, [&] { return pending_ == 0; });
@@ -141,23 +136,18 @@ class ParallelIssuer {
       seen = generation_;
       const std::function<void(int)>* fn = fn_;
       lock.unlock();
-      if (awake_.fetch_add(1, std::memory_order_acq_rel) + 1 < size_) {
-        while (awake_.load(std::memory_order_acquire) < size_) std::this_thread::yield();
-      }
       (*fn)(i);
       lock.lock();
       if (--pending_ == 0) done_cv_.notify_one();
     }
   }
 
-  const int size_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* fn_ = nullptr;  // guarded by mu_
   uint64_t generation_ = 0;                       // guarded by mu_
   int pending_ = 0;                               // guarded by mu_
   bool stopping_ = false;                         // guarded by mu_
-  std::atomic<int> awake_{0};                     // threads woken for this generation
   std::vector<std::jthread> threads_;             // last: joined first
 };
 
