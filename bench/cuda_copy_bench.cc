@@ -258,6 +258,15 @@ int Main(int argc, char** argv) {
   double rows_mapped_us = 0;     // 4096 fragments of 512 B, read mapped
   double rows_uploaded_us = 0;   // the same, uploaded first
   {
+    // µs per call of `call` (false: it failed; then 0), after one warm-up call.
+    const auto mean_us = [](const auto& call) -> double {
+      if (!call()) return 0;
+      const Clock::time_point t = Clock::now();
+      for (int i = 0; i < kLatencyReps; ++i) {
+        if (!call()) return 0;
+      }
+      return Seconds(t, Clock::now()) / kLatencyReps * 1e6;
+    };
     cuda_copy::InlineLaunch launch{};
     launch.src_base = src_base;
     launch.dst_base = dst_base;
@@ -275,12 +284,8 @@ int Main(int argc, char** argv) {
       }
       return Check(CudaStatus(polled, "cudaEventQuery"), "floor");
     };
-    if (!once()) return 1;
-    const Clock::time_point t1 = Clock::now();
-    for (int i = 0; i < kLatencyReps; ++i) {
-      if (!once()) return 1;
-    }
-    floor_us = Seconds(t1, Clock::now()) / kLatencyReps * 1e6;
+    floor_us = mean_us(once);
+    if (floor_us == 0) return 1;
 
     // A chunk's copy: 2 MiB in 512 fragments of 4 KiB, or 4096 of 512 B,
     // each source a fragment apart.
@@ -311,12 +316,7 @@ int Main(int argc, char** argv) {
         }
         return true;
       };
-      if (!submit()) return 0;
-      const Clock::time_point t2 = Clock::now();
-      for (int i = 0; i < kLatencyReps; ++i) {
-        if (!submit()) return 0;
-      }
-      return Seconds(t2, Clock::now()) / kLatencyReps * 1e6;
+      return mean_us(submit);
     };
     polling_us = polled_round_trip(engine_options.max_mapped_pieces, one);
     chunk_mapped_us = polled_round_trip(4096, chunk);

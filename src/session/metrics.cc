@@ -501,35 +501,33 @@ void Metrics::WriteToPerfLog(const RequestRecord& record) {
 }
 
 void Metrics::Aggregate(const RequestRecord& record) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const size_t side_index = IndexOf(record.side);
-    const size_t outcome_index = IndexOf(record.outcome);
-    if (side_index < kNumSides && outcome_index < kNumOutcomes) {
-      SideMetrics& side = state_.sides[side_index];
-      ++side.requests[outcome_index];
-      side.transport_writes += record.transport_writes;
-      side.fragments += record.fragments;
-      const size_t path_index = IndexOf(record.path_taken);
-      const bool known_path = path_index < kNumTransferPaths;
-      if (known_path) {
-        ++side.path_taken[path_index];
-        ++side.requests_by_path[path_index][outcome_index];
-      }
-      if (!record.fallback_reason.empty()) ++side.fallbacks[record.fallback_reason];
-      if (record.outcome == Outcome::kCompleted) {
-        side.bytes_completed += record.bytes;
-        if (known_path) buckets_[side_index][path_index].bytes.Add(record.bytes);
-        const RequestTimeline& t = record.timeline;
-        if (RequestTimeline::Reached(t.request) && RequestTimeline::Reached(t.complete)) {
-          const auto latency =
-              std::chrono::duration_cast<std::chrono::nanoseconds>(t.complete - t.request);
-          side.latency.Add(latency);
-          if (known_path) {
-            side.latency_by_path[path_index].Add(latency);
-            buckets_[side_index][path_index].latency.Add(
-                static_cast<uint64_t>(std::max<int64_t>(0, latency.count())));
-          }
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t side_index = IndexOf(record.side);
+  const size_t outcome_index = IndexOf(record.outcome);
+  if (side_index < kNumSides && outcome_index < kNumOutcomes) {
+    SideMetrics& side = state_.sides[side_index];
+    ++side.requests[outcome_index];
+    side.transport_writes += record.transport_writes;
+    side.fragments += record.fragments;
+    const size_t path_index = IndexOf(record.path_taken);
+    const bool known_path = path_index < kNumTransferPaths;
+    if (known_path) {
+      ++side.path_taken[path_index];
+      ++side.requests_by_path[path_index][outcome_index];
+    }
+    if (!record.fallback_reason.empty()) ++side.fallbacks[record.fallback_reason];
+    if (record.outcome == Outcome::kCompleted) {
+      side.bytes_completed += record.bytes;
+      if (known_path) buckets_[side_index][path_index].bytes.Add(record.bytes);
+      const RequestTimeline& t = record.timeline;
+      if (RequestTimeline::Reached(t.request) && RequestTimeline::Reached(t.complete)) {
+        const auto latency =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(t.complete - t.request);
+        side.latency.Add(latency);
+        if (known_path) {
+          side.latency_by_path[path_index].Add(latency);
+          buckets_[side_index][path_index].latency.Add(
+              static_cast<uint64_t>(std::max<int64_t>(0, latency.count())));
         }
       }
     }
