@@ -161,7 +161,7 @@ bool EventLoop::PollForChange(uint64_t seen, std::chrono::microseconds how_long)
     if (source_ != nullptr && source_->Poll()) return true;
     std::this_thread::yield();
   }
-  return false;
+  return changes_.load(std::memory_order_acquire) != seen;
 }
 
 void EventLoop::SleepWithSource(std::unique_lock<std::mutex>& lock, std::chrono::microseconds limit,
@@ -274,8 +274,11 @@ void EventLoop::Run() {
         const uint64_t seen = changes_.load(std::memory_order_relaxed);
         lock.unlock();
         exec.unlock();
-        // Work from the source is activity like a task: the next idle
-        // spell polls again.
+        // Whatever ended the poll early is activity, as a task is: the
+        // next idle spell polls again. Not only a task or the source's
+        // work: a timer armed (by a caller's task run here, say — an API
+        // call arms its deadline so) leaves no task, and a loop that slept
+        // on it would pay a wake-up for the frame that follows.
         if (PollForChange(seen, how_long)) polled = false;
         exec.lock();
         lock.lock();

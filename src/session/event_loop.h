@@ -37,8 +37,10 @@
 // core to any other runnable thread) before it sleeps on its condition
 // variable, so that a task posted meanwhile runs without a wake-up
 // (Config::poll_before_sleep_us). It polls once per idle spell: after a
-// poll that found nothing it sleeps until woken. A timer due sooner cuts the
-// poll short.
+// poll that found nothing it sleeps until woken. Whatever ends a poll early
+// (a task posted, a timer armed — also by a task run on a caller's thread,
+// see TryRunHere — the source's work, a clock jump) starts a new spell. A
+// timer due sooner cuts the poll short.
 //
 // A progress source (kvbounce/transport.h, ProgressSource): a loop created
 // with one drives it, so that the transport's work runs on the loop thread
@@ -146,7 +148,7 @@ class EventLoop {
   // The clock jumped: wait until the loop caught up (see the file comment).
   void OnClockJump();
   // Polls, without the lock, until `changes_` moves past `seen`, the source
-  // did something (then true) or `how_long` passed.
+  // did something or `how_long` passed; true unless the time ran out.
   bool PollForChange(uint64_t seen, std::chrono::microseconds how_long) const;
 
   Clock* const clock_;

@@ -361,16 +361,21 @@ TEST_F(CudaCopyEngineTest, TiledListsMatchTheHostReference) {
 }
 
 // Batches of at most kInlinePieces pieces go in the kernel's parameters,
-// one launch each: flat and tiled, at the limit and one piece past it.
+// one launch each: flat and tiled, at the limit and one piece past it, and
+// at the small parameter block's limit and one past it.
 TEST_F(CudaCopyEngineTest, SmallBatchesMatchTheHostReference) {
   RunRandom(Kind::kDirect, 91, 60, KiB(2));
   RunRandom(Kind::kGather, 92, 128, KiB(32));  // exactly the limit: every fragment one piece
   RunRandom(Kind::kScatter, 93, 3, KiB(200));  // fragments cut into several pieces
   RunRandomTiled(94, 2, 3, 2, 8, 5000, /*absolute=*/false);
   RunRandomTiled(95, 1, 1, 1, 1, 100, /*absolute=*/true);
-  EXPECT_EQ(engine_->GetStats().launches, 5u);
+  // The small parameter block: one piece, at its bound, one past it.
+  RunRandom(Kind::kDirect, 99, 1, KiB(4));
+  RunRandom(Kind::kScatter, 100, cuda_copy::kSmallInlinePieces, KiB(32));
+  RunRandom(Kind::kGather, 101, cuda_copy::kSmallInlinePieces + 1, 300);
+  EXPECT_EQ(engine_->GetStats().launches, 8u);
   RunRandom(Kind::kDirect, 96, 129, KiB(32));  // one past: uploaded, still one launch
-  EXPECT_EQ(engine_->GetStats().launches, 6u);
+  EXPECT_EQ(engine_->GetStats().launches, 9u);
   CudaCopyEngine::Options options;
   options.max_inline_pieces = 0;  // every batch uploaded
   MakeEngine(options);

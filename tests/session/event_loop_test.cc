@@ -558,6 +558,50 @@ TEST(EventLoopSourceTest, ATimerOrStopThatComesWhileTheSourcePreparesIsNotSleptT
 
 // Stop runs the tasks posted before it, then destroys (detaches) the source
 // once the thread has left; nothing polls it afterwards.
+// A timer armed while the loop polls ends that poll without a task to run:
+// the loop polls on, it does not go to sleep. An API call run on the
+// caller's thread arms its deadline so, and a loop asleep then would pay a
+// wake-up for the frame that follows.
+TEST(EventLoopSourceTest, ATimerArmedWhileThePollRunsKeepsTheLoopPolling) {
+  DrivenLoop d(std::chrono::seconds(60));  // polls far longer than the test
+  ASSERT_NE(d.loop, nullptr);
+  // Polls on until the source has been polled `more` times beyond now
+  // (30 s at most), never preparing to sleep.
+  const auto polls_on = [&](int64_t more) {
+    std::unique_lock<std::mutex> lock(d.shared->mu);
+    const int64_t target = d.shared->polls + more;
+    lock.unlock();
+    for (int i = 0; i < 30000; ++i) {
+      lock.lock();
+      if (d.shared->polls >= target) return d.shared->prepares == 0;
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return false;
+  };
+  ASSERT_TRUE(polls_on(10));
+  const auto far = std::chrono::steady_clock::now() + std::chrono::hours(1);
+  // From another thread...
+  const EventLoop::TimerId first = d.loop->PostAt(far, [] {});
+  ASSERT_NE(first, 0u);
+  EXPECT_TRUE(polls_on(100)) << "the loop slept after a timer was armed";
+  // ... from a task run on the caller's thread, and when a timer is
+  // cancelled and another armed.
+  bool ran = false;
+  for (int attempt = 0; attempt < 1000 && !ran; ++attempt) {
+    ran = d.loop->TryRunHere([&] { d.loop->PostAt(far, [] {}); });
+    if (!ran) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(ran);
+  EXPECT_TRUE(polls_on(100)) << "the loop slept after a task run here armed a timer";
+  d.loop->CancelTimer(first);
+  d.loop->PostAt(far, [] {});
+  EXPECT_TRUE(polls_on(100)) << "the loop slept after a timer was re-armed";
+  d.loop->Stop();  // ends the poll too
+  std::lock_guard<std::mutex> lock(d.shared->mu);
+  EXPECT_TRUE(d.shared->destroyed);
+}
+
 TEST(EventLoopSourceTest, StopRunsTheQueuedTasksThenDestroysTheSource) {
   DrivenLoop driven;
   ASSERT_NE(driven.loop, nullptr);

@@ -232,9 +232,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
 }
 
 // The parameter is read in place (__grid_constant__): no per-thread copy of
-// its 3 KiB.
+// its up to 3 KiB.
+template <uint32_t N>
 struct InlineSource {
-  const InlineLaunch& l;
+  const InlineLaunchOf<N>& l;
   __device__ __forceinline__ bool Get(uint32_t t, Piece* p) const {
     const PieceDescriptor d = l.pieces[t];
     *p = Piece{l.src_base + d.src, l.dst_base + d.dst, d.bytes};
@@ -242,10 +243,10 @@ struct InlineSource {
   }
 };
 
-template <int G>
+template <int G, uint32_t N>
 __global__ void __launch_bounds__(kThreadsPerBlock, MinBlocks(G))
-    InlineCopyKernel(const __grid_constant__ InlineLaunch l) {
-  CopyTasks<G, uint32_t>(InlineSource{l}, l.count);
+    InlineCopyKernel(const __grid_constant__ InlineLaunchOf<N> l) {
+  CopyTasks<G, uint32_t>(InlineSource<N>{l}, l.count);
 }
 
 // Calls launch(std::integral_constant<int, G>{}) for the group size
@@ -280,9 +281,23 @@ cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
   for (uint32_t i = 0; i < launch.count; ++i) largest = std::max(largest, launch.pieces[i].bytes);
   const int lanes = GroupLanesFor(largest);
   const uint32_t blocks = BlocksFor(launch.count, lanes, launch.count);
-  WithGroupLanes(lanes, [&](auto g) {
-    InlineCopyKernel<g.value><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
-  });
+  if (launch.count <= kSmallInlinePieces) {
+    // The few pieces of a small request travel in a parameter block of a
+    // few hundred bytes: the launch and the kernel's start cost less than
+    // with the whole 3 KiB.
+    InlineLaunchOf<kSmallInlinePieces> small;
+    small.src_base = launch.src_base;
+    small.dst_base = launch.dst_base;
+    small.count = launch.count;
+    std::copy_n(launch.pieces, launch.count, small.pieces);
+    WithGroupLanes(lanes, [&](auto g) {
+      InlineCopyKernel<g.value, kSmallInlinePieces><<<blocks, kThreadsPerBlock, 0, stream>>>(small);
+    });
+  } else {
+    WithGroupLanes(lanes, [&](auto g) {
+      InlineCopyKernel<g.value, kInlinePieces><<<blocks, kThreadsPerBlock, 0, stream>>>(launch);
+    });
+  }
   return cudaGetLastError();
 }
 

@@ -103,14 +103,21 @@ int GroupLanesFor(uint64_t max_piece_bytes);
 
 // A batch small enough to travel in the kernel's parameters (under the
 // 4 KiB every CUDA version takes): no descriptor upload, no wait between
-// two streams, so a one-block request's copy is one launch call.
+// two streams, so a one-block request's copy is one launch call. Two sizes
+// of parameter block: a batch of at most kSmallInlinePieces pieces (a
+// one-block request's few fragments) travels in one of ~200 bytes, which
+// launches and starts ~1 µs sooner on an H200 than the whole 3 KiB
+// (docs/PERFORMANCE.md); LaunchInlineCopy picks the size.
 inline constexpr uint32_t kInlinePieces = 128;
-struct InlineLaunch {
+template <uint32_t N>
+struct InlineLaunchOf {
   uint64_t src_base;
   uint64_t dst_base;
-  uint32_t count;  // pieces used, 1 to kInlinePieces
-  PieceDescriptor pieces[kInlinePieces];
+  uint32_t count;  // pieces used, 1 to N
+  PieceDescriptor pieces[N];
 };
+using InlineLaunch = InlineLaunchOf<kInlinePieces>;
+inline constexpr uint32_t kSmallInlinePieces = 8;
 static_assert(sizeof(InlineLaunch) <= 4000);
 
 // Enqueues one kernel on `stream` copying the pieces of `launch` (a group

@@ -20,7 +20,8 @@
 // Small batches: a batch of at most cuda_copy::kInlinePieces pieces (and
 // at most max_launch_bytes) travels whole in the kernel's parameters — one
 // launch call, no descriptor upload and no wait between the upload and copy
-// streams, the bulk of a one-block request's copy.
+// streams, the bulk of a one-block request's copy (in a parameter block
+// of ~200 bytes up to cuda_copy::kSmallInlinePieces pieces, of 3 KiB above).
 //
 // Tiled batches (CopyBatch::tiles, Caps().tiled_lists): the engine cuts
 // each distinct shape's runs into pieces once, at Submit, and uploads per
