@@ -211,6 +211,15 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->timeline.request = SessionContext::MetricsClock::now();
   uint64_t fragments = 0;
   std::vector<WriterLoad> loads;
+  // Auto where every writer copies into this rank's pool itself: bounce
+  // cannot be priced below direct whatever its runs (a direct run ends only
+  // where a gather or a scatter run ends, and bounce's other terms are
+  // direct's and more: docs/paths.md), so only the direct runs are counted.
+  bool bounce_dominated = requested == TransferPath::kAuto;
+  for (int w : writer_ranks) {
+    const PeerState* peer = ctx_.FindPeer(ctx_instance, w);
+    if (bounce_dominated && (peer == nullptr || !LinkLoad(*peer).direct)) bounce_dominated = false;
+  }
   for (int w : writer_ranks) {
     PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
@@ -233,7 +242,7 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
       if (!planned.ok()) return planned.WithContext("Pull " + RequestName(request_id));
       scatter_runs = writer.scatter_tiled ? writer.tiled_scatter.NumRuns() : writer.scatter.size();
     } else {
-      Result<PlanRuns> runs = requested == TransferPath::kAuto
+      Result<PlanRuns> runs = requested == TransferPath::kAuto && !bounce_dominated
                                   ? CountPlanRuns(writer_side, our_side, tokens, kPlanScatter)
                                   : PlanTotals(writer_side, our_side, tokens);
       if (!runs.ok()) return runs.status().WithContext("Pull " + RequestName(request_id));
@@ -259,8 +268,8 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->requested = requested;
   const bool recv_arena = ctx_.recv_arena != nullptr;
   if (r->requested == TransferPath::kAuto) {
-    KVB_RETURN_IF_ERROR(
-        CountWriterRuns(*r, recv_arena, loads).WithContext("Pull " + RequestName(request_id)));
+    KVB_RETURN_IF_ERROR(CountWriterRuns(*r, recv_arena, bounce_dominated, loads)
+                            .WithContext("Pull " + RequestName(request_id)));
   }
   Result<PathChoice> choice = ChoosePath(ctx_.config, r->requested, loads, ctx_.CopyCostForAuto(),
                                          recv_arena, ctx_.transport->Caps().name);
@@ -433,7 +442,7 @@ Result<std::vector<TransferPath>> ReceiverSession::Paths(const std::string& ctx_
   return paths;
 }
 
-Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
+Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena, bool bounce_dominated,
                                         std::span<WriterLoad> loads) const {
   // Counting walks the plan again (without building it): worth it only
   // when there is a choice to make.
@@ -443,11 +452,19 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena,
     if (peer == nullptr) return InternalError("writer " + r.writers[i].name + " vanished");
     // The writer's block table is not known here: its runs are counted as
     // if none of its blocks were adjacent (planner.h).
-    Result<PlanRuns> runs = CountPlanRuns(WriterSide(*peer, r.writers[i].rank, {}), OurSide(r),
-                                          r.tokens, kPlanGather | kPlanDirect);
+    Result<PlanRuns> runs =
+        CountPlanRuns(WriterSide(*peer, r.writers[i].rank, {}), OurSide(r), r.tokens,
+                      bounce_dominated ? kPlanDirect : kPlanGather | kPlanDirect);
     if (!runs.ok()) return runs.status();
-    loads[i].gather_runs = runs->gather;
     loads[i].direct_runs = runs->direct;
+    if (bounce_dominated) {
+      // Not counted: the least they can be (G + S >= D + 1), which still
+      // prices bounce above direct.
+      loads[i].gather_runs = runs->direct;
+      loads[i].scatter_runs = 1;
+    } else {
+      loads[i].gather_runs = runs->gather;
+    }
   }
   return Status::Ok();
 }

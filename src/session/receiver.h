@@ -127,7 +127,11 @@ class ReceiverSession {
   PlanSide WriterSide(const PeerState& peer, int rank, std::span<const int32_t> table) const;
   // `auto`'s inputs: fills each writer's gather and direct run counts in
   // `loads` (one per writer, in order) when more than per-block is possible.
-  Status CountWriterRuns(const Request& r, bool recv_arena, std::span<WriterLoad> loads) const;
+  // `bounce_dominated` (every writer copies into this rank's pool): only
+  // the direct runs are counted, and the gather and scatter runs set to
+  // the least they can be, which still prices bounce above direct.
+  Status CountWriterRuns(const Request& r, bool recv_arena, bool bounce_dominated,
+                         std::span<WriterLoad> loads) const;
   void TryReserve(Request& r);
   // Streaming: the chunk size for a request of `writers` writers (0: the
   // arena is too small to stream), the recv-arena bytes an admitted stream

@@ -355,6 +355,18 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         EXPECT_EQ(unknown->gather, stand_in->gather.size());
         EXPECT_EQ(unknown->direct, stand_in->direct.size());
         EXPECT_EQ(unknown->scatter, 0u);  // not asked for
+        // A direct run ends only where a gather run or a scatter run ends
+        // (the same walk): D <= G + S - 1, with the writer's table known or
+        // not. `auto` relies on it: where the writer maps this rank's pool,
+        // bounce cannot be cheaper than direct, whatever G and S are, so it
+        // does not count them (docs/paths.md).
+        if (counted->direct > 0) {
+          EXPECT_LE(counted->direct + 1, counted->gather + counted->scatter);
+          auto unknown_scatter = CountPlanRuns(PlanSide{ctx.topology.get(), c, &ctx.layouts[c], {}},
+                                               to_direct, tokens, kPlanScatter);
+          ASSERT_TRUE(unknown_scatter.ok()) << unknown_scatter.status();
+          EXPECT_LE(unknown->direct + 1, unknown->gather + unknown_scatter->scatter);
+        }
 
         if (full->packed_bytes == 0) {
           EXPECT_TRUE(full->gather.empty() && full->scatter.empty() && dir->direct.empty());
