@@ -210,21 +210,27 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
   r->state_slot = options.state_slot;
   r->timeline.request = SessionContext::MetricsClock::now();
   uint64_t fragments = 0;
+  // What each writer's connection offers; the counts and bytes come below.
+  std::vector<PeerState*> peers;
   std::vector<WriterLoad> loads;
-  // Auto where every writer copies into this rank's pool itself: bounce
-  // cannot be priced below direct whatever its runs (a direct run ends only
-  // where a gather or a scatter run ends, and bounce's other terms are
-  // direct's and more: docs/paths.md), so only the direct runs are counted.
-  bool bounce_dominated = requested == TransferPath::kAuto;
-  for (int w : writer_ranks) {
-    const PeerState* peer = ctx_.FindPeer(ctx_instance, w);
-    if (bounce_dominated && (peer == nullptr || !LinkLoad(*peer).direct)) bounce_dominated = false;
-  }
   for (int w : writer_ranks) {
     PeerState* peer = ctx_.FindPeer(ctx_instance, w);
     if (peer == nullptr) {
       return ctx_.NotConnected("Pull", ctx_instance, w);
     }
+    peers.push_back(peer);
+    loads.push_back(LinkLoad(*peer));
+  }
+  // Auto where every writer copies into this rank's pool itself: bounce
+  // cannot be priced below direct whatever its runs (a direct run ends only
+  // where a gather or a scatter run ends, and bounce's other terms are
+  // direct's and more: docs/paths.md), so only the direct runs are counted.
+  const bool bounce_dominated =
+      requested == TransferPath::kAuto &&
+      std::all_of(loads.begin(), loads.end(), [](const WriterLoad& l) { return l.direct; });
+  for (size_t i = 0; i < writer_ranks.size(); ++i) {
+    const int w = writer_ranks[i];
+    PeerState* peer = peers[i];
     // The scatter list is needed on the bounce path only: built now when
     // bounce was asked for, counted when auto must price it (a fraction of
     // the cost, and the same checks of our block table; built below if the
@@ -254,12 +260,11 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
     fragments += scatter_runs;
     r->bytes += writer.bytes;
     r->state_bytes += writer.state_bytes;
-    WriterLoad load = LinkLoad(*peer);
+    WriterLoad& load = loads[i];
     load.bytes = writer.bytes;
     load.scatter_runs = scatter_runs;
     writer.reads = load.direct_read;
     writer.mapped_read = load.mapped_read;
-    loads.push_back(load);
     r->writers.push_back(std::move(writer));
   }
   r->scatter_runs = fragments;

@@ -556,8 +556,6 @@ TEST(EventLoopSourceTest, ATimerOrStopThatComesWhileTheSourcePreparesIsNotSleptT
   }
 }
 
-// Stop runs the tasks posted before it, then destroys (detaches) the source
-// once the thread has left; nothing polls it afterwards.
 // A timer armed while the loop polls ends that poll without a task to run:
 // the loop polls on, it does not go to sleep. An API call run on the
 // caller's thread arms its deadline so, and a loop asleep then would pay a
@@ -602,6 +600,8 @@ TEST(EventLoopSourceTest, ATimerArmedWhileThePollRunsKeepsTheLoopPolling) {
   EXPECT_TRUE(d.shared->destroyed);
 }
 
+// Stop runs the tasks posted before it, then destroys (detaches) the source
+// once the thread has left; nothing polls it afterwards.
 TEST(EventLoopSourceTest, StopRunsTheQueuedTasksThenDestroysTheSource) {
   DrivenLoop driven;
   ASSERT_NE(driven.loop, nullptr);
