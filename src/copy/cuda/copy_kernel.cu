@@ -285,7 +285,7 @@ cudaError_t LaunchInlineCopy(const InlineLaunch& launch, cudaStream_t stream) {
     // The few pieces of a small request travel in a parameter block of a
     // few hundred bytes: the launch and the kernel's start cost less than
     // with the whole 3 KiB.
-    InlineLaunchOf<kSmallInlinePieces> small;
+    InlineLaunchOf<kSmallInlinePieces> small{};
     small.src_base = launch.src_base;
     small.dst_base = launch.dst_base;
     small.count = launch.count;
