@@ -124,6 +124,45 @@ void BM_CountRunsForAuto(benchmark::State& state) {
 }
 BENCHMARK(BM_CountRunsForAuto)->ArgName("nhd")->Arg(0)->Arg(1);
 
+// What `auto` costs a pull where every writer copies into the receiver's
+// pool (docs/paths.md, "Run counts"), per writer, on the 256-byte-row shape
+// of the CUDA bench: llama-3.1-8b, ctx TP2 -> gen TP1 layer-major-nhd, 512
+// tokens, 16 a block (131,072 direct runs a writer). Arg 0: the totals
+// alone (a named path); 1: the direct runs counted in full; 2: counted
+// until per-block cannot win, which on the CUDA engine's figures for this
+// writer's 32 MiB is at 4 runs (PerBlockLosesFrom).
+void BM_PullEstimate8bNhd(benchmark::State& state) {
+  auto make = [](int tp, LayoutKind layout) {
+    InstanceSpec spec;
+    spec.model = *FindModelPreset("llama-3.1-8b");
+    spec.tp = tp;
+    spec.layout = layout;
+    spec.tokens_per_block = 16;
+    return *Topology::Create(spec);
+  };
+  static const Topology ctx = make(2, LayoutKind::kBlockMajorHnd);
+  static const Topology gen = make(1, LayoutKind::kLayerMajorNhd);
+  static const PoolLayout writer_pool = *PoolLayout::ForRank(ctx, 0, 1024, Addr(uint64_t{1} << 40));
+  static const PoolLayout receiver_pool =
+      *PoolLayout::ForRank(gen, 0, 1024, Addr(uint64_t{1} << 44));
+  std::vector<int32_t> table(32);
+  std::iota(table.begin(), table.end(), 100);
+  const PlanSide w{&ctx, 0, &writer_pool, {}};
+  const PlanSide r{&gen, 0, &receiver_pool, table};
+  const TokenRange tokens{0, 512};
+  uint64_t runs = 0;
+  for (auto _ : state) {
+    Result<PlanRuns> counted = state.range(0) == 0 ? PlanTotals(w, r, tokens)
+                               : state.range(0) == 1
+                                   ? CountPlanRuns(w, r, tokens, kPlanDirect)
+                                   : CountPlanRuns(w, r, tokens, kPlanDirect, /*limit=*/4);
+    runs = counted->direct;
+    benchmark::DoNotOptimize(runs);
+  }
+  state.counters["runs"] = static_cast<double>(runs);
+}
+BENCHMARK(BM_PullEstimate8bNhd)->ArgName("count")->Arg(0)->Arg(1)->Arg(2);
+
 // Token count scaling of the same shape: time should grow with runs.
 void BM_Llama8bTp2ToTp1Tokens(benchmark::State& state) {
   const Case c = MakeCase("llama-3.1-8b", 2, 1, LayoutKind::kBlockMajorHnd, state.range(0), false);

@@ -464,6 +464,10 @@ void RegisterBenchFlags(CLI::App& app, BenchFlags* flags, bool sweep) {
                   "Comma list of per-block,bounce,direct,auto (default: every path the "
                   "transport supports, one run each; bounce only while it is on)");
   cmd->add_option("--requests", flags->requests, "Requests per path run")->capture_default_str();
+  cmd->add_option("--warmup", flags->warmup,
+                  "Requests each path moves right before its measured run, verified but not "
+                  "timed (loopback only)")
+      ->capture_default_str();
   cmd->add_option("--concurrency", flags->concurrency,
                   "Requests in flight at once (1.." + std::to_string(kMaxConcurrency) + ")")
       ->capture_default_str();
@@ -618,6 +622,18 @@ Result<BenchPlan> PlanBench(const BenchFlags& flags) {
   if (flags.requests < 1) {
     return InvalidArgumentError("--requests = " + std::to_string(flags.requests) +
                                 " is invalid: must be >= 1");
+  }
+  if (flags.warmup < 0) {
+    return InvalidArgumentError("--warmup = " + std::to_string(flags.warmup) +
+                                " is invalid: must be >= 0");
+  }
+  if (flags.warmup > 0 && (flags.transport == "ucx" || flags.transport == "cuda-ipc")) {
+    return UnimplementedError("--warmup: --transport " + flags.transport +
+                              " runs its requests in worker processes; warm-up runs over "
+                              "--transport loopback only");
+  }
+  if (flags.warmup > 0 && flags.chaos) {
+    return InvalidArgumentError("--warmup: --chaos has no measured runs to warm up");
   }
   if (flags.concurrency < 1 || flags.concurrency > kMaxConcurrency) {
     return InvalidArgumentError("--concurrency = " + std::to_string(flags.concurrency) +
@@ -788,6 +804,7 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     log << "chaos mode";
   } else {
     log << flags.requests << " requests per path";
+    if (flags.warmup > 0) log << " (after " << flags.warmup << " to warm up)";
   }
   log << ", " << concurrency << " in flight, arenas ";
   if (ctx_arena_mb == 0 && gen_arena_mb == 0) {
@@ -871,6 +888,15 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
   nlohmann::json runs = nlohmann::json::array();
   uint64_t next_id = 1;
   for (TransferPath path : paths) {
+    // Warm-up: the same kind of requests, verified, outside the figures.
+    std::optional<PathRun> warm;
+    if (flags.warmup > 0) {
+      BenchFlags warm_flags = flags;
+      warm_flags.requests = flags.warmup;
+      warm_flags.progress = nullptr;
+      warm = RunPath(*cluster, path, warm_flags, scenario.tokens, next_id, scenario.seed, 0);
+      next_id += static_cast<uint64_t>(flags.warmup);
+    }
     const uint64_t writes_before = CtxWrites(*cluster);
     const auto chunks_before = GenChunks(*cluster);
     const FaultStats faults_before = cluster->FaultTotals(true);
@@ -899,8 +925,18 @@ Result<nlohmann::json> RunBench(const BenchFlags& flags, std::ostream& log) {
     run.credit_stall_ms =
         std::chrono::duration<double, std::milli>(chunks_after.second - chunks_before.second)
             .count();
-    const nlohmann::json j =
+    nlohmann::json j =
         PathRunJson(run, flags.transport, flags.memory, flags.inject_fail_rate, ceiling_gbps);
+    if (warm.has_value()) {
+      nlohmann::json w = {
+          {"requests", warm->requests},     {"completed", warm->completed},
+          {"failed", warm->failed},         {"unexplained_failures", warm->unexplained},
+          {"mismatches", warm->mismatches}, {"verified_bytes", warm->verified}};
+      if (!warm->first_mismatch.empty()) w["first_mismatch"] = warm->first_mismatch;
+      if (!warm->first_unexplained.empty())
+        w["first_unexplained_failure"] = warm->first_unexplained;
+      j["warmup"] = std::move(w);
+    }
     runs.push_back(j);
     LogPathDone(j, flags.inject_fail_rate, log);
   }
@@ -920,6 +956,22 @@ bool BenchPassed(const nlohmann::json& report, std::string* why) {
   }
   for (const auto& run : report["runs"]) {
     const std::string path = run["path"];
+    if (run.contains("warmup")) {
+      const auto& w = run["warmup"];
+      if (w["mismatches"].get<uint64_t>() != 0) {
+        *why = path + " warm-up: " + std::to_string(w["mismatches"].get<uint64_t>()) +
+               " mismatched rows" +
+               (w.contains("first_mismatch") ? " (" + w["first_mismatch"].get<std::string>() + ")"
+                                             : "");
+        return false;
+      }
+      if (w["unexplained_failures"].get<int>() != 0) {
+        *why = path + " warm-up: " + std::to_string(w["unexplained_failures"].get<int>()) +
+               " requests failed without an injected fault (" +
+               w.value("first_unexplained_failure", std::string()) + ")";
+        return false;
+      }
+    }
     if (run["mismatches"].get<uint64_t>() != 0) {
       *why = path + ": " + std::to_string(run["mismatches"].get<uint64_t>()) + " mismatched rows" +
              (run.contains("first_mismatch") ? " (" + run["first_mismatch"].get<std::string>() + ")"

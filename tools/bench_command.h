@@ -35,6 +35,10 @@ struct BenchFlags {
   std::vector<int> gpus;
   std::string paths;            // empty: every path the transport supports (bounce only when on)
   int requests = 16;
+  // Requests each path moves right before its measured run, verified but
+  // neither timed nor counted in its figures: the first launches, page
+  // faults and caches of a run paid outside it. Loopback only.
+  int warmup = 0;
   int concurrency = 2;
   // Ctx instances feeding the gen instance (1..kMaxCtxInstances); request i
   // of a path run goes to instance i mod ctx_instances. Loopback only.

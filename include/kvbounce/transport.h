@@ -79,6 +79,10 @@ namespace kvbounce {
 struct TransportCost {
   double op_us = 0;         // fixed cost of one write operation, microseconds
   double bytes_per_us = 0;  // sustained rate of large writes, bytes per µs (= MB/s)
+  // Fixed cost of one Write call — its batch of operations, from the call
+  // to its completion — beyond op_us for each operation, microseconds.
+  // Zero: none (not "unknown").
+  double write_us = 0;
 };
 
 // What a transport can do (docs/transports.md). Caps() answers for the

@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <deque>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -78,6 +79,8 @@ struct RunSummary {
 // Counts the runs FragmentSink would collect, storing none.
 class CountingSink {
  public:
+  // Walks stop early once `limit` runs are counted (WalkOuter checks full()).
+  explicit CountingSink(uint64_t limit = std::numeric_limits<uint64_t>::max()) : limit_(limit) {}
   void Add(uint64_t x, uint64_t y, uint64_t bytes) {
     AddSummary(x, y, RunSummary{1, 0, 0, bytes, bytes});
   }
@@ -91,10 +94,12 @@ class CountingSink {
     end_y_ = y + s.end_y;
   }
   uint64_t runs() const { return runs_; }
+  bool full() const { return runs_ >= limit_; }
 
  private:
   uint64_t end_x_ = 0, end_y_ = 0;
   uint64_t runs_ = 0;
+  uint64_t limit_;
 };
 
 template <int X, int Y, typename Sink>
@@ -231,6 +236,7 @@ void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level,
     for (const SegmentRef& s : segs) {
       const SegmentShape& shape = *s.shape;
       if constexpr (std::is_same_v<Sink, CountingSink>) {
+        if (sink.full()) return;
         sink.AddSummary(x + s.x, y + s.y, shape.summary);
       } else if (shape.num_axes == 0) {
         sink.Add(x + s.x, y + s.y, shape.chunk);
@@ -243,6 +249,9 @@ void WalkOuter(const Walk& w, const std::vector<SegmentRef>& segs, size_t level,
   }
   const Axis& a = w.outer[level];
   for (int64_t i = 0; i < a.extent; ++i) {
+    if constexpr (std::is_same_v<Sink, CountingSink>) {
+      if (sink.full()) return;
+    }
     WalkOuter<X, Y, Sink>(w, segs, level + 1, x + a.Offset(X, i), y + a.Offset(Y, i), sink);
   }
 }
@@ -724,10 +733,13 @@ void EmitTiled(const Prepared& p, TiledList* out) {
 }
 
 template <int X, int Y>
-uint64_t CountList(const Prepared& p) {
-  CountingSink sink;
+uint64_t CountList(const Prepared& p, uint64_t limit) {
+  CountingSink sink(limit);
   if (p.kv) WalkList<X, Y>(p.w, sink);
-  for (const StateRun& r : p.state) sink.Add(r.at[X], r.at[Y], r.bytes);
+  for (const StateRun& r : p.state) {
+    if (sink.full()) break;
+    sink.Add(r.at[X], r.at[Y], r.bytes);
+  }
   return sink.runs();
 }
 
@@ -754,7 +766,7 @@ Result<PairPlan> PlanPair(const PlanSide& writer, const PlanSide& receiver, Toke
 }
 
 Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
-                               uint8_t lists) {
+                               uint8_t lists, uint64_t limit) {
   const bool need_src = (lists & (kPlanGather | kPlanDirect)) != 0;
   const bool need_dst = (lists & (kPlanScatter | kPlanDirect)) != 0;
   auto p = std::make_unique<Prepared>();
@@ -765,9 +777,9 @@ Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver,
   runs.state_bytes = p->plan.state_bytes;
   runs.fingerprint = p->plan.fingerprint;
   if (p->plan.box.empty()) return runs;
-  if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(*p);
-  if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(*p);
-  if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(*p);
+  if (lists & kPlanGather) runs.gather = CountList<kSrc, kPacked>(*p, limit);
+  if (lists & kPlanScatter) runs.scatter = CountList<kPacked, kDst>(*p, limit);
+  if (lists & kPlanDirect) runs.direct = CountList<kSrc, kDst>(*p, limit);
   return runs;
 }
 

@@ -25,6 +25,7 @@
 #define KVBOUNCE_LAYOUT_PLANNER_H_
 
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -131,9 +132,13 @@ struct PlanRuns {
 // no run merges across two of them; a real table with adjacent blocks
 // merges more. The writer's pool must still be given (its shape and
 // strides). Errors: PlanPair's, except that an empty writer table is fine.
-// Only the lists named in `lists` are counted (the others stay 0).
+// Only the lists named in `lists` are counted (the others stay 0). The
+// count of each list stops once it reaches `limit` (a step of the walk may
+// pass it): a count of at least `limit` is then at least `limit` and at
+// most the full count; a count below it is the full count.
 Result<PlanRuns> CountPlanRuns(const PlanSide& writer, const PlanSide& receiver, TokenRange tokens,
-                               uint8_t lists = kPlanAll);
+                               uint8_t lists = kPlanAll,
+                               uint64_t limit = std::numeric_limits<uint64_t>::max());
 
 // The packed bytes and the fingerprint of the plan, with the receiver's
 // block table checked as a scatter or direct plan checks it, walking no run

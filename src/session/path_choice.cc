@@ -17,6 +17,26 @@ double Figure(int64_t override_value, double scale, double stated, double unknow
   return unknown;
 }
 
+// One writer's share of per-block's estimate with `runs` direct runs.
+double PerBlockWriterUs(const WriterLoad& w, const TransportCost& link, double runs) {
+  return 2 * kHandOffUs + link.write_us + (runs + 1) * link.op_us +
+         static_cast<double>(w.bytes) / link.bytes_per_us;
+}
+
+// The hand-off of one of the writer's copies: none where the engine copies
+// a batch of at most copy.inline_bytes on the control loop that submits it
+// (the gather, the scatter and a writer's direct copy move the same bytes).
+double CopyHandOffUs(const WriterLoad& w, const CopyCost& copy) {
+  return copy.inline_bytes > 0 && w.bytes <= copy.inline_bytes ? 0 : kHandOffUs;
+}
+
+// One writer's share of direct's estimate where the writer copies into this
+// rank's pool (WriterLoad::direct), with `runs` direct runs.
+double DirectCopyWriterUs(const WriterLoad& w, const CopyCost& copy, double runs) {
+  return CopyHandOffUs(w, copy) + copy.batch_us + runs * copy.run_us +
+         static_cast<double>(w.bytes) / copy.bytes_per_us;
+}
+
 }  // namespace
 
 TransportCost EffectiveLinkCost(const Config& config, TransportCost stated) {
@@ -25,6 +45,7 @@ TransportCost EffectiveLinkCost(const Config& config, TransportCost stated) {
   // 1 MB/s is one byte per µs.
   cost.bytes_per_us =
       Figure(config.transport_mb_per_s, 1, stated.bytes_per_us, kUnknownLinkBytesPerUs);
+  cost.write_us = stated.write_us > 0 && std::isfinite(stated.write_us) ? stated.write_us : 0;
   return cost;
 }
 
@@ -74,36 +95,52 @@ PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> wri
     const double bytes = static_cast<double>(w.bytes);
     const double on_link = bytes / link.bytes_per_us;
     const double copied = bytes / copy.bytes_per_us;
-    // A copy of at most copy.inline_bytes runs on the control loop that
-    // submits it: no hand-off (the gather, the scatter and a writer's direct
-    // copy move the same bytes).
-    const double copy_hand_off =
-        copy.inline_bytes > 0 && w.bytes <= copy.inline_bytes ? 0 : kHandOffUs;
-    e.per_block_us +=
-        2 * kHandOffUs + static_cast<double>(w.direct_runs + 1) * link.op_us + on_link;
+    const double copy_hand_off = CopyHandOffUs(w, copy);
+    const auto direct_runs = static_cast<double>(w.direct_runs);
+    e.per_block_us += PerBlockWriterUs(w, link, direct_runs);
     // Where the writer maps this rank's memory it gathers straight into
     // the recv slot (Config::bounce_gather_mapped): no link operation.
     const bool mapped_bounce = w.direct && config.bounce_gather_mapped != 0;
     e.bounce_us += 2 * kHandOffUs + 2 * copy_hand_off +
-                   (mapped_bounce ? 0 : 2 * link.op_us + on_link) + 2 * copy.batch_us +
+                   (mapped_bounce ? 0 : link.write_us + 2 * link.op_us + on_link) +
+                   2 * copy.batch_us +
                    static_cast<double>(w.gather_runs + w.scatter_runs) * copy.run_us + 2 * copied;
     if (w.direct) {
-      e.direct_us +=
-          copy_hand_off + copy.batch_us + static_cast<double>(w.direct_runs) * copy.run_us + copied;
+      e.direct_us += DirectCopyWriterUs(w, copy, direct_runs);
     } else if (w.mapped_read) {
-      e.direct_us += 2 * kHandOffUs + copy_hand_off + copy.batch_us +
-                     static_cast<double>(w.direct_runs) * copy.run_us + copied;
+      e.direct_us += 2 * kHandOffUs + DirectCopyWriterUs(w, copy, direct_runs);
     } else {
       const TransportCost read = EffectiveReadCost(config, w.read, stated_copy);
-      e.direct_us += 3 * kHandOffUs +
-                     static_cast<double>(w.direct_runs) * (read.op_us + kReadPlanRunUs) +
-                     bytes / read.bytes_per_us;
+      e.direct_us +=
+          3 * kHandOffUs + direct_runs * (read.op_us + kReadPlanRunUs) + bytes / read.bytes_per_us;
     }
   }
   if (!PerBlockAvailable(writers)) e.per_block_us = kUnavailable;
   if (!DirectAvailable(writers)) e.direct_us = kUnavailable;
   if (!BounceAvailable(writers, recv_arena)) e.bounce_us = kUnavailable;
   return e;
+}
+
+uint64_t PerBlockLosesFrom(const Config& config, const WriterLoad& writer,
+                           const CopyCost& stated_copy) {
+  constexpr uint64_t kAny = std::numeric_limits<uint64_t>::max();
+  if (!writer.direct) return kAny;
+  const CopyCost copy = EffectiveCopyCost(config, stated_copy);
+  const TransportCost link = EffectiveLinkCost(config, writer.link);
+  auto margin = [&](double runs) {
+    return PerBlockWriterUs(writer, link, runs) - DirectCopyWriterUs(writer, copy, runs);
+  };
+  // Each run adds op_us to per-block and run_us to direct.
+  const double slope = link.op_us - copy.run_us;
+  const double at_zero = margin(0);
+  if (!std::isfinite(at_zero) || !(slope >= 0)) return kAny;
+  if (at_zero > 0) return 0;
+  if (slope == 0) return kAny;
+  const double runs = std::floor(-at_zero / slope) + 1;
+  if (!(runs < 1e15)) return kAny;  // beyond any plan; and exact in a double
+  auto from = static_cast<uint64_t>(runs);
+  for (int i = 0; i < 4 && !(margin(static_cast<double>(from)) > 0); ++i) ++from;  // rounding
+  return from;
 }
 
 Result<PathChoice> ChoosePath(const Config& config, TransferPath requested,

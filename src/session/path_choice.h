@@ -4,10 +4,10 @@
 //
 // The estimate of one pull is the sum over its writers of
 //
-//   per-block  2 H + (D + 1) op + B / link
-//   bounce     4 H + 2 op + B / link                      (one write, a flush)
+//   per-block  2 H + W + (D + 1) op + B / link
+//   bounce     4 H + W + 2 op + B / link                  (one write, a flush)
 //              + 2 batch + (G + S) run + 2 B / copy       (gather, scatter)
-//              without the "2 op + B / link" where the writer maps this
+//              without the "W + 2 op + B / link" where the writer maps this
 //              rank's memory and gathers straight into the recv slot
 //              (Config::bounce_gather_mapped, this rank's setting)
 //   direct     H + batch + D run + B / copy               (one batched copy)
@@ -17,9 +17,9 @@
 //
 // where, per writer, B is its packed bytes, D its direct-list runs (one
 // transport write each on per-block, one copy run each on direct), G and S
-// its gather and scatter runs; op and link are the connection's cost
-// (Transport::PeerCaps(peer).cost: fixed µs per write operation, bytes per
-// µs), batch, run and copy the copy engine's (CopyEngineCaps::cost), and H =
+// its gather and scatter runs; W, op and link are the connection's cost
+// (Transport::PeerCaps(peer).cost: fixed µs per Write call and per write
+// operation, bytes per µs), batch, run and copy the copy engine's (CopyEngineCaps::cost), and H =
 // kHandOffUs the price of one asynchronous step: every copy batch, write
 // batch and flush ends with a completion posted back to the control thread.
 // The "+ 1 op" and "2 op" are the flush before the writer's KV_RESULT. On
@@ -136,6 +136,16 @@ CopyCost EffectiveCopyCost(const Config& config, CopyCost stated);
 // has one.
 PathEstimate EstimatePaths(const Config& config, std::span<const WriterLoad> writers,
                            const CopyCost& copy, bool recv_arena);
+
+// For a writer that copies into this rank's pool (WriterLoad::direct, with
+// its bytes and link set): the fewest direct runs at which its share of
+// per-block's estimate exceeds its share of direct's. Both grow with the
+// runs, per-block by the link's op_us a run and direct by the copy engine's
+// run_us, so per-block cannot be this writer's cheaper path from that count
+// on, whatever the true count above it (docs/paths.md, "Run counts"). 0:
+// from any count; UINT64_MAX: no such count (a writer that cannot copy into
+// the pool, or a link whose operations cost less than a copy run).
+uint64_t PerBlockLosesFrom(const Config& config, const WriterLoad& writer, const CopyCost& copy);
 
 // The path of a pull that asked for `requested` (kAuto: the config's path
 // already substituted, so kAuto means "choose"). Forced paths are returned

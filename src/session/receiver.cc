@@ -452,14 +452,27 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena, bool 
   // Counting walks the plan again (without building it): worth it only
   // when there is a choice to make.
   if (!DirectAvailable(loads) && !BounceAvailable(loads, recv_arena)) return Status::Ok();
-  for (size_t i = 0; i < r.writers.size(); ++i) {
+  const bool per_block = PerBlockAvailable(loads);
+  const CopyCost copy = ctx_.CopyCostForAuto();
+  // Where bounce is dominated, direct and per-block are left to rank, and
+  // a writer's count stops where per-block cannot be its cheaper path any
+  // more (PerBlockLosesFrom; none is needed without per-block). Exact
+  // unless every writer's count stopped, or another writer's exact count
+  // could still tip the sum; then the stopped ones are counted in full.
+  std::vector<uint64_t> limits(r.writers.size(), std::numeric_limits<uint64_t>::max());
+  if (bounce_dominated) {
+    for (size_t i = 0; i < limits.size(); ++i) {
+      limits[i] = per_block ? PerBlockLosesFrom(ctx_.config, loads[i], copy) : 0;
+    }
+  }
+  auto count = [&](size_t i, uint64_t limit) -> Status {
     const PeerState* peer = ctx_.FindPeer(r.writers[i].peer);
     if (peer == nullptr) return InternalError("writer " + r.writers[i].name + " vanished");
     // The writer's block table is not known here: its runs are counted as
     // if none of its blocks were adjacent (planner.h).
     Result<PlanRuns> runs =
         CountPlanRuns(WriterSide(*peer, r.writers[i].rank, {}), OurSide(r), r.tokens,
-                      bounce_dominated ? kPlanDirect : kPlanGather | kPlanDirect);
+                      bounce_dominated ? kPlanDirect : kPlanGather | kPlanDirect, limit);
     if (!runs.ok()) return runs.status();
     loads[i].direct_runs = runs->direct;
     if (bounce_dominated) {
@@ -469,6 +482,23 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena, bool 
       loads[i].scatter_runs = 1;
     } else {
       loads[i].gather_runs = runs->gather;
+    }
+    return Status::Ok();
+  };
+  bool all_stopped = true;
+  bool any_stopped = false;
+  for (size_t i = 0; i < r.writers.size(); ++i) {
+    KVB_RETURN_IF_ERROR(count(i, limits[i]));
+    const bool stopped = loads[i].direct_runs >= limits[i];
+    all_stopped = all_stopped && stopped;
+    any_stopped = any_stopped || stopped;
+  }
+  if (!any_stopped || all_stopped) return Status::Ok();
+  // Mixed: the exact writers may favour per-block by more than the stopped
+  // ones favour direct at their partial counts.
+  for (size_t i = 0; i < r.writers.size(); ++i) {
+    if (loads[i].direct_runs >= limits[i]) {
+      KVB_RETURN_IF_ERROR(count(i, std::numeric_limits<uint64_t>::max()));
     }
   }
   return Status::Ok();

@@ -128,8 +128,10 @@ class ReceiverSession {
   // `auto`'s inputs: fills each writer's gather and direct run counts in
   // `loads` (one per writer, in order) when more than per-block is possible.
   // `bounce_dominated` (every writer copies into this rank's pool): only
-  // the direct runs are counted, and the gather and scatter runs set to
-  // the least they can be, which still prices bounce above direct.
+  // the direct runs are counted, and only until per-block cannot win
+  // (PerBlockLosesFrom; docs/paths.md, "Run counts"), and the gather and
+  // scatter runs set to the least they can be, which still prices bounce
+  // above direct.
   Status CountWriterRuns(const Request& r, bool recv_arena, bool bounce_dominated,
                          std::span<WriterLoad> loads) const;
   void TryReserve(Request& r);

@@ -355,6 +355,26 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         EXPECT_EQ(unknown->gather, stand_in->gather.size());
         EXPECT_EQ(unknown->direct, stand_in->direct.size());
         EXPECT_EQ(unknown->scatter, 0u);  // not asked for
+        // A count told to stop at a limit: at least the limit and at most
+        // the full count where the full count reaches it, the full count
+        // where it does not.
+        for (const uint64_t limit : {uint64_t{0}, uint64_t{1}, unknown->direct / 2 + 1,
+                                     unknown->direct, unknown->direct + 1}) {
+          auto stopped = CountPlanRuns(PlanSide{ctx.topology.get(), c, &ctx.layouts[c], {}},
+                                       to_direct, tokens, kPlanGather | kPlanDirect, limit);
+          ASSERT_TRUE(stopped.ok()) << stopped.status();
+          EXPECT_EQ(stopped->packed_bytes, unknown->packed_bytes);
+          EXPECT_EQ(stopped->fingerprint, unknown->fingerprint);
+          for (auto [part, whole] : {std::pair{stopped->direct, unknown->direct},
+                                     std::pair{stopped->gather, unknown->gather}}) {
+            if (whole >= limit) {
+              EXPECT_GE(part, limit) << "limit " << limit;
+              EXPECT_LE(part, whole) << "limit " << limit;
+            } else {
+              EXPECT_EQ(part, whole) << "limit " << limit;
+            }
+          }
+        }
         // A direct run ends only where a gather run or a scatter run ends
         // (the same walk): D <= G + S - 1, with the writer's table known or
         // not. `auto` relies on it: where the writer maps this rank's pool,

@@ -111,6 +111,32 @@ TEST(PathChoiceTest, AMappedReadIsPricedAsTheReceiversCopy) {
   EXPECT_EQ(Auto(Config(), loads, true, device), TransferPath::kDirect);
 }
 
+TEST(PathChoiceTest, AWriteCallsFixedCostIsPricedOncePerWriterOnPerBlockAndBounce) {
+  // cuda-ipc's shape for one block: a runtime call per fragment, and each
+  // Write call ~150 µs to its completion whatever its operations; this
+  // rank reads the writer's pool through a mapping (direct).
+  const CopyCost kernel{.batch_us = 10, .run_us = 0.009, .bytes_per_us = 1.05e6};
+  TransportCost link{.op_us = 4, .bytes_per_us = 2.1e6};
+  auto loads = [&] {
+    std::vector<WriterLoad> l = Loads(2, 1, 32 * kKiB, link);
+    for (WriterLoad& w : l) w.direct_read = w.mapped_read = true;
+    return l;
+  };
+  const PathEstimate without = EstimatePaths(Config(), loads(), kernel, true);
+  EXPECT_EQ(Auto(Config(), loads(), true, kernel), TransferPath::kPerBlock);
+  link.write_us = 150;
+  const PathEstimate with = EstimatePaths(Config(), loads(), kernel, true);
+  EXPECT_NEAR(with.per_block_us - without.per_block_us, 2 * 150, 1e-6);
+  EXPECT_NEAR(with.bounce_us - without.bounce_us, 2 * 150, 1e-6);  // its one write
+  EXPECT_NEAR(with.direct_us, without.direct_us, 1e-6);
+  EXPECT_EQ(Auto(Config(), loads(), true, kernel), TransferPath::kDirect);
+  // Nonsense is no cost, not an unknown one.
+  for (double bad : {-1.0, static_cast<double>(NAN), static_cast<double>(INFINITY)}) {
+    EXPECT_EQ(EffectiveLinkCost(Config(), TransportCost{.op_us = 4, .write_us = bad}).write_us, 0);
+  }
+  EXPECT_EQ(EffectiveLinkCost(Config(), TransportCost{.write_us = 150}).write_us, 150);
+}
+
 TEST(PathChoiceTest, BounceNeedsBothArenas) {
   const std::vector<WriterLoad> loads = Loads(2, 40960, 8 * kKiB, kNetwork);
   EXPECT_EQ(Auto(Config(), loads, /*recv_arena=*/false), TransferPath::kPerBlock);
@@ -213,6 +239,55 @@ TEST(PathChoiceTest, OnAFreeLinkTheFewestStepsWin) {
   EXPECT_EQ(Auto(Config(), Loads(1, 1, 1, free_link, true), true, free_copy),
             TransferPath::kDirect);
   EXPECT_EQ(Auto(Config(), Loads(1, 1, 1, free_link), true, free_copy), TransferPath::kPerBlock);
+}
+
+TEST(PathChoiceTest, PerBlockLosesFromTheCountWhereItsEstimatePassesDirects) {
+  // The CUDA figures of one process: a runtime call per fragment against one
+  // batched kernel (docs/paths.md, "Run counts").
+  const TransportCost device_op{.op_us = 4, .bytes_per_us = 2.1e6};
+  const CopyCost kernel{.batch_us = 10, .run_us = 0.009, .bytes_per_us = 1.05e6};
+  for (const uint64_t bytes : {32 * kMiB, 80 * kMiB, 4096 * kMiB}) {
+    std::vector<WriterLoad> one = Loads(1, 1, bytes, device_op, /*direct=*/true);
+    const uint64_t from = PerBlockLosesFrom(Config(), one[0], kernel);
+    // Per-block's faster link pays for a few operations.
+    ASSERT_GT(from, 0u) << bytes;
+    ASSERT_LT(from, uint64_t{1} << 40) << bytes;
+    auto estimate = [&](uint64_t runs) {
+      one[0].direct_runs = runs;
+      return EstimatePaths(Config(), one, kernel, true);
+    };
+    const PathEstimate at = estimate(from);
+    EXPECT_GT(at.per_block_us, at.direct_us) << bytes << " bytes, " << from << " runs";
+    const PathEstimate below = estimate(from - 1);
+    EXPECT_LE(below.per_block_us, below.direct_us) << bytes << " bytes, " << from - 1 << " runs";
+    const PathEstimate far = estimate(from * 1000);
+    EXPECT_GT(far.per_block_us, far.direct_us) << bytes;
+  }
+  // The more bytes, the more runs per-block's faster link can pay for; a
+  // small request goes direct whatever its runs (one block: the hand-off
+  // of per-block's flush outprices the batched copy).
+  const std::vector<WriterLoad> small = Loads(1, 1, 64 * kKiB, device_op, true);
+  const std::vector<WriterLoad> large = Loads(1, 1, 80 * kMiB, device_op, true);
+  EXPECT_EQ(PerBlockLosesFrom(Config(), small[0], kernel), 0u);
+  EXPECT_LT(PerBlockLosesFrom(Config(), large[0], kernel),
+            PerBlockLosesFrom(Config(), Loads(1, 1, 4096 * kMiB, device_op, true)[0], kernel));
+
+  // Per-block dearer at no run at all: from any count.
+  const std::vector<WriterLoad> loopback = Loads(1, 1, 64, kMemcpyLink, true);
+  EXPECT_EQ(PerBlockLosesFrom(Config(), loopback[0], kCpu), 0u);
+  // A writer that cannot copy into the pool, or a link whose operations
+  // cost less than a copy run: no count settles it.
+  const std::vector<WriterLoad> network = Loads(1, 1, 64, kNetwork, false);
+  EXPECT_EQ(PerBlockLosesFrom(Config(), network[0], kCpu), UINT64_MAX);
+  const CopyCost slow_runs{.batch_us = 0, .run_us = 10, .bytes_per_us = 10000};
+  const std::vector<WriterLoad> cheap_ops = Loads(1, 1, 64, kNetwork, true);
+  EXPECT_EQ(PerBlockLosesFrom(Config(), cheap_ops[0], slow_runs), UINT64_MAX);
+  // The config's overrides count: with transport_op_ns at 1 ms per-block's
+  // flush alone outprices direct.
+  Config costly;
+  costly.transport_op_ns = 1'000'000;
+  EXPECT_GT(PerBlockLosesFrom(Config(), large[0], kernel), 0u);
+  EXPECT_EQ(PerBlockLosesFrom(costly, large[0], kernel), 0u);
 }
 
 TEST(PathChoiceTest, DescribeEstimate) {

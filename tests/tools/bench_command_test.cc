@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "copy/device_support.h"
+#include "kvbounce/transports.h"
 #include "tools/ceiling.h"
 
 namespace kvbounce::tools {
@@ -295,6 +296,48 @@ TEST(BenchCommandTest, InjectedFaultsFailRequestsButNotTheBench) {
   EXPECT_THAT(mapped_log.str(), HasSubstr("bounce: done (no transport writes"));
 }
 
+TEST(BenchCommandTest, WarmupRequestsAreVerifiedButLeftOutOfTheFigures) {
+  BenchFlags f = Small();
+  f.paths = "direct,bounce";
+  f.warmup = 4;
+  std::ostringstream log;
+  auto report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_THAT(log.str(), HasSubstr("6 requests per path (after 4 to warm up)"));
+  const uint64_t request_bytes = 4u * 2 * 4 * 91 * 64;
+  for (const auto& r : (*report)["runs"]) {
+    // The figures are the measured run's alone.
+    EXPECT_EQ(r["requests"], 6);
+    EXPECT_EQ(r["completed"], 6);
+    EXPECT_EQ(r["bytes"], 6 * request_bytes);
+    ASSERT_TRUE(r.contains("warmup")) << r.dump();
+    const auto& w = r["warmup"];
+    EXPECT_EQ(w["requests"], 4);
+    EXPECT_EQ(w["completed"], 4);
+    EXPECT_EQ(w["failed"], 0);
+    EXPECT_EQ(w["mismatches"], 0);
+    EXPECT_GE(w["verified_bytes"].get<uint64_t>(), 4 * request_bytes);
+  }
+  std::string why;
+  EXPECT_TRUE(BenchPassed(*report, &why)) << why;
+  // A warm-up that delivered wrong bytes fails the bench like a run would.
+  nlohmann::json bad = *report;
+  bad["runs"][0]["warmup"]["mismatches"] = 3;
+  EXPECT_FALSE(BenchPassed(bad, &why));
+  EXPECT_THAT(why, HasSubstr("direct warm-up: 3 mismatched rows"));
+  bad = *report;
+  bad["runs"][1]["warmup"]["unexplained_failures"] = 1;
+  bad["runs"][1]["warmup"]["first_unexplained_failure"] = "INTERNAL: lost";
+  EXPECT_FALSE(BenchPassed(bad, &why));
+  EXPECT_THAT(why, HasSubstr("bounce warm-up: 1 requests failed without an injected fault "
+                             "(INTERNAL: lost)"));
+  // Without --warmup the report has no warm-up.
+  f.warmup = 0;
+  report = RunBench(f, log);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_FALSE((*report)["runs"][0].contains("warmup"));
+}
+
 TEST(BenchCommandTest, BounceSizeZeroTurnsTheBouncePathOff) {
   BenchFlags f = Small();
   f.requests = 2;
@@ -490,6 +533,19 @@ TEST(BenchCommandTest, BadFlagsNameWhatIsWrong) {
   f = Small();
   f.requests = 0;
   EXPECT_THAT(error(f), HasSubstr("--requests = 0"));
+  f = Small();
+  f.warmup = -1;
+  EXPECT_THAT(error(f), HasSubstr("--warmup = -1 is invalid"));
+  f = Small();
+  f.warmup = 2;
+  f.chaos = true;
+  EXPECT_THAT(error(f), HasSubstr("--warmup: --chaos"));
+  if (UcxTransportAvailable()) {
+    f = Small();
+    f.warmup = 2;
+    f.transport = "ucx";
+    EXPECT_THAT(error(f), HasSubstr("--warmup: --transport ucx runs its requests in worker"));
+  }
   f = Small();
   f.concurrency = -1;
   EXPECT_THAT(error(f), HasSubstr("--concurrency = -1"));

@@ -76,11 +76,13 @@
 // maps them, with the call and the CUDA error text); once a launch fails the
 // rest of that batch is not launched.
 //
-// Cost (Caps().cost, for `auto`, docs/paths.md): MEASURED on an H200 with
-// bench/cuda_copy_bench.cc (docs/PERFORMANCE.md, 2026-12-01), not at Create:
-//   kBatchUs     one batch of one small fragment: Submit to `done`, 43 µs
-//                round trip, less the hand-off back that `auto` counts
-//                apart;
+// Cost (Caps().cost, for `auto`, docs/paths.md): MEASURED on an H200 (docs/
+// PERFORMANCE.md: 2026-12-01 with bench/cuda_copy_bench.cc, 2026-12-03 with
+// the perf log), not at Create:
+//   kBatchUs     one batch of one small fragment: Submit to its `done` run
+//                on the submitting control loop, ~20 µs (the launch call
+//                ~5, the event record ~2, the kernel and the poll), less
+//                the hand-off back that `auto` counts apart;
 //   kRunUs       per fragment: ~10 ns on the GPU host's CPU, checking it
 //                at Submit, staging and uploading its descriptor (the
 //                256 B row, less its bytes);
@@ -180,7 +182,7 @@ class CudaCopyEngine final : public CopyEngine {
   using Options = CudaCopyEngineOptions;
 
   // Measured cost figures (see the file comment).
-  static constexpr double kBatchUs = 30.0;
+  static constexpr double kBatchUs = 10.0;
   static constexpr double kRunUs = 0.009;
   static constexpr double kBytesPerUs = 1.05e6;
   // The kernel alone on fragments of 4 KiB and more, launches back to back

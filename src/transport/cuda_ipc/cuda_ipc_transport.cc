@@ -45,6 +45,14 @@ constexpr uint16_t kKeyVersion = 2;
 constexpr size_t kWindowOps = 4096;
 constexpr uint64_t kWindowBytes = uint64_t{256} << 20;
 
+// What one Write costs beyond its operations (TransportCost::write_us):
+// MEASURED on an H200 (docs/PERFORMANCE.md, 2026-12-03 (evening)): a write
+// of one operation into a peer's mapped pool took ~160 µs from the call to
+// its completion (the worker's wake-up, the runtime call, the stream
+// synchronization), where a whole one-block request on direct took 74 µs;
+// less the operation and the hand-off back that `auto` prices apart.
+constexpr double kWriteUs = 150;
+
 // How long Shutdown waits for peers to confirm that their copies stopped.
 constexpr auto kShutdownWait = std::chrono::seconds(2);
 
@@ -185,7 +193,7 @@ class CudaIpcTransport final : public Transport {
     caps.pending_writes_fail = true;
     caps.writes_land_at_completion = true;  // the worker waits for its copies, then reports
     const OpCopyCost op = device_->OpCost();
-    caps.cost = TransportCost{op.op_us, op.bytes_per_us};
+    caps.cost = TransportCost{op.op_us, op.bytes_per_us, kWriteUs};
     const CopyCost batch = engine_->Caps().cost;
     caps.read_cost = TransportCost{batch.run_us, batch.bytes_per_us};
     return caps;
