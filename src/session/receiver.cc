@@ -454,11 +454,13 @@ Status ReceiverSession::CountWriterRuns(const Request& r, bool recv_arena, bool 
   if (!DirectAvailable(loads) && !BounceAvailable(loads, recv_arena)) return Status::Ok();
   const bool per_block = PerBlockAvailable(loads);
   const CopyCost copy = ctx_.CopyCostForAuto();
-  // Where bounce is dominated, direct and per-block are left to rank, and
-  // a writer's count stops where per-block cannot be its cheaper path any
-  // more (PerBlockLosesFrom; none is needed without per-block). Exact
-  // unless every writer's count stopped, or another writer's exact count
-  // could still tip the sum; then the stopped ones are counted in full.
+  // Where bounce is dominated, only direct and per-block are left to rank,
+  // and a writer's count stops where per-block cannot be its cheaper path
+  // any more (PerBlockLosesFrom; at once without per-block). A stopped
+  // count is a lower bound that ranks the two as the full count would when
+  // every writer's count stopped; when only some did, the exact ones could
+  // still tip the sum toward per-block, so the stopped ones are then
+  // counted in full.
   std::vector<uint64_t> limits(r.writers.size(), std::numeric_limits<uint64_t>::max());
   if (bounce_dominated) {
     for (size_t i = 0; i < limits.size(); ++i) {
