@@ -19,9 +19,10 @@
 // transport write each on per-block, one copy run each on direct), G and S
 // its gather and scatter runs; W, op and link are the connection's cost
 // (Transport::PeerCaps(peer).cost: fixed µs per Write call and per write
-// operation, bytes per µs), batch, run and copy the copy engine's (CopyEngineCaps::cost), and H =
-// kHandOffUs the price of one asynchronous step: every copy batch, write
-// batch and flush ends with a completion posted back to the control thread.
+// operation, bytes per µs), batch, run and copy the copy engine's
+// (CopyEngineCaps::cost), and H = kHandOffUs the price of one asynchronous
+// step: every copy batch, write batch and flush ends with a completion
+// posted back to the control thread.
 // The "+ 1 op" and "2 op" are the flush before the writer's KV_RESULT. On
 // direct read (the writer lends its blocks and this rank copies them with
 // Transport::Read: KV_READY, the reads, KV_READ_DONE and KV_RESULT), read_op
