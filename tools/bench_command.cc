@@ -954,41 +954,35 @@ bool BenchPassed(const nlohmann::json& report, std::string* why) {
     *why = report["failure"].get<std::string>();
     return false;
   }
+  // A run or its warm-up (`who` names it) that delivered wrong bytes, or
+  // failed a request without an injected fault.
+  auto mismatched = [why](const nlohmann::json& r, const std::string& who) {
+    if (r["mismatches"].get<uint64_t>() == 0) return false;
+    *why =
+        who + ": " + std::to_string(r["mismatches"].get<uint64_t>()) + " mismatched rows" +
+        (r.contains("first_mismatch") ? " (" + r["first_mismatch"].get<std::string>() + ")" : "");
+    return true;
+  };
+  auto unexplained = [why](const nlohmann::json& r, const std::string& who) {
+    if (r["unexplained_failures"].get<int>() == 0) return false;
+    *why = who + ": " + std::to_string(r["unexplained_failures"].get<int>()) +
+           " requests failed without an injected fault (" +
+           r.value("first_unexplained_failure", std::string()) + ")";
+    return true;
+  };
   for (const auto& run : report["runs"]) {
     const std::string path = run["path"];
-    if (run.contains("warmup")) {
-      const auto& w = run["warmup"];
-      if (w["mismatches"].get<uint64_t>() != 0) {
-        *why = path + " warm-up: " + std::to_string(w["mismatches"].get<uint64_t>()) +
-               " mismatched rows" +
-               (w.contains("first_mismatch") ? " (" + w["first_mismatch"].get<std::string>() + ")"
-                                             : "");
-        return false;
-      }
-      if (w["unexplained_failures"].get<int>() != 0) {
-        *why = path + " warm-up: " + std::to_string(w["unexplained_failures"].get<int>()) +
-               " requests failed without an injected fault (" +
-               w.value("first_unexplained_failure", std::string()) + ")";
-        return false;
-      }
-    }
-    if (run["mismatches"].get<uint64_t>() != 0) {
-      *why = path + ": " + std::to_string(run["mismatches"].get<uint64_t>()) + " mismatched rows" +
-             (run.contains("first_mismatch") ? " (" + run["first_mismatch"].get<std::string>() + ")"
-                                             : "");
+    if (run.contains("warmup") && (mismatched(run["warmup"], path + " warm-up") ||
+                                   unexplained(run["warmup"], path + " warm-up"))) {
       return false;
     }
+    if (mismatched(run, path)) return false;
     if (run["arena_outstanding_bytes"].get<uint64_t>() != 0) {
       *why = path + ": " + std::to_string(run["arena_outstanding_bytes"].get<uint64_t>()) +
              " arena bytes still outstanding";
       return false;
     }
-    if (run["unexplained_failures"].get<int>() != 0) {
-      *why = path + ": " + std::to_string(run["unexplained_failures"].get<int>()) +
-             " requests failed without an injected fault (" +
-             run["first_unexplained_failure"].get<std::string>() + ")";
-      return false;
-    }
+    if (unexplained(run, path)) return false;
   }
   return true;
 }
