@@ -72,7 +72,9 @@ struct Config {
   // each written into a chunk slot of the recv arena the receiver grants as
   // a credit and scattered as soon as it landed, so that gather, link and
   // scatter overlap and any request fits any recv arena that holds one chunk
-  // per writer. A receiver uses min(this, arena / writers) for a request.
+  // per writer. A receiver uses min(this, arena / writers) for a request;
+  // with host pools min(this, arena / (2 * writers)) where that is at least
+  // 1 MiB, so that each writer holds two chunk slots (docs/sessions.md).
   // Only a request larger than the recv arena streams: one that fits takes
   // a whole slot, which measured as fast or faster.
   // 0: the default for the pool's memory (kDefaultChunkMbHost,

@@ -511,9 +511,20 @@ uint64_t ReceiverSession::StreamChunkBytes(size_t writers) const {
   const int64_t mb = ctx_.config.bounce_chunk_mb > 0         ? ctx_.config.bounce_chunk_mb
                      : ctx_.pool_memory == MemoryKind::kCuda ? Config::kDefaultChunkMbDevice
                                                              : Config::kDefaultChunkMbHost;
-  // One chunk per writer must fit the arena at once.
-  const uint64_t per_writer =
-      ctx_.recv_arena->capacity() / writers / Arena::kMinAlignment * Arena::kMinAlignment;
+  // One chunk per writer must fit the arena at once. With host pools, two
+  // where they stay at least kMinPipelinedChunk: a writer then gathers and
+  // writes its next chunk while the receiver scatters the one before,
+  // instead of waiting for it (docs/sessions.md, "Streaming bounce"; with
+  // device pools a chunk's round is fixed costs, and two smaller chunks a
+  // writer measured no faster: docs/PERFORMANCE.md).
+  const uint64_t capacity = ctx_.recv_arena->capacity();
+  const auto share = [&](uint64_t slots) {
+    return capacity / writers / slots / Arena::kMinAlignment * Arena::kMinAlignment;
+  };
+  uint64_t per_writer = share(1);
+  if (ctx_.pool_memory != MemoryKind::kCuda && share(2) >= kMinPipelinedChunk) {
+    per_writer = share(2);
+  }
   return std::min(MiB(static_cast<uint64_t>(mb)), per_writer);
 }
 

@@ -136,7 +136,9 @@ class ReceiverSession {
                          std::span<WriterLoad> loads) const;
   void TryReserve(Request& r);
   // Streaming: the chunk size for a request of `writers` writers (0: the
-  // arena is too small to stream), the recv-arena bytes an admitted stream
+  // arena is too small to stream): bounce_chunk_mb or its default, at most
+  // the arena's share of one writer — half of it with host pools while that
+  // is at least kMinPipelinedChunk —, the recv-arena bytes an admitted stream
   // counts for, admission, and the grants.
   uint64_t StreamChunkBytes(size_t writers) const;
   static uint64_t StreamNeed(const Request& r);
@@ -198,6 +200,11 @@ class ReceiverSession {
   size_t admitted_streams_ = 0;
   bool pumping_ = false;
   static constexpr size_t kWindowPerWriter = 3;
+  // The smallest chunk StreamChunkBytes cuts to give each writer of a host
+  // pool two chunk slots of the arena: below it a chunk's fixed costs (its
+  // frames and hand-offs) outweigh the overlap (UCX shared memory: 1 MiB
+  // chunks measured 9-27 % slower than 2 MiB ones, docs/PERFORMANCE.md).
+  static constexpr uint64_t kMinPipelinedChunk = uint64_t{1} << 20;
   static constexpr size_t kRecentRetired = 4096;
   std::set<Key> recent_;
   std::deque<Key> recent_order_;

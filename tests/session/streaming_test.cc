@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "common/clock.h"
@@ -216,6 +217,38 @@ TEST(StreamingTest, ARequestAHundredTimesAnArenaOfOneChunk) {
   EXPECT_EQ(ChunksWritten(c), 100u);
   for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
   EXPECT_TRUE(ArenasDrain(c));
+}
+
+// With host pools the receiver cuts chunks so that each writer can hold two
+// chunk slots, as long as they stay at least 1 MiB: the default 4 MiB
+// chunk through a 4 MiB arena for two writers becomes 1 MiB (two slots a
+// writer), while through a 2 MiB arena (two slots a writer would be 512
+// KiB) it stays at one writer's share, 1 MiB.
+TEST(StreamingTest, HostPoolWritersGetTwoChunkSlotsWhereTheArenaAllows) {
+  // 2 writers of 8 MiB (8 layers x 2 x 8 heads x 128 x 2 B x 512 tokens / 2).
+  for (const auto& [recv_mb, chunks_per_writer, peak_mb] :
+       {std::tuple<int64_t, uint64_t, uint64_t>{4, 8, 4}, {2, 8, 2}, {8, 4, 8}}) {
+    SCOPED_TRACE("recv arena " + std::to_string(recv_mb) + " MiB");
+    auto cluster = Cluster::Create(Streaming(2, 8, 8, 128, 512, 4, recv_mb, 0));
+    ASSERT_THAT(cluster, IsOk());
+    Cluster& c = **cluster;
+    std::mt19937_64 rng(static_cast<uint64_t>(recv_mb));
+    const BlockTables tables = c.Tables(0, 512, rng);
+    auto published = PublishAll(c, 0, 1, tables, 512);
+    auto pull = c.gen(0).Pull(1, "ctx0", tables.gen, {0, 512}, Bounce());
+    ASSERT_THAT(pull, IsOk());
+    ASSERT_THAT((*pull)->Wait(), IsOk());
+    EXPECT_EQ((*pull)->info().fallback_reason, "");
+    const tools::VerifyResult v = c.VerifyGen(0, tables, {0, 512});
+    EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+    EXPECT_EQ(v.verified_bytes, MiB(16));
+    for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+    const AgentStats gen = c.gen(0).Stats();
+    EXPECT_EQ(gen.chunks_scattered, 2 * chunks_per_writer);
+    EXPECT_LE(gen.arena_peak_bytes, MiB(peak_mb));
+    for (int r = 0; r < 2; ++r) EXPECT_EQ(c.ctx(r).Stats().chunks_written, chunks_per_writer);
+    EXPECT_TRUE(ArenasDrain(c));
+  }
 }
 
 // TP fan-in: 8 writers into one receiver whose arena holds one chunk per
