@@ -258,6 +258,11 @@ struct AgentStats {
   uint64_t chunks_written = 0;
   uint64_t chunks_scattered = 0;
   std::chrono::nanoseconds credit_stall{0};
+  // This gen rank's grant queue: writers of admitted streams that want a
+  // chunk slot its recv arena has no room for, as of the last grant pass,
+  // and the most there have been since Create.
+  uint64_t grant_queue = 0;
+  uint64_t grant_queue_peak = 0;
   // Everything, as JSON text (counters, per-path counts, fallbacks by
   // reason, latency percentiles, transport counters).
   std::string json;

@@ -562,6 +562,8 @@ class PyAgent {
     d["chunks_written"] = s.chunks_written;
     d["chunks_scattered"] = s.chunks_scattered;
     d["credit_stall"] = std::chrono::duration<double>(s.credit_stall).count();
+    d["grant_queue"] = s.grant_queue;
+    d["grant_queue_peak"] = s.grant_queue_peak;
     d["detail"] = py::module_::import("json").attr("loads")(s.json);
     return d;
   }

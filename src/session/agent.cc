@@ -1150,6 +1150,8 @@ AgentStats AgentImpl::CollectStats() const {
   stats.chunks_written = snap.counter(Counter::kChunksWritten);
   stats.chunks_scattered = snap.counter(Counter::kChunksScattered);
   stats.credit_stall = std::chrono::nanoseconds(snap.counter(Counter::kCreditStallNs));
+  stats.grant_queue = snap.grant_queue;
+  stats.grant_queue_peak = snap.grant_queue_peak;
   nlohmann::json j = ToJson(snap);
   const TransportStats t = transport_->Stats();
   stats.transport_write_ops = t.write_ops;

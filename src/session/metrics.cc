@@ -343,6 +343,7 @@ nlohmann::json ToJson(const MetricsSnapshot& snapshot) {
   j[std::string(SideName(Side::kSender))] = SideJson(snapshot.side(Side::kSender));
   j[std::string(SideName(Side::kReceiver))] = SideJson(snapshot.side(Side::kReceiver));
   j["counters"] = std::move(counters);
+  j["grant_queue"] = {{"now", snapshot.grant_queue}, {"peak", snapshot.grant_queue_peak}};
   return j;
 }
 
@@ -365,6 +366,8 @@ nlohmann::json ToJson(const RequestRecord& record) {
   j["chunks"] = record.chunks;
   j["chunk_writer_us"] = record.chunk_writer_us;
   j["chunk_scatter_us"] = record.chunk_scatter_us;
+  j["chunk_slots_peak"] = record.chunk_slots_peak;
+  j["credit_stall_us"] = record.credit_stall_us;
 
   const RequestTimeline& t = record.timeline;
   const bool has_request = RequestTimeline::Reached(t.request);
@@ -539,6 +542,12 @@ void Metrics::Count(Counter counter, uint64_t n) {
   if (i >= kNumCounters) return;
   std::lock_guard<std::mutex> lock(mu_);
   state_.counters[i] += n;
+}
+
+void Metrics::SetGrantQueue(uint64_t writers) {
+  std::lock_guard<std::mutex> lock(mu_);
+  state_.grant_queue = writers;
+  state_.grant_queue_peak = std::max(state_.grant_queue_peak, writers);
 }
 
 void Metrics::TrackInFlight(Side side, Transfer& transfer) {

@@ -241,6 +241,13 @@ struct RequestRecord {
   uint64_t chunks = 0;
   double chunk_writer_us = 0;
   double chunk_scatter_us = 0;
+  // A streamed bounce on the receiver (0 otherwise, and on a writer): the
+  // most chunk slots of the recv arena the request held at once, over all
+  // its writers, and how long its writers sat idle for want of a credit (a
+  // writer with no chunk slot and chunks left to send), summed over them —
+  // this request's share of Counter::kCreditStallNs.
+  uint64_t chunk_slots_peak = 0;
+  double credit_stall_us = 0;
 
   friend bool operator==(const RequestRecord&, const RequestRecord&) = default;
 };
@@ -401,6 +408,11 @@ struct MetricsSnapshot {
   std::array<SideMetrics, kNumSides> sides;
   // Indexed by Counter.
   std::array<uint64_t, kNumCounters> counters{};
+  // Streaming bounce, receiver: the writers of admitted streams that wanted
+  // a chunk slot the recv arena had no room for, as of the last grant pass,
+  // and the most there ever were (Metrics::SetGrantQueue).
+  uint64_t grant_queue = 0;
+  uint64_t grant_queue_peak = 0;
 
   // REQUIRES: a value of the enum.
   const SideMetrics& side(Side s) const { return sides[static_cast<size_t>(s)]; }
@@ -409,7 +421,8 @@ struct MetricsSnapshot {
 
 // The snapshot as JSON:
 //   {"sender": SIDE, "receiver": SIDE,
-//    "counters": {"rejected_results": n, ...every Counter...}}
+//    "counters": {"rejected_results": n, ...every Counter...},
+//    "grant_queue": {"now": n, "peak": n}}
 // with SIDE =
 //   {"requests": {"completed": n, "failed": n, "cancelled": n, "timed_out": n,
 //                 "total": n},
@@ -509,6 +522,8 @@ class Metrics {
 
   // Adds n to a counter. A value outside the enum is ignored.
   void Count(Counter counter, uint64_t n = 1);
+  // Sets MetricsSnapshot::grant_queue (and raises grant_queue_peak to it).
+  void SetGrantQueue(uint64_t writers);
 
   // Counts `transfer` as in flight on `side` until it settles (a callback
   // registered with OnDone takes it off again; for a transfer that already

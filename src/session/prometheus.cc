@@ -331,6 +331,13 @@ Status AppendTarget(Exposition& e, const PrometheusTarget& t, size_t index) {
   e.Sample("kvbounce_arena_peak_bytes", Type::kGauge,
            "The most staging arena bytes held at once since the agent started.", "", base,
            std::to_string(s.arena_peak_bytes));
+  e.Sample("kvbounce_grant_queue_writers", Type::kGauge,
+           "Writers of admitted streams waiting for a chunk slot of the recv arena, as of the "
+           "last grant pass.",
+           "", base, std::to_string(s.grant_queue));
+  e.Sample("kvbounce_grant_queue_peak_writers", Type::kGauge,
+           "The most writers that have waited for a chunk slot at once since the agent started.",
+           "", base, std::to_string(s.grant_queue_peak));
   if (t.arena_capacity_bytes > 0) {
     e.Sample("kvbounce_arena_capacity_bytes", Type::kGauge, "Size of the staging arena.", "", base,
              std::to_string(t.arena_capacity_bytes));

@@ -96,6 +96,10 @@ struct ReceiverSession::Request {
   uint64_t chunks_scattered = 0;
   std::chrono::nanoseconds chunk_writer_time{0};
   std::chrono::nanoseconds chunk_scatter_time{0};
+  // The most chunk slots held at once, and its writers' credit stall
+  // (RequestRecord::chunk_slots_peak, credit_stall_us).
+  uint64_t chunk_slots_peak = 0;
+  std::chrono::nanoseconds credit_stall{0};
   SessionContext::TimePoint deadline;
   EventLoop::TimerId deadline_timer = 0;
   EventLoop::TimerId reserve_timer = 0;
@@ -580,6 +584,7 @@ void ReceiverSession::PumpGrants() {
   std::vector<Failed> failed;
   const auto now = SessionContext::MetricsClock::now();
   size_t idle = 0;  // ring entries in a row that wanted nothing
+  uint64_t waiting = 0;  // writers that want a slot the arena has no room for
   while (idle < grant_ring_.size()) {
     grant_cursor_ %= grant_ring_.size();
     const auto [key, index] = grant_ring_[grant_cursor_];
@@ -599,23 +604,27 @@ void ReceiverSession::PumpGrants() {
         Request* other = Find(other_key);
         if (other == nullptr || other_index >= other->writers.size()) continue;
         Writer& o = other->writers[other_index];
-        if (WantsGrant(*other, o) && o.chunk_slots.empty() &&
-            o.stall_since == SessionContext::MetricsClock::time_point()) {
+        if (!WantsGrant(*other, o)) continue;
+        ++waiting;
+        if (o.chunk_slots.empty() && o.stall_since == SessionContext::MetricsClock::time_point()) {
           o.stall_since = now;
         }
       }
       break;
     }
     if (w.stall_since != SessionContext::MetricsClock::time_point()) {
-      ctx_.metrics->Count(
-          Counter::kCreditStallNs,
-          static_cast<uint64_t>(std::chrono::nanoseconds(now - w.stall_since).count()));
+      const std::chrono::nanoseconds stalled = now - w.stall_since;
+      ctx_.metrics->Count(Counter::kCreditStallNs, static_cast<uint64_t>(stalled.count()));
+      r->credit_stall += stalled;
       w.stall_since = {};
     }
     ChunkSlot& cs = w.chunk_slots.emplace_back();
     cs.chunk = k;
     cs.slot = std::move(slot).value();
     cs.granted_at = now;
+    uint64_t held = 0;
+    for (const Writer& each : r->writers) held += each.chunk_slots.size();
+    r->chunk_slots_peak = std::max(r->chunk_slots_peak, held);
     ++w.next_grant;
     protocol::KvGrant grant;
     grant.request_id = key.first;
@@ -634,6 +643,7 @@ void ReceiverSession::PumpGrants() {
     idle = 0;
   }
   pumping_ = false;
+  ctx_.metrics->SetGrantQueue(waiting);
   for (const Failed& f : failed) {
     Request* r = Find(f.key);
     if (r == nullptr || f.writer >= r->writers.size()) continue;
@@ -1499,6 +1509,8 @@ void ReceiverSession::Settle(Request& r, const Status& outcome) {
   rec.chunks = r.chunks_scattered;
   rec.chunk_writer_us = std::chrono::duration<double, std::micro>(r.chunk_writer_time).count();
   rec.chunk_scatter_us = std::chrono::duration<double, std::micro>(r.chunk_scatter_time).count();
+  rec.chunk_slots_peak = r.chunk_slots_peak;
+  rec.credit_stall_us = std::chrono::duration<double, std::micro>(r.credit_stall).count();
   ctx_.metrics->Aggregate(rec);
   // Return the slot before the application hears of the outcome, so that a
   // settled request never holds arena bytes it no longer needs.

@@ -402,7 +402,12 @@ TEST(MetricsTest, JsonSnapshotHasEveryField) {
   bad.fallback_reason = "recv arena \xff backpressure";  // not UTF-8
   metrics.Record(bad);
   metrics.Count(Counter::kPeerFailures, 3);
+  // The grant queue: its last value, and the most it held.
+  metrics.SetGrantQueue(5);
+  metrics.SetGrantQueue(2);
   const nlohmann::json j = ToJson(metrics.Snapshot());
+  EXPECT_EQ(j["grant_queue"]["now"], 2);
+  EXPECT_EQ(j["grant_queue"]["peak"], 5);
 
   for (const char* side : {"sender", "receiver"}) {
     SCOPED_TRACE(side);
@@ -486,6 +491,8 @@ TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   rx.chunks = 6;
   rx.chunk_writer_us = 1500.5;
   rx.chunk_scatter_us = 250.25;
+  rx.chunk_slots_peak = 3;
+  rx.credit_stall_us = 75.5;
   RequestRecord tx =
       MakeRecord(43, Side::kSender, TransferPath::kBounce, Outcome::kCompleted, microseconds(500));
   {
@@ -534,7 +541,9 @@ TEST(PerfLogTest, WritesOneJsonLinePerRecordAndAppends) {
   EXPECT_EQ(a["chunks"], 6);
   EXPECT_DOUBLE_EQ(a["chunk_writer_us"].get<double>(), 1500.5);
   EXPECT_DOUBLE_EQ(a["chunk_scatter_us"].get<double>(), 250.25);
-  EXPECT_EQ(a.size(), 23u);  // 17 record fields + request_steady_us + 5 times
+  EXPECT_EQ(a["chunk_slots_peak"], 3);
+  EXPECT_DOUBLE_EQ(a["credit_stall_us"].get<double>(), 75.5);
+  EXPECT_EQ(a.size(), 25u);  // 19 record fields + request_steady_us + 5 times
 
   const nlohmann::json& b = lines[1];
   EXPECT_EQ(b["side"], "sender");

@@ -50,6 +50,8 @@ AgentStats StatsOf(const Metrics& m, uint64_t write_ops = 7) {
   s.arena_outstanding_bytes = 8192;
   s.arena_quarantined_bytes = 4096;
   s.arena_peak_bytes = 16384;
+  s.grant_queue = 3;
+  s.grant_queue_peak = 9;
   return s;
 }
 
@@ -138,6 +140,9 @@ TEST(PrometheusTest, ValidTextWithTheRecordedNumbers) {
   EXPECT_EQ(p.Sum("kvbounce_arena_outstanding_bytes"), 8192);
   EXPECT_EQ(p.Sum("kvbounce_arena_quarantined_bytes"), 4096);
   EXPECT_EQ(p.Sum("kvbounce_arena_capacity_bytes"), 1 << 24);
+  EXPECT_EQ(p.Sum("kvbounce_grant_queue_writers"), 3);
+  EXPECT_EQ(p.Sum("kvbounce_grant_queue_peak_writers"), 9);
+  EXPECT_EQ(p.types.at("kvbounce_grant_queue_writers"), "gauge");
   EXPECT_EQ(p.Sum("kvbounce_requests_in_flight"), 0);
 }
 

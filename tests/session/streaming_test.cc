@@ -160,12 +160,15 @@ TEST(StreamingTest, ThePerfLogTimesAStreamsChunks) {
     const nlohmann::json j = nlohmann::json::parse(line);
     if (j["request_id"] == 2) {
       EXPECT_EQ(j["chunks"], 0) << line;
+      EXPECT_EQ(j["chunk_slots_peak"], 0) << line;
       EXPECT_EQ(j["chunk_writer_us"], 0.0) << line;
       EXPECT_EQ(j["chunk_scatter_us"], 0.0) << line;
       continue;
     }
     if (j["side"] == "sender") {
       ++writers;
+      EXPECT_EQ(j["chunk_slots_peak"], 0) << line;  // the receiver's figures
+      EXPECT_EQ(j["credit_stall_us"], 0.0) << line;
       EXPECT_EQ(j["chunks"], 8) << line;
       EXPECT_GT(j["chunk_writer_us"].get<double>(), 0.0) << line;
       EXPECT_EQ(j["chunk_scatter_us"], 0.0) << line;
@@ -175,8 +178,12 @@ TEST(StreamingTest, ThePerfLogTimesAStreamsChunks) {
     ++receivers;
     receiver_writer_us = j["chunk_writer_us"].get<double>();
     EXPECT_EQ(j["chunks"], 16) << line;
-    // Each chunk took time on both legs, and no leg outlasted the request.
+    // One 1 MiB slot a writer fits the 2 MiB arena: both held theirs at once.
+    EXPECT_EQ(j["chunk_slots_peak"], 2) << line;
     const double complete = j["complete_us"].get<double>();
+    EXPECT_GE(j["credit_stall_us"].get<double>(), 0.0) << line;
+    EXPECT_LT(j["credit_stall_us"].get<double>(), 2 * complete) << line;
+    // Each chunk took time on both legs, and no leg outlasted the request.
     EXPECT_GT(j["chunk_writer_us"].get<double>(), 0.0) << line;
     EXPECT_GT(j["chunk_scatter_us"].get<double>(), 0.0) << line;
     EXPECT_LT(j["chunk_writer_us"].get<double>() / 16, complete) << line;
@@ -274,6 +281,10 @@ TEST(StreamingTest, EightWritersIntoAnArenaOfOneChunkEach) {
   }
   EXPECT_EQ(c.gen(0).Stats().chunks_scattered, 2u * 8 * 8);
   EXPECT_LE(c.gen(0).Stats().arena_peak_bytes, MiB(8));
+  // Once each writer held its one slot, all eight wanted more (a window of
+  // three) and queued for room; the queue emptied with the streams.
+  EXPECT_EQ(c.gen(0).Stats().grant_queue_peak, 8u);
+  EXPECT_EQ(c.gen(0).Stats().grant_queue, 0u);
   for (int r = 0; r < 8; ++r) EXPECT_EQ(c.ctx(r).Stats().chunks_written, 2u * 8);
   EXPECT_TRUE(ArenasDrain(c));
 }
