@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/cuda.md in one run, on a machine with a CUDA device:
 # every gpu-labelled test program, compute-sanitizer's memcheck over the
-# data-moving cases, the copy-engine bench and `kvbounce bench --memory cuda`
+# data-moving cases, the copy-engine and chunk-pipeline benches and `kvbounce bench --memory cuda`
 # on three fragment sizes, the chaos bench over device pools, and host-staged bounce between
 # processes over UCX. Runs binaries built elsewhere (the GPU host may
 # have no GoogleTest or UCX packages): build with the release preset, then
@@ -21,7 +21,8 @@ cd "$(dirname "$0")/.."
 PROGRAMS=(tests/copy/copy_cuda_engine_test tests/copy/copy_cuda_memory_test
           tests/tools/tools_device_rows_test tests/session/session_device_pool_test
           tests/tools/tools_cuda_ipc_process_test tests/transport/cuda_ipc_transport_test
-          tests/transport/cuda_ipc_test_peer tools/kvbounce bench/cuda_copy_bench)
+          tests/transport/cuda_ipc_test_peer tools/kvbounce bench/cuda_copy_bench
+          bench/chunk_pipeline_bench)
 if [ "${1:-}" = "--stage" ]; then
   mkdir -p out/gpu
   for p in "${PROGRAMS[@]}"; do
@@ -64,6 +65,8 @@ fi
 if [ "$mode" != quick ]; then
   timeout 150 out/gpu/cuda_copy_bench > "$dest/copy_bench.txt" 2>&1
   echo "rc=$?" >> "$dest/copy_bench.txt"
+  timeout 60 out/gpu/chunk_pipeline_bench > "$dest/chunk_pipeline_bench.txt" 2>&1
+  echo "rc=$?" >> "$dest/chunk_pipeline_bench.txt"
   # Fragments of 256 B (head mismatch into a layer-major-nhd receiver),
   # 4 KiB (one kv head per ctx rank, 16-token blocks) and whole blocks.
   bench() {
