@@ -81,7 +81,11 @@ struct Config {
   // kDefaultChunkMbDevice). Rule: integer >= 0 (and <= kMaxBounceSizeMb).
   int64_t bounce_chunk_mb = 0;
   static constexpr int64_t kDefaultChunkMbHost = 4;
-  static constexpr int64_t kDefaultChunkMbDevice = 16;
+  // Device pools: in effect arena / writers. A device chunk's round has
+  // fixed costs (launches, engine round trips, frames), so the largest
+  // chunk one slot a writer allows measured fastest (docs/PERFORMANCE.md,
+  // "2026-12-04").
+  static constexpr int64_t kDefaultChunkMbDevice = 1024;
 
   // UCP workers per agent; a large write is striped across them. Rule:
   // integer >= 1 (and <= kMaxNumWorkers). KVBOUNCE_NUM_WORKERS overrides it

@@ -23,6 +23,7 @@
 
 #include "kvbounce/status.h"
 #include "layout/fragment.h"
+#include "layout/tiled_list.h"
 
 namespace kvbounce {
 
@@ -72,6 +73,32 @@ void OrderForSlicing(FragmentList& list, PackedSide packed);
 // then hold a part of the slice.
 Status SliceChunk(std::span<const Fragment> list, PackedSide packed, uint64_t begin, uint64_t end,
                   FragmentList* out);
+
+// Whether a tiled gather or scatter list (`packed` naming which) covers its
+// packed stream densely in its own run order: each tile's runs packed one
+// after another, each tile starting where the one before it ended, then the
+// tail's runs likewise, from packed byte 0. SliceTiledChunk needs this.
+// The planner's lists are in this order where the packed stream follows the
+// receiver's block in the walk's order (a receiver block not cut by the
+// writer's block edges into interleaving segments); a list that is not
+// (or not WellFormed, or with a tile of no bytes) is sliced flat instead.
+// Costs a step per tile and per run.
+bool TiledInPackedOrder(const TiledList& list, PackedSide packed);
+
+// Sets `out` to the part of `list` that lands in bytes [begin, end) of the
+// packed stream, with packed offsets relative to `begin`, as SliceChunk
+// does for a flat list (the same runs, cut the same way: their expansions
+// copy the same bytes). The tiles wholly inside the range stay tiles
+// (those of one outer index, or of whole outer indices), so a chunk costs
+// the host a step per tile and the engine expands it as it does the whole
+// list; the tiles cut by `begin` or `end`, and the whole tiles of an outer
+// index only partly inside the range beside whole outer indices, go to
+// `out->tail` as flat runs.
+// REQUIRES: TiledInPackedOrder(list, packed).
+// Errors: kInvalidArgument when begin > end; kOutOfRange when `end` lies
+// past the list's last byte.
+Status SliceTiledChunk(const TiledList& list, PackedSide packed, uint64_t begin, uint64_t end,
+                       TiledList* out);
 
 }  // namespace kvbounce
 

@@ -20,6 +20,7 @@ struct ReceiverSession::ChunkSlot {
   bool landed = false;      // KV_CHUNK arrived: written and flushed
   bool scattering = false;  // its scatter is in the copy engine
   FragmentList list;        // the chunk's part of the scatter list
+  TiledList tiled;          // the same, tiled (Writer::scatter_tiled)
   // When the grant went out and when the KV_CHUNK came (RequestRecord::chunk_*).
   SessionContext::MetricsClock::time_point granted_at{};
   SessionContext::MetricsClock::time_point landed_at{};
@@ -315,13 +316,16 @@ Result<std::shared_ptr<Transfer>> ReceiverSession::Pull(uint64_t request_id,
         Result<ChunkCut> cut = ChunkCut::Create(writer.bytes, chunk);
         if (!cut.ok()) return cut.status().WithContext("Pull " + RequestName(request_id));
         writer.cut = *cut;
-        // Chunks are cut out of the flat scatter list.
-        if (writer.scatter_tiled) {
+        // Chunks are cut out of the tiled scatter list where it is in
+        // packed order (each chunk then a tiled list the engine expands),
+        // else out of the flat one.
+        if (writer.scatter_tiled &&
+            !TiledInPackedOrder(writer.tiled_scatter, PackedSide::kSource)) {
           writer.tiled_scatter.ExpandTo(&writer.scatter);
           writer.tiled_scatter = TiledList();
           writer.scatter_tiled = false;
         }
-        OrderForSlicing(writer.scatter, PackedSide::kSource);
+        if (!writer.scatter_tiled) OrderForSlicing(writer.scatter, PackedSide::kSource);
       }
     }
   }
@@ -1205,15 +1209,18 @@ void ReceiverSession::StartChunkScatter(Request& r, size_t index, uint64_t chunk
       ctx_.copy == nullptr ? AbortedError("agent shutting down before the scatter") : Status::Ok();
   if (status.ok()) {
     cs.list.clear();
-    status = SliceChunk(w.scatter, PackedSide::kSource, w.cut->begin(chunk), w.cut->end(chunk),
-                        &cs.list);
+    status = w.scatter_tiled ? SliceTiledChunk(w.tiled_scatter, PackedSide::kSource,
+                                               w.cut->begin(chunk), w.cut->end(chunk), &cs.tiled)
+                             : SliceChunk(w.scatter, PackedSide::kSource, w.cut->begin(chunk),
+                                          w.cut->end(chunk), &cs.list);
   }
   if (status.ok()) {
     const Key key = r.key;
     cs.scattering = true;
     ++r.scatters_outstanding;
     status = ctx_.SubmitCopy(
-        ScatterBatch(cs.list, cs.slot.address()),
+        w.scatter_tiled ? ScatterBatch(cs.tiled, cs.slot.address())
+                        : ScatterBatch(cs.list, cs.slot.address()),
         [this, key, index, chunk](Status s) {
           ctx_.loop->Post([this, key, index, chunk, s] { OnChunkScattered(key, index, chunk, s); });
         },

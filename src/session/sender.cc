@@ -85,9 +85,13 @@ struct SenderSession::Job {
     bool busy = false;
     Unit unit;
     FragmentList list;           // the unit's part of the gather list
+    TiledList tiled;             // the same, tiled (Job::slice_tiled)
     std::vector<WriteOp> write;  // alive until the write completed
   };
   bool streaming = false;  // units and lanes are in use
+  // Units are sliced from the tiled gather list, which is in packed order
+  // (PrepareSlicing), not from the flat one.
+  bool slice_tiled = false;
   bool streamed = false;   // KV_REQUEST.chunk_bytes > 0
   // kMappedBounce: units are gathered straight into the mapped recv slots,
   // lanes hold no send-arena slot and nothing is written.
@@ -798,8 +802,7 @@ void SenderSession::StartStream(Job& job) {
     return;
   }
   job.lanes[0].slot = std::move(first).value();
-  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
-  OrderForSlicing(job.plan.gather, PackedSide::kDestination);
+  PrepareSlicing(job);
   // The whole stream, unit by unit, into the recv slot at its offsets.
   for (uint64_t begin = 0; begin < job.plan.packed_bytes; begin += job.lane_bytes) {
     job.units.push_back(Job::Unit{begin, std::min(begin + job.lane_bytes, job.plan.packed_bytes),
@@ -838,8 +841,7 @@ void SenderSession::StartStreamed(Job& job) {
   job.lane_bytes = job.mapped
                        ? job.request.chunk_bytes
                        : std::min(job.request.chunk_bytes, LaneBytes(ctx_.send_arena->capacity()));
-  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
-  OrderForSlicing(job.plan.gather, PackedSide::kDestination);
+  PrepareSlicing(job);
   job.timeline.reserve = SessionContext::MetricsClock::now();
   Transition(job, JobState::kReserving);  // until the first grant's gather
   AcquireBlocks(job);
@@ -942,6 +944,14 @@ void SenderSession::PumpLanes(Job& job) {
   }
 }
 
+void SenderSession::PrepareSlicing(Job& job) {
+  job.slice_tiled =
+      job.tiled && TiledInPackedOrder(job.plan.tiled_gather, PackedSide::kDestination);
+  if (job.slice_tiled) return;
+  if (job.tiled && job.plan.gather.empty()) job.plan.tiled_gather.ExpandTo(&job.plan.gather);
+  OrderForSlicing(job.plan.gather, PackedSide::kDestination);
+}
+
 void SenderSession::GatherUnit(Job& job, size_t lane_index) {
   Job::Lane& lane = job.lanes[lane_index];
   lane.unit = job.units.front();
@@ -949,8 +959,10 @@ void SenderSession::GatherUnit(Job& job, size_t lane_index) {
   lane.busy = true;
   lane.list.clear();
   if (job.state == JobState::kReserving) Transition(job, JobState::kGathering);
-  Status status = SliceChunk(job.plan.gather, PackedSide::kDestination, lane.unit.begin,
-                             lane.unit.end, &lane.list);
+  Status status = job.slice_tiled ? SliceTiledChunk(job.plan.tiled_gather, PackedSide::kDestination,
+                                                    lane.unit.begin, lane.unit.end, &lane.tiled)
+                                  : SliceChunk(job.plan.gather, PackedSide::kDestination,
+                                               lane.unit.begin, lane.unit.end, &lane.list);
   // Straight into the mapped recv slot, under a MappedAccess of the arena
   // until the copy ended (see CopyIntoPeer); else into the lane's slot.
   Addr dst = lane.slot.address();
@@ -978,7 +990,7 @@ void SenderSession::GatherUnit(Job& job, size_t lane_index) {
     ++job.async_outstanding;
     ++job.gathers_outstanding;
     status = ctx_.SubmitCopy(
-        GatherBatch(lane.list, dst),
+        job.slice_tiled ? GatherBatch(lane.tiled, dst) : GatherBatch(lane.list, dst),
         [this, key, lane_index, access](Status st) {
           access->reset();
           ctx_.loop->Post([this, key, lane_index, st] { OnUnitGathered(key, lane_index, st); });

@@ -192,6 +192,9 @@ class SenderSession {
   void AcceptGrant(Job& job, const protocol::KvGrant& grant);
   // Gathers queued units into free lanes, reserving lanes as needed.
   void PumpLanes(Job& job);
+  // Makes the gather list ready to be sliced into units: tiled where it is
+  // in packed order (each unit a tiled list the engine expands), else flat.
+  void PrepareSlicing(Job& job);
   void GatherUnit(Job& job, size_t lane_index);
   void OnUnitGathered(Key key, size_t lane_index, const Status& status);
   void OnUnitWritten(Key key, size_t lane_index, const Status& status);

@@ -14,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "layout/canonical_runs.h"
 #include "layout/fragment.h"
+#include "layout/tiled_list.h"
 
 namespace kvbounce {
 namespace {
@@ -187,6 +189,134 @@ TEST(SliceChunkTest, BadSlicesAndListsAreClearErrors) {
   out.clear();
   ASSERT_TRUE(SliceChunk(gather, PackedSide::kDestination, 17, 21, &out).ok());
   EXPECT_EQ(out, (FragmentList{{202, 0, 4}}));
+}
+
+// A random tiled list in packed order (`packed` naming its side): shapes of
+// a few runs scattered on the other side, outer offsets and segments placed
+// so that the tiles follow one another in the packed stream, and a tail.
+TiledList RandomOrderedTiles(std::mt19937_64& rng, PackedSide packed) {
+  const auto make = [packed](uint64_t other, uint64_t at, uint64_t bytes) {
+    return packed == PackedSide::kDestination ? Fragment{other, at, bytes}
+                                              : Fragment{at, other, bytes};
+  };
+  TiledList list;
+  const uint64_t num_shapes = 1 + rng() % 3;
+  for (uint64_t i = 0; i < num_shapes; ++i) {
+    TileShape shape{list.runs.size(), 1 + rng() % 4, 0};
+    const uint64_t base = i == 0 ? 0 : rng() % 3;  // a shape's runs need not start at 0
+    for (uint64_t r = 0; r < shape.num_runs; ++r) {
+      const uint64_t b = 1 + rng() % 9;
+      list.runs.push_back(make(r * 40 + rng() % 8, base + shape.bytes, b));
+      shape.bytes += b;
+    }
+    list.shapes.push_back(shape);
+  }
+  const uint64_t num_outer = 1 + rng() % 4, num_segments = 1 + rng() % 6;
+  // Each outer's tiles: the segments' packed offsets ascend densely.
+  uint64_t per_outer = 0;
+  for (uint64_t s = 0; s < num_segments; ++s) {
+    // A shape's base above the packed bytes before it would put the
+    // segment before 0: shape 0 (base 0) there.
+    uint64_t shape = s == 0 ? 0 : rng() % num_shapes;
+    const auto base_of = [&](uint64_t i) {
+      const Fragment& first = list.runs[list.shapes[i].first_run];
+      return packed == PackedSide::kDestination ? first.dst : first.src;
+    };
+    if (base_of(shape) > per_outer) shape = 0;
+    const uint64_t base = base_of(shape);
+    TileSegment segment{};
+    segment.shape = shape;
+    const Fragment at = make(100000 + s * 1000, per_outer - base, 0);
+    segment.src = at.src;
+    segment.dst = at.dst;
+    list.segments.push_back(segment);
+    per_outer += list.shapes[shape].bytes;
+  }
+  uint64_t packed_at = 0;
+  for (uint64_t o = 0; o < num_outer; ++o) {
+    const Fragment at = make(10000000 * (o + 1), packed_at, 0);
+    list.outer.push_back(TileOffset{at.src, at.dst});
+    packed_at += per_outer;
+  }
+  const uint64_t tail = rng() % 3;
+  for (uint64_t t = 0; t < tail; ++t) {
+    const uint64_t b = 1 + rng() % 7;
+    list.tail.push_back(make(900000000 + t * 100, packed_at, b));
+    packed_at += b;
+  }
+  return list;
+}
+
+TEST(SliceTiledChunkTest, CopiesWhatTheFlatSliceCopies) {
+  int kept_tiles = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    std::mt19937_64 rng(0x711ED + trial);
+    const PackedSide side = trial % 2 == 0 ? PackedSide::kDestination : PackedSide::kSource;
+    const TiledList tiles = RandomOrderedTiles(rng, side);
+    ASSERT_TRUE(TiledInPackedOrder(tiles, side));
+    FragmentList flat;
+    tiles.ExpandTo(&flat);
+    OrderForSlicing(flat, side);
+    const uint64_t stream = tiles.TotalBytes();
+    const uint64_t kChoices[] = {1, 1 + rng() % 16, 1 + rng() % stream, stream, stream + 5};
+    const uint64_t chunk = kChoices[rng() % 5];
+    auto cut = ChunkCut::Create(stream, chunk);
+    ASSERT_TRUE(cut.ok());
+    std::vector<Fragment> whole;
+    for (uint64_t k = 0; k < cut->num_chunks(); ++k) {
+      TiledList slice;
+      FragmentList expected;
+      ASSERT_TRUE(SliceTiledChunk(tiles, side, cut->begin(k), cut->end(k), &slice).ok());
+      ASSERT_TRUE(SliceChunk(flat, side, cut->begin(k), cut->end(k), &expected).ok());
+      ASSERT_TRUE(slice.WellFormed());
+      EXPECT_EQ(slice.TotalBytes(), cut->size(k));
+      ASSERT_EQ(CanonicalRuns(slice, side), CanonicalRuns(expected, side))
+          << "chunk " << k << " of " << cut->num_chunks() << " (" << chunk << " bytes)";
+      if (!slice.outer.empty() && !slice.segments.empty()) ++kept_tiles;
+      slice.ForEachRun([&](Fragment f) {
+        (side == PackedSide::kDestination ? f.dst : f.src) += cut->begin(k);
+        whole.push_back(f);
+      });
+    }
+    // The chunks together are the list.
+    EXPECT_EQ(CanonicalRuns(whole, side), CanonicalRuns(tiles, side));
+  }
+  // Most chunks keep some whole tiles tiled (not all go flat).
+  EXPECT_GT(kept_tiles, 2000);
+}
+
+TEST(SliceTiledChunkTest, ListsOutOfPackedOrderAndBadSlicesAreRefused) {
+  std::mt19937_64 rng(7);
+  TiledList tiles = RandomOrderedTiles(rng, PackedSide::kDestination);
+  while (tiles.segments.size() < 2) tiles = RandomOrderedTiles(rng, PackedSide::kDestination);
+  EXPECT_TRUE(TiledInPackedOrder(tiles, PackedSide::kDestination));
+  // Read on the other side, or with two segments swapped, the packed
+  // stream is not the run order.
+  EXPECT_FALSE(TiledInPackedOrder(tiles, PackedSide::kSource));
+  TiledList swapped = tiles;
+  std::swap(swapped.segments[0], swapped.segments[1]);
+  EXPECT_FALSE(TiledInPackedOrder(swapped, PackedSide::kDestination));
+  TiledList malformed = tiles;
+  malformed.segments[0].shape = 99;
+  EXPECT_FALSE(TiledInPackedOrder(malformed, PackedSide::kDestination));
+
+  TiledList out;
+  const uint64_t total = tiles.TotalBytes();
+  Status s = SliceTiledChunk(tiles, PackedSide::kDestination, 4, 2, &out);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("begin > end"));
+  s = SliceTiledChunk(tiles, PackedSide::kDestination, 0, total + 1, &out);
+  EXPECT_EQ(s.code(), StatusCode::kOutOfRange);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("past the stream's " + std::to_string(total) + " bytes"));
+  ASSERT_TRUE(SliceTiledChunk(tiles, PackedSide::kDestination, 3, 3, &out).ok());
+  EXPECT_TRUE(out.empty());
+  // The whole stream in one chunk is every tile, none flat.
+  ASSERT_TRUE(SliceTiledChunk(tiles, PackedSide::kDestination, 0, total, &out).ok());
+  EXPECT_EQ(out.outer.size(), tiles.outer.size());
+  EXPECT_EQ(out.segments.size(), tiles.segments.size());
+  EXPECT_EQ(out.tail.size(), tiles.tail.size());
 }
 
 }  // namespace

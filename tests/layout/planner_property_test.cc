@@ -12,11 +12,14 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "copy/cpu/cpu_copy_engine.h"
+#include "layout/canonical_runs.h"
 #include "layout/chunking.h"
 #include "layout/planner.h"
+#include "layout/tiled_list.h"
 
 namespace kvbounce {
 namespace {
@@ -187,7 +190,8 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
   auto engine = CpuCopyEngine::Create();
   ASSERT_TRUE(engine.ok()) << engine.status();
   int trials_with_duplicates = 0, trials_with_mla = 0, trials_uneven = 0, trials_fan_in = 0,
-      trials_fan_out = 0, trials_unaligned = 0, trials_mixed_tpb = 0, trials_per_layer = 0;
+      trials_fan_out = 0, trials_unaligned = 0, trials_mixed_tpb = 0, trials_per_layer = 0,
+      trials_tiled_ordered = 0, trials_tiled_unordered = 0;
   constexpr int kTrials = 1200;
   for (int trial = 0; trial < kTrials; ++trial) {
     SCOPED_TRACE("trial " + std::to_string(trial));
@@ -414,6 +418,18 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
             PlanPair(writer, PlanSide{gen.topology.get(), g, &chunked_pool, gen.tables[g]}, tokens,
                      kPlanGather | kPlanScatter);
         ASSERT_TRUE(to_chunked.ok()) << to_chunked.status();
+        // The same lists in tiled form: where they are in packed order, a
+        // chunk sliced from them copies what the flat slice copies.
+        auto tiled_chunked =
+            PlanPair(writer, PlanSide{gen.topology.get(), g, &chunked_pool, gen.tables[g]}, tokens,
+                     kPlanGather | kPlanScatter | kPlanTiled);
+        ASSERT_TRUE(tiled_chunked.ok()) << tiled_chunked.status();
+        const bool gather_ordered =
+            TiledInPackedOrder(tiled_chunked->tiled_gather, PackedSide::kDestination);
+        const bool scatter_ordered =
+            TiledInPackedOrder(tiled_chunked->tiled_scatter, PackedSide::kSource);
+        trials_tiled_ordered += gather_ordered && scatter_ordered ? 1 : 0;
+        trials_tiled_unordered += gather_ordered && scatter_ordered ? 0 : 1;
         OrderForSlicing(to_chunked->gather, PackedSide::kDestination);
         OrderForSlicing(to_chunked->scatter, PackedSide::kSource);
         const uint64_t bytes = full->packed_bytes;
@@ -423,6 +439,23 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
         const uint64_t chunk = std::max(kChunks[rng() % 5], (bytes + 255) / 256);
         Result<ChunkCut> cut = ChunkCut::Create(bytes, chunk);
         ASSERT_TRUE(cut.ok()) << cut.status();
+        for (uint64_t k = 0; k < cut->num_chunks(); ++k) {
+          for (auto [ordered, tiled, flat, side] :
+               {std::tuple{gather_ordered, &tiled_chunked->tiled_gather, &to_chunked->gather,
+                           PackedSide::kDestination},
+                std::tuple{scatter_ordered, &tiled_chunked->tiled_scatter, &to_chunked->scatter,
+                           PackedSide::kSource}}) {
+            if (!ordered) continue;
+            TiledList tiled_slice;
+            FragmentList flat_slice;
+            ASSERT_TRUE(
+                SliceTiledChunk(*tiled, side, cut->begin(k), cut->end(k), &tiled_slice).ok());
+            ASSERT_TRUE(SliceChunk(*flat, side, cut->begin(k), cut->end(k), &flat_slice).ok());
+            ASSERT_EQ(CanonicalRuns(tiled_slice, side), CanonicalRuns(flat_slice, side))
+                << "chunk " << k << " of " << cut->num_chunks() << ", "
+                << (side == PackedSide::kDestination ? "gather" : "scatter");
+          }
+        }
         std::vector<std::byte> slot(std::min(chunk, bytes) + 64, kSentinel);
         for (uint64_t k = 0; k < cut->num_chunks(); ++k) {
           FragmentList gather, scatter;
@@ -461,6 +494,8 @@ TEST(PlannerPropertyTest, MatchesPerElementOracleOnRandomTopologies) {
   EXPECT_GT(trials_unaligned, 100);
   EXPECT_GT(trials_mixed_tpb, 100);
   EXPECT_GT(trials_per_layer, 50);
+  EXPECT_GT(trials_tiled_ordered, 100);
+  EXPECT_GT(trials_tiled_unordered, 20);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/no_cuda_device.h"
@@ -236,19 +237,27 @@ TEST(DevicePoolStagedTest, BounceStagesThroughPinnedHostMemoryAndIsTheOnlyPath) 
   for (int g = 0; g < c.num_gen(); ++g) EXPECT_EQ(c.gen(g).Stats().arena_outstanding_bytes, 0u);
 }
 
-// A request 32 times the arenas streams through them (docs/sessions.md,
+// A request many times the arenas streams through them (docs/sessions.md,
 // "Streaming bounce"): chunk slots the receiver grants, gathered from and
-// scattered into device pools by the copy kernels. Host-staged (the
-// transport reaches host memory only: the only way such a request can
-// move) and device-resident staging alike.
-class DevicePoolStreamTest : public ::testing::TestWithParam<bool> {};
+// scattered into device pools by the copy kernels, each chunk's part of the
+// plan sliced from the tiled lists where they are in packed order and from
+// the flat ones where they are not (the shapes have both: a layer-major
+// receiver's chunks span several layers' tiles; a receiver block cut by the
+// writer's block edges interleaves). Host-staged (the transport reaches
+// host memory only: the only way such a request can move) and
+// device-resident staging alike.
+class DevicePoolStreamTest : public ::testing::TestWithParam<std::tuple<int, bool>> {};
 
 TEST_P(DevicePoolStreamTest, ARequestLargerThanTheArenasStreamsThroughThem) {
   if (const std::string why = NoDevice(); !why.empty()) GTEST_SKIP() << why;
-  Shape s = Shapes()[0];
-  s.end = 2048;  // 4 layers x 8 heads x 128 x 2 B x 2 x 2048 tokens: 32 MiB, more than 1 MiB
+  const auto [shape_index, host_staged] = GetParam();
+  Shape s = Shapes()[static_cast<size_t>(shape_index)];
+  // Every gen rank's share well over its 1 MiB arena: FanIn 4 layers x 8
+  // heads x 128 x 2 B x 2 x 2048 tokens, 32 MiB (16 a gen rank).
+  const int64_t kTokens[] = {2048, 2048, 4096, 4096};
+  s.end = s.start + kTokens[shape_index];
   ClusterOptions options = DeviceCluster(s);
-  options.loopback.device_memory = !GetParam();
+  options.loopback.device_memory = !host_staged;
   options.ctx_config.bounce_size_mb = 1;
   options.gen_config.bounce_size_mb = 1;
   auto cluster = Cluster::Create(options);
@@ -261,27 +270,35 @@ TEST_P(DevicePoolStreamTest, ARequestLargerThanTheArenasStreamsThroughThem) {
     PullOptions pull;
     pull.path = TransferPath::kBounce;
     std::vector<TransferInfo> infos;
-    ASSERT_THAT(c.RunRequest(id, tables, {0, s.end}, pull, &infos), IsOk());
+    ASSERT_THAT(c.RunRequest(id, tables, {s.start, s.end}, pull, &infos), IsOk());
     for (const TransferInfo& info : infos) {
       EXPECT_EQ(info.path_taken, TransferPath::kBounce);
       EXPECT_EQ(info.fallback_reason, "");
     }
     for (int g = 0; g < c.num_gen(); ++g) {
-      const tools::VerifyResult v = c.VerifyGen(g, tables, {0, s.end});
+      const tools::VerifyResult v = c.VerifyGen(g, tables, {s.start, s.end});
       EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
     }
   }
   for (int g = 0; g < c.num_gen(); ++g) {
-    // Two writers a gen rank, chunks of half its 1 MiB arena: 8 MiB each.
-    EXPECT_EQ(c.gen(g).Stats().chunks_scattered, 2u * 2 * 16);
+    if (shape_index == 0) {
+      // Two writers a gen rank, chunks of half its 1 MiB arena: 8 MiB each.
+      EXPECT_EQ(c.gen(g).Stats().chunks_scattered, 2u * 2 * 16);
+    } else {
+      EXPECT_GT(c.gen(g).Stats().chunks_scattered, 2u * 2);  // streamed, in chunks
+    }
     EXPECT_LE(c.gen(g).Stats().arena_peak_bytes, MiB(1));
     EXPECT_EQ(c.gen(g).Stats().arena_outstanding_bytes, 0u);
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Staging, DevicePoolStreamTest, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& param) {
-                           return param.param ? std::string("HostStaged") : std::string("Device");
+INSTANTIATE_TEST_SUITE_P(Staging, DevicePoolStreamTest,
+                         ::testing::Combine(::testing::Range(0, static_cast<int>(Shapes().size())),
+                                            ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<int, bool>>& param) {
+                           return Shapes()[static_cast<size_t>(std::get<0>(param.param))].name +
+                                  (std::get<1>(param.param) ? std::string("HostStaged")
+                                                            : std::string("Device"));
                          });
 
 TEST(DevicePoolStagedTest, NoPathWithoutArenasIsAClearError) {
