@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -21,6 +22,7 @@
 
 #include "common/clock.h"
 #include "common/status_matchers.h"
+#include "copy/copy_engine.h"
 #include "protocol/codec.h"
 #include "session/holding_copy_engine.h"
 #include "tools/cluster.h"
@@ -314,6 +316,97 @@ TEST(StreamingTest, RowSizedRunsIntoALayerMajorNhdReceiver) {
   }
   EXPECT_GT(c.gen(0).Stats().chunks_scattered, 8u);
   EXPECT_TRUE(ArenasDrain(c));
+}
+
+// An engine that takes tiled lists as the CUDA engine does (the sessions
+// then plan and slice tiled lists) and counts the tiled batches it gets;
+// the CPU engine under it expands each one.
+class TiledCountingEngine final : public CopyEngine {
+ public:
+  TiledCountingEngine(std::unique_ptr<CopyEngine> inner, std::atomic<uint64_t>* tiled)
+      : inner_(std::move(inner)), tiled_(tiled) {}
+  std::string_view Name() const override { return "tiled-counting"; }
+  CopyEngineCaps Caps() const override {
+    CopyEngineCaps caps = inner_->Caps();
+    caps.tiled_lists = true;
+    return caps;
+  }
+  static AgentHooks Hooks(std::atomic<uint64_t>* tiled) {
+    AgentHooks hooks;
+    hooks.wrap_copy_engine = [tiled](std::unique_ptr<CopyEngine> inner) {
+      return std::unique_ptr<CopyEngine>(new TiledCountingEngine(std::move(inner), tiled));
+    };
+    return hooks;
+  }
+
+ protected:
+  Status SubmitValidated(const CopyBatch& batch, uint64_t /*total_bytes*/, CopyDone done,
+                         std::stop_token stop) override {
+    if (batch.tiles != nullptr) tiled_->fetch_add(1);
+    return inner_->Submit(batch, std::move(done), std::move(stop));
+  }
+
+ private:
+  std::unique_ptr<CopyEngine> inner_;
+  std::atomic<uint64_t>* tiled_;
+};
+
+// Where the engine takes tiled lists, each chunk's gather and scatter are
+// sliced from them (layout/chunking.h, SliceTiledChunk) when they are in
+// packed order, and from the flat lists when not: a block-major receiver
+// (one outer index), a layer-major one whose chunks span several layers'
+// tiles, and one whose 32-token blocks the writers' 16-token blocks cut
+// into interleaving segments (not in packed order: flat). Every byte lands.
+TEST(StreamingTest, ChunksSlicedFromTiledListsWhereTheyAreInPackedOrder) {
+  struct Case {
+    const char* name;
+    LayoutKind gen_layout;
+    int gen_tpb;
+    int layers, kv_heads;
+    bool tiled;  // whether the chunks go tiled
+  };
+  // Each writer's 4 KiB a token (layers x 2 x heads/2 x 64 x 2 B): the
+  // range [5, 1500) is ~5.8 MiB a writer, through a 2 MiB arena in 1 MiB
+  // chunks that end mid-block; layer-major with 16 layers and one head a
+  // writer, each spans five or six (layer, K/V) tiles of 187 KiB. With
+  // four heads a writer, a 32-token head-major block cut into two 16-token
+  // segments interleaves them.
+  for (const Case& k : {Case{"block-major", LayoutKind::kBlockMajorHnd, 16, 16, 2, true},
+                        Case{"layer-major", LayoutKind::kLayerMajorHnd, 16, 16, 2, true},
+                        Case{"interleaved", LayoutKind::kLayerMajorHnd, 32, 4, 8, false}}) {
+    SCOPED_TRACE(k.name);
+    ClusterOptions o = Streaming(2, k.layers, k.kv_heads, 64, 1500, 2, 2, 1);
+    o.gen.layout = k.gen_layout;
+    o.gen.tokens_per_block = k.gen_tpb;
+    std::atomic<uint64_t> ctx_tiled{0}, gen_tiled{0};
+    o.ctx_hooks = TiledCountingEngine::Hooks(&ctx_tiled);
+    o.gen_hooks = TiledCountingEngine::Hooks(&gen_tiled);
+    auto cluster = Cluster::Create(o);
+    ASSERT_THAT(cluster, IsOk());
+    Cluster& c = **cluster;
+    for (uint64_t id = 1; id <= 2; ++id) {
+      std::mt19937_64 rng(id + 70);
+      c.ClearGen(0);
+      const BlockTables tables = c.Tables(0, 1500, rng);
+      auto published = PublishAll(c, 0, id, tables, 1500);
+      auto pull = c.gen(0).Pull(id, "ctx0", tables.gen, {5, 1500}, Bounce());
+      ASSERT_THAT(pull, IsOk());
+      ASSERT_THAT((*pull)->Wait(), IsOk());
+      EXPECT_EQ((*pull)->info().path_taken, TransferPath::kBounce);
+      EXPECT_EQ((*pull)->info().fallback_reason, "");
+      const tools::VerifyResult v = c.VerifyGen(0, tables, {5, 1500});
+      EXPECT_EQ(v.mismatches, 0u) << v.first_mismatch;
+      EXPECT_GT(v.verified_bytes, MiB(11));
+      for (auto& p : published) EXPECT_THAT(p->Wait(), IsOk());
+    }
+    const uint64_t chunks = c.gen(0).Stats().chunks_scattered;
+    EXPECT_EQ(chunks, 2u * 2 * 6);  // 2 requests x 2 writers x 6 chunks
+    // The receiver's only copies are the chunks' scatters; the writers'
+    // are their gathers.
+    EXPECT_EQ(gen_tiled.load(), k.tiled ? chunks : 0u);
+    EXPECT_EQ(ctx_tiled.load(), k.tiled ? chunks : 0u);
+    EXPECT_TRUE(ArenasDrain(c));
+  }
 }
 
 // Several ctx instances feed one gen rank, many requests in flight at
