@@ -147,20 +147,10 @@ TEST(SliceChunkTest, ChunkByChunkEqualsTheWholeStream) {
     EXPECT_EQ(got, expected);
     // Put back together (runs adjacent on both sides merged, in both: the
     // random lists may hold such neighbours), the slices are the lists.
-    const auto merged = [](std::span<const Fragment> in) {
-      std::vector<Fragment> out;
-      for (const Fragment& f : in) {
-        if (!out.empty() && out.back().src + out.back().bytes == f.src &&
-            out.back().dst + out.back().bytes == f.dst) {
-          out.back().bytes += f.bytes;
-        } else {
-          out.push_back(f);
-        }
-      }
-      return out;
-    };
-    EXPECT_EQ(merged(regathered), merged(l.gather));
-    EXPECT_EQ(merged(rescattered), merged(l.scatter));
+    EXPECT_EQ(CanonicalRuns(regathered, PackedSide::kDestination),
+              CanonicalRuns(l.gather, PackedSide::kDestination));
+    EXPECT_EQ(CanonicalRuns(rescattered, PackedSide::kSource),
+              CanonicalRuns(l.scatter, PackedSide::kSource));
   }
 }
 
