@@ -174,7 +174,6 @@ bool TiledInPackedOrder(const TiledList& list, PackedSide packed) {
   if (!list.WellFormed()) return false;
   std::optional<std::vector<uint64_t>> bases = ShapeBases(list, packed);
   if (!bases) return false;
-  const TileIndex tiles(list, packed, *bases);
   uint64_t expected = 0;
   for (const TileOffset& o : list.outer) {
     for (const TileSegment& s : list.segments) {
