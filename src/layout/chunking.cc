@@ -200,13 +200,6 @@ Status SliceTiledChunk(const TiledList& list, PackedSide packed, uint64_t begin,
     return InvalidArgumentError("chunk slice [" + std::to_string(begin) + ", " +
                                 std::to_string(end) + ") is invalid: begin > end");
   }
-  const uint64_t total = list.TotalBytes();
-  if (end > total) {
-    return OutOfRangeError("chunk slice [" + std::to_string(begin) + ", " + std::to_string(end) +
-                           ") lies past the stream's " + std::to_string(total) + " bytes");
-  }
-  *out = TiledList();
-  if (begin == end) return Status::Ok();
   std::optional<std::vector<uint64_t>> bases = ShapeBases(list, packed);
   if (!bases) {
     return InvalidArgumentError(
@@ -215,7 +208,17 @@ Status SliceTiledChunk(const TiledList& list, PackedSide packed, uint64_t begin,
   }
   const TileIndex tiles(list, packed, *bases);
   const uint64_t num_tiles = tiles.size();
+  // In packed order the product ends where its last tile does, and the
+  // stream where the tail does: no pass over the segments a chunk.
   const uint64_t product_end = num_tiles == 0 ? 0 : tiles.end(num_tiles - 1);
+  const uint64_t total =
+      list.tail.empty() ? product_end : PackedOf(list.tail.back(), packed) + list.tail.back().bytes;
+  if (end > total) {
+    return OutOfRangeError("chunk slice [" + std::to_string(begin) + ", " + std::to_string(end) +
+                           ") lies past the stream's " + std::to_string(total) + " bytes");
+  }
+  *out = TiledList();
+  if (begin == end) return Status::Ok();
 
   if (num_tiles > 0 && begin < product_end) {
     // [t0, t1): the tiles holding some byte of [begin, end).
